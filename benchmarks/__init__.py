@@ -1,0 +1,1 @@
+"""parallelkit's benchmark suite: ``python -m benchmarks [NAME ...] [--quick]``."""

@@ -1,0 +1,62 @@
+"""Outcome: the result of one item in settle mode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from typing_extensions import final
+
+T = TypeVar("T")
+
+__all__ = ["Outcome"]
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Outcome(Generic[T]):
+    """What happened to one item: a value or an exception, never both.
+
+    Settle mode (``settle=True`` in :func:`~parallelkit.gather`,
+    :func:`~parallelkit.map`, :meth:`Flow.run <parallelkit.Flow.run>`) returns
+    outcomes instead of raising the first failure, so one bad item never loses the
+    others' results.
+
+    Example:
+        >>> ok, bad = Outcome.success(1), Outcome.failure(KeyError("x"))
+        >>> ok.ok, ok.unwrap(), bad.ok, type(bad.error).__name__
+        (True, 1, False, 'KeyError')
+
+    Attributes:
+        value: the item's result when :attr:`ok`, else ``None``.
+        error: the exception the item raised, else ``None``.
+    """
+
+    value: T | None = None
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        """``True`` when the item produced a value."""
+        return self.error is None
+
+    def unwrap(self) -> T:
+        """Return the value, or raise the item's original exception."""
+        if self.error is not None:
+            raise self.error
+        return self.value  # type: ignore[return-value]
+
+    @staticmethod
+    def success(value: T) -> Outcome[T]:
+        """An outcome holding ``value``."""
+        return Outcome(value, None)
+
+    @staticmethod
+    def failure(error: BaseException) -> Outcome[T]:
+        """An outcome holding ``error``."""
+        return Outcome(None, error)
+
+    def __repr__(self) -> str:
+        if self.error is not None:
+            return f"Outcome(error={self.error!r})"
+        return f"Outcome(value={self.value!r})"

@@ -1,0 +1,136 @@
+"""Retry: a small retry policy, adapted onto tenacity (the one retry adapter)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+import tenacity
+from typing_extensions import final
+
+__all__ = ["Retry", "RetryLike", "to_retrying", "validate_retry"]
+
+T = TypeVar("T")
+
+ExceptionTypes = type[BaseException] | tuple[type[BaseException], ...]
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """How to retry a failing call: attempts, exponential backoff, which errors.
+
+    A deliberately small policy: it covers what a service needs for flaky I/O and
+    is turned into a :class:`tenacity.AsyncRetrying` for the actual work. Anything
+    this does not cover (custom stop conditions, callbacks) you get by passing a
+    ``tenacity.AsyncRetrying`` wherever ``retry=`` is accepted.
+
+    Each attempt is a new call of your function: a per-item ``timeout`` applies to
+    each attempt, a rate limit counts each attempt as a start, and cancellation is
+    never retried. When the attempts run out, the **last original exception** is
+    raised (not tenacity's ``RetryError``).
+
+    Args:
+        attempts: total attempts including the first (``1`` disables retrying).
+        backoff: seconds to wait before the first retry; doubles on each further
+            retry (``0`` retries at once).
+        max_backoff: the cap for the doubling wait.
+        jitter: add up to this many random seconds to each wait, so that many
+            clients failing together do not retry together.
+        on: the exception types to retry, or a predicate ``exc -> bool``.
+
+    Example:
+        ```python
+        flaky = pk.Retry(attempts=4, backoff=0.2, on=(ConnectionError, TimeoutError))
+        rows = await pk.map(fetch_page, pages, limit=8, timeout=5, retry=flaky)
+        ```
+    """
+
+    attempts: int = 3
+    backoff: float = 0.1
+    max_backoff: float = 10.0
+    jitter: float = 0.0
+    on: ExceptionTypes | Callable[[BaseException], bool] = field(default=(Exception,))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
+            msg = f"attempts must be an int >= 1, got {self.attempts!r}"
+            raise TypeError(msg)
+        if self.attempts < 1:
+            msg = f"attempts must be >= 1, got {self.attempts!r}"
+            raise ValueError(msg)
+        for name in ("backoff", "max_backoff", "jitter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                msg = f"{name} must be a number >= 0, got {value!r}"
+                raise ValueError(msg)
+        on: object = self.on
+        types = on if isinstance(on, tuple) else (on,)
+        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in types) and (
+            isinstance(on, (tuple, type)) or not callable(on)
+        ):
+            msg = f"on must be exception types or a predicate, got {on!r}"
+            raise TypeError(msg)
+
+    def to_tenacity(self) -> tenacity.AsyncRetrying:
+        """Build the equivalent :class:`tenacity.AsyncRetrying` (anyio sleep, reraise)."""
+        on = self.on
+        if isinstance(on, (type, tuple)):
+            types = on if isinstance(on, tuple) else (on,)
+            retry_cond: Any = tenacity.retry_if_exception_type(types)
+        else:
+            retry_cond = tenacity.retry_if_exception(on)
+        wait: Any = tenacity.wait_exponential(
+            multiplier=self.backoff, max=self.max_backoff, exp_base=2
+        )
+        if self.backoff == 0:
+            wait = tenacity.wait_none()
+        if self.jitter:
+            wait = wait + tenacity.wait_random(0, self.jitter)
+        return tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(self.attempts),
+            wait=wait,
+            retry=retry_cond,
+            reraise=True,
+            sleep=anyio.sleep,
+        )
+
+
+RetryLike = Retry | tenacity.AsyncRetrying
+
+
+def validate_retry(retry: object, name: str = "retry") -> RetryLike | None:
+    """Check a ``retry=`` argument at the door."""
+    if retry is None or isinstance(retry, (Retry, tenacity.AsyncRetrying)):
+        return retry
+    msg = f"{name} must be a parallelkit.Retry, a tenacity.AsyncRetrying or None, got {retry!r}"
+    raise TypeError(msg)
+
+
+def to_retrying(retry: RetryLike) -> tenacity.AsyncRetrying:
+    """The one adapter: turn any accepted ``retry=`` value into AsyncRetrying.
+
+    A user's ``AsyncRetrying`` keeps its own policy; only its sleep is switched to
+    anyio's so that it works on trio too.
+    """
+    if isinstance(retry, Retry):
+        return retry.to_tenacity()
+    return retry.copy(sleep=anyio.sleep)
+
+
+def retrying_call(
+    retrying: tenacity.AsyncRetrying, fn: Callable[[Any], Awaitable[T]]
+) -> Callable[[Any], Awaitable[T]]:
+    """Wrap ``fn(item)`` so each call retries under ``retrying``.
+
+    A fresh copy of the policy is used per call: tenacity keeps iteration state on
+    the policy object, which concurrent calls must not share.
+    """
+
+    async def call(item: Any) -> T:
+        result: T = await retrying.copy()(fn, item)
+        return result
+
+    return call
