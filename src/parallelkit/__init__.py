@@ -21,8 +21,8 @@ from ._errors import DependencyFailed as DependencyFailed
 from ._errors import ParallelkitError as ParallelkitError
 from ._errors import StartupError as StartupError
 from ._fanout import gather as gather
-from ._fanout import imap as imap
 from ._fanout import map as map
+from ._imap import imap as imap
 from ._limits import Limiter as Limiter
 from ._limits import LimiterStatistics as LimiterStatistics
 from ._outcome import Outcome as Outcome

@@ -1,0 +1,52 @@
+"""Small shared helpers for benchmark modules: timing, tables, target checks."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def timed(fn: Callable[[], Any], repeat: int) -> dict[str, float]:
+    """Run ``fn`` ``repeat`` times; return median / min / max seconds."""
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return {
+        "median": statistics.median(samples),
+        "min": min(samples),
+        "max": max(samples),
+        "repeat": repeat,
+    }
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A plain aligned text table (no dependency needed)."""
+    cells = [[str(c) for c in headers]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cells[0], widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells[1:]]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def target(name: str, measured: float, limit: float, *, below: bool = True) -> dict[str, Any]:
+    """A target line: ``measured`` must be <= ``limit`` (or >= with below=False)."""
+    met = measured <= limit if below else measured >= limit
+    op = "<=" if below else ">="
+    return {"target": name, "measured": round(measured, 4), "limit": f"{op} {limit}", "met": met}
+
+
+def print_targets(targets: list[dict[str, Any]]) -> None:
+    for t in targets:
+        mark = "MET " if t["met"] else "MISS"
+        print(f"  [{mark}] {t['target']}: {t['measured']} (target {t['limit']})")
