@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import ast
 import re
+import sys
 import types
 from pathlib import Path
 
-import anyio
 import pytest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -37,23 +37,55 @@ def extract(page: Path) -> tuple[str, set[str]]:
     return "\n".join(blocks), only
 
 
+def cases() -> list[tuple[Path, str]]:
+    out = []
+    for page in runnable_pages():
+        _, only = extract(page)
+        out += [(page, backend) for backend in ("asyncio", "trio") if not only or backend in only]
+    return out
+
+
 def test_some_pages_are_runnable() -> None:
     assert runnable_pages(), "no runnable blocks found in docs/"
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize("page", runnable_pages(), ids=lambda p: str(p.relative_to(DOCS)))
-async def test_docs_page_runs(page: Path, anyio_backend: tuple[str, dict[str, object]]) -> None:
-    code, only = extract(page)
-    if only and anyio_backend[0] not in only:
-        pytest.skip(f"{page.name} is marked to run on {sorted(only)} only")
-    compiled = compile(
-        code, str(page), "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True
+def test_extractor_finds_marked_blocks_only(tmp_path: Path) -> None:
+    page = tmp_path / "p.md"
+    page.write_text(
+        "<!-- run -->\n```python\nx = 1\n```\n\n```python\nnot run\n```\n"
+        "<!-- run: asyncio -->\n```python\ny = x + 1\n```\n"
     )
-    module = types.ModuleType(f"docs_{page.stem}")
-    namespace = module.__dict__
-    namespace["__name__"] = module.__name__
-    result = eval(compiled, namespace)
-    if isinstance(result, types.CoroutineType):
-        await result
-    await anyio.lowlevel.checkpoint()
+    code, only = extract(page)
+    assert "x = 1" in code
+    assert "y = x + 1" in code
+    assert "not run" not in code
+    assert only == {"asyncio"}
+
+
+@pytest.mark.anyio
+async def test_a_broken_block_fails() -> None:
+    with pytest.raises(ZeroDivisionError):
+        await run_code("value = 1 / 0", "broken.md")
+
+
+async def run_code(code: str, name: str) -> None:
+    compiled = compile(code, name, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
+    module = types.ModuleType(f"docs_{Path(name).stem.replace('-', '_')}")
+    sys.modules[module.__name__] = module  # dataclasses and pickling look modules up
+    try:
+        result = eval(compiled, module.__dict__)
+        if isinstance(result, types.CoroutineType):
+            await result
+    finally:
+        del sys.modules[module.__name__]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("page", "anyio_backend"),
+    cases(),
+    ids=[f"{p.relative_to(DOCS)}-{b}" for p, b in cases()],
+)
+async def test_docs_page_runs(page: Path, anyio_backend: str) -> None:
+    code, _ = extract(page)
+    await run_code(code, str(page))

@@ -1,0 +1,1 @@
+"""Runnable examples for parallelkit (importable as the ``examples`` package)."""

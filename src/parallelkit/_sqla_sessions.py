@@ -1,0 +1,248 @@
+"""parallel(): one AsyncSession per concurrent task; GuardedAsyncSession: catch shared use.
+
+An ``AsyncSession`` (like the database connection under it) serves one task at a
+time. ``asyncio.gather`` over one session either fails deep inside SQLAlchemy or
+the driver ("concurrent operations are not permitted", "another operation is in
+progress") or, on some drivers, silently runs the queries one after another.
+:func:`parallel` gives each function its own session from the factory and runs
+them on :func:`parallelkit.gather`; :class:`GuardedAsyncSession` turns accidental
+sharing into an error that says so.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar, overload
+
+import anyio
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.pool import NullPool, QueuePool
+from typing_extensions import final
+
+from ._errors import ParallelkitError
+from ._fanout import gather
+from ._limits import SupportsLimit
+from ._outcome import Outcome
+
+__all__ = ["GuardedAsyncSession", "SessionInUseError", "default_limit", "parallel"]
+
+T = TypeVar("T")
+S = TypeVar("S", bound=AsyncSession)
+
+
+@final
+class SessionInUseError(ParallelkitError, sa_exc.InvalidRequestError):
+    """One :class:`GuardedAsyncSession` was used by two tasks at the same time.
+
+    Raised in the second task, before it touches the session, so the first
+    task's work is not disturbed. It is also a
+    :class:`sqlalchemy.exc.InvalidRequestError`, like SQLAlchemy's own
+    "concurrent operations are not permitted" error.
+
+    Attributes:
+        method: the session method the second task called.
+        busy_with: the method the first task is still running.
+    """
+
+    def __init__(self, method: str, busy_with: str) -> None:
+        self.method = method
+        self.busy_with = busy_with
+        super().__init__(
+            f"AsyncSession.{method}() called while another task is still running "
+            f"AsyncSession.{busy_with}() on the same session. A session (and its connection) "
+            "serves one task at a time: gathering several queries over one session cannot "
+            "overlap them. Give each concurrent task its own session: "
+            "`await parallelkit.sqlalchemy.parallel(session_factory, fn1, fn2, ...)`, "
+            "or await the calls one after another."
+        )
+
+
+# the awaitable AsyncSession methods that use the session's state or connection
+_GUARDED = (
+    "close",
+    "commit",
+    "connection",
+    "delete",
+    "delete_all",
+    "execute",
+    "flush",
+    "get",
+    "get_one",
+    "invalidate",
+    "merge",
+    "merge_all",
+    "refresh",
+    "reset",
+    "rollback",
+    "run_sync",
+    "scalar",
+    "scalars",
+    "stream",
+    "stream_scalars",
+)
+
+
+class GuardedAsyncSession(AsyncSession):
+    """An ``AsyncSession`` that raises :class:`SessionInUseError` on concurrent use.
+
+    Every awaitable method marks the session busy for the calling task while it
+    runs; a call from *another* task meanwhile raises at once, naming both calls
+    and pointing at :func:`parallel`. The check is two attribute reads and a task
+    lookup per call, so it is cheap enough to leave on in production; turn it on
+    in the factory:
+
+    ```python
+    session_factory = async_sessionmaker(engine, class_=GuardedAsyncSession)
+    ```
+
+    Limits: it sees calls made through the session's own methods; an
+    ``AsyncResult`` from :meth:`stream` that is iterated after the call returned,
+    and an ``AsyncConnection`` taken from :meth:`connection`, are not tracked.
+    """
+
+    __slots__ = ("_pk_depth", "_pk_method", "_pk_owner")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pk_owner: int | None = None
+        self._pk_method = ""
+        self._pk_depth = 0
+
+    def _pk_enter(self, method: str) -> None:
+        task = anyio.get_current_task().id
+        if self._pk_owner is None:
+            self._pk_owner, self._pk_method, self._pk_depth = task, method, 1
+        elif self._pk_owner == task:
+            self._pk_depth += 1
+        else:
+            raise SessionInUseError(method, self._pk_method)
+
+    def _pk_exit(self) -> None:
+        self._pk_depth -= 1
+        if self._pk_depth <= 0:
+            self._pk_owner, self._pk_method, self._pk_depth = None, "", 0
+
+
+def _guard(name: str, method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(method)
+    async def guarded(self: GuardedAsyncSession, *args: Any, **kwargs: Any) -> Any:
+        self._pk_enter(name)
+        try:
+            return await method(self, *args, **kwargs)
+        finally:
+            self._pk_exit()
+
+    return guarded
+
+
+for _name in _GUARDED:
+    if callable(getattr(AsyncSession, _name, None)):  # some exist only in SQLAlchemy 2.1
+        setattr(GuardedAsyncSession, _name, _guard(_name, getattr(AsyncSession, _name)))
+
+
+def default_limit(session_factory: object) -> int | None:
+    """How many sessions :func:`parallel` runs at once when ``limit=None``.
+
+    The pool size of the factory's engine (``async_sessionmaker(engine)``): the
+    number of connections the pool keeps, so no task waits for a connection or
+    spills into overflow. ``1`` for single-connection pools (``StaticPool``,
+    used for in-memory SQLite), ``None`` (no bound) for ``NullPool`` or when the
+    engine cannot be found.
+    """
+    kw = getattr(session_factory, "kw", None)
+    bind = kw.get("bind") if isinstance(kw, dict) else None
+    if isinstance(bind, AsyncEngine):
+        pool = bind.sync_engine.pool
+        if isinstance(pool, QueuePool):
+            return max(pool.size(), 1)
+        if isinstance(pool, NullPool):
+            return None
+        return 1
+    return None
+
+
+@overload
+async def parallel(
+    session_factory: Callable[[], S],
+    /,
+    *fns: Callable[[S], Awaitable[T]],
+    limit: int | SupportsLimit | None = ...,
+    settle: Literal[False] = ...,
+) -> list[T]: ...
+@overload
+async def parallel(
+    session_factory: Callable[[], S],
+    /,
+    *fns: Callable[[S], Awaitable[T]],
+    limit: int | SupportsLimit | None = ...,
+    settle: Literal[True],
+) -> list[Outcome[T]]: ...
+async def parallel(
+    session_factory: Callable[[], S],
+    /,
+    *fns: Callable[[S], Awaitable[T]],
+    limit: int | SupportsLimit | None = None,
+    settle: bool = False,
+) -> list[T] | list[Outcome[T]]:
+    """Run each ``fn(session)`` concurrently, each in its own ``AsyncSession``.
+
+    The right way to overlap independent queries: a session serves one task at a
+    time, so ``gather`` over *one* session cannot overlap anything (it fails, or
+    the driver queues the queries). ``parallel`` opens one session per function
+    from ``session_factory`` (``async with session_factory() as session``, so each
+    is closed, and an uncommitted transaction rolled back, when its function
+    returns), and runs them on :func:`parallelkit.gather`: results in argument
+    order, fail-fast (the first error cancels the others and is raised unchanged)
+    or ``settle=True`` for one :class:`~parallelkit.Outcome` each. A function that
+    writes commits itself (``await session.commit()``).
+
+    Args:
+        session_factory: an ``async_sessionmaker`` (or any callable returning an
+            ``AsyncSession``).
+        *fns: async functions taking the session.
+        limit: most sessions open at once; ``None`` means the engine's pool size
+            (see :func:`default_limit`), so the functions never wait on the pool.
+        settle: return outcomes instead of raising the first error.
+
+    Returns:
+        The functions' results (or outcomes), in argument order.
+
+    Raises:
+        TypeError: ``session_factory`` or a function is not callable.
+        ValueError: a bad ``limit``.
+
+    Note:
+        SQLAlchemy's asyncio extension runs on asyncio only (not trio).
+
+    Example:
+        ```python
+        company, open_count, rules = await parallel(
+            session_factory,
+            lambda s: s.get(Company, company_id),
+            lambda s: s.scalar(select(func.count()).where(Conversation.status == "open")),
+            lambda s: s.scalars(select(AutomationRule)),
+        )
+        ```
+    """
+    factory: object = session_factory
+    if not callable(factory):
+        msg = f"session_factory must be callable (an async_sessionmaker), got {factory!r}"
+        raise TypeError(msg)
+    functions: tuple[object, ...] = fns
+    for index, fn in enumerate(functions):
+        if not callable(fn):
+            msg = f"fns[{index}] must be an async function of the session, got {fn!r}"
+            raise TypeError(msg)
+    if limit is None:
+        limit = default_limit(session_factory)
+
+    async def run(fn: Callable[[S], Awaitable[T]]) -> T:
+        async with session_factory() as session:
+            return await fn(session)
+
+    calls = [functools.partial(run, fn) for fn in fns]
+    if settle:
+        return await gather(*calls, limit=limit, settle=True)
+    return await gather(*calls, limit=limit)

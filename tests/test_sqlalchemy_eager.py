@@ -1,0 +1,290 @@
+"""parallelkit.sqlalchemy.eager: path validation, strategy choice, query counts, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+from examples.crm import Company, Contact, Conversation
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, inspect, select
+from sqlalchemy.exc import InvalidRequestError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import Session, aliased
+
+import parallelkit as pk
+from parallelkit.sqlalchemy import NotLoadedError, count_queries, eager
+
+pytest_plugins = ["tests.sqla_fixtures"]
+
+WEBHOOK = "contact.company.automation_rules"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # SQLAlchemy's asyncio extension (AsyncEngine / AsyncSession) runs on asyncio only:
+    # it bridges to the sync ORM with greenlets driven by the asyncio loop, not trio.
+    return "asyncio"
+
+
+def sql(*options: object) -> str:
+    return str(select(Conversation).options(*options).compile())  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------- validation
+def test_unknown_segment_lists_the_relationships_that_exist() -> None:
+    with pytest.raises(ValueError, match="compny") as info:
+        eager(Conversation, "contact.compny.automation_rules")
+    message = str(info.value)
+    assert "Contact.compny is not a relationship" in message
+    assert "company, conversations, enrollments" in message
+
+
+def test_unknown_root_segment() -> None:
+    with pytest.raises(ValueError, match=r"Conversation's relationships are: contact"):
+        eager(Conversation, "contacts")
+
+
+def test_a_column_is_not_a_relationship() -> None:
+    with pytest.raises(ValueError, match=r"Contact.email is a column, not a relationship"):
+        eager(Conversation, "contact.email")
+
+
+@pytest.mark.parametrize("path", ["", "contact.", ".contact", "contact..company", "con tact"])
+def test_malformed_paths(path: str) -> None:
+    with pytest.raises(ValueError, match="segment"):
+        eager(Conversation, path)
+
+
+def test_bad_path_type_and_unmapped_model() -> None:
+    with pytest.raises(TypeError, match="dotted strings or nested dicts"):
+        eager(Conversation, 42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="model must be a mapped class"):
+        eager(object, "x")
+
+
+def test_strategy_overrides_are_validated() -> None:
+    with pytest.raises(ValueError, match="must be one of"):
+        eager(Conversation, "contact", strategies={"contact": "lazy"})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="not a requested path"):
+        eager(Conversation, "contact", strategies={"contact.company": "joined"})
+
+
+# ---------------------------------------------------------------------------- strategies
+def test_many_to_one_with_not_null_fk_is_an_inner_join_collections_are_selectin() -> None:
+    text = sql(*eager(Conversation, WEBHOOK))
+    assert "JOIN contacts AS contacts_1" in text
+    assert "LEFT OUTER JOIN" not in text  # both FKs are NOT NULL
+    assert "automation_rules" not in text  # the collection comes from a second SELECT ... IN
+
+
+def test_one_to_one_is_an_outer_join() -> None:
+    text = sql(*eager(Conversation, "contact.company.settings"))
+    assert "LEFT OUTER JOIN company_settings" in text
+
+
+def test_per_path_override() -> None:
+    text = sql(*eager(Conversation, WEBHOOK, strategies={WEBHOOK: "joined"}))
+    assert "LEFT OUTER JOIN automation_rules" in text
+    text = sql(*eager(Conversation, "contact", strategies={"contact": "selectin"}))
+    assert "contacts" not in text
+
+
+def test_dict_and_dotted_paths_are_the_same() -> None:
+    dotted = eager(Conversation, WEBHOOK, "contact.company.settings", "contact.enrollments")
+    nested = eager(
+        Conversation,
+        {"contact": {"company": ["automation_rules", {"settings": None}], "enrollments": True}},
+    )
+    assert sql(*dotted) == sql(*nested)
+    assert sql(*eager(Conversation, {"contact.company": "automation_rules"})) == sql(
+        *eager(Conversation, WEBHOOK)
+    )
+
+
+def test_an_aliased_root(sync_engine: Engine) -> None:
+    alias = aliased(Conversation)
+    with Session(sync_engine) as session, count_queries(sync_engine) as counter:
+        stmt = select(alias).where(alias.id == 1).options(*eager(alias, WEBHOOK))
+        conversation = session.scalars(stmt).one()
+        assert len(conversation.contact.company.automation_rules) == 3
+        with pytest.raises(NotLoadedError, match=r"Contact\.conversations"):
+            _ = conversation.contact.conversations
+    assert counter.count == 2
+
+
+# ---------------------------------------------------------------------------- sync engine
+def test_webhook_graph_in_two_queries_and_clear_errors_sync(sync_engine: Engine) -> None:
+    with Session(sync_engine) as session, count_queries(sync_engine) as counter:
+        conversation = session.get(Conversation, 1, options=eager(Conversation, WEBHOOK))
+        assert conversation is not None
+        rules = conversation.contact.company.automation_rules
+        assert [r.company_id for r in rules] == [conversation.contact.company_id] * 3
+        with pytest.raises(NotLoadedError) as info:
+            _ = conversation.contact.conversations
+    assert counter.count == 2, counter.statements
+    error = info.value
+    assert error.attribute == "Contact.conversations"
+    assert error.path == "contact.conversations"
+    assert "eager(Conversation, 'contact.conversations', ...)" in str(error)
+    assert isinstance(error, pk.ParallelkitError)
+    assert isinstance(error, InvalidRequestError)
+
+
+def test_every_level_raises_and_names_its_path(sync_engine: Engine) -> None:
+    with Session(sync_engine) as session:
+        stmt = select(Conversation).limit(3).options(*eager(Conversation, WEBHOOK))
+        conversation = session.scalars(stmt).first()
+        assert conversation is not None
+        company = conversation.contact.company
+        cases = [
+            (lambda: company.contacts, "Company.contacts", "contact.company.contacts"),
+            (lambda: company.settings, "Company.settings", "contact.company.settings"),
+            (
+                lambda: company.automation_rules[0].company,
+                "AutomationRule.company",
+                "contact.company.automation_rules.company",
+            ),
+        ]
+        for touch, attribute, path in cases:
+            with pytest.raises(NotLoadedError) as info:
+                touch()
+            assert (info.value.attribute, info.value.path) == (attribute, path)
+
+
+def test_root_level_raises_too(sync_engine: Engine) -> None:
+    with Session(sync_engine) as session:
+        company = session.scalars(
+            select(Company).limit(1).options(*eager(Company, "automation_rules"))
+        ).one()
+        assert len(company.automation_rules) == 3
+        with pytest.raises(NotLoadedError, match=r"eager\(Company, 'contacts', ...\)"):
+            _ = company.contacts
+
+
+def test_raise_others_false_keeps_lazy_loading(sync_engine: Engine) -> None:
+    with Session(sync_engine) as session, count_queries(sync_engine) as counter:
+        options = eager(Conversation, "contact", raise_others=False)
+        conversation = session.get(Conversation, 1, options=options)
+        assert conversation is not None
+        assert len(conversation.contact.conversations) == 5  # a lazy load
+    assert counter.count == 2
+
+
+# every relationship path from Conversation up to three levels deep
+def _all_paths(depth: int = 3) -> list[str]:
+    out: list[str] = []
+    frontier = [("", inspect(Conversation))]
+    for _ in range(depth):
+        nxt = []
+        for prefix, mapper in frontier:
+            for key, prop in mapper.relationships.items():
+                out.append(prefix + key)
+                nxt.append((prefix + key + ".", prop.mapper))
+        frontier = nxt
+    return out
+
+
+ALL_PATHS = _all_paths()
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.lists(st.sampled_from(ALL_PATHS), min_size=1, max_size=4, unique=True))
+def test_requested_paths_are_loaded_in_one_query_per_collection_level(
+    sync_engine: Engine, paths: list[str]
+) -> None:
+    tree: set[str] = set()
+    for path in paths:
+        parts = path.split(".")
+        tree.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    options = eager(Conversation, *paths)
+    budget = 1
+    for path in tree:
+        *parent, last = path.split(".")
+        mapper = inspect(Conversation)
+        for key in parent:
+            mapper = mapper.relationships[key].mapper
+        budget += mapper.relationships[last].uselist
+
+    with Session(sync_engine) as session, count_queries(sync_engine) as counter:
+        conversations = session.scalars(
+            select(Conversation).where(Conversation.id <= 3).options(*options)
+        ).all()
+        loaded = counter.count
+        for path in paths:  # walking a requested path sends nothing and raises nothing
+            level: list[object] = list(conversations)
+            for key in path.split("."):
+                nxt: list[object] = []
+                for obj in level:
+                    value = getattr(obj, key)
+                    nxt.extend(value if isinstance(value, list) else [value] if value else [])
+                level = nxt
+        assert counter.count == loaded
+    assert 1 <= loaded <= budget, counter.statements
+
+
+# ---------------------------------------------------------------------------- async, both DBs
+async def _webhook(engine: AsyncEngine, ids: list[int]) -> list[Conversation]:
+    factory = async_sessionmaker(engine, expire_on_commit=False)
+    async with factory() as session:
+        stmt = (
+            select(Conversation)
+            .where(Conversation.id.in_(ids))
+            .order_by(Conversation.id)
+            .options(*eager(Conversation, WEBHOOK))
+        )
+        return list((await session.scalars(stmt)).all())
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("n", [1, 500])
+async def test_webhook_graph_loads_in_at_most_two_queries(crm_engine: AsyncEngine, n: int) -> None:
+    async with count_queries(crm_engine) as counter:
+        conversations = await _webhook(crm_engine, list(range(1, n + 1)))
+    assert len(conversations) == n
+    assert counter.count <= 2, counter.statements
+    # everything asked for is there, without another query
+    rules = {r.id for c in conversations for r in c.contact.company.automation_rules}
+    assert len(rules) == 3 * len({c.contact.company_id for c in conversations})
+    assert counter.count <= 2
+
+
+@pytest.mark.anyio
+async def test_touching_an_unrequested_relationship_raises_the_clear_error(
+    crm_engine: AsyncEngine,
+) -> None:
+    engine = crm_engine
+    factory = async_sessionmaker(engine, expire_on_commit=False)
+    async with factory() as session:
+        conversation = await session.get_one(Conversation, 1, options=eager(Conversation, WEBHOOK))
+        for touch, attribute in [
+            (lambda: conversation.contact.conversations, "Contact.conversations"),
+            (lambda: conversation.contact.company.contacts, "Company.contacts"),
+            (lambda: conversation.contact.enrollments, "Contact.enrollments"),
+        ]:
+            async with count_queries(engine) as counter:
+                with pytest.raises(NotLoadedError, match=attribute):
+                    touch()
+            assert counter.count == 0  # raised before any I/O, not MissingGreenlet
+
+
+@pytest.mark.anyio
+async def test_contact_side_queries_sit_on_the_right_models(crm_engine: AsyncEngine) -> None:
+    factory = async_sessionmaker(crm_engine, expire_on_commit=False)
+    async with factory() as session, count_queries(crm_engine) as counter:
+        contacts = (
+            await session.scalars(
+                select(Contact)
+                .where(Contact.company_id == 1)
+                .options(*eager(Contact, "company", "conversations", "enrollments.cadence"))
+            )
+        ).all()
+    assert len(contacts) == 10
+    assert sum(len(c.conversations) for c in contacts) == 50
+    assert all(e.cadence.company_id == 1 for c in contacts for e in c.enrollments)
+    assert counter.count == 3  # contacts+company JOIN, conversations IN, enrollments+cadence IN
+    with pytest.raises(NotLoadedError, match=r"'company.automation_rules'"):
+        _ = contacts[0].company.automation_rules
+    with pytest.raises(NotLoadedError, match=r"'enrollments.contact'"):
+        _ = contacts[0].enrollments[0].contact

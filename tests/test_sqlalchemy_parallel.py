@@ -1,0 +1,258 @@
+"""parallel(), GuardedAsyncSession and loader_by_id on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from examples.crm import Company, Contact, Conversation
+from sqlalchemy import Integer, String, select, text
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, StaticPool
+
+import parallelkit as pk
+from parallelkit.sqlalchemy import (
+    GuardedAsyncSession,
+    NotLoadedError,
+    SessionInUseError,
+    count_queries,
+    default_limit,
+    eager,
+    loader_by_id,
+    parallel,
+)
+
+pytest_plugins = ["tests.sqla_fixtures"]
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # SQLAlchemy's asyncio extension (AsyncEngine / AsyncSession) runs on asyncio only:
+    # it bridges to the sync ORM with greenlets driven by the asyncio loop, not trio.
+    return "asyncio"
+
+
+# ---------------------------------------------------------------------------- parallel
+async def test_results_in_order_each_in_its_own_session(crm_engine: AsyncEngine) -> None:
+    factory = async_sessionmaker(crm_engine)
+    seen: list[AsyncSession] = []
+
+    def fetch(cid: int):  # type: ignore[no-untyped-def]
+        async def fn(session: AsyncSession) -> int:
+            seen.append(session)
+            await anyio.sleep(0.01 * (3 - cid))  # finish in reverse order
+            conversation = await session.get_one(Conversation, cid)
+            return conversation.id
+
+        return fn
+
+    assert await parallel(factory, fetch(1), fetch(2), fetch(3)) == [1, 2, 3]
+    assert len({id(s) for s in seen}) == 3
+    assert all(not s.in_transaction() for s in seen)  # each closed when its fn returned
+    assert await parallel(factory) == []
+
+
+async def test_the_seed_webhook_pieces_at_once(crm_engine: AsyncEngine) -> None:
+    factory = async_sessionmaker(crm_engine, expire_on_commit=False)
+    company, n_open, contacts = await parallel(
+        factory,
+        lambda s: s.get(Company, 1),
+        lambda s: s.scalar(text("SELECT count(*) FROM conversations WHERE status = 'open'")),
+        lambda s: s.scalars(select(Contact).where(Contact.company_id == 1)),
+    )
+    assert company is not None
+    assert company.id == 1
+    assert n_open > 0
+    assert len(contacts.all()) == 10
+
+
+async def test_fail_fast_raises_the_original_and_cancels_the_rest() -> None:
+    engine = create_async_engine("sqlite+aiosqlite://", poolclass=NullPool)
+    factory = async_sessionmaker(engine)
+    error = KeyError("boom")
+    finished: list[str] = []
+
+    async def fails(session: AsyncSession) -> None:
+        await session.execute(text("SELECT 1"))
+        raise error
+
+    async def slow(session: AsyncSession) -> None:
+        await anyio.sleep(5)
+        finished.append("slow")
+
+    with pytest.raises(KeyError) as info:
+        await parallel(factory, slow, fails)
+    assert info.value is error
+    assert finished == []
+    outcomes = await parallel(factory, fails, lambda s: s.scalar(text("SELECT 7")), settle=True)
+    assert [o.ok for o in outcomes] == [False, True]
+    assert outcomes[0].error is error
+    assert outcomes[1].value == 7
+    await engine.dispose()
+
+
+async def test_arguments_are_validated() -> None:
+    factory = async_sessionmaker(create_async_engine("sqlite+aiosqlite://"))
+    with pytest.raises(TypeError, match="session_factory must be callable"):
+        await parallel(object())  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match=r"fns\[1\] must be an async function"):
+        await parallel(factory, lambda s: s.scalar(text("SELECT 1")), 3)  # type: ignore[call-overload]
+    with pytest.raises(ValueError, match="limit"):
+        await parallel(factory, lambda s: s.scalar(text("SELECT 1")), limit=0)
+
+
+async def test_limit_defaults_to_the_pool_size_and_bounds_open_sessions() -> None:
+    queued = create_async_engine(
+        "sqlite+aiosqlite://", poolclass=AsyncAdaptedQueuePool, pool_size=2
+    )
+    assert default_limit(async_sessionmaker(queued)) == 2
+    assert (
+        default_limit(
+            async_sessionmaker(create_async_engine("sqlite+aiosqlite://", poolclass=StaticPool))
+        )
+        == 1
+    )
+    assert (
+        default_limit(
+            async_sessionmaker(create_async_engine("sqlite+aiosqlite://", poolclass=NullPool))
+        )
+        is None
+    )
+    assert default_limit(lambda: None) is None
+
+    running = peak = 0
+
+    async def probe(session: AsyncSession) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await anyio.sleep(0.01)
+        running -= 1
+
+    await parallel(async_sessionmaker(queued), *[probe] * 6)
+    assert peak == 2
+    await parallel(async_sessionmaker(queued), *[probe] * 6, limit=pk.Limiter(concurrency=3))
+    assert peak == 3
+    await queued.dispose()
+
+
+@pytest.mark.postgres
+async def test_parallel_really_overlaps_on_postgresql(pg_engine: AsyncEngine) -> None:
+    factory = async_sessionmaker(pg_engine)
+    sleep = 0.2
+
+    async def pg_sleep(session: AsyncSession) -> float:
+        await session.execute(text(f"SELECT pg_sleep({sleep})"))
+        return sleep
+
+    # open the pool's connections first, so the timing is about the queries
+    await parallel(factory, *[lambda s: s.execute(text("SELECT 1"))] * 3)
+    started = anyio.current_time()
+    await parallel(factory, pg_sleep)
+    one = anyio.current_time() - started
+    started = anyio.current_time()
+    assert await parallel(factory, pg_sleep, pg_sleep, pg_sleep) == [sleep] * 3
+    three = anyio.current_time() - started
+    assert one >= sleep
+    # sequential would be ~3x one; overlapped is ~1x (generous bound for a busy machine)
+    assert three < 2 * one, (one, three)
+
+
+# ---------------------------------------------------------------------------- shared sessions
+async def test_sharing_a_guarded_session_between_tasks_says_what_to_do(
+    any_engine: AsyncEngine,
+) -> None:
+    factory = async_sessionmaker(any_engine, class_=GuardedAsyncSession)
+    async with factory() as session:
+
+        async def query(n: int) -> int:
+            result = await session.execute(text(f"SELECT {n}"))
+            return int(result.scalar_one())
+
+        first, second = await pk.gather(query(1), query(2), settle=True)
+        assert first.value == 1
+        error = second.error
+        assert isinstance(error, SessionInUseError)
+        assert isinstance(error, pk.ParallelkitError)
+        assert (error.method, error.busy_with) == ("execute", "execute")
+        assert "parallel(session_factory" in str(error)
+        # the session is still usable afterwards, from one task at a time
+        assert await query(3) == 3
+        assert [await query(4), await query(5)] == [4, 5]
+        assert await pk.gather(query(6), limit=1) == [6]  # another task, not overlapping
+
+
+async def test_parallel_with_guarded_sessions_is_fine(crm_engine: AsyncEngine) -> None:
+    factory = async_sessionmaker(crm_engine, class_=GuardedAsyncSession)
+    results = await parallel(
+        factory, *[lambda s, i=i: s.scalar(text(f"SELECT {i}")) for i in range(4)]
+    )
+    assert results == [0, 1, 2, 3]
+
+
+# ---------------------------------------------------------------------------- loader_by_id
+async def test_loader_by_id_turns_500_concurrent_loads_into_one_query(
+    crm_engine: AsyncEngine,
+) -> None:
+    factory = async_sessionmaker(crm_engine)
+    ids = list(range(1, 501))
+    options = eager(Conversation, "contact")
+    async with (
+        loader_by_id(factory, Conversation, options=options) as conversations,
+        count_queries(crm_engine) as counter,
+    ):
+        loaded = await pk.gather(*(conversations.load(i) for i in ids))
+    assert counter.count == 1, counter.statements
+    assert [c.id for c in loaded if c is not None] == ids
+    assert all(c is not None and c.contact.id == c.contact_id for c in loaded)
+    assert conversations.stats.calls == 1
+    with pytest.raises(NotLoadedError):
+        _ = loaded[0].contact.company  # type: ignore[union-attr]
+
+
+async def test_loader_by_id_missing_keys_duplicates_and_splitting(crm_engine: AsyncEngine) -> None:
+    factory = async_sessionmaker(crm_engine)
+    async with (
+        loader_by_id(factory, Company, max_batch=4) as companies,
+        count_queries(crm_engine) as counter,
+    ):
+        found = await pk.gather(*(companies.load(i) for i in [1, 2, 2, 3, 999, 4, 5, 6]))
+    assert [c.id if c else None for c in found] == [1, 2, 2, 3, None, 4, 5, 6]
+    assert counter.count == 2  # 7 distinct keys, at most 4 per query
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class Membership(_Base):
+    __tablename__ = "memberships"
+    team: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user: Mapped[int] = mapped_column(Integer, primary_key=True)
+    role: Mapped[str] = mapped_column(String(20))
+
+
+async def test_loader_by_id_with_a_composite_key() -> None:
+    engine = create_async_engine("sqlite+aiosqlite://", poolclass=StaticPool)
+    factory = async_sessionmaker(engine)
+    async with engine.begin() as conn:
+        await conn.run_sync(_Base.metadata.create_all)
+    async with factory() as session:
+        session.add_all(
+            [Membership(team=t, user=u, role=f"r{t}{u}") for t in (1, 2) for u in (1, 2)]
+        )
+        await session.commit()
+    async with loader_by_id(factory, Membership) as members:
+        found = await pk.gather(members.load((1, 2)), members.load((2, 1)), members.load((9, 9)))
+    assert [m.role if m else None for m in found] == ["r12", "r21", None]
+    with pytest.raises(TypeError, match="mapped class"):
+        loader_by_id(factory, object)
+    with pytest.raises(TypeError, match="session_factory"):
+        loader_by_id(None, Membership)  # type: ignore[arg-type]
+    await engine.dispose()
