@@ -1,0 +1,643 @@
+"""pk.Flow: wiring by parameter name, maximal overlap, errors, fail-fast, settle."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import parallelkit as pk
+
+pytestmark = pytest.mark.anyio
+
+# a generous bound so that a scheduling bug fails fast instead of hanging the suite
+GUARD = 5.0
+
+
+def payment_flow() -> pk.Flow:
+    flow = pk.Flow(name="payment")
+
+    @flow.step
+    async def charge(payment_id: str) -> str:
+        await anyio.sleep(0.01)
+        return f"ch_{payment_id}"
+
+    @flow.step
+    async def record(charge: str, payment_id: str) -> tuple[str, str]:
+        return (payment_id, charge)
+
+    @flow.step
+    async def notify(charge: str, channel: str = "email") -> str:
+        return f"{channel}:{charge}"
+
+    return flow
+
+
+# -- wiring ----------------------------------------------------------------------------
+async def test_steps_receive_their_dependencies_by_name() -> None:
+    result = await payment_flow().run(payment_id="p1")
+    assert dict(result) == {
+        "charge": "ch_p1",
+        "record": ("p1", "ch_p1"),
+        "notify": "email:ch_p1",
+    }
+    assert result["record"] == ("p1", "ch_p1")
+    assert len(result.timeline) == 3
+
+
+async def test_optional_inputs_use_the_default_unless_given() -> None:
+    flow = payment_flow()
+    assert (await flow.run(payment_id="p"))["notify"] == "email:ch_p"
+    assert (await flow.run(payment_id="p", channel="sms"))["notify"] == "sms:ch_p"
+
+
+async def test_typed_accessor_takes_the_step_function() -> None:
+    flow = pk.Flow()
+
+    @flow.step
+    async def n() -> int:
+        return 3
+
+    @flow.step(name="double")
+    async def twice(n: int) -> int:
+        return 2 * n
+
+    result = await flow.run()
+    assert result.get(n) == 3
+    assert result.get(twice) == 6
+    assert result.get("double") == 6
+    assert result.get("missing", "x") == "x"
+
+    async def other() -> None: ...
+
+    with pytest.raises(KeyError, match="not a step of this flow"):
+        result.get(other)
+
+
+async def test_targets_run_only_what_they_need() -> None:
+    flow = payment_flow()
+    result = await flow.run(payment_id="p", targets=["record"])
+    assert set(result) == {"charge", "record"}
+    [notify] = [s for s in flow.steps if s == "notify"]
+    assert notify not in result
+    result = await flow.run(payment_id="p", targets="notify")
+    assert set(result) == {"charge", "notify"}
+
+
+async def test_targets_accept_step_functions() -> None:
+    flow = pk.Flow()
+
+    @flow.step
+    async def a() -> int:
+        return 1
+
+    @flow.step
+    async def b(a: int) -> int:
+        return a + 1
+
+    @flow.step
+    async def c() -> int:
+        raise AssertionError("not a target")  # pragma: no cover
+
+    assert dict(await flow.run(targets=[b])) == {"a": 1, "b": 2}
+
+
+async def test_empty_flow_runs() -> None:
+    result = await pk.Flow().run()
+    assert dict(result) == {}
+    assert result.timeline.total == 0.0
+
+
+# -- overlap -----------------------------------------------------------------------------------
+async def test_independent_steps_overlap() -> None:
+    """Each waits for the other to have started: only possible when they overlap."""
+    flow = pk.Flow()
+    a_started, b_started = anyio.Event(), anyio.Event()
+
+    @flow.step
+    async def a() -> str:
+        a_started.set()
+        await b_started.wait()
+        return "a"
+
+    @flow.step
+    async def b() -> str:
+        b_started.set()
+        await a_started.wait()
+        return "b"
+
+    with anyio.fail_after(GUARD):
+        result = await flow.run()
+    assert dict(result) == {"a": "a", "b": "b"}
+
+
+async def test_a_step_starts_when_its_own_deps_finish_not_layer_by_layer() -> None:
+    """``slow`` (layer 0) only finishes after ``after_fast`` (layer 1) has run."""
+    flow = pk.Flow()
+    after_fast_ran = anyio.Event()
+
+    @flow.step
+    async def fast() -> int:
+        return 1
+
+    @flow.step
+    async def slow() -> int:
+        await after_fast_ran.wait()
+        return 2
+
+    @flow.step
+    async def after_fast(fast: int) -> int:
+        after_fast_ran.set()
+        return fast + 10
+
+    @flow.step
+    async def joined(slow: int, after_fast: int) -> int:
+        return slow + after_fast
+
+    with anyio.fail_after(GUARD):
+        result = await flow.run()
+    assert result["joined"] == 13
+    timeline = result.timeline
+    assert timeline["after_fast"].start < timeline["slow"].end
+    assert timeline["joined"].start >= timeline["slow"].end
+
+
+@dataclass
+class Tracker:
+    finished: set[str]
+    running: int = 0
+    peak: int = 0
+
+
+@st.composite
+def dags(draw: st.DrawFn) -> tuple[dict[str, list[str]], dict[str, int], int | None]:
+    """A random DAG (edges only point to earlier nodes), random work, a random limit."""
+    size = draw(st.integers(1, 12))
+    graph: dict[str, list[str]] = {}
+    for i in range(size):
+        earlier = [f"s{j}" for j in range(i)]
+        deps = draw(st.lists(st.sampled_from(earlier), unique=True, max_size=3)) if earlier else []
+        graph[f"s{i}"] = deps
+    work = {name: draw(st.integers(0, 4)) for name in graph}  # checkpoints / ms of sleep
+    limit = draw(st.none() | st.integers(1, 4))
+    return graph, work, limit
+
+
+def build(graph: dict[str, list[str]], work: dict[str, int], tracker: Tracker) -> pk.Flow:
+    flow = pk.Flow()
+    names = list(graph)
+    random.Random(len(names)).shuffle(names)  # registration order != dependency order
+    for name in names:
+        deps = graph[name]
+        namespace: dict[str, Any] = {"tracker": tracker, "anyio": anyio}
+        params = ", ".join(deps)
+        source = (
+            f"async def {name}({params}):\n"
+            f"    assert tracker.finished >= set({deps!r}), ({name!r}, tracker.finished)\n"
+            f"    tracker.running += 1\n"
+            f"    tracker.peak = max(tracker.peak, tracker.running)\n"
+            f"    try:\n"
+            f"        for _ in range({work[name]}):\n"
+            f"            await anyio.sleep({work[name] % 2} * 0.001)\n"
+            f"    finally:\n"
+            f"        tracker.running -= 1\n"
+            f"    tracker.finished.add({name!r})\n"
+            f"    return ({name!r}, {', '.join(deps) + ',' if deps else ''})\n"
+        )
+        exec(source, namespace)
+        flow.step(namespace[name])
+    return flow
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=dags())
+async def test_dependency_order_is_never_violated(
+    case: tuple[dict[str, list[str]], dict[str, int], int | None],
+) -> None:
+    graph, work, limit = case
+    tracker = Tracker(set())
+    flow = build(graph, work, tracker)
+    with anyio.fail_after(GUARD):
+        result = await flow.run(limit=limit)
+    assert tracker.finished == set(graph)
+    if limit is not None:
+        assert tracker.peak <= limit
+    for name, deps in graph.items():
+        assert result[name][0] == name
+        assert [r[0] for r in result[name][1:]] == deps  # each got its deps' values
+        span = result.timeline[name]
+        assert set(span.waited_for) == set(deps)
+        for dep in deps:
+            assert span.queued >= result.timeline[dep].end
+        assert span.start >= span.queued
+
+
+async def test_limit_bounds_running_steps_and_accepts_a_shared_limiter() -> None:
+    tracker = Tracker(set())
+    graph: dict[str, list[str]] = {f"s{i}": [] for i in range(10)}
+    flow = build(graph, dict.fromkeys(graph, 3), tracker)
+    await flow.run(limit=2)
+    assert tracker.peak == 2
+    tracker.peak = 0
+    shared = pk.Limiter(concurrency=3)
+    await flow.run(limit=shared)
+    assert tracker.peak == 3
+    assert shared.statistics().running == 0
+
+
+# -- definition errors --------------------------------------------------------------------
+def test_cycle_is_raised_with_its_path() -> None:
+    flow = pk.Flow()
+
+    @flow.step
+    async def a(c: int) -> int: ...
+
+    @flow.step
+    async def b(a: int) -> int: ...
+
+    with pytest.raises(pk.CycleError) as info:
+
+        @flow.step
+        async def c(b: int) -> int: ...
+
+    assert info.value.cycle == ("c", "b", "a", "c")
+    assert isinstance(info.value, pk.DefinitionError)
+
+
+async def test_unknown_parameter_lists_what_is_available() -> None:
+    flow = pk.Flow()
+
+    @flow.step
+    async def charge(payment_id: str) -> str: ...
+
+    @flow.step
+    async def record(chrage: str) -> None: ...
+
+    with pytest.raises(pk.DefinitionError) as info:
+        await flow.run(payment_id="p")
+    message = str(info.value)
+    assert "'record' needs 'chrage'" in message
+    assert "['charge', 'record']" in message
+    assert "inputs given: ['payment_id']" in message
+    assert "did you mean 'charge'?" in message
+
+
+async def test_missing_input_is_raised_before_any_step_starts() -> None:
+    flow = pk.Flow()
+    started: list[str] = []
+
+    @flow.step
+    async def first() -> None:
+        started.append("first")  # pragma: no cover
+
+    @flow.step
+    async def second(user_id: int) -> None:
+        started.append("second")  # pragma: no cover
+
+    with pytest.raises(pk.DefinitionError, match="'second' needs 'user_id'"):
+        await flow.run()
+    assert started == []
+
+
+async def test_unexpected_input_is_a_type_error() -> None:
+    flow = payment_flow()
+    with pytest.raises(TypeError, match=r"unexpected input 'paymentid'.*'payment_id'"):
+        await flow.run(paymentid="p")
+    with pytest.raises(TypeError, match="'charge' has the name of a step"):
+        await flow.run(payment_id="p", charge="c")
+
+
+def test_duplicate_step_name() -> None:
+    flow = pk.Flow()
+
+    @flow.step
+    async def load() -> None: ...
+
+    with pytest.raises(pk.DefinitionError, match="duplicate step name 'load'"):
+
+        @flow.step(name="load")
+        async def load_again() -> None: ...
+
+
+def test_non_async_functions_are_refused() -> None:
+    flow = pk.Flow()
+
+    def sync(x: int) -> int:
+        return x
+
+    async def agen() -> Any:
+        yield 1
+
+    with pytest.raises(pk.DefinitionError, match="'sync' must be an async function"):
+        flow.step(sync)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="'sync' must be an async function"):
+        flow.step(sync)  # type: ignore[arg-type]
+    with pytest.raises(pk.DefinitionError, match="async generator"):
+        flow.step(agen)
+    assert flow.steps == ()
+
+
+@pytest.mark.parametrize("reserved", ["limit", "settle", "targets"])
+def test_reserved_names(reserved: str) -> None:
+    flow = pk.Flow()
+    with pytest.raises(pk.DefinitionError, match=f"'{reserved}' is reserved"):
+        flow.step(name=reserved)(_noop)
+    namespace: dict[str, Any] = {}
+    exec(f"async def step({reserved}): ...", namespace)
+    with pytest.raises(pk.DefinitionError, match=f"parameter '{reserved}' is reserved"):
+        flow.step(namespace["step"])
+
+
+def test_bad_names_and_options() -> None:
+    flow = pk.Flow()
+    with pytest.raises(pk.DefinitionError, match="identifier"):
+        flow.step(name="load-user")(_noop)
+    with pytest.raises(pk.DefinitionError, match="keyword"):
+        flow.step(name="class")(_noop)
+    with pytest.raises(ValueError, match="timeout"):
+        flow.step(timeout=0)
+    with pytest.raises(TypeError, match="retry"):
+        flow.step(retry=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="concurrency"):
+        flow.step(limit=0)
+    with pytest.raises(TypeError, match="name"):
+        pk.Flow(name=3)  # type: ignore[arg-type]
+
+
+async def test_bad_run_options() -> None:
+    flow = payment_flow()
+    with pytest.raises(ValueError, match="limit"):
+        await flow.run(payment_id="p", limit=0)
+    with pytest.raises(TypeError, match="settle"):
+        await flow.run(payment_id="p", settle="yes")  # type: ignore[call-overload]
+    with pytest.raises(pk.DefinitionError, match="unknown target 'nope'"):
+        await flow.run(payment_id="p", targets=["nope"])
+
+
+async def test_flow_is_immutable_once_run() -> None:
+    flow = payment_flow()
+    await flow.run(payment_id="p")
+    with pytest.raises(RuntimeError, match="immutable"):
+        flow.step(_noop)
+
+
+async def _noop() -> None:
+    return None
+
+
+# -- failures ---------------------------------------------------------------------------------
+async def test_fail_fast_raises_the_original_and_cancels_the_rest() -> None:
+    flow = pk.Flow()
+    boom = ValueError("card declined")
+    cleaned: list[str] = []
+    started: list[str] = []
+
+    @flow.step
+    async def charge() -> None:
+        await anyio.lowlevel.checkpoint()
+        raise boom
+
+    @flow.step
+    async def slow_audit() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cleaned.append("slow_audit")
+
+    @flow.step
+    async def record(charge: None) -> None:
+        started.append("record")  # pragma: no cover
+
+    with anyio.fail_after(GUARD), pytest.raises(ValueError) as info:
+        await flow.run()
+    assert info.value is boom  # the same object, not an ExceptionGroup
+    assert cleaned == ["slow_audit"]  # cancelled and finished before run() raised
+    assert started == []
+
+
+async def test_settle_gives_outcomes_and_skips_downstream() -> None:
+    flow = pk.Flow()
+    boom = RuntimeError("stripe down")
+
+    @flow.step
+    async def charge() -> str:
+        raise boom
+
+    @flow.step
+    async def record(charge: str) -> str:
+        raise AssertionError("must not run")  # pragma: no cover
+
+    @flow.step
+    async def receipt(record: str) -> str:
+        raise AssertionError("must not run")  # pragma: no cover
+
+    @flow.step
+    async def audit() -> str:
+        await anyio.sleep(0.001)
+        return "logged"
+
+    result = await flow.run(settle=True)
+    assert result["audit"] == pk.Outcome.success("logged")
+    assert result.get(charge).error is boom
+    skipped = result["record"].error
+    assert isinstance(skipped, pk.DependencyFailed)
+    assert (skipped.step, skipped.dependency) == ("record", "charge")
+    transitive = result.get(receipt).error
+    assert isinstance(transitive, pk.DependencyFailed)
+    assert transitive.dependency == "record"
+    assert not result.ok
+    assert set(result.errors) == {"charge", "record", "receipt"}
+    statuses = {s.name: s.status for s in result.timeline}
+    assert statuses == {"charge": "error", "record": "skipped", "receipt": "skipped", "audit": "ok"}
+
+
+async def test_settle_all_ok_and_dependents_get_plain_values() -> None:
+    result = await payment_flow().run(payment_id="p", settle=True)
+    assert result.ok
+    assert result.errors == {}
+    assert result["charge"].unwrap() == "ch_p"
+    assert result["record"].unwrap() == ("p", "ch_p")  # not an Outcome passed along
+
+
+async def test_caller_cancellation_leaves_no_task_behind() -> None:
+    flow = pk.Flow()
+    running = 0
+    cleaned = 0
+    both_started = anyio.Event()
+
+    async def hold() -> None:
+        nonlocal running, cleaned
+        running += 1
+        if running == 2:
+            both_started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            running -= 1
+            cleaned += 1
+
+    @flow.step
+    async def a() -> None:
+        await hold()
+
+    @flow.step
+    async def b() -> None:
+        await hold()
+
+    @flow.step
+    async def c(a: None) -> None:
+        raise AssertionError("must not start")  # pragma: no cover
+
+    async with anyio.create_task_group() as tg:
+
+        async def caller() -> None:
+            await flow.run()
+
+        tg.start_soon(caller)
+        with anyio.fail_after(GUARD):
+            await both_started.wait()
+        tg.cancel_scope.cancel()
+    assert (running, cleaned) == (0, 2)
+
+
+async def test_step_timeout_and_retry_use_the_shared_adapter() -> None:
+    flow = pk.Flow()
+    attempts = 0
+
+    @flow.step(retry=pk.Retry(attempts=3, backoff=0))
+    async def flaky() -> str:
+        nonlocal attempts
+        attempts += 1
+        if attempts < 3:
+            raise ConnectionError("blip")
+        return "ok"
+
+    @flow.step(timeout=0.01)
+    async def hangs() -> None:
+        await anyio.sleep_forever()
+
+    result = await flow.run(settle=True)
+    assert result.get(flaky).unwrap() == "ok"
+    assert attempts == 3
+    assert isinstance(result.get(hangs).error, TimeoutError)
+
+
+async def test_per_step_limit_is_shared_across_runs() -> None:
+    flow = pk.Flow()
+    running = peak = 0
+
+    @flow.step(limit=1)
+    async def exclusive(n: int) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await anyio.sleep(0.001)
+        running -= 1
+        return n
+
+    results = await pk.gather(*(flow.run(n=n) for n in range(5)))
+    assert [r["exclusive"] for r in results] == list(range(5))
+    assert peak == 1
+
+
+# -- concurrency --------------------------------------------------------------------------------
+async def test_concurrent_runs_of_one_flow_do_not_share_state() -> None:
+    flow = payment_flow()
+
+    async def one(i: int) -> tuple[int, Any]:
+        await anyio.sleep(random.random() * 0.002)
+        return i, await flow.run(payment_id=f"p{i}")
+
+    runs = await pk.gather(*(one(i) for i in range(25)))
+    for i, result in runs:
+        assert result["record"] == (f"p{i}", f"ch_p{i}")
+        assert len(result.timeline) == 3
+
+
+# -- the seed's payment race --------------------------------------------------------------------
+class FakeStripe:
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.charges: dict[str, str] = {}
+
+    async def create_charge(self, payment_id: str) -> str:
+        await anyio.sleep(self.delay)
+        charge_id = f"ch_{payment_id}"
+        self.charges[payment_id] = charge_id
+        return charge_id
+
+
+class FakeDB:
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    async def insert_payment(self, payment_id: str, charge_id: str | None) -> dict[str, Any]:
+        await anyio.lowlevel.checkpoint()
+        row = {"payment_id": payment_id, "charge_id": charge_id}
+        self.rows.append(row)
+        return row
+
+
+async def test_the_seed_gather_races_the_insert_against_the_charge() -> None:
+    """The seed's shape: one gather, so the insert cannot have the charge id yet."""
+    stripe, db = FakeStripe(delay=0.005), FakeDB()
+    await pk.gather(
+        stripe.create_charge("p1"),
+        db.insert_payment("p1", stripe.charges.get("p1")),  # read before the charge exists
+    )
+    assert db.rows == [{"payment_id": "p1", "charge_id": None}]  # the data race
+
+
+@settings(max_examples=25, deadline=None)
+@given(charge_delay=st.integers(0, 3), webhook_delay=st.integers(0, 3))
+async def test_flow_makes_the_payment_race_impossible(
+    charge_delay: int, webhook_delay: int
+) -> None:
+    stripe, db = FakeStripe(delay=charge_delay / 1000), FakeDB()
+    webhooks: list[str] = []
+    flow = pk.Flow(name="payment")
+
+    @flow.step
+    async def charge(payment_id: str) -> str:
+        return await stripe.create_charge(payment_id)
+
+    @flow.step
+    async def record(payment_id: str, charge: str) -> dict[str, Any]:
+        return await db.insert_payment(payment_id, charge)
+
+    @flow.step
+    async def notify(charge: str) -> None:
+        await anyio.sleep(webhook_delay / 1000)
+        webhooks.append(charge)
+
+    result = await flow.run(payment_id="p1")
+    assert db.rows == [{"payment_id": "p1", "charge_id": "ch_p1"}]
+    assert result.get(record)["charge_id"] == stripe.charges["p1"]
+    assert webhooks == ["ch_p1"]
+    assert result.timeline.critical_path()[0].name == "charge"
+
+
+async def test_timeline_is_json_ready_and_renders() -> None:
+    result = await payment_flow().run(payment_id="p")
+    timeline = result.timeline
+    data = json.loads(json.dumps(timeline.to_dict()))
+    assert data["name"] == "payment"
+    assert {s["name"] for s in data["spans"]} == {"charge", "record", "notify"}
+    assert math.isclose(data["total"], timeline.total)
+    assert timeline.total >= timeline["charge"].duration
+    assert "critical path: charge →" in timeline.to_text()
+    assert timeline.to_mermaid().startswith("gantt")
+
+
+def test_reprs() -> None:
+    flow = payment_flow()
+    assert repr(flow) == "<Flow 'payment' steps=['charge', 'record', 'notify']>"
+    assert pk.Flow.__module__ == "parallelkit"
