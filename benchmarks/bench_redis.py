@@ -1,0 +1,228 @@
+"""parallelkit.redis: SWRCache-on-RedisStore hit cost vs a plain redis-py GET, and
+loads per cold key across OS processes vs naive cache-aside. Same Redis, same run.
+
+Run as a module with ``child ...`` arguments it is one of the worker processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+
+from ._util import print_targets, table, target
+
+TITLE = "RedisStore hit cost vs raw redis-py GET; loads per 400 cross-process cold callers"
+
+REDIS_URL = os.environ.get(
+    "PARALLELKIT_BENCH_REDIS_URL",
+    os.environ.get("PARALLELKIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
+)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _client(url: str) -> Any:
+    import redis.asyncio as aredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    pool = aredis.BlockingConnectionPool.from_url(
+        url, max_connections=50, timeout=10, retry=Retry(NoBackoff(), 1)
+    )
+    return aredis.Redis.from_pool(pool)
+
+
+def _reachable(url: str) -> str | None:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), 1):
+            return None
+    except OSError as exc:
+        return f"Redis not reachable at {url}: {exc}"
+
+
+# ------------------------------------------------------------------ per-hit cost
+async def _hit_cost(n: int, rounds: int) -> dict[str, Any]:
+    import parallelkit as pk
+    from parallelkit.redis import RedisStore
+
+    redis = _client(REDIS_URL)
+    prefix = f"pkbench:{uuid.uuid4().hex[:8]}"
+    store = RedisStore(redis, prefix=prefix)
+    cache = pk.SWRCache(fresh=3600, stale=3600, store=store)
+    value = {"id": "c1", "status": "open", "owner": "ada", "tags": ["vip", "emea"]}
+
+    async def loader(key: str) -> dict[str, Any]:
+        return value
+
+    @cache.cached
+    async def get_conversation(conversation_id: str) -> dict[str, Any]:
+        return value
+
+    raw_key = f"{prefix}:raw"
+    await redis.set(raw_key, json.dumps(value).encode())
+    try:
+        async with cache:
+            await cache.get("c1", loader)
+            await get_conversation("c1")
+
+            async def raw_get() -> None:
+                for _ in range(n):
+                    json.loads(await redis.get(raw_key))  # GET + decode: the fair raw form
+
+            async def cache_get() -> None:
+                for _ in range(n):
+                    await cache.get("c1", loader)
+
+            async def cached_call() -> None:
+                for _ in range(n):
+                    await get_conversation("c1")
+
+            samples: dict[str, list[float]] = {"raw": [], "get": [], "cached": []}
+            contenders = {"raw": raw_get, "get": cache_get, "cached": cached_call}
+            for _ in range(rounds):  # interleaved rounds: drift hits all alike
+                for name, fn in contenders.items():
+                    start = time.perf_counter()
+                    await fn()
+                    samples[name].append((time.perf_counter() - start) / n)
+        per_op = {name: statistics.median(s) for name, s in samples.items()}
+        return {"per_op_us": {k: v * 1e6 for k, v in per_op.items()}, "hits": cache.stats.hits}
+    finally:
+        keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()
+
+
+# ------------------------------------------------------------------ cross-process loads
+async def _child(mode: str, url: str, prefix: str, processes: int, callers: int) -> None:
+    import parallelkit as pk
+    from parallelkit.redis import RedisStore
+
+    redis = _client(url)
+    loads_key = f"{prefix}:loads:{mode}"
+
+    async def load(key: str) -> str:
+        await redis.incr(loads_key)
+        await anyio.sleep(0.2)  # the database query
+        return f"value of {key}"
+
+    async def naive_get(key: str) -> str:  # textbook cache-aside with redis-py
+        raw = await redis.get(f"{prefix}:naive:{key}")
+        if raw is not None:
+            return str(raw.decode())
+        value = await load(key)
+        await redis.set(f"{prefix}:naive:{key}", value.encode(), ex=60)
+        return value
+
+    cache = pk.SWRCache(fresh=60, stale=60, store=RedisStore(redis, prefix=prefix, poll=0.01))
+    barrier = f"{prefix}:barrier:{mode}"
+    async with cache:
+        await redis.incr(barrier)
+        while int(await redis.get(barrier) or 0) < processes:
+            await anyio.sleep(0.005)
+        if mode == "swr":
+            await pk.gather(*(cache.get("cold", load) for _ in range(callers)))
+        else:
+            await pk.gather(*(naive_get("cold") for _ in range(callers)))
+    await redis.aclose()
+
+
+def _cross_process(mode: str, prefix: str, processes: int, callers: int) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "benchmarks.bench_redis", "child", mode, REDIS_URL, prefix]
+    cmd += [str(processes), str(callers)]
+    start = time.perf_counter()
+    procs = [subprocess.Popen(cmd, cwd=ROOT) for _ in range(processes)]
+    codes = [p.wait(timeout=120) for p in procs]
+    elapsed = time.perf_counter() - start
+    if any(codes):
+        msg = f"a {mode} worker failed: exit codes {codes}"
+        raise RuntimeError(msg)
+
+    async def read() -> int:
+        redis = _client(REDIS_URL)
+        try:
+            return int(await redis.get(f"{prefix}:loads:{mode}") or 0)
+        finally:
+            await redis.aclose()
+
+    return {"loads": anyio.run(read), "seconds": elapsed}
+
+
+async def _cleanup(prefix: str) -> None:
+    redis = _client(REDIS_URL)
+    keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
+    if keys:
+        await redis.delete(*keys)
+    await redis.aclose()
+
+
+# ------------------------------------------------------------------ entry point
+def run(*, quick: bool, database: str | None) -> dict[str, Any]:
+    """Measure both targets side by side; ``database`` is not used (Redis only)."""
+    skip = _reachable(REDIS_URL)
+    if skip:
+        print(f"  skipped: {skip}")
+        return {"skipped": skip}
+    n, rounds = (1000, 5) if quick else (3000, 9)
+    hits = anyio.run(_hit_cost, n, rounds, backend="asyncio")
+    us = hits["per_op_us"]
+    print(
+        table(
+            ["per hit", "us", "x raw GET"],
+            [
+                ["redis-py GET + json.loads", us["raw"], 1.0],
+                ["SWRCache.get on RedisStore", us["get"], us["get"] / us["raw"]],
+                ["@cache.cached on RedisStore", us["cached"], us["cached"] / us["raw"]],
+            ],
+        )
+    )
+
+    processes, callers = 4, 100
+    prefix = f"pkbench:{uuid.uuid4().hex[:8]}"
+    try:
+        swr = _cross_process("swr", prefix, processes, callers)
+        naive = _cross_process("naive", prefix, processes, callers)
+    finally:
+        anyio.run(_cleanup, prefix, backend="asyncio")
+    print(
+        table(
+            [f"{processes} processes x {callers} cold callers", "loads", "seconds"],
+            [
+                ["SWRCache + RedisStore", swr["loads"], swr["seconds"]],
+                ["naive cache-aside (GET, load, SET)", naive["loads"], naive["seconds"]],
+            ],
+        )
+    )
+    targets = [
+        target("SWRCache.get hit on RedisStore / raw GET", us["get"] / us["raw"], 1.3),
+        target("@cache.cached hit on RedisStore / raw GET", us["cached"] / us["raw"], 1.3),
+        target(f"loads per {processes * callers} cross-process cold callers", swr["loads"], 1),
+    ]
+    print_targets(targets)
+    return {
+        "redis_url": REDIS_URL,
+        "hit_cost": {"n": n, "rounds": rounds, **hits},
+        "cross_process": {
+            "processes": processes,
+            "callers_per_process": callers,
+            "swr": swr,
+            "naive_cache_aside": naive,
+        },
+        "targets": targets,
+    }
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["child"]:
+    _, _, mode, url, prefix, processes, callers = sys.argv
+    anyio.run(_child, mode, url, prefix, int(processes), int(callers), backend="asyncio")

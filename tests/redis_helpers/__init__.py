@@ -1,0 +1,125 @@
+"""Helpers for the parallelkit.redis tests.
+
+``worker.py`` is run as separate OS processes; the functions here start them, and
+start/stop a private ``redis-server`` for the outage tests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+WORKER = Path(__file__).resolve().parent / "worker.py"
+
+
+def new_prefix() -> str:
+    """A random key namespace, so parallel test runs never collide."""
+    return f"pktest:{uuid.uuid4().hex[:12]}"
+
+
+def client(url: str, **kwargs: Any) -> aredis.Redis:
+    """A client that fails fast when Redis is down (one retry, no back-off).
+
+    Its pool makes callers wait for a connection instead of raising
+    ``MaxConnectionsError`` when hundreds of tasks use it at once.
+    """
+    kwargs.setdefault("retry", Retry(NoBackoff(), 1))
+    kwargs.setdefault("socket_connect_timeout", 1.0)
+    kwargs.setdefault("socket_timeout", 2.0)
+    kwargs.setdefault("max_connections", 50)
+    kwargs.setdefault("timeout", 10)
+    pool = aredis.BlockingConnectionPool.from_url(url, **kwargs)
+    return aredis.Redis.from_pool(pool)
+
+
+def start_workers(
+    mode: str, url: str, prefix: str, n: int, *args: str
+) -> list[subprocess.Popen[str]]:
+    """Start ``n`` worker processes of ``mode`` (they meet at a Redis barrier)."""
+    cmd = [sys.executable, str(WORKER), mode, url, prefix, "--processes", str(n), *args]
+    return [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(n)
+    ]
+
+
+def wait_workers(procs: list[subprocess.Popen[str]], timeout: float = 60) -> list[dict[str, Any]]:
+    """Wait for every worker; fail with its stderr if one failed."""
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{err}"
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def stop_workers(procs: list[subprocess.Popen[str]]) -> None:
+    """Kill what still runs and close every pipe (no ResourceWarning)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """A throw-away ``redis-server`` on a port of its own, for outage tests."""
+
+    def __init__(self) -> None:
+        self.binary = shutil.which("redis-server")
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert self.binary is not None
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:  # noqa: PERF203 - polling for the port
+                time.sleep(0.02)
+        msg = f"redis-server did not start on port {self.port}"
+        raise RuntimeError(msg)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None

@@ -1,0 +1,151 @@
+"""A worker process for the multi-process parallelkit.redis tests.
+
+Run as ``python worker.py MODE URL PREFIX [ARGS...]``. Every mode first waits on
+a Redis barrier (``{PREFIX}:barrier`` reaching ``--processes``) so that all
+processes start their concurrent work together, then writes what it observed
+into Redis (the test reads it there) and prints a JSON summary line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import anyio
+import redis.asyncio as aredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+import parallelkit as pk
+from parallelkit.redis import RedisLimiter, RedisLock, RedisStore
+
+# the highest number of members a set reached, kept atomically next to it
+RECORD_MAX = """
+redis.call('SADD', KEYS[1], ARGV[1])
+local n = redis.call('SCARD', KEYS[1])
+local best = tonumber(redis.call('GET', KEYS[2]) or '0')
+if n > best then redis.call('SET', KEYS[2], n) end
+return n
+"""
+
+
+def client(url: str) -> aredis.Redis:
+    pool = aredis.BlockingConnectionPool.from_url(
+        url, retry=Retry(NoBackoff(), 1), socket_timeout=5, max_connections=50, timeout=10
+    )
+    return aredis.Redis.from_pool(pool)
+
+
+async def barrier(r: aredis.Redis, prefix: str, processes: int) -> None:
+    key = f"{prefix}:barrier"
+    await r.incr(key)
+    while int(await r.get(key) or 0) < processes:
+        await anyio.sleep(0.005)
+
+
+async def cold(r: aredis.Redis, args: argparse.Namespace) -> dict[str, Any]:
+    """``callers`` concurrent gets of one cold key; the loader counts in Redis."""
+    store = RedisStore(r, prefix=args.prefix, namespace="cache", poll=0.01)
+    cache = pk.SWRCache(fresh=30, stale=60, store=store)
+
+    async def loader(key: str) -> dict[str, Any]:
+        await r.incr(f"{args.prefix}:loads")
+        await anyio.sleep(0.3)  # long enough that every process misses meanwhile
+        return {"key": key, "pid": os.getpid()}
+
+    async with cache:
+        await barrier(r, args.prefix, args.processes)
+        values = await pk.gather(*(cache.get("cold", loader) for _ in range(args.callers)))
+    pids = {v["pid"] for v in values}
+    return {"values": len(values), "distinct": len(pids), "stats": str(cache.stats)}
+
+
+async def stale(r: aredis.Redis, args: argparse.Namespace) -> dict[str, Any]:
+    """``callers`` concurrent gets of a stale key; the refresh counts in Redis."""
+    store = RedisStore(r, prefix=args.prefix, namespace="cache", poll=0.01)
+    cache = pk.SWRCache(fresh=30, stale=60, store=store)
+
+    async def loader(key: str) -> str:
+        await r.incr(f"{args.prefix}:refreshes")
+        await anyio.sleep(0.3)
+        return "new"
+
+    async with cache:
+        await barrier(r, args.prefix, args.processes)
+        values = await pk.gather(*(cache.get("hot", loader) for _ in range(args.callers)))
+        # let the background refresh (this process's, or its wait for another's) end
+        with anyio.move_on_after(5):
+            while (await store.get("hot")) is None or (await store.get("hot")).value != "new":
+                await anyio.sleep(0.02)
+            await anyio.sleep(0.4)
+    return {"served": sorted(set(values))}
+
+
+async def limiter(r: aredis.Redis, args: argparse.Namespace) -> dict[str, Any]:
+    """``callers`` tasks through a RedisLimiter(concurrency=N); holders go in a set."""
+    lim = RedisLimiter(r, "shared", concurrency=args.concurrency, prefix=args.prefix, poll=0.01)
+    record = r.register_script(RECORD_MAX)
+    holders, best = f"{args.prefix}:holders", f"{args.prefix}:max"
+
+    async def work(i: int) -> None:
+        me = f"{os.getpid()}-{i}"
+        await record(keys=[holders, best], args=[me])
+        await anyio.sleep(0.01)
+        await r.srem(holders, me)
+
+    await barrier(r, args.prefix, args.processes)
+    await pk.map(work, range(args.callers), limit=lim)
+    return {"stats": str(lim.statistics())}
+
+
+async def rate(r: aredis.Redis, args: argparse.Namespace) -> dict[str, Any]:
+    """``callers`` starts through a RedisLimiter(rate=R); start times go in a list."""
+    lim = RedisLimiter(r, "rated", rate=args.rate, prefix=args.prefix)
+    starts = f"{args.prefix}:starts"
+
+    async def work(i: int) -> None:
+        await r.rpush(starts, repr(time.time()))
+
+    await barrier(r, args.prefix, args.processes)
+    await pk.map(work, range(args.callers), limit=lim)
+    return {}
+
+
+async def lock(r: aredis.Redis, args: argparse.Namespace) -> dict[str, Any]:
+    """Take the lock, record the fencing token, then hold it until killed (or done)."""
+    async with RedisLock(r, "leader", ttl=args.ttl, prefix=args.prefix, poll=0.05) as held:
+        await r.rpush(f"{args.prefix}:fences", held.fencing_token or 0)
+        if args.hold:
+            await anyio.sleep(3600)  # the test SIGKILLs us here
+    return {"fence": held.fencing_token}
+
+
+MODES = {"cold": cold, "stale": stale, "limiter": limiter, "rate": rate, "lock": lock}
+
+
+async def main(args: argparse.Namespace) -> None:
+    r = client(args.url)
+    try:
+        result = await MODES[args.mode](r, args)
+    finally:
+        await r.aclose()
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=sorted(MODES))
+    parser.add_argument("url")
+    parser.add_argument("prefix")
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--callers", type=int, default=100)
+    parser.add_argument("--concurrency", type=int, default=5)
+    parser.add_argument("--rate", type=float, default=20.0)
+    parser.add_argument("--ttl", type=float, default=1.0)
+    parser.add_argument("--hold", action="store_true")
+    anyio.run(main, parser.parse_args(), backend="asyncio")
+    sys.exit(0)

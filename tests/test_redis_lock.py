@@ -1,0 +1,249 @@
+"""RedisLock: one holder across processes, renewal, fencing, release by token."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+import redis.asyncio as aredis
+
+from parallelkit.redis import LockLost, LockNotAcquired, RedisLock, RedisUnavailable
+
+from .redis_helpers import (
+    client,
+    free_port,
+    new_prefix,
+    start_workers,
+    stop_workers,
+    wait_workers,
+)
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # redis-py's asyncio client is built on asyncio streams and locks: it cannot run
+    # under trio, so the Redis-backed primitives (and these tests) are asyncio-only.
+    return "asyncio"
+
+
+@pytest.fixture
+def prefix() -> str:
+    return new_prefix()
+
+
+@pytest.fixture
+async def r(redis_url: str, prefix: str) -> AsyncIterator[aredis.Redis]:
+    conn = client(redis_url)
+    yield conn
+    keys = [k async for k in conn.scan_iter(match=f"{prefix}:*")]
+    if keys:
+        await conn.delete(*keys)
+    await conn.aclose()
+
+
+async def test_acquire_release_and_increasing_fencing_tokens(r: aredis.Redis, prefix: str) -> None:
+    lock = RedisLock(r, "job", ttl=5, prefix=prefix)
+    assert lock.fencing_token is None
+    assert not lock.held
+    async with lock as held:
+        assert held is lock
+        assert lock.held
+        assert await r.get(lock.key) is not None
+        assert 0 < await r.pttl(lock.key) <= 5000
+        first = lock.fencing_token
+    assert not lock.held
+    assert await r.exists(lock.key) == 0
+    async with RedisLock(r, "job", ttl=5, prefix=prefix) as other:
+        assert other.fencing_token is not None
+        assert first is not None
+        assert other.fencing_token > first
+
+
+async def test_at_most_one_holder_among_tasks(r: aredis.Redis, prefix: str) -> None:
+    holding = peak = entered = 0
+
+    async def contender() -> None:
+        nonlocal holding, peak, entered
+        async with RedisLock(r, "one", ttl=2, poll=0.01, prefix=prefix):
+            holding += 1
+            entered += 1
+            peak = max(peak, holding)
+            await anyio.sleep(0.01)
+            holding -= 1
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(contender)
+    assert entered == 10
+    assert peak == 1
+
+
+async def test_blocking_false_skips_the_body_when_held_elsewhere(
+    r: aredis.Redis, prefix: str
+) -> None:
+    ran = False
+    async with RedisLock(r, "nightly", prefix=prefix):
+        with pytest.raises(LockNotAcquired, match="held by another holder") as info:
+            async with RedisLock(r, "nightly", blocking=False, prefix=prefix):
+                ran = True
+    assert not ran
+    assert info.value.name == "nightly"
+    async with RedisLock(r, "nightly", blocking=False, prefix=prefix) as lock:
+        assert lock.held  # free now: acquired on the first attempt
+
+
+async def test_timeout_gives_up_waiting(r: aredis.Redis, prefix: str) -> None:
+    async with RedisLock(r, "slow", prefix=prefix):
+        started = anyio.current_time()
+        with pytest.raises(LockNotAcquired, match="within timeout"):
+            async with RedisLock(r, "slow", timeout=0.2, poll=0.05, prefix=prefix):
+                pytest.fail("must not run")
+        assert anyio.current_time() - started >= 0.2
+
+
+async def test_lock_is_renewed_while_held(r: aredis.Redis, prefix: str) -> None:
+    async with RedisLock(r, "renewed", ttl=0.3, prefix=prefix) as lock:
+        await anyio.sleep(1.0)  # > 3 ttls: only renewal keeps it
+        assert await r.pttl(lock.key) > 0
+        with pytest.raises(LockNotAcquired):
+            async with RedisLock(r, "renewed", blocking=False, prefix=prefix):
+                pass
+        assert lock.held
+
+
+async def test_a_waiter_gets_the_lock_when_it_is_released(r: aredis.Redis, prefix: str) -> None:
+    order: list[str] = []
+
+    async def second() -> None:
+        async with RedisLock(r, "handoff", poll=0.02, prefix=prefix):
+            order.append("second")
+
+    async with anyio.create_task_group() as tg, RedisLock(r, "handoff", prefix=prefix):
+        tg.start_soon(second)
+        await anyio.sleep(0.1)
+        order.append("first")
+    assert order == ["first", "second"]
+
+
+async def test_lost_lock_cancels_the_body_and_raises_lock_lost(
+    r: aredis.Redis, prefix: str
+) -> None:
+    reached_end = False
+    lock = RedisLock(r, "fragile", ttl=0.3, prefix=prefix)
+    with pytest.raises(LockLost, match="lost") as info:
+        async with lock:
+            await r.delete(lock.key)  # an operator (or an expiry) took it away
+            await anyio.sleep(2)
+            reached_end = True
+    assert not reached_end
+    assert info.value.fencing_token == lock.fencing_token
+    assert not lock.held
+
+
+async def test_body_error_passes_through_unchanged_and_releases(
+    r: aredis.Redis, prefix: str
+) -> None:
+    lock = RedisLock(r, "err", prefix=prefix)
+    boom = ValueError("boom")
+    with pytest.raises(ValueError, match="boom") as info:
+        async with lock:
+            raise boom
+    assert info.value is boom  # not wrapped in an ExceptionGroup
+    assert await r.exists(lock.key) == 0
+
+
+async def test_cancelled_holder_releases_at_once(r: aredis.Redis, prefix: str) -> None:
+    lock = RedisLock(r, "cancel", ttl=30, prefix=prefix)
+    with anyio.move_on_after(0.1) as scope:
+        async with lock:
+            await anyio.sleep(10)
+    assert scope.cancelled_caught
+    assert await r.exists(lock.key) == 0
+
+
+async def test_release_only_by_the_holder(r: aredis.Redis, prefix: str) -> None:
+    lock = RedisLock(r, "mine", ttl=30, prefix=prefix)
+    async with lock:
+        await r.set(lock.key, "someone-else")  # our tenure ended; another took it
+    assert await r.get(lock.key) == b"someone-else"
+
+
+async def test_not_reentrant(r: aredis.Redis, prefix: str) -> None:
+    lock = RedisLock(r, "re", prefix=prefix)
+    async with lock:
+        with pytest.raises(RuntimeError, match="not re-entrant"):
+            async with lock:
+                pass
+    async with lock:  # sequential re-use is fine
+        assert lock.held
+
+
+async def test_redis_down_while_acquiring_raises_redis_unavailable() -> None:
+    dead = client(f"redis://127.0.0.1:{free_port()}/0", retry=None)
+    try:
+        with pytest.raises(RedisUnavailable) as info:
+            async with RedisLock(dead, "x"):
+                pass
+        assert info.value.__cause__ is not None
+    finally:
+        await dead.aclose()
+
+
+def test_arguments_are_validated(redis_url: str) -> None:
+    conn = client(redis_url)
+    with pytest.raises(ValueError, match="ttl"):
+        RedisLock(conn, "x", ttl=0)
+    with pytest.raises(ValueError, match="ttl"):
+        RedisLock(conn, "x", ttl=0.001)
+    with pytest.raises(TypeError, match="ttl"):
+        RedisLock(conn, "x", ttl="30")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="name"):
+        RedisLock(conn, "")
+    with pytest.raises(TypeError, match="blocking"):
+        RedisLock(conn, "x", blocking="no")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="timeout"):
+        RedisLock(conn, "x", timeout=-1)
+    with pytest.raises(TypeError, match="redis"):
+        RedisLock(object(), "x")  # type: ignore[arg-type]
+    lock = RedisLock(conn, "scheduler", ttl=30)
+    assert repr(lock) == (
+        "RedisLock('scheduler', ttl=30.0, blocking=True, free, fencing_token=None)"
+    )
+    assert lock.name == "scheduler"
+    assert lock.ttl == 30.0
+
+
+# ------------------------------------------------------------------ processes
+@pytest.mark.slow
+async def test_sigkilled_holder_frees_the_lock_after_ttl(
+    r: aredis.Redis, redis_url: str, prefix: str
+) -> None:
+    fences = f"{prefix}:fences"
+    (holder,) = start_workers("lock", redis_url, prefix, 1, "--ttl", "1", "--hold")
+    waiters: list[subprocess.Popen[str]] = []
+    try:
+        with anyio.fail_after(20):
+            while await r.llen(fences) < 1:
+                await anyio.sleep(0.02)
+        waiters = start_workers("lock", redis_url, prefix, 1, "--ttl", "1")
+        await anyio.sleep(2.0)  # > ttl: the live holder keeps renewing
+        assert await r.llen(fences) == 1, "the waiter got the lock while the holder was alive"
+        holder.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        with anyio.fail_after(20):
+            while await r.llen(fences) < 2:
+                await anyio.sleep(0.02)
+        took = time.monotonic() - killed_at
+        first, second = (int(f) for f in await r.lrange(fences, 0, -1))
+        assert second > first  # the fencing token grew
+        assert took <= 1.0 + 0.5  # at most one ttl (plus polling and scheduling)
+        (result,) = wait_workers(waiters)
+        assert result["fence"] == second
+    finally:
+        stop_workers([holder, *waiters])

@@ -1,0 +1,381 @@
+"""RedisStore: SWRCache across processes, single flight, outage and recovery."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+import redis.asyncio as aredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+import parallelkit as pk
+from parallelkit._redis_store import decode_entry, encode_entry
+from parallelkit._store import CacheEntry
+from parallelkit.redis import (
+    JSONSerializer,
+    PickleSerializer,
+    RedisLimiter,
+    RedisStore,
+    RedisUnavailable,
+)
+
+from .conftest import need_service
+from .redis_helpers import (
+    RedisServer,
+    client,
+    free_port,
+    new_prefix,
+    start_workers,
+    stop_workers,
+    wait_workers,
+)
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import ExceptionGroup
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    # redis-py's asyncio client is built on asyncio streams and locks: it cannot run
+    # under trio, so the Redis-backed primitives (and these tests) are asyncio-only.
+    return "asyncio"
+
+
+@pytest.fixture
+def prefix() -> str:
+    return new_prefix()
+
+
+@pytest.fixture
+async def r(redis_url: str, prefix: str) -> AsyncIterator[aredis.Redis]:
+    conn = client(redis_url)
+    yield conn
+    keys = [k async for k in conn.scan_iter(match=f"{prefix}:*")]
+    if keys:
+        await conn.delete(*keys)
+    await conn.aclose()
+
+
+@pytest.fixture
+async def dead() -> AsyncIterator[aredis.Redis]:
+    """A client for a port where nothing listens: every call is an outage."""
+    conn = client(f"redis://127.0.0.1:{free_port()}/0", retry=None)
+    yield conn
+    await conn.aclose()
+
+
+def entry(value: Any, fresh: float = 30, stale: float = 60) -> CacheEntry[Any]:
+    now = time.time()
+    return CacheEntry(value, now, now + fresh, now + fresh + stale)
+
+
+class Counter:
+    """A loader that counts its calls."""
+
+    def __init__(self, delay: float = 0.0, value: Any = "v") -> None:
+        self.calls = 0
+        self.delay = delay
+        self.value = value
+
+    async def __call__(self, key: Any) -> Any:
+        self.calls += 1
+        await anyio.sleep(self.delay)
+        return self.value
+
+
+# ------------------------------------------------------------------ the Store protocol
+async def test_roundtrip_expiry_and_delete(r: aredis.Redis, prefix: str) -> None:
+    store = RedisStore(r, prefix=prefix)
+    assert isinstance(store, pk.Store)
+    assert store.clock is time.time  # shared stores use the wall clock
+    assert await store.get("k") is None
+    stored = entry({"id": 1, "tags": ["a"]})
+    await store.set("k", stored, ttl=90)
+    assert await store.get("k") == stored
+    assert 89_000 < await r.pttl(store.redis_key("k")) <= 90_000
+    await store.delete("k")
+    await store.delete("k")  # absent: no error
+    assert await store.get("k") is None
+
+
+async def test_json_is_the_default_and_readable(r: aredis.Redis, prefix: str) -> None:
+    store = RedisStore(r, prefix=prefix)
+    assert isinstance(store.serializer, JSONSerializer)
+    await store.set(("crm.get", "c1"), entry({"name": "Ada"}), ttl=10)
+    raw = await r.get(f"{prefix}:cache:v:('crm.get', 'c1')")
+    assert raw is not None
+    assert raw.endswith(b'{"name":"Ada"}')
+    with pytest.raises(TypeError):
+        await store.set("obj", entry(object()), ttl=10)  # not JSON: a loud error
+
+
+async def test_pickle_and_custom_serializers(r: aredis.Redis, prefix: str) -> None:
+    pickled = RedisStore(r, prefix=prefix, namespace="p", serializer="pickle")
+    assert isinstance(pickled.serializer, PickleSerializer)
+    value = {"when": (1, 2), "ids": {3, 4}}
+    await pickled.set("k", entry(value), ttl=10)
+    got = await pickled.get("k")
+    assert got is not None
+    assert got.value == value
+
+    class Upper:
+        def dumps(self, value: Any, /) -> bytes:
+            return str(value).upper().encode()
+
+        def loads(self, data: bytes, /) -> Any:
+            return data.decode()
+
+    custom = RedisStore(r, prefix=prefix, namespace="c", serializer=Upper())
+    await custom.set("k", entry("hello"), ttl=10)
+    got = await custom.get("k")
+    assert got is not None
+    assert got.value == "HELLO"
+
+
+async def test_clear_forgets_only_its_namespace(r: aredis.Redis, prefix: str) -> None:
+    a = RedisStore(r, prefix=prefix, namespace="a")
+    b = RedisStore(r, prefix=prefix, namespace="b")
+    for i in range(30):
+        await a.set(i, entry(i), ttl=10)
+    await b.set(0, entry("kept"), ttl=10)
+    await a.clear()
+    assert [await a.get(i) for i in range(30)] == [None] * 30
+    kept = await b.get(0)
+    assert kept is not None
+    assert kept.value == "kept"
+
+
+async def test_long_keys_are_hashed(r: aredis.Redis, prefix: str) -> None:
+    store = RedisStore(r, prefix=prefix)
+    key = ("f", "x" * 500)
+    assert store.redis_key(key).startswith(f"{prefix}:cache:v:sha256:")
+    await store.set(key, entry(1), ttl=10)
+    got = await store.get(key)
+    assert got is not None
+    assert got.value == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    value=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text() | st.floats(allow_nan=False),
+        lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+        max_leaves=20,
+    ),
+    times=st.tuples(*[st.floats(0, 4e9, allow_nan=False)] * 3),
+)
+def test_codec_roundtrips_json_values_and_times(value: Any, times: tuple[float, ...]) -> None:
+    stored = CacheEntry(value, *times)
+    back = decode_entry(encode_entry(stored, JSONSerializer()), JSONSerializer())
+    assert back == stored
+
+
+def test_codec_treats_other_formats_as_a_miss() -> None:
+    assert decode_entry(b"", JSONSerializer()) is None
+    raw = encode_entry(entry(1), JSONSerializer())
+    assert decode_entry(b"\x07" + raw[1:], JSONSerializer()) is None
+
+
+def test_arguments_are_validated(redis_url: str) -> None:
+    conn = client(redis_url)
+    with pytest.raises(TypeError, match="serializer"):
+        RedisStore(conn, serializer="yaml")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="lease"):
+        RedisStore(conn, lease=0)
+    with pytest.raises(ValueError, match="namespace"):
+        RedisStore(conn, namespace="")
+    with pytest.raises(ValueError, match="decode_responses"):
+        RedisStore(client(redis_url, decode_responses=True))
+    assert repr(RedisStore(conn, namespace="crm")) == (
+        "RedisStore(namespace='crm', serializer=JSONSerializer(), ok, errors=0)"
+    )
+
+
+# ------------------------------------------------------------------ single flight
+async def test_two_caches_share_one_load(r: aredis.Redis, prefix: str) -> None:
+    # two SWRCache objects on one store namespace behave like two processes
+    loader = Counter(delay=0.2, value={"v": 1})
+    caches = [pk.SWRCache(fresh=30, stale=60, store=RedisStore(r, prefix=prefix)) for _ in "ab"]
+    async with caches[0], caches[1]:
+        calls = [c.get("cold", loader) for c in caches for _ in range(50)]
+        values = await pk.gather(*calls)
+    assert values == [{"v": 1}] * 100
+    assert loader.calls == 1
+
+
+async def test_one_refresh_per_stale_key_across_caches(r: aredis.Redis, prefix: str) -> None:
+    stores = [RedisStore(r, prefix=prefix, poll=0.01) for _ in "ab"]
+    now = time.time()
+    await stores[0].set("hot", CacheEntry("old", now - 10, now - 5, now + 60), ttl=60)
+    refresh = Counter(delay=0.2, value="new")
+    caches = [pk.SWRCache(fresh=30, stale=60, store=s) for s in stores]
+    async with caches[0], caches[1]:
+        served = await pk.gather(*(c.get("hot", refresh) for c in caches for _ in range(20)))
+        assert set(served) == {"old"}  # stale is served at once
+        with anyio.fail_after(5):
+            while (got := await stores[0].get("hot")) is None or got.value != "new":
+                await anyio.sleep(0.01)
+            await anyio.sleep(0.1)  # the other cache's refresh, waiting, sees it fresh
+    assert refresh.calls == 1
+    assert sum(s.stats.lease_waits for s in stores) == 1
+
+
+async def test_a_dead_lease_holder_is_taken_over(r: aredis.Redis, prefix: str) -> None:
+    store = RedisStore(r, prefix=prefix, lease=5, poll=0.02)
+    lease_key = f"{prefix}:cache:l:'k'"
+    await r.set(lease_key, "a-process-that-died", px=300)  # nobody renews it
+    loader = Counter(value=1)
+    cache = pk.SWRCache(fresh=30, stale=60, store=store)
+    started = anyio.current_time()
+    assert await cache.get("k", loader) == 1
+    assert anyio.current_time() - started >= 0.2
+    assert loader.calls == 1
+    assert store.stats.lease_waits == 1
+    assert await r.exists(lease_key) == 0
+
+
+async def test_leases_are_renewed_during_a_long_load(r: aredis.Redis, prefix: str) -> None:
+    store = RedisStore(r, prefix=prefix, lease=0.3, poll=0.02)
+    slow = Counter(delay=1.0, value="slow")
+    other = Counter(value="dup")
+    caches = [pk.SWRCache(fresh=30, stale=60, store=store) for _ in "ab"]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(caches[0].get, "k", slow)
+        await anyio.sleep(0.05)
+        assert await caches[1].get("k", other) == "slow"  # waited past 3 leases
+    assert (slow.calls, other.calls) == (1, 0)
+
+
+# ------------------------------------------------------------------ outages
+async def test_outage_degrades_to_loader_and_local_memory(dead: aredis.Redis) -> None:
+    store = RedisStore(dead, retry_after=60)
+    cache = pk.SWRCache(fresh=30, stale=60, store=store)
+    loader = Counter(value="v")
+    async with cache:
+        assert await cache.get("k", loader) == "v"
+        assert await cache.get("k", loader) == "v"  # from local memory
+        await cache.invalidate("k")
+        assert await cache.get("k", loader) == "v"
+    assert loader.calls == 2
+    stats = store.stats
+    assert stats.errors >= 1
+    assert stats.degraded >= 4
+    assert store.errors == stats.errors
+    assert "degraded" in repr(store)
+
+
+async def test_a_full_connection_pool_is_not_an_outage(redis_url: str, prefix: str) -> None:
+    tiny = aredis.Redis.from_url(redis_url, max_connections=1)
+    store = RedisStore(tiny, prefix=prefix)
+    try:
+        with pytest.raises(ExceptionGroup) as info:
+            async with anyio.create_task_group() as tg:
+                for _ in range(5):
+                    tg.start_soon(store.get, "k")
+        assert info.group_contains(RedisConnectionError, match="Too many connections")
+        assert not info.group_contains(RedisUnavailable)
+        assert store.errors == 0  # raised unchanged, not counted, no degradation
+    finally:
+        await tiny.aclose()
+
+
+async def test_strict_mode_raises_on_outage(dead: aredis.Redis) -> None:
+    cache = pk.SWRCache(fresh=30, stale=60, store=RedisStore(dead, strict=True))
+    for _ in range(2):  # from Redis, then from the open breaker
+        with pytest.raises(RedisUnavailable, match="strict=True") as info:
+            await cache.get("k", Counter())
+        assert info.value.__cause__ is not None
+
+
+@pytest.mark.slow
+async def test_redis_stopped_mid_test_then_recovery(prefix: str) -> None:
+    server = RedisServer()
+    if server.binary is None:
+        need_service("redis-server (the binary, for the outage test)", "not on PATH")
+    server.start()
+    conn = client(server.url, retry=None, socket_connect_timeout=0.5, socket_timeout=0.5)
+    raw = client(server.url)  # retries once: its pooled connection dies with the server
+    try:
+        store = RedisStore(conn, prefix=prefix, retry_after=0.2)
+        cache = pk.SWRCache(fresh=30, stale=60, store=store)
+        limiter = RedisLimiter(conn, "api", concurrency=2, prefix=prefix, retry_after=0.2)
+        holders = f"{prefix}:limiter:{{api}}:holders"
+        loader = Counter(value={"ok": True})
+        async with cache:
+            assert await cache.get("before", loader) == {"ok": True}
+            assert await raw.exists(store.redis_key("before")) == 1
+            async with limiter:
+                assert await raw.zcard(holders) == 1
+
+            server.kill()  # ---- outage
+            for key in ("before", "during", "during"):
+                assert await cache.get(key, loader) == {"ok": True}  # no exception
+            assert loader.calls == 3  # "before" again (Redis gone), "during" once
+            assert store.stats.errors >= 1
+            assert store.stats.degraded >= 3
+            async with limiter, limiter:  # fail="local": the local bound of 2
+                with anyio.move_on_after(0.1) as scope:
+                    async with limiter:
+                        pytest.fail("a third holder must wait")
+                assert scope.cancelled_caught
+            assert limiter.statistics().fallbacks == 3
+
+            server.start()  # ---- recovery, same port
+            await anyio.sleep(0.25)  # past retry_after
+            assert await cache.get("after", loader) == {"ok": True}
+            assert await raw.exists(store.redis_key("after")) == 1
+            assert await cache.get("after", loader) == {"ok": True}
+            assert loader.calls == 4
+            assert store.stats.recoveries == 1
+            assert await raw.exists(store.redis_key("during")) == 0  # local only
+            async with limiter:
+                assert await raw.zcard(holders) == 1  # back on Redis
+            assert limiter.statistics().fallbacks == 3
+    finally:
+        await conn.aclose()
+        await raw.aclose()
+        server.kill()
+
+
+# ------------------------------------------------------------------ processes
+@pytest.mark.slow
+async def test_four_processes_times_100_callers_load_once(
+    r: aredis.Redis, redis_url: str, prefix: str
+) -> None:
+    procs = start_workers("cold", redis_url, prefix, 4, "--callers", "100")
+    try:
+        results = wait_workers(procs)
+    finally:
+        stop_workers(procs)
+    assert int(await r.get(f"{prefix}:loads") or 0) == 1
+    assert [res["values"] for res in results] == [100] * 4
+    assert [res["distinct"] for res in results] == [1] * 4
+
+
+@pytest.mark.slow
+async def test_one_refresh_per_stale_key_across_processes(
+    r: aredis.Redis, redis_url: str, prefix: str
+) -> None:
+    store = RedisStore(r, prefix=prefix, namespace="cache")
+    now = time.time()
+    await store.set("hot", CacheEntry("old", now - 10, now - 5, now + 60), ttl=60)
+    procs = start_workers("stale", redis_url, prefix, 4, "--callers", "50")
+    try:
+        results = wait_workers(procs)
+    finally:
+        stop_workers(procs)
+    assert int(await r.get(f"{prefix}:refreshes") or 0) == 1
+    assert all(res["served"] == ["old"] for res in results)
+    got = await store.get("hot")
+    assert got is not None
+    assert got.value == "new"
+    assert math.isclose(got.fresh_until - got.loaded_at, 30, rel_tol=0.2)
