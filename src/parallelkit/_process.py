@@ -1,0 +1,265 @@
+"""Process services: a subprocess with prefixed output, a restart policy and a clean stop.
+
+What ``Orchestrator.process(...)`` runs. Each process is started in a **new
+session** (its own process group), so stopping it reaches its children too:
+``SIGTERM`` to the whole group, ``SIGKILL`` after ``stop_timeout``. Its stdout
+and stderr are read line by line and written with the service's name as a
+prefix (coloured on a terminal), like honcho / foreman, or sent to logging.
+An unexpected exit restarts it per policy (``"no"``, ``"on-failure"``,
+``"always"``, at most ``max_restarts`` times, with a growing pause) or fails
+the service, and with it the orchestrator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import anyio
+import anyio.abc
+from typing_extensions import final
+
+__all__ = ["ManagedProcess", "OutputSink", "RestartPolicy", "process_lifetime"]
+
+RestartPolicy = Literal["no", "on-failure", "always"]
+Output = Literal["stdout", "logging"] | Callable[[str, str, str], object]
+
+_COLOURS = ("36", "33", "32", "35", "34", "96", "93", "92", "95", "94")
+logger = logging.getLogger("parallelkit.process")
+
+
+@final
+class OutputSink:
+    """Where process output lines go: ``name | line`` on stdout, logging, or a callable.
+
+    Args:
+        output: ``"stdout"`` (default; coloured when stdout is a terminal and
+            ``NO_COLOR`` is unset), ``"logging"`` (logger
+            ``parallelkit.process.<name>``, INFO for stdout lines, WARNING for
+            stderr lines) or ``fn(name, stream, line)``.
+        width: pad names to this width so the lines align.
+    """
+
+    __slots__ = ("_colour", "output", "width")
+
+    def __init__(self, output: Output = "stdout", *, width: int = 0) -> None:
+        if output not in ("stdout", "logging") and not callable(output):
+            msg = f"output must be 'stdout', 'logging' or a callable, got {output!r}"
+            raise ValueError(msg)
+        self.output = output
+        self.width = width
+        self._colour: dict[str, str] = {}
+
+    def write(self, name: str, stream: str, line: str) -> None:
+        """Emit one line of ``name``'s ``stream`` (``"stdout"`` / ``"stderr"``)."""
+        output = self.output
+        if output == "logging":
+            level = logging.WARNING if stream == "stderr" else logging.INFO
+            logging.getLogger(f"parallelkit.process.{name}").log(level, "%s", line)
+        elif output == "stdout":
+            out = sys.stdout
+            prefix = f"{name:<{self.width}} | "
+            if _use_colour(out):
+                code = self._colour.setdefault(name, _COLOURS[len(self._colour) % len(_COLOURS)])
+                prefix = f"\x1b[{code}m{prefix}\x1b[0m"
+            out.write(f"{prefix}{line}\n")
+            out.flush()
+        else:
+            assert callable(output)
+            output(name, stream, line)
+
+
+def _use_colour(stream: Any) -> bool:
+    if os.environ.get("NO_COLOR"):
+        return False
+    if os.environ.get("FORCE_COLOR"):
+        return True
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+@final
+class ManagedProcess:
+    """The value of a process service: the running process and its history.
+
+    Injected into services that depend on the process (``depends_on``) and
+    returned by ``running["name"]``.
+
+    Attributes:
+        name: the service name.
+        cmd: the command (a shell string or an argument list).
+        pid: the current process id (also its process-group id), or ``None``.
+        returncode: the exit code of the last run that ended, or ``None``.
+        restarts: how many times it was restarted.
+    """
+
+    __slots__ = ("_process", "_pumps", "cmd", "name", "pid", "restarts", "returncode")
+
+    def __init__(self, name: str, cmd: str | Sequence[str]) -> None:
+        self.name = name
+        self.cmd = cmd
+        self.pid: int | None = None
+        self.returncode: int | None = None
+        self.restarts = 0
+        self._process: anyio.abc.Process | None = None
+        self._pumps: tuple[anyio.Event, ...] = ()
+
+    def __repr__(self) -> str:
+        state = f"pid={self.pid}" if self.running else f"returncode={self.returncode}"
+        return f"<ManagedProcess {self.name!r} {state} restarts={self.restarts}>"
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is currently alive."""
+        return self._process is not None and self._process.returncode is None
+
+    def send_signal(self, signum: int) -> None:
+        """Send ``signum`` to the process's whole group (no-op when it has exited)."""
+        if self.pid is not None and self.running:
+            _killpg(self.pid, signum)
+
+
+def _killpg(pgid: int, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
+        os.killpg(pgid, signum)
+
+
+async def _pump(
+    stream: anyio.abc.ByteReceiveStream, name: str, kind: str, sink: OutputSink, done: anyio.Event
+) -> None:
+    buffer = b""
+    try:
+        async for chunk in stream:
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                sink.write(name, kind, line.rstrip(b"\r").decode("utf-8", "replace"))
+    except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+        pass
+    finally:
+        if buffer:
+            sink.write(name, kind, buffer.decode("utf-8", "replace"))
+        done.set()
+
+
+@asynccontextmanager
+async def process_lifetime(
+    name: str,
+    cmd: str | Sequence[str],
+    *,
+    env: Mapping[str, str] | None,
+    cwd: str | os.PathLike[str] | None,
+    restart: RestartPolicy,
+    max_restarts: int | None,
+    stop_timeout: float,
+    sink: OutputSink,
+) -> AsyncIterator[ManagedProcess]:
+    """Run ``cmd`` as a supervised process for as long as the context is open.
+
+    Yields the :class:`ManagedProcess` as soon as the first process is spawned
+    (readiness is the orchestrator's probe's job). On exit: ``SIGTERM`` to the
+    process group, ``SIGKILL`` after ``stop_timeout``; this part is shielded from
+    cancellation, so no child outlives the context.
+    """
+    handle = ManagedProcess(name, cmd)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    stopping = anyio.Event()
+
+    async def spawn(tg: anyio.abc.TaskGroup) -> anyio.abc.Process:
+        process = await anyio.open_process(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=full_env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+        handle._process = process
+        handle.pid = process.pid
+        handle.returncode = None
+        assert process.stdout is not None
+        assert process.stderr is not None
+        handle._pumps = (anyio.Event(), anyio.Event())
+        tg.start_soon(_pump, process.stdout, name, "stdout", sink, handle._pumps[0])
+        tg.start_soon(_pump, process.stderr, name, "stderr", sink, handle._pumps[1])
+        logger.debug("process %r started: pid %d", name, process.pid)
+        return process
+
+    async def supervise(tg: anyio.abc.TaskGroup, process: anyio.abc.Process) -> None:
+        while True:
+            code = await process.wait()
+            handle.returncode = code
+            if stopping.is_set():
+                return
+            # reap the rest of the group: nothing it started may outlive it
+            _killpg(process.pid, signal.SIGKILL)
+            await _reap(handle, process)
+            wanted = restart == "always" or (restart == "on-failure" and code != 0)
+            if not wanted:
+                if code == 0:
+                    logger.info("process %r exited with code 0", name)
+                    return
+                raise subprocess.CalledProcessError(code, cmd)
+            if max_restarts is not None and handle.restarts >= max_restarts:
+                logger.error(
+                    "process %r exited with code %d; max_restarts=%d reached",
+                    name,
+                    code,
+                    max_restarts,
+                )
+                raise subprocess.CalledProcessError(code, cmd)
+            pause = min(0.05 * 2**handle.restarts, 2.0)
+            logger.warning("process %r exited with code %d; restarting in %.2fs", name, code, pause)
+            await anyio.sleep(pause)
+            if stopping.is_set():
+                return
+            handle.restarts += 1
+            process = await spawn(tg)
+
+    async with anyio.create_task_group() as tg:
+        try:
+            first = await spawn(tg)
+            tg.start_soon(supervise, tg, first)
+            yield handle
+        finally:
+            stopping.set()
+            with anyio.CancelScope(shield=True):
+                await _terminate(handle, stop_timeout)
+            tg.cancel_scope.cancel()
+
+
+async def _terminate(handle: ManagedProcess, stop_timeout: float) -> None:
+    process = handle._process
+    if process is None:
+        return
+    pgid = process.pid
+    if process.returncode is None:
+        _killpg(pgid, signal.SIGTERM)
+        with anyio.move_on_after(stop_timeout):
+            await process.wait()
+        if process.returncode is None:
+            logger.warning(
+                "process %r did not exit within stop_timeout=%ss after SIGTERM; sending SIGKILL",
+                handle.name,
+                stop_timeout,
+            )
+    _killpg(pgid, signal.SIGKILL)
+    handle.returncode = await process.wait()
+    await _reap(handle, process)
+
+
+async def _reap(handle: ManagedProcess, process: anyio.abc.Process) -> None:
+    """Let the output pumps drain what the process wrote, then release its pipes."""
+    with anyio.CancelScope(shield=True):
+        with anyio.move_on_after(0.5):
+            for done in handle._pumps:
+                await done.wait()
+        await process.aclose()

@@ -1,0 +1,353 @@
+"""Readiness probes: is a service actually ready, not merely started?
+
+A service whose setup returned is not necessarily *ready*: a server may still be
+binding its port, a database may still be replaying its log. Docker Compose's
+``depends_on`` waits on nothing by default; the Orchestrator waits on a probe::
+
+    @orch.service(ready=pk.probes.tcp("127.0.0.1", 5432), timeout=30)
+    async def postgres(): ...
+
+A probe is polled after the service's setup until it passes or the service's
+``timeout`` runs out. Polling is **adaptive**: the first checks come quickly
+(1 ms apart, growing by half each time) and then settle at ``max_interval``
+(50 ms by default), so a service that becomes ready quickly is detected within a
+few milliseconds, and a slow one is not hammered.
+
+Three probes cover almost everything:
+
+- :func:`tcp` — a TCP connection to ``host:port`` is accepted;
+- :func:`http` — ``GET url`` answers with the expected status (plain sockets, no
+  HTTP client dependency; ``https`` works too);
+- :func:`call` — your own (sync or async) function returns a truthy value; it may
+  take the service's value as its one argument.
+
+Any callable passed as ``ready=`` is wrapped with :func:`call` for you.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import ssl
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+import anyio.abc
+from typing_extensions import final
+
+__all__ = ["Probe", "call", "http", "tcp"]
+
+CheckFn = Callable[[Any], Awaitable["str | None"]]
+
+
+def _positive(name: str, value: object, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        msg = f"{name} must be a number of seconds, got {value!r}"
+        raise TypeError(msg)
+    if math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
+        msg = f"{name} must be {'>= 0' if allow_zero else '> 0'} seconds, got {value!r}"
+        raise ValueError(msg)
+    return float(value)
+
+
+@final
+class Probe:
+    """A readiness check plus the adaptive schedule it is polled on.
+
+    Build one with :func:`tcp`, :func:`http` or :func:`call`; pass it as
+    ``ready=`` to :meth:`Orchestrator.service <parallelkit.Orchestrator.service>` or
+    :meth:`Orchestrator.process <parallelkit.Orchestrator.process>`. You can also
+    use it on its own: ``await probe.wait(timeout=5)``.
+
+    Args:
+        name: what the probe checks, for messages (``"tcp 127.0.0.1:8080"``).
+        check: ``async (value) -> None | str``: ``None`` when ready, else the reason
+            it is not.
+        initial: the first polling interval in seconds.
+        max_interval: the interval the schedule grows to (by 1.5 times per check).
+
+    Example:
+        ```python
+        probe = pk.probes.tcp("127.0.0.1", 8080)
+        await probe.wait(timeout=10)      # TimeoutError naming the last failure
+        ok = await probe.check()          # one check: True / False
+        ```
+    """
+
+    __slots__ = ("_check", "initial", "max_interval", "name")
+
+    def __init__(
+        self,
+        name: str,
+        check: CheckFn,
+        *,
+        initial: float = 0.001,
+        max_interval: float = 0.05,
+    ) -> None:
+        self.name = name
+        self._check = check
+        self.initial = _positive("initial", initial)
+        self.max_interval = _positive("max_interval", max_interval)
+        if self.max_interval < self.initial:
+            msg = f"max_interval ({max_interval!r}) must be >= initial ({initial!r})"
+            raise ValueError(msg)
+
+    def __repr__(self) -> str:
+        return f"<Probe {self.name}>"
+
+    async def reason(self, value: Any = None) -> str | None:
+        """Run the check once: ``None`` when ready, else why it is not.
+
+        Ordinary exceptions raised by the check count as "not ready" (their
+        ``repr`` is the reason); cancellation propagates.
+        """
+        try:
+            return await self._check(value)
+        except Exception as exc:  # a failing check is "not ready", never a crash
+            return f"{type(exc).__name__}: {exc}"
+
+    async def check(self, value: Any = None) -> bool:
+        """Run the check once; ``True`` when ready.
+
+        Args:
+            value: the service's value, handed to :func:`call` probes that take it.
+        """
+        return await self.reason(value) is None
+
+    async def wait(self, value: Any = None, *, timeout: float | None = None) -> None:
+        """Poll until the check passes (adaptive schedule), or time out.
+
+        Args:
+            value: the service's value, handed to :func:`call` probes that take it.
+            timeout: seconds to keep polling; ``None`` polls until cancelled.
+
+        Raises:
+            TimeoutError: the probe did not pass in time; the message names the
+                probe and the last reason it gave.
+        """
+        if timeout is not None:
+            timeout = _positive("timeout", timeout)
+        deadline = math.inf if timeout is None else anyio.current_time() + timeout
+        interval = self.initial
+        while True:
+            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                why = await self.reason(value)
+                if why is None:
+                    return
+            now = anyio.current_time()
+            if now >= deadline:
+                msg = f"{self.name} not ready after {timeout}s (last check: {why})"
+                raise TimeoutError(msg)
+            await anyio.sleep(min(interval, deadline - now))
+            interval = min(interval * 1.5, self.max_interval)
+
+
+def tcp(
+    host: str,
+    port: int,
+    *,
+    connect_timeout: float = 1.0,
+    initial: float = 0.001,
+    max_interval: float = 0.05,
+) -> Probe:
+    """Ready when a TCP connection to ``host:port`` is accepted.
+
+    The connection is closed at once; nothing is sent.
+
+    Args:
+        host: the host name or address.
+        port: the TCP port (1-65535).
+        connect_timeout: how long one connection attempt may take.
+        initial: the first polling interval (see :class:`Probe`).
+        max_interval: the largest polling interval.
+
+    Example:
+        ```python
+        @orch.service(ready=pk.probes.tcp("127.0.0.1", 6379), timeout=10)
+        async def redis(): ...
+        ```
+    """
+    if not isinstance(host, str) or not host:
+        msg = f"host must be a non-empty str, got {host!r}"
+        raise TypeError(msg)
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        msg = f"port must be an int in 1..65535, got {port!r}"
+        raise ValueError(msg)
+    limit = _positive("connect_timeout", connect_timeout)
+
+    async def check(_value: Any) -> str | None:
+        try:
+            with anyio.fail_after(limit):
+                stream = await anyio.connect_tcp(host, port)
+        except (OSError, TimeoutError) as exc:
+            return _describe(exc)
+        await stream.aclose()
+        return None
+
+    return Probe(f"tcp {host}:{port}", check, initial=initial, max_interval=max_interval)
+
+
+def http(
+    url: str,
+    *,
+    status: int | Collection[int] = 200,
+    request_timeout: float = 2.0,
+    initial: float = 0.001,
+    max_interval: float = 0.05,
+) -> Probe:
+    """Ready when ``GET url`` answers with the expected status code.
+
+    Speaks just enough HTTP/1.1 over a plain (or TLS) socket to read the status
+    line, so it needs no HTTP client library.
+
+    Args:
+        url: an ``http://`` or ``https://`` URL.
+        status: the status code that means ready, or a collection of them
+            (``range(200, 400)``).
+        request_timeout: how long one request may take.
+        initial: the first polling interval (see :class:`Probe`).
+        max_interval: the largest polling interval.
+
+    Example:
+        ```python
+        @orch.service(ready=pk.probes.http("http://127.0.0.1:8000/health"), timeout=30)
+        async def api(): ...
+        ```
+    """
+    if not isinstance(url, str):
+        msg = f"url must be a str, got {url!r}"  # type: ignore[unreachable]
+        raise TypeError(msg)
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        msg = f"url must be an http:// or https:// URL with a host, got {url!r}"
+        raise ValueError(msg)
+    accepted: Collection[int]
+    if isinstance(status, int) and not isinstance(status, bool):
+        accepted = (status,)
+    elif isinstance(status, Collection) and all(isinstance(s, int) for s in status):
+        accepted = status
+    else:
+        msg = f"status must be an int or a collection of ints, got {status!r}"
+        raise TypeError(msg)
+    limit = _positive("request_timeout", request_timeout)
+    host = parts.hostname
+    tls = parts.scheme == "https"
+    port = parts.port or (443 if tls else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    host_header = parts.netloc.rpartition("@")[2]
+    request = (
+        f"GET {target} HTTP/1.1\r\nHost: {host_header}\r\n"
+        "User-Agent: parallelkit-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    ).encode("ascii")
+
+    async def check(_value: Any) -> str | None:
+        try:
+            with anyio.fail_after(limit):
+                context = ssl.create_default_context() if tls else None
+                stream: anyio.abc.ByteStream
+                if context is not None:
+                    stream = await anyio.connect_tcp(
+                        host, port, ssl_context=context, tls_standard_compatible=False
+                    )
+                else:
+                    stream = await anyio.connect_tcp(host, port)
+                async with stream:
+                    await stream.send(request)
+                    head = await _read_status_line(stream)
+        except (OSError, TimeoutError, anyio.BrokenResourceError, ssl.SSLError) as exc:
+            return _describe(exc)
+        line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        fields = line.split(" ", 2)
+        if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].isdigit():
+            return f"not an HTTP response: {line[:80]!r}"
+        code = int(fields[1])
+        if code in accepted:
+            return None
+        return f"status {code}"
+
+    return Probe(f"http {url}", check, initial=initial, max_interval=max_interval)
+
+
+def call(
+    fn: Callable[..., Any],
+    /,
+    *,
+    name: str | None = None,
+    initial: float = 0.001,
+    max_interval: float = 0.05,
+) -> Probe:
+    """Ready when ``fn`` returns a truthy value (sync or async).
+
+    ``fn`` takes no argument, or one: the service's value (what its setup
+    yielded), so a probe can ask the service itself. An exception raised by
+    ``fn`` counts as "not ready" and becomes the reason reported on timeout.
+
+    Args:
+        fn: the check; may be a coroutine function.
+        name: what to call the probe in messages (default: ``fn``'s name).
+        initial: the first polling interval (see :class:`Probe`).
+        max_interval: the largest polling interval.
+
+    Example:
+        ```python
+        @orch.service(ready=pk.probes.call(lambda engine: engine.ping()))
+        async def search_engine(): ...
+        ```
+    """
+    if not callable(fn):
+        msg = f"fn must be callable, got {fn!r}"  # type: ignore[unreachable]
+        raise TypeError(msg)
+    takes_value = _takes_one_argument(fn)
+
+    async def check(value: Any) -> str | None:
+        result = fn(value) if takes_value else fn()
+        if inspect.isawaitable(result):
+            result = await result
+        return None if result else f"returned {result!r}"
+
+    label = name or getattr(fn, "__qualname__", None) or repr(fn)
+    return Probe(f"call {label}", check, initial=initial, max_interval=max_interval)
+
+
+async def _read_status_line(stream: anyio.abc.ByteReceiveStream) -> bytes:
+    head = b""
+    with contextlib.suppress(anyio.EndOfStream):
+        while b"\r\n" not in head and len(head) < 8192:
+            head += await stream.receive()
+    return head
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message``, looking through anyio's "All connection attempts failed"."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _takes_one_argument(fn: Callable[..., Any]) -> bool:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # builtins without a signature: call with none
+        return False
+    positional = [
+        p
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    if len(positional) > 1:
+        msg = f"a probe function takes no argument or one (the service value), got {fn!r}"
+        raise TypeError(msg)
+    return len(positional) == 1 or any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values())
+
+
+def as_probe(ready: object) -> Probe | None:
+    """Accept what ``ready=`` accepts: ``None``, a :class:`Probe` or a callable."""
+    if ready is None or isinstance(ready, Probe):
+        return ready
+    if callable(ready):
+        return call(ready)
+    msg = f"ready must be a parallelkit.probes.Probe, a callable or None, got {ready!r}"
+    raise TypeError(msg)

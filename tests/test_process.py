@@ -1,0 +1,186 @@
+"""Process services: prefixed output, restart policy, stop escalation, no orphans."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+import parallelkit as pk
+from parallelkit._process import OutputSink
+
+pytestmark = pytest.mark.anyio
+
+PY = sys.executable
+HELPERS = Path(__file__).resolve().parent / "orch_helpers"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def alive(pid: int) -> bool:
+    """True when ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def wait_for(predicate: object, timeout: float = 10.0) -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():  # type: ignore[operator]
+            await anyio.sleep(0.01)
+
+
+async def test_output_is_prefixed_and_aligned(capsys: pytest.CaptureFixture[str]) -> None:
+    orch = pk.Orchestrator()
+    script = "import sys; print('hello'); print('oops', file=sys.stderr); sys.stdout.write('tail')"
+    orch.process("web", [PY, "-c", script])
+    orch.process("longer_name", [PY, "-c", "import time; time.sleep(30)"])
+    async with orch.start() as running:
+        proc = running["web"]
+        assert isinstance(proc, pk.ManagedProcess)
+        await wait_for(lambda: not proc.running)
+        await anyio.sleep(0.05)
+    out = capsys.readouterr().out
+    assert "web         | hello\n" in out
+    assert "web         | oops\n" in out
+    assert "web         | tail\n" in out
+    assert "\x1b[" not in out  # not a terminal: no colour
+    assert proc.returncode == 0
+
+
+def test_sink_colour_and_logging(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    lines: list[str] = []
+
+    class Out:
+        def write(self, s: str) -> None:
+            lines.append(s)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Out())
+    OutputSink("stdout", width=4).write("db", "stdout", "x")
+    assert lines == ["\x1b[36mdb   | \x1b[0mx\n"]
+    with caplog.at_level("INFO"):
+        OutputSink("logging").write("db", "stderr", "boom")
+    assert caplog.records[-1].name == "parallelkit.process.db"
+    assert caplog.records[-1].levelname == "WARNING"
+    got: list[tuple[str, str, str]] = []
+    OutputSink(lambda *a: got.append(a)).write("db", "stdout", "y")
+    assert got == [("db", "stdout", "y")]
+    with pytest.raises(ValueError, match="output"):
+        OutputSink("file")  # type: ignore[arg-type]
+
+
+async def test_restart_on_failure_then_fail_the_orchestrator(tmp_path: Path) -> None:
+    counter = tmp_path / "runs"
+    lines: list[tuple[str, str, str]] = []
+    orch = pk.Orchestrator(output=lambda *a: lines.append(a))
+    orch.process(
+        "flaky",
+        [PY, str(HELPERS / "flaky.py"), "3", str(counter)],
+        restart="on-failure",
+        max_restarts=2,
+    )
+    with anyio.fail_after(20), pytest.raises(subprocess.CalledProcessError) as info:
+        async with orch.start() as running:
+            await anyio.sleep(30)
+    assert info.value.returncode == 3
+    assert counter.read_text() == "3"  # first run + 2 restarts
+    assert running["flaky"].restarts == 2
+    assert ("flaky", "stdout", "run 3 out") in lines
+    assert ("flaky", "stderr", "run 2 err") in lines
+
+
+async def test_restart_always_and_no(tmp_path: Path) -> None:
+    counter = tmp_path / "runs"
+    orch = pk.Orchestrator(output=lambda *a: None)
+    orch.process(
+        "job",
+        [PY, str(HELPERS / "flaky.py"), "0", str(counter)],
+        restart="always",
+        max_restarts=None,
+    )
+    async with orch.start() as running:
+        await wait_for(lambda: counter.exists() and int(counter.read_text() or 0) >= 3)
+        assert running["job"].restarts >= 2
+    # restart="no" and exit 0: the service just ends, the orchestrator keeps running
+    once = tmp_path / "once"
+    orch2 = pk.Orchestrator(output=lambda *a: None)
+    orch2.process("once", [PY, str(HELPERS / "flaky.py"), "0", str(once)])
+    async with orch2.start() as running:
+        await wait_for(lambda: not running["once"].running)
+        await anyio.sleep(0.1)
+        assert running["once"].returncode == 0
+        assert (await running.health()).status == "failing"
+    assert once.read_text() == "1"
+
+
+async def test_stop_kills_the_group_sigkill_after_timeout(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    log.touch()
+    orch = pk.Orchestrator(output=lambda *a: None)
+    orch.process(
+        "worker",
+        [PY, "-m", "tests.orch_helpers.worker", "--ignore-term"],
+        env={"PK_TEST_LOG": str(log)},
+        cwd=ROOT,
+        ready=pk.probes.call(lambda: "worker pids" in log.read_text()),
+        timeout=20,
+        stop_timeout=0.3,
+    )
+    async with orch.start() as running:
+        pids = [int(p) for p in log.read_text().split("worker pids ")[1].split()]
+        assert running["worker"].pid == pids[0]
+        assert all(alive(p) for p in pids)
+        started = anyio.current_time()
+    took = anyio.current_time() - started
+    assert 0.25 <= took < 5  # SIGTERM ignored: SIGKILL after stop_timeout
+    await wait_for(lambda: not any(alive(p) for p in pids))
+    assert running["worker"].returncode == -9
+
+
+async def test_startup_failure_kills_started_processes(tmp_path: Path) -> None:
+    orch = pk.Orchestrator(output=lambda *a: None)
+    orch.process("sleeper", [PY, "-c", "import time; time.sleep(60)"])
+
+    @orch.service
+    async def broken() -> str:
+        await anyio.sleep(0.2)
+        raise RuntimeError("no")
+
+    with pytest.raises(pk.StartupError):
+        async with orch.start():
+            pass
+
+
+async def test_process_validation_and_env(tmp_path: Path) -> None:
+    orch = pk.Orchestrator(output=lambda *a: None)
+    with pytest.raises(ValueError, match="restart"):
+        orch.process("a", "true", restart="sometimes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_restarts"):
+        orch.process("a", "true", max_restarts=-1)
+    with pytest.raises(TypeError, match="cmd"):
+        orch.process("a", [])
+    with pytest.raises(ValueError, match="cmd"):
+        orch.process("a", " ")
+    with pytest.raises(TypeError, match="depends_on"):
+        orch.process("a", "true", depends_on="db")
+    with pytest.raises(pk.DefinitionError, match="identifier"):
+        orch.process("my-app", "true")
+    out = tmp_path / "env"
+    orch.process(
+        "shell", f'echo "$GREETING" > {out}; sleep 30', env={"GREETING": "hi"}, cwd=tmp_path
+    )
+    async with orch.start():
+        await wait_for(lambda: out.exists() and out.read_text() == "hi\n")
+    assert os.environ.get("GREETING") is None
