@@ -1,0 +1,361 @@
+"""BatchLoader: the DataLoader pattern on anyio.
+
+Every :meth:`BatchLoader.load` issued in the same scheduling tick (or within
+``window`` seconds of the first) joins one *batch*; the batch becomes a single
+``load_many(keys)`` call. Per key the cost is a dict insert and a lookup: the
+batch, not the key, owns the one :class:`anyio.Event` its callers wait on, and
+its dispatch runs as a task in the loader's task group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, TypeVar, cast
+
+import anyio
+from anyio.abc import TaskGroup
+from typing_extensions import Self, final
+
+__all__ = ["BatchLoader", "BatchStats"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+LoadMany = Callable[[list[K]], Awaitable[Mapping[K, "V | Exception"] | Sequence["V | Exception"]]]
+
+_MISSING: Any = object()
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    """A snapshot of a :class:`BatchLoader`'s counters (``loader.stats``).
+
+    Attributes:
+        requests: keys asked for through :meth:`~BatchLoader.load` /
+            :meth:`~BatchLoader.load_many` (duplicates and memo hits included).
+        keys: distinct keys sent to ``load_many``.
+        calls: ``load_many`` calls made (one per batch).
+    """
+
+    requests: int
+    keys: int
+    calls: int
+
+
+@final
+class _Batch:
+    """The keys of one ``load_many`` call, and its outcome."""
+
+    __slots__ = ("done", "error", "finished", "full", "keys", "scope", "values")
+
+    def __init__(self) -> None:
+        self.keys: dict[Any, None] = {}  # ordered, deduplicated
+        self.done = anyio.Event()
+        self.scope: anyio.CancelScope | None = None  # the dispatch wait, cancelled when full
+        self.full = False
+        self.finished = False
+        self.values: Mapping[Any, Any] = {}
+        self.error: BaseException | None = None  # the whole call failed
+
+    def result(self, key: Any, default: Any) -> Any:
+        error = self.error
+        if error is not None:
+            raise error
+        value = self.values.get(key, _MISSING)
+        if value is _MISSING:
+            if default is not _MISSING:
+                return default
+            msg = f"load_many returned no value for key {key!r}"
+            raise KeyError(msg)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+
+@final
+class BatchLoader(Generic[K, V]):
+    """Coalesce many single-key loads into few ``load_many(keys)`` calls.
+
+    The N+1 problem: 500 handlers each ask for "the contact of conversation X"
+    and you run 500 queries. With a ``BatchLoader`` each handler still writes
+    ``await loader.load(x)``, and all loads issued in the same scheduling tick
+    become **one** ``load_many([...500 keys])`` call.
+
+    * A batch holds at most ``max_batch`` distinct keys; more are split into
+      further batches (they run concurrently). Duplicate keys are loaded once.
+    * ``load_many(keys)`` returns a mapping ``{key: value}`` or a list aligned with
+      ``keys``. A key missing from a mapping raises :class:`KeyError` to its
+      callers only (or returns ``default``); an :class:`Exception` *instance* as a
+      value is raised to that key's callers only.
+    * If ``load_many`` itself raises, every caller of that batch gets **the same
+      exception object**. A list of the wrong length, or a result that is neither
+      a mapping nor a sequence, fails that batch's callers with a
+      :class:`ValueError` / :class:`TypeError` saying so: no caller hangs.
+    * ``cache=False`` (default) loads a key again in each new batch;
+      ``cache=True`` memoizes successful values for the loader's lifetime (keys
+      in flight are shared across batches too).
+
+    Enter it (``async with``): the loader owns the tasks that dispatch its
+    batches. Leaving waits for the batches in flight; leaving with an error
+    cancels them, and their callers get a :class:`RuntimeError`.
+
+    Args:
+        load_many: ``async def load_many(keys: list[K]) -> Mapping | Sequence``.
+        max_batch: the most distinct keys per call (>= 1).
+        window: seconds to keep collecting after a batch's first key (``0``: one
+            scheduling tick).
+        cache: memoize values per loader instance.
+        default: returned for keys a mapping result leaves out (instead of
+            raising :class:`KeyError`).
+
+    Example:
+        ```python
+        async def contacts_by_id(ids: list[int]) -> dict[int, str]:
+            return {i: f"contact {i}" for i in ids}   # one query for all ids
+
+        async with pk.BatchLoader(contacts_by_id) as contacts:
+            a, b = await pk.gather(contacts.load(1), contacts.load(2))  # one call
+        ```
+    """
+
+    __slots__ = (
+        "_batch",
+        "_cache",
+        "_calls",
+        "_default",
+        "_keys",
+        "_load_many",
+        "_max_batch",
+        "_memo",
+        "_requests",
+        "_tg",
+        "_window",
+    )
+
+    def __init__(
+        self,
+        load_many: LoadMany[K, V],
+        /,
+        *,
+        max_batch: int = 500,
+        window: float = 0.0,
+        cache: bool = False,
+        default: Any = _MISSING,
+    ) -> None:
+        fn: object = load_many
+        if not callable(fn):
+            msg = f"load_many must be an async callable (keys) -> mapping or list, got {fn!r}"
+            raise TypeError(msg)
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int):
+            msg = f"max_batch must be an int >= 1, got {max_batch!r}"
+            raise TypeError(msg)
+        if max_batch < 1:
+            msg = f"max_batch must be >= 1, got {max_batch!r}"
+            raise ValueError(msg)
+        if isinstance(window, bool) or not isinstance(window, (int, float)):
+            msg = f"window must be a number of seconds >= 0, got {window!r}"
+            raise TypeError(msg)
+        if not window >= 0:
+            msg = f"window must be >= 0 seconds, got {window!r}"
+            raise ValueError(msg)
+        flag: object = cache
+        if not isinstance(flag, bool):
+            msg = f"cache must be a bool, got {cache!r}"
+            raise TypeError(msg)
+        self._load_many = load_many
+        self._max_batch = max_batch
+        self._window = float(window)
+        self._cache = cache
+        self._default = default
+        self._memo: dict[Any, _Batch] = {}
+        self._batch: _Batch | None = None
+        self._tg: TaskGroup | None = None
+        self._requests = self._keys = self._calls = 0
+
+    async def __aenter__(self) -> Self:
+        if self._tg is not None:
+            msg = "this BatchLoader is already entered"
+            raise RuntimeError(msg)
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        tg = self._tg
+        if tg is None:  # pragma: no cover - misuse
+            return None
+        try:
+            if self._batch is not None:
+                self._flush(self._batch)  # send what is queued now, do not wait a window
+            if exc is None or isinstance(exc, Exception):
+                if exc is not None:
+                    tg.cancel_scope.cancel()
+                # batch tasks never fail (errors go to their callers): the body's error
+                # propagates as is, not wrapped in an ExceptionGroup by the backend
+                await tg.__aexit__(None, None, None)
+                return None
+            return await tg.__aexit__(exc_type, exc, tb)
+        finally:
+            self._tg = None
+            self._batch = None
+
+    @property
+    def stats(self) -> BatchStats:
+        """A frozen snapshot of the counters (see :class:`BatchStats`)."""
+        return BatchStats(requests=self._requests, keys=self._keys, calls=self._calls)
+
+    def _enqueue(self, key: K) -> _Batch:
+        """Put ``key`` in the open batch (or the memo's) and return that batch."""
+        self._requests += 1
+        if self._cache:
+            known = self._memo.get(key)
+            if known is not None:
+                return known
+        batch = self._batch
+        if batch is None:
+            tg = self._tg
+            if tg is None:
+                msg = "BatchLoader is not entered: use `async with BatchLoader(...) as loader:`"
+                raise RuntimeError(msg)
+            batch = self._batch = _Batch()
+            tg.start_soon(self._dispatch, batch)
+        keys = batch.keys
+        if key not in keys:
+            keys[key] = None
+            if self._cache:
+                self._memo[key] = batch
+            if len(keys) >= self._max_batch:
+                self._flush(batch)
+        return batch
+
+    def _flush(self, batch: _Batch) -> None:
+        """Close ``batch`` to new keys and run it now."""
+        if self._batch is batch:
+            self._batch = None
+        batch.full = True
+        if batch.scope is not None:
+            batch.scope.cancel()
+
+    async def load(self, key: K) -> V:
+        """Load one key, batched with every other load of this tick.
+
+        Raises:
+            KeyError: ``load_many`` gave no value for ``key`` (and no ``default``).
+            Exception: the exception ``load_many`` returned for ``key``, or raised
+                for the whole batch.
+            RuntimeError: the loader is not entered.
+        """
+        batch = self._batch
+        if batch is None or self._cache:
+            batch = self._enqueue(key)
+        else:  # the common case, inlined: join the open batch
+            self._requests += 1
+            keys = batch.keys
+            if key not in keys:
+                keys[key] = None
+                if len(keys) >= self._max_batch:
+                    self._flush(batch)
+        if not batch.finished:
+            await batch.done.wait()
+        if batch.error is None:
+            value = batch.values.get(key, _MISSING)
+            if value is not _MISSING and not isinstance(value, Exception):
+                return cast("V", value)
+        return cast("V", batch.result(key, self._default))
+
+    async def load_many(self, keys: Iterable[K]) -> list[V]:
+        """Load several keys (joining the current batch); values in the order of ``keys``.
+
+        Raises:
+            Exception: the first failing key's error, in the order of ``keys``.
+        """
+        batches = [(key, self._enqueue(key)) for key in keys]
+        for _, batch in batches:
+            if not batch.finished:
+                await batch.done.wait()
+        default = self._default
+        return [cast("V", batch.result(key, default)) for key, batch in batches]
+
+    def clear(self, *keys: K) -> None:
+        """Forget memoized values (``cache=True``): the given keys, or all."""
+        if not keys:
+            self._memo.clear()
+        for key in keys:
+            self._memo.pop(key, None)
+
+    async def _dispatch(self, batch: _Batch) -> None:
+        try:
+            if not batch.full:
+                with anyio.CancelScope() as batch.scope:
+                    if self._window:
+                        await anyio.sleep(self._window)
+                    else:
+                        await anyio.lowlevel.checkpoint()
+            if self._batch is batch:
+                self._batch = None
+            await self._run(batch)
+        finally:
+            if not batch.finished:  # cancelled before the call: never leave callers hanging
+                batch.error = RuntimeError("BatchLoader was closed before this batch ran")
+                batch.finished = True
+                batch.done.set()
+
+    async def _run(self, batch: _Batch) -> None:
+        keys = list(batch.keys)
+        self._calls += 1
+        self._keys += len(keys)
+        try:
+            result = await self._load_many(keys)
+            batch.values = self._align(keys, result)
+        except Exception as exc:
+            batch.error = exc
+        except BaseException:
+            msg = "BatchLoader was closed before this batch finished"
+            batch.error = RuntimeError(msg)
+            raise
+        finally:
+            batch.finished = True
+            if self._cache:
+                self._forget_failures(keys, batch)
+            batch.done.set()
+
+    def _align(self, keys: list[Any], result: object) -> Mapping[Any, Any]:
+        if isinstance(result, Mapping):
+            return result
+        if isinstance(result, Sequence) and not isinstance(result, (str, bytes)):
+            if len(result) != len(keys):
+                msg = (
+                    f"load_many returned {len(result)} values for {len(keys)} keys; a list "
+                    f"result must be aligned with the keys (or return a mapping)"
+                )
+                raise ValueError(msg)
+            return dict(zip(keys, result, strict=True))
+        kind = type(result).__name__
+        msg = f"load_many must return a mapping or a list aligned with the keys, got {kind}"
+        raise TypeError(msg)
+
+    def _forget_failures(self, keys: list[Any], batch: _Batch) -> None:
+        memo = self._memo
+        for key in keys:
+            if memo.get(key) is not batch:
+                continue
+            value = batch.values.get(key, _MISSING)
+            if batch.error is not None or value is _MISSING or isinstance(value, Exception):
+                del memo[key]
+
+    def __repr__(self) -> str:
+        open_keys = len(self._batch.keys) if self._batch is not None else 0
+        return (
+            f"BatchLoader({getattr(self._load_many, '__qualname__', self._load_many)!r}, "
+            f"max_batch={self._max_batch}, window={self._window}, cache={self._cache}, "
+            f"entered={self._tg is not None}, queued={open_keys})"
+        )

@@ -1,0 +1,131 @@
+"""Single flight: many callers of one key share one load.
+
+A :class:`Flight` is the shared state of one load. Its work runs either
+
+* in a task group that outlives every caller (:meth:`Flight.start_in`):
+  callers only wait, and cancelling one of them never touches the load for the
+  others. When the *last* waiter of an abandonable flight (a miss load) leaves,
+  the load is cancelled: nobody wants it any more. A background refresh has no
+  waiters and is never abandoned; or
+* in the first caller, the *leader* (:meth:`Flight.lead`), when no such task
+  group exists. The leader's load runs in a cancel scope that is **shielded
+  exactly while other callers wait on it**: a cancelled leader with followers
+  finishes the load for them first (its own cancellation is delivered right
+  after); a cancelled leader with no followers stops at once. If a leader's load
+  is cancelled anyway, waiters see :attr:`Flight.cancelled` and start over.
+
+The work never raises an :class:`Exception` out of :meth:`run`: the outcome is
+kept on the flight (``ok``/``value``/``error``) and every waiter reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from typing_extensions import final
+
+__all__ = ["Flight"]
+
+
+@final
+class Flight:
+    """The shared state of one in-flight load (internal)."""
+
+    __slots__ = (
+        "_done",
+        "_owned",
+        "_scope",
+        "error",
+        "finished",
+        "ok",
+        "refresh",
+        "valid",
+        "value",
+        "waiters",
+    )
+
+    def __init__(self, *, refresh: bool) -> None:
+        self._done = anyio.Event()
+        self._scope: anyio.CancelScope | None = None  # lead(): shielded while others wait
+        self._owned: anyio.CancelScope | None = None  # start_in(): cancelled when abandoned
+        self.refresh = refresh  # a background refresh (stale-if-error applies)
+        self.valid = True  # False once invalidated: the result must not be stored
+        self.waiters = 0  # callers waiting, the leader excluded
+        self.finished = False
+        self.ok = False
+        self.value: Any = None
+        self.error: Exception | None = None
+
+    @property
+    def cancelled(self) -> bool:
+        """The flight finished with neither a value nor an error (its load was cancelled)."""
+        return self.finished and not self.ok and self.error is None
+
+    async def run(self, work: Callable[[], Awaitable[Any]], on_done: Callable[[], None]) -> None:
+        """Run ``work`` and record its outcome; ``on_done`` always runs (cleanup)."""
+        try:
+            self.value = await work()
+            self.ok = True
+        except Exception as exc:  # handed to every waiter
+            self.error = exc
+        finally:
+            self.finished = True
+            on_done()
+            self._done.set()
+
+    def start_in(
+        self,
+        tg: TaskGroup,
+        work: Callable[[], Awaitable[Any]],
+        on_done: Callable[[], None],
+        *,
+        abandonable: bool,
+    ) -> None:
+        """Run the flight as a task of ``tg`` (callers then :meth:`wait`)."""
+        tg.start_soon(self._run_owned, work, on_done, abandonable)
+
+    async def _run_owned(
+        self, work: Callable[[], Awaitable[Any]], on_done: Callable[[], None], abandonable: bool
+    ) -> None:
+        with anyio.CancelScope() as scope:
+            if abandonable:
+                if self.waiters == 0:  # every caller left before the task started
+                    scope.cancel()
+                self._owned = scope
+            try:
+                await self.run(work, on_done)
+            finally:
+                self._owned = None
+
+    async def lead(self, work: Callable[[], Awaitable[Any]], on_done: Callable[[], None]) -> None:
+        """Run the flight in the calling task, shielded while followers wait."""
+        with anyio.CancelScope(shield=self.waiters > 0) as scope:
+            self._scope = scope
+            try:
+                await self.run(work, on_done)
+            finally:
+                self._scope = None
+
+    async def wait(self) -> None:
+        """Wait for the flight as a follower; keeps a leader's load shielded meanwhile."""
+        self.waiters += 1
+        scope = self._scope
+        if scope is not None:
+            scope.shield = True
+        try:
+            await self._done.wait()
+        finally:
+            self.waiters -= 1
+            if self.waiters == 0 and not self.finished:
+                if self._scope is not None:
+                    self._scope.shield = False  # the leader alone decides again
+                elif self._owned is not None:
+                    self._owned.cancel()  # nobody waits for this load any more
+
+    def __repr__(self) -> str:
+        state = "running" if not self.finished else ("ok" if self.ok else "failed")
+        kind = "refresh" if self.refresh else "load"
+        return f"<Flight {kind} {state} waiters={self.waiters} valid={self.valid}>"

@@ -1,0 +1,214 @@
+"""The storage protocol behind :class:`~parallelkit.SWRCache`, and its in-memory store.
+
+A :class:`Store` is a small async key/value protocol. The cache decides *when*
+to load, refresh, serve stale or evict; the store only keeps :class:`CacheEntry`
+records. Freshness metadata travels **with** the value, so a store shared by
+many processes (``parallelkit.redis.RedisStore``) gives every process the same
+view of what is fresh, what is stale and what is gone.
+
+The protocol (four async methods)::
+
+    async def get(self, key) -> CacheEntry | None          # None: absent (or expired)
+    async def set(self, key, entry, *, ttl) -> None    # ttl: seconds the entry is useful
+    async def delete(self, key) -> None               # no error if absent
+    async def clear(self) -> None
+
+Keys are hashable: :meth:`SWRCache.get` passes yours unchanged and
+:meth:`SWRCache.cached` passes ``(function qualname, *arguments)`` tuples (keyword
+arguments in signature order, so ``f(1)`` and ``f(x=1)`` give one key). A store
+that needs text keys builds them (``repr(key)`` is stable for tuples of str, int,
+float, bool and None) and serializes :attr:`CacheEntry.value` as it sees fit.
+
+``ttl`` is a hint: the entry is worthless after ``ttl`` seconds (``fresh + stale``
+plus jitter), so a remote store may expire it then (Redis ``PX``). The cache never
+relies on the store expiring anything; it compares :attr:`CacheEntry.stale_until`.
+
+Optional capabilities, detected once when the cache is built:
+
+* ``clock: Callable[[], float]`` (attribute): the time base the entries'
+  timestamps use. A store shared across processes must use a clock every process
+  agrees on, so ``RedisStore`` sets ``clock = time.time``. Without it the cache
+  uses ``anyio.current_time()`` (monotonic, per process), unless you pass
+  ``SWRCache(clock=...)``.
+* ``peek(key) -> CacheEntry | None`` (sync): the store is local and can answer without
+  I/O; the cache then calls it instead of awaiting :meth:`get` on the hit path.
+  :class:`MemoryStore` has it.
+* ``load_lock(key) -> AsyncContextManager``: a single-flight hook across
+  processes. The cache already runs at most one load per key *per process*; with
+  this hook it holds the store's lock around the load and, once inside, reads the
+  store again: if another process stored a fresh entry while it waited, that entry
+  is used and the loader is not called. The store chooses the lease length.
+* ``evictions: int`` (attribute): how many entries the store dropped for room;
+  :attr:`CacheStats.evictions` reports it.
+* ``errors: int`` (attribute): errors the store absorbed itself (a remote store
+  degrading to local memory during an outage); :attr:`CacheStats.store_errors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+
+import cachetools
+from typing_extensions import final
+
+__all__ = ["CacheEntry", "MemoryStore", "Store", "SupportsLoadLock", "SupportsPeek"]
+
+V = TypeVar("V")
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class CacheEntry(Generic[V]):
+    """One cached value with the times that decide how it is served.
+
+    All times are in the cache's clock (see the module docs: a shared store uses
+    wall-clock time).
+
+    Attributes:
+        value: the loaded value (``None`` is a value: negative caching).
+        loaded_at: when the load that produced ``value`` finished.
+        fresh_until: until then the value is served with no load.
+        stale_until: until then the value is served and refreshed in the
+            background; after it the entry is a miss.
+
+    Example:
+        >>> e = CacheEntry("v", loaded_at=10.0, fresh_until=40.0, stale_until=340.0)
+        >>> e.fresh_until - e.loaded_at, e.stale_until - e.fresh_until
+        (30.0, 300.0)
+    """
+
+    value: V
+    loaded_at: float
+    fresh_until: float
+    stale_until: float
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Where an :class:`~parallelkit.SWRCache` keeps its entries.
+
+    Implement these four coroutines to put the cache on any backend; see the
+    module documentation (and ``docs/cache.md``) for the optional capabilities
+    ``clock``, ``peek``, ``load_lock`` and ``evictions``.
+    """
+
+    async def get(self, key: Hashable) -> CacheEntry[Any] | None:
+        """Return the entry stored for ``key``, or ``None``."""
+        ...
+
+    async def set(self, key: Hashable, entry: CacheEntry[Any], *, ttl: float) -> None:
+        """Store ``entry`` under ``key``; it is useless after ``ttl`` seconds."""
+        ...
+
+    async def delete(self, key: Hashable) -> None:
+        """Forget ``key`` (no error if it is absent)."""
+        ...
+
+    async def clear(self) -> None:
+        """Forget every key."""
+        ...
+
+
+@runtime_checkable
+class SupportsPeek(Protocol):
+    """A local store that answers :meth:`peek` synchronously (no I/O)."""
+
+    def peek(self, key: Hashable) -> CacheEntry[Any] | None:
+        """Return the entry for ``key`` or ``None``, without awaiting."""
+        ...
+
+
+@runtime_checkable
+class SupportsLoadLock(Protocol):
+    """A store that can make one load per key happen across processes."""
+
+    def load_lock(self, key: Hashable) -> AbstractAsyncContextManager[object]:
+        """An async context manager held around one load of ``key``."""
+        ...
+
+
+class _CountingLRU(cachetools.LRUCache[Hashable, CacheEntry[Any]]):
+    """cachetools' LRU that counts the entries it drops for room."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize)
+        self.evictions = 0
+
+    def popitem(self) -> tuple[Hashable, CacheEntry[Any]]:
+        item = super().popitem()
+        self.evictions += 1
+        return item
+
+
+@final
+class MemoryStore:
+    """An in-process :class:`Store` bounded to ``maxsize`` entries (LRU).
+
+    The default store of :class:`~parallelkit.SWRCache`. Least recently *used*
+    entries are dropped first when it is full (cachetools' ``LRUCache``); expired
+    entries are not swept, they are overwritten or pushed out by newer ones.
+
+    Args:
+        maxsize: the most entries kept (>= 1).
+
+    Example:
+        >>> store = MemoryStore(maxsize=2)
+        >>> store
+        MemoryStore(size=0, maxsize=2, evictions=0)
+    """
+
+    __slots__ = ("_data",)
+
+    def __init__(self, maxsize: int = 10_000) -> None:
+        if isinstance(maxsize, bool) or not isinstance(maxsize, int):
+            msg = f"maxsize must be an int >= 1, got {maxsize!r}"
+            raise TypeError(msg)
+        if maxsize < 1:
+            msg = f"maxsize must be >= 1, got {maxsize!r}"
+            raise ValueError(msg)
+        self._data = _CountingLRU(maxsize)
+
+    @property
+    def maxsize(self) -> int:
+        """The most entries kept."""
+        return int(self._data.maxsize)
+
+    @property
+    def evictions(self) -> int:
+        """Entries dropped so far to make room."""
+        return self._data.evictions
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def peek(self, key: Hashable) -> CacheEntry[Any] | None:
+        """Return the entry for ``key`` (marking it recently used) or ``None``."""
+        try:
+            return self._data[key]
+        except KeyError:
+            return None
+
+    async def get(self, key: Hashable) -> CacheEntry[Any] | None:
+        """Return the entry for ``key`` or ``None``."""
+        return self.peek(key)
+
+    async def set(self, key: Hashable, entry: CacheEntry[Any], *, ttl: float) -> None:
+        """Store ``entry`` (``ttl`` is not needed: the cache checks the entry's times)."""
+        self._data[key] = entry
+
+    async def delete(self, key: Hashable) -> None:
+        """Forget ``key``."""
+        self._data.pop(key, None)
+
+    async def clear(self) -> None:
+        """Forget every key (the eviction count is kept)."""
+        self._data.clear()
+
+    def __repr__(self) -> str:
+        return (
+            f"MemoryStore(size={len(self._data)}, maxsize={self.maxsize}, "
+            f"evictions={self.evictions})"
+        )

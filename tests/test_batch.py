@@ -1,0 +1,255 @@
+"""BatchLoader: one call per tick, max_batch split, per-key errors, dedupe, lifecycle."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import parallelkit as pk
+
+pytestmark = pytest.mark.anyio
+
+
+class Source:
+    """``load_many`` that records its calls; values are ``key * 10``."""
+
+    def __init__(self, result: Any = None) -> None:
+        self.calls: list[list[Any]] = []
+        self.result = result
+        self.gate: anyio.Event | None = None
+
+    async def __call__(self, keys: list[Any]) -> Mapping[Any, Any] | Sequence[Any]:
+        self.calls.append(list(keys))
+        if self.gate is not None:
+            await self.gate.wait()
+        await anyio.lowlevel.checkpoint()
+        if self.result is not None:
+            return self.result(keys)  # type: ignore[no-any-return]
+        return {k: k * 10 for k in keys}
+
+
+async def load_concurrently(loader: pk.BatchLoader[Any, Any], keys: list[Any]) -> list[Any]:
+    results: list[Any] = [None] * len(keys)
+
+    async def one(i: int, key: Any) -> None:
+        try:
+            results[i] = await loader.load(key)
+        except Exception as exc:
+            results[i] = exc
+
+    async with anyio.create_task_group() as tg:
+        for i, key in enumerate(keys):
+            tg.start_soon(one, i, key)
+    return results
+
+
+async def test_500_concurrent_loads_make_one_call() -> None:
+    src = Source()
+    async with pk.BatchLoader(src) as loader:
+        results = await load_concurrently(loader, list(range(500)))
+    assert results == [k * 10 for k in range(500)]
+    assert len(src.calls) == 1
+    assert loader.stats == pk.BatchStats(requests=500, keys=500, calls=1)
+
+
+async def test_max_batch_splits() -> None:
+    src = Source()
+    async with pk.BatchLoader(src, max_batch=100) as loader:
+        results = await load_concurrently(loader, list(range(250)))
+    assert results == [k * 10 for k in range(250)]
+    assert [len(c) for c in src.calls] == [100, 100, 50]
+
+
+async def test_duplicate_keys_are_loaded_once() -> None:
+    src = Source()
+    async with pk.BatchLoader(src) as loader:
+        results = await load_concurrently(loader, [1, 2, 1, 3, 2, 1])
+        assert await loader.load_many([4, 4, 5]) == [40, 40, 50]
+    assert results == [10, 20, 10, 30, 20, 10]
+    assert [sorted(c) for c in src.calls] == [[1, 2, 3], [4, 5]]  # trio: any order
+
+
+async def test_per_key_errors_reach_only_their_callers() -> None:
+    bad = ValueError("bad key 2")
+
+    def result(keys: list[int]) -> dict[int, Any]:
+        return {k: (bad if k == 2 else k) for k in keys if k != 3}
+
+    async with pk.BatchLoader(Source(result)) as loader:
+        r = await load_concurrently(loader, [1, 2, 3, 4])
+    assert r[0] == 1
+    assert r[3] == 4
+    assert r[1] is bad
+    assert isinstance(r[2], KeyError)
+    assert "3" in str(r[2])
+
+
+async def test_default_for_missing_keys() -> None:
+    async with pk.BatchLoader(Source(lambda keys: {}), default=None) as loader:
+        assert await loader.load_many([1, 2]) == [None, None]
+
+
+async def test_whole_batch_failure_is_the_same_object_for_every_caller() -> None:
+    boom = ConnectionError("db down")
+
+    def result(keys: list[int]) -> dict[int, int]:
+        raise boom
+
+    async with pk.BatchLoader(Source(result)) as loader:
+        r = await load_concurrently(loader, list(range(20)))
+    assert all(x is boom for x in r)
+
+
+async def test_list_results_aligned_and_misaligned() -> None:
+    async with pk.BatchLoader(Source(lambda keys: [k + 1 for k in keys])) as loader:
+        assert await load_concurrently(loader, [1, 2, 3]) == [2, 3, 4]
+    async with pk.BatchLoader(Source(lambda keys: [0])) as loader:
+        with anyio.fail_after(5):  # never hangs
+            r = await load_concurrently(loader, [1, 2, 3])
+    assert all(isinstance(x, ValueError) and "3 keys" in str(x) for x in r)
+    assert r[0] is r[1]
+    async with pk.BatchLoader(Source(lambda keys: 42)) as loader:
+        r = await load_concurrently(loader, [1, 2])
+    assert all(isinstance(x, TypeError) for x in r)
+
+
+async def test_load_many_raises_first_failing_key_in_order() -> None:
+    def result(keys: list[int]) -> dict[int, Any]:
+        return {k: KeyError(k) if k > 1 else k for k in keys}
+
+    async with pk.BatchLoader(Source(result)) as loader:
+        with pytest.raises(KeyError) as info:
+            await loader.load_many([1, 3, 2])
+    assert info.value.args == (3,)
+
+
+async def test_cache_false_reloads_in_each_batch_cache_true_memoizes() -> None:
+    src = Source()
+    async with pk.BatchLoader(src) as loader:
+        await loader.load(1)
+        await loader.load(1)
+    assert len(src.calls) == 2
+    src = Source()
+    async with pk.BatchLoader(src, cache=True) as loader:
+        await loader.load(1)
+        assert await loader.load(1) == 10
+        assert await loader.load_many([1, 2]) == [10, 20]
+        loader.clear(1)
+        await loader.load(1)
+        loader.clear()
+    assert src.calls == [[1], [2], [1]]
+
+
+async def test_cache_true_does_not_memoize_errors() -> None:
+    fails = [True]
+
+    def result(keys: list[int]) -> dict[int, Any]:
+        if fails[0]:
+            fails[0] = False
+            return {k: RuntimeError("once") for k in keys}
+        return {k: k for k in keys}
+
+    async with pk.BatchLoader(Source(result), cache=True) as loader:
+        with pytest.raises(RuntimeError):
+            await loader.load(7)
+        assert await loader.load(7) == 7
+
+
+async def test_window_collects_loads_across_ticks() -> None:
+    src = Source()
+    async with pk.BatchLoader(src, window=0.05) as loader, anyio.create_task_group() as tg:
+        for k in range(3):
+            tg.start_soon(loader.load, k)
+            await anyio.sleep(0.001)
+    assert len(src.calls) == 1
+
+
+async def test_cancelled_caller_does_not_break_the_batch() -> None:
+    src = Source()
+    src.gate = anyio.Event()
+    got: list[int] = []
+    async with pk.BatchLoader(src) as loader, anyio.create_task_group() as tg:
+        with anyio.CancelScope() as scope:
+
+            async def other() -> None:
+                got.append(await loader.load(2))
+
+            tg.start_soon(other)
+            tg.start_soon(loader.load, 1)
+            await anyio.sleep(0.01)
+            scope.cancel()
+        src.gate.set()
+    assert got == [20]
+
+
+async def test_leaves_nothing_running_and_fails_callers_on_error_exit() -> None:
+    src = Source()
+    src.gate = anyio.Event()
+    errors: list[BaseException] = []
+
+    async def caller(loader: pk.BatchLoader[int, int]) -> None:
+        try:
+            await loader.load(1)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as outer:
+        with pytest.raises(LookupError):
+            async with pk.BatchLoader(src) as loader:
+                outer.start_soon(caller, loader)
+                await anyio.sleep(0.01)
+                raise LookupError  # not wrapped in an ExceptionGroup
+    assert len(errors) == 1
+    assert "closed" in str(errors[0])
+    with pytest.raises(RuntimeError, match="not entered"):
+        await loader.load(1)
+
+
+async def test_normal_exit_sends_queued_keys_without_waiting_the_window() -> None:
+    src = Source()
+    async with anyio.create_task_group() as outer, pk.BatchLoader(src, window=60) as loader:
+        outer.start_soon(loader.load, 1)
+        await anyio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
+    assert src.calls == [[1]]
+
+
+def test_bad_arguments() -> None:
+    async def lm(keys: list[int]) -> list[int]:
+        return keys
+
+    with pytest.raises(ValueError, match="max_batch"):
+        pk.BatchLoader(lm, max_batch=0)
+    with pytest.raises(TypeError, match="max_batch"):
+        pk.BatchLoader(lm, max_batch=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="window"):
+        pk.BatchLoader(lm, window=-1)
+    with pytest.raises(TypeError, match="load_many"):
+        pk.BatchLoader(3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="cache"):
+        pk.BatchLoader(lm, cache=1)  # type: ignore[arg-type]
+    assert "max_batch=500" in repr(pk.BatchLoader(lm))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    keys=st.lists(st.integers(min_value=0, max_value=40), max_size=60),
+    max_batch=st.integers(min_value=1, max_value=10),
+)
+def test_every_caller_gets_its_value_and_batches_respect_max_batch(
+    keys: list[int], max_batch: int
+) -> None:
+    src = Source()
+
+    async def main() -> list[Any]:
+        async with pk.BatchLoader(src, max_batch=max_batch) as loader:
+            return await load_concurrently(loader, keys)
+
+    assert anyio.run(main) == [k * 10 for k in keys]
+    assert all(0 < len(c) <= max_batch and len(set(c)) == len(c) for c in src.calls)
