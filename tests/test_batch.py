@@ -207,8 +207,7 @@ async def test_leaves_nothing_running_and_fails_callers_on_error_exit() -> None:
                 raise LookupError  # not wrapped in an ExceptionGroup
     assert len(errors) == 1
     assert "closed" in str(errors[0])
-    with pytest.raises(RuntimeError, match="not entered"):
-        await loader.load(1)
+    assert loader.stats.calls == 1  # usable again, now without a task group
 
 
 async def test_normal_exit_sends_queued_keys_without_waiting_the_window() -> None:
@@ -253,3 +252,54 @@ def test_every_caller_gets_its_value_and_batches_respect_max_batch(
 
     assert anyio.run(main) == [k * 10 for k in keys]
     assert all(0 < len(c) <= max_batch and len(set(c)) == len(c) for c in src.calls)
+
+
+# ---------------------------------------------------------------- not entered
+async def test_without_async_with_the_first_caller_runs_the_batch() -> None:
+    src = Source()
+    loader = pk.BatchLoader(src)  # as in DESIGN.md: no `async with`
+    values = await pk.gather(*(loader.load(i) for i in range(500)))
+    assert values == [i * 10 for i in range(500)]
+    assert len(src.calls) == 1
+    assert await loader.load_many([1, 2, 1]) == [10, 20, 10]
+    assert len(src.calls) == 2
+
+
+async def test_without_async_with_a_cancelled_leader_does_not_strand_the_others() -> None:
+    src = Source()
+    src.gate = anyio.Event()
+    loader = pk.BatchLoader(src, window=0.05)  # time for the follower to join
+    got: list[int] = []
+    leader_finished = False
+
+    async def leader(scope: anyio.CancelScope) -> None:
+        nonlocal leader_finished
+        with scope:
+            await loader.load(1)  # opens the batch, so this task runs it
+            leader_finished = True
+
+    async def follower() -> None:
+        got.append(await loader.load(2))
+
+    scope = anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(leader, scope)
+        while loader.stats.requests < 1:  # the leader opens the batch first
+            await anyio.lowlevel.checkpoint()
+        tg.start_soon(follower)
+        while not src.calls:
+            await anyio.lowlevel.checkpoint()
+        scope.cancel()  # the leader is cancelled while its batch is in flight
+        await anyio.sleep(0.01)
+        src.gate.set()
+    assert src.calls == [[1, 2]]
+    assert got == [20]  # the follower got its value
+    assert not leader_finished  # and the leader's cancellation took effect after
+
+
+async def test_without_async_with_max_batch_split_runs_batches_concurrently() -> None:
+    src = Source()
+    loader = pk.BatchLoader(src, max_batch=100)
+    values = await loader.load_many(range(250))
+    assert values == [i * 10 for i in range(250)]
+    assert [len(c) for c in src.calls] == [100, 100, 50]

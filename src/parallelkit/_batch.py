@@ -49,9 +49,10 @@ class BatchStats:
 class _Batch:
     """The keys of one ``load_many`` call, and its outcome."""
 
-    __slots__ = ("done", "error", "finished", "full", "keys", "scope", "values")
+    __slots__ = ("done", "error", "finished", "full", "keys", "lead", "scope", "values")
 
     def __init__(self) -> None:
+        self.lead = False  # no task group: the caller that opened the batch runs it
         self.keys: dict[Any, None] = {}  # ordered, deduplicated
         self.done = anyio.Event()
         self.scope: anyio.CancelScope | None = None  # the dispatch wait, cancelled when full
@@ -100,7 +101,9 @@ class BatchLoader(Generic[K, V]):
 
     Enter it (``async with``): the loader owns the tasks that dispatch its
     batches. Leaving waits for the batches in flight; leaving with an error
-    cancels them, and their callers get a :class:`RuntimeError`.
+    cancels them, and their callers get a :class:`RuntimeError`. Not entered, it
+    still works: the caller that opens a batch runs it in its own task (shielded,
+    so the callers that joined are never stranded).
 
     Args:
         load_many: ``async def load_many(keys: list[K]) -> Mapping | Sequence``.
@@ -222,12 +225,12 @@ class BatchLoader(Generic[K, V]):
                 return known
         batch = self._batch
         if batch is None:
+            batch = self._batch = _Batch()
             tg = self._tg
             if tg is None:
-                msg = "BatchLoader is not entered: use `async with BatchLoader(...) as loader:`"
-                raise RuntimeError(msg)
-            batch = self._batch = _Batch()
-            tg.start_soon(self._dispatch, batch)
+                batch.lead = True
+            else:
+                tg.start_soon(self._dispatch, batch)
         keys = batch.keys
         if key not in keys:
             keys[key] = None
@@ -252,7 +255,7 @@ class BatchLoader(Generic[K, V]):
             KeyError: ``load_many`` gave no value for ``key`` (and no ``default``).
             Exception: the exception ``load_many`` returned for ``key``, or raised
                 for the whole batch.
-            RuntimeError: the loader is not entered.
+            RuntimeError: the loader was closed before the batch ran.
         """
         batch = self._batch
         if batch is None or self._cache:
@@ -264,6 +267,8 @@ class BatchLoader(Generic[K, V]):
                 keys[key] = None
                 if len(keys) >= self._max_batch:
                     self._flush(batch)
+        if batch.lead:
+            await self._lead([batch])
         if not batch.finished:
             await batch.done.wait()
         if batch.error is None:
@@ -279,6 +284,9 @@ class BatchLoader(Generic[K, V]):
             Exception: the first failing key's error, in the order of ``keys``.
         """
         batches = [(key, self._enqueue(key)) for key in keys]
+        led = list({id(b): b for _, b in batches if b.lead}.values())
+        if led:
+            await self._lead(led)
         for _, batch in batches:
             if not batch.finished:
                 await batch.done.wait()
@@ -291,6 +299,23 @@ class BatchLoader(Generic[K, V]):
             self._memo.clear()
         for key in keys:
             self._memo.pop(key, None)
+
+    async def _lead(self, batches: list[_Batch]) -> None:
+        """Not entered: run the batches this caller opened, in the caller's task.
+
+        The run is shielded: other callers wait on it, so this caller's own
+        cancellation takes effect once the batch call has returned.
+        """
+        for batch in batches:
+            batch.lead = False
+        with anyio.CancelScope(shield=True):
+            if len(batches) == 1:
+                await self._dispatch(batches[0])
+            else:
+                async with anyio.create_task_group() as tg:
+                    for batch in batches:
+                        tg.start_soon(self._dispatch, batch)
+        await anyio.lowlevel.checkpoint_if_cancelled()
 
     async def _dispatch(self, batch: _Batch) -> None:
         try:

@@ -47,7 +47,7 @@ S = TypeVar("S")
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
-Loader = Callable[[K], Awaitable[V]]
+Loader = Callable[[K], Awaitable[V]] | Callable[[], Awaitable[V]]
 ErrorCallback = Callable[[Hashable, Exception], object]
 
 
@@ -98,6 +98,21 @@ def _count(store: object, name: str) -> int:
     """An optional int counter a store may expose (``evictions``, ``errors``)."""
     value = getattr(store, name, 0)
     return value if isinstance(value, int) else 0
+
+
+def _takes_no_key(loader: Callable[..., Any]) -> bool:
+    """Whether ``loader`` is a zero-argument callable (checked on loads only)."""
+    code = getattr(loader, "__code__", None)
+    if code is not None and not inspect.ismethod(loader):
+        return code.co_argcount == 0 and not code.co_flags & inspect.CO_VARARGS
+    try:
+        params = inspect.signature(loader).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return not any(p.kind in _ACCEPTS_ONE or p.kind is p.VAR_POSITIONAL for p in params)
+
+
+_ACCEPTS_ONE = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
 
 def _log_refresh_error(key: Hashable, exc: Exception) -> None:
@@ -323,7 +338,8 @@ class SWRCache:
 
         Args:
             key: any hashable (and, for a remote store, serializable) key.
-            loader: ``async def loader(key) -> value``.
+            loader: ``async def loader(key) -> value``; a loader that takes no
+                arguments (``lambda: fetch(key)``) is called without the key.
 
         Returns:
             The cached or loaded value.
@@ -491,7 +507,7 @@ class SWRCache:
         self,
         key: Hashable,
         entry: CacheEntry[Any],
-        loader: Callable[[Any], Awaitable[V]],
+        loader: Loader[Any, V],
         now: float,
     ) -> V:
         self._stale_hits += 1
@@ -520,7 +536,7 @@ class SWRCache:
         await flight.lead(self._work(key, loader, flight), self._done(key, flight))
         return cast("V", flight.value) if flight.ok else stale_value  # stale-if-error
 
-    async def _miss(self, key: Hashable, loader: Callable[[Any], Awaitable[V]]) -> V:
+    async def _miss(self, key: Hashable, loader: Loader[Any, V]) -> V:
         self._misses += 1
         self._failures.pop(key, None)
         if self._error_ttl is not None:
@@ -569,7 +585,7 @@ class SWRCache:
             self._refreshes += 1
         else:
             self._loads += 1
-        value = await loader(key)
+        value = await (loader() if _takes_no_key(loader) else loader(key))  # type: ignore[call-arg]
         if flight.valid and (value is not None or self._cache_none):
             await self._store_value(key, value)
         return value
