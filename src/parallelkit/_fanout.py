@@ -441,8 +441,8 @@ async def map(
         ``[fn(item) for item in items]``, awaited, in input order (or outcomes).
 
     Raises:
-        The first item's exception, unchanged (fail-fast); any exception raised by
-        the input iterable itself, even with ``settle=True``.
+        Exception: the first failing item's exception, unchanged (fail-fast), or
+            one raised by the input iterable itself (even with ``settle=True``).
 
     Example:
         ```python

@@ -51,7 +51,10 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         limit: most items running at once (``None``: all at once, which reads
             the whole input first).
         ordered: yield in input order instead of completion order.
-        rate, timeout, retry, settle: as in :func:`map`.
+        rate: as in :func:`map`.
+        timeout: as in :func:`map`.
+        retry: as in :func:`map`.
+        settle: as in :func:`map`.
 
     Example:
         ```python
