@@ -1,0 +1,487 @@
+"""parallelkit.taskiq: distributed map over real Taskiq worker processes on a real Redis.
+
+The workers are ``taskiq worker`` subprocesses on ``tests/taskiq_helpers``; every
+test run uses its own stream (queue) name and deletes its keys afterwards; every
+worker process is killed in teardown (see ``taskiq_helpers.processes.Workers``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import redis as redis_sync
+
+import parallelkit as pk
+import parallelkit.taskiq as pkt
+
+from .taskiq_helpers.processes import ROOT, Workers, drop_keys
+from .taskiq_helpers.tasks import RETRY, Tasks, build
+
+DOCS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "distributed.md"
+
+
+# Taskiq's producer side (kick, result backend) and redis-py are asyncio libraries:
+# parallelkit.taskiq runs on asyncio only, so these tests do not run on trio.
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def _queue() -> str:
+    return f"pk-test-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="module")
+def workers(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
+    """Two worker processes shared by the tests of this module."""
+    queue = _queue()
+    try:
+        with Workers(redis_url, queue, log_dir=tmp_path_factory.mktemp("taskiq")) as pool:
+            pool.start("w1", "w2")
+            yield pool
+    finally:
+        drop_keys(redis_url, queue)
+
+
+@pytest.fixture
+async def tasks(workers: Workers) -> AsyncIterator[Tasks]:
+    """Producer-side handles on the workers' tasks, broker started."""
+    handles = build(workers.url, workers.queue)
+    await handles.broker.startup()
+    try:
+        yield handles
+    finally:
+        await handles.broker.shutdown()
+
+
+# ------------------------------------------------------------------ no Redis needed
+class TestArguments:
+    """Bad arguments fail at the door, before anything is kicked."""
+
+    tasks = build("redis://127.0.0.1:1/0", "never-used")  # building connects nothing
+
+    @pytest.mark.anyio
+    async def test_not_a_task(self) -> None:
+        async def plain(x: int) -> int:
+            return x
+
+        with pytest.raises(TypeError, match="task must be a Taskiq task"):
+            await pkt.map(plain, [1])  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="task must be a Taskiq task"):
+            pkt.imap(plain, [1])  # type: ignore[arg-type]
+
+    @pytest.mark.anyio
+    @pytest.mark.parametrize(
+        ("kwargs", "error", "name"),
+        [
+            ({"limit": 0}, ValueError, "limit"),
+            ({"limit": "2"}, TypeError, "limit"),
+            ({"timeout": 0}, ValueError, "timeout"),
+            ({"timeout": "1"}, TypeError, "timeout"),
+            ({"rate": -1}, ValueError, "rate"),
+            ({"rate": "fast"}, TypeError, "rate"),
+        ],
+    )
+    async def test_bad_options(
+        self, kwargs: dict[str, Any], error: type[Exception], name: str
+    ) -> None:
+        with pytest.raises(error, match=name):
+            await pkt.map(self.tasks.square, [1], **kwargs)
+
+    @pytest.mark.anyio
+    async def test_bad_items(self) -> None:
+        with pytest.raises(TypeError, match="items"):
+            await pkt.map(self.tasks.square, 3)  # type: ignore[call-overload]
+
+    def test_redis_broker_validation(self) -> None:
+        for kwargs in ({"idle_timeout": 0}, {"poll": -1}, {"result_ttl": 0}, {"prefetch": 0}):
+            name = next(iter(kwargs))
+            with pytest.raises(ValueError, match=name):
+                pkt.redis_broker("redis://127.0.0.1:6379/0", **kwargs)  # type: ignore[arg-type]
+
+    def test_redis_broker_configuration(self) -> None:
+        broker = pkt.redis_broker(
+            "redis://127.0.0.1:6379/0", queue="q", idle_timeout=2.5, poll=0.25, retry=RETRY
+        )
+        assert isinstance(broker, pkt.RedeliveringStreamBroker)
+        assert (broker.queue_name, broker.idle_timeout, broker.block, broker.count) == (
+            "q",
+            2500,
+            250,
+            1,
+        )
+        kinds = [type(m).__name__ for m in broker.middlewares]
+        assert kinds == ["TracebackMiddleware", "_RetryMiddleware"]
+        assert broker.result_backend.prefix_str == "q:result"
+
+
+class TestRetryMiddleware:
+    """pk.Retry maps onto Taskiq's SmartRetryMiddleware, attempt for attempt."""
+
+    def test_policy_mapping(self) -> None:
+        middleware: Any = pkt.retry_middleware(
+            pk.Retry(attempts=4, backoff=0.5, max_backoff=1.5, on=(KeyError,))
+        )
+        assert middleware.default_retry_count == 4  # attempts, the first one included
+        assert middleware.default_retry_label is True  # every task retried by default
+        assert list(middleware.types_of_exceptions) == [KeyError]
+        delays = [middleware.make_delay(None, n) for n in (1, 2, 3, 4)]
+        assert delays == [0.5, 1.0, 1.5, 1.5]  # doubling, capped at max_backoff
+        assert "retry_middleware(Retry(" in repr(middleware)
+
+    def test_jitter(self) -> None:
+        middleware: Any = pkt.retry_middleware(pk.Retry(backoff=1.0, jitter=0.5))
+        delays = {middleware.make_delay(None, 1) for _ in range(20)}
+        assert all(1.0 <= d <= 1.5 for d in delays)
+        assert len(delays) > 1
+
+    @pytest.mark.anyio
+    async def test_predicate(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from taskiq.middlewares import SmartRetryMiddleware
+
+        seen: list[str] = []
+
+        async def taskiq_retry(self: Any, message: Any, result: Any, exc: BaseException) -> None:
+            seen.append(str(exc))
+
+        monkeypatch.setattr(SmartRetryMiddleware, "on_error", taskiq_retry)
+        middleware: Any = pkt.retry_middleware(pk.Retry(on=lambda e: "retry" in str(e)))
+        assert middleware.types_of_exceptions is None
+        await middleware.on_error(None, None, ValueError("please retry"))
+        await middleware.on_error(None, None, ValueError("fatal"))
+        assert seen == ["please retry"]  # the predicate decides before Taskiq does
+
+    def test_needs_a_retry(self) -> None:
+        with pytest.raises(TypeError, match=r"parallelkit\.Retry"):
+            pkt.retry_middleware(3)  # type: ignore[arg-type]
+
+
+def test_remote_traceback_text() -> None:
+    tb = pkt.RemoteTraceback("Traceback...\nValueError: x\n", "id1", "t.name")
+    assert tb.text.startswith("Traceback")
+    assert "t.name [id1]" in str(tb)
+
+
+def _failed(error: BaseException, **labels: str) -> Any:
+    from taskiq.result import TaskiqResult
+
+    return TaskiqResult(
+        is_err=True, return_value=None, execution_time=0.0, error=error, labels=labels
+    )
+
+
+def test_worker_cancellation_is_not_raised_as_ours() -> None:
+    """A CancelledError from a worker shutting down must not pass for our cancellation."""
+    import asyncio
+
+    from parallelkit.taskiq import _remote_error
+
+    error = _remote_error(_failed(asyncio.CancelledError()), "id9", "t.name")
+    assert type(error) is RuntimeError
+    assert "t.name [id9] was interrupted in the worker" in str(error)
+
+
+def test_error_without_traceback_middleware() -> None:
+    from parallelkit.taskiq import _remote_error
+
+    error = _remote_error(_failed(KeyError("k")), "id1", "t.name")
+    assert type(error) is KeyError
+    assert error.__cause__ is None
+    if sys.version_info >= (3, 11):
+        assert "add parallelkit.taskiq.TracebackMiddleware" in error.__notes__[0]
+
+
+def test_docs_snippets_resolve() -> None:
+    """Every ``--8<--`` include on the docs page names a file and section that exist."""
+    page = DOCS_PAGE.read_text()
+    refs = re.findall(r'--8<-- "([^"]+)"', page)
+    assert refs, "docs/distributed.md should show the recipe from tests/taskiq_helpers"
+    root = DOCS_PAGE.parent.parent
+    for ref in refs:
+        path, _, section = ref.partition(":")
+        text = (root / path).read_text()
+        if section:
+            assert f"# --8<-- [start:{section}]" in text, ref
+            assert f"# --8<-- [end:{section}]" in text, ref
+
+
+# ------------------------------------------------------------------ real workers
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.anyio
+class TestOnWorkers:
+    async def test_map_1000_items_exactly_once_in_order(self, tasks: Tasks) -> None:
+        reports: list[tuple[int, int | None]] = []
+        results = await pkt.map(
+            tasks.square,
+            range(1000),
+            limit=48,
+            progress=lambda done, total: reports.append((done, total)),
+        )
+        assert results == [x * x for x in range(1000)]
+        assert [done for done, _ in reports] == list(range(1, 1001))
+        assert reports[-1] == (1000, 1000)
+
+    async def test_items_are_pulled_lazily(self, tasks: Tasks) -> None:
+        done = 0
+        ahead: list[int] = []
+
+        def items() -> Iterator[int]:
+            for x in range(120):
+                ahead.append(x + 1 - done)  # pulled minus finished, at each pull
+                yield x
+
+        def progress(n: int, total: int | None) -> None:
+            nonlocal done
+            done = n
+
+        results = await pkt.map(tasks.square, items(), limit=5, progress=progress)
+        assert results == [x * x for x in range(120)]
+        assert max(ahead) <= 5  # never more than `limit` kicked and not back
+
+    async def test_fail_fast_original_type_and_worker_traceback(self, tasks: Tasks) -> None:
+        pulled: list[int] = []
+
+        def items() -> Iterator[int]:
+            for x in range(1000):
+                pulled.append(x)
+                yield x
+
+        with pytest.raises(ValueError, match="bad item 7") as caught:
+            await pkt.map(tasks.fail_some, items(), limit=2)
+        cause = caught.value.__cause__
+        assert isinstance(cause, pkt.RemoteTraceback)
+        assert "fail_some" in cause.text  # the worker's frames
+        assert "raise ValueError(msg)" in cause.text
+        assert cause.task_name == "pk_tests.fail_some"
+        assert len(pulled) < 20  # kicking stopped at the failure
+        if sys.version_info >= (3, 11):
+            assert any("Taskiq task pk_tests.fail_some" in n for n in caught.value.__notes__)
+
+    async def test_exception_type_rebuilt_when_not_yet_imported(self, tasks: Tasks) -> None:
+        sys.modules.pop("tests.taskiq_helpers.errors", None)  # the producer never imported it
+        with pytest.raises(LookupError) as caught:
+            await pkt.map(tasks.fail_some, [13])
+        error = caught.value
+        assert type(error).__module__ == "tests.taskiq_helpers.errors"
+        assert isinstance(error, sys.modules["tests.taskiq_helpers.errors"].CompanyNotFound)
+        assert error.company_id == 13
+        assert "raise CompanyNotFound(x)" in str(error.__cause__)
+
+    async def test_settle_keeps_every_outcome(self, tasks: Tasks) -> None:
+        outcomes = await pkt.map(tasks.fail_some, range(30), limit=8, settle=True)
+        assert len(outcomes) == 30
+        failed = {i: o.error for i, o in enumerate(outcomes) if not o.ok}
+        assert sorted(failed) == [7, 13, 17, 27]
+        assert type(failed[7]) is ValueError
+        assert type(failed[13]).__name__ == "CompanyNotFound"
+        assert all(isinstance(e.__cause__, pkt.RemoteTraceback) for e in failed.values())
+        assert [o.value for i, o in enumerate(outcomes) if o.ok] == [
+            i for i in range(30) if i not in failed
+        ]
+
+    async def test_timeout(self, tasks: Tasks) -> None:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"timeout=0\.5s"):
+            await pkt.map(tasks.sleepy, [0.01, 30.0], timeout=0.5)
+        assert time.monotonic() - started < 10
+
+        outcomes = await pkt.map(tasks.sleepy, [0.01, 30.0, 0.02], timeout=0.5, settle=True)
+        assert [o.ok for o in outcomes] == [True, False, True]
+        assert isinstance(outcomes[1].error, TimeoutError)
+
+    async def test_retry_runs_in_the_worker(self, tasks: Tasks) -> None:
+        # `flaky` fails twice with ConnectionError; RETRY (attempts=3) is on the broker
+        assert await pkt.map(tasks.flaky, range(6), limit=6) == [3] * 6
+
+    async def test_imap_streams(self, tasks: Tasks) -> None:
+        async with pkt.imap(tasks.square, range(200), limit=16, ordered=True) as results:
+            ordered = [r async for r in results]
+        assert ordered == [x * x for x in range(200)]
+        async with pkt.imap(tasks.square, range(100), limit=16) as results:
+            unordered = [r async for r in results]
+        assert sorted(unordered) == [x * x for x in range(100)]
+
+    async def test_imap_fail_fast_and_settle(self, tasks: Tasks) -> None:
+        with pytest.raises(ValueError, match="bad item 7"):
+            async with pkt.imap(tasks.fail_some, range(50), limit=4, ordered=True) as results:
+                async for _ in results:
+                    pass
+        async with pkt.imap(tasks.fail_some, range(10), limit=4, settle=True) as results:
+            outcomes = [o async for o in results]
+        assert sorted(o.ok for o in outcomes) == [False] + [True] * 9
+
+    async def test_rate_number_and_shared_limiter(self, tasks: Tasks) -> None:
+        started = time.monotonic()
+        assert await pkt.map(tasks.square, range(8), limit=8, rate=20) == [x * x for x in range(8)]
+        assert time.monotonic() - started >= 0.3  # 7 gaps of 50 ms
+
+        calls = 0
+
+        class Gate:
+            async def wait_rate(self) -> None:
+                nonlocal calls
+                calls += 1
+
+        assert await pkt.map(tasks.square, range(5), rate=Gate()) == [x * x for x in range(5)]
+        assert calls == 5
+
+    async def test_rate_with_a_redis_limiter(self, tasks: Tasks, redis_url: str) -> None:
+        from redis.asyncio import Redis
+
+        from parallelkit.redis import RedisLimiter
+
+        client = Redis.from_url(redis_url)
+        try:
+            limiter = RedisLimiter(client, tasks.queue, rate=25, prefix=tasks.queue)
+            started = time.monotonic()
+            results = await pkt.map(tasks.square, range(6), limit=6, rate=limiter)
+            assert results == [x * x for x in range(6)]
+            assert time.monotonic() - started >= 0.15  # 5 gaps of 40 ms, shared in Redis
+        finally:
+            await client.aclose()
+
+
+# ------------------------------------------------------------------ worker deaths
+def _pending_items(url: str, queue: str, consumer: str) -> set[int]:
+    """The items whose messages ``consumer`` has taken and not acknowledged."""
+    client = redis_sync.Redis.from_url(url)
+    try:
+        pending = client.xpending_range(queue, "parallelkit", "-", "+", 1000, consumer)
+        items = set()
+        for entry in pending:
+            [(_, fields)] = client.xrange(queue, entry["message_id"], entry["message_id"])
+            items.add(json.loads(fields[b"data"])["args"][0])
+        return items
+    finally:
+        client.close()
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_killed_worker_items_are_redelivered(redis_url: str, tmp_path: Path) -> None:
+    """SIGKILL one of two workers mid-run: the other takes over its unacknowledged
+    items, every item gets exactly one result, and only those items ran twice."""
+    queue = _queue()
+    tasks = build(redis_url, queue)
+    await tasks.broker.startup()
+    halfway = anyio.Event()
+    try:
+        with Workers(redis_url, queue, max_async_tasks=8, log_dir=tmp_path) as pool:
+            pool.start("a", "b")
+            lost: set[int] = set()
+
+            def progress(done: int, total: int | None) -> None:
+                if done == 80:
+                    halfway.set()
+
+            async def kill_a() -> None:
+                await halfway.wait()
+                pool.kill("a")
+                lost.update(_pending_items(redis_url, queue, "a"))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(kill_a)
+                with anyio.fail_after(60):
+                    results = await pkt.map(tasks.logged, range(300), limit=16, progress=progress)
+            assert results == [2 * x for x in range(300)]
+            assert lost, "worker a held no messages when it was killed"
+
+            client = redis_sync.Redis.from_url(redis_url)
+            try:
+                log = [entry.decode().split(":") for entry in client.lrange(f"{queue}:log", 0, -1)]
+                assert client.xpending(queue, "parallelkit")["pending"] == 0  # all acked
+            finally:
+                client.close()
+            runs = Counter(int(item) for item, _ in log)
+            assert set(runs) == set(range(300))  # nothing lost
+            by_b = {int(item) for item, worker in log if worker == "b"}
+            assert lost <= by_b  # a's unacknowledged items were redelivered to b
+            assert {item for item, n in runs.items() if n > 1} <= lost  # at least once
+    finally:
+        await tasks.broker.shutdown()
+        drop_keys(redis_url, queue)
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_redelivery_when_the_stream_is_quiet(redis_url: str, tmp_path: Path) -> None:
+    """The dead worker held the *last* items: no new message arrives to trigger
+    taskiq-redis's reclaim; RedeliveringStreamBroker reclaims them anyway."""
+    queue = _queue()
+    tasks = build(redis_url, queue)
+    await tasks.broker.startup()
+    try:
+        with Workers(redis_url, queue, log_dir=tmp_path) as pool:
+            pool.start("a")
+            async with anyio.create_task_group() as tg:
+                items = [1.0, 1.01, 1.02, 1.03]  # each shorter than idle_timeout (1.5 s)
+
+                async def kill_a_then_start_b() -> None:
+                    with anyio.fail_after(10):
+                        while _pending_items(redis_url, queue, "a") != set(items):
+                            await anyio.sleep(0.02)
+                    pool.kill("a")
+                    pool.start("b")
+
+                tg.start_soon(kill_a_then_start_b)
+                with anyio.fail_after(30):
+                    results = await pkt.map(tasks.sleepy, items, limit=4)
+            assert results == items
+    finally:
+        await tasks.broker.shutdown()
+        drop_keys(redis_url, queue)
+
+
+# ------------------------------------------------------------------ the docs recipe
+@pytest.mark.redis
+@pytest.mark.slow
+def test_docs_recipe_runs(redis_url: str, tmp_path: Path) -> None:
+    """docs/distributed.md's recipe, for 300 companies, on two worker processes."""
+    queue = _queue()
+    env = {"CRM_REDIS_URL": redis_url, "CRM_QUEUE": queue}
+    try:
+        with Workers(
+            redis_url,
+            queue,
+            module="tests.taskiq_helpers.recipe:broker",
+            log_dir=tmp_path,
+            extra_env=env,
+        ) as pool:
+            pool.start("r1", "r2", wait=False)  # the producer creates the group first
+            done = subprocess.run(
+                [sys.executable, "-m", "tests.taskiq_helpers.recipe", "300"],
+                cwd=ROOT,
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+        assert done.returncode == 0, done.stderr
+        expected = sum(c % 4 for c in range(300) if c != 42)
+        assert f"299 companies done, {expected} contacts enrolled" in done.stdout
+        assert "company 42 failed: LookupError('company 42 was deleted')" in done.stdout
+        assert "300/300 companies" in done.stdout
+        client = redis_sync.Redis.from_url(redis_url)
+        try:
+            enrolled = list(client.scan_iter(match=f"{queue}:enrolled:*", count=1000))
+        finally:
+            client.close()
+        assert len(enrolled) == expected  # each contact enrolled once
+    finally:
+        drop_keys(redis_url, queue)
