@@ -8,7 +8,8 @@ import anyio
 import pytest
 
 import parallelkit as pk
-from parallelkit._graph import Graph, Node, Param, Run, params_of
+from parallelkit._graph import Graph, Node, Param, params_of
+from parallelkit._scheduler import Run
 
 pytestmark = pytest.mark.anyio
 

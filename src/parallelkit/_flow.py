@@ -20,10 +20,11 @@ from typing_extensions import ParamSpec, final
 
 from ._errors import DefinitionError
 from ._fanout import _validate_timeout
-from ._graph import Graph, Node, Run, params_of
+from ._graph import Graph, Node, params_of
 from ._limits import Limiter, SupportsLimit
 from ._outcome import Outcome
 from ._retry import RetryLike, retrying_call, to_retrying, validate_retry
+from ._scheduler import Run
 from ._timeline import Timeline
 
 __all__ = ["Flow", "FlowOutcomes", "FlowResult", "NotAsyncError"]

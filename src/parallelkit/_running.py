@@ -22,8 +22,9 @@ import anyio.abc
 from typing_extensions import final
 
 from ._errors import DependencyFailed, StartupError
-from ._graph import Graph, Node, Param, Plan, Run
+from ._graph import Graph, Node, Param, Plan
 from ._process import ManagedProcess
+from ._scheduler import Run
 from ._services import ServiceHost, ServiceSpec, ServiceState
 from ._timeline import Timeline
 
