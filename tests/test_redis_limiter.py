@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import AsyncIterator
 from functools import partial
 
 import anyio
@@ -15,7 +14,9 @@ import parallelkit as pk
 from parallelkit._limits import SupportsLimit
 from parallelkit.redis import RedisLimiter, RedisUnavailable
 
-from .redis_helpers import client, free_port, new_prefix, start_workers, stop_workers, wait_workers
+from .redis_helpers import client, start_workers, stop_workers, wait_workers
+
+pytest_plugins = ["tests.redis_helpers.fixtures"]
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -25,29 +26,6 @@ def anyio_backend() -> str:
     # redis-py's asyncio client is built on asyncio streams and locks: it cannot run
     # under trio, so the Redis-backed primitives (and these tests) are asyncio-only.
     return "asyncio"
-
-
-@pytest.fixture
-def prefix() -> str:
-    return new_prefix()
-
-
-@pytest.fixture
-async def r(redis_url: str, prefix: str) -> AsyncIterator[aredis.Redis]:
-    conn = client(redis_url)
-    yield conn
-    keys = [k async for k in conn.scan_iter(match=f"{prefix}:*")]
-    if keys:
-        await conn.delete(*keys)
-    await conn.aclose()
-
-
-@pytest.fixture
-async def dead() -> AsyncIterator[aredis.Redis]:
-    """A client for a port where nothing listens: every call is an outage."""
-    conn = client(f"redis://127.0.0.1:{free_port()}/0", retry=None)
-    yield conn
-    await conn.aclose()
 
 
 async def test_is_accepted_as_limit_and_bounds_concurrency(r: aredis.Redis, prefix: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -16,11 +15,12 @@ from parallelkit.redis import LockLost, LockNotAcquired, RedisLock, RedisUnavail
 from .redis_helpers import (
     client,
     free_port,
-    new_prefix,
     start_workers,
     stop_workers,
     wait_workers,
 )
+
+pytest_plugins = ["tests.redis_helpers.fixtures"]
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -30,21 +30,6 @@ def anyio_backend() -> str:
     # redis-py's asyncio client is built on asyncio streams and locks: it cannot run
     # under trio, so the Redis-backed primitives (and these tests) are asyncio-only.
     return "asyncio"
-
-
-@pytest.fixture
-def prefix() -> str:
-    return new_prefix()
-
-
-@pytest.fixture
-async def r(redis_url: str, prefix: str) -> AsyncIterator[aredis.Redis]:
-    conn = client(redis_url)
-    yield conn
-    keys = [k async for k in conn.scan_iter(match=f"{prefix}:*")]
-    if keys:
-        await conn.delete(*keys)
-    await conn.aclose()
 
 
 async def test_acquire_release_and_increasing_fencing_tokens(r: aredis.Redis, prefix: str) -> None:

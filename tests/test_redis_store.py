@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -30,8 +29,6 @@ from .conftest import need_service
 from .redis_helpers import (
     RedisServer,
     client,
-    free_port,
-    new_prefix,
     start_workers,
     stop_workers,
     wait_workers,
@@ -39,6 +36,8 @@ from .redis_helpers import (
 
 if sys.version_info < (3, 11):
     from exceptiongroup import ExceptionGroup
+
+pytest_plugins = ["tests.redis_helpers.fixtures"]
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -48,29 +47,6 @@ def anyio_backend() -> str:
     # redis-py's asyncio client is built on asyncio streams and locks: it cannot run
     # under trio, so the Redis-backed primitives (and these tests) are asyncio-only.
     return "asyncio"
-
-
-@pytest.fixture
-def prefix() -> str:
-    return new_prefix()
-
-
-@pytest.fixture
-async def r(redis_url: str, prefix: str) -> AsyncIterator[aredis.Redis]:
-    conn = client(redis_url)
-    yield conn
-    keys = [k async for k in conn.scan_iter(match=f"{prefix}:*")]
-    if keys:
-        await conn.delete(*keys)
-    await conn.aclose()
-
-
-@pytest.fixture
-async def dead() -> AsyncIterator[aredis.Redis]:
-    """A client for a port where nothing listens: every call is an outage."""
-    conn = client(f"redis://127.0.0.1:{free_port()}/0", retry=None)
-    yield conn
-    await conn.aclose()
 
 
 def entry(value: Any, fresh: float = 30, stale: float = 60) -> CacheEntry[Any]:

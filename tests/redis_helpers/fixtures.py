@@ -1,0 +1,34 @@
+"""Fixtures shared by the Redis test modules (loaded with ``pytest_plugins``)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aredis
+
+from . import client, free_port, new_prefix
+
+
+@pytest.fixture
+def prefix() -> str:
+    return new_prefix()
+
+
+@pytest.fixture
+async def r(redis_url: str, prefix: str) -> AsyncIterator[aredis.Redis]:
+    """A client on the test Redis; the test's keys are deleted afterwards."""
+    conn = client(redis_url)
+    yield conn
+    keys = [k async for k in conn.scan_iter(match=f"{prefix}:*")]
+    if keys:
+        await conn.delete(*keys)
+    await conn.aclose()
+
+
+@pytest.fixture
+async def dead() -> AsyncIterator[aredis.Redis]:
+    """A client for a port where nothing listens: every call is an outage."""
+    conn = client(f"redis://127.0.0.1:{free_port()}/0", retry=None)
+    yield conn
+    await conn.aclose()
