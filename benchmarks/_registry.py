@@ -6,23 +6,42 @@ A benchmark is a module ``benchmarks/bench_<name>.py`` that defines::
     def run(*, quick: bool, database: str | None) -> dict[str, Any]: ...
 
 ``run`` measures everything it compares **in one run, side by side**, prints a
-table, and returns a JSON-ready dict (written to ``results/<name>.json``). It
-must not assert on timings; targets are reported with their measured ratio and a
-``met`` flag, so a missed target is visible, not hidden.
+table, and returns a JSON-ready dict (written to ``results/<name>.json`` and into
+``results/results.json``). It must not assert on timings; targets are reported
+with their measured ratio and a ``met`` flag, so a missed target is visible, not
+hidden. ``quick=True`` must keep the module short (the whole ``--quick`` suite
+runs in under two minutes); ``database`` is a SQLAlchemy URL or ``None`` for the
+embedded SQLite default.
+
+Optional keys of the returned dict that the runner understands:
+
+* ``"targets"``: a list of ``{"target", "measured", "limit", "met"}`` (see
+  ``_util.target``): rendered as a table in ``results/report.md``;
+* ``"markdown"``: a Markdown section included verbatim in the report;
+* ``"chart"``: ``{"title", "unit", "groups": {row: {series: value}}}``: drawn
+  as a grouped bar chart into ``results/<name>.png``;
+* ``"skipped"``: a reason (e.g. "Redis not reachable"): shown as skipped, not failed.
+
+A module may call :func:`report_progress` to show what it is measuring now.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+#: Where results go; ``PARALLELKIT_BENCH_RESULTS`` moves them (the smoke test uses a temp dir).
+RESULTS = Path(os.environ.get("PARALLELKIT_BENCH_RESULTS") or HERE / "results")
 
 # the order `python -m benchmarks` runs them in
-ORDER = ["seed", "fanout", "flow", "cache", "eager", "startup", "redis", "distributed"]
+ORDER = ["seed", "fanout", "flow", "cache", "batch", "eager", "startup", "redis", "distributed"]
+
+_hook: list[Callable[[str], None]] = []
 
 
 def available() -> list[str]:
@@ -36,3 +55,16 @@ def available() -> list[str]:
 
 def load(name: str) -> ModuleType:
     return importlib.import_module(f"benchmarks.bench_{name}")
+
+
+def report_progress(text: str) -> None:
+    """Tell the progress display what the running benchmark measures now (else a no-op)."""
+    for hook in _hook:
+        hook(text)
+
+
+def set_progress_hook(hook: Callable[[str], None] | None) -> None:
+    """Used by the runner: where :func:`report_progress` goes (``None``: nowhere)."""
+    _hook.clear()
+    if hook is not None:
+        _hook.append(hook)

@@ -1,0 +1,173 @@
+"""``python -m examples.crm [SCENARIO ...]``: run the CRM scenarios and show what they do.
+
+Scenarios: files, devflow, webhook, payment, bulk, cache, startup (default: all).
+``DATABASE_URL=postgresql://...`` runs the database scenarios on PostgreSQL;
+otherwise a temporary SQLite file is used. Durations are the seed playbook's,
+scaled by ``--scale`` (default 0.2) so the demo takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import sys
+import tempfile
+import time
+from typing import Any
+
+import httpx
+
+from . import bulk, cache, devflow, files, payment, startup, webhook
+from .clients import StripeClient, WebhookClient
+from .db import open_database
+from .seed import SeedSizes
+
+SCENARIOS = ("files", "devflow", "webhook", "payment", "bulk", "cache", "startup")
+
+
+def _title(text: str) -> None:
+    print(f"\n== {text} ==", flush=True)
+
+
+async def demo_files(scale: float) -> None:
+    _title("1 parallel reads: pk.map over 10,000 files, limit=64")
+    with tempfile.TemporaryDirectory() as directory:
+        paths = files.make_files(directory, 10_000)
+        start = time.perf_counter()
+        report = await files.read_files(paths, limit=64)
+        print(
+            f"read {report.files:,} files ({report.bytes:,} bytes) in "
+            f"{time.perf_counter() - start:.2f} s; at most {report.peak_open} open at once"
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def demo_devflow(scale: float) -> None:
+    _title("2 dev workflow: dev server + 3 watchers as an Orchestrator of processes")
+    port = _free_port()
+    orch = devflow.build_devflow(port)
+    async with orch.start() as running:
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"http://127.0.0.1:{port}/")
+        print(f"dev server answered {response.status_code}; letting the watchers run 1 s")
+        await asyncio.sleep(1.0)
+        print(running.timeline.to_text())
+    print("stopped: every process group received SIGTERM, in reverse order")
+
+
+async def demo_webhook(db: Any) -> None:
+    _title("3 webhook: conversation -> contact -> company -> rules with eager(...)")
+    from parallelkit.sqlalchemy import count_queries
+
+    conversation_id = db.summary.conversation_ids[0]
+    for fn in (webhook.load_webhook_context_sequential, webhook.load_webhook_context):
+        async with db.sessions() as session, count_queries(db.engine) as counter:
+            ctx = await fn(session, conversation_id)
+        print(
+            f"{fn.__name__}: {counter.count} statements, company {ctx.company.name!r}, "
+            f"{len(ctx.rules)} rules"
+        )
+    async with db.sessions() as session:
+        actions = await webhook.process_webhook(
+            session, {"conversation_id": conversation_id, "event": "message.received"}
+        )
+    print(f"actions to run: {actions or 'none for this event'}")
+
+
+async def demo_payment(db: Any, scale: float) -> None:
+    _title("4 payment: charge -> (record || notify) with Flow")
+    stripe, hooks = StripeClient(latency=0.5 * scale), WebhookClient(latency=0.2 * scale)
+    _, row, _ = await payment.process_payment_seed_gather(
+        "pay_seed", 1999, stripe=stripe, webhooks=hooks, sessions=db.sessions
+    )
+    print(f"the seed's single gather recorded {row!r}: the charge id is lost (a race)")
+    result = await payment.process_payment(
+        "pay_flow", 1999, stripe=stripe, webhooks=hooks, sessions=db.sessions
+    )
+    print(f"Flow recorded {result['record']!r}")
+    print(result.timeline.to_text())
+
+
+async def demo_bulk(db: Any) -> None:
+    _title("5 bulk: enroll 100 contacts; detect-and-enroll inactive contacts per company")
+    contacts = db.summary.contact_ids[:100]
+    outcomes = await bulk.enroll_contacts(db.sessions, 2, contacts, limit=10)
+    print(f"enrolled {sum(o.ok for o in outcomes)}/{len(outcomes)} contacts (limit 10)")
+    report = await bulk.detect_all(db.sessions, db.summary.company_ids, limit=10)
+    print(
+        f"detector: {report.enrolled} contacts enrolled across "
+        f"{len(report.enrolled_by_company)} companies; failures: {report.failed or 'none'}"
+    )
+
+
+async def demo_cache(db: Any) -> None:
+    _title("6 cache: SWRCache for conversation lookups")
+    swr, get_conversation = cache.conversation_lookups(db.sessions, fresh=30, stale=300)
+    async with swr:
+        for _ in range(1000):
+            await get_conversation(db.summary.conversation_ids[0])
+    print(f"1,000 lookups: {swr.stats.loads} database load(s); {swr.stats}")
+
+
+async def demo_startup(scale: float) -> None:
+    _title("7 start-up: Orchestrator with a real uvicorn on 127.0.0.1 + simulated services")
+    state: dict[str, Any] = {}
+    orch = startup.build_orchestrator(scale, state=state)
+    async with orch.start() as running:
+        state["running"] = running
+        async with httpx.AsyncClient() as client:
+            response = await client.get(f"{running['http']}/health")
+        print(f"GET {running['http']}/health -> {response.status_code} {response.json()['status']}")
+        print(running.timeline.to_text())
+    print(f"ideal (critical path) at this scale: {startup.critical_path(scale) * 1000:.0f} ms")
+
+
+async def main(names: list[str], scale: float) -> None:
+    if "files" in names:
+        await demo_files(scale)
+    if "devflow" in names:
+        await demo_devflow(scale)
+    if {"webhook", "payment", "bulk", "cache"} & set(names):
+        sizes = SeedSizes(companies=20, contacts_per_company=10, conversations_per_contact=2)
+        # on PostgreSQL: a schema of its own, dropped at the end
+        schema = f"pk_crm_demo_{os.getpid()}" if os.environ.get("DATABASE_URL") else None
+        async with open_database(seed_sizes=sizes, schema=schema) as db:
+            print(f"\ndatabase: {db.url} (seeded: {sizes})")
+            if "webhook" in names:
+                await demo_webhook(db)
+            if "payment" in names:
+                await demo_payment(db, scale)
+            if "bulk" in names:
+                await demo_bulk(db)
+            if "cache" in names:
+                await demo_cache(db)
+    if "startup" in names:
+        await demo_startup(scale)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m examples.crm", description=__doc__)
+    parser.add_argument(
+        "scenarios",
+        nargs="*",
+        choices=[[], *SCENARIOS],
+        metavar="SCENARIO",
+        help=f"one of {', '.join(SCENARIOS)} (default: all)",
+    )
+    parser.add_argument("--scale", type=float, default=0.2, help="multiplies the seed's durations")
+    args = parser.parse_args(argv)
+    if os.environ.get("DATABASE_URL"):
+        print(f"DATABASE_URL is set: database scenarios use {os.environ['DATABASE_URL']!r}")
+    asyncio.run(main(args.scenarios or list(SCENARIOS), args.scale))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,236 @@
+"""Engine and session factory for the CRM examples: SQLite by default, PostgreSQL by URL.
+
+Every scenario takes an ``async_sessionmaker`` and opens **one session per task**
+(a session is a single-task object: sharing one between concurrent tasks is the
+bug :class:`parallelkit.sqlalchemy.GuardedAsyncSession` turns into a clear error).
+
+* ``DATABASE_URL`` unset: a SQLite file in a fresh temporary directory, through
+  ``aiosqlite``, in WAL mode with a busy timeout, so several sessions can read
+  while one writes (SQLite still runs one write at a time).
+* ``DATABASE_URL=postgresql://user@host/db``: PostgreSQL through ``asyncpg``
+  (``postgresql://`` is rewritten to ``postgresql+asyncpg://``). ``schema=``
+  puts the tables in their own schema (``search_path``), which the tests use to
+  isolate runs.
+
+``latency=`` adds a simulated network round trip before every SQL statement
+(inside SQLAlchemy's greenlet, so it is a real ``await``: other tasks run
+meanwhile). On SQLite this models what a database across a network costs; the
+benchmarks use it to reproduce the seed playbook's per-query timings, and say so.
+
+Example:
+    ```python
+    async with open_database(seed_sizes=SeedSizes(companies=2)) as db:
+        async with db.sessions() as session:
+            company = await session.get(Company, db.summary.company_ids[0])
+    ```
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.util import await_only
+
+from .models import Base
+from .payment import PaymentBase
+from .seed import SeedSizes, SeedSummary, seed
+
+__all__ = [
+    "Database",
+    "Latency",
+    "add_latency",
+    "create_schema",
+    "database_url",
+    "drop_schema",
+    "make_engine",
+    "open_database",
+    "session_factory",
+]
+
+POOL_SIZE = 10
+
+
+def database_url(url: str | None = None) -> str | None:
+    """The URL to use: ``url``, else ``$DATABASE_URL``, else ``None`` (a temporary SQLite).
+
+    ``postgresql://`` and ``postgres://`` become ``postgresql+asyncpg://``;
+    ``sqlite://`` becomes ``sqlite+aiosqlite://``.
+    """
+    url = url or os.environ.get("DATABASE_URL") or None
+    if url is None:
+        return None
+    for plain, driver in (
+        ("postgres://", "postgresql+asyncpg://"),
+        ("postgresql://", "postgresql+asyncpg://"),
+        ("sqlite://", "sqlite+aiosqlite://"),
+    ):
+        if url.startswith(plain):
+            return driver + url[len(plain) :]
+    return url
+
+
+class Latency:
+    """A simulated per-statement round trip; change ``seconds`` at any time."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.seconds = seconds
+
+    def __repr__(self) -> str:
+        return f"Latency({self.seconds * 1000:.1f} ms per statement)"
+
+
+def add_latency(engine: AsyncEngine, seconds: float = 0.0) -> Latency:
+    """Sleep before every SQL statement the engine sends (a simulated round trip).
+
+    The sleep is awaited through SQLAlchemy's greenlet bridge, exactly where the
+    driver itself would wait for the network, so concurrent sessions overlap
+    their "round trips" as they would against a remote server. asyncio only (as
+    is SQLAlchemy's asyncio extension).
+
+    Returns:
+        A :class:`Latency` whose ``seconds`` can be changed later (0 turns it off).
+    """
+    if seconds < 0:
+        msg = f"latency must be >= 0 seconds, got {seconds!r}"
+        raise ValueError(msg)
+    latency = Latency(seconds)
+
+    def round_trip(*_: Any) -> None:
+        if latency.seconds > 0:
+            await_only(anyio.sleep(latency.seconds))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", round_trip)
+    return latency
+
+
+def make_engine(
+    url: str | None = None,
+    *,
+    latency: float = 0.0,
+    pool_size: int = POOL_SIZE,
+    schema: str | None = None,
+    directory: str | None = None,
+) -> AsyncEngine:
+    """An ``AsyncEngine`` with a pool of ``pool_size`` connections (no overflow).
+
+    Args:
+        url: a SQLAlchemy URL; default ``$DATABASE_URL``, else a SQLite file in
+            ``directory`` (a new temporary directory when ``None``).
+        latency: simulated seconds per statement (see :func:`add_latency`).
+        pool_size: connections the pool keeps; tasks beyond it wait for one.
+        schema: PostgreSQL only: the ``search_path`` (create it with
+            :func:`create_schema`).
+        directory: where the default SQLite file goes.
+    """
+    resolved = database_url(url)
+    if resolved is None:
+        directory = directory or tempfile.mkdtemp(prefix="parallelkit-crm-")
+        resolved = f"sqlite+aiosqlite:///{os.path.join(directory, 'crm.db')}"
+    backend = make_url(resolved).get_backend_name()
+    kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": 0, "pool_timeout": 120}
+    if backend == "postgresql" and schema:
+        kwargs["connect_args"] = {"server_settings": {"search_path": schema}}
+    if backend == "sqlite":
+        kwargs["connect_args"] = {"timeout": 60}
+    engine = create_async_engine(resolved, **kwargs)
+    if backend == "sqlite":
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=60000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+    if latency:
+        add_latency(engine, latency)
+    return engine
+
+
+async def create_schema(engine: AsyncEngine, *, schema: str | None = None) -> None:
+    """Create the CRM tables (and the payments table); on PostgreSQL, in ``schema``."""
+    async with engine.begin() as conn:
+        if schema and engine.dialect.name == "postgresql":
+            await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+        await conn.run_sync(Base.metadata.create_all)
+        await conn.run_sync(PaymentBase.metadata.create_all)
+
+
+async def drop_schema(engine: AsyncEngine, *, schema: str | None = None) -> None:
+    """Drop what :func:`create_schema` made (the whole schema on PostgreSQL)."""
+    async with engine.begin() as conn:
+        if schema and engine.dialect.name == "postgresql":
+            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        else:
+            await conn.run_sync(PaymentBase.metadata.drop_all)
+            await conn.run_sync(Base.metadata.drop_all)
+
+
+def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions that keep loaded objects usable after commit (``expire_on_commit=False``)."""
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Database:
+    """An open example database: the engine, its session factory and what was seeded."""
+
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+    summary: SeedSummary | None
+    url: str
+    latency: Latency
+
+
+@asynccontextmanager
+async def open_database(
+    url: str | None = None,
+    *,
+    seed_sizes: SeedSizes | None = None,
+    latency: float = 0.0,
+    pool_size: int = POOL_SIZE,
+    schema: str | None = None,
+) -> AsyncIterator[Database]:
+    """Create the schema, seed it (without latency), yield a :class:`Database`, clean up.
+
+    The latency is switched on only after seeding, so seeding stays fast. A
+    temporary SQLite directory is deleted on exit; a PostgreSQL ``schema`` is
+    dropped.
+    """
+    directory = None if database_url(url) else tempfile.mkdtemp(prefix="parallelkit-crm-")
+    engine = make_engine(url, pool_size=pool_size, schema=schema, directory=directory)
+    try:
+        await create_schema(engine, schema=schema)
+        summary = None
+        if seed_sizes is not None:
+            async with session_factory(engine)() as session:
+                summary = await seed(session, seed_sizes)
+        handle = add_latency(engine, latency)
+        yield Database(engine, session_factory(engine), summary, str(engine.url), handle)
+    finally:
+        try:
+            if schema:
+                await drop_schema(engine, schema=schema)
+        finally:
+            await engine.dispose()
+            if directory:
+                shutil.rmtree(directory, ignore_errors=True)
