@@ -131,6 +131,7 @@ def build(sizes: SeedSizes | None = None, **counts: int) -> list[Company]:
                 last_contacted_at=EPOCH - timedelta(days=rng.randint(0, 90)) if p % 3 else None,
             )
             company.contacts.append(contact)
+            contact.conversations = []  # loaded (if empty), so a summary needs no lazy load
             for v in range(sizes.conversations_per_contact):
                 opened = EPOCH - timedelta(hours=rng.randint(1, 24 * 60))
                 contact.conversations.append(
