@@ -64,6 +64,7 @@ async def test_max_batch_splits() -> None:
         results = await load_concurrently(loader, list(range(250)))
     assert results == [k * 10 for k in range(250)]
     assert [len(c) for c in src.calls] == [100, 100, 50]
+    assert loader.stats == pk.BatchStats(requests=250, keys=250, calls=3)
 
 
 async def test_duplicate_keys_are_loaded_once() -> None:
@@ -248,7 +249,9 @@ def test_every_caller_gets_its_value_and_batches_respect_max_batch(
 
     async def main() -> list[Any]:
         async with pk.BatchLoader(src, max_batch=max_batch) as loader:
-            return await load_concurrently(loader, keys)
+            got = await load_concurrently(loader, keys)
+            assert loader.stats.requests == len(keys)
+            return got
 
     assert anyio.run(main) == [k * 10 for k in keys]
     assert all(0 < len(c) <= max_batch and len(set(c)) == len(c) for c in src.calls)
@@ -303,3 +306,135 @@ async def test_without_async_with_max_batch_split_runs_batches_concurrently() ->
     values = await loader.load_many(range(250))
     assert values == [i * 10 for i in range(250)]
     assert [len(c) for c in src.calls] == [100, 100, 50]
+
+
+# ------------------------------------------------- what load() returns, per backend
+asyncio_only = pytest.mark.parametrize(
+    "anyio_backend", [pytest.param(("asyncio", {}), id="asyncio")]
+)
+
+
+async def test_load_can_be_started_as_a_task_on_both_backends() -> None:
+    src = Source()
+    async with pk.BatchLoader(src) as loader, anyio.create_task_group() as tg:
+        for k in range(3):
+            tg.start_soon(loader.load, k)  # load() returns a coroutine (or a future that is one)
+    assert [sorted(c) for c in src.calls] == [[0, 1, 2]]
+
+
+@asyncio_only
+async def test_asyncio_load_is_a_future_so_gather_makes_no_task() -> None:
+    import asyncio
+
+    src = Source()
+    async with pk.BatchLoader(src) as loader:
+        pending = [loader.load(k) for k in (1, 2, 1)]
+        assert all(asyncio.isfuture(p) for p in pending)
+        assert loader.stats.requests == 3  # joined when called, before any await
+        tasks_before = len(asyncio.all_tasks())
+        gathered = asyncio.gather(*pending)
+        assert len(asyncio.all_tasks()) == tasks_before  # futures: no task per key
+        assert await gathered == [10, 20, 10]
+        task = asyncio.create_task(loader.load(3))  # still accepted as a coroutine
+        assert await task == 30
+    assert [sorted(c) for c in src.calls] == [[1, 2], [3]]
+
+
+@asyncio_only
+@pytest.mark.parametrize("as_list", [False, True], ids=["mapping", "list"])
+async def test_asyncio_a_cancelled_future_only_stops_its_caller(as_list: bool) -> None:
+    src = Source((lambda keys: [k * 10 for k in keys]) if as_list else None)
+    async with pk.BatchLoader(src) as loader:
+        first, other, alone = loader.load(1), loader.load(2), loader.load(3)
+        first.cancel()
+        alone.cancel()
+        assert await other == 20
+        first, same_key, other = loader.load(1), loader.load(1), loader.load(2)
+        first.cancel()
+        assert await same_key == 10
+        assert await other == 20
+    assert first.cancelled()
+    assert alone.cancelled()
+    assert src.calls == [[1, 2, 3], [1, 2]]
+
+
+@asyncio_only
+@pytest.mark.parametrize("as_list", [False, True], ids=["mapping", "list"])
+async def test_asyncio_futures_get_per_key_errors_and_batch_errors(as_list: bool) -> None:
+    import asyncio
+
+    bad = ValueError("bad key 2")
+
+    def per_key(keys: list[int]) -> Any:
+        values = [bad if k == 2 else k for k in keys]
+        return values if as_list else dict(zip(keys, values, strict=True))
+
+    async with pk.BatchLoader(Source(per_key)) as loader:
+        r = await asyncio.gather(*(loader.load(k) for k in [1, 2, 3, 2]), return_exceptions=True)
+    assert r == [1, bad, 3, bad]
+
+    boom = ConnectionError("db down")
+
+    def whole(keys: list[int]) -> Any:
+        raise boom
+
+    async with pk.BatchLoader(Source(whole)) as loader:
+        r = await asyncio.gather(*(loader.load(k) for k in range(5)), return_exceptions=True)
+    assert all(x is boom for x in r)
+
+    async with pk.BatchLoader(Source(lambda keys: {k: StopIteration(k) for k in keys})) as loader:
+        with pytest.raises(RuntimeError, match="StopIteration"):  # a future cannot hold one
+            await loader.load(1)
+
+
+@asyncio_only
+async def test_asyncio_unawaited_failed_loads_log_nothing() -> None:
+    import asyncio
+    import gc
+
+    logged: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: logged.append(context))
+    try:
+
+        def result(keys: list[int]) -> dict[int, Any]:
+            return {k: LookupError(k) for k in keys}
+
+        async with pk.BatchLoader(Source(result)) as loader:
+            awaited = loader.load(1)
+            loader.load(2)  # never awaited
+            with pytest.raises(LookupError):
+                await awaited
+        del awaited
+        gc.collect()
+    finally:
+        loop.set_exception_handler(previous)
+    assert logged == []
+
+
+@asyncio_only
+async def test_asyncio_cache_true_futures_share_in_flight_and_finished_loads() -> None:
+    src = Source()
+    src.gate = anyio.Event()
+    async with pk.BatchLoader(src, cache=True) as loader:
+        first = loader.load(1)
+        await anyio.sleep(0.01)  # the batch is in flight
+        joined = loader.load(1)  # joins the in-flight load
+        src.gate.set()
+        assert await first == 10
+        assert await joined == 10
+        memo = loader.load(1)
+        assert memo.done()  # a memo hit is ready at once
+        assert await memo == 10
+    assert src.calls == [[1]]
+    assert loader.stats == pk.BatchStats(requests=3, keys=1, calls=1)
+
+
+async def test_not_entered_load_waits_as_a_coroutine() -> None:
+    import inspect
+
+    loader = pk.BatchLoader(Source())
+    pending = loader.load(1)
+    assert inspect.iscoroutine(pending)  # the first caller may have to run the batch
+    assert await pending == 10

@@ -2,14 +2,32 @@
 
 Every :meth:`BatchLoader.load` issued in the same scheduling tick (or within
 ``window`` seconds of the first) joins one *batch*; the batch becomes a single
-``load_many(keys)`` call. Per key the cost is a dict insert and a lookup: the
-batch, not the key, owns the one :class:`anyio.Event` its callers wait on, and
-its dispatch runs as a task in the loader's task group.
+``load_many(keys)`` call, dispatched by a task in the loader's task group.
+
+How a caller waits depends on the backend, and that is the only place the
+backends differ (:func:`_asyncio_loop`, :class:`_KeyFuture`):
+
+* asyncio, loader entered: ``load(key)`` returns a per-call
+  :class:`asyncio.Future` (as aiodataloader does), resolved when the batch
+  finishes. ``asyncio.gather(*(loader.load(k) ...))`` then needs no task per key,
+  and a caller that is cancelled cancels only its own future.
+* trio, or a loader that is not entered: ``load(key)`` returns a coroutine that
+  waits on the batch's one :class:`anyio.Event` (a caller that is not entered
+  may have to run the batch itself, see :meth:`BatchLoader._lead`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
+import asyncio
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Coroutine,
+    Hashable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
@@ -45,16 +63,94 @@ class BatchStats:
     calls: int
 
 
+def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop if the current task runs on asyncio, else ``None``."""
+    try:
+        import sniffio
+    except ModuleNotFoundError:  # pragma: no cover - trio needs sniffio: this is asyncio
+        pass
+    else:
+        try:
+            if sniffio.current_async_library() != "asyncio":
+                return None
+        except sniffio.AsyncLibraryNotFoundError:  # pragma: no cover - not in a task
+            return None
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # pragma: no cover - not in a task
+        return None
+
+
+@final
+class _KeyFuture(asyncio.Future[V], Coroutine[Any, Any, V]):
+    """What :meth:`BatchLoader.load` returns on asyncio: one caller's future.
+
+    A plain :class:`asyncio.Future` to ``asyncio.gather`` / ``await`` (no task
+    per key), and a coroutine to whoever asks for one (``tg.start_soon(loader.load,
+    key)``, ``asyncio.create_task(loader.load(key))``), as ``load`` was when it
+    was an ``async def``: ``send`` / ``throw`` step the future's own iterator.
+    """
+
+    __slots__ = ()
+
+    def send(self, value: Any, /) -> Any:
+        return self.__await__().send(value)
+
+    def throw(self, *exc_info: Any) -> Any:
+        return self.__await__().throw(*exc_info)
+
+    def close(self) -> None:
+        """Give up: the batch no longer resolves this future."""
+        self.cancel()
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    """Fail one caller's future (unless it gave up), marking the error retrieved.
+
+    Marking it retrieved keeps asyncio from logging "Future exception was never
+    retrieved" for a ``load()`` nobody awaited (e.g. the rest of a failed
+    ``gather``); a caller that awaits it still gets the error raised.
+    """
+    if future.done():
+        return
+    if isinstance(error, StopIteration):  # a future cannot hold one (nor raise it from a coro)
+        wrapped = RuntimeError(f"load_many gave a StopIteration: {error!r}")
+        wrapped.__cause__ = error
+        error = wrapped
+    future.set_exception(error)
+    future.exception()
+
+
 @final
 class _Batch:
-    """The keys of one ``load_many`` call, and its outcome."""
+    """The keys of one ``load_many`` call, their callers' futures, and its outcome."""
 
-    __slots__ = ("done", "error", "finished", "full", "keys", "lead", "scope", "values")
+    __slots__ = (
+        "aligned",
+        "counted",
+        "done",
+        "error",
+        "extra",
+        "finished",
+        "full",
+        "keys",
+        "lead",
+        "loop",
+        "plain",
+        "scope",
+        "values",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.loop = loop  # asyncio, entered, no memo: load() joins with a future, inline
         self.lead = False  # no task group: the caller that opened the batch runs it
-        self.keys: dict[Any, None] = {}  # ordered, deduplicated
-        self.done = anyio.Event()
+        # ordered, deduplicated keys -> the first asyncio caller's future (or None)
+        self.keys: dict[Any, asyncio.Future[Any] | None] = {}
+        self.extra: list[tuple[Any, asyncio.Future[Any]]] = []  # more futures per key
+        self.counted = 0  # entries of keys + extra already in the loader's request count
+        self.plain = loop is not None  # one future per key, nothing else waits (see _run)
+        self.aligned: list[Any] | None = None  # a plain batch's list result, as returned
+        self.done: anyio.Event | None = None  # made for coroutine waiters (see wait)
         self.scope: anyio.CancelScope | None = None  # the dispatch wait, cancelled when full
         self.full = False
         self.finished = False
@@ -74,6 +170,65 @@ class _Batch:
         if isinstance(value, Exception):
             raise value
         return value
+
+    async def wait(self) -> None:
+        """Wait for the batch to finish (the coroutine waiters: trio, load_many, not entered)."""
+        if not self.finished:
+            done = self.done
+            if done is None:
+                done = self.done = anyio.Event()
+            await done.wait()
+
+    def resolve(self, future: asyncio.Future[Any], key: Any, default: Any) -> None:
+        """Give one caller's future its outcome (the batch has finished)."""
+        if future.done():  # the caller was cancelled
+            return
+        try:
+            value = self.result(key, default)
+        except Exception as exc:
+            _fail(future, exc)
+        else:
+            future.set_result(value)
+
+    def finish(self, default: Any) -> None:
+        """Mark the batch finished and wake every caller."""
+        self.finished = True
+        if self.done is not None:
+            self.done.set()
+        keys = self.keys
+        error = self.error
+        aligned = self.aligned
+        if aligned is not None:  # plain: every key has a future, no values dict needed
+            futures = cast("Iterable[asyncio.Future[Any]]", keys.values())
+            for plain_future, value in zip(futures, aligned, strict=True):
+                if isinstance(value, Exception):
+                    _fail(plain_future, value)
+                    continue
+                try:
+                    plain_future.set_result(value)
+                except asyncio.InvalidStateError:  # the caller was cancelled
+                    continue
+            return
+        if error is not None:
+            for future in keys.values():
+                if future is not None:
+                    _fail(future, error)
+            for _, future in self.extra:
+                _fail(future, error)
+            return
+        get = self.values.get
+        for key, future in keys.items():
+            if future is not None:
+                value = get(key, _MISSING)
+                if value is _MISSING or isinstance(value, Exception):
+                    self.resolve(future, key, default)
+                else:  # the common case, inlined
+                    try:
+                        future.set_result(value)
+                    except asyncio.InvalidStateError:  # the caller was cancelled
+                        continue
+        for key, future in self.extra:
+            self.resolve(future, key, default)
 
 
 @final
@@ -131,6 +286,7 @@ class BatchLoader(Generic[K, V]):
         "_default",
         "_keys",
         "_load_many",
+        "_loop",
         "_max_batch",
         "_memo",
         "_requests",
@@ -176,6 +332,7 @@ class BatchLoader(Generic[K, V]):
         self._memo: dict[Any, _Batch] = {}
         self._batch: _Batch | None = None
         self._tg: TaskGroup | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # entered on asyncio: futures
         self._requests = self._keys = self._calls = 0
 
     async def __aenter__(self) -> Self:
@@ -185,6 +342,7 @@ class BatchLoader(Generic[K, V]):
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
+        self._loop = _asyncio_loop()
         return self
 
     async def __aexit__(
@@ -209,47 +367,88 @@ class BatchLoader(Generic[K, V]):
             return await tg.__aexit__(exc_type, exc, tb)
         finally:
             self._tg = None
-            self._batch = None
+            self._loop = None
+            if self._batch is not None:
+                self._close(self._batch)
 
     @property
     def stats(self) -> BatchStats:
         """A frozen snapshot of the counters (see :class:`BatchStats`)."""
-        return BatchStats(requests=self._requests, keys=self._keys, calls=self._calls)
+        requests = self._requests
+        batch = self._batch
+        if batch is not None:
+            requests += len(batch.keys) + len(batch.extra) - batch.counted
+        return BatchStats(requests=requests, keys=self._keys, calls=self._calls)
 
-    def _enqueue(self, key: K) -> _Batch:
-        """Put ``key`` in the open batch (or the memo's) and return that batch."""
+    def _enqueue(self, key: K, future: asyncio.Future[Any] | None = None) -> _Batch:
+        """Put ``key`` in the open batch (or the memo's) and return that batch.
+
+        ``future``, if given, is resolved with the key's outcome when the batch ends.
+        """
         self._requests += 1
         if self._cache:
             known = self._memo.get(key)
             if known is not None:
+                if future is not None:
+                    if known.finished:
+                        known.resolve(future, key, self._default)
+                    else:
+                        known.counted += 1
+                        known.extra.append((key, future))
                 return known
         batch = self._batch
         if batch is None:
-            batch = self._batch = _Batch()
+            batch = self._batch = _Batch(None if self._cache else self._loop)
             tg = self._tg
             if tg is None:
                 batch.lead = True
             else:
                 tg.start_soon(self._dispatch, batch)
+        if future is None:
+            batch.plain = False  # a coroutine waiter reads batch.values
         keys = batch.keys
         if key not in keys:
-            keys[key] = None
+            keys[key] = future
+            batch.counted += 1
             if self._cache:
                 self._memo[key] = batch
             if len(keys) >= self._max_batch:
                 self._flush(batch)
+        elif future is not None:
+            batch.plain = False
+            batch.counted += 1
+            batch.extra.append((key, future))
         return batch
+
+    def _close(self, batch: _Batch) -> None:
+        """Stop ``batch`` taking keys; count the requests of the loads that joined inline.
+
+        :meth:`load`'s inline join (asyncio) adds a key or a future, nothing more:
+        its requests are the batch's entries not yet ``counted``.
+        """
+        if self._batch is batch:
+            self._batch = None
+            self._requests += len(batch.keys) + len(batch.extra) - batch.counted
+            batch.counted = len(batch.keys) + len(batch.extra)
 
     def _flush(self, batch: _Batch) -> None:
         """Close ``batch`` to new keys and run it now."""
-        if self._batch is batch:
-            self._batch = None
+        self._close(batch)
         batch.full = True
         if batch.scope is not None:
             batch.scope.cancel()
 
-    async def load(self, key: K) -> V:
+    def load(self, key: K) -> Coroutine[Any, Any, V]:
         """Load one key, batched with every other load of this tick.
+
+        ``await loader.load(key)``. The key joins the open batch when ``load`` is
+        *called* on asyncio with the loader entered: there it returns a future
+        (that is also a coroutine, for ``asyncio.create_task`` and, with anyio
+        4.14 or later, ``tg.start_soon(loader.load, key)``), so
+        ``asyncio.gather(*(loader.load(k) ...))`` costs no task per key.
+        Elsewhere (trio, a loader not entered) it returns a coroutine that joins
+        when it first runs. Either way, a caller that is
+        cancelled only stops waiting; the batch goes on for the others.
 
         Raises:
             KeyError: ``load_many`` gave no value for ``key`` (and no ``default``).
@@ -258,6 +457,32 @@ class BatchLoader(Generic[K, V]):
             RuntimeError: the loader was closed before the batch ran.
         """
         batch = self._batch
+        if batch is None or batch.loop is None:
+            return self._load_other(key)
+        # the common case, inlined: join the open batch with a future
+        future: _KeyFuture[V] = _KeyFuture(loop=batch.loop)
+        keys = batch.keys  # the request is counted when the batch closes (_close)
+        if key in keys:
+            batch.plain = False
+            batch.extra.append((key, future))
+        else:
+            keys[key] = future
+            if len(keys) >= self._max_batch:
+                self._flush(batch)
+        return future
+
+    def _load_other(self, key: K) -> Coroutine[Any, Any, V]:
+        """:meth:`load` when it opens a batch, memoizes, or waits with a coroutine."""
+        loop = self._loop
+        if loop is None:
+            return self._load(key)
+        future: _KeyFuture[V] = _KeyFuture(loop=loop)
+        self._enqueue(key, future)
+        return future
+
+    async def _load(self, key: K) -> V:
+        """:meth:`load` as a coroutine waiting on the batch's event (trio, not entered)."""
+        batch = self._batch
         if batch is None or self._cache:
             batch = self._enqueue(key)
         else:  # the common case, inlined: join the open batch
@@ -265,12 +490,13 @@ class BatchLoader(Generic[K, V]):
             keys = batch.keys
             if key not in keys:
                 keys[key] = None
+                batch.counted += 1
                 if len(keys) >= self._max_batch:
                     self._flush(batch)
         if batch.lead:
             await self._lead([batch])
         if not batch.finished:
-            await batch.done.wait()
+            await batch.wait()
         if batch.error is None:
             value = batch.values.get(key, _MISSING)
             if value is not _MISSING and not isinstance(value, Exception):
@@ -289,7 +515,7 @@ class BatchLoader(Generic[K, V]):
             await self._lead(led)
         for _, batch in batches:
             if not batch.finished:
-                await batch.done.wait()
+                await batch.wait()
         default = self._default
         return [cast("V", batch.result(key, default)) for key, batch in batches]
 
@@ -319,20 +545,19 @@ class BatchLoader(Generic[K, V]):
 
     async def _dispatch(self, batch: _Batch) -> None:
         try:
-            if not batch.full:
-                with anyio.CancelScope() as batch.scope:
-                    if self._window:
-                        await anyio.sleep(self._window)
-                    else:
-                        await anyio.lowlevel.checkpoint()
-            if self._batch is batch:
-                self._batch = None
+            if batch.full:
+                pass
+            elif self._window:
+                with anyio.CancelScope() as batch.scope:  # _flush cancels it when full
+                    await anyio.sleep(self._window)
+            else:  # one scheduling tick: the loads of this tick join
+                await anyio.lowlevel.checkpoint()
+            self._close(batch)
             await self._run(batch)
         finally:
             if not batch.finished:  # cancelled before the call: never leave callers hanging
                 batch.error = RuntimeError("BatchLoader was closed before this batch ran")
-                batch.finished = True
-                batch.done.set()
+                batch.finish(self._default)
 
     async def _run(self, batch: _Batch) -> None:
         keys = list(batch.keys)
@@ -340,7 +565,11 @@ class BatchLoader(Generic[K, V]):
         self._keys += len(keys)
         try:
             result = await self._load_many(keys)
-            batch.values = self._align(keys, result)
+            if batch.plain and type(result) is list and len(result) == len(keys):
+                # nobody reads batch.values (memo batches are never plain)
+                batch.aligned = result
+            else:
+                batch.values = self._align(keys, result)
         except Exception as exc:
             batch.error = exc
         except BaseException:
@@ -348,10 +577,9 @@ class BatchLoader(Generic[K, V]):
             batch.error = RuntimeError(msg)
             raise
         finally:
-            batch.finished = True
             if self._cache:
                 self._forget_failures(keys, batch)
-            batch.done.set()
+            batch.finish(self._default)
 
     def _align(self, keys: list[Any], result: object) -> Mapping[Any, Any]:
         if isinstance(result, Mapping):
