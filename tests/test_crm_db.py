@@ -6,6 +6,7 @@ results *and* the statements sent (``parallelkit.sqlalchemy.count_queries``).
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -272,8 +273,13 @@ async def test_detect_reports_each_failure_and_keeps_the_rest(db: Database) -> N
         await session.commit()
 
     # the seed's gather: one failing company throws every result away
+    before = len(asyncio.all_tasks())
     with pytest.raises(bulk.NoCadenceError):
         await bulk.detect_all_seed_gather(db.sessions, companies)
+    # ... and leaves its other tasks running, still writing: wait them out, or they
+    # would hold SQLite's write lock against the run below
+    while len(asyncio.all_tasks()) > before:
+        await asyncio.sleep(0.01)
 
     expected = {c: await _expected_inactive(db, c) for c in companies if c != broken}
     report = await bulk.detect_all(db.sessions, companies, limit=10, retry=None)
