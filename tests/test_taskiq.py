@@ -408,9 +408,12 @@ async def test_killed_worker_items_are_redelivered(redis_url: str, tmp_path: Pat
                 client.close()
             runs = Counter(int(item) for item, _ in log)
             assert set(runs) == set(range(300))  # nothing lost
+            by_a = {int(item) for item, worker in log if worker == "a"}
             by_b = {int(item) for item, worker in log if worker == "b"}
             assert lost <= by_b  # a's unacknowledged items were redelivered to b
-            assert {item for item, n in runs.items() if n > 1} <= lost  # at least once
+            # at least once: only items a had taken can run twice (the ones it held when
+            # killed, or, on a loaded machine, ones it sat on past idle_timeout)
+            assert {item for item, n in runs.items() if n > 1} <= lost | by_a
     finally:
         await tasks.broker.shutdown()
         drop_keys(redis_url, queue)
