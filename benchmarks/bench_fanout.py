@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import statistics
 import subprocess
 import sys
+import time
 from typing import Any
 
 import anyio
@@ -15,7 +17,7 @@ import trio.lowlevel
 
 import parallelkit as pk
 
-from ._util import print_targets, table, target, timed
+from ._util import print_targets, table, target
 
 TITLE = "gather / map / imap per-item overhead, makespan and memory vs raw forms and aiometer"
 
@@ -140,34 +142,75 @@ def _trio_contenders(n: int, limit: int) -> dict[str, Any]:
 
 
 def _overhead(n: int, limit: int, repeat: int) -> dict[str, dict[str, float]]:
+    """Median µs per item; contenders are interleaved round by round (after one
+    warm-up round), so drift and warm-up do not favour whoever runs last."""
     out: dict[str, dict[str, float]] = {}
     for backend, contenders in (
         ("asyncio", _asyncio_contenders(n, limit)),
         ("trio", _trio_contenders(n, limit)),
     ):
-        for name, fn in contenders.items():
-            stats = timed(lambda fn=fn, backend=backend: anyio.run(fn, backend=backend), repeat)
+        samples: dict[str, list[float]] = {name: [] for name in contenders}
+        for round_ in range(repeat + 1):
+            for name, fn in contenders.items():
+                start = time.perf_counter()
+                anyio.run(fn, backend=backend)
+                if round_:  # round 0 warms up
+                    samples[name].append(time.perf_counter() - start)
+        for name, values in samples.items():
             out[f"{backend}: {name}"] = {
-                "us_per_item": stats["median"] / n * 1e6,
-                "spread_us": (stats["max"] - stats["min"]) / n * 1e6,
+                "us_per_item": statistics.median(values) / n * 1e6,
+                "spread_us": (max(values) - min(values)) / n * 1e6,
             }
     return out
 
 
-def _makespan(n: int, limit: int, delay: float, repeat: int) -> dict[str, float]:
+def _makespan(n: int, limit: int, delay: float, repeat: int) -> dict[str, dict[str, float]]:
+    """Ratios to the ideal ``n / limit * delay``, timed inside the event loop.
+
+    Next to ``pk.map``: a hand-written pool of ``limit`` workers (the same work
+    with nothing of ours in it) and the timer floor (``n / limit`` sleeps one
+    after another), so the part no scheduler can remove is visible.
+    """
+    rounds = n // limit
+    ideal = rounds * delay
+
     async def sleeper(_: int) -> None:
         await anyio.sleep(delay)
 
-    ideal = n / limit * delay
-    out = {}
-    for backend in ("asyncio", "trio"):
-        stats = timed(lambda b=backend: anyio.run(_map_limit, sleeper, n, limit, backend=b), repeat)
-        out[backend] = stats["median"] / ideal
-    return out
+    async def with_pk() -> None:
+        await pk.map(sleeper, range(n), limit=limit)
 
+    async def hand_pool() -> None:
+        items = iter(range(n))
 
-async def _map_limit(fn: Any, n: int, limit: int) -> None:
-    await pk.map(fn, range(n), limit=limit)
+        async def worker() -> None:
+            for i in items:
+                await sleeper(i)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(limit):
+                tg.start_soon(worker)
+
+    async def timer_floor() -> None:
+        for _ in range(rounds):
+            await anyio.sleep(delay)
+
+    async def measure() -> dict[str, float]:
+        out = {}
+        for name, fn in (
+            ("pk.map", with_pk),
+            ("hand pool", hand_pool),
+            ("timer floor", timer_floor),
+        ):
+            samples = []
+            for _ in range(repeat):
+                start = anyio.current_time()
+                await fn()
+                samples.append(anyio.current_time() - start)
+            out[name] = statistics.median(samples) / ideal
+        return out
+
+    return {backend: anyio.run(measure, backend=backend) for backend in ("asyncio", "trio")}
 
 
 _MEMORY_SCRIPT = """
@@ -212,9 +255,14 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
     print(f"per-item overhead, {n:,} no-op items, limit 100 (median of {repeat}):")
     print(table(["contender", "µs/item", "spread µs"], rows))
 
-    makespan = _makespan(200 if quick else 1000, 100, 0.01, 3)
+    makespan = _makespan(200 if quick else 1000, 100, 0.01, 3 if quick else 7)
     print("\nmakespan of 1,000 x 10 ms sleeps, limit 100, as a ratio to the ideal 0.1 s:")
-    print(table(["backend", "ratio"], [[k, v] for k, v in makespan.items()]))
+    print(
+        table(
+            ["backend", "pk.map", "hand-written pool", "timer floor"],
+            [[b, v["pk.map"], v["hand pool"], v["timer floor"]] for b, v in makespan.items()],
+        )
+    )
 
     mem_n = 100_000 if quick else 1_000_000
     memory_mb = _memory(mem_n)
@@ -253,8 +301,8 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
         target("asyncio: pk.imap unordered / pk.map", a["pk.imap unordered"] / a["pk.map"], 2.0),
         target("asyncio: pk.imap ordered / pk.map", a["pk.imap ordered"] / a["pk.map"], 2.0),
         target("trio: pk.imap unordered / pk.map", t["pk.imap unordered"] / t["pk.map"], 2.0),
-        target("makespan asyncio / ideal", makespan["asyncio"], 1.15),
-        target("makespan trio / ideal", makespan["trio"], 1.15),
+        target("makespan asyncio: pk.map / ideal", makespan["asyncio"]["pk.map"], 1.15),
+        target("makespan trio: pk.map / ideal", makespan["trio"]["pk.map"], 1.15),
         target(f"imap memory growth MB ({mem_n:,} items)", memory_mb, 20.0),
     ]
     print("\ntargets:")

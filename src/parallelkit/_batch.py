@@ -36,6 +36,8 @@ import anyio
 from anyio.abc import TaskGroup
 from typing_extensions import Self, final
 
+from ._owned import leave
+
 __all__ = ["BatchLoader", "BatchStats"]
 
 K = TypeVar("K", bound=Hashable)
@@ -357,14 +359,8 @@ class BatchLoader(Generic[K, V]):
         try:
             if self._batch is not None:
                 self._flush(self._batch)  # send what is queued now, do not wait a window
-            if exc is None or isinstance(exc, Exception):
-                if exc is not None:
-                    tg.cancel_scope.cancel()
-                # batch tasks never fail (errors go to their callers): the body's error
-                # propagates as is, not wrapped in an ExceptionGroup by the backend
-                await tg.__aexit__(None, None, None)
-                return None
-            return await tg.__aexit__(exc_type, exc, tb)
+            # batches in flight finish (errors go to their callers), unless the body failed
+            return await leave(tg, exc_type, exc, tb, cancel=False)
         finally:
             self._tg = None
             self._loop = None

@@ -33,6 +33,7 @@ from anyio.abc import TaskGroup
 from typing_extensions import ParamSpec, Self, final
 
 from ._cached import CachedFunction, _key_builder
+from ._owned import leave
 from ._singleflight import Flight
 from ._store import CacheEntry, MemoryStore, Store, SupportsLoadLock, SupportsPeek
 
@@ -298,13 +299,8 @@ class SWRCache:
         tg, self._tg = self._tg, None
         if tg is None:  # pragma: no cover - misuse
             return None
-        tg.cancel_scope.cancel()
-        if exc is None or isinstance(exc, Exception):
-            # our tasks never fail (errors are kept on their flights): an error of the
-            # body propagates as is, not wrapped in an ExceptionGroup by the backend
-            await tg.__aexit__(None, None, None)
-            return None
-        return await tg.__aexit__(exc_type, exc, tb)
+        # pending refreshes are cancelled; flights keep their errors for their waiters
+        return await leave(tg, exc_type, exc, tb, cancel=True)
 
     @property
     def stats(self) -> CacheStats:

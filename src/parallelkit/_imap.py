@@ -22,6 +22,7 @@ from ._fanout import (
 )
 from ._limits import SupportsLimit
 from ._outcome import Outcome
+from ._owned import leave
 from ._retry import RetryLike
 
 __all__ = ["imap"]
@@ -146,10 +147,8 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
     ) -> bool | None:
         tg = self._tg
         assert tg is not None
-        tg.cancel_scope.cancel()
-        # the body's own exception (if any) propagates unchanged once the pool is
-        # gone: handing it to the task group would wrap it in an ExceptionGroup
-        await tg.__aexit__(None, None, None)
+        # outstanding work is cancelled; the body's own error propagates unchanged
+        await leave(tg, exc_type, exc, tb, cancel=True)
         error = self._error
         if exc is None and error is not None and not self._delivered:
             self._delivered = True
