@@ -292,7 +292,7 @@ class _Session:
 
     async def _start_node(self, node: Node, kwargs: dict[str, Any]) -> Any:
         spec: ServiceSpec = node.data
-        host = ServiceHost(spec, kwargs, self._on_crash)
+        host = ServiceHost(spec, kwargs, self._on_crash, self._on_ready)
         self.hosts[spec.name] = host
         assert self.tg is not None
         try:
@@ -303,8 +303,10 @@ class _Session:
                 assert self.start_scope is not None
                 self.start_scope.cancel()
             raise
-        self.ready_order.append(spec.name)
         return value
+
+    def _on_ready(self, host: ServiceHost) -> None:
+        self.ready_order.append(host.spec.name)
 
     def _on_crash(self, host: ServiceHost, exc: BaseException | None) -> None:
         if not host.spec.critical or self.stopped or self.crashed is not None:

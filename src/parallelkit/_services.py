@@ -110,6 +110,7 @@ class ServiceHost:
         "crash",
         "kwargs",
         "on_crash",
+        "on_ready",
         "ready_at",
         "setup_done_at",
         "spec",
@@ -125,10 +126,12 @@ class ServiceHost:
         spec: ServiceSpec,
         kwargs: dict[str, Any],
         on_crash: Callable[[ServiceHost, BaseException | None], None],
+        on_ready: Callable[[ServiceHost], None] = lambda host: None,
     ) -> None:
         self.spec = spec
         self.kwargs = kwargs
         self.on_crash = on_crash
+        self.on_ready = on_ready
         self.state: ServiceState = "pending"
         self.value: Any = None
         self.crash: BaseException | None = None
@@ -183,6 +186,9 @@ class ServiceHost:
         self._scope = scope
         self.value = value
         self.state = "ready"
+        # recorded here, not when the starter resumes: the starter may be cancelled
+        # between started() and its resumption, and a ready service must be stopped
+        self.on_ready(self)
         task_status.started(value)
         await self._live(stack, scope)
 
