@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 
 def timed(fn: Callable[[], Any], repeat: int) -> dict[str, float]:
@@ -50,3 +52,14 @@ def print_targets(targets: list[dict[str, Any]]) -> None:
     for t in targets:
         mark = "MET " if t["met"] else "MISS"
         print(f"  [{mark}] {t['target']}: {t['measured']} (target {t['limit']})")
+
+
+def unreachable(url: str, default_port: int) -> str | None:
+    """Why the server at ``url`` does not answer (a skip reason), or ``None``."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or default_port
+    try:
+        with socket.create_connection((host, port), 1):
+            return None
+    except OSError as exc:
+        return f"nothing answers at {url}: {exc}"

@@ -24,14 +24,14 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+
+from ._util import unreachable
 
 TITLE = "parallelkit.taskiq.map: throughput with 1/2/4 Taskiq workers, per-item Redis overhead"
 
@@ -155,15 +155,6 @@ def _drop_keys(url: str, prefix: str) -> None:
         client.close()
 
 
-def _reachable(url: str) -> str | None:
-    parts = urlsplit(url)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), 1):
-            return None
-    except OSError as exc:
-        return f"Redis at {url} is not reachable: {exc}"
-
-
 # ---------------------------------------------------------------------------- measure
 async def _timed(coro: Any) -> float:
     started = time.perf_counter()
@@ -245,7 +236,7 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
     except ImportError as exc:
         why: str | None = f"the taskiq extra is not installed: {exc}"
     else:
-        why = _reachable(url)
+        why = unreachable(url, 6379)
     if why is not None:
         print(f"  skipped: {why}", flush=True)
         return {"skipped": why}

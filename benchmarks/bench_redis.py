@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -16,11 +15,10 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import anyio
 
-from ._util import print_targets, table, target
+from ._util import print_targets, table, target, unreachable
 
 TITLE = "RedisStore hit cost vs raw redis-py GET; loads per 400 cross-process cold callers"
 
@@ -40,15 +38,6 @@ def _client(url: str) -> Any:
         url, max_connections=50, timeout=10, retry=Retry(NoBackoff(), 1)
     )
     return aredis.Redis.from_pool(pool)
-
-
-def _reachable(url: str) -> str | None:
-    parts = urlsplit(url)
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), 1):
-            return None
-    except OSError as exc:
-        return f"Redis not reachable at {url}: {exc}"
 
 
 # ------------------------------------------------------------------ per-hit cost
@@ -170,7 +159,7 @@ async def _cleanup(prefix: str) -> None:
 # ------------------------------------------------------------------ entry point
 def run(*, quick: bool, database: str | None) -> dict[str, Any]:
     """Measure both targets side by side; ``database`` is not used (Redis only)."""
-    skip = _reachable(REDIS_URL)
+    skip = unreachable(REDIS_URL, 6379)
     if skip:
         print(f"  skipped: {skip}")
         return {"skipped": skip}
