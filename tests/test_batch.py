@@ -208,7 +208,10 @@ async def test_leaves_nothing_running_and_fails_callers_on_error_exit() -> None:
                 raise LookupError  # not wrapped in an ExceptionGroup
     assert len(errors) == 1
     assert "closed" in str(errors[0])
-    assert loader.stats.calls == 1  # usable again, now without a task group
+    assert loader.stats.calls == 1
+    src.gate = None  # the source answers again
+    assert await loader.load(7) == 70  # usable after exit, as a not-entered loader
+    assert loader.stats.calls == 2
 
 
 async def test_normal_exit_sends_queued_keys_without_waiting_the_window() -> None:
