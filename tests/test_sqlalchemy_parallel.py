@@ -1,18 +1,23 @@
-"""parallel(), GuardedAsyncSession and loader_by_id on SQLite and PostgreSQL."""
+"""parallel(), the session guards and loader_by_id on SQLite and PostgreSQL."""
 
 from __future__ import annotations
+
+import asyncio
+import threading
+from datetime import datetime, timezone
 
 import anyio
 import pytest
 from examples.crm import Company, Contact, Conversation
-from sqlalchemy import Integer, String, select, text
+from sqlalchemy import Engine, Integer, String, func, select, text
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, StaticPool
 
 import parallelkit as pk
@@ -23,6 +28,7 @@ from parallelkit.sqlalchemy import (
     count_queries,
     default_limit,
     eager,
+    guard_sessions,
     loader_by_id,
     parallel,
 )
@@ -165,6 +171,116 @@ async def test_parallel_really_overlaps_on_postgresql(pg_engine: AsyncEngine) ->
 
 
 # ---------------------------------------------------------------------------- shared sessions
+async def test_sharing_a_plain_session_between_tasks_says_what_to_do(
+    any_engine: AsyncEngine,
+) -> None:
+    # no opt-in: importing parallelkit.sqlalchemy guards every AsyncSession
+    factory = async_sessionmaker(any_engine)
+    async with factory() as session:
+
+        async def query(n: int) -> int:
+            result = await session.execute(text(f"SELECT {n}"))
+            return int(result.scalar_one())
+
+        with count_queries(any_engine) as counter:
+            # what users write (return_exceptions: wait for the first query too)
+            first, error = await asyncio.gather(query(1), query(2), return_exceptions=True)
+        assert first == 1
+        assert isinstance(error, SessionInUseError)
+        assert isinstance(error, pk.ParallelkitError)
+        assert (error.method, error.busy_with) == ("execute", "execute")
+        assert "parallel(session_factory" in str(error)
+        # raised before the second statement reached the database
+        assert [q for q in counter.statements if "SELECT" in q] == ["SELECT 1"]
+        # one task after another is fine, including from different tasks
+        assert await query(3) == 3
+        assert await pk.gather(query(4), limit=1) == [4]
+        assert await pk.gather(query(5), query(6), limit=1) == [5, 6]
+
+
+async def test_the_guard_sees_orm_reads_flushes_and_commits(crm_engine: AsyncEngine) -> None:
+    factory = async_sessionmaker(crm_engine, expire_on_commit=False)
+    now = datetime.now(timezone.utc)
+    async with factory() as session:
+        read, read_too = await pk.gather(
+            session.get(Company, 1), session.scalars(select(Contact)), settle=True
+        )
+        assert read.ok
+        assert isinstance(read_too.error, SessionInUseError)
+
+        async def add_and_flush() -> None:
+            session.add(Company(name="flushed", domain="flushed.example", created_at=now))
+            await session.flush()
+
+        read, flush = await pk.gather(
+            session.scalar(select(func.count(Company.id))), add_and_flush(), settle=True
+        )
+        assert read.ok
+        assert isinstance(flush.error, SessionInUseError)
+        assert (flush.error.method, flush.error.busy_with) == ("flush", "execute")
+        assert len(session.new) == 1  # refused before it flushed anything
+        session.expunge_all()
+
+        read, commit = await pk.gather(
+            session.scalar(select(func.count(Company.id))), session.commit(), settle=True
+        )
+        assert read.ok
+        assert isinstance(commit.error, SessionInUseError)
+        assert (commit.error.method, commit.error.busy_with) == ("commit", "execute")
+        # the refused commit left the transaction open; the session still works
+        assert session.in_transaction()
+        await session.rollback()
+        assert await session.scalar(select(func.count()).where(Company.name == "flushed")) == 0
+
+
+async def test_guard_sessions_turns_the_check_off_and_on(any_engine: AsyncEngine) -> None:
+    factory = async_sessionmaker(any_engine)
+
+    async def share() -> list[object]:
+        async with factory() as session:
+
+            async def query(n: int) -> int:
+                return int((await session.execute(text(f"SELECT {n}"))).scalar_one())
+
+            return list(await asyncio.gather(query(1), query(2), return_exceptions=True))
+
+    assert guard_sessions(False) is True
+    try:
+        assert guard_sessions(False) is False  # idempotent
+        # off: SQLAlchemy's own behaviour again, depending on timing either its
+        # "concurrent operations are not permitted" or the driver queueing the queries
+        for result in await share():
+            assert not isinstance(result, SessionInUseError)
+            assert result in (1, 2) or isinstance(result, InvalidRequestError), result
+    finally:
+        assert guard_sessions(True) is False
+    assert guard_sessions(True) is True
+    first, second = await share()
+    assert first == 1
+    assert isinstance(second, SessionInUseError)
+
+
+def test_the_guard_leaves_sync_sessions_in_threads_alone(sync_engine: Engine) -> None:
+    # a sync Session used by a thread that is still alive, then by another thread:
+    # a greenlet-based check without the asyncio-only test would call that sharing
+    with Session(sync_engine) as session:
+        used, release = threading.Event(), threading.Event()
+
+        def first() -> None:
+            session.execute(text("SELECT 1"))
+            used.set()
+            release.wait(10)
+
+        thread = threading.Thread(target=first)
+        thread.start()
+        try:
+            assert used.wait(10)
+            assert session.execute(text("SELECT 2")).scalar_one() == 2
+        finally:
+            release.set()
+            thread.join()
+
+
 async def test_sharing_a_guarded_session_between_tasks_says_what_to_do(
     any_engine: AsyncEngine,
 ) -> None:

@@ -2,7 +2,8 @@
 
 Every scenario takes an ``async_sessionmaker`` and opens **one session per task**
 (a session is a single-task object: sharing one between concurrent tasks is the
-bug :class:`parallelkit.sqlalchemy.GuardedAsyncSession` turns into a clear error).
+bug that importing :mod:`parallelkit.sqlalchemy` turns into a clear
+:class:`~parallelkit.sqlalchemy.SessionInUseError`).
 
 * ``DATABASE_URL`` unset: a SQLite file in a fresh temporary directory, through
   ``aiosqlite``, in WAL mode with a busy timeout, so several sessions can read

@@ -1,23 +1,38 @@
-"""parallel(): one AsyncSession per concurrent task; GuardedAsyncSession: catch shared use.
+"""parallel(): one AsyncSession per concurrent task; the session guards: catch shared use.
 
 An ``AsyncSession`` (like the database connection under it) serves one task at a
 time. ``asyncio.gather`` over one session either fails deep inside SQLAlchemy or
 the driver ("concurrent operations are not permitted", "another operation is in
-progress") or, on some drivers, silently runs the queries one after another.
-:func:`parallel` gives each function its own session from the factory and runs
-them on :func:`parallelkit.gather`; :class:`GuardedAsyncSession` turns accidental
-sharing into an error that says so.
+progress") or, as SQLAlchemy 2.1 with aiosqlite and asyncpg does, silently runs
+the queries one after another. :func:`parallel` gives each function its own
+session from the factory and runs them on :func:`parallelkit.gather`.
+
+Two guards turn accidental sharing into :class:`SessionInUseError`, which says
+what to do:
+
+* :func:`guard_sessions` (on from the moment ``parallelkit.sqlalchemy`` is
+  imported): three class-level ``Session`` event listeners that notice when a
+  statement, flush or commit starts in one task while another task's call on the
+  same session is still in flight. Every ``AsyncSession`` is covered, whatever
+  made it.
+* :class:`GuardedAsyncSession` (opt-in, ``class_=`` of the factory): checks at
+  every awaitable method, so it also catches ``close()``/``rollback()`` racing a
+  query.
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar, overload
 
 import anyio
+from greenlet import getcurrent, greenlet
+from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.orm import ORMExecuteState, Session
 from sqlalchemy.pool import NullPool, QueuePool
 from typing_extensions import final
 
@@ -26,7 +41,13 @@ from ._fanout import gather
 from ._limits import SupportsLimit
 from ._outcome import Outcome
 
-__all__ = ["GuardedAsyncSession", "SessionInUseError", "default_limit", "parallel"]
+__all__ = [
+    "GuardedAsyncSession",
+    "SessionInUseError",
+    "default_limit",
+    "guard_sessions",
+    "parallel",
+]
 
 T = TypeVar("T")
 S = TypeVar("S", bound=AsyncSession)
@@ -34,16 +55,18 @@ S = TypeVar("S", bound=AsyncSession)
 
 @final
 class SessionInUseError(ParallelkitError, sa_exc.InvalidRequestError):
-    """One :class:`GuardedAsyncSession` was used by two tasks at the same time.
+    """One ``AsyncSession`` was used by two tasks at the same time.
 
-    Raised in the second task, before it touches the session, so the first
-    task's work is not disturbed. It is also a
+    Raised in the second task, before its statement, flush or commit starts, so
+    the first task's work is not disturbed (see :func:`guard_sessions` and
+    :class:`GuardedAsyncSession`). It is also a
     :class:`sqlalchemy.exc.InvalidRequestError`, like SQLAlchemy's own
     "concurrent operations are not permitted" error.
 
     Attributes:
-        method: the session method the second task called.
-        busy_with: the method the first task is still running.
+        method: what the second task started (``"execute"``, ``"flush"``,
+            ``"commit"``; with :class:`GuardedAsyncSession`, the method called).
+        busy_with: what the first task is still running.
     """
 
     def __init__(self, method: str, busy_with: str) -> None:
@@ -142,6 +165,100 @@ for _name in _GUARDED:
         setattr(GuardedAsyncSession, _name, _guard(_name, getattr(AsyncSession, _name)))
 
 
+# ---------------------------------------------------------------------------- guard_sessions
+# Where the guard keeps, on each sync ``Session``, the greenlet of the call in
+# flight (weakly) and what it is doing. SQLAlchemy's asyncio extension runs every
+# awaitable session method in a greenlet of its own, which is *dead* once the
+# method returned; a live greenlet that is not the current one is a call from
+# another task that has not finished.
+_OWNER = "_parallelkit_in_flight"
+
+
+def _claim(session: Session, operation: str) -> None:
+    current = getcurrent()
+    if not getattr(current, "__sqlalchemy_greenlet_provider__", False):
+        return  # plain synchronous use (a sync Session, maybe in threads): not ours
+    state = session.__dict__.get(_OWNER)
+    if state is not None:
+        ref, busy_with = state
+        other: greenlet | None = ref()
+        if other is current:
+            return  # the same call going on (autoflush, lazy load, flush in commit)
+        if other is not None and not other.dead:
+            raise SessionInUseError(operation, busy_with)
+    session.__dict__[_OWNER] = (weakref.ref(current), operation)
+
+
+def _on_execute(orm_execute_state: ORMExecuteState) -> None:
+    _claim(orm_execute_state.session, "execute")
+
+
+def _on_flush(session: Session, flush_context: object, instances: object) -> None:
+    _claim(session, "flush")
+
+
+def _on_commit(session: Session) -> None:
+    _claim(session, "commit")
+
+
+# each fires in the calling greenlet *before* the operation does any I/O or changes state
+_LISTENERS: tuple[tuple[str, Callable[..., None]], ...] = (
+    ("do_orm_execute", _on_execute),
+    ("before_flush", _on_flush),
+    ("before_commit", _on_commit),
+)
+
+
+def guard_sessions(enabled: bool = True) -> bool:
+    """Turn the process-wide shared-``AsyncSession`` check on or off.
+
+    On from the moment ``parallelkit.sqlalchemy`` is imported. It makes the
+    classic mistake, ``asyncio.gather`` of several queries over *one*
+    ``AsyncSession``, fail in the second task with :class:`SessionInUseError`
+    (which points at :func:`parallel`) instead of a driver error deep inside
+    SQLAlchemy, or, as SQLAlchemy 2.1 does with aiosqlite and asyncpg, silently
+    running the queries one after another.
+
+    How: three class-level ``Session`` event listeners (``do_orm_execute``,
+    ``before_flush``, ``before_commit``) note which call is in flight on each
+    session; when a statement, flush or commit starts while *another task's*
+    call on the same session has not returned, the new one raises before it
+    does any I/O, so the first call is not disturbed. Using a session from
+    several tasks one after another is fine, and synchronous ``Session`` use is
+    never checked. The cost is a few attribute reads per statement; turn it off
+    with ``guard_sessions(False)`` if you must.
+
+    Limits: it sees statements, flushes and commits. ``close()``/``rollback()``
+    racing a query, an ``AsyncResult`` from ``stream()`` iterated while another
+    task queries, and an ``AsyncConnection`` from ``connection()`` are not seen;
+    :class:`GuardedAsyncSession` catches the first two.
+
+    Args:
+        enabled: install (``True``) or remove (``False``) the listeners.
+            Idempotent.
+
+    Returns:
+        Whether the guard was on before the call.
+
+    Example:
+        ```python
+        async with session_factory() as session:
+            await asyncio.gather(                     # SessionInUseError:
+                session.get(Company, 1),              # "Give each concurrent task
+                session.scalars(select(Contact)),     #  its own session: parallel(...)"
+            )
+        ```
+    """
+    was_on = event.contains(Session, *_LISTENERS[0])
+    for name, listener in _LISTENERS:
+        installed = event.contains(Session, name, listener)
+        if enabled and not installed:
+            event.listen(Session, name, listener)
+        elif not enabled and installed:
+            event.remove(Session, name, listener)
+    return was_on
+
+
 def default_limit(session_factory: object) -> int | None:
     """How many sessions :func:`parallel` runs at once when ``limit=None``.
 
@@ -196,7 +313,9 @@ async def parallel(
     returns), and runs them on :func:`parallelkit.gather`: results in argument
     order, fail-fast (the first error cancels the others and is raised unchanged)
     or ``settle=True`` for one :class:`~parallelkit.Outcome` each. A function that
-    writes commits itself (``await session.commit()``).
+    writes commits itself (``await session.commit()``). (``gather`` over one
+    shared session instead raises :class:`SessionInUseError`; see
+    :func:`guard_sessions`.)
 
     Args:
         session_factory: an ``async_sessionmaker`` (or any callable returning an

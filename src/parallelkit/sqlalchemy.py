@@ -9,9 +9,12 @@ root never imports it. SQLAlchemy 2.x, sync and asyncio.
 * :func:`count_queries` / :func:`max_queries` - count the statements a block
   sends; fail with :class:`TooManyQueries` (N+1 suspects marked) over a budget.
   The pytest plugin adds the ``query_counter`` and ``max_queries`` fixtures.
-* :func:`parallel` - run functions concurrently, each in its own ``AsyncSession``;
-  :class:`GuardedAsyncSession` turns sharing one session between tasks into a
-  clear :class:`SessionInUseError`.
+* :func:`parallel` - run functions concurrently, each in its own ``AsyncSession``.
+  Sharing one session between tasks at once raises a clear
+  :class:`SessionInUseError` that points here: importing this module turns on
+  :func:`guard_sessions` (three ``Session`` event listeners, process-wide;
+  ``guard_sessions(False)`` turns them off); :class:`GuardedAsyncSession`
+  checks every session method.
 * :func:`loader_by_id` - a :class:`parallelkit.BatchLoader` that loads rows by
   primary key with one ``IN`` query per batch.
 
@@ -37,6 +40,7 @@ from ._sqla_queries import max_queries as max_queries
 from ._sqla_sessions import GuardedAsyncSession as GuardedAsyncSession
 from ._sqla_sessions import SessionInUseError as SessionInUseError
 from ._sqla_sessions import default_limit as default_limit
+from ._sqla_sessions import guard_sessions as guard_sessions
 from ._sqla_sessions import parallel as parallel
 
 __all__ = [
@@ -51,6 +55,7 @@ __all__ = [
     "count_queries",
     "default_limit",
     "eager",
+    "guard_sessions",
     "loader_by_id",
     "max_queries",
     "parallel",
@@ -67,3 +72,4 @@ def _set_public_module() -> None:
 
 
 _set_public_module()
+guard_sessions()
