@@ -11,6 +11,11 @@ Workload: 500 webhook payloads (conversation ids); each needs conversation -> co
 * eager: the same statement with ``eager(Conversation, "contact.company.automation_rules")``;
 * loader_by_id: 500 concurrent callers each ``await loader.load(id)`` (batched).
 
+And the price of the session guard (``guard_sessions``, on whenever
+``parallelkit.sqlalchemy`` is imported), which runs on every ORM statement: 200
+one-row reads, one after another in one session, with the guard on and off,
+interleaved in the same rounds.
+
 SQLite (aiosqlite, a temporary file) always; PostgreSQL (asyncpg, a temporary
 schema) when ``--database`` is a PostgreSQL URL or the default test server answers.
 """
@@ -35,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 import parallelkit as pk
-from parallelkit.sqlalchemy import count_queries, eager, loader_by_id
+from parallelkit.sqlalchemy import count_queries, eager, guard_sessions, loader_by_id
 
 from ._util import print_targets, table, target
 
@@ -120,6 +125,21 @@ def contenders(
 
             return sum(await pk.gather(*(handle(cid) for cid in ids)))
 
+    async def reads(ids: list[int]) -> int:  # one statement per id: the guard's worst case
+        async with factory() as s:
+            total = 0
+            for cid in ids[:READS]:
+                stmt = select(Conversation.contact_id).where(Conversation.id == cid)
+                total += await s.scalar(stmt) or 0
+            return total
+
+    async def reads_unguarded(ids: list[int]) -> int:
+        was_on = guard_sessions(False)
+        try:
+            return await reads(ids)
+        finally:
+            guard_sessions(was_on)
+
     return {
         "naive (4 round trips each)": naive,
         "per-request joinedload": per_request(joined_opts),
@@ -127,7 +147,13 @@ def contenders(
         "hand-tuned JOIN + selectin": hand_tuned,
         "eager(...) auto": auto,
         "loader_by_id, 500 callers": batched,
+        GUARD_ON: reads,
+        GUARD_OFF: reads_unguarded,
     }
+
+
+READS = 200
+GUARD_ON, GUARD_OFF = f"{READS} one-row reads, guard on", f"{READS} one-row reads, guard off"
 
 
 SLOW = {"naive (4 round trips each)", "per-request joinedload", "per-request selectinload"}
@@ -139,12 +165,12 @@ async def measure(engine: AsyncEngine, quick: bool) -> dict[str, dict[str, float
     ids = list(range(1, N + 1))
     out: dict[str, dict[str, float]] = {}
     samples: dict[str, list[float]] = {name: [] for name in runs}
-    checksum = None
+    checksums: dict[bool, int] = {}  # the graph loaders agree, and so do the two read loops
     for name, fn in runs.items():  # warm-up: statement caches, pool; count queries
         async with count_queries(engine) as counter:
             seen = await fn(ids)
-        checksum = checksum if checksum is not None else seen
-        assert seen == checksum, (name, seen, checksum)
+        expected = checksums.setdefault(name in (GUARD_ON, GUARD_OFF), seen)
+        assert seen == expected, (name, seen, expected)
         out[name] = {"queries": counter.count}
     fast_repeat, slow_repeat = (15, 1) if quick else (41, 3)
     for round_ in range(fast_repeat):  # interleaved rounds: noise hits everyone alike
@@ -221,6 +247,7 @@ def targets_for(db: str, r: dict[str, dict[str, float]]) -> list[dict[str, Any]]
         target(f"{db}: eager ms / hand-tuned ms", auto["ms"] / hand["ms"], 1.2),
         target(f"{db}: naive ms / eager ms", naive["ms"] / auto["ms"], 50, below=False),
         target(f"{db}: loader_by_id queries", r["loader_by_id, 500 callers"]["queries"], 2),
+        target(f"{db}: session guard on / off", r[GUARD_ON]["ms"] / r[GUARD_OFF]["ms"], 1.05),
     ]
 
 

@@ -260,6 +260,24 @@ async def test_guard_sessions_turns_the_check_off_and_on(any_engine: AsyncEngine
     assert isinstance(second, SessionInUseError)
 
 
+async def test_sync_only_use_never_pays_for_the_statement_checks(
+    sync_engine: Engine, any_engine: AsyncEngine
+) -> None:
+    from parallelkit import _sqla_sessions
+
+    guard_sessions(False)
+    assert guard_sessions(True) is False
+    # armed, but a do_orm_execute listener (an ORMExecuteState per statement) is
+    # only added once an AsyncSession is used: sync code cannot share one across tasks
+    with Session(sync_engine) as session:
+        assert session.execute(text("SELECT 1")).scalar_one() == 1
+        session.commit()
+    assert not _sqla_sessions._checking
+    async with async_sessionmaker(any_engine)() as session:
+        assert (await session.execute(text("SELECT 2"))).scalar_one() == 2
+    assert _sqla_sessions._checking
+
+
 def test_the_guard_leaves_sync_sessions_in_threads_alone(sync_engine: Engine) -> None:
     # a sync Session used by a thread that is still alive, then by another thread:
     # a greenlet-based check without the asyncio-only test would call that sharing

@@ -11,7 +11,7 @@ Two guards turn accidental sharing into :class:`SessionInUseError`, which says
 what to do:
 
 * :func:`guard_sessions` (on from the moment ``parallelkit.sqlalchemy`` is
-  imported): three class-level ``Session`` event listeners that notice when a
+  imported): class-level ``Session`` event listeners that notice when a
   statement, flush or commit starts in one task while another task's call on the
   same session is still in flight. Every ``AsyncSession`` is covered, whatever
   made it.
@@ -23,6 +23,7 @@ what to do:
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal, TypeVar, overload
@@ -174,7 +175,7 @@ for _name in _GUARDED:
 _OWNER = "_parallelkit_in_flight"
 
 
-def _claim(session: Session, operation: str) -> None:
+def _claim(session: Session, operation: str, *, strict: bool = True) -> None:
     current = getcurrent()
     if not getattr(current, "__sqlalchemy_greenlet_provider__", False):
         return  # plain synchronous use (a sync Session, maybe in threads): not ours
@@ -185,7 +186,9 @@ def _claim(session: Session, operation: str) -> None:
         if other is current:
             return  # the same call going on (autoflush, lazy load, flush in commit)
         if other is not None and not other.dead:
-            raise SessionInUseError(operation, busy_with)
+            if strict:
+                raise SessionInUseError(operation, busy_with)
+            return
     session.__dict__[_OWNER] = (weakref.ref(current), operation)
 
 
@@ -202,11 +205,45 @@ def _on_commit(session: Session) -> None:
 
 
 # each fires in the calling greenlet *before* the operation does any I/O or changes state
-_LISTENERS: tuple[tuple[str, Callable[..., None]], ...] = (
+_CHECKS: tuple[tuple[str, Callable[..., None]], ...] = (
     ("do_orm_execute", _on_execute),
     ("before_flush", _on_flush),
     ("before_commit", _on_commit),
 )
+_switch = threading.Lock()
+_checking = False  # are the _CHECKS installed? (read on every transaction by the trigger)
+
+
+def _on_transaction(session: Session, transaction: object) -> None:
+    """The trigger: the first transaction begun in an async greenlet arms the checks.
+
+    A ``do_orm_execute`` listener is not free (SQLAlchemy then builds an
+    ``ORMExecuteState`` for every statement, about 3 us), so a process that only
+    uses sync sessions, which cannot have the bug, never gets one. This listener
+    costs a function call per transaction.
+    """
+    if not _checking and getattr(getcurrent(), "__sqlalchemy_greenlet_provider__", False):
+        _install(_CHECKS)
+        # this statement's do_orm_execute ran before the checks existed: claim for it
+        # (never raise here: SQLAlchemy has already made this transaction current)
+        _claim(session, "execute", strict=False)
+
+
+_TRIGGER: tuple[tuple[str, Callable[..., None]], ...] = (
+    ("after_transaction_create", _on_transaction),
+)
+
+
+def _install(listeners: tuple[tuple[str, Callable[..., None]], ...], *, on: bool = True) -> None:
+    global _checking  # the process-wide switch is the point
+    with _switch:
+        for name, listener in listeners:
+            installed = event.contains(Session, name, listener)
+            if on and not installed:
+                event.listen(Session, name, listener)
+            elif not on and installed:
+                event.remove(Session, name, listener)
+        _checking = event.contains(Session, *_CHECKS[0])
 
 
 def guard_sessions(enabled: bool = True) -> bool:
@@ -219,14 +256,17 @@ def guard_sessions(enabled: bool = True) -> bool:
     SQLAlchemy, or, as SQLAlchemy 2.1 does with aiosqlite and asyncpg, silently
     running the queries one after another.
 
-    How: three class-level ``Session`` event listeners (``do_orm_execute``,
+    How: class-level ``Session`` event listeners (``do_orm_execute``,
     ``before_flush``, ``before_commit``) note which call is in flight on each
     session; when a statement, flush or commit starts while *another task's*
     call on the same session has not returned, the new one raises before it
     does any I/O, so the first call is not disturbed. Using a session from
     several tasks one after another is fine, and synchronous ``Session`` use is
-    never checked. The cost is a few attribute reads per statement; turn it off
-    with ``guard_sessions(False)`` if you must.
+    never checked. Those listeners are only added when the process first uses
+    an ``AsyncSession`` (an ``after_transaction_create`` listener waits for
+    that), so sync-only code pays nothing per statement; async code pays about
+    3 us per ORM statement (SQLAlchemy's ``ORMExecuteState``), 1-3 % of a
+    one-row read in ``python -m benchmarks eager``.
 
     Limits: it sees statements, flushes and commits. ``close()``/``rollback()``
     racing a query, an ``AsyncResult`` from ``stream()`` iterated while another
@@ -234,8 +274,8 @@ def guard_sessions(enabled: bool = True) -> bool:
     :class:`GuardedAsyncSession` catches the first two.
 
     Args:
-        enabled: install (``True``) or remove (``False``) the listeners.
-            Idempotent.
+        enabled: turn the guard on (``True``) or off (``False``) for every
+            session in the process. Idempotent.
 
     Returns:
         Whether the guard was on before the call.
@@ -249,13 +289,10 @@ def guard_sessions(enabled: bool = True) -> bool:
             )
         ```
     """
-    was_on = event.contains(Session, *_LISTENERS[0])
-    for name, listener in _LISTENERS:
-        installed = event.contains(Session, name, listener)
-        if enabled and not installed:
-            event.listen(Session, name, listener)
-        elif not enabled and installed:
-            event.remove(Session, name, listener)
+    was_on = event.contains(Session, *_TRIGGER[0])
+    _install(_TRIGGER, on=enabled)
+    if not enabled:
+        _install(_CHECKS, on=False)
     return was_on
 
 
