@@ -507,6 +507,47 @@ async def test_health_reruns_probes() -> None:
         assert "ConnectionRefused" in (health.services["server"].reason or "")
 
 
+async def test_health_without_await_is_a_snapshot_and_awaiting_it_probes() -> None:
+    orch = pk.Orchestrator()
+    probed: list[str] = []
+
+    def probe() -> bool:
+        probed.append("probe")
+        return flag["ok"]
+
+    @orch.service(ready=probe)
+    async def cache() -> str:
+        return "cache"
+
+    @orch.service(critical=False)
+    async def flaky() -> AsyncIterator[str]:
+        yield "flaky"
+
+    @orch.service(critical=False)
+    async def missing() -> str:
+        raise ConnectionError("down")
+
+    flag = {"ok": True}
+    async with orch.start() as running:
+        probes_at_start = len(probed)
+        flag["ok"] = False
+        snapshot = running.health()  # as DESIGN.md writes it: no await, no I/O
+        assert isinstance(snapshot, pk.Health)
+        assert len(probed) == probes_at_start
+        assert snapshot.status == "degraded"  # only the failed non-critical service
+        assert snapshot.services["cache"].ok
+        assert not snapshot.services["missing"].ok
+        assert "ConnectionError" in (snapshot.services["missing"].reason or "")
+        fresh = await running.health()  # the probe runs again now
+        assert len(probed) == probes_at_start + 1
+        assert fresh.status == "failing"
+        assert not fresh.services["cache"].ok
+        assert fresh == await snapshot  # awaiting any Health probes again
+        assert len(probed) == probes_at_start + 2
+        with pytest.raises(ValueError, match="timeout"):
+            running.health(timeout=0)
+
+
 async def test_adding_after_start_and_repr() -> None:
     orch = pk.Orchestrator("app")
 

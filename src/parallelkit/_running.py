@@ -10,11 +10,12 @@ independent tear-downs run in parallel.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar, overload
 
 import anyio
@@ -27,6 +28,7 @@ from ._process import ManagedProcess
 from ._scheduler import Run
 from ._services import ServiceHost, ServiceSpec, ServiceState
 from ._timeline import Timeline
+from .probes import Probe
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import ExceptionGroup  # type: ignore[import-not-found,unused-ignore]
@@ -48,7 +50,8 @@ class ServiceHealth:
         name: the service.
         state: its lifecycle state (``"ready"``, ``"failed"``, ``"skipped"``,
             ``"crashed"``, ``"stopped"``, …).
-        ok: ``True`` when it is ready and its probe (if any) passes now.
+        ok: ``True`` when it is ready (and, when the health was awaited, its
+            probe, if any, passes now).
         critical: whether its failure fails the whole orchestrator.
         reason: why it is not ok (the probe's last answer, the error), else ``None``.
     """
@@ -63,7 +66,11 @@ class ServiceHealth:
 @final
 @dataclass(frozen=True, slots=True)
 class Health:
-    """The aggregate health of a running orchestrator.
+    """The aggregate health of a running orchestrator, from :meth:`Running.health`.
+
+    ``running.health()`` is a snapshot taken without I/O; **awaiting** it
+    (``await running.health()``) re-runs every readiness probe first and gives
+    the fresh answer.
 
     Attributes:
         status: ``"ok"`` (every service ok), ``"degraded"`` (only non-critical
@@ -73,11 +80,21 @@ class Health:
 
     status: HealthStatus
     services: Mapping[str, ServiceHealth]
+    _refresh: Callable[[], Awaitable[Health]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def ok(self) -> bool:
         """``True`` when :attr:`status` is ``"ok"``."""
         return self.status == "ok"
+
+    def __await__(self) -> Generator[Any, Any, Health]:
+        """Re-run the probes now: ``await running.health()``."""
+        return self._fresh().__await__()
+
+    async def _fresh(self) -> Health:
+        return self if self._refresh is None else await self._refresh()
 
 
 @final
@@ -180,19 +197,52 @@ class Running:
             raise KeyError(msg)
         return host.state
 
-    async def health(self, *, timeout: float = 5.0) -> Health:
-        """Re-run every service's readiness probe now, and aggregate the answers.
+    def health(self, *, timeout: float = 5.0) -> Health:
+        """The services' health: a snapshot now, or fresh probes when awaited.
 
-        A service without a probe is ok while it is running; a process service is
-        ok while its process is alive. The probes run concurrently, each bounded
-        by ``timeout`` seconds.
+        ``running.health()`` reads what is known without I/O: each service's
+        state (a crashed service says why), whether a process service's process
+        is alive, and the failed and skipped services; a ready service counts as
+        ok, since its probe passed when it became ready. ``await
+        running.health()`` also re-runs every readiness probe now, concurrently,
+        each bounded by ``timeout`` seconds: use that for a health endpoint.
+
+        Example:
+            ```python
+            snapshot = running.health()        # no I/O: states and processes
+            fresh = await running.health()     # probes re-run now
+            status = 200 if fresh.status != "failing" else 503
+            ```
         """
+        if not timeout > 0:
+            msg = f"timeout must be > 0 seconds, got {timeout!r}"
+            raise ValueError(msg)
+        return self._aggregate({}, timeout)
+
+    async def _probe(self, timeout: float) -> Health:
+        answers: dict[str, str | None] = {}
+
+        async def check(name: str, probe: Probe, value: object) -> None:
+            with anyio.move_on_after(timeout) as scope:
+                answers[name] = await probe.reason(value)
+            if scope.cancelled_caught:
+                answers[name] = f"probe did not answer within {timeout}s"
+
+        session = self._session
+        async with anyio.create_task_group() as tg:
+            for name in session.ready_order:
+                host = session.hosts[name]
+                if host.state == "ready" and host.spec.ready is not None:
+                    tg.start_soon(check, name, host.spec.ready, host.value)
+        return self._aggregate(answers, timeout)
+
+    def _aggregate(self, probed: Mapping[str, str | None], timeout: float) -> Health:
+        """Build a :class:`Health` from the states and the probe answers in ``probed``."""
         session = self._session
         specs = session.specs
         results: dict[str, ServiceHealth] = {}
-
-        async def check(host: ServiceHost) -> None:
-            spec = host.spec
+        for name in session.ready_order:
+            host = session.hosts[name]
             reason: str | None = None
             if host.state != "ready":
                 reason = f"service is {host.state}"
@@ -200,18 +250,10 @@ class Running:
                     reason += f": {host.crash!r}"
             elif isinstance(host.value, ManagedProcess) and not host.value.running:
                 reason = f"process exited with code {host.value.returncode}"
-            elif spec.ready is not None:
-                with anyio.move_on_after(timeout) as scope:
-                    reason = await spec.ready.reason(host.value)
-                if scope.cancelled_caught:
-                    reason = f"probe did not answer within {timeout}s"
-            results[spec.name] = ServiceHealth(
-                spec.name, host.state, reason is None, spec.critical, reason
-            )
-
-        async with anyio.create_task_group() as tg:
-            for name in session.ready_order:
-                tg.start_soon(check, session.hosts[name])
+            else:
+                reason = probed.get(name)
+            spec = host.spec
+            results[name] = ServiceHealth(name, host.state, reason is None, spec.critical, reason)
         for name, exc in self.failed.items():
             results[name] = ServiceHealth(name, "failed", False, specs[name].critical, repr(exc))
         for name, why in self.skipped.items():
@@ -223,7 +265,7 @@ class Running:
         elif bad:
             status = "degraded"
         ordered = {name: results[name] for name in specs if name in results}
-        return Health(status, ordered)
+        return Health(status, ordered, functools.partial(self._probe, timeout))
 
 
 class _Session:

@@ -38,3 +38,4 @@ async def check() -> None:
         assert_type(running.get(port), int)
         health = await running.health()
         assert_type(health, pk.Health)
+        assert_type(running.health(), pk.Health)
