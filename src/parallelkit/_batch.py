@@ -5,7 +5,8 @@ Every :meth:`BatchLoader.load` issued in the same scheduling tick (or within
 ``load_many(keys)`` call, dispatched by a task in the loader's task group.
 
 How a caller waits depends on the backend, and that is the only place the
-backends differ (:func:`_asyncio_loop`, :class:`_KeyFuture`):
+backends differ (:mod:`parallelkit._batches`: one batch's state, and the futures
+of its callers):
 
 * asyncio, loader entered: ``load(key)`` returns a per-call
   :class:`asyncio.Future` (as aiodataloader does), resolved when the batch
@@ -36,6 +37,8 @@ import anyio
 from anyio.abc import TaskGroup
 from typing_extensions import Self, final
 
+from ._batches import MISSING, Batch, KeyFuture, asyncio_loop
+from ._check import number
 from ._owned import leave
 
 __all__ = ["BatchLoader", "BatchStats"]
@@ -44,8 +47,6 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 LoadMany = Callable[[list[K]], Awaitable[Mapping[K, "V | Exception"] | Sequence["V | Exception"]]]
-
-_MISSING: Any = object()
 
 
 @final
@@ -63,174 +64,6 @@ class BatchStats:
     requests: int
     keys: int
     calls: int
-
-
-def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
-    """The running asyncio loop if the current task runs on asyncio, else ``None``."""
-    try:
-        import sniffio
-    except ModuleNotFoundError:  # pragma: no cover - trio needs sniffio: this is asyncio
-        pass
-    else:
-        try:
-            if sniffio.current_async_library() != "asyncio":
-                return None
-        except sniffio.AsyncLibraryNotFoundError:  # pragma: no cover - not in a task
-            return None
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:  # pragma: no cover - not in a task
-        return None
-
-
-@final
-class _KeyFuture(asyncio.Future[V], Coroutine[Any, Any, V]):
-    """What :meth:`BatchLoader.load` returns on asyncio: one caller's future.
-
-    A plain :class:`asyncio.Future` to ``asyncio.gather`` / ``await`` (no task
-    per key), and a coroutine to whoever asks for one (``tg.start_soon(loader.load,
-    key)``, ``asyncio.create_task(loader.load(key))``), as ``load`` was when it
-    was an ``async def``: ``send`` / ``throw`` step the future's own iterator.
-    """
-
-    __slots__ = ()
-
-    def send(self, value: Any, /) -> Any:
-        return self.__await__().send(value)
-
-    def throw(self, *exc_info: Any) -> Any:
-        return self.__await__().throw(*exc_info)
-
-    def close(self) -> None:
-        """Give up: the batch no longer resolves this future."""
-        self.cancel()
-
-
-def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
-    """Fail one caller's future (unless it gave up), marking the error retrieved.
-
-    Marking it retrieved keeps asyncio from logging "Future exception was never
-    retrieved" for a ``load()`` nobody awaited (e.g. the rest of a failed
-    ``gather``); a caller that awaits it still gets the error raised.
-    """
-    if future.done():
-        return
-    if isinstance(error, StopIteration):  # a future cannot hold one (nor raise it from a coro)
-        wrapped = RuntimeError(f"load_many gave a StopIteration: {error!r}")
-        wrapped.__cause__ = error
-        error = wrapped
-    future.set_exception(error)
-    future.exception()
-
-
-@final
-class _Batch:
-    """The keys of one ``load_many`` call, their callers' futures, and its outcome."""
-
-    __slots__ = (
-        "aligned",
-        "counted",
-        "done",
-        "error",
-        "extra",
-        "finished",
-        "full",
-        "keys",
-        "lead",
-        "loop",
-        "plain",
-        "scope",
-        "values",
-    )
-
-    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        self.loop = loop  # asyncio, entered, no memo: load() joins with a future, inline
-        self.lead = False  # no task group: the caller that opened the batch runs it
-        # ordered, deduplicated keys -> the first asyncio caller's future (or None)
-        self.keys: dict[Any, asyncio.Future[Any] | None] = {}
-        self.extra: list[tuple[Any, asyncio.Future[Any]]] = []  # more futures per key
-        self.counted = 0  # entries of keys + extra already in the loader's request count
-        self.plain = loop is not None  # one future per key, nothing else waits (see _run)
-        self.aligned: list[Any] | None = None  # a plain batch's list result, as returned
-        self.done: anyio.Event | None = None  # made for coroutine waiters (see wait)
-        self.scope: anyio.CancelScope | None = None  # the dispatch wait, cancelled when full
-        self.full = False
-        self.finished = False
-        self.values: Mapping[Any, Any] = {}
-        self.error: BaseException | None = None  # the whole call failed
-
-    def result(self, key: Any, default: Any) -> Any:
-        error = self.error
-        if error is not None:
-            raise error
-        value = self.values.get(key, _MISSING)
-        if value is _MISSING:
-            if default is not _MISSING:
-                return default
-            msg = f"load_many returned no value for key {key!r}"
-            raise KeyError(msg)
-        if isinstance(value, Exception):
-            raise value
-        return value
-
-    async def wait(self) -> None:
-        """Wait for the batch to finish (the coroutine waiters: trio, load_many, not entered)."""
-        if not self.finished:
-            done = self.done
-            if done is None:
-                done = self.done = anyio.Event()
-            await done.wait()
-
-    def resolve(self, future: asyncio.Future[Any], key: Any, default: Any) -> None:
-        """Give one caller's future its outcome (the batch has finished)."""
-        if future.done():  # the caller was cancelled
-            return
-        try:
-            value = self.result(key, default)
-        except Exception as exc:
-            _fail(future, exc)
-        else:
-            future.set_result(value)
-
-    def finish(self, default: Any) -> None:
-        """Mark the batch finished and wake every caller."""
-        self.finished = True
-        if self.done is not None:
-            self.done.set()
-        keys = self.keys
-        error = self.error
-        aligned = self.aligned
-        if aligned is not None:  # plain: every key has a future, no values dict needed
-            futures = cast("Iterable[asyncio.Future[Any]]", keys.values())
-            for plain_future, value in zip(futures, aligned, strict=True):
-                if isinstance(value, Exception):
-                    _fail(plain_future, value)
-                    continue
-                try:
-                    plain_future.set_result(value)
-                except asyncio.InvalidStateError:  # the caller was cancelled
-                    continue
-            return
-        if error is not None:
-            for future in keys.values():
-                if future is not None:
-                    _fail(future, error)
-            for _, future in self.extra:
-                _fail(future, error)
-            return
-        get = self.values.get
-        for key, future in keys.items():
-            if future is not None:
-                value = get(key, _MISSING)
-                if value is _MISSING or isinstance(value, Exception):
-                    self.resolve(future, key, default)
-                else:  # the common case, inlined
-                    try:
-                        future.set_result(value)
-                    except asyncio.InvalidStateError:  # the caller was cancelled
-                        continue
-        for key, future in self.extra:
-            self.resolve(future, key, default)
 
 
 @final
@@ -304,7 +137,7 @@ class BatchLoader(Generic[K, V]):
         max_batch: int = 500,
         window: float = 0.0,
         cache: bool = False,
-        default: Any = _MISSING,
+        default: Any = MISSING,
     ) -> None:
         fn: object = load_many
         if not callable(fn):
@@ -316,12 +149,7 @@ class BatchLoader(Generic[K, V]):
         if max_batch < 1:
             msg = f"max_batch must be >= 1, got {max_batch!r}"
             raise ValueError(msg)
-        if isinstance(window, bool) or not isinstance(window, (int, float)):
-            msg = f"window must be a number of seconds >= 0, got {window!r}"
-            raise TypeError(msg)
-        if not window >= 0:
-            msg = f"window must be >= 0 seconds, got {window!r}"
-            raise ValueError(msg)
+        number("window", window, zero=True)
         flag: object = cache
         if not isinstance(flag, bool):
             msg = f"cache must be a bool, got {cache!r}"
@@ -331,8 +159,8 @@ class BatchLoader(Generic[K, V]):
         self._window = float(window)
         self._cache = cache
         self._default = default
-        self._memo: dict[Any, _Batch] = {}
-        self._batch: _Batch | None = None
+        self._memo: dict[Any, Batch] = {}
+        self._batch: Batch | None = None
         self._tg: TaskGroup | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # entered on asyncio: futures
         self._requests = self._keys = self._calls = 0
@@ -344,7 +172,7 @@ class BatchLoader(Generic[K, V]):
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
-        self._loop = _asyncio_loop()
+        self._loop = asyncio_loop()
         return self
 
     async def __aexit__(
@@ -376,7 +204,7 @@ class BatchLoader(Generic[K, V]):
             requests += len(batch.keys) + len(batch.extra) - batch.counted
         return BatchStats(requests=requests, keys=self._keys, calls=self._calls)
 
-    def _enqueue(self, key: K, future: asyncio.Future[Any] | None = None) -> _Batch:
+    def _enqueue(self, key: K, future: asyncio.Future[Any] | None = None) -> Batch:
         """Put ``key`` in the open batch (or the memo's) and return that batch.
 
         ``future``, if given, is resolved with the key's outcome when the batch ends.
@@ -394,7 +222,7 @@ class BatchLoader(Generic[K, V]):
                 return known
         batch = self._batch
         if batch is None:
-            batch = self._batch = _Batch(None if self._cache else self._loop)
+            batch = self._batch = Batch(None if self._cache else self._loop)
             tg = self._tg
             if tg is None:
                 batch.lead = True
@@ -416,7 +244,7 @@ class BatchLoader(Generic[K, V]):
             batch.extra.append((key, future))
         return batch
 
-    def _close(self, batch: _Batch) -> None:
+    def _close(self, batch: Batch) -> None:
         """Stop ``batch`` taking keys; count the requests of the loads that joined inline.
 
         :meth:`load`'s inline join (asyncio) adds a key or a future, nothing more:
@@ -427,7 +255,7 @@ class BatchLoader(Generic[K, V]):
             self._requests += len(batch.keys) + len(batch.extra) - batch.counted
             batch.counted = len(batch.keys) + len(batch.extra)
 
-    def _flush(self, batch: _Batch) -> None:
+    def _flush(self, batch: Batch) -> None:
         """Close ``batch`` to new keys and run it now."""
         self._close(batch)
         batch.full = True
@@ -456,7 +284,7 @@ class BatchLoader(Generic[K, V]):
         if batch is None or batch.loop is None:
             return self._load_other(key)
         # the common case, inlined: join the open batch with a future
-        future: _KeyFuture[V] = _KeyFuture(loop=batch.loop)
+        future: KeyFuture[V] = KeyFuture(loop=batch.loop)
         keys = batch.keys  # the request is counted when the batch closes (_close)
         if key in keys:
             batch.plain = False
@@ -472,7 +300,7 @@ class BatchLoader(Generic[K, V]):
         loop = self._loop
         if loop is None:
             return self._load(key)
-        future: _KeyFuture[V] = _KeyFuture(loop=loop)
+        future: KeyFuture[V] = KeyFuture(loop=loop)
         self._enqueue(key, future)
         return future
 
@@ -494,8 +322,8 @@ class BatchLoader(Generic[K, V]):
         if not batch.finished:
             await batch.wait()
         if batch.error is None:
-            value = batch.values.get(key, _MISSING)
-            if value is not _MISSING and not isinstance(value, Exception):
+            value = batch.values.get(key, MISSING)
+            if value is not MISSING and not isinstance(value, Exception):
                 return cast("V", value)
         return cast("V", batch.result(key, self._default))
 
@@ -522,7 +350,7 @@ class BatchLoader(Generic[K, V]):
         for key in keys:
             self._memo.pop(key, None)
 
-    async def _lead(self, batches: list[_Batch]) -> None:
+    async def _lead(self, batches: list[Batch]) -> None:
         """Not entered: run the batches this caller opened, in the caller's task.
 
         The run is shielded: other callers wait on it, so this caller's own
@@ -539,7 +367,7 @@ class BatchLoader(Generic[K, V]):
                         tg.start_soon(self._dispatch, batch)
         await anyio.lowlevel.checkpoint_if_cancelled()
 
-    async def _dispatch(self, batch: _Batch) -> None:
+    async def _dispatch(self, batch: Batch) -> None:
         try:
             if batch.full:
                 pass
@@ -555,7 +383,7 @@ class BatchLoader(Generic[K, V]):
                 batch.error = RuntimeError("BatchLoader was closed before this batch ran")
                 batch.finish(self._default)
 
-    async def _run(self, batch: _Batch) -> None:
+    async def _run(self, batch: Batch) -> None:
         keys = list(batch.keys)
         self._calls += 1
         self._keys += len(keys)
@@ -592,13 +420,13 @@ class BatchLoader(Generic[K, V]):
         msg = f"load_many must return a mapping or a list aligned with the keys, got {kind}"
         raise TypeError(msg)
 
-    def _forget_failures(self, keys: list[Any], batch: _Batch) -> None:
+    def _forget_failures(self, keys: list[Any], batch: Batch) -> None:
         memo = self._memo
         for key in keys:
             if memo.get(key) is not batch:
                 continue
-            value = batch.values.get(key, _MISSING)
-            if batch.error is not None or value is _MISSING or isinstance(value, Exception):
+            value = batch.values.get(key, MISSING)
+            if batch.error is not None or value is MISSING or isinstance(value, Exception):
                 del memo[key]
 
     def __repr__(self) -> str:

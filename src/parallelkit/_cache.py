@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import math
 import random
 import time
 import warnings
@@ -32,7 +31,8 @@ import cachetools
 from anyio.abc import TaskGroup
 from typing_extensions import ParamSpec, Self, final
 
-from ._cached import CachedFunction, _key_builder
+from ._cached import CachedFunction, decorate
+from ._check import number, number_or_none
 from ._owned import leave
 from ._singleflight import Flight
 from ._store import CacheEntry, MemoryStore, Store, SupportsLoadLock, SupportsPeek
@@ -82,17 +82,6 @@ class CacheStats:
     evictions: int
     store_errors: int
     hit_rate: float
-
-
-def _number(name: str, value: object, *, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        msg = f"{name} must be a number of seconds, got {value!r}"
-        raise TypeError(msg)
-    if math.isnan(value) or value < 0 or (positive and value == 0):
-        bound = "> 0" if positive else ">= 0"
-        msg = f"{name} must be {bound}, got {value!r}"
-        raise ValueError(msg)
-    return float(value)
 
 
 def _count(store: object, name: str) -> int:
@@ -231,8 +220,8 @@ class SWRCache:
         on_error: ErrorCallback | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
-        self._fresh = _number("fresh", fresh)
-        self._stale = _number("stale", stale)
+        self._fresh = number("fresh", fresh, zero=True)
+        self._stale = number("stale", stale, zero=True)
         if self._fresh + self._stale == 0:
             msg = "fresh and stale are both 0: nothing would ever be served from the cache"
             raise ValueError(msg)
@@ -246,15 +235,13 @@ class SWRCache:
         if not isinstance(flag, bool):
             msg = f"cache_none must be a bool, got {cache_none!r}"
             raise TypeError(msg)
-        self._jitter = _number("jitter", jitter)
+        self._jitter = number("jitter", jitter, unit="a fraction of fresh", zero=True)
         if self._jitter >= 1:
             msg = f"jitter must be a fraction of fresh in [0, 1), got {jitter!r}"
             raise ValueError(msg)
-        self._error_ttl = (
-            None if error_ttl is None else _number("error_ttl", error_ttl, positive=True)
-        )
-        self._backoff = _number("backoff", backoff, positive=True)
-        self._max_backoff = _number("max_backoff", max_backoff, positive=True)
+        self._error_ttl = number_or_none("error_ttl", error_ttl)
+        self._backoff = number("backoff", backoff)
+        self._max_backoff = number("max_backoff", max_backoff)
         handler: object = on_error
         if handler is not None and not callable(handler):
             msg = f"on_error must be a callable (key, exc) or None, got {on_error!r}"
@@ -398,62 +385,8 @@ class SWRCache:
         """
         names = frozenset((ignore,) if isinstance(ignore, str) else ignore)
         if fn is None:
-            return functools.partial(self._decorate, key=key, ignore=names)
-        return self._decorate(fn, key=key, ignore=names)
-
-    def _decorate(
-        self,
-        fn: Callable[P, Awaitable[R]],
-        *,
-        key: Callable[..., Hashable] | None,
-        ignore: frozenset[str],
-    ) -> CachedFunction[P, R]:
-        if not inspect.iscoroutinefunction(fn):
-            msg = f"@cache.cached needs an async function, got {fn!r}"
-            raise TypeError(msg)
-        name = f"{fn.__module__}.{fn.__qualname__}"
-        if key is not None:
-            if ignore:
-                msg = "pass either key= or ignore=, not both"
-                raise ValueError(msg)
-            key_obj: object = key
-            if not callable(key_obj):
-                msg = f"key must be a callable (*args, **kwargs) -> Hashable, got {key!r}"
-                raise TypeError(msg)
-            user_key = key
-
-            def custom_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
-                return user_key(*args, **kwargs)
-
-            make_key: Callable[[tuple[Any, ...], dict[str, Any]], Hashable] = custom_key
-            n, skip = -1, 0
-        else:
-            make_key, n, skip = _key_builder(fn, name, ignore)
-        cache = self
-        peek = self._peek
-        store = self._store
-        clock = self._clock
-        one = n - skip == 1
-
-        async def __call__(_: object, *args: Any, **kwargs: Any) -> R:  # noqa: N807
-            if not kwargs and len(args) == n:
-                k: Hashable = (name, args[skip]) if one else (name, *args[skip:])
-            else:
-                k = make_key(args, kwargs)
-            entry = peek(k) if peek is not None else await store.get(k)
-            if entry is not None:
-                now = clock()
-                if now < entry.fresh_until:
-                    cache._hits += 1
-                    value: R = entry.value
-                    return value
-                if now < entry.stale_until:
-                    return await cache._stale_hit(k, entry, lambda _: fn(*args, **kwargs), now)
-            return await cache._miss(k, lambda _: fn(*args, **kwargs))
-
-        # a subclass per function whose __call__ *is* the coroutine function above
-        cls = type("CachedFunction", (CachedFunction,), {"__call__": __call__})
-        return cast("CachedFunction[P, R]", cls(make_key, self, fn))
+            return functools.partial(decorate, self, key=key, ignore=names)
+        return decorate(self, fn, key=key, ignore=names)
 
     # ------------------------------------------------------------------ writing
     async def set(self, key: Hashable, value: object) -> None:

@@ -1,18 +1,18 @@
-"""The ``@cache.cached`` wrapper and its normalizing key builder."""
+"""``@cache.cached``: the wrapper, its normalizing key builder and its hit path."""
 
 from __future__ import annotations
 
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
-from typing import TYPE_CHECKING, Any, Concatenate, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, TypeVar, cast, overload
 
 from typing_extensions import ParamSpec, Self, final
 
 if TYPE_CHECKING:
     from ._cache import SWRCache
 
-__all__ = ["CachedFunction"]
+__all__ = ["CachedFunction", "decorate"]
 
 P = ParamSpec("P")
 P2 = ParamSpec("P2")
@@ -44,7 +44,7 @@ class CachedFunction(Generic[P, R]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
         # replaced, per decorated function, by a specialized coroutine function
-        # (see SWRCache._decorate): no forwarding frame on the hit path
+        # (see decorate): no forwarding frame on the hit path
         raise NotImplementedError  # pragma: no cover
 
     def key(self, *args: P.args, **kwargs: P.kwargs) -> Hashable:
@@ -141,3 +141,63 @@ def _key_builder(
         return (name, *pos) if flat else (name, tuple(pos), tuple(kw))
 
     return make_key, n, skip
+
+
+def decorate(
+    cache: SWRCache,
+    fn: Callable[P, Awaitable[R]],
+    *,
+    key: Callable[..., Hashable] | None,
+    ignore: frozenset[str],
+) -> CachedFunction[P, R]:
+    """Wrap ``fn`` for :meth:`SWRCache.cached <parallelkit.SWRCache.cached>`.
+
+    The hit path is inlined here, specialized per function (key shape, store
+    peek, clock): one key tuple, one store lookup, one clock read, two
+    comparisons; stale hits and misses go through the cache's own methods.
+    """
+    if not inspect.iscoroutinefunction(fn):
+        msg = f"@cache.cached needs an async function, got {fn!r}"
+        raise TypeError(msg)
+    name = f"{fn.__module__}.{fn.__qualname__}"
+    if key is not None:
+        if ignore:
+            msg = "pass either key= or ignore=, not both"
+            raise ValueError(msg)
+        key_obj: object = key
+        if not callable(key_obj):
+            msg = f"key must be a callable (*args, **kwargs) -> Hashable, got {key!r}"
+            raise TypeError(msg)
+        user_key = key
+
+        def custom_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+            return user_key(*args, **kwargs)
+
+        make_key: Callable[[tuple[Any, ...], dict[str, Any]], Hashable] = custom_key
+        n, skip = -1, 0
+    else:
+        make_key, n, skip = _key_builder(fn, name, ignore)
+    peek = cache._peek
+    store = cache._store
+    clock = cache._clock
+    one = n - skip == 1
+
+    async def __call__(_: object, *args: Any, **kwargs: Any) -> R:  # noqa: N807
+        if not kwargs and len(args) == n:
+            k: Hashable = (name, args[skip]) if one else (name, *args[skip:])
+        else:
+            k = make_key(args, kwargs)
+        entry = peek(k) if peek is not None else await store.get(k)
+        if entry is not None:
+            now = clock()
+            if now < entry.fresh_until:
+                cache._hits += 1
+                value: R = entry.value
+                return value
+            if now < entry.stale_until:
+                return await cache._stale_hit(k, entry, lambda _: fn(*args, **kwargs), now)
+        return await cache._miss(k, lambda _: fn(*args, **kwargs))
+
+    # a subclass per function whose __call__ *is* the coroutine function above
+    cls = type("CachedFunction", (CachedFunction,), {"__call__": __call__})
+    return cast("CachedFunction[P, R]", cls(make_key, cache, fn))

@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar, cast, overload
 
 import anyio
 
+from ._check import number_or_none
 from ._limits import Limiter, SupportsLimit, validate_limit, validate_rate
 from ._outcome import Outcome
 from ._retry import RetryLike, retrying_call, to_retrying, validate_retry
@@ -29,18 +30,6 @@ _PENDING: Any = object()
 
 
 # ---------------------------------------------------------------------------- options
-def _validate_timeout(timeout: object) -> float | None:
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        msg = f"timeout must be a positive number of seconds or None, got {timeout!r}"
-        raise TypeError(msg)
-    if not timeout > 0:
-        msg = f"timeout must be > 0 seconds, got {timeout!r}"
-        raise ValueError(msg)
-    return float(timeout)
-
-
 class _Options:
     """Validated options and the per-item call built from them, once per call."""
 
@@ -61,7 +50,7 @@ class _Options:
         else:
             self.workers = validate_limit(limit)
         rate = validate_rate(rate)
-        timeout = _validate_timeout(timeout)
+        timeout = number_or_none("timeout", timeout)
         retry = validate_retry(retry)
         call = fn
         # innermost first: timeout per attempt, then limits per attempt, then retry

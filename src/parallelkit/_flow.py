@@ -18,8 +18,8 @@ from typing import Any, Literal, TypeVar, cast, overload
 import anyio
 from typing_extensions import ParamSpec, final
 
+from ._check import number_or_none
 from ._errors import DefinitionError
-from ._fanout import _validate_timeout
 from ._graph import Graph, Node, params_of
 from ._limits import Limiter, SupportsLimit
 from ._outcome import Outcome
@@ -154,7 +154,7 @@ class Flow:
             async def charge(payment_id: str) -> Charge: ...
             ```
         """
-        timeout = _validate_timeout(timeout)
+        timeout = number_or_none("timeout", timeout)
         retry = validate_retry(retry)
         limiter: SupportsLimit | None
         if limit is None or (not isinstance(limit, int) and isinstance(limit, SupportsLimit)):

@@ -11,6 +11,8 @@ from typing import Protocol, runtime_checkable
 import anyio
 from typing_extensions import Self, final
 
+from ._check import number_or_none
+
 __all__ = ["Limiter", "LimiterStatistics", "SupportsLimit", "validate_limit", "validate_rate"]
 
 
@@ -38,15 +40,7 @@ class SupportsLimit(Protocol):
 
 def validate_rate(rate: object, name: str = "rate") -> float | None:
     """Return ``rate`` as a float, or raise naming the argument."""
-    if rate is None:
-        return None
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
-        msg = f"{name} must be a positive number of starts per second or None, got {rate!r}"
-        raise TypeError(msg)
-    if not rate > 0 or math.isinf(rate):
-        msg = f"{name} must be a positive, finite number of starts per second, got {rate!r}"
-        raise ValueError(msg)
-    return float(rate)
+    return number_or_none(name, rate, unit="starts per second", finite=True)
 
 
 def validate_limit(limit: object, name: str = "limit") -> int | None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import math
 import os
 import signal
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -30,6 +29,7 @@ from typing import Any, TypeVar, overload
 import anyio
 from typing_extensions import ParamSpec, final
 
+from ._check import number, number_or_none
 from ._errors import DefinitionError
 from ._graph import Graph, Node, Param, params_of
 from ._process import ManagedProcess, Output, OutputSink, RestartPolicy, process_lifetime
@@ -45,18 +45,6 @@ R = TypeVar("R")
 logger = logging.getLogger("parallelkit.orchestrator")
 
 _PROCESS_KILL_GRACE = 5.0  # seconds the host allows beyond stop_timeout for SIGKILL + drain
-
-
-def _seconds(name: str, value: object, *, allow_none: bool) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        msg = f"{name} must be a positive number of seconds{' or None' * allow_none}, got {value!r}"
-        raise TypeError(msg)
-    if not value > 0 or math.isinf(value):
-        msg = f"{name} must be a positive, finite number of seconds, got {value!r}"
-        raise ValueError(msg)
-    return float(value)
 
 
 @final
@@ -172,9 +160,9 @@ class Orchestrator:
         """
 
         probe = as_probe(ready)
-        start_timeout = _seconds("timeout", timeout, allow_none=True)
+        start_timeout = number_or_none("timeout", timeout, finite=True)
         retry = validate_retry(retry)
-        stop_seconds = _seconds("stop_timeout", stop_timeout, allow_none=False) or 0.0
+        stop_seconds = number("stop_timeout", stop_timeout, finite=True)
         critical = _flag("critical", critical)
         if name is not None and (not isinstance(name, str) or not name.isidentifier()):
             msg = f"service name must be an identifier str, got {name!r}"
@@ -291,7 +279,7 @@ class Orchestrator:
         if isinstance(depends_on, str) or not all(isinstance(d, str) for d in depends_on):
             msg = f"depends_on must be a sequence of service names, got {depends_on!r}"
             raise TypeError(msg)
-        stop = _seconds("stop_timeout", stop_timeout, allow_none=False) or 0.0
+        stop = number("stop_timeout", stop_timeout, finite=True)
         sink = self._sink
         env_copy = dict(env) if env is not None else None
         command = cmd if isinstance(cmd, str) else [os.fspath(a) for a in cmd]
@@ -313,7 +301,7 @@ class Orchestrator:
             lifetime,
             depends_on=tuple(depends_on),
             ready=as_probe(ready),
-            timeout=_seconds("timeout", timeout, allow_none=True),
+            timeout=number_or_none("timeout", timeout, finite=True),
             stop_timeout=stop + _PROCESS_KILL_GRACE,
             critical=_flag("critical", critical),
             kind="process",

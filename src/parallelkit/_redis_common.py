@@ -22,6 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from typing_extensions import final
 
+from ._check import number, number_or_none
 from ._errors import ParallelkitError
 
 __all__ = [
@@ -180,16 +181,9 @@ def validate_name(name: object, what: str = "name") -> str:
 
 def validate_seconds(value: object, name: str, *, allow_none: bool = False) -> float | None:
     """Return a positive, finite number of seconds, or raise naming the argument."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        kind = "a positive number of seconds" + (" or None" if allow_none else "")
-        msg = f"{name} must be {kind}, got {value!r}"
-        raise TypeError(msg)
-    if not value > 0 or math.isinf(value):
-        msg = f"{name} must be a positive, finite number of seconds, got {value!r}"
-        raise ValueError(msg)
-    return float(value)
+    if allow_none:
+        return number_or_none(name, value, finite=True)
+    return number(name, value, finite=True)
 
 
 def validate_lease_seconds(value: object, name: str) -> float:

@@ -22,6 +22,7 @@ import anyio
 import anyio.abc
 from typing_extensions import final
 
+from ._check import number
 from ._errors import DependencyFailed, StartupError
 from ._graph import Graph, Node, Param, Plan
 from ._process import ManagedProcess
@@ -214,10 +215,7 @@ class Running:
             status = 200 if fresh.status != "failing" else 503
             ```
         """
-        if not timeout > 0:
-            msg = f"timeout must be > 0 seconds, got {timeout!r}"
-            raise ValueError(msg)
-        return self._aggregate({}, timeout)
+        return self._aggregate({}, number("timeout", timeout))
 
     async def _probe(self, timeout: float) -> Health:
         answers: dict[str, str | None] = {}

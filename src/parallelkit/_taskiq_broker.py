@@ -24,6 +24,7 @@ from taskiq_redis import RedisStreamBroker as _TaskiqRedisStreamBroker
 from taskiq_redis.exceptions import ResultIsMissingError
 from typing_extensions import final
 
+from ._check import number
 from ._retry import Retry
 
 _LABEL_TRACEBACK = "pk_traceback"
@@ -371,9 +372,7 @@ def redis_broker(
         Workers: ``taskiq worker myapp.tasks:broker --max-async-tasks 20``.
     """
     for name, value in (("idle_timeout", idle_timeout), ("poll", poll), ("result_ttl", result_ttl)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            msg = f"{name} must be a positive number of seconds, got {value!r}"
-            raise ValueError(msg)
+        number(name, value)
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
         msg = f"prefetch must be an int >= 1, got {prefetch!r}"
         raise ValueError(msg)

@@ -38,19 +38,11 @@ import anyio
 import anyio.abc
 from typing_extensions import final
 
+from ._check import number
+
 __all__ = ["Probe", "call", "http", "tcp"]
 
 CheckFn = Callable[[Any], Awaitable["str | None"]]
-
-
-def _positive(name: str, value: object, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        msg = f"{name} must be a number of seconds, got {value!r}"
-        raise TypeError(msg)
-    if math.isnan(value) or value < 0 or (value == 0 and not allow_zero):
-        msg = f"{name} must be {'>= 0' if allow_zero else '> 0'} seconds, got {value!r}"
-        raise ValueError(msg)
-    return float(value)
 
 
 @final
@@ -89,8 +81,8 @@ class Probe:
     ) -> None:
         self.name = name
         self._check = check
-        self.initial = _positive("initial", initial)
-        self.max_interval = _positive("max_interval", max_interval)
+        self.initial = number("initial", initial)
+        self.max_interval = number("max_interval", max_interval)
         if self.max_interval < self.initial:
             msg = f"max_interval ({max_interval!r}) must be >= initial ({initial!r})"
             raise ValueError(msg)
@@ -129,7 +121,7 @@ class Probe:
                 probe and the last reason it gave.
         """
         if timeout is not None:
-            timeout = _positive("timeout", timeout)
+            timeout = number("timeout", timeout)
         deadline = math.inf if timeout is None else anyio.current_time() + timeout
         interval = self.initial
         while True:
@@ -176,7 +168,7 @@ def tcp(
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         msg = f"port must be an int in 1..65535, got {port!r}"
         raise ValueError(msg)
-    limit = _positive("connect_timeout", connect_timeout)
+    limit = number("connect_timeout", connect_timeout)
 
     async def check(_value: Any) -> str | None:
         try:
@@ -232,7 +224,7 @@ def http(
     else:
         msg = f"status must be an int or a collection of ints, got {status!r}"
         raise TypeError(msg)
-    limit = _positive("request_timeout", request_timeout)
+    limit = number("request_timeout", request_timeout)
     host = parts.hostname
     tls = parts.scheme == "https"
     port = parts.port or (443 if tls else 80)

@@ -48,7 +48,7 @@ from taskiq.compat import parse_obj_as
 from taskiq.exceptions import NoResultError
 from taskiq.result import TaskiqResult
 
-from ._fanout import _validate_timeout
+from ._check import number_or_none
 from ._fanout import map as _map
 from ._imap import imap as _imap
 from ._limits import Limiter, SupportsLimit, validate_rate
@@ -173,7 +173,7 @@ class _Kick:
                 f"got {type(task).__name__} {task!r}"
             )
             raise TypeError(msg)
-        self._timeout = _validate_timeout(timeout)
+        self._timeout = number_or_none("timeout", timeout)
         self._gate = _rate_gate(rate)
         kicker = task.kicker()
         if self._timeout is not None:  # the worker stops the attempt too
