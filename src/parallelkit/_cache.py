@@ -22,7 +22,6 @@ import random
 import time
 import warnings
 from collections.abc import Awaitable, Callable, Hashable, Iterable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar, cast, overload
 
@@ -31,6 +30,7 @@ import cachetools
 from anyio.abc import TaskGroup
 from typing_extensions import ParamSpec, Self, final
 
+from ._cache_stats import CacheStats, store_counter
 from ._cached import CachedFunction, decorate
 from ._check import number, number_or_none
 from ._owned import leave
@@ -50,44 +50,6 @@ V = TypeVar("V")
 
 Loader = Callable[[K], Awaitable[V]] | Callable[[], Awaitable[V]]
 ErrorCallback = Callable[[Hashable, Exception], object]
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class CacheStats:
-    """A snapshot of an :class:`SWRCache`'s counters (``cache.stats``).
-
-    Attributes:
-        hits: calls served fresh from the store.
-        stale_hits: calls served a stale value (a refresh was started, running,
-            or backing off after a failure).
-        misses: calls that found nothing usable and waited for a load.
-        loads: loader calls made for misses (one per flight, not per caller).
-        refreshes: loader calls made to refresh stale entries.
-        refresh_errors: refreshes that failed (the stale value kept being served).
-        load_errors: miss loads that failed (their callers got the exception).
-        evictions: entries the store dropped for room (``MemoryStore``: LRU).
-        store_errors: errors the store absorbed on its own (its ``errors``
-            attribute, e.g. ``RedisStore`` degrading during an outage); 0 if none.
-        hit_rate: ``(hits + stale_hits) / (hits + stale_hits + misses)``, 0.0 if idle.
-    """
-
-    hits: int
-    stale_hits: int
-    misses: int
-    loads: int
-    refreshes: int
-    refresh_errors: int
-    load_errors: int
-    evictions: int
-    store_errors: int
-    hit_rate: float
-
-
-def _count(store: object, name: str) -> int:
-    """An optional int counter a store may expose (``evictions``, ``errors``)."""
-    value = getattr(store, name, 0)
-    return value if isinstance(value, int) else 0
 
 
 def _takes_no_key(loader: Callable[..., Any]) -> bool:
@@ -302,8 +264,8 @@ class SWRCache:
             refreshes=self._refreshes,
             refresh_errors=self._refresh_errors,
             load_errors=self._load_errors,
-            evictions=_count(self._store, "evictions"),
-            store_errors=_count(self._store, "errors"),
+            evictions=store_counter(self._store, "evictions"),
+            store_errors=store_counter(self._store, "errors"),
             hit_rate=served / total if total else 0.0,
         )
 

@@ -1,0 +1,47 @@
+"""CacheStats: the counters an :class:`~parallelkit.SWRCache` reports (``cache.stats``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from typing_extensions import final
+
+__all__ = ["CacheStats", "store_counter"]
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class CacheStats:
+    """A snapshot of an :class:`SWRCache`'s counters (``cache.stats``).
+
+    Attributes:
+        hits: calls served fresh from the store.
+        stale_hits: calls served a stale value (a refresh was started, running,
+            or backing off after a failure).
+        misses: calls that found nothing usable and waited for a load.
+        loads: loader calls made for misses (one per flight, not per caller).
+        refreshes: loader calls made to refresh stale entries.
+        refresh_errors: refreshes that failed (the stale value kept being served).
+        load_errors: miss loads that failed (their callers got the exception).
+        evictions: entries the store dropped for room (``MemoryStore``: LRU).
+        store_errors: errors the store absorbed on its own (its ``errors``
+            attribute, e.g. ``RedisStore`` degrading during an outage); 0 if none.
+        hit_rate: ``(hits + stale_hits) / (hits + stale_hits + misses)``, 0.0 if idle.
+    """
+
+    hits: int
+    stale_hits: int
+    misses: int
+    loads: int
+    refreshes: int
+    refresh_errors: int
+    load_errors: int
+    evictions: int
+    store_errors: int
+    hit_rate: float
+
+
+def store_counter(store: object, name: str) -> int:
+    """An optional int counter a store may expose (``evictions``, ``errors``)."""
+    value = getattr(store, name, 0)
+    return value if isinstance(value, int) else 0
