@@ -22,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from typing_extensions import final
 
-from ._check import number, number_or_none
+from ._check import number
 from ._errors import ParallelkitError
 
 __all__ = [
@@ -37,7 +37,6 @@ __all__ = [
     "validate_client",
     "validate_lease_seconds",
     "validate_name",
-    "validate_seconds",
 ]
 
 #: The exceptions that mean "Redis is unreachable right now" (not "you misused it").
@@ -179,17 +178,9 @@ def validate_name(name: object, what: str = "name") -> str:
     return name
 
 
-def validate_seconds(value: object, name: str, *, allow_none: bool = False) -> float | None:
-    """Return a positive, finite number of seconds, or raise naming the argument."""
-    if allow_none:
-        return number_or_none(name, value, finite=True)
-    return number(name, value, finite=True)
-
-
 def validate_lease_seconds(value: object, name: str) -> float:
-    """Like :func:`validate_seconds`, at least 0.01 s (Redis expiries are in ms)."""
-    seconds = validate_seconds(value, name)
-    assert seconds is not None
+    """A positive, finite number of seconds, at least 0.01 (Redis expiries are in ms)."""
+    seconds = number(name, value, finite=True)
     if seconds < 0.01:
         msg = f"{name} must be at least 0.01 seconds, got {value!r}"
         raise ValueError(msg)

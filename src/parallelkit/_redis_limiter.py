@@ -11,6 +11,7 @@ from anyio.abc import TaskGroup
 from redis.asyncio import Redis
 from typing_extensions import Self, final
 
+from ._check import number
 from ._limits import Limiter, validate_limit, validate_rate
 from ._redis_common import (
     OUTAGE_ERRORS,
@@ -22,7 +23,6 @@ from ._redis_common import (
     validate_client,
     validate_lease_seconds,
     validate_name,
-    validate_seconds,
 )
 
 __all__ = ["RedisLimiter", "RedisLimiterStatistics"]
@@ -227,10 +227,8 @@ class RedisLimiter:
             raise ValueError(msg)
         self._burst = burst
         self._lease = validate_lease_seconds(lease, "lease")
-        poll_s = validate_seconds(poll, "poll")
-        retry_s = validate_seconds(retry_after, "retry_after")
-        assert poll_s is not None
-        assert retry_s is not None
+        poll_s = number("poll", poll, finite=True)
+        retry_s = number("retry_after", retry_after, finite=True)
         self._poll = poll_s
         if fail not in ("open", "closed", "local"):
             msg = f"fail must be 'open', 'closed' or 'local', got {fail!r}"

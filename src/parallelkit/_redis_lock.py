@@ -12,6 +12,7 @@ from anyio.abc import TaskGroup
 from redis.asyncio import Redis
 from typing_extensions import Self, final
 
+from ._check import number, number_or_none
 from ._redis_common import (
     OUTAGE_ERRORS,
     LockLost,
@@ -23,7 +24,6 @@ from ._redis_common import (
     validate_client,
     validate_lease_seconds,
     validate_name,
-    validate_seconds,
 )
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -361,8 +361,7 @@ class RedisLock(Lease):
         if not isinstance(cast(object, blocking), bool):
             msg = f"blocking must be a bool, got {blocking!r}"
             raise TypeError(msg)
-        poll_s = validate_seconds(poll, "poll")
-        assert poll_s is not None
+        poll_s = number("poll", poll, finite=True)
         validate_name(prefix, "prefix")
         key = f"{prefix}:lock:{{{name}}}"  # hash tag: both keys in one cluster slot
         super().__init__(
@@ -372,7 +371,7 @@ class RedisLock(Lease):
             f"{key}:fence",
             ttl=ttl_s,
             blocking=blocking,
-            timeout=validate_seconds(timeout, "timeout", allow_none=True),
+            timeout=number_or_none("timeout", timeout, finite=True),
             poll=poll_s,
             cancel_on_loss=True,
         )

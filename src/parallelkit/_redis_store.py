@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 from redis.asyncio import Redis
 from typing_extensions import final
 
+from ._check import number
 from ._redis_common import (
     OUTAGE_ERRORS,
     Outage,
@@ -23,7 +24,6 @@ from ._redis_common import (
     validate_client,
     validate_lease_seconds,
     validate_name,
-    validate_seconds,
 )
 from ._redis_lock import Lease
 from ._store import CacheEntry, MemoryStore
@@ -242,10 +242,8 @@ class RedisStore:
         self._lease_prefix = f"{prefix}:{namespace}:l:"
         self._serializer = _serializer(serializer)
         self._lease = validate_lease_seconds(lease, "lease")
-        poll_s = validate_seconds(poll, "poll")
-        retry_s = validate_seconds(retry_after, "retry_after")
-        assert poll_s is not None
-        assert retry_s is not None
+        poll_s = number("poll", poll, finite=True)
+        retry_s = number("retry_after", retry_after, finite=True)
         self._poll = poll_s
         self._strict = bool(strict)
         self._local = MemoryStore(local_maxsize)
