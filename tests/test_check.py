@@ -13,7 +13,7 @@ import pytest
 
 import parallelkit as pk
 from parallelkit import probes
-from parallelkit._check import number, number_or_none
+from parallelkit._core.check import number, number_or_none
 
 
 @pytest.mark.parametrize("value", ["1", b"1", [1], True, False, object()])
@@ -38,12 +38,10 @@ def test_zero_is_allowed_only_when_asked() -> None:
         number("delay", math.nan, zero=True)
 
 
-def test_infinity_is_refused_only_when_finite_is_asked() -> None:
-    assert number("timeout", math.inf) == math.inf
-    with pytest.raises(
-        ValueError, match=r"^rate must be > 0 and finite \(starts per second\), got inf$"
-    ):
-        number("rate", math.inf, unit="starts per second", finite=True)
+def test_infinity_is_refused_unless_the_option_allows_it() -> None:
+    assert number("stop_timeout", math.inf, finite=False) == math.inf
+    with pytest.raises(ValueError, match=r"^rate must be finite \(starts per second\), got inf$"):
+        number("rate", math.inf, unit="starts per second")
 
 
 def test_valid_values_come_back_as_floats_and_none_passes_through() -> None:
@@ -65,7 +63,7 @@ async def _ready(_value: object) -> str | None:
 async def test_public_options_use_the_same_wording() -> None:
     with pytest.raises(TypeError, match=r"^timeout must be a number \(seconds\) or None"):
         await pk.gather(lambda: _one(1), timeout="5")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"^rate must be > 0 and finite \(starts per second\)"):
+    with pytest.raises(ValueError, match=r"^rate must be finite \(starts per second\)"):
         await pk.map(_one, [1], rate=math.inf)
     with pytest.raises(ValueError, match=r"^initial must be > 0 \(seconds\), got 0$"):
         probes.Probe("p", _ready, initial=0)

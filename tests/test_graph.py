@@ -1,4 +1,4 @@
-"""The graph engine itself (parallelkit._graph), as the Orchestrator uses it."""
+"""The graph engine itself (parallelkit._graph.graph), as the Orchestrator uses it."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import anyio
 import pytest
 
 import parallelkit as pk
-from parallelkit._graph import Graph, Node, Param, params_of
-from parallelkit._scheduler import Run
+from parallelkit._graph.graph import Graph, Node, Param, params_of
+from parallelkit._graph.scheduler import Run
 
 pytestmark = pytest.mark.anyio
 

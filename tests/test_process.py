@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 import parallelkit as pk
-from parallelkit._process import OutputSink
+from parallelkit._orchestrator.process import OutputSink
 
 pytestmark = pytest.mark.anyio
 

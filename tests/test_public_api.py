@@ -42,13 +42,27 @@ def test_all_is_sorted_and_complete() -> None:
         assert hasattr(pk, name), name
 
 
-def test_public_names_live_in_the_public_module() -> None:
-    for name in pk.__all__:
-        obj = getattr(pk, name)
-        module = getattr(obj, "__module__", "parallelkit")
+@pytest.mark.parametrize(
+    "public",
+    [
+        "parallelkit",
+        "parallelkit.sqlalchemy",
+        "parallelkit.redis",
+        "parallelkit.taskiq",
+        "parallelkit.asgi",
+        "parallelkit.probes",
+    ],
+)
+def test_public_names_live_in_the_public_module(public: str) -> None:
+    """Every public name's ``__module__`` is the path users import it from."""
+    module = importlib.import_module(public)
+    for name in module.__all__:
+        obj = getattr(module, name)
         if inspect.ismodule(obj):
             continue
-        assert not module.startswith("parallelkit._"), f"{name}.__module__ is {module}"
+        where = getattr(obj, "__module__", public)
+        private = any(part.startswith("_") for part in where.split(".")[1:])
+        assert not private, f"{public}.{name}.__module__ is {where}"
 
 
 def test_every_public_module_has_all() -> None:

@@ -11,7 +11,7 @@ import pytest
 import redis.asyncio as aredis
 
 import parallelkit as pk
-from parallelkit._limits import SupportsLimit
+from parallelkit._core.limiter import SupportsLimit
 from parallelkit.redis import RedisLimiter, RedisUnavailable
 
 from .redis_helpers import client, start_workers, stop_workers, wait_workers

@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 import parallelkit as pk
-from parallelkit._redis_store import decode_entry, encode_entry
-from parallelkit._store import CacheEntry
+from parallelkit._cache.store import CacheEntry
 from parallelkit.redis import (
     JSONSerializer,
     PickleSerializer,
@@ -24,6 +23,7 @@ from parallelkit.redis import (
     RedisStore,
     RedisUnavailable,
 )
+from parallelkit.redis._store import decode_entry, encode_entry
 
 from .conftest import need_service
 from .redis_helpers import (

@@ -263,7 +263,7 @@ async def test_guard_sessions_turns_the_check_off_and_on(any_engine: AsyncEngine
 async def test_sync_only_use_never_pays_for_the_statement_checks(
     sync_engine: Engine, any_engine: AsyncEngine
 ) -> None:
-    from parallelkit import _sqla_sessions
+    from parallelkit.sqlalchemy import _sessions as _sqla_sessions
 
     guard_sessions(False)
     assert guard_sessions(True) is False

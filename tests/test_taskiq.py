@@ -186,7 +186,7 @@ def test_worker_cancellation_is_not_raised_as_ours() -> None:
     """A CancelledError from a worker shutting down must not pass for our cancellation."""
     import asyncio
 
-    from parallelkit.taskiq import _remote_error
+    from parallelkit.taskiq._map import _remote_error
 
     error = _remote_error(_failed(asyncio.CancelledError()), "id9", "t.name")
     assert type(error) is RuntimeError
@@ -194,7 +194,7 @@ def test_worker_cancellation_is_not_raised_as_ours() -> None:
 
 
 def test_error_without_traceback_middleware() -> None:
-    from parallelkit.taskiq import _remote_error
+    from parallelkit.taskiq._map import _remote_error
 
     error = _remote_error(_failed(KeyError("k")), "id1", "t.name")
     assert type(error) is KeyError

@@ -21,9 +21,9 @@ from collections.abc import Sequence
 
 import anyio
 
-from ._errors import StartupError
-from ._orchestrator import Orchestrator
-from ._running import Running
+from ._core.errors import StartupError
+from ._orchestrator.orchestrator import Orchestrator
+from ._orchestrator.running import Running
 
 __all__ = ["main"]
 

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-from ._orchestrator import Orchestrator
+from ._orchestrator.orchestrator import Orchestrator
 
 __all__ = ["lifespan"]
 

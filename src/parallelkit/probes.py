@@ -38,7 +38,7 @@ import anyio
 import anyio.abc
 from typing_extensions import final
 
-from ._check import number
+from ._core.check import number
 
 __all__ = ["Probe", "call", "http", "tcp"]
 

@@ -1,0 +1,1 @@
+"""Request batching: :class:`~parallelkit.BatchLoader` (``loader``) and one batch (``batch``)."""

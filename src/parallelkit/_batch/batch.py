@@ -1,0 +1,195 @@
+"""One batch of a :class:`~parallelkit.BatchLoader`, and how its callers wait for it.
+
+A :class:`Batch` holds the keys of one ``load_many`` call, the futures of the
+callers waiting on it and, once the call returned, its outcome, which
+:meth:`Batch.finish` hands to every caller. How a caller waits is the only
+place where the backends differ (see :mod:`parallelkit._batch.loader`):
+
+* asyncio, loader entered: one :class:`KeyFuture` per caller (an
+  :class:`asyncio.Future` that is also a coroutine), resolved by ``finish``;
+* otherwise: :meth:`Batch.wait`, one :class:`anyio.Event` for the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Iterable, Mapping
+from typing import Any, TypeVar, cast
+
+import anyio
+from typing_extensions import final
+
+__all__ = ["MISSING", "Batch", "KeyFuture", "asyncio_loop"]
+
+V = TypeVar("V")
+
+MISSING: Any = object()
+"""No value: a key ``load_many`` did not return, or no ``default=``."""
+
+
+def asyncio_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop if the current task runs on asyncio, else ``None``."""
+    try:
+        import sniffio
+    except ModuleNotFoundError:  # pragma: no cover - trio needs sniffio: this is asyncio
+        pass
+    else:
+        try:
+            if sniffio.current_async_library() != "asyncio":
+                return None
+        except sniffio.AsyncLibraryNotFoundError:  # pragma: no cover - not in a task
+            return None
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # pragma: no cover - not in a task
+        return None
+
+
+@final
+class KeyFuture(asyncio.Future[V], Coroutine[Any, Any, V]):
+    """What :meth:`BatchLoader.load` returns on asyncio: one caller's future.
+
+    A plain :class:`asyncio.Future` to ``asyncio.gather`` / ``await`` (no task
+    per key), and a coroutine to whoever asks for one (``tg.start_soon(loader.load,
+    key)``, ``asyncio.create_task(loader.load(key))``), as ``load`` was when it
+    was an ``async def``: ``send`` / ``throw`` step the future's own iterator.
+    """
+
+    __slots__ = ()
+
+    def send(self, value: Any, /) -> Any:
+        return self.__await__().send(value)
+
+    def throw(self, *exc_info: Any) -> Any:
+        return self.__await__().throw(*exc_info)
+
+    def close(self) -> None:
+        """Give up: the batch no longer resolves this future."""
+        self.cancel()
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    """Fail one caller's future (unless it gave up), marking the error retrieved.
+
+    Marking it retrieved keeps asyncio from logging "Future exception was never
+    retrieved" for a ``load()`` nobody awaited (e.g. the rest of a failed
+    ``gather``); a caller that awaits it still gets the error raised.
+    """
+    if future.done():
+        return
+    if isinstance(error, StopIteration):  # a future cannot hold one (nor raise it from a coro)
+        wrapped = RuntimeError(f"load_many gave a StopIteration: {error!r}")
+        wrapped.__cause__ = error
+        error = wrapped
+    future.set_exception(error)
+    future.exception()
+
+
+@final
+class Batch:
+    """The keys of one ``load_many`` call, their callers' futures, and its outcome."""
+
+    __slots__ = (
+        "aligned",
+        "counted",
+        "done",
+        "error",
+        "extra",
+        "finished",
+        "full",
+        "keys",
+        "lead",
+        "loop",
+        "plain",
+        "scope",
+        "values",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.loop = loop  # asyncio, entered, no memo: load() joins with a future, inline
+        self.lead = False  # no task group: the caller that opened the batch runs it
+        # ordered, deduplicated keys -> the first asyncio caller's future (or None)
+        self.keys: dict[Any, asyncio.Future[Any] | None] = {}
+        self.extra: list[tuple[Any, asyncio.Future[Any]]] = []  # more futures per key
+        self.counted = 0  # entries of keys + extra already in the loader's request count
+        self.plain = loop is not None  # one future per key, nothing else waits (see _run)
+        self.aligned: list[Any] | None = None  # a plain batch's list result, as returned
+        self.done: anyio.Event | None = None  # made for coroutine waiters (see wait)
+        self.scope: anyio.CancelScope | None = None  # the dispatch wait, cancelled when full
+        self.full = False
+        self.finished = False
+        self.values: Mapping[Any, Any] = {}
+        self.error: BaseException | None = None  # the whole call failed
+
+    def result(self, key: Any, default: Any) -> Any:
+        error = self.error
+        if error is not None:
+            raise error
+        value = self.values.get(key, MISSING)
+        if value is MISSING:
+            if default is not MISSING:
+                return default
+            msg = f"load_many returned no value for key {key!r}"
+            raise KeyError(msg)
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    async def wait(self) -> None:
+        """Wait for the batch to finish (the coroutine waiters: trio, load_many, not entered)."""
+        if not self.finished:
+            done = self.done
+            if done is None:
+                done = self.done = anyio.Event()
+            await done.wait()
+
+    def resolve(self, future: asyncio.Future[Any], key: Any, default: Any) -> None:
+        """Give one caller's future its outcome (the batch has finished)."""
+        if future.done():  # the caller was cancelled
+            return
+        try:
+            value = self.result(key, default)
+        except Exception as exc:
+            _fail(future, exc)
+        else:
+            future.set_result(value)
+
+    def finish(self, default: Any) -> None:
+        """Mark the batch finished and wake every caller."""
+        self.finished = True
+        if self.done is not None:
+            self.done.set()
+        keys = self.keys
+        error = self.error
+        aligned = self.aligned
+        if aligned is not None:  # plain: every key has a future, no values dict needed
+            futures = cast("Iterable[asyncio.Future[Any]]", keys.values())
+            for plain_future, value in zip(futures, aligned, strict=True):
+                if isinstance(value, Exception):
+                    _fail(plain_future, value)
+                    continue
+                try:
+                    plain_future.set_result(value)
+                except asyncio.InvalidStateError:  # the caller was cancelled
+                    continue
+            return
+        if error is not None:
+            for future in keys.values():
+                if future is not None:
+                    _fail(future, error)
+            for _, future in self.extra:
+                _fail(future, error)
+            return
+        get = self.values.get
+        for key, future in keys.items():
+            if future is not None:
+                value = get(key, MISSING)
+                if value is MISSING or isinstance(value, Exception):
+                    self.resolve(future, key, default)
+                else:  # the common case, inlined
+                    try:
+                        future.set_result(value)
+                    except asyncio.InvalidStateError:  # the caller was cancelled
+                        continue
+        for key, future in self.extra:
+            self.resolve(future, key, default)

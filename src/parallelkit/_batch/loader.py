@@ -1,0 +1,438 @@
+"""BatchLoader: the DataLoader pattern on anyio.
+
+Every :meth:`BatchLoader.load` issued in the same scheduling tick (or within
+``window`` seconds of the first) joins one *batch*; the batch becomes a single
+``load_many(keys)`` call, dispatched by a task in the loader's task group.
+
+How a caller waits depends on the backend, and that is the only place the
+backends differ (:mod:`parallelkit._batch.batch`: one batch's state, and the futures
+of its callers):
+
+* asyncio, loader entered: ``load(key)`` returns a per-call
+  :class:`asyncio.Future` (as aiodataloader does), resolved when the batch
+  finishes. ``asyncio.gather(*(loader.load(k) ...))`` then needs no task per key,
+  and a caller that is cancelled cancels only its own future.
+* trio, or a loader that is not entered: ``load(key)`` returns a coroutine that
+  waits on the batch's one :class:`anyio.Event` (a caller that is not entered
+  may have to run the batch itself, see :meth:`BatchLoader._lead`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Coroutine,
+    Hashable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Generic, TypeVar, cast
+
+import anyio
+from anyio.abc import TaskGroup
+from typing_extensions import Self, final
+
+from .._core.check import number
+from .._core.owned import leave
+from .batch import MISSING, Batch, KeyFuture, asyncio_loop
+
+__all__ = ["BatchLoader", "BatchStats"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+LoadMany = Callable[[list[K]], Awaitable[Mapping[K, "V | Exception"] | Sequence["V | Exception"]]]
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    """A snapshot of a :class:`BatchLoader`'s counters (``loader.stats``).
+
+    Attributes:
+        requests: keys asked for through :meth:`~BatchLoader.load` /
+            :meth:`~BatchLoader.load_many` (duplicates and memo hits included).
+        keys: distinct keys sent to ``load_many``.
+        calls: ``load_many`` calls made (one per batch).
+    """
+
+    requests: int
+    keys: int
+    calls: int
+
+
+@final
+class BatchLoader(Generic[K, V]):
+    """Coalesce many single-key loads into few ``load_many(keys)`` calls.
+
+    The N+1 problem: 500 handlers each ask for "the contact of conversation X"
+    and you run 500 queries. With a ``BatchLoader`` each handler still writes
+    ``await loader.load(x)``, and all loads issued in the same scheduling tick
+    become **one** ``load_many([...500 keys])`` call.
+
+    * A batch holds at most ``max_batch`` distinct keys; more are split into
+      further batches (they run concurrently). Duplicate keys are loaded once.
+    * ``load_many(keys)`` returns a mapping ``{key: value}`` or a list aligned with
+      ``keys``. A key missing from a mapping raises :class:`KeyError` to its
+      callers only (or returns ``default``); an :class:`Exception` *instance* as a
+      value is raised to that key's callers only.
+    * If ``load_many`` itself raises, every caller of that batch gets **the same
+      exception object**. A list of the wrong length, or a result that is neither
+      a mapping nor a sequence, fails that batch's callers with a
+      :class:`ValueError` / :class:`TypeError` saying so: no caller hangs.
+    * ``cache=False`` (default) loads a key again in each new batch;
+      ``cache=True`` memoizes successful values for the loader's lifetime (keys
+      in flight are shared across batches too).
+
+    Enter it (``async with``): the loader owns the tasks that dispatch its
+    batches. Leaving waits for the batches in flight; leaving with an error
+    cancels them, and their callers get a :class:`RuntimeError`. Not entered, it
+    still works: the caller that opens a batch runs it in its own task (shielded,
+    so the callers that joined are never stranded).
+
+    Args:
+        load_many: ``async def load_many(keys: list[K]) -> Mapping | Sequence``.
+        max_batch: the most distinct keys per call (>= 1).
+        window: seconds to keep collecting after a batch's first key (``0``: one
+            scheduling tick).
+        cache: memoize values per loader instance.
+        default: returned for keys a mapping result leaves out (instead of
+            raising :class:`KeyError`).
+
+    Example:
+        ```python
+        async def contacts_by_id(ids: list[int]) -> dict[int, str]:
+            return {i: f"contact {i}" for i in ids}   # one query for all ids
+
+        async with pk.BatchLoader(contacts_by_id) as contacts:
+            a, b = await pk.gather(contacts.load(1), contacts.load(2))  # one call
+        ```
+    """
+
+    __slots__ = (
+        "_batch",
+        "_cache",
+        "_calls",
+        "_default",
+        "_keys",
+        "_load_many",
+        "_loop",
+        "_max_batch",
+        "_memo",
+        "_requests",
+        "_tg",
+        "_window",
+    )
+
+    def __init__(
+        self,
+        load_many: LoadMany[K, V],
+        /,
+        *,
+        max_batch: int = 500,
+        window: float = 0.0,
+        cache: bool = False,
+        default: Any = MISSING,
+    ) -> None:
+        fn: object = load_many
+        if not callable(fn):
+            msg = f"load_many must be an async callable (keys) -> mapping or list, got {fn!r}"
+            raise TypeError(msg)
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int):
+            msg = f"max_batch must be an int >= 1, got {max_batch!r}"
+            raise TypeError(msg)
+        if max_batch < 1:
+            msg = f"max_batch must be >= 1, got {max_batch!r}"
+            raise ValueError(msg)
+        number("window", window, zero=True)
+        flag: object = cache
+        if not isinstance(flag, bool):
+            msg = f"cache must be a bool, got {cache!r}"
+            raise TypeError(msg)
+        self._load_many = load_many
+        self._max_batch = max_batch
+        self._window = float(window)
+        self._cache = cache
+        self._default = default
+        self._memo: dict[Any, Batch] = {}
+        self._batch: Batch | None = None
+        self._tg: TaskGroup | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # entered on asyncio: futures
+        self._requests = self._keys = self._calls = 0
+
+    async def __aenter__(self) -> Self:
+        if self._tg is not None:
+            msg = "this BatchLoader is already entered"
+            raise RuntimeError(msg)
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        self._loop = asyncio_loop()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        tg = self._tg
+        if tg is None:  # pragma: no cover - misuse
+            return None
+        try:
+            if self._batch is not None:
+                self._flush(self._batch)  # send what is queued now, do not wait a window
+            # batches in flight finish (errors go to their callers), unless the body failed
+            return await leave(tg, exc_type, exc, tb, cancel=False)
+        finally:
+            self._tg = None
+            self._loop = None
+            if self._batch is not None:
+                self._close(self._batch)
+
+    @property
+    def stats(self) -> BatchStats:
+        """A frozen snapshot of the counters (see :class:`BatchStats`)."""
+        requests = self._requests
+        batch = self._batch
+        if batch is not None:
+            requests += len(batch.keys) + len(batch.extra) - batch.counted
+        return BatchStats(requests=requests, keys=self._keys, calls=self._calls)
+
+    def _enqueue(self, key: K, future: asyncio.Future[Any] | None = None) -> Batch:
+        """Put ``key`` in the open batch (or the memo's) and return that batch.
+
+        ``future``, if given, is resolved with the key's outcome when the batch ends.
+        """
+        self._requests += 1
+        if self._cache:
+            known = self._memo.get(key)
+            if known is not None:
+                if future is not None:
+                    if known.finished:
+                        known.resolve(future, key, self._default)
+                    else:
+                        known.counted += 1
+                        known.extra.append((key, future))
+                return known
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = Batch(None if self._cache else self._loop)
+            tg = self._tg
+            if tg is None:
+                batch.lead = True
+            else:
+                tg.start_soon(self._dispatch, batch)
+        if future is None:
+            batch.plain = False  # a coroutine waiter reads batch.values
+        keys = batch.keys
+        if key not in keys:
+            keys[key] = future
+            batch.counted += 1
+            if self._cache:
+                self._memo[key] = batch
+            if len(keys) >= self._max_batch:
+                self._flush(batch)
+        elif future is not None:
+            batch.plain = False
+            batch.counted += 1
+            batch.extra.append((key, future))
+        return batch
+
+    def _close(self, batch: Batch) -> None:
+        """Stop ``batch`` taking keys; count the requests of the loads that joined inline.
+
+        :meth:`load`'s inline join (asyncio) adds a key or a future, nothing more:
+        its requests are the batch's entries not yet ``counted``.
+        """
+        if self._batch is batch:
+            self._batch = None
+            self._requests += len(batch.keys) + len(batch.extra) - batch.counted
+            batch.counted = len(batch.keys) + len(batch.extra)
+
+    def _flush(self, batch: Batch) -> None:
+        """Close ``batch`` to new keys and run it now."""
+        self._close(batch)
+        batch.full = True
+        if batch.scope is not None:
+            batch.scope.cancel()
+
+    def load(self, key: K) -> Coroutine[Any, Any, V]:
+        """Load one key, batched with every other load of this tick.
+
+        ``await loader.load(key)``. The key joins the open batch when ``load`` is
+        *called* on asyncio with the loader entered: there it returns a future
+        (that is also a coroutine, for ``asyncio.create_task`` and, with anyio
+        4.14 or later, ``tg.start_soon(loader.load, key)``), so
+        ``asyncio.gather(*(loader.load(k) ...))`` costs no task per key.
+        Elsewhere (trio, a loader not entered) it returns a coroutine that joins
+        when it first runs. Either way, a caller that is
+        cancelled only stops waiting; the batch goes on for the others.
+
+        Raises:
+            KeyError: ``load_many`` gave no value for ``key`` (and no ``default``).
+            Exception: the exception ``load_many`` returned for ``key``, or raised
+                for the whole batch.
+            RuntimeError: the loader was closed before the batch ran.
+        """
+        batch = self._batch
+        if batch is None or batch.loop is None:
+            return self._load_other(key)
+        # the common case, inlined: join the open batch with a future
+        future: KeyFuture[V] = KeyFuture(loop=batch.loop)
+        keys = batch.keys  # the request is counted when the batch closes (_close)
+        if key in keys:
+            batch.plain = False
+            batch.extra.append((key, future))
+        else:
+            keys[key] = future
+            if len(keys) >= self._max_batch:
+                self._flush(batch)
+        return future
+
+    def _load_other(self, key: K) -> Coroutine[Any, Any, V]:
+        """:meth:`load` when it opens a batch, memoizes, or waits with a coroutine."""
+        loop = self._loop
+        if loop is None:
+            return self._load(key)
+        future: KeyFuture[V] = KeyFuture(loop=loop)
+        self._enqueue(key, future)
+        return future
+
+    async def _load(self, key: K) -> V:
+        """:meth:`load` as a coroutine waiting on the batch's event (trio, not entered)."""
+        batch = self._batch
+        if batch is None or self._cache:
+            batch = self._enqueue(key)
+        else:  # the common case, inlined: join the open batch
+            self._requests += 1
+            keys = batch.keys
+            if key not in keys:
+                keys[key] = None
+                batch.counted += 1
+                if len(keys) >= self._max_batch:
+                    self._flush(batch)
+        if batch.lead:
+            await self._lead([batch])
+        if not batch.finished:
+            await batch.wait()
+        if batch.error is None:
+            value = batch.values.get(key, MISSING)
+            if value is not MISSING and not isinstance(value, Exception):
+                return cast("V", value)
+        return cast("V", batch.result(key, self._default))
+
+    async def load_many(self, keys: Iterable[K]) -> list[V]:
+        """Load several keys (joining the current batch); values in the order of ``keys``.
+
+        Raises:
+            Exception: the first failing key's error, in the order of ``keys``.
+        """
+        batches = [(key, self._enqueue(key)) for key in keys]
+        led = list({id(b): b for _, b in batches if b.lead}.values())
+        if led:
+            await self._lead(led)
+        for _, batch in batches:
+            if not batch.finished:
+                await batch.wait()
+        default = self._default
+        return [cast("V", batch.result(key, default)) for key, batch in batches]
+
+    def clear(self, *keys: K) -> None:
+        """Forget memoized values (``cache=True``): the given keys, or all."""
+        if not keys:
+            self._memo.clear()
+        for key in keys:
+            self._memo.pop(key, None)
+
+    async def _lead(self, batches: list[Batch]) -> None:
+        """Not entered: run the batches this caller opened, in the caller's task.
+
+        The run is shielded: other callers wait on it, so this caller's own
+        cancellation takes effect once the batch call has returned.
+        """
+        for batch in batches:
+            batch.lead = False
+        with anyio.CancelScope(shield=True):
+            if len(batches) == 1:
+                await self._dispatch(batches[0])
+            else:
+                async with anyio.create_task_group() as tg:
+                    for batch in batches:
+                        tg.start_soon(self._dispatch, batch)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+
+    async def _dispatch(self, batch: Batch) -> None:
+        try:
+            if batch.full:
+                pass
+            elif self._window:
+                with anyio.CancelScope() as batch.scope:  # _flush cancels it when full
+                    await anyio.sleep(self._window)
+            else:  # one scheduling tick: the loads of this tick join
+                await anyio.lowlevel.checkpoint()
+            self._close(batch)
+            await self._run(batch)
+        finally:
+            if not batch.finished:  # cancelled before the call: never leave callers hanging
+                batch.error = RuntimeError("BatchLoader was closed before this batch ran")
+                batch.finish(self._default)
+
+    async def _run(self, batch: Batch) -> None:
+        keys = list(batch.keys)
+        self._calls += 1
+        self._keys += len(keys)
+        try:
+            result = await self._load_many(keys)
+            if batch.plain and type(result) is list and len(result) == len(keys):
+                # nobody reads batch.values (memo batches are never plain)
+                batch.aligned = result
+            else:
+                batch.values = self._align(keys, result)
+        except Exception as exc:
+            batch.error = exc
+        except BaseException:
+            msg = "BatchLoader was closed before this batch finished"
+            batch.error = RuntimeError(msg)
+            raise
+        finally:
+            if self._cache:
+                self._forget_failures(keys, batch)
+            batch.finish(self._default)
+
+    def _align(self, keys: list[Any], result: object) -> Mapping[Any, Any]:
+        if isinstance(result, Mapping):
+            return result
+        if isinstance(result, Sequence) and not isinstance(result, (str, bytes)):
+            if len(result) != len(keys):
+                msg = (
+                    f"load_many returned {len(result)} values for {len(keys)} keys; a list "
+                    f"result must be aligned with the keys (or return a mapping)"
+                )
+                raise ValueError(msg)
+            return dict(zip(keys, result, strict=True))
+        kind = type(result).__name__
+        msg = f"load_many must return a mapping or a list aligned with the keys, got {kind}"
+        raise TypeError(msg)
+
+    def _forget_failures(self, keys: list[Any], batch: Batch) -> None:
+        memo = self._memo
+        for key in keys:
+            if memo.get(key) is not batch:
+                continue
+            value = batch.values.get(key, MISSING)
+            if batch.error is not None or value is MISSING or isinstance(value, Exception):
+                del memo[key]
+
+    def __repr__(self) -> str:
+        open_keys = len(self._batch.keys) if self._batch is not None else 0
+        return (
+            f"BatchLoader({getattr(self._load_many, '__qualname__', self._load_many)!r}, "
+            f"max_batch={self._max_batch}, window={self._window}, cache={self._cache}, "
+            f"entered={self._tg is not None}, queued={open_keys})"
+        )

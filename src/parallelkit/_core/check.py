@@ -1,0 +1,170 @@
+"""The one argument checker: every option of every primitive goes through here.
+
+DESIGN.md settles how bad arguments fail, before any work starts:
+
+* a wrong **type** is a :class:`TypeError`, a wrong **value** a :class:`ValueError`;
+* the message names the argument as the user wrote it and shows the value;
+* counts (``limit``, ``max_batch``, ``attempts``, ``burst``, sizes) are ``int`` and
+  not ``bool``, and positive;
+* durations and rates are real numbers and not ``bool``; finite (NaN and the
+  infinities are refused) and positive unless the option says otherwise;
+* flags are ``bool``; choices list the allowed values; callables are callable, and
+  where an async function is needed a sync one is refused *before it is called*.
+
+Each function returns the checked value (normalized: a float for numbers) so a
+constructor reads ``self._limit = count("limit", limit)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable, Collection
+from typing import Any, TypeVar
+
+__all__ = [
+    "async_callable",
+    "callable_",
+    "choice",
+    "count",
+    "count_or_none",
+    "flag",
+    "is_async_callable",
+    "number",
+    "number_or_none",
+]
+
+C = TypeVar("C", bound=str)
+
+
+# ------------------------------------------------------------------------------ numbers
+def number(
+    name: str, value: object, *, unit: str = "seconds", zero: bool = False, finite: bool = True
+) -> float:
+    """Return ``value`` as a float: > 0 (``>= 0`` with ``zero``), finite unless ``finite=False``.
+
+    Example:
+        ``number("timeout", 0)`` raises ``ValueError: timeout must be > 0 (seconds), got 0``.
+    """
+    return _number(name, value, unit=unit, zero=zero, finite=finite, none=False)
+
+
+def number_or_none(
+    name: str, value: object, *, unit: str = "seconds", zero: bool = False, finite: bool = True
+) -> float | None:
+    """Like :func:`number`, and ``None`` passes through (the option is off)."""
+    if value is None:
+        return None
+    return _number(name, value, unit=unit, zero=zero, finite=finite, none=True)
+
+
+def _number(name: str, value: object, *, unit: str, zero: bool, finite: bool, none: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        msg = f"{name} must be a number ({unit}){' or None' if none else ''}, got {value!r}"
+        raise TypeError(msg)
+    if math.isnan(value) or value < 0 or (value == 0 and not zero):
+        bound = ">= 0" if zero else "> 0"
+        msg = f"{name} must be {bound} ({unit}), got {value!r}"
+        raise ValueError(msg)
+    if finite and math.isinf(value):
+        msg = f"{name} must be finite ({unit}), got {value!r}"
+        raise ValueError(msg)
+    return float(value)
+
+
+# ------------------------------------------------------------------------------- counts
+def count(name: str, value: object, *, minimum: int = 1, extra: str = "") -> int:
+    """Return ``value`` if it is an ``int`` (not ``bool``) ``>= minimum``.
+
+    Args:
+        name: the argument as the user wrote it.
+        value: what was passed.
+        minimum: the smallest allowed value (1: a positive count).
+        extra: what else the argument accepts, for the type error's message
+            (``"a Limiter or None"``).
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        also = f", {extra}" if extra else ""
+        msg = f"{name} must be an int{also}, got {value!r}"
+        raise TypeError(msg)
+    if value < minimum:
+        msg = f"{name} must be >= {minimum}, got {value!r}"
+        raise ValueError(msg)
+    return value
+
+
+def count_or_none(name: str, value: object, *, minimum: int = 1, extra: str = "") -> int | None:
+    """Like :func:`count`, and ``None`` passes through (no bound)."""
+    if value is None:
+        return None
+    return count(name, value, minimum=minimum, extra=extra or "or None")
+
+
+# ---------------------------------------------------------------------- flags, choices
+def flag(name: str, value: object) -> bool:
+    """Return ``value`` if it is a ``bool`` (``1`` and ``"yes"`` are refused)."""
+    if not isinstance(value, bool):
+        msg = f"{name} must be a bool (True or False), got {value!r}"
+        raise TypeError(msg)
+    return value
+
+
+def choice(name: str, value: object, allowed: Collection[C]) -> C:
+    """Return ``value`` if it is one of ``allowed``; the error lists them."""
+    if value in allowed:
+        return value  # type: ignore[return-value]
+    listed = ", ".join(repr(a) for a in allowed)
+    msg = f"{name} must be one of {listed}, got {value!r}"
+    if not isinstance(value, str):
+        raise TypeError(msg)
+    raise ValueError(msg)
+
+
+# ---------------------------------------------------------------------------- callables
+def callable_(name: str, value: object, *, what: str = "a callable") -> Callable[..., Any]:
+    """Return ``value`` if it is callable."""
+    if not callable(value):
+        msg = f"{name} must be {what}, got {type(value).__name__} {value!r}"
+        raise TypeError(msg)
+    return value
+
+
+def is_async_callable(fn: object) -> bool:
+    """Whether calling ``fn`` gives a coroutine, as far as can be told without calling it.
+
+    True for ``async def`` functions and methods, ``functools.partial`` of them,
+    objects whose ``__call__`` is ``async def``, and functions marked with
+    :func:`inspect.markcoroutinefunction` (Python 3.12+).
+    """
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.iscoroutinefunction(fn):
+        return True
+    call = getattr(type(fn), "__call__", None)  # noqa: B004 - the class's, not a callable check
+    return call is not None and not inspect.isfunction(fn) and inspect.iscoroutinefunction(call)
+
+
+def async_callable(name: str, fn: object, *, what: str = "an async function") -> Callable[..., Any]:
+    """Return ``fn`` if calling it gives a coroutine; refuse a sync one before any call.
+
+    Generator and async generator functions are refused too: they do not return
+    one value.
+    """
+    callable_(name, fn, what=what)
+    if inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+        msg = f"{name} must be {what} returning one value, got generator function {fn!r}"
+        raise TypeError(msg)
+    if not is_async_callable(fn):
+        msg = (
+            f"{name} must be {what} (async def), got {_describe(fn)}; a sync function "
+            "cannot be awaited: write it with `async def`, or run blocking work with "
+            "anyio.to_thread.run_sync"
+        )
+        raise TypeError(msg)
+    return fn  # type: ignore[return-value]
+
+
+def _describe(fn: object) -> str:
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    return f"sync {type(fn).__name__} {name}"

@@ -1,0 +1,229 @@
+"""Limiter: one object for a concurrency bound and a start rate, shareable."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol, runtime_checkable
+
+import anyio
+from typing_extensions import Self, final
+
+from .check import number_or_none
+
+__all__ = ["Limiter", "LimiterStatistics", "SupportsLimit", "validate_limit", "validate_rate"]
+
+
+@runtime_checkable
+class SupportsLimit(Protocol):
+    """What ``limit=`` accepts besides an int: a shared limiter.
+
+    :class:`Limiter` is the in-process one; ``parallelkit.redis.RedisLimiter``
+    holds the same bound across processes. ``concurrency`` tells the fan-out
+    engine how many workers are useful (``None``: as many as there are items).
+    """
+
+    @property
+    def concurrency(self) -> int | None: ...
+
+    async def __aenter__(self) -> object: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None: ...
+
+
+def validate_rate(rate: object, name: str = "rate") -> float | None:
+    """Return ``rate`` as a float, or raise naming the argument."""
+    return number_or_none(name, rate, unit="starts per second", finite=True)
+
+
+def validate_limit(limit: object, name: str = "limit") -> int | None:
+    """Return an integer concurrency bound, or raise naming the argument."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        msg = f"{name} must be a positive int, a Limiter or None, got {limit!r}"
+        raise TypeError(msg)
+    if limit < 1:
+        msg = f"{name} must be >= 1, got {limit!r}"
+        raise ValueError(msg)
+    return limit
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class LimiterStatistics:
+    """A snapshot of a :class:`Limiter`.
+
+    Attributes:
+        concurrency: the configured bound, or ``None``.
+        rate: the configured starts per second, or ``None``.
+        running: slots held right now.
+        waiting: tasks waiting for a slot.
+    """
+
+    concurrency: int | None
+    rate: float | None
+    running: int
+    waiting: int
+
+
+@final
+class Limiter:
+    """At most ``concurrency`` holders at once and at most ``rate`` starts per second.
+
+    One limiter can be shared by many calls and tasks: pass it as ``limit=`` to
+    :func:`~parallelkit.gather`, :func:`~parallelkit.map`, :func:`~parallelkit.imap`,
+    :meth:`Flow.run <parallelkit.Flow.run>`, or use it directly with ``async with``.
+    Use one per downstream resource (a partner API, a connection pool) so that every
+    code path talking to it respects the same bound.
+
+    The rate is enforced with GCRA (a token bucket expressed as a "theoretical
+    arrival time") on anyio's clock: starts are spaced ``1/rate`` seconds apart, and
+    ``burst`` starts may happen back to back after an idle period. With the default
+    ``burst=1`` no window of one second ever holds more than ``rate`` starts.
+
+    Waiters are served first come, first served. Acquiring an uncontended limiter
+    takes no lock and starts no task.
+
+    Args:
+        concurrency: maximum number of holders at once (``None``: unbounded).
+        rate: maximum starts per second (``None``: unlimited). May be fractional.
+        burst: how many starts may happen at once after an idle period.
+
+    Raises:
+        ValueError: ``concurrency < 1``, ``rate <= 0`` or ``burst < 1``.
+
+    Example:
+        ```python
+        stripe = pk.Limiter(concurrency=10, rate=25)   # the partner's documented limits
+
+        async with stripe:
+            await client.charge(...)
+
+        await pk.map(refund, charges, limit=stripe)     # same budget, shared
+        ```
+    """
+
+    __slots__ = ("_available", "_burst", "_concurrency", "_interval", "_rate", "_tat", "_waiters")
+
+    def __init__(
+        self, concurrency: int | None = None, rate: float | None = None, *, burst: int = 1
+    ) -> None:
+        self._concurrency = validate_limit(concurrency, "concurrency")
+        self._rate = validate_rate(rate)
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            msg = f"burst must be an int >= 1, got {burst!r}"
+            raise ValueError(msg)
+        self._burst = burst
+        self._available = self._concurrency if self._concurrency is not None else 0
+        self._waiters: deque[anyio.Event] = deque()
+        self._interval = 1.0 / self._rate if self._rate is not None else 0.0
+        self._tat = -math.inf
+
+    @property
+    def concurrency(self) -> int | None:
+        """The concurrency bound, or ``None``."""
+        return self._concurrency
+
+    @property
+    def rate(self) -> float | None:
+        """The rate in starts per second, or ``None``."""
+        return self._rate
+
+    @property
+    def burst(self) -> int:
+        """How many starts may happen back to back."""
+        return self._burst
+
+    def statistics(self) -> LimiterStatistics:
+        """Return a frozen snapshot: bound, rate, running and waiting counts."""
+        running = 0 if self._concurrency is None else self._concurrency - self._available
+        return LimiterStatistics(self._concurrency, self._rate, running, len(self._waiters))
+
+    def __repr__(self) -> str:
+        stats = self.statistics()
+        return (
+            f"Limiter(concurrency={self._concurrency!r}, rate={self._rate!r}, "
+            f"burst={self._burst}, running={stats.running}, waiting={stats.waiting})"
+        )
+
+    # -- concurrency -----------------------------------------------------------
+    async def acquire(self) -> None:
+        """Take a slot (waiting for one if needed), then wait for the rate, if any."""
+        if self._concurrency is not None:
+            await self._acquire_slot()
+        if self._rate is not None:
+            try:
+                await self.wait_rate()
+            except BaseException:
+                self.release()
+                raise
+
+    def release(self) -> None:
+        """Give back the slot taken by :meth:`acquire`."""
+        if self._concurrency is None:
+            return
+        while self._waiters:
+            event = self._waiters.popleft()
+            if not event.is_set():
+                event.set()  # hand the slot over directly: no barging
+                return
+        if self._available >= self._concurrency:
+            msg = "Limiter.release() called more times than acquire()"
+            raise RuntimeError(msg)
+        self._available += 1
+
+    async def _acquire_slot(self) -> None:
+        if self._available > 0 and not self._waiters:
+            self._available -= 1
+            return
+        event = anyio.Event()
+        self._waiters.append(event)
+        try:
+            await event.wait()
+        except BaseException:
+            if event.is_set():
+                self.release()  # the slot was handed to us as we were cancelled
+            else:
+                event.set()  # mark as abandoned; release() skips it
+            raise
+
+    # -- rate --------------------------------------------------------------------
+    def reserve(self) -> float:
+        """Reserve the next start and return how long to wait for it (seconds).
+
+        The reservation is made at once (no await), so concurrent callers get
+        distinct, correctly spaced start times.
+        """
+        now = anyio.current_time()
+        tat = self._tat if self._tat > now else now
+        start = tat - (self._burst - 1) * self._interval
+        if start < now:
+            start = now
+        self._tat = tat + self._interval
+        return start - now
+
+    async def wait_rate(self) -> None:
+        """Wait until this caller may start under the rate limit."""
+        delay = self.reserve()
+        if delay > 0:
+            await anyio.sleep(delay)
+
+    async def __aenter__(self) -> Self:
+        await self.acquire()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()

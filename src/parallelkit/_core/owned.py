@@ -1,0 +1,100 @@
+"""Task-group ownership: the one way an object owns background work (``async with obj:``).
+
+STYLE rule 5: background work (a cache's refreshes, a loader's batches, an
+``imap``'s workers, a lock's renewal) belongs to an object the user enters with
+``async with``. Each such object holds an :class:`OwnedTaskGroup` and forwards its
+``__aenter__`` / ``__aexit__`` to it::
+
+    self._owner = OwnedTaskGroup("this SWRCache")
+
+    async def __aenter__(self) -> Self:
+        await self._owner.enter()
+        return self
+
+    async def __aexit__(self, *exc_info) -> bool | None:
+        return await self._owner.exit(*exc_info, cancel=True)
+
+    ... self._owner.tg.start_soon(work)   # while entered; ``tg`` is None otherwise
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import anyio
+from anyio.abc import TaskGroup
+from typing_extensions import final
+
+__all__ = ["OwnedTaskGroup", "leave"]
+
+
+async def leave(
+    tg: TaskGroup,
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: TracebackType | None,
+    *,
+    cancel: bool,
+) -> bool | None:
+    """Close ``tg`` from the owner's ``__aexit__``: nothing it started outlives it.
+
+    ``cancel=True`` cancels the work still running; an error in the body always
+    does. The owner's tasks never raise (their errors are handed to whoever waits
+    for them), so an ``Exception`` from the body propagates **unchanged**, not
+    wrapped in an ``ExceptionGroup`` by the backend; a ``BaseException`` (such as
+    a cancellation) goes through the task group as usual.
+    """
+    if cancel or exc is not None:
+        tg.cancel_scope.cancel()
+    if exc is None or isinstance(exc, Exception):
+        await tg.__aexit__(None, None, None)
+        return None
+    return await tg.__aexit__(exc_type, exc, tb)
+
+
+@final
+class OwnedTaskGroup:
+    """The task group of an object entered with ``async with`` (see the module docs).
+
+    Args:
+        what: the owner as the error messages name it (``"this SWRCache"``).
+    """
+
+    __slots__ = ("_what", "tg")
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self.tg: TaskGroup | None = None
+
+    @property
+    def entered(self) -> bool:
+        """Whether the owner is inside its ``async with`` block."""
+        return self.tg is not None
+
+    async def enter(self) -> TaskGroup:
+        """Open the task group (from the owner's ``__aenter__``); once at a time."""
+        if self.tg is not None:
+            msg = f"{self._what} is already entered; enter it once (async with) and share it"
+            raise RuntimeError(msg)
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self.tg = tg
+        return tg
+
+    async def exit(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+        *,
+        cancel: bool,
+    ) -> bool | None:
+        """Close it (from the owner's ``__aexit__``), see :func:`leave`."""
+        tg, self.tg = self.tg, None
+        if tg is None:
+            msg = f"{self._what} was not entered"
+            raise RuntimeError(msg)
+        return await leave(tg, exc_type, exc, tb, cancel=cancel)
+
+    def __repr__(self) -> str:
+        return f"<OwnedTaskGroup of {self._what} entered={self.entered}>"

@@ -1,0 +1,1 @@
+"""Flow: async steps wired by parameter name, run on the graph engine (``flow``)."""

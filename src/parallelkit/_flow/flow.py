@@ -1,0 +1,434 @@
+"""Flow: dependency-aware fan-out. Steps say what they need by parameter name.
+
+A :class:`Flow` is a set of async steps on the shared graph engine
+(:mod:`parallelkit._graph.graph`). Each step starts the moment the steps it names have
+finished, so independent steps overlap and dependent ones wait: the data race in
+"run the charge, the insert that needs ``charge.id`` and the webhook in one
+``gather``" cannot be written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import keyword
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from typing import Any, Literal, TypeVar, cast, overload
+
+import anyio
+from typing_extensions import ParamSpec, final
+
+from .._core.check import number_or_none
+from .._core.errors import DefinitionError
+from .._core.limiter import Limiter, SupportsLimit
+from .._core.outcome import Outcome
+from .._core.retry import RetryLike, retrying_call, to_retrying, validate_retry
+from .._graph.graph import Graph, Node, params_of
+from .._graph.scheduler import Run
+from .._graph.timeline import Timeline
+
+__all__ = ["Flow", "FlowOutcomes", "FlowResult", "NotAsyncError"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+D = TypeVar("D")
+
+RESERVED = ("limit", "settle", "targets")
+_AMBIGUOUS = "\x00ambiguous"
+
+StepFn = Callable[..., Awaitable[Any]]
+
+
+class NotAsyncError(DefinitionError, TypeError):
+    """A step is not an ``async def`` function.
+
+    Both a :class:`~parallelkit.DefinitionError` (the flow is malformed) and a
+    :class:`TypeError` (a sync function where an async one is needed).
+    """
+
+
+@final
+class Flow:
+    """A set of async steps wired by parameter name, run with maximal overlap.
+
+    Register steps with :meth:`step`. Each parameter of a step names either
+    another step (it receives that step's result and the step waits for it) or a
+    run input passed to :meth:`run`; a parameter with a default is an optional
+    input. Definition errors (a cycle, a duplicate name, a non-async function, a
+    reserved name) are raised by the decorator; wiring errors (a parameter that is
+    neither a step nor an input, a missing input) by :meth:`run` before any step
+    starts.
+
+    A flow holds no per-run state: once run it is frozen (no more steps) and can be
+    run many times, also concurrently. Signatures are analysed once, when a step is
+    registered, and the wiring once per set of input names.
+
+    Args:
+        name: a title for timelines and reprs.
+
+    Example:
+        ```python
+        flow = pk.Flow(name="payment")
+
+        @flow.step
+        async def charge(payment_id: str) -> Charge: ...
+
+        @flow.step
+        async def record(charge: Charge) -> Payment: ...      # waits for charge
+
+        @flow.step
+        async def notify(charge: Charge) -> None: ...         # overlaps record
+
+        result = await flow.run(payment_id="p1")
+        payment = result.get(record)                           # typed: Payment
+        print(result.timeline.to_text())
+        ```
+    """
+
+    __slots__ = ("_by_fn", "_graph", "name")
+
+    def __init__(self, name: str | None = None) -> None:
+        _check_name(name)
+        self.name = name
+        self._graph = Graph(kind="step", reserved=RESERVED)
+        self._by_fn: dict[object, str] = {}
+
+    def __repr__(self) -> str:
+        title = f"{self.name!r} " if self.name else ""
+        return f"<Flow {title}steps={list(self._graph.nodes)}>"
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """The step names, in the order they were registered."""
+        return tuple(self._graph.nodes)
+
+    # -- definition ------------------------------------------------------------------
+    @overload
+    def step(self, fn: Callable[P, Awaitable[T]], /) -> Callable[P, Awaitable[T]]: ...
+    @overload
+    def step(
+        self,
+        fn: None = ...,
+        /,
+        *,
+        name: str | None = ...,
+        timeout: float | None = ...,
+        retry: RetryLike | None = ...,
+        limit: int | SupportsLimit | None = ...,
+    ) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]: ...
+    def step(
+        self,
+        fn: Any = None,
+        /,
+        *,
+        name: str | None = None,
+        timeout: float | None = None,
+        retry: RetryLike | None = None,
+        limit: int | SupportsLimit | None = None,
+    ) -> Any:
+        """Register an async function as a step (a decorator, with or without options).
+
+        The function is returned unchanged, so it stays callable and testable on its
+        own, and can be passed to :meth:`FlowResult.get` for a typed result.
+
+        Args:
+            fn: the async function. Its parameters name the steps and inputs it needs.
+            name: the step's name (default: the function's ``__name__``); other steps
+                depend on it by this name.
+            timeout: seconds allowed for each attempt; over it the step fails with
+                :class:`TimeoutError`.
+            retry: a :class:`~parallelkit.Retry` or ``tenacity.AsyncRetrying``.
+            limit: a bound on this step's concurrent executions across all runs of
+                the flow: an int, or a shared :class:`~parallelkit.Limiter` (e.g. the
+                partner API's limiter, shared with other code).
+
+        Raises:
+            NotAsyncError: ``fn`` is not an ``async def`` function (also a TypeError).
+            DefinitionError: a duplicate or reserved name, a ``*args`` parameter.
+            CycleError: this step closes a dependency cycle.
+            RuntimeError: the flow has already run (it is immutable).
+
+        Example:
+            ```python
+            @flow.step(timeout=5, retry=pk.Retry(attempts=3), limit=stripe_limiter)
+            async def charge(payment_id: str) -> Charge: ...
+            ```
+        """
+        timeout = number_or_none("timeout", timeout)
+        retry = validate_retry(retry)
+        limiter: SupportsLimit | None
+        if limit is None or (not isinstance(limit, int) and isinstance(limit, SupportsLimit)):
+            limiter = limit
+        else:
+            limiter = Limiter(concurrency=limit)
+        _check_name(name)
+
+        def register(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+            self._register(fn, name, timeout, retry, limiter)
+            return fn
+
+        if fn is not None:
+            return register(fn)
+        return register
+
+    def _register(
+        self,
+        fn: object,
+        name: str | None,
+        timeout: float | None,
+        retry: RetryLike | None,
+        limiter: SupportsLimit | None,
+    ) -> None:
+        step_name = name if name is not None else getattr(fn, "__name__", None)
+        if not callable(fn):
+            msg = f"a step must be an async function, got {type(fn).__name__} {fn!r}"
+            raise NotAsyncError(msg)
+        if inspect.isasyncgenfunction(fn):
+            msg = (
+                f"step {step_name!r} is an async generator function; a step returns one "
+                "value (for set-up / tear-down, use an Orchestrator service)"
+            )
+            raise NotAsyncError(msg)
+        if not _is_async(fn):
+            msg = (
+                f"step {step_name!r} must be an async function (async def), got "
+                f"{fn!r}; wrap blocking work with anyio.to_thread.run_sync"
+            )
+            raise NotAsyncError(msg)
+        if not isinstance(step_name, str) or not step_name.isidentifier():
+            msg = f"step name must be a Python identifier (pass name=...), got {step_name!r}"
+            raise DefinitionError(msg)
+        if keyword.iskeyword(step_name):
+            msg = f"step name {step_name!r} is a Python keyword; pass another name=..."
+            raise DefinitionError(msg)
+        step = cast(StepFn, fn)
+        params = params_of(step, kind="step", node=step_name)
+        self._graph.add(Node(step_name, params, _build_call(step, timeout, retry, limiter), fn))
+        with contextlib.suppress(TypeError):  # an unhashable callable: by name only
+            self._by_fn[fn] = _AMBIGUOUS if fn in self._by_fn else step_name
+
+    # -- running -----------------------------------------------------------------------
+    @overload
+    async def run(
+        self,
+        *,
+        limit: int | SupportsLimit | None = ...,
+        settle: Literal[False] = ...,
+        targets: Iterable[str | StepFn] | str | StepFn | None = ...,
+        **inputs: Any,
+    ) -> FlowResult: ...
+    @overload
+    async def run(
+        self,
+        *,
+        limit: int | SupportsLimit | None = ...,
+        settle: Literal[True],
+        targets: Iterable[str | StepFn] | str | StepFn | None = ...,
+        **inputs: Any,
+    ) -> FlowOutcomes: ...
+    async def run(
+        self,
+        *,
+        limit: int | SupportsLimit | None = None,
+        settle: bool = False,
+        targets: Iterable[str | StepFn] | str | StepFn | None = None,
+        **inputs: Any,
+    ) -> FlowResult | FlowOutcomes:
+        """Run the steps: each starts the moment all the steps it names have finished.
+
+        Args:
+            **inputs: the run inputs, by parameter name.
+            limit: most steps running at once: an int or a shared
+                :class:`~parallelkit.Limiter` (``None``: no bound).
+            settle: give every step an :class:`~parallelkit.Outcome` instead of
+                raising the first failure. Steps downstream of a failure are not
+                run; their outcome's error is :class:`~parallelkit.DependencyFailed`.
+            targets: run only these steps (names or step functions) and what they
+                need.
+
+        Returns:
+            A :class:`FlowResult` (values by step name, ``.timeline``), or with
+            ``settle=True`` a :class:`FlowOutcomes` (outcomes by step name).
+
+        Raises:
+            DefinitionError: before any step starts: a parameter that is neither a
+                step nor an input (the message lists both), a missing input, an
+                unknown target.
+            TypeError: an input that no step uses, or that has a step's name.
+            Exception: fail-fast: the first failing step's exception, unchanged
+                (never an ``ExceptionGroup``); the other running steps are
+                cancelled and have finished before it is raised.
+        """
+        if not isinstance(cast(object, settle), bool):
+            msg = f"settle must be a bool, got {settle!r}"
+            raise TypeError(msg)
+        target_names = None if targets is None else self._target_names(targets)
+        plan = self._graph.plan(inputs.keys(), target_names)
+        timeline = Timeline(origin=anyio.current_time(), name=self.name)
+        run = Run(plan, inputs, limit=limit, settle=settle, timeline=timeline)
+        self._graph.freeze()
+        await run.execute()
+        if settle:
+            return FlowOutcomes(run.results(), timeline, self._by_fn)
+        return FlowResult(run.results(), timeline, self._by_fn)
+
+    def _target_names(self, targets: object) -> list[str]:
+        if isinstance(targets, str) or callable(targets):
+            targets = [targets]
+        if not isinstance(targets, Iterable):
+            msg = f"targets must be step names or step functions, got {targets!r}"
+            raise TypeError(msg)
+        names = []
+        for target in targets:
+            if isinstance(target, str):
+                names.append(target)
+            else:
+                names.append(_step_name(self._by_fn, target))
+        return names
+
+
+def _check_name(name: object) -> None:
+    if name is not None and not isinstance(name, str):
+        msg = f"name must be a str or None, got {name!r}"
+        raise TypeError(msg)
+
+
+def _is_async(fn: object) -> bool:
+    while hasattr(fn, "func") and hasattr(fn, "args"):  # functools.partial
+        fn = fn.func
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004
+    )
+
+
+def _build_call(
+    fn: StepFn, timeout: float | None, retry: RetryLike | None, limiter: SupportsLimit | None
+) -> StepFn:
+    """Per-step options, composed once: timeout and limit per attempt, then retry."""
+    if timeout is None and retry is None and limiter is None:
+        return fn
+
+    async def attempt(kwargs: dict[str, Any]) -> Any:
+        if limiter is not None:
+            async with limiter:
+                if timeout is None:
+                    return await fn(**kwargs)
+                with anyio.fail_after(timeout):
+                    return await fn(**kwargs)
+        if timeout is None:
+            return await fn(**kwargs)
+        with anyio.fail_after(timeout):
+            return await fn(**kwargs)
+
+    inner = attempt if retry is None else retrying_call(to_retrying(retry), attempt)
+
+    async def call(**kwargs: Any) -> Any:
+        return await inner(kwargs)
+
+    return call
+
+
+def _step_name(by_fn: Mapping[object, str], step: object) -> str:
+    try:
+        name = by_fn[step]
+    except (KeyError, TypeError):
+        msg = f"{step!r} is not a step of this flow"
+        raise KeyError(msg) from None
+    if name == _AMBIGUOUS:
+        msg = f"{step!r} is registered under several names; look it up by name"
+        raise KeyError(msg)
+    return name
+
+
+class _Result(Mapping[str, Any]):
+    __slots__ = ("_by_fn", "_values", "timeline")
+
+    def __init__(
+        self, values: dict[str, Any], timeline: Timeline, by_fn: Mapping[object, str]
+    ) -> None:
+        self._values = values
+        self._by_fn = by_fn
+        self.timeline = timeline
+        """The run's :class:`~parallelkit.Timeline`: one span per step."""
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            msg = f"no step {name!r} in this result; steps run: {list(self._values)}"
+            raise KeyError(msg) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._values!r})"
+
+    def _lookup(self, step: object) -> Any:
+        return self[_step_name(self._by_fn, step)]
+
+
+@final
+class FlowResult(_Result):
+    """The values of a :meth:`Flow.run`, by step name, with the run's ``timeline``.
+
+    ``result["record"]`` is untyped; ``result.get(record)`` (the step function)
+    is typed with the step's return type.
+    """
+
+    __slots__ = ()
+
+    @overload
+    def get(self, key: Callable[..., Awaitable[T]], /) -> T: ...
+    @overload
+    def get(self, key: str, /) -> Any | None: ...
+    @overload
+    def get(self, key: str, /, default: D) -> Any | D: ...
+    def get(self, key: Any, /, default: Any = None) -> Any:
+        """The result of a step: ``get(step_fn)`` (typed) or ``get("name", default)``.
+
+        Raises:
+            KeyError: ``get(step_fn)`` for a step that did not run (``targets``) or
+                is not part of this flow.
+        """
+        if isinstance(key, str):
+            return self._values.get(key, default)
+        return self._lookup(key)
+
+
+@final
+class FlowOutcomes(_Result):
+    """The outcomes of a ``Flow.run(settle=True)``: an :class:`~parallelkit.Outcome`
+    per step (skipped steps fail with :class:`~parallelkit.DependencyFailed`).
+    """
+
+    __slots__ = ()
+
+    def __getitem__(self, name: str) -> Outcome[Any]:
+        value: Outcome[Any] = super().__getitem__(name)
+        return value
+
+    @overload
+    def get(self, key: Callable[..., Awaitable[T]], /) -> Outcome[T]: ...
+    @overload
+    def get(self, key: str, /) -> Outcome[Any] | None: ...
+    @overload
+    def get(self, key: str, /, default: D) -> Outcome[Any] | D: ...
+    def get(self, key: Any, /, default: Any = None) -> Any:
+        """The outcome of a step: ``get(step_fn)`` (typed) or ``get("name", default)``."""
+        if isinstance(key, str):
+            return self._values.get(key, default)
+        return self._lookup(key)
+
+    @property
+    def ok(self) -> bool:
+        """``True`` when every step succeeded."""
+        return all(outcome.ok for outcome in self._values.values())
+
+    @property
+    def errors(self) -> dict[str, BaseException]:
+        """The failed (and skipped) steps' errors, by step name."""
+        return {name: o.error for name, o in self._values.items() if o.error is not None}

@@ -1,0 +1,383 @@
+"""The dependency-graph engine shared by :class:`~parallelkit.Flow` and the Orchestrator.
+
+Engine API (for Flow and the Orchestrator)
+==========================================
+
+Three objects, used in this order::
+
+    graph = Graph(kind="step", reserved=("limit", "settle", "targets"))
+    graph.add(Node("charge", params_of(charge, kind="step", node="charge"), call=charge))
+    graph.add(Node("record", params_of(record, ...), call=record))   # param "charge"
+    plan = graph.plan(inputs={"payment_id"}, targets=None)           # cached per input set
+    run = Run(plan, {"payment_id": "p1"}, limit=None, settle=False,
+              timeline=Timeline(), run_node=None)
+    await run.execute()           # fail-fast: raises the first original exception
+    run.results()                 # {name: value}  (settle: {name: Outcome})
+
+``Node(name, params, call=None, data=None)``
+    One unit of work. ``params`` are :class:`Param` (name, optional) from
+    :func:`params_of`, which analyses a function's signature **once**: each
+    parameter names another node (a dependency) or a run input; a parameter with
+    a default is an optional input. ``call`` is awaited as ``call(**kwargs)`` when
+    no ``run_node`` is given; ``data`` is free for the owner (the Orchestrator can
+    keep its service spec there).
+
+``Graph.add(node)``
+    Raises, before anything runs: :class:`~parallelkit.DefinitionError` for a
+    duplicate or reserved name, :class:`~parallelkit.CycleError` (with the cycle
+    path) as soon as the node that closes a cycle is added (an O(1) check in the
+    usual case, where dependencies are added before their dependents).
+    ``graph.freeze()`` makes further ``add`` calls fail (Flow freezes on first run).
+
+``Graph.plan(inputs=(), targets=None) -> Plan``
+    Resolves every parameter to a node or an input and raises, still before
+    anything runs: an unknown target; a parameter that is neither a node nor a
+    given input (the message lists the nodes and inputs and suggests a close
+    name); ``TypeError`` for an input no node uses or that shadows a node. The
+    plan is immutable and cached per ``(input names, targets)``, so repeated and
+    concurrent runs share it. ``plan.order`` is a topological order of the names
+    (dependencies first): tear down in ``reversed(plan.order)``, or better, in the
+    reverse of the order things actually became ready.
+
+``Run(plan, inputs, *, run_node=None, limit=None, settle=False, timeline=None, kind=None)``
+    One execution; all per-run state lives here (never on the graph).
+    ``await run.execute()`` starts every node the moment **all** of its
+    dependencies have finished (not layer by layer), on a pool of workers fed by
+    a ready queue with dependency counters: no task or event per node.
+
+    - ``run_node``: ``async (node, kwargs) -> value``. The value is what the
+      dependents receive, and they start as soon as it returns. The Orchestrator
+      uses this for "set up, become ready, stay alive": ``run_node`` does
+      ``return await self._services_tg.start(run_service, node, kwargs)`` on a task
+      group it owns (the service keeps running there after ``task_status.started(
+      value)``), or enters an async generator on its own ``AsyncExitStack`` and
+      returns the yielded value. The engine never owns a node's lifetime beyond
+      ``run_node``.
+    - ``limit``: an int or a shared :class:`~parallelkit.Limiter` /
+      ``SupportsLimit`` (each node's ``run_node`` runs inside ``async with limit``).
+    - fail-fast (``settle=False``): the first exception cancels the running nodes
+      and ``execute`` raises **that original exception** (never an
+      ``ExceptionGroup``); ``run.failed`` names the node that raised it.
+    - ``settle=True``: every node gets an :class:`~parallelkit.Outcome`; nodes
+      downstream of a failure are not run and their outcome's error is
+      :class:`~parallelkit.DependencyFailed` naming the dependency.
+    - ``timeline``: a :class:`~parallelkit.Timeline`; one :class:`~parallelkit.Span`
+      per node (``kind`` defaults to the graph's kind; the Orchestrator may pass
+      ``kind="start"``: ``end`` is then the moment the node became ready). Nodes
+      cancelled by fail-fast or by the caller get ``status="cancelled"``.
+    - ``run.ready_order``: names in the order their ``run_node`` returned (use
+      ``reversed(run.ready_order)`` for teardown).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections import deque
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from typing_extensions import final
+
+from .._core.errors import CycleError, DefinitionError
+
+__all__ = ["Graph", "Node", "Param", "Plan", "RunNode", "params_of"]
+
+RunNode = Callable[["Node", dict[str, Any]], Awaitable[Any]]
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Param:
+    """One parameter of a node: the name it is wired by, and whether it has a default."""
+
+    name: str
+    optional: bool = False
+
+
+def params_of(fn: Callable[..., Any], *, kind: str = "step", node: str = "") -> tuple[Param, ...]:
+    """Analyse ``fn``'s signature once: the names its parameters are wired by.
+
+    Raises:
+        DefinitionError: a ``*args`` / ``**kwargs`` or positional-only parameter,
+            which cannot be wired by name.
+    """
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError) as exc:
+        msg = f"{kind} {node!r}: cannot read the signature of {fn!r}: {exc}"
+        raise DefinitionError(msg) from exc
+    params = []
+    for p in signature.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            star = "*" if p.kind is p.VAR_POSITIONAL else "**"
+            msg = (
+                f"{kind} {node!r}: parameter {star}{p.name} cannot be wired by name; "
+                "name each dependency or input as its own parameter"
+            )
+            raise DefinitionError(msg)
+        if p.kind is p.POSITIONAL_ONLY:
+            msg = (
+                f"{kind} {node!r}: parameter {p.name!r} is positional-only; dependencies "
+                "are passed by keyword, so remove the '/'"
+            )
+            raise DefinitionError(msg)
+        params.append(Param(p.name, p.default is not p.empty))
+    return tuple(params)
+
+
+@final
+@dataclass(frozen=True, slots=True, eq=False)
+class Node:
+    """One unit of work in a :class:`Graph`.
+
+    Attributes:
+        name: unique within the graph.
+        params: what it needs, by name (other nodes or run inputs).
+        call: awaited as ``call(**kwargs)`` when the run has no ``run_node``.
+        data: anything the owner wants to keep with the node.
+    """
+
+    name: str
+    params: tuple[Param, ...] = ()
+    call: Callable[..., Awaitable[Any]] | None = None
+    data: Any = None
+
+
+@final
+class Graph:
+    """A growing set of nodes, validated as they are added; planned per run shape.
+
+    Args:
+        kind: the word used in messages (``"step"``, ``"service"``).
+        reserved: names no node and no parameter may use (run options).
+    """
+
+    __slots__ = ("_frozen", "_kind", "_nodes", "_plans", "_referenced_by", "_reserved")
+
+    def __init__(self, *, kind: str = "step", reserved: Collection[str] = ()) -> None:
+        self._kind = kind
+        self._reserved = frozenset(reserved)
+        self._nodes: dict[str, Node] = {}
+        self._referenced_by: dict[str, list[str]] = {}
+        self._plans: dict[tuple[frozenset[str], tuple[str, ...] | None], Plan] = {}
+        self._frozen = False
+
+    @property
+    def kind(self) -> str:
+        """The word for a node in messages."""
+        return self._kind
+
+    @property
+    def nodes(self) -> Mapping[str, Node]:
+        """The nodes by name, in the order they were added."""
+        return self._nodes
+
+    @property
+    def frozen(self) -> bool:
+        """Whether :meth:`freeze` was called."""
+        return self._frozen
+
+    def freeze(self) -> None:
+        """Refuse further :meth:`add` calls (the graph is being run)."""
+        self._frozen = True
+
+    def __repr__(self) -> str:
+        return f"<Graph of {len(self._nodes)} {self._kind}s: {list(self._nodes)}>"
+
+    def add(self, node: Node) -> None:
+        """Add ``node``, raising at once if it is a duplicate or closes a cycle."""
+        kind, name = self._kind, node.name
+        if self._frozen:
+            msg = f"cannot add {kind} {name!r}: the graph has already run and is immutable"
+            raise RuntimeError(msg)
+        if name in self._nodes:
+            msg = f"duplicate {kind} name {name!r}: each {kind} needs a unique name"
+            raise DefinitionError(msg)
+        if name in self._reserved:
+            msg = (
+                f"{kind} name {name!r} is reserved (it is an option of run()); "
+                f"reserved names: {sorted(self._reserved)}"
+            )
+            raise DefinitionError(msg)
+        seen_params: set[str] = set()
+        for param in node.params:
+            if param.name in self._reserved:
+                msg = (
+                    f"{kind} {name!r}: parameter {param.name!r} is reserved (it is an "
+                    f"option of run()); rename it. Reserved names: {sorted(self._reserved)}"
+                )
+                raise DefinitionError(msg)
+            seen_params.add(param.name)
+        if name in seen_params:
+            raise CycleError((name, name))
+        if name in self._referenced_by:
+            cycle = self._find_cycle(node)
+            if cycle is not None:
+                raise CycleError(cycle)
+        self._nodes[name] = node
+        for param_name in seen_params:
+            self._referenced_by.setdefault(param_name, []).append(name)
+
+    def _find_cycle(self, new: Node) -> list[str] | None:
+        """A path new -> ... -> new through existing nodes, if adding ``new`` closes one."""
+        nodes = self._nodes
+        parent: dict[str, str] = {}
+        stack = [new.name]
+        while stack:
+            current = stack.pop()
+            node = new if current == new.name else nodes[current]
+            for param in node.params:
+                dep = param.name
+                if dep == new.name:
+                    path = [new.name]
+                    at = current
+                    while at != new.name:
+                        path.append(at)
+                        at = parent[at]
+                    path.append(new.name)
+                    return [path[0], *reversed(path[1:-1]), path[-1]]
+                if dep in nodes and dep not in parent:
+                    parent[dep] = current
+                    stack.append(dep)
+        return None
+
+    def plan(self, inputs: Collection[str] = (), targets: Iterable[str] | None = None) -> Plan:
+        """Resolve the graph for a run with these input names (cached).
+
+        Raises:
+            DefinitionError: an unknown target, or a needed parameter that is
+                neither a node nor a given input (and has no default).
+            TypeError: an input that no node uses, or that has a node's name.
+        """
+        key_targets = tuple(targets) if targets is not None else None
+        key = (frozenset(inputs), key_targets)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = Plan(self, key[0], key_targets)
+            self._plans[key] = plan
+        return plan
+
+
+@final
+class Plan:
+    """An immutable, validated execution plan: nodes in topological order, wired.
+
+    Built by :meth:`Graph.plan`; shared by every run with the same input names and
+    targets.
+    """
+
+    __slots__ = (
+        "dep_args",
+        "dependents",
+        "input_args",
+        "kind",
+        "names",
+        "nodes",
+        "pending",
+        "waited_for",
+    )
+
+    def __init__(
+        self, graph: Graph, inputs: frozenset[str], targets: tuple[str, ...] | None
+    ) -> None:
+        kind, all_nodes = graph.kind, graph.nodes
+        self.kind = kind
+        for name in sorted(inputs):
+            if name in all_nodes:
+                msg = f"input {name!r} has the name of a {kind}; rename the input or the {kind}"
+                raise TypeError(msg)
+            if name not in graph._referenced_by:
+                msg = f"unexpected input {name!r}: no {kind} has a parameter of that name"
+                msg += _suggest(name, list(graph._referenced_by))
+                raise TypeError(msg)
+        # the nodes needed: everything, or the targets and their ancestors
+        if targets is None:
+            needed = list(all_nodes)
+        else:
+            if not targets:
+                msg = "targets must name at least one " + kind
+                raise DefinitionError(msg)
+            for target in targets:
+                if target not in all_nodes:
+                    msg = f"unknown target {target!r}; {kind}s: {list(all_nodes)}"
+                    msg += _suggest(target, list(all_nodes))
+                    raise DefinitionError(msg)
+            marked: set[str] = set()
+            stack = list(targets)
+            while stack:
+                name = stack.pop()
+                if name in marked:
+                    continue
+                marked.add(name)
+                stack.extend(p.name for p in all_nodes[name].params if p.name in all_nodes)
+            needed = [n for n in all_nodes if n in marked]
+        # check every parameter resolves, then order topologically (Kahn, stable)
+        deps_of: dict[str, list[str]] = {}
+        for name in needed:
+            deps = []
+            for param in all_nodes[name].params:
+                if param.name in all_nodes:
+                    deps.append(param.name)
+                elif param.name not in inputs and not param.optional:
+                    raise DefinitionError(
+                        _missing(kind, name, param.name, list(all_nodes), sorted(inputs))
+                    )
+            deps_of[name] = deps
+        indegree = {name: len(deps) for name, deps in deps_of.items()}
+        users: dict[str, list[str]] = {name: [] for name in needed}
+        for name, deps in deps_of.items():
+            for dep in deps:
+                users[dep].append(name)
+        queue = deque(name for name in needed if not indegree[name])
+        order: list[str] = []
+        while queue:
+            name = queue.popleft()
+            order.append(name)
+            for user in users[name]:
+                indegree[user] -= 1
+                if not indegree[user]:
+                    queue.append(user)
+        if len(order) != len(needed):  # pragma: no cover - Graph.add prevents cycles
+            msg = "dependency cycle among: " + ", ".join(n for n in needed if indegree[n])
+            raise DefinitionError(msg)
+        index = {name: i for i, name in enumerate(order)}
+        self.names: tuple[str, ...] = tuple(order)
+        self.nodes: tuple[Node, ...] = tuple(all_nodes[n] for n in order)
+        self.waited_for: tuple[tuple[str, ...], ...] = tuple(tuple(deps_of[n]) for n in order)
+        self.pending: tuple[int, ...] = tuple(len(deps_of[n]) for n in order)
+        self.dependents: tuple[tuple[int, ...], ...] = tuple(
+            tuple(index[u] for u in users[n]) for n in order
+        )
+        self.dep_args: tuple[tuple[tuple[str, int], ...], ...] = tuple(
+            tuple((d, index[d]) for d in deps_of[n]) for n in order
+        )
+        self.input_args: tuple[tuple[str, ...], ...] = tuple(
+            tuple(p.name for p in all_nodes[n].params if p.name in inputs) for n in order
+        )
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        """Node names in a topological order (dependencies before dependents)."""
+        return self.names
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __repr__(self) -> str:
+        return f"<Plan of {len(self.names)} {self.kind}s: {list(self.names)}>"
+
+
+def _suggest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _missing(kind: str, node: str, param: str, nodes: list[str], inputs: list[str]) -> str:
+    return (
+        f"{kind} {node!r} needs {param!r}, which is neither a {kind} nor a run input. "
+        f"{kind.capitalize()}s: {nodes}; inputs given: {inputs}. Pass it as an input "
+        f"(run({param}=...)), give the parameter a default, or define a {kind} "
+        f"named {param!r}" + _suggest(param, nodes + inputs)
+    )

@@ -1,0 +1,267 @@
+"""Timeline: what ran when, measured on anyio's clock, and the chain that set the makespan.
+
+One :class:`Span` per unit of work (a :class:`~parallelkit.Flow` step, or an
+:class:`~parallelkit.Orchestrator` service's start / stop), recorded by the graph
+engine in :mod:`parallelkit._graph.graph`. A :class:`Timeline` renders the spans as a
+compact terminal Gantt chart, a Mermaid ``gantt`` diagram or a JSON-ready dict, and
+finds the critical path: the dependency chain whose end set the total time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from typing_extensions import final
+
+__all__ = ["Span", "SpanStatus", "Timeline"]
+
+SpanStatus = Literal["ok", "error", "cancelled", "skipped"]
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Span:
+    """One unit of work on a :class:`Timeline`.
+
+    All times are absolute readings of :func:`anyio.current_time` (seconds); use
+    :attr:`Timeline.origin` to make them relative to the start of the run.
+
+    Attributes:
+        name: the step (or service) name.
+        queued: when all of its dependencies had finished, so it could run.
+        start: when it actually started (later than ``queued`` when it waited
+            for a ``limit`` slot).
+        end: when it finished (or failed, or was cancelled).
+        status: ``"ok"``, ``"error"``, ``"cancelled"`` or ``"skipped"`` (settle
+            mode: a dependency failed, so it never ran; ``start == end``).
+        waited_for: the names it depended on.
+        kind: what the span measures: ``"step"`` for a flow step; the
+            orchestrator records ``"start"`` (set-up until ready) and ``"stop"``.
+    """
+
+    name: str
+    queued: float
+    start: float
+    end: float
+    status: SpanStatus = "ok"
+    waited_for: tuple[str, ...] = ()
+    kind: str = "step"
+
+    @property
+    def duration(self) -> float:
+        """Seconds from :attr:`start` to :attr:`end`."""
+        return self.end - self.start
+
+    @property
+    def wait(self) -> float:
+        """Seconds it was ready but waited for a slot (:attr:`start` - :attr:`queued`)."""
+        return self.start - self.queued
+
+
+@final
+class Timeline:
+    """The measured spans of one run, with renderings and the critical path.
+
+    Returned as ``result.timeline`` by :meth:`Flow.run <parallelkit.Flow.run>` (and
+    ``running.timeline`` by the orchestrator). Iterating yields the spans in the
+    order they finished; ``timeline["charge"]`` is the span of one name.
+
+    Args:
+        spans: the spans, in any order.
+        origin: the :func:`anyio.current_time` reading when the run started
+            (default: the earliest ``queued`` time).
+        name: a title for the renderings (the flow's name).
+
+    Example:
+        ```python
+        result = await flow.run(payment_id="p1")
+        print(result.timeline.to_text())
+        [s.name for s in result.timeline.critical_path()]   # ['charge', 'record']
+        ```
+    """
+
+    __slots__ = ("_origin", "_spans", "name")
+
+    def __init__(
+        self, spans: Iterable[Span] = (), *, origin: float | None = None, name: str | None = None
+    ) -> None:
+        self._spans: list[Span] = list(spans)
+        self._origin = origin
+        self.name = name
+
+    # -- recording (used by the graph engine and the orchestrator) --------------
+    def _add(self, span: Span) -> None:
+        self._spans.append(span)
+
+    # -- reading -------------------------------------------------------------------
+    @property
+    def spans(self) -> tuple[Span, ...]:
+        """All spans, in the order they were recorded (the order they finished)."""
+        return tuple(self._spans)
+
+    @property
+    def origin(self) -> float:
+        """The clock reading at the start of the run (seconds, anyio's clock)."""
+        if self._origin is not None:
+            return self._origin
+        return min((s.queued for s in self._spans), default=0.0)
+
+    @property
+    def total(self) -> float:
+        """Seconds from the start of the run to the end of its last span (the makespan)."""
+        if not self._spans:
+            return 0.0
+        return max(s.end for s in self._spans) - self.origin
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+    def __iter__(self) -> Iterator[Span]:
+        return iter(tuple(self._spans))
+
+    def __getitem__(self, name: str) -> Span:
+        """The latest span recorded for ``name``; ``KeyError`` if there is none."""
+        for span in reversed(self._spans):
+            if span.name == name:
+                return span
+        msg = f"no span named {name!r}; spans: {sorted({s.name for s in self._spans})}"
+        raise KeyError(msg)
+
+    def __repr__(self) -> str:
+        title = f"{self.name!r}, " if self.name else ""
+        return f"<Timeline {title}{len(self._spans)} spans, total={self.total * 1000:.1f} ms>"
+
+    def critical_path(self, kind: str | None = None) -> tuple[Span, ...]:
+        """The dependency chain that set the makespan, first span first.
+
+        Start from the span that ended last; step to the dependency (among its
+        ``waited_for``) that ended last; repeat until a span had no dependencies.
+        Shortening any other span cannot finish the run earlier: this is the chain
+        to optimise.
+
+        Args:
+            kind: only follow spans of this kind (default: the kind of the span
+                that ended last, e.g. ``"step"``).
+        """
+        spans = [s for s in self._spans if s.status != "skipped"]
+        if kind is not None:
+            spans = [s for s in spans if s.kind == kind]
+        if not spans:
+            return ()
+        last = max(spans, key=lambda s: s.end)
+        spans = [s for s in spans if s.kind == last.kind]
+        by_name: dict[str, Span] = {}
+        for span in spans:
+            by_name[span.name] = span
+        chain = [last]
+        seen = {last.name}
+        while True:
+            deps = [by_name[d] for d in chain[-1].waited_for if d in by_name and d not in seen]
+            if not deps:
+                break
+            prev = max(deps, key=lambda s: s.end)
+            seen.add(prev.name)
+            chain.append(prev)
+        chain.reverse()
+        return tuple(chain)
+
+    # -- renderings ------------------------------------------------------------------
+    def to_text(self, width: int = 40) -> str:
+        """A compact Gantt chart for the terminal.
+
+        One row per span: ``░`` while it waited for a slot, ``█`` while it ran.
+        The last line names the critical path.
+
+        Args:
+            width: characters for the bar area.
+        """
+        if isinstance(width, bool) or not isinstance(width, int) or width < 10:
+            msg = f"width must be an int >= 10, got {width!r}"
+            raise ValueError(msg)
+        origin, total = self.origin, self.total
+        title = f"{self.name} " if self.name else ""
+        lines = [f"{title}total {total * 1000:.1f} ms, {len(self._spans)} spans"]
+        if not self._spans:
+            return lines[0]
+        scale = width / total if total > 0 else 0.0
+        label = max(len(_label(s)) for s in self._spans)
+        for span in sorted(self._spans, key=lambda s: (s.start, s.end)):
+            q = round((span.queued - origin) * scale)
+            a = round((span.start - origin) * scale)
+            b = max(round((span.end - origin) * scale), a + (span.status != "skipped"))
+            bar = " " * q + "░" * (a - q) + "█" * (b - a)
+            bar = bar[:width].ljust(width)
+            times = f"{(span.start - origin) * 1000:8.1f} → {(span.end - origin) * 1000:8.1f} ms"
+            line = f"{_label(span):<{label}} |{bar}| {times}  {span.status}"
+            lines.append(line.rstrip())
+        path = self.critical_path()
+        if path:
+            names = " → ".join(s.name for s in path)
+            lines.append(f"critical path: {names}")
+        return "\n".join(lines)
+
+    def to_mermaid(self, title: str | None = None) -> str:
+        """A Mermaid ``gantt`` diagram (times in milliseconds from the run start).
+
+        Spans on the critical path are tagged ``crit``; failed ones ``active``.
+        Paste it into a Markdown page that renders Mermaid.
+        """
+        origin = self.origin
+        crit = {id(s) for s in self.critical_path()}
+        heading = title if title is not None else (self.name or "timeline")
+        lines = [
+            "gantt",
+            f"    title {_mermaid_text(heading)}",
+            "    dateFormat x",
+            "    axisFormat %S.%L",
+        ]
+        section = None
+        for index, span in enumerate(sorted(self._spans, key=lambda s: (s.kind, s.start))):
+            if span.kind != section:
+                section = span.kind
+                lines.append(f"    section {_mermaid_text(section)}")
+            tags = []
+            if id(span) in crit:
+                tags.append("crit")
+            if span.status == "ok":
+                tags.append("done")
+            elif span.status in ("error", "cancelled"):
+                tags.append("active")
+            start = round((span.start - origin) * 1000)
+            end = max(round((span.end - origin) * 1000), start)
+            tag = ", ".join([*tags, f"s{index}"])
+            lines.append(f"    {_mermaid_text(span.name)} :{tag}, {start}, {end}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: the total and each span, in seconds from the run start."""
+        origin = self.origin
+        return {
+            "name": self.name,
+            "total": self.total,
+            "critical_path": [s.name for s in self.critical_path()],
+            "spans": [
+                {
+                    "name": s.name,
+                    "kind": s.kind,
+                    "status": s.status,
+                    "queued": s.queued - origin,
+                    "start": s.start - origin,
+                    "end": s.end - origin,
+                    "waited_for": list(s.waited_for),
+                }
+                for s in self._spans
+            ],
+        }
+
+
+def _label(span: Span) -> str:
+    return span.name if span.kind == "step" else f"{span.name} ({span.kind})"
+
+
+def _mermaid_text(text: str) -> str:
+    for bad in (":", ";", "#", "\n"):
+        text = text.replace(bad, "_")
+    return text

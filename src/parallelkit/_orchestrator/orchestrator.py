@@ -1,0 +1,436 @@
+"""Orchestrator: start services by their dependency graph, stop them in reverse.
+
+The seed's server starts its parts in hand-written ``Promise.all`` phases: the
+dependencies are hidden in the phase layout, nothing checks that a part is
+actually *ready*, a failure leaves the parts already started running, and the
+stop order is whatever the runtime does. The Orchestrator declares each service
+with what it needs (by parameter name, as in :class:`~parallelkit.Flow`; the same
+graph engine runs both) and gets, from that one declaration:
+
+- each service starting the moment its dependencies are **ready** (not layer by
+  layer), readiness checked by a probe (:mod:`parallelkit.probes`);
+- on a start-up failure: the starts in flight cancelled, everything started torn
+  down in reverse dependency order, and :class:`~parallelkit.StartupError`;
+- shutdown in reverse dependency order, each tear-down exactly once, bounded by
+  ``stop_timeout``;
+- a measured :class:`~parallelkit.Timeline` with the critical chain.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, TypeVar, overload
+
+import anyio
+from typing_extensions import ParamSpec, final
+
+from .._core.check import number, number_or_none
+from .._core.errors import DefinitionError
+from .._core.retry import RetryLike, validate_retry
+from .._graph.graph import Graph, Node, Param, params_of
+from ..probes import Probe, as_probe
+from .process import ManagedProcess, Output, OutputSink, RestartPolicy, process_lifetime
+from .running import Running, _Session, teardown_group
+from .services import ServiceSpec
+
+__all__ = ["Orchestrator"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+logger = logging.getLogger("parallelkit.orchestrator")
+
+_PROCESS_KILL_GRACE = 5.0  # seconds the host allows beyond stop_timeout for SIGKILL + drain
+
+
+@final
+class Orchestrator:
+    """Start-up orchestration: services by dependency graph, with readiness and rollback.
+
+    Register services with :meth:`service` (async generators, async context-manager
+    factories or async functions: their parameters name the services they need)
+    and subprocesses with :meth:`process`; then ``async with orch.start() as
+    running`` or ``await orch.serve()``.
+
+    Args:
+        name: a title for the timeline and log messages.
+        output: where process output goes: ``"stdout"`` (``name | line``,
+            coloured on a terminal), ``"logging"`` or ``fn(name, stream, line)``.
+
+    Example:
+        ```python
+        orch = pk.Orchestrator()
+
+        @orch.service
+        async def db():
+            engine = await connect()
+            yield engine                      # ready: dependents start now
+            await engine.dispose()            # tear-down, after every dependent stopped
+
+        @orch.service(ready=pk.probes.tcp("127.0.0.1", 8080), timeout=10)
+        async def http(db):                   # gets db's value
+            ...
+
+        async with orch.start() as running:
+            running["db"], running.timeline.to_text()
+        ```
+    """
+
+    __slots__ = ("_graph", "_names", "_sink", "_specs", "name")
+
+    def __init__(self, name: str | None = None, *, output: Output = "stdout") -> None:
+        if name is not None and not isinstance(name, str):
+            msg = f"name must be a str or None, got {name!r}"  # type: ignore[unreachable]
+            raise TypeError(msg)
+        self.name = name
+        self._sink = OutputSink(output)
+        self._graph = Graph(kind="service")
+        self._specs: dict[str, ServiceSpec] = {}
+        self._names: dict[Callable[..., Any], str] = {}
+
+    def __repr__(self) -> str:
+        title = f"{self.name!r} " if self.name else ""
+        return f"<Orchestrator {title}services={list(self._specs)}>"
+
+    @property
+    def services(self) -> Mapping[str, ServiceSpec]:
+        """The registered services (and processes) by name, in registration order."""
+        return dict(self._specs)
+
+    # -- registration ------------------------------------------------------------------
+    @overload
+    def service(self, fn: Callable[P, R], /) -> Callable[P, R]: ...
+    @overload
+    def service(
+        self,
+        /,
+        *,
+        name: str | None = None,
+        ready: Probe | Callable[..., Any] | None = None,
+        timeout: float | None = None,
+        retry: RetryLike | None = None,
+        stop_timeout: float = 10.0,
+        critical: bool = True,
+    ) -> Callable[[Callable[P, R]], Callable[P, R]]: ...
+    def service(
+        self,
+        fn: Callable[P, R] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        ready: Probe | Callable[..., Any] | None = None,
+        timeout: float | None = None,
+        retry: RetryLike | None = None,
+        stop_timeout: float = 10.0,
+        critical: bool = True,
+    ) -> Callable[P, R] | Callable[[Callable[P, R]], Callable[P, R]]:
+        """Register a service (decorator, with or without options).
+
+        The function is returned unchanged, so it stays callable and can be
+        passed to :meth:`Running.get` for a typed lookup. Each parameter names
+        another service, whose value is passed in once that service is ready; a
+        parameter with a default that names no service keeps its default.
+
+        Args:
+            fn: an async generator function (set up, ``yield`` the value, tear
+                down), an async context-manager factory, or an async function
+                returning the value.
+            name: the service name (default: the function's ``__name__``).
+            ready: a :mod:`~parallelkit.probes` probe (or any callable, wrapped
+                with :func:`~parallelkit.probes.call`) polled after set-up until it
+                passes; dependents wait for it.
+            timeout: seconds for set-up plus readiness (per attempt); ``None``
+                waits for ever.
+            retry: a :class:`~parallelkit.Retry` (or tenacity ``AsyncRetrying``) for
+                the start: a failed attempt is torn down, then tried again.
+            stop_timeout: seconds the tear-down may take before it is cancelled
+                (which is logged and reported).
+            critical: ``False`` lets the orchestrator start without this service
+                when it fails (its dependents are skipped, see
+                :attr:`Running.failed` / :attr:`Running.skipped`).
+
+        Raises:
+            DefinitionError: a duplicate name, or a dependency cycle closed by
+                this service (:class:`~parallelkit.CycleError`).
+            TypeError: ``fn`` is a plain sync function or a bad option type.
+        """
+
+        probe = as_probe(ready)
+        start_timeout = number_or_none("timeout", timeout, finite=True)
+        retry = validate_retry(retry)
+        stop_seconds = number("stop_timeout", stop_timeout, finite=True)
+        critical = _flag("critical", critical)
+        if name is not None and (not isinstance(name, str) or not name.isidentifier()):
+            msg = f"service name must be an identifier str, got {name!r}"
+            raise DefinitionError(msg)
+
+        def register(func: Callable[P, R]) -> Callable[P, R]:
+            if not callable(func):
+                msg = f"service must be decorated onto a function, got {func!r}"  # type: ignore[unreachable]
+                raise TypeError(msg)
+            service_name = name if name is not None else getattr(func, "__name__", None)
+            if not isinstance(service_name, str) or not service_name.isidentifier():
+                msg = f"service name must be an identifier str, got {service_name!r}"
+                raise DefinitionError(msg)
+            # a sync function is accepted only as an async context-manager factory,
+            # which @asynccontextmanager (functools.wraps) reveals
+            if (
+                inspect.isfunction(func)
+                and not (inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func))
+                and not hasattr(func, "__wrapped__")
+            ):
+                msg = (
+                    f"service {service_name!r}: {func.__qualname__} is a sync function; "
+                    "write it as an async generator, an async function or an async "
+                    "context-manager factory"
+                )
+                raise TypeError(msg)
+            params = params_of(func, kind="service", node=service_name)
+            spec = ServiceSpec(
+                service_name,
+                func,
+                depends_on=tuple(p.name for p in params),
+                ready=probe,
+                timeout=start_timeout,
+                retry=retry,
+                stop_timeout=stop_seconds,
+                critical=critical,
+            )
+            self._add(spec, params)
+            self._names[func] = service_name
+            return func
+
+        if fn is not None:
+            return register(fn)
+        return register
+
+    def process(
+        self,
+        name: str,
+        cmd: str | Sequence[str],
+        /,
+        *,
+        ready: Probe | Callable[..., Any] | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
+        restart: RestartPolicy = "no",
+        max_restarts: int | None = 5,
+        stop_timeout: float = 10.0,
+        depends_on: Sequence[str] = (),
+        timeout: float | None = None,
+        critical: bool = True,
+    ) -> None:
+        """Register a subprocess as a service (a dev server, a watcher, a worker).
+
+        The process runs in its own process group. Its stdout/stderr lines are
+        prefixed with ``name`` (see the orchestrator's ``output``). Stopping sends
+        ``SIGTERM`` to the group and ``SIGKILL`` after ``stop_timeout``; nothing it
+        started outlives the orchestrator. Its value (``running[name]``) is a
+        ``ManagedProcess`` (``pid``, ``returncode``, ``restarts``).
+
+        Args:
+            name: the service name.
+            cmd: a shell command string, or an argument list (no shell).
+            ready: a probe polled until the process is ready (e.g.
+                ``probes.tcp("127.0.0.1", 3000)``); without one it is ready once
+                spawned.
+            env: extra environment variables, on top of this process's own
+                (``PYTHONUNBUFFERED=1`` is set unless you set it).
+            cwd: the working directory.
+            restart: on an unexpected exit: ``"no"`` (a non-zero exit fails the
+                service; exit 0 just ends it), ``"on-failure"`` (restart on a
+                non-zero exit) or ``"always"``.
+            max_restarts: restarts allowed before the exit fails the service
+                (``None``: unlimited). Restarts pause 50 ms, doubling to 2 s.
+            stop_timeout: seconds between ``SIGTERM`` and ``SIGKILL``.
+            depends_on: services that must be ready before this one starts.
+            timeout: seconds for the process to become ready.
+            critical: as for :meth:`service`.
+
+        A process that exits for good while the orchestrator runs fails it with
+        :class:`subprocess.CalledProcessError` (if ``critical``).
+        """
+        if not isinstance(name, str) or not name.isidentifier():
+            msg = f"process name must be an identifier str, got {name!r}"
+            raise DefinitionError(msg)
+        if isinstance(cmd, str):
+            if not cmd.strip():
+                msg = "cmd must not be empty"
+                raise ValueError(msg)
+        elif not (
+            isinstance(cmd, Sequence)
+            and cmd
+            and all(isinstance(a, (str, os.PathLike)) for a in cmd)
+        ):
+            msg = f"cmd must be a shell string or a non-empty list of str, got {cmd!r}"
+            raise TypeError(msg)
+        if restart not in ("no", "on-failure", "always"):
+            msg = f"restart must be 'no', 'on-failure' or 'always', got {restart!r}"
+            raise ValueError(msg)
+        if max_restarts is not None and (
+            isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0
+        ):
+            msg = f"max_restarts must be an int >= 0 or None, got {max_restarts!r}"
+            raise ValueError(msg)
+        if isinstance(depends_on, str) or not all(isinstance(d, str) for d in depends_on):
+            msg = f"depends_on must be a sequence of service names, got {depends_on!r}"
+            raise TypeError(msg)
+        stop = number("stop_timeout", stop_timeout, finite=True)
+        sink = self._sink
+        env_copy = dict(env) if env is not None else None
+        command = cmd if isinstance(cmd, str) else [os.fspath(a) for a in cmd]
+
+        def lifetime(**_deps: Any) -> AbstractAsyncContextManager[ManagedProcess]:
+            return process_lifetime(
+                name,
+                command,
+                env=env_copy,
+                cwd=cwd,
+                restart=restart,
+                max_restarts=max_restarts,
+                stop_timeout=stop,
+                sink=sink,
+            )
+
+        spec = ServiceSpec(
+            name,
+            lifetime,
+            depends_on=tuple(depends_on),
+            ready=as_probe(ready),
+            timeout=number_or_none("timeout", timeout, finite=True),
+            stop_timeout=stop + _PROCESS_KILL_GRACE,
+            critical=_flag("critical", critical),
+            kind="process",
+            extra={"cmd": command, "restart": restart, "max_restarts": max_restarts},
+        )
+        self._add(spec, tuple(Param(d) for d in depends_on))
+
+    def _add(self, spec: ServiceSpec, params: tuple[Param, ...]) -> None:
+        if self._graph.frozen:
+            msg = f"cannot add service {spec.name!r}: the orchestrator has already started"
+            raise RuntimeError(msg)
+        self._graph.add(Node(spec.name, params, data=spec))
+        self._specs[spec.name] = spec
+
+    # -- running -----------------------------------------------------------------------
+    def start(self) -> AbstractAsyncContextManager[Running]:
+        """Start every service; the context manager stops them again.
+
+        Definition errors (an unknown dependency, with a suggestion) are raised
+        here, before anything starts. Inside ``async with``, each service starts
+        as soon as all of its dependencies are ready.
+
+        Raises:
+            DefinitionError: the graph is malformed.
+            StartupError: a critical service failed to start (its error is the
+                ``__cause__``); everything that had started was torn down first.
+
+        On exit, services stop in reverse dependency order. If a critical service
+        crashes while running, the body is cancelled, everything stops, and the
+        service's error is raised. If the body finished cleanly but tear-downs
+        failed, an ``ExceptionGroup`` of those errors is raised (otherwise they are
+        logged and kept in ``running.teardown_errors``).
+        """
+        plan = self._graph.plan()
+        self._graph.freeze()
+        self._sink.width = max(
+            (len(n) for n, s in self._specs.items() if s.kind == "process"), default=0
+        )
+        return self._run(_Session(plan, self._specs, self._names, self.name))
+
+    @asynccontextmanager
+    async def _run(self, session: _Session) -> AsyncIterator[Running]:
+        # Errors are raised after the services' task group has closed, so that they
+        # come out as themselves, never wrapped in an ExceptionGroup.
+        startup_error: Exception | None = None
+        body_error: Exception | None = None
+        errors: list[tuple[str, BaseException]] = []
+        async with anyio.create_task_group() as tg:
+            session.tg = tg
+            try:
+                running = await session.start_all()
+            except Exception as exc:  # StartupError, after the rollback
+                startup_error = exc
+            if startup_error is None:
+                try:
+                    with anyio.CancelScope() as session.body_scope:
+                        yield running
+                except Exception as exc:
+                    body_error = exc
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        errors = await session.stop_all()
+                    running.teardown_errors = errors
+        if startup_error is not None:
+            raise startup_error
+        if body_error is not None:
+            raise body_error
+        if session.crashed is not None:
+            name, crash = session.crashed
+            raise crash or RuntimeError(f"service {name!r} ended while running")
+        if errors:
+            raise teardown_group(errors)
+
+    async def serve(
+        self,
+        *,
+        signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM),
+        on_ready: Callable[[Running], object] | None = None,
+    ) -> None:
+        """Start, run until SIGINT/SIGTERM, then stop gracefully.
+
+        The first signal stops the services in reverse dependency order (a signal
+        during start-up aborts the start and rolls back); a second signal forces
+        the stop: tear-downs are cancelled and processes get ``SIGKILL``. Returns
+        normally after a signal-initiated stop. Must run in the main thread.
+
+        Args:
+            signals: the signals that stop it.
+            on_ready: called with the :class:`Running` once every service is ready.
+
+        Raises:
+            StartupError: a service failed to start.
+            Exception: a critical service crashed while running (its own error).
+        """
+        stop = anyio.Event()
+        holder: list[_Session] = []
+        with anyio.open_signal_receiver(*(signal.Signals(s) for s in signals)) as received:
+            async with anyio.create_task_group() as tg:
+
+                async def watch() -> None:
+                    count = 0
+                    async for signum in received:
+                        count += 1
+                        label = signal.Signals(signum).name
+                        if count == 1:
+                            logger.warning("%s received: stopping (again to force)", label)
+                            stop.set()
+                            if not holder:  # still starting: abort the start (rolls back)
+                                main_scope.cancel()
+                        else:
+                            logger.warning("%s received again: forcing the stop", label)
+                            for session in holder:
+                                session.force()
+
+                tg.start_soon(watch)
+                try:
+                    with anyio.CancelScope() as main_scope:
+                        cm = self.start()
+                        async with cm as running:
+                            holder.append(running._session)
+                            if on_ready is not None:
+                                on_ready(running)
+                            await stop.wait()
+                finally:
+                    tg.cancel_scope.cancel()
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        msg = f"{name} must be a bool, got {value!r}"
+        raise TypeError(msg)
+    return value

@@ -1,0 +1,57 @@
+"""Redis-backed primitives: the same guarantees across processes and replicas.
+
+An in-process cache dedupes loads only inside one process; a local limiter cannot
+keep a partner API's global rate; "run the scheduler once" needs a lock that
+survives a replica dying. This module gives each of them a Redis-backed form:
+
+* :class:`RedisStore`: a store for :class:`~parallelkit.SWRCache` shared by every
+  process, with cross-process single flight (one load per cold key, one refresh
+  per stale key) and graceful degradation when Redis is down;
+* :class:`RedisLimiter`: a :class:`~parallelkit.Limiter` whose concurrency bound
+  and start rate hold across processes;
+* :class:`RedisLock`: one holder across processes, renewed while held, released
+  only by its holder, with a fencing token.
+
+Needs the ``redis`` extra (``pip install "parallelkit[redis]"``) and a
+``redis.asyncio.Redis`` client. redis-py's asyncio client runs on asyncio only, so
+these primitives do too (everything else in parallelkit also runs on trio).
+
+Errors::
+
+    ParallelkitError
+    ├── RedisUnavailable   Redis unreachable and the caller asked not to degrade
+    ├── LockNotAcquired    a RedisLock was not acquired (blocking=False / timeout)
+    └── LockLost           a held RedisLock expired or was taken over
+"""
+
+from __future__ import annotations
+
+from .._core.public import export
+from ._common import LockLost as LockLost
+from ._common import LockNotAcquired as LockNotAcquired
+from ._common import RedisUnavailable as RedisUnavailable
+from ._limiter import RedisLimiter as RedisLimiter
+from ._limiter import RedisLimiterStatistics as RedisLimiterStatistics
+from ._lock import RedisLock as RedisLock
+from ._store import JSONSerializer as JSONSerializer
+from ._store import PickleSerializer as PickleSerializer
+from ._store import RedisStore as RedisStore
+from ._store import RedisStoreStats as RedisStoreStats
+from ._store import Serializer as Serializer
+
+__all__ = [
+    "JSONSerializer",
+    "LockLost",
+    "LockNotAcquired",
+    "PickleSerializer",
+    "RedisLimiter",
+    "RedisLimiterStatistics",
+    "RedisLock",
+    "RedisStore",
+    "RedisStoreStats",
+    "RedisUnavailable",
+    "Serializer",
+]
+
+
+export(globals())

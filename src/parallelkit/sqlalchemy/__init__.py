@@ -1,0 +1,65 @@
+"""parallelkit.sqlalchemy: eager loading, query-count guards and parallel sessions.
+
+An optional integration (``pip install parallelkit[sqlalchemy]``); the package
+root never imports it. SQLAlchemy 2.x, sync and asyncio.
+
+* :func:`eager` - loader options that load exactly the relationships you name,
+  picking ``joinedload`` or ``selectinload`` per relationship, and raise
+  :class:`NotLoadedError` (naming the path to add) on everything else.
+* :func:`count_queries` / :func:`max_queries` - count the statements a block
+  sends; fail with :class:`TooManyQueries` (N+1 suspects marked) over a budget.
+  The pytest plugin adds the ``query_counter`` and ``max_queries`` fixtures.
+* :func:`parallel` - run functions concurrently, each in its own ``AsyncSession``.
+  Sharing one session between tasks at once raises a clear
+  :class:`SessionInUseError` that points here: importing this module turns on
+  :func:`guard_sessions` (three ``Session`` event listeners, process-wide;
+  ``guard_sessions(False)`` turns them off); :class:`GuardedAsyncSession`
+  checks every session method.
+* :func:`loader_by_id` - a :class:`parallelkit.BatchLoader` that loads rows by
+  primary key with one ``IN`` query per batch.
+
+SQLAlchemy's asyncio extension (``AsyncSession``, ``AsyncEngine``) runs on
+asyncio only; the sync helpers (:func:`eager`, :func:`count_queries`,
+:func:`max_queries`) need no event loop at all.
+"""
+
+from __future__ import annotations
+
+from .._core.public import export
+from ._eager import EagerPath as EagerPath
+from ._eager import NotLoadedError as NotLoadedError
+from ._eager import Strategy as Strategy
+from ._eager import eager as eager
+from ._loader import loader_by_id as loader_by_id
+from ._queries import CapturedQuery as CapturedQuery
+from ._queries import QueryCounter as QueryCounter
+from ._queries import TooManyQueries as TooManyQueries
+from ._queries import count_queries as count_queries
+from ._queries import max_queries as max_queries
+from ._sessions import GuardedAsyncSession as GuardedAsyncSession
+from ._sessions import SessionInUseError as SessionInUseError
+from ._sessions import default_limit as default_limit
+from ._sessions import guard_sessions as guard_sessions
+from ._sessions import parallel as parallel
+
+__all__ = [
+    "CapturedQuery",
+    "EagerPath",
+    "GuardedAsyncSession",
+    "NotLoadedError",
+    "QueryCounter",
+    "SessionInUseError",
+    "Strategy",
+    "TooManyQueries",
+    "count_queries",
+    "default_limit",
+    "eager",
+    "guard_sessions",
+    "loader_by_id",
+    "max_queries",
+    "parallel",
+]
+
+
+export(globals())
+guard_sessions()

@@ -1,0 +1,297 @@
+"""count_queries / max_queries: count the SQL statements a block sends, guard a budget.
+
+Counting listens to the engine's ``before_cursor_execute`` event for the duration
+of the block: every statement sent to the database counts once (an
+``executemany`` too); ``BEGIN`` / ``COMMIT`` issued by the driver do not.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
+from typing_extensions import Self, final
+
+from .._core.errors import ParallelkitError
+
+__all__ = ["CapturedQuery", "QueryCounter", "TooManyQueries", "count_queries", "max_queries"]
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class CapturedQuery:
+    """One statement seen by :func:`count_queries`: its SQL text and parameters."""
+
+    statement: str
+    parameters: Any
+    executemany: bool = False
+
+    def __str__(self) -> str:
+        return self.statement
+
+
+def _targets(target: object) -> Engine | Connection:
+    """Resolve what to listen on: the sync Engine (or Connection) behind ``target``."""
+    if isinstance(target, (Engine, Connection)):
+        return target
+    if isinstance(target, AsyncEngine):
+        return target.sync_engine
+    if isinstance(target, AsyncConnection):
+        return target.sync_connection or target.sync_engine
+    if isinstance(target, AsyncSession):
+        target = target.sync_session
+    if isinstance(target, (sessionmaker, async_sessionmaker)):
+        target = target.kw.get("bind")
+        if target is not None:
+            return _targets(target)
+    if isinstance(target, Session):
+        bind = target.bind
+        if bind is not None:
+            return _targets(bind)
+        msg = (
+            "count_queries() needs a session with a single bind (Session(bind=engine)); "
+            "for a session with several binds, pass the engine to count"
+        )
+        raise TypeError(msg)
+    msg = (
+        "count_queries() target must be an Engine, Connection, Session, sessionmaker or their "
+        f"async counterparts, got {type(target).__name__} {target!r}"
+    )
+    raise TypeError(msg)
+
+
+class QueryCounter:
+    """Counts the statements sent through an engine while the block runs.
+
+    Use it with ``with`` or ``async with`` (entering does no I/O). It counts every
+    statement on the *engine* behind the target, from any session or task, so a
+    test that counts should not run unrelated work on that engine meanwhile.
+
+    Attributes:
+        queries: the :class:`CapturedQuery` objects, in order.
+    """
+
+    __slots__ = ("_listening", "_target", "queries")
+
+    def __init__(self, target: object) -> None:
+        self._target = _targets(target)
+        self._listening = False
+        self.queries: list[CapturedQuery] = []
+
+    @property
+    def count(self) -> int:
+        """How many statements were sent so far."""
+        return len(self.queries)
+
+    @property
+    def statements(self) -> list[str]:
+        """The SQL text of each statement, in order."""
+        return [q.statement for q in self.queries]
+
+    def repeated(self) -> dict[str, int]:
+        """Statements sent more than once with different parameters (the N+1 signature).
+
+        Returns:
+            ``{sql: times}`` for each such statement, most repeated first.
+        """
+        seen: dict[str, set[str]] = {}
+        times: Counter[str] = Counter()
+        for q in self.queries:
+            times[q.statement] += 1
+            seen.setdefault(q.statement, set()).add(repr(q.parameters))
+        return {sql: n for sql, n in times.most_common() if n > 1 and len(seen[sql]) > 1}
+
+    def _on_execute(
+        self,
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        self.queries.append(CapturedQuery(statement, parameters, executemany))
+
+    def __enter__(self) -> Self:
+        if self._listening:
+            msg = "this counter is already active; use a new count_queries(...) per block"
+            raise RuntimeError(msg)
+        event.listen(self._target, "before_cursor_execute", self._on_execute)
+        self._listening = True
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._listening:
+            event.remove(self._target, "before_cursor_execute", self._on_execute)
+            self._listening = False
+
+    async def __aenter__(self) -> Self:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+    def __repr__(self) -> str:
+        state = "active" if self._listening else "inactive"
+        return f"<count_queries {state} count={self.count} on {self._target!r}>"
+
+
+def count_queries(target: object) -> QueryCounter:
+    """Count the SQL statements sent while a block runs.
+
+    Works with sync and async engines, connections, sessions and session
+    factories (the engine behind them is what is counted), with ``with`` or
+    ``async with``.
+
+    Args:
+        target: an ``Engine``, ``Connection``, ``Session``, ``sessionmaker`` or
+            their async counterparts.
+
+    Returns:
+        A :class:`QueryCounter`; ``.count``, ``.statements``, ``.queries`` and
+        ``.repeated()`` are live during and after the block.
+
+    Raises:
+        TypeError: ``target`` is none of the above.
+
+    Example:
+        ```python
+        async with count_queries(engine) as counter:
+            await load_webhook_graph(conversation_id)
+        assert counter.count <= 2, counter.statements
+        ```
+    """
+    return QueryCounter(target)
+
+
+class TooManyQueries(ParallelkitError, AssertionError):
+    """A block sent more statements than :func:`max_queries` allowed.
+
+    It is an :class:`AssertionError` too, so pytest shows it as a failed check.
+    The message lists every statement and marks those sent repeatedly with
+    different parameters: that is what an N+1 loop looks like.
+
+    Attributes:
+        limit: the budget.
+        count: statements actually sent.
+        statements: their SQL text, in order.
+        repeated: ``{sql: times}`` for statements repeated with different parameters.
+    """
+
+    def __init__(
+        self, limit: int, statements: Sequence[str], repeated: dict[str, int] | None = None
+    ) -> None:
+        self.limit = limit
+        self.statements = list(statements)
+        self.count = len(self.statements)
+        self.repeated = dict(repeated or {})
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        lines = [f"expected at most {self.limit} queries, {self.count} were sent:"]
+        shown: set[str] = set()
+        for index, sql in enumerate(self.statements, 1):
+            one_line = " ".join(sql.split())
+            if sql in self.repeated:
+                if sql in shown:
+                    continue
+                shown.add(sql)
+                lines.append(
+                    f"  {index:>3}. [repeated x{self.repeated[sql]} with different parameters:"
+                    f" N+1?] {one_line}"
+                )
+            else:
+                lines.append(f"  {index:>3}. {one_line}")
+        if self.repeated:
+            lines.append(
+                "A statement repeated with different parameters is the N+1 signature: load the "
+                "relationship up front (parallelkit.sqlalchemy.eager) or batch the lookups "
+                "(loader_by_id)."
+            )
+        return "\n".join(lines)
+
+
+@final
+class max_queries:  # noqa: N801 - used like a function: `with max_queries(engine, 2):`
+    """Fail when a block sends more than ``n`` SQL statements.
+
+    The guard that keeps N+1 queries from coming back: wrap a request handler or a
+    test body; on leaving the block it raises :class:`TooManyQueries` listing the
+    statements, repeated ones marked. An exception raised inside the block is
+    propagated unchanged (the budget is not checked then).
+
+    Args:
+        target: what :func:`count_queries` accepts.
+        n: the budget, an int >= 0.
+
+    Raises:
+        TooManyQueries: on exit, when more than ``n`` statements were sent.
+        ValueError, TypeError: a bad ``n`` or ``target``.
+
+    Example:
+        ```python
+        with max_queries(engine, 2):
+            handle_webhook(session, conversation_id)
+        ```
+    """
+
+    __slots__ = ("_counter", "limit")
+
+    def __init__(self, target: object, n: int, /) -> None:
+        if isinstance(n, bool) or not isinstance(n, int):
+            msg = f"n must be an int >= 0, got {n!r}"
+            raise TypeError(msg)
+        if n < 0:
+            msg = f"n must be >= 0, got {n!r}"
+            raise ValueError(msg)
+        self.limit = n
+        self._counter = QueryCounter(target)
+
+    @property
+    def counter(self) -> QueryCounter:
+        """The underlying :class:`QueryCounter` (``.count``, ``.statements``)."""
+        return self._counter
+
+    def __enter__(self) -> QueryCounter:
+        return self._counter.__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._counter.__exit__(exc_type, exc, tb)
+        if exc is None and self._counter.count > self.limit:
+            raise TooManyQueries(self.limit, self._counter.statements, self._counter.repeated())
+
+    async def __aenter__(self) -> QueryCounter:
+        return self.__enter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+    def __repr__(self) -> str:
+        return f"<max_queries {self.limit} (so far {self._counter.count})>"

@@ -1,0 +1,401 @@
+"""Taskiq plumbing for :mod:`parallelkit.taskiq`: the broker, result store and middlewares.
+
+Kept apart from the ``map``/``imap`` front end: this module is what a worker
+process imports to be configured like the producers.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import traceback
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
+
+import anyio
+from redis.asyncio import Redis
+from taskiq import AckableMessage, TaskiqMiddleware
+from taskiq.kicker import AsyncKicker
+from taskiq.message import BrokerMessage, TaskiqMessage
+from taskiq.middlewares import SmartRetryMiddleware
+from taskiq.result import TaskiqResult
+from taskiq_redis import RedisAsyncResultBackend
+from taskiq_redis import RedisStreamBroker as _TaskiqRedisStreamBroker
+from taskiq_redis.exceptions import ResultIsMissingError
+from typing_extensions import final
+
+from .._core.check import number
+from .._core.retry import Retry
+
+_LABEL_TRACEBACK = "pk_traceback"
+_LABEL_ERROR_TYPE = "pk_error_type"
+
+
+# ---------------------------------------------------------------------------- errors
+class RemoteTraceback(Exception):
+    """The traceback text of an exception raised in a Taskiq worker.
+
+    Set as the ``__cause__`` of the exception that :func:`map` raises (or puts in
+    an :class:`~parallelkit.Outcome`), so a printed traceback shows the worker's
+    frames first, then "The above exception was the direct cause of…" and the
+    producer's frames, as :class:`concurrent.futures.ProcessPoolExecutor` does.
+    The text is there only when the worker's broker has
+    :class:`TracebackMiddleware` (:func:`redis_broker` adds it).
+
+    Attributes:
+        text: the worker's formatted traceback.
+        task_id: the Taskiq task id of the failed item.
+        task_name: the Taskiq task name.
+    """
+
+    def __init__(self, text: str, task_id: str, task_name: str) -> None:
+        super().__init__(text)
+        self.text = text
+        self.task_id = task_id
+        self.task_name = task_name
+
+    def __str__(self) -> str:
+        return f"\n\n{self.text.rstrip()}\n(in Taskiq task {self.task_name} [{self.task_id}])"
+
+
+class TracebackMiddleware(TaskiqMiddleware):
+    """Worker-side: keep the traceback text of a failed task in its result.
+
+    Taskiq sends a failed task's exception back as its type and arguments only;
+    the frames are lost. This middleware stores the formatted traceback and the
+    exception's importable type name in the result's labels, which
+    :func:`map` turns into a :class:`RemoteTraceback` cause and the original
+    exception type. Add it to the broker the workers run (:func:`redis_broker`
+    does); it changes nothing for producers.
+
+    Example:
+        ```python
+        broker = RedisStreamBroker(url).with_middlewares(TracebackMiddleware())
+        ```
+    """
+
+    def on_error(
+        self, message: TaskiqMessage, result: TaskiqResult[Any], exception: BaseException
+    ) -> None:
+        """Record the traceback text and the type of ``exception`` in ``result``."""
+        cls = type(exception)
+        result.labels = {
+            **result.labels,
+            _LABEL_TRACEBACK: "".join(traceback.format_exception(exception)),
+            _LABEL_ERROR_TYPE: f"{cls.__module__}:{cls.__qualname__}",
+        }
+
+
+# ---------------------------------------------------------------------------- retry
+@final
+class _RetryMiddleware(SmartRetryMiddleware):
+    """SmartRetryMiddleware driven by a :class:`parallelkit.Retry`."""
+
+    def __init__(self, retry: Retry) -> None:
+        on = retry.on
+        types: tuple[type[BaseException], ...] | None = None
+        if isinstance(on, type):
+            types = (on,)
+        elif isinstance(on, tuple):
+            types = on
+        super().__init__(
+            default_retry_count=retry.attempts,
+            default_retry_label=True,
+            no_result_on_retry=True,
+            default_delay=retry.backoff,
+            max_delay_exponent=retry.max_backoff,
+            types_of_exceptions=types,
+        )
+        self.retry = retry
+
+    def __repr__(self) -> str:
+        return f"retry_middleware({self.retry!r})"
+
+    async def on_error(
+        self, message: TaskiqMessage, result: TaskiqResult[Any], exception: BaseException
+    ) -> None:
+        on = self.retry.on
+        if not isinstance(on, (type, tuple)) and not on(exception):
+            return
+        await super().on_error(message, result, exception)
+
+    def make_delay(self, message: TaskiqMessage, retries: int) -> float:
+        """Exponential backoff as in :class:`parallelkit.Retry`, plus jitter."""
+        retry = self.retry
+        delay = min(retry.backoff * 2 ** (retries - 1), retry.max_backoff)
+        if retry.jitter:
+            delay += random.uniform(0, retry.jitter)
+        return float(delay)
+
+    async def on_send(
+        self, kicker: AsyncKicker[Any, Any], message: TaskiqMessage, delay: float
+    ) -> None:
+        # Redis streams have no delayed delivery: wait here, in the worker, with the
+        # failed message still unacknowledged (a crash during the wait redelivers it).
+        if delay > 0:
+            await anyio.sleep(delay)
+        await kicker.kiq(*message.args, **message.kwargs)
+
+
+def retry_middleware(retry: Retry) -> TaskiqMiddleware:
+    """Build Taskiq's retry middleware from a :class:`parallelkit.Retry`.
+
+    Retrying a distributed item happens in the **worker**: the failed attempt's
+    message is kicked again with the same task id (so the producer, waiting for
+    that id, sees only the final outcome). The policy maps one to one:
+
+    * ``attempts`` → total attempts, first one included (Taskiq's ``max_retries``);
+    * ``backoff``, ``max_backoff``, ``jitter`` → the wait before each retry,
+      ``backoff * 2 ** (n - 1)`` capped at ``max_backoff``, plus up to ``jitter``
+      random seconds; the worker waits before kicking the retry;
+    * ``on`` → which exceptions are retried (types or a predicate).
+
+    Every task of the broker is retried; a task opts out with the label
+    ``retry_on_error=False`` and may set its own ``max_retries=N``
+    (``@broker.task(retry_on_error=False)``). The middleware is a
+    :class:`taskiq.middlewares.SmartRetryMiddleware`.
+
+    Args:
+        retry: the policy.
+
+    Returns:
+        The middleware, for ``broker.with_middlewares(...)`` on the workers' broker.
+
+    Raises:
+        TypeError: ``retry`` is not a :class:`parallelkit.Retry`.
+
+    Example:
+        ```python
+        broker = RedisStreamBroker(url).with_middlewares(
+            retry_middleware(pk.Retry(attempts=4, backoff=0.5, on=(ConnectionError,)))
+        )
+        ```
+    """
+    given: object = retry  # checked at runtime too: callers may not run mypy
+    if not isinstance(given, Retry):
+        msg = f"retry must be a parallelkit.Retry, got {retry!r}"
+        raise TypeError(msg)
+    return _RetryMiddleware(given)
+
+
+# ---------------------------------------------------------------------------- broker
+class RedeliveringStreamBroker(_TaskiqRedisStreamBroker):
+    """taskiq-redis's ``RedisStreamBroker`` that always reclaims a dead worker's messages.
+
+    The stream broker acknowledges a message only when the worker is done with it;
+    a message a dead worker had taken stays *pending* and is taken over by another
+    worker with ``XAUTOCLAIM`` once it has been idle for ``idle_timeout`` ms. The
+    upstream ``listen`` runs ``XAUTOCLAIM`` only right after it has read *new*
+    messages, so when the stream is quiet (the producer waits for exactly those
+    lost items, or they were the last ones) nothing is ever reclaimed. This
+    subclass reclaims on every pass, at most once per ``xread_block`` interval,
+    and claims ``unacknowledged_batch_size`` messages at a time, only when the
+    worker asks for a message: a worker never hoards reclaimed messages it has no
+    capacity to run.
+
+    It also keeps one Redis client for its kicks and acknowledgements (upstream
+    builds a client, about 0.3 ms of CPU, per message and per ack).
+
+    It takes the same arguments as ``taskiq_redis.RedisStreamBroker``. Use
+    :func:`redis_broker` for a broker configured for :func:`map`.
+    """
+
+    _pk_client: Redis | None = None
+
+    def _client(self) -> Redis:
+        if self._pk_client is None:
+            self._pk_client = Redis(connection_pool=self.connection_pool)
+        return self._pk_client
+
+    async def shutdown(self) -> None:
+        """Drop the client, then close the connection pool (as upstream)."""
+        self._pk_client = None
+        await super().shutdown()
+
+    async def kick(self, message: BrokerMessage) -> None:
+        """Append the message to its stream (``XADD``), as upstream does."""
+        queue_name = message.labels.get("queue_name") or self.queue_name
+        await self._client().xadd(
+            queue_name,
+            {b"data": message.message},
+            maxlen=self.maxlen,
+            approximate=self.approximate,
+        )
+
+    def _ack_generator(self, id: str, queue_name: str) -> Callable[[], Awaitable[None]]:
+        async def ack() -> None:
+            await self._client().xack(queue_name, self.consumer_group_name, id)
+
+        return ack
+
+    async def listen(self) -> AsyncGenerator[AckableMessage, None]:
+        """Yield new messages, and reclaim idle pending ones at least every block."""
+        streams: Any = {self.queue_name: ">", **self.additional_streams}
+        interval = self.block / 1000
+        last_claim = -float("inf")
+        async with Redis(connection_pool=self.connection_pool) as conn:
+            while True:
+                fetched: Any = await conn.xreadgroup(
+                    self.consumer_group_name,
+                    self.consumer_name,
+                    streams,
+                    block=self.block,
+                    noack=False,
+                    count=self.count,
+                )
+                for stream, messages in fetched or ():
+                    for msg_id, fields in messages:
+                        yield AckableMessage(
+                            data=fields[b"data"], ack=self._ack_generator(msg_id, stream)
+                        )
+                if time.monotonic() - last_claim < interval:
+                    continue
+                last_claim = time.monotonic()
+                for stream in streams:
+                    while True:
+                        reply: Any = await conn.xautoclaim(
+                            stream,
+                            self.consumer_group_name,
+                            self.consumer_name,
+                            min_idle_time=self.idle_timeout,
+                            count=self.unacknowledged_batch_size,
+                        )
+                        claimed = [(i, f) for i, f in reply[1] if f]
+                        for msg_id, fields in claimed:
+                            yield AckableMessage(
+                                data=fields[b"data"], ack=self._ack_generator(msg_id, stream)
+                            )
+                        if not claimed:
+                            break
+
+
+class _ResultBackend(RedisAsyncResultBackend):  # type: ignore[type-arg]
+    """taskiq-redis's result backend with one Redis client instead of one per call,
+    and :meth:`fetch`: poll for a result with a single ``GET``."""
+
+    _pk_client: Redis | None = None
+
+    def _client(self) -> Redis:
+        if self._pk_client is None:
+            self._pk_client = Redis(connection_pool=self.redis_pool)
+        return self._pk_client
+
+    async def shutdown(self) -> None:
+        self._pk_client = None
+        await super().shutdown()
+
+    async def set_result(self, task_id: str, result: TaskiqResult[Any]) -> None:
+        value = self.serializer.dumpb(result.model_dump(mode="json"))
+        await self._client().set(
+            self._task_name(task_id),
+            value,
+            ex=self.result_ex_time or None,
+            px=self.result_px_time or None,
+        )
+
+    async def is_result_ready(self, task_id: str) -> bool:
+        return bool(await self._client().exists(self._task_name(task_id)))
+
+    async def fetch(self, task_id: str) -> TaskiqResult[Any] | None:
+        """The result, or ``None`` while there is none yet."""
+        client, name = self._client(), self._task_name(task_id)
+        raw: Any = await (client.get(name) if self.keep_results else client.getdel(name))
+        if raw is None:
+            return None
+        return TaskiqResult[Any].model_validate(self.serializer.loadb(raw))
+
+    async def get_result(self, task_id: str, with_logs: bool = False) -> TaskiqResult[Any]:
+        result = await self.fetch(task_id)
+        if result is None:
+            raise ResultIsMissingError
+        if not with_logs:
+            result.log = None
+        return result
+
+
+def redis_broker(
+    url: str,
+    /,
+    *,
+    queue: str = "parallelkit",
+    group: str = "parallelkit",
+    consumer: str | None = None,
+    idle_timeout: float = 300.0,
+    poll: float = 1.0,
+    prefetch: int = 1,
+    result_ttl: float = 86_400.0,
+    retry: Retry | None = None,
+) -> RedeliveringStreamBroker:
+    """A Taskiq broker on Redis streams, configured for :func:`map`.
+
+    Producers and workers build it the same way (in one module the workers
+    import): a :class:`RedeliveringStreamBroker` (acknowledged delivery: a dead
+    worker's messages go to another worker), a ``RedisAsyncResultBackend`` whose
+    results expire, and the middlewares :class:`TracebackMiddleware` and, with
+    ``retry``, :func:`retry_middleware`.
+
+    Args:
+        url: the Redis URL, e.g. ``"redis://127.0.0.1:6379/0"``.
+        queue: the stream's key; one per kind of work. Results are stored under
+            ``"{queue}:result:{task_id}"``.
+        group: the consumer group all workers of this queue share.
+        consumer: this process's consumer name (default: a random UUID).
+        idle_timeout: seconds a taken message may stay unacknowledged before
+            another worker takes it over. It must exceed your slowest task
+            (including its retry waits), or a slow but live worker's message is
+            run a second time; it is also how long a dead worker's items wait.
+        poll: seconds a worker blocks reading the stream; idle pending messages
+            are reclaimed at least this often.
+        prefetch: messages a worker reads at once. Read messages count as taken
+            (their idle clock runs) even before they start, so keep it small.
+        result_ttl: seconds a result is kept in Redis.
+        retry: retry failing tasks in the worker with this policy.
+
+    Returns:
+        The broker. Register tasks with ``@broker.task``; the producer calls
+        ``await broker.startup()`` once before :func:`map` (it creates the
+        consumer group, so nothing kicked before the first worker starts is
+        lost) and ``await broker.shutdown()`` at exit.
+
+    Raises:
+        ValueError: a non-positive ``idle_timeout``, ``poll``, ``prefetch`` or
+            ``result_ttl``.
+
+    Example:
+        ```python
+        broker = redis_broker("redis://127.0.0.1:6379/0", queue="crm-detect",
+                              idle_timeout=120, retry=pk.Retry(attempts=3))
+
+        @broker.task(task_name="crm.detect")
+        async def detect(company_id: int) -> int: ...
+        ```
+        Workers: ``taskiq worker myapp.tasks:broker --max-async-tasks 20``.
+    """
+    for name, value in (("idle_timeout", idle_timeout), ("poll", poll), ("result_ttl", result_ttl)):
+        number(name, value)
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
+        msg = f"prefetch must be an int >= 1, got {prefetch!r}"
+        raise ValueError(msg)
+    broker = RedeliveringStreamBroker(
+        url,
+        queue_name=queue,
+        consumer_group_name=group,
+        consumer_name=consumer,
+        idle_timeout=max(1, round(idle_timeout * 1000)),
+        xread_block=max(1, round(poll * 1000)),
+        xread_count=prefetch,
+        unacknowledged_batch_size=prefetch,
+    )
+    backend = _ResultBackend(
+        url, result_px_time=max(1, round(result_ttl * 1000)), prefix_str=f"{queue}:result"
+    )
+    middlewares: list[TaskiqMiddleware] = [TracebackMiddleware()]
+    if retry is not None:
+        middlewares.append(retry_middleware(retry))
+    result: RedeliveringStreamBroker = broker.with_result_backend(backend).with_middlewares(
+        *middlewares
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------- the call

@@ -1,0 +1,303 @@
+"""The distributed ``map`` / ``imap``: kick one Taskiq message per item on the one fan-out loop."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable
+from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
+
+import anyio
+from taskiq import AsyncTaskiqDecoratedTask
+from taskiq.compat import parse_obj_as
+from taskiq.exceptions import NoResultError
+from taskiq.result import TaskiqResult
+
+from .._core.check import number_or_none
+from .._core.limiter import Limiter, SupportsLimit, validate_rate
+from .._core.outcome import Outcome
+from .._fanout.fanout import map as _map
+from .._fanout.imap import imap as _imap
+from ._broker import (
+    _LABEL_ERROR_TYPE,
+    _LABEL_TRACEBACK,
+    RemoteTraceback,
+    _ResultBackend,
+)
+
+__all__ = ["SupportsRate", "imap", "map"]
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+Progress = Callable[[int, "int | None"], object]
+Task = AsyncTaskiqDecoratedTask[[U], Coroutine[Any, Any, T]]
+
+#: result polling: first check after this many seconds, then x1.5 up to the cap
+_POLL_FIRST = 0.002
+_POLL_MAX = 0.05
+
+
+@runtime_checkable
+class SupportsRate(Protocol):
+    """What ``rate=`` accepts besides a number: a shared rate limiter.
+
+    :class:`parallelkit.Limiter` (in-process) and ``parallelkit.redis.RedisLimiter``
+    (one budget for every producer on the same Redis) both have it.
+    """
+
+    async def wait_rate(self) -> None: ...
+
+
+def _rate_gate(rate: object) -> Callable[[], Awaitable[object]] | None:
+    """Turn ``rate=`` into "wait until this kick may start" (or ``None``)."""
+    if rate is None:
+        return None
+    if isinstance(rate, SupportsRate):
+        return rate.wait_rate
+    if isinstance(rate, SupportsLimit):
+        limiter = rate
+
+        async def gate() -> None:
+            async with limiter:  # a start under its rate; the slot is given back at once
+                pass
+
+        return gate
+    return Limiter(rate=validate_rate(rate)).wait_rate
+
+
+def _remote_error(result: TaskiqResult[Any], task_id: str, name: str) -> Exception:
+    """The exception to raise for a failed result: the original type where it can be
+    rebuilt, the worker's traceback as ``__cause__``, a note naming the task.
+
+    A worker-side ``BaseException`` that is not an ``Exception`` (a ``CancelledError``
+    when the worker shut down mid-task, ``SystemExit``) is never re-raised as such in
+    the producer, where it would pass for *our* cancellation or exit: it becomes a
+    ``RuntimeError`` naming it.
+    """
+    error = result.error
+    assert error is not None
+    error = _original_type(error, result)
+    if not isinstance(error, Exception):
+        msg = f"Taskiq task {name} [{task_id}] was interrupted in the worker: {error!r}"
+        error = RuntimeError(msg)
+    text = result.labels.get(_LABEL_TRACEBACK)
+    where = f"raised by Taskiq task {name} [{task_id}] in a worker"
+    if isinstance(text, str):
+        error.__cause__ = RemoteTraceback(text, task_id, name)
+        note = f"{where}; its traceback is the __cause__ above"
+    else:
+        note = f"{where} (add parallelkit.taskiq.TracebackMiddleware to see its traceback)"
+    if sys.version_info >= (3, 11):
+        error.add_note(note)
+    return error
+
+
+def _original_type(error: BaseException, result: TaskiqResult[Any]) -> BaseException:
+    """Taskiq rebuilds an exception whose module the producer has not imported as a
+    stand-in class; import the real one (named by TracebackMiddleware) if we can."""
+    spec = result.labels.get(_LABEL_ERROR_TYPE)
+    if not isinstance(spec, str) or ":" not in spec:
+        return error
+    module_name, _, qualname = spec.partition(":")
+    if f"{type(error).__module__}:{type(error).__qualname__}" == spec:
+        return error
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            return obj(*error.args)
+    except Exception:  # keep Taskiq's stand-in when the type cannot be rebuilt
+        pass
+    return error
+
+
+class _Kick:
+    """``await call(item)``: kick ``task(item)`` and wait for its result."""
+
+    __slots__ = ("_gate", "_kicker", "_name", "_timeout")
+
+    def __init__(self, task: object, rate: object, timeout: object) -> None:
+        if not isinstance(task, AsyncTaskiqDecoratedTask):
+            msg = (
+                f"task must be a Taskiq task (a function decorated with @broker.task), "
+                f"got {type(task).__name__} {task!r}"
+            )
+            raise TypeError(msg)
+        self._timeout = number_or_none("timeout", timeout)
+        self._gate = _rate_gate(rate)
+        kicker = task.kicker()
+        if self._timeout is not None:  # the worker stops the attempt too
+            kicker = kicker.with_labels(timeout=self._timeout)
+        self._kicker = kicker
+        self._name: str = task.task_name
+
+    async def __call__(self, item: Any) -> Any:
+        if self._timeout is None:
+            return await self._run(item)
+        with anyio.move_on_after(self._timeout):
+            return await self._run(item)
+        msg = (
+            f"Taskiq task {self._name} gave no result for {item!r} within "
+            f"timeout={self._timeout}s (the worker may still be running it)"
+        )
+        raise TimeoutError(msg)
+
+    async def _run(self, item: Any) -> Any:
+        if self._gate is not None:
+            await self._gate()
+        handle = await self._kicker.kiq(item)
+        backend = handle.result_backend
+        delay = _POLL_FIRST
+        if isinstance(backend, _ResultBackend):  # one GET per poll
+            while (result := await backend.fetch(handle.task_id)) is None:
+                await anyio.sleep(delay)
+                delay = min(delay * 1.5, _POLL_MAX)
+        else:
+            while not await handle.is_ready():
+                await anyio.sleep(delay)
+                delay = min(delay * 1.5, _POLL_MAX)
+            # the backend directly: AsyncTaskiqTask.get_result would log a warning when
+            # it fails to parse a failed task's (absent) value into the return type
+            result = await backend.get_result(handle.task_id)
+        error = result.error
+        if error is not None and not isinstance(error, NoResultError):
+            raise _remote_error(result, handle.task_id, self._name)
+        value = result.return_value
+        if handle.return_type is not None:
+            with contextlib.suppress(ValueError):  # as Taskiq: keep the raw value
+                value = parse_obj_as(handle.return_type, value)
+        return value
+
+
+# ---------------------------------------------------------------------------- map / imap
+@overload
+async def map(
+    task: Task[U, T],
+    items: Iterable[U] | AsyncIterable[U],
+    /,
+    *,
+    limit: int | SupportsLimit | None = ...,
+    rate: float | SupportsRate | SupportsLimit | None = ...,
+    timeout: float | None = ...,
+    settle: Literal[False] = ...,
+    progress: Progress | None = ...,
+) -> list[T]: ...
+@overload
+async def map(
+    task: Task[U, T],
+    items: Iterable[U] | AsyncIterable[U],
+    /,
+    *,
+    limit: int | SupportsLimit | None = ...,
+    rate: float | SupportsRate | SupportsLimit | None = ...,
+    timeout: float | None = ...,
+    settle: Literal[True],
+    progress: Progress | None = ...,
+) -> list[Outcome[T]]: ...
+async def map(
+    task: Task[U, T],
+    items: Iterable[U] | AsyncIterable[U],
+    /,
+    *,
+    limit: int | SupportsLimit | None = None,
+    rate: float | SupportsRate | SupportsLimit | None = None,
+    timeout: float | None = None,
+    settle: bool = False,
+    progress: Progress | None = None,
+) -> list[T] | list[Outcome[T]]:
+    """Run ``task(item)`` on Taskiq workers for every item; results in input order.
+
+    The same contract as :func:`parallelkit.map`, with the work done by worker
+    processes: each item is one Taskiq message (``task.kiq(item)``) and its result
+    is polled from the broker's result backend. At most ``limit`` items are in
+    flight, items are pulled from ``items`` lazily, results keep input order.
+
+    Start the broker in the producer first (``await broker.startup()``).
+
+    Args:
+        task: a Taskiq task of one argument (``@broker.task``). Items and results
+            travel through the broker's serializer (JSON by default).
+        items: the inputs, an iterable or async iterable, pulled lazily.
+        limit: most items in flight at once: an int or a shared limiter (a
+            ``RedisLimiter`` bounds several producers together). Set it near the
+            workers' total capacity (workers x ``--max-async-tasks``), or twice
+            that to keep workers busy while results travel back. ``None`` kicks
+            every item at once, reading the whole input first.
+        rate: most kicks per second: a number (an in-process
+            :class:`~parallelkit.Limiter`), or a shared limiter with
+            ``wait_rate()`` such as ``parallelkit.redis.RedisLimiter`` to hold one
+            global rate across all producers.
+        timeout: seconds from kicking an item until its result is back (time
+            queued, retries and all); past it the item fails with
+            :class:`TimeoutError`. The worker is told the same timeout, so it
+            stops an attempt that runs longer.
+        settle: return an :class:`~parallelkit.Outcome` per item instead of
+            raising the first failure.
+        progress: called as ``progress(done, total)`` after each item.
+
+    Returns:
+        The results in input order (or outcomes, with ``settle=True``).
+
+    Raises:
+        Exception: (fail-fast) the first failed item's exception, rebuilt with its
+            original type when the producer can import it, the worker's traceback
+            as ``__cause__`` (:class:`RemoteTraceback`); no new item is kicked
+            after it. Items already kicked are not recalled.
+        TimeoutError: an item's result did not come back within ``timeout``.
+        TypeError: ``task`` is not a Taskiq task, or a bad argument type.
+        ValueError: a bad ``limit``, ``rate`` or ``timeout``.
+
+    Example:
+        ```python
+        await broker.startup()
+        outcomes = await parallelkit.taskiq.map(detect, company_ids, limit=200,
+                                                timeout=120, settle=True)
+        ```
+    """
+    call = _Kick(task, rate, timeout)
+    return await _map(call, items, limit=limit, settle=settle, progress=progress)  # type: ignore[call-overload,no-any-return]
+
+
+def imap(
+    task: Task[U, T],
+    items: Iterable[U] | AsyncIterable[U],
+    /,
+    *,
+    limit: int | SupportsLimit | None = None,
+    ordered: bool = False,
+    rate: float | SupportsRate | SupportsLimit | None = None,
+    timeout: float | None = None,
+    settle: bool = False,
+) -> _imap[T]:
+    """Stream the results of ``task(item)`` on Taskiq workers as they come back.
+
+    :func:`map` for inputs too large to hold all results of, or to act on each
+    result at once: an ``async with`` block like :class:`parallelkit.imap`, with
+    memory O(``limit``). Results come in completion order, or input order with
+    ``ordered=True``. Leaving the block stops kicking and stops waiting (items
+    already kicked still run on the workers).
+
+    Args:
+        task: the Taskiq task, as in :func:`map`.
+        items: the inputs, pulled lazily, as in :func:`map`.
+        limit: most items in flight, as in :func:`map`.
+        ordered: yield in input order instead of completion order.
+        rate: most kicks per second, as in :func:`map`.
+        timeout: seconds per item, as in :func:`map`.
+        settle: yield outcomes, as in :func:`map`.
+
+    Returns:
+        An async context manager whose value is an async iterator of results.
+
+    Example:
+        ```python
+        async with parallelkit.taskiq.imap(detect, company_ids, limit=200) as found:
+            async for count in found:
+                total += count
+        ```
+    """
+    call = _Kick(task, rate, timeout)
+    return _imap(call, items, limit=limit, ordered=ordered, settle=settle)
