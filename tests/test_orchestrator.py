@@ -152,7 +152,7 @@ async def test_dependent_waits_for_readiness_not_just_setup() -> None:
     assert span.kind == "start"
     assert span.waited_for == ("db",)
     assert [s.name for s in running.timeline.critical_path("start")] == ["db", "api"]
-    assert {s.kind for s in running.timeline} == {"start", "stop"}
+    assert {s.kind for s in running.timeline} == {"start", "ready", "stop"}
 
 
 async def test_definition_errors_before_anything_starts() -> None:
