@@ -164,9 +164,17 @@ class Running:
     @overload
     def get(self, service: Callable[..., Awaitable[T]]) -> T: ...
     @overload
+    def get(self, service: str, expected: type[T], /) -> T: ...
+    @overload
     def get(self, service: str) -> Any: ...
-    def get(self, service: Callable[..., Any] | str) -> Any:
+    def get(self, service: Callable[..., Any] | str, expected: type[Any] | None = None) -> Any:
         """A service's value, looked up by its function (typed) or its name.
+
+        Args:
+            service: the decorated service function (the value's type flows
+                through) or the service's name.
+            expected: with a name: the class the value must be an instance of;
+                the result is typed as that class.
 
         Example:
             ```python
@@ -174,19 +182,34 @@ class Running:
             async def db() -> AsyncIterator[Engine]: ...
 
             async with orch.start() as running:
-                engine = running.get(db)      # mypy: Engine
+                engine = running.get(db)              # mypy: Engine
+                engine = running.get("db", Engine)    # mypy: Engine (checked)
             ```
 
         Raises:
             KeyError: the service is unknown, failed or was skipped.
+            TypeError: the value is not an instance of ``expected``.
         """
+        return self._lookup(service, expected)
+
+    def _lookup(self, service: Callable[..., Any] | str, expected: type[Any] | None) -> Any:
         if isinstance(service, str):
-            return self[service]
-        name = self._names.get(service)
-        if name is None:
-            msg = f"{service!r} is not a service of this orchestrator"
-            raise KeyError(msg)
-        return self[name]
+            name = service
+        else:
+            found = self._names.get(service)
+            if found is None:
+                msg = f"{service!r} is not a service of this orchestrator"
+                raise KeyError(msg)
+            name = found
+        value = self[name]
+        if expected is not None:
+            if not isinstance(expected, type):
+                msg = f"expected must be a class, got {expected!r}"  # type: ignore[unreachable]
+                raise TypeError(msg)
+            if not isinstance(value, expected):
+                msg = f"service {name!r} is {type(value).__name__}, not {expected.__name__}"
+                raise TypeError(msg)
+        return value
 
     def state(self, name: str) -> ServiceState:
         """The lifecycle state of service ``name`` (``"ready"``, ``"failed"``, …)."""
