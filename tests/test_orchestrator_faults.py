@@ -87,9 +87,7 @@ class Log:
     def __init__(self) -> None:
         self.lines: list[str] = []
 
-    def service(
-        self, orch: pk.Orchestrator, name: str, *deps: str, **options: Any
-    ) -> anyio.Event:
+    def service(self, orch: pk.Orchestrator, name: str, *deps: str, **options: Any) -> anyio.Event:
         """A generator service with no ``finally``; returns an event set at its yield."""
         log, reached = self.lines, anyio.Event()
         params = ", ".join(deps)
@@ -297,7 +295,9 @@ async def test_startup_error_is_not_logged(caplog: pytest.LogCaptureFixture) -> 
     with caplog.at_level(logging.DEBUG), pytest.raises(pk.StartupError):
         async with orch.start():
             pytest.fail("not reached")
-    assert [r for r in parallelkit_records(caplog) if r.exc_info or r.levelno >= logging.ERROR] == []
+    assert [
+        r for r in parallelkit_records(caplog) if r.exc_info or r.levelno >= logging.ERROR
+    ] == []
 
 
 async def test_crash_and_teardown_errors_logged_only_when_nobody_receives_them(
