@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import pytest
 
 import parallelkit as pk
@@ -228,13 +229,13 @@ async def test_second_sigterm_keeps_the_stop_order_in_process() -> None:
     @orch.service
     async def db() -> AsyncIterator[str]:
         yield "db"
-        await anyio.sleep(0)  # cancelled here if the force reached it early
+        await anyio.lowlevel.checkpoint()  # cancelled here if the force reached it early
         lines.append("db down")
 
     @orch.service
     async def cache(db: str) -> AsyncIterator[str]:
         yield "cache"
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         lines.append("cache down")
 
     @orch.service
@@ -345,9 +346,11 @@ async def test_non_critical_crash_is_logged_critical_crash_is_raised(
 
     orch.service(name="optional", critical=False)(dying("optional died"))
     with caplog.at_level(logging.DEBUG):
-        async with orch.start():
+        async with orch.start() as running:
             await crashed.wait()
-            await anyio.sleep(0)
+            with anyio.fail_after(10):
+                while running.state("optional") != "crashed":
+                    await anyio.sleep(0.001)
     [record] = [r for r in parallelkit_records(caplog) if r.exc_info]
     assert "'optional' crashed" in record.getMessage()
 
