@@ -164,7 +164,7 @@ async def test_retry_runs_the_code_after_yield_of_each_failed_attempt() -> None:
     lines: list[str] = []
     attempts = 0
 
-    @orch.service(retry=pk.Retry(attempts=3, backoff=0), ready=lambda: attempts == 3, timeout=0.05)
+    @orch.service(retry=pk.Retry(attempts=3, backoff=0), ready=lambda: attempts == 3, timeout=0.5)
     async def flaky() -> AsyncIterator[int]:
         nonlocal attempts
         attempts += 1
