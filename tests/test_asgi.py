@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Annotated, Any
 
 import anyio
 import httpx
@@ -18,7 +19,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import parallelkit as pk
-from parallelkit.asgi import lifespan
+from parallelkit.asgi import lifespan, running, service
 
 pytestmark = pytest.mark.anyio
 
@@ -81,8 +82,8 @@ async def test_startup_failure_is_reported_and_server_does_not_start(
     async def db() -> str:
         raise ConnectionError("database unreachable")
 
-    server = uvicorn.Server(
-        uvicorn.Config(make_app(orch), host="127.0.0.1", port=0, log_level="warning")
+    server = uvicorn.Server(  # log_config=None: uvicorn's records reach caplog
+        uvicorn.Config(make_app(orch), host="127.0.0.1", port=0, log_config=None)
     )
     with caplog.at_level(logging.ERROR), anyio.fail_after(10):
         try:
@@ -90,8 +91,10 @@ async def test_startup_failure_is_reported_and_server_does_not_start(
         except SystemExit as exc:  # recent uvicorn versions exit with code 3 here
             assert exc.code == 3  # noqa: PT017
     assert not server.started
-    assert "application start-up failed" in caplog.text
-    assert "ConnectionError: database unreachable" in caplog.text
+    # reported once, by the server; parallelkit does not log what it raises
+    assert caplog.text.splitlines().count("ConnectionError: database unreachable") == 1
+    assert "StartupError: service 'db' failed to start" in caplog.text
+    assert [r for r in caplog.records if r.name.startswith("parallelkit")] == []
 
 
 def test_startup_failure_exits_non_zero_with_traceback(tmp_path: Path) -> None:
@@ -115,11 +118,105 @@ def test_startup_failure_exits_non_zero_with_traceback(tmp_path: Path) -> None:
         env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode != 0
-    assert "Traceback" in result.stderr
-    assert "ConnectionError: database unreachable" in result.stderr
+    lines = result.stderr.splitlines()
+    # one report (the server's), with the cause chained: not once per layer
+    assert lines.count("ConnectionError: database unreachable") == 1
+    assert result.stderr.count("The above exception was the direct cause") == 1
     assert "StartupError: service 'db' failed to start" in result.stderr
 
 
 def test_lifespan_rejects_non_orchestrator() -> None:
     with pytest.raises(TypeError, match="Orchestrator"):
         lifespan(object())  # type: ignore[arg-type]
+
+
+# -- typed dependencies -------------------------------------------------------------------------
+class Engine:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.disposed = False
+
+
+async def greeting(db: Engine) -> str:
+    return f"hello from {db.url}"
+
+
+# module level: FastAPI reads the handlers' (string) annotations in this module's globals
+EngineDep = Annotated[Engine, service("db", Engine)]
+GreetingDep = Annotated[str, service(greeting)]  # by the service's function
+RunningDep = Annotated[pk.Running, running()]
+WrongDep = Annotated[str, service("db", str)]
+
+
+def fastapi_app(events: list[str]) -> Any:
+    from fastapi import FastAPI
+
+    orch = pk.Orchestrator()
+
+    @orch.service
+    async def db() -> AsyncIterator[Engine]:
+        engine = Engine("sqlite://")
+        yield engine
+        engine.disposed = True
+        events.append("db disposed")
+
+    orch.service(greeting)
+    app = FastAPI(lifespan=lifespan(orch))
+
+    @app.get("/")
+    async def index(engine: EngineDep, text: GreetingDep, state: RunningDep) -> dict[str, object]:
+        return {"url": engine.url, "text": text, "services": list(state)}
+
+    @app.get("/wrong")
+    async def wrong(engine: WrongDep) -> str:
+        return engine
+
+    return app
+
+
+def with_state(app: Any, state: dict[str, Any]) -> Any:
+    """What an ASGI server does with the lifespan state: a copy in each request's scope."""
+
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        await app({**scope, "state": dict(state)}, receive, send)
+
+    return wrapped
+
+
+async def test_fastapi_typed_service_dependencies() -> None:
+    events: list[str] = []
+    app = fastapi_app(events)
+    async with app.router.lifespan_context(app) as state:
+        transport = httpx.ASGITransport(app=with_state(app, state), raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            response = await client.get("/")
+            assert response.status_code == 200
+            assert response.json() == {
+                "url": "sqlite://",
+                "text": "hello from sqlite://",
+                "services": ["db", "greeting"],
+            }
+            wrong = await client.get("/wrong")  # service 'db' is Engine, not str
+            assert wrong.status_code == 500
+        assert events == []
+    assert events == ["db disposed"]
+
+
+async def test_running_from_a_starlette_request() -> None:
+    from parallelkit.asgi import running_from
+
+    orch = pk.Orchestrator()
+
+    @orch.service
+    async def db() -> str:
+        return "sqlite"
+
+    async def hello(request: Request) -> JSONResponse:
+        return JSONResponse({"db": running_from(request).get("db", str)})
+
+    app = Starlette(routes=[Route("/", hello)], lifespan=lifespan(orch))
+    async with lifespan(orch)(app) as state:  # what the server does at start-up
+        scope = {"type": "http", "state": dict(state)}
+        assert running_from(Request(scope)).get("db", str) == "sqlite"
+    with pytest.raises(RuntimeError, match=r"lifespan=parallelkit\.asgi\.lifespan\(orch\)"):
+        running_from(Request({"type": "http", "state": {}}))

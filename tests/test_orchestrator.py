@@ -105,15 +105,26 @@ async def test_three_shapes_and_injection() -> None:
 
 
 async def test_independent_services_start_in_parallel() -> None:
-    rec, orch = Recorder(), pk.Orchestrator()
+    orch = pk.Orchestrator()
+    started: list[str] = []
+    all_started = anyio.Event()
+
+    def make(name: str) -> Any:
+        async def lifetime() -> AsyncIterator[str]:
+            started.append(name)
+            if len(started) == 3:
+                all_started.set()
+            await all_started.wait()  # one after the other would never get here
+            yield name
+
+        return lifetime
+
     for name in ("a", "b", "c"):
-        rec.service(orch, name, delay=0.2)
-    async with orch.start() as running:
-        pass
-    starts = [rec.times[f"start {n}"] for n in "abc"]
-    ups = [rec.times[f"up {n}"] for n in "abc"]
-    assert max(starts) < min(ups)  # all three started before any was done
-    assert running.timeline.total < 0.55
+        orch.service(name=name)(make(name))
+    with anyio.fail_after(10):
+        async with orch.start() as running:
+            assert sorted(running) == sorted(started) == ["a", "b", "c"]
+    assert all(running.timeline[n].waited_for == () for n in "abc")
 
 
 async def test_dependent_waits_for_readiness_not_just_setup() -> None:
@@ -152,7 +163,7 @@ async def test_dependent_waits_for_readiness_not_just_setup() -> None:
     assert span.kind == "start"
     assert span.waited_for == ("db",)
     assert [s.name for s in running.timeline.critical_path("start")] == ["db", "api"]
-    assert {s.kind for s in running.timeline} == {"start", "stop"}
+    assert {s.kind for s in running.timeline} == {"start", "ready", "stop"}
 
 
 async def test_definition_errors_before_anything_starts() -> None:
@@ -378,19 +389,35 @@ async def test_non_critical_failure_skips_dependents_only() -> None:
 
 async def test_shutdown_reverse_order_each_once_parallel_independents() -> None:
     rec, orch = Recorder(), pk.Orchestrator()
-    rec.service(orch, "db", teardown_delay=0.01)
-    rec.service(orch, "a", "db", teardown_delay=0.2)
-    rec.service(orch, "b", "db", teardown_delay=0.2)
-    async with orch.start() as running:
-        assert running["a"] == "a(db())"
+    rec.service(orch, "db")
+    stopping: list[str] = []
+    both_stopping = anyio.Event()
+
+    def make(name: str) -> Any:
+        async def lifetime(db: str) -> AsyncIterator[str]:
+            yield f"{name}({db})"
+            stopping.append(name)
+            if len(stopping) == 2:
+                both_stopping.set()
+            await both_stopping.wait()  # a then b, one after the other, would never get here
+            rec.events.append(f"down {name}")
+
+        return lifetime
+
+    orch.service(name="a")(make("a"))
+    orch.service(name="b")(make("b"))
+    with anyio.fail_after(10):
+        async with orch.start() as running:
+            assert running["a"] == "a(db())"
     assert rec.events.count("down db") == 1
-    assert rec.events[-1] == "down db"
-    # a and b tear down concurrently: b started stopping before a was done
-    assert rec.times["down a"] - rec.times["down b"] < 0.15
-    assert rec.times["down db"] >= max(rec.times["down a"], rec.times["down b"])
+    assert rec.events[-1] == "down db"  # after both of its dependents
+    assert sorted(rec.events[-3:-1]) == ["down a", "down b"]
     stops = [s for s in running.timeline if s.kind == "stop"]
     assert {s.name for s in stops} == {"db", "a", "b"}
     assert running.timeline["db"].kind == "stop"
+    # the timeline agrees: db's stop began after both dependents' stops ended
+    db_stop = running.timeline["db"]
+    assert db_stop.start >= max(running.timeline["a"].end, running.timeline["b"].end)
 
 
 async def test_stop_timeout_cancels_and_reports(caplog: pytest.LogCaptureFixture) -> None:
@@ -431,17 +458,33 @@ async def test_outer_cancellation_still_stops_in_order() -> None:
     rec, orch = Recorder(), pk.Orchestrator()
     rec.service(orch, "db", teardown_delay=0.01)
     rec.service(orch, "api", "db", teardown_delay=0.01)
-    with anyio.move_on_after(0.1):
+    with anyio.CancelScope() as scope:
         async with orch.start():
-            await anyio.sleep(10)
+            scope.cancel()
+            await anyio.sleep_forever()
+    assert scope.cancelled_caught
     assert rec.events[-2:] == ["down api", "down db"]
     # cancelled during start-up: what started is rolled back
     rec2, orch2 = Recorder(), pk.Orchestrator()
     rec2.service(orch2, "db")
-    rec2.service(orch2, "slow", "db", delay=10)
-    with anyio.move_on_after(0.1):
-        async with orch2.start():
-            pytest.fail("not reached")
+    db_up = anyio.Event()
+
+    @orch2.service
+    async def slow(db: str) -> str:
+        db_up.set()
+        await anyio.sleep_forever()
+        return "never"  # pragma: no cover
+
+    with anyio.CancelScope() as scope2:
+        async with anyio.create_task_group() as tg:
+
+            async def cancel_once_db_is_up() -> None:
+                await db_up.wait()
+                scope2.cancel()
+
+            tg.start_soon(cancel_once_db_is_up)
+            async with orch2.start():
+                pytest.fail("not reached")
     assert rec2.events == ["up db", "down db"]
 
 
@@ -565,3 +608,44 @@ async def test_adding_after_start_and_repr() -> None:
     async with orch.start() as again:
         assert again["db"] == "db"
     assert math.isfinite(again.timeline.total)
+
+
+def _critical_path_ignores_stop_spans() -> bool:
+    """Whether Timeline.critical_path() follows start spans by default (the engine's part)."""
+    timeline = pk.Timeline(
+        [pk.Span("db", 0, 0, 1, kind="start"), pk.Span("db", 2, 2, 3, kind="stop")], origin=0
+    )
+    return [s.kind for s in timeline.critical_path()] == ["start"]
+
+
+@pytest.mark.xfail(
+    not _critical_path_ignores_stop_spans(),
+    reason="needs Timeline.critical_path() to default to start/step spans (engine change)",
+    strict=True,
+)
+async def test_text_after_shutdown_shows_the_start_chain() -> None:
+    orch = pk.Orchestrator("app")
+    release = anyio.Event()
+
+    @orch.service
+    async def db() -> AsyncIterator[str]:
+        yield "db"
+
+    @orch.service(ready=release.is_set)
+    async def cache(db: str) -> AsyncIterator[str]:
+        release.set()
+        yield "cache"
+
+    @orch.service
+    async def api(cache: str) -> str:
+        return "api"
+
+    async with orch.start() as running:
+        during = running.timeline.to_text()
+    after = running.timeline.to_text()
+    kinds = {s.kind for s in running.timeline}
+    assert kinds == {"start", "ready", "stop"}  # three kinds, told apart
+    assert "critical path: db → cache → api" in during
+    assert "critical path: db → cache → api" in after  # not the stop order
+    assert "cache (ready)" in after
+    assert "db (stop)" in after

@@ -40,12 +40,19 @@ async def test_output_is_prefixed_and_aligned(capsys: pytest.CaptureFixture[str]
     script = "import sys; print('hello'); print('oops', file=sys.stderr); sys.stdout.write('tail')"
     orch.process("web", [PY, "-c", script])
     orch.process("longer_name", [PY, "-c", "import time; time.sleep(30)"])
+    out = ""
+
+    def printed(text: str) -> bool:
+        nonlocal out
+        out += capsys.readouterr().out
+        return text in out
+
     async with orch.start() as running:
         proc = running["web"]
         assert isinstance(proc, pk.ManagedProcess)
-        await wait_for(lambda: not proc.running)
-        await anyio.sleep(0.05)
-    out = capsys.readouterr().out
+        await wait_for(lambda: printed("web         | tail\n"))
+        await wait_for(lambda: proc.returncode is not None)
+    out += capsys.readouterr().out
     assert "web         | hello\n" in out
     assert "web         | oops\n" in out
     assert "web         | tail\n" in out
@@ -118,14 +125,15 @@ async def test_restart_always_and_no(tmp_path: Path) -> None:
     orch2 = pk.Orchestrator(output=lambda *a: None)
     orch2.process("once", [PY, str(HELPERS / "flaky.py"), "0", str(once)])
     async with orch2.start() as running:
-        await wait_for(lambda: not running["once"].running)
-        await anyio.sleep(0.1)
+        await wait_for(lambda: running["once"].returncode is not None)
         assert running["once"].returncode == 0
         assert (await running.health()).status == "failing"
     assert once.read_text() == "1"
 
 
-async def test_stop_kills_the_group_sigkill_after_timeout(tmp_path: Path) -> None:
+async def test_stop_kills_the_group_sigkill_after_timeout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     log = tmp_path / "log"
     log.touch()
     orch = pk.Orchestrator(output=lambda *a: None)
@@ -138,13 +146,13 @@ async def test_stop_kills_the_group_sigkill_after_timeout(tmp_path: Path) -> Non
         timeout=20,
         stop_timeout=0.3,
     )
-    async with orch.start() as running:
-        pids = [int(p) for p in log.read_text().split("worker pids ")[1].split()]
-        assert running["worker"].pid == pids[0]
-        assert all(alive(p) for p in pids)
-        started = anyio.current_time()
-    took = anyio.current_time() - started
-    assert 0.25 <= took < 5  # SIGTERM ignored: SIGKILL after stop_timeout
+    with caplog.at_level("WARNING"):
+        async with orch.start() as running:
+            pids = [int(p) for p in log.read_text().split("worker pids ")[1].split()]
+            assert running["worker"].pid == pids[0]
+            assert all(alive(p) for p in pids)
+    # SIGTERM ignored: SIGKILL after stop_timeout (said once, and the exit code shows it)
+    assert caplog.text.count("did not exit within stop_timeout=0.3s after SIGTERM") == 1
     await wait_for(lambda: not any(alive(p) for p in pids))
     assert running["worker"].returncode == -9
 

@@ -41,6 +41,8 @@ import parallelkit as pk
 __all__ = [
     "DEPENDS",
     "SEED_DURATIONS",
+    "SEED_LOG",
+    "expected_ready",
     "build_app",
     "build_orchestrator",
     "critical_path",
@@ -50,22 +52,41 @@ __all__ = [
     "start_sequential",
 ]
 
-#: Seconds each part takes to become ready, from the seed's start-up log (sum: 2.0 s).
+# -- THE start-up model -------------------------------------------------------------------
+# The one model of the seed's server start, shared by this example, the benchmark
+# (benchmarks/bench_startup.py, and the seed table in bench_seed.py) and the docs
+# (docs/orchestrator.md, docs/recipes/server-startup.md, which show it literally;
+# tests/test_startup_model.py checks that they agree with it).
+
+#: The seed's start-up log: milliseconds at which each part reported ready.
+SEED_LOG: Mapping[str, float] = {
+    "http": 10,  # "Server LISTENING (0ms)", "Health endpoints ready (10ms)"
+    "socket_io": 50,  # "Socket.IO initialized (50ms)"
+    "nextjs": 500,  # "Next.js ready (500ms - parallel with Baileys)"
+    "baileys": 600,  # "Baileys initialized (600ms - parallel with Next.js)"
+    "scheduler": 700,  # "Cadence Scheduler ready (700ms)"
+}
+
+#: Seconds each part takes to become ready (sum: the seed's 2,000 ms "sequential").
 SEED_DURATIONS: Mapping[str, float] = {
-    "http": 0.010,  # server.listen: "LISTENING (0ms)", health endpoints at 10 ms
-    "socket_io": 0.040,  # attached to the http server: ready at 50 ms
+    "http": 0.010,  # listen + health endpoints
+    "socket_io": 0.040,  # attached to the http server: ready at 10 + 40 = 50 ms
     "nextjs": 0.500,  # app.prepare()
     "baileys": 0.600,  # WhatsApp client
     "scheduler": 0.700,  # cadence scheduler
-    "campaign_queue": 0.150,  # the rest of the seed's 2,000 ms sequential total
+    "campaign_queue": 0.150,  # not in the log: the rest of the 2,000 ms sequential total
 }
 
 #: What each part really needs before it can start (everything else is independent).
 DEPENDS: Mapping[str, tuple[str, ...]] = {"socket_io": ("http",)}
 
 
-def critical_path(scale: float = 1.0) -> float:
-    """The ideal start-up: the longest chain of ``SEED_DURATIONS`` through ``DEPENDS``."""
+def expected_ready(scale: float = 1.0) -> dict[str, float]:
+    """When each part is ready (seconds from the start) if it waits only for ``DEPENDS``.
+
+    Computed from the model alone (no parallelkit): the lower bound any start-up
+    can reach. At scale 1 it reproduces :data:`SEED_LOG`.
+    """
     done: dict[str, float] = {}
 
     def finish(name: str) -> float:
@@ -74,7 +95,14 @@ def critical_path(scale: float = 1.0) -> float:
             done[name] = start + SEED_DURATIONS[name] * scale
         return done[name]
 
-    return max(finish(n) for n in SEED_DURATIONS)
+    for name in SEED_DURATIONS:
+        finish(name)
+    return done
+
+
+def critical_path(scale: float = 1.0) -> float:
+    """The ideal start-up: the longest chain of ``SEED_DURATIONS`` through ``DEPENDS``."""
+    return max(expected_ready(scale).values())
 
 
 async def _simulate(name: str, scale: float) -> str:

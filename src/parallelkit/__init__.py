@@ -26,6 +26,7 @@ from ._core.errors import CycleError as CycleError
 from ._core.errors import DefinitionError as DefinitionError
 from ._core.errors import DependencyFailed as DependencyFailed
 from ._core.errors import ParallelkitError as ParallelkitError
+from ._core.errors import ProcessError as ProcessError
 from ._core.errors import StartupError as StartupError
 from ._core.limiter import Limiter as Limiter
 from ._core.limiter import LimiterStatistics as LimiterStatistics
@@ -66,6 +67,7 @@ __all__ = [
     "Orchestrator",
     "Outcome",
     "ParallelkitError",
+    "ProcessError",
     "Retry",
     "Running",
     "SWRCache",

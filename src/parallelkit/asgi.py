@@ -1,42 +1,50 @@
-"""ASGI lifespan adapter: start an Orchestrator with a Starlette / FastAPI app.
+"""ASGI lifespan adapter and typed dependencies: an Orchestrator behind a Starlette / FastAPI app.
 
 ``lifespan=lifespan(orch)`` starts every service before the server accepts its
 first request and stops them, in reverse dependency order, when the server shuts
-down::
+down. Handlers get the services' values, typed, without ``request.state``::
 
-    from fastapi import FastAPI, Request
-    from parallelkit.asgi import lifespan
+    from typing import Annotated
+    from fastapi import FastAPI
+    from parallelkit.asgi import lifespan, service
 
     app = FastAPI(lifespan=lifespan(orch))
 
     @app.get("/users")
-    async def users(request: Request):
-        db = request.state.db            # each service's value is in the lifespan state
+    async def users(db: Annotated[AsyncEngine, service("db")]):   # db: AsyncEngine
         ...
 
-The lifespan **state** holds each started service's value under its name, plus
-the :class:`~parallelkit.Running` under ``"running"`` (unless a service has that
-name). A start-up failure is logged with its full traceback (logger
-``parallelkit.orchestrator``) and re-raised, so the server reports
-"Application startup failed" and exits non-zero instead of serving requests with
-half of its services missing.
+In a Starlette handler (no dependency injection), ``running_from(request)`` is the
+typed :class:`~parallelkit.Running`: ``running_from(request).get("db", AsyncEngine)``.
 
-This module imports nothing from Starlette: it works with any framework that takes
-a ``lifespan(app)`` async context manager factory.
+The lifespan **state** also holds each started service's value under its name,
+plus the :class:`~parallelkit.Running` under ``"running"`` (unless a service has
+that name), for code that reads ``request.state``. A start-up failure is raised
+as :class:`~parallelkit.StartupError` (not logged here: the server reports it,
+once, and exits non-zero instead of serving requests with half of its services
+missing).
+
+This module imports neither Starlette nor FastAPI: :func:`lifespan` works with any
+framework that takes a ``lifespan(app)`` async context manager factory;
+:func:`service` and :func:`running` import FastAPI when they are called.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
+from ._core.public import export
 from ._orchestrator.orchestrator import Orchestrator
+from ._orchestrator.running import Running
 
-__all__ = ["lifespan"]
+__all__ = ["lifespan", "running", "running_from", "service"]
 
-logger = logging.getLogger("parallelkit.orchestrator")
+T = TypeVar("T")
+
+#: Where the lifespan state keeps the Running (a key no service name can take).
+STATE_KEY = "parallelkit.running"
 
 
 def lifespan(orch: Orchestrator, /) -> Callable[[Any], AbstractAsyncContextManager[dict[str, Any]]]:
@@ -63,16 +71,110 @@ def lifespan(orch: Orchestrator, /) -> Callable[[Any], AbstractAsyncContextManag
 
     @asynccontextmanager
     async def _lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:
-        started = False
-        try:
-            async with orch.start() as running:
-                started = True
-                state: dict[str, Any] = dict(running.items())
-                state.setdefault("running", running)
-                yield state
-        except Exception:
-            if not started:
-                logger.exception("application start-up failed: the services could not start")
-            raise
+        # a start-up failure propagates as it is: the server reports it (once)
+        async with orch.start() as running:
+            state: dict[str, Any] = dict(running.items())
+            state.setdefault("running", running)
+            state[STATE_KEY] = running
+            yield state
 
     return _lifespan
+
+
+def running_from(connection: Any, /) -> Running:
+    """The :class:`~parallelkit.Running` of the app's lifespan, from a request (typed).
+
+    Args:
+        connection: a Starlette / FastAPI ``Request`` or ``WebSocket`` (anything
+            with the ASGI ``scope``) of an app whose ``lifespan=`` is
+            :func:`lifespan`.
+
+    Raises:
+        RuntimeError: the app's lifespan did not start an orchestrator.
+
+    Example:
+        ```python
+        async def users(request: Request) -> JSONResponse:
+            engine = running_from(request).get("db", AsyncEngine)   # typed
+        ```
+    """
+    scope = getattr(connection, "scope", None)
+    state = scope.get("state") if isinstance(scope, Mapping) else None
+    found = state.get(STATE_KEY) if isinstance(state, Mapping) else None
+    if not isinstance(found, Running):
+        msg = (
+            "no parallelkit orchestrator in this app's lifespan state: create the app "
+            "with lifespan=parallelkit.asgi.lifespan(orch)"
+        )
+        raise RuntimeError(msg)  # noqa: TRY004 - a set-up mistake, not a bad argument
+    return found
+
+
+def service(service: str | Callable[..., Any], expected: type[Any] | None = None, /) -> Any:
+    """A FastAPI dependency giving one service's value: ``Annotated[T, service("db")]``.
+
+    Use it as the metadata of ``Annotated`` (the handler's parameter is typed
+    ``T`` for the type checker) or as a default (``db: Engine = service("db")``).
+    The value is looked up per request in the lifespan's
+    :class:`~parallelkit.Running`; a failed or skipped service gives the
+    ``KeyError`` of :meth:`Running.get <parallelkit.Running.get>`.
+
+    Args:
+        service: the service's name, or its decorated function.
+        expected: a class the value must be an instance of (checked per request,
+            a ``TypeError`` if not); ``None`` checks nothing.
+
+    Returns:
+        a ``fastapi.Depends`` marker.
+
+    Raises:
+        TypeError: ``service`` is neither a name nor a callable, or ``expected``
+            is not a class.
+
+    Example:
+        ```python
+        @app.get("/users")
+        async def users(db: Annotated[AsyncEngine, service("db")]) -> list[str]: ...
+        ```
+    """
+    if not isinstance(service, str) and not callable(service):
+        msg = f"service must be a service name or its function, got {service!r}"  # type: ignore[unreachable]
+        raise TypeError(msg)
+    if expected is not None and not isinstance(expected, type):
+        msg = f"expected must be a class or None, got {expected!r}"  # type: ignore[unreachable]
+        raise TypeError(msg)
+    name = service if isinstance(service, str) else getattr(service, "__name__", repr(service))
+
+    def dependency(connection: Any) -> Any:
+        return running_from(connection)._lookup(service, expected)
+
+    return _depends(dependency, f"parallelkit_service_{name}")
+
+
+def running() -> Any:
+    """A FastAPI dependency giving the :class:`~parallelkit.Running`.
+
+    Example:
+        ```python
+        @app.get("/health")
+        async def health(running: Annotated[pk.Running, parallelkit.asgi.running()]):
+            return {"status": (await running.health()).status}
+        ```
+    """
+    return _depends(running_from, "parallelkit_running")
+
+
+def _depends(fn: Callable[[Any], Any], name: str) -> Any:
+    """``Depends(fn)``, with ``fn`` taking the connection the way FastAPI injects it."""
+    from fastapi import Depends  # optional: only FastAPI users call this
+    from starlette.requests import HTTPConnection
+
+    def dependency(connection: HTTPConnection) -> Any:
+        return fn(connection)
+
+    dependency.__name__ = dependency.__qualname__ = name
+    dependency.__annotations__ = {"connection": HTTPConnection, "return": Any}
+    return Depends(dependency)
+
+
+export(globals())

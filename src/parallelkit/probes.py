@@ -38,7 +38,7 @@ import anyio
 import anyio.abc
 from typing_extensions import final
 
-from ._core.check import number
+from ._core.check import callable_, count, number, number_or_none
 
 __all__ = ["Probe", "call", "http", "tcp"]
 
@@ -120,20 +120,22 @@ class Probe:
             TimeoutError: the probe did not pass in time; the message names the
                 probe and the last reason it gave.
         """
-        if timeout is not None:
-            timeout = number("timeout", timeout)
+        timeout = number_or_none("timeout", timeout)
         deadline = math.inf if timeout is None else anyio.current_time() + timeout
         interval = self.initial
         while True:
-            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())) as scope:
                 why = await self.reason(value)
                 if why is None:
                     return
+            if scope.cancelled_caught:  # cut short at the deadline (maybe the first check)
+                why = f"the check did not answer within {timeout:.3g}s"
             now = anyio.current_time()
-            if now >= deadline:
-                msg = f"{self.name} not ready after {timeout}s (last check: {why})"
+            if now < deadline:
+                await anyio.sleep(min(interval, deadline - now))
+            if anyio.current_time() >= deadline:
+                msg = f"{self.name} not ready after {timeout:.3g}s (last check: {why})"
                 raise TimeoutError(msg)
-            await anyio.sleep(min(interval, deadline - now))
             interval = min(interval * 1.5, self.max_interval)
 
 
@@ -165,8 +167,8 @@ def tcp(
     if not isinstance(host, str) or not host:
         msg = f"host must be a non-empty str, got {host!r}"
         raise TypeError(msg)
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-        msg = f"port must be an int in 1..65535, got {port!r}"
+    if count("port", port) > 65535:
+        msg = f"port must be <= 65535, got {port!r}"
         raise ValueError(msg)
     limit = number("connect_timeout", connect_timeout)
 
@@ -218,11 +220,13 @@ def http(
         raise ValueError(msg)
     accepted: Collection[int]
     if isinstance(status, int) and not isinstance(status, bool):
-        accepted = (status,)
-    elif isinstance(status, Collection) and all(isinstance(s, int) for s in status):
+        accepted = (_status("status", status),)
+    elif isinstance(status, Collection) and not isinstance(status, (str, bytes)) and status:
         accepted = status
+        for code in status:
+            _status("status", code)
     else:
-        msg = f"status must be an int or a collection of ints, got {status!r}"
+        msg = f"status must be an int or a non-empty collection of ints, got {status!r}"
         raise TypeError(msg)
     limit = number("request_timeout", request_timeout)
     host = parts.hostname
@@ -289,8 +293,9 @@ def call(
         async def search_engine(): ...
         ```
     """
-    if not callable(fn):
-        msg = f"fn must be callable, got {fn!r}"  # type: ignore[unreachable]
+    callable_("fn", fn, what="callable")
+    if name is not None and not isinstance(name, str):
+        msg = f"name must be a str or None, got {name!r}"  # type: ignore[unreachable]
         raise TypeError(msg)
     takes_value = _takes_one_argument(fn)
 
@@ -302,6 +307,15 @@ def call(
 
     label = name or getattr(fn, "__qualname__", None) or repr(fn)
     return Probe(f"call {label}", check, initial=initial, max_interval=max_interval)
+
+
+def _status(name: str, code: object) -> int:
+    """An HTTP status code: an int (not bool) in 100..599."""
+    value = count(name, code, minimum=100)
+    if value > 599:
+        msg = f"{name} must be an HTTP status code (100..599), got {code!r}"
+        raise ValueError(msg)
+    return value
 
 
 async def _read_status_line(stream: anyio.abc.ByteReceiveStream) -> bytes:

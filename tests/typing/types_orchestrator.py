@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from typing_extensions import assert_type
 
@@ -39,3 +40,20 @@ async def check() -> None:
         health = await running.health()
         assert_type(health, pk.Health)
         assert_type(running.health(), pk.Health)
+
+
+async def by_name() -> None:
+    async with orch.start() as running:
+        assert_type(running.get("db", Engine), Engine)
+        assert_type(running.get("db"), Any)
+
+
+def handler_types() -> None:
+    from typing import Annotated
+
+    from parallelkit.asgi import running_from, service
+
+    def handler(engine: Annotated[Engine, service("db", Engine)], request: object) -> None:
+        assert_type(engine, Engine)  # Annotated metadata: the parameter is an Engine
+        assert_type(running_from(request), pk.Running)
+        assert_type(running_from(request).get("db", Engine), Engine)

@@ -10,6 +10,8 @@ re-raised unchanged (fail-fast) or handed back as :class:`~parallelkit.Outcome`
     │   └── CycleError         the graph has a dependency cycle
     ├── DependencyFailed       (settle mode) a step was skipped: a dependency failed
     ├── StartupError           a service failed to start (original as __cause__)
+    ├── ProcessError           an Orchestrator.process exited for good (exit code, last
+    │                          output); also a subprocess.CalledProcessError
     └── TooManyQueries         parallelkit.sqlalchemy: a query budget was exceeded
 
 Bad arguments are plain :class:`ValueError` / :class:`TypeError` whose message
@@ -18,6 +20,7 @@ names the argument, as in the standard library.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Sequence
 
 __all__ = [
@@ -25,6 +28,7 @@ __all__ = [
     "DefinitionError",
     "DependencyFailed",
     "ParallelkitError",
+    "ProcessError",
     "StartupError",
 ]
 
@@ -95,3 +99,49 @@ class StartupError(ParallelkitError):
             extra = "; ".join(f"{name}: {exc!r}" for name, exc in self.teardown_errors)
             text = f"{text} (and rollback failed for {extra})"
         super().__init__(text)
+
+
+class ProcessError(ParallelkitError, subprocess.CalledProcessError):
+    """A process service (``Orchestrator.process``) exited for good.
+
+    Raised (as the ``__cause__`` of :class:`StartupError` when it happens before
+    the process is ready) when the process exits with a non-zero code and its
+    restart policy does not restart it. It is a
+    :class:`subprocess.CalledProcessError`, so ``returncode``, ``cmd`` and
+    ``output`` (its last lines of output) are there too.
+
+    Attributes:
+        name: the process service.
+        returncode: its exit code (negative: killed by that signal).
+        tail: its last lines of output (stdout and stderr, in order).
+        restarts: how many times it had been restarted.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        returncode: int,
+        cmd: str | Sequence[str],
+        tail: Sequence[str] = (),
+        *,
+        restarts: int = 0,
+    ) -> None:
+        subprocess.CalledProcessError.__init__(self, returncode, cmd, output="\n".join(tail))
+        self.name = name
+        self.tail: tuple[str, ...] = tuple(tail)
+        self.restarts = restarts
+        self.args = (self._text(),)
+
+    def _text(self) -> str:
+        again = f" after {self.restarts} restart(s)" if self.restarts else ""
+        text = f"process {self.name!r} exited with code {self.returncode}{again}"
+        if not self.tail:
+            return f"{text} (it printed nothing)"
+        lines = "\n".join(f"    {line}" for line in self.tail)
+        return f"{text}; its last output:\n{lines}"
+
+    def __str__(self) -> str:
+        return self._text()
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.name, self.returncode, self.cmd, self.tail), self.__dict__)

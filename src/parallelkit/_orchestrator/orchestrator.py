@@ -18,6 +18,7 @@ graph engine runs both) and gets, from that one declaration:
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 import os
@@ -29,13 +30,20 @@ from typing import Any, TypeVar, overload
 import anyio
 from typing_extensions import ParamSpec, final
 
-from .._core.check import number, number_or_none
+from .._core.check import callable_, choice, count_or_none, flag, number, number_or_none
 from .._core.errors import DefinitionError
 from .._core.retry import RetryLike, validate_retry
 from .._graph.graph import Graph, Node, Param, params_of
 from ..probes import Probe, as_probe
-from .process import ManagedProcess, Output, OutputSink, RestartPolicy, process_lifetime
-from .running import Running, _Session, teardown_group
+from .process import (
+    RESTART_POLICIES,
+    ManagedProcess,
+    Output,
+    OutputSink,
+    RestartPolicy,
+    process_lifetime,
+)
+from .running import Running, _Session, log_teardown_errors, teardown_group
 from .services import ServiceSpec
 
 __all__ = ["Orchestrator"]
@@ -160,18 +168,16 @@ class Orchestrator:
         """
 
         probe = as_probe(ready)
-        start_timeout = number_or_none("timeout", timeout, finite=True)
+        start_timeout = number_or_none("timeout", timeout)
         retry = validate_retry(retry)
-        stop_seconds = number("stop_timeout", stop_timeout, finite=True)
-        critical = _flag("critical", critical)
+        stop_seconds = number("stop_timeout", stop_timeout)
+        critical = flag("critical", critical)
         if name is not None and (not isinstance(name, str) or not name.isidentifier()):
             msg = f"service name must be an identifier str, got {name!r}"
             raise DefinitionError(msg)
 
         def register(func: Callable[P, R]) -> Callable[P, R]:
-            if not callable(func):
-                msg = f"service must be decorated onto a function, got {func!r}"  # type: ignore[unreachable]
-                raise TypeError(msg)
+            callable_("service", func, what="a function (decorate it with @orch.service)")
             service_name = name if name is not None else getattr(func, "__name__", None)
             if not isinstance(service_name, str) or not service_name.isidentifier():
                 msg = f"service name must be an identifier str, got {service_name!r}"
@@ -244,15 +250,26 @@ class Orchestrator:
             restart: on an unexpected exit: ``"no"`` (a non-zero exit fails the
                 service; exit 0 just ends it), ``"on-failure"`` (restart on a
                 non-zero exit) or ``"always"``.
-            max_restarts: restarts allowed before the exit fails the service
-                (``None``: unlimited). Restarts pause 50 ms, doubling to 2 s.
+            max_restarts: restarts allowed (a positive int) before the exit fails
+                the service (``None``: unlimited). Restarts pause 50 ms, doubling
+                to 2 s.
             stop_timeout: seconds between ``SIGTERM`` and ``SIGKILL``.
             depends_on: services that must be ready before this one starts.
             timeout: seconds for the process to become ready.
             critical: as for :meth:`service`.
 
-        A process that exits for good while the orchestrator runs fails it with
-        :class:`subprocess.CalledProcessError` (if ``critical``).
+        A process that exits for good fails the orchestrator (if ``critical``)
+        with :class:`~parallelkit.ProcessError` (a
+        :class:`subprocess.CalledProcessError`) whose message has the exit code and
+        the process's last lines of output; before it is ready, that error is the
+        ``__cause__`` of the :class:`~parallelkit.StartupError`.
+
+        Raises:
+            DefinitionError: ``name`` is not an identifier, or is taken.
+            TypeError: an option of the wrong type (``cmd``, ``env``, ``cwd``,
+                ``depends_on``, ``critical``, ...).
+            ValueError: an option out of range (``restart`` not one of the
+                policies, ``max_restarts`` < 1, a timeout <= 0, ...).
         """
         if not isinstance(name, str) or not name.isidentifier():
             msg = f"process name must be an identifier str, got {name!r}"
@@ -268,18 +285,24 @@ class Orchestrator:
         ):
             msg = f"cmd must be a shell string or a non-empty list of str, got {cmd!r}"
             raise TypeError(msg)
-        if restart not in ("no", "on-failure", "always"):
-            msg = f"restart must be 'no', 'on-failure' or 'always', got {restart!r}"
-            raise ValueError(msg)
-        if max_restarts is not None and (
-            isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0
-        ):
-            msg = f"max_restarts must be an int >= 0 or None, got {max_restarts!r}"
-            raise ValueError(msg)
+        probe = as_probe(ready)
+        restart = choice("restart", restart, RESTART_POLICIES)
+        max_restarts = count_or_none("max_restarts", max_restarts)
+        stop = number("stop_timeout", stop_timeout)
+        start_timeout = number_or_none("timeout", timeout)
+        critical = flag("critical", critical)
         if isinstance(depends_on, str) or not all(isinstance(d, str) for d in depends_on):
             msg = f"depends_on must be a sequence of service names, got {depends_on!r}"
             raise TypeError(msg)
-        stop = number("stop_timeout", stop_timeout, finite=True)
+        if env is not None and not (
+            isinstance(env, Mapping)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+        ):
+            msg = f"env must be a mapping of str to str, or None, got {env!r}"
+            raise TypeError(msg)
+        if cwd is not None and not isinstance(cwd, (str, os.PathLike)):
+            msg = f"cwd must be a path (str or os.PathLike) or None, got {cwd!r}"  # type: ignore[unreachable]
+            raise TypeError(msg)
         sink = self._sink
         env_copy = dict(env) if env is not None else None
         command = cmd if isinstance(cmd, str) else [os.fspath(a) for a in cmd]
@@ -300,10 +323,10 @@ class Orchestrator:
             name,
             lifetime,
             depends_on=tuple(depends_on),
-            ready=as_probe(ready),
-            timeout=number_or_none("timeout", timeout, finite=True),
+            ready=probe,
+            timeout=start_timeout,
             stop_timeout=stop + _PROCESS_KILL_GRACE,
-            critical=_flag("critical", critical),
+            critical=critical,
             kind="process",
             extra={"cmd": command, "restart": restart, "max_restarts": max_restarts},
         )
@@ -335,12 +358,42 @@ class Orchestrator:
         failed, an ``ExceptionGroup`` of those errors is raised (otherwise they are
         logged and kept in ``running.teardown_errors``).
         """
+        return self._run(self._session())
+
+    def _session(self) -> _Session:
+        """Check the graph (before anything starts) and make the state of one start."""
+        self._check_dependencies()
         plan = self._graph.plan()
         self._graph.freeze()
         self._sink.width = max(
             (len(n) for n, s in self._specs.items() if s.kind == "process"), default=0
         )
-        return self._run(_Session(plan, self._specs, self._names, self.name))
+        return _Session(plan, self._specs, self._names, self.name)
+
+    def _check_dependencies(self) -> None:
+        """Every parameter without a default names a service; say what to do if not."""
+        names = list(self._specs)
+        for node in self._graph.nodes.values():
+            spec: ServiceSpec = node.data
+            for param in node.params:
+                if param.name in self._specs or param.optional:
+                    continue
+                close = difflib.get_close_matches(param.name, names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                if spec.kind == "process":
+                    msg = (
+                        f"process {spec.name!r} depends on {param.name!r}, which is not a "
+                        f"service of this orchestrator (services: {names}){hint}"
+                    )
+                else:
+                    msg = (
+                        f"service {spec.name!r} needs {param.name!r}, which is not a service "
+                        f"of this orchestrator (services: {names}). Register a service named "
+                        f"{param.name!r} (@orch.service or orch.process({param.name!r}, ...)), "
+                        "rename the parameter to the service it means, or give it a default"
+                        f"{hint}"
+                    )
+                raise DefinitionError(msg)
 
     @asynccontextmanager
     async def _run(self, session: _Session) -> AsyncIterator[Running]:
@@ -356,20 +409,27 @@ class Orchestrator:
             except Exception as exc:  # StartupError, after the rollback
                 startup_error = exc
             if startup_error is None:
+                handled = False  # False: a BaseException (a cancellation) leaves the body
                 try:
                     with anyio.CancelScope() as session.body_scope:
                         yield running
+                    handled = True
                 except Exception as exc:
                     body_error = exc
+                    handled = True
                 finally:
                     with anyio.CancelScope(shield=True):
                         errors = await session.stop_all()
                     running.teardown_errors = errors
+                    if not handled:
+                        log_teardown_errors(errors)  # not raised: the cancellation goes on
         if startup_error is not None:
             raise startup_error
         if body_error is not None:
+            log_teardown_errors(errors)  # not raised: the body's error is
             raise body_error
         if session.crashed is not None:
+            log_teardown_errors(errors)  # not raised: the crash is
             name, crash = session.crashed
             raise crash or RuntimeError(f"service {name!r} ended while running")
         if errors:
@@ -384,21 +444,32 @@ class Orchestrator:
         """Start, run until SIGINT/SIGTERM, then stop gracefully.
 
         The first signal stops the services in reverse dependency order (a signal
-        during start-up aborts the start and rolls back); a second signal forces
-        the stop: tear-downs are cancelled and processes get ``SIGKILL``. Returns
-        normally after a signal-initiated stop. Must run in the main thread.
+        during start-up aborts the start and rolls back). Each further signal
+        forces the stop: the tear-downs in progress are cancelled and their
+        processes get ``SIGKILL``. The order still holds: every service that
+        reached its ``yield`` still tears down exactly once, after everything that
+        depends on it. Returns normally after a signal-initiated stop. Must run in
+        the main thread.
 
         Args:
             signals: the signals that stop it.
-            on_ready: called with the :class:`Running` once every service is ready.
+            on_ready: called with the :class:`Running` once every service is ready
+                (a function, or an async function that is awaited).
 
         Raises:
             StartupError: a service failed to start.
             Exception: a critical service crashed while running (its own error).
         """
+        if isinstance(signals, (str, bytes)) or not isinstance(signals, Sequence) or not signals:
+            msg = f"signals must be a non-empty sequence of signal numbers, got {signals!r}"
+            raise TypeError(msg)
+        wanted = [_signal("signals", s) for s in signals]
+        if on_ready is not None:
+            callable_("on_ready", on_ready)
+        session = self._session()
         stop = anyio.Event()
-        holder: list[_Session] = []
-        with anyio.open_signal_receiver(*(signal.Signals(s) for s in signals)) as received:
+        started = False
+        with anyio.open_signal_receiver(*wanted) as received:
             async with anyio.create_task_group() as tg:
 
                 async def watch() -> None:
@@ -409,28 +480,29 @@ class Orchestrator:
                         if count == 1:
                             logger.warning("%s received: stopping (again to force)", label)
                             stop.set()
-                            if not holder:  # still starting: abort the start (rolls back)
+                            if not started:  # still starting: abort the start (rolls back)
                                 main_scope.cancel()
                         else:
                             logger.warning("%s received again: forcing the stop", label)
-                            for session in holder:
-                                session.force()
+                            session.force()
 
                 tg.start_soon(watch)
                 try:
                     with anyio.CancelScope() as main_scope:
-                        cm = self.start()
-                        async with cm as running:
-                            holder.append(running._session)
+                        async with self._run(session) as running:
+                            started = True
                             if on_ready is not None:
-                                on_ready(running)
+                                result = on_ready(running)
+                                if inspect.isawaitable(result):
+                                    await result
                             await stop.wait()
                 finally:
                     tg.cancel_scope.cancel()
 
 
-def _flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        msg = f"{name} must be a bool, got {value!r}"
-        raise TypeError(msg)
-    return value
+def _signal(name: str, value: object) -> signal.Signals:
+    try:
+        return signal.Signals(value)  # type: ignore[arg-type]
+    except (ValueError, TypeError):
+        msg = f"{name} must hold signal numbers (signal.SIGTERM, ...), got {value!r}"
+        raise (TypeError if not isinstance(value, int) else ValueError)(msg) from None

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal
@@ -26,9 +27,14 @@ import anyio
 import anyio.abc
 from typing_extensions import final
 
+from .._core.check import callable_, choice
+from .._core.errors import ProcessError
+
 __all__ = ["ManagedProcess", "OutputSink", "RestartPolicy", "process_lifetime"]
 
 RestartPolicy = Literal["no", "on-failure", "always"]
+RESTART_POLICIES: tuple[RestartPolicy, ...] = ("no", "on-failure", "always")
+TAIL_LINES = 20  # lines of output a ProcessError shows
 Output = Literal["stdout", "logging"] | Callable[[str, str, str], object]
 
 _COLOURS = ("36", "33", "32", "35", "34", "96", "93", "92", "95", "94")
@@ -50,9 +56,10 @@ class OutputSink:
     __slots__ = ("_colour", "output", "width")
 
     def __init__(self, output: Output = "stdout", *, width: int = 0) -> None:
-        if output not in ("stdout", "logging") and not callable(output):
-            msg = f"output must be 'stdout', 'logging' or a callable, got {output!r}"
-            raise ValueError(msg)
+        if not callable(output):
+            choice("output", output, ("stdout", "logging"))
+        else:
+            callable_("output", output)
         self.output = output
         self.width = width
         self._colour: dict[str, str] = {}
@@ -98,9 +105,10 @@ class ManagedProcess:
         pid: the current process id (also its process-group id), or ``None``.
         returncode: the exit code of the last run that ended, or ``None``.
         restarts: how many times it was restarted.
+        tail: its last lines of output (``[stderr]`` marks the error stream).
     """
 
-    __slots__ = ("_process", "_pumps", "cmd", "name", "pid", "restarts", "returncode")
+    __slots__ = ("_process", "_pumps", "cmd", "name", "pid", "restarts", "returncode", "tail")
 
     def __init__(self, name: str, cmd: str | Sequence[str]) -> None:
         self.name = name
@@ -108,6 +116,7 @@ class ManagedProcess:
         self.pid: int | None = None
         self.returncode: int | None = None
         self.restarts = 0
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._process: anyio.abc.Process | None = None
         self._pumps: tuple[anyio.Event, ...] = ()
 
@@ -132,20 +141,32 @@ def _killpg(pgid: int, signum: int) -> None:
 
 
 async def _pump(
-    stream: anyio.abc.ByteReceiveStream, name: str, kind: str, sink: OutputSink, done: anyio.Event
+    stream: anyio.abc.ByteReceiveStream,
+    handle: ManagedProcess,
+    kind: str,
+    sink: OutputSink,
+    done: anyio.Event,
 ) -> None:
+    name, tail = handle.name, handle.tail
+    marker = "[stderr] " if kind == "stderr" else ""
+
+    def emit(raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace")
+        tail.append(marker + line)
+        sink.write(name, kind, line)
+
     buffer = b""
     try:
         async for chunk in stream:
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
-                sink.write(name, kind, line.rstrip(b"\r").decode("utf-8", "replace"))
+                emit(line.rstrip(b"\r"))
     except (anyio.ClosedResourceError, anyio.BrokenResourceError):
         pass
     finally:
         if buffer:
-            sink.write(name, kind, buffer.decode("utf-8", "replace"))
+            emit(buffer)
         done.set()
 
 
@@ -188,8 +209,8 @@ async def process_lifetime(
         assert process.stdout is not None
         assert process.stderr is not None
         handle._pumps = (anyio.Event(), anyio.Event())
-        tg.start_soon(_pump, process.stdout, name, "stdout", sink, handle._pumps[0])
-        tg.start_soon(_pump, process.stderr, name, "stderr", sink, handle._pumps[1])
+        tg.start_soon(_pump, process.stdout, handle, "stdout", sink, handle._pumps[0])
+        tg.start_soon(_pump, process.stderr, handle, "stderr", sink, handle._pumps[1])
         logger.debug("process %r started: pid %d", name, process.pid)
         return process
 
@@ -207,15 +228,10 @@ async def process_lifetime(
                 if code == 0:
                     logger.info("process %r exited with code 0", name)
                     return
-                raise subprocess.CalledProcessError(code, cmd)
+                raise ProcessError(name, code, cmd, handle.tail, restarts=handle.restarts)
             if max_restarts is not None and handle.restarts >= max_restarts:
-                logger.error(
-                    "process %r exited with code %d; max_restarts=%d reached",
-                    name,
-                    code,
-                    max_restarts,
-                )
-                raise subprocess.CalledProcessError(code, cmd)
+                # raised to whoever runs the orchestrator: not logged here as well
+                raise ProcessError(name, code, cmd, handle.tail, restarts=handle.restarts)
             pause = min(0.05 * 2**handle.restarts, 2.0)
             logger.warning("process %r exited with code %d; restarting in %.2fs", name, code, pause)
             await anyio.sleep(pause)

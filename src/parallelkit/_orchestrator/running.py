@@ -26,7 +26,7 @@ from .._core.check import number
 from .._core.errors import DependencyFailed, StartupError
 from .._graph.graph import Graph, Node, Param, Plan
 from .._graph.scheduler import Run
-from .._graph.timeline import Timeline
+from .._graph.timeline import Span, Timeline
 from ..probes import Probe
 from .process import ManagedProcess
 from .services import ServiceHost, ServiceSpec, ServiceState
@@ -108,7 +108,8 @@ class Running:
 
     Attributes:
         timeline: the shared :class:`~parallelkit.Timeline`: one ``"start"`` span
-            per service (set-up until ready, ``waited_for`` its dependencies) and,
+            per service (set-up until ready, ``waited_for`` its dependencies), one
+            ``"ready"`` span per service with a probe (its readiness wait) and,
             after shutdown, one ``"stop"`` span each.
         failed: non-critical services that failed to start: name -> exception.
         skipped: services not started because a non-critical dependency failed:
@@ -164,9 +165,17 @@ class Running:
     @overload
     def get(self, service: Callable[..., Awaitable[T]]) -> T: ...
     @overload
+    def get(self, service: str, expected: type[T], /) -> T: ...
+    @overload
     def get(self, service: str) -> Any: ...
-    def get(self, service: Callable[..., Any] | str) -> Any:
+    def get(self, service: Callable[..., Any] | str, expected: type[Any] | None = None) -> Any:
         """A service's value, looked up by its function (typed) or its name.
+
+        Args:
+            service: the decorated service function (the value's type flows
+                through) or the service's name.
+            expected: with a name: the class the value must be an instance of;
+                the result is typed as that class.
 
         Example:
             ```python
@@ -174,19 +183,34 @@ class Running:
             async def db() -> AsyncIterator[Engine]: ...
 
             async with orch.start() as running:
-                engine = running.get(db)      # mypy: Engine
+                engine = running.get(db)              # mypy: Engine
+                engine = running.get("db", Engine)    # mypy: Engine (checked)
             ```
 
         Raises:
             KeyError: the service is unknown, failed or was skipped.
+            TypeError: the value is not an instance of ``expected``.
         """
+        return self._lookup(service, expected)
+
+    def _lookup(self, service: Callable[..., Any] | str, expected: type[Any] | None) -> Any:
         if isinstance(service, str):
-            return self[service]
-        name = self._names.get(service)
-        if name is None:
-            msg = f"{service!r} is not a service of this orchestrator"
-            raise KeyError(msg)
-        return self[name]
+            name = service
+        else:
+            found = self._names.get(service)
+            if found is None:
+                msg = f"{service!r} is not a service of this orchestrator"
+                raise KeyError(msg)
+            name = found
+        value = self[name]
+        if expected is not None:
+            if not isinstance(expected, type):
+                msg = f"expected must be a class, got {expected!r}"  # type: ignore[unreachable]
+                raise TypeError(msg)
+            if not isinstance(value, expected):
+                msg = f"service {name!r} is {type(value).__name__}, not {expected.__name__}"
+                raise TypeError(msg)
+        return value
 
     def state(self, name: str) -> ServiceState:
         """The lifecycle state of service ``name`` (``"ready"``, ``"failed"``, …)."""
@@ -306,16 +330,17 @@ class _Session:
                 await run.execute()
         except BaseException:  # cancelled from outside: undo what started, then go
             with anyio.CancelScope(shield=True):
-                await self.stop_all()
+                errors = self.failed_teardowns() + await self.stop_all()
+            log_teardown_errors(errors)  # nobody receives them: the start was cancelled
             raise
         if self.failure is None and self.crashed is not None:
             name, crash = self.crashed
             self.failure = (name, crash or RuntimeError(f"service {name!r} ended while starting"))
         if self.failure is not None:
             name, exc = self.failure
-            errors = await self.stop_all()
-            logger.error("service %r failed to start", name, exc_info=exc)
-            raise StartupError(name, teardown_errors=errors) from exc
+            errors = self.failed_teardowns() + await self.stop_all()
+            # raised to the caller, so not logged here (an error is reported once)
+            raise StartupError(name, _startup_message(name, exc), teardown_errors=errors) from exc
         running = self.running
         for name, outcome in run.results().items():
             if outcome.ok:
@@ -346,12 +371,31 @@ class _Session:
         return value
 
     def _on_ready(self, host: ServiceHost) -> None:
-        self.ready_order.append(host.spec.name)
+        name = host.spec.name
+        self.ready_order.append(name)
+        if host.spec.ready is not None:  # the readiness wait, between set-up and ready
+            done, now = host.setup_done_at, anyio.current_time()
+            self.timeline._add(Span(name, done, done, now, "ok", (), "ready"))
+
+    def failed_teardowns(self) -> list[tuple[str, BaseException]]:
+        """Tear-down errors of services that reached ``yield`` but failed to become ready."""
+        return [
+            (name, host.teardown_error)
+            for name, host in self.hosts.items()
+            if host.state == "failed" and host.teardown_error is not None
+        ]
 
     def _on_crash(self, host: ServiceHost, exc: BaseException | None) -> None:
+        name = host.spec.name
         if not host.spec.critical or self.stopped or self.crashed is not None:
+            # nobody receives this one (not critical, or a failure is already
+            # being reported): log it
+            if exc is None:
+                logger.error("service %r ended while running", name)
+            else:
+                logger.error("service %r crashed", name, exc_info=exc)
             return
-        self.crashed = (host.spec.name, exc)
+        self.crashed = (name, exc)
         if self.start_scope is not None:
             self.start_scope.cancel()
         if self.body_scope is not None:
@@ -393,11 +437,23 @@ class _Session:
         await host.stopped.wait()
 
     def force(self) -> None:
-        """Cancel every tear-down in progress and kill every process now."""
+        """Cut short the tear-downs in progress (processes: ``SIGKILL``).
+
+        The order is kept: a service that has not begun its tear-down still
+        tears down, exactly once, after everything that depends on it.
+        """
         for host in self.hosts.values():
-            if isinstance(host.value, ManagedProcess):
-                host.value.send_signal(9)
             host.force()
+
+
+def _startup_message(name: str, exc: BaseException) -> str:
+    return f"service {name!r} failed to start: {type(exc).__name__}: {exc}"
+
+
+def log_teardown_errors(errors: list[tuple[str, BaseException]]) -> None:
+    """Log tear-down errors that are not raised to anyone (an error is reported once)."""
+    for name, exc in errors:
+        logger.error("service %r failed to stop cleanly", name, exc_info=exc)
 
 
 def teardown_group(errors: list[tuple[str, BaseException]]) -> ExceptionGroup[Exception]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -32,6 +33,7 @@ from typing_extensions import final
 
 from .._core.retry import RetryLike, to_retrying
 from ..probes import Probe
+from .process import ManagedProcess
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
@@ -97,21 +99,29 @@ class ServiceHost:
     """Runs one service's lifetime in its own task; stopped on request, once.
 
     ``value = await task_group.start(host.run)`` returns when the service is ready
-    (set up and its probe passed) or raises its start-up error (after undoing a
-    partial set-up). :meth:`request_stop` then tears it down, bounded by
-    ``stop_timeout``, after which the tear-down is cancelled and
-    :attr:`timed_out` is set. A service that dies while running (its task group
-    failed, its process exited) is reported through ``on_crash``.
+    (set up and its probe passed) or raises its start-up error. :meth:`request_stop`
+    then tears it down, bounded by ``stop_timeout``, after which the tear-down is
+    cancelled and :attr:`timed_out` is set. A service that dies while running (its
+    task group failed, its process exited) is reported through ``on_crash``.
+
+    **Tear-down.** Once the lifetime reached its ``yield`` (an async context
+    manager: its ``__aenter__`` returned), its tear-down, the code after
+    ``yield``, runs exactly once, as a normal exit (not an exception thrown into
+    the generator): on stop, when its readiness probe fails or times out, and when
+    the start is cancelled (a sibling failed, a signal). It runs shielded from
+    the cancellation that stopped the start, bounded by ``stop_timeout``; only
+    :meth:`force` cuts it short. Before the ``yield``, a failure is thrown into
+    the lifetime as usual (its ``finally`` / ``except`` undo the partial set-up).
     """
 
     __slots__ = (
+        "_closing",
         "_scope",
         "_stop",
         "crash",
         "kwargs",
         "on_crash",
         "on_ready",
-        "ready_at",
         "setup_done_at",
         "spec",
         "state",
@@ -138,10 +148,10 @@ class ServiceHost:
         self.teardown_error: BaseException | None = None
         self.timed_out = False
         self.setup_done_at = math.nan
-        self.ready_at = math.nan
         self._stop = anyio.Event()
         self.stopped = anyio.Event()
         self._scope: anyio.CancelScope | None = None
+        self._closing = False
 
     def __repr__(self) -> str:
         return f"<ServiceHost {self.spec.name!r} {self.state}>"
@@ -152,10 +162,16 @@ class ServiceHost:
         self._stop.set()
 
     def force(self) -> None:
-        """Cancel the service's tear-down now (a second Ctrl-C)."""
-        self._stop.set()
-        if self._scope is not None:
-            self._scope.cancel()
+        """Cut short the tear-down in progress, if any (a second Ctrl-C).
+
+        A process gets ``SIGKILL``. A service that has not begun its tear-down is
+        left alone: it still tears down, in its turn.
+        """
+        if not self._closing or self._scope is None:
+            return
+        if isinstance(self.value, ManagedProcess):
+            self.value.send_signal(signal.SIGKILL)
+        self._scope.cancel()
 
     # -- the lifetime ----------------------------------------------------------------
     async def run(self, *, task_status: TaskStatus[Any] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -197,67 +213,109 @@ class ServiceHost:
         started = anyio.current_time()
         deadline = math.inf if spec.timeout is None else started + spec.timeout
         stack = AsyncExitStack()
+        # entered before the lifetime, so that the tear-down can be shielded and
+        # bounded by changing this scope (a scope entered later could not be exited
+        # before the lifetime's own scopes)
         scope = stack.enter_context(anyio.CancelScope(deadline=deadline))
         try:
             cm = open_lifetime(spec.name, spec.fn, self.kwargs)
             value = await stack.enter_async_context(cm)
-            self.setup_done_at = anyio.current_time()
-            scope.deadline = math.inf  # the probe below has its own, clearer timeout
-            if spec.ready is not None:
-                left = deadline - self.setup_done_at
-                if left <= 0:
-                    msg = f"service {spec.name!r} set up, but the timeout ({spec.timeout}s) ran out"
-                    raise TimeoutError(msg)
-                await spec.ready.wait(value, timeout=None if math.isinf(left) else left)
-            self.ready_at = anyio.current_time()
         except BaseException as exc:
-            # undo this attempt's partial set-up (the generator's finally runs here)
+            # before the yield: undo the partial set-up (the generator's finally runs)
             suppressed = await stack.__aexit__(type(exc), exc, exc.__traceback__)
             if suppressed and scope.cancelled_caught:
                 msg = f"service {spec.name!r} did not finish its set-up within {spec.timeout}s"
                 raise TimeoutError(msg) from None
             raise
+        # the lifetime reached its yield: from here on its tear-down runs, once
+        self.setup_done_at = anyio.current_time()
+        self.value = value
+        scope.deadline = math.inf  # the probe below has its own, clearer timeout
+        if spec.ready is None:
+            return stack, scope, value
+        try:
+            left = deadline - self.setup_done_at
+            if left <= 0:
+                msg = f"service {spec.name!r} set up, but its timeout ({spec.timeout}s) ran out"
+                raise TimeoutError(msg)
+            try:
+                await spec.ready.wait(value, timeout=None if math.isinf(left) else left)
+            except TimeoutError as exc:
+                msg = f"service {spec.name!r} was not ready within {spec.timeout}s: {exc}"
+                raise TimeoutError(msg) from exc
+        except BaseException as exc:
+            failure = self._failure(exc, await self._close(stack, scope))
+            if failure is exc:
+                raise
+            raise failure from None  # the service's own error, not the cancellation it caused
         return stack, scope, value
 
-    async def _live(self, stack: AsyncExitStack, scope: anyio.CancelScope) -> None:
+    def _failure(self, exc: BaseException, teardown: Exception | None) -> BaseException:
+        """What a start that failed after the yield raises, once its tear-down ran.
+
+        ``exc`` stopped the start; ``teardown`` is what the tear-down raised. A
+        cancellation from outside (a sibling failed, a signal) goes on as itself;
+        a cancellation that came from inside the service (its own task group
+        failed, say its process exited) gives way to that task group's error.
+        """
+        if isinstance(exc, Exception):
+            self.teardown_error = teardown
+            return exc
+        cancelled_outside = anyio.current_effective_deadline() == -math.inf
+        if teardown is None or cancelled_outside:
+            self.teardown_error = teardown
+            return exc
+        return teardown
+
+    async def _close(self, stack: AsyncExitStack, scope: anyio.CancelScope) -> Exception | None:
+        """Tear down (the code after ``yield``) once: shielded, bounded, as a normal exit.
+
+        Returns the error the tear-down raised (unwrapped from single-error groups).
+        """
         spec = self.spec
-        error: BaseException | None = None
+        scope.shield = True
+        scope.deadline = anyio.current_time() + spec.stop_timeout
+        self._scope = scope
+        self._closing = True
+        error: Exception | None = None
         try:
-            await self._stop.wait()
-        except BaseException as exc:  # the service's own task group failed under it
-            error = exc
-        if error is None:
-            self.state = "stopping"
-            scope.deadline = anyio.current_time() + spec.stop_timeout
-        try:
-            if error is None:
-                await stack.aclose()
-            elif not await stack.__aexit__(type(error), error, error.__traceback__):
-                raise error
+            await stack.aclose()
         except Exception as raised:
             error = _unwrap(raised)
-            if self._stop.is_set() and self.crash is None:
-                self.teardown_error = error
-                logger.error("service %r failed to stop cleanly", spec.name, exc_info=error)  # noqa: TRY400
-            else:
-                self.crash = error
         finally:
-            self.timed_out = scope.cancelled_caught and self.state == "stopping"
+            self._closing = False
+            self.timed_out = scope.cancelled_caught
             if self.timed_out:
                 logger.warning(
                     "service %r did not stop within stop_timeout=%ss; its tear-down was cancelled",
                     spec.name,
                     spec.stop_timeout,
                 )
+        return error
+
+    async def _live(self, stack: AsyncExitStack, scope: anyio.CancelScope) -> None:
+        error: BaseException | None = None
+        try:
+            await self._stop.wait()
+        except BaseException as exc:  # the service's own task group failed under it
+            error = exc
+        try:
+            if error is None:
+                self.state = "stopping"
+                self.teardown_error = await self._close(stack, scope)
+            else:
+                # a crash: the error goes into the lifetime, whose task group needs it
+                try:
+                    if not await stack.__aexit__(type(error), error, error.__traceback__):
+                        raise error
+                except Exception as raised:
+                    self.crash = _unwrap(raised)
+        finally:
             crashed = not self._stop.is_set()
             self.state = "crashed" if crashed else "stopped"
             self._stop.set()
             self.stopped.set()
             if crashed:
-                if self.crash is None:
-                    logger.error("service %r ended while running", spec.name)
-                else:
-                    logger.error("service %r crashed", spec.name, exc_info=self.crash)
                 self.on_crash(self, self.crash)
 
 
