@@ -13,21 +13,19 @@ import re
 import subprocess
 import sys
 import weakref
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from examples.crm import AutomationRule, Company, Contact, Conversation
 from sqlalchemy import Column, Engine, ForeignKey, ForeignKeyConstraint, Table, inspect, select
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
     Session,
     WriteOnlyMapped,
     mapped_column,
-    joinedload,
     relationship,
     selectinload,
 )
@@ -36,12 +34,13 @@ from sqlalchemy.orm.exc import DetachedInstanceError
 import parallelkit as pk
 from parallelkit.sqlalchemy import (
     RelationshipPathError,
+    _peers_events,
+    _peers_group,
     count_queries,
     eager,
     fetch_peers,
     load,
 )
-from parallelkit.sqlalchemy import _peers_events, _peers_group
 
 pytest_plugins = ["tests.sqla_fixtures"]
 pytestmark = pytest.mark.anyio
@@ -67,7 +66,11 @@ async def reference(engine: AsyncEngine) -> dict[int, tuple[int, int, list[int]]
         stmt = select(Conversation).options(*eager(Conversation, WEBHOOK))
         rows = (await session.scalars(stmt)).unique().all()
         return {
-            c.id: (c.contact.id, c.contact.company.id, [r.id for r in c.contact.company.automation_rules])
+            c.id: (
+                c.contact.id,
+                c.contact.company.id,
+                [r.id for r in c.contact.company.automation_rules],
+            )
             for c in rows
         }
 
@@ -103,12 +106,14 @@ async def test_m2o_o2m_and_nested_hops_each_cost_one_statement(crm_engine: Async
         async with count_queries(crm_engine) as counter:
             contacts = await load(companies[0], "contacts")  # one-to-many
         assert counter.count == 1
-        assert len(contacts) == 10 and isinstance(contacts, list)
+        assert isinstance(contacts, list)
+        assert len(contacts) == 10
         async with count_queries(crm_engine) as counter:
             conversations = await load(companies[3], "contacts.conversations")  # nested, flat list
             back = await load(companies[5], "contacts.conversations.contact")  # m2o: all loaded
         assert counter.count == 1, counter.statements
-        assert len(conversations) == 50 and len(back) == 50
+        assert len(conversations) == 50
+        assert len(back) == 50
         assert {c.company_id for c in await load(companies[5], "contacts")} == {companies[5].id}
         async with count_queries(crm_engine) as counter:
             for company in companies:
@@ -132,16 +137,29 @@ async def test_an_empty_many_to_one_and_one_to_one(crm_engine: AsyncEngine) -> N
 
 async def test_chunks_bound_the_statement_size(crm_engine: AsyncEngine) -> None:
     async with AsyncSession(crm_engine) as session:
+        stmt = select(Contact).order_by(Contact.id).options(fetch_peers(chunk_size=7))
+        contacts = (await session.scalars(stmt)).all()
+        async with count_queries(crm_engine) as counter:
+            for contact in contacts:
+                assert len(await load(contact, "conversations.contact")) == 5
+    # 100 contacts in chunks of 7 -> 15 statements; conversations.contact: in the session
+    assert counter.count == 15, counter.statements
+    sizes = [in_params(q.statement, q.parameters) for q in counter.queries]
+    assert max(sizes) == 7
+    assert sum(sizes) == 100
+
+
+async def test_chunks_of_a_many_to_one_count_distinct_targets(crm_engine: AsyncEngine) -> None:
+    async with AsyncSession(crm_engine) as session:
         stmt = select(Conversation).where(Conversation.id <= 50).options(fetch_peers(chunk_size=7))
         conversations = (await session.scalars(stmt)).all()
         async with count_queries(crm_engine) as counter:
             for conversation in conversations:
                 await load(conversation, "contact.company")
-    # 50 conversations in chunks of 7 -> 8 statements; their 10 contacts -> 2
-    assert counter.count == 8 + 2, counter.statements
+    # a many-to-one asks for the distinct targets: 10 contacts -> 2 statements; 1 company -> 1
+    assert counter.count == 2 + 1, counter.statements
     sizes = [in_params(q.statement, q.parameters) for q in counter.queries]
-    assert max(sizes) <= 7
-    assert sum(sizes[:8]) == 50 and sum(sizes[8:]) == 10
+    assert sizes == [7, 3, 1]
 
 
 async def test_without_fetch_peers_it_loads_for_one_instance(crm_engine: AsyncEngine) -> None:
@@ -228,8 +246,10 @@ async def test_run_sync_plain_attribute_access(crm_engine: AsyncEngine) -> None:
 def test_a_lazy_load_outside_any_group_is_untouched(sync_engine: Engine) -> None:
     """Children eager-loaded by a fetch_peers query are not a group: plain lazy loading."""
     with Session(sync_engine) as session, count_queries(sync_engine) as counter:
-        stmt = select(Contact).where(Contact.id <= 3).options(
-            fetch_peers(), selectinload(Contact.conversations)
+        stmt = (
+            select(Contact)
+            .where(Contact.id <= 3)
+            .options(fetch_peers(), selectinload(Contact.conversations))
         )
         contacts = session.scalars(stmt).all()
         assert counter.count == 2
@@ -243,29 +263,30 @@ def test_a_lazy_load_outside_any_group_is_untouched(sync_engine: Engine) -> None
 # ------------------------------------------------------------------ garbage collection
 async def test_peers_are_weak_references(crm_engine: AsyncEngine) -> None:
     async with AsyncSession(crm_engine) as session:
-        stmt = select(Conversation).where(Conversation.id <= 50).options(fetch_peers())
-        conversations = list((await session.scalars(stmt)).all())
-        group = _peers_group.REGISTRY[inspect(conversations[0])]
+        stmt = select(Contact).where(Contact.id <= 50).options(fetch_peers())
+        contacts = list((await session.scalars(stmt)).all())
+        group = _peers_group.REGISTRY[inspect(contacts[0])]
         group_ref = weakref.ref(group)
         del group
-        kept = conversations[:10]
-        dropped = weakref.ref(conversations[-1])
-        del conversations
+        kept = contacts[:10]
+        dropped = weakref.ref(contacts[-1])
+        del contacts
         gc.collect()
         assert dropped() is None  # the group did not keep it alive
         async with count_queries(crm_engine) as counter:
-            contacts = [await load(c, "contact") for c in kept]
+            found = [await load(c, "conversations") for c in kept]
         assert counter.count == 1
         (query,) = counter.queries
         assert in_params(query.statement, query.parameters) == 10  # only the live peers
-        assert [c.id for c in contacts] == [c.contact_id for c in kept]
-        del kept, contacts, query
+        assert [{v.contact_id for v in f} for f in found] == [{c.id} for c in kept]
+        del kept, found, query
         session.expunge_all()
     gc.collect()
     assert group_ref() is None  # no instance left: the group is gone too (no leak)
 
 
 def test_registry_entries_leave_with_their_instances(sync_engine: Engine) -> None:
+    gc.collect()
     baseline = len(_peers_group.REGISTRY)
     with Session(sync_engine) as session:
         contacts = session.scalars(select(Contact).options(fetch_peers())).all()
@@ -280,16 +301,29 @@ def test_registry_entries_leave_with_their_instances(sync_engine: Engine) -> Non
 # ------------------------------------------------------------------ partial, expired, detached
 async def test_only_what_is_missing_is_loaded(crm_engine: AsyncEngine) -> None:
     async with AsyncSession(crm_engine) as session:
+        stmt = select(Contact).where(Contact.id <= 20).options(fetch_peers())
+        contacts = (await session.scalars(stmt)).all()
+        again = select(Contact).where(Contact.id == contacts[0].id)
+        await session.scalars(again.options(selectinload(Contact.conversations)))  # fills one in
+        assert "conversations" in inspect(contacts[0]).dict
+        async with count_queries(crm_engine) as counter:
+            await load(contacts[-1], "conversations")
+        (query,) = counter.queries
+        assert in_params(query.statement, query.parameters) == 19  # one had it already
+
+
+async def test_many_to_ones_in_the_session_need_no_statement(crm_engine: AsyncEngine) -> None:
+    async with AsyncSession(crm_engine) as session:
         stmt = select(Conversation).where(Conversation.id <= 20).options(fetch_peers())
         conversations = (await session.scalars(stmt)).all()
-        again = select(Conversation).where(Conversation.id == conversations[0].id)
-        await session.scalars(again.options(joinedload(Conversation.contact)))  # fills one in
-        assert "contact" in inspect(conversations[0]).dict
+        held = await session.get(Contact, conversations[0].contact_id)  # in the session now
         async with count_queries(crm_engine) as counter:
-            await load(conversations[-1], "contact")
+            contacts = [await load(c, "contact") for c in conversations]
         (query,) = counter.queries
-        # conversations 1-5 share contact 1, now in the session: set without SQL
-        assert in_params(query.statement, query.parameters) == 15
+        # conversations 1-5 share contact 1: set from the session; 2, 3, 4 are asked for once
+        assert in_params(query.statement, query.parameters) == 3
+    assert [c.id for c in contacts] == [c.contact_id for c in conversations]
+    assert contacts[0] is held
 
 
 async def test_expired_peers_are_reloaded_together(crm_engine: AsyncEngine) -> None:
@@ -342,7 +376,8 @@ async def test_a_bad_path_names_model_and_attribute(crm_engine: AsyncEngine) -> 
     assert error.path == "contact.compny.automation_rules"
     assert error.relationships == ("company", "conversations", "enrollments")
     assert "Contact's relationships are: company, conversations, enrollments" in str(error)
-    assert isinstance(error, pk.ParallelkitError) and isinstance(error, ValueError)
+    assert isinstance(error, pk.ParallelkitError)
+    assert isinstance(error, ValueError)
 
 
 async def test_bad_arguments() -> None:
@@ -428,7 +463,7 @@ def tags_of(article_id: int) -> list[str]:
 
 
 @pytest.fixture
-async def blog(any_engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
+async def blog(any_engine: AsyncEngine) -> AsyncEngine:
     """6 authors x 5 articles (every 4th one a reply), 5 tags, 3 shelves x 4 books."""
     async with any_engine.begin() as conn:
         await conn.run_sync(Base.metadata.create_all)
@@ -449,7 +484,7 @@ async def blog(any_engine: AsyncEngine) -> AsyncIterator[AsyncEngine]:
     async with AsyncSession(any_engine) as session:
         session.add_all([*authors, Article(id=99, title="anonymous"), *shelves])
         await session.commit()
-    yield any_engine
+    return any_engine
 
 
 async def test_many_to_many_in_one_statement(blog: AsyncEngine) -> None:
@@ -538,12 +573,17 @@ def test_importing_registers_no_listener() -> None:
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
     )
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
 
 
 def doc_blocks() -> list[str]:
+    """The page's Python blocks, less those marked ``<!-- fragment -->``."""
     text = (ROOT / "docs" / "peer-loading.md").read_text()
-    return re.findall(r"^```python\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+    found = re.findall(
+        r"(<!-- fragment -->\n)?```python\n(.*?)^```", text, re.MULTILINE | re.DOTALL
+    )
+    return [code for fragment, code in found if not fragment]
 
 
 def test_the_docs_page_has_complete_programs() -> None:
@@ -552,7 +592,7 @@ def test_the_docs_page_has_complete_programs() -> None:
     assert all("anyio.run(main)" in block for block in blocks)
 
 
-@pytest.mark.parametrize("index", range(len(doc_blocks()) if (ROOT / "docs" / "peer-loading.md").exists() else 0))
+@pytest.mark.parametrize("index", range(len(doc_blocks())))
 def test_docs_page_programs_run(index: int, tmp_path: Path) -> None:
     script = tmp_path / "block.py"
     script.write_text(doc_blocks()[index])
@@ -560,4 +600,3 @@ def test_docs_page_programs_run(index: int, tmp_path: Path) -> None:
         [sys.executable, str(script)], capture_output=True, text=True, check=False, timeout=60
     )
     assert out.returncode == 0, out.stderr[-3000:]
-

@@ -7,6 +7,7 @@ came from the same query, in one statement per hop (per chunk of peers).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +20,8 @@ from typing_extensions import final
 from .._core.check import count
 from .._core.errors import ParallelkitError
 from ._peers_events import PeersOption, install
-from ._peers_group import DEFAULT_CHUNK_SIZE, REGISTRY, load_hop, pending, reached
+from ._peers_group import DEFAULT_CHUNK_SIZE, REGISTRY, reached
+from ._peers_hop import load_hop, pending, plan
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "RelationshipPathError", "fetch_peers", "load"]
 
@@ -161,6 +163,11 @@ def _resolve(mapper: Mapper[Any], path: object) -> tuple[RelationshipProperty[An
     if not isinstance(path, str):
         msg = f"path must be a str of relationship names joined by dots, got {path!r}"
         raise TypeError(msg)
+    return _resolve_str(mapper, path)
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolve_str(mapper: Mapper[Any], path: str) -> tuple[RelationshipProperty[Any], ...]:
     props: list[RelationshipProperty[Any]] = []
     for segment in path.split("."):
         prop = mapper.relationships.get(segment)
@@ -172,7 +179,9 @@ def _resolve(mapper: Mapper[Any], path: object) -> tuple[RelationshipProperty[An
                 why = f"is a column, not a relationship: load the object, then read .{segment}"
             else:
                 why = "is not a relationship"
-            known = sorted(key for key, p in mapper.relationships.items() if p.lazy not in _NOT_LOADABLE)
+            known = sorted(
+                key for key, p in mapper.relationships.items() if p.lazy not in _NOT_LOADABLE
+            )
             raise RelationshipPathError(f"{name}.{segment}", path, known, why)
         props.append(prop)
         mapper = prop.mapper
@@ -187,33 +196,31 @@ def _value(
     With ``io=True`` (sync code only) a missing value is read with ``getattr``:
     SQLAlchemy's own loading, for what a batch could not serve.
     """
-    current: Any = state.object
-    many = False
+    obj: Any = state.object
+    loaded = state.dict
+    last = len(props) - 1
     for index, prop in enumerate(props):
-        if many:
-            out: list[Any] = []
-            for item in current:
-                value = _value(inspect(item), props[index:], io=io)
-                if value is _MISSING:
-                    return _MISSING
-                if isinstance(value, list):
-                    out.extend(value)
-                elif value is not None:
-                    out.append(value)
-            return out
-        loaded = inspect(current).dict
         if prop.key in loaded:
-            current = loaded[prop.key]
+            value = loaded[prop.key]
         elif io:
-            current = getattr(current, prop.key)
+            value = getattr(obj, prop.key)
         else:
             return _MISSING
-        if current is None:
-            return None
+        if value is None or index == last:
+            return list(value) if prop.uselist and value is not None else value
         if prop.uselist:
-            many = True
-            current = list(current)
-    return current
+            out: list[Any] = []
+            for item in value:
+                found = _value(inspect(item), props[index + 1 :], io=io)
+                if found is _MISSING:
+                    return _MISSING
+                if isinstance(found, list):
+                    out.extend(found)
+                elif found is not None:
+                    out.append(found)
+            return out
+        obj, loaded = value, inspect(value).dict
+    return obj  # pragma: no cover - the loop returns at the last segment
 
 
 def _load_path(
@@ -224,9 +231,9 @@ def _load_path(
     chunk = group.chunk_size if group is not None else DEFAULT_CHUNK_SIZE
     level = [state]
     for prop in props:
+        step = plan(prop)
         peers = group.live() if group is not None else ()
-        todo = pending(session, prop, level, peers)
-        load_hop(session, todo, prop, chunk)
+        load_hop(session, pending(session, step, level, peers), step, chunk)
         level = reached(level, prop)
         if group is not None:
             group.forget(prop)  # the values reached may have changed: a fresh child group

@@ -19,6 +19,7 @@ nothing: :func:`install` does, once, from ``fetch_peers()``.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Any
 
@@ -33,7 +34,8 @@ from sqlalchemy.orm import (
 )
 from typing_extensions import final
 
-from ._peers_group import REGISTRY, PeerGroup, load_hop, pending
+from ._peers_group import REGISTRY, PeerGroup
+from ._peers_hop import load_hop, pending, plan
 
 __all__ = ["PeersOption", "install", "installed"]
 
@@ -84,8 +86,15 @@ def _on_execute(orm_state: ORMExecuteState) -> Result[Any] | None:
 
 
 def _group_rows(orm_state: ORMExecuteState, chunk_size: int) -> Result[Any]:
-    """Run the statement, make one group per entity column of its rows, return the rows."""
-    frozen = orm_state.invoke_statement().freeze()
+    """Run the statement, make one group per entity column of its rows, return the rows.
+
+    The rows are buffered (``freeze``) to be read twice. ``unique()`` with a
+    strategy that calls every row distinct keeps them all, exactly as the caller
+    would have got them, even when joined eager collections would otherwise insist
+    on ``unique()`` being called first: the caller's own ``.unique()`` still works.
+    """
+    rows = itertools.count()
+    frozen = orm_state.invoke_statement().unique(lambda _row: next(rows)).freeze()
     columns: dict[int, dict[int, InstanceState[Any]]] = {}
     for row in frozen():
         for index, value in enumerate(row):
@@ -113,10 +122,11 @@ def _lazy_for_peers(
         or not source.mapper.isa(prop.parent)
     ):
         return None  # not a relationship lazy load we can answer: SQLAlchemy's own way
-    todo = pending(orm_state.session, prop, [source], group.live())
+    step = plan(prop)
+    todo = pending(orm_state.session, step, [source], group.live())
     if not todo or todo[0] is not source:
         return None
-    answer = load_hop(orm_state.session, todo, prop, group.chunk_size, want=source)
+    answer = load_hop(orm_state.session, todo, step, group.chunk_size, want=source)
     group.forget(prop)
     group.child(prop)  # the values become a group: the next hop is batched too
     return None if answer is None else answer()
