@@ -34,20 +34,19 @@ import contextlib
 import statistics
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from examples.crm import Base, Conversation, seed
+from examples.crm import Conversation
 from sqlalchemy import event, select
-from sqlalchemy.ext.asyncio import AsyncAttrs, AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncAttrs, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
 from parallelkit.sqlalchemy import _peers_events, count_queries, eager, fetch_peers, load
 
 from ._util import print_targets, table, target
-from .bench_eager import SIZES, pg_url, sqlite_engine
+from .bench_eager import pg_url, seeded_pg, sqlite_engine
 
 TITLE = "fetch_peers + load: 500 conversations x 3 hops vs eager, lazy loading, awaitable_attrs"
 
@@ -227,37 +226,20 @@ async def fast_path_cost(engine: AsyncEngine) -> dict[str, float]:
 
 # ------------------------------------------------------------------ databases
 @contextlib.asynccontextmanager
-async def pg_engine(url: str) -> AsyncIterator[AsyncEngine]:
-    schema = f"pk_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_async_engine(url)
-    async with admin.begin() as conn:
-        await conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-    engine = create_async_engine(url, connect_args={"server_settings": {"search_path": schema}})
-    try:
-        async with engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
-        async with AsyncSession(engine) as session:
-            await seed(session, **SIZES)
-        yield engine
-    finally:
-        await engine.dispose()
-        async with admin.begin() as conn:
-            await conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await admin.dispose()
-
-
-async def run_pg(url: str, quick: bool) -> dict[str, dict[str, Any]]:
-    async with pg_engine(url) as engine:
-        return await measure(engine, quick)
-
-
-async def run_sqlite(quick: bool) -> dict[str, dict[str, Any]]:
+async def seeded_sqlite() -> AsyncIterator[AsyncEngine]:
     with tempfile.TemporaryDirectory() as tmp:
         engine = sqlite_engine(Path(tmp))
         try:
-            return await measure(engine, quick)
+            yield engine
         finally:
             await engine.dispose()
+
+
+async def measure_on(
+    database: contextlib.AbstractAsyncContextManager[AsyncEngine], quick: bool
+) -> dict[str, dict[str, Any]]:
+    async with database as engine:
+        return await measure(engine, quick)
 
 
 def targets_for(db: str, r: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -294,11 +276,13 @@ def targets_for(db: str, r: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run(*, quick: bool, database: str | None) -> dict[str, Any]:
-    results: dict[str, dict[str, dict[str, Any]]] = {"sqlite": asyncio.run(run_sqlite(quick))}
+    results: dict[str, dict[str, dict[str, Any]]] = {
+        "sqlite": asyncio.run(measure_on(seeded_sqlite(), quick))
+    }
     url = pg_url(database)
     if url is not None:
         try:
-            results["postgresql"] = asyncio.run(run_pg(url, quick))
+            results["postgresql"] = asyncio.run(measure_on(seeded_pg(url), quick))
         except OSError as exc:  # a server that answered the probe but refused us
             print(f"PostgreSQL skipped: {exc}")
     else:

@@ -18,7 +18,16 @@ from typing import Any
 
 import pytest
 from examples.crm import AutomationRule, Company, Contact, Conversation
-from sqlalchemy import Column, Engine, ForeignKey, ForeignKeyConstraint, Table, inspect, select
+from sqlalchemy import (
+    Column,
+    Engine,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Select,
+    Table,
+    inspect,
+    select,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -55,24 +64,26 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+async def peers(session: AsyncSession, stmt: Select[Any], chunk_size: int = 500) -> list[Any]:
+    """The rows of ``stmt`` run with ``fetch_peers()``: one group."""
+    return list((await session.scalars(stmt.options(fetch_peers(chunk_size=chunk_size)))).all())
+
+
 def in_params(statement: str, parameters: Any) -> int:
     """How many values an ``IN (...)`` statement carried."""
     return len(parameters) if "IN (" in statement else 0
 
 
+def webhook(c: Conversation) -> tuple[int, int, list[int]]:
+    """What the webhook reads: contact id, company id, rule ids (plain attribute access)."""
+    return (c.contact.id, c.contact.company.id, [r.id for r in c.contact.company.automation_rules])
+
+
 async def reference(engine: AsyncEngine) -> dict[int, tuple[int, int, list[int]]]:
-    """conversation id -> (contact id, company id, rule ids), loaded with eager()."""
+    """conversation id -> webhook(conversation), loaded with eager()."""
     async with AsyncSession(engine) as session:
         stmt = select(Conversation).options(*eager(Conversation, WEBHOOK))
-        rows = (await session.scalars(stmt)).unique().all()
-        return {
-            c.id: (
-                c.contact.id,
-                c.contact.company.id,
-                [r.id for r in c.contact.company.automation_rules],
-            )
-            for c in rows
-        }
+        return {c.id: webhook(c) for c in (await session.scalars(stmt)).unique()}
 
 
 # ------------------------------------------------------------------ the contract, async
@@ -102,7 +113,7 @@ async def test_one_statement_per_hop_for_the_whole_query(crm_engine: AsyncEngine
 
 async def test_m2o_o2m_and_nested_hops_each_cost_one_statement(crm_engine: AsyncEngine) -> None:
     async with AsyncSession(crm_engine) as session:
-        companies = (await session.scalars(select(Company).options(fetch_peers()))).all()
+        companies = await peers(session, select(Company))
         async with count_queries(crm_engine) as counter:
             contacts = await load(companies[0], "contacts")  # one-to-many
         assert counter.count == 1
@@ -123,9 +134,7 @@ async def test_m2o_o2m_and_nested_hops_each_cost_one_statement(crm_engine: Async
 
 async def test_an_empty_many_to_one_and_one_to_one(crm_engine: AsyncEngine) -> None:
     async with AsyncSession(crm_engine) as session:
-        companies = (
-            await session.scalars(select(Company).order_by(Company.id).options(fetch_peers()))
-        ).all()
+        companies = await peers(session, select(Company).order_by(Company.id))
         async with count_queries(crm_engine) as counter:
             settings = [await load(company, "settings") for company in companies]
             timezones = [await load(company, "settings.company") for company in companies]
@@ -137,8 +146,7 @@ async def test_an_empty_many_to_one_and_one_to_one(crm_engine: AsyncEngine) -> N
 
 async def test_chunks_bound_the_statement_size(crm_engine: AsyncEngine) -> None:
     async with AsyncSession(crm_engine) as session:
-        stmt = select(Contact).order_by(Contact.id).options(fetch_peers(chunk_size=7))
-        contacts = (await session.scalars(stmt)).all()
+        contacts = await peers(session, select(Contact).order_by(Contact.id), chunk_size=7)
         async with count_queries(crm_engine) as counter:
             for contact in contacts:
                 assert len(await load(contact, "conversations.contact")) == 5
@@ -151,8 +159,8 @@ async def test_chunks_bound_the_statement_size(crm_engine: AsyncEngine) -> None:
 
 async def test_chunks_of_a_many_to_one_count_distinct_targets(crm_engine: AsyncEngine) -> None:
     async with AsyncSession(crm_engine) as session:
-        stmt = select(Conversation).where(Conversation.id <= 50).options(fetch_peers(chunk_size=7))
-        conversations = (await session.scalars(stmt)).all()
+        stmt = select(Conversation).where(Conversation.id <= 50)
+        conversations = await peers(session, stmt, chunk_size=7)
         async with count_queries(crm_engine) as counter:
             for conversation in conversations:
                 await load(conversation, "contact.company")
@@ -225,17 +233,10 @@ def test_sync_session_collection_access(sync_engine: Engine) -> None:
 async def test_run_sync_plain_attribute_access(crm_engine: AsyncEngine) -> None:
     expected = await reference(crm_engine)
     async with AsyncSession(crm_engine) as session:
-        conversations = (await session.scalars(select(Conversation).options(fetch_peers()))).all()
+        conversations = await peers(session, select(Conversation))
 
         def walk(_: Session) -> dict[int, tuple[int, int, list[int]]]:
-            return {
-                c.id: (
-                    c.contact.id,
-                    c.contact.company.id,
-                    [r.id for r in c.contact.company.automation_rules],
-                )
-                for c in conversations
-            }
+            return {c.id: webhook(c) for c in conversations}
 
         async with count_queries(crm_engine) as counter:
             seen = await session.run_sync(walk)
@@ -243,8 +244,8 @@ async def test_run_sync_plain_attribute_access(crm_engine: AsyncEngine) -> None:
     assert seen == expected
 
 
-def test_a_lazy_load_outside_any_group_is_untouched(sync_engine: Engine) -> None:
-    """Children eager-loaded by a fetch_peers query are not a group: plain lazy loading."""
+def test_the_querys_own_eager_loads_still_work(sync_engine: Engine) -> None:
+    """selectinload in a fetch_peers query: as usual; the rows are peers all the same."""
     with Session(sync_engine) as session, count_queries(sync_engine) as counter:
         stmt = (
             select(Contact)
@@ -263,8 +264,7 @@ def test_a_lazy_load_outside_any_group_is_untouched(sync_engine: Engine) -> None
 # ------------------------------------------------------------------ garbage collection
 async def test_peers_are_weak_references(crm_engine: AsyncEngine) -> None:
     async with AsyncSession(crm_engine) as session:
-        stmt = select(Contact).where(Contact.id <= 50).options(fetch_peers())
-        contacts = list((await session.scalars(stmt)).all())
+        contacts = await peers(session, select(Contact).where(Contact.id <= 50))
         group = _peers_group.REGISTRY[inspect(contacts[0])]
         group_ref = weakref.ref(group)
         del group
@@ -301,8 +301,7 @@ def test_registry_entries_leave_with_their_instances(sync_engine: Engine) -> Non
 # ------------------------------------------------------------------ partial, expired, detached
 async def test_only_what_is_missing_is_loaded(crm_engine: AsyncEngine) -> None:
     async with AsyncSession(crm_engine) as session:
-        stmt = select(Contact).where(Contact.id <= 20).options(fetch_peers())
-        contacts = (await session.scalars(stmt)).all()
+        contacts = await peers(session, select(Contact).where(Contact.id <= 20))
         again = select(Contact).where(Contact.id == contacts[0].id)
         await session.scalars(again.options(selectinload(Contact.conversations)))  # fills one in
         assert "conversations" in inspect(contacts[0]).dict
@@ -314,8 +313,7 @@ async def test_only_what_is_missing_is_loaded(crm_engine: AsyncEngine) -> None:
 
 async def test_many_to_ones_in_the_session_need_no_statement(crm_engine: AsyncEngine) -> None:
     async with AsyncSession(crm_engine) as session:
-        stmt = select(Conversation).where(Conversation.id <= 20).options(fetch_peers())
-        conversations = (await session.scalars(stmt)).all()
+        conversations = await peers(session, select(Conversation).where(Conversation.id <= 20))
         held = await session.get(Contact, conversations[0].contact_id)  # in the session now
         async with count_queries(crm_engine) as counter:
             contacts = [await load(c, "contact") for c in conversations]
@@ -328,8 +326,7 @@ async def test_many_to_ones_in_the_session_need_no_statement(crm_engine: AsyncEn
 
 async def test_expired_peers_are_reloaded_together(crm_engine: AsyncEngine) -> None:
     async with AsyncSession(crm_engine) as session:
-        stmt = select(Conversation).where(Conversation.id <= 30).options(fetch_peers())
-        conversations = (await session.scalars(stmt)).all()
+        conversations = await peers(session, select(Conversation).where(Conversation.id <= 30))
         await load(conversations[0], "contact")
         session.expire_all()
         async with count_queries(crm_engine) as counter:
@@ -340,8 +337,7 @@ async def test_expired_peers_are_reloaded_together(crm_engine: AsyncEngine) -> N
 
 async def test_a_detached_instance(crm_engine: AsyncEngine) -> None:
     async with AsyncSession(crm_engine, expire_on_commit=False) as session:
-        stmt = select(Conversation).where(Conversation.id <= 5).options(fetch_peers())
-        conversations = (await session.scalars(stmt)).all()
+        conversations = await peers(session, select(Conversation).where(Conversation.id <= 5))
         company = await load(conversations[0], "contact.company")
     assert await load(conversations[1], "contact.company") is company  # loaded: no session needed
     with pytest.raises(DetachedInstanceError, match="not bound to a session"):
@@ -489,9 +485,7 @@ async def blog(any_engine: AsyncEngine) -> AsyncEngine:
 
 async def test_many_to_many_in_one_statement(blog: AsyncEngine) -> None:
     async with AsyncSession(blog) as session:
-        articles = (
-            await session.scalars(select(Article).order_by(Article.id).options(fetch_peers()))
-        ).all()
+        articles = await peers(session, select(Article).order_by(Article.id))
         async with count_queries(blog) as counter:
             names = [[t.name for t in await load(a, "tags")] for a in articles]
         assert counter.count == 1, counter.statements
@@ -504,9 +498,7 @@ async def test_many_to_many_in_one_statement(blog: AsyncEngine) -> None:
 
 async def test_self_referential_and_nullable(blog: AsyncEngine) -> None:
     async with AsyncSession(blog) as session:
-        articles = (
-            await session.scalars(select(Article).order_by(Article.id).options(fetch_peers()))
-        ).all()
+        articles = await peers(session, select(Article).order_by(Article.id))
         async with count_queries(blog) as counter:
             parents = [await load(a, "parent") for a in articles]
             replies = [await load(a, "replies") for a in articles]
@@ -519,8 +511,7 @@ async def test_self_referential_and_nullable(blog: AsyncEngine) -> None:
     assert sum(len(r) for r in replies) == sum(p is not None for p in parents)
     assert authors[-1] is None  # the anonymous article: a NULL many-to-one
     async with AsyncSession(blog) as session:  # the parents not in the session: one statement
-        stmt = select(Article).where(Article.parent_id.is_not(None)).options(fetch_peers())
-        replies_only = (await session.scalars(stmt)).all()
+        replies_only = await peers(session, select(Article).where(Article.parent_id.is_not(None)))
         async with count_queries(blog) as counter:
             found = [await load(a, "parent") for a in replies_only]
         assert counter.count == 1
@@ -529,7 +520,7 @@ async def test_self_referential_and_nullable(blog: AsyncEngine) -> None:
 
 async def test_composite_primary_keys(blog: AsyncEngine) -> None:
     async with AsyncSession(blog) as session:
-        shelves = (await session.scalars(select(Shelf).options(fetch_peers()))).all()
+        shelves = await peers(session, select(Shelf))
         async with count_queries(blog) as counter:
             books = [[b.id for b in await load(s, "books")] for s in shelves]
             again = [await load(s, "books.shelf") for s in shelves]
