@@ -233,9 +233,11 @@ def _load_path(
     for prop in props:
         step = plan(prop)
         peers = group.live() if group is not None else ()
-        load_hop(session, pending(session, step, level, peers), step, chunk)
+        todo, settled = pending(session, step, level, peers)
+        load_hop(session, todo, step, chunk)
         level = reached(level, prop)
         if group is not None:
-            group.forget(prop)  # the values reached may have changed: a fresh child group
+            if todo or settled:
+                group.forget(prop)  # the values reached changed: a fresh child group
             group = group.child(prop)
     return _value(state, props, io=True)

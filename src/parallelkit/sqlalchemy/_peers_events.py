@@ -123,8 +123,10 @@ def _lazy_for_peers(
     ):
         return None  # not a relationship lazy load we can answer: SQLAlchemy's own way
     step = plan(prop)
-    todo = pending(orm_state.session, step, [source], group.live())
+    todo, settled = pending(orm_state.session, step, [source], group.live())
     if not todo or todo[0] is not source:
+        if settled:
+            group.forget(prop)
         return None
     answer = load_hop(orm_state.session, todo, step, group.chunk_size, want=source)
     group.forget(prop)

@@ -105,12 +105,15 @@ def _fk(state: InstanceState[Any], fk_keys: tuple[str, ...]) -> tuple[Any, ...] 
 
 def pending(
     session: Session, step: Plan, *groups: Iterable[InstanceState[Any]]
-) -> list[InstanceState[Any]]:
+) -> tuple[list[InstanceState[Any]], bool]:
     """Members of ``groups`` that need a statement to load ``step.prop``, in order.
 
     Skipped: members with it loaded, not persistent, or in another session. A plain
     many-to-one whose target is in the session already (or whose foreign key is
     NULL) is set right here, without SQL, as SQLAlchemy's own lazy loader would.
+
+    Returns:
+        The members that need a statement, and whether any value was set here.
     """
     prop = step.prop
     key, parent, fk_keys = prop.key, prop.parent, step.fk_keys
@@ -119,6 +122,7 @@ def pending(
     seen: set[int] = set()
     found: dict[tuple[Any, ...], Any] = {}
     out: list[InstanceState[Any]] = []
+    settled = False
     for group in groups:
         for state in group:
             if key in state.dict or state.key is None or id(state) in seen:
@@ -133,17 +137,15 @@ def pending(
             ident = _fk(state, fk_keys) if fk_keys is not None else None
             obj = state.object
             if ident is not None and obj is not None:
-                if None in ident:
-                    set_committed_value(obj, key, None)
-                    continue
-                target = found.get(ident, _UNSET)
+                target = None if None in ident else found.get(ident, _UNSET)
                 if target is _UNSET:
                     target = found[ident] = _in_session(session, prop, identity_map, ident)
-                if target is not None:
+                if target is not None or None in ident:
                     set_committed_value(obj, key, target)
+                    settled = True
                     continue
             out.append(state)
-    return out
+    return out, settled
 
 
 def _in_session(
