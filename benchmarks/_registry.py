@@ -39,7 +39,18 @@ HERE = Path(__file__).resolve().parent
 RESULTS = Path(os.environ.get("PARALLELKIT_BENCH_RESULTS") or HERE / "results")
 
 # the order `python -m benchmarks` runs them in
-ORDER = ["seed", "fanout", "flow", "cache", "batch", "eager", "startup", "redis", "distributed"]
+ORDER = [
+    "seed",
+    "fanout",
+    "flow",
+    "cache",
+    "batch",
+    "eager",
+    "peers",
+    "startup",
+    "redis",
+    "distributed",
+]
 
 _hook: list[Callable[[str], None]] = []
 

@@ -23,13 +23,14 @@ schema) when ``--database`` is a PostgreSQL URL or the default test server answe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -211,7 +212,9 @@ def pg_url(database: str | None) -> str | None:
         return None
 
 
-async def run_pg(url: str, quick: bool) -> dict[str, dict[str, float]]:
+@contextlib.asynccontextmanager
+async def seeded_pg(url: str) -> AsyncIterator[AsyncEngine]:
+    """The seeded CRM on PostgreSQL, in a schema of its own, dropped afterwards."""
     schema = f"pk_bench_{uuid.uuid4().hex[:10]}"
     admin = create_async_engine(url)
     async with admin.begin() as conn:
@@ -222,12 +225,17 @@ async def run_pg(url: str, quick: bool) -> dict[str, dict[str, float]]:
             await conn.run_sync(Base.metadata.create_all)
         async with async_sessionmaker(engine)() as session:
             await seed(session, **SIZES)
-        return await measure(engine, quick)
+        yield engine
     finally:
         await engine.dispose()
         async with admin.begin() as conn:
             await conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await admin.dispose()
+
+
+async def run_pg(url: str, quick: bool) -> dict[str, dict[str, float]]:
+    async with seeded_pg(url) as engine:
+        return await measure(engine, quick)
 
 
 async def run_sqlite(quick: bool) -> dict[str, dict[str, float]]:

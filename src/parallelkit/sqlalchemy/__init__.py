@@ -31,6 +31,9 @@ from ._eager import NotLoadedError as NotLoadedError
 from ._eager import Strategy as Strategy
 from ._eager import eager as eager
 from ._loader import loader_by_id as loader_by_id
+from ._peers import RelationshipPathError as RelationshipPathError
+from ._peers import fetch_peers as fetch_peers
+from ._peers import load as load
 from ._queries import CapturedQuery as CapturedQuery
 from ._queries import QueryCounter as QueryCounter
 from ._queries import TooManyQueries as TooManyQueries
@@ -48,13 +51,16 @@ __all__ = [
     "GuardedAsyncSession",
     "NotLoadedError",
     "QueryCounter",
+    "RelationshipPathError",
     "SessionInUseError",
     "Strategy",
     "TooManyQueries",
     "count_queries",
     "default_limit",
     "eager",
+    "fetch_peers",
     "guard_sessions",
+    "load",
     "loader_by_id",
     "max_queries",
     "parallel",

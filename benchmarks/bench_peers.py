@@ -1,0 +1,324 @@
+"""Peer loading: 500 conversations x 3 hops, when the path is only known in the loop.
+
+Workload: every conversation of the seeded CRM (10 companies x 10 contacts x 5
+conversations = 500), and for each one its ``contact.company.automation_rules``
+(many-to-one, many-to-one, one-to-many). Contenders, same database, one run,
+interleaved rounds, each in a fresh ``AsyncSession``:
+
+* ``fetch_peers()`` + ``await load(conversation, path)`` per row;
+* ``fetch_peers()`` + plain attribute access inside ``AsyncSession.run_sync``;
+* ``eager(Conversation, path)``: the path known up front (the lower bound in
+  statements: 2);
+* naive lazy loading: plain attribute access inside ``run_sync`` without the
+  option (SQLAlchemy's lazy loader: one statement per distinct related object);
+* ``awaitable_attrs``: ``await obj.awaitable_attrs.contact`` and so on, hop by hop
+  (the CRM models do not mix in ``AsyncAttrs``; its ``awaitable_attrs`` property is
+  applied to them directly: the very code ``obj.awaitable_attrs.x`` runs).
+
+Every contender returns the rule ids per conversation; ``correct`` compares them
+with the ``eager`` contender's (computed, not assumed).
+
+And the price of the ``do_orm_execute`` listener that ``fetch_peers()`` registers
+process-wide on first use: 200 one-row reads (a query without the option) with the
+listener registered and removed, interleaved; and one 500-row query with and
+without ``fetch_peers()`` (what recording the group costs).
+
+SQLite (aiosqlite, a temporary file) always; PostgreSQL (asyncpg, a temporary
+schema) when ``--database`` is a PostgreSQL URL or the default test server answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from examples.crm import Conversation
+from sqlalchemy import event, select
+from sqlalchemy.ext.asyncio import AsyncAttrs, AsyncEngine, AsyncSession
+from sqlalchemy.orm import Session
+
+from parallelkit.sqlalchemy import _peers_events, count_queries, eager, fetch_peers, load
+
+from ._util import print_targets, table, target
+from .bench_eager import pg_url, seeded_pg, sqlite_engine
+
+TITLE = "fetch_peers + load: 500 conversations x 3 hops vs eager, lazy loading, awaitable_attrs"
+
+PATH = "contact.company.automation_rules"
+N = 500
+READS = 200
+Answer = list[list[int]]
+
+PEERS_LOAD = "fetch_peers + load()"
+PEERS_SYNC = "fetch_peers + attribute access (run_sync)"
+EAGER = "eager(...) (path known up front)"
+LAZY = "naive lazy loading (run_sync)"
+AWAITABLE = "awaitable_attrs, hop by hop"
+LISTENER_ON, LISTENER_OFF = f"{READS} one-row reads, listener on", f"{READS} reads, listener off"
+QUERY_PEERS, QUERY_PLAIN = "500-row query with fetch_peers()", "500-row query without"
+SLOW = {LAZY, AWAITABLE}
+
+
+def rule_ids(conversation: Any) -> list[int]:
+    return [rule.id for rule in conversation.contact.company.automation_rules]
+
+
+def awaitable(obj: object) -> Any:
+    return AsyncAttrs.awaitable_attrs.__get__(obj)  # what `obj.awaitable_attrs` returns
+
+
+# ------------------------------------------------------------------ contenders
+def contenders(engine: AsyncEngine) -> dict[str, Callable[[], Awaitable[Any]]]:
+    everything = select(Conversation).order_by(Conversation.id)
+
+    async def peers_load() -> Answer:
+        async with AsyncSession(engine) as session:
+            rows = (await session.scalars(everything.options(fetch_peers()))).all()
+            return [[rule.id for rule in await load(c, PATH)] for c in rows]
+
+    async def peers_sync() -> Answer:
+        async with AsyncSession(engine) as session:
+            rows = (await session.scalars(everything.options(fetch_peers()))).all()
+            return await session.run_sync(lambda _: [rule_ids(c) for c in rows])
+
+    async def eager_loaded() -> Answer:
+        async with AsyncSession(engine) as session:
+            rows = (await session.scalars(everything.options(*eager(Conversation, PATH)))).all()
+            return [rule_ids(c) for c in rows]
+
+    async def lazy() -> Answer:
+        async with AsyncSession(engine) as session:
+            rows = (await session.scalars(everything)).all()
+            return await session.run_sync(lambda _: [rule_ids(c) for c in rows])
+
+    async def awaitable_attrs() -> Answer:
+        async with AsyncSession(engine) as session:
+            out = []
+            for c in (await session.scalars(everything)).all():
+                contact = await awaitable(c).contact
+                company = await awaitable(contact).company
+                out.append([rule.id for rule in await awaitable(company).automation_rules])
+            return out
+
+    async def reads() -> int:  # one statement per id: the listener's fast path, 200 times
+        async with AsyncSession(engine) as session:
+            total = 0
+            for cid in range(1, READS + 1):
+                row = await session.scalar(select(Conversation).where(Conversation.id == cid))
+                total += row.contact_id if row is not None else 0
+            return total
+
+    async def reads_without_listener() -> int:
+        with listener_removed():
+            return await reads()
+
+    async def query(options: tuple[Any, ...]) -> int:
+        async with AsyncSession(engine) as session:
+            return len((await session.scalars(everything.options(*options))).all())
+
+    async def query_peers() -> int:
+        return await query((fetch_peers(),))
+
+    async def query_plain() -> int:
+        return await query(())
+
+    return {
+        PEERS_LOAD: peers_load,
+        PEERS_SYNC: peers_sync,
+        EAGER: eager_loaded,
+        LAZY: lazy,
+        AWAITABLE: awaitable_attrs,
+        LISTENER_ON: reads,
+        LISTENER_OFF: reads_without_listener,
+        QUERY_PEERS: query_peers,
+        QUERY_PLAIN: query_plain,
+    }
+
+
+@contextlib.contextmanager
+def listener_removed() -> Any:
+    """Take the fetch_peers listener off ``Session`` for the block (measurement only)."""
+    fn = _peers_events._on_execute
+    event.remove(Session, "do_orm_execute", fn)
+    try:
+        yield
+    finally:
+        event.listen(Session, "do_orm_execute", fn)
+
+
+async def measure(engine: AsyncEngine, quick: bool) -> dict[str, dict[str, Any]]:
+    fetch_peers()  # the listener is registered from here on, for every contender alike
+    runs = contenders(engine)
+    out: dict[str, dict[str, Any]] = {}
+    answers: dict[str, Any] = {}
+    for name, fn in runs.items():  # warm-up: statement caches, pool; count statements
+        async with count_queries(engine) as counter:
+            answers[name] = await fn()
+        out[name] = {"queries": counter.count}
+    for name in (PEERS_LOAD, PEERS_SYNC, EAGER, LAZY, AWAITABLE):
+        out[name]["correct"] = answers[name] == answers[EAGER]
+    for a, b in ((LISTENER_ON, LISTENER_OFF), (QUERY_PEERS, QUERY_PLAIN)):
+        out[a]["correct"] = out[b]["correct"] = answers[a] == answers[b]
+    fast_repeat, slow_repeat = (7, 3) if quick else (31, 7)
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(fast_repeat):  # interleaved rounds: noise hits everyone alike
+        for name, fn in runs.items():
+            if name in SLOW and round_ >= slow_repeat:
+                continue
+            started = time.perf_counter()
+            await fn()
+            samples[name].append(time.perf_counter() - started)
+    for name, values in samples.items():
+        out[name]["ms"] = statistics.median(values) * 1000
+        out[name]["min_ms"] = min(values) * 1000
+        out[name]["max_ms"] = max(values) * 1000
+        out[name]["repeat"] = len(values)
+    for a, b in (
+        (PEERS_LOAD, EAGER),
+        (LAZY, PEERS_LOAD),
+        (AWAITABLE, PEERS_LOAD),
+        (LISTENER_ON, LISTENER_OFF),
+        (QUERY_PEERS, QUERY_PLAIN),
+    ):
+        pairs = zip(samples[a], samples[b], strict=False)  # same rounds: a paired ratio
+        out[a][f"/ {b}"] = statistics.median(x / y for x, y in pairs)
+    out[LISTENER_ON]["fast_path_us"] = await fast_path_cost(engine)
+    return out
+
+
+async def fast_path_cost(engine: AsyncEngine) -> dict[str, float]:
+    """The listener's own cost per statement, timed on captured ``ORMExecuteState``s.
+
+    One SELECT and one lazy load (plain, not from a group): what every statement of
+    a program that never asked for peers pays once ``fetch_peers()`` was used.
+    """
+    captured: list[Any] = []
+    capture = captured.append
+    async with AsyncSession(engine) as session:
+        sync = session.sync_session
+        event.listen(sync, "do_orm_execute", capture)
+        try:
+            row = await session.scalar(select(Conversation).where(Conversation.id == 1))
+            await session.run_sync(lambda _: row.contact if row is not None else None)
+        finally:
+            event.remove(sync, "do_orm_execute", capture)
+    select_state, lazy_state = captured[0], captured[-1]
+    assert lazy_state.lazy_loaded_from is not None
+    out = {}
+    for name, state in (("select", select_state), ("lazy load", lazy_state)):
+        assert _peers_events._on_execute(state) is None  # the fast path: SQLAlchemy proceeds
+        n = 20_000
+        timings = []
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(n):
+                _peers_events._on_execute(state)
+            timings.append((time.perf_counter() - started) / n * 1e6)
+        out[name] = statistics.median(timings)
+    return out
+
+
+# ------------------------------------------------------------------ databases
+@contextlib.asynccontextmanager
+async def seeded_sqlite() -> AsyncIterator[AsyncEngine]:
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = sqlite_engine(Path(tmp))
+        try:
+            yield engine
+        finally:
+            await engine.dispose()
+
+
+async def measure_on(
+    database: contextlib.AbstractAsyncContextManager[AsyncEngine], quick: bool
+) -> dict[str, dict[str, Any]]:
+    async with database as engine:
+        return await measure(engine, quick)
+
+
+def targets_for(db: str, r: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    on = r[LISTENER_ON]
+    one_read_us = on["ms"] * 1000 / READS
+    fast = max(on["fast_path_us"].values())
+    return [
+        target(
+            f"{db}: fetch_peers + load statements (1 query + 3 hops)", r[PEERS_LOAD]["queries"], 4
+        ),
+        target(f"{db}: fetch_peers + run_sync statements", r[PEERS_SYNC]["queries"], 4),
+        target(f"{db}: fetch_peers + load ms / eager ms", r[PEERS_LOAD][f"/ {EAGER}"], 2.0),
+        target(
+            f"{db}: lazy loading ms / fetch_peers + load ms",
+            r[LAZY][f"/ {PEERS_LOAD}"],
+            2,
+            below=False,
+        ),
+        target(
+            f"{db}: awaitable_attrs ms / fetch_peers + load ms",
+            r[AWAITABLE][f"/ {PEERS_LOAD}"],
+            2,
+            below=False,
+        ),
+        target(f"{db}: listener fast path, us per statement", fast, 5),
+        target(f"{db}: listener fast path / one one-row read", fast / one_read_us, 0.02),
+        target(
+            f"{db}: every contender correct",
+            all(v.get("correct", True) for v in r.values()),
+            1,
+            below=False,
+        ),
+    ]
+
+
+def run(*, quick: bool, database: str | None) -> dict[str, Any]:
+    results: dict[str, dict[str, dict[str, Any]]] = {
+        "sqlite": asyncio.run(measure_on(seeded_sqlite(), quick))
+    }
+    url = pg_url(database)
+    if url is not None:
+        try:
+            results["postgresql"] = asyncio.run(measure_on(seeded_pg(url), quick))
+        except OSError as exc:  # a server that answered the probe but refused us
+            print(f"PostgreSQL skipped: {exc}")
+    else:
+        print("PostgreSQL skipped: no server at the default URL and no --database given")
+    headers = ["contender"] + [
+        f"{db} {col}" for db in results for col in ("statements", "ms", "range ms", "correct")
+    ]
+    rows = [
+        [name]
+        + [
+            v
+            for db in results
+            for v in (
+                results[db][name]["queries"],
+                results[db][name]["ms"],
+                f"{results[db][name]['min_ms']:.3g}-{results[db][name]['max_ms']:.3g}",
+                results[db][name]["correct"],
+            )
+        ]
+        for name in results["sqlite"]
+    ]
+    print(table(headers, rows))
+    targets = [t for db, r in results.items() for t in targets_for(db, r)]
+    print_targets(targets)
+    chart = {
+        "title": "500 conversations x 3 hops (ms, median)",
+        "unit": "ms",
+        "groups": {
+            name: {db: results[db][name]["ms"] for db in results}
+            for name in (PEERS_LOAD, PEERS_SYNC, EAGER, LAZY, AWAITABLE)
+        },
+    }
+    return {
+        "conversations": N,
+        "path": PATH,
+        "results": results,
+        "targets": targets,
+        "chart": chart,
+    }
