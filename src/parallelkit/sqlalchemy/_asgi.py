@@ -13,8 +13,6 @@ from ._surface import cause, unwatch, watch
 
 __all__ = ["RequestGuard"]
 
-logger = logging.getLogger("parallelkit.sqlalchemy")
-
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -127,7 +125,7 @@ class RequestGuard:
         if self._over(counter) and not raised:
             if enforce:
                 raise self._error(counter)
-            logger.warning("%s %s: %s", scope.get("method", ""), scope.get("path", ""), self._error(counter))
+            logging.getLogger("parallelkit.sqlalchemy").warning("%s %s: %s", scope.get("method", ""), scope.get("path", ""), self._error(counter))
 
     def _over(self, counter: QueryCounter) -> bool:
         return self._limit is not None and counter.count > self._limit
