@@ -1,4 +1,4 @@
-"""parallelkit.sqlalchemy changes nothing on import, runs without SQLAlchemy, and its private bits hold.
+"""Importing changes nothing, parallelkit runs without SQLAlchemy, and the private names hold.
 
 Each import check runs in a fresh interpreter: this test process has long
 imported everything.

@@ -311,9 +311,9 @@ def test_one_root_joins_one_chain_of_collections_never_siblings(sync_engine: Eng
     assert "LEFT OUTER JOIN conversations" in text  # the chain below the first collection
     assert "automation_rules" not in text  # the sibling: its own SELECT ... IN
     with Session(sync_engine) as session, count_queries(sync_engine) as counter:
-        company = session.scalars(
-            select(Company).where(Company.id == 2).options(*options)
-        ).unique().one()
+        company = (
+            session.scalars(select(Company).where(Company.id == 2).options(*options)).unique().one()
+        )
         assert sum(len(c.conversations) for c in company.contacts) == 50
         assert len(company.automation_rules) == 3
     assert counter.count == 2, counter.statements
@@ -389,7 +389,11 @@ async def test_eager_get_checks_its_arguments(crm_engine: AsyncEngine) -> None:
         ({"one": "yes"}, TypeError, "one must be a bool"),
         ({"strategies": ["joined"]}, TypeError, "strategies must be a dict"),
         ({"strategies": {"contact": 1}}, TypeError, r"strategies\['contact'\] must be one of"),
-        ({"strategies": {"contact": "lazy"}}, ValueError, r"strategies\['contact'\] must be one of"),
+        (
+            {"strategies": {"contact": "lazy"}},
+            ValueError,
+            r"strategies\['contact'\] must be one of",
+        ),
     ],
 )
 def test_eager_rejects_bad_options_naming_them(

@@ -306,7 +306,7 @@ def test_nested_counters_both_count_and_the_listener_goes_away(sync_engine: Engi
 
 
 # ---------------------------------------------------------------------------- the plugin
-PLUGIN_TEST = '''
+PLUGIN_TEST = """
 import sqlalchemy
 from sqlalchemy import event
 from sqlalchemy.orm import Session
@@ -317,9 +317,9 @@ from parallelkit.sqlalchemy import _sessions, _testing
 def test_guard_is_on_during_the_tests():
     assert event.contains(Session, "after_transaction_create", _sessions._on_transaction)
     assert _testing.active
-'''
+"""
 
-PLUGIN_CONFTEST = '''
+PLUGIN_CONFTEST = """
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
@@ -329,7 +329,7 @@ def pytest_sessionfinish(session):
 
     on = event.contains(Session, "after_transaction_create", _sessions._on_transaction)
     (session.config.rootpath / "after.txt").write_text(f"{on} {_testing.active}")
-'''
+"""
 
 
 @pytest.mark.parametrize("ini", [None, "parallelkit_guard_sessions = false"])

@@ -34,17 +34,8 @@ asyncio only; the sync helpers (:func:`eager`, :func:`count_queries`,
 
 from __future__ import annotations
 
-try:
-    import sqlalchemy as _sqlalchemy  # noqa: F401 - the clear error below, not a deep one
-except ImportError as _exc:  # pragma: no cover - exercised in a subprocess test
-    _msg = (
-        "parallelkit.sqlalchemy needs SQLAlchemy: install the extra, "
-        "`pip install 'parallelkit[sqlalchemy]'`"
-    )
-    raise ImportError(_msg, name=_exc.name) from _exc
-del _sqlalchemy
-
 from .._core.public import export
+from . import _require as _require  # first: a clear ImportError without SQLAlchemy
 from ._asgi import RequestGuard as RequestGuard
 from ._eager import EagerPath as EagerPath
 from ._eager import NotLoadedError as NotLoadedError

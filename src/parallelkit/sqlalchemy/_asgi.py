@@ -1,4 +1,4 @@
-"""RequestGuard: an ASGI middleware that counts each request's statements and surfaces real errors."""
+"""RequestGuard: ASGI middleware counting each request's statements, surfacing the real error."""
 
 from __future__ import annotations
 
@@ -78,9 +78,7 @@ class RequestGuard:
             msg = f"header must be a non-empty str or None, got {header!r}"
             raise TypeError(msg)
         self._header = header.lower().encode("latin-1") if header else None
-        self._on_request = (
-            None if on_request is None else callable_("on_request", on_request)
-        )
+        self._on_request = None if on_request is None else callable_("on_request", on_request)
         self._engine = engine
         if engine is not None:
             QueryCounter(engine)  # a bad engine fails here, not at the first request
@@ -114,7 +112,10 @@ class RequestGuard:
                     raised = True
                     raise self._error(counter)
                 if self._header is not None:
-                    headers = [*message.get("headers", ()), (self._header, str(counter.count).encode())]
+                    headers = [
+                        *message.get("headers", ()),
+                        (self._header, str(counter.count).encode()),
+                    ]
                     message = {**message, "headers": headers}
             await send(message)
 
@@ -125,7 +126,9 @@ class RequestGuard:
         if self._over(counter) and not raised:
             if enforce:
                 raise self._error(counter)
-            logging.getLogger("parallelkit.sqlalchemy").warning("%s %s: %s", scope.get("method", ""), scope.get("path", ""), self._error(counter))
+            logging.getLogger("parallelkit.sqlalchemy").warning(
+                "%s %s: %s", scope.get("method", ""), scope.get("path", ""), self._error(counter)
+            )
 
     def _over(self, counter: QueryCounter) -> bool:
         return self._limit is not None and counter.count > self._limit

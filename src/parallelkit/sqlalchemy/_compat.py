@@ -49,7 +49,7 @@ def _register() -> bool:
     if not callable(getattr(Load, "_set_relationship_strategy", None)):
         return False
 
-    class _RaiseLoader(base):  # type: ignore[misc,valid-type]
+    class _RaiseLoader(base):  # type: ignore[misc]
         def __init__(self, parent: Any, strategy_key: Any) -> None:
             super().__init__(parent, strategy_key)
             self._raise_always = True
@@ -77,7 +77,7 @@ def available(on_raise: Callable[[Any, str], BaseException]) -> bool:
 def raise_rest(load: Load, on_raise: Callable[[Any, str], BaseException]) -> Load:
     """``load.raiseload("*")``, raising ``on_raise(state, key)`` when the custom strategy exists."""
     if available(on_raise):
-        return load._set_relationship_strategy("*", {"lazy": RAISE_KEY})  # type: ignore[no-any-return]
+        return load._set_relationship_strategy("*", {"lazy": RAISE_KEY})
     return load.raiseload("*")  # pragma: no cover - see available()
 
 

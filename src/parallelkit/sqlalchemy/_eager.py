@@ -256,14 +256,23 @@ class _Walk:
         if not prop.uselist:
             return "joined"
         # one root: join a collection if it extends the joined chain (no cartesian product)
-        if self.one and not below_selectin:
-            if all(path.startswith(f"{other}.") for other in self.joined):
-                self.joined.append(path)
-                return "joined"
+        if (
+            self.one
+            and not below_selectin
+            and all(path.startswith(f"{other}.") for other in self.joined)
+        ):
+            self.joined.append(path)
+            return "joined"
         return "selectin"
 
     def run(
-        self, load: Load, entity: Any, mapper: Mapper[Any], tree: _Tree, prefix: str, below: bool = False
+        self,
+        load: Load,
+        entity: Any,
+        mapper: Mapper[Any],
+        tree: _Tree,
+        prefix: str,
+        below: bool = False,
     ) -> None:
         if self.raise_others:
             self.options.append(raise_rest(load, _not_loaded))

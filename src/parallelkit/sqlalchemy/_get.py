@@ -61,23 +61,25 @@ async def eager_get(
                                        "contact.company.automation_rules")
         ```
     """
-    if not isinstance(session, AsyncSession):
+    given: object = session
+    if not isinstance(given, AsyncSession):
         msg = f"session must be an AsyncSession, got {type(session).__name__} {session!r}"
         raise TypeError(msg)
     options = eager(model, *paths, raise_others=raise_others, strategies=strategies, one=True)
     mapper = _mapper(model)
     key = tuple(ident) if isinstance(ident, (tuple, list)) else (ident,)
     if len(key) != len(mapper.primary_key):
-        msg = f"ident must have {len(mapper.primary_key)} value(s) for {model.__name__}, got {ident!r}"
+        size = len(mapper.primary_key)
+        msg = f"ident must have {size} value(s) for {model.__name__}, got {ident!r}"
         raise ValueError(msg)
-    cached = session.identity_map.get(mapper.identity_key_from_primary_key(list(key)))
+    cached = session.identity_map.get(mapper.identity_key_from_primary_key(key))
     if cached is not None:
         tree: _Tree = {}
         for path in paths:
             _parse(tree, path, [], path)
         if isinstance(cached, model) and _loaded(cached, tree):
             return cached
-    where = and_(*(column == value for column, value in zip(mapper.primary_key, key)))
+    where = and_(*(column == value for column, value in zip(mapper.primary_key, key, strict=True)))
     result = await session.execute(select(model).where(where).options(*options))
     found: M | None = result.unique().scalar_one_or_none()
     return found
@@ -95,7 +97,9 @@ def _loaded(obj: object, tree: _Tree) -> bool:
         value = state.dict.get(key)
         if isinstance(value, Mapping):  # an attribute_keyed_dict() collection
             value = list(value.values())
-        children = value if isinstance(value, (list, set, tuple)) else () if value is None else (value,)
+        children = (
+            value if isinstance(value, (list, set, tuple)) else () if value is None else (value,)
+        )
         if sub and not all(_loaded(child, sub) for child in children):
             return False
     return True

@@ -42,7 +42,9 @@ _METHODS = (
 )
 RELEASING = frozenset(("close", "invalidate", "reset"))  # give the connection back
 
-Around = Callable[[Any, str, Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]], Awaitable[Any]]
+Around = Callable[
+    [Any, str, Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]], Awaitable[Any]
+]
 
 
 def wrap_methods(cls: type[AsyncSession], around: Around) -> None:

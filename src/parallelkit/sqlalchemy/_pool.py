@@ -189,7 +189,7 @@ class LimitedAsyncSession(AsyncSession):
     call or ``close()``.
     """
 
-    __slots__ = ("_pk_holder", "_pk_slots")
+    # no __slots__: it composes with GuardedAsyncSession (two slotted bases cannot)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -204,10 +204,13 @@ class LimitedAsyncSession(AsyncSession):
 
     def _pk_give(self, *, always: bool = False) -> None:
         holder = self._pk_holder
-        if holder is not None and self._pk_slots is not None:
-            if always or not self.in_transaction():
-                self._pk_holder = None
-                self._pk_slots.release(holder)
+        if (
+            holder is not None
+            and self._pk_slots is not None
+            and (always or not self.in_transaction())
+        ):
+            self._pk_holder = None
+            self._pk_slots.release(holder)
 
 
 async def _limited(

@@ -236,11 +236,12 @@ def guard_sessions(enabled: bool = True) -> bool:
     Off until you call it: importing parallelkit changes nothing in SQLAlchemy.
     Call ``guard_sessions()`` once at start-up (or let the pytest plugin turn it
     on for your tests: it does at the start of the test session, and restores
-    the previous state at the end). It makes the classic mistake, ``asyncio.gather`` of several queries over *one*
-    ``AsyncSession``, fail in the second task with :class:`SessionInUseError`
-    (which points at :func:`parallel`) instead of a driver error deep inside
-    SQLAlchemy, or, as SQLAlchemy 2.1 does with aiosqlite and asyncpg, silently
-    running the queries one after another.
+    the previous state at the end). It makes the classic mistake,
+    ``asyncio.gather`` of several queries over *one* ``AsyncSession``, fail in
+    the second task with :class:`SessionInUseError` (which points at
+    :func:`parallel`) instead of a driver error deep inside SQLAlchemy, or, as
+    SQLAlchemy 2.1 does with aiosqlite and asyncpg, silently running the
+    queries one after another.
 
     How: class-level ``Session`` event listeners (``do_orm_execute``,
     ``before_flush``, ``before_commit``) note which call is in flight on each
