@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
 import anyio
 import httpx
@@ -82,7 +82,9 @@ def make_app(
 
     @app.get("/contacts/{company_id}")
     async def contacts(
-        company_id: int, session: Annotated[AsyncSession, Depends(get_session)], wait: str = ""
+        company_id: int,
+        wait: str = "",
+        session: AsyncSession = Depends(get_session),  # noqa: B008
     ) -> list[str]:
         if wait:  # let the test line requests up
             events[f"{wait}-in"].set()
@@ -92,13 +94,16 @@ def make_app(
         return [(await session.get_one(Contact, cid)).email for cid in ids]
 
     @app.get("/gather")
-    async def gather(session: Annotated[AsyncSession, Depends(get_session)]) -> int:
+    async def gather(session: AsyncSession = Depends(get_session)) -> int:  # noqa: B008
         left.tasks += [asyncio.ensure_future(session.get(Company, i)) for i in (1, 2)]
         first, _ = await asyncio.gather(*left.tasks)  # the classic mistake
         return first.id  # type: ignore[no-any-return]
 
     @app.get("/conversation/{cid}", response_model=ConversationOut)
-    async def conversation(cid: int, session: Annotated[AsyncSession, Depends(get_session)]) -> Any:
+    async def conversation(
+        cid: int,
+        session: AsyncSession = Depends(get_session),  # noqa: B008
+    ) -> Any:
         return await session.get(Conversation, cid, options=eager(Conversation))  # no contact
 
     app.add_middleware(RequestGuard, engine=engine, **guard)
