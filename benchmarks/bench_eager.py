@@ -211,21 +211,17 @@ def guard(factory: async_sessionmaker[Any]) -> dict[str, Run]:
                 total += await s.scalar(stmt) or 0
             return total
 
-    async def guarded(ids: list[int]) -> int:
-        was_on = guard_sessions(True)
-        try:
-            return await reads(ids)
-        finally:
-            guard_sessions(was_on)
+    def with_guard(on: bool) -> Run:
+        async def run(ids: list[int]) -> int:
+            was_on = guard_sessions(on)
+            try:
+                return await reads(ids)
+            finally:
+                guard_sessions(was_on)
 
-    async def unguarded(ids: list[int]) -> int:
-        was_on = guard_sessions(False)
-        try:
-            return await reads(ids)
-        finally:
-            guard_sessions(was_on)
+        return run
 
-    return {GUARD_ON: guarded, GUARD_OFF: unguarded}
+    return {GUARD_ON: with_guard(True), GUARD_OFF: with_guard(False)}
 
 
 GUARD_ON, GUARD_OFF = f"{READS} one-row reads, guard on", f"{READS} one-row reads, guard off"
