@@ -304,9 +304,9 @@ async def _four_queries(db: Database, scale: float, repeat: int) -> dict[str, An
             "key): nothing can run in parallel; the only win is fewer round trips. One "
             "statement costs one round trip (100 ms at the seed's latency), so 4 -> 1 saves "
             "75%, not 87.5%: the seed's 50 ms assumes the joined query is twice as fast as a "
-            "primary-key lookup. `eager(...)` sends 2 statements (joins for the many-to-one "
-            "hops, one `selectin` for the rules collection, no row multiplication); "
-            "`strategies={...: 'joined'}` makes it 1 (extra line)."
+            "primary-key lookup. For one conversation `eager_get(...)` joins every hop, the "
+            "rules collection too (one root: its rows are the rules), so it is 1 statement; "
+            "for many conversations `eager(...)` keeps a `selectin` for the collection (2)."
         ),
     }
 

@@ -4,6 +4,8 @@
   (10 companies x 10 contacts x 5 conversations = 500 conversations). Read-only:
   tests that write make their own database.
 * ``sync_engine``: a sync ``Engine`` on that file (no event loop needed).
+* ``small_pool``: an empty database behind a pool of 2 connections (+10
+  overflow), on SQLite and PostgreSQL, for the pool-limiter tests.
 * ``crm_engine``: an ``AsyncEngine`` on SQLite (aiosqlite) and on PostgreSQL
   (asyncpg), parametrized; the PostgreSQL one lives in a fresh schema per test
   (``search_path``), seeded the same way and dropped afterwards, so parallel runs
@@ -110,6 +112,25 @@ async def any_engine(request: pytest.FixtureRequest) -> AsyncIterator[AsyncEngin
         return
     pg_url: str = request.getfixturevalue("pg_url")
     engine, schema = await pg_schema_engine(pg_url)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+        await drop_pg_schema(pg_url, schema)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def small_pool(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
+    """A pool of 2 connections with room for 10 more in overflow: the pool alone allows 12."""
+    if request.param == "sqlite":
+        engine = create_async_engine(
+            f"sqlite+aiosqlite:///{tmp_path / 'pool.sqlite3'}", pool_size=2, max_overflow=10
+        )
+        yield engine
+        await engine.dispose()
+        return
+    pg_url: str = request.getfixturevalue("pg_url")
+    engine, schema = await pg_schema_engine(pg_url, pool_size=2, max_overflow=10)
     try:
         yield engine
     finally:

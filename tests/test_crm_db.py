@@ -62,7 +62,7 @@ async def test_webhook_loads_the_graph_in_two_statements(db: Database) -> None:
     assert counts == {
         "load_webhook_context_sequential": 4,
         "load_webhook_context_one_join": 1,
-        "load_webhook_context": 2,
+        "load_webhook_context": 1,
     }
     assert len(set(results.values())) == 1  # all three load the same graph
     _, contact_id, company_id, rule_ids = results["load_webhook_context"]
@@ -75,9 +75,9 @@ async def test_webhook_loads_the_graph_in_two_statements(db: Database) -> None:
 async def test_webhook_guard_and_not_loaded(db: Database) -> None:
     assert db.summary is not None
     cid = db.summary.conversation_ids[3]
-    async with db.sessions() as session, max_queries(db.engine, 2):
+    async with db.sessions() as session, max_queries(db.engine, 1):
         ctx = await webhook.load_webhook_context(session, cid)
-    async with db.sessions() as session, max_queries(db.engine, 2):
+    async with db.sessions() as session, max_queries(db.engine, 1):
         actions = await webhook.process_webhook(
             session, {"conversation_id": cid, "event": ctx.rules[0].trigger}
         )

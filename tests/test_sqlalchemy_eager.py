@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import Session, aliased
 
 import parallelkit as pk
-from parallelkit.sqlalchemy import NotLoadedError, count_queries, eager
+from parallelkit.sqlalchemy import NotLoadedError, count_queries, eager, eager_get
 
 pytest_plugins = ["tests.sqla_fixtures"]
 
@@ -288,3 +288,116 @@ async def test_contact_side_queries_sit_on_the_right_models(crm_engine: AsyncEng
         _ = contacts[0].company.automation_rules
     with pytest.raises(NotLoadedError, match=r"'enrollments.contact'"):
         _ = contacts[0].enrollments[0].contact
+
+
+# ---------------------------------------------------------------------------- one root
+def test_one_root_joins_the_collection_too(sync_engine: Engine) -> None:
+    options = eager(Conversation, WEBHOOK, one=True)
+    assert "LEFT OUTER JOIN automation_rules" in sql(*options)
+    with Session(sync_engine) as session, count_queries(sync_engine) as counter:
+        stmt = select(Conversation).where(Conversation.id == 7).options(*options)
+        conversation = session.scalars(stmt).unique().one()
+        assert len(conversation.contact.company.automation_rules) == 3
+        with pytest.raises(NotLoadedError, match=r"'contact.conversations'"):
+            _ = conversation.contact.conversations
+    assert counter.count == 1, counter.statements
+
+
+def test_one_root_joins_one_chain_of_collections_never_siblings(sync_engine: Engine) -> None:
+    # contacts and automation_rules are siblings: joining both multiplies their rows
+    options = eager(Company, "contacts.conversations", "automation_rules", one=True)
+    text = sql_of(Company, options)
+    assert "LEFT OUTER JOIN contacts" in text
+    assert "LEFT OUTER JOIN conversations" in text  # the chain below the first collection
+    assert "automation_rules" not in text  # the sibling: its own SELECT ... IN
+    with Session(sync_engine) as session, count_queries(sync_engine) as counter:
+        company = (
+            session.scalars(select(Company).where(Company.id == 2).options(*options)).unique().one()
+        )
+        assert sum(len(c.conversations) for c in company.contacts) == 50
+        assert len(company.automation_rules) == 3
+    assert counter.count == 2, counter.statements
+
+
+def test_many_roots_keep_selectin_for_collections() -> None:
+    assert "automation_rules" not in sql(*eager(Conversation, WEBHOOK))
+    assert "automation_rules" not in sql(*eager(Conversation, WEBHOOK, one=False))
+
+
+def sql_of(model: object, options: tuple[object, ...]) -> str:
+    return str(select(model).options(*options).compile())  # type: ignore[call-overload]
+
+
+# ---------------------------------------------------------------------------- eager_get
+async def _plain_then_eager_get(engine: AsyncEngine) -> tuple[Conversation, int]:
+    factory = async_sessionmaker(engine, expire_on_commit=False)
+    async with factory() as session:
+        cached = await session.get_one(Conversation, 3)  # in the identity map, nothing loaded
+        # what users write, and what SQLAlchemy does: the options are ignored for a cached row
+        same = await session.get_one(Conversation, 3, options=eager(Conversation, WEBHOOK))
+        assert same is cached
+        assert "contact" in inspect(same).unloaded
+        async with count_queries(engine) as counter:
+            conversation = await eager_get(session, Conversation, 3, WEBHOOK)
+        assert conversation is cached
+        return conversation, counter.count
+
+
+@pytest.mark.anyio
+async def test_eager_get_loads_what_an_identity_map_copy_lacks(crm_engine: AsyncEngine) -> None:
+    conversation, statements = await _plain_then_eager_get(crm_engine)
+    assert statements == 1
+    assert len(conversation.contact.company.automation_rules) == 3  # no MissingGreenlet
+    with pytest.raises(NotLoadedError, match=r"Contact\.conversations"):
+        _ = conversation.contact.conversations
+
+
+@pytest.mark.anyio
+async def test_eager_get_is_one_statement_and_free_when_all_is_loaded(
+    crm_engine: AsyncEngine,
+) -> None:
+    factory = async_sessionmaker(crm_engine, expire_on_commit=False)
+    async with factory() as session:
+        async with count_queries(crm_engine) as counter:
+            first = await eager_get(session, Conversation, 11, WEBHOOK)
+            again = await eager_get(session, Conversation, 11, {"contact": "company"})
+            missing = await eager_get(session, Conversation, 10_000, WEBHOOK)
+        assert first is again
+        assert missing is None
+        assert counter.count == 2, counter.statements  # the second call needed nothing
+        assert len(first.contact.company.automation_rules) == 3  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+async def test_eager_get_checks_its_arguments(crm_engine: AsyncEngine) -> None:
+    factory = async_sessionmaker(crm_engine)
+    with pytest.raises(TypeError, match="session must be an AsyncSession"):
+        await eager_get(Session(), Conversation, 1)  # type: ignore[arg-type]
+    async with factory() as session:
+        with pytest.raises(ValueError, match=r"ident must have 1 value\(s\) for Conversation"):
+            await eager_get(session, Conversation, (1, 2))
+        with pytest.raises(ValueError, match="compny"):
+            await eager_get(session, Conversation, 1, "contact.compny")
+
+
+# ---------------------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"raise_others": 1}, TypeError, "raise_others must be a bool"),
+        ({"raise_others": None}, TypeError, "raise_others must be a bool"),
+        ({"one": "yes"}, TypeError, "one must be a bool"),
+        ({"strategies": ["joined"]}, TypeError, "strategies must be a dict"),
+        ({"strategies": {"contact": 1}}, TypeError, r"strategies\['contact'\] must be one of"),
+        (
+            {"strategies": {"contact": "lazy"}},
+            ValueError,
+            r"strategies\['contact'\] must be one of",
+        ),
+    ],
+)
+def test_eager_rejects_bad_options_naming_them(
+    kwargs: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        eager(Conversation, "contact", **kwargs)  # type: ignore[arg-type]

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from datetime import datetime, timezone
+from typing import Any
 
 import anyio
 import pytest
 from examples.crm import Company, Contact, Conversation
-from sqlalchemy import Engine, Integer, String, func, select, text
+from sqlalchemy import Engine, Integer, String, create_engine, event, func, select, text
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -21,8 +22,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import AsyncAdaptedQueuePool, NullPool, StaticPool
 
 import parallelkit as pk
+from parallelkit._core.limiter import SupportsLimit
 from parallelkit.sqlalchemy import (
     GuardedAsyncSession,
+    LimitedAsyncSession,
     NotLoadedError,
     SessionInUseError,
     count_queries,
@@ -31,6 +34,7 @@ from parallelkit.sqlalchemy import (
     guard_sessions,
     loader_by_id,
     parallel,
+    pool_limiter,
 )
 
 pytest_plugins = ["tests.sqla_fixtures"]
@@ -130,7 +134,9 @@ async def test_limit_defaults_to_the_pool_size_and_bounds_open_sessions() -> Non
         )
         is None
     )
-    assert default_limit(lambda: None) is None
+    assert default_limit(queued) == 2  # the engine itself, not only a factory
+    with pytest.raises(TypeError, match=r"pool_limiter\(\) needs an engine"):
+        default_limit(lambda: None)
 
     running = peak = 0
 
@@ -145,6 +151,13 @@ async def test_limit_defaults_to_the_pool_size_and_bounds_open_sessions() -> Non
     assert peak == 2
     await parallel(async_sessionmaker(queued), *[probe] * 6, limit=pk.Limiter(concurrency=3))
     assert peak == 3
+    # two calls at once share the engine's bound (before: pool size per call, 4 here)
+    peak = 0
+    await pk.gather(
+        parallel(async_sessionmaker(queued), *[probe] * 4),
+        parallel(async_sessionmaker(queued), *[probe] * 4),
+    )
+    assert peak == 2
     await queued.dispose()
 
 
@@ -174,7 +187,7 @@ async def test_parallel_really_overlaps_on_postgresql(pg_engine: AsyncEngine) ->
 async def test_sharing_a_plain_session_between_tasks_says_what_to_do(
     any_engine: AsyncEngine,
 ) -> None:
-    # no opt-in: importing parallelkit.sqlalchemy guards every AsyncSession
+    guard_sessions(True)  # the pytest plugin turns it on for the test session anyway
     factory = async_sessionmaker(any_engine)
     async with factory() as session:
 
@@ -390,3 +403,157 @@ async def test_loader_by_id_with_a_composite_key() -> None:
     with pytest.raises(TypeError, match="session_factory"):
         loader_by_id(None, Membership)  # type: ignore[arg-type]
     await engine.dispose()
+
+
+# ---------------------------------------------------------------------------- pool_limiter
+def test_one_pool_limiter_per_engine_sized_from_its_pool() -> None:
+    queued = create_async_engine(
+        "sqlite+aiosqlite://", poolclass=AsyncAdaptedQueuePool, pool_size=3
+    )
+    factory = async_sessionmaker(queued)
+    limiter = pool_limiter(queued)
+    assert limiter is pool_limiter(factory) is pool_limiter(queued.sync_engine)
+    assert limiter is pool_limiter(factory())  # a session
+    assert limiter.concurrency == 3
+    assert isinstance(limiter, SupportsLimit)
+    static = create_async_engine("sqlite+aiosqlite://", poolclass=StaticPool)
+    assert pool_limiter(static).concurrency == 1
+    assert pool_limiter(create_engine("sqlite://", poolclass=NullPool)).concurrency is None
+    assert repr(limiter) == "PoolLimiter(concurrency=3, running=0, waiting=0)"
+    for bad in (None, "sqlite://", lambda: None):
+        with pytest.raises(TypeError, match=r"pool_limiter\(\) needs an engine"):
+            pool_limiter(bad)
+
+
+class Checkouts:
+    """Connections checked out of the pool right now, and the most at once."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.now = self.peak = 0
+        event.listen(engine.sync_engine, "checkout", self.out)
+        event.listen(engine.sync_engine, "checkin", self.back)
+
+    def out(self, *_: object) -> None:
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+
+    def back(self, *_: object) -> None:
+        self.now -= 1
+
+
+async def test_requests_share_the_engine_bound_and_hold_no_slot_between_db_work(
+    small_pool: AsyncEngine,
+) -> None:
+    sessions = async_sessionmaker(small_pool, class_=LimitedAsyncSession)
+    checkouts = Checkouts(small_pool)
+    slots = pool_limiter(small_pool)
+    requests, items = 8, 5
+    parked, everyone_parked, resume = 0, anyio.Event(), anyio.Event()
+    held_while_parked: list[int] = []
+
+    async def item(i: int) -> int:
+        nonlocal parked
+        async with sessions() as session:
+            first = int((await session.execute(text(f"SELECT {i}"))).scalar_one())
+            await session.commit()  # the connection goes back: so does the slot
+            parked += 1  # now a non-database await (an HTTP call, say)
+            if parked == requests * items:
+                held_while_parked.append(slots.statistics().running)
+                held_while_parked.append(checkouts.now)
+                everyone_parked.set()
+            await resume.wait()
+            second = int((await session.execute(text(f"SELECT {i}"))).scalar_one())
+        return first + second
+
+    async def request(r: int) -> list[int]:
+        return await pk.map(item, range(r * items, (r + 1) * items), limit=10)  # per request
+
+    async def release() -> None:
+        await everyone_parked.wait()
+        resume.set()
+
+    with anyio.fail_after(60):  # a failure-safe, not a timing assertion
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(release)
+            results = await pk.gather(*(request(r) for r in range(requests)))
+    assert [x for r in results for x in r] == [2 * i for i in range(requests * items)]
+    assert held_while_parked == [0, 0]  # 40 items in a non-database await: no slot, no connection
+    assert checkouts.peak <= 2  # the pool alone would have allowed 12
+    assert slots.statistics().running == 0
+
+
+async def test_slots_are_reentrant_per_task() -> None:
+    engine = create_async_engine("sqlite+aiosqlite://", poolclass=StaticPool)  # one slot
+    sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+
+    async def nested(i: int) -> int:
+        async with sessions() as outer, sessions() as inner:  # two sessions, one task
+            a = (await outer.execute(text(f"SELECT {i}"))).scalar_one()
+            b = (await inner.execute(text(f"SELECT {i}"))).scalar_one()
+            return int(a + b)
+
+    with anyio.fail_after(30):
+        assert await pk.map(nested, range(4), limit=pool_limiter(engine)) == [0, 2, 4, 6]
+        assert await pk.map(nested, range(4), limit=4) == [0, 2, 4, 6]
+    assert pool_limiter(engine).statistics().running == 0
+    await engine.dispose()
+
+
+async def test_limited_and_guarded_sessions_compose() -> None:
+    class Both(GuardedAsyncSession, LimitedAsyncSession):
+        pass
+
+    engine = create_async_engine("sqlite+aiosqlite://", poolclass=StaticPool)
+    async with async_sessionmaker(engine, class_=Both)() as session:
+        assert (await session.execute(text("SELECT 5"))).scalar_one() == 5
+        assert pool_limiter(engine).statistics().running == 1  # in a transaction
+        first, second = await pk.gather(
+            session.execute(text("SELECT 1")), session.execute(text("SELECT 2")), settle=True
+        )
+        assert first.ok
+        assert isinstance(second.error, SessionInUseError)
+        await session.commit()
+        assert pool_limiter(engine).statistics().running == 0
+    await engine.dispose()
+
+
+# ---------------------------------------------------------------------------- bad arguments
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda f: parallel(f, limit=0), ValueError, "limit must be >= 1"),
+        (lambda f: parallel(f, limit=1.5), TypeError, "limit must be"),
+        (lambda f: parallel(f, settle=1), TypeError, "settle must be a bool"),
+        (lambda f: parallel(f, 3), TypeError, r"fns\[0\] must be an async function"),
+        (lambda f: parallel(3), TypeError, "session_factory must be callable"),
+    ],
+)
+async def test_parallel_rejects_bad_arguments(
+    call: Any, error: type[Exception], message: str
+) -> None:
+    factory = async_sessionmaker(create_async_engine("sqlite+aiosqlite://"))
+    with pytest.raises(error, match=message):
+        await call(factory)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"max_batch": 0}, ValueError, "max_batch must be >= 1"),
+        ({"max_batch": 2.0}, TypeError, "max_batch must be an int"),
+        ({"max_batch": True}, TypeError, "max_batch must be an int"),
+        ({"cache": "yes"}, TypeError, "cache must be a bool"),
+    ],
+)
+def test_loader_by_id_rejects_bad_arguments(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    factory = async_sessionmaker(create_async_engine("sqlite+aiosqlite://"))
+    with pytest.raises(error, match=message):
+        loader_by_id(factory, Membership, **kwargs)
+
+
+@pytest.mark.parametrize("value", [1, None, "on"])
+def test_guard_sessions_takes_a_bool(value: object) -> None:
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        guard_sessions(value)  # type: ignore[arg-type]

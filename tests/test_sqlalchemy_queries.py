@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import anyio
 import pytest
 from examples.crm import Contact, Conversation
 from sqlalchemy import Engine, create_engine, select, text
@@ -224,3 +227,129 @@ def test_memory_engine_works_too() -> None:
     assert counter.count == 1
     aengine = create_async_engine("sqlite+aiosqlite://")
     assert count_queries(aengine)._target is aengine.sync_engine
+
+
+# ---------------------------------------------------------------------------- one request
+@pytest.mark.anyio
+async def test_concurrent_requests_on_one_engine_count_their_own_statements(
+    crm_engine: AsyncEngine,
+) -> None:
+    factory = async_sessionmaker(crm_engine)
+    both_counting = [anyio.Event(), anyio.Event()]
+    counts: dict[str, int] = {}
+
+    async def request(name: str, index: int, n: int) -> None:
+        async with factory() as session, count_queries(crm_engine) as counter:
+            await session.execute(text("SELECT 1"))
+            both_counting[index].set()
+            await both_counting[1 - index].wait()  # both counters active from here on
+            for i in range(n):
+                await session.execute(text(f"SELECT {i}"))
+            # tasks started inside the block belong to this request
+            await pk.gather(
+                *(lambda: _one_statement(factory) for _ in range(index + 1)), limit=None
+            )
+        counts[name] = counter.count
+
+    async def bystander() -> None:  # same engine, counted by nobody
+        await both_counting[0].wait()
+        await both_counting[1].wait()
+        async with factory() as session:
+            for i in range(7):
+                await session.execute(text(f"SELECT {i}"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(request, "a", 0, 2)
+        tg.start_soon(request, "b", 1, 5)
+        tg.start_soon(bystander)
+    assert counts == {"a": 1 + 2 + 1, "b": 1 + 5 + 2}
+
+
+async def _one_statement(factory: async_sessionmaker[Any]) -> None:
+    async with factory() as session:
+        await session.execute(text("SELECT 42"))
+
+
+def test_threads_count_their_own_statements(sync_engine: Engine) -> None:
+    barrier = threading.Barrier(2, timeout=30)
+    counts: dict[int, int] = {}
+
+    def worker(n: int) -> None:
+        with count_queries(sync_engine) as counter, sync_engine.connect() as conn:
+            barrier.wait()  # both counters active
+            for i in range(n):
+                conn.execute(text(f"SELECT {i}"))
+            barrier.wait()
+        counts[n] = counter.count
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in (3, 4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert counts == {3: 3, 4: 4}
+
+
+def test_nested_counters_both_count_and_the_listener_goes_away(sync_engine: Engine) -> None:
+    from sqlalchemy import event
+
+    from parallelkit.sqlalchemy import _queries
+
+    with count_queries(sync_engine) as outer, sync_engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
+        with count_queries(sync_engine) as inner:
+            conn.execute(text("SELECT 2"))
+        conn.execute(text("SELECT 3"))
+    assert (outer.count, inner.count) == (3, 1)
+    assert id(sync_engine) not in _queries._listeners
+    assert not event.contains(sync_engine, "before_cursor_execute", _queries._listener)
+
+
+# ---------------------------------------------------------------------------- the plugin
+PLUGIN_TEST = """
+import sqlalchemy
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+from parallelkit.sqlalchemy import _sessions, _testing
+
+
+def test_guard_is_on_during_the_tests():
+    assert event.contains(Session, "after_transaction_create", _sessions._on_transaction)
+    assert _testing.active
+"""
+
+PLUGIN_CONFTEST = """
+from sqlalchemy import event
+from sqlalchemy.orm import Session
+
+
+def pytest_sessionfinish(session):
+    from parallelkit.sqlalchemy import _sessions, _testing
+
+    on = event.contains(Session, "after_transaction_create", _sessions._on_transaction)
+    (session.config.rootpath / "after.txt").write_text(f"{on} {_testing.active}")
+"""
+
+
+@pytest.mark.parametrize("ini", [None, "parallelkit_guard_sessions = false"])
+def test_the_plugin_turns_the_guard_on_for_the_session_and_off_after(
+    tmp_path: Path, ini: str | None
+) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "test_user.py").write_text(
+        PLUGIN_TEST if ini is None else PLUGIN_TEST.replace("assert ", "assert not ")
+    )
+    (tmp_path / "conftest.py").write_text(PLUGIN_CONFTEST)
+    (tmp_path / "pytest.ini").write_text(f"[pytest]\n{ini or ''}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "after.txt").read_text() == "False False"

@@ -2,7 +2,7 @@
 
 Every scenario takes an ``async_sessionmaker`` and opens **one session per task**
 (a session is a single-task object: sharing one between concurrent tasks is the
-bug that importing :mod:`parallelkit.sqlalchemy` turns into a clear
+bug that :func:`parallelkit.sqlalchemy.guard_sessions` turns into a clear
 :class:`~parallelkit.sqlalchemy.SessionInUseError`).
 
 * ``DATABASE_URL`` unset: a SQLite file in a fresh temporary directory, through

@@ -4,13 +4,16 @@ The seed's slow version walks the chain with four dependent queries (each needs
 the previous row's foreign key, so nothing can overlap: the fix is fewer round
 trips, not parallelism). Its fast version asks for everything in one statement.
 
-Here :func:`parallelkit.sqlalchemy.eager` names the graph once; it joins the
-many-to-one hops (conversation → contact → company, inner joins, the foreign
-keys are ``NOT NULL``) and loads the rules collection with one ``selectin``
-query: **2 statements** whatever the number of rules, no row multiplication,
-and touching any relationship that was not named raises
+Here :func:`parallelkit.sqlalchemy.eager_get` names the graph once and loads
+one conversation with it in **1 statement**: the many-to-one hops
+(conversation → contact → company) are inner joins (the foreign keys are
+``NOT NULL``), and for a single root the rules collection is joined too (its
+rows are the rules themselves). For many conversations at once,
+``WEBHOOK_GRAPH`` loads the rules with one ``selectin`` query instead (2
+statements whatever the number of rows, no row multiplication). Touching any
+relationship that was not named raises
 :class:`~parallelkit.sqlalchemy.NotLoadedError` instead of a hidden N+1 query.
-Guard it in tests with ``max_queries(engine, 2)``.
+Guard it in tests with ``max_queries(engine, 1)``.
 
 Example:
     ```python
@@ -29,12 +32,13 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import joinedload
 
-from parallelkit.sqlalchemy import eager
+from parallelkit.sqlalchemy import eager, eager_get
 
 from .models import AutomationRule, Company, Contact, Conversation
 
 __all__ = [
     "WEBHOOK_GRAPH",
+    "WEBHOOK_PATH",
     "WebhookContext",
     "load_webhook_context",
     "load_webhook_context_one_join",
@@ -43,7 +47,9 @@ __all__ = [
 ]
 
 #: What a webhook needs, named once (checked against the mappers at import time).
-WEBHOOK_GRAPH = eager(Conversation, "contact.company.automation_rules")
+WEBHOOK_PATH = "contact.company.automation_rules"
+#: The loader options for many conversations at once (2 statements).
+WEBHOOK_GRAPH = eager(Conversation, WEBHOOK_PATH)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +97,11 @@ async def load_webhook_context_one_join(
 
 
 async def load_webhook_context(session: AsyncSession, conversation_id: int) -> WebhookContext:
-    """parallelkit: ``eager(...)`` picks joined vs selectin per hop - 2 statements."""
-    stmt = select(Conversation).where(Conversation.id == conversation_id).options(*WEBHOOK_GRAPH)
-    conversation = (await session.scalars(stmt)).one()
+    """parallelkit: ``eager_get`` - one root, so every hop joined: 1 statement."""
+    conversation = await eager_get(session, Conversation, conversation_id, WEBHOOK_PATH)
+    if conversation is None:
+        msg = f"no conversation {conversation_id}"
+        raise LookupError(msg)
     contact = conversation.contact
     company = contact.company
     return WebhookContext(conversation, contact, company, list(company.automation_rules))

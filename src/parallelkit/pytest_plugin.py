@@ -1,7 +1,16 @@
 """pytest plugin registered by parallelkit (entry point ``pytest11``).
 
-Integrations add their fixtures here lazily, so that the plugin costs nothing
-and imports no optional dependency unless a fixture is used.
+Importing it imports no optional dependency and changes nothing. During a test
+session it does two things, only when your tests use SQLAlchemy (it has been
+imported by the time the first test runs):
+
+* turns on :func:`parallelkit.sqlalchemy.guard_sessions` (sharing one
+  ``AsyncSession`` between tasks raises ``SessionInUseError``) for the whole
+  session, and puts it back as it was afterwards;
+* makes :class:`parallelkit.sqlalchemy.RequestGuard` with ``enforce=None``
+  enforce its per-request query budget.
+
+Turn both off with the ini option ``parallelkit_guard_sessions = false``.
 
 Fixtures:
     query_counter: ``query_counter(engine_or_session)`` ->
@@ -12,6 +21,8 @@ Fixtures:
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pytest
@@ -21,16 +32,51 @@ if TYPE_CHECKING:
 
     from . import sqlalchemy as pk_sqla
 
+_INI = "parallelkit_guard_sessions"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        _INI,
+        type="bool",
+        default=True,
+        help="parallelkit: guard AsyncSessions against sharing between tasks during tests "
+        "(and enforce RequestGuard budgets); default true",
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _parallelkit_guard_sessions(request: pytest.FixtureRequest) -> Iterator[None]:
+    """On for the test session when the tests use SQLAlchemy and the ini option allows."""
+    if "sqlalchemy" not in sys.modules or not request.config.getini(_INI):
+        yield
+        return
+    from .sqlalchemy import _testing, guard_sessions
+
+    was_on = guard_sessions(True)
+    was_active, _testing.active = _testing.active, True
+    try:
+        yield
+    finally:
+        _testing.active = was_active
+        guard_sessions(was_on)
+
 
 @pytest.fixture
 def query_counter() -> Callable[[object], pk_sqla.QueryCounter]:
     """Count SQL statements in a block: ``with query_counter(engine) as q: ...; q.count``.
 
+    Counts what the test's own context sends (and the tasks it starts): an app
+    called in the same task through ``httpx.ASGITransport`` is counted; one run
+    in another thread (Starlette's ``TestClient``) is not: read the
+    ``x-query-count`` header that :class:`~parallelkit.sqlalchemy.RequestGuard`
+    sets instead.
+
     Example:
         ```python
-        def test_list_page(client, engine, query_counter):
-            with query_counter(engine) as q:
-                client.get("/conversations")
+        async def test_list_page(client, engine, query_counter):
+            async with query_counter(engine) as q:
+                await client.get("/conversations")
             assert q.count <= 2, q.statements
         ```
     """

@@ -1,12 +1,10 @@
 """eager(): loader options that pick joined vs selectin per relationship, and raise on the rest.
 
-The options are plain SQLAlchemy loader options. The one private piece is the
-"raise with a useful message" strategy: a subclass of SQLAlchemy's lazy loader
-registered as ``lazy="parallelkit_raise"`` that behaves exactly like
-``lazy="raise"`` but raises :class:`NotLoadedError`, which names the attribute and
-the ``eager(...)`` path that would have loaded it. If a future SQLAlchemy moves
-the internals it relies on, :func:`eager` falls back to the stock ``raiseload``
-(same behaviour, SQLAlchemy's generic message); the test suite checks the message.
+The options are plain SQLAlchemy loader options (``joinedload``,
+``selectinload``, ``raiseload``). Raising :class:`NotLoadedError`, which names the
+attribute and the ``eager(...)`` path that would have loaded it, instead of
+SQLAlchemy's generic ``raiseload`` message needs three private names; they live
+in :mod:`._compat`, which says which and how a moved name is caught.
 """
 
 from __future__ import annotations
@@ -20,7 +18,10 @@ from sqlalchemy.orm import Load, Mapper, RelationshipProperty
 from sqlalchemy.orm.interfaces import MANYTOONE, ORMOption
 from typing_extensions import final
 
+from .._core.check import choice, flag
 from .._core.errors import ParallelkitError
+from ._compat import load_path_keys, raise_rest
+from ._surface import note
 
 __all__ = ["EagerPath", "NotLoadedError", "Strategy", "eager"]
 
@@ -30,8 +31,7 @@ Strategy: TypeAlias = Literal["joined", "selectin", "subquery", "immediate"]
 EagerPath: TypeAlias = str | Mapping[str, Any]
 """A dotted path (``"contact.company"``) or a nested dict (``{"contact": {"company": None}}``)."""
 
-_STRATEGIES: frozenset[str] = frozenset(("joined", "selectin", "subquery", "immediate"))
-_RAISE_KEY = "parallelkit_raise"
+_STRATEGY_NAMES = ("joined", "selectin", "subquery", "immediate")
 _Tree: TypeAlias = dict[str, "_Tree"]
 
 
@@ -61,51 +61,13 @@ class NotLoadedError(ParallelkitError, sa_exc.InvalidRequestError):
         )
 
 
-def _install_raise_strategy() -> bool:
-    """Register ``lazy="parallelkit_raise"``; ``False`` if SQLAlchemy's internals moved."""
-    try:
-        from sqlalchemy.orm import strategies
-
-        # the lazy loader class: `_LazyLoader` in SQLAlchemy 2.1, `LazyLoader` in 2.0
-        names = ("_LazyLoader", "LazyLoader")
-        base: Any = next(c for c in (getattr(strategies, n, None) for n in names) if c)
-        if not callable(getattr(base, "_invoke_raise_load", None)):  # pragma: no cover
-            return False
-
-        class _RaiseLoader(base):  # type: ignore[misc]
-            def __init__(self, parent: Any, strategy_key: Any) -> None:
-                super().__init__(parent, strategy_key)
-                self._raise_always = True
-
-            def _invoke_raise_load(self, state: Any, passive: Any, lazy: Any) -> None:
-                raise _not_loaded(state, self.key)
-
-        RelationshipProperty.strategy_for(lazy=_RAISE_KEY)(_RaiseLoader)
-    except Exception:  # pragma: no cover - fall back to stock raiseload
-        return False
-    return True
-
-
 def _not_loaded(state: Any, key: str) -> NotLoadedError:
     """Build the error from the instance's load path (root -> ... -> this object)."""
-    names: list[str] = []
-    root = state.class_.__name__
-    load_path = getattr(state, "load_path", None)
-    elements = tuple(getattr(load_path, "path", ()) or ())
-    if elements:
-        root = elements[0].class_.__name__
-        names = [e.key for e in elements if isinstance(e, RelationshipProperty)]
-    names.append(key)
-    return NotLoadedError(f"{state.class_.__name__}.{key}", root, ".".join(names))
-
-
-_CUSTOM_RAISE = _install_raise_strategy()
-
-
-def _raise_rest(load: Load) -> Load:
-    if _CUSTOM_RAISE:
-        return load._set_relationship_strategy("*", {"lazy": _RAISE_KEY})
-    return load.raiseload("*")  # pragma: no cover - see _install_raise_strategy
+    root_class, names = load_path_keys(state)
+    root = (root_class or state.class_).__name__
+    error = NotLoadedError(f"{state.class_.__name__}.{key}", root, ".".join([*names, key]))
+    note(error)
+    return error
 
 
 # ---------------------------------------------------------------------------- paths
@@ -173,12 +135,28 @@ def _inner(prop: RelationshipProperty[Any]) -> bool:
     )
 
 
+def _strategies(strategies: object, requested: set[str]) -> dict[str, str]:
+    if strategies is None:
+        return {}
+    if not isinstance(strategies, Mapping):
+        msg = f"strategies must be a dict of {{path: strategy}} or None, got {strategies!r}"
+        raise TypeError(msg)
+    chosen: dict[str, str] = {}
+    for key, name in strategies.items():
+        chosen[key] = choice(f"strategies[{key!r}]", name, _STRATEGY_NAMES)
+        if key not in requested:
+            msg = f"strategies key {key!r} is not a requested path; requested: {sorted(requested)}"
+            raise ValueError(msg)
+    return chosen
+
+
 def eager(
     model: Any,
     /,
     *paths: EagerPath,
     raise_others: bool = True,
     strategies: Mapping[str, Strategy] | None = None,
+    one: bool = False,
 ) -> tuple[ORMOption, ...]:
     """Loader options that load exactly the relationships you name, in few queries.
 
@@ -190,7 +168,16 @@ def eager(
       foreign-key column is ``NOT NULL``, so the planner can use it freely);
     * collections (one-to-many, many-to-many) -> ``selectinload`` (one extra
       ``SELECT ... WHERE parent_id IN (...)`` per collection level, no row
-      multiplication).
+      multiplication), unless ``one=True``.
+
+    ``one=True`` says the statement loads **one** root row (a primary-key
+    lookup): joining a collection then costs rows equal to the collection's
+    size, not roots x size, so collections are joined too and the whole graph
+    is one statement. Only one chain of collections is joined (a second, sibling
+    collection would multiply the first one's rows: it stays ``selectin``).
+    SQLAlchemy requires ``.unique()`` on a ``select()`` result with a joined
+    collection: ``(await session.scalars(stmt)).unique().one()``, or use
+    :func:`eager_get`, which does that for you.
 
     With ``raise_others=True`` (the default) every *other* relationship, at every
     level of the loaded graph, raises :class:`NotLoadedError` when touched: it names
@@ -205,6 +192,7 @@ def eager(
         raise_others: raise on access to relationships not named in ``paths``.
         strategies: per-path overrides, e.g. ``{"contact.conversations": "joined"}``;
             one of ``"joined"``, ``"selectin"``, ``"subquery"``, ``"immediate"``.
+        one: the statement loads a single root row: join collections too.
 
     Returns:
         A tuple of loader options: ``select(M).options(*eager(M, ...))`` or
@@ -214,7 +202,8 @@ def eager(
         ValueError: an unknown relationship name (the message lists the existing
             ones), a malformed path, an unknown strategy or a strategy for a path
             that was not requested.
-        TypeError: ``model`` is not mapped or a path is not a str / dict.
+        TypeError: ``model`` is not mapped, a path is not a str / dict, a flag
+            is not a bool.
 
     Example:
         ```python
@@ -226,57 +215,81 @@ def eager(
         conversation.contact.conversations                   # NotLoadedError
         ```
     """
-    try:
-        info = sa_inspect(model)
-        mapper: Mapper[Any] = info.mapper
-    except (sa_exc.NoInspectionAvailable, AttributeError):
-        msg = f"model must be a mapped class, got {model!r}"
-        raise TypeError(msg) from None
-    root = mapper.class_.__name__
+    mapper = _mapper(model)
+    flag("raise_others", raise_others)
+    flag("one", one)
     tree: _Tree = {}
     for path in paths:
         _parse(tree, path, [], path)
-    chosen = dict(strategies or {})
-    requested = set(_paths(tree))
-    for key, name in chosen.items():
-        if name not in _STRATEGIES:
-            msg = f"strategies[{key!r}] must be one of {sorted(_STRATEGIES)}, got {name!r}"
-            raise ValueError(msg)
-        if key not in requested:
-            msg = f"strategies key {key!r} is not a requested path; requested: {sorted(requested)}"
-            raise ValueError(msg)
-    options: list[ORMOption] = []
-    _walk(Load(model), model, mapper, tree, "", root, chosen, raise_others, options)
-    return tuple(options)
+    chosen = _strategies(strategies, set(_paths(tree)))
+    walk = _Walk(mapper.class_.__name__, chosen, raise_others, one)
+    walk.run(Load(model), model, mapper, tree, "")
+    return tuple(walk.options)
 
 
-def _walk(
-    load: Load,
-    entity: Any,
-    mapper: Mapper[Any],
-    tree: _Tree,
-    prefix: str,
-    root: str,
-    chosen: Mapping[str, str],
-    raise_others: bool,
-    options: list[ORMOption],
-) -> None:
-    if raise_others:
-        options.append(_raise_rest(load))
-    for key, sub in tree.items():
-        path = f"{prefix}{key}"
-        prop = _relationship(mapper, key, root, path)
-        attr = getattr(entity, key)  # through an aliased() root too
-        strategy = chosen.get(path) or default_strategy(prop)
-        if strategy == "joined":
-            child = load.joinedload(attr, innerjoin=_inner(prop))
-        elif strategy == "selectin":
-            child = load.selectinload(attr)
-        elif strategy == "subquery":
-            child = load.subqueryload(attr)
-        else:
-            child = load.immediateload(attr)
-        if not sub and not raise_others:  # else a deeper option carries this chain
-            options.append(child)
-        target = prop.mapper
-        _walk(child, target.class_, target, sub, path + ".", root, chosen, raise_others, options)
+def _mapper(model: object) -> Mapper[Any]:
+    try:
+        mapper: Mapper[Any] = sa_inspect(model).mapper
+    except (sa_exc.NoInspectionAvailable, AttributeError):
+        msg = f"model must be a mapped class, got {model!r}"
+        raise TypeError(msg) from None
+    return mapper
+
+
+class _Walk:
+    """Turn the path tree into loader options, choosing a strategy per relationship."""
+
+    __slots__ = ("chosen", "joined", "one", "options", "raise_others", "root")
+
+    def __init__(self, root: str, chosen: Mapping[str, str], raise_others: bool, one: bool):
+        self.root = root
+        self.chosen = chosen
+        self.raise_others = raise_others
+        self.one = one
+        self.options: list[ORMOption] = []
+        self.joined: list[str] = []  # joined collections (one=True): they must form a chain
+
+    def strategy(self, path: str, prop: RelationshipProperty[Any], below_selectin: bool) -> str:
+        named = self.chosen.get(path)
+        if named is not None:
+            return named
+        if not prop.uselist:
+            return "joined"
+        # one root: join a collection if it extends the joined chain (no cartesian product)
+        if (
+            self.one
+            and not below_selectin
+            and all(path.startswith(f"{other}.") for other in self.joined)
+        ):
+            self.joined.append(path)
+            return "joined"
+        return "selectin"
+
+    def run(
+        self,
+        load: Load,
+        entity: Any,
+        mapper: Mapper[Any],
+        tree: _Tree,
+        prefix: str,
+        below: bool = False,
+    ) -> None:
+        if self.raise_others:
+            self.options.append(raise_rest(load, _not_loaded))
+        for key, sub in tree.items():
+            path = f"{prefix}{key}"
+            prop = _relationship(mapper, key, self.root, path)
+            attr = getattr(entity, key)  # through an aliased() root too
+            strategy = self.strategy(path, prop, below)
+            if strategy == "joined":
+                child = load.joinedload(attr, innerjoin=_inner(prop))
+            elif strategy == "selectin":
+                child = load.selectinload(attr)
+            elif strategy == "subquery":
+                child = load.subqueryload(attr)
+            else:
+                child = load.immediateload(attr)
+            if not sub and not self.raise_others:  # else a deeper option carries this chain
+                self.options.append(child)
+            target = prop.mapper
+            self.run(child, target.class_, target, sub, path + ".", below or strategy != "joined")

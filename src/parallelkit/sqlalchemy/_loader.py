@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import exc as sa_exc
-from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.interfaces import ORMOption
 
 from .._batch.loader import BatchLoader
+from .._core.check import callable_, count, flag
+from ._eager import _mapper
 
 __all__ = ["loader_by_id"]
 
@@ -52,7 +51,9 @@ def loader_by_id(
         A ``BatchLoader``; enter it with ``async with`` before calling ``load``.
 
     Raises:
-        TypeError: ``model`` is not mapped or ``session_factory`` is not callable.
+        TypeError: ``model`` is not mapped, ``session_factory`` is not callable, or
+            an option has the wrong type.
+        ValueError: ``max_batch < 1``.
 
     Example:
         ```python
@@ -61,15 +62,10 @@ def loader_by_id(
             found = await pk.gather(*(contacts.load(i) for i in contact_ids))  # 1 query
         ```
     """
-    factory: object = session_factory
-    if not callable(factory):
-        msg = f"session_factory must be callable (an async_sessionmaker), got {factory!r}"
-        raise TypeError(msg)
-    try:
-        mapper: Mapper[Any] = sa_inspect(model).mapper
-    except (sa_exc.NoInspectionAvailable, AttributeError):
-        msg = f"model must be a mapped class, got {model!r}"
-        raise TypeError(msg) from None
+    callable_("session_factory", session_factory, what="callable (an async_sessionmaker)")
+    count("max_batch", max_batch)
+    flag("cache", cache)
+    mapper = _mapper(model)
     columns = mapper.primary_key
     composite = len(columns) > 1
     key_of = mapper.primary_key_from_instance

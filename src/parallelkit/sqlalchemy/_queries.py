@@ -1,14 +1,21 @@
-"""count_queries / max_queries: count the SQL statements a block sends, guard a budget.
+"""count_queries / max_queries: count the SQL statements one request sends, guard a budget.
 
-Counting listens to the engine's ``before_cursor_execute`` event for the duration
-of the block: every statement sent to the database counts once (an
-``executemany`` too); ``BEGIN`` / ``COMMIT`` issued by the driver do not.
+A counter counts the statements sent **from the context that entered it**: the
+task (or thread) running the ``with`` block and the tasks it starts inside the
+block (they inherit its context variables), not other requests sharing the
+engine. How: while at least one counter on an engine (or connection) is active,
+one ``before_cursor_execute`` listener sits on it; it reads a context variable
+holding the counters active in the current context and appends to those. Every
+statement sent to the database counts once (an ``executemany`` too);
+``BEGIN`` / ``COMMIT`` issued by the driver do not.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -19,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 from sqlalchemy.orm import Session, sessionmaker
 from typing_extensions import Self, final
 
+from .._core.check import count
 from .._core.errors import ParallelkitError
 
 __all__ = ["CapturedQuery", "QueryCounter", "TooManyQueries", "count_queries", "max_queries"]
@@ -67,12 +75,58 @@ def _targets(target: object) -> Engine | Connection:
     raise TypeError(msg)
 
 
-class QueryCounter:
-    """Counts the statements sent through an engine while the block runs.
+# the counters active in this context (a task, a thread, and what they start)
+_ACTIVE: ContextVar[tuple[QueryCounter, ...]] = ContextVar("parallelkit_counters", default=())
+_listeners: dict[int, tuple[Engine | Connection, Callable[..., None], int]] = {}
+_listeners_lock = threading.Lock()
 
-    Use it with ``with`` or ``async with`` (entering does no I/O). It counts every
-    statement on the *engine* behind the target, from any session or task, so a
-    test that counts should not run unrelated work on that engine meanwhile.
+
+def _listener(target: Engine | Connection) -> Callable[..., None]:
+    def on_execute(
+        conn: Connection,
+        cursor: Any,
+        statement: str,
+        parameters: Any,
+        context: Any,
+        executemany: bool,
+    ) -> None:
+        for counter in _ACTIVE.get():
+            if counter._target is target and counter._listening:
+                counter.queries.append(CapturedQuery(statement, parameters, executemany))
+
+    return on_execute
+
+
+def _listen(target: Engine | Connection) -> None:
+    with _listeners_lock:
+        entry = _listeners.get(id(target))
+        if entry is None:
+            listener = _listener(target)
+            event.listen(target, "before_cursor_execute", listener)
+            _listeners[id(target)] = (target, listener, 1)
+        else:
+            _listeners[id(target)] = (target, entry[1], entry[2] + 1)
+
+
+def _unlisten(target: Engine | Connection) -> None:
+    with _listeners_lock:
+        _, listener, users = _listeners[id(target)]
+        if users > 1:
+            _listeners[id(target)] = (target, listener, users - 1)
+            return
+        del _listeners[id(target)]
+        event.remove(target, "before_cursor_execute", listener)
+
+
+class QueryCounter:
+    """Counts the statements one request (this context) sends while the block runs.
+
+    Use it with ``with`` or ``async with`` (entering does no I/O). It counts the
+    statements sent through the engine behind the target by the code running in
+    the context that entered it: this task or thread, and the tasks it starts
+    inside the block (``pk.gather``, ``parallel``, a task group: they inherit
+    the context). Other requests on the same engine are not counted, so a
+    counter in a request handler counts that request only.
 
     Attributes:
         queries: the :class:`CapturedQuery` objects, in order.
@@ -108,23 +162,13 @@ class QueryCounter:
             seen.setdefault(q.statement, set()).add(repr(q.parameters))
         return {sql: n for sql, n in times.most_common() if n > 1 and len(seen[sql]) > 1}
 
-    def _on_execute(
-        self,
-        conn: Connection,
-        cursor: Any,
-        statement: str,
-        parameters: Any,
-        context: Any,
-        executemany: bool,
-    ) -> None:
-        self.queries.append(CapturedQuery(statement, parameters, executemany))
-
     def __enter__(self) -> Self:
         if self._listening:
             msg = "this counter is already active; use a new count_queries(...) per block"
             raise RuntimeError(msg)
-        event.listen(self._target, "before_cursor_execute", self._on_execute)
+        _listen(self._target)
         self._listening = True
+        _ACTIVE.set((*_ACTIVE.get(), self))
         return self
 
     def __exit__(
@@ -134,8 +178,11 @@ class QueryCounter:
         tb: TracebackType | None,
     ) -> None:
         if self._listening:
-            event.remove(self._target, "before_cursor_execute", self._on_execute)
             self._listening = False
+            _unlisten(self._target)
+            active = _ACTIVE.get()
+            if self in active:
+                _ACTIVE.set(tuple(c for c in active if c is not self))
 
     async def __aenter__(self) -> Self:
         return self.__enter__()
@@ -154,11 +201,15 @@ class QueryCounter:
 
 
 def count_queries(target: object) -> QueryCounter:
-    """Count the SQL statements sent while a block runs.
+    """Count the SQL statements the current request sends while a block runs.
 
     Works with sync and async engines, connections, sessions and session
     factories (the engine behind them is what is counted), with ``with`` or
-    ``async with``.
+    ``async with``. Only statements sent from this context are counted: the
+    task or thread that entered the block and the tasks it starts inside it,
+    not concurrent requests on the same engine (see :class:`QueryCounter`).
+    A thread started without copying the context (``threading.Thread``) is
+    another context; ``anyio.to_thread.run_sync`` copies it.
 
     Args:
         target: an ``Engine``, ``Connection``, ``Session``, ``sessionmaker`` or
@@ -234,8 +285,10 @@ class max_queries:  # noqa: N801 - used like a function: `with max_queries(engin
 
     The guard that keeps N+1 queries from coming back: wrap a request handler or a
     test body; on leaving the block it raises :class:`TooManyQueries` listing the
-    statements, repeated ones marked. An exception raised inside the block is
-    propagated unchanged (the budget is not checked then).
+    statements, repeated ones marked. It counts what this context sends, like
+    :func:`count_queries`. An exception raised inside the block is propagated
+    unchanged (the budget is not checked then). For every request of an ASGI
+    app at once, see :class:`RequestGuard`.
 
     Args:
         target: what :func:`count_queries` accepts.
@@ -255,13 +308,7 @@ class max_queries:  # noqa: N801 - used like a function: `with max_queries(engin
     __slots__ = ("_counter", "limit")
 
     def __init__(self, target: object, n: int, /) -> None:
-        if isinstance(n, bool) or not isinstance(n, int):
-            msg = f"n must be an int >= 0, got {n!r}"
-            raise TypeError(msg)
-        if n < 0:
-            msg = f"n must be >= 0, got {n!r}"
-            raise ValueError(msg)
-        self.limit = n
+        self.limit = count("n", n, minimum=0)
         self._counter = QueryCounter(target)
 
     @property

@@ -7,14 +7,14 @@ progress") or, as SQLAlchemy 2.1 with aiosqlite and asyncpg does, silently runs
 the queries one after another. :func:`parallel` gives each function its own
 session from the factory and runs them on :func:`parallelkit.gather`.
 
-Two guards turn accidental sharing into :class:`SessionInUseError`, which says
-what to do:
+Two opt-in guards turn accidental sharing into :class:`SessionInUseError`,
+which says what to do:
 
-* :func:`guard_sessions` (on from the moment ``parallelkit.sqlalchemy`` is
-  imported): class-level ``Session`` event listeners that notice when a
-  statement, flush or commit starts in one task while another task's call on the
-  same session is still in flight. Every ``AsyncSession`` is covered, whatever
-  made it.
+* :func:`guard_sessions` (off until you call it; the pytest plugin turns it on
+  for your test session): class-level ``Session`` event listeners that notice
+  when a statement, flush or commit starts in one task while another task's
+  call on the same session is still in flight. Every ``AsyncSession`` is
+  covered, whatever made it.
 * :class:`GuardedAsyncSession` (opt-in, ``class_=`` of the factory): checks at
   every awaitable method, so it also catches ``close()``/``rollback()`` racing a
   query.
@@ -32,15 +32,18 @@ import anyio
 from greenlet import getcurrent, greenlet
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import ORMExecuteState, Session
-from sqlalchemy.pool import NullPool, QueuePool
 from typing_extensions import final
 
+from .._core.check import callable_, flag
 from .._core.errors import ParallelkitError
 from .._core.limiter import SupportsLimit
 from .._core.outcome import Outcome
 from .._fanout.fanout import gather
+from ._methods import wrap_methods
+from ._pool import engine_of, pool_limiter
+from ._surface import note
 
 __all__ = [
     "GuardedAsyncSession",
@@ -83,31 +86,6 @@ class SessionInUseError(ParallelkitError, sa_exc.InvalidRequestError):
         )
 
 
-# the awaitable AsyncSession methods that use the session's state or connection
-_GUARDED = (
-    "close",
-    "commit",
-    "connection",
-    "delete",
-    "delete_all",
-    "execute",
-    "flush",
-    "get",
-    "get_one",
-    "invalidate",
-    "merge",
-    "merge_all",
-    "refresh",
-    "reset",
-    "rollback",
-    "run_sync",
-    "scalar",
-    "scalars",
-    "stream",
-    "stream_scalars",
-)
-
-
 class GuardedAsyncSession(AsyncSession):
     """An ``AsyncSession`` that raises :class:`SessionInUseError` on concurrent use.
 
@@ -141,7 +119,7 @@ class GuardedAsyncSession(AsyncSession):
         elif self._pk_owner == task:
             self._pk_depth += 1
         else:
-            raise SessionInUseError(method, self._pk_method)
+            raise _in_use(method, self._pk_method)
 
     def _pk_exit(self) -> None:
         self._pk_depth -= 1
@@ -149,21 +127,27 @@ class GuardedAsyncSession(AsyncSession):
             self._pk_owner, self._pk_method, self._pk_depth = None, "", 0
 
 
-def _guard(name: str, method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    @functools.wraps(method)
-    async def guarded(self: GuardedAsyncSession, *args: Any, **kwargs: Any) -> Any:
-        self._pk_enter(name)
-        try:
-            return await method(self, *args, **kwargs)
-        finally:
-            self._pk_exit()
-
-    return guarded
+def _in_use(method: str, busy_with: str) -> SessionInUseError:
+    error = SessionInUseError(method, busy_with)
+    note(error)  # for RequestGuard, when closing the session buries it
+    return error
 
 
-for _name in _GUARDED:
-    if callable(getattr(AsyncSession, _name, None)):  # some exist only in SQLAlchemy 2.1
-        setattr(GuardedAsyncSession, _name, _guard(_name, getattr(AsyncSession, _name)))
+async def _guarded(
+    self: GuardedAsyncSession,
+    name: str,
+    call: Callable[..., Awaitable[Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    self._pk_enter(name)
+    try:
+        return await call(*args, **kwargs)
+    finally:
+        self._pk_exit()
+
+
+wrap_methods(GuardedAsyncSession, _guarded)
 
 
 # ---------------------------------------------------------------------------- guard_sessions
@@ -187,7 +171,7 @@ def _claim(session: Session, operation: str, *, strict: bool = True) -> None:
             return  # the same call going on (autoflush, lazy load, flush in commit)
         if other is not None and not other.dead:
             if strict:
-                raise SessionInUseError(operation, busy_with)
+                raise _in_use(operation, busy_with)
             return
     session.__dict__[_OWNER] = (weakref.ref(current), operation)
 
@@ -249,12 +233,15 @@ def _install(listeners: tuple[tuple[str, Callable[..., None]], ...], *, on: bool
 def guard_sessions(enabled: bool = True) -> bool:
     """Turn the process-wide shared-``AsyncSession`` check on or off.
 
-    On from the moment ``parallelkit.sqlalchemy`` is imported. It makes the
-    classic mistake, ``asyncio.gather`` of several queries over *one*
-    ``AsyncSession``, fail in the second task with :class:`SessionInUseError`
-    (which points at :func:`parallel`) instead of a driver error deep inside
-    SQLAlchemy, or, as SQLAlchemy 2.1 does with aiosqlite and asyncpg, silently
-    running the queries one after another.
+    Off until you call it: importing parallelkit changes nothing in SQLAlchemy.
+    Call ``guard_sessions()`` once at start-up (or let the pytest plugin turn it
+    on for your tests: it does at the start of the test session, and restores
+    the previous state at the end). It makes the classic mistake,
+    ``asyncio.gather`` of several queries over *one* ``AsyncSession``, fail in
+    the second task with :class:`SessionInUseError` (which points at
+    :func:`parallel`) instead of a driver error deep inside SQLAlchemy, or, as
+    SQLAlchemy 2.1 does with aiosqlite and asyncpg, silently running the
+    queries one after another.
 
     How: class-level ``Session`` event listeners (``do_orm_execute``,
     ``before_flush``, ``before_commit``) note which call is in flight on each
@@ -289,6 +276,7 @@ def guard_sessions(enabled: bool = True) -> bool:
             )
         ```
     """
+    flag("enabled", enabled)
     was_on = event.contains(Session, *_TRIGGER[0])
     _install(_TRIGGER, on=enabled)
     if not enabled:
@@ -296,25 +284,18 @@ def guard_sessions(enabled: bool = True) -> bool:
     return was_on
 
 
-def default_limit(session_factory: object) -> int | None:
-    """How many sessions :func:`parallel` runs at once when ``limit=None``.
+def default_limit(target: object, /) -> int | None:
+    """How many sessions at once the engine's pool serves: ``pool_limiter(target).concurrency``.
 
-    The pool size of the factory's engine (``async_sessionmaker(engine)``): the
-    number of connections the pool keeps, so no task waits for a connection or
-    spills into overflow. ``1`` for single-connection pools (``StaticPool``,
-    used for in-memory SQLite), ``None`` (no bound) for ``NullPool`` or when the
-    engine cannot be found.
+    The pool size of the engine behind ``target`` (an engine, connection,
+    session or session factory): ``pool_size`` for a ``QueuePool``, ``1`` for
+    single-connection pools (``StaticPool``, used for in-memory SQLite),
+    ``None`` (no bound) for ``NullPool``.
+
+    Raises:
+        TypeError: no single engine can be found behind ``target``.
     """
-    kw = getattr(session_factory, "kw", None)
-    bind = kw.get("bind") if isinstance(kw, dict) else None
-    if isinstance(bind, AsyncEngine):
-        pool = bind.sync_engine.pool
-        if isinstance(pool, QueuePool):
-            return max(pool.size(), 1)
-        if isinstance(pool, NullPool):
-            return None
-        return 1
-    return None
+    return pool_limiter(target).concurrency
 
 
 @overload
@@ -358,8 +339,10 @@ async def parallel(
         session_factory: an ``async_sessionmaker`` (or any callable returning an
             ``AsyncSession``).
         *fns: async functions taking the session.
-        limit: most sessions open at once; ``None`` means the engine's pool size
-            (see :func:`default_limit`), so the functions never wait on the pool.
+        limit: most sessions open at once; ``None`` means the engine's
+            process-wide :func:`pool_limiter` (shared with every other request
+            and ``parallel`` call on that engine), or no bound when the factory
+            is not bound to one engine.
         settle: return outcomes instead of raising the first error.
 
     Returns:
@@ -382,17 +365,12 @@ async def parallel(
         )
         ```
     """
-    factory: object = session_factory
-    if not callable(factory):
-        msg = f"session_factory must be callable (an async_sessionmaker), got {factory!r}"
-        raise TypeError(msg)
-    functions: tuple[object, ...] = fns
-    for index, fn in enumerate(functions):
-        if not callable(fn):
-            msg = f"fns[{index}] must be an async function of the session, got {fn!r}"
-            raise TypeError(msg)
-    if limit is None:
-        limit = default_limit(session_factory)
+    callable_("session_factory", session_factory, what="callable (an async_sessionmaker)")
+    for index, fn in enumerate(fns):
+        callable_(f"fns[{index}]", fn, what="an async function of the session")
+    flag("settle", settle)
+    if limit is None and engine_of(session_factory) is not None:
+        limit = pool_limiter(session_factory)
 
     async def run(fn: Callable[[S], Awaitable[T]]) -> T:
         async with session_factory() as session:

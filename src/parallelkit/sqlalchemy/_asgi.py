@@ -1,0 +1,141 @@
+"""RequestGuard: ASGI middleware counting each request's statements, surfacing the real error."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from .._core.check import callable_, count_or_none, flag
+from . import _testing
+from ._queries import QueryCounter, TooManyQueries
+from ._surface import cause, unwatch, watch
+
+__all__ = ["RequestGuard"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class RequestGuard:
+    """ASGI middleware: one request's statement count and budget, and the real error first.
+
+    Add it to any ASGI app (FastAPI, Starlette, ...)::
+
+        app.add_middleware(RequestGuard, engine=engine, max_queries=10)
+
+    For every HTTP request it:
+
+    * counts the statements the request sends on ``engine`` (and only that
+      request's: :func:`count_queries` counts per context), and sets the
+      ``x-query-count`` response header (``header=None``: no header);
+    * over ``max_queries``, **enforces** or **reports**: with ``enforce=True``
+      it raises :class:`TooManyQueries` (the statements listed, N+1 suspects
+      marked): before the response starts, so the client gets a 500 and a test
+      client raises it; with ``enforce=False`` it logs one warning on the
+      ``parallelkit.sqlalchemy`` logger with the same listing and lets the
+      response through. ``enforce=None`` (the default) enforces while the
+      parallelkit pytest plugin runs your tests and reports otherwise: one
+      app, strict in tests, quiet in production;
+    * calls ``on_request(scope, counter)`` after each request (for metrics),
+      whatever the budget;
+    * makes the real error the one that escapes: a :class:`SessionInUseError`
+      buried under the ``IllegalStateChangeError`` SQLAlchemy raises when a
+      yield dependency closes the session, or a :class:`NotLoadedError` that
+      pydantic turned into a ``ResponseValidationError``, is re-raised itself
+      (``from`` the exception that hid it, which stays reachable).
+
+    Args:
+        app: the ASGI app.
+        engine: what :func:`count_queries` accepts; ``None``: no counting (only
+            the error surfacing).
+        max_queries: the per-request budget, an int >= 0, or ``None`` (count only).
+        enforce: raise over budget (``True``), report (``False``) or decide by
+            whether the pytest plugin is running (``None``).
+        header: the response header carrying the count, or ``None``.
+        on_request: called with ``(scope, counter)`` after every counted request.
+    """
+
+    __slots__ = ("_app", "_enforce", "_engine", "_header", "_limit", "_on_request")
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        engine: object = None,
+        max_queries: int | None = None,
+        enforce: bool | None = None,
+        header: str | None = "x-query-count",
+        on_request: Callable[[Scope, QueryCounter], object] | None = None,
+    ) -> None:
+        self._app = callable_("app", app, what="an ASGI app")
+        self._limit = count_or_none("max_queries", max_queries, minimum=0)
+        self._enforce = enforce if enforce is None else flag("enforce", enforce)
+        if header is not None and not (isinstance(header, str) and header):
+            msg = f"header must be a non-empty str or None, got {header!r}"
+            raise TypeError(msg)
+        self._header = header.lower().encode("latin-1") if header else None
+        self._on_request = None if on_request is None else callable_("on_request", on_request)
+        self._engine = engine
+        if engine is not None:
+            QueryCounter(engine)  # a bad engine fails here, not at the first request
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("type") != "http":
+            await self._app(scope, receive, send)
+            return
+        record, token = watch()
+        try:
+            if self._engine is None:
+                await self._app(scope, receive, send)
+            else:
+                await self._counted(scope, receive, send)
+        except Exception as exc:
+            real = cause(exc, record)
+            if real is None:
+                raise
+            raise real from exc
+        finally:
+            unwatch(token)
+
+    async def _counted(self, scope: Scope, receive: Receive, send: Send) -> None:
+        enforce = _testing.active if self._enforce is None else self._enforce
+        raised = False
+
+        async def counted_send(message: Message) -> None:
+            nonlocal raised
+            if message["type"] == "http.response.start":
+                if enforce and self._over(counter):
+                    raised = True
+                    raise self._error(counter)
+                if self._header is not None:
+                    headers = [
+                        *message.get("headers", ()),
+                        (self._header, str(counter.count).encode()),
+                    ]
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        with QueryCounter(self._engine) as counter:
+            await self._app(scope, receive, counted_send)
+        if self._on_request is not None:
+            self._on_request(scope, counter)
+        if self._over(counter) and not raised:
+            if enforce:
+                raise self._error(counter)
+            logging.getLogger("parallelkit.sqlalchemy").warning(
+                "%s %s: %s", scope.get("method", ""), scope.get("path", ""), self._error(counter)
+            )
+
+    def _over(self, counter: QueryCounter) -> bool:
+        return self._limit is not None and counter.count > self._limit
+
+    def _error(self, counter: QueryCounter) -> TooManyQueries:
+        assert self._limit is not None
+        return TooManyQueries(self._limit, counter.statements, counter.repeated())
+
+    def __repr__(self) -> str:
+        return f"RequestGuard(max_queries={self._limit!r}, enforce={self._enforce!r})"

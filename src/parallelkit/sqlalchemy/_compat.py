@@ -1,0 +1,90 @@
+"""The one place parallelkit touches SQLAlchemy internals: the "raise with a useful message" loader.
+
+Everything else in :mod:`parallelkit.sqlalchemy` uses SQLAlchemy's public API
+(loader options, events, sessions). SQLAlchemy's public ``raiseload`` raises its
+own ``InvalidRequestError("'Contact.conversations' is not available due to
+lazy='raise'")``; to raise :class:`~parallelkit.sqlalchemy.NotLoadedError`
+instead (the attribute *and* the ``eager(...)`` path that would load it) takes
+three private names, all here:
+
+* the lazy loader class (``_LazyLoader`` in SQLAlchemy 2.1, ``LazyLoader`` in
+  2.0) and its ``_invoke_raise_load`` hook, subclassed as the
+  ``lazy="parallelkit_raise"`` strategy;
+* ``Load._set_relationship_strategy``, the method behind the public
+  ``Load.raiseload``, to select that strategy for ``"*"``;
+* ``InstanceState.load_path``, the loader path of an object, for the message.
+
+Nothing happens at import: the strategy is registered with SQLAlchemy the first
+time :func:`raise_rest` is called (the first ``eager(..., raise_others=True)``),
+and the registration is inert: it only applies to statements that carry the
+option. If a SQLAlchemy release moves these names, :func:`raise_rest` falls back
+to the stock ``raiseload("*")`` (same behaviour, SQLAlchemy's generic message)
+and ``tests/test_sqlalchemy_compat.py`` fails on that release, loudly.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy.orm import Load, RelationshipProperty
+
+__all__ = ["RAISE_KEY", "available", "load_path_keys", "raise_rest"]
+
+RAISE_KEY = "parallelkit_raise"
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"registered": None}  # None: not tried yet; then True / False
+_on_raise: list[Callable[[Any, str], BaseException]] = []
+
+
+def _register() -> bool:
+    from sqlalchemy.orm import strategies
+
+    names = ("_LazyLoader", "LazyLoader")  # 2.1, 2.0
+    base: Any = next((c for c in (getattr(strategies, n, None) for n in names) if c), None)
+    if base is None or not callable(getattr(base, "_invoke_raise_load", None)):
+        return False
+    if not callable(getattr(Load, "_set_relationship_strategy", None)):
+        return False
+
+    class _RaiseLoader(base):  # type: ignore[misc]
+        def __init__(self, parent: Any, strategy_key: Any) -> None:
+            super().__init__(parent, strategy_key)
+            self._raise_always = True
+
+        def _invoke_raise_load(self, state: Any, passive: Any, lazy: Any) -> None:
+            raise _on_raise[0](state, self.key)
+
+    RelationshipProperty.strategy_for(lazy=RAISE_KEY)(_RaiseLoader)
+    return True
+
+
+def available(on_raise: Callable[[Any, str], BaseException]) -> bool:
+    """Register the strategy once (thread-safe); whether the custom message is available."""
+    if _state["registered"] is None:
+        with _lock:
+            if _state["registered"] is None:
+                _on_raise[:] = [on_raise]
+                try:
+                    _state["registered"] = _register()
+                except Exception:  # pragma: no cover - a future SQLAlchemy: stock raiseload
+                    _state["registered"] = False
+    return bool(_state["registered"])
+
+
+def raise_rest(load: Load, on_raise: Callable[[Any, str], BaseException]) -> Load:
+    """``load.raiseload("*")``, raising ``on_raise(state, key)`` when the custom strategy exists."""
+    if available(on_raise):
+        return load._set_relationship_strategy("*", {"lazy": RAISE_KEY})
+    return load.raiseload("*")  # pragma: no cover - see available()
+
+
+def load_path_keys(state: Any) -> tuple[type[Any] | None, list[str]]:
+    """The root class and the relationship keys from it to ``state`` (empty if unknown)."""
+    elements = tuple(getattr(getattr(state, "load_path", None), "path", ()) or ())
+    if not elements:
+        return None, []
+    root = getattr(elements[0], "class_", None)
+    return root, [e.key for e in elements if isinstance(e, RelationshipProperty)]

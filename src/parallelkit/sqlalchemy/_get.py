@@ -1,0 +1,105 @@
+"""eager_get(): ``session.get`` with eager paths that also loads what an identity-map copy lacks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from sqlalchemy import and_, select
+from sqlalchemy import inspect as sa_inspect
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ._eager import EagerPath, Strategy, _mapper, _parse, _Tree, eager
+
+__all__ = ["eager_get"]
+
+M = TypeVar("M")
+
+
+async def eager_get(
+    session: AsyncSession,
+    model: type[M],
+    ident: Any,
+    /,
+    *paths: EagerPath,
+    raise_others: bool = True,
+    strategies: Mapping[str, Strategy] | None = None,
+) -> M | None:
+    """Load one row by primary key with the relationships you name, in one statement.
+
+    ``session.get(Model, pk, options=eager(...))`` has two traps this avoids:
+
+    * when the object is already in the session's identity map (an earlier
+      query of the same request loaded it), ``session.get`` returns it without
+      SQL and **ignores the options**: the relationships you asked for are not
+      loaded, and the first access in async code raises ``MissingGreenlet``.
+      ``eager_get`` returns the cached object only when every requested path is
+      already loaded on it; otherwise it sends one statement that fills in what
+      is missing (attributes already loaded are not overwritten, pending
+      changes are flushed first, as for any query);
+    * a single root makes joining collections cheap, so this is
+      ``eager(..., one=True)``: the whole graph in **one** statement.
+
+    Args:
+        session: the ``AsyncSession``.
+        model: the mapped class.
+        ident: the primary key (a tuple for a composite key).
+        *paths: what :func:`eager` accepts.
+        raise_others: as in :func:`eager`.
+        strategies: as in :func:`eager`.
+
+    Returns:
+        The object, or ``None`` when no row has that key.
+
+    Raises:
+        TypeError, ValueError: what :func:`eager` raises for bad paths or flags;
+            ``TypeError`` when ``session`` is not an ``AsyncSession``.
+
+    Example:
+        ```python
+        conversation = await eager_get(session, Conversation, 42,
+                                       "contact.company.automation_rules")
+        ```
+    """
+    given: object = session
+    if not isinstance(given, AsyncSession):
+        msg = f"session must be an AsyncSession, got {type(session).__name__} {session!r}"
+        raise TypeError(msg)
+    options = eager(model, *paths, raise_others=raise_others, strategies=strategies, one=True)
+    mapper = _mapper(model)
+    key = tuple(ident) if isinstance(ident, (tuple, list)) else (ident,)
+    if len(key) != len(mapper.primary_key):
+        size = len(mapper.primary_key)
+        msg = f"ident must have {size} value(s) for {model.__name__}, got {ident!r}"
+        raise ValueError(msg)
+    cached = session.identity_map.get(mapper.identity_key_from_primary_key(key))
+    if cached is not None:
+        tree: _Tree = {}
+        for path in paths:
+            _parse(tree, path, [], path)
+        if isinstance(cached, model) and _loaded(cached, tree):
+            return cached
+    where = and_(*(column == value for column, value in zip(mapper.primary_key, key, strict=True)))
+    result = await session.execute(select(model).where(where).options(*options))
+    found: M | None = result.unique().scalar_one_or_none()
+    return found
+
+
+def _loaded(obj: object, tree: _Tree) -> bool:
+    """Whether every path of ``tree`` is loaded on ``obj`` (no attribute expired or unloaded)."""
+    state = sa_inspect(obj)
+    if state.expired or state.expired_attributes:
+        return False
+    unloaded = state.unloaded
+    for key, sub in tree.items():
+        if key in unloaded:
+            return False
+        value = state.dict.get(key)
+        if isinstance(value, Mapping):  # an attribute_keyed_dict() collection
+            value = list(value.values())
+        children = (
+            value if isinstance(value, (list, set, tuple)) else () if value is None else (value,)
+        )
+        if sub and not all(_loaded(child, sub) for child in children):
+            return False
+    return True

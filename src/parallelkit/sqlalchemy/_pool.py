@@ -1,0 +1,235 @@
+"""pool_limiter(): one process-wide bound per engine, sized from its pool; LimitedAsyncSession.
+
+The bound that matters for database fan-out is the engine's connection pool,
+and it is shared by every request of the process. A per-call ``limit=`` bounds
+one request only: 64 requests x 10 workers still queue 640 tasks at a pool of
+10 connections (inside SQLAlchemy, with its 30 s pool timeout). So the bound
+lives with the engine:
+
+* :func:`pool_limiter` returns **the** limiter of an engine (the same object for
+  every call in the process), sized to its pool;
+* :class:`LimitedAsyncSession` takes a slot of it only while it holds a
+  connection: from its first statement (or flush) to the end of the transaction
+  (``commit``, ``rollback``, ``close``). An item's other awaits (an HTTP call
+  before or after its session) hold no slot;
+* :func:`~parallelkit.sqlalchemy.parallel` uses it when no ``limit`` is given.
+
+Slots are re-entrant per task: a task that already holds one (a second session
+in the same task, or ``pk.map(..., limit=pool_limiter(engine))`` around an item
+that opens a limited session) does not wait for a second, so nesting cannot
+deadlock the limiter (the pool still bounds the real connections).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any
+
+import anyio
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool, QueuePool
+from typing_extensions import final
+
+from .._core.limiter import Limiter, LimiterStatistics
+from ._methods import RELEASING, wrap_methods
+
+__all__ = ["LimitedAsyncSession", "PoolLimiter", "engine_of", "pool_limiter"]
+
+
+@final
+class PoolLimiter:
+    """The process-wide limiter of one engine: at most ``concurrency`` slots held at once.
+
+    Get it with :func:`pool_limiter`. It is a ``limit=`` for
+    :func:`parallelkit.map` / :func:`~parallelkit.gather` (then an item holds a
+    slot for its whole run: right for items that only talk to the database) and
+    what :class:`LimitedAsyncSession` and :func:`parallel` acquire. A task holding
+    a slot may acquire again without waiting (re-entrant per task).
+    """
+
+    __slots__ = ("_held", "_limiter")
+
+    def __init__(self, concurrency: int | None) -> None:
+        self._limiter = Limiter(concurrency)
+        self._held: dict[int, int] = {}  # task id -> depth
+
+    @property
+    def concurrency(self) -> int | None:
+        """How many slots: the pool size (``None``: no bound, for ``NullPool``)."""
+        return self._limiter.concurrency
+
+    def statistics(self) -> LimiterStatistics:
+        """Slots held right now (``running``) and tasks waiting for one."""
+        return self._limiter.statistics()
+
+    async def acquire(self) -> int:
+        """Take a slot for the current task (at once if it holds one); returns the holder."""
+        task = anyio.get_current_task().id
+        depth = self._held.get(task, 0)
+        if not depth:
+            await self._limiter.acquire()
+        self._held[task] = depth + 1
+        return task
+
+    def release(self, holder: int) -> None:
+        """Give back a slot taken by :meth:`acquire` (``holder`` is what it returned)."""
+        depth = self._held.pop(holder) - 1
+        if depth:
+            self._held[holder] = depth
+        else:
+            self._limiter.release()
+
+    async def __aenter__(self) -> PoolLimiter:
+        await self.acquire()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release(anyio.get_current_task().id)
+
+    def __repr__(self) -> str:
+        stats = self.statistics()
+        return (
+            f"PoolLimiter(concurrency={self.concurrency!r}, running={stats.running}, "
+            f"waiting={stats.waiting})"
+        )
+
+
+_limiters: weakref.WeakKeyDictionary[Engine, PoolLimiter] = weakref.WeakKeyDictionary()
+
+
+def engine_of(target: object) -> Engine | None:
+    """The sync ``Engine`` behind an engine, connection, session or session factory."""
+    if isinstance(target, Engine):
+        return target
+    if isinstance(target, AsyncEngine):
+        return target.sync_engine
+    if isinstance(target, (Connection, AsyncConnection)):
+        return engine_of(target.engine)
+    if isinstance(target, (async_sessionmaker, sessionmaker)):
+        return engine_of(target.kw.get("bind"))
+    if isinstance(target, (AsyncSession, Session)):
+        return engine_of(target.bind)
+    return None
+
+
+def _size(engine: Engine) -> int | None:
+    pool = engine.pool
+    if isinstance(pool, QueuePool):
+        return max(pool.size(), 1)
+    if isinstance(pool, NullPool):
+        return None
+    return 1  # StaticPool, SingletonThreadPool, AssertionPool: one connection
+
+
+def pool_limiter(target: object, /) -> PoolLimiter:
+    """The process-wide limiter for database work on ``target``'s engine.
+
+    One call, one object per engine for the whole process: every request, every
+    ``parallel`` call and every :class:`LimitedAsyncSession` on that engine
+    shares it, so together they never ask the pool for more connections than it
+    keeps. Its size is the pool's: ``pool_size`` for a ``QueuePool`` (5 by
+    default; overflow connections are left as the pool's own burst buffer), 1
+    for a single-connection pool (``StaticPool``), no bound for ``NullPool``.
+
+    Args:
+        target: an ``AsyncEngine`` / ``Engine``, a connection, a session or a
+            session factory bound to one engine.
+
+    Returns:
+        The engine's :class:`PoolLimiter`.
+
+    Raises:
+        TypeError: no single engine can be found behind ``target``.
+
+    Example:
+        ```python
+        sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+        slots = pool_limiter(engine)      # what those sessions share
+        ```
+    """
+    engine = engine_of(target)
+    if engine is None:
+        msg = (
+            "pool_limiter() needs an engine, connection, session or session factory bound "
+            f"to one engine, got {type(target).__name__} {target!r}"
+        )
+        raise TypeError(msg)
+    limiter = _limiters.get(engine)
+    if limiter is None:
+        limiter = _limiters.setdefault(engine, PoolLimiter(_size(engine)))
+    return limiter
+
+
+class LimitedAsyncSession(AsyncSession):
+    """An ``AsyncSession`` that holds a slot of its engine's :func:`pool_limiter` while it
+    holds a connection.
+
+    Use it as the factory's ``class_`` and every session of the process shares
+    one bound, the pool size, taken from the first statement (or flush) of a
+    transaction to its end (``commit``, ``rollback``, ``close``)::
+
+        sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+
+    So fan-out over many items, from many requests at once, waits in the
+    limiter (no pool timeout, first come first served) and only while an item
+    really talks to the database: its other awaits hold no slot. A session
+    bound to several engines (``binds=``) is not limited.
+
+    Limits: the slot follows the session's own methods; a transaction ended by
+    ``async with session.begin():`` keeps its slot until the session's next
+    call or ``close()``.
+    """
+
+    # no __slots__: it composes with GuardedAsyncSession (two slotted bases cannot)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pk_holder: int | None = None
+        self._pk_slots: PoolLimiter | None = None
+
+    async def _pk_take(self) -> None:
+        if self._pk_holder is None and self.bind is not None:
+            if self._pk_slots is None:
+                self._pk_slots = pool_limiter(self.bind)
+            self._pk_holder = await self._pk_slots.acquire()
+
+    def _pk_give(self, *, always: bool = False) -> None:
+        holder = self._pk_holder
+        if (
+            holder is not None
+            and self._pk_slots is not None
+            and (always or not self.in_transaction())
+        ):
+            self._pk_holder = None
+            self._pk_slots.release(holder)
+
+
+async def _limited(
+    self: LimitedAsyncSession,
+    name: str,
+    call: Callable[..., Awaitable[Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    if name in RELEASING:
+        try:
+            return await call(*args, **kwargs)
+        finally:
+            self._pk_give(always=True)
+    await self._pk_take()
+    try:
+        return await call(*args, **kwargs)
+    finally:
+        self._pk_give()
+
+
+wrap_methods(LimitedAsyncSession, _limited)
