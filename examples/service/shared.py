@@ -28,6 +28,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, Field
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from examples.crm.db import create_schema, drop_schema, make_engine, session_factory
 from examples.crm.models import AutomationRule, Company, Contact, Conversation, Enrollment
@@ -44,6 +45,7 @@ __all__ = [
     "Settings",
     "StatementCounter",
     "WebhookBatch",
+    "CountRequests",
     "add_debug_routes",
     "as_utc",
     "conversation_view",
@@ -119,20 +121,46 @@ class Settings:
 
 # -- the database ----------------------------------------------------------------------------------
 class StatementCounter:
-    """Counts every SQL statement the server's engine sends (``GET /debug/stats``)."""
+    """Counts the server's SQL statements and finished requests (``GET /debug/stats``).
 
-    __slots__ = ("count",)
+    ``statements``: every statement the engine sends (``before_cursor_execute``;
+    BEGIN/COMMIT are not counted). ``requests`` / ``active``: requests finished /
+    running, counted by :class:`CountRequests` (``/health`` and ``/debug/*`` excluded).
+    """
+
+    __slots__ = ("active", "count", "requests")
 
     def __init__(self) -> None:
         self.count = 0
+        self.requests = 0
+        self.active = 0
 
     def attach(self, engine: AsyncEngine) -> None:
-        """Listen on ``engine`` (``before_cursor_execute``: BEGIN/COMMIT are not counted)."""
+        """Listen on ``engine``."""
 
         def counted(*_: Any) -> None:
             self.count += 1
 
         event.listen(engine.sync_engine, "before_cursor_execute", counted)
+
+
+class CountRequests:
+    """A pure ASGI middleware counting requests (for the benchmark's per-request numbers)."""
+
+    def __init__(self, app: ASGIApp, counter: StatementCounter) -> None:
+        self.app = app
+        self.counter = counter
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(("/debug/", "/health")):
+            await self.app(scope, receive, send)
+            return
+        self.counter.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.counter.active -= 1
+            self.counter.requests += 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,7 +360,8 @@ async def record_payment(session: AsyncSession, payment: PaymentIn, charge_id: s
 
 # -- routes every server has -----------------------------------------------------------------------
 def add_debug_routes(app: FastAPI, counter: StatementCounter, variant: str) -> None:
-    """``GET /health`` (200 once started) and ``GET /debug/stats`` (statements so far)."""
+    """``GET /health`` (200 once started), ``GET /debug/stats`` (statements, requests so far)."""
+    app.add_middleware(CountRequests, counter=counter)
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -340,4 +369,10 @@ def add_debug_routes(app: FastAPI, counter: StatementCounter, variant: str) -> N
 
     @app.get("/debug/stats")
     async def stats() -> dict[str, Any]:
-        return {"statements": counter.count, "pid": os.getpid(), "variant": variant}
+        return {
+            "statements": counter.count,
+            "requests": counter.requests,
+            "active": counter.active,
+            "pid": os.getpid(),
+            "variant": variant,
+        }
