@@ -39,10 +39,11 @@ from .shared import (
     conversation_view,
     enrollment_response,
     inactive_cutoff,
+    open_conversations,
     open_database,
     payment_response,
+    record_enrollments,
     record_payment,
-    upsert_enrollment,
     webhook_result,
 )
 
@@ -163,13 +164,15 @@ def create_app(settings: Settings) -> FastAPI:
 
         async def enroll(contact_id: int, email: str) -> int:
             async with s.db_slots, s.db.sessions() as session:  # the pool's slots, DB work only
-                await upsert_enrollment(session, cadence_id, contact_id)
-            await s.clients.mail(email, "re-engage")
+                open_count = await open_conversations(session, contact_id)
+            await s.clients.mail(email, f"re-engage:{open_count}")
             return contact_id
 
         results = await asyncio.gather(*(enroll(i, e) for i, e in inactive), return_exceptions=True)
         enrolled = [r for r in results if isinstance(r, int)]
         failed = [i for (i, _), r in zip(inactive, results, strict=True) if not isinstance(r, int)]
+        async with s.db_slots, s.db.sessions() as session:
+            await record_enrollments(session, cadence_id, enrolled)
         return enrollment_response(company_id, cadence_id, enrolled, failed)
 
     @app.post("/payments")

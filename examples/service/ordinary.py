@@ -40,10 +40,11 @@ from .shared import (
     enrollment_response,
     inactive_cutoff,
     is_inactive,
+    open_conversations,
     open_database,
     payment_response,
+    record_enrollments,
     record_payment,
-    upsert_enrollment,
     webhook_result,
 )
 
@@ -135,11 +136,13 @@ def create_app(settings: Settings) -> FastAPI:
 
         async def enroll(contact: Contact) -> int:
             async with db.sessions() as own:
-                await upsert_enrollment(own, cadence_id, contact.id)
-            await clients.mail(contact.email, "re-engage")
+                open_count = await open_conversations(own, contact.id)
+            await clients.mail(contact.email, f"re-engage:{open_count}")
             return contact.id
 
         enrolled = await asyncio.gather(*(enroll(c) for c in inactive))
+        async with db.sessions() as session:
+            await record_enrollments(session, cadence_id, enrolled)
         return enrollment_response(company_id, cadence_id, enrolled)
 
     @app.post("/payments")

@@ -18,7 +18,7 @@ import asyncio
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -26,7 +26,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
-from sqlalchemy import event
+from sqlalchemy import event, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -55,7 +55,8 @@ __all__ = [
     "open_database",
     "payment_response",
     "record_payment",
-    "upsert_enrollment",
+    "open_conversations",
+    "record_enrollments",
     "webhook_result",
 ]
 
@@ -183,9 +184,9 @@ async def open_database(
     """
     schema = f"svc_{settings.server}".replace("-", "_") if settings.database else None
     directory = None if settings.database else tempfile.mkdtemp(prefix="parallelkit-svc-")
-    engine = make_engine(
-        settings.database, pool_size=settings.pool_size, schema=schema, directory=directory
-    )
+    # an explicit SQLite URL: make_engine(None) would follow $DATABASE_URL
+    url = settings.database or f"sqlite+aiosqlite:///{os.path.join(str(directory), 'crm.db')}"
+    engine = make_engine(url, pool_size=settings.pool_size, schema=schema)
     try:
         if schema:
             await drop_schema(engine, schema=schema)
@@ -330,18 +331,31 @@ def payment_response(payment: PaymentIn, charge_id: str) -> dict[str, Any]:
 
 
 # -- the per-item SQL every variant runs identically -----------------------------------------------
-async def upsert_enrollment(session: AsyncSession, cadence_id: int, contact_id: int) -> None:
-    """Enroll (or re-enroll) one contact: one ``INSERT .. ON CONFLICT DO UPDATE`` and a commit.
+async def open_conversations(session: AsyncSession, contact_id: int) -> int:
+    """What the cadence's first e-mail needs to know: the contact's open conversations."""
+    count = await session.scalar(
+        select(func.count())
+        .select_from(Conversation)
+        .where(Conversation.contact_id == contact_id, Conversation.status == "open")
+    )
+    return int(count or 0)
+
+
+async def record_enrollments(
+    session: AsyncSession, cadence_id: int, contact_ids: Sequence[int]
+) -> None:
+    """Enroll (or re-enroll) the contacts: one ``INSERT .. ON CONFLICT DO UPDATE``, a commit.
 
     Idempotent, and a write every time, so a long benchmark keeps writing.
     """
+    if not contact_ids:
+        return
     if session.bind.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
-    stmt = insert(Enrollment).values(
-        cadence_id=cadence_id, contact_id=contact_id, enrolled_at=EPOCH
-    )
+    rows = [{"cadence_id": cadence_id, "contact_id": c, "enrolled_at": EPOCH} for c in contact_ids]
+    stmt = insert(Enrollment).values(rows)
     stmt = stmt.on_conflict_do_update(
         index_elements=[Enrollment.contact_id, Enrollment.cadence_id],
         set_={"enrolled_at": stmt.excluded.enrolled_at},

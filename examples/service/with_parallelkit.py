@@ -48,10 +48,11 @@ from .shared import (
     conversation_view,
     enrollment_response,
     inactive_cutoff,
+    open_conversations,
     open_database,
     payment_response,
+    record_enrollments,
     record_payment,
-    upsert_enrollment,
     webhook_result,
 )
 
@@ -232,13 +233,15 @@ def create_app(settings: Settings) -> FastAPI:
 
         async def enroll(contact: Any) -> int:
             async with db.sessions() as own:  # one session per task
-                await upsert_enrollment(own, cadence_id, contact.id)
-            await clients.mail(contact.email, "re-engage")
+                open_count = await open_conversations(own, contact.id)
+            await clients.mail(contact.email, f"re-engage:{open_count}")
             return int(contact.id)
 
         outcomes = await pk.map(enroll, inactive, limit=db_limit(db), settle=True)
         enrolled = [o.value for o in outcomes if o.ok]
         failed = [c.id for c, o in zip(inactive, outcomes, strict=True) if not o.ok]
+        async with db.sessions() as session:
+            await record_enrollments(session, cadence_id, enrolled)
         return enrollment_response(company_id, cadence_id, enrolled, failed)
 
     @app.post("/payments")
