@@ -16,15 +16,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
 from typing import Any
 
 from cachetools import TTLCache
 from fastapi import FastAPI, HTTPException, Request
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import joinedload
 
-from examples.crm.models import Cadence, Company, Contact, Conversation
+from examples.crm.models import Company, Contact, Conversation
 
 from .shared import (
     NO_CADENCE,
@@ -38,13 +37,13 @@ from .shared import (
     add_debug_routes,
     conversation_view,
     enrollment_response,
-    inactive_cutoff,
+    find_inactive,
     open_conversations,
     open_database,
     payment_response,
     record_enrollments,
     record_payment,
-    webhook_result,
+    webhook_results,
 )
 
 __all__ = ["create_app"]
@@ -95,15 +94,7 @@ def create_app(settings: Settings) -> FastAPI:
         missing = sorted(ids - by_id.keys())
         if missing:
             raise HTTPException(404, {"missing": missing})
-        results = []
-        for item in batch.events:
-            conversation = by_id[item.conversation_id]
-            contact = conversation.contact
-            company = contact.company
-            results.append(
-                webhook_result(item.event, conversation, contact, company, company.automation_rules)
-            )
-        return {"results": results}
+        return webhook_results(batch, by_id)
 
     async def load_view(s: State, conversation_id: int) -> dict[str, Any] | None:
         async with s.db_slots, s.db.sessions() as session:
@@ -141,24 +132,8 @@ def create_app(settings: Settings) -> FastAPI:
         company_id: int, body: EnrollmentIn, request: Request
     ) -> dict[str, Any]:
         s: State = request.app.state.s
-        cutoff: datetime = inactive_cutoff(body.inactive_days)
         async with s.db_slots, s.db.sessions() as session:
-            cadence_id = await session.scalar(
-                select(Cadence.id)
-                .where(Cadence.company_id == company_id)
-                .order_by(Cadence.id)
-                .limit(1)
-            )
-            inactive = (
-                await session.execute(
-                    select(Contact.id, Contact.email)
-                    .where(Contact.company_id == company_id)
-                    .where(
-                        or_(Contact.last_contacted_at.is_(None), Contact.last_contacted_at < cutoff)
-                    )
-                    .order_by(Contact.id)
-                )
-            ).all()
+            cadence_id, inactive = await find_inactive(session, company_id, body.inactive_days)
         if cadence_id is None:
             raise HTTPException(404, NO_CADENCE)
 

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -26,14 +25,22 @@ from typing import Any
 
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
-from sqlalchemy import event, func, select
+from sqlalchemy import Row, event, func, or_, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from examples.crm.db import create_schema, drop_schema, make_engine, session_factory
-from examples.crm.models import AutomationRule, Company, Contact, Conversation, Enrollment
+from examples.crm.db import drop_schema, make_engine
+from examples.crm.db import open_database as open_crm_database
+from examples.crm.models import (
+    AutomationRule,
+    Cadence,
+    Company,
+    Contact,
+    Conversation,
+    Enrollment,
+)
 from examples.crm.payment import Payment
-from examples.crm.seed import EPOCH, SeedSizes, seed
+from examples.crm.seed import EPOCH, SeedSizes
 
 __all__ = [
     "NO_CADENCE",
@@ -50,6 +57,7 @@ __all__ = [
     "as_utc",
     "conversation_view",
     "enrollment_response",
+    "find_inactive",
     "inactive_cutoff",
     "is_inactive",
     "open_database",
@@ -58,6 +66,7 @@ __all__ = [
     "open_conversations",
     "record_enrollments",
     "webhook_result",
+    "webhook_results",
 ]
 
 #: 20 companies x 20 contacts x 5 conversations = 2,000 conversations (issue 18's size).
@@ -183,27 +192,20 @@ async def open_database(
     file of its own), so writes in one server never change another's answers.
     """
     schema = f"svc_{settings.server}".replace("-", "_") if settings.database else None
-    directory = None if settings.database else tempfile.mkdtemp(prefix="parallelkit-svc-")
-    # an explicit SQLite URL: make_engine(None) would follow $DATABASE_URL
-    url = settings.database or f"sqlite+aiosqlite:///{os.path.join(str(directory), 'crm.db')}"
-    engine = make_engine(url, pool_size=settings.pool_size, schema=schema)
-    try:
-        if schema:
-            await drop_schema(engine, schema=schema)
-        await create_schema(engine, schema=schema)
-        async with session_factory(engine)() as session:
-            await seed(session, settings.seed_sizes)
-        if counter is not None:
-            counter.attach(engine)
-        yield ServiceDatabase(engine, session_factory(engine), settings.pool_size)
-    finally:
-        try:
-            if schema:
-                await drop_schema(engine, schema=schema)
-        finally:
-            await engine.dispose()
-            if directory:
-                shutil.rmtree(directory, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="parallelkit-svc-") as directory:
+        # an explicit SQLite URL: None would follow $DATABASE_URL
+        url = settings.database or f"sqlite+aiosqlite:///{os.path.join(directory, 'crm.db')}"
+        if schema:  # a server killed earlier may have left its schema behind
+            leftover = make_engine(url, schema=schema)
+            try:
+                await drop_schema(leftover, schema=schema)
+            finally:
+                await leftover.dispose()
+        sizes, pool = settings.seed_sizes, settings.pool_size
+        async with open_crm_database(url, seed_sizes=sizes, pool_size=pool, schema=schema) as db:
+            if counter is not None:
+                counter.attach(db.engine)
+            yield ServiceDatabase(db.engine, db.sessions, pool)
 
 
 # -- the simulated outside world -------------------------------------------------------------------
@@ -331,6 +333,37 @@ def payment_response(payment: PaymentIn, charge_id: str) -> dict[str, Any]:
 
 
 # -- the per-item SQL every variant runs identically -----------------------------------------------
+async def find_inactive(
+    session: AsyncSession, company_id: int, inactive_days: int
+) -> tuple[int | None, Sequence[Row[tuple[int, str]]]]:
+    """The company's first cadence and its inactive contacts ``(id, email)``: 2 statements."""
+    cutoff = inactive_cutoff(inactive_days)
+    cadence_id = await session.scalar(
+        select(Cadence.id).where(Cadence.company_id == company_id).order_by(Cadence.id).limit(1)
+    )
+    inactive = (
+        await session.execute(
+            select(Contact.id, Contact.email)
+            .where(Contact.company_id == company_id)
+            .where(or_(Contact.last_contacted_at.is_(None), Contact.last_contacted_at < cutoff))
+            .order_by(Contact.id)
+        )
+    ).all()
+    return cadence_id, inactive
+
+
+def webhook_results(batch: WebhookBatch, by_id: Mapping[int, Conversation]) -> dict[str, Any]:
+    """The batch's answer from conversations loaded with contact, company and rules."""
+    results = []
+    for item in batch.events:
+        conversation = by_id[item.conversation_id]
+        contact = conversation.contact
+        company = contact.company
+        rules = company.automation_rules
+        results.append(webhook_result(item.event, conversation, contact, company, rules))
+    return {"results": results}
+
+
 async def open_conversations(session: AsyncSession, contact_id: int) -> int:
     """What the cadence's first e-mail needs to know: the contact's open conversations."""
     count = await session.scalar(

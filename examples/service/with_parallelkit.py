@@ -28,10 +28,10 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from sqlalchemy import or_, select
+from sqlalchemy import select
 
 import parallelkit as pk
-from examples.crm.models import Cadence, Contact, Conversation
+from examples.crm.models import Conversation
 from parallelkit.asgi import lifespan
 from parallelkit.sqlalchemy import eager
 
@@ -47,13 +47,13 @@ from .shared import (
     add_debug_routes,
     conversation_view,
     enrollment_response,
-    inactive_cutoff,
+    find_inactive,
     open_conversations,
     open_database,
     payment_response,
     record_enrollments,
     record_payment,
-    webhook_result,
+    webhook_results,
 )
 
 __all__ = ["PAYMENT", "VIEW_GRAPH", "WEBHOOK_GRAPH", "build_orchestrator", "create_app"]
@@ -187,15 +187,7 @@ def create_app(settings: Settings) -> FastAPI:
         missing = sorted(ids - by_id.keys())
         if missing:
             raise HTTPException(404, {"missing": missing})
-        results = []
-        for item in batch.events:
-            conversation = by_id[item.conversation_id]
-            contact = conversation.contact
-            company = contact.company
-            results.append(
-                webhook_result(item.event, conversation, contact, company, company.automation_rules)
-            )
-        return {"results": results}
+        return webhook_results(batch, by_id)
 
     @app.get("/conversations/{conversation_id}")
     async def read_conversation(
@@ -210,24 +202,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def enroll_inactive(
         company_id: int, body: EnrollmentIn, db: Db, clients: ExternalClients
     ) -> dict[str, Any]:
-        cutoff = inactive_cutoff(body.inactive_days)
         async with db.sessions() as session:
-            cadence_id = await session.scalar(
-                select(Cadence.id)
-                .where(Cadence.company_id == company_id)
-                .order_by(Cadence.id)
-                .limit(1)
-            )
-            inactive = (
-                await session.execute(
-                    select(Contact.id, Contact.email)
-                    .where(Contact.company_id == company_id)
-                    .where(
-                        or_(Contact.last_contacted_at.is_(None), Contact.last_contacted_at < cutoff)
-                    )
-                    .order_by(Contact.id)
-                )
-            ).all()
+            cadence_id, inactive = await find_inactive(session, company_id, body.inactive_days)
         if cadence_id is None:
             raise HTTPException(404, NO_CADENCE)
 
