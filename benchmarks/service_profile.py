@@ -4,7 +4,8 @@
 
 Starts the ordinary, expert and parallelkit servers (as ``bench_service`` does),
 loads the endpoint with ``wrk`` one server at a time while ``py-spy record``
-samples that server process (``pip install py-spy``; needs ptrace rights), and
+samples that server process (``pip install py-spy``; needs ptrace rights; only the
+thread holding the GIL is sampled, so the event loop's idle wait is left out), and
 prints, per variant: CPU per request, and the share of samples by library
 (inclusive: a sample counts for every library on its stack) and the top frames
 by self time. Collapsed stacks and the summary go to ``results/service/``.
@@ -41,8 +42,9 @@ BUCKETS = (
 
 
 def _bucket(frame: str) -> str:
+    # py-spy writes "func (package/module.py:line)", a full path outside site-packages
     for name, needle in BUCKETS:
-        if needle in frame:
+        if needle in frame or f"({needle[1:]}" in frame:
             return name
     return "other"
 
@@ -50,6 +52,7 @@ def _bucket(frame: str) -> str:
 def summarize(collapsed: Path, top: int = 25) -> dict[str, Any]:
     """Inclusive share per library and top self frames from py-spy's collapsed stacks."""
     total = 0
+    leaf: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     self_frames: Counter[str] = Counter()
     in_frame: Counter[str] = Counter()
@@ -63,6 +66,10 @@ def summarize(collapsed: Path, top: int = 25) -> dict[str, Any]:
         for bucket in {_bucket(f) for f in frames}:
             inclusive[bucket] += count
         self_frames[frames[-1]] += count
+        # the event loop's own C code (uvloop: I/O, callbacks, the idle wait) shows as its
+        # last Python frame, Runner.run
+        last = frames[-1]
+        leaf[("event loop (C)" if last.startswith("Runner.run") else _bucket(last))] += count
         for frame in set(frames):
             in_frame[frame] += count
     share = {k: round(100 * v / total, 1) for k, v in inclusive.most_common()} if total else {}
@@ -72,9 +79,16 @@ def summarize(collapsed: Path, top: int = 25) -> dict[str, Any]:
     pk = [
         (f, round(100 * n / total, 1))
         for f, n in in_frame.most_common()
-        if "/parallelkit/" in f and total
+        if _bucket(f) == "parallelkit" and total
     ][:top]
-    return {"samples": total, "inclusive": share, "self": tops, "parallelkit_frames": pk}
+    by_leaf = {k: round(100 * v / total, 1) for k, v in leaf.most_common()} if total else {}
+    return {
+        "samples": total,
+        "self_by_library": by_leaf,
+        "inclusive": share,
+        "self": tops,
+        "parallelkit_frames": pk,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"\n== {variant}: {s['rps']} req/s, {s['cpu_ms_per_request']} ms CPU/request, "
             f"{s['samples']} samples"
+        )
+        print(
+            "  self time by library: "
+            + ", ".join(f"{k} {v}%" for k, v in s["self_by_library"].items())
         )
         print(
             "  inclusive share by library: "
