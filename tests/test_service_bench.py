@@ -79,3 +79,11 @@ def test_the_benchmark_runs_end_to_end_over_http(
     assert result["targets"][0]["met"] is True  # identical answers
     assert any(p.suffix == ".json" for p in tmp_path.iterdir())
     assert os.path.exists(tmp_path / ".gitignore")
+
+
+def test_the_service_benchmark_runs_only_when_named() -> None:
+    from benchmarks._registry import available, default
+
+    assert "service" in available()
+    assert "service" not in default()
+    assert default() == [n for n in available() if n != "service"]
