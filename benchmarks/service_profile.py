@@ -58,7 +58,7 @@ def summarize(collapsed: Path, top: int = 25) -> dict[str, Any]:
     in_frame: Counter[str] = Counter()
     for line in collapsed.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
-        if not stack:
+        if not stack or not count_text.isdigit():  # a frame name with a newline in it
             continue
         count = int(count_text)
         frames = stack.split(";")
