@@ -115,11 +115,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def output_dir() -> Path:
+    """``results/service/``, created, with a ``.gitignore`` so nothing in it is tracked."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / ".gitignore").write_text("*\n")
+    return OUT
+
+
 def start(servers: list[Server], database: str | None, redis: str | None) -> None:
     """Start every server (they seed concurrently) and wait until each answers ``/health``."""
     import psutil
 
-    OUT.mkdir(parents=True, exist_ok=True)
+    output_dir()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     for server in servers:
         server.port = _free_port()
@@ -474,8 +481,7 @@ def run(
 
 
 def _save(result: dict[str, Any], text: str) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / ".gitignore").write_text("*\n")  # results are not tracked
+    output_dir()
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     kind = "sqlite" if result["database"] == "sqlite" else "pg"
     kind += "-redis" if result["redis"] else ""
