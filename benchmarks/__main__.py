@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
-from ._registry import RESULTS, available, load, set_progress_hook
+from ._registry import RESULTS, available, default, load, set_progress_hook
 
 
 class _Tee(io.TextIOBase):
@@ -284,7 +284,9 @@ def _report(merged: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     names = available()
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("names", nargs="*", metavar="NAME", help=f"one of {names} (default: all)")
+    parser.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"one of {names} (default: all but service)"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     parser.add_argument(
         "--database",
@@ -298,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     env = _environment(args)
     started = time.perf_counter()
-    entries = _run_all(args.names or names, args)
+    entries = _run_all(args.names or default(), args)
     for entry in entries:
         if entry.get("ok"):
             out = RESULTS / f"{entry['name']}.json"

@@ -51,6 +51,9 @@ ORDER = [
     "redis",
     "distributed",
 ]
+ORDER += ["service"]
+#: run only when named (``python -m benchmarks service``): minutes of real HTTP load
+ON_REQUEST = ("service",)
 
 _hook: list[Callable[[str], None]] = []
 
@@ -62,6 +65,11 @@ def available() -> list[str]:
         if m.name.startswith("bench_")
     ]
     return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+
+
+def default() -> list[str]:
+    """What ``python -m benchmarks`` runs when no name is given."""
+    return [n for n in available() if n not in ON_REQUEST]
 
 
 def load(name: str) -> ModuleType:

@@ -1,0 +1,147 @@
+"""The reference service (examples/service): every variant answers every request the same.
+
+In-process (httpx over ASGI, the lifespan run as a server would), SQLite by
+default; the PostgreSQL + Redis variant carries the ``postgres`` and ``redis``
+markers. Statement counts come from the server's own counter (``/debug/stats``)
+with one request at a time, so they are exact.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from examples.service import VARIANTS, Settings, create_app
+from examples.service.testing import client
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # SQLAlchemy's asyncio extension and redis.asyncio: asyncio only
+
+
+WEBHOOK = {
+    "events": [
+        {"conversation_id": 1, "event": "message.received"},
+        {"conversation_id": 7, "event": "conversation.created"},
+        {"conversation_id": 1500, "event": "contact.idle"},
+        {"conversation_id": 33, "event": "conversation.closed"},
+        {"conversation_id": 1999, "event": "message.received"},
+        {"conversation_id": 1, "event": "contact.idle"},
+    ]
+}
+#: (name, method, path, body)
+REQUESTS: list[tuple[str, str, str, Any]] = [
+    ("webhook", "POST", "/webhooks/batch", WEBHOOK),
+    ("webhook-missing", "POST", "/webhooks/batch", {"events": [{"conversation_id": 99999}]}),
+    ("read-miss", "GET", "/conversations/42", None),
+    ("read-hit", "GET", "/conversations/42", None),
+    ("read-missing", "GET", "/conversations/999999", None),
+    ("enroll", "POST", "/companies/3/enrollments", {"inactive_days": 21}),
+    ("enroll-again", "POST", "/companies/3/enrollments", {"inactive_days": 21}),
+    ("enroll-missing", "POST", "/companies/999/enrollments", {}),
+    ("payment", "POST", "/payments", {"payment_id": "pay-1", "amount": 1999}),
+]
+
+
+async def answers(settings: Settings) -> dict[str, tuple[int, bytes, int]]:
+    """Send :data:`REQUESTS` one at a time: ``{name: (status, body, statements)}``."""
+    out: dict[str, tuple[int, bytes, int]] = {}
+    async with client(create_app(settings)) as http:
+
+        async def statements() -> int:
+            count: int = (await http.get("/debug/stats")).json()["statements"]
+            return count
+
+        for name, method, path, body in REQUESTS:
+            before = await statements()
+            response = await http.request(method, path, json=body)
+            out[name] = (response.status_code, response.content, await statements() - before)
+    return out
+
+
+def assert_identical(by_variant: dict[str, dict[str, tuple[int, bytes, int]]]) -> None:
+    first = next(iter(by_variant.values()))
+    for name in first:
+        seen = {v: a[name][:2] for v, a in by_variant.items()}
+        assert len(set(seen.values())) == 1, (name, seen)
+
+
+async def test_every_variant_answers_the_same_and_parallelkit_sends_the_fewest_statements() -> None:
+    by_variant = {v: await answers(Settings(variant=v, name=f"t_{v}")) for v in VARIANTS}
+    assert_identical(by_variant)
+    pk = by_variant["parallelkit"]
+    status = {name: a[0] for name, a in pk.items()}
+    assert status == {
+        "webhook": 200,
+        "webhook-missing": 404,
+        "read-miss": 200,
+        "read-hit": 200,
+        "read-missing": 404,
+        "enroll": 200,
+        "enroll-again": 200,
+        "enroll-missing": 404,
+        "payment": 200,
+    }
+    enrolled = json.loads(pk["enroll"][1])["enrolled"]
+    assert len(enrolled) > 5
+    assert json.loads(pk["enroll"][1])["failed"] == []
+    statements = {name: a[2] for name, a in pk.items()}
+    assert statements == {
+        "webhook": 2,  # eager(...): one joined SELECT + one selectin for the rules
+        "webhook-missing": 1,  # nothing found: no rules to load
+        "read-miss": 1,  # conversation + contact + company joined
+        "read-hit": 0,  # fresh in the SWRCache
+        "read-missing": 1,
+        # cadence + contacts, a SELECT per contact (its own session), one multi-row upsert
+        "enroll": 2 + len(enrolled) + 1,
+        "enroll-again": 2 + len(enrolled) + 1,
+        "enroll-missing": 2,
+        "payment": 1,
+    }
+    # the N+1 the ordinary variant pays, and what the expert wrote by hand
+    assert by_variant["ordinary"]["webhook"][2] > 10
+    assert by_variant["expert"]["webhook"][2] == 2
+    assert by_variant["ordinary"]["read-hit"][2] == 0
+
+
+async def test_payment_records_the_charge_id() -> None:
+    from examples.crm.payment import Payment
+    from sqlalchemy import select
+
+    state: dict[str, Any] = {}
+    async with client(create_app(Settings(name="t_pay")), state=state) as http:
+        response = await http.post("/payments", json={"payment_id": "p-7", "amount": 500})
+        async with state["db"].sessions() as session:
+            row = (await session.scalars(select(Payment))).one()
+    assert response.json() == {
+        "payment_id": "p-7",
+        "amount": 500,
+        "charge_id": "ch_p-7",
+        "status": "succeeded",
+    }
+    assert (row.payment_id, row.amount, row.stripe_charge_id) == ("p-7", 500, "ch_p-7")
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+async def test_postgres_and_redis_answer_the_same(pg_url: str, redis_url: str) -> None:
+    variants = {
+        "expert": Settings(variant="expert", name="t_pg_expert", database=pg_url),
+        "parallelkit": Settings(
+            variant="parallelkit", name="t_pg_pk", database=pg_url, redis=redis_url, store="redis"
+        ),
+    }
+    by_variant = {v: await answers(s) for v, s in variants.items()}
+    assert_identical(by_variant)
+    pk = {name: a[2] for name, a in by_variant["parallelkit"].items()}
+    assert pk["webhook"] == 2
+    assert pk["read-miss"] == 1
+    assert pk["read-hit"] == 0  # served from Redis
+    assert pk["payment"] == 1

@@ -1,0 +1,89 @@
+"""The service benchmark's own logic: requests, pairing per round, targets (no timing asserts)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+
+from benchmarks import bench_service
+from benchmarks.bench_service import AA, PK, Cell, summarize
+from benchmarks.service_load import _lua_string, requests_for
+
+
+def cell(server: str, rnd: int, rps: float, cpu: float, p99: float = 0.1) -> Cell:
+    return Cell(server, "read", 16, rnd, rps, 0.01, p99, cpu, 0.0, 0, 100)
+
+
+def test_requests_are_deterministic_and_payment_ids_unique() -> None:
+    assert requests_for("webhook", 5) == requests_for("webhook", 5)
+    bodies = [json.loads(r.body or b"") for r in requests_for("webhook", 3)]
+    assert all(len(b["events"]) == 20 for b in bodies)
+    ids = [json.loads(r.body or b"")["payment_id"] for r in requests_for("payment", 50, tag="t")]
+    assert len(set(ids)) == 50
+    assert {r.path for r in requests_for("read", 200)} <= {
+        f"/conversations/{i}" for i in range(1, 2001)
+    }
+    with pytest.raises(ValueError, match="unknown endpoint"):
+        requests_for("nope", 1)
+
+
+def test_lua_strings_escape_quotes_and_digits_after_escapes() -> None:
+    # "\0341" would be read by Lua as byte 34 then "1" only with 3-digit escapes
+    assert _lua_string(b'{"a":1}') == '"{\\034a\\034:1}"'
+
+
+def test_ratios_are_paired_per_round_and_targets_computed() -> None:
+    cells = [
+        cell("ordinary", 0, 100, 0.004),
+        cell("expert", 0, 200, 0.002),
+        cell(PK, 0, 220, 0.001),
+        cell(AA, 0, 200, 0.001),
+        cell("ordinary", 1, 50, 0.004),  # a slow round for everyone
+        cell("expert", 1, 100, 0.002),
+        cell(PK, 1, 90, 0.001),
+        cell(AA, 1, 100, 0.001),
+    ]
+    summary = summarize(cells, ["read"], ["ordinary", "expert", PK, AA])
+    by_name = {t["target"]: t for t in summary["targets"]}
+    # paired: round 0 1.1, round 1 0.9 -> median 1.0 (an unpaired median would mix rounds)
+    assert by_name["read @16: rps parallelkit / expert"]["measured"] == pytest.approx(1.0)
+    assert by_name["read @16: rps parallelkit / expert"]["met"] is True
+    assert by_name["read @16: rps parallelkit / ordinary"]["measured"] == pytest.approx(2.0)
+    assert by_name["read @16: cpu_per_request parallelkit / expert"]["measured"] == 0.5
+    row = summary["ratios"][0]
+    assert row[:2] == ["read", 16]
+    assert row[-3].startswith("1.01 [0.91-1.11]")  # A/A req/s: twin / parallelkit
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_end_to_end_over_http(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four uvicorn servers, the httpx load generator, one short round of reads."""
+    monkeypatch.setattr(bench_service, "OUT", tmp_path)
+    monkeypatch.delenv("PARALLELKIT_BENCH_REDIS_URL", raising=False)
+    result = bench_service.run(
+        quick=True, database=None, rounds=1, duration=1.0, endpoints=["read"], engine="httpx"
+    )
+    assert result["identical"]["cold"]["identical"]
+    assert result["identical"]["warm"]["identical"]
+    servers = {c["server"] for c in result["cells"]}
+    assert servers == {"ordinary", "expert", PK, AA}
+    assert all(c["requests"] > 0 and c["errors"] == 0 for c in result["cells"])
+    assert all(c["cpu_per_request"] > 0 for c in result["cells"])
+    assert result["targets"][0]["met"] is True  # identical answers
+    assert any(p.suffix == ".json" for p in tmp_path.iterdir())
+    assert os.path.exists(tmp_path / ".gitignore")
+
+
+def test_the_service_benchmark_runs_only_when_named() -> None:
+    from benchmarks._registry import available, default
+
+    assert "service" in available()
+    assert "service" not in default()
+    assert default() == [n for n in available() if n != "service"]
