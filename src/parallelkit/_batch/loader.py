@@ -95,7 +95,8 @@ class BatchLoader(Generic[K, V]):
     so the callers that joined are never stranded).
 
     Args:
-        load_many: ``async def load_many(keys: list[K]) -> Mapping | Sequence``.
+        load_many: ``async def load_many(keys: list[K]) -> Mapping | Sequence``
+            (a sync function is refused before it is ever called).
         max_batch: the most distinct keys per call (>= 1).
         window: seconds to keep collecting after a batch's first key (``0``: one
             scheduling tick).
@@ -103,13 +104,34 @@ class BatchLoader(Generic[K, V]):
         default: returned for keys a mapping result leaves out (instead of
             raising :class:`KeyError`).
 
+    Raises:
+        TypeError: ``load_many`` is not an async callable, or an option has the
+            wrong type (the message names it).
+        ValueError: ``max_batch`` < 1, or ``window`` negative or not finite.
+
+    Counters: :meth:`statistics` returns a frozen :class:`BatchStats`
+    (``loader.stats`` is the same, an alias).
+
     Example:
         ```python
-        async def contacts_by_id(ids: list[int]) -> dict[int, str]:
-            return {i: f"contact {i}" for i in ids}   # one query for all ids
+        import anyio
+        import parallelkit as pk
 
-        async with pk.BatchLoader(contacts_by_id) as contacts:
-            a, b = await pk.gather(contacts.load(1), contacts.load(2))  # one call
+        calls = []
+
+
+        async def contacts_by_id(ids: list[int]) -> dict[int, str]:
+            calls.append(ids)  # one query for all ids
+            return {i: f"contact {i}" for i in ids}
+
+
+        async def main() -> None:
+            async with pk.BatchLoader(contacts_by_id) as contacts:
+                a, b = await pk.gather(contacts.load(1), contacts.load(2))
+            assert (a, b, len(calls)) == ("contact 1", "contact 2", 1)  # one call
+
+
+        anyio.run(main)
         ```
     """
 
