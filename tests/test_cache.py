@@ -112,7 +112,7 @@ async def test_stale_serves_at_once_and_refreshes_once_for_1000_callers() -> Non
             await anyio.lowlevel.checkpoint()
         assert src.calls == 2  # the first load + exactly one refresh, still gated
         src.gate.set()
-        await wait_until(lambda: not cache._flights)
+        await wait_until(lambda: not cache._loads.flights)
         assert await cache.get("k", src) == "k@1"
     s = cache.stats
     assert (s.refreshes, s.stale_hits, s.loads) == (1, 1000, 1)
@@ -273,7 +273,7 @@ async def test_stale_if_error_with_backoff_and_on_error() -> None:
         src.fail = None
         clock.advance(2.0)
         await cache.get("k", src)
-        await wait_until(lambda: cache.stats.refreshes == 3 and not cache._flights)
+        await wait_until(lambda: cache.stats.refreshes == 3 and not cache._loads.flights)
         assert await cache.get("k", src) == "k@0"  # refreshed value is k@0 (version unchanged)
     assert cache.stats.refresh_errors == 2
 
@@ -357,7 +357,7 @@ async def test_nothing_left_running_after_async_with() -> None:
         await cache.get("k", src)
         await wait_until(lambda: src.started == 2)
     assert src.cancelled == 1  # leaving cancelled the pending refresh and awaited it
-    assert not cache._flights
+    assert not cache._loads.flights
     assert not cache._owner.entered
     assert "entered=False" in repr(cache)
 
@@ -975,7 +975,7 @@ async def test_invalidation_in_another_process_wins_with_a_conditional_store() -
         await wait_until(lambda: src.started == 2)
         store.peer_writes("k")  # another replica invalidated k while the refresh ran
         src.gate.set()
-        await wait_until(lambda: cache.stats.refreshes == 1 and not cache._flights)
+        await wait_until(lambda: cache.stats.refreshes == 1 and not cache._loads.flights)
     assert events == ["token", "load", "set_if_unchanged:False"]
     assert store.data["k"].value == "k@0"  # the refreshed value was not stored
     events.clear()
@@ -984,14 +984,18 @@ async def test_invalidation_in_another_process_wins_with_a_conditional_store() -
 
 
 # ------------------------------------------------------------- bounded memory
-def remembered(cache: SWRCache) -> int:
-    """How many things the cache holds besides its store: every sized attribute."""
-    held = (getattr(cache, name, None) for name in type(cache).__slots__)
-    return sum(
-        len(value)
-        for value in held
-        if isinstance(value, Sized) and not isinstance(value, str) and value is not cache.store
-    )
+def remembered(obj: object, store: object) -> int:
+    """How many things a cache holds besides its store: every sized attribute, inside out."""
+    total = 0
+    for name in getattr(type(obj), "__slots__", ()):
+        value = getattr(obj, name, None)
+        if value is store or isinstance(value, str):
+            continue
+        if isinstance(value, Sized):
+            total += len(value)
+        elif type(value).__module__.startswith("parallelkit._cache"):
+            total += remembered(value, store)
+    return total
 
 
 async def failing(key: Hashable) -> str:
@@ -1000,14 +1004,17 @@ async def failing(key: Hashable) -> str:
 
 async def test_failed_loads_remembered_are_bounded_by_maxsize() -> None:
     cache, _, _ = make(maxsize=10, error_ttl=60.0)
+    with pytest.raises(LookupError):
+        await cache.get("first", failing)
+    assert remembered(cache, cache.store) == 1  # the measure sees the failure kept
     for i in range(20_000):
         with pytest.raises(LookupError):
             await cache.get(i, failing)
-    assert remembered(cache) <= 10
-    assert cache.stats.load_errors == 20_000
+    assert remembered(cache, cache.store) <= 10
+    assert cache.stats.load_errors == 20_001
     with pytest.raises(LookupError, match="no row 19999"):
         await cache.get(19_999, failing)  # the most recent failures are still remembered
-    assert cache.stats.load_errors == 20_000  # ... and re-raised without a load
+    assert cache.stats.load_errors == 20_001  # ... and re-raised without a load
 
 
 async def test_failed_refreshes_remembered_are_bounded_by_maxsize_with_any_store() -> None:
@@ -1023,8 +1030,8 @@ async def test_failed_refreshes_remembered_are_bounded_by_maxsize_with_any_store
         for i in range(keys):
             assert await cache.get(i, failing) == f"{i}@old"  # stale-if-error
         await wait_until(lambda: cache.stats.refresh_errors == keys)
-    assert remembered(cache) <= 10
-    assert len(cache._flights) == 0
+    assert remembered(cache, cache.store) <= 10
+    assert len(cache._loads.flights) == 0
 
 
 # ------------------------------------------------------------- late-bound store

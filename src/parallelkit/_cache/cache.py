@@ -10,7 +10,7 @@ Every entry lives through three windows, measured from the end of its load:
 
 The hit path (:mod:`parallelkit._cache.front`) does no task, lock, event or
 datetime work: one key tuple, one local store lookup, one clock read, one
-comparison. Everything else is :meth:`SWRCache._slow`. Storage is behind the
+comparison. Everything else is :mod:`parallelkit._cache.loads`. Storage is behind the
 :class:`~parallelkit.Store` protocol (:mod:`parallelkit._cache.store`); writes of
 one key are ordered (:mod:`parallelkit._cache.writes`) so that an invalidation
 always wins.
@@ -20,15 +20,11 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
-import random
 import time
-import warnings
 from collections.abc import Awaitable, Callable, Hashable, Iterable
 from types import TracebackType
-from typing import Any, NamedTuple, TypeVar, cast, overload
+from typing import Any, TypeVar, cast, overload
 
-import cachetools
 from typing_extensions import ParamSpec, Self, final
 
 from .._core.check import (
@@ -44,22 +40,12 @@ from .._core.check import (
 )
 from .._core.owned import OwnedTaskGroup
 from .cached import CachedFunction, decorate
-from .front import Front, Thunk, no_local_answer
-from .singleflight import Flight
+from .front import Front, Thunk
+from .loads import ErrorCallback, Loads, log_refresh_error
 from .stats import CacheStats, store_counter
-from .store import (
-    CacheEntry,
-    MemoryStore,
-    Store,
-    SupportsConditionalSet,
-    SupportsLoadLock,
-    SupportsPeek,
-)
-from .writes import KeyedWrites
+from .store import MemoryStore, Store
 
 __all__ = ["CacheStats", "CachedFunction", "SWRCache"]
-
-logger = logging.getLogger("parallelkit.cache")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -67,17 +53,8 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 Loader = Callable[[K], Awaitable[V]] | Callable[[], Awaitable[V]]
-ErrorCallback = Callable[[Hashable, Exception], object]
 
 _STORE = "a parallelkit.Store (async get/set/delete/clear)"
-
-
-class _Failure(NamedTuple):
-    """What the cache remembers about a key whose load failed."""
-
-    failures: int  # consecutive failed refreshes (0: a failed miss load, kept for error_ttl)
-    until: float  # no refresh before then / the error is re-raised until then
-    error: Exception | None  # the failed miss load's error (error_ttl), else None
 
 
 def _takes_no_key(loader: Callable[..., Any]) -> bool:
@@ -93,11 +70,6 @@ def _takes_no_key(loader: Callable[..., Any]) -> bool:
 
 
 _ACCEPTS_ONE = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-
-
-def _log_refresh_error(key: Hashable, exc: Exception) -> None:
-    """The default ``on_error``: log the failure with the key."""
-    logger.warning("SWRCache: refreshing %r failed; serving the stale value", key, exc_info=exc)
 
 
 @final
@@ -189,34 +161,7 @@ class SWRCache:
         ```
     """
 
-    __slots__ = (
-        "_backoff",
-        "_cache_none",
-        "_clock_given",
-        "_conditional",
-        "_error_ttl",
-        "_failed",
-        "_flights",
-        "_fresh",
-        "_front",
-        "_jitter",
-        "_load_errors",
-        "_load_lock",
-        "_loads",
-        "_max_backoff",
-        "_maxsize",
-        "_misses",
-        "_on_error",
-        "_owner",
-        "_refresh_errors",
-        "_refreshes",
-        "_stale",
-        "_stale_hits",
-        "_store",
-        "_warned",
-        "_whole",
-        "_writes",
-    )
+    __slots__ = ("_fresh", "_front", "_loads", "_owner", "_stale")
 
     def __init__(
         self,
@@ -238,44 +183,35 @@ class SWRCache:
         if self._fresh + self._stale == 0:
             msg = "fresh and stale are both 0: nothing would ever be served from the cache"
             raise ValueError(msg)
-        self._maxsize = count("maxsize", maxsize)
+        maxsize = count("maxsize", maxsize)
         if store is not None:
             implements("store", store, Store, what=_STORE)
-        self._cache_none = flag("cache_none", cache_none)
-        self._jitter = fraction("jitter", jitter)
-        self._error_ttl = number_or_none("error_ttl", error_ttl)
-        self._backoff = number("backoff", backoff)
-        self._max_backoff = number("max_backoff", max_backoff)
+        cache_none = flag("cache_none", cache_none)
+        jitter = fraction("jitter", jitter)
+        error_ttl = number_or_none("error_ttl", error_ttl)
+        backoff = number("backoff", backoff)
+        max_backoff = number("max_backoff", max_backoff)
         if on_error is not None:
             callable_("on_error", on_error, what="a callable (key, exc) or None")
         if clock is not None:
             callable_("clock", clock, what="a zero-argument callable returning seconds")
-        self._on_error: ErrorCallback = on_error or _log_refresh_error
-        self._clock_given = clock is not None
-        self._front = Front(
-            peek=no_local_answer,
-            clock=clock or time.monotonic,
-            slow=self._slow,
-            invalidate=self.invalidate,
-        )
-        self._flights: dict[Hashable, Flight] = {}
-        self._writes = KeyedWrites()
-        self._failed: cachetools.LRUCache[Hashable, _Failure] = cachetools.LRUCache(maxsize)
         self._owner = OwnedTaskGroup("this SWRCache")
-        self._warned = False
-        self._stale_hits = self._misses = 0
-        self._loads = self._refreshes = self._refresh_errors = self._load_errors = 0
-        self._use(store if store is not None else MemoryStore(self._maxsize))
-
-    def _use(self, store: Store) -> None:
-        """Read ``store``'s capabilities (see :mod:`parallelkit._cache.store`)."""
-        self._store = store
-        self._whole = isinstance(store, MemoryStore)  # its peek is all it holds
-        self._front.peek = store.peek if isinstance(store, SupportsPeek) else no_local_answer
-        self._load_lock = store.load_lock if isinstance(store, SupportsLoadLock) else None
-        self._conditional = store if isinstance(store, SupportsConditionalSet) else None
-        if not self._clock_given:
-            self._front.clock = getattr(store, "clock", None) or time.monotonic
+        self._front = Front(clock=clock or time.monotonic, invalidate=self.invalidate)
+        self._loads = Loads(
+            self._front,
+            self._owner,
+            fresh=self._fresh,
+            stale=self._stale,
+            maxsize=maxsize,
+            cache_none=cache_none,
+            jitter=jitter,
+            error_ttl=error_ttl,
+            backoff=backoff,
+            max_backoff=max_backoff,
+            on_error=on_error or log_refresh_error,
+            clock_given=clock is not None,
+        )
+        self._loads.use(store if store is not None else MemoryStore(maxsize))
 
     def bind(self, store: Store) -> None:
         """Give the cache its store now: for a cache made before its store exists.
@@ -308,15 +244,14 @@ class SWRCache:
                 serving, or between requests).
         """
         implements("store", store, Store, what=_STORE)
-        busy = len(self._flights) + len(self._writes)
+        busy = self._loads.busy
         if busy:
             msg = (
                 f"SWRCache.bind: {busy} load(s) or store write(s) are in flight; bind the "
                 "store at startup, before the cache serves requests"
             )
             raise RuntimeError(msg)
-        self._use(store)
-        self._failed.clear()
+        self._loads.use(store)
 
     # ------------------------------------------------------------------ lifecycle
     async def __aenter__(self) -> Self:
@@ -334,19 +269,19 @@ class SWRCache:
 
     def statistics(self) -> CacheStats:
         """A frozen snapshot of the counters (see :class:`CacheStats`)."""
-        hits = self._front.hits
-        served = hits + self._stale_hits
-        total = served + self._misses
+        loads, hits = self._loads, self._front.hits
+        served = hits + loads.stale_hits
+        total = served + loads.misses
         return CacheStats(
             hits=hits,
-            stale_hits=self._stale_hits,
-            misses=self._misses,
-            loads=self._loads,
-            refreshes=self._refreshes,
-            refresh_errors=self._refresh_errors,
-            load_errors=self._load_errors,
-            evictions=store_counter(self._store, "evictions"),
-            store_errors=store_counter(self._store, "errors"),
+            stale_hits=loads.stale_hits,
+            misses=loads.misses,
+            loads=loads.loads,
+            refreshes=loads.refreshes,
+            refresh_errors=loads.refresh_errors,
+            load_errors=loads.load_errors,
+            evictions=store_counter(loads.store, "evictions"),
+            store_errors=store_counter(loads.store, "errors"),
             hit_rate=served / total if total else 0.0,
         )
 
@@ -358,7 +293,7 @@ class SWRCache:
     @property
     def store(self) -> Store:
         """The store holding the entries."""
-        return self._store
+        return self._loads.store
 
     # ------------------------------------------------------------------ reading
     async def get(self, key: K, loader: Loader[K, V]) -> V:
@@ -387,7 +322,7 @@ class SWRCache:
             return value
         call = cast("Callable[..., Awaitable[V]]", loader)
         thunk: Thunk = call if _takes_no_key(call) else functools.partial(call, key)
-        return cast("V", await self._slow(key, thunk))
+        return cast("V", await self._loads.slow(key, thunk))
 
     @overload
     def cached(self, fn: Callable[P, Awaitable[R]], /) -> CachedFunction[P, R]: ...
@@ -458,13 +393,7 @@ class SWRCache:
 
         A load of ``key`` in flight at this moment will not overwrite it.
         """
-        self._supersede(key)
-        await self._writes.acquire(key)
-        try:
-            entry, ttl = self._entry(value)
-            await self._store.set(key, entry, ttl=ttl)
-        finally:
-            self._writes.release(key)
+        await self._loads.set(key, value)
 
     async def invalidate(self, key: Hashable) -> None:
         """Forget ``key``: the next call loads it again.
@@ -473,171 +402,14 @@ class SWRCache:
         never stores its (possibly outdated) result, even if its store write has
         already started; new callers start a new load.
         """
-        self._supersede(key)
-        await self._writes.acquire(key)  # a write of key in flight lands first
-        try:
-            await self._store.delete(key)
-        finally:
-            self._writes.release(key)
+        await self._loads.delete(key)
 
     async def clear(self) -> None:
         """Forget every key (in-flight loads will not store their results)."""
-        for flight in self._flights.values():
-            flight.valid = False
-        self._flights.clear()
-        self._failed.clear()
-        await self._writes.idle()
-        await self._store.clear()
-
-    def _supersede(self, key: Hashable) -> None:
-        flight = self._flights.pop(key, None)
-        if flight is not None:
-            flight.valid = False
-        self._failed.pop(key, None)
-
-    def _entry(self, value: object) -> tuple[CacheEntry[Any], float]:
-        """An entry loaded now, and its ttl."""
-        now = self._front.clock()
-        fresh = self._fresh
-        if self._jitter:
-            fresh -= fresh * self._jitter * random.random()
-        fresh_until = now + fresh
-        return CacheEntry(value, now, fresh_until, fresh_until + self._stale), fresh + self._stale
-
-    # ------------------------------------------------------------------ slow paths
-    async def _slow(self, key: Hashable, thunk: Thunk) -> Any:
-        """Everything but a fresh local hit: ask the store, serve stale, or load."""
-        front = self._front
-        entry = front.peek(key)
-        if entry is None and not self._whole:
-            entry = await self._store.get(key)
-        if entry is not None:
-            now = front.clock()
-            if now < entry.fresh_until:
-                front.hits += 1
-                return entry.value
-            if now < entry.stale_until:
-                return await self._stale_hit(key, entry, thunk, now)
-        return await self._miss(key, thunk)
-
-    async def _stale_hit(
-        self, key: Hashable, entry: CacheEntry[Any], thunk: Thunk, now: float
-    ) -> Any:
-        self._stale_hits += 1
-        if key in self._flights:
-            return entry.value  # a refresh (or load) is already running
-        failed = self._failed.get(key)
-        if failed is not None and failed.error is None and now < failed.until:
-            return entry.value  # backing off after a failed refresh
-        flight = Flight(refresh=True)
-        self._flights[key] = flight
-        work = functools.partial(self._load, key, thunk, flight)
-        done = functools.partial(self._finish, key, flight)
-        tg = self._owner.tg
-        if tg is not None:
-            flight.start_in(tg, work, done, abandonable=False)
-            return entry.value
-        if not self._warned:
-            self._warned = True
-            warnings.warn(
-                "SWRCache is not entered, so a stale hit refreshes in the calling task. "
-                "Enter the cache once at startup (`async with cache:`) to refresh in the "
-                "background.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-        await flight.lead(work, done)
-        return flight.value if flight.ok else entry.value  # stale-if-error
-
-    async def _miss(self, key: Hashable, thunk: Thunk) -> Any:
-        self._misses += 1
-        failed = self._failed.get(key)
-        if failed is not None:
-            if failed.error is not None and self._front.clock() < failed.until:
-                raise failed.error  # error_ttl: remembered failure
-            del self._failed[key]
-        while True:
-            flight = self._flights.get(key)
-            if flight is None:
-                flight = Flight(refresh=False)
-                self._flights[key] = flight
-                work = functools.partial(self._load, key, thunk, flight)
-                done = functools.partial(self._finish, key, flight)
-                tg = self._owner.tg
-                if tg is not None:
-                    flight.start_in(tg, work, done, abandonable=True)
-                    await flight.wait()
-                else:
-                    await flight.lead(work, done)
-            else:
-                await flight.wait()
-            if flight.ok:
-                return flight.value
-            if flight.error is not None:
-                raise flight.error
-            # the flight was cancelled under us (its leader, or the cache closing): retry
-
-    async def _load(self, key: Hashable, thunk: Thunk, flight: Flight) -> Any:
-        """A flight's work: the load, under the store's cross-process lock if it has one."""
-        lock = self._load_lock
-        if lock is None:
-            return await self._fetch(key, thunk, flight)
-        async with lock(key):
-            entry = await self._store.get(key)
-            if entry is not None and self._front.clock() < entry.fresh_until:
-                return entry.value  # another process loaded it while we waited
-            return await self._fetch(key, thunk, flight)
-
-    async def _fetch(self, key: Hashable, thunk: Thunk, flight: Flight) -> Any:
-        if flight.refresh:
-            self._refreshes += 1
-        else:
-            self._loads += 1
-        conditional = self._conditional
-        token = None if conditional is None else await conditional.load_token(key)
-        value = await thunk()
-        if value is None and not self._cache_none:
-            return value
-        await self._writes.acquire(key)
-        try:
-            if flight.valid:  # not superseded while loading, nor while waiting for the turn
-                entry, ttl = self._entry(value)
-                if conditional is None:
-                    await self._store.set(key, entry, ttl=ttl)
-                else:
-                    await conditional.set_if_unchanged(key, entry, ttl=ttl, token=token)
-        finally:
-            self._writes.release(key)
-        return value
-
-    def _finish(self, key: Hashable, flight: Flight) -> None:
-        """A flight ended: forget it, and remember (bounded) how it failed."""
-        if self._flights.get(key) is flight:
-            del self._flights[key]
-        error = flight.error
-        if error is None:
-            if flight.ok and flight.valid:
-                self._failed.pop(key, None)
-            return
-        if not flight.refresh:
-            self._load_errors += 1
-            if self._error_ttl is not None and flight.valid:
-                until = self._front.clock() + self._error_ttl
-                self._failed[key] = _Failure(0, until, error)
-            return
-        self._refresh_errors += 1
-        before = self._failed.get(key)
-        failures = (before.failures if before is not None else 0) + 1
-        delay = min(self._backoff * 2 ** (failures - 1), self._max_backoff)
-        if flight.valid:
-            self._failed[key] = _Failure(failures, self._front.clock() + delay, None)
-        try:
-            self._on_error(key, error)
-        except Exception:
-            logger.exception("SWRCache: on_error raised for key %r", key)
+        await self._loads.clear()
 
     def __repr__(self) -> str:
         return (
-            f"SWRCache(fresh={self._fresh}, stale={self._stale}, store={self._store!r}, "
-            f"entered={self._owner.entered}, in_flight={len(self._flights)})"
+            f"SWRCache(fresh={self._fresh}, stale={self._stale}, store={self._loads.store!r}, "
+            f"entered={self._owner.entered}, in_flight={len(self._loads.flights)})"
         )

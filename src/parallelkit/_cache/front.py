@@ -43,26 +43,27 @@ class Front:
     """The state a cache's hit paths read (internal; see the module docs).
 
     Attributes:
-        peek: the store's synchronous local lookup (:func:`no_local_answer` if none).
+        peek: the store's synchronous local lookup (:func:`no_local_answer` if none),
+            set by :meth:`Loads.use <parallelkit._cache.loads.Loads.use>`.
         clock: the cache's clock.
         hits: fresh hits so far (the hit paths increment it).
-        slow: ``await slow(key, thunk)``: everything that is not a fresh local hit.
+        slow: ``await slow(key, thunk)``: everything that is not a fresh local hit
+            (:meth:`Loads.slow <parallelkit._cache.loads.Loads.slow>`).
         invalidate: ``await invalidate(key)``: the cache's :meth:`SWRCache.invalidate`.
     """
 
     __slots__ = ("clock", "hits", "invalidate", "peek", "slow")
 
+    slow: Callable[[Hashable, Thunk], Awaitable[Any]]  # set by the cache's Loads
+
     def __init__(
         self,
         *,
-        peek: Callable[[Hashable], CacheEntry[Any] | None],
         clock: Callable[[], float],
-        slow: Callable[[Hashable, Thunk], Awaitable[Any]],
         invalidate: Callable[[Hashable], Awaitable[None]],
     ) -> None:
-        self.peek = peek
+        self.peek: Callable[[Hashable], CacheEntry[Any] | None] = no_local_answer
         self.clock = clock
-        self.slow = slow
         self.invalidate = invalidate
         self.hits = 0
 
