@@ -147,6 +147,16 @@ async def test_cold_1000_concurrent_callers_share_one_load_not_entered() -> None
     assert src.calls == 1
 
 
+@asynccontextmanager
+async def entered_or_not(cache: SWRCache, entered: bool) -> Any:
+    """``async with cache`` if ``entered``, else nothing."""
+    if entered:
+        async with cache:
+            yield
+    else:
+        yield
+
+
 async def wait_until(cond: Any) -> None:
     with anyio.fail_after(5):
         while not cond():
@@ -167,15 +177,7 @@ async def test_cancelled_waiter_does_not_cancel_the_load(entered: bool) -> None:
     async def second() -> None:
         got.append(await cache.get("k", src))
 
-    @asynccontextmanager
-    async def maybe_entered() -> Any:
-        if entered:
-            async with cache:
-                yield
-        else:
-            yield
-
-    async with maybe_entered(), anyio.create_task_group() as tg:
+    async with entered_or_not(cache, entered), anyio.create_task_group() as tg:
         box: list[anyio.CancelScope] = []
         tg.start_soon(first, box)
         await wait_until(lambda: src.started == 1)
@@ -880,15 +882,7 @@ async def test_invalidation_wins_over_a_slow_store_write(entered: bool, write: s
     store.gate = gate = anyio.Event()
     old: list[str] = []
 
-    @asynccontextmanager
-    async def maybe_entered() -> Any:
-        if entered:
-            async with cache:
-                yield
-        else:
-            yield
-
-    async with maybe_entered(), anyio.create_task_group() as tg:
+    async with entered_or_not(cache, entered), anyio.create_task_group() as tg:
 
         async def load() -> None:
             old.append(await cache.get("k", src))

@@ -212,10 +212,7 @@ class Loads:
         failed = self._failed.get(key)
         if failed is not None and failed.error is None and now < failed.until:
             return entry.value  # backing off after a failed refresh
-        flight = Flight(refresh=True)
-        self.flights[key] = flight
-        work = functools.partial(self._load, key, thunk, flight)
-        done = functools.partial(self._finish, key, flight)
+        flight, work, done = self._new_flight(key, thunk, refresh=True)
         tg = self._owner.tg
         if tg is not None:
             flight.start_in(tg, work, done, abandonable=False)
@@ -242,10 +239,7 @@ class Loads:
         while True:
             flight = self.flights.get(key)
             if flight is None:
-                flight = Flight(refresh=False)
-                self.flights[key] = flight
-                work = functools.partial(self._load, key, thunk, flight)
-                done = functools.partial(self._finish, key, flight)
+                flight, work, done = self._new_flight(key, thunk, refresh=False)
                 tg = self._owner.tg
                 if tg is not None:
                     flight.start_in(tg, work, done, abandonable=True)
@@ -261,6 +255,15 @@ class Loads:
             # the flight was cancelled under us (its leader, or the cache closing): retry
 
     # ------------------------------------------------------------------ loads
+    def _new_flight(
+        self, key: Hashable, thunk: Thunk, *, refresh: bool
+    ) -> tuple[Flight, Thunk, Callable[[], None]]:
+        """Register a flight for ``key``: it, its work and its cleanup."""
+        flight = Flight(refresh=refresh)
+        self.flights[key] = flight
+        work = functools.partial(self._load, key, thunk, flight)
+        return flight, work, functools.partial(self._finish, key, flight)
+
     async def _load(self, key: Hashable, thunk: Thunk, flight: Flight) -> Any:
         """A flight's work: the load, under the store's cross-process lock if it has one."""
         lock = self._load_lock
