@@ -1104,3 +1104,23 @@ async def test_memory_store_drops_the_least_recently_used() -> None:
     await store.delete("a")
     await store.clear()
     assert len(store) == 0
+
+
+async def test_partials_and_async_callables_can_be_cached_apart() -> None:
+    import functools
+
+    cache = SWRCache()
+
+    async def scaled(factor: int, x: int) -> int:
+        return factor * x
+
+    double = cache.cached(functools.partial(scaled, 2))
+    triple = cache.cached(functools.partial(scaled, 3))
+    assert (await double(5), await triple(5)) == (10, 15)  # two partials, two entries
+    assert double.key(5) == (f"{__name__}.{scaled.__qualname__}(2)", 5)
+
+    class Fetch:
+        async def __call__(self, x: int) -> int:
+            return x + 1
+
+    assert await cache.cached(Fetch())(1) == 2

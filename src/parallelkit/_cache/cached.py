@@ -248,6 +248,15 @@ def _in_class_body(fn: object) -> bool:
     return len(parts) >= 2 and parts[-2] != "<locals>"
 
 
+def _name(fn: object) -> str:
+    """The first item of every key: ``module.qualname`` (a partial adds its bound arguments)."""
+    if isinstance(fn, functools.partial):
+        bound = [*map(repr, fn.args), *(f"{k}={v!r}" for k, v in fn.keywords.items())]
+        return f"{_name(fn.func)}({', '.join(bound)})"
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{getattr(fn, '__module__', None) or type(fn).__module__}.{qualname}"
+
+
 def decorate(
     fn: Callable[P, Awaitable[R]],
     front: Front,
@@ -256,8 +265,7 @@ def decorate(
     ignore: frozenset[str],
 ) -> CachedFunction[P, R]:
     """Wrap ``fn`` for :meth:`SWRCache.cached <parallelkit.SWRCache.cached>` (checked there)."""
-    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
-    name = f"{getattr(fn, '__module__', None)}.{qualname}"
+    name = _name(fn)
     call, make_key = _compile(fn, name, front, user_key=key, ignore=ignore)
     if _in_class_body(fn):
         method = _CachedMethod(call, make_key, front)
