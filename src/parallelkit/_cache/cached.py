@@ -33,7 +33,16 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
-from typing import Any, Concatenate, Protocol, TypeVar, cast, overload, runtime_checkable
+from typing import (
+    Any,
+    Concatenate,
+    NamedTuple,
+    Protocol,
+    TypeVar,
+    cast,
+    overload,
+    runtime_checkable,
+)
 
 from typing_extensions import ParamSpec, Self, final
 
@@ -104,8 +113,59 @@ def {p}make({p}name, {p}front, {p}fn, {p}key_fn, {p}sorted, {p}partial):
 """
 
 
+_POSITIONAL_KINDS = (_KIND.POSITIONAL_ONLY, _KIND.POSITIONAL_OR_KEYWORD, _KIND.VAR_POSITIONAL)
+_STARS: dict[object, str] = {_KIND.VAR_POSITIONAL: "*", _KIND.VAR_KEYWORD: "**"}
+
+
 def _tuple(items: list[str]) -> str:
     return "(" + "".join(f"{item}, " for item in items) + ")"
+
+
+class _Plan(NamedTuple):
+    """The source pieces of one generated function."""
+
+    params: str  # the parameter list, as in the original's ``def``
+    forward: str  # the same arguments passed on to the original
+    key: str  # the key expression
+    defaults: tuple[Any, ...] | None
+    kwdefaults: dict[str, Any] | None
+
+
+def _plan(params: list[inspect.Parameter], ignore: frozenset[str], p: str) -> _Plan:
+    """Spell ``params`` as a ``def``, a call, and a key (``p`` prefixes generated names)."""
+    names: list[str] = []
+    forward: list[str] = []
+    pos: list[str] = []
+    kw: list[str] = []
+    defaults: list[Any] = []
+    kwdefaults: dict[str, Any] = {}
+    for i, param in enumerate(params):
+        n, kind = param.name, param.kind
+        if kind is _KIND.KEYWORD_ONLY and not any(x.startswith("*") for x in names):
+            names.append("*")
+        star = _STARS.get(kind, "")
+        names.append(f"{star}{n}")
+        forward.append(f"{n}={n}" if kind is _KIND.KEYWORD_ONLY else f"{star}{n}")
+        if kind is _KIND.POSITIONAL_ONLY and (i + 1 == len(params) or params[i + 1].kind != kind):
+            names.append("/")
+        if param.default is not _KIND.empty:
+            if kind is _KIND.KEYWORD_ONLY:
+                kwdefaults[n] = param.default
+            else:
+                defaults.append(param.default)
+        if n in ignore:
+            continue
+        if kind in _POSITIONAL_KINDS:
+            pos.append(f"{star}{n}")
+        elif kind is _KIND.KEYWORD_ONLY:
+            kw.append(f"({n!r}, {n})")
+        else:
+            kw.append(f"*{p}sorted({n}.items())")
+    flat = all(param.kind in _POSITIONAL_KINDS for param in params)
+    key = _tuple([f"{p}name", *pos]) if flat else f"({p}name, {_tuple(pos)}, {_tuple(kw)})"
+    return _Plan(
+        ", ".join(names), ", ".join(forward), key, tuple(defaults) or None, kwdefaults or None
+    )
 
 
 def _compile(
@@ -126,62 +186,21 @@ def _compile(
     p = "_pk_"  # a prefix no parameter name starts with: the generated names cannot clash
     while any(param.name.startswith(p) for param in params):
         p = "_" + p
-    names: list[str] = []
-    forward: list[str] = []
-    pos: list[str] = []
-    kw: list[str] = []
-    defaults: list[Any] = []
-    kwdefaults: dict[str, Any] = {}
-    for i, param in enumerate(params):
-        n, kind = param.name, param.kind
-        if kind is _KIND.KEYWORD_ONLY and not any(x.startswith("*") for x in names):
-            names.append("*")
-        if kind is _KIND.VAR_POSITIONAL:
-            names.append(f"*{n}")
-            forward.append(f"*{n}")
-        elif kind is _KIND.VAR_KEYWORD:
-            names.append(f"**{n}")
-            forward.append(f"**{n}")
-        else:
-            names.append(n)
-            forward.append(f"{n}={n}" if kind is _KIND.KEYWORD_ONLY else n)
-        if kind is _KIND.POSITIONAL_ONLY and (
-            i + 1 == len(params) or params[i + 1].kind is not kind
-        ):
-            names.append("/")
-        if param.default is not _KIND.empty:
-            if kind is _KIND.KEYWORD_ONLY:
-                kwdefaults[n] = param.default
-            else:
-                defaults.append(param.default)
-        if n in ignore:
-            continue
-        if kind in (_KIND.POSITIONAL_ONLY, _KIND.POSITIONAL_OR_KEYWORD):
-            pos.append(n)
-        elif kind is _KIND.VAR_POSITIONAL:
-            pos.append(f"*{n}")
-        elif kind is _KIND.KEYWORD_ONLY:
-            kw.append(f"({n!r}, {n})")
-        else:
-            kw.append(f"*{p}sorted({n}.items())")
-    flat = all(param.kind in _POSITIONAL_KINDS for param in params)
-    key = _tuple([f"{p}name", *pos]) if flat else f"({p}name, {_tuple(pos)}, {_tuple(kw)})"
-    if user_key is not None:  # the user's key sees the arguments as given
-        names, forward = [f"*{p}args", f"**{p}kwargs"], [f"*{p}args", f"**{p}kwargs"]
-        key, defaults, kwdefaults = f"{p}key_fn(*{p}args, **{p}kwargs)", [], {}
-    source = _TEMPLATE.format(p=p, params=", ".join(names), key=key, forward=", ".join(forward))
+    if user_key is None:
+        plan = _plan(params, ignore, p)
+    else:  # the user's key sees the arguments as given
+        given = f"*{p}args, **{p}kwargs"
+        plan = _Plan(given, given, f"{p}key_fn({given})", None, None)
+    source = _TEMPLATE.format(p=p, params=plan.params, key=plan.key, forward=plan.forward)
     namespace: dict[str, Any] = {}
     exec(compile(source, f"<@cache.cached {name}>", "exec"), namespace)
     call, make_key = namespace[f"{p}make"](name, front, fn, user_key, sorted, functools.partial)
     for generated in (call, make_key):
-        generated.__defaults__ = tuple(defaults) or None
-        generated.__kwdefaults__ = kwdefaults or None
+        generated.__defaults__ = plan.defaults
+        generated.__kwdefaults__ = plan.kwdefaults
     short = getattr(fn, "__name__", "cached")
     call.__code__ = call.__code__.replace(co_name=short)  # tracebacks show the function
     return call, make_key
-
-
-_POSITIONAL_KINDS = (_KIND.POSITIONAL_ONLY, _KIND.POSITIONAL_OR_KEYWORD, _KIND.VAR_POSITIONAL)
 
 
 # ------------------------------------------------------------------------ wrappers
