@@ -10,6 +10,7 @@ import anyio.lowlevel
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from trio.testing import MockClock
 
 import parallelkit as pk
 
@@ -162,31 +163,72 @@ async def test_cache_true_does_not_memoize_errors() -> None:
         assert await loader.load(7) == 7
 
 
+async def wait_until(cond: Any) -> None:
+    while not cond():
+        await anyio.lowlevel.checkpoint()
+
+
+async def let_others_run() -> None:
+    for _ in range(20):
+        await anyio.lowlevel.checkpoint()
+
+
 async def test_window_collects_loads_across_ticks() -> None:
     src = Source()
-    async with pk.BatchLoader(src, window=0.05) as loader, anyio.create_task_group() as tg:
+    loader = pk.BatchLoader(src, window=3600, max_batch=3)  # the window never ends here
+    async with loader, anyio.create_task_group() as tg:
         for k in range(3):
             tg.start_soon(loader.load, k)
-            await anyio.sleep(0.001)
-    assert len(src.calls) == 1
+            for _ in range(5):  # several scheduling ticks apart
+                await anyio.lowlevel.checkpoint()
+            if k < 2:
+                assert src.calls == []  # still collecting
+    assert [sorted(c) for c in src.calls] == [[0, 1, 2]]  # one batch, sent when full
+
+
+mock_clock = pytest.mark.parametrize(
+    "anyio_backend",
+    [pytest.param(("trio", {"clock": MockClock(autojump_threshold=0)}), id="trio-mockclock")],
+)
+
+
+@mock_clock
+async def test_window_ends_on_the_clock() -> None:
+    src = Source()
+    async with pk.BatchLoader(src, window=0.5) as loader, anyio.create_task_group() as tg:
+        start = anyio.current_time()
+        tg.start_soon(loader.load, 1)
+        await anyio.sleep(0.3)
+        tg.start_soon(loader.load, 2)  # within the window: joins
+        await anyio.sleep(0.3)
+        assert len(src.calls) == 1  # the window (0.5 s) ended: sent
+        tg.start_soon(loader.load, 3)  # a new batch
+    assert [sorted(c) for c in src.calls] == [[1, 2], [3]]
+    assert anyio.current_time() - start >= 0.5  # virtual time: the window was waited
 
 
 async def test_cancelled_caller_does_not_break_the_batch() -> None:
     src = Source()
     src.gate = anyio.Event()
     got: list[int] = []
+    cancelled: list[bool] = []
     async with pk.BatchLoader(src) as loader, anyio.create_task_group() as tg:
-        with anyio.CancelScope() as scope:
 
-            async def other() -> None:
-                got.append(await loader.load(2))
+        async def one(key: int, scope: anyio.CancelScope) -> None:
+            with scope:
+                got.append(await loader.load(key))
+            cancelled.append(scope.cancelled_caught)
 
-            tg.start_soon(other)
-            tg.start_soon(loader.load, 1)
-            await anyio.sleep(0.01)
-            scope.cancel()
+        first = anyio.CancelScope()
+        tg.start_soon(one, 1, first)
+        tg.start_soon(one, 2, anyio.CancelScope())
+        await wait_until(lambda: src.calls)  # the batch of both keys is in flight
+        first.cancel()
+        await wait_until(lambda: cancelled)
         src.gate.set()
-    assert got == [20]
+    assert [sorted(c) for c in src.calls] == [[1, 2]]
+    assert got == [20]  # the other caller got its value
+    assert sorted(cancelled) == [False, True]
 
 
 async def test_leaves_nothing_running_and_fails_callers_on_error_exit() -> None:
@@ -204,7 +246,7 @@ async def test_leaves_nothing_running_and_fails_callers_on_error_exit() -> None:
         with pytest.raises(LookupError):
             async with pk.BatchLoader(src) as loader:
                 outer.start_soon(caller, loader)
-                await anyio.sleep(0.01)
+                await wait_until(lambda: src.calls)  # the batch is in flight
                 raise LookupError  # not wrapped in an ExceptionGroup
     assert len(errors) == 1
     assert "closed" in str(errors[0])
@@ -223,21 +265,54 @@ async def test_normal_exit_sends_queued_keys_without_waiting_the_window() -> Non
     assert src.calls == [[1]]
 
 
-def test_bad_arguments() -> None:
-    async def lm(keys: list[int]) -> list[int]:
+async def lm(keys: list[int]) -> list[int]:
+    return keys
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "exc"),
+    [
+        *[("max_batch", v, TypeError) for v in (1.5, True, "500", None)],
+        *[("max_batch", v, ValueError) for v in (0, -1)],
+        *[("window", v, TypeError) for v in ("0", True, None)],
+        *[("window", v, ValueError) for v in (-1, NAN, INF)],
+        *[("cache", v, TypeError) for v in (1, "yes", None)],
+    ],
+)
+def test_bad_options_name_the_argument(name: str, value: object, exc: type[Exception]) -> None:
+    with pytest.raises(exc, match=rf"^{name} must be "):
+        pk.BatchLoader(lm, **{name: value})
+
+
+def test_load_many_must_be_async_and_is_refused_before_any_call() -> None:
+    calls = 0
+
+    def sync_load_many(keys: list[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
         return keys
 
-    with pytest.raises(ValueError, match="max_batch"):
-        pk.BatchLoader(lm, max_batch=0)
-    with pytest.raises(TypeError, match="max_batch"):
-        pk.BatchLoader(lm, max_batch=1.5)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="window"):
-        pk.BatchLoader(lm, window=-1)
-    with pytest.raises(TypeError, match="load_many"):
-        pk.BatchLoader(3)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="cache"):
-        pk.BatchLoader(lm, cache=1)  # type: ignore[arg-type]
+    for bad in (sync_load_many, lambda keys: keys, 3, None):
+        with pytest.raises(TypeError, match=r"^load_many must be an async callable"):
+            pk.BatchLoader(bad)  # type: ignore[arg-type]
+    assert calls == 0
     assert "max_batch=500" in repr(pk.BatchLoader(lm))
+    assert "window=0.0" in repr(pk.BatchLoader(lm))
+
+
+def test_statistics_is_the_convention_and_stats_its_alias() -> None:
+    loader = pk.BatchLoader(lm)
+    assert loader.statistics() == loader.stats == pk.BatchStats(requests=0, keys=0, calls=0)
+
+
+async def test_enter_once() -> None:
+    loader = pk.BatchLoader(lm)
+    async with loader:
+        with pytest.raises(RuntimeError, match="already entered"):
+            await loader.__aenter__()
 
 
 @settings(max_examples=30, deadline=None)
@@ -274,7 +349,7 @@ async def test_without_async_with_the_first_caller_runs_the_batch() -> None:
 async def test_without_async_with_a_cancelled_leader_does_not_strand_the_others() -> None:
     src = Source()
     src.gate = anyio.Event()
-    loader = pk.BatchLoader(src, window=0.05)  # time for the follower to join
+    loader = pk.BatchLoader(src, window=3600, max_batch=2)  # sent when the follower joins
     got: list[int] = []
     leader_finished = False
 
@@ -296,7 +371,7 @@ async def test_without_async_with_a_cancelled_leader_does_not_strand_the_others(
         while not src.calls:
             await anyio.lowlevel.checkpoint()
         scope.cancel()  # the leader is cancelled while its batch is in flight
-        await anyio.sleep(0.01)
+        await let_others_run()
         src.gate.set()
     assert src.calls == [[1, 2]]
     assert got == [20]  # the follower got its value
@@ -422,7 +497,7 @@ async def test_asyncio_cache_true_futures_share_in_flight_and_finished_loads() -
     src.gate = anyio.Event()
     async with pk.BatchLoader(src, cache=True) as loader:
         first = loader.load(1)
-        await anyio.sleep(0.01)  # the batch is in flight
+        await wait_until(lambda: src.calls)  # the batch is in flight
         joined = loader.load(1)  # joins the in-flight load
         src.gate.set()
         assert await first == 10

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
+from collections.abc import Hashable, Sized
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -112,7 +112,7 @@ async def test_stale_serves_at_once_and_refreshes_once_for_1000_callers() -> Non
             await anyio.lowlevel.checkpoint()
         assert src.calls == 2  # the first load + exactly one refresh, still gated
         src.gate.set()
-        await wait_until(lambda: not cache._flights)
+        await wait_until(lambda: not cache._loads.flights)
         assert await cache.get("k", src) == "k@1"
     s = cache.stats
     assert (s.refreshes, s.stale_hits, s.loads) == (1, 1000, 1)
@@ -147,6 +147,16 @@ async def test_cold_1000_concurrent_callers_share_one_load_not_entered() -> None
     assert src.calls == 1
 
 
+@asynccontextmanager
+async def entered_or_not(cache: SWRCache, entered: bool) -> Any:
+    """``async with cache`` if ``entered``, else nothing."""
+    if entered:
+        async with cache:
+            yield
+    else:
+        yield
+
+
 async def wait_until(cond: Any) -> None:
     with anyio.fail_after(5):
         while not cond():
@@ -167,15 +177,7 @@ async def test_cancelled_waiter_does_not_cancel_the_load(entered: bool) -> None:
     async def second() -> None:
         got.append(await cache.get("k", src))
 
-    @asynccontextmanager
-    async def maybe_entered() -> Any:
-        if entered:
-            async with cache:
-                yield
-        else:
-            yield
-
-    async with maybe_entered(), anyio.create_task_group() as tg:
+    async with entered_or_not(cache, entered), anyio.create_task_group() as tg:
         box: list[anyio.CancelScope] = []
         tg.start_soon(first, box)
         await wait_until(lambda: src.started == 1)
@@ -190,11 +192,24 @@ async def test_cancelled_waiter_does_not_cancel_the_load(entered: bool) -> None:
     assert src.cancelled == 0
 
 
+async def cancel_once_started(src: Source, call: Any) -> None:
+    """Run ``call()`` and cancel it as soon as its load has started (no timeout)."""
+    async with anyio.create_task_group() as tg:
+
+        async def caller(scope: anyio.CancelScope) -> None:
+            with scope:
+                await call()
+
+        scope = anyio.CancelScope()
+        tg.start_soon(caller, scope)
+        await wait_until(lambda: src.started == 1)
+        scope.cancel()
+
+
 async def test_cancelled_lone_leader_cancels_its_load() -> None:
     cache, _, src = make()
     src.gate = anyio.Event()
-    with anyio.move_on_after(0.05):
-        await cache.get("k", src)
+    await cancel_once_started(src, lambda: cache.get("k", src))
     assert src.cancelled == 1
     src.gate = None
     assert await cache.get("k", src) == "k@0"  # a new flight, nothing stuck
@@ -260,7 +275,7 @@ async def test_stale_if_error_with_backoff_and_on_error() -> None:
         src.fail = None
         clock.advance(2.0)
         await cache.get("k", src)
-        await wait_until(lambda: cache.stats.refreshes == 3 and not cache._flights)
+        await wait_until(lambda: cache.stats.refreshes == 3 and not cache._loads.flights)
         assert await cache.get("k", src) == "k@0"  # refreshed value is k@0 (version unchanged)
     assert cache.stats.refresh_errors == 2
 
@@ -344,8 +359,8 @@ async def test_nothing_left_running_after_async_with() -> None:
         await cache.get("k", src)
         await wait_until(lambda: src.started == 2)
     assert src.cancelled == 1  # leaving cancelled the pending refresh and awaited it
-    assert not cache._flights
-    assert cache._tg is None
+    assert not cache._loads.flights
+    assert not cache._owner.entered
     assert "entered=False" in repr(cache)
 
 
@@ -609,39 +624,104 @@ def test_key_normalization_invariant(x: object, y: object) -> None:
 
 
 # ------------------------------------------------------------------------- validation
+NAN, INF = float("nan"), float("inf")
+
+BAD_CACHE_ARGUMENTS = [
+    # (keyword, value, exception): durations are real, not bool, finite, > 0 (>= 0 for windows)
+    *[("fresh", v, TypeError) for v in ("1", True, None)],
+    *[("fresh", v, ValueError) for v in (-1, NAN, INF)],
+    *[("stale", v, TypeError) for v in ("1", False)],
+    *[("stale", v, ValueError) for v in (-0.5, NAN, INF)],
+    *[("error_ttl", v, TypeError) for v in ("1", True)],
+    *[("error_ttl", v, ValueError) for v in (0, -1, NAN, INF)],
+    *[("backoff", v, TypeError) for v in ("1", True, None)],
+    *[("backoff", v, ValueError) for v in (0, -1, NAN, INF)],
+    *[("max_backoff", v, TypeError) for v in ("60", True)],
+    *[("max_backoff", v, ValueError) for v in (0, NAN, INF)],
+    # counts are int, not bool, >= 1
+    *[("maxsize", v, TypeError) for v in (1.5, True, "10", None)],
+    *[("maxsize", v, ValueError) for v in (0, -3)],
+    # a fraction in [0, 1)
+    *[("jitter", v, TypeError) for v in ("0.1", True, None)],
+    *[("jitter", v, ValueError) for v in (1.0, 1, -0.1, NAN, INF)],
+    # flags are bool; callables are callable; a store is a Store
+    *[("cache_none", v, TypeError) for v in (1, "yes", None)],
+    *[("on_error", v, TypeError) for v in (3, "log")],
+    *[("clock", v, TypeError) for v in (3, 1.0)],
+    *[("store", v, TypeError) for v in (object(), {}, pk.MemoryStore)],
+]
+
+
+@pytest.mark.parametrize(("name", "value", "exc"), BAD_CACHE_ARGUMENTS)
+def test_bad_cache_arguments_name_the_argument(
+    name: str, value: object, exc: type[Exception]
+) -> None:
+    with pytest.raises(exc, match=rf"^{name} must be "):
+        SWRCache(**{name: value})
+
+
+def test_fresh_and_stale_both_zero_is_refused() -> None:
+    with pytest.raises(ValueError, match="both 0"):
+        SWRCache(fresh=0, stale=0)
+    assert SWRCache(fresh=0, stale=5).stats.hits == 0  # one of them may be 0
+
+
 @pytest.mark.parametrize(
-    ("kwargs", "exc", "name"),
+    ("value", "exc"), [(0, ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError)]
+)
+def test_bad_memory_store_size(value: object, exc: type[Exception]) -> None:
+    with pytest.raises(exc, match=r"^maxsize must be "):
+        MemoryStore(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("options", "exc", "message"),
     [
-        ({"fresh": -1}, ValueError, "fresh"),
-        ({"stale": "1"}, TypeError, "stale"),
-        ({"fresh": 0, "stale": 0}, ValueError, "both 0"),
-        ({"maxsize": 0}, ValueError, "maxsize"),
-        ({"store": object()}, TypeError, "store"),
-        ({"jitter": 1.0}, ValueError, "jitter"),
-        ({"error_ttl": 0}, ValueError, "error_ttl"),
-        ({"backoff": 0}, ValueError, "backoff"),
-        ({"on_error": 3}, TypeError, "on_error"),
-        ({"clock": 3}, TypeError, "clock"),
-        ({"cache_none": 1}, TypeError, "cache_none"),
+        ({"key": 3}, TypeError, r"^key must be a callable"),
+        ({"key": "conv:{id}"}, TypeError, r"^key must be a callable"),
+        ({"ignore": 3}, TypeError, r"^ignore must be a str or an iterable of str"),
+        ({"ignore": [1]}, TypeError, r"^ignore must be a str or an iterable of str"),
+        ({"ignore": ("nope",)}, ValueError, r"^ignore names parameters \['nope'\]"),
+        ({"ignore": "x", "key": str}, ValueError, r"either key= or ignore="),
     ],
 )
-def test_bad_arguments(kwargs: dict[str, Any], exc: type[Exception], name: str) -> None:
-    with pytest.raises(exc, match=name):
-        SWRCache(**kwargs)
-
-
-def test_decorator_rejects_sync_functions_and_bad_ignore() -> None:
+def test_bad_decorator_options(options: dict[str, Any], exc: type[Exception], message: str) -> None:
     cache = SWRCache()
-    with pytest.raises(TypeError, match="async function"):
-        cache.cached(lambda: 1)  # type: ignore[arg-type, return-value]
 
     async def f(x: int) -> int:
         return x
 
-    with pytest.raises(ValueError, match="nope"):
-        cache.cached(ignore=("nope",))(f)
-    with pytest.raises(ValueError, match="either key= or ignore="):
-        cache.cached(key=lambda x: x, ignore=("x",))(f)
+    with pytest.raises(exc, match=message):
+        cache.cached(**options)(f)
+
+
+def test_decorator_refuses_a_sync_function_before_calling_it() -> None:
+    cache = SWRCache()
+    calls = 0
+
+    def sync(x: int) -> int:
+        nonlocal calls
+        calls += 1
+        return x
+
+    for fn in (sync, lambda: 1, 3):
+        with pytest.raises(TypeError, match=r"^fn must be an async function"):
+            cache.cached(fn)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"^fn must be an async function"):
+            cache.cached(ignore=())(fn)  # type: ignore[arg-type]
+    assert calls == 0
+
+
+def test_ignore_accepts_one_name_or_several() -> None:
+    cache = SWRCache()
+
+    async def f(db: object, x: int, y: int = 0) -> int:
+        return x
+
+    one = cache.cached(ignore="db")(f)
+    several = cache.cached(ignore=["db", "y"])(f)
+    assert one.key(object(), 1) == one.key("other db", 1)
+    assert several.key(object(), 1, 2) == several.key(None, 1, 3)
 
 
 def test_stats_is_a_frozen_record() -> None:
@@ -657,7 +737,9 @@ async def test_anyio_clock_on_both_backends() -> None:
     src = Source()
     async with cache:
         await cache.get("k", src)
-        await anyio.sleep(0.02)  # past fresh on the backend's own clock
+        start = anyio.current_time()
+        while anyio.current_time() < start + 0.01:  # past fresh on the backend's own clock
+            await anyio.sleep(0.01)
         assert await cache.get("k", src) == "k@0"
         await wait_until(lambda: cache.stats.refreshes == 1)
     assert cache.stats.stale_hits == 1
@@ -686,9 +768,359 @@ async def test_entered_load_is_cancelled_when_its_last_waiter_leaves() -> None:
     cache, _, src = make()
     src.gate = anyio.Event()
     async with cache:
-        with anyio.move_on_after(0.05):
-            await cache.get("k", src)
+        await cancel_once_started(src, lambda: cache.get("k", src))
         await wait_until(lambda: src.cancelled == 1)  # nobody wanted it any more
         src.gate = None
         assert await cache.get("k", src) == "k@0"
     assert src.calls == 2
+
+
+# ------------------------------------------------------------- the hit path & peek
+async def test_a_fresh_hit_never_suspends() -> None:
+    """No task, lock, event or checkpoint on a hit: the coroutine finishes in one step."""
+    cache, _, src = make()
+
+    @cache.cached
+    async def f(x: int, *, scale: int = 2) -> int:
+        return x * scale
+
+    assert await f(3) == 6
+    assert await cache.get("k", src) == "k@0"
+    for hit in (f(3), f(x=3, scale=2), cache.get("k", src)):
+        with pytest.raises(StopIteration) as done:
+            hit.send(None)
+        assert done.value.value in (6, "k@0")
+    assert cache.statistics().hits == 3
+
+
+def test_decorated_function_keeps_its_signature_and_is_a_coroutine_function() -> None:
+    import inspect
+
+    cache = SWRCache()
+
+    async def f(x: int, /, y: str = "a", *rest: int, z: bool = False, **extra: int) -> str:
+        """Doc."""
+        return y
+
+    cached = cache.cached(f)
+    assert inspect.signature(cached) == inspect.signature(f)
+    assert inspect.iscoroutinefunction(cached)  # frameworks see an async endpoint
+    assert (cached.__name__, cached.__doc__, cached.__wrapped__) == ("f", "Doc.", f)
+    assert isinstance(cached, pk.CachedFunction)
+    assert cached.key(1) == cached.key(1, "a", z=False)
+    assert cached.key(1, "a", 2, z=True, w=3) == (
+        f"{__name__}.{f.__qualname__}",
+        (1, "a", 2),
+        (("z", True), ("w", 3)),
+    )
+
+
+class NearStore(DictStore):
+    """A remote store with an in-process tier: ``peek`` answers from ``near`` only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.near: dict[Hashable, CacheEntry[Any]] = {}
+        self.gets = 0
+
+    def peek(self, key: Hashable) -> CacheEntry[Any] | None:
+        return self.near.get(key)
+
+    async def get(self, key: Hashable) -> CacheEntry[Any] | None:
+        self.gets += 1
+        return await super().get(key)
+
+
+async def test_peek_then_get_a_local_miss_asks_the_store() -> None:
+    store, clock, src = NearStore(), FakeClock(), Source()
+    cache = SWRCache(fresh=10, stale=100, store=store, clock=clock)
+
+    @cache.cached
+    async def f(x: str) -> str:
+        return await src(x)
+
+    now = clock()
+    from_peer = CacheEntry("from another process", now, now + 10, now + 110)
+    store.data["k"] = from_peer  # in the shared store, not in this process's near tier
+    store.data[f.key("k")] = from_peer
+    assert await cache.get("k", src) == "from another process"
+    assert await f("k") == "from another process"
+    assert (src.calls, store.gets) == (0, 2)  # no load: the store had it
+    store.near["k"] = CacheEntry("near", now, now + 10, now + 110)
+    assert await cache.get("k", src) == "near"
+    assert store.gets == 2  # a local answer: no await on the store
+    assert cache.statistics().hits == 3
+
+
+# --------------------------------------------------------- invalidation always wins
+class SlowSetStore(DictStore):
+    """A network-like store: the next ``set`` waits on ``gate`` (a slow round trip)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: anyio.Event | None = None
+        self.setting = 0
+
+    async def set(self, key: Hashable, entry: CacheEntry[Any], *, ttl: float) -> None:
+        self.setting += 1
+        gate, self.gate = self.gate, None  # later writes are fast
+        if gate is not None:
+            await gate.wait()
+        await super().set(key, entry, ttl=ttl)
+
+
+async def let_others_run() -> None:
+    for _ in range(20):
+        await anyio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize("entered", [True, False])
+@pytest.mark.parametrize("write", ["invalidate", "set", "clear"])
+async def test_invalidation_wins_over_a_slow_store_write(entered: bool, write: str) -> None:
+    store, src = SlowSetStore(), Source()
+    cache = SWRCache(fresh=10, stale=100, store=store, clock=FakeClock())
+    store.gate = gate = anyio.Event()
+    old: list[str] = []
+
+    async with entered_or_not(cache, entered), anyio.create_task_group() as tg:
+
+        async def load() -> None:
+            old.append(await cache.get("k", src))
+
+        tg.start_soon(load)
+        await wait_until(lambda: store.setting == 1)  # loaded; its store write is in flight
+        if write == "invalidate":
+            tg.start_soon(cache.invalidate, "k")
+        elif write == "set":
+            tg.start_soon(cache.set, "k", "newer")
+        else:
+            tg.start_soon(cache.clear)
+        await let_others_run()  # the invalidation runs now, while the old write hangs
+        gate.set()
+    assert old == ["k@0"]  # the old load still answered its caller
+    expected = {"set": "newer"}.get(write)
+    assert (store.data["k"].value if "k" in store.data else None) == expected
+    src.version = 1
+    assert await cache.get("k", src) == (expected or "k@1")
+
+
+class SharedStore(DictStore):
+    """A store shared by processes, with the conditional set: a token is a write version."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.versions: dict[Hashable, int] = {}
+        self.epoch = 0
+        self.events: list[str] = []
+
+    def peer_writes(self, key: Hashable) -> None:
+        """Another process deleted or set ``key``."""
+        self.versions[key] = self.versions.get(key, 0) + 1
+
+    async def set(self, key: Hashable, entry: CacheEntry[Any], *, ttl: float) -> None:
+        self.events.append("set")
+        self.peer_writes(key)
+        await super().set(key, entry, ttl=ttl)
+
+    async def delete(self, key: Hashable) -> None:
+        self.peer_writes(key)
+        await super().delete(key)
+
+    async def clear(self) -> None:
+        self.epoch += 1
+        await super().clear()
+
+    async def load_token(self, key: Hashable) -> object:
+        self.events.append("token")
+        return (self.epoch, self.versions.get(key, 0))
+
+    async def set_if_unchanged(
+        self, key: Hashable, entry: CacheEntry[Any], *, ttl: float, token: object
+    ) -> bool:
+        stored = token == (self.epoch, self.versions.get(key, 0))
+        self.events.append(f"set_if_unchanged:{stored}")
+        if stored:
+            self.peer_writes(key)
+            self.data[key] = entry
+        return stored
+
+
+async def test_invalidation_in_another_process_wins_with_a_conditional_store() -> None:
+    from parallelkit._cache.store import SupportsConditionalSet
+
+    store, clock = SharedStore(), FakeClock()
+    assert isinstance(store, SupportsConditionalSet)
+    cache = SWRCache(fresh=10, stale=100, store=store, clock=clock)
+    events = store.events
+
+    async def loader(key: str) -> str:
+        events.append("load")
+        return await src(key)
+
+    src = Source()
+    assert await cache.get("k", loader) == "k@0"
+    assert events == ["token", "load", "set_if_unchanged:True"]  # a token before the load
+    events.clear()
+
+    src.gate = anyio.Event()
+    clock.advance(50)  # stale: a refresh starts
+    async with cache:
+        assert await cache.get("k", loader) == "k@0"
+        await wait_until(lambda: src.started == 2)
+        store.peer_writes("k")  # another replica invalidated k while the refresh ran
+        src.gate.set()
+        await wait_until(lambda: cache.stats.refreshes == 1 and not cache._loads.flights)
+    assert events == ["token", "load", "set_if_unchanged:False"]
+    assert store.data["k"].value == "k@0"  # the refreshed value was not stored
+    events.clear()
+    await cache.set("k", "by hand")  # an explicit set is a plain set
+    assert events == ["set"]
+
+
+# ------------------------------------------------------------- bounded memory
+def remembered(obj: object, store: object) -> int:
+    """How many things a cache holds besides its store: every sized attribute, inside out."""
+    total = 0
+    for name in getattr(type(obj), "__slots__", ()):
+        value = getattr(obj, name, None)
+        if value is store or isinstance(value, str):
+            continue
+        if isinstance(value, Sized):
+            total += len(value)
+        elif type(value).__module__.startswith("parallelkit._cache"):
+            total += remembered(value, store)
+    return total
+
+
+async def failing(key: Hashable) -> str:
+    raise LookupError(f"no row {key}")  # a new exception each time (a reused one grows)
+
+
+async def test_failed_loads_remembered_are_bounded_by_maxsize() -> None:
+    cache, _, _ = make(maxsize=10, error_ttl=60.0)
+    with pytest.raises(LookupError):
+        await cache.get("first", failing)
+    assert remembered(cache, cache.store) == 1  # the measure sees the failure kept
+    for i in range(20_000):
+        with pytest.raises(LookupError):
+            await cache.get(i, failing)
+    assert remembered(cache, cache.store) <= 10
+    assert cache.stats.load_errors == 20_001
+    with pytest.raises(LookupError, match="no row 19999"):
+        await cache.get(19_999, failing)  # the most recent failures are still remembered
+    assert cache.stats.load_errors == 20_001  # ... and re-raised without a load
+
+
+async def test_failed_refreshes_remembered_are_bounded_by_maxsize_with_any_store() -> None:
+    store, clock = DictStore(), FakeClock()
+    cache = SWRCache(
+        fresh=1, stale=1000, maxsize=10, store=store, clock=clock, on_error=lambda k, e: None
+    )
+    now = clock()
+    keys = 2_000
+    for i in range(keys):
+        store.data[i] = CacheEntry(f"{i}@old", now - 5, now - 4, now + 990)  # stale
+    async with cache:
+        for i in range(keys):
+            assert await cache.get(i, failing) == f"{i}@old"  # stale-if-error
+        await wait_until(lambda: cache.stats.refresh_errors == keys)
+    assert remembered(cache, cache.store) <= 10
+    assert len(cache._loads.flights) == 0
+
+
+# ------------------------------------------------------------- late-bound store
+async def test_bind_gives_a_store_to_a_cache_decorated_before_it_existed() -> None:
+    cache = SWRCache(fresh=10, stale=100)  # e.g. at module level
+    calls = 0
+
+    @cache.cached
+    async def f(x: int) -> int:
+        nonlocal calls
+        calls += 1
+        return x * 2
+
+    class ClockStore(DictStore):
+        clock = staticmethod(lambda: 5.0)
+
+    assert await f(1) == 2  # before bind: the default MemoryStore
+    store = ClockStore()  # e.g. a RedisStore made when the application starts
+    cache.bind(store)
+    assert cache.store is store
+    assert await f(1) == 2  # a miss in the new store: entries are not carried over
+    assert await f(1) == 2  # a hit through the new store
+    assert calls == 2
+    assert store.data[f.key(1)].loaded_at == 5.0  # the store's clock is adopted
+    assert cache.statistics().hits == 1
+    cache.bind(pk.MemoryStore(5))  # a store with a local answer: the hit path follows
+    await f(1)
+    await f(1)
+    assert calls == 3
+    assert isinstance(cache.store, pk.MemoryStore)
+    assert len(cache.store) == 1
+
+
+async def test_bind_keeps_a_clock_given_by_the_user() -> None:
+    class ClockStore(DictStore):
+        clock = staticmethod(lambda: 5.0)
+
+    clock = FakeClock()
+    cache = SWRCache(clock=clock)
+    store = ClockStore()
+    cache.bind(store)
+    await cache.get("k", Source())
+    assert store.data["k"].loaded_at == clock()
+
+
+async def test_bind_is_refused_while_a_load_is_in_flight() -> None:
+    cache, _, src = make()
+    src.gate = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.get, "k", src)
+        await wait_until(lambda: src.started == 1)
+        with pytest.raises(RuntimeError, match="in flight"):
+            cache.bind(DictStore())
+        src.gate.set()
+    cache.bind(DictStore())  # nothing in flight now
+    with pytest.raises(TypeError, match=r"^store must be a parallelkit.Store"):
+        cache.bind(object())  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- statistics & store
+def test_statistics_is_the_convention_and_stats_its_alias() -> None:
+    cache = SWRCache()
+    assert cache.statistics() == cache.stats == pk.CacheStats(0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0)
+
+
+async def test_memory_store_drops_the_least_recently_used() -> None:
+    store = MemoryStore(2)
+    entry = CacheEntry("v", 0.0, 1.0, 2.0)
+    await store.set("a", entry, ttl=2)
+    await store.set("b", entry, ttl=2)
+    assert store.peek("a") is entry  # a is now the most recently used
+    await store.set("c", entry, ttl=2)
+    assert (store.peek("b"), len(store), store.evictions) == (None, 2, 1)
+    await store.set("a", entry, ttl=2)  # overwriting is not an eviction
+    assert store.evictions == 1
+    await store.delete("a")
+    await store.clear()
+    assert len(store) == 0
+
+
+async def test_partials_and_async_callables_can_be_cached_apart() -> None:
+    import functools
+
+    cache = SWRCache()
+
+    async def scaled(factor: int, x: int) -> int:
+        return factor * x
+
+    double = cache.cached(functools.partial(scaled, 2))
+    triple = cache.cached(functools.partial(scaled, 3))
+    assert (await double(5), await triple(5)) == (10, 15)  # two partials, two entries
+    assert double.key(5) == (f"{__name__}.{scaled.__qualname__}(2)", 5)
+
+    class Fetch:
+        async def __call__(self, x: int) -> int:
+            return x + 1
+
+    assert await cache.cached(Fetch())(1) == 2

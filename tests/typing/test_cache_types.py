@@ -52,6 +52,11 @@ async def check() -> None:
     await cache.clear()
     stats = cache.stats
     assert_type(stats, pk.CacheStats)
+    assert_type(cache.statistics(), pk.CacheStats)
+    cache.bind(pk.MemoryStore(maxsize=100))  # a late-bound store
+    assert_type(cache.store, pk.Store)
+    contact_fn: pk.CachedFunction[[int], str] = get_contact  # the decorator's type
+    assert_type(await contact_fn(1), str)
     assert_type(stats.hit_rate, float)
     assert_type(pk.MemoryStore(maxsize=10), pk.MemoryStore)
     store: pk.Store = pk.MemoryStore()
@@ -66,3 +71,4 @@ async def check() -> None:
         assert_type(await loader.load(1), str)
         assert_type(await loader.load_many([1, 2]), list[str])
         assert_type(loader.stats, pk.BatchStats)
+        assert_type(loader.statistics(), pk.BatchStats)

@@ -34,11 +34,10 @@ from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
 import anyio
-from anyio.abc import TaskGroup
 from typing_extensions import Self, final
 
-from .._core.check import number
-from .._core.owned import leave
+from .._core.check import async_callable, count, flag, number
+from .._core.owned import OwnedTaskGroup
 from .batch import MISSING, Batch, KeyFuture, asyncio_loop
 
 __all__ = ["BatchLoader", "BatchStats"]
@@ -52,7 +51,7 @@ LoadMany = Callable[[list[K]], Awaitable[Mapping[K, "V | Exception"] | Sequence[
 @final
 @dataclass(frozen=True, slots=True)
 class BatchStats:
-    """A snapshot of a :class:`BatchLoader`'s counters (``loader.stats``).
+    """A snapshot of a :class:`BatchLoader`'s counters (``loader.statistics()``).
 
     Attributes:
         requests: keys asked for through :meth:`~BatchLoader.load` /
@@ -96,7 +95,8 @@ class BatchLoader(Generic[K, V]):
     so the callers that joined are never stranded).
 
     Args:
-        load_many: ``async def load_many(keys: list[K]) -> Mapping | Sequence``.
+        load_many: ``async def load_many(keys: list[K]) -> Mapping | Sequence``
+            (a sync function is refused before it is ever called).
         max_batch: the most distinct keys per call (>= 1).
         window: seconds to keep collecting after a batch's first key (``0``: one
             scheduling tick).
@@ -104,13 +104,34 @@ class BatchLoader(Generic[K, V]):
         default: returned for keys a mapping result leaves out (instead of
             raising :class:`KeyError`).
 
+    Raises:
+        TypeError: ``load_many`` is not an async callable, or an option has the
+            wrong type (the message names it).
+        ValueError: ``max_batch`` < 1, or ``window`` negative or not finite.
+
+    Counters: :meth:`statistics` returns a frozen :class:`BatchStats`
+    (``loader.stats`` is the same, an alias).
+
     Example:
         ```python
-        async def contacts_by_id(ids: list[int]) -> dict[int, str]:
-            return {i: f"contact {i}" for i in ids}   # one query for all ids
+        import anyio
+        import parallelkit as pk
 
-        async with pk.BatchLoader(contacts_by_id) as contacts:
-            a, b = await pk.gather(contacts.load(1), contacts.load(2))  # one call
+        calls = []
+
+
+        async def contacts_by_id(ids: list[int]) -> dict[int, str]:
+            calls.append(ids)  # one query for all ids
+            return {i: f"contact {i}" for i in ids}
+
+
+        async def main() -> None:
+            async with pk.BatchLoader(contacts_by_id) as contacts:
+                a, b = await pk.gather(contacts.load(1), contacts.load(2))
+            assert (a, b, len(calls)) == ("contact 1", "contact 2", 1)  # one call
+
+
+        anyio.run(main)
         ```
     """
 
@@ -124,8 +145,8 @@ class BatchLoader(Generic[K, V]):
         "_loop",
         "_max_batch",
         "_memo",
+        "_owner",
         "_requests",
-        "_tg",
         "_window",
     )
 
@@ -139,39 +160,20 @@ class BatchLoader(Generic[K, V]):
         cache: bool = False,
         default: Any = MISSING,
     ) -> None:
-        fn: object = load_many
-        if not callable(fn):
-            msg = f"load_many must be an async callable (keys) -> mapping or list, got {fn!r}"
-            raise TypeError(msg)
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int):
-            msg = f"max_batch must be an int >= 1, got {max_batch!r}"
-            raise TypeError(msg)
-        if max_batch < 1:
-            msg = f"max_batch must be >= 1, got {max_batch!r}"
-            raise ValueError(msg)
-        number("window", window, zero=True)
-        flag: object = cache
-        if not isinstance(flag, bool):
-            msg = f"cache must be a bool, got {cache!r}"
-            raise TypeError(msg)
+        async_callable("load_many", load_many, what="an async callable (keys) -> mapping or list")
         self._load_many = load_many
-        self._max_batch = max_batch
-        self._window = float(window)
-        self._cache = cache
+        self._max_batch = count("max_batch", max_batch)
+        self._window = number("window", window, zero=True)
+        self._cache = flag("cache", cache)
         self._default = default
         self._memo: dict[Any, Batch] = {}
         self._batch: Batch | None = None
-        self._tg: TaskGroup | None = None
+        self._owner = OwnedTaskGroup("this BatchLoader")
         self._loop: asyncio.AbstractEventLoop | None = None  # entered on asyncio: futures
         self._requests = self._keys = self._calls = 0
 
     async def __aenter__(self) -> Self:
-        if self._tg is not None:
-            msg = "this BatchLoader is already entered"
-            raise RuntimeError(msg)
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        self._tg = tg
+        await self._owner.enter()
         self._loop = asyncio_loop()
         return self
 
@@ -181,28 +183,28 @@ class BatchLoader(Generic[K, V]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        tg = self._tg
-        if tg is None:  # pragma: no cover - misuse
-            return None
         try:
             if self._batch is not None:
                 self._flush(self._batch)  # send what is queued now, do not wait a window
             # batches in flight finish (errors go to their callers), unless the body failed
-            return await leave(tg, exc_type, exc, tb, cancel=False)
+            return await self._owner.exit(exc_type, exc, tb, cancel=False)
         finally:
-            self._tg = None
             self._loop = None
             if self._batch is not None:
                 self._close(self._batch)
 
-    @property
-    def stats(self) -> BatchStats:
+    def statistics(self) -> BatchStats:
         """A frozen snapshot of the counters (see :class:`BatchStats`)."""
         requests = self._requests
         batch = self._batch
         if batch is not None:
             requests += len(batch.keys) + len(batch.extra) - batch.counted
         return BatchStats(requests=requests, keys=self._keys, calls=self._calls)
+
+    @property
+    def stats(self) -> BatchStats:
+        """The same as :meth:`statistics` (an alias: ``loader.stats``)."""
+        return self.statistics()
 
     def _enqueue(self, key: K, future: asyncio.Future[Any] | None = None) -> Batch:
         """Put ``key`` in the open batch (or the memo's) and return that batch.
@@ -223,7 +225,7 @@ class BatchLoader(Generic[K, V]):
         batch = self._batch
         if batch is None:
             batch = self._batch = Batch(None if self._cache else self._loop)
-            tg = self._tg
+            tg = self._owner.tg
             if tg is None:
                 batch.lead = True
             else:
@@ -434,5 +436,5 @@ class BatchLoader(Generic[K, V]):
         return (
             f"BatchLoader({getattr(self._load_many, '__qualname__', self._load_many)!r}, "
             f"max_batch={self._max_batch}, window={self._window}, cache={self._cache}, "
-            f"entered={self._tg is not None}, queued={open_keys})"
+            f"entered={self._owner.entered}, queued={open_keys})"
         )

@@ -1,16 +1,52 @@
-"""``@cache.cached``: the wrapper, its normalizing key builder and its hit path."""
+"""``@cache.cached``: a function per decorated function, with the hit path inlined.
+
+For each decorated function this module writes (and compiles once) an ``async
+def`` with **the same parameters** as the original, the way :mod:`dataclasses`
+writes ``__init__``. For ``async def get_conversation(conversation_id, deep=False)``
+it is, in effect::
+
+    async def get_conversation(conversation_id, deep=False):
+        key = ("module.get_conversation", conversation_id, deep)
+        entry = front.peek(key)
+        if entry is not None and front.clock() < entry.fresh_until:
+            front.hits += 1
+            return entry.value
+        return await front.slow(key, partial(fn, conversation_id, deep))
+
+Python binds the arguments, so ``f(1)``, ``f(x=1)`` and ``f(1, y=<default>)``
+give one key without :meth:`inspect.Signature.bind` on every call, and a hit
+allocates nothing but the key tuple (no ``*args`` tuple, no ``**kwargs`` dict,
+no closure). The cache is reached only through its :class:`~.front.Front`.
+
+Keys are ``(name, *positional values)`` for functions whose parameters are all
+positional (``*args`` included), else ``(name, (positional...), ((kw, value),
+...))``: one shape per function, so two calls cannot collide across shapes.
+With ``key=``, the user's function builds the key from the arguments as given.
+
+A function defined in a class body (a method) is wrapped in a descriptor, so
+``obj.method.invalidate(...)`` knows ``obj``; any other function is returned as
+the generated function itself, with ``.key`` and ``.invalidate`` attributes.
+"""
 
 from __future__ import annotations
 
 import functools
 import inspect
 from collections.abc import Awaitable, Callable, Coroutine, Hashable
-from typing import TYPE_CHECKING, Any, Concatenate, Generic, TypeVar, cast, overload
+from typing import (
+    Any,
+    Concatenate,
+    NamedTuple,
+    Protocol,
+    TypeVar,
+    cast,
+    overload,
+    runtime_checkable,
+)
 
 from typing_extensions import ParamSpec, Self, final
 
-if TYPE_CHECKING:
-    from .cache import SWRCache
+from .front import Front
 
 __all__ = ["CachedFunction", "decorate"]
 
@@ -19,41 +55,34 @@ P2 = ParamSpec("P2")
 R = TypeVar("R")
 S = TypeVar("S")
 
-_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+KeyFunction = Callable[..., Hashable]
+
+_KIND = inspect.Parameter
 
 
-class CachedFunction(Generic[P, R]):
-    """An async function wrapped by :meth:`SWRCache.cached`.
+@runtime_checkable
+class CachedFunction(Protocol[P, R]):
+    """An async function wrapped by :meth:`SWRCache.cached <parallelkit.SWRCache.cached>`.
 
-    Call it like the original (same signature for type checkers). It adds
-    :meth:`invalidate`, and works as a method (``self`` is part of the key unless
-    listed in ``ignore=``).
+    Call it like the original (same signature for type checkers and for
+    :func:`inspect.signature`). It adds :meth:`key` and :meth:`invalidate`, and
+    works as a method (``self`` is part of the key unless listed in ``ignore=``;
+    ``obj.method.invalidate(...)`` forgets that instance's entry).
     """
 
     __wrapped__: Callable[P, Awaitable[R]]
 
-    def __init__(
-        self,
-        make_key: Callable[[tuple[Any, ...], dict[str, Any]], Hashable],
-        cache: SWRCache,
-        fn: Callable[P, Awaitable[R]],
-    ) -> None:
-        self._make_key = make_key
-        self._cache = cache
-        functools.update_wrapper(self, fn)
-
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
-        # replaced, per decorated function, by a specialized coroutine function
-        # (see decorate): no forwarding frame on the hit path
-        raise NotImplementedError  # pragma: no cover
+        """Return the cached value, loading it if needed (see :meth:`SWRCache.get`)."""
+        ...
 
     def key(self, *args: P.args, **kwargs: P.kwargs) -> Hashable:
         """The cache key a call with these arguments uses."""
-        return self._make_key(args, kwargs)
+        ...
 
     async def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> None:
         """Forget the value cached for these arguments (``f(1)`` and ``f(x=1)`` alike)."""
-        await self._cache.invalidate(self._make_key(args, kwargs))
+        ...
 
     @overload
     def __get__(self, instance: None, owner: type[Any] | None = None) -> Self: ...
@@ -62,12 +91,146 @@ class CachedFunction(Generic[P, R]):
         self: CachedFunction[Concatenate[S, P2], R], instance: S, owner: type[Any] | None = None
     ) -> CachedFunction[P2, R]: ...
     def __get__(self, instance: Any, owner: type[Any] | None = None) -> Any:
+        """Bind a cached method to its instance."""
+        ...
+
+
+# ------------------------------------------------------------------ code generation
+_TEMPLATE = """\
+def {p}make({p}name, {p}front, {p}fn, {p}key_fn, {p}sorted, {p}partial):
+    async def {p}call({params}):
+        {p}key = {key}
+        {p}entry = {p}front.peek({p}key)
+        if {p}entry is not None and {p}front.clock() < {p}entry.fresh_until:
+            {p}front.hits += 1
+            return {p}entry.value
+        return await {p}front.slow({p}key, {p}partial({p}fn, {forward}))
+
+    def {p}key({params}):
+        return {key}
+
+    return {p}call, {p}key
+"""
+
+
+_POSITIONAL_KINDS = (_KIND.POSITIONAL_ONLY, _KIND.POSITIONAL_OR_KEYWORD, _KIND.VAR_POSITIONAL)
+_STARS: dict[object, str] = {_KIND.VAR_POSITIONAL: "*", _KIND.VAR_KEYWORD: "**"}
+
+
+def _tuple(items: list[str]) -> str:
+    return "(" + "".join(f"{item}, " for item in items) + ")"
+
+
+class _Plan(NamedTuple):
+    """The source pieces of one generated function."""
+
+    params: str  # the parameter list, as in the original's ``def``
+    forward: str  # the same arguments passed on to the original
+    key: str  # the key expression
+    defaults: tuple[Any, ...] | None
+    kwdefaults: dict[str, Any] | None
+
+
+def _plan(params: list[inspect.Parameter], ignore: frozenset[str], p: str) -> _Plan:
+    """Spell ``params`` as a ``def``, a call, and a key (``p`` prefixes generated names)."""
+    names: list[str] = []
+    forward: list[str] = []
+    pos: list[str] = []
+    kw: list[str] = []
+    defaults: list[Any] = []
+    kwdefaults: dict[str, Any] = {}
+    for i, param in enumerate(params):
+        n, kind = param.name, param.kind
+        if kind is _KIND.KEYWORD_ONLY and not any(x.startswith("*") for x in names):
+            names.append("*")
+        star = _STARS.get(kind, "")
+        names.append(f"{star}{n}")
+        forward.append(f"{n}={n}" if kind is _KIND.KEYWORD_ONLY else f"{star}{n}")
+        if kind is _KIND.POSITIONAL_ONLY and (i + 1 == len(params) or params[i + 1].kind != kind):
+            names.append("/")
+        if param.default is not _KIND.empty:
+            if kind is _KIND.KEYWORD_ONLY:
+                kwdefaults[n] = param.default
+            else:
+                defaults.append(param.default)
+        if n in ignore:
+            continue
+        if kind in _POSITIONAL_KINDS:
+            pos.append(f"{star}{n}")
+        elif kind is _KIND.KEYWORD_ONLY:
+            kw.append(f"({n!r}, {n})")
+        else:
+            kw.append(f"*{p}sorted({n}.items())")
+    flat = all(param.kind in _POSITIONAL_KINDS for param in params)
+    key = _tuple([f"{p}name", *pos]) if flat else f"({p}name, {_tuple(pos)}, {_tuple(kw)})"
+    return _Plan(
+        ", ".join(names), ", ".join(forward), key, tuple(defaults) or None, kwdefaults or None
+    )
+
+
+def _compile(
+    fn: Callable[..., Awaitable[Any]],
+    name: str,
+    front: Front,
+    *,
+    user_key: KeyFunction | None,
+    ignore: frozenset[str],
+) -> tuple[Callable[..., Coroutine[Any, Any, Any]], KeyFunction]:
+    """Write, compile and return ``(call, key)`` for ``fn`` (see the module docs)."""
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    unknown = ignore - set(sig.parameters)
+    if unknown:
+        msg = f"ignore names parameters {sorted(unknown)} that {name} does not have"
+        raise ValueError(msg)
+    p = "_pk_"  # a prefix no parameter name starts with: the generated names cannot clash
+    while any(param.name.startswith(p) for param in params):
+        p = "_" + p
+    if user_key is None:
+        plan = _plan(params, ignore, p)
+    else:  # the user's key sees the arguments as given
+        given = f"*{p}args, **{p}kwargs"
+        plan = _Plan(given, given, f"{p}key_fn({given})", None, None)
+    source = _TEMPLATE.format(p=p, params=plan.params, key=plan.key, forward=plan.forward)
+    namespace: dict[str, Any] = {}
+    exec(compile(source, f"<@cache.cached {name}>", "exec"), namespace)
+    call, make_key = namespace[f"{p}make"](name, front, fn, user_key, sorted, functools.partial)
+    for generated in (call, make_key):
+        generated.__defaults__ = plan.defaults
+        generated.__kwdefaults__ = plan.kwdefaults
+    short = getattr(fn, "__name__", "cached")
+    call.__code__ = call.__code__.replace(co_name=short)  # tracebacks show the function
+    return call, make_key
+
+
+# ------------------------------------------------------------------------ wrappers
+@final
+class _CachedMethod:
+    """A cached function defined in a class body: binds like a method."""
+
+    def __init__(
+        self, call: Callable[..., Coroutine[Any, Any, Any]], key: KeyFunction, front: Front
+    ) -> None:
+        self._call = call
+        self._key = key
+        self._front = front
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+        return self._call(*args, **kwargs)
+
+    def key(self, *args: Any, **kwargs: Any) -> Hashable:
+        return self._key(*args, **kwargs)
+
+    async def invalidate(self, *args: Any, **kwargs: Any) -> None:
+        await self._front.invalidate(self._key(*args, **kwargs))
+
+    def __get__(self, instance: object, owner: type[Any] | None = None) -> Any:
         if instance is None:
             return self
         return _BoundCached(self, instance)
 
     def __repr__(self) -> str:
-        return f"<cached {self.__wrapped__.__qualname__} in {self._cache!r}>"
+        return f"<cached method {self.__wrapped__.__qualname__}>"  # type: ignore[attr-defined]
 
 
 @final
@@ -76,128 +239,62 @@ class _BoundCached:
 
     __slots__ = ("_func", "_self")
 
-    def __init__(self, func: CachedFunction[..., Any], instance: object) -> None:
+    def __init__(self, func: _CachedMethod, instance: object) -> None:
         self._func = func
         self._self = instance
 
     def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
-        return self._func(self._self, *args, **kwargs)
+        return self._func._call(self._self, *args, **kwargs)
 
     def key(self, *args: Any, **kwargs: Any) -> Hashable:
-        return self._func._make_key((self._self, *args), kwargs)
+        return self._func._key(self._self, *args, **kwargs)
 
     async def invalidate(self, *args: Any, **kwargs: Any) -> None:
-        await self._func._cache.invalidate(self._func._make_key((self._self, *args), kwargs))
+        func = self._func
+        await func._front.invalidate(func._key(self._self, *args, **kwargs))
+
+    @property
+    def __wrapped__(self) -> Any:
+        return self._func.__wrapped__  # type: ignore[attr-defined]
 
     def __repr__(self) -> str:
         return f"<bound {self._func!r} of {self._self!r}>"
 
 
-def _key_builder(
-    fn: Callable[..., Any], name: str, ignore: frozenset[str]
-) -> tuple[Callable[[tuple[Any, ...], dict[str, Any]], Hashable], int, int]:
-    """Build the normalizing key function, and the fast-path shape.
+def _in_class_body(fn: object) -> bool:
+    """Whether ``fn`` was defined by a ``def`` in a class body (so it is a method)."""
+    parts = str(getattr(fn, "__qualname__", "")).split(".")
+    return len(parts) >= 2 and parts[-2] != "<locals>"
 
-    Keys are ``(name, *positional values)`` for functions whose parameters are all
-    positional (``*args`` included), else ``(name, (positional...), ((kw, value),
-    ...))``: one shape per function, so two calls cannot collide across shapes.
 
-    Returns ``(make_key, n, skip)``: a call with exactly ``n`` positional
-    arguments and no keywords has the key ``(name, *args[skip:])`` without
-    binding. ``n == -1`` disables the fast path.
-    """
-    sig = inspect.signature(fn)
-    params = list(sig.parameters.values())
-    unknown = ignore - set(sig.parameters)
-    if unknown:
-        msg = f"ignore names parameters {sorted(unknown)} that {name} does not have"
-        raise ValueError(msg)
-    flat = all(p.kind in _POSITIONAL or p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
-    n, skip = -1, 0
-    if all(p.kind in _POSITIONAL for p in params):
-        ignored = [i for i, p in enumerate(params) if p.name in ignore]
-        if not ignored:
-            n = len(params)
-        elif ignored == [0]:
-            n, skip = len(params), 1
-
-    def make_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
-        bound = sig.bind(*args, **kwargs)
-        bound.apply_defaults()
-        pos: list[Any] = []
-        kw: list[tuple[str, Any]] = []
-        for p in params:
-            if p.name in ignore:
-                continue
-            value = bound.arguments[p.name]
-            if p.kind is inspect.Parameter.VAR_POSITIONAL:
-                pos.extend(value)
-            elif p.kind is inspect.Parameter.VAR_KEYWORD:
-                kw.extend(sorted(value.items()))
-            elif p.kind is inspect.Parameter.KEYWORD_ONLY:
-                kw.append((p.name, value))
-            else:
-                pos.append(value)
-        return (name, *pos) if flat else (name, tuple(pos), tuple(kw))
-
-    return make_key, n, skip
+def _name(fn: object) -> str:
+    """The first item of every key: ``module.qualname`` (a partial adds its bound arguments)."""
+    if isinstance(fn, functools.partial):
+        bound = [*map(repr, fn.args), *(f"{k}={v!r}" for k, v in fn.keywords.items())]
+        return f"{_name(fn.func)}({', '.join(bound)})"
+    qualname = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{getattr(fn, '__module__', None) or type(fn).__module__}.{qualname}"
 
 
 def decorate(
-    cache: SWRCache,
     fn: Callable[P, Awaitable[R]],
+    front: Front,
     *,
-    key: Callable[..., Hashable] | None,
+    key: KeyFunction | None,
     ignore: frozenset[str],
 ) -> CachedFunction[P, R]:
-    """Wrap ``fn`` for :meth:`SWRCache.cached <parallelkit.SWRCache.cached>`.
+    """Wrap ``fn`` for :meth:`SWRCache.cached <parallelkit.SWRCache.cached>` (checked there)."""
+    name = _name(fn)
+    call, make_key = _compile(fn, name, front, user_key=key, ignore=ignore)
+    if _in_class_body(fn):
+        method = _CachedMethod(call, make_key, front)
+        functools.update_wrapper(method, fn)
+        return cast("CachedFunction[P, R]", method)
+    functools.update_wrapper(call, fn)
 
-    The hit path is inlined here, specialized per function (key shape, store
-    peek, clock): one key tuple, one store lookup, one clock read, two
-    comparisons; stale hits and misses go through the cache's own methods.
-    """
-    if not inspect.iscoroutinefunction(fn):
-        msg = f"@cache.cached needs an async function, got {fn!r}"
-        raise TypeError(msg)
-    name = f"{fn.__module__}.{fn.__qualname__}"
-    if key is not None:
-        if ignore:
-            msg = "pass either key= or ignore=, not both"
-            raise ValueError(msg)
-        key_obj: object = key
-        if not callable(key_obj):
-            msg = f"key must be a callable (*args, **kwargs) -> Hashable, got {key!r}"
-            raise TypeError(msg)
-        user_key = key
+    async def invalidate(*args: Any, **kwargs: Any) -> None:
+        await front.invalidate(make_key(*args, **kwargs))
 
-        def custom_key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
-            return user_key(*args, **kwargs)
-
-        make_key: Callable[[tuple[Any, ...], dict[str, Any]], Hashable] = custom_key
-        n, skip = -1, 0
-    else:
-        make_key, n, skip = _key_builder(fn, name, ignore)
-    peek = cache._peek
-    store = cache._store
-    clock = cache._clock
-    one = n - skip == 1
-
-    async def __call__(_: object, *args: Any, **kwargs: Any) -> R:  # noqa: N807
-        if not kwargs and len(args) == n:
-            k: Hashable = (name, args[skip]) if one else (name, *args[skip:])
-        else:
-            k = make_key(args, kwargs)
-        entry = peek(k) if peek is not None else await store.get(k)
-        if entry is not None:
-            now = clock()
-            if now < entry.fresh_until:
-                cache._hits += 1
-                value: R = entry.value
-                return value
-            if now < entry.stale_until:
-                return await cache._stale_hit(k, entry, lambda _: fn(*args, **kwargs), now)
-        return await cache._miss(k, lambda _: fn(*args, **kwargs))
-
-    # a subclass per function whose __call__ *is* the coroutine function above
-    cls = type("CachedFunction", (CachedFunction,), {"__call__": __call__})
-    return cast("CachedFunction[P, R]", cls(make_key, cache, fn))
+    call.key = make_key  # type: ignore[attr-defined]
+    call.invalidate = invalidate  # type: ignore[attr-defined]
+    return cast("CachedFunction[P, R]", call)

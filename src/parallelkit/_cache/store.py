@@ -23,21 +23,36 @@ float, bool and None) and serializes :attr:`CacheEntry.value` as it sees fit.
 plus jitter), so a remote store may expire it then (Redis ``PX``). The cache never
 relies on the store expiring anything; it compares :attr:`CacheEntry.stale_until`.
 
-Optional capabilities, detected once when the cache is built:
+Writes of one key are ordered by the cache: ``set``, ``delete`` and ``clear`` of a
+key never overlap in one process (a ``delete`` waits for a ``set`` of that key still
+in flight), so an invalidation is never undone by a slow write that started before
+it. A store needs no locking of its own for that.
+
+Optional capabilities, detected when the cache is built (or :meth:`~SWRCache.bind`
+is called):
 
 * ``clock: Callable[[], float]`` (attribute): the time base the entries'
   timestamps use. A store shared across processes must use a clock every process
   agrees on, so ``RedisStore`` sets ``clock = time.time``. Without it the cache
-  uses ``anyio.current_time()`` (monotonic, per process), unless you pass
+  uses :func:`time.monotonic` (per process), unless you pass
   ``SWRCache(clock=...)``.
-* ``peek(key) -> CacheEntry | None`` (sync): the store is local and can answer without
-  I/O; the cache then calls it instead of awaiting :meth:`get` on the hit path.
-  :class:`MemoryStore` has it.
-* ``load_lock(key) -> AsyncContextManager``: a single-flight hook across
-  processes. The cache already runs at most one load per key *per process*; with
-  this hook it holds the store's lock around the load and, once inside, reads the
-  store again: if another process stored a fresh entry while it waited, that entry
-  is used and the loader is not called. The store chooses the lease length.
+* ``peek(key) -> CacheEntry | None`` (sync, :class:`SupportsPeek`): a local
+  answer, without I/O, if the store has one. The hit path calls it first; when it
+  returns ``None`` the cache awaits :meth:`get`. :class:`MemoryStore`'s ``peek``
+  is its whole content; a remote store's is its in-process tier (a near cache).
+* ``load_lock(key) -> AsyncContextManager`` (:class:`SupportsLoadLock`): a
+  single-flight hook across processes. The cache already runs at most one load
+  per key *per process*; with this hook it holds the store's lock around the load
+  and, once inside, reads the store again: if another process stored a fresh
+  entry while it waited, that entry is used and the loader is not called. The
+  store chooses the lease length.
+* ``load_token(key)`` and ``set_if_unchanged(key, entry, *, ttl, token)``
+  (:class:`SupportsConditionalSet`): invalidation wins **across processes**. The
+  cache asks for a token when a load (a miss or a refresh) of ``key`` starts, and
+  stores the loaded entry with ``set_if_unchanged`` instead of ``set``: the store
+  keeps it only if no ``delete(key)``, ``clear()`` or ``set`` of ``key`` happened
+  since the token was handed out, in any process sharing the store. Values stored
+  with :meth:`SWRCache.set` still use ``set``.
 * ``evictions: int`` (attribute): how many entries the store dropped for room;
   :attr:`CacheStats.evictions` reports it.
 * ``errors: int`` (attribute): errors the store absorbed itself (a remote store
@@ -46,15 +61,24 @@ Optional capabilities, detected once when the cache is built:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Hashable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
-import cachetools
 from typing_extensions import final
 
-__all__ = ["CacheEntry", "MemoryStore", "Store", "SupportsLoadLock", "SupportsPeek"]
+from .._core.check import count
+
+__all__ = [
+    "CacheEntry",
+    "MemoryStore",
+    "Store",
+    "SupportsConditionalSet",
+    "SupportsLoadLock",
+    "SupportsPeek",
+]
 
 V = TypeVar("V")
 
@@ -92,7 +116,8 @@ class Store(Protocol):
 
     Implement these four coroutines to put the cache on any backend; see the
     module documentation (and ``docs/cache.md``) for the optional capabilities
-    ``clock``, ``peek``, ``load_lock`` and ``evictions``.
+    ``clock``, ``peek``, ``load_lock``, ``load_token`` / ``set_if_unchanged`` and
+    ``evictions``.
     """
 
     async def get(self, key: Hashable) -> CacheEntry[Any] | None:
@@ -114,10 +139,10 @@ class Store(Protocol):
 
 @runtime_checkable
 class SupportsPeek(Protocol):
-    """A local store that answers :meth:`peek` synchronously (no I/O)."""
+    """A store with a local answer it can give synchronously (no I/O)."""
 
     def peek(self, key: Hashable) -> CacheEntry[Any] | None:
-        """Return the entry for ``key`` or ``None``, without awaiting."""
+        """Return the local entry for ``key``, or ``None`` (then the cache awaits ``get``)."""
         ...
 
 
@@ -130,17 +155,27 @@ class SupportsLoadLock(Protocol):
         ...
 
 
-class _CountingLRU(cachetools.LRUCache[Hashable, CacheEntry[Any]]):
-    """cachetools' LRU that counts the entries it drops for room."""
+@runtime_checkable
+class SupportsConditionalSet(Protocol):
+    """A store that keeps a loaded entry only if ``key`` was not written meanwhile.
 
-    def __init__(self, maxsize: int) -> None:
-        super().__init__(maxsize)
-        self.evictions = 0
+    This is how an invalidation wins across processes: a load that started before
+    ``delete(key)`` (in this process or another) never stores its value after it.
+    """
 
-    def popitem(self) -> tuple[Hashable, CacheEntry[Any]]:
-        item = super().popitem()
-        self.evictions += 1
-        return item
+    async def load_token(self, key: Hashable) -> object:
+        """Called when a load (a miss or a refresh) of ``key`` starts; an opaque token."""
+        ...
+
+    async def set_if_unchanged(
+        self, key: Hashable, entry: CacheEntry[Any], *, ttl: float, token: object
+    ) -> bool:
+        """Store ``entry`` unless ``key`` was deleted, cleared or set since ``token``.
+
+        Returns:
+            Whether the entry was stored.
+        """
+        ...
 
 
 @final
@@ -148,8 +183,9 @@ class MemoryStore:
     """An in-process :class:`Store` bounded to ``maxsize`` entries (LRU).
 
     The default store of :class:`~parallelkit.SWRCache`. Least recently *used*
-    entries are dropped first when it is full (cachetools' ``LRUCache``); expired
-    entries are not swept, they are overwritten or pushed out by newer ones.
+    entries are dropped first when it is full; expired entries are not swept,
+    they are overwritten or pushed out by newer ones. Its :meth:`peek` is its
+    whole content, so a hit costs one dictionary lookup and no await.
 
     Args:
         maxsize: the most entries kept (>= 1).
@@ -160,36 +196,35 @@ class MemoryStore:
         MemoryStore(size=0, maxsize=2, evictions=0)
     """
 
-    __slots__ = ("_data",)
+    __slots__ = ("_data", "_evictions", "_maxsize")
 
     def __init__(self, maxsize: int = 10_000) -> None:
-        if isinstance(maxsize, bool) or not isinstance(maxsize, int):
-            msg = f"maxsize must be an int >= 1, got {maxsize!r}"
-            raise TypeError(msg)
-        if maxsize < 1:
-            msg = f"maxsize must be >= 1, got {maxsize!r}"
-            raise ValueError(msg)
-        self._data = _CountingLRU(maxsize)
+        self._maxsize = count("maxsize", maxsize)
+        self._data: OrderedDict[Hashable, CacheEntry[Any]] = OrderedDict()
+        self._evictions = 0
 
     @property
     def maxsize(self) -> int:
         """The most entries kept."""
-        return int(self._data.maxsize)
+        return self._maxsize
 
     @property
     def evictions(self) -> int:
         """Entries dropped so far to make room."""
-        return self._data.evictions
+        return self._evictions
 
     def __len__(self) -> int:
         return len(self._data)
 
     def peek(self, key: Hashable) -> CacheEntry[Any] | None:
         """Return the entry for ``key`` (marking it recently used) or ``None``."""
+        data = self._data
         try:
-            return self._data[key]
+            entry = data[key]
         except KeyError:
             return None
+        data.move_to_end(key)
+        return entry
 
     async def get(self, key: Hashable) -> CacheEntry[Any] | None:
         """Return the entry for ``key`` or ``None``."""
@@ -197,7 +232,12 @@ class MemoryStore:
 
     async def set(self, key: Hashable, entry: CacheEntry[Any], *, ttl: float) -> None:
         """Store ``entry`` (``ttl`` is not needed: the cache checks the entry's times)."""
-        self._data[key] = entry
+        data = self._data
+        data[key] = entry
+        data.move_to_end(key)
+        if len(data) > self._maxsize:
+            data.popitem(last=False)
+            self._evictions += 1
 
     async def delete(self, key: Hashable) -> None:
         """Forget ``key``."""
@@ -209,6 +249,6 @@ class MemoryStore:
 
     def __repr__(self) -> str:
         return (
-            f"MemoryStore(size={len(self._data)}, maxsize={self.maxsize}, "
-            f"evictions={self.evictions})"
+            f"MemoryStore(size={len(self._data)}, maxsize={self._maxsize}, "
+            f"evictions={self._evictions})"
         )

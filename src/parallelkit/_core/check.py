@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from typing import Any, TypeVar
 
 __all__ = [
@@ -30,12 +30,16 @@ __all__ = [
     "count",
     "count_or_none",
     "flag",
+    "fraction",
+    "implements",
     "is_async_callable",
     "number",
     "number_or_none",
+    "strings",
 ]
 
 C = TypeVar("C", bound=str)
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------ numbers
@@ -69,6 +73,17 @@ def _number(name: str, value: object, *, unit: str, zero: bool, finite: bool, no
         raise ValueError(msg)
     if finite and math.isinf(value):
         msg = f"{name} must be finite ({unit}), got {value!r}"
+        raise ValueError(msg)
+    return float(value)
+
+
+def fraction(name: str, value: object) -> float:
+    """Return ``value`` as a float in ``[0, 1)``: a share of something (``jitter``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        msg = f"{name} must be a number (a fraction in [0, 1)), got {value!r}"
+        raise TypeError(msg)
+    if not 0 <= value < 1:  # NaN fails this too
+        msg = f"{name} must be a fraction in [0, 1), got {value!r}"
         raise ValueError(msg)
     return float(value)
 
@@ -119,6 +134,43 @@ def choice(name: str, value: object, allowed: Collection[C]) -> C:
     if not isinstance(value, str):
         raise TypeError(msg)
     raise ValueError(msg)
+
+
+def strings(name: str, value: object, *, what: str = "names") -> tuple[str, ...]:
+    """Return ``value`` as a tuple of ``str``: one ``str``, or an iterable of them.
+
+    ``ignore="self"`` and ``ignore=("self", "db")`` both give a tuple; a bare
+    non-string (``ignore=3``) or an iterable holding one is a :class:`TypeError`.
+    """
+    if isinstance(value, str):
+        return (value,)
+    items = tuple(value) if isinstance(value, Iterable) and not isinstance(value, bytes) else None
+    if items is None or not all(isinstance(item, str) for item in items):
+        msg = f"{name} must be a str or an iterable of str ({what}), got {value!r}"
+        raise TypeError(msg)
+    return items
+
+
+def implements(name: str, value: T, protocol: type[Any], *, what: str) -> T:
+    """Return ``value`` if it is an instance of ``protocol`` (a runtime-checkable one).
+
+    A class is refused even if it has the protocol's methods (``store=MemoryStore``
+    instead of ``store=MemoryStore()``).
+
+    Args:
+        name: the argument as the user wrote it.
+        value: what was passed.
+        protocol: the class or ``@runtime_checkable`` protocol required.
+        what: what ``protocol`` asks for, for the message
+            (``"a parallelkit.Store (async get/set/delete/clear)"``).
+    """
+    if isinstance(value, type):  # a class passes a protocol's attribute check: say so
+        msg = f"{name} must be {what}, got the class {value.__qualname__}: pass an instance"
+        raise TypeError(msg)
+    if not isinstance(value, protocol):
+        msg = f"{name} must be {what}, got {type(value).__name__} {value!r}"
+        raise TypeError(msg)
+    return value
 
 
 # ---------------------------------------------------------------------------- callables

@@ -1,0 +1,71 @@
+"""The hit path's state: what ``SWRCache.get`` and every ``@cache.cached`` function read.
+
+A fresh hit is the one path of the cache that must cost next to nothing, and it is
+taken from two places: :meth:`SWRCache.get <parallelkit.SWRCache.get>` and the
+functions :mod:`~parallelkit._cache.cached` generates for ``@cache.cached``. Both
+read one :class:`Front`, which the cache owns and keeps current (a late
+:meth:`~parallelkit.SWRCache.bind` swaps the store's ``peek`` here, and every
+decorated function follows). A hit is::
+
+    entry = front.peek(key)                                   # the store's local answer
+    if entry is not None and front.clock() < entry.fresh_until:
+        front.hits += 1
+        return entry.value
+    return await front.slow(key, thunk)                       # stale, miss, or ask the store
+
+No task, lock, event, allocation beyond the key, or datetime. Everything else
+(a stale hit's refresh, a miss's single flight, a store without a local answer)
+is the cache's ``slow`` path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
+
+from typing_extensions import final
+
+from .store import CacheEntry
+
+__all__ = ["Front", "Thunk", "no_local_answer"]
+
+Thunk = Callable[[], Awaitable[Any]]
+"""A load with its arguments bound: ``await thunk()`` loads the value of one key."""
+
+
+def no_local_answer(key: Hashable) -> CacheEntry[Any] | None:
+    """The ``peek`` of a store that has none: every call asks the store (``get``)."""
+    return None
+
+
+@final
+class Front:
+    """The state a cache's hit paths read (internal; see the module docs).
+
+    Attributes:
+        peek: the store's synchronous local lookup (:func:`no_local_answer` if none),
+            set by :meth:`Loads.use <parallelkit._cache.loads.Loads.use>`.
+        clock: the cache's clock.
+        hits: fresh hits so far (the hit paths increment it).
+        slow: ``await slow(key, thunk)``: everything that is not a fresh local hit
+            (:meth:`Loads.slow <parallelkit._cache.loads.Loads.slow>`).
+        invalidate: ``await invalidate(key)``: the cache's :meth:`SWRCache.invalidate`.
+    """
+
+    __slots__ = ("clock", "hits", "invalidate", "peek", "slow")
+
+    slow: Callable[[Hashable, Thunk], Awaitable[Any]]  # set by the cache's Loads
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float],
+        invalidate: Callable[[Hashable], Awaitable[None]],
+    ) -> None:
+        self.peek: Callable[[Hashable], CacheEntry[Any] | None] = no_local_answer
+        self.clock = clock
+        self.invalidate = invalidate
+        self.hits = 0
+
+    def __repr__(self) -> str:
+        return f"<Front hits={self.hits} peek={self.peek!r}>"

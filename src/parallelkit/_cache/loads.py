@@ -1,0 +1,327 @@
+"""Everything after a missed fresh hit: stale hits, misses, loads and store writes.
+
+:class:`Loads` is the engine behind :class:`~parallelkit.SWRCache`; the cache
+itself is its public face (options, ``get``, ``cached``, ``bind``, lifecycle). A
+call that is not a fresh local hit (:mod:`parallelkit._cache.front`) comes here:
+
+* **ask the store** when its ``peek`` had no local answer;
+* **stale hit**: serve the stale value and start one refresh per key, in the
+  cache's task group (or inline when the cache is not entered), unless a refresh
+  is running or the key is backing off after a failed one;
+* **miss**: join the key's flight or start one (:mod:`~.singleflight`);
+* **load**: under the store's ``load_lock`` if it has one, with a
+  ``load_token`` if it has the conditional set, then one ordered write
+  (:mod:`~.writes`) unless the flight was superseded (invalidation wins);
+* **failures**: remembered per key, at most ``maxsize`` keys (least recently used
+  forgotten first): the refresh back-off and, with ``error_ttl``, the failed
+  load's error.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import time
+import warnings
+from collections.abc import Callable, Hashable
+from typing import Any, NamedTuple
+
+import cachetools
+from typing_extensions import final
+
+from .._core.owned import OwnedTaskGroup
+from .front import Front, Thunk, no_local_answer
+from .singleflight import Flight
+from .store import (
+    CacheEntry,
+    MemoryStore,
+    Store,
+    SupportsConditionalSet,
+    SupportsLoadLock,
+    SupportsPeek,
+)
+from .writes import KeyedWrites
+
+__all__ = ["ErrorCallback", "Loads"]
+
+logger = logging.getLogger("parallelkit.cache")
+
+ErrorCallback = Callable[[Hashable, Exception], object]
+
+
+class _Failure(NamedTuple):
+    """What the cache remembers about a key whose load failed."""
+
+    failures: int  # consecutive failed refreshes (0: a failed miss load, kept for error_ttl)
+    until: float  # no refresh before then / the error is re-raised until then
+    error: Exception | None  # the failed miss load's error (error_ttl), else None
+
+
+def log_refresh_error(key: Hashable, exc: Exception) -> None:
+    """The default ``on_error``: log the failure with the key."""
+    logger.warning("SWRCache: refreshing %r failed; serving the stale value", key, exc_info=exc)
+
+
+@final
+class Loads:
+    """The loads, refreshes, failures and writes of one cache (internal; see module docs)."""
+
+    __slots__ = (
+        "_backoff",
+        "_cache_none",
+        "_clock_given",
+        "_conditional",
+        "_error_ttl",
+        "_failed",
+        "_fresh",
+        "_front",
+        "_jitter",
+        "_load_lock",
+        "_max_backoff",
+        "_on_error",
+        "_owner",
+        "_stale",
+        "_warned",
+        "_whole",
+        "flights",
+        "load_errors",
+        "loads",
+        "misses",
+        "refresh_errors",
+        "refreshes",
+        "stale_hits",
+        "store",
+        "writes",
+    )
+
+    def __init__(
+        self,
+        front: Front,
+        owner: OwnedTaskGroup,
+        *,
+        fresh: float,
+        stale: float,
+        maxsize: int,
+        cache_none: bool,
+        jitter: float,
+        error_ttl: float | None,
+        backoff: float,
+        max_backoff: float,
+        on_error: ErrorCallback,
+        clock_given: bool,
+    ) -> None:
+        self._front = front
+        front.slow = self.slow
+        self._owner = owner
+        self._fresh, self._stale, self._jitter = fresh, stale, jitter
+        self._cache_none = cache_none
+        self._error_ttl = error_ttl
+        self._backoff, self._max_backoff = backoff, max_backoff
+        self._on_error = on_error
+        self._clock_given = clock_given
+        self._warned = False
+        self._failed: cachetools.LRUCache[Hashable, _Failure] = cachetools.LRUCache(maxsize)
+        self.flights: dict[Hashable, Flight] = {}
+        self.writes = KeyedWrites()
+        self.stale_hits = self.misses = self.loads = self.refreshes = 0
+        self.refresh_errors = self.load_errors = 0
+
+    def use(self, store: Store) -> None:
+        """Read ``store``'s capabilities (see :mod:`parallelkit._cache.store`)."""
+        self.store = store
+        self._whole = isinstance(store, MemoryStore)  # its peek is all it holds
+        self._front.peek = store.peek if isinstance(store, SupportsPeek) else no_local_answer
+        self._load_lock = store.load_lock if isinstance(store, SupportsLoadLock) else None
+        self._conditional = store if isinstance(store, SupportsConditionalSet) else None
+        if not self._clock_given:
+            self._front.clock = getattr(store, "clock", None) or time.monotonic
+        self._failed.clear()  # its times are in the old clock
+
+    @property
+    def busy(self) -> int:
+        """Loads and store writes in flight."""
+        return len(self.flights) + len(self.writes)
+
+    # ------------------------------------------------------------------ writes
+    def entry(self, value: object) -> tuple[CacheEntry[Any], float]:
+        """An entry loaded now, and its ttl."""
+        now = self._front.clock()
+        fresh = self._fresh
+        if self._jitter:
+            fresh -= fresh * self._jitter * random.random()
+        fresh_until = now + fresh
+        return CacheEntry(value, now, fresh_until, fresh_until + self._stale), fresh + self._stale
+
+    async def set(self, key: Hashable, value: object) -> None:
+        """``cache.set``: supersede the loads of ``key``, then store ``value``."""
+        self._supersede(key)
+        await self.writes.acquire(key)
+        try:
+            entry, ttl = self.entry(value)
+            await self.store.set(key, entry, ttl=ttl)
+        finally:
+            self.writes.release(key)
+
+    async def delete(self, key: Hashable) -> None:
+        """``cache.invalidate``: supersede the loads of ``key``, then delete it."""
+        self._supersede(key)
+        await self.writes.acquire(key)  # a write of key in flight lands first
+        try:
+            await self.store.delete(key)
+        finally:
+            self.writes.release(key)
+
+    async def clear(self) -> None:
+        """``cache.clear``: supersede every load, then clear the store."""
+        for flight in self.flights.values():
+            flight.valid = False
+        self.flights.clear()
+        self._failed.clear()
+        await self.writes.idle()
+        await self.store.clear()
+
+    def _supersede(self, key: Hashable) -> None:
+        flight = self.flights.pop(key, None)
+        if flight is not None:
+            flight.valid = False
+        self._failed.pop(key, None)
+
+    # ------------------------------------------------------------------ reads
+    async def slow(self, key: Hashable, thunk: Thunk) -> Any:
+        """Everything but a fresh local hit: ask the store, serve stale, or load."""
+        front = self._front
+        entry = front.peek(key)
+        if entry is None and not self._whole:
+            entry = await self.store.get(key)
+        if entry is not None:
+            now = front.clock()
+            if now < entry.fresh_until:
+                front.hits += 1
+                return entry.value
+            if now < entry.stale_until:
+                return await self._stale_hit(key, entry, thunk, now)
+        return await self._miss(key, thunk)
+
+    async def _stale_hit(
+        self, key: Hashable, entry: CacheEntry[Any], thunk: Thunk, now: float
+    ) -> Any:
+        self.stale_hits += 1
+        if key in self.flights:
+            return entry.value  # a refresh (or load) is already running
+        failed = self._failed.get(key)
+        if failed is not None and failed.error is None and now < failed.until:
+            return entry.value  # backing off after a failed refresh
+        flight, work, done = self._new_flight(key, thunk, refresh=True)
+        tg = self._owner.tg
+        if tg is not None:
+            flight.start_in(tg, work, done, abandonable=False)
+            return entry.value
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                "SWRCache is not entered, so a stale hit refreshes in the calling task. "
+                "Enter the cache once at startup (`async with cache:`) to refresh in the "
+                "background.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        await flight.lead(work, done)
+        return flight.value if flight.ok else entry.value  # stale-if-error
+
+    async def _miss(self, key: Hashable, thunk: Thunk) -> Any:
+        self.misses += 1
+        failed = self._failed.get(key)
+        if failed is not None:
+            if failed.error is not None and self._front.clock() < failed.until:
+                raise failed.error  # error_ttl: remembered failure
+            del self._failed[key]
+        while True:
+            flight = self.flights.get(key)
+            if flight is None:
+                flight, work, done = self._new_flight(key, thunk, refresh=False)
+                tg = self._owner.tg
+                if tg is not None:
+                    flight.start_in(tg, work, done, abandonable=True)
+                    await flight.wait()
+                else:
+                    await flight.lead(work, done)
+            else:
+                await flight.wait()
+            if flight.ok:
+                return flight.value
+            if flight.error is not None:
+                raise flight.error
+            # the flight was cancelled under us (its leader, or the cache closing): retry
+
+    # ------------------------------------------------------------------ loads
+    def _new_flight(
+        self, key: Hashable, thunk: Thunk, *, refresh: bool
+    ) -> tuple[Flight, Thunk, Callable[[], None]]:
+        """Register a flight for ``key``: it, its work and its cleanup."""
+        flight = Flight(refresh=refresh)
+        self.flights[key] = flight
+        work = functools.partial(self._load, key, thunk, flight)
+        return flight, work, functools.partial(self._finish, key, flight)
+
+    async def _load(self, key: Hashable, thunk: Thunk, flight: Flight) -> Any:
+        """A flight's work: the load, under the store's cross-process lock if it has one."""
+        lock = self._load_lock
+        if lock is None:
+            return await self._fetch(key, thunk, flight)
+        async with lock(key):
+            entry = await self.store.get(key)
+            if entry is not None and self._front.clock() < entry.fresh_until:
+                return entry.value  # another process loaded it while we waited
+            return await self._fetch(key, thunk, flight)
+
+    async def _fetch(self, key: Hashable, thunk: Thunk, flight: Flight) -> Any:
+        if flight.refresh:
+            self.refreshes += 1
+        else:
+            self.loads += 1
+        conditional = self._conditional
+        token = None if conditional is None else await conditional.load_token(key)
+        value = await thunk()
+        if value is None and not self._cache_none:
+            return value
+        await self.writes.acquire(key)
+        try:
+            if flight.valid:  # not superseded while loading, nor while waiting for the turn
+                entry, ttl = self.entry(value)
+                if conditional is None:
+                    await self.store.set(key, entry, ttl=ttl)
+                else:
+                    await conditional.set_if_unchanged(key, entry, ttl=ttl, token=token)
+        finally:
+            self.writes.release(key)
+        return value
+
+    def _finish(self, key: Hashable, flight: Flight) -> None:
+        """A flight ended: forget it, and remember (bounded) how it failed."""
+        if self.flights.get(key) is flight:
+            del self.flights[key]
+        error = flight.error
+        if error is None:
+            if flight.ok and flight.valid:
+                self._failed.pop(key, None)
+            return
+        if not flight.refresh:
+            self.load_errors += 1
+            if self._error_ttl is not None and flight.valid:
+                until = self._front.clock() + self._error_ttl
+                self._failed[key] = _Failure(0, until, error)
+            return
+        self.refresh_errors += 1
+        before = self._failed.get(key)
+        failures = (before.failures if before is not None else 0) + 1
+        delay = min(self._backoff * 2 ** (failures - 1), self._max_backoff)
+        if flight.valid:
+            self._failed[key] = _Failure(failures, self._front.clock() + delay, None)
+        try:
+            self._on_error(key, error)
+        except Exception:
+            logger.exception("SWRCache: on_error raised for key %r", key)
+
+    def __repr__(self) -> str:
+        return f"<Loads in_flight={len(self.flights)} failures_kept={len(self._failed)}>"
