@@ -62,12 +62,11 @@ return wait
 _RENEW = (
     _NOW_MS
     + """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 local lease = tonumber(ARGV[2])
-local changed = redis.call('ZADD', KEYS[1], 'XX', 'CH', now + lease, ARGV[1])
-if changed == 1 then
-  redis.call('PEXPIRE', KEYS[1], math.ceil(lease))
-end
-return changed
+redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], math.ceil(lease))
+return 1
 """
 )
 # KEYS[1] the GCRA "theoretical arrival time" (ms); ARGV[1] interval (ms), ARGV[2]
