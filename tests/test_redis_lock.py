@@ -95,7 +95,7 @@ async def test_timeout_gives_up_waiting(r: aredis.Redis, prefix: str) -> None:
 
 
 async def test_lock_is_renewed_while_held(r: aredis.Redis, prefix: str) -> None:
-    async with RedisLock(r, "renewed", ttl=0.3, prefix=prefix) as lock:
+    async with RedisLock(r, "renewed", ttl=1.5, prefix=prefix) as lock:
         await renewals(r, lock.key, 4)  # > 1 ttl: only renewal keeps it
         assert await r.pttl(lock.key) > 0
         with pytest.raises(LockNotAcquired):
@@ -212,9 +212,9 @@ def test_bad_arguments_name_the_argument(
 
 def test_arguments_are_validated(redis_url: str) -> None:
     conn = client(redis_url)
-    with pytest.raises(ValueError, match="^name must not be empty"):
+    with pytest.raises(ValueError, match=r"^name must not be empty"):
         RedisLock(conn, "")
-    with pytest.raises(TypeError, match="^name must be a str"):
+    with pytest.raises(TypeError, match=r"^name must be a str"):
         RedisLock(conn, None)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="redis"):
         RedisLock(object(), "x")  # type: ignore[arg-type]
@@ -233,19 +233,19 @@ async def test_sigkilled_holder_frees_the_lock_after_ttl(
 ) -> None:
     fences = f"{prefix}:fences"
     key = f"{prefix}:lock:{{leader}}"
-    (holder,) = start_workers("lock", redis_url, prefix, 1, "--ttl", "1", "--hold")
+    (holder,) = start_workers("lock", redis_url, prefix, 1, "--ttl", "2", "--hold")
     waiters: list[subprocess.Popen[str]] = []
     try:
         with anyio.fail_after(30):
             while await r.llen(fences) < 1:
                 await anyio.sleep(0.02)
-        waiters = start_workers("lock", redis_url, prefix, 1, "--ttl", "1")
-        await renewals(r, key, 5)  # > 1 ttl while the live holder keeps renewing
+        waiters = start_workers("lock", redis_url, prefix, 1, "--ttl", "2")
+        await renewals(r, key, 4)  # > 1 ttl while the live holder keeps renewing
         assert await r.llen(fences) == 1, "the waiter got the lock while the holder was alive"
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
         # nobody renews it now: Redis drops it within its ttl, and the waiter takes it
-        assert await r.pttl(key) <= 1000
+        assert await r.pttl(key) <= 2000
         with anyio.fail_after(30):
             while await r.llen(fences) < 2:
                 await anyio.sleep(0.02)

@@ -40,9 +40,9 @@ from ._lock import RedisLock as RedisLock
 from ._serializer import JSONSerializer as JSONSerializer
 from ._serializer import PickleSerializer as PickleSerializer
 from ._serializer import Serializer as Serializer
+from ._stats import RedisStoreStatistics as RedisStoreStatistics
+from ._stats import RedisStoreStats as RedisStoreStats
 from ._store import RedisStore as RedisStore
-from ._store import RedisStoreStatistics as RedisStoreStatistics
-from ._store import RedisStoreStats as RedisStoreStats
 
 __all__ = [
     "JSONSerializer",

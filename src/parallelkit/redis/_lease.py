@@ -23,7 +23,7 @@ from ._outage import Down, Guard
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["Lease", "LeaseScripts", "keep_renewed"]
+__all__ = ["Lease", "LeaseOrNone", "LeaseScripts", "keep_renewed"]
 
 # KEYS[1] the lease, KEYS[2] (optional) the fencing counter; ARGV[1] token, ARGV[2]
 # ttl (ms). Returns the new fencing token (or 1) when acquired, else minus the
@@ -279,3 +279,39 @@ class Lease:
             raise
         finally:
             await self._release()
+
+
+@final
+class LeaseOrNone:
+    """``async with``: hold ``lease``, or, when Redis is down, nothing (``on_down`` decides).
+
+    ``RedisStore.load_lock``: a load runs under the key's lease; during an outage
+    it runs at once without one (single flight is then per process), unless
+    ``on_down`` raises (``strict=True``).
+    """
+
+    __slots__ = ("_held", "_lease", "_on_down")
+
+    def __init__(self, lease: Lease, on_down: Callable[[Down], None]) -> None:
+        self._lease = lease
+        self._on_down = on_down
+        self._held = False
+
+    async def __aenter__(self) -> None:
+        try:
+            await self._lease.__aenter__()
+        except Down as down:
+            self._on_down(down)
+            return
+        self._held = True
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if not self._held:
+            return False
+        self._held = False
+        return await self._lease.__aexit__(exc_type, exc, tb)

@@ -42,6 +42,8 @@ end
 """
 # KEYS[1] holders zset (token -> lease expiry, ms); ARGV[1] token, ARGV[2] limit,
 # ARGV[3] lease (ms). Returns 0 when the slot is taken, else ms until a lease ends.
+# Leases end by their scores; the key itself expires a minute after the last one
+# (its garbage collection, independent of the clock the scores use).
 _ACQUIRE = (
     _NOW_MS
     + """
@@ -49,7 +51,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local lease = tonumber(ARGV[3])
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], math.ceil(lease))
+  redis.call('PEXPIRE', KEYS[1], math.ceil(lease) + 60000)
   return 0
 end
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
@@ -65,7 +67,7 @@ _RENEW = (
 if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 local lease = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
-redis.call('PEXPIRE', KEYS[1], math.ceil(lease))
+redis.call('PEXPIRE', KEYS[1], math.ceil(lease) + 60000)
 return 1
 """
 )

@@ -74,6 +74,7 @@ _DECODERS: dict[str, Callable[[Any], Any]] = {
     "$uuid": uuid.UUID,
     "$decimal": decimal.Decimal,
 }
+_TAGS = frozenset([*_DECODERS, "$dict", "$type"])  # a one-key dict with one of these: escaped
 
 
 @final
@@ -86,8 +87,8 @@ class JSONSerializer:
       numbers, ``bool``, ``None``); tuples come back as lists;
     * ``datetime``, ``date``, ``time`` (time zone kept), ``UUID`` and ``Decimal``
       as themselves: they are written as one-key objects such as
-      ``{"$datetime": "2024-05-01T12:00:00+00:00"}`` (so a dict of your own with
-      exactly one such key comes back as that type too);
+      ``{"$datetime": "2024-05-01T12:00:00+00:00"}`` (a dict of yours that looks
+      like one is escaped, so it comes back unchanged);
     * dataclasses and pydantic models as a ``dict`` of their fields, unless their
       class is listed in ``types=``: then as an instance of that class (rebuilt
       with ``cls(**fields)`` or ``cls.model_validate(fields)``). Only listed
@@ -125,15 +126,26 @@ class JSONSerializer:
 
     def dumps(self, value: Any, /) -> bytes:
         """Encode ``value`` as compact UTF-8 JSON (see the class docs for the types)."""
-        return json.dumps(
-            value, separators=(",", ":"), ensure_ascii=False, default=self._default
-        ).encode()
+        return json.dumps(self._prepare(value), separators=(",", ":"), ensure_ascii=False).encode()
 
     def loads(self, data: bytes, /) -> Any:
         """Decode JSON bytes, rebuilding the tagged types."""
         return json.loads(data, object_hook=self._hook)
 
-    def _default(self, value: Any) -> Any:
+    def _prepare(self, value: Any) -> Any:
+        """``value`` in JSON types, tagged where needed (one walk, then the C encoder)."""
+        if value is None or isinstance(value, (str, int, float)):
+            return value  # bool is an int; enums on str/int are written as their value
+        if isinstance(value, dict):
+            prepared = {key: self._prepare(item) for key, item in value.items()}
+            if len(prepared) == 1 and next(iter(prepared)) in _TAGS:
+                return {"$dict": list(prepared.items())}  # your dict, not a tag
+            return prepared
+        if isinstance(value, (list, tuple)):
+            return [self._prepare(item) for item in value]
+        return self._tag(value)
+
+    def _tag(self, value: Any) -> Any:
         if isinstance(value, dt.datetime):  # before date: a datetime is a date
             return {"$datetime": value.isoformat()}
         if isinstance(value, dt.date):
@@ -146,17 +158,18 @@ class JSONSerializer:
             return {"$decimal": str(value)}
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-            return self._tagged(value, fields)
+            return self._fields(value, fields)
         if _is_model(value):
-            return self._tagged(value, value.model_dump(mode="python"))
+            return self._fields(value, value.model_dump(mode="python"))
         as_dict = getattr(value, "_asdict", None)
         if callable(as_dict):
-            return dict(as_dict())
+            return self._prepare(dict(as_dict()))
         raise Unserializable(value)
 
-    def _tagged(self, value: object, fields: dict[str, Any]) -> Any:
+    def _fields(self, value: object, fields: dict[str, Any]) -> Any:
+        prepared = self._prepare(fields)
         name = self._names.get(type(value))
-        return fields if name is None else {"$type": [name, fields]}
+        return prepared if name is None else {"$type": [name, prepared]}
 
     def _hook(self, obj: dict[str, Any]) -> Any:
         if len(obj) != 1:
@@ -165,7 +178,9 @@ class JSONSerializer:
         decoder = _DECODERS.get(tag)
         if decoder is not None:
             return decoder(raw)
-        if tag == "$type" and isinstance(raw, list) and len(raw) == 2:
+        if tag == "$dict":
+            return dict(raw)
+        if tag == "$type":
             kind = self._by_name.get(raw[0])
             if kind is None:
                 return raw[1]  # a type this process does not list: its fields

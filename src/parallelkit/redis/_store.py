@@ -6,10 +6,10 @@ import hashlib
 import time
 import uuid
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ClassVar, Literal
 
+import anyio
 from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 from typing_extensions import Self, final
@@ -18,9 +18,10 @@ from .._cache.store import CacheEntry, MemoryStore
 from .._core.check import count, count_or_none, flag, number, number_at_least, number_or_none, text
 from .._core.owned import OwnedTaskGroup
 from ._common import SerializationError, validate_client
-from ._lease import Lease, LeaseScripts
+from ._lease import Lease, LeaseOrNone, LeaseScripts
 from ._near import CLEAR, NearCache, invalidation
 from ._outage import Down, Guard
+from ._scripts import TOKEN, TOKEN_TTL_MS, WRITE, WRITE_IF, Token
 from ._serializer import (
     GENERATION,
     Serializer,
@@ -30,96 +31,25 @@ from ._serializer import (
     placeholder,
     serializer_from,
 )
+from ._stats import RedisStoreStatistics
 
-__all__ = ["RedisStore", "RedisStoreStatistics", "RedisStoreStats"]
+__all__ = ["RedisStore"]
 
 Arg = bytes | str | int | float  # what a script argument may be
 _MAX_KEY = 200  # longer key reprs are replaced by their SHA-256
-_TOKEN_TTL_MS = 600_000  # a load's generation outlives any sane load (10 minutes)
-
-# KEYS[1] the entry; ARGV[1] the value (or "" to delete), ARGV[2] ttl (ms), ARGV[3]
-# the channel, ARGV[4] the message. Writes (or deletes) and tells every near cache.
-_WRITE = """
-if ARGV[1] == '' then
-  redis.call('DEL', KEYS[1])
-else
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-end
-redis.call('PUBLISH', ARGV[3], ARGV[4])
-return 1
-"""
-# KEYS[1] the entry; ARGV[1] a fresh placeholder (version + generation), ARGV[2] its
-# ttl (ms). Returns the entry's current version + generation, creating one if absent.
-_TOKEN = """
-local head = redis.call('GETRANGE', KEYS[1], 0, 16)
-if string.len(head) == 17 and string.byte(head, 1) == string.byte(ARGV[1], 1) then
-  if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  end
-  return head
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return ARGV[1]
-"""
-# KEYS[1] the entry; ARGV[1] the expected version + generation, then as _WRITE's
-# ARGV[1..4] shifted by one. 1 if stored, 0 if the generation changed meanwhile.
-_WRITE_IF = """
-if redis.call('GETRANGE', KEYS[1], 0, 16) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('PUBLISH', ARGV[4], ARGV[5])
-return 1
-"""
 
 
 @final
-@dataclass(frozen=True, slots=True)
-class RedisStoreStatistics:
-    """Counters of a :class:`~parallelkit.redis.RedisStore`, for this process.
+class _Read:
+    """A ``GET`` of one key in flight: concurrent readers of the key wait for it."""
 
-    Attributes:
-        errors: Redis outage errors (timeouts included) absorbed, or raised with
-            ``strict=True``.
-        degraded: operations served by local memory because Redis was down.
-        recoveries: times Redis answered again after an outage.
-        lease_waits: loads that had to wait for another process's lease.
-        hits: reads that found an entry (in Redis, or local memory when degraded).
-        near_hits: reads served from the near cache, with no round trip.
-        misses: reads that found no entry.
-        timeouts: Redis commands that did not answer within ``command_timeout``.
-        near_size: entries in the near cache now.
-        near_invalidations: invalidation messages received.
-        near_resets: times the near cache was emptied because its subscription
-            was lost or re-established (messages may have been missed).
-        listening: whether the near cache is subscribed (serving) now.
-    """
+    __slots__ = ("done", "entry", "ok", "seq")
 
-    errors: int
-    degraded: int
-    recoveries: int
-    lease_waits: int
-    hits: int = 0
-    near_hits: int = 0
-    misses: int = 0
-    timeouts: int = 0
-    near_size: int = 0
-    near_invalidations: int = 0
-    near_resets: int = 0
-    listening: bool = False
-
-
-#: The former name of :class:`RedisStoreStatistics` (``store.stats``), kept as an alias.
-RedisStoreStats = RedisStoreStatistics
-
-
-@final
-class _Token:
-    """What :meth:`RedisStore.load_token` hands out: the generation, or the local epoch."""
-
-    __slots__ = ("epoch", "head")
-
-    def __init__(self, head: bytes | None, epoch: int) -> None:
-        self.head = head  # None: taken while Redis was down
-        self.epoch = epoch
+    def __init__(self, seq: int) -> None:
+        self.seq = seq  # the near cache's sequence number when it was sent
+        self.done = anyio.Event()
+        self.entry: CacheEntry[Any] | None = None
+        self.ok = False
 
 
 @final
@@ -219,6 +149,7 @@ class RedisStore:
         "_near",
         "_owner",
         "_poll",
+        "_reads",
         "_redis",
         "_serializer",
         "_strict",
@@ -274,11 +205,12 @@ class RedisStore:
         self._lease_prefix = f"{prefix}:{namespace}:l:"
         self._channel = self._near.channel
         self._lease_scripts = LeaseScripts(redis)
-        self._write_script = redis.register_script(_WRITE)
-        self._write_if_script = redis.register_script(_WRITE_IF)
-        self._token_script = redis.register_script(_TOKEN)
+        self._write_script = redis.register_script(WRITE)
+        self._write_if_script = redis.register_script(WRITE_IF)
+        self._token_script = redis.register_script(TOKEN)
         self._owner = OwnedTaskGroup(f"RedisStore {namespace!r}")
         self._local_epoch = 0
+        self._reads: dict[Hashable, _Read] = {}
         self._lease_waits = self._hits = self._misses = 0
         self.degraded = 0
 
@@ -427,25 +359,41 @@ class RedisStore:
         """Return the entry for ``key`` from Redis, or ``None`` (absent, expired).
 
         Reads Redis (never the near cache) and keeps what it read in the near
-        cache. Redis down: local memory.
+        cache. Concurrent reads of one key share one ``GET``, unless a write or an
+        invalidation came in since it was sent. Redis down: local memory.
         """
-        name = self._name(key)
-        near = self._near
-        seq = near.seq
-        try:
-            raw = await self._guard.call("get", self._redis.get(self._value_prefix + name))
-        except Down as down:
-            self._degrade(down)
-            entry = await self._local.get(key)
+        read = self._reads.get(key)
+        if read is not None and read.seq == self._near.seq:
+            await read.done.wait()
+            entry = read.entry if read.ok else await self._read(key)
         else:
-            entry = None if raw is None else self._decode(key, raw)
-            if entry is not None:
-                near.put(key, name, entry, seq)
+            entry = await self._read(key)
         if entry is None:
             self._misses += 1
         else:
             self._hits += 1
         return entry
+
+    async def _read(self, key: Hashable) -> CacheEntry[Any] | None:
+        name = self._name(key)
+        near = self._near
+        read = self._reads[key] = _Read(near.seq)
+        try:
+            try:
+                raw = await self._guard.call("get", self._redis.get(self._value_prefix + name))
+            except Down as down:
+                self._degrade(down)
+                entry = await self._local.get(key)
+            else:
+                entry = None if raw is None else self._decode(key, raw)
+                if entry is not None:
+                    near.put(key, name, entry, read.seq)
+            read.entry, read.ok = entry, True
+            return entry
+        finally:
+            if self._reads.get(key) is read:
+                del self._reads[key]
+            read.done.set()
 
     async def set(self, key: Hashable, entry: CacheEntry[Any], *, ttl: float) -> None:
         """Store ``entry`` (a new generation); Redis drops it after ``ttl`` seconds."""
@@ -493,14 +441,31 @@ class RedisStore:
             self._degrade(down)
 
     # -- loads: single flight and "invalidation wins" ---------------------------------
-    def load_lock(self, key: Hashable) -> _LoadLock:
+    def load_lock(self, key: Hashable) -> LeaseOrNone:
         """Hold ``key``'s lease across processes around one load (single flight).
 
         Waits while another process holds the lease: as long as that holder is
         alive (it renews the lease), and at most ``lease`` seconds after it died.
         If Redis is down, it is entered at once without a lease.
         """
-        return _LoadLock(self, key)
+        name = self._name(key)
+        lease = Lease(
+            self._lease_scripts,
+            self._guard,
+            name,
+            self._lease_prefix + name,
+            None,
+            ttl=self._lease,
+            blocking=True,
+            timeout=None,
+            poll=self._poll,
+            cancel_on_loss=False,
+            on_wait=self._waiting,
+        )
+        return LeaseOrNone(lease, self._degrade)
+
+    def _waiting(self) -> None:
+        self._lease_waits += 1
 
     async def load_token(self, key: Hashable) -> object:
         """Mark the start of a load of ``key``: pass the result to :meth:`set_if_unchanged`.
@@ -512,13 +477,13 @@ class RedisStore:
         epoch = self._local_epoch
         name = self._name(key)
         fresh = placeholder(uuid.uuid4().bytes)
-        command = self._token_script(keys=[self._value_prefix + name], args=[fresh, _TOKEN_TTL_MS])
+        command = self._token_script(keys=[self._value_prefix + name], args=[fresh, TOKEN_TTL_MS])
         try:
             head = await self._guard.call("load_token", command)
         except Down as down:
             self._degrade(down)
-            return _Token(None, epoch)
-        return _Token(bytes(head), epoch)
+            return Token(None, epoch)
+        return Token(bytes(head), epoch)
 
     async def set_if_unchanged(
         self, key: Hashable, entry: CacheEntry[Any], *, ttl: float, token: object
@@ -531,7 +496,7 @@ class RedisStore:
             and when the load started while Redis was down and Redis is back (its
             view of other processes' invalidations is unknown).
         """
-        if not isinstance(token, _Token):
+        if not isinstance(token, Token):
             msg = f"token must come from RedisStore.load_token, got {token!r}"
             raise TypeError(msg)
         name = self._name(key)
@@ -551,7 +516,7 @@ class RedisStore:
             return await self._set_locally(key, entry, ttl, token)
 
     async def _set_locally(
-        self, key: Hashable, entry: CacheEntry[Any], ttl: float, token: _Token
+        self, key: Hashable, entry: CacheEntry[Any], ttl: float, token: Token
     ) -> bool:
         """Degraded: store unless this process wrote or deleted anything since the token."""
         if token.epoch != self._local_epoch:
@@ -562,53 +527,3 @@ class RedisStore:
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
-@final
-class _LoadLock:
-    """``RedisStore.load_lock(key)``: the lease around one cross-process load."""
-
-    __slots__ = ("_key", "_lease", "_store")
-
-    def __init__(self, store: RedisStore, key: Hashable) -> None:
-        self._store = store
-        self._key = key
-        self._lease: Lease | None = None
-
-    async def __aenter__(self) -> None:
-        store = self._store
-        name = store._name(self._key)
-
-        def waiting() -> None:
-            store._lease_waits += 1
-
-        lease = Lease(
-            store._lease_scripts,
-            store._guard,
-            name,
-            store._lease_prefix + name,
-            None,
-            ttl=store._lease,
-            blocking=True,
-            timeout=None,
-            poll=store._poll,
-            cancel_on_loss=False,
-            on_wait=waiting,
-        )
-        try:
-            await lease.__aenter__()
-        except Down as down:
-            store._degrade(down)
-            return
-        self._lease = lease
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        lease, self._lease = self._lease, None
-        if lease is None:
-            return False
-        return await lease.__aexit__(exc_type, exc, tb)
