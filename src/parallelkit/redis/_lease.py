@@ -58,7 +58,8 @@ async def keep_renewed(guard: Guard, ttl: float, renew: Callable[[], Awaitable[o
 
     ``renew()`` returns a truthy reply while the lease is still ours. A renewal
     that fails for an outage is tried again at the next period as long as the
-    lease is still valid; each try is bounded by what is left of it.
+    lease is still valid; each try is bounded by what is left of it (at least
+    ``ttl / 3``, and at most the guard's ``command_timeout``).
 
     Returns:
         ``"taken"`` (Redis says the lease is gone or someone else's) or
@@ -68,9 +69,11 @@ async def keep_renewed(guard: Guard, ttl: float, renew: Callable[[], Awaitable[o
     while True:
         await anyio.sleep(ttl / 3)
         started = anyio.current_time()
-        left = max(valid_until - started, 0.001)
+        # bounded by what is left of the lease, but long enough to find out even
+        # when this process ran late (then Redis says whether the lease is still ours)
+        limit = max(valid_until - started, ttl / 3)
         try:
-            ok = await guard.call("renew", renew(), force=True, timeout=left)
+            ok = await guard.call("renew", renew(), force=True, timeout=limit)
         except Down:
             if anyio.current_time() < valid_until:
                 continue  # transient: try again before the lease runs out
