@@ -14,7 +14,14 @@ import parallelkit as pk
 from parallelkit._core.limiter import SupportsLimit
 from parallelkit.redis import RedisLimiter, RedisUnavailable
 
-from .redis_helpers import client, start_workers, stop_workers, wait_workers
+from .redis_helpers import (
+    FakeTimer,
+    bad_arguments,
+    client,
+    start_workers,
+    stop_workers,
+    wait_workers,
+)
 
 pytest_plugins = ["tests.redis_helpers.fixtures"]
 
@@ -86,18 +93,8 @@ async def test_two_limiter_objects_with_one_name_share_the_bound(
         pass
 
 
-class FakeClock:
-    """A clock the test moves by hand (the limiter passes it to its Lua scripts)."""
-
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 async def test_a_dead_holders_lease_expires(r: aredis.Redis, prefix: str) -> None:
-    clock = FakeClock()
+    clock = FakeTimer()
     limiter = RedisLimiter(
         r, "leased", concurrency=1, lease=0.3, poll=0.01, prefix=prefix, clock=clock
     )
@@ -123,7 +120,7 @@ async def test_a_dead_holders_lease_expires(r: aredis.Redis, prefix: str) -> Non
 
 
 async def test_leases_are_renewed_while_held(r: aredis.Redis, prefix: str) -> None:
-    clock = FakeClock()
+    clock = FakeTimer()
     limiter = RedisLimiter(r, "long", concurrency=1, lease=0.3, prefix=prefix, clock=clock)
     other = RedisLimiter(r, "long", concurrency=1, lease=0.3, prefix=prefix, clock=clock)
     holders = f"{prefix}:limiter:{{long}}:holders"
@@ -154,7 +151,7 @@ async def test_lost_lease_is_counted_not_raised(r: aredis.Redis, prefix: str) ->
 async def test_rate_spaces_starts_globally(
     r: aredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    clock = FakeClock()  # frozen: every reservation sees the same "now"
+    clock = FakeTimer()  # frozen: every reservation sees the same "now"
     a = RedisLimiter(r, "rated", rate=100, prefix=prefix, clock=clock)
     b = RedisLimiter(r, "rated", rate=100, prefix=prefix, clock=clock)
     delays: list[float] = []
@@ -181,7 +178,7 @@ async def test_rate_spaces_starts_globally(
 
 
 async def test_cancelled_waiter_gives_its_slot_back(r: aredis.Redis, prefix: str) -> None:
-    limiter = RedisLimiter(r, "cx", concurrency=1, rate=5, prefix=prefix, clock=FakeClock())
+    limiter = RedisLimiter(r, "cx", concurrency=1, rate=5, prefix=prefix, clock=FakeTimer())
     async with limiter:
         pass  # uses the first rate slot: on the frozen clock the next one is 0.2 s away
     with anyio.move_on_after(0.05):
@@ -275,15 +272,12 @@ BAD_ARGUMENTS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "message"), BAD_ARGUMENTS, ids=[repr(k) for k, _, _ in BAD_ARGUMENTS]
-)
+@bad_arguments(BAD_ARGUMENTS)
 def test_bad_arguments_name_the_argument(
     redis_url: str, kwargs: dict[str, Any], error: type[Exception], message: str
 ) -> None:
-    conn = client(redis_url)
     with pytest.raises(error, match=message):
-        RedisLimiter(conn, "x", **kwargs)
+        RedisLimiter(client(redis_url), "x", **kwargs)
 
 
 def test_arguments_are_validated(redis_url: str) -> None:

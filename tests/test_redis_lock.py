@@ -14,6 +14,7 @@ import redis.asyncio as aredis
 from parallelkit.redis import LockLost, LockNotAcquired, RedisLock, RedisUnavailable
 
 from .redis_helpers import (
+    bad_arguments,
     client,
     free_port,
     renewals,
@@ -199,15 +200,12 @@ BAD_ARGUMENTS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "message"), BAD_ARGUMENTS, ids=[repr(k) for k, _, _ in BAD_ARGUMENTS]
-)
+@bad_arguments(BAD_ARGUMENTS)
 def test_bad_arguments_name_the_argument(
     redis_url: str, kwargs: dict[str, Any], error: type[Exception], message: str
 ) -> None:
-    conn = client(redis_url)
     with pytest.raises(error, match=message):
-        RedisLock(conn, "x", **kwargs)
+        RedisLock(client(redis_url), "x", **kwargs)
 
 
 def test_arguments_are_validated(redis_url: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Hashable
 from typing import Any
 
@@ -12,7 +11,6 @@ import redis.asyncio as aredis
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import parallelkit as pk
-from parallelkit._cache.store import CacheEntry
 from parallelkit.redis import RedisLimiter, RedisLock, RedisStore, RedisUnavailable
 from parallelkit.redis._near import NearCache, invalidation
 
@@ -20,6 +18,7 @@ from .redis_helpers import (
     FakeTimer,
     RedisServer,
     client,
+    entry,
     start_workers,
     stop_workers,
     wait_workers,
@@ -34,11 +33,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 def anyio_backend() -> str:
     # redis-py's asyncio client runs on asyncio only (see test_redis_store.py)
     return "asyncio"
-
-
-def entry(value: Any, fresh: float = 30, stale: float = 60) -> CacheEntry[Any]:
-    now = time.time()
-    return CacheEntry(value, now, now + fresh, now + fresh + stale)
 
 
 class Loader:

@@ -36,7 +36,9 @@ from parallelkit.redis._store import decode_entry, encode_entry
 from .conftest import need_service
 from .redis_helpers import (
     RedisServer,
+    bad_arguments,
     client,
+    entry,
     renewals,
     start_workers,
     stop_workers,
@@ -56,11 +58,6 @@ def anyio_backend() -> str:
     # redis-py's asyncio client is built on asyncio streams and locks: it cannot run
     # under trio, so the Redis-backed primitives (and these tests) are asyncio-only.
     return "asyncio"
-
-
-def entry(value: Any, fresh: float = 30, stale: float = 60) -> CacheEntry[Any]:
-    now = time.time()
-    return CacheEntry(value, now, now + fresh, now + fresh + stale)
 
 
 class Counter:
@@ -331,15 +328,12 @@ BAD_ARGUMENTS = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "error", "message"), BAD_ARGUMENTS, ids=[repr(k) for k, _, _ in BAD_ARGUMENTS]
-)
+@bad_arguments(BAD_ARGUMENTS)
 def test_bad_arguments_name_the_argument(
     redis_url: str, kwargs: dict[str, Any], error: type[Exception], message: str
 ) -> None:
-    conn = client(redis_url)
     with pytest.raises(error, match=message):
-        RedisStore(conn, **kwargs)
+        RedisStore(client(redis_url), **kwargs)
 
 
 def test_arguments_are_validated(redis_url: str) -> None:

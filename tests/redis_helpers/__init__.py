@@ -18,11 +18,26 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from parallelkit._cache.store import CacheEntry
+
 WORKER = Path(__file__).resolve().parent / "worker.py"
+
+
+def bad_arguments(cases: list[tuple[dict[str, Any], type[Exception], str]]) -> Any:
+    """Parametrize a test over ``(kwargs, error type, message regex)`` cases."""
+    ids = [repr(kwargs) for kwargs, _, _ in cases]
+    return pytest.mark.parametrize(("kwargs", "error", "message"), cases, ids=ids)
+
+
+def entry(value: Any, fresh: float = 30, stale: float = 60) -> CacheEntry[Any]:
+    """A cache entry loaded now (on the wall clock, like RedisStore's)."""
+    now = time.time()
+    return CacheEntry(value, now, now + fresh, now + fresh + stale)
 
 
 class FakeTimer:
