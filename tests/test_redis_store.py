@@ -445,6 +445,7 @@ async def test_outage_degrades_to_loader_and_local_memory(dead: aredis.Redis) ->
     assert loader.calls == 2
     stats = store.statistics()
     assert stats.errors >= 1
+    assert stats.redis_errors == stats.errors
     assert stats.degraded >= 4
     assert store.errors == stats.errors
     assert "degraded" in repr(store)

@@ -44,6 +44,11 @@ class RedisStoreStatistics:
     near_resets: int = 0
     listening: bool = False
 
+    @property
+    def redis_errors(self) -> int:
+        """``errors``, under the name ``RedisLimiterStatistics`` uses."""
+        return self.errors
+
 
 #: The former name of :class:`RedisStoreStatistics` (``store.stats``), kept as an alias.
 RedisStoreStats = RedisStoreStatistics
