@@ -344,3 +344,24 @@ async def test_a_load_older_than_an_invalidation_is_not_stored_across_processes(
         assert [res["stored"] for res in results] == [True, True]
         assert got is not None
         assert got.value == "from the old load"
+
+
+@pytest.mark.slow
+async def test_invalidate_wins_over_a_load_in_another_process(
+    r: aredis.Redis, redis_url: str, prefix: str
+) -> None:
+    store = RedisStore(r, prefix=prefix)
+    cache = pk.SWRCache(fresh=30, stale=60, store=store)
+    (proc,) = start_workers("slowload", redis_url, prefix, 1)
+    try:
+        with anyio.fail_after(60):  # the other process's load of "k" has started
+            while not await r.get(f"{prefix}:loading"):
+                await anyio.sleep(0.02)
+        async with store, cache:
+            await cache.invalidate("k")
+        await r.set(f"{prefix}:go", 1)
+        (result,) = wait_workers([proc])
+    finally:
+        stop_workers([proc])
+    assert result["value"] == "from the old load"  # its caller still got its value ...
+    assert await store.get("k") is None  # ... but it did not undo the invalidation

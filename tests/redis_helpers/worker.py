@@ -202,6 +202,22 @@ async def lock(r: aredis.Redis, args: argparse.Namespace) -> dict[str, Any]:
     return {"fence": held.fencing_token}
 
 
+async def slowload(r: aredis.Redis, args: argparse.Namespace) -> dict[str, Any]:
+    """Load ``k`` through the cache; the load waits for "go" (the test invalidates first)."""
+    store = store_of(r, args)
+    cache = pk.SWRCache(fresh=30, stale=60, store=store)
+
+    async def loader(key: str) -> str:
+        await r.incr(f"{args.prefix}:loading")
+        while not await r.exists(f"{args.prefix}:go"):
+            await anyio.sleep(0.01)
+        return "from the old load"
+
+    async with store, cache:
+        value = await cache.get("k", loader)
+    return {"value": value}
+
+
 MODES = {
     "cold": cold,
     "stale": stale,
@@ -210,6 +226,7 @@ MODES = {
     "lock": lock,
     "near": near,
     "token": token,
+    "slowload": slowload,
 }
 
 

@@ -156,7 +156,8 @@ class NearCache:
             if not started:
                 started = True
                 task_status.started()
-            await anyio.sleep(jittered(max(retry_after, 0.05)))
+            # re-subscribing is cheap: try about once a second, at most every retry_after
+            await anyio.sleep(jittered(min(max(retry_after, 0.05), 1.0)))
 
     async def _listen(self, redis: Redis, wait: float, subscribed: Callable[[], None]) -> None:
         ping_every = min(1.0, self.ttl / 2)
