@@ -126,50 +126,60 @@ class JSONSerializer:
 
     def dumps(self, value: Any, /) -> bytes:
         """Encode ``value`` as compact UTF-8 JSON (see the class docs for the types)."""
-        return json.dumps(self._prepare(value), separators=(",", ":"), ensure_ascii=False).encode()
+        tagged: list[bool] = []
+        text = json.dumps(self._prepare(value, tagged), separators=(",", ":"), ensure_ascii=False)
+        # a leading space (still JSON) tells loads() that there are tags to rebuild
+        return (" " + text).encode() if tagged else text.encode()
 
     def loads(self, data: bytes, /) -> Any:
         """Decode JSON bytes, rebuilding the tagged types."""
-        return json.loads(data, object_hook=self._hook)
+        if data[:1] == b" ":
+            return json.loads(data, object_hook=self._hook)
+        return json.loads(data)  # nothing tagged: the C decoder alone
 
-    def _prepare(self, value: Any) -> Any:
+    def _prepare(self, value: Any, tagged: list[bool]) -> Any:
         """``value`` in JSON types, tagged where needed (one walk, then the C encoder)."""
         if value is None or isinstance(value, (str, int, float)):
             return value  # bool is an int; enums on str/int are written as their value
         if isinstance(value, dict):
-            prepared = {key: self._prepare(item) for key, item in value.items()}
+            prepared = {key: self._prepare(item, tagged) for key, item in value.items()}
             if len(prepared) == 1 and next(iter(prepared)) in _TAGS:
+                tagged.append(True)
                 return {"$dict": list(prepared.items())}  # your dict, not a tag
             return prepared
         if isinstance(value, (list, tuple)):
-            return [self._prepare(item) for item in value]
-        return self._tag(value)
+            return [self._prepare(item, tagged) for item in value]
+        return self._tag(value, tagged)
 
-    def _tag(self, value: Any) -> Any:
-        if isinstance(value, dt.datetime):  # before date: a datetime is a date
-            return {"$datetime": value.isoformat()}
-        if isinstance(value, dt.date):
-            return {"$date": value.isoformat()}
-        if isinstance(value, dt.time):
-            return {"$time": value.isoformat()}
-        if isinstance(value, uuid.UUID):
-            return {"$uuid": str(value)}
-        if isinstance(value, decimal.Decimal):
+    def _tag(self, value: Any, tagged: list[bool]) -> Any:
+        if isinstance(value, (dt.date, dt.time, uuid.UUID, decimal.Decimal)):
+            tagged.append(True)
+            if isinstance(value, dt.datetime):  # before date: a datetime is a date
+                return {"$datetime": value.isoformat()}
+            if isinstance(value, dt.date):
+                return {"$date": value.isoformat()}
+            if isinstance(value, dt.time):
+                return {"$time": value.isoformat()}
+            if isinstance(value, uuid.UUID):
+                return {"$uuid": str(value)}
             return {"$decimal": str(value)}
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-            return self._fields(value, fields)
+            return self._fields(value, fields, tagged)
         if _is_model(value):
-            return self._fields(value, value.model_dump(mode="python"))
+            return self._fields(value, value.model_dump(mode="python"), tagged)
         as_dict = getattr(value, "_asdict", None)
         if callable(as_dict):
-            return self._prepare(dict(as_dict()))
+            return self._prepare(dict(as_dict()), tagged)
         raise Unserializable(value)
 
-    def _fields(self, value: object, fields: dict[str, Any]) -> Any:
-        prepared = self._prepare(fields)
+    def _fields(self, value: object, fields: dict[str, Any], tagged: list[bool]) -> Any:
+        prepared = self._prepare(fields, tagged)
         name = self._names.get(type(value))
-        return prepared if name is None else {"$type": [name, prepared]}
+        if name is None:
+            return prepared
+        tagged.append(True)
+        return {"$type": [name, prepared]}
 
     def _hook(self, obj: dict[str, Any]) -> Any:
         if len(obj) != 1:

@@ -47,7 +47,7 @@ class _Read:
 
     def __init__(self, seq: int) -> None:
         self.seq = seq  # the near cache's sequence number when it was sent
-        self.done = anyio.Event()
+        self.done: anyio.Event | None = None  # made by the first reader that waits
         self.entry: CacheEntry[Any] | None = None
         self.ok = False
 
@@ -364,6 +364,8 @@ class RedisStore:
         """
         read = self._reads.get(key)
         if read is not None and read.seq == self._near.seq:
+            if read.done is None:
+                read.done = anyio.Event()
             await read.done.wait()
             entry = read.entry if read.ok else await self._read(key)
         else:
@@ -393,7 +395,8 @@ class RedisStore:
         finally:
             if self._reads.get(key) is read:
                 del self._reads[key]
-            read.done.set()
+            if read.done is not None:
+                read.done.set()
 
     async def set(self, key: Hashable, entry: CacheEntry[Any], *, ttl: float) -> None:
         """Store ``entry`` (a new generation); Redis drops it after ``ttl`` seconds."""
