@@ -32,9 +32,9 @@ __all__ = [
     "flag",
     "is_async_callable",
     "number",
-    "number_or_none",
     "number_at_least",
     "text",
+    "number_or_none",
 ]
 
 C = TypeVar("C", bound=str)
