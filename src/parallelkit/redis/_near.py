@@ -14,7 +14,9 @@ up, and every way a message can be lost ends in emptying it:
 * a subscription that hangs silently (a paused server) is caught by a ``PING``
   that must be answered within ``command_timeout``;
 * and whatever happens, an entry is served from process memory for at most
-  ``near_ttl`` seconds after it was read from Redis.
+  ``near_ttl`` seconds after it was read from Redis: the listening task sweeps
+  the tier at least every ``min(1 s, near_ttl / 2)`` and drops what would pass
+  ``near_ttl`` before the next sweep (so the hit path reads no clock).
 """
 
 from __future__ import annotations
@@ -51,21 +53,24 @@ def invalidation(name: str) -> bytes:
 class NearCache:
     """The near tier of one store (see the module docs).
 
-    ``entries`` maps a cache key to ``(entry, expires_at, name)``; ``index`` maps
-    the name (the Redis key's suffix, what messages carry) back to the cache key.
-    Oldest fills are dropped first when ``maxsize`` is reached.
+    ``entries`` maps a cache key to its entry: the store's ``peek`` is one lookup
+    there, with no clock read. ``meta`` holds, in fill order, each key's expiry
+    and its name (the Redis key's suffix, what messages carry); ``index`` maps the
+    name back to the cache key. Oldest fills are dropped first when ``maxsize``
+    is reached, and by :meth:`sweep` before they are ``ttl`` old.
     """
 
     __slots__ = (
         "channel",
         "entries",
-        "hits",
         "index",
         "invalidations",
         "listening",
         "maxsize",
+        "meta",
         "resets",
         "seq",
+        "slack",
         "timer",
         "ttl",
     )
@@ -74,12 +79,14 @@ class NearCache:
         self.channel = channel
         self.maxsize = maxsize
         self.ttl = ttl
+        self.slack = min(1.0, ttl / 2)  # the longest time between two sweeps
         self.timer: Callable[[], float] = time.monotonic
-        self.entries: dict[Hashable, tuple[CacheEntry[Any], float, str]] = {}
+        self.entries: dict[Hashable, CacheEntry[Any]] = {}
+        self.meta: dict[Hashable, tuple[float, str]] = {}
         self.index: dict[str, Hashable] = {}
         self.listening = False
         self.seq = 0
-        self.hits = self.invalidations = self.resets = 0
+        self.invalidations = self.resets = 0
 
     @property
     def enabled(self) -> bool:
@@ -91,23 +98,40 @@ class NearCache:
         """Keep ``entry``, read from Redis when the sequence number was ``seq``."""
         if not self.listening or seq != self.seq or self.maxsize is None:
             return  # not subscribed, or an invalidation overtook the read
-        entries = self.entries
-        if entries.pop(key, None) is None and len(entries) >= self.maxsize:
-            _, _, oldest = entries.pop(next(iter(entries)))
-            self.index.pop(oldest, None)
-        entries[key] = (entry, self.timer() + self.ttl, name)
+        self._forget(key)
+        if len(self.meta) >= self.maxsize:
+            self._forget(next(iter(self.meta)))
+        self.entries[key] = entry
+        self.meta[key] = (self.timer() + self.ttl, name)
         self.index[name] = key
+
+    def _forget(self, key: Hashable) -> None:
+        meta = self.meta.pop(key, None)
+        if meta is not None:
+            del self.entries[key]
+            self.index.pop(meta[1], None)
+
+    def sweep(self) -> None:
+        """Drop the entries that would pass ``ttl`` before the next sweep."""
+        meta = self.meta
+        horizon = self.timer() + self.slack
+        while meta:
+            key = next(iter(meta))  # fill order is expiry order
+            if meta[key][0] > horizon:
+                return
+            self._forget(key)
 
     def drop(self, key: Hashable, name: str) -> None:
         """Forget ``key`` (this process writes it); reads in flight will not fill it."""
         self.seq += 1
-        self.entries.pop(key, None)
+        self._forget(key)
         self.index.pop(name, None)
 
     def reset(self, *, listening: bool) -> None:
         """Forget everything (a clear, or the subscription changed)."""
         self.seq += 1
-        self.entries.clear()
+        self.entries.clear()  # in place: the store holds its ``get``
+        self.meta.clear()
         self.index.clear()
         self.listening = listening
 
@@ -120,7 +144,7 @@ class NearCache:
         self.seq += 1
         key = self.index.pop(data[len(_KEY) :].decode(), _MISSING)
         if key is not _MISSING:
-            self.entries.pop(key, None)
+            self._forget(key)
 
     # -- the subscription --------------------------------------------------------------
     async def listen_forever(
@@ -160,7 +184,7 @@ class NearCache:
             await anyio.sleep(jittered(min(max(retry_after, 0.05), 1.0)))
 
     async def _listen(self, redis: Redis, wait: float, subscribed: Callable[[], None]) -> None:
-        ping_every = min(1.0, self.ttl / 2)
+        ping_every = self.slack  # wakes at least this often: to sweep, and to ping
         pubsub = redis.pubsub()
         try:
             with anyio.fail_after(wait):
@@ -169,9 +193,10 @@ class NearCache:
             while True:
                 quiet = ping_every
                 if pong_due is not None:
-                    quiet = max(pong_due - anyio.current_time(), 0.0)
+                    quiet = min(max(pong_due - anyio.current_time(), 0.0), quiet)
                 with anyio.fail_after(quiet + wait):
                     message = await pubsub.get_message(timeout=quiet)
+                self.sweep()
                 if message is None:
                     if pong_due is None:
                         with anyio.fail_after(wait):
