@@ -508,6 +508,7 @@ class RedisStore:
         if token.head is None:  # the load started while Redis was down
             if not self._guard.down:
                 return False
+            self.degraded += 1
             return await self._set_locally(key, entry, ttl, token)
         data = self._encode(key, entry, token.head[1:GENERATION])
         self._near.drop(key, name)
