@@ -1,5 +1,7 @@
-"""parallelkit.redis: SWRCache-on-RedisStore hit cost vs a plain redis-py GET, and
-loads per cold key across OS processes vs naive cache-aside. Same Redis, same run.
+"""parallelkit.redis: a hot-key hit through SWRCache on RedisStore (near cache) vs on
+MemoryStore (CPU per hit, the 1.1x target); without the near cache vs a plain redis-py
+GET; and loads per cold key across OS processes vs naive cache-aside. Same Redis,
+same run, interleaved rounds.
 
 Run as a module with ``child ...`` arguments it is one of the worker processes.
 """
@@ -20,7 +22,10 @@ import anyio
 
 from ._util import print_targets, table, target, unreachable
 
-TITLE = "RedisStore hit cost vs raw redis-py GET; loads per 400 cross-process cold callers"
+TITLE = (
+    "RedisStore near-cache hit vs MemoryStore hit (CPU); hit without near cache vs raw GET; "
+    "loads per 400 cross-process cold callers"
+)
 
 REDIS_URL = os.environ.get(
     "PARALLELKIT_BENCH_REDIS_URL",
@@ -40,14 +45,104 @@ def _client(url: str) -> Any:
     return aredis.Redis.from_pool(pool)
 
 
-# ------------------------------------------------------------------ per-hit cost
-async def _hit_cost(n: int, rounds: int) -> dict[str, Any]:
+# ------------------------------------------------------------------ near-cache hit
+async def _near_hit_cost(n: int, rounds: int) -> dict[str, Any]:
+    """CPU per hot-key hit: SWRCache on MemoryStore vs on an entered RedisStore.
+
+    Also the floor: a ``dict`` lookup inside an async function (written without
+    parallelkit: no cache can do less). Every round runs each contender once, in
+    turn, so drift hits all alike; per-hit CPU is ``time.process_time``.
+    """
     import parallelkit as pk
     from parallelkit.redis import RedisStore
 
     redis = _client(REDIS_URL)
     prefix = f"pkbench:{uuid.uuid4().hex[:8]}"
     store = RedisStore(redis, prefix=prefix)
+    value = {"id": "c1", "status": "open", "owner": "ada", "tags": ["vip", "emea"]}
+    memory = pk.SWRCache(fresh=3600, stale=3600)
+    near = pk.SWRCache(fresh=3600, stale=3600, store=store)
+    plain: dict[str, Any] = {}
+
+    async def loader(key: str) -> dict[str, Any]:
+        return value
+
+    @memory.cached
+    async def memory_cached(conversation_id: str) -> dict[str, Any]:
+        return value
+
+    @near.cached
+    async def near_cached(conversation_id: str) -> dict[str, Any]:
+        return value
+
+    async def dict_lookup(key: str) -> dict[str, Any]:
+        hit = plain.get(key)
+        if hit is None:
+            hit = plain[key] = value
+        return hit
+
+    def loop_get(cache: pk.SWRCache) -> Any:
+        async def run() -> None:
+            for _ in range(n):
+                await cache.get("c1", loader)
+
+        return run
+
+    def loop_call(fn: Any) -> Any:
+        async def run() -> None:
+            for _ in range(n):
+                await fn("c1")
+
+        return run
+
+    contenders = {
+        "floor": loop_call(dict_lookup),
+        "memory_get": loop_get(memory),
+        "near_get": loop_get(near),
+        "memory_cached": loop_call(memory_cached),
+        "near_cached": loop_call(near_cached),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    try:
+        async with store, memory, near:
+            for fn in contenders.values():  # warm: loaded, then in the near cache
+                for _ in range(3):
+                    await fn()
+            near_in_memory = store.peek("c1") is not None and store.peek(
+                ("benchmarks.bench_redis._near_hit_cost.<locals>.near_cached", "c1")
+            )
+            before = store.statistics()
+            for _ in range(rounds):
+                for name, fn in contenders.items():
+                    start = time.process_time()
+                    await fn()
+                    samples[name].append((time.process_time() - start) / n * 1e6)
+            after = store.statistics()
+        hits = after.near_hits - before.near_hits
+        round_trips = (after.hits + after.misses) - (before.hits + before.misses)
+        return {
+            "cpu_us": {k: statistics.median(v) for k, v in samples.items()},
+            "range_us": {k: [min(v), max(v)] for k, v in samples.items()},
+            "near_hits": hits,
+            "redis_reads_during_hits": round_trips,
+            "served_from_near_cache": bool(near_in_memory)
+            and hits == 2 * n * rounds
+            and round_trips == 0,
+        }
+    finally:
+        await store.clear()
+        await redis.aclose()
+
+
+# ------------------------------------------------------------------ per-hit cost
+async def _hit_cost(n: int, rounds: int) -> dict[str, Any]:
+    """Without the near cache (the store not entered): every hit is one ``GET``."""
+    import parallelkit as pk
+    from parallelkit.redis import RedisStore
+
+    redis = _client(REDIS_URL)
+    prefix = f"pkbench:{uuid.uuid4().hex[:8]}"
+    store = RedisStore(redis, prefix=prefix, near_maxsize=None)
     cache = pk.SWRCache(fresh=3600, stale=3600, store=store)
     value = {"id": "c1", "status": "open", "owner": "ada", "tags": ["vip", "emea"]}
 
@@ -114,9 +209,10 @@ async def _child(mode: str, url: str, prefix: str, processes: int, callers: int)
         await redis.set(f"{prefix}:naive:{key}", value.encode(), ex=60)
         return value
 
-    cache = pk.SWRCache(fresh=60, stale=60, store=RedisStore(redis, prefix=prefix, poll=0.01))
+    store = RedisStore(redis, prefix=prefix, poll=0.01, command_timeout=30)
+    cache = pk.SWRCache(fresh=60, stale=60, store=store)
     barrier = f"{prefix}:barrier:{mode}"
-    async with cache:
+    async with store, cache:
         await redis.incr(barrier)
         while int(await redis.get(barrier) or 0) < processes:
             await anyio.sleep(0.005)
@@ -163,12 +259,37 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
     if skip:
         print(f"  skipped: {skip}")
         return {"skipped": skip}
+    near_n, near_rounds = (5000, 7) if quick else (20000, 21)
+    near = anyio.run(_near_hit_cost, near_n, near_rounds, backend="asyncio")
+    cpu, spread = near["cpu_us"], near["range_us"]
+
+    def row(label: str, name: str, against: str) -> list[Any]:
+        low, high = spread[name]
+        return [label, cpu[name], f"{low:.3g}-{high:.3g}", cpu[name] / cpu[against]]
+
+    print(
+        table(
+            ["hot-key hit, CPU per hit", "us (median)", "range", "x MemoryStore"],
+            [
+                row("floor: dict lookup in an async fn", "floor", "memory_get"),
+                row("SWRCache.get, MemoryStore", "memory_get", "memory_get"),
+                row("SWRCache.get, RedisStore near cache", "near_get", "memory_get"),
+                row("@cache.cached, MemoryStore", "memory_cached", "memory_cached"),
+                row("@cache.cached, RedisStore near cache", "near_cached", "memory_cached"),
+            ],
+        )
+    )
+    print(
+        f"  near hits: {near['near_hits']}, Redis reads during the hit loops: "
+        f"{near['redis_reads_during_hits']}"
+    )
+
     n, rounds = (1000, 5) if quick else (3000, 9)
     hits = anyio.run(_hit_cost, n, rounds, backend="asyncio")
     us = hits["per_op_us"]
     print(
         table(
-            ["per hit", "us", "x raw GET"],
+            ["per hit, no near cache", "us", "x raw GET"],
             [
                 ["redis-py GET + json.loads", us["raw"], 1.0],
                 ["SWRCache.get on RedisStore", us["get"], us["get"] / us["raw"]],
@@ -194,6 +315,22 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
         )
     )
     targets = [
+        target(
+            "SWRCache.get hit, RedisStore near cache / MemoryStore (CPU)",
+            cpu["near_get"] / cpu["memory_get"],
+            1.1,
+        ),
+        target(
+            "@cache.cached hit, RedisStore near cache / MemoryStore (CPU)",
+            cpu["near_cached"] / cpu["memory_cached"],
+            1.1,
+        ),
+        target(
+            "hits served without a Redis round trip",
+            float(near["served_from_near_cache"]),
+            1,
+            below=False,
+        ),
         target("SWRCache.get hit on RedisStore / raw GET", us["get"] / us["raw"], 1.3),
         target("@cache.cached hit on RedisStore / raw GET", us["cached"] / us["raw"], 1.3),
         target(f"loads per {processes * callers} cross-process cold callers", swr["loads"], 1),
@@ -201,6 +338,7 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
     print_targets(targets)
     return {
         "redis_url": REDIS_URL,
+        "near_hit_cost": {"n": near_n, "rounds": near_rounds, **near},
         "hit_cost": {"n": n, "rounds": rounds, **hits},
         "cross_process": {
             "processes": processes,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
-import time
+import math
 from functools import partial
+from typing import Any
 
 import anyio
 import pytest
@@ -14,7 +14,14 @@ import parallelkit as pk
 from parallelkit._core.limiter import SupportsLimit
 from parallelkit.redis import RedisLimiter, RedisUnavailable
 
-from .redis_helpers import client, start_workers, stop_workers, wait_workers
+from .redis_helpers import (
+    FakeTimer,
+    bad_arguments,
+    client,
+    start_workers,
+    stop_workers,
+    wait_workers,
+)
 
 pytest_plugins = ["tests.redis_helpers.fixtures"]
 
@@ -28,24 +35,37 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+class Peak:
+    """Counts holders; the first ones wait until ``goal`` hold at once (so it is reached)."""
+
+    def __init__(self, goal: int) -> None:
+        self.goal = goal
+        self.running = self.peak = 0
+        self.reached = anyio.Event()
+
+    async def hold(self) -> None:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        if self.running >= self.goal:
+            self.reached.set()
+        await self.reached.wait()
+        self.running -= 1
+
+
 async def test_is_accepted_as_limit_and_bounds_concurrency(r: aredis.Redis, prefix: str) -> None:
     limiter = RedisLimiter(r, "api", concurrency=3, poll=0.01, prefix=prefix)
     assert isinstance(limiter, SupportsLimit)
-    running = peak = 0
+    holders = Peak(3)
 
     async def work(i: int) -> int:
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        await anyio.sleep(0.01)
-        running -= 1
+        await holders.hold()
         return i
 
     # two independent fan-outs share one global budget
     async with anyio.create_task_group() as tg:
         tg.start_soon(partial(pk.map, work, range(20), limit=limiter))
         tg.start_soon(partial(pk.map, work, range(20), limit=limiter))
-    assert peak == 3
+    assert holders.peak == 3  # reached, never exceeded
     assert await r.zcard(f"{prefix}:limiter:{{api}}:holders") == 0
     stats = limiter.statistics()
     assert (stats.held, stats.waiting, stats.fallbacks, stats.redis_errors) == (0, 0, 0, 0)
@@ -64,31 +84,54 @@ async def test_two_limiter_objects_with_one_name_share_the_bound(
 
     async with a, anyio.create_task_group() as tg:
         tg.start_soon(use_b)
-        await anyio.sleep(0.2)
+        with anyio.fail_after(30):
+            while b.statistics().waiting != 1:
+                await anyio.sleep(0.005)
         assert not entered_b.is_set()  # a holds the only global slot
-        assert b.statistics().waiting == 1
         tg.cancel_scope.cancel()
     async with b:
         pass
 
 
 async def test_a_dead_holders_lease_expires(r: aredis.Redis, prefix: str) -> None:
-    limiter = RedisLimiter(r, "leased", concurrency=1, lease=0.3, poll=0.02, prefix=prefix)
+    clock = FakeTimer()
+    limiter = RedisLimiter(
+        r, "leased", concurrency=1, lease=0.3, poll=0.01, prefix=prefix, clock=clock
+    )
     holders = f"{prefix}:limiter:{{leased}}:holders"
-    # a holder in a process that died: its token is in the set, nobody renews it
-    await limiter._acquire_script(keys=[holders], args=["ghost", 1, 300])
-    started = anyio.current_time()
-    async with limiter:
-        waited = anyio.current_time() - started
-    assert 0.15 <= waited < 2.0
+    # a holder in a process that died: its lease ends at now + 0.3 s, nobody renews it
+    await r.zadd(holders, {"ghost": clock.now * 1000 + 300})
+    entered = anyio.Event()
+
+    async def use() -> None:
+        async with limiter:
+            entered.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(use)
+        with anyio.fail_after(30):
+            while limiter.statistics().waiting != 1:
+                await anyio.sleep(0.005)
+        assert not entered.is_set()  # the ghost's lease has not ended on the shared clock
+        clock.now += 0.31  # ... now it has
+        with anyio.fail_after(30):
+            await entered.wait()
+    assert await r.zscore(holders, "ghost") is None
 
 
 async def test_leases_are_renewed_while_held(r: aredis.Redis, prefix: str) -> None:
-    limiter = RedisLimiter(r, "long", concurrency=1, lease=0.3, prefix=prefix)
-    other = RedisLimiter(r, "long", concurrency=1, lease=0.3, prefix=prefix)
+    clock = FakeTimer()
+    limiter = RedisLimiter(r, "long", concurrency=1, lease=0.3, prefix=prefix, clock=clock)
+    other = RedisLimiter(r, "long", concurrency=1, lease=0.3, prefix=prefix, clock=clock)
+    holders = f"{prefix}:limiter:{{long}}:holders"
     async with limiter:
-        await anyio.sleep(1.0)  # > 3 leases
-        with anyio.move_on_after(0.3) as scope:
+        for _ in range(3):  # three lease lengths on the shared clock, each bridged by a renewal
+            before = await r.zrange(holders, 0, -1, withscores=True)
+            clock.now += 0.2
+            with anyio.fail_after(30):
+                while await r.zrange(holders, 0, -1, withscores=True) == before:
+                    await anyio.sleep(0.01)
+        with anyio.move_on_after(0.1) as scope:
             async with other:
                 pytest.fail("the renewed lease must still hold the only slot")
         assert scope.cancelled_caught
@@ -99,31 +142,45 @@ async def test_lost_lease_is_counted_not_raised(r: aredis.Redis, prefix: str) ->
     limiter = RedisLimiter(r, "lost", concurrency=1, lease=0.2, prefix=prefix)
     async with limiter:
         await r.delete(f"{prefix}:limiter:{{lost}}:holders")
-        await anyio.sleep(0.3)
+        with anyio.fail_after(30):
+            while limiter.statistics().lost_leases == 0:  # the next renewal finds it gone
+                await anyio.sleep(0.01)
     assert limiter.statistics().lost_leases == 1
 
 
-async def test_rate_spaces_starts_globally(r: aredis.Redis, prefix: str) -> None:
-    a = RedisLimiter(r, "rated", rate=20, prefix=prefix)
-    b = RedisLimiter(r, "rated", rate=20, prefix=prefix)
-    starts: list[float] = []
+async def test_rate_spaces_starts_globally(
+    r: aredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeTimer()  # frozen: every reservation sees the same "now"
+    a = RedisLimiter(r, "rated", rate=100, prefix=prefix, clock=clock)
+    b = RedisLimiter(r, "rated", rate=100, prefix=prefix, clock=clock)
+    delays: list[float] = []
+    reserve = RedisLimiter._reserve
+
+    async def recording(self: RedisLimiter) -> float:
+        delay = await reserve(self)
+        delays.append(delay)
+        return delay
+
+    monkeypatch.setattr(RedisLimiter, "_reserve", recording)
+    starts = 0
 
     async def work(i: int) -> None:
-        starts.append(time.monotonic())
+        nonlocal starts
+        starts += 1
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(partial(pk.map, work, range(10), limit=a))
         tg.start_soon(partial(pk.map, work, range(10), limit=b))
-    starts.sort()
-    gaps = [later - earlier for earlier, later in itertools.pairwise(starts)]
-    assert starts[-1] - starts[0] >= 19 / 20 - 0.05  # 20 starts at 20/s span >= 0.95 s
-    assert min(gaps) > 0.02  # never two starts together (interval 0.05 s)
+    assert starts == 20
+    # one global schedule: the 20 starts got the 20 consecutive slots 10 ms apart
+    assert sorted(round(d, 6) for d in delays) == [round(k * 0.01, 6) for k in range(20)]
 
 
 async def test_cancelled_waiter_gives_its_slot_back(r: aredis.Redis, prefix: str) -> None:
-    limiter = RedisLimiter(r, "cx", concurrency=1, rate=5, prefix=prefix)
+    limiter = RedisLimiter(r, "cx", concurrency=1, rate=5, prefix=prefix, clock=FakeTimer())
     async with limiter:
-        pass  # uses the first rate slot: the next acquire must sleep ~0.2 s
+        pass  # uses the first rate slot: on the frozen clock the next one is 0.2 s away
     with anyio.move_on_after(0.05):
         async with limiter:
             pytest.fail("must still be waiting for the rate")
@@ -152,18 +209,14 @@ async def test_nested_holds_in_one_task(r: aredis.Redis, prefix: str) -> None:
 # ------------------------------------------------------------------ outages
 async def test_fail_local_falls_back_to_an_in_process_limiter(dead: aredis.Redis) -> None:
     limiter = RedisLimiter(dead, "x", concurrency=2, retry_after=60)
-    running = peak = 0
+    holders = Peak(2)
 
     async def work(i: int) -> int:
-        nonlocal running, peak
-        running += 1
-        peak = max(peak, running)
-        await anyio.sleep(0.01)
-        running -= 1
+        await holders.hold()
         return i
 
     assert await pk.map(work, range(10), limit=limiter) == list(range(10))
-    assert peak == 2
+    assert holders.peak == 2
     stats = limiter.statistics()
     assert stats.fallbacks == 10
     assert stats.redis_errors >= 1  # then the breaker skips Redis for retry_after
@@ -172,20 +225,16 @@ async def test_fail_local_falls_back_to_an_in_process_limiter(dead: aredis.Redis
 
 async def test_fail_open_does_not_limit(dead: aredis.Redis) -> None:
     limiter = RedisLimiter(dead, "x", concurrency=1, fail="open")
-    running = peak = 0
+    holders = Peak(5)
 
     async def work() -> None:
-        nonlocal running, peak
         async with limiter:
-            running += 1
-            peak = max(peak, running)
-            await anyio.sleep(0.02)
-            running -= 1
+            await holders.hold()
 
     async with anyio.create_task_group() as tg:
         for _ in range(5):
             tg.start_soon(work)
-    assert peak == 5
+    assert holders.peak == 5
     assert limiter.statistics().fallbacks == 5
     assert limiter.statistics().held == 0
 
@@ -199,21 +248,47 @@ async def test_fail_closed_raises(dead: aredis.Redis) -> None:
         assert info.value.__cause__ is not None
 
 
+BAD_ARGUMENTS = [
+    ({"concurrency": 0}, ValueError, r"^concurrency must be >= 1, got 0$"),
+    ({"concurrency": 2.5}, TypeError, r"^concurrency must be an int, or None, got 2.5$"),
+    ({"concurrency": True}, TypeError, r"^concurrency must be an int"),
+    ({"rate": -1}, ValueError, r"^rate must be > 0 \(starts per second\), got -1$"),
+    ({"rate": math.inf}, ValueError, r"^rate must be finite"),
+    ({"rate": "10"}, TypeError, r"^rate must be a number"),
+    ({"burst": 0}, ValueError, r"^burst must be >= 1, got 0$"),
+    ({"burst": 1.5}, TypeError, r"^burst must be an int, got 1.5$"),
+    ({"lease": 0}, ValueError, r"^lease must be > 0 \(seconds\), got 0$"),
+    ({"lease": 0.001}, ValueError, r"^lease must be >= 0.01 \(seconds\), got 0.001$"),
+    ({"lease": math.nan}, ValueError, r"^lease must be > 0"),
+    ({"fail": "maybe"}, ValueError, r"^fail must be one of 'local', 'open', 'closed', got 'mayb"),
+    ({"fail": None}, TypeError, r"^fail must be one of 'local', 'open', 'closed', got None$"),
+    ({"poll": 0}, ValueError, r"^poll must be > 0 \(seconds\), got 0$"),
+    ({"retry_after": -1}, ValueError, r"^retry_after must be > 0"),
+    ({"retry_after": True}, TypeError, r"^retry_after must be a number"),
+    ({"prefix": ""}, ValueError, r"^prefix must not be empty"),
+    ({"command_timeout": 0}, ValueError, r"^command_timeout must be > 0"),
+    ({"command_timeout": math.inf}, ValueError, r"^command_timeout must be finite"),
+    ({"clock": 3}, TypeError, r"^clock must be a callable, got int 3$"),
+]
+
+
+@bad_arguments(BAD_ARGUMENTS)
+def test_bad_arguments_name_the_argument(
+    redis_url: str, kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        RedisLimiter(client(redis_url), "x", **kwargs)
+
+
 def test_arguments_are_validated(redis_url: str) -> None:
     conn = client(redis_url)
-    with pytest.raises(ValueError, match="concurrency"):
-        RedisLimiter(conn, "x", concurrency=0)
-    with pytest.raises(ValueError, match="rate"):
-        RedisLimiter(conn, "x", rate=-1)
-    with pytest.raises(ValueError, match="burst"):
-        RedisLimiter(conn, "x", burst=0)
-    with pytest.raises(ValueError, match="lease"):
-        RedisLimiter(conn, "x", lease=0)
-    with pytest.raises(ValueError, match="fail"):
-        RedisLimiter(conn, "x", fail="maybe")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="name"):
+    with pytest.raises(TypeError, match=r"^name must be a str, got 3$"):
         RedisLimiter(conn, 3)  # type: ignore[arg-type]
-    limiter = RedisLimiter(conn, "api", concurrency=5, rate=10)
+    with pytest.raises(ValueError, match=r"^name must not be empty"):
+        RedisLimiter(conn, "")
+    with pytest.raises(TypeError, match=r"redis must be a redis\.asyncio\.Redis client"):
+        RedisLimiter(object(), "x")  # type: ignore[arg-type]
+    limiter = RedisLimiter(conn, "api", concurrency=5, rate=10, command_timeout=None)
     assert limiter.concurrency == 5
     assert limiter.rate == 10.0
     assert repr(limiter) == (
@@ -240,18 +315,14 @@ async def test_concurrency_bound_holds_across_four_processes(
 async def test_rate_holds_across_four_processes(
     r: aredis.Redis, redis_url: str, prefix: str
 ) -> None:
-    rate = 20
+    rate = 50
     procs = start_workers("rate", redis_url, prefix, 4, "--rate", str(rate), "--callers", "8")
     try:
         wait_workers(procs)
     finally:
         stop_workers(procs)
-    starts = sorted(float(s) for s in await r.lrange(f"{prefix}:starts", 0, -1))
-    assert len(starts) == 32
-    # any window slightly shorter than 1 s holds at most `rate` starts (the 0.1 s
-    # margin absorbs sleep jitter, which can only delay a start, never advance it)
-    window = 1.0 - 0.1
-    for i, first in enumerate(starts):
-        inside = sum(1 for s in starts[i:] if s < first + window)
-        assert inside <= rate, f"{inside} starts within {window}s from {first}"
-    assert starts[-1] - starts[0] >= (32 - 1) / rate - 0.1
+    assert int(await r.get(f"{prefix}:starts") or 0) == 32
+    delays = sorted(round(float(d), 6) for d in await r.lrange(f"{prefix}:delays", 0, -1))
+    # one schedule for all four processes: the 32 starts took the 32 consecutive
+    # slots 1/rate apart (every process's limiter sees the same frozen clock)
+    assert delays == [round(k / rate, 6) for k in range(32)]

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import datetime as dt
+import decimal
 import math
 import sys
 import time
+import uuid
 from typing import Any
 
 import anyio
+import pydantic
 import pytest
 import redis.asyncio as aredis
 from hypothesis import given, settings
@@ -21,14 +27,19 @@ from parallelkit.redis import (
     PickleSerializer,
     RedisLimiter,
     RedisStore,
+    RedisStoreStats,
     RedisUnavailable,
+    SerializationError,
 )
 from parallelkit.redis._store import decode_entry, encode_entry
 
 from .conftest import need_service
 from .redis_helpers import (
     RedisServer,
+    bad_arguments,
     client,
+    entry,
+    renewals,
     start_workers,
     stop_workers,
     wait_workers,
@@ -47,11 +58,6 @@ def anyio_backend() -> str:
     # redis-py's asyncio client is built on asyncio streams and locks: it cannot run
     # under trio, so the Redis-backed primitives (and these tests) are asyncio-only.
     return "asyncio"
-
-
-def entry(value: Any, fresh: float = 30, stale: float = 60) -> CacheEntry[Any]:
-    now = time.time()
-    return CacheEntry(value, now, now + fresh, now + fresh + stale)
 
 
 class Counter:
@@ -90,8 +96,8 @@ async def test_json_is_the_default_and_readable(r: aredis.Redis, prefix: str) ->
     raw = await r.get(f"{prefix}:cache:v:('crm.get', 'c1')")
     assert raw is not None
     assert raw.endswith(b'{"name":"Ada"}')
-    with pytest.raises(TypeError):
-        await store.set("obj", entry(object()), ttl=10)  # not JSON: a loud error
+    with pytest.raises(TypeError):  # not JSON: a loud error (SerializationError)
+        await store.set("obj", entry(object()), ttl=10)
 
 
 async def test_pickle_and_custom_serializers(r: aredis.Redis, prefix: str) -> None:
@@ -115,6 +121,138 @@ async def test_pickle_and_custom_serializers(r: aredis.Redis, prefix: str) -> No
     got = await custom.get("k")
     assert got is not None
     assert got.value == "HELLO"
+
+
+@dataclasses.dataclass(frozen=True)
+class Owner:
+    name: str
+    since: dt.date
+
+
+@dataclasses.dataclass
+class Conversation:
+    id: uuid.UUID
+    opened: dt.datetime
+    owner: Owner
+    total: decimal.Decimal
+    tags: list[str] = dataclasses.field(default_factory=list)
+
+
+class Contact(pydantic.BaseModel):
+    id: int
+    seen: dt.datetime
+    owner: Owner | None = None
+
+
+NOW = dt.datetime(2024, 5, 1, 12, 30, 15, 123456, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+CONVERSATION = Conversation(
+    id=uuid.UUID("12345678-1234-5678-1234-567812345678"),
+    opened=NOW,
+    owner=Owner("ada", dt.date(2020, 1, 2)),
+    total=decimal.Decimal("19.90"),
+    tags=["vip"],
+)
+
+
+def roundtrip(value: Any, serializer: JSONSerializer | None = None) -> Any:
+    s = serializer or JSONSerializer()
+    return s.loads(s.dumps(value))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        NOW,
+        NOW.replace(tzinfo=None),
+        dt.date(2024, 2, 29),
+        dt.time(23, 59, 1, 5),
+        dt.time(8, 0, tzinfo=dt.timezone.utc),
+        uuid.uuid4(),
+        decimal.Decimal("0.1000"),
+        decimal.Decimal("-1E+3"),
+        {"at": [NOW, {"d": dt.date(2024, 1, 1)}], "n": None},
+        {"$date": "not a date"},  # looks like a tag: escaped, comes back unchanged
+        {"$dict": [["a", 1]]},
+        {"$type": ["x", {}]},
+    ],
+    ids=repr,
+)
+def test_json_keeps_the_common_types(value: Any) -> None:
+    back = roundtrip(value)
+    assert back == value
+    assert type(back) is type(value)
+
+
+def test_json_dataclasses_and_pydantic_models() -> None:
+    contact = Contact(id=7, seen=NOW, owner=Owner("bo", dt.date(2021, 3, 4)))
+    # not listed: their fields, as dicts (with the common types kept)
+    assert roundtrip(CONVERSATION) == {
+        "id": CONVERSATION.id,
+        "opened": NOW,
+        "owner": {"name": "ada", "since": dt.date(2020, 1, 2)},
+        "total": decimal.Decimal("19.90"),
+        "tags": ["vip"],
+    }
+    assert roundtrip(contact) == {
+        "id": 7,
+        "seen": NOW,
+        "owner": {"name": "bo", "since": dt.date(2021, 3, 4)},
+    }
+    # listed in types=: the instances themselves, nested ones included
+    listed = JSONSerializer(types=[Conversation, Owner, Contact])
+    assert roundtrip(CONVERSATION, listed) == CONVERSATION
+    assert roundtrip([contact, CONVERSATION], listed) == [contact, CONVERSATION]
+    assert repr(listed) == "JSONSerializer(types=[Conversation, Owner, Contact])"
+    # a class the reading process does not list comes back as its fields
+    assert roundtrip(CONVERSATION.owner, JSONSerializer(types=[Owner])) == Owner(
+        "ada", dt.date(2020, 1, 2)
+    )
+    assert JSONSerializer().loads(listed.dumps(Owner("x", dt.date(2000, 1, 1)))) == {
+        "name": "x",
+        "since": dt.date(2000, 1, 1),
+    }
+
+
+def test_json_rows_come_back_as_dicts() -> None:
+    row = collections.namedtuple("Row", ["id", "at"])  # tuples are JSON arrays ...
+
+    class SqlRow:  # ... SQLAlchemy's Row is not a tuple: it has _asdict()
+        def _asdict(self) -> dict[str, Any]:
+            return {"id": 1, "at": NOW}
+
+    assert roundtrip(row(1, NOW)) == [1, NOW]
+    assert roundtrip({"rows": [SqlRow()]}) == {"rows": [{"id": 1, "at": NOW}]}
+
+
+async def test_what_json_cannot_store_names_store_key_and_type(
+    r: aredis.Redis, prefix: str
+) -> None:
+    class Unknown:
+        pass
+
+    store = RedisStore(r, prefix=prefix, namespace="crm")
+    with pytest.raises(SerializationError) as info:
+        await store.set(("get_conversation", "c1"), entry({"row": [Unknown()]}), ttl=10)
+    message = str(info.value)
+    assert "RedisStore 'crm'" in message
+    assert "('get_conversation', 'c1')" in message
+    assert "Unknown" in message
+    assert info.value.key == ("get_conversation", "c1")
+    assert info.value.namespace == "crm"
+    assert info.value.type_name.endswith("Unknown")
+    assert isinstance(info.value, TypeError)
+    assert isinstance(info.value, pk.ParallelkitError)
+    assert isinstance(info.value.__cause__, TypeError)
+    assert await store.get(("get_conversation", "c1")) is None  # nothing was written
+
+
+async def test_bytes_another_serializer_wrote_name_store_and_key(
+    r: aredis.Redis, prefix: str
+) -> None:
+    await RedisStore(r, prefix=prefix, serializer="pickle").set("k", entry({1, 2}), ttl=10)
+    with pytest.raises(SerializationError, match="cannot read key 'k'") as info:
+        await RedisStore(r, prefix=prefix).get("k")
+    assert info.value.key == "k"
 
 
 async def test_clear_forgets_only_its_namespace(r: aredis.Redis, prefix: str) -> None:
@@ -161,19 +299,56 @@ def test_codec_treats_other_formats_as_a_miss() -> None:
     assert decode_entry(b"\x07" + raw[1:], JSONSerializer()) is None
 
 
+BAD_ARGUMENTS = [
+    ({"local_maxsize": 0}, ValueError, r"^local_maxsize must be >= 1, got 0$"),
+    ({"local_maxsize": 1.5}, TypeError, r"^local_maxsize must be an int, got 1.5$"),
+    ({"near_maxsize": 0}, ValueError, r"^near_maxsize must be >= 1, got 0$"),
+    ({"near_maxsize": True}, TypeError, r"^near_maxsize must be an int, or None, got True$"),
+    ({"near_ttl": 0}, ValueError, r"^near_ttl must be > 0 \(seconds\), got 0$"),
+    ({"near_ttl": math.inf}, ValueError, r"^near_ttl must be finite"),
+    ({"near_ttl": None}, TypeError, r"^near_ttl must be a number \(seconds\), got None$"),
+    ({"command_timeout": 0}, ValueError, r"^command_timeout must be > 0"),
+    ({"command_timeout": math.nan}, ValueError, r"^command_timeout must be > 0"),
+    ({"command_timeout": "1"}, TypeError, r"^command_timeout must be a number \(seconds\) or None"),
+    ({"lease": 0}, ValueError, r"^lease must be > 0 \(seconds\), got 0$"),
+    ({"lease": 0.001}, ValueError, r"^lease must be >= 0.01 \(seconds\), got 0.001$"),
+    ({"poll": -1}, ValueError, r"^poll must be > 0 \(seconds\), got -1$"),
+    ({"poll": math.inf}, ValueError, r"^poll must be finite"),
+    ({"retry_after": 0}, ValueError, r"^retry_after must be > 0 \(seconds\), got 0$"),
+    ({"strict": 1}, TypeError, r"^strict must be a bool \(True or False\), got 1$"),
+    ({"namespace": ""}, ValueError, r"^namespace must not be empty, got ''$"),
+    ({"namespace": 7}, TypeError, r"^namespace must be a str, got 7$"),
+    ({"prefix": ""}, ValueError, r"^prefix must not be empty"),
+    (
+        {"serializer": "yaml"},
+        ValueError,
+        r"^serializer must be one of 'json', 'pickle' or an object with dumps/loads, got 'yaml'$",
+    ),
+    ({"serializer": 3}, TypeError, r"^serializer must be 'json', 'pickle' or an object with dumps"),
+]
+
+
+@bad_arguments(BAD_ARGUMENTS)
+def test_bad_arguments_name_the_argument(
+    redis_url: str, kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        RedisStore(client(redis_url), **kwargs)
+
+
 def test_arguments_are_validated(redis_url: str) -> None:
     conn = client(redis_url)
-    with pytest.raises(TypeError, match="serializer"):
-        RedisStore(conn, serializer="yaml")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="lease"):
-        RedisStore(conn, lease=0)
-    with pytest.raises(ValueError, match="namespace"):
-        RedisStore(conn, namespace="")
     with pytest.raises(ValueError, match="decode_responses"):
         RedisStore(client(redis_url, decode_responses=True))
+    with pytest.raises(TypeError, match=r"^redis must be a redis.asyncio.Redis client"):
+        RedisStore("redis://")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^types must list dataclasses or pydantic"):
+        JSONSerializer(types=[dict])
     assert repr(RedisStore(conn, namespace="crm")) == (
         "RedisStore(namespace='crm', serializer=JSONSerializer(), ok, errors=0)"
     )
+    store = RedisStore(conn, near_maxsize=None, command_timeout=None)
+    assert store.statistics() == store.stats == RedisStoreStats(0, 0, 0, 0)
 
 
 # ------------------------------------------------------------------ single flight
@@ -192,17 +367,29 @@ async def test_one_refresh_per_stale_key_across_caches(r: aredis.Redis, prefix: 
     stores = [RedisStore(r, prefix=prefix, poll=0.01) for _ in "ab"]
     now = time.time()
     await stores[0].set("hot", CacheEntry("old", now - 10, now - 5, now + 60), ttl=60)
-    refresh = Counter(delay=0.2, value="new")
+    release = anyio.Event()
+    calls = 0
+
+    async def refresh(key: str) -> str:
+        nonlocal calls
+        calls += 1
+        await release.wait()  # held until the other cache waits for the lease
+        return "new"
+
     caches = [pk.SWRCache(fresh=30, stale=60, store=s) for s in stores]
-    async with caches[0], caches[1]:
-        served = await pk.gather(*(c.get("hot", refresh) for c in caches for _ in range(20)))
+    async with stores[0], stores[1], caches[0], caches[1]:
+        with anyio.fail_after(30):  # stale hits never wait for the refresh
+            served = await pk.gather(*(c.get("hot", refresh) for c in caches for _ in range(20)))
         assert set(served) == {"old"}  # stale is served at once
-        with anyio.fail_after(5):
+        with anyio.fail_after(30):  # one cache refreshes, the other waits for its lease
+            while sum(s.statistics().lease_waits for s in stores) < 1:
+                await anyio.sleep(0.01)
+        release.set()
+        with anyio.fail_after(30):
             while (got := await stores[0].get("hot")) is None or got.value != "new":
                 await anyio.sleep(0.01)
-            await anyio.sleep(0.1)  # the other cache's refresh, waiting, sees it fresh
-    assert refresh.calls == 1
-    assert sum(s.stats.lease_waits for s in stores) == 1
+    assert calls == 1
+    assert sum(s.statistics().lease_waits for s in stores) == 1
 
 
 async def test_a_dead_lease_holder_is_taken_over(r: aredis.Redis, prefix: str) -> None:
@@ -211,24 +398,39 @@ async def test_a_dead_lease_holder_is_taken_over(r: aredis.Redis, prefix: str) -
     await r.set(lease_key, "a-process-that-died", px=300)  # nobody renews it
     loader = Counter(value=1)
     cache = pk.SWRCache(fresh=30, stale=60, store=store)
-    started = anyio.current_time()
-    assert await cache.get("k", loader) == 1
-    assert anyio.current_time() - started >= 0.2
+    assert await cache.get("k", loader) == 1  # after the dead holder's lease expired
     assert loader.calls == 1
     assert store.stats.lease_waits == 1
     assert await r.exists(lease_key) == 0
 
 
 async def test_leases_are_renewed_during_a_long_load(r: aredis.Redis, prefix: str) -> None:
-    store = RedisStore(r, prefix=prefix, lease=0.3, poll=0.02)
-    slow = Counter(delay=1.0, value="slow")
+    store = RedisStore(r, prefix=prefix, lease=1.5, poll=0.02)
+    lease_key = f"{prefix}:cache:l:'k'"
+    done = anyio.Event()
+
+    async def slow(key: str) -> str:
+        await renewals(r, lease_key, 4)  # > 1 lease: only renewal keeps it
+        await done.wait()
+        return "slow"
+
     other = Counter(value="dup")
     caches = [pk.SWRCache(fresh=30, stale=60, store=store) for _ in "ab"]
     async with anyio.create_task_group() as tg:
         tg.start_soon(caches[0].get, "k", slow)
-        await anyio.sleep(0.05)
-        assert await caches[1].get("k", other) == "slow"  # waited past 3 leases
-    assert (slow.calls, other.calls) == (1, 0)
+        with anyio.fail_after(30):
+            while not await r.exists(lease_key):
+                await anyio.sleep(0.01)
+
+        async def second() -> None:
+            assert await caches[1].get("k", other) == "slow"  # waited past 4 renewals
+
+        tg.start_soon(second)
+        with anyio.fail_after(30):
+            while store.statistics().lease_waits < 1:
+                await anyio.sleep(0.01)
+        done.set()
+    assert other.calls == 0
 
 
 # ------------------------------------------------------------------ outages
@@ -242,8 +444,9 @@ async def test_outage_degrades_to_loader_and_local_memory(dead: aredis.Redis) ->
         await cache.invalidate("k")
         assert await cache.get("k", loader) == "v"
     assert loader.calls == 2
-    stats = store.stats
+    stats = store.statistics()
     assert stats.errors >= 1
+    assert stats.redis_errors == stats.errors
     assert stats.degraded >= 4
     assert store.errors == stats.errors
     assert "degraded" in repr(store)
@@ -255,8 +458,8 @@ async def test_a_full_connection_pool_is_not_an_outage(redis_url: str, prefix: s
     try:
         with pytest.raises(ExceptionGroup) as info:
             async with anyio.create_task_group() as tg:
-                for _ in range(5):
-                    tg.start_soon(store.get, "k")
+                for i in range(5):
+                    tg.start_soon(store.get, f"k{i}")  # (reads of one key share a GET)
         assert info.group_contains(RedisConnectionError, match="Too many connections")
         assert not info.group_contains(RedisUnavailable)
         assert store.errors == 0  # raised unchanged, not counted, no degradation

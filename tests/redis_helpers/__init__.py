@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -16,11 +17,37 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import anyio
+import pytest
 import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from parallelkit._cache.store import CacheEntry
+
 WORKER = Path(__file__).resolve().parent / "worker.py"
+
+
+def bad_arguments(cases: list[tuple[dict[str, Any], type[Exception], str]]) -> Any:
+    """Parametrize a test over ``(kwargs, error type, message regex)`` cases."""
+    ids = [repr(kwargs) for kwargs, _, _ in cases]
+    return pytest.mark.parametrize(("kwargs", "error", "message"), cases, ids=ids)
+
+
+def entry(value: Any, fresh: float = 30, stale: float = 60) -> CacheEntry[Any]:
+    """A cache entry loaded now (on the wall clock, like RedisStore's)."""
+    now = time.time()
+    return CacheEntry(value, now, now + fresh, now + fresh + stale)
+
+
+class FakeTimer:
+    """A clock the test moves by hand (``store._guard.timer``, ``store._near.timer``)."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def new_prefix() -> str:
@@ -72,6 +99,20 @@ def stop_workers(procs: list[subprocess.Popen[str]]) -> None:
         proc.communicate(timeout=10)
 
 
+async def renewals(r: aredis.Redis, key: str, count: int) -> None:
+    """Return once ``key``'s remaining ttl went up ``count`` times (each time: a renewal).
+
+    Fails if the key expires meanwhile; gives up after a minute.
+    """
+    seen, last = 0, await r.pttl(key)
+    with anyio.fail_after(60):
+        while seen < count:
+            await anyio.sleep(0.01)
+            now = await r.pttl(key)
+            assert now > 0, f"{key} expired: it was not renewed"
+            seen, last = seen + (now > last), now
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -118,8 +159,19 @@ class RedisServer:
         msg = f"redis-server did not start on port {self.port}"
         raise RuntimeError(msg)
 
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its sockets open and stops answering (a hang)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT: the paused server answers again."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)  # a paused process dies as well
             self.proc.kill()
             self.proc.wait(timeout=10)
             self.proc = None

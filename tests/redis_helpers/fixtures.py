@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis.asyncio as aredis
 
-from . import client, free_port, new_prefix
+from ..conftest import need_service
+from . import RedisServer, client, free_port, new_prefix
 
 
 @pytest.fixture
@@ -32,3 +33,16 @@ async def dead() -> AsyncIterator[aredis.Redis]:
     conn = client(f"redis://127.0.0.1:{free_port()}/0", retry=None)
     yield conn
     await conn.aclose()
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    """A private ``redis-server`` of this test: to restart, pause (SIGSTOP) or kill."""
+    srv = RedisServer()
+    if srv.binary is None:
+        need_service("redis-server (the binary, for outage and hang tests)", "not on PATH")
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.kill()

@@ -21,6 +21,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 import parallelkit as pk
+from parallelkit._cache.store import CacheEntry
 from parallelkit.redis import RedisLimiter, RedisLock, RedisStore
 
 # the highest number of members a set reached, kept atomically next to it
@@ -47,17 +48,23 @@ async def barrier(r: aredis.Redis, prefix: str, processes: int) -> None:
         await anyio.sleep(0.005)
 
 
+def store_of(r: aredis.Redis, args: argparse.Namespace) -> RedisStore:
+    """The store every process builds (a long command_timeout: these tests are not
+    about hangs, and four busy processes' bursts may queue for a while)."""
+    return RedisStore(r, prefix=args.prefix, namespace="cache", poll=0.01, command_timeout=30)
+
+
 async def cold(r: aredis.Redis, args: argparse.Namespace) -> dict[str, Any]:
     """``callers`` concurrent gets of one cold key; the loader counts in Redis."""
-    store = RedisStore(r, prefix=args.prefix, namespace="cache", poll=0.01)
+    store = store_of(r, args)
     cache = pk.SWRCache(fresh=30, stale=60, store=store)
 
     async def loader(key: str) -> dict[str, Any]:
         await r.incr(f"{args.prefix}:loads")
-        await anyio.sleep(0.3)  # long enough that every process misses meanwhile
+        await anyio.sleep(0.3)  # long enough that most processes miss meanwhile
         return {"key": key, "pid": os.getpid()}
 
-    async with cache:
+    async with store, cache:
         await barrier(r, args.prefix, args.processes)
         values = await pk.gather(*(cache.get("cold", loader) for _ in range(args.callers)))
     pids = {v["pid"] for v in values}
@@ -65,36 +72,48 @@ async def cold(r: aredis.Redis, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def stale(r: aredis.Redis, args: argparse.Namespace) -> dict[str, Any]:
-    """``callers`` concurrent gets of a stale key; the refresh counts in Redis."""
-    store = RedisStore(r, prefix=args.prefix, namespace="cache", poll=0.01)
+    """``callers`` concurrent gets of a stale key; the refresh counts in Redis.
+
+    The refresh holds its value back until every process has served its callers,
+    so each of them is served the stale value whatever the scheduling.
+    """
+    store = store_of(r, args)
     cache = pk.SWRCache(fresh=30, stale=60, store=store)
+    served = f"{args.prefix}:served"
 
     async def loader(key: str) -> str:
         await r.incr(f"{args.prefix}:refreshes")
-        await anyio.sleep(0.3)
+        while int(await r.get(served) or 0) < args.processes:
+            await anyio.sleep(0.01)
         return "new"
 
-    async with cache:
+    async with store, cache:
         await barrier(r, args.prefix, args.processes)
         values = await pk.gather(*(cache.get("hot", loader) for _ in range(args.callers)))
-        # let the background refresh (this process's, or its wait for another's) end
-        with anyio.move_on_after(5):
-            while (await store.get("hot")) is None or (await store.get("hot")).value != "new":
+        await r.incr(served)
+        with anyio.fail_after(60):  # one process's refresh stores the new value
+            while (got := await store.get("hot")) is None or got.value != "new":
                 await anyio.sleep(0.02)
-            await anyio.sleep(0.4)
     return {"served": sorted(set(values))}
 
 
 async def limiter(r: aredis.Redis, args: argparse.Namespace) -> dict[str, Any]:
-    """``callers`` tasks through a RedisLimiter(concurrency=N); holders go in a set."""
-    lim = RedisLimiter(r, "shared", concurrency=args.concurrency, prefix=args.prefix, poll=0.01)
+    """``callers`` tasks through a RedisLimiter(concurrency=N); holders go in a set.
+
+    Every holder waits until the bound was reached once (by holders of any
+    process), so "reached" does not depend on scheduling; exceeding it would show.
+    """
+    lim = RedisLimiter(
+        r, "shared", concurrency=args.concurrency, prefix=args.prefix, poll=0.01, command_timeout=30
+    )
     record = r.register_script(RECORD_MAX)
     holders, best = f"{args.prefix}:holders", f"{args.prefix}:max"
 
     async def work(i: int) -> None:
         me = f"{os.getpid()}-{i}"
         await record(keys=[holders, best], args=[me])
-        await anyio.sleep(0.01)
+        while int(await r.get(best) or 0) < args.concurrency:
+            await anyio.sleep(0.005)
         await r.srem(holders, me)
 
     await barrier(r, args.prefix, args.processes)
@@ -103,16 +122,75 @@ async def limiter(r: aredis.Redis, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def rate(r: aredis.Redis, args: argparse.Namespace) -> dict[str, Any]:
-    """``callers`` starts through a RedisLimiter(rate=R); start times go in a list."""
-    lim = RedisLimiter(r, "rated", rate=args.rate, prefix=args.prefix)
-    starts = f"{args.prefix}:starts"
+    """``callers`` starts through a RedisLimiter(rate=R) on a frozen shared clock.
+
+    Each reservation's delay goes into a Redis list: on a frozen clock the k-th
+    reservation of all processes together must wait exactly k intervals.
+    """
+    lim = RedisLimiter(
+        r, "rated", rate=args.rate, prefix=args.prefix, clock=lambda: 1e6, command_timeout=30
+    )
+    delays = f"{args.prefix}:delays"
+    reserve = RedisLimiter._reserve
+
+    async def recording(self: RedisLimiter) -> float:
+        delay = await reserve(self)
+        await r.rpush(delays, repr(delay))
+        return delay
+
+    RedisLimiter._reserve = recording  # type: ignore[method-assign]
 
     async def work(i: int) -> None:
-        await r.rpush(starts, repr(time.time()))
+        await r.incr(f"{args.prefix}:starts")
 
     await barrier(r, args.prefix, args.processes)
     await pk.map(work, range(args.callers), limit=lim)
     return {}
+
+
+async def near(r: aredis.Redis, args: argparse.Namespace) -> dict[str, Any]:
+    """Hold ``hot`` in the near cache, then wait until an invalidation reaches it."""
+    store = store_of(r, args)
+    cache = pk.SWRCache(fresh=300, stale=300, store=store)
+    loads = 0
+
+    async def loader(key: str) -> str:
+        nonlocal loads
+        loads += 1
+        return f"{key} #{loads} from {os.getpid()}"
+
+    async with store, cache:
+        first = await cache.get("hot", loader)
+        with anyio.fail_after(30):
+            while store.peek("hot") is None:  # the value is in this process's near cache
+                first = await cache.get("hot", loader)
+                await anyio.sleep(0.01)
+        await r.incr(f"{args.prefix}:ready")
+        with anyio.fail_after(60):  # another process invalidates "hot" (no round trip here)
+            while store.peek("hot") is not None:
+                await anyio.sleep(0.001)
+        second = await cache.get("hot", loader)
+        stats = store.statistics()
+    return {
+        "first": first,
+        "second": second,
+        "near_hits": stats.near_hits,
+        "near_invalidations": stats.near_invalidations,
+    }
+
+
+async def token(r: aredis.Redis, args: argparse.Namespace) -> dict[str, Any]:
+    """Start a load of ``k`` (its token), wait for "go", then store conditionally."""
+    store = store_of(r, args)
+    load_token = await store.load_token("k")
+    await r.incr(f"{args.prefix}:started")
+    with anyio.fail_after(60):
+        while not await r.exists(f"{args.prefix}:go"):
+            await anyio.sleep(0.01)
+    now = time.time()
+    entry = CacheEntry("from the old load", now, now + 30, now + 60)
+    stored = await store.set_if_unchanged("k", entry, ttl=60, token=load_token)
+    return {"stored": stored}
 
 
 async def lock(r: aredis.Redis, args: argparse.Namespace) -> dict[str, Any]:
@@ -124,7 +202,32 @@ async def lock(r: aredis.Redis, args: argparse.Namespace) -> dict[str, Any]:
     return {"fence": held.fencing_token}
 
 
-MODES = {"cold": cold, "stale": stale, "limiter": limiter, "rate": rate, "lock": lock}
+async def slowload(r: aredis.Redis, args: argparse.Namespace) -> dict[str, Any]:
+    """Load ``k`` through the cache; the load waits for "go" (the test invalidates first)."""
+    store = store_of(r, args)
+    cache = pk.SWRCache(fresh=30, stale=60, store=store)
+
+    async def loader(key: str) -> str:
+        await r.incr(f"{args.prefix}:loading")
+        while not await r.exists(f"{args.prefix}:go"):
+            await anyio.sleep(0.01)
+        return "from the old load"
+
+    async with store, cache:
+        value = await cache.get("k", loader)
+    return {"value": value}
+
+
+MODES = {
+    "cold": cold,
+    "stale": stale,
+    "limiter": limiter,
+    "rate": rate,
+    "lock": lock,
+    "near": near,
+    "token": token,
+    "slowload": slowload,
+}
 
 
 async def main(args: argparse.Namespace) -> None:

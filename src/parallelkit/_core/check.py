@@ -34,6 +34,8 @@ __all__ = [
     "implements",
     "is_async_callable",
     "number",
+    "number_at_least",
+    "text",
     "number_or_none",
     "strings",
 ]
@@ -220,3 +222,29 @@ def async_callable(name: str, fn: object, *, what: str = "an async function") ->
 def _describe(fn: object) -> str:
     name = getattr(fn, "__qualname__", None) or type(fn).__name__
     return f"sync {type(fn).__name__} {name}"
+
+
+# ------------------------------------------------------------------ bounded numbers, text
+def number_at_least(name: str, value: object, minimum: float, *, unit: str = "seconds") -> float:
+    """Like :func:`number` (finite, > 0), and at least ``minimum``.
+
+    Example:
+        ``number_at_least("ttl", 0.001, 0.01)`` raises
+        ``ValueError: ttl must be >= 0.01 (seconds), got 0.001``.
+    """
+    checked = number(name, value, unit=unit)
+    if checked < minimum:
+        msg = f"{name} must be >= {minimum} ({unit}), got {value!r}"
+        raise ValueError(msg)
+    return checked
+
+
+def text(name: str, value: object) -> str:
+    """Return ``value`` if it is a non-empty ``str`` (a name, a prefix)."""
+    if not isinstance(value, str):
+        msg = f"{name} must be a str, got {value!r}"
+        raise TypeError(msg)
+    if not value:
+        msg = f"{name} must not be empty, got {value!r}"
+        raise ValueError(msg)
+    return value

@@ -1,77 +1,60 @@
-"""Plumbing shared by ``parallelkit.redis``: errors, key names, outage tracking.
+"""Plumbing shared by ``parallelkit.redis``: the errors, client checks, tokens.
 
 Nothing here is public on its own; :mod:`parallelkit.redis` re-exports the error
-classes. Every Redis-backed primitive classifies failures the same way:
-
-* an *outage* (connection refused or reset, a timeout, the server loading) is what
-  the ``fail=`` / ``strict=`` options are about, and what :class:`Outage` counts;
-* any other Redis error (a wrong type at a key, a script error) is a bug or a
-  misconfiguration and is raised unchanged.
+classes. How a Redis failure is classified and absorbed lives in
+:mod:`._outage` (one :class:`~._outage.Guard` per primitive); how a lease is taken,
+renewed and given back lives in :mod:`._lease`.
 """
 
 from __future__ import annotations
 
-import math
 import random
 import uuid
 
-import anyio
-from redis import exceptions as redis_exceptions
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from typing_extensions import final
 
-from .._core.check import number
 from .._core.errors import ParallelkitError
 
 __all__ = [
-    "OUTAGE_ERRORS",
     "LockLost",
     "LockNotAcquired",
-    "Outage",
-    "is_outage",
     "RedisUnavailable",
+    "SerializationError",
     "jittered",
     "new_token",
     "validate_client",
-    "validate_lease_seconds",
-    "validate_name",
 ]
-
-#: The exceptions that mean "Redis is unreachable right now" (not "you misused it").
-OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
-    RedisConnectionError,
-    RedisTimeoutError,
-    OSError,
-)
-
-
-_POOL_FULL: tuple[type[BaseException], ...] = tuple(
-    t for t in [getattr(redis_exceptions, "MaxConnectionsError", None)] if t is not None
-)
-
-
-def is_outage(exc: BaseException) -> bool:
-    """True unless ``exc`` is a full client connection pool (a local limit, not an outage).
-
-    redis-py raises ``MaxConnectionsError`` (a ``ConnectionError``) when more
-    commands run at once than the pool allows; degrading would hide the real fix
-    (a ``BlockingConnectionPool`` or a larger ``max_connections``), so callers
-    re-raise it.
-    """
-    if isinstance(exc, _POOL_FULL):
-        return False
-    return "Too many connections" not in str(exc)  # redis-py < 6 says only this
 
 
 class RedisUnavailable(ParallelkitError):
-    """Redis could not be reached and the caller asked not to degrade.
+    """Redis could not be reached (or did not answer in time) and the caller asked not to degrade.
 
     Raised by ``RedisStore(strict=True)``, ``RedisLimiter(fail="closed")`` and by a
     :class:`RedisLock` that cannot talk to Redis while acquiring. The redis-py
-    exception is the ``__cause__``.
+    exception (or a :class:`TimeoutError` when Redis did not answer within
+    ``command_timeout``) is the ``__cause__``.
     """
+
+
+class SerializationError(ParallelkitError, TypeError):
+    """A :class:`~parallelkit.redis.RedisStore` could not turn a value into bytes, or back.
+
+    The message names the store, the key and the type that failed. It is also a
+    :class:`TypeError` (what ``json.dumps`` raises for an unknown type). The
+    serializer's own exception is the ``__cause__``.
+
+    Attributes:
+        namespace: the store's namespace.
+        key: the cache key whose value failed.
+        type_name: the qualified name of the type that could not be serialized
+            (``""`` when reading bytes back failed).
+    """
+
+    def __init__(self, message: str, *, namespace: str, key: object, type_name: str) -> None:
+        self.namespace = namespace
+        self.key = key
+        self.type_name = type_name
+        super().__init__(message)
 
 
 class LockNotAcquired(ParallelkitError):
@@ -107,44 +90,6 @@ class LockLost(ParallelkitError):
         super().__init__(message)
 
 
-@final
-class Outage:
-    """Counts Redis outages and tells whether to try Redis again yet.
-
-    After an outage error the primitive stops calling Redis for ``retry_after``
-    seconds (using its fallback directly, without a connection attempt per call),
-    then tries again: the first success closes the circuit.
-    """
-
-    __slots__ = ("_until", "errors", "last_error", "recoveries", "retry_after")
-
-    def __init__(self, retry_after: float) -> None:
-        self.retry_after = retry_after
-        self.errors = 0
-        self.recoveries = 0
-        self.last_error: BaseException | None = None
-        self._until = -math.inf
-
-    @property
-    def down(self) -> bool:
-        """True while Redis is presumed down (inside the back-off window)."""
-        return self._until != -math.inf and anyio.current_time() < self._until
-
-    def failed(self, exc: BaseException) -> None:
-        """Record one outage error and open the circuit for ``retry_after`` seconds."""
-        self.errors += 1
-        self.last_error = exc
-        self._until = anyio.current_time() + self.retry_after
-
-    def succeeded(self) -> bool:
-        """Close the circuit after a successful call; True if it was open (recovery)."""
-        if self._until == -math.inf:
-            return False
-        self._until = -math.inf
-        self.recoveries += 1
-        return True
-
-
 def new_token() -> str:
     """A unique holder token: 128 random bits, hex."""
     return uuid.uuid4().hex
@@ -165,23 +110,3 @@ def validate_client(redis: object) -> None:
         return  # a cluster client or a compatible fake
     msg = f"redis must be a redis.asyncio.Redis client, got {redis!r}"
     raise TypeError(msg)
-
-
-def validate_name(name: object, what: str = "name") -> str:
-    """Return ``name`` if it is a non-empty ``str``, else raise naming the argument."""
-    if not isinstance(name, str):
-        msg = f"{what} must be a str, got {name!r}"
-        raise TypeError(msg)
-    if not name:
-        msg = f"{what} must not be empty, got {name!r}"
-        raise ValueError(msg)
-    return name
-
-
-def validate_lease_seconds(value: object, name: str) -> float:
-    """A positive, finite number of seconds, at least 0.01 (Redis expiries are in ms)."""
-    seconds = number(name, value, finite=True)
-    if seconds < 0.01:
-        msg = f"{name} must be at least 0.01 seconds, got {value!r}"
-        raise ValueError(msg)
-    return seconds

@@ -2,39 +2,48 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
 
 import anyio
-from anyio.abc import TaskGroup
 from redis.asyncio import Redis
 from typing_extensions import Self, final
 
-from .._core.check import number
-from .._core.limiter import Limiter, validate_limit, validate_rate
-from ._common import (
-    OUTAGE_ERRORS,
-    Outage,
-    RedisUnavailable,
-    is_outage,
-    jittered,
-    new_token,
-    validate_client,
-    validate_lease_seconds,
-    validate_name,
+from .._core.check import (
+    callable_,
+    choice,
+    count,
+    count_or_none,
+    number,
+    number_at_least,
+    number_or_none,
+    text,
 )
+from .._core.limiter import Limiter, validate_rate
+from .._core.owned import OwnedTaskGroup
+from ._common import jittered, new_token, validate_client
+from ._lease import keep_renewed
+from ._outage import Down, Guard
 
 __all__ = ["RedisLimiter", "RedisLimiterStatistics"]
 
 FailMode = Literal["open", "closed", "local"]
+_FAIL_MODES: tuple[FailMode, ...] = ("local", "open", "closed")
 
+# `now` in ms: the caller's clock when it passes one (the last ARGV), else Redis TIME
 _NOW_MS = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local now = tonumber(ARGV[#ARGV])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
 """
 # KEYS[1] holders zset (token -> lease expiry, ms); ARGV[1] token, ARGV[2] limit,
 # ARGV[3] lease (ms). Returns 0 when the slot is taken, else ms until a lease ends.
+# Leases end by their scores; the key itself expires a minute after the last one
+# (its garbage collection, independent of the clock the scores use).
 _ACQUIRE = (
     _NOW_MS
     + """
@@ -42,7 +51,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local lease = tonumber(ARGV[3])
 if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
   redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], math.ceil(lease))
+  redis.call('PEXPIRE', KEYS[1], math.ceil(lease) + 60000)
   return 0
 end
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
@@ -55,12 +64,11 @@ return wait
 _RENEW = (
     _NOW_MS
     + """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
 local lease = tonumber(ARGV[2])
-local changed = redis.call('ZADD', KEYS[1], 'XX', 'CH', now + lease, ARGV[1])
-if changed == 1 then
-  redis.call('PEXPIRE', KEYS[1], math.ceil(lease))
-end
-return changed
+redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], math.ceil(lease) + 60000)
+return 1
 """
 )
 # KEYS[1] the GCRA "theoretical arrival time" (ms); ARGV[1] interval (ms), ARGV[2]
@@ -90,10 +98,10 @@ class RedisLimiterStatistics:
         rate: the configured global starts per second, or ``None``.
         held: slots this process holds right now (Redis or fallback).
         waiting: tasks of this process waiting for a slot.
-        redis_errors: Redis outage errors seen so far.
+        redis_errors: Redis outage errors seen so far (timeouts included).
         fallbacks: acquisitions served by the ``fail=`` policy instead of Redis.
         lost_leases: leases that expired while held (the holder was unreachable
-            for longer than ``lease``).
+            for longer than ``lease``, or its lease was removed).
     """
 
     concurrency: int | None
@@ -107,12 +115,12 @@ class RedisLimiterStatistics:
 
 @final
 class _Hold:
-    __slots__ = ("local", "tg", "token")
+    __slots__ = ("local", "owner", "token")
 
-    def __init__(self, token: str | None, local: bool, tg: TaskGroup | None) -> None:
+    def __init__(self, token: str | None, local: bool) -> None:
         self.token = token
         self.local = local
-        self.tg = tg
+        self.owner: OwnedTaskGroup | None = None
 
 
 @final
@@ -129,19 +137,23 @@ class RedisLimiter:
     How it works:
 
     * **concurrency** is a Redis sorted set of *leases* (a random token per
-      holder, scored by its expiry on the Redis clock). Acquiring is one Lua
-      script (drop expired leases, count, add); releasing removes the token. A
-      holder that dies stops renewing and its lease expires after ``lease``
-      seconds. While a slot is held, its lease is renewed every ``lease / 3`` by a
-      small task in a task group that belongs to that ``async with`` block (so no
-      background task outlives its holder). Waiters poll, sleeping until the
-      earliest lease could end but at most ``poll`` seconds (jittered); they are
-      not served first come, first served across processes.
+      holder, scored by its expiry). Acquiring is one Lua script (drop expired
+      leases, count, add); releasing removes the token. A holder that dies stops
+      renewing and its lease expires after ``lease`` seconds. While a slot is
+      held, its lease is renewed every ``lease / 3`` by a small task in a task
+      group that belongs to that ``async with`` block (so no background task
+      outlives its holder). Waiters poll, sleeping until the earliest lease could
+      end but at most ``poll`` seconds (jittered); they are not served first come,
+      first served across processes.
     * **rate** is GCRA (the same algorithm as the in-process
-      :class:`~parallelkit.Limiter`) in one atomic Lua script on the Redis clock:
-      each start reserves the next slot and sleeps until it, so no polling.
+      :class:`~parallelkit.Limiter`) in one atomic Lua script: each start reserves
+      the next slot and sleeps until it, so no polling.
 
-    When Redis is unreachable, ``fail=`` decides:
+    Both run on one clock for every process: the Redis server's (``TIME``), unless
+    you pass ``clock=`` (then every process must pass the same clock).
+
+    When Redis is unreachable, or a command does not answer within
+    ``command_timeout``, ``fail=`` decides:
 
     * ``"local"`` (default): fall back to an in-process
       :class:`~parallelkit.Limiter` with the same numbers, so each process keeps
@@ -163,9 +175,14 @@ class RedisLimiter:
         poll: the longest pause between two attempts while waiting for a slot.
         retry_after: seconds to stay on the fallback after an outage error.
         prefix: a namespace for the Redis keys (``{prefix}:limiter:{name}:...``).
+        command_timeout: seconds one Redis command may take before Redis counts
+            as unreachable; ``None`` leaves it to the client's own timeouts.
+        clock: a zero-argument function returning seconds, shared by every
+            process (tests pass a fake one); ``None`` (default): Redis ``TIME``.
 
     Raises:
-        ValueError: a bound, ``lease``, ``poll`` or ``fail`` is out of range.
+        ValueError: a bound, duration or ``fail`` is out of range.
+        TypeError: an argument of the wrong type.
 
     Example:
         ```python
@@ -181,9 +198,11 @@ class RedisLimiter:
     __slots__ = (
         "_acquire_script",
         "_burst",
+        "_clock",
         "_concurrency",
         "_fail",
         "_fallbacks",
+        "_guard",
         "_holders_key",
         "_holds",
         "_interval_ms",
@@ -191,7 +210,6 @@ class RedisLimiter:
         "_local",
         "_lost",
         "_name",
-        "_outage",
         "_poll",
         "_rate",
         "_rate_key",
@@ -215,27 +233,25 @@ class RedisLimiter:
         poll: float = 0.05,
         retry_after: float = 1.0,
         prefix: str = "pk",
+        command_timeout: float | None = 1.0,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         validate_client(redis)
         self._redis = redis
-        self._name = validate_name(name)
-        validate_name(prefix, "prefix")
-        self._concurrency = validate_limit(concurrency, "concurrency")
+        self._name = text("name", name)
+        text("prefix", prefix)
+        self._concurrency = count_or_none("concurrency", concurrency)
         self._rate = validate_rate(rate)
-        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
-            msg = f"burst must be an int >= 1, got {burst!r}"
-            raise ValueError(msg)
-        self._burst = burst
-        self._lease = validate_lease_seconds(lease, "lease")
-        poll_s = number("poll", poll, finite=True)
-        retry_s = number("retry_after", retry_after, finite=True)
-        self._poll = poll_s
-        if fail not in ("open", "closed", "local"):
-            msg = f"fail must be 'open', 'closed' or 'local', got {fail!r}"
-            raise ValueError(msg)
-        self._fail: FailMode = fail
+        self._burst = count("burst", burst)
+        self._lease = number_at_least("lease", lease, 0.01)
+        self._fail: FailMode = choice("fail", fail, _FAIL_MODES)
+        self._poll = number("poll", poll)
+        self._guard = Guard(
+            timeout=number_or_none("command_timeout", command_timeout),
+            retry_after=number("retry_after", retry_after),
+        )
+        self._clock = None if clock is None else callable_("clock", clock)
         self._local = Limiter(self._concurrency, self._rate, burst=burst)
-        self._outage = Outage(retry_s)
         base = f"{prefix}:limiter:{{{name}}}"  # hash tag: one cluster slot per limiter
         self._holders_key = f"{base}:holders"
         self._rate_key = f"{base}:rate"
@@ -281,7 +297,7 @@ class RedisLimiter:
             rate=self._rate,
             held=sum(len(stack) for stack in self._holds.values()),
             waiting=self._waiting,
-            redis_errors=self._outage.errors,
+            redis_errors=self._guard.errors,
             fallbacks=self._fallbacks,
             lost_leases=self._lost,
         )
@@ -295,39 +311,50 @@ class RedisLimiter:
         )
 
     # -- Redis paths -----------------------------------------------------------------
+    def _now(self) -> str:
+        """The scripts' last argument: our clock in ms, or "" for Redis TIME."""
+        return "" if self._clock is None else repr(self._clock() * 1000)
+
     async def _take_slot(self) -> str:
         token = new_token()
         assert self._concurrency is not None
-        args: list[str | int] = [token, self._concurrency, round(self._lease * 1000)]
+        lease_ms = round(self._lease * 1000)
         self._waiting += 1
         try:
             while True:
-                wait_ms = int(await self._acquire_script(keys=[self._holders_key], args=args))
+                args: list[float | str] = [token, self._concurrency, lease_ms, self._now()]
+                command = self._acquire_script(keys=[self._holders_key], args=args)
+                wait_ms = int(await self._guard.call("acquire", command))
                 if wait_ms == 0:
                     return token
                 await anyio.sleep(jittered(min(self._poll, wait_ms / 1000)))
         finally:
             self._waiting -= 1
 
+    async def _reserve(self) -> float:
+        """Reserve the next start; return the seconds to wait for it."""
+        args: list[float | str] = [self._interval_ms, self._burst, self._now()]
+        command = self._reserve_script(keys=[self._rate_key], args=args)
+        return float(await self._guard.call("reserve", command)) / 1000
+
     async def _give_back(self, token: str) -> None:
-        with anyio.move_on_after(self._lease, shield=True):
+        with anyio.CancelScope(shield=True):
             try:
-                await self._redis.zrem(self._holders_key, token)
-            except OUTAGE_ERRORS as exc:
-                self._outage.failed(exc)  # the lease expires on its own
+                command = self._redis.zrem(self._holders_key, token)
+                await self._guard.call("release", command, timeout=self._lease)
+            except Down:
+                pass  # the lease expires on its own
 
     async def _renew_forever(self, token: str) -> None:
         lease_ms = round(self._lease * 1000)
-        while True:
-            await anyio.sleep(self._lease / 3)
-            try:
-                reply = await self._renew_script(keys=[self._holders_key], args=[token, lease_ms])
-            except OUTAGE_ERRORS as exc:
-                self._outage.failed(exc)
-                continue
-            if not int(reply):
-                self._lost += 1  # counted; the holder finishes its work regardless
-                return
+        await keep_renewed(
+            self._guard,
+            self._lease,
+            lambda: self._renew_script(
+                keys=[self._holders_key], args=[token, lease_ms, self._now()]
+            ),
+        )
+        self._lost += 1  # counted; the holder finishes its work regardless
 
     async def _acquire_redis(self) -> _Hold:
         token: str | None = None
@@ -335,55 +362,44 @@ class RedisLimiter:
             token = await self._take_slot()
         try:
             if self._rate is not None:
-                reply = await self._reserve_script(
-                    keys=[self._rate_key], args=[self._interval_ms, self._burst]
-                )
-                delay = float(reply) / 1000
+                delay = await self._reserve()
                 if delay > 0:
                     await anyio.sleep(delay)
         except BaseException:
             if token is not None:
                 await self._give_back(token)
             raise
-        self._outage.succeeded()
-        return _Hold(token, local=False, tg=None)
+        return _Hold(token, local=False)
 
     async def _acquire(self) -> _Hold:
-        if not self._outage.down:
-            try:
-                return await self._acquire_redis()
-            except OUTAGE_ERRORS as exc:
-                if not is_outage(exc):
-                    raise
-                self._outage.failed(exc)
-                if self._fail == "closed":
-                    msg = f"RedisLimiter {self._name!r}: Redis unreachable (fail='closed')"
-                    raise RedisUnavailable(msg) from exc
-        elif self._fail == "closed":
-            msg = f"RedisLimiter {self._name!r}: Redis unreachable (fail='closed')"
-            raise RedisUnavailable(msg) from self._outage.last_error
+        try:
+            return await self._acquire_redis()
+        except Down as down:
+            if self._fail == "closed":
+                error = down.unavailable(f"RedisLimiter {self._name!r}", "fail='closed'")
+                raise error from down.cause
         self._fallbacks += 1
         if self._fail == "open":
-            return _Hold(None, local=False, tg=None)
+            return _Hold(None, local=False)
         self._waiting += 1
         try:
             await self._local.acquire()
         finally:
             self._waiting -= 1
-        return _Hold(None, local=True, tg=None)
+        return _Hold(None, local=True)
 
     # -- async with -------------------------------------------------------------------
     async def __aenter__(self) -> Self:
         hold = await self._acquire()
         if hold.token is not None:
-            tg = anyio.create_task_group()
+            owner = OwnedTaskGroup(f"a hold of {self!r}")
             try:
-                await tg.__aenter__()
+                tg = await owner.enter()
                 tg.start_soon(self._renew_forever, hold.token, name="RedisLimiter renewal")
             except BaseException:
                 await self._give_back(hold.token)
                 raise
-            hold.tg = tg
+            hold.owner = owner
         self._holds.setdefault(anyio.get_current_task().id, []).append(hold)
         return self
 
@@ -402,11 +418,8 @@ class RedisLimiter:
         if not stack:
             del self._holds[task_id]
         try:
-            if hold.tg is not None:
-                hold.tg.cancel_scope.cancel()  # stop the renewal
-                if isinstance(exc, anyio.get_cancelled_exc_class()):
-                    return bool(await hold.tg.__aexit__(exc_type, exc, tb))
-                await hold.tg.__aexit__(None, None, None)
+            if hold.owner is not None:  # stop the renewal
+                return bool(await hold.owner.exit(exc_type, exc, tb, cancel=True))
             return False
         finally:
             if hold.local:

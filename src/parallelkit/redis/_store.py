@@ -1,148 +1,55 @@
-"""RedisStore: a Store for SWRCache shared by every process, with single flight."""
+"""RedisStore: a Store for SWRCache shared by every process, with a near cache."""
 
 from __future__ import annotations
 
 import hashlib
-import json
-import pickle
-import struct
 import time
+import uuid
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal
 
+import anyio
+from anyio.abc import TaskStatus
 from redis.asyncio import Redis
-from typing_extensions import final
+from typing_extensions import Self, final
 
 from .._cache.store import CacheEntry, MemoryStore
-from .._core.check import number
-from ._common import (
-    OUTAGE_ERRORS,
-    Outage,
-    RedisUnavailable,
-    is_outage,
-    validate_client,
-    validate_lease_seconds,
-    validate_name,
+from .._core.check import count, count_or_none, flag, number, number_at_least, number_or_none, text
+from .._core.owned import OwnedTaskGroup
+from ._common import SerializationError, validate_client
+from ._lease import Lease, LeaseOrNone, LeaseScripts
+from ._near import CLEAR, NearCache, invalidation
+from ._outage import Down, Guard
+from ._scripts import TOKEN, TOKEN_TTL_MS, WRITE, WRITE_IF, Token
+from ._serializer import (
+    GENERATION,
+    Serializer,
+    Unserializable,
+    decode_entry,
+    encode_entry,
+    placeholder,
+    serializer_from,
 )
-from ._lock import Lease
+from ._stats import RedisStoreStatistics
 
-__all__ = ["JSONSerializer", "PickleSerializer", "RedisStore", "RedisStoreStats", "Serializer"]
+__all__ = ["RedisStore"]
 
-# one version byte, then loaded_at, fresh_until, stale_until (little-endian doubles)
-_HEADER = struct.Struct("<Bddd")
-_VERSION = 1
+Arg = bytes | str | int | float  # what a script argument may be
 _MAX_KEY = 200  # longer key reprs are replaced by their SHA-256
 
 
-@runtime_checkable
-class Serializer(Protocol):
-    """Turns cached values into bytes and back (``RedisStore(serializer=...)``)."""
-
-    def dumps(self, value: Any, /) -> bytes:
-        """Return ``value`` as bytes."""
-        ...
-
-    def loads(self, data: bytes, /) -> Any:
-        """Return the value ``data`` was made from."""
-        ...
-
-
 @final
-class JSONSerializer:
-    """JSON (the default): safe with any Redis, readable with ``redis-cli``.
+class _Read:
+    """A ``GET`` of one key in flight: concurrent readers of the key wait for it."""
 
-    Values must be JSON types (``dict`` with ``str`` keys, ``list``, ``str``,
-    numbers, ``bool``, ``None``); tuples come back as lists. Convert your models
-    (``model.model_dump()``, ``dataclasses.asdict``) in the loader, or use a custom
-    serializer.
-    """
+    __slots__ = ("done", "entry", "ok", "seq")
 
-    __slots__ = ()
-
-    def dumps(self, value: Any, /) -> bytes:
-        """Encode ``value`` as compact UTF-8 JSON."""
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-
-    def loads(self, data: bytes, /) -> Any:
-        """Decode JSON bytes."""
-        return json.loads(data)
-
-    def __repr__(self) -> str:
-        return "JSONSerializer()"
-
-
-@final
-class PickleSerializer:
-    """pickle: any picklable value, **unsafe with a Redis you do not fully trust**.
-
-    Unpickling runs code chosen by whoever wrote the bytes: anyone who can write
-    to your Redis can then run code in every process that reads the cache. Opt in
-    only when Redis is private to your service (``serializer="pickle"``).
-    """
-
-    __slots__ = ()
-
-    def dumps(self, value: Any, /) -> bytes:
-        """Pickle ``value`` with the highest protocol."""
-        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-
-    def loads(self, data: bytes, /) -> Any:
-        """Unpickle ``data`` (only from a trusted Redis)."""
-        return pickle.loads(data)
-
-    def __repr__(self) -> str:
-        return "PickleSerializer()"
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class RedisStoreStats:
-    """Counters of a :class:`~parallelkit.redis.RedisStore`, for this process.
-
-    Attributes:
-        errors: Redis outage errors absorbed (or raised, with ``strict=True``).
-        degraded: operations served by local memory because Redis was down.
-        recoveries: times Redis answered again after an outage.
-        lease_waits: loads that waited for another process's lease.
-    """
-
-    errors: int
-    degraded: int
-    recoveries: int
-    lease_waits: int
-
-
-def _serializer(value: object) -> Serializer:
-    if value == "json":
-        return JSONSerializer()
-    if value == "pickle":
-        return PickleSerializer()
-    if isinstance(value, Serializer):
-        return value
-    msg = f"serializer must be 'json', 'pickle' or an object with dumps/loads, got {value!r}"
-    raise TypeError(msg)
-
-
-def encode_entry(entry: CacheEntry[Any], serializer: Serializer) -> bytes:
-    """The bytes stored in Redis: a version byte, the three times, the value."""
-    header = _HEADER.pack(_VERSION, entry.loaded_at, entry.fresh_until, entry.stale_until)
-    return header + serializer.dumps(entry.value)
-
-
-def decode_entry(raw: bytes | str, serializer: Serializer) -> CacheEntry[Any] | None:
-    """The entry :func:`encode_entry` wrote, or ``None`` for another format version."""
-    if not isinstance(raw, bytes):  # pragma: no cover - guarded in RedisStore.__init__
-        raw = raw.encode()
-    if len(raw) < _HEADER.size or raw[0] != _VERSION:
-        return None  # another format: a miss, overwritten by the next load
-    _, loaded_at, fresh_until, stale_until = _HEADER.unpack_from(raw)
-    return CacheEntry(serializer.loads(raw[_HEADER.size :]), loaded_at, fresh_until, stale_until)
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+    def __init__(self, seq: int) -> None:
+        self.seq = seq  # the near cache's sequence number when it was sent
+        self.done: anyio.Event | None = None  # made by the first reader that waits
+        self.entry: CacheEntry[Any] | None = None
+        self.ok = False
 
 
 @final
@@ -154,22 +61,40 @@ class RedisStore:
     clock, ``clock = time.time``), so a value loaded by one replica is a fresh hit
     in all of them. Entries expire in Redis after ``fresh + stale``.
 
+    **Near cache.** Enter the store (``async with store:``, next to the cache) and
+    it keeps the entries it read in process memory (at most ``near_maxsize``,
+    oldest dropped first), so a hot key's hit costs no round trip. Every write of
+    any replica (``set``, ``delete``/``invalidate``, ``clear``, a load) publishes
+    an invalidation on a Redis channel that every entered store listens to, so an
+    invalidation reaches every replica within milliseconds. When a message may
+    have been lost (the subscription broke or was re-established, or a ``PING``
+    went unanswered for ``command_timeout``) the near cache is emptied, and in any
+    case an entry is served from memory for at most ``near_ttl`` seconds after it
+    was read from Redis: that is the bound on staleness. Not entered, the store
+    keeps no near cache (every read is one ``GET``).
+
     **Single flight across processes.** The cache already runs one load per key
     per process; the store's :meth:`load_lock` extends that to all processes: the
     first to miss takes a lease on the key (``SET NX PX`` with a random token,
     renewed while its load runs), the others poll until it is released (at most
     ``poll`` seconds apart, never longer than the lease has left), then find the
-    fresh value and do not load. The same holds for background refreshes: one
-    refresh per stale key across processes. A lease holder that dies lets another
-    process take over after ``lease`` seconds.
+    fresh value and do not load. The same holds for background refreshes. A lease
+    holder that dies lets another process take over after ``lease`` seconds.
 
-    **Redis outage.** When Redis cannot be reached, the store degrades instead of
-    failing: reads and writes go to a bounded in-process memory
-    (``local_maxsize`` entries), so the cache keeps serving by calling its loader
-    and remembering locally; single flight is then per process only. Errors are
-    counted in :attr:`stats`; for ``retry_after`` seconds after an error the
-    store does not even try Redis; then the first success switches back (and
-    forgets the local entries). With ``strict=True`` an outage raises
+    **Invalidation wins, across processes.** Every entry carries a generation that
+    each ``set``, ``delete`` and ``clear`` replaces; a load stores its value with
+    :meth:`set_if_unchanged` only if the generation it saw when it started is
+    still there, so an invalidation by any process is never undone by a load
+    that started before it.
+
+    **Redis outage or hang.** When Redis cannot be reached, or a command does not
+    answer within ``command_timeout``, the store degrades instead of failing:
+    reads and writes go to a bounded in-process memory (``local_maxsize``
+    entries), so the cache keeps serving by calling its loader and remembering
+    locally; single flight is then per process only. For ``retry_after`` seconds
+    the store does not even try Redis (a hung Redis costs one ``command_timeout``,
+    not one per call); then one call tries again, and its success switches back
+    (and forgets the local entries). With ``strict=True`` an outage raises
     :class:`~parallelkit.redis.RedisUnavailable` instead.
 
     Keys are ``{prefix}:{namespace}:v:{repr(key)}`` (a SHA-256 for reprs over 200
@@ -182,37 +107,58 @@ class RedisStore:
         namespace: separates caches sharing one Redis (and what :meth:`clear`
             deletes).
         prefix: the first part of every key.
-        serializer: ``"json"`` (default), ``"pickle"`` (unsafe with an untrusted
-            Redis) or an object with ``dumps(value) -> bytes`` and
-            ``loads(bytes) -> value``.
+        serializer: ``"json"`` (default, see
+            :class:`~parallelkit.redis.JSONSerializer` for the types it keeps),
+            ``"pickle"`` (unsafe with an untrusted Redis) or an object with
+            ``dumps(value) -> bytes`` and ``loads(bytes) -> value``.
         lease: seconds a dead loader's lease blocks other processes; renewed
-            while the load runs.
+            while the load runs (at least 0.01).
         poll: the longest pause between two checks while waiting for a lease.
         strict: raise :class:`~parallelkit.redis.RedisUnavailable` on an outage
             instead of degrading to local memory.
         local_maxsize: entries kept in local memory during an outage.
         retry_after: seconds to stay degraded after an outage error.
+        near_maxsize: entries kept in the near cache; ``None`` turns it off.
+        near_ttl: the longest an entry is served from the near cache.
+        command_timeout: seconds one Redis command may take before Redis counts
+            as down; ``None`` leaves it to the client's own timeouts.
 
     Example:
         ```python
-        cache = pk.SWRCache(fresh=30, stale=300, store=RedisStore(redis, namespace="crm"))
+        store = RedisStore(redis, namespace="crm")
+        cache = pk.SWRCache(fresh=30, stale=300, store=store)
+        async with store, cache:
+            ...
         ```
     """
 
     clock: ClassVar[Callable[[], float]] = staticmethod(time.time)
 
     __slots__ = (
+        "_channel",
+        "_guard",
+        "_hits",
         "_lease",
         "_lease_prefix",
+        "_lease_scripts",
         "_lease_waits",
         "_local",
+        "_local_epoch",
+        "_misses",
         "_namespace",
-        "_outage",
+        "_near",
+        "_near_get",
+        "_near_hits",
+        "_owner",
         "_poll",
+        "_reads",
         "_redis",
         "_serializer",
         "_strict",
+        "_token_script",
         "_value_prefix",
+        "_write_if_script",
+        "_write_script",
         "degraded",
     )
 
@@ -229,6 +175,9 @@ class RedisStore:
         strict: bool = False,
         local_maxsize: int = 1000,
         retry_after: float = 1.0,
+        near_maxsize: int | None = 1000,
+        near_ttl: float = 5.0,
+        command_timeout: float | None = 1.0,
     ) -> None:
         validate_client(redis)
         pool = getattr(redis, "connection_pool", None)
@@ -236,36 +185,99 @@ class RedisStore:
             msg = "RedisStore needs a client with decode_responses=False (values are bytes)"
             raise ValueError(msg)
         self._redis = redis
-        self._namespace = validate_name(namespace, "namespace")
-        validate_name(prefix, "prefix")
+        self._namespace = text("namespace", namespace)
+        text("prefix", prefix)
+        self._serializer = serializer_from(serializer)
+        self._lease = number_at_least("lease", lease, 0.01)
+        self._poll = number("poll", poll)
+        self._strict = flag("strict", strict)
+        self._local = MemoryStore(count("local_maxsize", local_maxsize))
+        retry_s = number("retry_after", retry_after)
+        self._near = NearCache(
+            f"{prefix}:{namespace}:inv",
+            count_or_none("near_maxsize", near_maxsize),
+            number("near_ttl", near_ttl),
+        )
+        self._near_get = self._near.entries.get  # the hit path: one dict lookup
+        self._near_hits = 0
+        self._guard = Guard(
+            timeout=number_or_none("command_timeout", command_timeout),
+            retry_after=retry_s,
+            on_recovery=self._recovered,
+        )
         self._value_prefix = f"{prefix}:{namespace}:v:"
         self._lease_prefix = f"{prefix}:{namespace}:l:"
-        self._serializer = _serializer(serializer)
-        self._lease = validate_lease_seconds(lease, "lease")
-        poll_s = number("poll", poll, finite=True)
-        retry_s = number("retry_after", retry_after, finite=True)
-        self._poll = poll_s
-        self._strict = bool(strict)
-        self._local = MemoryStore(local_maxsize)
-        self._outage = Outage(retry_s)
-        self._lease_waits = 0
+        self._channel = self._near.channel
+        self._lease_scripts = LeaseScripts(redis)
+        self._write_script = redis.register_script(WRITE)
+        self._write_if_script = redis.register_script(WRITE_IF)
+        self._token_script = redis.register_script(TOKEN)
+        self._owner = OwnedTaskGroup(f"RedisStore {namespace!r}")
+        self._local_epoch = 0
+        self._reads: dict[Hashable, _Read] = {}
+        self._lease_waits = self._hits = self._misses = 0
         self.degraded = 0
+
+    # -- lifecycle (the near cache's subscription) -----------------------------------
+    async def __aenter__(self) -> Self:
+        """Start the near cache's subscription; returns once it is up (or has failed)."""
+        tg = await self._owner.enter()
+        if self._near.enabled:
+            try:
+                await tg.start(self._listen)
+            except BaseException:
+                await self._owner.exit(None, None, None, cancel=True)
+                raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        """Stop the subscription and empty the near cache."""
+        try:
+            return await self._owner.exit(exc_type, exc, tb, cancel=True)
+        finally:
+            self._near.reset(listening=False)
+
+    async def _listen(self, *, task_status: TaskStatus[None]) -> None:
+        await self._near.listen_forever(
+            self._redis,
+            timeout=self._guard.timeout,
+            retry_after=self._guard.retry_after,
+            task_status=task_status,
+        )
 
     # -- introspection ------------------------------------------------------------
     @property
     def errors(self) -> int:
-        """Redis outage errors seen so far (also in :attr:`stats`)."""
-        return self._outage.errors
+        """Redis outage errors seen so far (also in :meth:`statistics`)."""
+        return self._guard.errors
+
+    def statistics(self) -> RedisStoreStatistics:
+        """Return a frozen snapshot of the counters."""
+        near = self._near
+        return RedisStoreStatistics(
+            errors=self._guard.errors,
+            degraded=self.degraded,
+            recoveries=self._guard.recoveries,
+            lease_waits=self._lease_waits,
+            hits=self._hits,
+            near_hits=self._near_hits,
+            misses=self._misses,
+            timeouts=self._guard.timeouts,
+            near_size=len(near.meta),
+            near_invalidations=near.invalidations,
+            near_resets=near.resets,
+            listening=near.listening,
+        )
 
     @property
-    def stats(self) -> RedisStoreStats:
-        """A frozen snapshot of the counters."""
-        return RedisStoreStats(
-            errors=self._outage.errors,
-            degraded=self.degraded,
-            recoveries=self._outage.recoveries,
-            lease_waits=self._lease_waits,
-        )
+    def stats(self) -> RedisStoreStatistics:
+        """The same snapshot as :meth:`statistics` (the former spelling, kept)."""
+        return self.statistics()
 
     @property
     def namespace(self) -> str:
@@ -278,164 +290,246 @@ class RedisStore:
         return self._serializer
 
     def __repr__(self) -> str:
-        state = "degraded" if self._outage.down else "ok"
+        state = "degraded" if self._guard.down else "ok"
         return (
             f"RedisStore(namespace={self._namespace!r}, serializer={self._serializer!r}, "
-            f"{state}, errors={self._outage.errors})"
+            f"{state}, errors={self._guard.errors})"
         )
 
     def redis_key(self, key: Hashable) -> str:
         """The Redis key holding the entry for ``key``."""
+        return self._value_prefix + self._name(key)
+
+    def _name(self, key: Hashable) -> str:
         text = repr(key)
         if len(text) > _MAX_KEY:
             text = "sha256:" + hashlib.sha256(text.encode()).hexdigest()
-        return self._value_prefix + text
+        return text
 
-    # -- outage handling ------------------------------------------------------------
-    def _failed(self, exc: BaseException, what: str) -> None:
-        self._outage.failed(exc)
+    # -- outage handling -------------------------------------------------------------
+    def _degrade(self, down: Down) -> None:
+        """Redis is down: raise (``strict=True``) or count a degraded operation."""
         if self._strict:
-            msg = f"RedisStore: Redis unreachable during {what} (strict=True)"
-            raise RedisUnavailable(msg) from exc
+            error = down.unavailable(f"RedisStore {self._namespace!r}", "strict=True")
+            raise error from down.cause
         self.degraded += 1
 
-    def _skip(self, what: str) -> bool:
-        """True when Redis is presumed down: serve from local memory."""
-        if not self._outage.down:
-            return False
-        if self._strict:
-            msg = f"RedisStore: Redis unreachable during {what} (strict=True)"
-            raise RedisUnavailable(msg) from self._outage.last_error
-        self.degraded += 1
-        return True
+    def _recovered(self) -> None:
+        self._local = MemoryStore(self._local.maxsize)  # Redis is the truth again
 
-    def _ok(self) -> None:
-        if self._outage.succeeded():
-            self._local = MemoryStore(self._local.maxsize)  # Redis is the truth again
+    # -- values <-> bytes --------------------------------------------------------------
+    def _encode(self, key: Hashable, entry: CacheEntry[Any], generation: bytes) -> bytes:
+        try:
+            return encode_entry(entry, self._serializer, generation)
+        except Exception as exc:
+            kind = type(entry.value)
+            name = exc.type_name if isinstance(exc, Unserializable) else kind.__qualname__
+            msg = (
+                f"RedisStore {self._namespace!r} cannot store key {key!r}: "
+                f"{self._serializer!r} cannot serialize a value of type {name} ({exc}). "
+                "Return JSON types, datetime/date/time/UUID/Decimal, dataclasses or "
+                "pydantic models from the loader, or choose serializer='pickle' or a "
+                "serializer of your own."
+            )
+            raise SerializationError(
+                msg, namespace=self._namespace, key=key, type_name=name
+            ) from exc
+
+    def _decode(self, key: Hashable, raw: bytes | str) -> CacheEntry[Any] | None:
+        try:
+            return decode_entry(raw, self._serializer)
+        except Exception as exc:
+            msg = (
+                f"RedisStore {self._namespace!r} cannot read key {key!r}: "
+                f"{self._serializer!r} failed on the stored bytes ({exc!r}); was it "
+                "written with another serializer?"
+            )
+            raise SerializationError(msg, namespace=self._namespace, key=key, type_name="") from exc
 
     # -- Store protocol -------------------------------------------------------------
+    def peek(self, key: Hashable) -> CacheEntry[Any] | None:
+        """The entry for ``key`` from the near cache, or ``None`` (then use :meth:`get`).
+
+        No I/O and no clock: this is the hit path of a hot key.
+        """
+        entry = self._near_get(key)
+        if entry is not None:
+            self._near_hits += 1
+        return entry
+
     async def get(self, key: Hashable) -> CacheEntry[Any] | None:
-        """Return the entry for ``key`` or ``None`` (absent, expired or Redis down)."""
-        if self._skip("get"):
-            return await self._local.get(key)
+        """Return the entry for ``key`` from Redis, or ``None`` (absent, expired).
+
+        Reads Redis (never the near cache) and keeps what it read in the near
+        cache. Concurrent reads of one key share one ``GET``, unless a write or an
+        invalidation came in since it was sent. Redis down: local memory.
+        """
+        read = self._reads.get(key)
+        if read is not None and read.seq == self._near.seq:
+            if read.done is None:
+                read.done = anyio.Event()
+            await read.done.wait()
+            entry = read.entry if read.ok else await self._read(key)
+        else:
+            entry = await self._read(key)
+        if entry is None:
+            self._misses += 1
+        else:
+            self._hits += 1
+        return entry
+
+    async def _read(self, key: Hashable) -> CacheEntry[Any] | None:
+        name = self._name(key)
+        near = self._near
+        read = self._reads[key] = _Read(near.seq)
         try:
-            raw = await self._redis.get(self.redis_key(key))
-        except OUTAGE_ERRORS as exc:
-            if not is_outage(exc):
-                raise
-            self._failed(exc, "get")
-            return await self._local.get(key)
-        self._ok()
-        if raw is None:
-            return None
-        return decode_entry(raw, self._serializer)
+            try:
+                raw = await self._guard.call("get", self._redis.get(self._value_prefix + name))
+            except Down as down:
+                self._degrade(down)
+                entry = await self._local.get(key)
+            else:
+                entry = None if raw is None else self._decode(key, raw)
+                if entry is not None:
+                    near.put(key, name, entry, read.seq)
+            read.entry, read.ok = entry, True
+            return entry
+        finally:
+            if self._reads.get(key) is read:
+                del self._reads[key]
+            if read.done is not None:
+                read.done.set()
 
     async def set(self, key: Hashable, entry: CacheEntry[Any], *, ttl: float) -> None:
-        """Store ``entry``; Redis drops it after ``ttl`` seconds."""
-        data = encode_entry(entry, self._serializer)
-        if self._skip("set"):
-            await self._local.set(key, entry, ttl=ttl)
-            return
-        try:
-            await self._redis.set(self.redis_key(key), data, px=max(1, round(ttl * 1000)))
-        except OUTAGE_ERRORS as exc:
-            if not is_outage(exc):
-                raise
-            self._failed(exc, "set")
-            await self._local.set(key, entry, ttl=ttl)
-            return
-        self._ok()
+        """Store ``entry`` (a new generation); Redis drops it after ``ttl`` seconds."""
+        data = self._encode(key, entry, uuid.uuid4().bytes)
+        await self._write(key, entry, data, ttl)
 
     async def delete(self, key: Hashable) -> None:
-        """Forget ``key`` in Redis (and in local memory)."""
+        """Forget ``key`` in Redis, in every near cache and in local memory."""
         await self._local.delete(key)
-        if self._skip("delete"):
-            return
+        await self._write(key, None, b"", 0)
+
+    async def _write(
+        self, key: Hashable, entry: CacheEntry[Any] | None, data: bytes, ttl: float
+    ) -> None:
+        """Set (``data``) or delete (``b""``) in Redis; publish; local memory if down."""
+        name = self._name(key)
+        self._local_epoch += 1
+        self._near.drop(key, name)
+        args: list[Arg] = [data, max(1, round(ttl * 1000)), self._channel, invalidation(name)]
+        command = self._write_script(keys=[self._value_prefix + name], args=args)
         try:
-            await self._redis.delete(self.redis_key(key))
-        except OUTAGE_ERRORS as exc:
-            if not is_outage(exc):
-                raise
-            self._failed(exc, "delete")
-            return
-        self._ok()
+            await self._guard.call("set" if data else "delete", command)
+        except Down as down:
+            self._degrade(down)
+            if entry is not None:
+                await self._local.set(key, entry, ttl=ttl)
 
     async def clear(self) -> None:
         """Forget every key of this store's namespace (``SCAN`` + ``UNLINK``)."""
+        self._local_epoch += 1
+        self._near.reset(listening=self._near.listening)
         await self._local.clear()
-        if self._skip("clear"):
-            return
         pattern = _glob_escape(self._value_prefix) + "*"
         try:
-            batch: list[bytes] = []
-            async for name in self._redis.scan_iter(match=pattern, count=500):
-                batch.append(name)
-                if len(batch) >= 500:
-                    await self._redis.unlink(*batch)
-                    batch.clear()
-            if batch:
-                await self._redis.unlink(*batch)
-        except OUTAGE_ERRORS as exc:
-            if not is_outage(exc):
-                raise
-            self._failed(exc, "clear")
-            return
-        self._ok()
+            cursor = 0
+            while True:
+                scan = self._redis.scan(cursor, match=pattern, count=500)
+                cursor, names = await self._guard.call("clear", scan)
+                if names:
+                    await self._guard.call("clear", self._redis.unlink(*names))
+                if not cursor:
+                    break
+            await self._guard.call("clear", self._redis.publish(self._channel, CLEAR))
+        except Down as down:
+            self._degrade(down)
 
-    def load_lock(self, key: Hashable) -> _LoadLock:
+    # -- loads: single flight and "invalidation wins" ---------------------------------
+    def load_lock(self, key: Hashable) -> LeaseOrNone:
         """Hold ``key``'s lease across processes around one load (single flight).
 
         Waits while another process holds the lease: as long as that holder is
         alive (it renews the lease), and at most ``lease`` seconds after it died.
         If Redis is down, it is entered at once without a lease.
         """
-        return _LoadLock(self, key)
-
-
-@final
-class _LoadLock:
-    """``RedisStore.load_lock(key)``: the lease around one cross-process load."""
-
-    __slots__ = ("_key", "_lease", "_store")
-
-    def __init__(self, store: RedisStore, key: Hashable) -> None:
-        self._store = store
-        self._key = key
-        self._lease: Lease | None = None
-
-    async def __aenter__(self) -> None:
-        store = self._store
-        if store._skip("load_lock"):
-            return
-        name = store.redis_key(self._key)[len(store._value_prefix) :]
+        name = self._name(key)
         lease = Lease(
-            store._redis,
+            self._lease_scripts,
+            self._guard,
             name,
-            store._lease_prefix + name,
+            self._lease_prefix + name,
             None,
-            ttl=store._lease,
+            ttl=self._lease,
             blocking=True,
             timeout=None,
-            poll=store._poll,
+            poll=self._poll,
             cancel_on_loss=False,
+            on_wait=self._waiting,
         )
-        try:
-            waited = await lease._enter()
-        except RedisUnavailable as exc:
-            store._failed(exc.__cause__ or exc, "load_lock")
-            return
-        if waited:
-            store._lease_waits += 1
-        store._ok()
-        self._lease = lease
+        return LeaseOrNone(lease, self._degrade)
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+    def _waiting(self) -> None:
+        self._lease_waits += 1
+
+    async def load_token(self, key: Hashable) -> object:
+        """Mark the start of a load of ``key``: pass the result to :meth:`set_if_unchanged`.
+
+        The token is the entry's generation in Redis (created if the key is
+        absent), so any ``set``, ``delete`` or ``clear`` by any process after this
+        call makes the load's conditional set fail.
+        """
+        epoch = self._local_epoch
+        name = self._name(key)
+        fresh = placeholder(uuid.uuid4().bytes)
+        command = self._token_script(keys=[self._value_prefix + name], args=[fresh, TOKEN_TTL_MS])
+        try:
+            head = await self._guard.call("load_token", command)
+        except Down as down:
+            self._degrade(down)
+            return Token(None, epoch)
+        return Token(bytes(head), epoch)
+
+    async def set_if_unchanged(
+        self, key: Hashable, entry: CacheEntry[Any], *, ttl: float, token: object
     ) -> bool:
-        lease, self._lease = self._lease, None
-        if lease is None:
+        """Store ``entry`` only if ``key`` was not written or deleted since ``token``.
+
+        Returns:
+            Whether the entry was stored. ``False`` when any process set, deleted
+            or cleared the key after :meth:`load_token` (the load is outdated),
+            and when the load started while Redis was down and Redis is back (its
+            view of other processes' invalidations is unknown).
+        """
+        if not isinstance(token, Token):
+            msg = f"token must come from RedisStore.load_token, got {token!r}"
+            raise TypeError(msg)
+        name = self._name(key)
+        if token.head is None:  # the load started while Redis was down
+            if not self._guard.down:
+                return False
+            self.degraded += 1
+            return await self._set_locally(key, entry, ttl, token)
+        data = self._encode(key, entry, token.head[1:GENERATION])
+        self._near.drop(key, name)
+        ms = max(1, round(ttl * 1000))
+        args: list[Arg] = [token.head, data, ms, self._channel, invalidation(name)]
+        command = self._write_if_script(keys=[self._value_prefix + name], args=args)
+        try:
+            return bool(await self._guard.call("set", command))
+        except Down as down:
+            self._degrade(down)
+            return await self._set_locally(key, entry, ttl, token)
+
+    async def _set_locally(
+        self, key: Hashable, entry: CacheEntry[Any], ttl: float, token: Token
+    ) -> bool:
+        """Degraded: store unless this process wrote or deleted anything since the token."""
+        if token.epoch != self._local_epoch:
             return False
-        return await lease.__aexit__(exc_type, exc, tb)
+        await self._local.set(key, entry, ttl=ttl)
+        return True
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

@@ -1,0 +1,320 @@
+"""Leases, written once: take a Redis key with a token, renew it while held, give it back.
+
+:class:`Lease` is the engine of :class:`~parallelkit.redis.RedisLock` (with a
+fencing token, and "cancel the body when lost") and of ``RedisStore.load_lock``
+(without either). :func:`keep_renewed` is the renewal loop both use, and
+``RedisLimiter`` too for its sorted-set leases.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+
+import anyio
+from redis.asyncio import Redis
+from typing_extensions import Self, final
+
+from .._core.owned import OwnedTaskGroup
+from ._common import LockLost, LockNotAcquired, jittered, new_token
+from ._outage import Down, Guard
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
+
+__all__ = ["Lease", "LeaseOrNone", "LeaseScripts", "keep_renewed"]
+
+# KEYS[1] the lease, KEYS[2] (optional) the fencing counter; ARGV[1] token, ARGV[2]
+# ttl (ms). Returns the new fencing token (or 1) when acquired, else minus the
+# holder's remaining ttl (ms).
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if #KEYS > 1 then return redis.call('INCR', KEYS[2]) end
+  return 1
+end
+local left = redis.call('PTTL', KEYS[1])
+if left < 1 then left = 1 end
+return -left
+"""
+# KEYS[1] the lease; ARGV[1] token, ARGV[2] ttl (ms). 1 if still ours and extended.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+# KEYS[1] the lease; ARGV[1] token. 1 if it was ours and is now released.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+async def keep_renewed(guard: Guard, ttl: float, renew: Callable[[], Awaitable[object]]) -> str:
+    """Renew a lease every ``ttl / 3`` until it is lost; return why it was lost.
+
+    ``renew()`` returns a truthy reply while the lease is still ours. A renewal
+    that fails for an outage is tried again at the next period as long as the
+    lease is still valid; each try is bounded by what is left of it (at least
+    ``ttl / 3``, and at most the guard's ``command_timeout``).
+
+    Returns:
+        ``"taken"`` (Redis says the lease is gone or someone else's) or
+        ``"unreachable"`` (Redis could not be reached for a whole ``ttl``).
+    """
+    valid_until = anyio.current_time() + ttl
+    while True:
+        await anyio.sleep(ttl / 3)
+        started = anyio.current_time()
+        # bounded by what is left of the lease, but long enough to find out even
+        # when this process ran late (then Redis says whether the lease is still ours)
+        limit = max(valid_until - started, ttl / 3)
+        try:
+            ok = await guard.call("renew", renew(), force=True, timeout=limit)
+        except Down:
+            if anyio.current_time() < valid_until:
+                continue  # transient: try again before the lease runs out
+            return "unreachable"
+        if not ok:
+            return "taken"
+        valid_until = started + ttl
+
+
+@final
+class LeaseScripts:
+    """The three Lua scripts of a lease, registered once per primitive."""
+
+    __slots__ = ("acquire", "release", "renew")
+
+    def __init__(self, redis: Redis) -> None:
+        self.acquire = redis.register_script(_ACQUIRE)
+        self.renew = redis.register_script(_RENEW)
+        self.release = redis.register_script(_RELEASE)
+
+
+class Lease:
+    """A ``SET NX PX`` lease on one Redis key, renewed while held (see the module docs).
+
+    ``async with`` acquires it (raising :class:`Down` if Redis cannot be reached),
+    renews it in a task group it owns while the body runs, and gives it back on
+    exit (unless Redis is presumed down: then it expires on its own).
+    """
+
+    __slots__ = (
+        "_blocking",
+        "_cancel_on_loss",
+        "_fence",
+        "_guard",
+        "_key",
+        "_keys",
+        "_lost",
+        "_name",
+        "_on_wait",
+        "_owner",
+        "_poll",
+        "_scripts",
+        "_timeout",
+        "_token",
+        "_ttl",
+    )
+
+    def __init__(
+        self,
+        scripts: LeaseScripts,
+        guard: Guard,
+        name: str,
+        key: str,
+        fence_key: str | None,
+        *,
+        ttl: float,
+        blocking: bool,
+        timeout: float | None,
+        poll: float,
+        cancel_on_loss: bool,
+        on_wait: Callable[[], None] | None = None,
+    ) -> None:
+        self._scripts = scripts
+        self._guard = guard
+        self._name = name
+        self._key = key
+        self._keys = [key] if fence_key is None else [key, fence_key]
+        self._ttl = ttl
+        self._blocking = blocking
+        self._timeout = timeout
+        self._poll = poll
+        self._cancel_on_loss = cancel_on_loss
+        self._on_wait = on_wait
+        self._token: str | None = None
+        self._fence: int | None = None
+        self._owner = OwnedTaskGroup(f"RedisLock {name!r}")
+        self._lost = False
+
+    # -- introspection -----------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """The lock's name."""
+        return self._name
+
+    @property
+    def ttl(self) -> float:
+        """Seconds the lock outlives a dead holder."""
+        return self._ttl
+
+    @property
+    def key(self) -> str:
+        """The Redis key holding the lock."""
+        return self._key
+
+    @property
+    def held(self) -> bool:
+        """True inside ``async with`` while this object holds the lock."""
+        return self._token is not None and not self._lost
+
+    @property
+    def fencing_token(self) -> int | None:
+        """The fencing token of the current (or last) tenure; ``None`` before any.
+
+        Strictly increasing across all acquisitions of this lock name, by any
+        process.
+        """
+        return self._fence
+
+    def __repr__(self) -> str:
+        state = "held" if self.held else "free"
+        return (
+            f"{type(self).__name__}({self._name!r}, ttl={self._ttl!r}, "
+            f"blocking={self._blocking!r}, {state}, fencing_token={self._fence!r})"
+        )
+
+    # -- acquire / renew / release ---------------------------------------------------
+    async def _acquire(self) -> None:
+        token = new_token()
+        ttl_ms = round(self._ttl * 1000)
+        deadline = None if self._timeout is None else anyio.current_time() + self._timeout
+        waited = False
+        while True:
+            command = self._scripts.acquire(keys=self._keys, args=[token, ttl_ms])
+            reply = int(await self._guard.call("acquire", command))
+            if reply > 0:
+                self._token, self._fence, self._lost = token, reply, False
+                return
+            if not self._blocking:
+                msg = f"lock {self._name!r} is held by another holder (blocking=False)"
+                raise LockNotAcquired(self._name, msg)
+            pause = jittered(min(self._poll, -reply / 1000))
+            if deadline is not None:
+                left = deadline - anyio.current_time()
+                if left <= 0:
+                    msg = f"lock {self._name!r} not acquired within timeout={self._timeout!r}s"
+                    raise LockNotAcquired(self._name, msg)
+                pause = min(pause, left)
+            if not waited and self._on_wait is not None:
+                self._on_wait()
+            waited = True
+            await anyio.sleep(pause)
+
+    async def _renew_forever(self) -> None:
+        token = self._token
+        assert token is not None
+        ttl_ms = round(self._ttl * 1000)
+        why = await keep_renewed(
+            self._guard,
+            self._ttl,
+            lambda: self._scripts.renew(keys=[self._key], args=[token, ttl_ms]),
+        )
+        self._lost = True
+        if not self._cancel_on_loss:
+            return
+        if why == "unreachable":
+            msg = f"lock {self._name!r} expired: Redis unreachable for its whole ttl"
+        else:
+            msg = f"lock {self._name!r} was lost: it expired or was taken over"
+        raise LockLost(self._name, self._fence, msg) from self._guard.last_error
+
+    async def _release(self) -> None:
+        token, self._token = self._token, None
+        if token is None or self._lost:
+            return
+        # shielded: a cancelled holder still gives the lease back at once; when
+        # Redis is presumed down (or does not answer), the lease expires on its own
+        with anyio.CancelScope(shield=True):
+            try:
+                command = self._scripts.release(keys=[self._key], args=[token])
+                await self._guard.call("release", command, timeout=self._ttl)
+            except Down:
+                pass
+
+    async def __aenter__(self) -> Self:
+        if self._owner.entered:
+            msg = (
+                f"RedisLock {self._name!r} is already held by this object; it is not "
+                "re-entrant: create one RedisLock per concurrent holder"
+            )
+            raise RuntimeError(msg)
+        await self._acquire()
+        try:
+            tg = await self._owner.enter()
+            tg.start_soon(self._renew_forever, name=f"{self!r} renewal")
+        except BaseException:
+            await self._release()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        try:
+            return bool(await self._owner.exit(exc_type, exc, tb, cancel=True))
+        except BaseExceptionGroup as group:
+            # the renewal's LockLost (alone) comes out as itself, not in a group
+            lost, rest = group.split(LockLost)
+            if lost is not None and rest is None:
+                first: BaseException = lost
+                while isinstance(first, BaseExceptionGroup):
+                    first = first.exceptions[0]
+                raise first from first.__cause__
+            raise
+        finally:
+            await self._release()
+
+
+@final
+class LeaseOrNone:
+    """``async with``: hold ``lease``, or, when Redis is down, nothing (``on_down`` decides).
+
+    ``RedisStore.load_lock``: a load runs under the key's lease; during an outage
+    it runs at once without one (single flight is then per process), unless
+    ``on_down`` raises (``strict=True``).
+    """
+
+    __slots__ = ("_held", "_lease", "_on_down")
+
+    def __init__(self, lease: Lease, on_down: Callable[[Down], None]) -> None:
+        self._lease = lease
+        self._on_down = on_down
+        self._held = False
+
+    async def __aenter__(self) -> None:
+        try:
+            await self._lease.__aenter__()
+        except Down as down:
+            self._on_down(down)
+            return
+        self._held = True
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if not self._held:
+            return False
+        self._held = False
+        return await self._lease.__aexit__(exc_type, exc, tb)

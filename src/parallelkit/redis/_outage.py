@@ -1,0 +1,190 @@
+"""Outage handling, written once: every Redis call of every primitive goes through a Guard.
+
+A :class:`Guard` runs one Redis command and decides what its failure means:
+
+* an **outage**: the connection was refused or reset, redis-py timed out, or the
+  command did not answer within ``command_timeout`` (a paused or overloaded server
+  that keeps the socket open). The guard counts it, opens its circuit for
+  ``retry_after`` seconds and raises :class:`Down`; the primitive then applies its
+  policy (the store degrades to local memory, the limiter to ``fail=``, the lock
+  raises :class:`~parallelkit.redis.RedisUnavailable`);
+* anything else (a wrong type at a key, a script error, a full client pool) is a
+  bug or a misconfiguration and is raised unchanged.
+
+While the circuit is open the guard does not call Redis at all (``Down`` at once,
+so a hung Redis costs one ``command_timeout``, not one per call). When it expires
+one caller, the *probe*, tries Redis again while the others keep using their
+fallback; the probe's success closes the circuit (a *recovery*).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+from redis import exceptions as redis_exceptions
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from typing_extensions import final
+
+from ._common import RedisUnavailable
+
+__all__ = ["OUTAGE_ERRORS", "Down", "Guard", "is_outage"]
+
+T = TypeVar("T")
+
+#: The exceptions that mean "Redis is unreachable right now" (not "you misused it").
+OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+)
+
+_POOL_FULL: tuple[type[BaseException], ...] = tuple(
+    t for t in [getattr(redis_exceptions, "MaxConnectionsError", None)] if t is not None
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """True unless ``exc`` is a full client connection pool (a local limit, not an outage).
+
+    redis-py raises ``MaxConnectionsError`` (a ``ConnectionError``) when more
+    commands run at once than the pool allows; degrading would hide the real fix
+    (a ``BlockingConnectionPool`` or a larger ``max_connections``), so callers
+    re-raise it.
+    """
+    if isinstance(exc, _POOL_FULL):
+        return False
+    return "Too many connections" not in str(exc)  # redis-py < 6 says only this
+
+
+class Down(Exception):
+    """Internal: a Redis command did not happen (outage, no answer in time, open circuit).
+
+    Attributes:
+        what: the operation, for messages (``"get"``, ``"acquire"``).
+        cause: the outage error (the last one seen, when the circuit was open).
+    """
+
+    def __init__(self, what: str, cause: BaseException) -> None:
+        self.what = what
+        self.cause = cause
+        super().__init__(f"Redis unreachable during {what}: {cause!r}")
+
+    def unavailable(self, owner: str, why: str) -> RedisUnavailable:
+        """The public error for a caller that asked not to degrade: raise it ``from self.cause``."""
+        return RedisUnavailable(f"{owner}: Redis unreachable during {self.what} ({why})")
+
+
+@final
+class Guard:
+    """Runs Redis commands with a timeout, classifies failures, keeps a circuit (module docs).
+
+    Args:
+        timeout: seconds one command may take (``None``: the client's own timeouts).
+        retry_after: seconds the circuit stays open after an outage (0: never open).
+        on_recovery: called when a command succeeds after an outage.
+
+    Attributes:
+        errors: outage errors so far (timeouts included).
+        timeouts: commands that did not answer within ``timeout``.
+        recoveries: times Redis answered again after an outage.
+        last_error: the latest outage error.
+        timer: the clock of the circuit (``time.monotonic``; tests replace it).
+    """
+
+    __slots__ = (
+        "_on_recovery",
+        "_probing",
+        "_until",
+        "errors",
+        "last_error",
+        "recoveries",
+        "retry_after",
+        "timeout",
+        "timeouts",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        *,
+        timeout: float | None,
+        retry_after: float,
+        on_recovery: Callable[[], None] | None = None,
+    ) -> None:
+        self.timeout = timeout
+        self.retry_after = retry_after
+        self.errors = self.timeouts = self.recoveries = 0
+        self.last_error: BaseException | None = None
+        self.timer: Callable[[], float] = time.monotonic
+        self._on_recovery = on_recovery
+        self._until = -math.inf
+        self._probing = False
+
+    @property
+    def down(self) -> bool:
+        """True while Redis is presumed down (circuit open, or a probe under way)."""
+        return self._until != -math.inf and (self._probing or self.timer() < self._until)
+
+    async def call(
+        self,
+        what: str,
+        command: Awaitable[T],
+        *,
+        force: bool = False,
+        timeout: float | None = None,
+    ) -> T:
+        """Await one Redis ``command``; raise :class:`Down` if Redis is (presumed) down.
+
+        Args:
+            what: the operation's name, for messages.
+            command: the redis-py call, not awaited yet (closed when skipped).
+            force: call Redis even while the circuit is open (lease renewals).
+            timeout: a shorter limit for this command than the guard's.
+        """
+        probing = False
+        if not force and self._until != -math.inf:
+            if self._probing or self.timer() < self._until:
+                if inspect.iscoroutine(command):
+                    command.close()
+                raise Down(what, self.last_error or ConnectionError(what))
+            self._probing = probing = True  # this caller tries Redis; the others wait
+        limit = self.timeout
+        if timeout is not None:
+            limit = timeout if limit is None else min(limit, timeout)
+        try:
+            with anyio.move_on_after(math.inf if limit is None else limit):
+                try:
+                    result = await command
+                except OUTAGE_ERRORS as exc:
+                    if not is_outage(exc):
+                        raise
+                    self._failed(exc)
+                    raise Down(what, exc) from exc
+                self._succeeded()
+                return result
+            self.timeouts += 1
+            error = TimeoutError(f"Redis did not answer {what} within {limit} s")
+            self._failed(error)
+            raise Down(what, error)
+        finally:
+            if probing:
+                self._probing = False
+
+    def _failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        self.last_error = exc
+        self._until = self.timer() + self.retry_after if self.retry_after else -math.inf
+
+    def _succeeded(self) -> None:
+        if self._until == -math.inf:
+            return
+        self._until = -math.inf
+        self.recoveries += 1
+        if self._on_recovery is not None:
+            self._on_recovery()

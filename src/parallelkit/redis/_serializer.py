@@ -1,0 +1,282 @@
+"""How RedisStore turns values into bytes: the Serializer protocol, JSON, pickle.
+
+The JSON serializer keeps the types a service's loaders commonly return faithful
+across the trip through Redis (see :class:`JSONSerializer`); the entry codec
+(:func:`encode_entry`, :func:`decode_entry`) puts the value behind a small binary
+header with the entry's times and its generation (what ``set_if_unchanged``
+compares).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import json
+import pickle
+import struct
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, runtime_checkable
+
+from typing_extensions import final
+
+from .._cache.store import CacheEntry
+
+__all__ = [
+    "GENERATION",
+    "JSONSerializer",
+    "PickleSerializer",
+    "Serializer",
+    "decode_entry",
+    "Unserializable",
+    "encode_entry",
+    "placeholder",
+    "serializer_from",
+]
+
+
+@runtime_checkable
+class Serializer(Protocol):
+    """Turns cached values into bytes and back (``RedisStore(serializer=...)``)."""
+
+    def dumps(self, value: Any, /) -> bytes:
+        """Return ``value`` as bytes."""
+        ...
+
+    def loads(self, data: bytes, /) -> Any:
+        """Return the value ``data`` was made from."""
+        ...
+
+
+class Unserializable(TypeError):
+    """Internal: the JSON encoder met a value of a type it cannot write."""
+
+    def __init__(self, value: object) -> None:
+        kind = type(value)
+        self.type_name = f"{kind.__module__}.{kind.__qualname__}"
+        super().__init__(f"Object of type {kind.__qualname__} is not JSON serializable")
+
+
+def _type_name(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _is_model(value: object) -> bool:
+    """A pydantic (v2) model instance, recognised without importing pydantic."""
+    return callable(getattr(value, "model_dump", None)) and not isinstance(value, type)
+
+
+_DECODERS: dict[str, Callable[[Any], Any]] = {
+    "$datetime": dt.datetime.fromisoformat,
+    "$date": dt.date.fromisoformat,
+    "$time": dt.time.fromisoformat,
+    "$uuid": uuid.UUID,
+    "$decimal": decimal.Decimal,
+}
+_TAGS = frozenset([*_DECODERS, "$dict", "$type"])  # a one-key dict with one of these: escaped
+
+
+@final
+class JSONSerializer:
+    """JSON (the default): safe with any Redis, readable with ``redis-cli``.
+
+    What comes back from Redis:
+
+    * JSON types as themselves (``dict`` with ``str`` keys, ``list``, ``str``,
+      numbers, ``bool``, ``None``); tuples come back as lists;
+    * ``datetime``, ``date``, ``time`` (time zone kept), ``UUID`` and ``Decimal``
+      as themselves: they are written as one-key objects such as
+      ``{"$datetime": "2024-05-01T12:00:00+00:00"}`` (a dict of yours that looks
+      like one is escaped, so it comes back unchanged);
+    * dataclasses and pydantic models as a ``dict`` of their fields, unless their
+      class is listed in ``types=``: then as an instance of that class (rebuilt
+      with ``cls(**fields)`` or ``cls.model_validate(fields)``). Only listed
+      classes are ever built from Redis data, so a Redis writer cannot make a
+      process instantiate anything else;
+    * SQLAlchemy ``Row`` objects (anything with ``_asdict()``) as a ``dict``.
+
+    Anything else raises :class:`~parallelkit.redis.SerializationError` naming the
+    store, the key and the type: convert it in the loader, list it in ``types=``,
+    or use ``serializer="pickle"`` / a serializer of your own.
+
+    Args:
+        types: dataclasses and pydantic model classes to rebuild faithfully.
+
+    Example:
+        >>> import datetime, decimal
+        >>> s = JSONSerializer()
+        >>> s.loads(s.dumps({"at": datetime.date(2024, 5, 1), "total": decimal.Decimal("9.90")}))
+        {'at': datetime.date(2024, 5, 1), 'total': Decimal('9.90')}
+    """
+
+    __slots__ = ("_by_name", "_names")
+
+    def __init__(self, *, types: Iterable[type] = ()) -> None:
+        names: dict[type, str] = {}
+        for kind in types:
+            if not isinstance(kind, type) or not (
+                dataclasses.is_dataclass(kind) or callable(getattr(kind, "model_validate", None))
+            ):
+                msg = f"types must list dataclasses or pydantic model classes, got {kind!r}"
+                raise TypeError(msg)
+            names[kind] = _type_name(kind)
+        self._names = names
+        self._by_name = {name: kind for kind, name in names.items()}
+
+    def dumps(self, value: Any, /) -> bytes:
+        """Encode ``value`` as compact UTF-8 JSON (see the class docs for the types)."""
+        tagged: list[bool] = []
+        text = json.dumps(self._prepare(value, tagged), separators=(",", ":"), ensure_ascii=False)
+        # a leading space (still JSON) tells loads() that there are tags to rebuild
+        return (" " + text).encode() if tagged else text.encode()
+
+    def loads(self, data: bytes, /) -> Any:
+        """Decode JSON bytes, rebuilding the tagged types."""
+        if data[:1] == b" ":
+            return json.loads(data, object_hook=self._hook)
+        return json.loads(data)  # nothing tagged: the C decoder alone
+
+    def _prepare(self, value: Any, tagged: list[bool]) -> Any:
+        """``value`` in JSON types, tagged where needed (one walk, then the C encoder)."""
+        if value is None or isinstance(value, (str, int, float)):
+            return value  # bool is an int; enums on str/int are written as their value
+        if isinstance(value, dict):
+            prepared = {key: self._prepare(item, tagged) for key, item in value.items()}
+            if len(prepared) == 1 and next(iter(prepared)) in _TAGS:
+                tagged.append(True)
+                return {"$dict": list(prepared.items())}  # your dict, not a tag
+            return prepared
+        if isinstance(value, (list, tuple)):
+            return [self._prepare(item, tagged) for item in value]
+        return self._tag(value, tagged)
+
+    def _tag(self, value: Any, tagged: list[bool]) -> Any:
+        if isinstance(value, (dt.date, dt.time, uuid.UUID, decimal.Decimal)):
+            tagged.append(True)
+            if isinstance(value, dt.datetime):  # before date: a datetime is a date
+                return {"$datetime": value.isoformat()}
+            if isinstance(value, dt.date):
+                return {"$date": value.isoformat()}
+            if isinstance(value, dt.time):
+                return {"$time": value.isoformat()}
+            if isinstance(value, uuid.UUID):
+                return {"$uuid": str(value)}
+            return {"$decimal": str(value)}
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+            return self._fields(value, fields, tagged)
+        if _is_model(value):
+            return self._fields(value, value.model_dump(mode="python"), tagged)
+        as_dict = getattr(value, "_asdict", None)
+        if callable(as_dict):
+            return self._prepare(dict(as_dict()), tagged)
+        raise Unserializable(value)
+
+    def _fields(self, value: object, fields: dict[str, Any], tagged: list[bool]) -> Any:
+        prepared = self._prepare(fields, tagged)
+        name = self._names.get(type(value))
+        if name is None:
+            return prepared
+        tagged.append(True)
+        return {"$type": [name, prepared]}
+
+    def _hook(self, obj: dict[str, Any]) -> Any:
+        if len(obj) != 1:
+            return obj
+        ((tag, raw),) = obj.items()
+        decoder = _DECODERS.get(tag)
+        if decoder is not None:
+            return decoder(raw)
+        if tag == "$dict":
+            return dict(raw)
+        if tag == "$type":
+            kind = self._by_name.get(raw[0])
+            if kind is None:
+                return raw[1]  # a type this process does not list: its fields
+            validate = getattr(kind, "model_validate", None)
+            return validate(raw[1]) if validate is not None else kind(**raw[1])
+        return obj
+
+    def __repr__(self) -> str:
+        if not self._names:
+            return "JSONSerializer()"
+        listed = ", ".join(kind.__qualname__ for kind in self._names)
+        return f"JSONSerializer(types=[{listed}])"
+
+
+@final
+class PickleSerializer:
+    """pickle: any picklable value, **unsafe with a Redis you do not fully trust**.
+
+    Unpickling runs code chosen by whoever wrote the bytes: anyone who can write
+    to your Redis can then run code in every process that reads the cache. Opt in
+    only when Redis is private to your service (``serializer="pickle"``).
+    """
+
+    __slots__ = ()
+
+    def dumps(self, value: Any, /) -> bytes:
+        """Pickle ``value`` with the highest protocol."""
+        return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def loads(self, data: bytes, /) -> Any:
+        """Unpickle ``data`` (only from a trusted Redis)."""
+        return pickle.loads(data)
+
+    def __repr__(self) -> str:
+        return "PickleSerializer()"
+
+
+_CHOICES = ("json", "pickle")
+
+
+def serializer_from(value: object) -> Serializer:
+    """``serializer=``: ``"json"``, ``"pickle"`` or an object with dumps/loads."""
+    if isinstance(value, str):
+        if value not in _CHOICES:
+            listed = ", ".join(repr(c) for c in _CHOICES)
+            msg = f"serializer must be one of {listed} or an object with dumps/loads, got {value!r}"
+            raise ValueError(msg)
+        return JSONSerializer() if value == "json" else PickleSerializer()
+    if isinstance(value, Serializer):
+        return value
+    msg = (
+        "serializer must be 'json', 'pickle' or an object with dumps(value) -> bytes "
+        f"and loads(bytes) -> value, got {value!r}"
+    )
+    raise TypeError(msg)
+
+
+# one version byte, a 16-byte generation, then loaded_at, fresh_until, stale_until
+# (little-endian doubles), then the serialized value
+_HEADER = struct.Struct("<B16sddd")
+_VERSION = 2
+#: The bytes a generation occupies at the start of a stored value (version + 16).
+GENERATION = 17
+_NO_GENERATION = bytes(16)
+
+
+def encode_entry(
+    entry: CacheEntry[Any], serializer: Serializer, generation: bytes = _NO_GENERATION
+) -> bytes:
+    """The bytes stored in Redis: version, generation, the three times, the value."""
+    header = _HEADER.pack(
+        _VERSION, generation, entry.loaded_at, entry.fresh_until, entry.stale_until
+    )
+    return header + serializer.dumps(entry.value)
+
+
+def placeholder(generation: bytes) -> bytes:
+    """A value that holds only a generation (a load in flight, nothing stored yet)."""
+    return bytes([_VERSION]) + generation
+
+
+def decode_entry(raw: bytes | str, serializer: Serializer) -> CacheEntry[Any] | None:
+    """The entry :func:`encode_entry` wrote, or ``None`` (another format, a placeholder)."""
+    if not isinstance(raw, bytes):  # pragma: no cover - guarded in RedisStore.__init__
+        raw = raw.encode()
+    if len(raw) < _HEADER.size or raw[0] != _VERSION:
+        return None  # another format or a placeholder: a miss
+    _, _, loaded_at, fresh_until, stale_until = _HEADER.unpack_from(raw)
+    return CacheEntry(serializer.loads(raw[_HEADER.size :]), loaded_at, fresh_until, stale_until)

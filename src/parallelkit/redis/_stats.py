@@ -1,0 +1,54 @@
+"""RedisStoreStatistics: the counters a RedisStore reports (``store.statistics()``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from typing_extensions import final
+
+__all__ = ["RedisStoreStatistics", "RedisStoreStats"]
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class RedisStoreStatistics:
+    """Counters of a :class:`~parallelkit.redis.RedisStore`, for this process.
+
+    Attributes:
+        errors: Redis outage errors (timeouts included) absorbed, or raised with
+            ``strict=True``.
+        degraded: operations served by local memory because Redis was down.
+        recoveries: times Redis answered again after an outage.
+        lease_waits: loads that had to wait for another process's lease.
+        hits: reads that found an entry (in Redis, or local memory when degraded).
+        near_hits: reads served from the near cache, with no round trip.
+        misses: reads that found no entry.
+        timeouts: Redis commands that did not answer within ``command_timeout``.
+        near_size: entries in the near cache now.
+        near_invalidations: invalidation messages received.
+        near_resets: times the near cache was emptied because its subscription
+            was lost or re-established (messages may have been missed).
+        listening: whether the near cache is subscribed (serving) now.
+    """
+
+    errors: int
+    degraded: int
+    recoveries: int
+    lease_waits: int
+    hits: int = 0
+    near_hits: int = 0
+    misses: int = 0
+    timeouts: int = 0
+    near_size: int = 0
+    near_invalidations: int = 0
+    near_resets: int = 0
+    listening: bool = False
+
+    @property
+    def redis_errors(self) -> int:
+        """``errors``, under the name ``RedisLimiterStatistics`` uses."""
+        return self.errors
+
+
+#: The former name of :class:`RedisStoreStatistics` (``store.stats``), kept as an alias.
+RedisStoreStats = RedisStoreStatistics
