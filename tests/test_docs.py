@@ -19,7 +19,9 @@ shows up as its own failures. Every block is marked ``slow`` (an interpreter eac
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 import re
 import signal
 import subprocess
@@ -28,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+import parallelkit
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -140,7 +144,8 @@ def _env(request: pytest.FixtureRequest, block: Block) -> dict[str, str]:
 @pytest.mark.parametrize("block", _params())
 def test_block_runs(block: Block, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     failure = run_block(block, _env(request, block), tmp_path)
-    assert failure is None, f"{block.id} does not run as pasted: {failure}"
+    if failure is not None:
+        pytest.fail(f"{block.id} does not run as pasted: {failure}", pytrace=False)
 
 
 # -- the rules themselves ---------------------------------------------------------------------
@@ -209,3 +214,93 @@ def test_unmarked_blocks_get_no_server_urls(
     monkeypatch.setenv("PARALLELKIT_TEST_REDIS_URL", "redis://somewhere/0")
     env = _env(request, Block(ROOT / "x.md", 1, "import anyio\n", False))
     assert not {v for vs in SERVICE_VARS.values() for v in vs} & set(env)
+
+
+# -- the API reference ---------------------------------------------------------------------------
+REFERENCE = ROOT / "docs" / "reference"
+
+
+def public_modules() -> list[str]:
+    """``parallelkit`` and each public module or subpackage under it (otel once it exists)."""
+    found = [
+        f"parallelkit.{info.name}"
+        for info in pkgutil.iter_modules(parallelkit.__path__)
+        if not info.name.startswith("_")
+    ]
+    return ["parallelkit", *sorted(found)]
+
+
+def public_names(module_name: str) -> list[str]:
+    """``__all__``; for the pytest plugin (no ``__all__``), the fixtures it defines."""
+    module = importlib.import_module(module_name)
+    if hasattr(module, "__all__"):
+        return list(module.__all__)
+    return [
+        name
+        for name, obj in vars(module).items()
+        if not name.startswith("_") and getattr(obj, "__module__", None) == module_name
+    ]
+
+
+def test_every_public_module_has_a_reference_page() -> None:
+    directives = {
+        line.split()[1]
+        for page in REFERENCE.glob("*.md")
+        for line in page.read_text().splitlines()
+        if line.startswith("::: ")
+    }
+    missing = [m for m in public_modules() if m not in directives]
+    assert not missing, f"no reference page renders {missing} (add docs/reference/<name>.md)"
+
+
+@pytest.mark.slow
+def test_the_reference_documents_every_public_name(tmp_path: Path) -> None:
+    """Build the reference pages with mkdocstrings; every public name must have its entry."""
+    docs = tmp_path / "docs"
+    (docs / "reference").mkdir(parents=True)
+    for page in REFERENCE.glob("*.md"):
+        (docs / "reference" / page.name).write_text(page.read_text())
+    (docs / "index.md").write_text("# index\n")
+    config = tmp_path / "mkdocs.yml"
+    config.write_text(
+        "site_name: reference\n"
+        "plugins:\n"
+        "  - mkdocstrings:\n"
+        "      handlers:\n"
+        "        python:\n"
+        f"          paths: [{ROOT / 'src'}]\n"
+        "          options: {docstring_style: google, show_source: false, "
+        "show_root_heading: true, members_order: source}\n"
+    )
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "-q",
+            "-f",
+            str(config),
+            "-d",
+            str(tmp_path / "site"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, NO_MKDOCS_2_WARNING="1"),
+        timeout=300,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    html = "".join(p.read_text() for p in (tmp_path / "site" / "reference").rglob("*.html"))
+    anchors = set(re.findall(r'id="(parallelkit[\w.]*)"', html))
+    missing = [
+        f"{module}.{name}"
+        for module in public_modules()
+        for name in public_names(module)
+        if f"{module}.{name}" not in anchors
+        and f"{module}.{name}" not in public_modules()  # a submodule: its own page
+    ]
+    assert not missing, f"public names with no entry in docs/reference/: {missing}"
+    for name in ("CapturedQuery", "EagerPath", "Strategy"):
+        assert f"parallelkit.sqlalchemy.{name}" in anchors
