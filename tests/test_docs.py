@@ -304,3 +304,18 @@ def test_the_reference_documents_every_public_name(tmp_path: Path) -> None:
     assert not missing, f"public names with no entry in docs/reference/: {missing}"
     for name in ("CapturedQuery", "EagerPath", "Strategy"):
         assert f"parallelkit.sqlalchemy.{name}" in anchors
+
+
+# -- the README's two commands --------------------------------------------------------------------
+def _bash_blocks(page: Path) -> list[str]:
+    return re.findall(r"^```bash\n(.*?)^```", page.read_text(), re.MULTILINE | re.DOTALL)
+
+
+def test_the_readme_gives_the_main_job_and_the_test_command_ci_runs() -> None:
+    main_job, tests = (b.strip() for b in _bash_blocks(ROOT / "README.md")[:2])
+    assert main_job.endswith("python -m examples.crm && python -m benchmarks")
+    assert "--database" not in main_job and "--redis" not in main_job  # SQLite, no servers
+    assert tests.endswith('pip install -e ".[dev]" && python -m pytest')
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'pip" install -q -e ".[dev]"' in ci
+    assert "\npython -m pytest\n" in ci
