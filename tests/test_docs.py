@@ -314,7 +314,8 @@ def _bash_blocks(page: Path) -> list[str]:
 def test_the_readme_gives_the_main_job_and_the_test_command_ci_runs() -> None:
     main_job, tests = (b.strip() for b in _bash_blocks(ROOT / "README.md")[:2])
     assert main_job.endswith("python -m examples.crm && python -m benchmarks")
-    assert "--database" not in main_job and "--redis" not in main_job  # SQLite, no servers
+    assert "--database" not in main_job  # embedded SQLite
+    assert "--redis" not in main_job  # and no server
     assert tests.endswith('pip install -e ".[dev]" && python -m pytest')
     ci = (ROOT / ".ci" / "run").read_text()
     assert 'pip" install -q -e ".[dev]"' in ci
