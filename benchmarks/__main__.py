@@ -7,6 +7,11 @@ checkout (ignored by git): report.md, results.json, one JSON file and one chart
 per benchmark. A benchmark that fails, or whose results are wrong, is reported
 and makes the exit status 1; the others still run.
 
+The playbook benchmark runs again the table of timings claimed by the playbook
+parallelkit started from (a CRM backend's TypeScript "parallel execution"
+playbook): its sequential code, its parallel code as written, parallelkit, and a
+lower bound computed without parallelkit, every result checked.
+
 The maintainers' reference run (full sizes, every server) rewrites the results
 section of docs/benchmarks.md and its charts:
 
@@ -268,15 +273,16 @@ def _chart(out: Path, name: str, chart: dict[str, Any]) -> Path | None:
     for i, serie in enumerate(series):
         ys = [j + i * height for j in range(len(labels))]
         values = [groups[g].get(serie, float("nan")) for g in labels]
-        mine = serie == highlight
+        mine, bound = serie == highlight, serie == chart.get("bound")
         bars = ax.barh(
             ys,
             values,
             height=height * 0.92,
             label=serie,
-            color=PK_COLOR if mine else next(greys),
-            edgecolor="black" if mine else "none",
-            linewidth=1.2 if mine else 0,
+            color=PK_COLOR if mine else "white" if bound else next(greys),
+            edgecolor="black" if mine else "#555555" if bound else "none",
+            hatch="////" if bound else None,
+            linewidth=1.2 if mine else 0.8 if bound else 0,
             zorder=3,
         )
         for bar, value in zip(bars, values, strict=True):
@@ -295,7 +301,7 @@ def _chart(out: Path, name: str, chart: dict[str, Any]) -> Path | None:
     ax.invert_yaxis()
     ax.grid(axis="x", color="#e6e6e6", zorder=0)
     ax.set_xlabel(f"{chart.get('unit', '')}  \u2014  shorter is better \u2190")
-    ax.set_title(chart.get("title", name), loc="left", fontweight="bold")
+    ax.set_title(f"{chart.get('title', name)} (shorter is better)", loc="left", fontweight="bold")
     if chart.get("note"):
         fig.text(0.01, 0.005, chart["note"], fontsize=8, color="#555555", va="bottom")
     handles, names = ax.get_legend_handles_labels()
@@ -502,8 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in chosen if n not in names]
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; available: {', '.join(names)}")
-    if args.publish and not args.full:
-        parser.error("--publish writes the reference results: it needs --full")
+    if args.publish and (not args.full or chosen):
+        parser.error("--publish writes the reference results: it needs --full and every benchmark")
     out: Path = args.out or _registry.RESULTS
     out.mkdir(parents=True, exist_ok=True)
     env = _environment(args)
@@ -525,8 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     report.write_text(_report(merged, out))
     print("\n".join(_summary(entries, time.perf_counter() - started, not args.full)))
     print(f"report: {_rel(report)}")
-    if args.publish:
-        print(f"published: {_rel(_publish(merged, out))}")
+    if args.publish:  # this run only, never an older result left in the output directory
+        this_run = {"environment": env, "benchmarks": {e["name"]: e for e in entries}}
+        print(f"published: {_rel(_publish(this_run, out))}")
     return 0 if all(_good(e) for e in entries) else 1
 
 

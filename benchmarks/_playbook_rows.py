@@ -65,6 +65,11 @@ QUICK = Plan(
 FULL = Plan(scales=dict.fromkeys(PLAYBOOK, 1.0), repeat=5, before_runs=3, floor_runs=5)
 
 
+def _sequential_seconds(plan: Plan, row: str) -> float:
+    """The playbook's sequential time for ``row``, at the plan's time scale for it."""
+    return PLAYBOOK[row][0] / 1000 * plan.scales[row]
+
+
 @contextlib.contextmanager
 def _recording_startup(log: list[tuple[str, str]]) -> Iterator[None]:
     """Record when each simulated service of ``examples.crm.startup`` starts and is ready."""
@@ -174,14 +179,12 @@ async def _enrollments(db: Database, plan: Plan) -> dict[str, Any]:
 
         await asyncio.gather(*(one(c) for c in contacts))
 
-    seed_before = (
-        PLAYBOOK["100 cadence enrollments"][0] / 1000 * plan.scales["100 cadence enrollments"]
-    )
+    playbook_before = _sequential_seconds(plan, "100 cadence enrollments")
     calibration = await calibrate(
         db,
         lambda: bulk.enroll_sequential(db.sessions, cadence_id, contacts[:10]),
         share=0.1,
-        target=seed_before,
+        target=playbook_before,
         reset=reset,
     )
     try:
@@ -275,9 +278,9 @@ async def _four_queries(db: Database, plan: Plan) -> dict[str, Any]:
         rules = list(contact.company.automation_rules)
         return webhook.WebhookContext(conversation, contact, contact.company, rules)
 
-    seed_before = PLAYBOOK["4 DB queries"][0] / 1000 * plan.scales["4 DB queries"]
+    playbook_before = _sequential_seconds(plan, "4 DB queries")
     sequential = loading(webhook.load_webhook_context_sequential)
-    calibration = await calibrate(db, sequential, share=1.0, target=seed_before)
+    calibration = await calibrate(db, sequential, share=1.0, target=playbook_before)
     try:
         measured = await compare(
             {
@@ -347,13 +350,13 @@ async def _payment(db: Database, plan: Plan) -> dict[str, Any]:
             webhooks.post(payment.WEBHOOK_URL, {"payment_id": pid, "charge_id": charge.id}),
         )
 
-    seed_before = PLAYBOOK["Payment processing"][0] / 1000 * scale
+    playbook_before = _sequential_seconds(plan, "Payment processing")
     instant = StripeClient(latency=0), WebhookClient(latency=0)
     calibration = await calibrate(  # the insert's round trip: the rest of the 800 ms
         db,
         paying(payment.process_payment_sequential, "calibration", *instant),
         share=1.0,
-        target=seed_before,
+        target=playbook_before,
         fixed=charge_s + webhook_s,
     )
     try:
@@ -444,19 +447,18 @@ async def _detection(db: Database, plan: Plan) -> dict[str, Any]:
 
         await asyncio.gather(*(one(c) for c in companies))
 
-    seed_before = PLAYBOOK["50 company detection"][0] / 1000 * plan.scales["50 company detection"]
-    sequential = lambda: bulk.detect_all_sequential(db.sessions, companies)  # noqa: E731
+    playbook_before = _sequential_seconds(plan, "50 company detection")
     calibration = await calibrate(
         db,
         lambda: bulk.detect_all_sequential(db.sessions, companies[:5]),
         share=0.1,
-        target=seed_before,
+        target=playbook_before,
         reset=reset,
     )
     try:
         measured = await compare(
             {
-                "before": sequential,
+                "before": lambda: bulk.detect_all_sequential(db.sessions, companies),
                 "after": lambda: bulk.detect_all_seed_gather(db.sessions, companies),
                 "parallelkit": lambda: bulk.detect_all(db.sessions, companies, limit=POOL_SIZE),
             },
@@ -502,7 +504,7 @@ async def measure(
     }
     backend = "sqlite"
     if any(r in db_rows for r in rows):
-        report_progress("seeding the CRM database")
+        report_progress("writing the CRM seed data")
         schema = f"pk_bench_{os.getpid()}" if database else None
         sizes = SeedSizes(companies=50, contacts_per_company=20, conversations_per_contact=1)
         async with open_database(database, seed_sizes=sizes, schema=schema) as db:

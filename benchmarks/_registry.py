@@ -32,8 +32,12 @@ Optional keys of the returned dict that the runner understands:
 * ``"markdown"``: a Markdown section included verbatim in the report;
 * ``"summary"``: a few short lines for the terminal summary of the main job;
 * ``"chart"``: ``{"title", "unit", "groups": {row: {series: value}}}`` plus the
-  optional ``"highlight"`` (the series drawn as parallelkit) and ``"note"``
-  (a line under the title): drawn as a grouped bar chart into ``<name>.png``;
+  optional ``"highlight"`` (the series drawn as parallelkit, default
+  ``"parallelkit"``), ``"bound"`` (a series drawn hatched, as a bound rather than a
+  measurement) and ``"note"`` (a line under the chart): drawn as a horizontal
+  grouped bar chart into ``<name>.png``;
+* ``"wrong"``: a list of wrong results (a result that is not correct): the module
+  is reported as WRONG and the run's exit status is 1;
 * ``"skipped"``: a reason: shown as skipped, not failed.
 
 A module may call :func:`report_progress` to show what it is measuring now.

@@ -60,19 +60,19 @@ AFTER_LIMIT = 1.25
 # -- one row --------------------------------------------------------------------------------
 def _row(name: str, data: dict[str, Any], scale: float) -> dict[str, Any]:
     """One row of the table: measured, bounds, calibration and the verdict, all computed."""
-    seed_before, seed_after = PLAYBOOK[name]
+    playbook_before, playbook_after = PLAYBOOK[name]
     m = data["measured"]
     before, after, pk = (m[v]["median"] for v in VARIANTS)
     cpu = data["cpu_bound"]["seconds"] if "cpu_bound" in data else 0.0
     bound = max(data["model_bound"], cpu)
-    claimed, target_before = seed_after / 1000 * scale, seed_before / 1000 * scale
+    claimed, target_before = playbook_after / 1000 * scale, playbook_before / 1000 * scale
     calibration = before / target_before
     row = {
         "operation": name,
         "scale": scale,
-        "playbook_before_ms": seed_before,
-        "playbook_after_ms": seed_after,
-        "playbook_saving_pct": round(100 * (1 - seed_after / seed_before), 1),
+        "playbook_before_ms": playbook_before,
+        "playbook_after_ms": playbook_after,
+        "playbook_saving_pct": round(100 * (1 - playbook_after / playbook_before), 1),
         "before_ms": before * 1000,
         "after_ms": after * 1000,
         "parallelkit_ms": pk * 1000,
@@ -324,6 +324,7 @@ def _chart(rows: list[dict[str, Any]], database: str) -> dict[str, Any]:
         "title": "The playbook's table, run again: time as % of its sequential code",
         "unit": "% of the sequential code's time",
         "highlight": "parallelkit",
+        "bound": "lower bound",
         "note": (
             f"{database}; lower bound = max(model, CPU), computed without parallelkit; "
             "(as written: wrong) = the playbook's parallel code gives a wrong result"
