@@ -21,15 +21,18 @@ section of docs/benchmarks.md and its charts:
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import inspect
 import io
 import json
 import os
 import platform
+import re
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
@@ -102,11 +105,37 @@ def _environment(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _call(module: Any, args: argparse.Namespace) -> Any:
-    kwargs: dict[str, Any] = {"quick": not args.full, "database": args.database}
-    if "redis" in inspect.signature(module.run).parameters:
-        kwargs["redis"] = args.redis
-    return module.run(**kwargs)
+#: Where modules written before ``run(redis=...)`` read their Redis URL (set only for them,
+#: only while they run, only when ``--redis`` was given).
+LEGACY_REDIS_VARS = ("PARALLELKIT_BENCH_REDIS_URL", "PARALLELKIT_TEST_REDIS_URL")
+
+
+@contextlib.contextmanager
+def _legacy_redis(url: str | None) -> Iterator[None]:
+    saved = {var: os.environ.get(var) for var in LEGACY_REDIS_VARS}
+    if url:
+        os.environ.update(dict.fromkeys(LEGACY_REDIS_VARS, url))
+    try:
+        yield
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
+def _call(name: str, args: argparse.Namespace) -> tuple[str, Any]:
+    """Import and run one module; the Redis URL goes to ``run(redis=...)`` or, for a
+    module that does not take it yet, to the variables it reads."""
+    takes_redis = False
+    with _legacy_redis(args.redis if NEEDS.get(name) else None):
+        module = load(name)
+        takes_redis = "redis" in inspect.signature(module.run).parameters
+        kwargs: dict[str, Any] = {"quick": not args.full, "database": args.database}
+        if takes_redis:
+            kwargs["redis"] = args.redis
+        return module.TITLE, module.run(**kwargs)
 
 
 def _run_one(name: str, args: argparse.Namespace, status: Any) -> dict[str, Any]:
@@ -114,19 +143,17 @@ def _run_one(name: str, args: argparse.Namespace, status: Any) -> dict[str, Any]
     tee = _Tee(sys.stdout if args.verbose else None)
     entry: dict[str, Any] = {"name": name, "quick": not args.full}
     missing = [s for s in NEEDS.get(name, ()) if not getattr(args, s)]
+    entry["title"] = load_title(name)
     try:
-        module = load(name)
-        entry["title"] = module.TITLE
         if missing:
             why = " and ".join(f"--{s} URL" for s in missing)
             entry["result"] = {"skipped": f"not run: needs {why}"}
-            entry["ok"] = True
         else:
-            status(f"{name}: {module.TITLE}")
-            print(f"\n=== {name}: {module.TITLE} ===", file=tee, flush=True)
+            status(f"{name}: {entry['title']}")
+            print(f"\n=== {name}: {entry['title']} ===", file=tee, flush=True)
             with contextlib.redirect_stdout(tee):
-                entry["result"] = _call(module, args)
-            entry["ok"] = True
+                entry["title"], entry["result"] = _call(name, args)
+        entry["ok"] = True
     except Exception as exc:  # reported, and the others still run
         entry["ok"] = False
         entry["error"] = f"{type(exc).__name__}: {exc}"
@@ -488,10 +515,13 @@ def _parser(names: list[str]) -> argparse.ArgumentParser:
 
 
 def load_title(name: str) -> str:
+    """A module's ``TITLE``, read from its source: ``--help`` imports no benchmark."""
+    source = (_registry.HERE / f"bench_{name}.py").read_text(encoding="utf-8")
+    found = re.search(r"^TITLE\s*=\s*(\(.*?\)|\"[^\n]*\")\s*$", source, re.MULTILINE | re.DOTALL)
     try:
-        return str(load(name).TITLE)
-    except Exception as exc:  # --help must work even when a module cannot be imported
-        return f"(cannot be imported: {type(exc).__name__}: {exc})"
+        return str(ast.literal_eval(found.group(1))) if found else ""
+    except (SyntaxError, ValueError):
+        return ""
 
 
 def _rel(path: Path) -> str:

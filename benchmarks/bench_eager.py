@@ -23,8 +23,6 @@ schema) when ``--database`` is a PostgreSQL URL or the default test server answe
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import statistics
 import tempfile
 import time
@@ -32,7 +30,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from examples.crm import AutomationRule, Base, Company, Contact, Conversation, seed, seed_sync
 from sqlalchemy import create_engine, select
@@ -46,9 +43,6 @@ from ._util import print_targets, table, target
 
 TITLE = "eager(): webhook graph for 500 conversations vs naive, joined, selectin, hand-tuned"
 
-DEFAULT_PG = os.environ.get(
-    "PARALLELKIT_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-)
 SIZES = {"companies": 10, "contacts_per_company": 10, "conversations_per_contact": 5}
 N = 500
 
@@ -201,14 +195,7 @@ def pg_url(database: str | None) -> str | None:
     if database and database.startswith("postgres"):
         scheme, rest = database.split("://", 1)
         return f"postgresql+asyncpg://{rest}" if "+" not in scheme else database
-    if database:
-        return None
-    parts = urlsplit(DEFAULT_PG.replace("+asyncpg", ""))
-    try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5432), 1.0):
-            return DEFAULT_PG
-    except OSError:
-        return None
+    return None  # no server unless --database names one (the main job is SQLite only)
 
 
 async def run_pg(url: str, quick: bool) -> dict[str, dict[str, float]]:
@@ -261,7 +248,7 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
         except OSError as exc:  # a server that answered the probe but refused us
             print(f"PostgreSQL skipped: {exc}")
     else:
-        print("PostgreSQL skipped: no server at the default URL and no --database given")
+        print("PostgreSQL not run: no --database given")
     names = list(results["sqlite"])
     headers = ["contender"] + [f"{db} {col}" for db in results for col in ("queries", "ms")]
     rows = [
