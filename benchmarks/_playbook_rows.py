@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import Any
 from unittest import mock
@@ -63,6 +64,32 @@ QUICK = Plan(
     floor_runs=3,
 )
 FULL = Plan(scales=dict.fromkeys(PLAYBOOK, 1.0), repeat=5, before_runs=3, floor_runs=5)
+
+
+async def _gather_bounded(fn: Callable[[int], Awaitable[Any]], items: Sequence[int]) -> list[Any]:
+    """The hand-written form, no parallelkit: ``asyncio.gather`` and a pool-sized Semaphore."""
+    sem = asyncio.Semaphore(POOL_SIZE)
+
+    async def one(item: int) -> Any:
+        async with sem:
+            return await fn(item)
+
+    return list(await asyncio.gather(*(one(i) for i in items)))
+
+
+def _pool_bound(
+    measured: dict[str, Any], calibration: dict[str, Any], items: int, one: str
+) -> dict[str, Any]:
+    """The pool's floor: ``ceil(items / pool size)`` waves of one item's round trips."""
+    per_item = (measured["before"]["statements"] or 0) / items
+    waves = math.ceil(items / POOL_SIZE)
+    return {
+        "model_bound": waves * per_item * calibration["round_trip_ms"] / 1000,
+        "bound_note": (
+            f"ceil({items} / {POOL_SIZE} pooled connections) x the {per_item:g} round trips of "
+            f"one {one}"
+        ),
+    }
 
 
 def _sequential_seconds(plan: Plan, row: str) -> float:
@@ -170,15 +197,6 @@ async def _enrollments(db: Database, plan: Plan) -> dict[str, Any]:
             return False
         return sorted(rows) == sorted(contacts)  # each contact enrolled, exactly once
 
-    async def raw_gather() -> None:  # hand-written: gather + a Semaphore the pool's size
-        sem = asyncio.Semaphore(POOL_SIZE)
-
-        async def one(contact_id: int) -> int:
-            async with sem:
-                return await bulk.enroll_one(db.sessions, cadence_id, contact_id)
-
-        await asyncio.gather(*(one(c) for c in contacts))
-
     playbook_before = _sequential_seconds(plan, "100 cadence enrollments")
     calibration = await calibrate(
         db,
@@ -204,20 +222,18 @@ async def _enrollments(db: Database, plan: Plan) -> dict[str, Any]:
             db=db,
             reset=reset,
         )
-        cpu = await cpu_bound({"gather + Semaphore": raw_gather}, plan, db, reset)
+        enroll = functools.partial(bulk.enroll_one, db.sessions, cadence_id)
+        cpu = await cpu_bound(
+            {"gather + Semaphore": lambda: _gather_bounded(enroll, contacts)}, plan, db, reset
+        )
     finally:
         db.latency.seconds = 0.0
         await reset()
-    per_enrollment = 2 * calibration["round_trip_ms"] / 1000
     return {
         "measured": measured,
         "calibration": calibration,
         "cpu_bound": cpu,
-        "model_bound": math.ceil(len(contacts) / POOL_SIZE) * per_enrollment,
-        "bound_note": (
-            f"ceil(100 / {POOL_SIZE} pooled connections) x 2 round trips "
-            "(look up, insert); a wider pool would lower it"
-        ),
+        **_pool_bound(measured, calibration, len(contacts), "enrollment (look up, insert)"),
     }
 
 
@@ -438,15 +454,6 @@ async def _detection(db: Database, plan: Plan) -> dict[str, Any]:
             return False
         return per_company == expected
 
-    async def raw_gather() -> None:  # hand-written: gather + a Semaphore the pool's size
-        sem = asyncio.Semaphore(POOL_SIZE)
-
-        async def one(company_id: int) -> int:
-            async with sem:
-                return await bulk.detect_and_enroll_inactive(db.sessions, company_id)
-
-        await asyncio.gather(*(one(c) for c in companies))
-
     playbook_before = _sequential_seconds(plan, "50 company detection")
     calibration = await calibrate(
         db,
@@ -467,22 +474,18 @@ async def _detection(db: Database, plan: Plan) -> dict[str, Any]:
             db=db,
             reset=reset,
         )
-        cpu = await cpu_bound({"gather + Semaphore": raw_gather}, plan, db, reset)
+        detect = functools.partial(bulk.detect_and_enroll_inactive, db.sessions)
+        cpu = await cpu_bound(
+            {"gather + Semaphore": lambda: _gather_bounded(detect, companies)}, plan, db, reset
+        )
     finally:
         db.latency.seconds = 0.0
         await reset()
-    per_company = (
-        measured["before"]["statements"] / len(companies) * calibration["round_trip_ms"] / 1000
-    )
     return {
         "measured": measured,
         "calibration": calibration,
         "cpu_bound": cpu,
-        "model_bound": math.ceil(len(companies) / POOL_SIZE) * per_company,
-        "bound_note": (
-            f"ceil(50 / {POOL_SIZE} pooled connections) x the round trips of one company "
-            f"({measured['before']['statements'] / len(companies):g} statements)"
-        ),
+        **_pool_bound(measured, calibration, len(companies), "company"),
         "enrolled": sum(expected.values()),
     }
 
