@@ -284,3 +284,29 @@ def test_the_four_queries_row_reports_its_ratio_to_one_round_trip() -> None:
     )
     assert target["limit"] == "<= 1.2"
     assert target["measured"] == row["pk_over_bound"]
+
+
+def test_a_machine_slower_than_the_playbook_gets_no_claim_judged() -> None:
+    """A round trip calibrated to 0 (this machine alone took the playbook's time)."""
+    measured = {
+        v: {"median": t, "min": t, "max": t, "statements": n, "correct": True}
+        for v, t, n in [("before", 0.040, 4), ("after", 0.012, 1), ("parallelkit", 0.020, 2)]
+    }
+    data = {
+        "measured": measured,
+        "calibration": {
+            "round_trip_ms": 0.0,
+            "probe_share": 1.0,
+            "probe_statements": 4,
+            "cost_ms": 25.0,
+        },
+        "cpu_bound": {"seconds": 0.010, "form": "one joined statement"},
+        "model_bound": 0.0,
+        "bound_note": "one round trip",
+    }
+    row = bench_playbook._row("4 DB queries", data, 0.05)
+    assert row["calibrated"] is False  # 40 ms where the playbook's 400 ms x 0.05 is 20 ms
+    assert row["verdict"].startswith("not judged")
+    assert row["bound_ms"] == pytest.approx(10.0)  # the CPU bound
+    text = bench_playbook.WHY["4 DB queries"](row, data)
+    assert "no round trip was left to simulate" in text
