@@ -9,6 +9,8 @@ repeated:
 * **after (as written)**: its parallel code translated faithfully
   (``Promise.all`` -> ``asyncio.gather``), bugs included;
 * **parallelkit**: the ``examples/crm`` version of the same work;
+* **hand-written asyncio**: the same work without parallelkit, in the same
+  conditions (parallelkit's own cost is its time over this one);
 * extra lines where they teach something (a set-based insert, a joined collection).
 
 Every run's result is checked against a truth computed without parallelkit (the
@@ -19,9 +21,10 @@ Two lower bounds, both computed without parallelkit; a row's **bound** is the la
 
 * the **model bound**: the critical path through the real dependencies, or the
   connection pool's floor, computed from the simulated durations (no measurement);
-* the **CPU bound**: a hand-written asyncio form of the same statements
-  (``gather`` + ``Semaphore``) run with the simulated latency off, the fastest of
-  its runs: what Python, SQLAlchemy, the driver and the database cost here.
+* the **CPU bound**: the CPU time the event loop's thread spends on a hand-written
+  asyncio form of the same statements (``gather`` + ``Semaphore``) run with the
+  simulated latency off, the least of its runs: what Python, SQLAlchemy and the
+  driver cost here, which no implementation on one event loop can go under.
 
 Simulated durations are the playbook's times a per-row time scale (1 in
 ``--full``; smaller in the main job, see ``_playbook_rows.QUICK``). The database
@@ -43,7 +46,7 @@ from typing import Any
 from examples.crm.db import POOL_SIZE
 
 from ._measure import Plan
-from ._playbook_rows import FULL, PLAYBOOK, QUICK, measure
+from ._playbook_rows import FULL, HAND, PLAYBOOK, QUICK, measure
 from ._util import table
 
 TITLE = "the playbook's table: its sequential code, its parallel code, parallelkit, a lower bound"
@@ -51,10 +54,12 @@ TITLE = "the playbook's table: its sequential code, its parallel code, parallelk
 VARIANTS = ("before", "after", "parallelkit")
 #: How far the playbook's sequential code, run here, may be from the playbook's figure.
 TOLERANCE = 0.15
-#: parallelkit / bound: the most parallelkit may cost over the bound (default 1.5).
+#: parallelkit / bound: the most parallelkit may cost over the bound (default 1.5); a
+#: target only where the bound is the model's (latency dominates): where this machine's
+#: CPU dominates, the hand-written comparison below is the one that says something.
 BOUND_LIMIT = {"4 DB queries": 1.2}
-#: parallelkit / the playbook's parallel code as written, where that code is correct.
-AFTER_LIMIT = 1.25
+#: parallelkit / the same work written by hand in asyncio, in the same conditions.
+HAND_LIMIT = 1.25
 
 
 # -- one row --------------------------------------------------------------------------------
@@ -63,6 +68,7 @@ def _row(name: str, data: dict[str, Any], scale: float) -> dict[str, Any]:
     playbook_before, playbook_after = PLAYBOOK[name]
     m = data["measured"]
     before, after, pk = (m[v]["median"] for v in VARIANTS)
+    hand = m[HAND]["median"]
     cpu = data["cpu_bound"]["seconds"] if "cpu_bound" in data else 0.0
     bound = max(data["model_bound"], cpu)
     claimed, target_before = playbook_after / 1000 * scale, playbook_before / 1000 * scale
@@ -76,6 +82,8 @@ def _row(name: str, data: dict[str, Any], scale: float) -> dict[str, Any]:
         "before_ms": before * 1000,
         "after_ms": after * 1000,
         "parallelkit_ms": pk * 1000,
+        "hand_ms": hand * 1000,
+        "pk_over_hand": round(pk / hand, 2),
         "model_bound_ms": data["model_bound"] * 1000,
         "cpu_bound_ms": cpu * 1000,
         "bound_ms": bound * 1000,
@@ -83,6 +91,7 @@ def _row(name: str, data: dict[str, Any], scale: float) -> dict[str, Any]:
         "bound_saving_pct": round(100 * (1 - bound / before), 1),
         "pk_over_bound": round(pk / bound, 2),
         "bound_limit": BOUND_LIMIT.get(name, 1.5),
+        "latency_bound": data["model_bound"] >= cpu,  # the model's bound is the larger
         "calibration": round(calibration, 3),
         # only the database rows have a modelled (calibrated) part; start-up is the log's sleeps
         "calibrated": abs(calibration - 1) <= TOLERANCE if "calibration" in data else None,
@@ -213,8 +222,9 @@ def _intro(plan: Plan, database: str) -> str:
         f"sequential time (checked: the *calibration* column must be within {TOLERANCE:.0%} of "
         "1, or the row's claim is not judged). Every run's result is checked against a truth "
         "computed without parallelkit. The *lower bound* is the larger of the model's bound "
-        "(critical path or pool floor, computed) and the CPU bound (a hand-written asyncio form "
-        "with the latency off, fastest run); neither uses parallelkit."
+        "(critical path or pool floor, computed) and the CPU bound (the event loop's CPU time "
+        "for a hand-written asyncio form with the latency off, least of its runs); neither uses "
+        "parallelkit."
     )
 
 
@@ -223,9 +233,9 @@ def _markdown(rows: list[dict[str, Any]], details: dict[str, Any], plan: Plan, d
         _intro(plan, db),
         "",
         "| operation | playbook: before → after (saving) | time scale | before ms | after as "
-        "written ms | parallelkit ms | lower bound ms | parallelkit / bound | saving (pk) | "
-        "calibration | the playbook's claim |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "written ms | parallelkit ms | hand-written ms | lower bound ms | parallelkit / bound | "
+        "saving (pk) | calibration | the playbook's claim |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         after = _ms(r["after_ms"]) + ("" if r["correct"]["after"] else " (wrong)")
@@ -233,14 +243,15 @@ def _markdown(rows: list[dict[str, Any]], details: dict[str, Any], plan: Plan, d
         lines.append(
             f"| {r['operation']} | {r['playbook_before_ms']:,} → {r['playbook_after_ms']:,} "
             f"({r['playbook_saving_pct']:g}%) | {r['scale']:g} | {_ms(r['before_ms'])} | {after} "
-            f"| {pk} | {_ms(r['bound_ms'])} | {r['pk_over_bound']:.2f}x | {r['saving_pct']:g}% | "
-            f"{r['calibration']:.2f} | {r['verdict']} |"
+            f"| {pk} | {_ms(r['hand_ms'])} | {_ms(r['bound_ms'])} | {r['pk_over_bound']:.2f}x | "
+            f"{r['saving_pct']:g}% | {r['calibration']:.2f} | {r['verdict']} |"
         )
     lines += [
         "",
         "Lower bounds, statements sent (counted with a plain SQLAlchemy event) and extra lines:",
         "",
-        "| operation | model bound ms | CPU bound ms (hand-written form) | statements: before / "
+        "| operation | model bound ms | CPU bound ms (event-loop CPU of the hand-written form) | "
+        "statements: before / "
         "after / parallelkit | extra lines |",
         "| --- | ---: | --- | --- | --- |",
     ]
@@ -255,7 +266,7 @@ def _markdown(rows: list[dict[str, Any]], details: dict[str, Any], plan: Plan, d
             + (f", {v['statements']} statements" if v["statements"] is not None else "")
             + ("" if v["correct"] else " (**wrong**)")
             for k, v in d["measured"].items()
-            if k not in VARIANTS
+            if k not in (*VARIANTS, HAND)
         )
         lines.append(
             f"| {r['operation']} | {_ms(r['model_bound_ms'])} | {cpu_text} | {statements} | "
@@ -296,12 +307,21 @@ def _targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "met": r["correct"]["parallelkit"],
             },
             {
-                "target": f"{op}: parallelkit / lower bound",
-                "measured": r["pk_over_bound"],
-                "limit": f"<= {r['bound_limit']:g}",
-                "met": r["pk_over_bound"] <= r["bound_limit"],
+                "target": f"{op}: parallelkit / the same work hand-written in asyncio",
+                "measured": r["pk_over_hand"],
+                "limit": f"<= {HAND_LIMIT:g}",
+                "met": r["pk_over_hand"] <= HAND_LIMIT,
             },
         ]
+        if r["latency_bound"]:  # a CPU bound measures this machine, not the design
+            targets.append(
+                {
+                    "target": f"{op}: parallelkit / lower bound",
+                    "measured": r["pk_over_bound"],
+                    "limit": f"<= {r['bound_limit']:g}",
+                    "met": r["pk_over_bound"] <= r["bound_limit"],
+                }
+            )
         if r["calibrated"] is not None:
             targets.append(
                 {
@@ -309,16 +329,6 @@ def _targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "measured": r["calibration"],
                     "limit": f"{1 - TOLERANCE:g} to {1 + TOLERANCE:g}",
                     "met": r["calibrated"],
-                }
-            )
-        if r["correct"]["after"] and op != "4 DB queries":
-            ratio = r["parallelkit_ms"] / r["after_ms"]
-            targets.append(
-                {
-                    "target": f"{op}: parallelkit / its parallel code as written",
-                    "measured": round(ratio, 2),
-                    "limit": f"<= {AFTER_LIMIT:g}",
-                    "met": ratio <= AFTER_LIMIT,
                 }
             )
     return targets
@@ -340,6 +350,7 @@ def _chart(rows: list[dict[str, Any]], database: str) -> dict[str, Any]:
                 "lower bound": 100 * r["bound_ms"] / r["before_ms"],
                 "the playbook's claim": 100 * r["playbook_after_ms"] / r["playbook_before_ms"],
                 "its parallel code as written": 100 * r["after_ms"] / r["before_ms"],
+                "hand-written asyncio": 100 * r["hand_ms"] / r["before_ms"],
             }
             for r in rows
         },
@@ -353,7 +364,7 @@ def report(measured: dict[str, Any], plan: Plan) -> dict[str, Any]:
     print(f"median of {plan.repeat} runs, {database}, pool {POOL_SIZE}; ms as measured")
     print(
         table(
-            ["operation", "scale", "before", "after*", "parallelkit", "bound", "pk/bound", "claim"],
+            ["operation", "scale", "before", "after*", "parallelkit", "by hand", "bound", "claim"],
             [
                 [
                     r["operation"],
@@ -361,8 +372,8 @@ def report(measured: dict[str, Any], plan: Plan) -> dict[str, Any]:
                     _ms(r["before_ms"]),
                     _ms(r["after_ms"]) + ("" if r["correct"]["after"] else " WRONG"),
                     _ms(r["parallelkit_ms"]) + ("" if r["correct"]["parallelkit"] else " WRONG"),
+                    _ms(r["hand_ms"]),
                     _ms(r["bound_ms"]),
-                    f"{r['pk_over_bound']:.2f}",
                     r["verdict"],
                 ]
                 for r in rows
@@ -394,7 +405,8 @@ def report(measured: dict[str, Any], plan: Plan) -> dict[str, Any]:
         "chart": _chart(rows, database),
         "summary": [
             f"{r['operation']:<24} {r['saving_pct']:g}% under the sequential code, "
-            f"{r['pk_over_bound']:.2f}x its lower bound; the playbook's claim: {r['verdict']}"
+            f"{r['pk_over_hand']:.2f}x hand-written, {r['pk_over_bound']:.2f}x its lower bound; "
+            f"the playbook's claim: {r['verdict']}"
             for r in rows
         ],
         "wrong": wrong,
