@@ -169,11 +169,12 @@ async def calibrate(
 
     ``probe`` is ``share`` of the sequential code (its first items, or all of it).
     It runs once with the latency off (its statements and their cost here), then
-    once with the naive round trip ``(target - fixed) / statements``; whatever a
-    statement took beyond that round trip (Python, the driver, the database, the
-    event loop waking up) is taken out of it. ``fixed`` is the simulated time that
-    is not the database's (the probe runs without it). The round trip is 0 when
-    this machine alone takes longer than the playbook: the check then fails.
+    twice with the naive round trip ``(target - fixed) / statements``; whatever a
+    statement took beyond that round trip in the quicker of the two (Python, the
+    driver, the database, the event loop waking up) is taken out of it. ``fixed`` is
+    the simulated time that is not the database's (the probe runs without it). The
+    round trip is 0 when this machine alone takes longer than the playbook: the
+    check then fails.
     """
     with no_latency(db):
         if reset is not None:
@@ -184,13 +185,15 @@ async def calibrate(
             cost = time.perf_counter() - start
     statements = max(counter.count, 1)
     naive = (target - fixed) * share / statements
-    if reset is not None:
-        with no_latency(db):
-            await reset()
-    db.latency.seconds = naive
-    start = time.perf_counter()
-    await probe()
-    per_statement = (time.perf_counter() - start) / statements
+    per_statement = math.inf
+    for _ in range(2):  # the quieter of two runs: a busy moment is not this machine's cost
+        if reset is not None:
+            with no_latency(db):
+                await reset()
+        db.latency.seconds = naive
+        start = time.perf_counter()
+        await probe()
+        per_statement = min(per_statement, (time.perf_counter() - start) / statements)
     if reset is not None:
         with no_latency(db):
             await reset()
