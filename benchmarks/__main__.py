@@ -425,6 +425,18 @@ def _report(merged: dict[str, Any], out: Path | None = None) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _demoted(lines: list[str]) -> list[str]:
+    """Every Markdown heading one level down (the page has its own), code blocks untouched."""
+    fenced = False
+    result = []
+    for block in lines:
+        for line in block.split("\n"):
+            if line.startswith("```"):
+                fenced = not fenced
+            result.append(f"#{line}" if not fenced and re.match(r"#{1,5} ", line) else line)
+    return result
+
+
 def _publish(merged: dict[str, Any], out: Path) -> Path:
     """Rewrite the results section of docs/benchmarks.md and copy the charts to docs/assets."""
     import shutil
@@ -437,10 +449,7 @@ def _publish(merged: dict[str, Any], out: Path) -> Path:
         shutil.copyfile(chart, DOCS_ASSETS / f"bench-{name}.png")
         return f"assets/bench-{name}.png"
 
-    body = "\n".join(
-        line.replace("## ", "### ", 1) if line.startswith("## ") else line
-        for line in _sections(merged, image)
-    )
+    body = "\n".join(_demoted(_sections(merged, image)))
     page = DOCS_PAGE.read_text()
     head, sep, rest = page.partition(BEGIN)
     _, sep2, tail = rest.partition(END)

@@ -325,3 +325,32 @@ def test_a_machine_slower_than_the_playbook_gets_no_claim_judged() -> None:
     assert row["bound_ms"] == pytest.approx(10.0)  # the CPU bound
     text = bench_playbook.WHY["4 DB queries"](row, data)
     assert "no round trip was left to simulate" in text
+
+
+def test_publish_rewrites_only_the_results_section(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    page = tmp_path / "benchmarks.md"
+    page.write_text(f"# Benchmarks\n\nintro\n\n{runner.BEGIN}\nold\n{runner.END}\n\nfooter\n")
+    monkeypatch.setattr(runner, "DOCS_PAGE", page)
+    monkeypatch.setattr(runner, "DOCS_ASSETS", tmp_path / "assets")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x.png").write_bytes(b"png")
+    entry = {
+        "ok": True,
+        "title": "X",
+        "seconds": 1.0,
+        "result": {"markdown": "### Where\n\ntext", "chart": {"title": "t", "groups": {}}},
+    }
+    runner._publish(_merged({"x": entry}), tmp_path / "out")
+    text = page.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n\n")
+    assert text.endswith(f"{runner.END}\n\nfooter\n")
+    assert "old" not in text
+    assert "\n### x: X\n" in text  # the page's headings stay above the results'
+    assert "\n#### Where\n" in text
+    assert "(assets/bench-x.png)" in text
+    assert (tmp_path / "assets" / "bench-x.png").read_bytes() == b"png"
+    page.write_text("# no markers\n")
+    with pytest.raises(SystemExit):
+        runner._publish(_merged({"x": entry}), tmp_path / "out")
