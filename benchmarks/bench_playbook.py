@@ -288,9 +288,13 @@ def _markdown(rows: list[dict[str, Any]], details: dict[str, Any], plan: Plan, d
             if cal
             else ""
         )
+        hand = (
+            f" Written by hand in asyncio, the same work took {_at(r, 'hand_ms')}: parallelkit "
+            f"{r['pk_over_hand']:.2f}x that."
+        )
         lines.append(
             f"- **{r['operation']}** ({r['verdict']}; lower bound: {d['bound_note']}). "
-            f"{WHY[r['operation']](r, d)}{calibrated}"
+            f"{WHY[r['operation']](r, d)}{hand}{calibrated}"
         )
     return "\n".join(lines) + "\n"
 
