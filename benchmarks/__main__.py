@@ -1,7 +1,7 @@
 """Run parallelkit's benchmarks and write a report.
 
 With no option this is the main job: every benchmark at quick sizes, on embedded
-SQLite, in about half a minute; it never touches a PostgreSQL or Redis server
+SQLite, in under a minute; it never touches a PostgreSQL or Redis server
 unless you name one (--database, --redis). The report goes to .benchmarks/ in the
 checkout (ignored by git): report.md, results.json, one JSON file and one chart
 per benchmark. A benchmark that fails, or whose results are wrong, is reported

@@ -81,7 +81,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
 #: Seconds a module may take in the main job (quick sizes, SQLite, 2 busy cores).
 #: The sum stays under a minute with the CRM demo; the runner warns about overruns.
 QUICK_BUDGET_S: dict[str, float] = {
-    "playbook": 14.0,
+    "playbook": 12.0,
     "fanout": 5.0,
     "flow": 3.0,
     "cache": 3.0,
