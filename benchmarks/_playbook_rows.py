@@ -37,7 +37,7 @@ from examples.crm.seed import EPOCH, SeedSizes
 from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import joinedload
 
-from ._measure import Measure, Plan, calibrate, compare, cpu_bound
+from ._measure import Check, Measure, Plan, Reset, calibrate, compare, cpu_bound
 from ._registry import report_progress
 
 #: The playbook's own numbers (ms): sequential ("before") and parallel ("after") as claimed.
@@ -83,14 +83,35 @@ async def _gather_bounded(fn: Callable[[int], Awaitable[Any]], items: Sequence[i
     return list(await asyncio.gather(*(one(i) for i in items)))
 
 
-def _pool_bound(
-    measured: dict[str, Any], calibration: dict[str, Any], items: int, one: str
+async def _bulk_row(
+    db: Database,
+    plan: Plan,
+    variants: dict[str, Measure],
+    check: Check,
+    reset: Reset,
+    *,
+    calibration: dict[str, Any],
+    items: int,
+    one: str,
 ) -> dict[str, Any]:
-    """The pool's floor: ``ceil(items / pool size)`` waves of one item's round trips."""
+    """Measure a row of bulk work on the pool: its variants, its CPU bound (the
+    hand-written form, latency off) and the pool's floor, ``ceil(items / pool size)``
+    waves of one item's round trips."""
+    try:
+        measured = await compare(variants, plan, check, db=db, reset=reset)
+        cpu = await cpu_bound({"gather + Semaphore": variants[HAND]}, plan, db, reset)
+    finally:
+        db.latency.seconds = 0.0
+        await reset()
     per_item = (measured["before"]["statements"] or 0) / items
-    waves = math.ceil(items / POOL_SIZE)
     return {
-        "model_bound": waves * per_item * calibration["round_trip_ms"] / 1000,
+        "measured": measured,
+        "calibration": calibration,
+        "cpu_bound": cpu,
+        "model_bound": math.ceil(items / POOL_SIZE)
+        * per_item
+        * calibration["round_trip_ms"]
+        / 1000,
         "bound_note": (
             f"ceil({items} / {POOL_SIZE} pooled connections) x the {per_item:g} round trips of "
             f"one {one}"
@@ -226,36 +247,25 @@ async def _enrollments(db: Database, plan: Plan) -> dict[str, Any]:
         target=playbook_before,
         reset=reset,
     )
-    try:
-        measured = await compare(
-            {
-                "before": lambda: bulk.enroll_sequential(db.sessions, cadence_id, contacts),
-                "after": lambda: bulk.enroll_seed_gather(db.sessions, cadence_id, contacts),
-                "parallelkit": lambda: bulk.enroll_contacts(
-                    db.sessions, cadence_id, contacts, limit=POOL_SIZE
-                ),
-                HAND: lambda: _gather_bounded(enroll, contacts),
-                "set-based (2 statements)": lambda: bulk.enroll_bulk(
-                    db.sessions, cadence_id, contacts
-                ),
-            },
-            plan,
-            check,
-            db=db,
-            reset=reset,
-        )
-        cpu = await cpu_bound(
-            {"gather + Semaphore": lambda: _gather_bounded(enroll, contacts)}, plan, db, reset
-        )
-    finally:
-        db.latency.seconds = 0.0
-        await reset()
-    return {
-        "measured": measured,
-        "calibration": calibration,
-        "cpu_bound": cpu,
-        **_pool_bound(measured, calibration, len(contacts), "enrollment (look up, insert)"),
+    variants: dict[str, Measure] = {
+        "before": lambda: bulk.enroll_sequential(db.sessions, cadence_id, contacts),
+        "after": lambda: bulk.enroll_seed_gather(db.sessions, cadence_id, contacts),
+        "parallelkit": lambda: bulk.enroll_contacts(
+            db.sessions, cadence_id, contacts, limit=POOL_SIZE
+        ),
+        HAND: lambda: _gather_bounded(enroll, contacts),
+        "set-based (2 statements)": lambda: bulk.enroll_bulk(db.sessions, cadence_id, contacts),
     }
+    return await _bulk_row(
+        db,
+        plan,
+        variants,
+        check,
+        reset,
+        calibration=calibration,
+        items=len(contacts),
+        one="enrollment (look up, insert)",
+    )
 
 
 async def _four_queries(db: Database, plan: Plan) -> dict[str, Any]:
@@ -486,32 +496,23 @@ async def _detection(db: Database, plan: Plan) -> dict[str, Any]:
         target=playbook_before,
         reset=reset,
     )
-    try:
-        measured = await compare(
-            {
-                "before": lambda: bulk.detect_all_sequential(db.sessions, companies),
-                "after": lambda: bulk.detect_all_seed_gather(db.sessions, companies),
-                "parallelkit": lambda: bulk.detect_all(db.sessions, companies, limit=POOL_SIZE),
-                HAND: lambda: _gather_bounded(detect, companies),
-            },
-            plan,
-            check,
-            db=db,
-            reset=reset,
-        )
-        cpu = await cpu_bound(
-            {"gather + Semaphore": lambda: _gather_bounded(detect, companies)}, plan, db, reset
-        )
-    finally:
-        db.latency.seconds = 0.0
-        await reset()
-    return {
-        "measured": measured,
-        "calibration": calibration,
-        "cpu_bound": cpu,
-        **_pool_bound(measured, calibration, len(companies), "company"),
-        "enrolled": sum(expected.values()),
+    variants: dict[str, Measure] = {
+        "before": lambda: bulk.detect_all_sequential(db.sessions, companies),
+        "after": lambda: bulk.detect_all_seed_gather(db.sessions, companies),
+        "parallelkit": lambda: bulk.detect_all(db.sessions, companies, limit=POOL_SIZE),
+        HAND: lambda: _gather_bounded(detect, companies),
     }
+    row = await _bulk_row(
+        db,
+        plan,
+        variants,
+        check,
+        reset,
+        calibration=calibration,
+        items=len(companies),
+        one="company",
+    )
+    return {**row, "enrolled": sum(expected.values())}
 
 
 async def measure(
