@@ -1,1 +1,1 @@
-"""parallelkit's benchmark suite: ``python -m benchmarks [NAME ...] [--quick]``."""
+"""parallelkit's benchmark suite: ``python -m benchmarks [NAME ...] [--full]`` (``--help``)."""

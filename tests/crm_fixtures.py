@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 from examples.crm.db import Database, open_database
 from examples.crm.seed import SeedSizes
+from sqlalchemy import event
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 #: "sqlite" always; "postgres" with the marker (skips locally / fails in CI when down).
 DATABASES = [
@@ -64,3 +66,25 @@ class CountingSessions:
                 yield session
         finally:
             self.open -= 1
+
+
+class EngineStatements:
+    """Counts every statement an engine sends while entered, whichever task sends it.
+
+    A plain SQLAlchemy event: it sees a cache's background refresh as well as the
+    caller's own statements (``count_queries`` counts the current task's).
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine.sync_engine
+        self.count = 0
+
+    def _sent(self, *_: Any) -> None:
+        self.count += 1
+
+    def __enter__(self) -> EngineStatements:
+        event.listen(self.engine, "before_cursor_execute", self._sent)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        event.remove(self.engine, "before_cursor_execute", self._sent)

@@ -1,91 +1,322 @@
-"""Execute every runnable code block in the docs, on asyncio and on trio.
+"""Every Python block of README.md and docs/ runs as pasted: a complete program.
 
-A code block is runnable when the line right before its opening fence is
-``<!-- run -->``. All runnable blocks of one page run in order, in one namespace
-(later blocks may use what earlier ones defined), as one program that may use
-top-level ``await``. ``<!-- run: asyncio -->`` restricts a page to one backend
-(for recipes that use asyncio-only libraries). A broken recipe fails CI.
+Each ```python (or ```py / ```python3) block is written to a file and run in a
+fresh interpreter, from the checkout, with a time limit: it must exit 0 by itself
+(a server example starts, serves one request and stops). A block whose fence is
+preceded by the line ``<!-- fragment -->`` (a signature, a sketch) is not run; at
+most 15% of the blocks may be fragments.
+
+A block that talks to Redis or PostgreSQL (it names ``redis://`` / ``:6379``,
+``postgresql://`` / ``:5432``, or the ``PARALLELKIT_TEST_*_URL`` / ``CRM_REDIS_URL``
+/ ``DATABASE_URL`` variables it must read its URL from) carries the ``redis`` /
+``postgres`` marker: it gets the test servers' URLs in those variables, skips with
+a reason locally when the server is down and fails under ``CI=true``. Other blocks
+run with those variables removed, so they cannot reach a server by accident.
+
+One test per block (``test_block_runs[docs/page.md:LINE]``), so a broken page
+shows up as its own failures. Every block is marked ``slow`` (an interpreter each).
 """
 
 from __future__ import annotations
 
-import ast
+import importlib
+import os
+import pkgutil
 import re
+import signal
+import subprocess
 import sys
-import types
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
-FENCE = re.compile(
-    r"^<!-- run(?::\s*(?P<only>\w+))? -->\s*\n```(?:python|py)[^\n]*\n(?P<code>.*?)^```",
-    re.MULTILINE | re.DOTALL,
-)
+import parallelkit
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+LIMIT_S = float(os.environ.get("DOC_BLOCK_S", "90"))
+MAX_FRAGMENTS = 0.15
+
+FENCE = re.compile(r"^(?P<indent>\s*)```(?:python|py|python3)\b[^\n]*$")
+FRAGMENT = "<!-- fragment -->"
+NEEDS = {
+    "redis": re.compile(r"redis://|:6379\b|PARALLELKIT_TEST_REDIS_URL|CRM_REDIS_URL"),
+    "postgres": re.compile(
+        r"postgres(?:ql)?(?:\+\w+)?://|:5432\b|PARALLELKIT_TEST_PG_URL|DATABASE_URL"
+    ),
+}
+SERVICE_VARS = {
+    "redis": ("PARALLELKIT_TEST_REDIS_URL", "CRM_REDIS_URL"),
+    "postgres": ("PARALLELKIT_TEST_PG_URL", "DATABASE_URL"),
+}
 
 
-def runnable_pages() -> list[Path]:
-    return sorted(p for p in DOCS.rglob("*.md") if FENCE.search(p.read_text()))
+@dataclass(frozen=True)
+class Block:
+    page: Path
+    line: int  # of the first line of code
+    code: str
+    fragment: bool
+
+    @property
+    def id(self) -> str:
+        page = self.page.relative_to(ROOT) if self.page.is_relative_to(ROOT) else self.page
+        return f"{page}:{self.line}"
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        return tuple(name for name, pattern in NEEDS.items() if pattern.search(self.code))
 
 
-def extract(page: Path) -> tuple[str, set[str]]:
-    blocks, only = [], set()
-    for match in FENCE.finditer(page.read_text()):
-        blocks.append(match["code"])
-        if match["only"]:
-            only.add(match["only"])
-    return "\n".join(blocks), only
+def blocks_of(page: Path) -> list[Block]:
+    """The Python blocks of a Markdown page, dedented as a reader would copy them."""
+    lines = page.read_text(encoding="utf-8").splitlines()
+    found = []
+    i = 0
+    while i < len(lines):
+        match = FENCE.match(lines[i])
+        if not match:
+            i += 1
+            continue
+        indent = len(match["indent"])
+        previous = next((line.strip() for line in reversed(lines[:i]) if line.strip()), "")
+        body = []
+        i += 1
+        while i < len(lines) and not lines[i].strip().startswith("```"):
+            line = lines[i]
+            body.append(line[indent:] if line[:indent].isspace() else line)
+            i += 1
+        start = i - len(body) + 1
+        found.append(Block(page, start, "\n".join(body) + "\n", previous.lower() == FRAGMENT))
+        i += 1
+    return found
 
 
-def cases() -> list[tuple[Path, str]]:
-    out = []
-    for page in runnable_pages():
-        _, only = extract(page)
-        out += [(page, backend) for backend in ("asyncio", "trio") if not only or backend in only]
-    return out
+ALL = [block for page in PAGES if page.exists() for block in blocks_of(page)]
 
 
-def test_some_pages_are_runnable() -> None:
-    assert runnable_pages(), "no runnable blocks found in docs/"
+def _params() -> list[object]:
+    params = []
+    for block in ALL:
+        if block.fragment:
+            continue
+        marks = [pytest.mark.slow, *(getattr(pytest.mark, need) for need in block.needs)]
+        params.append(pytest.param(block, id=block.id, marks=marks))
+    return params
 
 
-def test_extractor_finds_marked_blocks_only(tmp_path: Path) -> None:
-    page = tmp_path / "p.md"
-    page.write_text(
-        "<!-- run -->\n```python\nx = 1\n```\n\n```python\nnot run\n```\n"
-        "<!-- run: asyncio -->\n```python\ny = x + 1\n```\n"
+def run_block(block: Block, env: dict[str, str], tmp: Path, limit: float = LIMIT_S) -> str | None:
+    """Run one block as a program; ``None`` if it exited 0, else why it failed."""
+    script = tmp / "block.py"
+    script.write_text(block.code, encoding="utf-8")
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
-    code, only = extract(page)
-    assert "x = 1" in code
-    assert "y = x + 1" in code
-    assert "not run" not in code
-    assert only == {"asyncio"}
-
-
-@pytest.mark.anyio
-async def test_a_broken_block_fails() -> None:
-    with pytest.raises(ZeroDivisionError):
-        await run_code("value = 1 / 0", "broken.md")
-
-
-async def run_code(code: str, name: str) -> None:
-    compiled = compile(code, name, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
-    module = types.ModuleType(f"docs_{Path(name).stem.replace('-', '_')}")
-    sys.modules[module.__name__] = module  # dataclasses and pickling look modules up
     try:
-        result = eval(compiled, module.__dict__)
-        if isinstance(result, types.CoroutineType):
-            await result
-    finally:
-        del sys.modules[module.__name__]
+        out, err = process.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        return f"still running after {limit:g} s (a block must stop by itself)\n{err[-2000:]}"
+    if process.returncode != 0:
+        return f"exit {process.returncode}\n{out[-1500:]}\n{err[-3000:]}"
+    return None
 
 
-@pytest.mark.anyio
-@pytest.mark.parametrize(
-    ("page", "anyio_backend"),
-    cases(),
-    ids=[f"{p.relative_to(DOCS)}-{b}" for p, b in cases()],
-)
-async def test_docs_page_runs(page: Path, anyio_backend: str) -> None:
-    code, _ = extract(page)
-    await run_code(code, str(page))
+def _env(request: pytest.FixtureRequest, block: Block) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    for name, variables in SERVICE_VARS.items():
+        for variable in variables:
+            env.pop(variable, None)
+        if name in block.needs:
+            url = request.getfixturevalue("redis_url" if name == "redis" else "pg_url")
+            env.update(dict.fromkeys(variables, url))
+    return env
+
+
+@pytest.mark.parametrize("block", _params())
+def test_block_runs(block: Block, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    failure = run_block(block, _env(request, block), tmp_path)
+    if failure is not None:
+        pytest.fail(f"{block.id} does not run as pasted: {failure}", pytrace=False)
+
+
+# -- the rules themselves ---------------------------------------------------------------------
+def test_there_are_blocks_and_few_fragments() -> None:
+    assert len(ALL) > 50, "README.md and docs/ should hold the examples"
+    fragments = [b.id for b in ALL if b.fragment]
+    assert len(fragments) <= MAX_FRAGMENTS * len(ALL), (
+        f"{len(fragments)} of {len(ALL)} blocks are fragments (at most {MAX_FRAGMENTS:.0%}): "
+        f"{fragments}"
+    )
+
+
+def test_extraction(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "text\n```python\nimport anyio\n```\n\n<!-- fragment -->\n\n```py\ndef f(x, /): ...\n```\n"
+        "* item\n\n    ```python3\n    x = 1\n    if x:\n        print(x)\n    ```\n"
+        "```bash\nnot python\n```\n```python\nr = redis.from_url('redis://127.0.0.1:6379/0')\n```\n"
+    )
+    blocks = blocks_of(page)
+    assert [(b.line, b.fragment) for b in blocks] == [
+        (3, False),
+        (9, True),
+        (14, False),
+        (22, False),
+    ]
+    assert blocks[0].code == "import anyio\n"
+    assert blocks[2].code == "x = 1\nif x:\n    print(x)\n"  # dedented as copied
+    assert [b.needs for b in blocks] == [(), (), (), ("redis",)]
+
+
+def test_service_blocks_are_detected() -> None:
+    def needs(code: str) -> tuple[str, ...]:
+        return Block(ROOT / "x.md", 1, code, False).needs
+
+    assert needs('os.environ.get("PARALLELKIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")') == (
+        "redis",
+    )
+    assert needs('url = os.environ["DATABASE_URL"]') == ("postgres",)
+    assert needs(
+        "engine = create_async_engine('postgresql+asyncpg://postgres@127.0.0.1/test')"
+    ) == ("postgres",)
+    assert needs("import anyio\nanyio.run(main)") == ()
+
+
+def test_a_failing_block_fails(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    broken = Block(tmp_path / "p.md", 1, "value = 1 / 0\n", False)
+    failure = run_block(broken, env, tmp_path)
+    assert failure is not None
+    assert "ZeroDivisionError" in failure
+
+
+def test_a_block_that_does_not_stop_fails(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    hanging = Block(tmp_path / "p.md", 1, "import time\ntime.sleep(60)\n", False)
+    failure = run_block(hanging, env, tmp_path, limit=0.5)
+    assert failure is not None
+    assert "still running" in failure
+
+
+def test_unmarked_blocks_get_no_server_urls(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://somewhere/db")
+    monkeypatch.setenv("PARALLELKIT_TEST_REDIS_URL", "redis://somewhere/0")
+    env = _env(request, Block(ROOT / "x.md", 1, "import anyio\n", False))
+    assert not {v for vs in SERVICE_VARS.values() for v in vs} & set(env)
+
+
+# -- the API reference ---------------------------------------------------------------------------
+REFERENCE = ROOT / "docs" / "reference"
+
+
+def public_modules() -> list[str]:
+    """``parallelkit`` and each public module or subpackage under it (otel once it exists)."""
+    found = [
+        f"parallelkit.{info.name}"
+        for info in pkgutil.iter_modules(parallelkit.__path__)
+        if not info.name.startswith("_")
+    ]
+    return ["parallelkit", *sorted(found)]
+
+
+def public_names(module_name: str) -> list[str]:
+    """``__all__``; for the pytest plugin (no ``__all__``), the fixtures it defines."""
+    module = importlib.import_module(module_name)
+    if hasattr(module, "__all__"):
+        return list(module.__all__)
+    return [
+        name
+        for name, obj in vars(module).items()
+        if not name.startswith("_") and getattr(obj, "__module__", None) == module_name
+    ]
+
+
+def test_every_public_module_has_a_reference_page() -> None:
+    directives = {
+        line.split()[1]
+        for page in REFERENCE.glob("*.md")
+        for line in page.read_text().splitlines()
+        if line.startswith("::: ")
+    }
+    missing = [m for m in public_modules() if m not in directives]
+    assert not missing, f"no reference page renders {missing} (add docs/reference/<name>.md)"
+
+
+@pytest.mark.slow
+def test_the_reference_documents_every_public_name(tmp_path: Path) -> None:
+    """Build the reference pages with mkdocstrings; every public name must have its entry."""
+    docs = tmp_path / "docs"
+    (docs / "reference").mkdir(parents=True)
+    for page in REFERENCE.glob("*.md"):
+        (docs / "reference" / page.name).write_text(page.read_text())
+    (docs / "index.md").write_text("# index\n")
+    config = tmp_path / "mkdocs.yml"
+    config.write_text(
+        "site_name: reference\n"
+        "plugins:\n"
+        "  - mkdocstrings:\n"
+        "      handlers:\n"
+        "        python:\n"
+        f"          paths: [{ROOT / 'src'}]\n"
+        "          options: {docstring_style: google, show_source: false, "
+        "show_root_heading: true, members_order: source}\n"
+    )
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "-q",
+            "-f",
+            str(config),
+            "-d",
+            str(tmp_path / "site"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, NO_MKDOCS_2_WARNING="1"),
+        timeout=300,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    html = "".join(p.read_text() for p in (tmp_path / "site" / "reference").rglob("*.html"))
+    anchors = set(re.findall(r'id="(parallelkit[\w.]*)"', html))
+    missing = [
+        f"{module}.{name}"
+        for module in public_modules()
+        for name in public_names(module)
+        if f"{module}.{name}" not in anchors
+        and f"{module}.{name}" not in public_modules()  # a submodule: its own page
+    ]
+    assert not missing, f"public names with no entry in docs/reference/: {missing}"
+    for name in ("CapturedQuery", "EagerPath", "Strategy"):
+        assert f"parallelkit.sqlalchemy.{name}" in anchors
+
+
+# -- the README's two commands --------------------------------------------------------------------
+def _bash_blocks(page: Path) -> list[str]:
+    return re.findall(r"^```bash\n(.*?)^```", page.read_text(), re.MULTILINE | re.DOTALL)
+
+
+def test_the_readme_gives_the_main_job_and_the_test_command_ci_runs() -> None:
+    main_job, tests = (b.strip() for b in _bash_blocks(ROOT / "README.md")[:2])
+    assert main_job.endswith("python -m examples.crm && python -m benchmarks")
+    assert "--database" not in main_job  # embedded SQLite
+    assert "--redis" not in main_job  # and no server
+    assert tests.endswith('pip install -e ".[dev]" && python -m pytest')
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert 'pip" install -q -e ".[dev]"' in ci
+    assert "\npython -m pytest\n" in ci

@@ -1,6 +1,6 @@
 """A small CRM schema and deterministic seed data, shared by tests, docs and benchmarks.
 
-The schema follows the seed playbook's CRM backend: companies own contacts,
+The schema follows the playbook's CRM backend: companies own contacts,
 automation rules and cadences; contacts have conversations and cadence
 enrollments. See :mod:`examples.crm.models` and :mod:`examples.crm.seed`.
 """

@@ -1,6 +1,6 @@
 """Scenario 5 - bulk work: enroll 100 contacts; detect-and-enroll inactive contacts per company.
 
-The seed fans out with ``Promise.all(companies.map(...))``: every task at once
+The playbook fans out with ``Promise.all(companies.map(...))``: every task at once
 (50 - or 50,000), all queued on a connection pool of ten, and the first failure
 throws away every other company's result. Here:
 
@@ -80,14 +80,14 @@ async def enroll_one(sessions: Sessions, cadence_id: int, contact_id: int) -> in
 async def enroll_sequential(
     sessions: Sessions, cadence_id: int, contact_ids: Sequence[int]
 ) -> list[int]:
-    """The seed's "before": one enrollment after another."""
+    """The playbook's "before": one enrollment after another."""
     return [await enroll_one(sessions, cadence_id, c) for c in contact_ids]
 
 
 async def enroll_seed_gather(
     sessions: Sessions, cadence_id: int, contact_ids: Sequence[int]
 ) -> list[int]:
-    """The seed's "after": ``Promise.all`` over every contact, unbounded, fail-fast."""
+    """The playbook's "after": ``Promise.all`` over every contact, unbounded, fail-fast."""
     return list(await asyncio.gather(*(enroll_one(sessions, cadence_id, c) for c in contact_ids)))
 
 
@@ -186,12 +186,12 @@ class DetectionReport:
 
 
 async def detect_all_sequential(sessions: Sessions, company_ids: Sequence[int]) -> int:
-    """The seed's "before": one company after another."""
+    """The playbook's "before": one company after another."""
     return sum([await detect_and_enroll_inactive(sessions, c) for c in company_ids])
 
 
 async def detect_all_seed_gather(sessions: Sessions, company_ids: Sequence[int]) -> int:
-    """The seed's "after": every company at once; one failure loses every result."""
+    """The playbook's "after": every company at once; one failure loses every result."""
     counts = await asyncio.gather(*(detect_and_enroll_inactive(sessions, c) for c in company_ids))
     return sum(counts)
 

@@ -1,6 +1,6 @@
 """Scenario 6 - cached conversation lookups with :class:`parallelkit.SWRCache`.
 
-The seed's "fast" lookup returns the cached conversation and then fires a
+The playbook's "fast" lookup returns the cached conversation and then fires a
 database query **on every hit** to refresh it in the background (fire-and-forget:
 no owner, errors only logged, no dedupe). A hot conversation read 1,000 times a
 second costs 1,000 queries a second: the cache saves latency, not load.

@@ -5,18 +5,21 @@ Every scenario takes an ``async_sessionmaker`` and opens **one session per task*
 bug that :func:`parallelkit.sqlalchemy.guard_sessions` turns into a clear
 :class:`~parallelkit.sqlalchemy.SessionInUseError`).
 
-* ``DATABASE_URL`` unset: a SQLite file in a fresh temporary directory, through
-  ``aiosqlite``, in WAL mode with a busy timeout, so several sessions can read
-  while one writes (SQLite still runs one write at a time).
-* ``DATABASE_URL=postgresql://user@host/db``: PostgreSQL through ``asyncpg``
+* no URL: a SQLite file in a fresh temporary directory, through ``aiosqlite``,
+  in WAL mode with a busy timeout, so several sessions can read while one writes
+  (SQLite still runs one write at a time);
+* ``postgresql://user@host/db``: PostgreSQL through ``asyncpg``
   (``postgresql://`` is rewritten to ``postgresql+asyncpg://``). ``schema=``
   puts the tables in their own schema (``search_path``), which the tests use to
   isolate runs.
 
+A server is used only when its URL is passed (``python -m examples.crm --database
+URL``); no environment variable is read, so nothing reaches a server by accident.
+
 ``latency=`` adds a simulated network round trip before every SQL statement
 (inside SQLAlchemy's greenlet, so it is a real ``await``: other tasks run
 meanwhile). On SQLite this models what a database across a network costs; the
-benchmarks use it to reproduce the seed playbook's per-query timings, and say so.
+benchmarks use it to reproduce the playbook's per-query timings, and say so.
 
 Example:
     ```python
@@ -67,13 +70,12 @@ POOL_SIZE = 10
 
 
 def database_url(url: str | None = None) -> str | None:
-    """The URL to use: ``url``, else ``$DATABASE_URL``, else ``None`` (a temporary SQLite).
+    """``url`` with an async driver, or ``None`` (a temporary SQLite) when not given.
 
     ``postgresql://`` and ``postgres://`` become ``postgresql+asyncpg://``;
     ``sqlite://`` becomes ``sqlite+aiosqlite://``.
     """
-    url = url or os.environ.get("DATABASE_URL") or None
-    if url is None:
+    if not url:
         return None
     for plain, driver in (
         ("postgres://", "postgresql+asyncpg://"),
@@ -132,8 +134,8 @@ def make_engine(
     """An ``AsyncEngine`` with a pool of ``pool_size`` connections (no overflow).
 
     Args:
-        url: a SQLAlchemy URL; default ``$DATABASE_URL``, else a SQLite file in
-            ``directory`` (a new temporary directory when ``None``).
+        url: a SQLAlchemy URL; default: a SQLite file in ``directory`` (a new
+            temporary directory when ``None``).
         latency: simulated seconds per statement (see :func:`add_latency`).
         pool_size: connections the pool keeps; tasks beyond it wait for one.
         schema: PostgreSQL only: the ``search_path`` (create it with

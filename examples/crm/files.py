@@ -1,6 +1,6 @@
 """Scenario 1 - parallel reads of many files, bounded.
 
-The seed reads three files with ``Promise.all`` and calls it a pattern. For
+The playbook reads three files with ``Promise.all`` and calls it a pattern. For
 three files it is fine; for 10,000 it opens 10,000 files at once and the
 process runs out of file descriptors (``OSError: [Errno 24] Too many open
 files`` under the common ``ulimit -n 1024``): every task opens its file, then
@@ -79,7 +79,7 @@ async def read_files(paths: Sequence[Path], *, limit: int = 64) -> FilesReport:
 
 
 async def read_files_unbounded(paths: Sequence[Path]) -> FilesReport:
-    """The seed's ``Promise.all`` over every path: one task per file, all at once. DON'T."""
+    """The playbook's ``Promise.all`` over every path: one task per file, all at once. DON'T."""
     counter = _OpenFiles()
     contents: list[bytes] = [b""] * len(paths)
 

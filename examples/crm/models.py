@@ -92,7 +92,7 @@ class Contact(Base):
 
 
 class Conversation(Base):
-    """A support/sales thread with a contact (what the seed's webhook loads)."""
+    """A support/sales thread with a contact (what the playbook's webhook loads)."""
 
     __tablename__ = "conversations"
 

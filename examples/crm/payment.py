@@ -1,6 +1,6 @@
 """Scenario 4 - the payment: charge, then (record the payment ∥ notify the webhook).
 
-The seed playbook "parallelises" its payment with one ``Promise.all`` over the
+The playbook "parallelises" its payment with one ``Promise.all`` over the
 charge, the database insert and the webhook. But the insert stores
 ``charge.id``, which does not exist until the charge returns, and the webhook
 announces a payment that may yet fail. Run together, the insert records a
@@ -12,7 +12,7 @@ benchmark.)
 With :class:`parallelkit.Flow` each step names what it needs: ``record`` and
 ``notify`` take ``charge``, so they start the moment it exists and overlap each
 other. The makespan is ``charge + max(insert, webhook)`` (700 ms with the
-seed's 500/100/200 ms), the correct ideal, not the seed's claimed 500 ms.
+playbook's 500/100/200 ms), the correct ideal, not the playbook's claimed 500 ms.
 
 Example:
     ```python
@@ -56,7 +56,7 @@ class PaymentBase(DeclarativeBase):
 
 
 class Payment(PaymentBase):
-    """A recorded payment. ``stripe_charge_id`` is nullable only so the seed's race shows."""
+    """A recorded payment. ``stripe_charge_id`` is nullable only so the playbook's race shows."""
 
     __tablename__ = "payments"
 
@@ -83,7 +83,7 @@ def _payload(payment_id: str, charge_id: str | None) -> dict[str, Any]:
     return {"event": "payment.succeeded", "payment_id": payment_id, "charge_id": charge_id}
 
 
-# -- the seed's "before": one thing after another ---------------------------------------
+# -- the playbook's "before": one thing after another ---------------------------------------
 async def process_payment_sequential(
     payment_id: str,
     amount: int,
@@ -99,7 +99,7 @@ async def process_payment_sequential(
     return payment
 
 
-# -- the seed's "after", as written: a race ------------------------------------------------
+# -- the playbook's "after", as written: a race ------------------------------------------------
 async def process_payment_seed_gather(
     payment_id: str,
     amount: int,
@@ -108,7 +108,7 @@ async def process_payment_seed_gather(
     webhooks: WebhookClient,
     sessions: Sessions,
 ) -> tuple[Charge, Payment, Any]:
-    """The seed's ``Promise.all([charge, insert, webhook])``, translated faithfully. DON'T.
+    """The playbook's ``Promise.all([charge, insert, webhook])``, translated faithfully. DON'T.
 
     The insert cannot have ``charge.id`` (it is not known yet), so it records
     ``None``; the webhook announces a charge that may still fail. Kept only to

@@ -1,6 +1,6 @@
 """Scenario 3 - the webhook: conversation → contact → company → automation rules.
 
-The seed's slow version walks the chain with four dependent queries (each needs
+The playbook's slow version walks the chain with four dependent queries (each needs
 the previous row's foreign key, so nothing can overlap: the fix is fewer round
 trips, not parallelism). Its fast version asks for everything in one statement.
 
@@ -65,7 +65,7 @@ class WebhookContext:
 async def load_webhook_context_sequential(
     session: AsyncSession, conversation_id: int
 ) -> WebhookContext:
-    """The seed's "before": four dependent queries (4 round trips)."""
+    """The playbook's "before": four dependent queries (4 round trips)."""
     conversation = await session.get_one(Conversation, conversation_id)
     contact = await session.get_one(Contact, conversation.contact_id)
     company = await session.get_one(Company, contact.company_id)
@@ -80,7 +80,7 @@ async def load_webhook_context_sequential(
 async def load_webhook_context_one_join(
     session: AsyncSession, conversation_id: int
 ) -> WebhookContext:
-    """The seed's "after": one statement, every hop joined (rows multiply by the rules)."""
+    """The playbook's "after": one statement, every hop joined (rows multiply by the rules)."""
     stmt = (
         select(Conversation)
         .where(Conversation.id == conversation_id)
