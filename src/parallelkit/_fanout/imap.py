@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import anyio
 from typing_extensions import Self, final
 
+from .._core.check import flag
 from .._core.limiter import SupportsLimit
-from .._core.outcome import Outcome
-from .._core.owned import leave
+from .._core.owned import OwnedTaskGroup
 from .._core.retry import RetryLike
-from .fanout import (
-    _PENDING,
-    _AsyncSource,
-    _awaited,
-    _check_fn,
-    _check_items,
-    _Failure,
-    _is_async_callable,
-    _Options,
-)
+from .fanout import check_map_args
+from .options import Options
+from .pool import AsyncUnits, Pool, Unit
 
 __all__ = ["imap"]
 
@@ -65,24 +58,7 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         ```
     """
 
-    __slots__ = (
-        "_buffer",
-        "_call",
-        "_consumed",
-        "_delivered",
-        "_done",
-        "_error",
-        "_items",
-        "_next",
-        "_ordered",
-        "_pulled",
-        "_settle",
-        "_space",
-        "_tg",
-        "_wake",
-        "_window",
-        "_workers",
-    )
+    __slots__ = ("_fill", "_owner", "_pool", "_results")
 
     def __init__(
         self,
@@ -97,46 +73,40 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         retry: RetryLike | None = None,
         settle: bool = False,
     ) -> None:
-        _check_fn(fn)
-        _check_items(items)
-        options = _Options(
-            _awaited(fn) if not _is_async_callable(fn) else fn, limit, rate, timeout, retry
+        check_map_args(fn, items, settle)
+        flag("ordered", ordered)
+        options = Options(fn, limit, rate, timeout, retry)
+        workers = options.workers
+        results = _Results(ordered)
+        source: AsyncUnits | None = None
+        if isinstance(items, AsyncIterable):
+            source = AsyncUnits(items)
+            units: Iterator[Unit] = source
+        else:
+            units = enumerate(items)
+        window = _Window(units, None if workers is None else 2 * workers, source)
+        pool = Pool(
+            options.call, window, results, max_workers=workers, settle=settle, refill=window.refill
         )
-        self._call = options.call
-        self._workers = options.workers
-        self._items: Iterable[Any] | AsyncIterable[Any] = items
-        self._ordered = ordered
-        self._settle = settle
-        self._tg: anyio.abc.TaskGroup | None = None
-        self._buffer: Any = deque()
-        self._error: BaseException | None = None
-        self._done = False
-        self._delivered = False
-        self._wake: anyio.Event | None = None
-        self._space: anyio.Event | None = None
-        self._pulled = 0
-        self._consumed = 0
-        self._next = 0
-        self._window = 0
+        if source is not None:
+            source.pool = pool
+        window.pool = pool
+        results.window = window
+        self._pool = pool
+        self._results = results
+        self._fill = source is None  # sync input: fill the pool; async: kick it
+        self._owner = OwnedTaskGroup("this imap(...)")
+
+    def __repr__(self) -> str:
+        return f"<imap {self._pool!r} buffered={len(self._results)}>"
 
     async def __aenter__(self) -> Self:
-        if self._tg is not None:
+        if self._results.entered:
             msg = "an imap(...) object can be entered once; create a new one"
             raise RuntimeError(msg)
-        items = self._items
-        if self._workers is None:
-            if isinstance(items, AsyncIterable):
-                items = [item async for item in items]
-            items = list(items)
-            self._workers = max(len(items), 1)
-        self._items = items
-        self._window = 2 * self._workers
-        if self._ordered:
-            self._buffer = {}
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        self._tg = tg
-        tg.start_soon(self._pool)
+        self._results.entered = True
+        tg = await self._owner.enter()
+        tg.start_soon(self._run)
         return self
 
     async def __aexit__(
@@ -145,104 +115,163 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        tg = self._tg
-        assert tg is not None
         # outstanding work is cancelled; the body's own error propagates unchanged
-        await leave(tg, exc_type, exc, tb, cancel=True)
-        error = self._error
-        if exc is None and error is not None and not self._delivered:
-            self._delivered = True
-            raise error
+        await self._owner.exit(exc_type, exc, tb, cancel=True)
+        results = self._results
+        if exc is None and results.error is not None and not results.delivered:
+            results.delivered = True
+            raise results.error
         return None
 
-    # --- the producer side
-    async def _pool(self) -> None:
-        items = self._items
+    async def _run(self) -> None:
+        """The producer: the pool, in its own task group (cancelling it on a failure
+        must not cancel the consumer's ``async with`` body)."""
+        pool, results = self._pool, self._results
         try:
-            async with anyio.create_task_group() as tg:
-                failure = _Failure(tg.cancel_scope)
-                pull: Callable[[], Awaitable[Any]]
-                if isinstance(items, AsyncIterable):
-                    pull = _AsyncSource(items).pull
-                else:
-                    iterator = iter(items)
-
-                    async def pull() -> Any:
-                        return next(iterator, _PENDING)
-
-                workers = self._workers
-                assert workers is not None
-                for _ in range(workers):
-                    tg.start_soon(self._worker, pull, failure)
-            self._error = failure.error
+            await pool.run(pool.fill if self._fill else pool.kick)
+        except Exception as exc:  # fail-fast: handed to the consumer
+            results.error = exc
         finally:
-            self._done = True
-            self._wakeup()
-
-    async def _worker(self, pull: Callable[[], Awaitable[Any]], failure: _Failure) -> None:
-        call, settle, ordered, buffer = self._call, self._settle, self._ordered, self._buffer
-        try:
-            while True:
-                while self._pulled - self._consumed >= self._window:
-                    if self._space is None:
-                        self._space = anyio.Event()
-                    await self._space.wait()
-                item = await pull()
-                if item is _PENDING:
-                    return
-                index = self._pulled
-                self._pulled += 1
-                if settle:
-                    try:
-                        result: Any = Outcome(await call(item), None)
-                    except Exception as exc:
-                        result = Outcome(None, exc)
-                else:
-                    result = await call(item)
-                if ordered:
-                    buffer[index] = result
-                else:
-                    buffer.append(result)
-                if self._wake is not None:
-                    self._wake.set()
-        except Exception as exc:
-            failure.fail(exc)
-
-    def _wakeup(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
+            results.finish()
 
     # --- the consumer side
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> T:
-        if self._tg is None:
+        if not self._results.entered:
             msg = "use `async with pk.imap(...) as results: async for r in results: ...`"
             raise RuntimeError(msg)
+        result: T = await self._results.next()
+        return result
+
+
+class _Window:
+    """imap's source: the input's units, pulled only while fewer than ``size`` results
+    are pulled and not yet consumed (``None``: no bound).
+
+    A worker that finds the window full parks in the pool; each result the consumer
+    takes kicks one parked worker back (which kicks the next if there is room).
+    """
+
+    __slots__ = ("_async", "_units", "consumed", "exhausted", "pool", "pulled", "size")
+
+    def __init__(self, units: Iterator[Unit], size: int | None, source: AsyncUnits | None) -> None:
+        self._units = units
+        self._async = source
+        self.size = size
+        self.pulled = 0
+        self.consumed = 0
+        self.exhausted = False
+        self.pool: Pool | None = None
+
+    def __iter__(self) -> Iterator[Unit]:
+        return self
+
+    def _full(self) -> bool:
+        return self.size is not None and self.pulled - self.consumed >= self.size
+
+    def __next__(self) -> Unit:
+        if self._full():
+            raise StopIteration
+        try:
+            unit = next(self._units)
+        except StopIteration:
+            if self._async is None:
+                self._end()
+            raise
+        self.pulled += 1
+        if not self._full():
+            self._pool().kick()
+        return unit
+
+    def _pool(self) -> Pool:
+        assert self.pool is not None
+        return self.pool
+
+    def _end(self) -> None:
+        self.exhausted = True
+        self._pool().release()  # parked workers: nothing more will come
+
+    async def refill(self) -> bool:
+        """Park while the window is full; with async input, pull the next item."""
+        if self.exhausted:
+            return False
+        if self._full():
+            await self._pool().park()
+            return True
+        if self._async is not None and not await self._async.refill():
+            self._end()
+            return False
+        return True
+
+    def consumed_one(self) -> None:
+        self.consumed += 1
+        if not self.exhausted:
+            self._pool().kick()
+
+
+class _Results:
+    """imap's sink and the consumer's side: results handed over as they are stored."""
+
+    __slots__ = (
+        "_buffer",
+        "_done",
+        "_next",
+        "_ordered",
+        "_wake",
+        "delivered",
+        "entered",
+        "error",
+        "window",
+    )
+
+    def __init__(self, ordered: bool) -> None:
+        self._ordered = ordered
+        self._buffer: Any = {} if ordered else deque()
+        self._next = 0
+        self._done = False
+        self._wake: anyio.Event | None = None
+        self.error: BaseException | None = None
+        self.delivered = False
+        self.entered = False
+        self.window: _Window | None = None
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    def __setitem__(self, index: int, value: Any) -> None:
+        if self._ordered:
+            self._buffer[index] = value
+        else:
+            self._buffer.append(value)
+        if self._wake is not None:
+            self._wake.set()
+
+    def finish(self) -> None:
+        self._done = True
+        if self._wake is not None:
+            self._wake.set()
+
+    async def next(self) -> Any:
         buffer = self._buffer
         while True:
-            if self._error is not None and not self._delivered:
-                self._delivered = True
-                raise self._error
+            if self.error is not None and not self.delivered:
+                self.delivered = True
+                raise self.error
             if self._ordered:
                 if self._next in buffer:
-                    result: T = buffer.pop(self._next)
+                    result = buffer.pop(self._next)
                     self._next += 1
-                    self._consumed_one()
-                    return result
+                    break
             elif buffer:
                 result = buffer.popleft()
-                self._consumed_one()
-                return result
+                break
             if self._done:
                 raise StopAsyncIteration
             self._wake = anyio.Event()
             await self._wake.wait()
             self._wake = None
-
-    def _consumed_one(self) -> None:
-        self._consumed += 1
-        if self._space is not None:
-            self._space.set()
-            self._space = None
+        assert self.window is not None
+        self.window.consumed_one()
+        return result

@@ -18,11 +18,12 @@ from typing import Any, Literal, TypeVar, cast, overload
 import anyio
 from typing_extensions import ParamSpec, final
 
-from .._core.check import number_or_none
+from .._core.check import flag, is_async_callable, number_or_none
 from .._core.errors import DefinitionError
 from .._core.limiter import Limiter, SupportsLimit
 from .._core.outcome import Outcome
-from .._core.retry import RetryLike, retrying_call, to_retrying, validate_retry
+from .._core.retry import RetryLike, validate_retry
+from .._fanout.options import build_call, split_limit
 from .._graph.graph import Graph, Node, params_of
 from .._graph.scheduler import Run
 from .._graph.timeline import Timeline
@@ -156,11 +157,9 @@ class Flow:
         """
         timeout = number_or_none("timeout", timeout)
         retry = validate_retry(retry)
-        limiter: SupportsLimit | None
-        if limit is None or (not isinstance(limit, int) and isinstance(limit, SupportsLimit)):
-            limiter = limit
-        else:
-            limiter = Limiter(concurrency=limit)
+        workers, limiter = split_limit(limit)
+        if workers is not None and limiter is None:  # an int: one bound for all runs
+            limiter = Limiter(concurrency=workers)
         _check_name(name)
 
         def register(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
@@ -189,7 +188,7 @@ class Flow:
                 "value (for set-up / tear-down, use an Orchestrator service)"
             )
             raise NotAsyncError(msg)
-        if not _is_async(fn):
+        if not is_async_callable(fn):
             msg = (
                 f"step {step_name!r} must be an async function (async def), got "
                 f"{fn!r}; wrap blocking work with anyio.to_thread.run_sync"
@@ -259,9 +258,7 @@ class Flow:
                 (never an ``ExceptionGroup``); the other running steps are
                 cancelled and have finished before it is raised.
         """
-        if not isinstance(cast(object, settle), bool):
-            msg = f"settle must be a bool, got {settle!r}"
-            raise TypeError(msg)
+        flag("settle", settle)
         target_names = None if targets is None else self._target_names(targets)
         plan = self._graph.plan(inputs.keys(), target_names)
         timeline = Timeline(origin=anyio.current_time(), name=self.name)
@@ -293,34 +290,17 @@ def _check_name(name: object) -> None:
         raise TypeError(msg)
 
 
-def _is_async(fn: object) -> bool:
-    while hasattr(fn, "func") and hasattr(fn, "args"):  # functools.partial
-        fn = fn.func
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004
-    )
-
-
 def _build_call(
     fn: StepFn, timeout: float | None, retry: RetryLike | None, limiter: SupportsLimit | None
 ) -> StepFn:
-    """Per-step options, composed once: timeout and limit per attempt, then retry."""
+    """The step's options on the one option builder; the call takes the kwargs."""
     if timeout is None and retry is None and limiter is None:
         return fn
 
     async def attempt(kwargs: dict[str, Any]) -> Any:
-        if limiter is not None:
-            async with limiter:
-                if timeout is None:
-                    return await fn(**kwargs)
-                with anyio.fail_after(timeout):
-                    return await fn(**kwargs)
-        if timeout is None:
-            return await fn(**kwargs)
-        with anyio.fail_after(timeout):
-            return await fn(**kwargs)
+        return await fn(**kwargs)
 
-    inner = attempt if retry is None else retrying_call(to_retrying(retry), attempt)
+    inner = build_call(attempt, timeout=timeout, limiter=limiter, retry=retry)
 
     async def call(**kwargs: Any) -> Any:
         return await inner(kwargs)

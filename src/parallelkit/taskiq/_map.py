@@ -41,17 +41,24 @@ _POLL_MAX = 0.05
 
 @runtime_checkable
 class SupportsRate(Protocol):
-    """What ``rate=`` accepts besides a number: a shared rate limiter.
+    """A rate gate for ``rate=``: ``await gate.wait_rate()`` returns when one more
+    kick may start.
 
-    :class:`parallelkit.Limiter` (in-process) and ``parallelkit.redis.RedisLimiter``
-    (one budget for every producer on the same Redis) both have it.
+    :class:`parallelkit.Limiter` has it (an in-process rate shared by every call
+    given the same limiter). ``rate=`` also accepts a shared limiter without
+    ``wait_rate``, such as ``parallelkit.redis.RedisLimiter``: each kick then enters
+    and leaves it once, so its rate spaces the kicks of every producer on the same
+    Redis (and, if it has a ``concurrency``, each kick holds a slot only for that
+    moment: bound the items in flight with ``limit=``).
     """
 
     async def wait_rate(self) -> None: ...
 
 
 def _rate_gate(rate: object) -> Callable[[], Awaitable[object]] | None:
-    """Turn ``rate=`` into "wait until this kick may start" (or ``None``)."""
+    """Turn ``rate=`` into "wait until this kick may start" (or ``None``): a number
+    (an in-process :class:`~parallelkit.Limiter`), a :class:`SupportsRate`, or a
+    shared limiter entered and left once per kick."""
     if rate is None:
         return None
     if isinstance(rate, SupportsRate):
@@ -227,9 +234,10 @@ async def map(
             that to keep workers busy while results travel back. ``None`` kicks
             every item at once, reading the whole input first.
         rate: most kicks per second: a number (an in-process
-            :class:`~parallelkit.Limiter`), or a shared limiter with
-            ``wait_rate()`` such as ``parallelkit.redis.RedisLimiter`` to hold one
-            global rate across all producers.
+            :class:`~parallelkit.Limiter`), a :class:`SupportsRate` such as a
+            shared :class:`~parallelkit.Limiter`, or a shared limiter such as
+            ``parallelkit.redis.RedisLimiter(..., rate=25)``, entered once per kick,
+            to hold one global rate across all producers.
         timeout: seconds from kicking an item until its result is back (time
             queued, retries and all); past it the item fails with
             :class:`TimeoutError`. The worker is told the same timeout, so it
