@@ -409,6 +409,33 @@ class TestOnWorkers:
         assert await pkt.map(tasks.square, range(5), rate=Gate()) == [x * x for x in range(5)]
         assert calls == 5
 
+    async def test_results_are_pushed_not_waited_for(
+        self, tasks: Tasks, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """With polling switched off (first poll after an hour), results still come
+        back: each worker publishes its finished task ids to the call's channel."""
+        from parallelkit.taskiq import _map
+
+        monkeypatch.setattr(_map, "_POLL_FIRST", 3600.0)
+        monkeypatch.setattr(_map, "_POLL_MAX", 3600.0)
+        with anyio.fail_after(GUARD):
+            assert await pkt.map(tasks.square, range(40), limit=8) == [x * x for x in range(40)]
+            async with pkt.imap(tasks.square, range(20), limit=4, ordered=True) as results:
+                assert [r async for r in results] == [x * x for x in range(20)]
+
+    async def test_polling_covers_lost_notifications(
+        self, tasks: Tasks, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Pub/Sub is at most once: with every notification lost, polling finishes."""
+        from parallelkit.taskiq._completions import Completions
+
+        async def deaf(self: Completions) -> None:
+            return None
+
+        monkeypatch.setattr(Completions, "_listen", deaf)
+        with anyio.fail_after(GUARD):
+            assert await pkt.map(tasks.square, range(30), limit=8) == [x * x for x in range(30)]
+
     async def test_rate_with_a_redis_limiter(self, tasks: Tasks, redis_url: str) -> None:
         from redis.asyncio import Redis
 

@@ -266,11 +266,25 @@ async def map(
         failed = [r.error for r in results if not r.ok]
         ```
     """
+    options = map_options(fn, items, limit, rate, timeout, retry, settle, progress)
+    return await run_items(options.call, items, options.workers, settle, progress)
+
+
+def map_options(
+    fn: object,
+    items: object,
+    limit: object,
+    rate: object,
+    timeout: object,
+    retry: object,
+    settle: object,
+    progress: object,
+) -> Options:
+    """Every check of ``map`` (and of the Taskiq ``map``), at the door."""
     check_map_args(fn, items, settle)
     if progress is not None:
         callable_("progress", progress)
-    options = Options(fn, limit, rate, timeout, retry)
-    return await run_items(options.call, items, options.workers, settle, progress)
+    return Options(fn, limit, rate, timeout, retry)  # type: ignore[arg-type]
 
 
 def check_map_args(fn: object, items: object, settle: object) -> None:

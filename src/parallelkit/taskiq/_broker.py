@@ -26,6 +26,7 @@ from typing_extensions import final
 
 from .._core.check import count, number
 from .._core.retry import Retry
+from ._completions import LABEL_DONE
 
 _LABEL_TRACEBACK = "pk_traceback"
 _LABEL_ERROR_TYPE = "pk_error_type"
@@ -292,13 +293,18 @@ class _ResultBackend(_OneClient, RedisAsyncResultBackend):  # type: ignore[type-
         return self.redis_pool
 
     async def set_result(self, task_id: str, result: TaskiqResult[Any]) -> None:
+        """Store the result; if the kick asked for it, publish the task id as done
+        (pipelined with the ``SET``: one round trip, see ``_completions``)."""
         value = self.serializer.dumpb(result.model_dump(mode="json"))
-        await self._client().set(
-            self._task_name(task_id),
-            value,
-            ex=self.result_ex_time or None,
-            px=self.result_px_time or None,
-        )
+        name, ex, px = self._task_name(task_id), self.result_ex_time, self.result_px_time
+        channel = result.labels.get(LABEL_DONE)
+        if not isinstance(channel, str):
+            await self._client().set(name, value, ex=ex or None, px=px or None)
+            return
+        async with self._client().pipeline(transaction=False) as pipe:
+            pipe.set(name, value, ex=ex or None, px=px or None)
+            pipe.publish(channel, task_id)
+            await pipe.execute()
 
     async def is_result_ready(self, task_id: str) -> bool:
         return bool(await self._client().exists(self._task_name(task_id)))

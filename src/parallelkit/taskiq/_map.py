@@ -6,18 +6,20 @@ import contextlib
 import importlib
 import sys
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable
-from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
+from types import TracebackType
+from typing import Any, Generic, Literal, Protocol, TypeVar, overload, runtime_checkable
 
 import anyio
 from taskiq import AsyncTaskiqDecoratedTask
 from taskiq.compat import parse_obj_as
 from taskiq.exceptions import NoResultError
 from taskiq.result import TaskiqResult
+from typing_extensions import Self, final
 
 from .._core.check import number_or_none
 from .._core.limiter import Limiter, SupportsLimit, validate_rate
 from .._core.outcome import Outcome
-from .._fanout.fanout import map as _map
+from .._fanout.fanout import map_options, run_items
 from .._fanout.imap import imap as _imap
 from ._broker import (
     _LABEL_ERROR_TYPE,
@@ -25,6 +27,7 @@ from ._broker import (
     RemoteTraceback,
     _ResultBackend,
 )
+from ._completions import LABEL_DONE, Completions
 
 __all__ = ["SupportsRate", "imap", "map"]
 
@@ -122,9 +125,14 @@ def _original_type(error: BaseException, result: TaskiqResult[Any]) -> BaseExcep
 
 
 class _Kick:
-    """``await call(item)``: kick ``task(item)`` and wait for its result."""
+    """``await call(item)``: kick ``task(item)`` and wait for its result.
 
-    __slots__ = ("_gate", "_kicker", "_name", "_timeout")
+    With :func:`redis_broker`'s result backend, :attr:`completions` (entered around
+    the call's pool) wakes an item as soon as its worker publishes it as done;
+    polling stays as the fallback.
+    """
+
+    __slots__ = ("_gate", "_kicker", "_name", "_timeout", "completions")
 
     def __init__(self, task: object, rate: object, timeout: object) -> None:
         if not isinstance(task, AsyncTaskiqDecoratedTask):
@@ -138,6 +146,11 @@ class _Kick:
         kicker = task.kicker()
         if self._timeout is not None:  # the worker stops the attempt too
             kicker = kicker.with_labels(timeout=self._timeout)
+        backend = task.broker.result_backend
+        self.completions: Completions | None = None
+        if isinstance(backend, _ResultBackend):
+            self.completions = Completions(backend._client(), backend.prefix_str or "taskiq")
+            kicker = kicker.with_labels(**{LABEL_DONE: self.completions.channel})
         self._kicker = kicker
         self._name: str = task.task_name
 
@@ -158,9 +171,10 @@ class _Kick:
         handle = await self._kicker.kiq(item)
         backend = handle.result_backend
         delay = _POLL_FIRST
-        if isinstance(backend, _ResultBackend):  # one GET per poll
+        completions = self.completions
+        if isinstance(backend, _ResultBackend) and completions is not None:  # one GET a poll
             while (result := await backend.fetch(handle.task_id)) is None:
-                await anyio.sleep(delay)
+                await completions.wait(handle.task_id, delay)
                 delay = min(delay * 1.5, _POLL_MAX)
         else:
             while not await handle.is_ready():
@@ -266,7 +280,11 @@ async def map(
         ```
     """
     call = _Kick(task, rate, timeout)
-    return await _map(call, items, limit=limit, settle=settle, progress=progress)  # type: ignore[call-overload,no-any-return]
+    options = map_options(call, items, limit, None, None, None, settle, progress)
+    if call.completions is None:
+        return await run_items(options.call, items, options.workers, settle, progress)
+    async with call.completions:
+        return await run_items(options.call, items, options.workers, settle, progress)
 
 
 def imap(
@@ -279,7 +297,7 @@ def imap(
     rate: float | SupportsRate | SupportsLimit | None = None,
     timeout: float | None = None,
     settle: bool = False,
-) -> _imap[T]:
+) -> _Stream[T]:
     """Stream the results of ``task(item)`` on Taskiq workers as they come back.
 
     :func:`map` for inputs too large to hold all results of, or to act on each
@@ -308,4 +326,49 @@ def imap(
         ```
     """
     call = _Kick(task, rate, timeout)
-    return _imap(call, items, limit=limit, ordered=ordered, settle=settle)
+    return _Stream(
+        _imap(call, items, limit=limit, ordered=ordered, settle=settle), call.completions
+    )
+
+
+@final
+class _Stream(Generic[T]):
+    """:class:`parallelkit.imap` with the call's completions entered around it."""
+
+    __slots__ = ("_completions", "_inner")
+
+    def __init__(self, inner: _imap[T], completions: Completions | None) -> None:
+        self._inner = inner
+        self._completions = completions
+
+    def __repr__(self) -> str:
+        return f"<parallelkit.taskiq.imap {self._inner!r}>"
+
+    async def __aenter__(self) -> Self:
+        if self._completions is not None:
+            await self._completions.__aenter__()
+        try:
+            await self._inner.__aenter__()
+        except BaseException:
+            if self._completions is not None:
+                await self._completions.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        try:
+            return await self._inner.__aexit__(exc_type, exc, tb)
+        finally:
+            if self._completions is not None:
+                await self._completions.__aexit__(None, None, None)
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> T:
+        return await self._inner.__anext__()
