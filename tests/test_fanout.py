@@ -199,7 +199,9 @@ async def test_map_starts_workers_as_items_arrive(source: str) -> None:
     ``limit`` workers. (Counted, not timed: the pool used to start every worker.)"""
     before = live_tasks()
     gate = Gate(5)
-    items: Any = {"list": list(range(5)), "generator": _count_up(5), "async generator": None}[source]
+    items: Any = {"list": list(range(5)), "generator": _count_up(5), "async generator": None}[
+        source
+    ]
     if items is None:
         items = _items_async(5)
     assert await pk.map(gate.work, items, limit=HUGE) == list(range(5))
@@ -563,7 +565,7 @@ async def test_map_progress_is_checked_before_any_item_runs(
 
 @pytest.mark.parametrize("ordered", [1, "yes", None])
 def test_imap_ordered_is_a_bool(ordered: Any) -> None:
-    with pytest.raises(TypeError, match="^ordered must be a bool"):
+    with pytest.raises(TypeError, match=r"^ordered must be a bool"):
         pk.imap(Recorder(), [1], ordered=ordered)
 
 
@@ -623,15 +625,15 @@ async def test_async_callables_of_every_shape_are_accepted() -> None:
 
 
 async def test_items_must_be_iterable() -> None:
-    with pytest.raises(TypeError, match="^items must be an iterable or an async iterable"):
+    with pytest.raises(TypeError, match=r"^items must be an iterable or an async iterable"):
         await pk.map(Recorder(), 5)  # type: ignore[call-overload]
-    with pytest.raises(TypeError, match="^items must be an iterable or an async iterable"):
+    with pytest.raises(TypeError, match=r"^items must be an iterable or an async iterable"):
         pk.imap(Recorder(), 5)  # type: ignore[arg-type]
 
 
 async def test_gather_names_the_bad_item_index() -> None:
     ok = Probe().work(1)
-    with pytest.raises(TypeError, match="^gather item 1 is int 42"):
+    with pytest.raises(TypeError, match=r"^gather item 1 is int 42"):
         await pk.gather(ok, 42)  # type: ignore[arg-type]
     assert inspect.getcoroutinestate(ok) == inspect.CORO_CLOSED
 
@@ -643,7 +645,7 @@ async def test_gather_callable_returning_no_awaitable_is_named_by_index() -> Non
     async def fine() -> int:
         return 1
 
-    with pytest.raises(TypeError, match="^gather item 1 returned int, not an awaitable"):
+    with pytest.raises(TypeError, match=r"^gather item 1 returned int, not an awaitable"):
         await pk.gather(fine, lambda: 42)  # type: ignore[arg-type,list-item]
 
 

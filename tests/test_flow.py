@@ -395,7 +395,7 @@ def test_bad_names_and_options() -> None:
         flow.step(timeout=0)
     with pytest.raises(TypeError, match="retry"):
         flow.step(retry=3)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="^limit must be >= 1"):
+    with pytest.raises(ValueError, match=r"^limit must be >= 1"):
         flow.step(limit=0)
     with pytest.raises(TypeError, match="name"):
         pk.Flow(name=3)  # type: ignore[arg-type]
@@ -471,7 +471,7 @@ async def test_run_options_are_checked_before_any_step_starts(
 
 
 def test_flow_name_must_be_a_str() -> None:
-    with pytest.raises(TypeError, match="^name must be a str or None"):
+    with pytest.raises(TypeError, match=r"^name must be a str or None"):
         pk.Flow(name=3)  # type: ignore[arg-type]
 
 
