@@ -141,8 +141,11 @@ async def gather(
 
     Raises:
         TypeError: an item is neither awaitable nor callable (its index is named),
-            or ``retry`` was given with coroutine objects.
-        ValueError: a bad ``limit``, ``rate`` or ``timeout``.
+            or ``retry`` was given with coroutine objects, or an option of the
+            wrong type (``limit=1.5``, ``settle=1``); a callable item that returns
+            no awaitable, when its turn comes.
+        ValueError: a bad ``limit``, ``rate`` or ``timeout`` (checked before any
+            item starts).
 
     Example:
         ```python
@@ -230,15 +233,20 @@ async def map(
 
     The items may be any iterable or async iterable and are consumed lazily: a
     worker pulls the next item only when it is free, so a generator of a million
-    items never sits in memory as a million coroutines. The pool is ``limit``
-    workers, not a task per item, which keeps the per-item cost close to a
-    hand-written loop (see the fan-out benchmark).
+    items never sits in memory as a million coroutines. The pool is at most
+    ``limit`` workers, not a task per item, which keeps the per-item cost close to
+    a hand-written loop (see the fan-out benchmark); workers start as items arrive,
+    so a ``limit`` far above the number of items costs what the items cost.
 
     ``limit=None`` runs every item at once and therefore reads the whole input
     first; give a limit for large or unbounded inputs.
 
+    Every argument is checked before any item is pulled or runs.
+
     Args:
-        fn: an async function of one argument.
+        fn: an async function of one argument (``async def``, a
+            ``functools.partial`` of one, or an object with an ``async def
+            __call__``); a sync function is a :class:`TypeError`, before any call.
         items: the inputs, an iterable or async iterable.
         limit: most items running at once: an int or a shared
             :class:`~parallelkit.Limiter`.
@@ -256,6 +264,10 @@ async def map(
     Raises:
         Exception: the first failing item's exception, unchanged (fail-fast), or
             one raised by the input iterable itself (even with ``settle=True``).
+        TypeError: a sync ``fn``, ``items`` not iterable, or an option of the
+            wrong type (``limit=1.5``, ``settle=1``, ``progress=5``).
+        ValueError: an option out of range (``limit=0``, ``rate=-1``,
+            ``timeout=nan``).
 
     Example:
         ```python

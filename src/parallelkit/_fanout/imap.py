@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar, overload
 
 import anyio
 from typing_extensions import Self, final
 
 from .._core.check import flag
 from .._core.limiter import SupportsLimit
+from .._core.outcome import Outcome
 from .._core.owned import OwnedTaskGroup
 from .._core.retry import RetryLike
 from .fanout import check_map_args
@@ -21,6 +22,7 @@ from .pool import AsyncUnits, Pool, Unit
 __all__ = ["imap"]
 
 T = TypeVar("T")
+R = TypeVar("R")
 U = TypeVar("U")
 
 
@@ -39,8 +41,12 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
     is raised from the ``async for``; with ``settle=True`` you get an
     :class:`~parallelkit.Outcome` per item.
 
+    Workers start as items arrive (never more than ``limit``), on the same pool
+    as :func:`map`; every argument is checked when ``imap(...)`` is called.
+
     Args:
-        fn: an async function of one argument.
+        fn: an async function of one argument (a sync one is a
+            :class:`TypeError`, before any call).
         items: the inputs, an iterable or async iterable, pulled lazily.
         limit: most items running at once (``None``: all at once, which reads
             the whole input first).
@@ -60,9 +66,37 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
 
     __slots__ = ("_fill", "_owner", "_pool", "_results")
 
+    @overload
+    def __init__(
+        self: imap[R],
+        fn: Callable[[U], Awaitable[R]],
+        items: Iterable[U] | AsyncIterable[U],
+        /,
+        *,
+        limit: int | SupportsLimit | None = ...,
+        ordered: bool = ...,
+        rate: float | None = ...,
+        timeout: float | None = ...,
+        retry: RetryLike | None = ...,
+        settle: Literal[False] = ...,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: imap[Outcome[R]],
+        fn: Callable[[U], Awaitable[R]],
+        items: Iterable[U] | AsyncIterable[U],
+        /,
+        *,
+        limit: int | SupportsLimit | None = ...,
+        ordered: bool = ...,
+        rate: float | None = ...,
+        timeout: float | None = ...,
+        retry: RetryLike | None = ...,
+        settle: Literal[True],
+    ) -> None: ...
     def __init__(
         self,
-        fn: Callable[[U], Awaitable[T]],
+        fn: Callable[[U], Awaitable[Any]],
         items: Iterable[U] | AsyncIterable[U],
         /,
         *,

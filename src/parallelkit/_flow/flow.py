@@ -144,6 +144,9 @@ class Flow:
                 partner API's limiter, shared with other code).
 
         Raises:
+            TypeError: an option of the wrong type (``timeout="5"``, ``limit=1.5``,
+                ``retry=3``, ``name=3``), raised by the decorator.
+            ValueError: an option out of range (``timeout=0``, ``limit=0``).
             NotAsyncError: ``fn`` is not an ``async def`` function (also a TypeError).
             DefinitionError: a duplicate or reserved name, a ``*args`` parameter.
             CycleError: this step closes a dependency cycle.
@@ -250,6 +253,9 @@ class Flow:
             ``settle=True`` a :class:`FlowOutcomes` (outcomes by step name).
 
         Raises:
+            TypeError: ``limit`` not an int or a limiter, ``settle`` not a bool
+                (before any step starts).
+            ValueError: ``limit`` below 1.
             DefinitionError: before any step starts: a parameter that is neither a
                 step nor an input (the message lists both), a missing input, an
                 unknown target.

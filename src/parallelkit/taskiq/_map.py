@@ -287,6 +287,30 @@ async def map(
         return await run_items(options.call, items, options.workers, settle, progress)
 
 
+@overload
+def imap(
+    task: Task[U, T],
+    items: Iterable[U] | AsyncIterable[U],
+    /,
+    *,
+    limit: int | SupportsLimit | None = ...,
+    ordered: bool = ...,
+    rate: float | SupportsRate | SupportsLimit | None = ...,
+    timeout: float | None = ...,
+    settle: Literal[False] = ...,
+) -> _Stream[T]: ...
+@overload
+def imap(
+    task: Task[U, T],
+    items: Iterable[U] | AsyncIterable[U],
+    /,
+    *,
+    limit: int | SupportsLimit | None = ...,
+    ordered: bool = ...,
+    rate: float | SupportsRate | SupportsLimit | None = ...,
+    timeout: float | None = ...,
+    settle: Literal[True],
+) -> _Stream[Outcome[T]]: ...
 def imap(
     task: Task[U, T],
     items: Iterable[U] | AsyncIterable[U],
@@ -297,7 +321,7 @@ def imap(
     rate: float | SupportsRate | SupportsLimit | None = None,
     timeout: float | None = None,
     settle: bool = False,
-) -> _Stream[T]:
+) -> _Stream[T] | _Stream[Outcome[T]]:
     """Stream the results of ``task(item)`` on Taskiq workers as they come back.
 
     :func:`map` for inputs too large to hold all results of, or to act on each
@@ -326,9 +350,8 @@ def imap(
         ```
     """
     call = _Kick(task, rate, timeout)
-    return _Stream(
-        _imap(call, items, limit=limit, ordered=ordered, settle=settle), call.completions
-    )
+    inner: _imap[Any] = _imap(call, items, limit=limit, ordered=ordered, settle=settle)  # type: ignore[call-overload]
+    return _Stream(inner, call.completions)
 
 
 @final
