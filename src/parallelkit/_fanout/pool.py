@@ -38,7 +38,7 @@ on; an exception from the source itself still fails the pool.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -46,10 +46,9 @@ from typing_extensions import final
 
 from .._core.outcome import Outcome
 
-__all__ = ["AsyncUnits", "Pool", "Sink", "Unit"]
+__all__ = ["AsyncUnits", "Pool", "Unit"]
 
-Unit = tuple[Any, Any]
-Sink = MutableMapping[Any, Any]  # anything with ``sink[key] = value`` (a list too)
+Unit = tuple[Any, Any]  # (key, arg)
 
 _NO_UNIT: Any = object()
 
@@ -61,7 +60,8 @@ class Pool:
     Args:
         call: awaited as ``call(arg)`` for each unit.
         units: the source, an iterator of ``(key, arg)``.
-        sink: receives ``sink[key] = value`` (or an ``Outcome`` in settle mode).
+        sink: anything with ``sink[key] = value`` (a list, a dict, imap's buffer):
+            receives each value (an ``Outcome`` in settle mode).
         max_workers: the most workers at once (``None``: one per waiting unit).
         settle: keep each unit's exception as an ``Outcome`` instead of failing.
         refill: awaited when ``units`` stops: ``True`` to look again, ``False``
@@ -77,7 +77,6 @@ class Pool:
         "_tg",
         "_units",
         "_waking",
-        "_work",
         "error",
         "workers",
     )
@@ -92,12 +91,11 @@ class Pool:
         settle: bool = False,
         refill: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
-        self._call = call
+        self._call = _settling(call) if settle else call
         self._units = units
         self._sink = sink
         self._max = max_workers
         self._refill = refill
-        self._work = self._work_settled if settle else self._work_fast  # the worker loop
         self._tg: Any = None
         self._idle: deque[anyio.Event] = deque()
         self._waking = False
@@ -135,7 +133,7 @@ class Pool:
 
     def kick(self) -> None:
         """More work may be waiting: wake an idle worker or start one (see module docs)."""
-        if self._waking:
+        if self._waking or self._tg is None:  # one is on its way, or the pool is done
             return
         if self._idle:
             self._waking = True
@@ -164,7 +162,7 @@ class Pool:
             self._tg.cancel_scope.cancel()
 
     # -- the worker loop -------------------------------------------------------------
-    async def _work_fast(self, first: Any) -> None:
+    async def _work(self, first: Any) -> None:
         call, sink, units, refill = self._call, self._sink, self._units, self._refill
         self._waking = False
         try:
@@ -179,31 +177,17 @@ class Pool:
         except Exception as exc:
             self.fail(exc)
 
-    async def _work_settled(self, first: Any) -> None:
-        call, sink, units, refill = self._call, self._sink, self._units, self._refill
-        self._waking = False
+
+def _settling(call: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Outcome[Any]]]:
+    """Settle mode: ``call`` whose exception becomes an ``Outcome`` (never raised)."""
+
+    async def settled(arg: Any) -> Outcome[Any]:
         try:
-            if first is not _NO_UNIT:
-                key, arg = first
-                sink[key] = await _settled(call, arg)
-            while True:
-                for key, arg in units:
-                    try:
-                        value = Outcome(await call(arg), None)
-                    except Exception as exc:
-                        value = Outcome(None, exc)
-                    sink[key] = value
-                if refill is None or not await refill():
-                    return
+            return Outcome(await call(arg), None)
         except Exception as exc:
-            self.fail(exc)
+            return Outcome(None, exc)
 
-
-async def _settled(call: Callable[[Any], Awaitable[Any]], arg: Any) -> Outcome[Any]:
-    try:
-        return Outcome(await call(arg), None)
-    except Exception as exc:
-        return Outcome(None, exc)
+    return settled
 
 
 @final
