@@ -64,7 +64,7 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         ```
     """
 
-    __slots__ = ("_fill", "_owner", "_pool", "_results")
+    __slots__ = ("_fill", "_owner", "_pool", "_results", "_window")
 
     @overload
     def __init__(
@@ -111,7 +111,7 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         flag("ordered", ordered)
         options = Options(fn, limit, rate, timeout, retry)
         workers = options.workers
-        results = _Results(ordered)
+        results: _Results = _InOrder() if ordered else _AsDone()
         source: AsyncUnits | None = None
         if isinstance(items, AsyncIterable):
             source = AsyncUnits(items)
@@ -125,9 +125,9 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         if source is not None:
             source.pool = pool
         window.pool = pool
-        results.window = window
         self._pool = pool
         self._results = results
+        self._window = window
         self._fill = source is None  # sync input: fill the pool; async: kick it
         self._owner = OwnedTaskGroup("this imap(...)")
 
@@ -173,11 +173,27 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         return self
 
     async def __anext__(self) -> T:
-        if not self._results.entered:
+        results = self._results
+        if not results.entered:
             msg = "use `async with pk.imap(...) as results: async for r in results: ...`"
             raise RuntimeError(msg)
-        result: T = await self._results.next()
-        return result
+        while True:
+            if results.error is not None and not results.delivered:
+                results.delivered = True
+                raise results.error
+            result: Any = results.take()
+            if result is not _NOTHING:
+                break
+            if results.done:
+                raise StopAsyncIteration
+            results.wake = anyio.Event()
+            await results.wake.wait()
+            results.wake = None
+        window = self._window  # one result fewer ahead: a parked worker may go on
+        window.consumed += 1
+        if window.parked:
+            self._pool.kick()
+        return result  # type: ignore[no-any-return]
 
 
 class _Window:
@@ -188,7 +204,7 @@ class _Window:
     takes kicks one parked worker back (which kicks the next if there is room).
     """
 
-    __slots__ = ("_async", "_units", "consumed", "exhausted", "pool", "pulled", "size")
+    __slots__ = ("_async", "_units", "consumed", "exhausted", "parked", "pool", "pulled", "size")
 
     def __init__(self, units: Iterator[Unit], size: int | None, source: AsyncUnits | None) -> None:
         self._units = units
@@ -196,18 +212,17 @@ class _Window:
         self.size = size
         self.pulled = 0
         self.consumed = 0
+        self.parked = 0
         self.exhausted = False
-        self.pool: Pool | None = None
+        self.pool: Any = None
 
     def __iter__(self) -> Iterator[Unit]:
         return self
 
-    def _full(self) -> bool:
-        return self.size is not None and self.pulled - self.consumed >= self.size
-
     def __next__(self) -> Unit:
-        if self._full():
-            raise StopIteration
+        size = self.size
+        if size is not None and self.pulled - self.consumed >= size:
+            raise StopIteration  # full: refill parks the worker
         try:
             unit = next(self._units)
         except StopIteration:
@@ -215,97 +230,102 @@ class _Window:
                 self._end()
             raise
         self.pulled += 1
-        if not self._full():
-            self._pool().kick()
+        if self.parked and (size is None or self.pulled - self.consumed < size):
+            self.pool.kick()  # room for more: wake the next parked worker
         return unit
-
-    def _pool(self) -> Pool:
-        assert self.pool is not None
-        return self.pool
 
     def _end(self) -> None:
         self.exhausted = True
-        self._pool().release()  # parked workers: nothing more will come
+        self.pool.release()  # parked workers: nothing more will come
 
     async def refill(self) -> bool:
         """Park while the window is full; with async input, pull the next item."""
         if self.exhausted:
             return False
-        if self._full():
-            await self._pool().park()
+        if self.size is not None and self.pulled - self.consumed >= self.size:
+            self.parked += 1
+            try:
+                await self.pool.park()
+            finally:
+                self.parked -= 1
             return True
         if self._async is not None and not await self._async.refill():
             self._end()
             return False
         return True
 
-    def consumed_one(self) -> None:
-        self.consumed += 1
-        if not self.exhausted:
-            self._pool().kick()
+
+_NOTHING: Any = object()
 
 
 class _Results:
-    """imap's sink and the consumer's side: results handed over as they are stored."""
+    """imap's sink: results handed over to the consumer as they are stored."""
 
-    __slots__ = (
-        "_buffer",
-        "_done",
-        "_next",
-        "_ordered",
-        "_wake",
-        "delivered",
-        "entered",
-        "error",
-        "window",
-    )
+    __slots__ = ("delivered", "done", "entered", "error", "wake")
 
-    def __init__(self, ordered: bool) -> None:
-        self._ordered = ordered
-        self._buffer: Any = {} if ordered else deque()
-        self._next = 0
-        self._done = False
-        self._wake: anyio.Event | None = None
+    def __init__(self) -> None:
+        self.wake: anyio.Event | None = None
         self.error: BaseException | None = None
         self.delivered = False
         self.entered = False
-        self.window: _Window | None = None
+        self.done = False
+
+    def __len__(self) -> int:  # pragma: no cover - each kind has its buffer
+        raise NotImplementedError
+
+    def take(self) -> Any:  # pragma: no cover
+        """The next result for the consumer, or ``_NOTHING``."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        self.done = True
+        if self.wake is not None:
+            self.wake.set()
+
+
+@final
+class _InOrder(_Results):
+    """Input order: a reorder buffer by index."""
+
+    __slots__ = ("_buffer", "_next")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffer: dict[int, Any] = {}
+        self._next = 0
 
     def __len__(self) -> int:
         return len(self._buffer)
 
     def __setitem__(self, index: int, value: Any) -> None:
-        if self._ordered:
-            self._buffer[index] = value
-        else:
-            self._buffer.append(value)
-        if self._wake is not None:
-            self._wake.set()
+        self._buffer[index] = value
+        if self.wake is not None:
+            self.wake.set()
 
-    def finish(self) -> None:
-        self._done = True
-        if self._wake is not None:
-            self._wake.set()
+    def take(self) -> Any:
+        value = self._buffer.pop(self._next, _NOTHING)
+        if value is not _NOTHING:
+            self._next += 1
+        return value
 
-    async def next(self) -> Any:
-        buffer = self._buffer
-        while True:
-            if self.error is not None and not self.delivered:
-                self.delivered = True
-                raise self.error
-            if self._ordered:
-                if self._next in buffer:
-                    result = buffer.pop(self._next)
-                    self._next += 1
-                    break
-            elif buffer:
-                result = buffer.popleft()
-                break
-            if self._done:
-                raise StopAsyncIteration
-            self._wake = anyio.Event()
-            await self._wake.wait()
-            self._wake = None
-        assert self.window is not None
-        self.window.consumed_one()
-        return result
+
+@final
+class _AsDone(_Results):
+    """Completion order: a queue."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffer: deque[Any] = deque()
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    def __setitem__(self, index: int, value: Any) -> None:
+        self._buffer.append(value)
+        if self.wake is not None:
+            self.wake.set()
+
+    def take(self) -> Any:
+        return self._buffer.popleft() if self._buffer else _NOTHING
