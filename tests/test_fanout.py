@@ -239,6 +239,31 @@ async def test_a_large_limit_still_runs_everything_at_once() -> None:
     assert await pk.map(gate.work, _items_async(200), limit=HUGE) == list(range(200))
 
 
+@pytest.mark.parametrize("limit", [None, 7, 50])
+async def test_items_start_in_input_order(limit: int | None) -> None:
+    """Whichever worker runs first takes the next item (trio shuffles its run
+    queue: a worker per pre-assigned item would start them out of order)."""
+    started: list[int] = []
+
+    async def work(i: int) -> int:
+        started.append(i)
+        await anyio.lowlevel.checkpoint()
+        return i
+
+    await pk.map(work, range(50), limit=limit)
+    assert started == list(range(50))
+    started.clear()
+    await pk.map(work, _count_up(50), limit=limit)
+    assert started == list(range(50))
+    started.clear()
+    await pk.gather(*(work(i) for i in range(50)), limit=limit)
+    assert started == list(range(50))
+    started.clear()
+    async with pk.imap(work, _count_up(50), limit=limit) as results:
+        assert sorted([r async for r in results]) == list(range(50))
+    assert started == list(range(50))
+
+
 # ---------------------------------------------------------------- fail-fast
 async def test_fail_fast_raises_original_and_cancels_siblings() -> None:
     boom = ValueError("boom")

@@ -48,8 +48,8 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         fn: an async function of one argument (a sync one is a
             :class:`TypeError`, before any call).
         items: the inputs, an iterable or async iterable, pulled lazily.
-        limit: most items running at once (``None``: all at once, which reads
-            the whole input first).
+        limit: most items running at once (``None``: no bound, a worker per
+            item pulled).
         ordered: yield in input order instead of completion order.
         rate: as in :func:`map`.
         timeout: as in :func:`map`.
@@ -64,7 +64,7 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         ```
     """
 
-    __slots__ = ("_fill", "_owner", "_pool", "_results", "_window")
+    __slots__ = ("_owner", "_pool", "_results", "_window")
 
     @overload
     def __init__(
@@ -118,7 +118,7 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
             units: Iterator[Unit] = source
         else:
             units = enumerate(items)
-        window = _Window(units, None if workers is None else 2 * workers, source)
+        window = _Window(units, None if workers is None else 2 * workers, source, workers)
         pool = Pool(
             options.call, window, results, max_workers=workers, settle=settle, refill=window.refill
         )
@@ -128,7 +128,6 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         self._pool = pool
         self._results = results
         self._window = window
-        self._fill = source is None  # sync input: fill the pool; async: kick it
         self._owner = OwnedTaskGroup("this imap(...)")
 
     def __repr__(self) -> str:
@@ -162,7 +161,7 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         must not cancel the consumer's ``async with`` body)."""
         pool, results = self._pool, self._results
         try:
-            await pool.run(pool.fill if self._fill else pool.kick)
+            await pool.run(pool.kick)  # one worker; each unit taken kicks one more
         except Exception as exc:  # fail-fast: handed to the consumer
             results.error = exc
         finally:
@@ -200,15 +199,34 @@ class _Window:
     """imap's source: the input's units, pulled only while fewer than ``size`` results
     are pulled and not yet consumed (``None``: no bound).
 
-    A worker that finds the window full parks in the pool; each result the consumer
-    takes kicks one parked worker back (which kicks the next if there is room).
+    Workers start as units are taken: each unit taken kicks one more worker (up to
+    ``workers``), which takes the next. A worker that finds the window full parks
+    in the pool; each result the consumer takes kicks one parked worker back
+    (which kicks the next if there is room).
     """
 
-    __slots__ = ("_async", "_units", "consumed", "exhausted", "parked", "pool", "pulled", "size")
+    __slots__ = (
+        "_async",
+        "_units",
+        "_workers",
+        "consumed",
+        "exhausted",
+        "parked",
+        "pool",
+        "pulled",
+        "size",
+    )
 
-    def __init__(self, units: Iterator[Unit], size: int | None, source: AsyncUnits | None) -> None:
+    def __init__(
+        self,
+        units: Iterator[Unit],
+        size: int | None,
+        source: AsyncUnits | None,
+        workers: int | None,
+    ) -> None:
         self._units = units
         self._async = source
+        self._workers = workers
         self.size = size
         self.pulled = 0
         self.consumed = 0
@@ -230,8 +248,11 @@ class _Window:
                 self._end()
             raise
         self.pulled += 1
-        if self.parked and (size is None or self.pulled - self.consumed < size):
-            self.pool.kick()  # room for more: wake the next parked worker
+        pool = self.pool
+        if (self.parked or self._workers is None or pool.workers < self._workers) and (
+            size is None or self.pulled - self.consumed < size
+        ):
+            pool.kick()  # room for more: wake a parked worker, or start one
         return unit
 
     def _end(self) -> None:

@@ -37,6 +37,7 @@ on; an exception from the source itself still fails the pool.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -50,7 +51,7 @@ __all__ = ["AsyncUnits", "Pool", "Unit"]
 
 Unit = tuple[Any, Any]  # (key, arg)
 
-_NO_UNIT: Any = object()
+_END: Any = object()
 
 
 @final
@@ -119,17 +120,23 @@ class Pool:
 
     # -- starting workers ------------------------------------------------------------
     def fill(self) -> None:
-        """Start one worker per unit the source has now, up to the maximum."""
-        units, limit, start = self._units, self._max, self._tg.start_soon
+        """Start one worker per unit the source has now, up to the maximum; for a
+        source that is done once it stops (no ``refill``: a sync iterator).
+
+        The units are pulled here (so no worker starts without one), then handed
+        out in order: whichever worker runs first takes the first unit, so items
+        start in input order on every backend.
+        """
         try:
-            while limit is None or self.workers < limit:
-                unit = next(units, None)
-                if unit is None:
-                    return
-                self.workers += 1
-                start(self._work, unit)
+            pulled = list(itertools.islice(self._units, self._max))
         except Exception as exc:  # the input iterable itself failed
             self.fail(exc)
+            return
+        self._units = itertools.chain(pulled, self._units)
+        self.workers += len(pulled)
+        start = self._tg.start_soon
+        for _ in pulled:
+            start(self._work)
 
     def kick(self) -> None:
         """More work may be waiting: wake an idle worker or start one (see module docs)."""
@@ -141,7 +148,7 @@ class Pool:
         elif self._max is None or self.workers < self._max:
             self._waking = True
             self.workers += 1
-            self._tg.start_soon(self._work, _NO_UNIT)
+            self._tg.start_soon(self._work)
 
     async def park(self) -> None:
         """Wait (in ``refill``) until :meth:`kick` or :meth:`release` wakes this worker."""
@@ -162,13 +169,10 @@ class Pool:
             self._tg.cancel_scope.cancel()
 
     # -- the worker loop -------------------------------------------------------------
-    async def _work(self, first: Any) -> None:
+    async def _work(self) -> None:
         call, sink, units, refill = self._call, self._sink, self._units, self._refill
         self._waking = False
         try:
-            if first is not _NO_UNIT:
-                key, arg = first
-                sink[key] = await call(arg)
             while True:
                 for key, arg in units:
                     sink[key] = await call(arg)
@@ -229,8 +233,8 @@ class AsyncUnits:
                 return True
             if self._done:
                 return False
-            item = await anext(self._iterator, _NO_UNIT)
-            if item is _NO_UNIT:
+            item = await anext(self._iterator, _END)
+            if item is _END:
                 self._done = True
                 return False
             self._buffer.append((self._index, item))
