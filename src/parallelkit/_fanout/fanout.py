@@ -8,6 +8,7 @@ semaphore per item, and the input is read only as workers free up.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from typing import Any, Literal, TypeVar, cast, overload
@@ -36,7 +37,7 @@ async def run_items(
     progress: Progress | None = None,
 ) -> list[Any]:
     """Run ``call`` over ``items`` on the pool; results (or outcomes) in input order."""
-    total = _total(items)
+    total = size_of(items)
     sink: Any = [None] * total if total is not None else {}
     if progress is not None:
         sink = _Progress(sink, progress, total)
@@ -47,7 +48,7 @@ async def run_items(
         await pool.run(pool.kick)
     else:
         pool = Pool(call, enumerate(items), sink, max_workers=workers, settle=settle)
-        await pool.run(pool.fill)
+        await pool.run(functools.partial(pool.fill, total))
     if progress is not None:
         sink = sink.results
     if isinstance(sink, dict):
@@ -79,7 +80,8 @@ def _close_unstarted(objs: Iterable[object]) -> None:
             obj.close()
 
 
-def _total(items: object) -> int | None:
+def size_of(items: object) -> int | None:
+    """``len(items)``, or ``None`` for an input without a length."""
     try:
         return len(items)  # type: ignore[arg-type]
     except TypeError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
 from types import TracebackType
@@ -15,7 +16,7 @@ from .._core.limiter import SupportsLimit
 from .._core.outcome import Outcome
 from .._core.owned import OwnedTaskGroup
 from .._core.retry import RetryLike
-from .fanout import check_map_args
+from .fanout import check_map_args, size_of
 from .options import Options
 from .pool import AsyncUnits, Pool, Unit
 
@@ -64,7 +65,7 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         ```
     """
 
-    __slots__ = ("_owner", "_pool", "_results", "_window")
+    __slots__ = ("_owner", "_pool", "_results", "_start", "_window")
 
     @overload
     def __init__(
@@ -125,6 +126,12 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         if source is not None:
             source.pool = pool
         window.pool = pool
+        size = None if source is not None else size_of(items)
+        if size is None:  # one worker; each unit taken kicks one more
+            self._start: Callable[[], None] = pool.kick
+        else:  # as many workers as items (up to the limit) at once
+            self._start = functools.partial(pool.fill, size)
+            window.grown()
         self._pool = pool
         self._results = results
         self._window = window
@@ -161,7 +168,7 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         must not cancel the consumer's ``async with`` body)."""
         pool, results = self._pool, self._results
         try:
-            await pool.run(pool.kick)  # one worker; each unit taken kicks one more
+            await pool.run(self._start)
         except Exception as exc:  # fail-fast: handed to the consumer
             results.error = exc
         finally:
@@ -207,6 +214,7 @@ class _Window:
 
     __slots__ = (
         "_async",
+        "_growing",
         "_units",
         "_workers",
         "consumed",
@@ -227,6 +235,7 @@ class _Window:
         self._units = units
         self._async = source
         self._workers = workers
+        self._growing = True  # until the pool has ``workers`` workers
         self.size = size
         self.pulled = 0
         self.consumed = 0
@@ -248,12 +257,16 @@ class _Window:
                 self._end()
             raise
         self.pulled += 1
-        pool = self.pool
-        if (self.parked or self._workers is None or pool.workers < self._workers) and (
-            size is None or self.pulled - self.consumed < size
-        ):
+        if (self._growing or self.parked) and (size is None or self.pulled - self.consumed < size):
+            pool = self.pool
             pool.kick()  # room for more: wake a parked worker, or start one
+            if self._workers is not None and pool.workers >= self._workers:
+                self._growing = False
         return unit
+
+    def grown(self) -> None:
+        """The pool was filled at once: taking a unit starts no worker."""
+        self._growing = False
 
     def _end(self) -> None:
         self.exhausted = True

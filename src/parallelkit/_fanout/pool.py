@@ -119,23 +119,30 @@ class Pool:
             raise self.error
 
     # -- starting workers ------------------------------------------------------------
-    def fill(self) -> None:
-        """Start one worker per unit the source has now, up to the maximum; for a
-        source that is done once it stops (no ``refill``: a sync iterator).
+    def fill(self, size: int | None = None) -> None:
+        """Start one worker per unit the source has now, up to the maximum.
 
-        The units are pulled here (so no worker starts without one), then handed
-        out in order: whichever worker runs first takes the first unit, so items
-        start in input order on every backend.
+        ``size``: how many units the source has, when known (``len(items)``): that
+        many workers start (up to the maximum) and nothing is pulled ahead. Else
+        (only for a source that is done once it stops, with no ``refill``: a sync
+        iterator) the units are pulled here, so that no worker starts without one,
+        and handed out again in order. Either way whichever worker runs first takes
+        the first unit: items start in input order on every backend.
         """
-        try:
-            pulled = list(itertools.islice(self._units, self._max))
-        except Exception as exc:  # the input iterable itself failed
-            self.fail(exc)
-            return
-        self._units = itertools.chain(pulled, self._units)
-        self.workers += len(pulled)
+        limit = self._max
+        if size is not None:
+            count = size if limit is None else min(size, limit)
+        else:
+            try:
+                pulled = list(itertools.islice(self._units, limit))
+            except Exception as exc:  # the input iterable itself failed
+                self.fail(exc)
+                return
+            self._units = itertools.chain(pulled, self._units)
+            count = len(pulled)
+        self.workers += count
         start = self._tg.start_soon
-        for _ in pulled:
+        for _ in range(count):
             start(self._work)
 
     def kick(self) -> None:
