@@ -8,7 +8,8 @@ DESIGN.md settles how bad arguments fail, before any work starts:
   not ``bool``, and positive;
 * durations and rates are real numbers and not ``bool``; finite (NaN and the
   infinities are refused) and positive unless the option says otherwise;
-* flags are ``bool``; choices list the allowed values; callables are callable, and
+* flags are ``bool``; names are ``str``; choices list the allowed values; callables
+  are callable, and
   where an async function is needed a sync one is refused *before it is called*.
 
 Each function returns the checked value (normalized: a float for numbers) so a
@@ -33,6 +34,7 @@ __all__ = [
     "is_async_callable",
     "number",
     "number_or_none",
+    "text_or_none",
 ]
 
 C = TypeVar("C", bound=str)
@@ -119,6 +121,14 @@ def choice(name: str, value: object, allowed: Collection[C]) -> C:
     if not isinstance(value, str):
         raise TypeError(msg)
     raise ValueError(msg)
+
+
+def text_or_none(name: str, value: object) -> str | None:
+    """Return ``value`` if it is a ``str`` or ``None`` (a name, a title)."""
+    if value is None or isinstance(value, str):
+        return value
+    msg = f"{name} must be a str or None, got {value!r}"
+    raise TypeError(msg)
 
 
 # ---------------------------------------------------------------------------- callables

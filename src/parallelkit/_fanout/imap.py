@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Any, Generic, Literal, TypeVar, overload
 
@@ -65,7 +66,7 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         ```
     """
 
-    __slots__ = ("_owner", "_pool", "_results", "_start", "_window")
+    __slots__ = ("_owner", "_pool", "_results", "_start", "_window", "around")
 
     @overload
     def __init__(
@@ -136,6 +137,9 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         self._results = results
         self._window = window
         self._owner = OwnedTaskGroup("this imap(...)")
+        self.around: AbstractAsyncContextManager[Any] | None = None
+        """Entered before the workers start and left after they end (the Taskiq
+        ``imap`` puts its completions subscription here)."""
 
     def __repr__(self) -> str:
         return f"<imap {self._pool!r} buffered={len(self._results)}>"
@@ -145,7 +149,15 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
             msg = "an imap(...) object can be entered once; create a new one"
             raise RuntimeError(msg)
         self._results.entered = True
-        tg = await self._owner.enter()
+        around = self.around
+        if around is not None:
+            await around.__aenter__()
+        try:
+            tg = await self._owner.enter()
+        except BaseException:
+            if around is not None:
+                await around.__aexit__(None, None, None)
+            raise
         tg.start_soon(self._run)
         return self
 
@@ -156,7 +168,11 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         tb: TracebackType | None,
     ) -> bool | None:
         # outstanding work is cancelled; the body's own error propagates unchanged
-        await self._owner.exit(exc_type, exc, tb, cancel=True)
+        try:
+            await self._owner.exit(exc_type, exc, tb, cancel=True)
+        finally:
+            if self.around is not None:
+                await self.around.__aexit__(None, None, None)
         results = self._results
         if exc is None and results.error is not None and not results.delivered:
             results.delivered = True

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar, cast, overload
 import anyio
 from typing_extensions import ParamSpec, final
 
-from .._core.check import flag, is_async_callable, number_or_none
+from .._core.check import flag, is_async_callable, number_or_none, text_or_none
 from .._core.errors import DefinitionError
 from .._core.limiter import Limiter, SupportsLimit
 from .._core.outcome import Outcome
@@ -89,7 +89,7 @@ class Flow:
     __slots__ = ("_by_fn", "_graph", "name")
 
     def __init__(self, name: str | None = None) -> None:
-        _check_name(name)
+        text_or_none("name", name)
         self.name = name
         self._graph = Graph(kind="step", reserved=RESERVED)
         self._by_fn: dict[object, str] = {}
@@ -163,7 +163,7 @@ class Flow:
         workers, limiter = split_limit(limit)
         if workers is not None and limiter is None:  # an int: one bound for all runs
             limiter = Limiter(concurrency=workers)
-        _check_name(name)
+        text_or_none("name", name)
 
         def register(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
             self._register(fn, name, timeout, retry, limiter)
@@ -288,12 +288,6 @@ class Flow:
             else:
                 names.append(_step_name(self._by_fn, target))
         return names
-
-
-def _check_name(name: object) -> None:
-    if name is not None and not isinstance(name, str):
-        msg = f"name must be a str or None, got {name!r}"
-        raise TypeError(msg)
 
 
 def _build_call(

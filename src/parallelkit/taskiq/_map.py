@@ -6,15 +6,13 @@ import contextlib
 import importlib
 import sys
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable
-from types import TracebackType
-from typing import Any, Generic, Literal, Protocol, TypeVar, overload, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
 
 import anyio
 from taskiq import AsyncTaskiqDecoratedTask
 from taskiq.compat import parse_obj_as
 from taskiq.exceptions import NoResultError
 from taskiq.result import TaskiqResult
-from typing_extensions import Self, final
 
 from .._core.check import number_or_none
 from .._core.limiter import Limiter, SupportsLimit, validate_rate
@@ -298,7 +296,7 @@ def imap(
     rate: float | SupportsRate | SupportsLimit | None = ...,
     timeout: float | None = ...,
     settle: Literal[False] = ...,
-) -> _Stream[T]: ...
+) -> _imap[T]: ...
 @overload
 def imap(
     task: Task[U, T],
@@ -310,7 +308,7 @@ def imap(
     rate: float | SupportsRate | SupportsLimit | None = ...,
     timeout: float | None = ...,
     settle: Literal[True],
-) -> _Stream[Outcome[T]]: ...
+) -> _imap[Outcome[T]]: ...
 def imap(
     task: Task[U, T],
     items: Iterable[U] | AsyncIterable[U],
@@ -321,7 +319,7 @@ def imap(
     rate: float | SupportsRate | SupportsLimit | None = None,
     timeout: float | None = None,
     settle: bool = False,
-) -> _Stream[T] | _Stream[Outcome[T]]:
+) -> _imap[T] | _imap[Outcome[T]]:
     """Stream the results of ``task(item)`` on Taskiq workers as they come back.
 
     :func:`map` for inputs too large to hold all results of, or to act on each
@@ -350,48 +348,6 @@ def imap(
         ```
     """
     call = _Kick(task, rate, timeout)
-    inner: _imap[Any] = _imap(call, items, limit=limit, ordered=ordered, settle=settle)  # type: ignore[call-overload]
-    return _Stream(inner, call.completions)
-
-
-@final
-class _Stream(Generic[T]):
-    """:class:`parallelkit.imap` with the call's completions entered around it."""
-
-    __slots__ = ("_completions", "_inner")
-
-    def __init__(self, inner: _imap[T], completions: Completions | None) -> None:
-        self._inner = inner
-        self._completions = completions
-
-    def __repr__(self) -> str:
-        return f"<parallelkit.taskiq.imap {self._inner!r}>"
-
-    async def __aenter__(self) -> Self:
-        if self._completions is not None:
-            await self._completions.__aenter__()
-        try:
-            await self._inner.__aenter__()
-        except BaseException:
-            if self._completions is not None:
-                await self._completions.__aexit__(None, None, None)
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        try:
-            return await self._inner.__aexit__(exc_type, exc, tb)
-        finally:
-            if self._completions is not None:
-                await self._completions.__aexit__(None, None, None)
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> T:
-        return await self._inner.__anext__()
+    stream: _imap[Any] = _imap(call, items, limit=limit, ordered=ordered, settle=settle)  # type: ignore[call-overload]
+    stream.around = call.completions  # subscribed while the stream is open
+    return stream
