@@ -112,6 +112,14 @@ def flag(name: str, value: object) -> bool:
     return value
 
 
+def text_or_none(name: str, value: object) -> str | None:
+    """Return ``value`` if it is a ``str`` or ``None`` (a name, a title)."""
+    if value is None or isinstance(value, str):
+        return value
+    msg = f"{name} must be a str or None, got {value!r}"
+    raise TypeError(msg)
+
+
 def choice(name: str, value: object, allowed: Collection[C]) -> C:
     """Return ``value`` if it is one of ``allowed``; the error lists them."""
     if value in allowed:
@@ -121,14 +129,6 @@ def choice(name: str, value: object, allowed: Collection[C]) -> C:
     if not isinstance(value, str):
         raise TypeError(msg)
     raise ValueError(msg)
-
-
-def text_or_none(name: str, value: object) -> str | None:
-    """Return ``value`` if it is a ``str`` or ``None`` (a name, a title)."""
-    if value is None or isinstance(value, str):
-        return value
-    msg = f"{name} must be a str or None, got {value!r}"
-    raise TypeError(msg)
 
 
 # ---------------------------------------------------------------------------- callables
