@@ -228,11 +228,6 @@ class AsyncUnits:
             return self._buffer.popleft()
         raise StopIteration
 
-    @property
-    def exhausted(self) -> bool:
-        """Whether the iterable has ended (and every pulled unit was taken)."""
-        return self._done and not self._buffer
-
     async def refill(self) -> bool:
         """Pull the next item; ``False`` once the iterable has ended."""
         async with self._lock:
