@@ -8,6 +8,12 @@ processes on this module (``benchmarks.bench_distributed:broker``), each allowed
   50 ms (I/O-bound) with 1, 2 and 4 workers, as a ratio to one worker (target:
   near-linear, at least 80 % of the worker count), and as a fraction of the ideal
   ``workers * CAPACITY / 50 ms``;
+* **against raw Taskiq**: the same items (``VS_RAW_SLEEP`` each) on the same worker
+  (``CAPACITY`` concurrent tasks), at the same concurrency (``CAPACITY`` in
+  flight): :func:`parallelkit.taskiq.map` against what one writes without it,
+  ``task.kiq(x)`` then ``handle.wait_result()`` under an ``asyncio.Semaphore``,
+  with Taskiq's default ``check_interval`` (0.2 s) and with a tight one (10 ms).
+  Interleaved, repeated; the ideal is ``CAPACITY / VS_RAW_SLEEP`` items per second;
 * **overhead**: the round trip of one no-op item through Redis (``limit=1``: kick,
   a worker takes it, the result is stored and polled back) and the amortized
   per-item cost with many in flight, next to in-process :func:`parallelkit.map` of
@@ -31,13 +37,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ._util import unreachable
+from ._util import target, unreachable
 
 TITLE = "parallelkit.taskiq.map: throughput with 1/2/4 Taskiq workers, per-item Redis overhead"
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPACITY = 10  # --max-async-tasks per worker process
 SLEEP = 0.05  # seconds per I/O-bound item
+VS_RAW_SLEEP = 0.1  # seconds per item against raw Taskiq (the vendor's 1,000 x 100 ms)
 WORKER_COUNTS = (1, 2, 4)
 TARGET_EFFICIENCY = 0.8  # ratio to one worker >= 0.8 * workers counts as near-linear
 
@@ -64,11 +71,16 @@ def _build(url: str, queue: str, consumer: str | None = None) -> dict[str, Any]:
         await asyncio.sleep(SLEEP)
         return x
 
+    @broker.task(task_name="bench.sleep_long")
+    async def sleep_long(x: int) -> int:
+        await asyncio.sleep(VS_RAW_SLEEP)
+        return x
+
     @broker.task(task_name="bench.noop")
     async def noop(x: int) -> int:
         return x
 
-    return {"broker": broker, "sleep": sleep, "noop": noop}
+    return {"broker": broker, "sleep": sleep, "sleep_long": sleep_long, "noop": noop}
 
 
 def __getattr__(name: str) -> Any:
@@ -162,6 +174,60 @@ async def _timed(coro: Any) -> float:
     return time.perf_counter() - started
 
 
+async def _vs_raw(app: dict[str, Any], n: int, rounds: int) -> dict[str, Any]:
+    """pk's map against raw Taskiq on one worker, ``CAPACITY`` in flight, interleaved."""
+    import random
+
+    import parallelkit.taskiq as pkt
+
+    task = app["sleep_long"]
+
+    async def raw(check_interval: float) -> None:
+        gate = asyncio.Semaphore(CAPACITY)
+
+        async def one(x: int) -> int:
+            async with gate:
+                handle = await task.kiq(x)
+                result = await handle.wait_result(check_interval=check_interval)
+                return int(result.return_value)
+
+        results = await asyncio.gather(*(one(x) for x in range(n)))
+        assert results == list(range(n))
+
+    async def with_pk() -> None:
+        assert await pkt.map(task, range(n), limit=CAPACITY) == list(range(n))
+
+    contenders = {
+        "raw Taskiq, wait_result(check_interval=0.2) (default)": lambda: raw(0.2),
+        "raw Taskiq, wait_result(check_interval=0.01)": lambda: raw(0.01),
+        "parallelkit.taskiq.map(limit=10)": with_pk,
+    }
+    await with_pk()  # warm up
+    samples: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(rounds):
+        order = list(contenders)
+        random.shuffle(order)
+        for name in order:
+            samples[name].append(n / await _timed(contenders[name]()))
+    ideal = CAPACITY / VS_RAW_SLEEP
+    rows = {
+        name: {
+            "items_per_s": round(sorted(values)[len(values) // 2], 1),
+            "min": round(min(values), 1),
+            "max": round(max(values), 1),
+            "of_ideal": round(sorted(values)[len(values) // 2] / ideal, 3),
+        }
+        for name, values in samples.items()
+    }
+    for name, row in rows.items():
+        print(
+            f"  {name}: {row['items_per_s']} items/s [{row['min']}-{row['max']}] "
+            f"({row['of_ideal']:.0%} of ideal {ideal:.0f})",
+            flush=True,
+        )
+    return {"items": n, "item_sleep_s": VS_RAW_SLEEP, "rounds": rounds, "ideal": ideal, **rows}
+
+
 async def _measure(url: str, queue: str, workers: _Workers, quick: bool) -> dict[str, Any]:
     import parallelkit as pk
     import parallelkit.taskiq as pkt
@@ -171,6 +237,13 @@ async def _measure(url: str, queue: str, workers: _Workers, quick: bool) -> dict
     seconds = 1.0 if quick else 3.0
     scaling: list[dict[str, Any]] = []
     try:
+        workers.grow_to(1)
+        print(
+            f"  against raw Taskiq: {100 if quick else 1000} items x {VS_RAW_SLEEP * 1000:.0f} ms,"
+            f" 1 worker, {CAPACITY} in flight:",
+            flush=True,
+        )
+        vs_raw = await _vs_raw(app, 100 if quick else 1000, 1 if quick else 3)
         for count in WORKER_COUNTS:
             workers.grow_to(count)
             limit = 2 * CAPACITY * count  # keep every worker busy while results travel
@@ -225,7 +298,7 @@ async def _measure(url: str, queue: str, workers: _Workers, quick: bool) -> dict
         f"{overhead['in_process_us_per_item']} us/item",
         flush=True,
     )
-    return {"scaling": scaling, "overhead": overhead}
+    return {"scaling": scaling, "overhead": overhead, "vs_raw": vs_raw}
 
 
 def run(*, quick: bool, database: str | None) -> dict[str, Any]:
@@ -260,6 +333,19 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
                     "met": row["met"],
                 }
                 for row in result["scaling"][1:]
+            ]
+            + [
+                target(
+                    f"parallelkit.taskiq.map / {name} (throughput)",
+                    result["vs_raw"]["parallelkit.taskiq.map(limit=10)"]["items_per_s"]
+                    / result["vs_raw"][name]["items_per_s"],
+                    1.0,
+                    below=False,
+                )
+                for name in (
+                    "raw Taskiq, wait_result(check_interval=0.2) (default)",
+                    "raw Taskiq, wait_result(check_interval=0.01)",
+                )
             ],
         }
     )

@@ -16,10 +16,13 @@ from hypothesis import strategies as st
 
 import parallelkit as pk
 
+from .test_fanout import live_tasks, virtual_clock
+
 pytestmark = pytest.mark.anyio
 
-# a generous bound so that a scheduling bug fails fast instead of hanging the suite
-GUARD = 5.0
+# a generous bound so that a scheduling bug fails instead of hanging the suite (never
+# reached by a passing test, however loaded the machine: nothing here waits on time)
+GUARD = 60.0
 
 
 def payment_flow() -> pk.Flow:
@@ -240,16 +243,42 @@ async def test_dependency_order_is_never_violated(
         assert span.start >= span.queued
 
 
+class Crowd:
+    """Steps that each stay until as many as the bound are running together (or all
+    that are left): the bound is reached exactly when it is allowed, with no timing."""
+
+    def __init__(self, total: int, bound: int) -> None:
+        self.total, self.bound = total, bound
+        self.running = self.peak = self.done = 0
+
+    async def step(self) -> None:
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        while self.running < min(self.bound, self.total - self.done):
+            await anyio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
+        self.running -= 1
+        self.done += 1
+
+    def flow(self) -> pk.Flow:
+        flow = pk.Flow()
+        for i in range(self.total):
+            namespace: dict[str, Any] = {"crowd": self}
+            exec(f"async def s{i}():\n    await crowd.step()\n", namespace)
+            flow.step(namespace[f"s{i}"])
+        return flow
+
+
 async def test_limit_bounds_running_steps_and_accepts_a_shared_limiter() -> None:
-    tracker = Tracker(set())
-    graph: dict[str, list[str]] = {f"s{i}": [] for i in range(10)}
-    flow = build(graph, dict.fromkeys(graph, 3), tracker)
-    await flow.run(limit=2)
-    assert tracker.peak == 2
-    tracker.peak = 0
+    crowd = Crowd(10, 2)
+    with anyio.fail_after(GUARD):
+        await crowd.flow().run(limit=2)
+    assert (crowd.peak, crowd.done) == (2, 10)
+    crowd = Crowd(10, 3)
     shared = pk.Limiter(concurrency=3)
-    await flow.run(limit=shared)
-    assert tracker.peak == 3
+    with anyio.fail_after(GUARD):
+        await crowd.flow().run(limit=shared)
+    assert (crowd.peak, crowd.done) == (3, 10)
     assert shared.statistics().running == 0
 
 
@@ -366,7 +395,7 @@ def test_bad_names_and_options() -> None:
         flow.step(timeout=0)
     with pytest.raises(TypeError, match="retry"):
         flow.step(retry=3)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="concurrency"):
+    with pytest.raises(ValueError, match=r"^limit must be >= 1"):
         flow.step(limit=0)
     with pytest.raises(TypeError, match="name"):
         pk.Flow(name=3)  # type: ignore[arg-type]
@@ -380,6 +409,95 @@ async def test_bad_run_options() -> None:
         await flow.run(payment_id="p", settle="yes")  # type: ignore[call-overload]
     with pytest.raises(pk.DefinitionError, match="unknown target 'nope'"):
         await flow.run(payment_id="p", targets=["nope"])
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"timeout": 0}, ValueError, "timeout must be > 0"),
+        ({"timeout": -1}, ValueError, "timeout must be > 0"),
+        ({"timeout": NAN}, ValueError, "timeout must be > 0"),
+        ({"timeout": INF}, ValueError, "timeout must be finite"),
+        ({"timeout": True}, TypeError, "timeout must be a number"),
+        ({"timeout": "5"}, TypeError, "timeout must be a number"),
+        ({"retry": 3}, TypeError, "retry must be"),
+        ({"limit": 0}, ValueError, "limit must be >= 1"),
+        ({"limit": -1}, ValueError, "limit must be >= 1"),
+        ({"limit": 1.5}, TypeError, "limit must be an int"),
+        ({"limit": True}, TypeError, "limit must be an int"),
+        ({"name": 3}, TypeError, "name must be a str or None"),
+    ],
+    ids=lambda v: repr(v) if isinstance(v, dict) else "",
+)
+def test_step_options_are_checked_at_the_door(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    flow = pk.Flow()
+    with pytest.raises(error, match=f"^{message}"):
+        flow.step(**kwargs)
+    assert flow.steps == ()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"limit": 0}, ValueError, "limit must be >= 1"),
+        ({"limit": -3}, ValueError, "limit must be >= 1"),
+        ({"limit": 2.0}, TypeError, "limit must be an int"),
+        ({"limit": False}, TypeError, "limit must be an int"),
+        ({"limit": "4"}, TypeError, "limit must be an int"),
+        ({"settle": "yes"}, TypeError, "settle must be a bool"),
+        ({"settle": 1}, TypeError, "settle must be a bool"),
+        ({"settle": None}, TypeError, "settle must be a bool"),
+    ],
+    ids=lambda v: repr(v) if isinstance(v, dict) else "",
+)
+async def test_run_options_are_checked_before_any_step_starts(
+    kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    flow = pk.Flow()
+    started: list[str] = []
+
+    @flow.step
+    async def only() -> None:
+        started.append("only")  # pragma: no cover
+
+    with pytest.raises(error, match=f"^{message}"):
+        await flow.run(**kwargs)
+    assert started == []
+
+
+def test_flow_name_must_be_a_str() -> None:
+    with pytest.raises(TypeError, match=r"^name must be a str or None"):
+        pk.Flow(name=3)  # type: ignore[arg-type]
+
+
+async def test_steps_start_as_they_become_ready() -> None:
+    """A limit far above the flow costs what its steps cost: one worker per step
+    that can run, not ``limit`` workers."""
+    flow = pk.Flow()
+    all_in = anyio.Event()
+    running = 0
+    tasks_then = 0
+
+    async def meet() -> None:
+        nonlocal running, tasks_then
+        running += 1
+        if running == 3:
+            tasks_then = live_tasks()
+            all_in.set()
+        await all_in.wait()
+
+    for name in ("a", "b", "c"):
+        namespace: dict[str, Any] = {"meet": meet}
+        exec(f"async def {name}():\n    await meet()\n", namespace)
+        flow.step(namespace[name])
+    before = live_tasks()
+    await flow.run(limit=100_000)
+    assert tasks_then - before <= 3
 
 
 async def test_flow_is_immutable_once_run() -> None:
@@ -596,33 +714,57 @@ async def test_the_seed_gather_races_the_insert_against_the_charge() -> None:
     assert db.rows == [{"payment_id": "p1", "charge_id": None}]  # the data race
 
 
-@settings(max_examples=25, deadline=None)
-@given(charge_delay=st.integers(0, 3), webhook_delay=st.integers(0, 3))
+@settings(max_examples=40, deadline=None)
+@given(charge_work=st.integers(0, 3), record_work=st.integers(0, 3), notify_work=st.integers(0, 3))
 async def test_flow_makes_the_payment_race_impossible(
-    charge_delay: int, webhook_delay: int
+    charge_work: int, record_work: int, notify_work: int
 ) -> None:
-    stripe, db = FakeStripe(delay=charge_delay / 1000), FakeDB()
-    webhooks: list[str] = []
+    """Both ways: what needs the charge waits for it, and what does not need each
+    other overlaps: ``record`` finishes only once ``notify`` has started, so a
+    scheduler running them one after the other would hang (and hit the guard)."""
+    log: list[tuple[str, str]] = []
+    notify_started = anyio.Event()
+    db = FakeDB()
+    charges: dict[str, str] = {}
     flow = pk.Flow(name="payment")
+
+    async def work(name: str, steps: int) -> None:
+        log.append(("start", name))
+        for _ in range(steps):
+            await anyio.lowlevel.checkpoint()
 
     @flow.step
     async def charge(payment_id: str) -> str:
-        return await stripe.create_charge(payment_id)
+        await work("charge", charge_work)
+        charges[payment_id] = f"ch_{payment_id}"
+        log.append(("end", "charge"))
+        return charges[payment_id]
 
     @flow.step
     async def record(payment_id: str, charge: str) -> dict[str, Any]:
-        return await db.insert_payment(payment_id, charge)
+        await work("record", record_work)
+        row = await db.insert_payment(payment_id, charge)
+        await notify_started.wait()
+        log.append(("end", "record"))
+        return row
 
     @flow.step
-    async def notify(charge: str) -> None:
-        await anyio.sleep(webhook_delay / 1000)
-        webhooks.append(charge)
+    async def notify(charge: str) -> str:
+        notify_started.set()
+        await work("notify", notify_work)
+        log.append(("end", "notify"))
+        return charge
 
-    result = await flow.run(payment_id="p1")
+    with anyio.fail_after(GUARD):
+        result = await flow.run(payment_id="p1")
     assert db.rows == [{"payment_id": "p1", "charge_id": "ch_p1"}]
-    assert result.get(record)["charge_id"] == stripe.charges["p1"]
-    assert webhooks == ["ch_p1"]
-    assert result.timeline.critical_path()[0].name == "charge"
+    assert result.get(record)["charge_id"] == charges["p1"]
+    at = log.index
+    assert at(("end", "charge")) < at(("start", "record"))  # the insert has the charge id
+    assert at(("end", "charge")) < at(("start", "notify"))
+    assert at(("start", "notify")) < at(("end", "record"))  # they overlapped
+    last = "record" if at(("end", "record")) > at(("end", "notify")) else "notify"
+    assert [s.name for s in result.timeline.critical_path()] == ["charge", last]
 
 
 async def test_timeline_is_json_ready_and_renders() -> None:
@@ -635,6 +777,50 @@ async def test_timeline_is_json_ready_and_renders() -> None:
     assert timeline.total >= timeline["charge"].duration
     assert "critical path: charge →" in timeline.to_text()
     assert timeline.to_mermaid().startswith("gantt")
+
+
+async def test_timeline_draws_no_wait_without_a_limit() -> None:
+    """No ``limit``: no slot to wait for, so no span shows waiting (``░``), however
+    long the engine took to pick a ready step up."""
+    flow = pk.Flow()
+
+    @flow.step
+    async def a() -> int:
+        await anyio.lowlevel.checkpoint()
+        return 1
+
+    @flow.step
+    async def b(a: int) -> int:
+        return a
+
+    @flow.step
+    async def c(a: int) -> int:
+        await anyio.lowlevel.checkpoint()
+        return a
+
+    timeline = (await flow.run()).timeline
+    assert [s.wait for s in timeline] == [0.0, 0.0, 0.0]
+    assert "░" not in timeline.to_text()
+
+
+@virtual_clock()
+async def test_timeline_draws_the_wait_for_a_limit_slot() -> None:
+    flow = pk.Flow()
+
+    @flow.step
+    async def first() -> None:
+        await anyio.sleep(1)
+
+    @flow.step
+    async def second() -> None:
+        await anyio.sleep(1)
+
+    timeline = (await flow.run(limit=1)).timeline
+    waits = sorted(s.wait for s in timeline)
+    assert waits == pytest.approx([0.0, 1.0])  # one waited for the other's slot
+    later = max(timeline, key=lambda s: s.start)
+    row = next(line for line in timeline.to_text().splitlines() if line.startswith(later.name))
+    assert "░" in row
 
 
 def test_reprs() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import parallelkit as pk
@@ -147,17 +148,21 @@ async def test_fail_fast_names_the_failed_node() -> None:
 async def test_shared_limiter_bounds_running_nodes() -> None:
     graph = make_graph({f"n{i}": [] for i in range(12)})
     limiter = pk.Limiter(concurrency=3)
-    running = peak = 0
+    running = peak = done = 0
 
     async def run_node(node: Node, kwargs: dict[str, Any]) -> Any:
-        nonlocal running, peak
+        nonlocal running, peak, done
         running += 1
         peak = max(peak, running)
-        await anyio.sleep(0.001)
+        while running < min(3, 12 - done):  # stay until the bound is reached
+            await anyio.lowlevel.checkpoint()
+        await anyio.lowlevel.checkpoint()
         running -= 1
+        done += 1
 
-    await Run(graph.plan(), {}, run_node=run_node, limit=limiter).execute()
-    assert peak == 3
+    with anyio.fail_after(60):
+        await Run(graph.plan(), {}, run_node=run_node, limit=limiter).execute()
+    assert (peak, done) == (3, 12)
 
 
 async def test_empty_plan() -> None:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import anyio.lowlevel
@@ -17,18 +16,26 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_unordered_yields_in_completion_order() -> None:
-    async def work(delay: float) -> float:
-        await anyio.sleep(delay)
-        return delay
+    """Each item waits for the one that should finish before it (an event chain)."""
+    order = ["b", "c", "a"]  # the completion order we force
+    finished = {name: anyio.Event() for name in order}
 
-    async with pk.imap(work, [0.05, 0.0, 0.02], limit=3) as results:
+    async def work(name: str) -> str:
+        position = order.index(name)
+        if position:
+            await finished[order[position - 1]].wait()
+        finished[name].set()
+        return name
+
+    async with pk.imap(work, ["a", "b", "c"], limit=3) as results:
         got = [r async for r in results]
-    assert got == [0.0, 0.02, 0.05]
+    assert got == order
 
 
 async def test_ordered_yields_in_input_order() -> None:
     async def work(i: int) -> int:
-        await anyio.sleep(0.001 * ((7 * i) % 5))
+        for _ in range((7 * i) % 5):  # completion order != input order
+            await anyio.lowlevel.checkpoint()
         return i
 
     async with pk.imap(work, range(30), limit=4, ordered=True) as results:
@@ -104,12 +111,22 @@ async def test_settle_yields_outcomes() -> None:
 
 async def test_caller_cancellation_inside_the_block() -> None:
     probe = Probe()
-    with anyio.move_on_after(0.05):
-        async with pk.imap(
-            functools.partial(probe.work, steps=10**9), range(50), limit=3
-        ) as results:
+    three_running = anyio.Event()
+
+    async def work(i: int) -> int:
+        if len(probe.started) == 2:
+            three_running.set()
+        return await probe.work(i, steps=10**9)
+
+    async def consumer() -> None:
+        async with pk.imap(work, range(50), limit=3) as results:
             async for _ in results:
-                pass
+                pass  # pragma: no cover - nothing finishes
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(consumer)
+        await three_running.wait()
+        tg.cancel_scope.cancel()
     assert len(probe.started) == 3
     probe.assert_nothing_left()
 
@@ -128,3 +145,41 @@ async def test_unbounded_imap_and_empty_input() -> None:
         assert sorted([r async for r in results]) == list(range(5))
     async with pk.imap(Probe().work, [], limit=2) as results:
         assert [r async for r in results] == []
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_async_input_with_a_bounded_window(ordered: bool) -> None:
+    """An async iterable, a slow consumer: the window bounds what is pulled ahead."""
+    pulled = consumed = worst = 0
+
+    async def source() -> AsyncIterator[int]:
+        nonlocal pulled, worst
+        for i in range(200):
+            await anyio.lowlevel.checkpoint()
+            pulled += 1
+            worst = max(worst, pulled - consumed)
+            yield i
+
+    probe = Probe()
+    got = []
+    async with pk.imap(probe.work, source(), limit=3, ordered=ordered) as results:
+        async for r in results:
+            got.append(r)
+            consumed += 1
+            await anyio.lowlevel.checkpoint()
+    assert sorted(got) == list(range(200))
+    if ordered:
+        assert got == list(range(200))
+    assert worst <= 2 * 3 + 1
+    assert probe.peak <= 3
+
+
+async def test_fail_fast_from_an_async_input() -> None:
+    async def source() -> AsyncIterator[int]:
+        yield 1
+        raise OSError("the input broke")
+
+    with pytest.raises(OSError, match="the input broke"):
+        async with pk.imap(Probe().work, source(), limit=2, settle=True) as results:
+            async for _ in results:
+                pass

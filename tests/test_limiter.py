@@ -18,15 +18,19 @@ BACKENDS = ["asyncio", "trio"]
 # ---------------------------------------------------------------- invariants
 @settings(max_examples=40, deadline=None)
 @given(
-    limit=st.integers(1, 8),
-    steps=st.lists(st.integers(0, 6), min_size=1, max_size=40),
+    limit=st.integers(1, 6),
+    holds=st.lists(st.integers(1, 6), min_size=1, max_size=30),
+    callers=st.integers(2, 4),
     backend=st.sampled_from(BACKENDS),
-    shared=st.booleans(),
 )
-def test_bound_is_never_exceeded(limit: int, steps: list[int], backend: str, shared: bool) -> None:
+def test_bound_is_never_exceeded(limit: int, holds: list[int], callers: int, backend: str) -> None:
+    """More contenders than slots, so an over-admitting limiter is caught: tasks
+    entering the limiter directly, and several ``map`` calls sharing it (each with
+    ``limit`` workers of its own). The bound is reached when there are enough
+    direct contenders (no under-admission)."""
     running = peak = 0
 
-    async def work(n: int) -> int:
+    async def hold(n: int) -> int:
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
@@ -37,12 +41,45 @@ def test_bound_is_never_exceeded(limit: int, steps: list[int], backend: str, sha
         finally:
             running -= 1
 
-    async def main() -> list[int]:
-        bound: int | pk.Limiter = pk.Limiter(concurrency=limit) if shared else limit
-        return await pk.map(work, steps, limit=bound)
+    async def direct(limiter: pk.Limiter, n: int) -> None:
+        async with limiter:
+            await hold(n)
 
-    assert anyio.run(main, backend=backend) == steps
+    async def main() -> list[list[int]]:
+        limiter = pk.Limiter(concurrency=limit)
+        results: list[list[int]] = [[] for _ in range(callers)]
+
+        async def one_map(i: int) -> None:
+            results[i] = await pk.map(hold, holds, limit=limiter)
+
+        async with anyio.create_task_group() as tg:
+            for n in holds:
+                tg.start_soon(direct, limiter, n)
+            for i in range(callers):
+                tg.start_soon(one_map, i)
+        assert limiter.statistics() == pk.LimiterStatistics(limit, None, 0, 0)
+        return results
+
+    assert anyio.run(main, backend=backend) == [holds] * callers
     assert peak <= limit
+    if len(holds) >= limit:  # the direct tasks alone fill every slot at once
+        assert peak == limit
+
+
+def test_the_bound_property_catches_an_over_admitting_limiter(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The property above can fail: with a limiter that admits everyone, it does."""
+
+    async def admit_everyone(self: pk.Limiter) -> None:
+        return None
+
+    monkeypatch.setattr(pk.Limiter, "_acquire_slot", admit_everyone)
+    monkeypatch.setattr(pk.Limiter, "release", lambda self: None)
+    with pytest.raises(AssertionError):
+        test_bound_is_never_exceeded.hypothesis.inner_test(  # type: ignore[attr-defined]
+            limit=2, holds=[3, 3, 3], callers=2, backend="asyncio"
+        )
 
 
 @settings(max_examples=40, deadline=None)
@@ -94,12 +131,13 @@ async def test_limiter_hands_slots_over_in_fifo_order() -> None:
     async def user(i: int) -> None:
         async with limiter:
             order.append(i)
-            await anyio.sleep(0.001)
+            await anyio.lowlevel.checkpoint()
 
     async with limiter, anyio.create_task_group() as tg:
         for i in range(5):
             tg.start_soon(user, i)
-            await anyio.sleep(0.001)  # queue them in order
+            while limiter.statistics().waiting < i + 1:  # queue them in order
+                await anyio.lowlevel.checkpoint()
         assert limiter.statistics().waiting == 5
         limiter.release()
         await limiter.acquire()  # re-take the slot we gave back, after everyone
@@ -125,19 +163,72 @@ async def test_release_without_acquire_is_an_error() -> None:
         limiter.release()
 
 
+NAN, INF = float("nan"), float("inf")
+
+
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("kwargs", "error", "message"),
     [
-        ({"concurrency": 0}, "concurrency"),
-        ({"rate": 0}, "rate"),
-        ({"rate": -3}, "rate"),
-        ({"rate": float("inf")}, "rate"),
-        ({"rate": 1, "burst": 0}, "burst"),
+        ({"concurrency": 0}, ValueError, "concurrency must be >= 1"),
+        ({"concurrency": -1}, ValueError, "concurrency must be >= 1"),
+        ({"concurrency": 1.5}, TypeError, "concurrency must be an int"),
+        ({"concurrency": True}, TypeError, "concurrency must be an int"),
+        ({"concurrency": "2"}, TypeError, "concurrency must be an int"),
+        ({"rate": 0}, ValueError, "rate must be > 0"),
+        ({"rate": -3}, ValueError, "rate must be > 0"),
+        ({"rate": NAN}, ValueError, "rate must be > 0"),
+        ({"rate": INF}, ValueError, "rate must be finite"),
+        ({"rate": True}, TypeError, "rate must be a number"),
+        ({"rate": "5"}, TypeError, "rate must be a number"),
+        ({"rate": 1, "burst": 0}, ValueError, "burst must be >= 1"),
+        ({"rate": 1, "burst": 1.5}, TypeError, "burst must be an int"),
+        ({"rate": 1, "burst": True}, TypeError, "burst must be an int"),
     ],
+    ids=lambda v: repr(v) if isinstance(v, dict) else "",
 )
-def test_limiter_rejects_bad_values(kwargs: dict[str, float], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+def test_limiter_rejects_bad_arguments(
+    kwargs: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=f"^{message}"):
         pk.Limiter(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"attempts": 0}, ValueError, "attempts must be >= 1"),
+        ({"attempts": 2.5}, TypeError, "attempts must be an int"),
+        ({"attempts": True}, TypeError, "attempts must be an int"),
+        *[
+            case
+            for name in ("backoff", "max_backoff", "jitter")
+            for case in (
+                ({name: -1}, ValueError, f"{name} must be >= 0"),
+                ({name: NAN}, ValueError, f"{name} must be >= 0"),
+                ({name: INF}, ValueError, f"{name} must be finite"),
+                ({name: True}, TypeError, f"{name} must be a number"),
+                ({name: "1"}, TypeError, f"{name} must be a number"),
+            )
+        ],
+        ({"on": (int,)}, TypeError, "on must be exception types or a predicate"),
+        ({"on": int}, TypeError, "on must be exception types or a predicate"),
+        ({"on": 5}, TypeError, "on must be exception types or a predicate"),
+        ({"on": "OSError"}, TypeError, "on must be exception types or a predicate"),
+    ],
+    ids=lambda v: repr(v) if isinstance(v, dict) else "",
+)
+def test_retry_rejects_bad_arguments(
+    kwargs: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=f"^{message}"):
+        pk.Retry(**kwargs)  # type: ignore[arg-type]
+
+
+def test_retry_accepts_zero_waits_types_and_predicates() -> None:
+    assert pk.Retry(backoff=0, max_backoff=0, jitter=0).to_tenacity() is not None
+    assert pk.Retry(on=OSError).to_tenacity() is not None
+    assert pk.Retry(on=(OSError, KeyError)).to_tenacity() is not None
+    assert pk.Retry(on=lambda e: isinstance(e, OSError)).to_tenacity() is not None
 
 
 def test_limiter_repr_and_statistics() -> None:
@@ -160,13 +251,3 @@ def test_outcome_basics() -> None:
     assert "KeyError" in repr(bad)
     with pytest.raises(AttributeError):
         ok.value = 3  # type: ignore[misc]
-
-
-def test_retry_validation() -> None:
-    with pytest.raises(ValueError, match="attempts"):
-        pk.Retry(attempts=0)
-    with pytest.raises(ValueError, match="backoff"):
-        pk.Retry(backoff=-1)
-    with pytest.raises(TypeError, match="on must be"):
-        pk.Retry(on=(int,))  # type: ignore[arg-type]
-    assert pk.Retry(on=lambda e: isinstance(e, OSError)).to_tenacity() is not None

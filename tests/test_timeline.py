@@ -53,18 +53,45 @@ def test_critical_path_follows_the_dependency_that_ended_last() -> None:
     assert pk.Timeline().critical_path() == ()
 
 
-def test_critical_path_stays_within_one_kind() -> None:
-    timeline = pk.Timeline(
+def after_shutdown() -> pk.Timeline:
+    """An orchestrator's timeline after a stop: start-up spans, then the stop phase
+    (reverse order: http stops first, then the db it depended on)."""
+    return pk.Timeline(
         [
             Span("db", 0, 0, 1, kind="start"),
-            Span("http", 1, 1, 2, "ok", ("db",), kind="start"),
+            Span("cache", 0, 0, 0.5, kind="start"),
+            Span("http", 1, 1, 2, "ok", ("db", "cache"), kind="start"),
             Span("http", 9, 9, 10, "ok", (), kind="stop"),
+            Span("cache", 10, 10, 10.2, "ok", ("http",), kind="stop"),
             Span("db", 10, 10, 11, "ok", ("http",), kind="stop"),
-        ]
+        ],
+        origin=0.0,
+        name="service",
     )
-    assert [s.name for s in timeline.critical_path()] == ["http", "db"]
-    assert [s.kind for s in timeline.critical_path()] == ["stop", "stop"]
+
+
+def test_critical_path_after_a_shutdown_is_the_start_ups() -> None:
+    """The stop spans ended last, but they are a separate phase: by default the
+    critical path is the start-up's chain, never the stop order."""
+    timeline = after_shutdown()
+    assert [s.name for s in timeline.critical_path()] == ["db", "http"]
+    assert {s.kind for s in timeline.critical_path()} == {"start"}
     assert [s.name for s in timeline.critical_path("start")] == ["db", "http"]
+    assert [s.name for s in timeline.critical_path("stop")] == ["http", "db"]  # when asked
+    assert timeline.to_text().splitlines()[-1] == "critical path: db → http"
+    assert timeline.to_dict()["critical_path"] == ["db", "http"]
+    crit = [line for line in timeline.to_mermaid().splitlines() if ":crit" in line]
+    assert [line.split()[0] for line in crit] == ["db", "http"]  # start section only
+    only_stops = pk.Timeline([s for s in timeline if s.kind == "stop"])
+    assert only_stops.critical_path() == ()  # nothing but a shutdown: no start-up chain
+    assert [s.name for s in only_stops.critical_path("stop")] == ["http", "db"]
+
+
+def test_to_text_draws_waiting_only_where_a_span_waited() -> None:
+    no_wait = pk.Timeline([Span("a", 0, 0, 1), Span("b", 1, 1, 2, "ok", ("a",))])
+    assert "░" not in no_wait.to_text()
+    waited = pk.Timeline([Span("a", 0, 0, 1), Span("b", 0, 1, 2)])  # b waited for a slot
+    assert "░" in waited.to_text().splitlines()[2]
 
 
 def test_getitem_and_iteration() -> None:

@@ -23,4 +23,7 @@ async def check() -> None:
     async with pkt.imap(describe, range(3), limit=2) as results:
         async for item in results:
             assert_type(item, str)
+    async with pkt.imap(describe, range(3), settle=True) as outcomes:
+        async for outcome in outcomes:
+            assert_type(outcome, pk.Outcome[str])
     assert_type(pkt.retry_middleware(pk.Retry(attempts=2)), TaskiqMiddleware)

@@ -22,5 +22,8 @@ async def check() -> None:
     async with pk.imap(fetch, range(3), limit=2) as results:
         async for item in results:
             assert_type(item, str)
+    async with pk.imap(fetch, range(3), limit=2, settle=True) as outcomes:
+        async for each in outcomes:
+            assert_type(each, pk.Outcome[str])
     limiter = pk.Limiter(concurrency=3, rate=10)
     assert_type(await pk.map(fetch, [1], limit=limiter, retry=pk.Retry(attempts=2)), list[str])

@@ -8,7 +8,8 @@ DESIGN.md settles how bad arguments fail, before any work starts:
   not ``bool``, and positive;
 * durations and rates are real numbers and not ``bool``; finite (NaN and the
   infinities are refused) and positive unless the option says otherwise;
-* flags are ``bool``; choices list the allowed values; callables are callable, and
+* flags are ``bool``; names are ``str``; choices list the allowed values; callables
+  are callable, and
   where an async function is needed a sync one is refused *before it is called*.
 
 Each function returns the checked value (normalized: a float for numbers) so a
@@ -35,9 +36,10 @@ __all__ = [
     "is_async_callable",
     "number",
     "number_at_least",
-    "text",
     "number_or_none",
     "strings",
+    "text",
+    "text_or_none",
 ]
 
 C = TypeVar("C", bound=str)
@@ -125,6 +127,14 @@ def flag(name: str, value: object) -> bool:
         msg = f"{name} must be a bool (True or False), got {value!r}"
         raise TypeError(msg)
     return value
+
+
+def text_or_none(name: str, value: object) -> str | None:
+    """Return ``value`` if it is a ``str`` or ``None`` (a name, a title)."""
+    if value is None or isinstance(value, str):
+        return value
+    msg = f"{name} must be a str or None, got {value!r}"
+    raise TypeError(msg)
 
 
 def choice(name: str, value: object, allowed: Collection[C]) -> C:

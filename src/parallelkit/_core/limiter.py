@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 import anyio
 from typing_extensions import Self, final
 
-from .check import number_or_none
+from .check import count, count_or_none, number_or_none
 
 __all__ = ["Limiter", "LimiterStatistics", "SupportsLimit", "validate_limit", "validate_rate"]
 
@@ -39,21 +39,13 @@ class SupportsLimit(Protocol):
 
 
 def validate_rate(rate: object, name: str = "rate") -> float | None:
-    """Return ``rate`` as a float, or raise naming the argument."""
+    """Return ``rate`` (starts per second) as a float, or ``None``; raise naming it."""
     return number_or_none(name, rate, unit="starts per second", finite=True)
 
 
 def validate_limit(limit: object, name: str = "limit") -> int | None:
-    """Return an integer concurrency bound, or raise naming the argument."""
-    if limit is None:
-        return None
-    if isinstance(limit, bool) or not isinstance(limit, int):
-        msg = f"{name} must be a positive int, a Limiter or None, got {limit!r}"
-        raise TypeError(msg)
-    if limit < 1:
-        msg = f"{name} must be >= 1, got {limit!r}"
-        raise ValueError(msg)
-    return limit
+    """Return an integer concurrency bound, or ``None``; raise naming the argument."""
+    return count_or_none(name, limit)
 
 
 @final
@@ -98,7 +90,9 @@ class Limiter:
         burst: how many starts may happen at once after an idle period.
 
     Raises:
-        ValueError: ``concurrency < 1``, ``rate <= 0`` or ``burst < 1``.
+        TypeError: ``concurrency`` or ``burst`` not an int (a ``bool`` is refused),
+            ``rate`` not a number.
+        ValueError: ``concurrency < 1``, ``burst < 1``, ``rate <= 0`` or not finite.
 
     Example:
         ```python
@@ -118,10 +112,7 @@ class Limiter:
     ) -> None:
         self._concurrency = validate_limit(concurrency, "concurrency")
         self._rate = validate_rate(rate)
-        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
-            msg = f"burst must be an int >= 1, got {burst!r}"
-            raise ValueError(msg)
-        self._burst = burst
+        self._burst = count("burst", burst)
         self._available = self._concurrency if self._concurrency is not None else 0
         self._waiters: deque[anyio.Event] = deque()
         self._interval = 1.0 / self._rate if self._rate is not None else 0.0

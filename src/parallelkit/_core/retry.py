@@ -10,6 +10,8 @@ import anyio
 import tenacity
 from typing_extensions import final
 
+from .check import callable_, count, number
+
 __all__ = ["Retry", "RetryLike", "to_retrying", "validate_retry"]
 
 T = TypeVar("T")
@@ -41,6 +43,11 @@ class Retry:
             clients failing together do not retry together.
         on: the exception types to retry, or a predicate ``exc -> bool``.
 
+    Raises:
+        TypeError: ``attempts`` not an int, a wait not a number, ``on`` neither
+            exception types nor a callable.
+        ValueError: ``attempts < 1``, a negative or infinite wait.
+
     Example:
         ```python
         flaky = pk.Retry(attempts=4, backoff=0.2, on=(ConnectionError, TimeoutError))
@@ -55,24 +62,17 @@ class Retry:
     on: ExceptionTypes | Callable[[BaseException], bool] = field(default=(Exception,))
 
     def __post_init__(self) -> None:
-        if isinstance(self.attempts, bool) or not isinstance(self.attempts, int):
-            msg = f"attempts must be an int >= 1, got {self.attempts!r}"
-            raise TypeError(msg)
-        if self.attempts < 1:
-            msg = f"attempts must be >= 1, got {self.attempts!r}"
-            raise ValueError(msg)
+        count("attempts", self.attempts)
         for name in ("backoff", "max_backoff", "jitter"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                msg = f"{name} must be a number >= 0, got {value!r}"
-                raise ValueError(msg)
+            number(name, getattr(self, name), zero=True)
         on: object = self.on
-        types = on if isinstance(on, tuple) else (on,)
-        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in types) and (
-            isinstance(on, (tuple, type)) or not callable(on)
-        ):
-            msg = f"on must be exception types or a predicate, got {on!r}"
-            raise TypeError(msg)
+        if isinstance(on, (tuple, type)):
+            types = on if isinstance(on, tuple) else (on,)
+            if not all(isinstance(t, type) and issubclass(t, BaseException) for t in types):
+                msg = f"on must be exception types or a predicate, got {on!r}"
+                raise TypeError(msg)
+        else:
+            callable_("on", on, what="exception types or a predicate")
 
     def to_tenacity(self) -> tenacity.AsyncRetrying:
         """Build the equivalent :class:`tenacity.AsyncRetrying` (anyio sleep, reraise)."""

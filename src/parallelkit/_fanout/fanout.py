@@ -1,23 +1,24 @@
-"""gather, map, imap: bounded fan-out on a pool of ``limit`` workers.
+"""gather and map: bounded fan-out on the one worker pool (:mod:`.pool`).
 
-The engine is a fixed pool of workers pulling from one shared iterator and writing
-results by index: no task, lock or semaphore per item, and items are pulled from
-the input only when a worker is free. ``imap`` (in ``_imap.py``) runs the same
-options over a hand-over buffer and a pull gate so memory stays O(limit).
+Both build the per-item call once (:mod:`.options`), then run it on a
+:class:`~.pool.Pool` fed by the input: workers start as items are pulled, at most
+``limit`` of them, and each writes its results by index. There is no task, lock or
+semaphore per item, and the input is read only as workers free up.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from typing import Any, Literal, TypeVar, cast, overload
 
-import anyio
-
-from .._core.check import number_or_none
-from .._core.limiter import Limiter, SupportsLimit, validate_limit, validate_rate
+from .._core.check import async_callable, callable_, flag
+from .._core.limiter import SupportsLimit
 from .._core.outcome import Outcome
-from .._core.retry import RetryLike, retrying_call, to_retrying, validate_retry
+from .._core.retry import RetryLike
+from .options import Call, Options
+from .pool import AsyncUnits, Pool
 
 __all__ = ["gather", "map"]
 
@@ -26,225 +27,50 @@ U = TypeVar("U")
 
 Progress = Callable[[int, "int | None"], object]
 
-_PENDING: Any = object()
 
-
-# ---------------------------------------------------------------------------- options
-class _Options:
-    """Validated options and the per-item call built from them, once per call."""
-
-    __slots__ = ("call", "workers")
-
-    def __init__(
-        self,
-        fn: Callable[[Any], Awaitable[Any]],
-        limit: int | SupportsLimit | None,
-        rate: float | None,
-        timeout: float | None,
-        retry: RetryLike | None,
-    ) -> None:
-        shared: SupportsLimit | None = None
-        if limit is not None and not isinstance(limit, int) and isinstance(limit, SupportsLimit):
-            shared = limit
-            self.workers: int | None = limit.concurrency
-        else:
-            self.workers = validate_limit(limit)
-        rate = validate_rate(rate)
-        timeout = number_or_none("timeout", timeout)
-        retry = validate_retry(retry)
-        call = fn
-        # innermost first: timeout per attempt, then limits per attempt, then retry
-        if timeout is not None:
-            call = _with_timeout(call, timeout)
-        if shared is not None:
-            call = _with_limiter(call, shared)
-        if rate is not None:
-            call = _with_rate(call, Limiter(rate=rate))
-        if retry is not None:
-            call = retrying_call(to_retrying(retry), call)
-        self.call = call
-
-
-def _with_timeout(
-    fn: Callable[[Any], Awaitable[T]], timeout: float
-) -> Callable[[Any], Awaitable[T]]:
-    async def call(item: Any) -> T:
-        with anyio.fail_after(timeout):
-            return await fn(item)
-
-    return call
-
-
-def _with_limiter(
-    fn: Callable[[Any], Awaitable[T]], limiter: SupportsLimit
-) -> Callable[[Any], Awaitable[T]]:
-    async def call(item: Any) -> T:
-        async with limiter:
-            return await fn(item)
-
-    return call
-
-
-def _with_rate(
-    fn: Callable[[Any], Awaitable[T]], limiter: Limiter
-) -> Callable[[Any], Awaitable[T]]:
-    async def call(item: Any) -> T:
-        await limiter.wait_rate()
-        return await fn(item)
-
-    return call
-
-
-def _check_fn(fn: object) -> None:
-    if not callable(fn):
-        msg = f"fn must be an async callable, got {type(fn).__name__} {fn!r}"
-        raise TypeError(msg)
-    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
-        msg = f"fn must be an async function returning a value, got generator function {fn!r}"
-        raise TypeError(msg)
-
-
-def _awaited(fn: Callable[[Any], Any]) -> Callable[[Any], Awaitable[Any]]:
-    """Call ``fn(item)`` and insist the result is awaitable (for non-async defs)."""
-
-    async def call(item: Any) -> Any:
-        result = fn(item)
-        if not inspect.isawaitable(result):
-            msg = f"fn must be async: {fn!r} returned {type(result).__name__}, not an awaitable"
-            raise TypeError(msg)
-        return await result
-
-    return call
-
-
-# ---------------------------------------------------------------------------- the pool
-class _Failure:
-    """Fail-fast bookkeeping: the first error wins and cancels the pool."""
-
-    __slots__ = ("error", "scope")
-
-    def __init__(self, scope: anyio.CancelScope) -> None:
-        self.error: BaseException | None = None
-        self.scope = scope
-
-    def fail(self, exc: BaseException) -> None:
-        if self.error is None:
-            self.error = exc
-            self.scope.cancel()
-
-
-class _AsyncSource:
-    """Serialize pulls from an async iterator shared by several workers."""
-
-    __slots__ = ("_iterator", "_lock")
-
-    def __init__(self, iterable: AsyncIterable[Any]) -> None:
-        self._iterator = aiter(iterable)
-        self._lock = anyio.Lock()
-
-    async def pull(self) -> Any:
-        async with self._lock:
-            return await anext(self._iterator, _PENDING)
-
-
-async def _collect(
-    call: Callable[[Any], Awaitable[Any]],
+# ---------------------------------------------------------------------------- the run
+async def run_items(
+    call: Call,
     items: Iterable[Any] | AsyncIterable[Any],
     workers: int | None,
     settle: bool,
-    progress: Progress | None,
-    total: int | None,
+    progress: Progress | None = None,
 ) -> list[Any]:
     """Run ``call`` over ``items`` on the pool; results (or outcomes) in input order."""
-    results: list[Any] = []
-    if workers is None:  # unbounded: one worker per item
-        if isinstance(items, AsyncIterable):
-            items = [item async for item in items]
-        items = list(items)
-        total = workers = len(items)
-    if not workers:
-        return results
-    done = 0
-
-    def advance() -> None:
-        nonlocal done
-        done += 1
-        if progress is not None:
-            progress(done, total)
-
-    async with anyio.create_task_group() as tg:
-        failure = _Failure(tg.cancel_scope)
-        if isinstance(items, AsyncIterable):
-            source = _AsyncSource(items)
-
-            async def async_worker() -> None:
-                try:
-                    while (item := await source.pull()) is not _PENDING:
-                        index = len(results)
-                        results.append(_PENDING)
-                        if settle:
-                            try:
-                                results[index] = Outcome(await call(item), None)
-                            except Exception as exc:
-                                results[index] = Outcome(None, exc)
-                        else:
-                            results[index] = await call(item)
-                        advance()
-                except Exception as exc:
-                    failure.fail(exc)
-
-            for _ in range(workers):
-                tg.start_soon(async_worker)
-        else:
-            iterator = iter(items)
-            worker = _settle_worker if settle else _fast_worker
-            report = advance if progress is not None else None
-            for _ in range(min(workers, total) if total is not None else workers):
-                tg.start_soon(worker, iterator, call, results, failure, report)
-    if failure.error is not None:
-        raise failure.error
-    return results
+    total = size_of(items)
+    sink: Any = [None] * total if total is not None else {}
+    if progress is not None:
+        sink = _Progress(sink, progress, total)
+    if isinstance(items, AsyncIterable):
+        source = AsyncUnits(items)
+        pool = Pool(call, source, sink, max_workers=workers, settle=settle, refill=source.refill)
+        source.pool = pool
+        await pool.run(pool.kick)
+    else:
+        pool = Pool(call, enumerate(items), sink, max_workers=workers, settle=settle)
+        await pool.run(functools.partial(pool.fill, total))
+    if progress is not None:
+        sink = sink.results
+    if isinstance(sink, dict):
+        return [sink[i] for i in range(len(sink))]
+    return sink  # type: ignore[no-any-return]
 
 
-async def _fast_worker(
-    iterator: Iterator[Any],
-    call: Callable[[Any], Awaitable[Any]],
-    results: list[Any],
-    failure: _Failure,
-    report: Callable[[], None] | None,
-) -> None:
-    append = results.append
-    try:
-        for item in iterator:
-            index = len(results)
-            append(_PENDING)
-            results[index] = await call(item)
-            if report is not None:
-                report()
-    except Exception as exc:
-        failure.fail(exc)
+class _Progress:
+    """A sink that reports ``progress(done, total)`` after each stored result."""
 
+    __slots__ = ("_progress", "_total", "done", "results")
 
-async def _settle_worker(
-    iterator: Iterator[Any],
-    call: Callable[[Any], Awaitable[Any]],
-    results: list[Any],
-    failure: _Failure,
-    report: Callable[[], None] | None,
-) -> None:
-    append = results.append
-    try:
-        for item in iterator:
-            index = len(results)
-            append(_PENDING)
-            try:
-                results[index] = Outcome(await call(item), None)
-            except Exception as exc:
-                results[index] = Outcome(None, exc)
-            if report is not None:
-                report()
-    except Exception as exc:
-        failure.fail(exc)
+    def __init__(self, results: Any, progress: Progress, total: int | None) -> None:
+        self.results = results
+        self._progress = progress
+        self._total = total
+        self.done = 0
+
+    def __setitem__(self, index: int, value: Any) -> None:
+        self.results[index] = value
+        self.done += 1
+        self._progress(self.done, self._total)
 
 
 def _close_unstarted(objs: Iterable[object]) -> None:
@@ -254,7 +80,8 @@ def _close_unstarted(objs: Iterable[object]) -> None:
             obj.close()
 
 
-def _total(items: object) -> int | None:
+def size_of(items: object) -> int | None:
+    """``len(items)``, or ``None`` for an input without a length."""
     try:
         return len(items)  # type: ignore[arg-type]
     except TypeError:
@@ -316,8 +143,11 @@ async def gather(
 
     Raises:
         TypeError: an item is neither awaitable nor callable (its index is named),
-            or ``retry`` was given with coroutine objects.
-        ValueError: a bad ``limit``, ``rate`` or ``timeout``.
+            or ``retry`` was given with coroutine objects, or an option of the
+            wrong type (``limit=1.5``, ``settle=1``); a callable item that returns
+            no awaitable, when its turn comes.
+        ValueError: a bad ``limit``, ``rate`` or ``timeout`` (checked before any
+            item starts).
 
     Example:
         ```python
@@ -327,6 +157,8 @@ async def gather(
         ```
     """
     try:
+        options = Options(_start_gather_item, limit, rate, timeout, retry)
+        flag("settle", settle)
         for index, aw in enumerate(aws):
             if not (inspect.isawaitable(aw) or callable(cast(object, aw))):
                 msg = (
@@ -341,14 +173,11 @@ async def gather(
                     "`lambda: fetch(x)`, or use pk.map(fn, items, retry=...)"
                 )
                 raise TypeError(msg)
-        options = _Options(_start_gather_item, limit, rate, timeout, retry)
     except BaseException:
         _close_unstarted(aws)
         raise
     try:
-        return await _collect(
-            options.call, list(enumerate(aws)), options.workers, settle, None, len(aws)
-        )
+        return await run_items(options.call, list(enumerate(aws)), options.workers, settle)
     finally:
         _close_unstarted(aws)
 
@@ -406,15 +235,20 @@ async def map(
 
     The items may be any iterable or async iterable and are consumed lazily: a
     worker pulls the next item only when it is free, so a generator of a million
-    items never sits in memory as a million coroutines. The pool is ``limit``
-    workers, not a task per item, which keeps the per-item cost close to a
-    hand-written loop (see the fan-out benchmark).
+    items never sits in memory as a million coroutines. The pool is at most
+    ``limit`` workers, not a task per item, which keeps the per-item cost close to
+    a hand-written loop (see the fan-out benchmark); workers start as items arrive,
+    so a ``limit`` far above the number of items costs what the items cost.
 
     ``limit=None`` runs every item at once and therefore reads the whole input
     first; give a limit for large or unbounded inputs.
 
+    Every argument is checked before any item is pulled or runs.
+
     Args:
-        fn: an async function of one argument.
+        fn: an async function of one argument (``async def``, a
+            ``functools.partial`` of one, or an object with an ``async def
+            __call__``); a sync function is a :class:`TypeError`, before any call.
         items: the inputs, an iterable or async iterable.
         limit: most items running at once: an int or a shared
             :class:`~parallelkit.Limiter`.
@@ -432,6 +266,10 @@ async def map(
     Raises:
         Exception: the first failing item's exception, unchanged (fail-fast), or
             one raised by the input iterable itself (even with ``settle=True``).
+        TypeError: a sync ``fn``, ``items`` not iterable, or an option of the
+            wrong type (``limit=1.5``, ``settle=1``, ``progress=5``).
+        ValueError: an option out of range (``limit=0``, ``rate=-1``,
+            ``timeout=nan``).
 
     Example:
         ```python
@@ -442,23 +280,31 @@ async def map(
         failed = [r.error for r in results if not r.ok]
         ```
     """
-    _check_fn(fn)
-    options = _Options(
-        _awaited(fn) if not _is_async_callable(fn) else fn, limit, rate, timeout, retry
-    )
-    _check_items(items)
-    return await _collect(options.call, items, options.workers, settle, progress, _total(items))
+    options = map_options(fn, items, limit, rate, timeout, retry, settle, progress)
+    return await run_items(options.call, items, options.workers, settle, progress)
 
 
-def _is_async_callable(fn: object) -> bool:
-    while hasattr(fn, "func") and hasattr(fn, "args"):  # functools.partial
-        fn = fn.func
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004
-    )
+def map_options(
+    fn: object,
+    items: object,
+    limit: object,
+    rate: object,
+    timeout: object,
+    retry: object,
+    settle: object,
+    progress: object,
+) -> Options:
+    """Every check of ``map`` (and of the Taskiq ``map``), at the door."""
+    check_map_args(fn, items, settle)
+    if progress is not None:
+        callable_("progress", progress)
+    return Options(fn, limit, rate, timeout, retry)  # type: ignore[arg-type]
 
 
-def _check_items(items: object) -> None:
+def check_map_args(fn: object, items: object, settle: object) -> None:
+    """The checks ``map`` and ``imap`` share: an async ``fn``, an iterable, a flag."""
+    async_callable("fn", fn)
     if not isinstance(items, (Iterable, AsyncIterable)):
         msg = f"items must be an iterable or an async iterable, got {type(items).__name__}"
         raise TypeError(msg)
+    flag("settle", settle)

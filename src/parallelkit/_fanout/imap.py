@@ -2,32 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 from collections import deque
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
+from contextlib import AbstractAsyncContextManager
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar, overload
 
 import anyio
 from typing_extensions import Self, final
 
+from .._core.check import flag
 from .._core.limiter import SupportsLimit
 from .._core.outcome import Outcome
-from .._core.owned import leave
+from .._core.owned import OwnedTaskGroup
 from .._core.retry import RetryLike
-from .fanout import (
-    _PENDING,
-    _AsyncSource,
-    _awaited,
-    _check_fn,
-    _check_items,
-    _Failure,
-    _is_async_callable,
-    _Options,
-)
+from .fanout import check_map_args, size_of
+from .options import Options
+from .pool import AsyncUnits, Pool, Unit
 
 __all__ = ["imap"]
 
 T = TypeVar("T")
+R = TypeVar("R")
 U = TypeVar("U")
 
 
@@ -46,11 +43,15 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
     is raised from the ``async for``; with ``settle=True`` you get an
     :class:`~parallelkit.Outcome` per item.
 
+    Workers start as items arrive (never more than ``limit``), on the same pool
+    as :func:`map`; every argument is checked when ``imap(...)`` is called.
+
     Args:
-        fn: an async function of one argument.
+        fn: an async function of one argument (a sync one is a
+            :class:`TypeError`, before any call).
         items: the inputs, an iterable or async iterable, pulled lazily.
-        limit: most items running at once (``None``: all at once, which reads
-            the whole input first).
+        limit: most items running at once (``None``: no bound, a worker per
+            item pulled).
         ordered: yield in input order instead of completion order.
         rate: as in :func:`map`.
         timeout: as in :func:`map`.
@@ -65,28 +66,39 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         ```
     """
 
-    __slots__ = (
-        "_buffer",
-        "_call",
-        "_consumed",
-        "_delivered",
-        "_done",
-        "_error",
-        "_items",
-        "_next",
-        "_ordered",
-        "_pulled",
-        "_settle",
-        "_space",
-        "_tg",
-        "_wake",
-        "_window",
-        "_workers",
-    )
+    __slots__ = ("_owner", "_pool", "_results", "_start", "_window", "around")
 
+    @overload
+    def __init__(
+        self: imap[R],
+        fn: Callable[[U], Awaitable[R]],
+        items: Iterable[U] | AsyncIterable[U],
+        /,
+        *,
+        limit: int | SupportsLimit | None = ...,
+        ordered: bool = ...,
+        rate: float | None = ...,
+        timeout: float | None = ...,
+        retry: RetryLike | None = ...,
+        settle: Literal[False] = ...,
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: imap[Outcome[R]],
+        fn: Callable[[U], Awaitable[R]],
+        items: Iterable[U] | AsyncIterable[U],
+        /,
+        *,
+        limit: int | SupportsLimit | None = ...,
+        ordered: bool = ...,
+        rate: float | None = ...,
+        timeout: float | None = ...,
+        retry: RetryLike | None = ...,
+        settle: Literal[True],
+    ) -> None: ...
     def __init__(
         self,
-        fn: Callable[[U], Awaitable[T]],
+        fn: Callable[[U], Awaitable[Any]],
         items: Iterable[U] | AsyncIterable[U],
         /,
         *,
@@ -97,46 +109,56 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         retry: RetryLike | None = None,
         settle: bool = False,
     ) -> None:
-        _check_fn(fn)
-        _check_items(items)
-        options = _Options(
-            _awaited(fn) if not _is_async_callable(fn) else fn, limit, rate, timeout, retry
+        check_map_args(fn, items, settle)
+        flag("ordered", ordered)
+        options = Options(fn, limit, rate, timeout, retry)
+        workers = options.workers
+        results: _Results = _InOrder() if ordered else _AsDone()
+        source: AsyncUnits | None = None
+        if isinstance(items, AsyncIterable):
+            source = AsyncUnits(items)
+            units: Iterator[Unit] = source
+        else:
+            units = enumerate(items)
+        window = _Window(units, None if workers is None else 2 * workers, source, workers)
+        pool = Pool(
+            options.call, window, results, max_workers=workers, settle=settle, refill=window.refill
         )
-        self._call = options.call
-        self._workers = options.workers
-        self._items: Iterable[Any] | AsyncIterable[Any] = items
-        self._ordered = ordered
-        self._settle = settle
-        self._tg: anyio.abc.TaskGroup | None = None
-        self._buffer: Any = deque()
-        self._error: BaseException | None = None
-        self._done = False
-        self._delivered = False
-        self._wake: anyio.Event | None = None
-        self._space: anyio.Event | None = None
-        self._pulled = 0
-        self._consumed = 0
-        self._next = 0
-        self._window = 0
+        if source is not None:
+            source.pool = pool
+        window.pool = pool
+        size = None if source is not None else size_of(items)
+        if size is None:  # one worker; each unit taken kicks one more
+            self._start: Callable[[], None] = pool.kick
+        else:  # as many workers as items (up to the limit) at once
+            self._start = functools.partial(pool.fill, size)
+            window.grown()
+        self._pool = pool
+        self._results = results
+        self._window = window
+        self._owner = OwnedTaskGroup("this imap(...)")
+        self.around: AbstractAsyncContextManager[Any] | None = None
+        """Entered before the workers start and left after they end (the Taskiq
+        ``imap`` puts its completions subscription here)."""
+
+    def __repr__(self) -> str:
+        return f"<imap {self._pool!r} buffered={len(self._results)}>"
 
     async def __aenter__(self) -> Self:
-        if self._tg is not None:
+        if self._results.entered:
             msg = "an imap(...) object can be entered once; create a new one"
             raise RuntimeError(msg)
-        items = self._items
-        if self._workers is None:
-            if isinstance(items, AsyncIterable):
-                items = [item async for item in items]
-            items = list(items)
-            self._workers = max(len(items), 1)
-        self._items = items
-        self._window = 2 * self._workers
-        if self._ordered:
-            self._buffer = {}
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        self._tg = tg
-        tg.start_soon(self._pool)
+        self._results.entered = True
+        around = self.around
+        if around is not None:
+            await around.__aenter__()
+        try:
+            tg = await self._owner.enter()
+        except BaseException:
+            if around is not None:
+                await around.__aexit__(None, None, None)
+            raise
+        tg.start_soon(self._run)
         return self
 
     async def __aexit__(
@@ -145,104 +167,215 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        tg = self._tg
-        assert tg is not None
         # outstanding work is cancelled; the body's own error propagates unchanged
-        await leave(tg, exc_type, exc, tb, cancel=True)
-        error = self._error
-        if exc is None and error is not None and not self._delivered:
-            self._delivered = True
-            raise error
+        try:
+            await self._owner.exit(exc_type, exc, tb, cancel=True)
+        finally:
+            if self.around is not None:
+                await self.around.__aexit__(None, None, None)
+        results = self._results
+        if exc is None and results.error is not None and not results.delivered:
+            results.delivered = True
+            raise results.error
         return None
 
-    # --- the producer side
-    async def _pool(self) -> None:
-        items = self._items
+    async def _run(self) -> None:
+        """The producer: the pool, in its own task group (cancelling it on a failure
+        must not cancel the consumer's ``async with`` body)."""
+        pool, results = self._pool, self._results
         try:
-            async with anyio.create_task_group() as tg:
-                failure = _Failure(tg.cancel_scope)
-                pull: Callable[[], Awaitable[Any]]
-                if isinstance(items, AsyncIterable):
-                    pull = _AsyncSource(items).pull
-                else:
-                    iterator = iter(items)
-
-                    async def pull() -> Any:
-                        return next(iterator, _PENDING)
-
-                workers = self._workers
-                assert workers is not None
-                for _ in range(workers):
-                    tg.start_soon(self._worker, pull, failure)
-            self._error = failure.error
+            await pool.run(self._start)
+        except Exception as exc:  # fail-fast: handed to the consumer
+            results.error = exc
         finally:
-            self._done = True
-            self._wakeup()
-
-    async def _worker(self, pull: Callable[[], Awaitable[Any]], failure: _Failure) -> None:
-        call, settle, ordered, buffer = self._call, self._settle, self._ordered, self._buffer
-        try:
-            while True:
-                while self._pulled - self._consumed >= self._window:
-                    if self._space is None:
-                        self._space = anyio.Event()
-                    await self._space.wait()
-                item = await pull()
-                if item is _PENDING:
-                    return
-                index = self._pulled
-                self._pulled += 1
-                if settle:
-                    try:
-                        result: Any = Outcome(await call(item), None)
-                    except Exception as exc:
-                        result = Outcome(None, exc)
-                else:
-                    result = await call(item)
-                if ordered:
-                    buffer[index] = result
-                else:
-                    buffer.append(result)
-                if self._wake is not None:
-                    self._wake.set()
-        except Exception as exc:
-            failure.fail(exc)
-
-    def _wakeup(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
+            results.finish()
 
     # --- the consumer side
     def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> T:
-        if self._tg is None:
+        results = self._results
+        if not results.entered:
             msg = "use `async with pk.imap(...) as results: async for r in results: ...`"
             raise RuntimeError(msg)
-        buffer = self._buffer
         while True:
-            if self._error is not None and not self._delivered:
-                self._delivered = True
-                raise self._error
-            if self._ordered:
-                if self._next in buffer:
-                    result: T = buffer.pop(self._next)
-                    self._next += 1
-                    self._consumed_one()
-                    return result
-            elif buffer:
-                result = buffer.popleft()
-                self._consumed_one()
-                return result
-            if self._done:
+            if results.error is not None and not results.delivered:
+                results.delivered = True
+                raise results.error
+            result: Any = results.take()
+            if result is not _NOTHING:
+                break
+            if results.done:
                 raise StopAsyncIteration
-            self._wake = anyio.Event()
-            await self._wake.wait()
-            self._wake = None
+            results.wake = anyio.Event()
+            await results.wake.wait()
+            results.wake = None
+        window = self._window  # one result fewer ahead: a parked worker may go on
+        window.consumed += 1
+        if window.parked:
+            self._pool.kick()
+        return result  # type: ignore[no-any-return]
 
-    def _consumed_one(self) -> None:
-        self._consumed += 1
-        if self._space is not None:
-            self._space.set()
-            self._space = None
+
+class _Window:
+    """imap's source: the input's units, pulled only while fewer than ``size`` results
+    are pulled and not yet consumed (``None``: no bound).
+
+    Workers start as units are taken: each unit taken kicks one more worker (up to
+    ``workers``), which takes the next. A worker that finds the window full parks
+    in the pool; each result the consumer takes kicks one parked worker back
+    (which kicks the next if there is room).
+    """
+
+    __slots__ = (
+        "_async",
+        "_growing",
+        "_units",
+        "_workers",
+        "consumed",
+        "exhausted",
+        "parked",
+        "pool",
+        "pulled",
+        "size",
+    )
+
+    def __init__(
+        self,
+        units: Iterator[Unit],
+        size: int | None,
+        source: AsyncUnits | None,
+        workers: int | None,
+    ) -> None:
+        self._units = units
+        self._async = source
+        self._workers = workers
+        self._growing = True  # until the pool has ``workers`` workers
+        self.size = size
+        self.pulled = 0
+        self.consumed = 0
+        self.parked = 0
+        self.exhausted = False
+        self.pool: Any = None
+
+    def __iter__(self) -> Iterator[Unit]:
+        return self
+
+    def __next__(self) -> Unit:
+        size = self.size
+        if size is not None and self.pulled - self.consumed >= size:
+            raise StopIteration  # full: refill parks the worker
+        try:
+            unit = next(self._units)
+        except StopIteration:
+            if self._async is None:
+                self._end()
+            raise
+        self.pulled += 1
+        if (self._growing or self.parked) and (size is None or self.pulled - self.consumed < size):
+            pool = self.pool
+            pool.kick()  # room for more: wake a parked worker, or start one
+            if self._workers is not None and pool.workers >= self._workers:
+                self._growing = False
+        return unit
+
+    def grown(self) -> None:
+        """The pool was filled at once: taking a unit starts no worker."""
+        self._growing = False
+
+    def _end(self) -> None:
+        self.exhausted = True
+        self.pool.release()  # parked workers: nothing more will come
+
+    async def refill(self) -> bool:
+        """Park while the window is full; with async input, pull the next item."""
+        if self.exhausted:
+            return False
+        if self.size is not None and self.pulled - self.consumed >= self.size:
+            self.parked += 1
+            try:
+                await self.pool.park()
+            finally:
+                self.parked -= 1
+            return True
+        if self._async is not None and not await self._async.refill():
+            self._end()
+            return False
+        return True
+
+
+_NOTHING: Any = object()
+
+
+class _Results:
+    """imap's sink: results handed over to the consumer as they are stored."""
+
+    __slots__ = ("delivered", "done", "entered", "error", "wake")
+
+    def __init__(self) -> None:
+        self.wake: anyio.Event | None = None
+        self.error: BaseException | None = None
+        self.delivered = False
+        self.entered = False
+        self.done = False
+
+    def __len__(self) -> int:  # pragma: no cover - each kind has its buffer
+        raise NotImplementedError
+
+    def take(self) -> Any:  # pragma: no cover
+        """The next result for the consumer, or ``_NOTHING``."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        self.done = True
+        if self.wake is not None:
+            self.wake.set()
+
+
+@final
+class _InOrder(_Results):
+    """Input order: a reorder buffer by index."""
+
+    __slots__ = ("_buffer", "_next")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffer: dict[int, Any] = {}
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    def __setitem__(self, index: int, value: Any) -> None:
+        self._buffer[index] = value
+        if self.wake is not None:
+            self.wake.set()
+
+    def take(self) -> Any:
+        value = self._buffer.pop(self._next, _NOTHING)
+        if value is not _NOTHING:
+            self._next += 1
+        return value
+
+
+@final
+class _AsDone(_Results):
+    """Completion order: a queue."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffer: deque[Any] = deque()
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    def __setitem__(self, index: int, value: Any) -> None:
+        self._buffer.append(value)
+        if self.wake is not None:
+            self.wake.set()
+
+    def take(self) -> Any:
+        return self._buffer.popleft() if self._buffer else _NOTHING

@@ -18,11 +18,12 @@ from typing import Any, Literal, TypeVar, cast, overload
 import anyio
 from typing_extensions import ParamSpec, final
 
-from .._core.check import number_or_none
+from .._core.check import flag, is_async_callable, number_or_none, text_or_none
 from .._core.errors import DefinitionError
 from .._core.limiter import Limiter, SupportsLimit
 from .._core.outcome import Outcome
-from .._core.retry import RetryLike, retrying_call, to_retrying, validate_retry
+from .._core.retry import RetryLike, validate_retry
+from .._fanout.options import build_call, split_limit
 from .._graph.graph import Graph, Node, params_of
 from .._graph.scheduler import Run
 from .._graph.timeline import Timeline
@@ -88,7 +89,7 @@ class Flow:
     __slots__ = ("_by_fn", "_graph", "name")
 
     def __init__(self, name: str | None = None) -> None:
-        _check_name(name)
+        text_or_none("name", name)
         self.name = name
         self._graph = Graph(kind="step", reserved=RESERVED)
         self._by_fn: dict[object, str] = {}
@@ -143,6 +144,9 @@ class Flow:
                 partner API's limiter, shared with other code).
 
         Raises:
+            TypeError: an option of the wrong type (``timeout="5"``, ``limit=1.5``,
+                ``retry=3``, ``name=3``), raised by the decorator.
+            ValueError: an option out of range (``timeout=0``, ``limit=0``).
             NotAsyncError: ``fn`` is not an ``async def`` function (also a TypeError).
             DefinitionError: a duplicate or reserved name, a ``*args`` parameter.
             CycleError: this step closes a dependency cycle.
@@ -156,12 +160,10 @@ class Flow:
         """
         timeout = number_or_none("timeout", timeout)
         retry = validate_retry(retry)
-        limiter: SupportsLimit | None
-        if limit is None or (not isinstance(limit, int) and isinstance(limit, SupportsLimit)):
-            limiter = limit
-        else:
-            limiter = Limiter(concurrency=limit)
-        _check_name(name)
+        workers, limiter = split_limit(limit)
+        if workers is not None and limiter is None:  # an int: one bound for all runs
+            limiter = Limiter(concurrency=workers)
+        text_or_none("name", name)
 
         def register(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
             self._register(fn, name, timeout, retry, limiter)
@@ -189,7 +191,7 @@ class Flow:
                 "value (for set-up / tear-down, use an Orchestrator service)"
             )
             raise NotAsyncError(msg)
-        if not _is_async(fn):
+        if not is_async_callable(fn):
             msg = (
                 f"step {step_name!r} must be an async function (async def), got "
                 f"{fn!r}; wrap blocking work with anyio.to_thread.run_sync"
@@ -251,6 +253,9 @@ class Flow:
             ``settle=True`` a :class:`FlowOutcomes` (outcomes by step name).
 
         Raises:
+            TypeError: ``limit`` not an int or a limiter, ``settle`` not a bool
+                (before any step starts).
+            ValueError: ``limit`` below 1.
             DefinitionError: before any step starts: a parameter that is neither a
                 step nor an input (the message lists both), a missing input, an
                 unknown target.
@@ -259,9 +264,7 @@ class Flow:
                 (never an ``ExceptionGroup``); the other running steps are
                 cancelled and have finished before it is raised.
         """
-        if not isinstance(cast(object, settle), bool):
-            msg = f"settle must be a bool, got {settle!r}"
-            raise TypeError(msg)
+        flag("settle", settle)
         target_names = None if targets is None else self._target_names(targets)
         plan = self._graph.plan(inputs.keys(), target_names)
         timeline = Timeline(origin=anyio.current_time(), name=self.name)
@@ -287,40 +290,17 @@ class Flow:
         return names
 
 
-def _check_name(name: object) -> None:
-    if name is not None and not isinstance(name, str):
-        msg = f"name must be a str or None, got {name!r}"
-        raise TypeError(msg)
-
-
-def _is_async(fn: object) -> bool:
-    while hasattr(fn, "func") and hasattr(fn, "args"):  # functools.partial
-        fn = fn.func
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004
-    )
-
-
 def _build_call(
     fn: StepFn, timeout: float | None, retry: RetryLike | None, limiter: SupportsLimit | None
 ) -> StepFn:
-    """Per-step options, composed once: timeout and limit per attempt, then retry."""
+    """The step's options on the one option builder; the call takes the kwargs."""
     if timeout is None and retry is None and limiter is None:
         return fn
 
     async def attempt(kwargs: dict[str, Any]) -> Any:
-        if limiter is not None:
-            async with limiter:
-                if timeout is None:
-                    return await fn(**kwargs)
-                with anyio.fail_after(timeout):
-                    return await fn(**kwargs)
-        if timeout is None:
-            return await fn(**kwargs)
-        with anyio.fail_after(timeout):
-            return await fn(**kwargs)
+        return await fn(**kwargs)
 
-    inner = attempt if retry is None else retrying_call(to_retrying(retry), attempt)
+    inner = build_call(attempt, timeout=timeout, limiter=limiter, retry=retry)
 
     async def call(**kwargs: Any) -> Any:
         return await inner(kwargs)

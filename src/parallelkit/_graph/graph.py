@@ -42,8 +42,9 @@ Three objects, used in this order::
 ``Run(plan, inputs, *, run_node=None, limit=None, settle=False, timeline=None, kind=None)``
     One execution; all per-run state lives here (never on the graph).
     ``await run.execute()`` starts every node the moment **all** of its
-    dependencies have finished (not layer by layer), on a pool of workers fed by
-    a ready queue with dependency counters: no task or event per node.
+    dependencies have finished (not layer by layer), on the one worker pool
+    (:mod:`parallelkit._fanout.pool`) fed by a ready queue with dependency
+    counters: no task or event per node.
 
     - ``run_node``: ``async (node, kwargs) -> value``. The value is what the
       dependents receive, and they start as soon as it returns. The Orchestrator
@@ -53,8 +54,10 @@ Three objects, used in this order::
       value)``), or enters an async generator on its own ``AsyncExitStack`` and
       returns the yielded value. The engine never owns a node's lifetime beyond
       ``run_node``.
-    - ``limit``: an int or a shared :class:`~parallelkit.Limiter` /
-      ``SupportsLimit`` (each node's ``run_node`` runs inside ``async with limit``).
+    - ``limit``: an int (the most workers) or a shared :class:`~parallelkit.Limiter`
+      / ``SupportsLimit`` (its ``concurrency`` is the most workers, and each node's
+      ``run_node`` runs inside ``async with limit``); the one limit → workers rule
+      of :mod:`parallelkit._fanout.options`.
     - fail-fast (``settle=False``): the first exception cancels the running nodes
       and ``execute`` raises **that original exception** (never an
       ``ExceptionGroup``); ``run.failed`` names the node that raised it.
@@ -63,8 +66,11 @@ Three objects, used in this order::
       :class:`~parallelkit.DependencyFailed` naming the dependency.
     - ``timeline``: a :class:`~parallelkit.Timeline`; one :class:`~parallelkit.Span`
       per node (``kind`` defaults to the graph's kind; the Orchestrator may pass
-      ``kind="start"``: ``end`` is then the moment the node became ready). Nodes
-      cancelled by fail-fast or by the caller get ``status="cancelled"``.
+      ``kind="start"``: ``end`` is then the moment the node became ready, or
+      ``kind="stop"``, which ``Timeline.critical_path()`` leaves out by default).
+      Nodes cancelled by fail-fast or by the caller get ``status="cancelled"``. A
+      run without ``limit`` has no slot to wait for: its spans have ``queued ==
+      start``.
     - ``run.ready_order``: names in the order their ``run_node`` returned (use
       ``reversed(run.ready_order)`` for teardown).
 """

@@ -30,7 +30,9 @@ class Span:
 
     Attributes:
         name: the step (or service) name.
-        queued: when all of its dependencies had finished, so it could run.
+        queued: when it was ready and waited only for a ``limit`` slot (its
+            dependencies had finished). A run without ``limit`` has no slot to
+            wait for: there ``queued`` is ``start``.
         start: when it actually started (later than ``queued`` when it waited
             for a ``limit`` slot).
         end: when it finished (or failed, or was cancelled).
@@ -141,12 +143,20 @@ class Timeline:
         Shortening any other span cannot finish the run earlier: this is the chain
         to optimise.
 
+        An orchestrator's timeline also holds the ``"stop"`` spans of its
+        shutdown, a separate phase that runs in reverse order: they are left out
+        unless asked for, so after a shutdown the critical path is still the
+        start-up's.
+
         Args:
-            kind: only follow spans of this kind (default: the kind of the span
-                that ended last, e.g. ``"step"``).
+            kind: only follow spans of this kind, e.g. ``"stop"`` for the chain
+                that set the shutdown's length (default: every kind but
+                ``"stop"``, following the kind of the span that ended last).
         """
         spans = [s for s in self._spans if s.status != "skipped"]
-        if kind is not None:
+        if kind is None:
+            spans = [s for s in spans if s.kind != "stop"]
+        else:
             spans = [s for s in spans if s.kind == kind]
         if not spans:
             return ()
@@ -171,8 +181,10 @@ class Timeline:
     def to_text(self, width: int = 40) -> str:
         """A compact Gantt chart for the terminal.
 
-        One row per span: ``░`` while it waited for a slot, ``█`` while it ran.
-        The last line names the critical path.
+        One row per span: ``░`` while it waited for a ``limit`` slot (only a
+        limited run has such waits), ``█`` while it ran. The last line names the
+        critical path (:meth:`critical_path`: the start-up or the steps, not a
+        shutdown).
 
         Args:
             width: characters for the bar area.

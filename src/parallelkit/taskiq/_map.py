@@ -17,7 +17,7 @@ from taskiq.result import TaskiqResult
 from .._core.check import number_or_none
 from .._core.limiter import Limiter, SupportsLimit, validate_rate
 from .._core.outcome import Outcome
-from .._fanout.fanout import map as _map
+from .._fanout.fanout import map_options, run_items
 from .._fanout.imap import imap as _imap
 from ._broker import (
     _LABEL_ERROR_TYPE,
@@ -25,6 +25,7 @@ from ._broker import (
     RemoteTraceback,
     _ResultBackend,
 )
+from ._completions import LABEL_DONE, Completions
 
 __all__ = ["SupportsRate", "imap", "map"]
 
@@ -41,17 +42,24 @@ _POLL_MAX = 0.05
 
 @runtime_checkable
 class SupportsRate(Protocol):
-    """What ``rate=`` accepts besides a number: a shared rate limiter.
+    """A rate gate for ``rate=``: ``await gate.wait_rate()`` returns when one more
+    kick may start.
 
-    :class:`parallelkit.Limiter` (in-process) and ``parallelkit.redis.RedisLimiter``
-    (one budget for every producer on the same Redis) both have it.
+    :class:`parallelkit.Limiter` has it (an in-process rate shared by every call
+    given the same limiter). ``rate=`` also accepts a shared limiter without
+    ``wait_rate``, such as ``parallelkit.redis.RedisLimiter``: each kick then enters
+    and leaves it once, so its rate spaces the kicks of every producer on the same
+    Redis (and, if it has a ``concurrency``, each kick holds a slot only for that
+    moment: bound the items in flight with ``limit=``).
     """
 
     async def wait_rate(self) -> None: ...
 
 
 def _rate_gate(rate: object) -> Callable[[], Awaitable[object]] | None:
-    """Turn ``rate=`` into "wait until this kick may start" (or ``None``)."""
+    """Turn ``rate=`` into "wait until this kick may start" (or ``None``): a number
+    (an in-process :class:`~parallelkit.Limiter`), a :class:`SupportsRate`, or a
+    shared limiter entered and left once per kick."""
     if rate is None:
         return None
     if isinstance(rate, SupportsRate):
@@ -115,9 +123,14 @@ def _original_type(error: BaseException, result: TaskiqResult[Any]) -> BaseExcep
 
 
 class _Kick:
-    """``await call(item)``: kick ``task(item)`` and wait for its result."""
+    """``await call(item)``: kick ``task(item)`` and wait for its result.
 
-    __slots__ = ("_gate", "_kicker", "_name", "_timeout")
+    With :func:`redis_broker`'s result backend, :attr:`completions` (entered around
+    the call's pool) wakes an item as soon as its worker publishes it as done;
+    polling stays as the fallback.
+    """
+
+    __slots__ = ("_gate", "_kicker", "_name", "_timeout", "completions")
 
     def __init__(self, task: object, rate: object, timeout: object) -> None:
         if not isinstance(task, AsyncTaskiqDecoratedTask):
@@ -131,6 +144,11 @@ class _Kick:
         kicker = task.kicker()
         if self._timeout is not None:  # the worker stops the attempt too
             kicker = kicker.with_labels(timeout=self._timeout)
+        backend = task.broker.result_backend
+        self.completions: Completions | None = None
+        if isinstance(backend, _ResultBackend):
+            self.completions = Completions(backend._client(), backend.prefix_str or "taskiq")
+            kicker = kicker.with_labels(**{LABEL_DONE: self.completions.channel})
         self._kicker = kicker
         self._name: str = task.task_name
 
@@ -151,9 +169,10 @@ class _Kick:
         handle = await self._kicker.kiq(item)
         backend = handle.result_backend
         delay = _POLL_FIRST
-        if isinstance(backend, _ResultBackend):  # one GET per poll
+        completions = self.completions
+        if isinstance(backend, _ResultBackend) and completions is not None:  # one GET a poll
             while (result := await backend.fetch(handle.task_id)) is None:
-                await anyio.sleep(delay)
+                await completions.wait(handle.task_id, delay)
                 delay = min(delay * 1.5, _POLL_MAX)
         else:
             while not await handle.is_ready():
@@ -227,9 +246,10 @@ async def map(
             that to keep workers busy while results travel back. ``None`` kicks
             every item at once, reading the whole input first.
         rate: most kicks per second: a number (an in-process
-            :class:`~parallelkit.Limiter`), or a shared limiter with
-            ``wait_rate()`` such as ``parallelkit.redis.RedisLimiter`` to hold one
-            global rate across all producers.
+            :class:`~parallelkit.Limiter`), a :class:`SupportsRate` such as a
+            shared :class:`~parallelkit.Limiter`, or a shared limiter such as
+            ``parallelkit.redis.RedisLimiter(..., rate=25)``, entered once per kick,
+            to hold one global rate across all producers.
         timeout: seconds from kicking an item until its result is back (time
             queued, retries and all); past it the item fails with
             :class:`TimeoutError`. The worker is told the same timeout, so it
@@ -258,9 +278,37 @@ async def map(
         ```
     """
     call = _Kick(task, rate, timeout)
-    return await _map(call, items, limit=limit, settle=settle, progress=progress)  # type: ignore[call-overload,no-any-return]
+    options = map_options(call, items, limit, None, None, None, settle, progress)
+    if call.completions is None:
+        return await run_items(options.call, items, options.workers, settle, progress)
+    async with call.completions:
+        return await run_items(options.call, items, options.workers, settle, progress)
 
 
+@overload
+def imap(
+    task: Task[U, T],
+    items: Iterable[U] | AsyncIterable[U],
+    /,
+    *,
+    limit: int | SupportsLimit | None = ...,
+    ordered: bool = ...,
+    rate: float | SupportsRate | SupportsLimit | None = ...,
+    timeout: float | None = ...,
+    settle: Literal[False] = ...,
+) -> _imap[T]: ...
+@overload
+def imap(
+    task: Task[U, T],
+    items: Iterable[U] | AsyncIterable[U],
+    /,
+    *,
+    limit: int | SupportsLimit | None = ...,
+    ordered: bool = ...,
+    rate: float | SupportsRate | SupportsLimit | None = ...,
+    timeout: float | None = ...,
+    settle: Literal[True],
+) -> _imap[Outcome[T]]: ...
 def imap(
     task: Task[U, T],
     items: Iterable[U] | AsyncIterable[U],
@@ -271,7 +319,7 @@ def imap(
     rate: float | SupportsRate | SupportsLimit | None = None,
     timeout: float | None = None,
     settle: bool = False,
-) -> _imap[T]:
+) -> _imap[T] | _imap[Outcome[T]]:
     """Stream the results of ``task(item)`` on Taskiq workers as they come back.
 
     :func:`map` for inputs too large to hold all results of, or to act on each
@@ -300,4 +348,6 @@ def imap(
         ```
     """
     call = _Kick(task, rate, timeout)
-    return _imap(call, items, limit=limit, ordered=ordered, settle=settle)
+    stream: _imap[Any] = _imap(call, items, limit=limit, ordered=ordered, settle=settle)  # type: ignore[call-overload]
+    stream.around = call.completions  # subscribed while the stream is open
+    return stream

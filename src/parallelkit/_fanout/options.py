@@ -1,0 +1,109 @@
+"""The one option builder: ``limit``, ``rate``, ``timeout`` and ``retry`` become the
+per-item call, for ``gather``/``map``/``imap`` and for ``Flow.step``.
+
+* :func:`split_limit` is the one **limit → workers** rule: an ``int`` is the number
+  of workers; a shared limiter (``SupportsLimit``) gives its ``concurrency`` as the
+  number of workers and is also entered around each attempt, so that every user of
+  it shares one bound; ``None`` is no bound.
+* :func:`build_call` wraps a one-argument async function, innermost first: the
+  ``timeout`` of one attempt, the shared limiter held for one attempt, the ``rate``
+  (each attempt is a start), then ``retry`` around all of it.
+* :class:`Options` checks the fan-out options at the door and holds the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+from typing_extensions import final
+
+from .._core.check import count, number_or_none
+from .._core.limiter import Limiter, SupportsLimit, validate_rate
+from .._core.retry import RetryLike, retrying_call, to_retrying, validate_retry
+
+__all__ = ["Call", "Options", "build_call", "split_limit"]
+
+T = TypeVar("T")
+Call = Callable[[Any], Awaitable[Any]]
+
+
+def split_limit(limit: object, name: str = "limit") -> tuple[int | None, SupportsLimit | None]:
+    """The one limit → workers rule: ``(most workers, limiter to enter per attempt)``.
+
+    Raises:
+        TypeError: neither an int, a shared limiter nor ``None`` (or a ``bool``).
+        ValueError: an int below 1.
+    """
+    if limit is None:
+        return None, None
+    if not isinstance(limit, int) and isinstance(limit, SupportsLimit):
+        return limit.concurrency, limit
+    return count(name, limit, extra="a Limiter or None"), None
+
+
+def build_call(
+    fn: Call,
+    *,
+    timeout: float | None = None,
+    limiter: SupportsLimit | None = None,
+    rate: float | None = None,
+    retry: RetryLike | None = None,
+) -> Call:
+    """Wrap ``fn(arg)`` with the (already checked) options; ``fn`` itself when none."""
+    call = fn
+    if timeout is not None:
+        call = _with_timeout(call, timeout)
+    if limiter is not None:
+        call = _with_limiter(call, limiter)
+    if rate is not None:
+        call = _with_rate(call, Limiter(rate=rate))
+    if retry is not None:
+        call = retrying_call(to_retrying(retry), call)
+    return call
+
+
+def _with_timeout(fn: Call, timeout: float) -> Call:
+    async def call(arg: Any) -> Any:
+        with anyio.fail_after(timeout):
+            return await fn(arg)
+
+    return call
+
+
+def _with_limiter(fn: Call, limiter: SupportsLimit) -> Call:
+    async def call(arg: Any) -> Any:
+        async with limiter:
+            return await fn(arg)
+
+    return call
+
+
+def _with_rate(fn: Call, limiter: Limiter) -> Call:
+    async def call(arg: Any) -> Any:
+        await limiter.wait_rate()
+        return await fn(arg)
+
+    return call
+
+
+@final
+class Options:
+    """The fan-out options, checked once per call: the per-item ``call`` and the
+    most ``workers`` (``None``: one per item)."""
+
+    __slots__ = ("call", "workers")
+
+    def __init__(
+        self, fn: Call, limit: object, rate: object, timeout: object, retry: object
+    ) -> None:
+        workers, limiter = split_limit(limit)
+        self.workers = workers
+        self.call = build_call(
+            fn,
+            timeout=number_or_none("timeout", timeout),
+            limiter=limiter,
+            rate=validate_rate(rate),
+            retry=validate_retry(retry),
+        )

@@ -1,0 +1,246 @@
+"""The one worker pool: how ``gather``, ``map``, ``imap``, ``Flow``, the Orchestrator
+and the Taskiq ``map`` start and run their workers.
+
+A :class:`Pool` runs **units** of work on workers in one task group. A unit is a
+pair ``(key, arg)``: a worker awaits ``call(arg)`` and stores the value as
+``sink[key] = value`` (``map``: ``results[index] = await fn(item)``).
+
+Units come from a **source**: an iterator of ``(key, arg)`` pairs, read with a
+plain ``for`` loop, so a worker of ``map`` costs what a hand-written worker loop
+costs. When the iterator stops, the worker awaits ``refill()``: ``True`` means
+"more may come now, look again", ``False`` "never again, exit". Three sources:
+
+* ``enumerate(items)`` for ``map``/``gather`` over a sync iterable (no refill: once
+  it stops it is done);
+* :class:`AsyncUnits` for an async iterable (refill pulls the next item);
+* the graph engine's ready queue (``parallelkit._graph.scheduler``): refill parks
+  the worker until a finished node releases more work, or the run is complete.
+
+**Workers start as work arrives**, never before, and never more than
+``max_workers`` (the one limit → workers rule is :func:`split_limit`):
+
+* :meth:`Pool.fill` - for a source that can be read without waiting (a sync
+  iterator): take units one by one and start one worker for each, in the same
+  scheduler pass, until the maximum or the end. ``map(fn, range(5),
+  limit=200_000)`` starts 5 workers.
+* :meth:`Pool.kick` - "more work may be waiting": wake an idle worker or start
+  one, unless one is already on its way. A worker that finds work while more is
+  waiting kicks the next, so a unit that never suspends costs one coroutine call
+  (no task, no event), while units that suspend still all get started.
+
+**Fail-fast** (default): the first exception out of a unit (or out of the source)
+wins; it is kept in :attr:`Pool.error`, the pool's task group is cancelled and
+:meth:`Pool.run` raises it, unchanged. **Settle** (``settle=True``): each unit's
+exception is stored as an :class:`~parallelkit.Outcome` instead and the others go
+on; an exception from the source itself still fails the pool.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import anyio
+from typing_extensions import final
+
+from .._core.outcome import Outcome
+
+__all__ = ["AsyncUnits", "Pool", "Unit"]
+
+Unit = tuple[Any, Any]  # (key, arg)
+
+_END: Any = object()
+
+
+@final
+class Pool:
+    """Workers taking units from one source, started as work arrives (module docs).
+
+    Args:
+        call: awaited as ``call(arg)`` for each unit.
+        units: the source, an iterator of ``(key, arg)``.
+        sink: anything with ``sink[key] = value`` (a list, a dict, imap's buffer):
+            receives each value (an ``Outcome`` in settle mode).
+        max_workers: the most workers at once (``None``: one per waiting unit).
+        settle: keep each unit's exception as an ``Outcome`` instead of failing.
+        refill: awaited when ``units`` stops: ``True`` to look again, ``False``
+            to exit (``None``: the source is done when it stops).
+    """
+
+    __slots__ = (
+        "_call",
+        "_idle",
+        "_max",
+        "_refill",
+        "_sink",
+        "_tg",
+        "_units",
+        "_waking",
+        "error",
+        "workers",
+    )
+
+    def __init__(
+        self,
+        call: Callable[[Any], Awaitable[Any]],
+        units: Iterator[Unit],
+        sink: Any,
+        *,
+        max_workers: int | None,
+        settle: bool = False,
+        refill: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
+        self._call = _settling(call) if settle else call
+        self._units = units
+        self._sink = sink
+        self._max = max_workers
+        self._refill = refill
+        self._tg: Any = None
+        self._idle: deque[anyio.Event] = deque()
+        self._waking = False
+        self.error: BaseException | None = None
+        """The first failure (fail-fast), once there is one."""
+        self.workers = 0
+        """How many workers were started so far."""
+
+    def __repr__(self) -> str:
+        return f"<Pool workers={self.workers}/{self._max} idle={len(self._idle)}>"
+
+    async def run(self, start: Callable[[], None]) -> None:
+        """Open the task group, call ``start`` (:meth:`fill` or :meth:`kick`), wait
+        for every worker; then raise the first failure, if any (fail-fast)."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            start()
+        self._tg = None
+        if self.error is not None:
+            raise self.error
+
+    # -- starting workers ------------------------------------------------------------
+    def fill(self, size: int | None = None) -> None:
+        """Start one worker per unit the source has now, up to the maximum.
+
+        ``size``: how many units the source has, when known (``len(items)``): that
+        many workers start (up to the maximum) and nothing is pulled ahead. Else
+        (only for a source that is done once it stops, with no ``refill``: a sync
+        iterator) the units are pulled here, so that no worker starts without one,
+        and handed out again in order. Either way whichever worker runs first takes
+        the first unit: items start in input order on every backend.
+        """
+        limit = self._max
+        if size is not None:
+            count = size if limit is None else min(size, limit)
+        else:
+            try:
+                pulled = list(itertools.islice(self._units, limit))
+            except Exception as exc:  # the input iterable itself failed
+                self.fail(exc)
+                return
+            self._units = itertools.chain(pulled, self._units)
+            count = len(pulled)
+        self.workers += count
+        start = self._tg.start_soon
+        for _ in range(count):
+            start(self._work)
+
+    def kick(self) -> None:
+        """More work may be waiting: wake an idle worker or start one (see module docs)."""
+        if self._waking or self._tg is None:  # one is on its way, or the pool is done
+            return
+        if self._idle:
+            self._waking = True
+            self._idle.popleft().set()
+        elif self._max is None or self.workers < self._max:
+            self._waking = True
+            self.workers += 1
+            self._tg.start_soon(self._work)
+
+    async def park(self) -> None:
+        """Wait (in ``refill``) until :meth:`kick` or :meth:`release` wakes this worker."""
+        event = anyio.Event()
+        self._idle.append(event)
+        await event.wait()
+        self._waking = False
+
+    def release(self) -> None:
+        """Wake every idle worker (the source is done: they will find nothing and exit)."""
+        while self._idle:
+            self._idle.popleft().set()
+
+    def fail(self, exc: BaseException) -> None:
+        """Fail-fast: the first failure wins and cancels the pool."""
+        if self.error is None:
+            self.error = exc
+            self._tg.cancel_scope.cancel()
+
+    # -- the worker loop -------------------------------------------------------------
+    async def _work(self) -> None:
+        call, sink, units, refill = self._call, self._sink, self._units, self._refill
+        self._waking = False
+        try:
+            while True:
+                for key, arg in units:
+                    sink[key] = await call(arg)
+                if refill is None or not await refill():
+                    return
+        except Exception as exc:
+            self.fail(exc)
+
+
+def _settling(call: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Outcome[Any]]]:
+    """Settle mode: ``call`` whose exception becomes an ``Outcome`` (never raised)."""
+
+    async def settled(arg: Any) -> Outcome[Any]:
+        try:
+            return Outcome(await call(arg), None)
+        except Exception as exc:
+            return Outcome(None, exc)
+
+    return settled
+
+
+@final
+class AsyncUnits:
+    """The source for an async iterable: ``(index, item)`` units, pulled one at a time.
+
+    Pulls are serialized (one ``anext`` at a time); each item that arrives kicks
+    the pool, so one more worker (up to the maximum) waits for the next item:
+    workers start as items arrive.
+    """
+
+    __slots__ = ("_buffer", "_done", "_index", "_iterator", "_lock", "pool")
+
+    def __init__(self, iterable: Any) -> None:
+        self._iterator = aiter(iterable)
+        self._lock = anyio.Lock()
+        self._buffer: deque[Unit] = deque()
+        self._index = 0
+        self._done = False
+        self.pool: Pool | None = None
+
+    def __iter__(self) -> AsyncUnits:
+        return self
+
+    def __next__(self) -> Unit:
+        if self._buffer:
+            return self._buffer.popleft()
+        raise StopIteration
+
+    async def refill(self) -> bool:
+        """Pull the next item; ``False`` once the iterable has ended."""
+        async with self._lock:
+            if self._buffer:
+                return True
+            if self._done:
+                return False
+            item = await anext(self._iterator, _END)
+            if item is _END:
+                self._done = True
+                return False
+            self._buffer.append((self._index, item))
+            self._index += 1
+        if self.pool is not None:
+            self.pool.kick()
+        return True

@@ -1,0 +1,110 @@
+"""Finished tasks pushed to the producer: no polling delay on top of the task's own time.
+
+Polling a result every few milliseconds adds up to one interval to each item (and
+load on Redis); Taskiq's own ``wait_result`` polls every 0.2 s by default. With
+:func:`~parallelkit.taskiq.redis_broker`, each kick of one ``map``/``imap`` call
+carries the label ``pk_done``: a Pub/Sub channel of that call. The worker's result
+backend publishes the task id there right after storing the result (one round
+trip: the ``SET`` and the ``PUBLISH`` are pipelined), and the producer's one
+subscription wakes the item waiting for it, which then reads its result.
+
+Pub/Sub delivery is at most once: the producer still polls on its schedule (a
+worker of an older version, a lost connection), so a lost message costs a poll
+interval, never a result.
+"""
+
+from __future__ import annotations
+
+import uuid
+from types import TracebackType
+from typing import Any
+
+import anyio
+from typing_extensions import Self, final
+
+from .._core.owned import OwnedTaskGroup
+
+__all__ = ["LABEL_DONE", "Completions"]
+
+#: the kick label naming the channel the worker publishes the finished task id on
+LABEL_DONE = "pk_done"
+
+
+@final
+class Completions:
+    """One producer call's subscription to its finished task ids (``async with``)."""
+
+    __slots__ = ("_client", "_early", "_owner", "_pubsub", "_waiting", "channel", "listening")
+
+    def __init__(self, client: Any, prefix: str) -> None:
+        self._client = client
+        self.channel = f"{prefix}:done:{uuid.uuid4().hex}"
+        self._pubsub: Any = None
+        self._waiting: dict[str, anyio.Event] = {}
+        self._early: set[str] = set()  # published before anyone waited for them
+        self._owner = OwnedTaskGroup("these Taskiq completions")
+        self.listening = False
+
+    def __repr__(self) -> str:
+        return f"<Completions {self.channel!r} waiting={len(self._waiting)}>"
+
+    async def __aenter__(self) -> Self:
+        self._pubsub = self._client.pubsub()
+        try:
+            await self._pubsub.subscribe(self.channel)
+            tg = await self._owner.enter()
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._pubsub.aclose()
+            raise
+        self.listening = True
+        tg.start_soon(self._listen, name="parallelkit.taskiq completions")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        try:
+            return await self._owner.exit(exc_type, exc, tb, cancel=True)
+        finally:
+            self.listening = False
+            with anyio.CancelScope(shield=True):
+                await self._pubsub.aclose()
+
+    async def _listen(self) -> None:
+        pubsub, waiting, early = self._pubsub, self._waiting, self._early
+        try:
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                if message is None or message.get("type") != "message":
+                    continue
+                data = message["data"]
+                task_id = data.decode() if isinstance(data, bytes) else str(data)
+                event = waiting.pop(task_id, None)
+                if event is None:
+                    early.add(task_id)
+                else:
+                    event.set()
+        except Exception:  # the connection broke: the items go on polling
+            self.listening = False
+            for event in waiting.values():
+                event.set()
+
+    async def wait(self, task_id: str, seconds: float) -> None:
+        """Return when ``task_id`` is published as finished, or after ``seconds``."""
+        if task_id in self._early:
+            self._early.discard(task_id)
+            return
+        if not self.listening:
+            await anyio.sleep(seconds)
+            return
+        event = anyio.Event()
+        self._waiting[task_id] = event
+        try:
+            with anyio.move_on_after(seconds):
+                await event.wait()
+        finally:
+            self._waiting.pop(task_id, None)
