@@ -41,10 +41,10 @@ from . import _registry
 from ._registry import (
     ALIASES,
     NEEDS,
-    ON_REQUEST,
     QUICK_BUDGET_S,
     ROOT,
     available,
+    default,
     load,
     set_progress_hook,
 )
@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = "full sizes" if args.full else "quick sizes"
     print(f"parallelkit benchmarks ({mode}; database: {env['database']}; redis: {env['redis']})")
     started = time.perf_counter()
-    entries = _run_all(chosen or [n for n in names if n not in ON_REQUEST], args)
+    entries = _run_all(chosen or default(), args)
     for entry in entries:
         result = _result(entry)
         if entry.get("ok"):

@@ -110,6 +110,11 @@ def available() -> list[str]:
     return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
 
 
+def default() -> list[str]:
+    """What ``python -m benchmarks`` runs when no name is given: all but :data:`ON_REQUEST`."""
+    return [n for n in available() if n not in ON_REQUEST]
+
+
 def load(name: str) -> ModuleType:
     return importlib.import_module(f"benchmarks.bench_{name}")
 

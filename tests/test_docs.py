@@ -238,7 +238,8 @@ def public_names(module_name: str) -> list[str]:
     return [
         name
         for name, obj in vars(module).items()
-        if not name.startswith("_") and getattr(obj, "__module__", None) == module_name
+        if not name.startswith(("_", "pytest_"))  # hooks are pytest's, not ours to document
+        and getattr(obj, "__module__", None) == module_name
     ]
 
 
