@@ -610,19 +610,6 @@ async def test_adding_after_start_and_repr() -> None:
     assert math.isfinite(again.timeline.total)
 
 
-def _critical_path_ignores_stop_spans() -> bool:
-    """Whether Timeline.critical_path() follows start spans by default (the engine's part)."""
-    timeline = pk.Timeline(
-        [pk.Span("db", 0, 0, 1, kind="start"), pk.Span("db", 2, 2, 3, kind="stop")], origin=0
-    )
-    return [s.kind for s in timeline.critical_path()] == ["start"]
-
-
-@pytest.mark.xfail(
-    not _critical_path_ignores_stop_spans(),
-    reason="needs Timeline.critical_path() to default to start/step spans (engine change)",
-    strict=True,
-)
 async def test_text_after_shutdown_shows_the_start_chain() -> None:
     orch = pk.Orchestrator("app")
     release = anyio.Event()
