@@ -366,6 +366,8 @@ def crm_orchestrator(tracer: trace.Tracer) -> pk.Orchestrator:
     @orch.service
     async def cache(db: str) -> AsyncIterator[str]:
         yield "cache"
+        with tracer.start_as_current_span("flush"):  # the tear-down: the same task
+            await anyio.lowlevel.checkpoint()
 
     async def probe() -> bool:
         ready["now"] = not ready["now"]  # fails once, then passes
@@ -389,6 +391,8 @@ async def test_orchestrator_startup_and_shutdown(otel: Otel) -> None:
     assert startup.parent == lifespan.context
     assert otel.children(startup) == ["start cache", "start db", "start http"]
     assert otel.children(otel.one("start db")) == ["connect"]  # set-up spans nest
+    # a tear-down runs in the task that set the service up: its spans nest there too
+    assert otel.children(otel.one("start cache")) == ["flush"]
     assert otel.children(otel.one("start http")) == ["ready http"]
     http = otel.one("start http").attributes or {}
     assert http["parallelkit.service"] == "http"
