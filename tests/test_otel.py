@@ -629,3 +629,13 @@ def test_import_parallelkit_does_not_import_opentelemetry() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_opentelemetry_instrument_finds_the_instrumentor() -> None:
+    from importlib.metadata import entry_points
+
+    (entry,) = [
+        e for e in entry_points(group="opentelemetry_instrumentor") if e.name == "parallelkit"
+    ]
+    assert entry.load() is ParallelkitInstrumentor
+    assert ParallelkitInstrumentor().instrumentation_dependencies() == ()
