@@ -68,6 +68,7 @@ ORDER = [
     "eager",
     "peers",
     "startup",
+    "otel",
     "redis",
     "distributed",
     "service",
@@ -93,6 +94,7 @@ QUICK_BUDGET_S: dict[str, float] = {
     "batch": 3.0,
     "eager": 5.0,
     "startup": 5.0,
+    "otel": 3.0,
 }
 
 #: Old names still accepted on the command line.

@@ -49,6 +49,7 @@ def test_all_is_sorted_and_complete() -> None:
         "parallelkit.sqlalchemy",
         "parallelkit.redis",
         "parallelkit.taskiq",
+        "parallelkit.otel",
         "parallelkit.asgi",
         "parallelkit.probes",
     ],

@@ -8,7 +8,7 @@ anyio: they run on asyncio and on trio.
 
 The optional integrations live in submodules that this package never imports:
 ``parallelkit.sqlalchemy``, ``parallelkit.redis``, ``parallelkit.asgi``,
-``parallelkit.taskiq``.
+``parallelkit.taskiq``, ``parallelkit.otel``.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ from typing import Any, Generic, TypeVar, cast
 import anyio
 from typing_extensions import Self, final
 
+from .._core import instrument
 from .._core.check import async_callable, count, flag, number
 from .._core.owned import OwnedTaskGroup
 from .batch import MISSING, Batch, KeyFuture, asyncio_loop
@@ -389,6 +390,9 @@ class BatchLoader(Generic[K, V]):
         keys = list(batch.keys)
         self._calls += 1
         self._keys += len(keys)
+        hook = instrument.current
+        if hook is not None:
+            hook.batch(len(keys))
         try:
             result = await self._load_many(keys)
             if batch.plain and type(result) is list and len(result) == len(keys):

@@ -27,6 +27,7 @@ from typing import Any, TypeVar, cast, overload
 
 from typing_extensions import ParamSpec, Self, final
 
+from .._core import instrument
 from .._core.check import (
     async_callable,
     callable_,
@@ -161,7 +162,7 @@ class SWRCache:
         ```
     """
 
-    __slots__ = ("_fresh", "_front", "_loads", "_owner", "_stale")
+    __slots__ = ("__weakref__", "_fresh", "_front", "_loads", "_owner", "_stale")
 
     def __init__(
         self,
@@ -212,6 +213,7 @@ class SWRCache:
             clock_given=clock is not None,
         )
         self._loads.use(store if store is not None else MemoryStore(maxsize))
+        instrument.caches.add(self)  # weakly: metrics read its statistics() when collected
 
     def bind(self, store: Store) -> None:
         """Give the cache its store now: for a cache made before its store exists.

@@ -8,4 +8,6 @@
 * ``outcome``  - :class:`~parallelkit.Outcome`, what settle mode returns.
 * ``owned``    - how an object owns a task group (``async with cache:`` ...).
 * ``public``   - ``export(globals())``: public names show their public ``__module__``.
+* ``instrument`` - the instrumentation hook (``None`` unless ``parallelkit.otel``
+  is instrumenting): read once per call by the primitives it traces.
 """

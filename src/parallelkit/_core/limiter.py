@@ -11,6 +11,7 @@ from typing import Protocol, runtime_checkable
 import anyio
 from typing_extensions import Self, final
 
+from . import instrument
 from .check import count, count_or_none, number_or_none
 
 __all__ = ["Limiter", "LimiterStatistics", "SupportsLimit", "validate_limit", "validate_rate"]
@@ -177,6 +178,8 @@ class Limiter:
             return
         event = anyio.Event()
         self._waiters.append(event)
+        hook = instrument.current
+        began = anyio.current_time() if hook is not None else 0.0
         try:
             await event.wait()
         except BaseException:
@@ -185,6 +188,8 @@ class Limiter:
             else:
                 event.set()  # mark as abandoned; release() skips it
             raise
+        if hook is not None:
+            hook.limiter_wait(anyio.current_time() - began, "concurrency")
 
     # -- rate --------------------------------------------------------------------
     def reserve(self) -> float:
@@ -206,6 +211,9 @@ class Limiter:
         delay = self.reserve()
         if delay > 0:
             await anyio.sleep(delay)
+            hook = instrument.current
+            if hook is not None:
+                hook.limiter_wait(delay, "rate")
 
     async def __aenter__(self) -> Self:
         await self.acquire()

@@ -13,6 +13,7 @@ import inspect
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from typing import Any, Literal, TypeVar, cast, overload
 
+from .._core import instrument
 from .._core.check import async_callable, callable_, flag
 from .._core.limiter import SupportsLimit
 from .._core.outcome import Outcome
@@ -35,8 +36,17 @@ async def run_items(
     workers: int | None,
     settle: bool,
     progress: Progress | None = None,
+    kind: str | None = "map",
 ) -> list[Any]:
-    """Run ``call`` over ``items`` on the pool; results (or outcomes) in input order."""
+    """Run ``call`` over ``items`` on the pool; results (or outcomes) in input order.
+
+    When instrumented (:mod:`parallelkit._core.instrument`) the run is traced as
+    one ``kind`` call (``"map"``, ``"gather"``; ``None``: already traced).
+    """
+    if kind is not None:
+        hook = instrument.current
+        if hook is not None:
+            return await _traced(hook, kind, call, items, workers, settle, progress)
     total = size_of(items)
     sink: Any = [None] * total if total is not None else {}
     if progress is not None:
@@ -54,6 +64,20 @@ async def run_items(
     if isinstance(sink, dict):
         return [sink[i] for i in range(len(sink))]
     return sink  # type: ignore[no-any-return]
+
+
+async def _traced(
+    hook: instrument.Instrumentation,
+    kind: str,
+    call: Call,
+    items: Iterable[Any] | AsyncIterable[Any],
+    workers: int | None,
+    settle: bool,
+    progress: Progress | None,
+) -> list[Any]:
+    trace = hook.fanout(kind, workers, settle)
+    with trace:
+        return await run_items(trace.wrap(call), items, workers, settle, progress, kind=None)
 
 
 class _Progress:
@@ -177,7 +201,8 @@ async def gather(
         _close_unstarted(aws)
         raise
     try:
-        return await run_items(options.call, list(enumerate(aws)), options.workers, settle)
+        units = list(enumerate(aws))
+        return await run_items(options.call, units, options.workers, settle, kind="gather")
     finally:
         _close_unstarted(aws)
 

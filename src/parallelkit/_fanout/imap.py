@@ -12,6 +12,7 @@ from typing import Any, Generic, Literal, TypeVar, overload
 import anyio
 from typing_extensions import Self, final
 
+from .._core import instrument
 from .._core.check import flag
 from .._core.limiter import SupportsLimit
 from .._core.outcome import Outcome
@@ -66,7 +67,7 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         ```
     """
 
-    __slots__ = ("_owner", "_pool", "_results", "_start", "_window", "around")
+    __slots__ = ("_owner", "_pool", "_results", "_start", "_trace", "_window", "around")
 
     @overload
     def __init__(
@@ -113,6 +114,11 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         flag("ordered", ordered)
         options = Options(fn, limit, rate, timeout, retry)
         workers = options.workers
+        call = options.call
+        hook = instrument.current
+        self._trace = None if hook is None else hook.fanout("imap", workers, settle)
+        if self._trace is not None:
+            call = self._trace.wrap(call)
         results: _Results = _InOrder() if ordered else _AsDone()
         source: AsyncUnits | None = None
         if isinstance(items, AsyncIterable):
@@ -121,9 +127,7 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         else:
             units = enumerate(items)
         window = _Window(units, None if workers is None else 2 * workers, source, workers)
-        pool = Pool(
-            options.call, window, results, max_workers=workers, settle=settle, refill=window.refill
-        )
+        pool = Pool(call, window, results, max_workers=workers, settle=settle, refill=window.refill)
         if source is not None:
             source.pool = pool
         window.pool = pool
@@ -182,9 +186,13 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
     async def _run(self) -> None:
         """The producer: the pool, in its own task group (cancelling it on a failure
         must not cancel the consumer's ``async with`` body)."""
-        pool, results = self._pool, self._results
+        pool, results, trace = self._pool, self._results, self._trace
         try:
-            await pool.run(self._start)
+            if trace is None:
+                await pool.run(self._start)
+            else:  # in this task: its workers see the call's span as their parent
+                with trace:
+                    await pool.run(self._start)
         except Exception as exc:  # fail-fast: handed to the consumer
             results.error = exc
         finally:

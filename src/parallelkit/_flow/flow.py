@@ -18,6 +18,7 @@ from typing import Any, Literal, TypeVar, cast, overload
 import anyio
 from typing_extensions import ParamSpec, final
 
+from .._core import instrument
 from .._core.check import flag, is_async_callable, number_or_none, text_or_none
 from .._core.errors import DefinitionError
 from .._core.limiter import Limiter, SupportsLimit
@@ -268,9 +269,25 @@ class Flow:
         target_names = None if targets is None else self._target_names(targets)
         plan = self._graph.plan(inputs.keys(), target_names)
         timeline = Timeline(origin=anyio.current_time(), name=self.name)
-        run = Run(plan, inputs, limit=limit, settle=settle, timeline=timeline)
-        self._graph.freeze()
-        await run.execute()
+        hook = instrument.current
+        if hook is None:
+            run = Run(plan, inputs, limit=limit, settle=settle, timeline=timeline)
+            self._graph.freeze()
+            await run.execute()
+        else:
+            workers = split_limit(limit)[0]
+            trace = hook.graph("flow", timeline, workers)
+            run = Run(
+                plan,
+                inputs,
+                run_node=trace.run_node(None),
+                limit=limit,
+                settle=settle,
+                timeline=timeline,
+            )
+            self._graph.freeze()
+            with trace:
+                await run.execute()
         if settle:
             return FlowOutcomes(run.results(), timeline, self._by_fn)
         return FlowResult(run.results(), timeline, self._by_fn)

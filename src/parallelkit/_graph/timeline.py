@@ -9,7 +9,7 @@ finds the critical path: the dependency chain whose end set the total time.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -84,7 +84,7 @@ class Timeline:
         ```
     """
 
-    __slots__ = ("_origin", "_spans", "name")
+    __slots__ = ("_on_add", "_origin", "_spans", "name")
 
     def __init__(
         self, spans: Iterable[Span] = (), *, origin: float | None = None, name: str | None = None
@@ -92,10 +92,14 @@ class Timeline:
         self._spans: list[Span] = list(spans)
         self._origin = origin
         self.name = name
+        self._on_add: Callable[[Span], object] | None = None
+        """Called with each span recorded (set by an instrumentation's trace)."""
 
     # -- recording (used by the graph engine and the orchestrator) --------------
     def _add(self, span: Span) -> None:
         self._spans.append(span)
+        if self._on_add is not None:
+            self._on_add(span)
 
     # -- reading -------------------------------------------------------------------
     @property

@@ -22,9 +22,10 @@ import anyio
 import anyio.abc
 from typing_extensions import final
 
+from .._core import instrument
 from .._core.check import number
 from .._core.errors import DependencyFailed, StartupError
-from .._graph.graph import Graph, Node, Param, Plan
+from .._graph.graph import Graph, Node, Param, Plan, RunNode
 from .._graph.scheduler import Run
 from .._graph.timeline import Span, Timeline
 from ..probes import Probe
@@ -317,10 +318,18 @@ class _Session:
     # -- start ---------------------------------------------------------------------
     async def start_all(self) -> Running:
         """Start every service by the graph; roll back and raise StartupError on failure."""
+        hook = instrument.current
+        if hook is None:
+            return await self._start_all(self._start_node)
+        trace = hook.graph("startup", self.timeline, None)
+        with trace:
+            return await self._start_all(trace.run_node(self._start_node))
+
+    async def _start_all(self, start_node: RunNode) -> Running:
         run = Run(
             self.plan,
             {},
-            run_node=self._start_node,
+            run_node=start_node,
             settle=True,
             timeline=self.timeline,
             kind="start",
@@ -421,15 +430,24 @@ class _Session:
         graph = Graph(kind="service")
         for name in reversed(started):  # every "dependency" (a dependent) added first
             graph.add(Node(name, tuple(Param(d) for d in dependents[name])))
-        run = Run(graph.plan(), {}, run_node=self._stop_node, timeline=self.timeline, kind="stop")
         with anyio.CancelScope(shield=True):
-            await run.execute()
+            hook = instrument.current
+            if hook is None:
+                await self._stop_run(graph, self._stop_node)
+            else:
+                trace = hook.graph("shutdown", self.timeline, None)
+                with trace:
+                    await self._stop_run(graph, trace.run_node(self._stop_node))
         errors: list[tuple[str, BaseException]] = []
         for name in started:
             error = self.hosts[name].teardown_error
             if error is not None:
                 errors.append((name, error))
         return errors
+
+    async def _stop_run(self, graph: Graph, stop_node: RunNode) -> None:
+        run = Run(graph.plan(), {}, run_node=stop_node, timeline=self.timeline, kind="stop")
+        await run.execute()
 
     async def _stop_node(self, node: Node, kwargs: dict[str, Any]) -> None:
         host = self.hosts[node.name]

@@ -1,0 +1,316 @@
+"""The spans: one trace object per fan-out call and per graph run.
+
+Both are entered around the work they describe (``with trace:``), in the task
+that starts that work's workers, so the call's span is the current span of every
+worker (their tasks copy the context when they start, on asyncio and on trio):
+spans made by your code inside an item, a step or a service's set-up nest under
+it. Graph node spans are made current around each node by the engine's
+``run_node`` hook, and end when the engine records the node's
+:class:`~parallelkit.Span` on the run's :class:`~parallelkit.Timeline`: their
+times and waits are the ones the engine measured (converted from anyio's clock
+to the wall clock once per run).
+
+No failure of the tracing itself (a broken provider, a span processor that
+raises) reaches user code: it is logged on ``parallelkit.otel`` and the work
+goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextvars import Token
+from types import TracebackType
+from typing import Any
+
+import anyio
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import INVALID_SPAN, Status, StatusCode
+from opentelemetry.util.types import Attributes
+from typing_extensions import final
+
+from .._core.instrument import Call, GraphKind, NodeCall
+from .._graph.timeline import Span as TimelineSpan
+from .._graph.timeline import Timeline
+
+__all__ = ["FanoutTrace", "GraphTrace"]
+
+logger = logging.getLogger("parallelkit.otel")
+
+# graph run kind -> (run span name, node span prefix, node attribute)
+_GRAPH_NAMES: dict[str, tuple[str, str, str]] = {
+    "flow": ("flow", "step", "parallelkit.step"),
+    "startup": ("startup", "start", "parallelkit.service"),
+    "shutdown": ("shutdown", "stop", "parallelkit.service"),
+}
+_NODE_KIND = {"flow": "step", "startup": "start", "shutdown": "stop"}
+
+
+def report(exc: BaseException) -> None:
+    """The tracing failed: log it; the traced work goes on untraced."""
+    logger.warning("parallelkit.otel: tracing failed; the work goes on", exc_info=exc)
+
+
+def fail(span: trace.Span, exc: BaseException) -> None:
+    """Record ``exc`` on ``span`` and set its status to ERROR."""
+    span.record_exception(exc)
+    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+
+
+def start(
+    tracer: trace.Tracer,
+    name: str,
+    parent: otel_context.Context | None,
+    attributes: Attributes = None,
+    start_time: int | None = None,
+) -> trace.Span:
+    """``tracer.start_span``, or a non-recording span if the tracer failed."""
+    try:
+        return tracer.start_span(name, parent, attributes=attributes, start_time=start_time)
+    except Exception as exc:
+        report(exc)
+        return INVALID_SPAN
+
+
+def end(span: trace.Span, end_time: int | None = None) -> None:
+    """``span.end``; a span processor that raises is logged, not raised."""
+    try:
+        span.end(end_time)
+    except Exception as exc:
+        report(exc)
+
+
+def _attach(span: trace.Span) -> tuple[otel_context.Context, Token[otel_context.Context]]:
+    ctx = trace.set_span_in_context(span)
+    return ctx, otel_context.attach(ctx)
+
+
+@final
+class FanoutTrace:
+    """One ``gather`` / ``map`` / ``imap`` call: a span, items and failures counted."""
+
+    __slots__ = ("_ctx", "_item_spans", "_kind", "_limit", "_settle", "_span", "_token",
+                 "_tracer", "failures", "items")  # fmt: skip
+
+    def __init__(
+        self, tracer: trace.Tracer, kind: str, limit: int | None, settle: bool, item_spans: bool
+    ) -> None:
+        self._tracer = tracer
+        self._kind = kind
+        self._limit = limit
+        self._settle = settle
+        self._item_spans = item_spans
+        self._span: trace.Span | None = None
+        self._ctx: otel_context.Context | None = None
+        self._token: Token[otel_context.Context] | None = None
+        self.items = 0
+        self.failures = 0
+
+    def wrap(self, call: Call) -> Call:
+        """The per-item call: counts items and failures (and makes item spans if asked)."""
+        if self._item_spans:
+            return self._with_span(call)
+
+        async def counted(arg: Any) -> Any:
+            self.items += 1
+            try:
+                return await call(arg)
+            except Exception:
+                self.failures += 1
+                raise
+
+        return counted
+
+    def _with_span(self, call: Call) -> Call:
+        tracer, name = self._tracer, f"pk.{self._kind} item"
+
+        async def traced(arg: Any) -> Any:
+            self.items += 1
+            span = start(tracer, name, self._ctx, {"parallelkit.item": self.items - 1})
+            token = otel_context.attach(trace.set_span_in_context(span))
+            try:
+                return await call(arg)
+            except Exception as exc:
+                self.failures += 1
+                fail(span, exc)
+                raise
+            except BaseException:
+                span.set_attribute("parallelkit.cancelled", True)
+                raise
+            finally:
+                otel_context.detach(token)
+                end(span)
+
+        return traced
+
+    def __enter__(self) -> FanoutTrace:
+        attributes: dict[str, Any] = {"parallelkit.settle": self._settle}
+        if self._limit is not None:
+            attributes["parallelkit.limit"] = self._limit
+        self._span = span = start(self._tracer, f"pk.{self._kind}", None, attributes)
+        self._ctx, self._token = _attach(span)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        span = self._span
+        if span is None:  # pragma: no cover - never entered
+            return
+        if self._token is not None:
+            otel_context.detach(self._token)
+        try:
+            span.set_attribute("parallelkit.items", self.items)
+            span.set_attribute("parallelkit.failures", self.failures)
+            if isinstance(exc, Exception):
+                fail(span, exc)
+            elif exc is not None:
+                span.set_attribute("parallelkit.cancelled", True)
+        except Exception as error:
+            report(error)
+        end(span)
+
+
+@final
+class GraphTrace:
+    """One run of the graph engine: a span for the run, one per node (see module docs)."""
+
+    __slots__ = ("_clock0", "_ctx", "_kind", "_limit", "_live", "_previous", "_span",
+                 "_timeline", "_token", "_tracer", "_wall0", "failures", "nodes",
+                 "skipped")  # fmt: skip
+
+    def __init__(
+        self, tracer: trace.Tracer, kind: GraphKind, timeline: Timeline, limit: int | None
+    ) -> None:
+        self._tracer = tracer
+        self._kind = kind
+        self._timeline = timeline
+        self._limit = limit
+        self._live: dict[str, trace.Span] = {}
+        self._span: trace.Span = INVALID_SPAN
+        self._ctx: otel_context.Context | None = None
+        self._token: Token[otel_context.Context] | None = None
+        self._previous: Callable[[TimelineSpan], object] | None = None
+        self._clock0 = 0.0
+        self._wall0 = 0
+        self.nodes = self.failures = self.skipped = 0
+
+    def _ns(self, clock_time: float) -> int:
+        """A reading of the run's clock as wall-clock nanoseconds."""
+        return self._wall0 + round((clock_time - self._clock0) * 1e9)
+
+    # -- the run -----------------------------------------------------------------------
+    def __enter__(self) -> GraphTrace:
+        self._clock0 = anyio.current_time()
+        self._wall0 = time.time_ns()
+        run_name, _, _ = _GRAPH_NAMES[self._kind]
+        title = self._timeline.name
+        attributes: dict[str, Any] = {}
+        if title:
+            attributes["parallelkit.name"] = title
+        if self._limit is not None:
+            attributes["parallelkit.limit"] = self._limit
+        name = f"{run_name} {title}" if title else run_name
+        self._span = span = start(self._tracer, name, None, attributes, self._wall0)
+        self._ctx, self._token = _attach(span)
+        self._previous = self._timeline._on_add
+        self._timeline._on_add = self._record
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._timeline._on_add = self._previous
+        if self._token is not None:
+            otel_context.detach(self._token)
+        span = self._span
+        try:
+            for node in self._live.values():  # pragma: no cover - the engine records each
+                end(node)
+            path = self._timeline.critical_path(kind=_NODE_KIND[self._kind])
+            span.set_attributes(
+                {
+                    "parallelkit.nodes": self.nodes,
+                    "parallelkit.failures": self.failures,
+                    "parallelkit.skipped": self.skipped,
+                    "parallelkit.critical_path": [s.name for s in path],
+                }
+            )
+            if isinstance(exc, Exception):
+                fail(span, exc)
+            elif exc is not None:
+                span.set_attribute("parallelkit.cancelled", True)
+            end_time = self._ns(anyio.current_time())
+        except Exception as error:
+            report(error)
+            end_time = None
+        end(span, end_time)
+
+    # -- the nodes ---------------------------------------------------------------------
+    def run_node(self, inner: NodeCall | None) -> NodeCall:
+        """The engine's ``run_node``: each node runs with its span current."""
+        _, prefix, attribute = _GRAPH_NAMES[self._kind]
+        tracer, live = self._tracer, self._live
+
+        async def traced(node: Any, kwargs: dict[str, Any]) -> Any:
+            name: str = node.name
+            began = self._ns(anyio.current_time())
+            span = start(tracer, f"{prefix} {name}", self._ctx, {attribute: name}, began)
+            live[name] = span
+            token = otel_context.attach(trace.set_span_in_context(span))
+            try:
+                if inner is None:
+                    return await node.call(**kwargs)
+                return await inner(node, kwargs)
+            except Exception as exc:
+                span.record_exception(exc)
+                raise
+            finally:
+                otel_context.detach(token)
+
+        return traced
+
+    def _record(self, recorded: TimelineSpan) -> None:
+        """The engine recorded a node's span: end ours with its times and waits."""
+        try:
+            if recorded.kind == "ready":
+                self._ready(recorded)
+                return
+            _, prefix, attribute = _GRAPH_NAMES[self._kind]
+            span = self._live.pop(recorded.name, None)
+            if span is None:  # never ran (skipped: a dependency failed)
+                span = start(self._tracer, f"{prefix} {recorded.name}", self._ctx,
+                             {attribute: recorded.name}, self._ns(recorded.start))  # fmt: skip
+            self.nodes += 1
+            span.set_attributes(
+                {
+                    "parallelkit.status": recorded.status,
+                    "parallelkit.waited_for": list(recorded.waited_for),
+                    "parallelkit.wait.dependencies": recorded.queued - self._clock0,
+                    "parallelkit.wait.limit": recorded.wait,
+                }
+            )
+            if recorded.status == "error":
+                self.failures += 1
+                span.set_status(Status(StatusCode.ERROR))
+            elif recorded.status == "skipped":
+                self.skipped += 1
+            end(span, self._ns(recorded.end))
+        except Exception as exc:
+            report(exc)
+
+    def _ready(self, recorded: TimelineSpan) -> None:
+        """A service's readiness wait (set-up done until its probe passed)."""
+        parent = self._live.get(recorded.name)
+        ctx = trace.set_span_in_context(parent) if parent is not None else self._ctx
+        span = start(self._tracer, f"ready {recorded.name}", ctx,
+                     {"parallelkit.service": recorded.name}, self._ns(recorded.start))  # fmt: skip
+        end(span, self._ns(recorded.end))
