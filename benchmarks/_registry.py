@@ -83,16 +83,19 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "distributed": ("redis",),
 }
 
-#: Seconds a module may take in the main job (quick sizes, SQLite, 2 busy cores).
-#: The sum stays under a minute with the CRM demo; the runner warns about overruns.
+#: Seconds a module may take in the main job (quick sizes, SQLite, a 2-core machine whose
+#: cores are busy with other work, as ``../shared/tools/under-load`` makes them): every
+#: module the main job runs has one. With the CRM demo (about 3 s idle, 6 s busy), the
+#: runner's own start-up and charts, the sum stays under a minute; the runner warns about
+#: overruns.
 QUICK_BUDGET_S: dict[str, float] = {
-    "playbook": 12.0,
+    "playbook": 14.0,
     "fanout": 5.0,
-    "flow": 3.0,
-    "cache": 3.0,
-    "batch": 3.0,
+    "flow": 4.0,
+    "cache": 3.5,
     "eager": 5.0,
-    "startup": 5.0,
+    "peers": 4.5,
+    "startup": 4.0,
 }
 
 #: Old names still accepted on the command line.
