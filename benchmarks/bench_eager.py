@@ -22,8 +22,8 @@ number is computed independently with one plain SQL statement, and each row's
 (``guard_sessions``, opt-in): 200 one-row reads with it on and off, interleaved.
 
 Sizes: 500 requests and conversations, 200 reads, 21 rounds with ``--full``; the
-main job measures the same contenders and checks on 40 requests, 100 conversations,
-100 reads, 3 rounds (:data:`QUICK`), to stay within its share of the minute.
+main job measures the same contenders and checks on 30 requests, 100 conversations,
+50 reads, 3 rounds (:data:`QUICK`), to stay within its share of the minute.
 
 SQLite (aiosqlite, a temporary file) always; PostgreSQL (asyncpg, a temporary
 schema) only when ``--database`` is a PostgreSQL URL.
@@ -69,7 +69,7 @@ class Sizes:
 
 
 FULL = Sizes(requests=N, n=N, reads=READS, repeat=21)
-QUICK = Sizes(requests=40, n=100, reads=100, repeat=3)
+QUICK = Sizes(requests=30, n=100, reads=50, repeat=3)
 WEBHOOK = "contact.company.automation_rules"
 
 Run = Callable[[list[int]], Awaitable[int]]

@@ -27,7 +27,7 @@ SQLite (aiosqlite, a temporary file) always; PostgreSQL (asyncpg, a temporary
 schema) only when ``--database`` is a PostgreSQL URL.
 
 Rounds: 31 (the lazy and ``awaitable_attrs`` contenders, 7) and 200 reads with
-``--full``; the main job times 6 rounds (3), 100 reads (:data:`QUICK`).
+``--full``; the main job times 6 rounds (3), 50 reads (:data:`QUICK`).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class Sizes:
 
 
 FULL = Sizes(repeat=31, slow_repeat=7, reads=READS, calls=20_000)
-QUICK = Sizes(repeat=6, slow_repeat=3, reads=100, calls=10_000)
+QUICK = Sizes(repeat=6, slow_repeat=3, reads=50, calls=10_000)
 
 PEERS_LOAD = "fetch_peers + load()"
 PEERS_SYNC = "fetch_peers + attribute access (run_sync)"
