@@ -348,7 +348,7 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
     del database
     # the main job: fewer items and, for the one-task-per-item forms, fewer rounds in the
     # table; the target's duel keeps 5,000 items. --full: 20,000 items, every round.
-    n, rounds, slow_rounds = (1_000, 5, 2) if quick else (20_000, 15, 15)
+    n, rounds, slow_rounds = (2_000, 5, 2) if quick else (20_000, 15, 15)
     overhead = _overhead(n, 100, rounds, slow_rounds)
     duel_n, duel_rounds = (5_000, 10) if quick else (20_000, 40)
     duel = _duel(duel_n, 100, duel_rounds)
