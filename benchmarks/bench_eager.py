@@ -22,7 +22,7 @@ number is computed independently with one plain SQL statement, and each row's
 (``guard_sessions``, opt-in): 200 one-row reads with it on and off, interleaved.
 
 Sizes: 500 requests and conversations, 200 reads, 21 rounds with ``--full``; the
-main job measures the same contenders and checks on 30 requests, 100 conversations,
+main job measures the same contenders and checks on 20 requests, 60 conversations,
 50 reads, 3 rounds (:data:`QUICK`), to stay within its share of the minute.
 
 SQLite (aiosqlite, a temporary file) always; PostgreSQL (asyncpg, a temporary
@@ -70,7 +70,7 @@ class Sizes:
 
 
 FULL = Sizes(requests=N, n=N, reads=READS, repeat=21, unbatched_every_round=True)
-QUICK = Sizes(requests=30, n=100, reads=50, repeat=3, unbatched_every_round=False)
+QUICK = Sizes(requests=20, n=60, reads=50, repeat=3, unbatched_every_round=False)
 WEBHOOK = "contact.company.automation_rules"
 
 Run = Callable[[list[int]], Awaitable[int]]
