@@ -356,9 +356,9 @@ def _range(v: dict[str, float]) -> str:
 
 def run(*, quick: bool, database: str | None) -> dict[str, Any]:
     # short samples, many rounds: neighbours in a round see the same machine load
-    n, rounds = (5_000, 15) if quick else (20_000, 61)
+    n, rounds = (3_000, 13) if quick else (20_000, 61)
     callers = 1000
-    keys, batch_rounds = (500, 7) if quick else (500, 31)
+    keys, batch_rounds = (500, 5) if quick else (500, 31)
 
     hits = asyncio.run(_hot_hits(n, rounds))
     print(

@@ -21,6 +21,10 @@ number is computed independently with one plain SQL statement, and each row's
 ``correct`` is that comparison. And the price of the session guard
 (``guard_sessions``, opt-in): 200 one-row reads with it on and off, interleaved.
 
+Sizes: 500 requests and conversations, 200 reads, 21 rounds with ``--full``; the
+main job measures the same contenders and checks on 20 requests, 60 conversations,
+50 reads, 3 rounds (:data:`QUICK`), to stay within its share of the minute.
+
 SQLite (aiosqlite, a temporary file) always; PostgreSQL (asyncpg, a temporary
 schema) only when ``--database`` is a PostgreSQL URL.
 """
@@ -34,6 +38,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +56,21 @@ TITLE = "eager(): the webhook graph per request, per batch and across requests, 
 SIZES = {"companies": 10, "contacts_per_company": 10, "conversations_per_contact": 5}
 N = 500
 READS = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    """How much each section does, and the timed rounds after the warm-up."""
+
+    requests: int  # per request: requests one after another
+    n: int  # one request, across requests: conversations
+    reads: int  # session guard: one-row reads
+    repeat: int
+    unbatched_every_round: bool  # else timed in the first fifth of the rounds, like naive
+
+
+FULL = Sizes(requests=N, n=N, reads=READS, repeat=21, unbatched_every_round=True)
+QUICK = Sizes(requests=20, n=60, reads=50, repeat=3, unbatched_every_round=False)
 WEBHOOK = "contact.company.automation_rules"
 
 Run = Callable[[list[int]], Awaitable[int]]
@@ -116,7 +136,7 @@ EAGER_GET = "eager_get (1 stmt)"
 
 
 def one_request(factory: async_sessionmaker[Any]) -> dict[str, Run]:
-    """All 500 conversations in one request."""
+    """All the conversations (500 with ``--full``) in one request."""
 
     def run(*options: Any) -> Run:
         async def go(ids: list[int]) -> int:
@@ -139,7 +159,7 @@ HAND_BATCH = "hand-tuned joinedload + selectinload"
 
 
 def across_requests(factory: async_sessionmaker[Any]) -> dict[str, Run]:
-    """500 concurrent requests, one conversation each."""
+    """One concurrent request per conversation (500 with ``--full``)."""
     hand = (
         joinedload(Conversation.contact, innerjoin=True)
         .joinedload(Contact.company, innerjoin=True)
@@ -194,20 +214,20 @@ def across_requests(factory: async_sessionmaker[Any]) -> dict[str, Run]:
             return sum(await asyncio.gather(*(handle(cid) for cid in ids)))
 
     return {
-        "unbatched: one select each": unbatched,
+        UNBATCHED: unbatched,
         HAND_BATCHER: hand_batched,
         "loader_by_id": batched,
     }
 
 
-HAND_BATCHER = "hand-written batcher"
+HAND_BATCHER, UNBATCHED = "hand-written batcher", "unbatched: one select each"
 
 
 def guard(factory: async_sessionmaker[Any]) -> dict[str, Run]:
     async def reads(ids: list[int]) -> int:  # one statement per id: the guard's worst case
         async with factory() as s:
             total = 0
-            for cid in ids[:READS]:
+            for cid in ids:
                 stmt = select(Conversation.contact_id).where(Conversation.id == cid)
                 total += await s.scalar(stmt) or 0
             return total
@@ -225,12 +245,12 @@ def guard(factory: async_sessionmaker[Any]) -> dict[str, Run]:
     return {GUARD_ON: with_guard(True), GUARD_OFF: with_guard(False)}
 
 
-GUARD_ON, GUARD_OFF = f"{READS} one-row reads, guard on", f"{READS} one-row reads, guard off"
+GUARD_ON, GUARD_OFF = "one-row reads, guard on", "one-row reads, guard off"
 
 
 # ------------------------------------------------------------------ measuring
-async def expected(engine: AsyncEngine, ids: list[int]) -> dict[str, int]:
-    """The right answers, from plain SQL (no ORM, no loader options)."""
+async def expected(engine: AsyncEngine, ids: dict[str, list[int]]) -> dict[str, int]:
+    """Each section's right answer for its ids, from plain SQL (no ORM, no loader options)."""
     rules = text(
         "SELECT count(*) FROM conversations AS c JOIN contacts AS p ON p.id = c.contact_id "
         "JOIN automation_rules AS r ON r.company_id = p.company_id WHERE c.id IN :ids"
@@ -240,15 +260,21 @@ async def expected(engine: AsyncEngine, ids: list[int]) -> dict[str, int]:
     )
     async with engine.connect() as conn:
         return {
-            "rules": int((await conn.execute(rules, {"ids": ids})).scalar_one()),
-            "reads": int((await conn.execute(contacts, {"ids": ids[:READS]})).scalar_one()),
+            section: int(
+                (
+                    await conn.execute(
+                        contacts if section == "session guard" else rules, {"ids": xs}
+                    )
+                ).scalar_one()
+            )
+            for section, xs in ids.items()
         }
 
 
 SECTIONS = ("per request", "one request", "across requests", "session guard")
 
 
-async def measure(engine: AsyncEngine, quick: bool) -> dict[str, dict[str, dict[str, Any]]]:
+async def measure(engine: AsyncEngine, sizes: Sizes) -> dict[str, dict[str, dict[str, Any]]]:
     factory = async_sessionmaker(engine, expire_on_commit=False)
     sections = {
         "per request": per_request(factory),
@@ -256,26 +282,33 @@ async def measure(engine: AsyncEngine, quick: bool) -> dict[str, dict[str, dict[
         "across requests": across_requests(factory),
         "session guard": guard(factory),
     }
-    ids = list(range(1, N + 1))
+    ids = {
+        "per request": list(range(1, sizes.requests + 1)),
+        "one request": list(range(1, sizes.n + 1)),
+        "across requests": list(range(1, sizes.n + 1)),
+        "session guard": list(range(1, sizes.reads + 1)),
+    }
     answers = await expected(engine, ids)
     out: dict[str, dict[str, dict[str, Any]]] = {s: {} for s in sections}
     samples: dict[tuple[str, str], list[float]] = {}
     for section, runs in sections.items():  # warm-up: caches, pool; statements; correctness
-        want = answers["reads" if section == "session guard" else "rules"]
         for name, fn in runs.items():
             async with count_queries(engine) as counter:
-                seen = await fn(ids)
-            out[section][name] = {"queries": counter.count, "correct": seen == want}
+                seen = await fn(ids[section])
+            out[section][name] = {"queries": counter.count, "correct": seen == answers[section]}
             samples[section, name] = []
-    repeat = 5 if quick else 21
+    repeat = sizes.repeat
+    # references no target reads: timed in the first fifth of the rounds only
     slow = {("per request", "naive: 4 round trips")}
+    if not sizes.unbatched_every_round:
+        slow.add(("across requests", UNBATCHED))
     for round_ in range(repeat):  # interleaved rounds: noise hits everyone alike
         for section, runs in sections.items():
             for name, fn in runs.items():
                 if (section, name) in slow and round_ >= max(1, repeat // 5):
                     continue
                 started = time.perf_counter()
-                await fn(ids)
+                await fn(ids[section])
                 samples[section, name].append(time.perf_counter() - started)
     for (section, name), values in samples.items():
         row = out[section][name]
@@ -297,11 +330,11 @@ def sqlite_engine(tmp: Path) -> AsyncEngine:
     return create_async_engine(f"sqlite+aiosqlite:///{path}")
 
 
-async def run_sqlite(quick: bool) -> dict[str, Any]:
+async def run_sqlite(sizes: Sizes) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         engine = sqlite_engine(Path(tmp))
         try:
-            return await measure(engine, quick)
+            return await measure(engine, sizes)
         finally:
             await engine.dispose()
 
@@ -327,9 +360,9 @@ async def seeded_pg(url: str) -> AsyncIterator[AsyncEngine]:
         await admin.dispose()
 
 
-async def run_pg(url: str, quick: bool) -> dict[str, Any]:
+async def run_pg(url: str, sizes: Sizes) -> dict[str, Any]:
     async with seeded_pg(url) as engine:
-        return await measure(engine, quick)
+        return await measure(engine, sizes)
 
 
 def pg_url(database: str | None) -> str | None:
@@ -340,14 +373,16 @@ def pg_url(database: str | None) -> str | None:
     return f"postgresql+asyncpg://{rest}" if "+" not in scheme else database
 
 
-def targets_for(db: str, r: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+def targets_for(
+    db: str, r: dict[str, dict[str, dict[str, Any]]], requests: int = N
+) -> list[dict[str, Any]]:
     per, one, across = r["per request"], r["one request"], r["across requests"]
     floor = min(per[HAND_ONE]["ms"], per[HAND_TWO]["ms"])
     guard_rows = r["session guard"]
     correct = all(row["correct"] for section in r.values() for row in section.values())
     return [
         target(f"{db}: every contender's answer is correct", float(correct), 1, below=False),
-        target(f"{db}: eager_get statements per request", per[EAGER_GET]["queries"] / N, 1),
+        target(f"{db}: eager_get statements per request", per[EAGER_GET]["queries"] / requests, 1),
         target(
             f"{db}: per request, eager_get / hand-written floor", per[EAGER_GET]["ms"] / floor, 1.2
         ),
@@ -374,12 +409,28 @@ def targets_for(db: str, r: dict[str, dict[str, dict[str, Any]]]) -> list[dict[s
 
 
 def run(*, quick: bool, database: str | None) -> dict[str, Any]:
-    results: dict[str, Any] = {"sqlite": asyncio.run(run_sqlite(quick))}
+    sizes = QUICK if quick else FULL
+    results: dict[str, Any] = {"sqlite": asyncio.run(run_sqlite(sizes))}
     url = pg_url(database)
     if url is not None:
-        results["postgresql"] = asyncio.run(run_pg(url, quick))
+        results["postgresql"] = asyncio.run(run_pg(url, sizes))
     else:
         print("PostgreSQL: not asked for (--database postgresql://...)")
+    print(
+        f"per request: {sizes.requests} requests one after another; one request: "
+        f"{sizes.n} conversations; across requests: {sizes.n} concurrent requests; session "
+        f"guard: {sizes.reads} one-row reads. Median of {sizes.repeat} interleaved rounds after "
+        "a warm-up (the naive reference"
+        + ("" if sizes.unbatched_every_round else " and the unbatched one")
+        + ": the first fifth of them)"
+        + (
+            f"; quick sizes (--full: {FULL.requests} requests, {FULL.n} conversations, "
+            f"{FULL.reads} reads, {FULL.repeat} rounds)"
+            if quick
+            else ""
+        )
+        + "."
+    )
     headers = ["section", "contender"] + [
         f"{db} {col}" for db in results for col in ("stmts", "ms", "ok")
     ]
@@ -397,6 +448,13 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
         "hand-tuned joinedload + selectinload chain; across requests, a hand-written batcher "
         "(ids gathered in one loop tick, one IN query). None uses parallelkit."
     )
-    targets = [t for db, r in results.items() for t in targets_for(db, r)]
+    targets = [t for db, r in results.items() for t in targets_for(db, r, sizes.requests)]
     print_targets(targets)
-    return {"conversations": N, "results": results, "targets": targets}
+    return {
+        "requests": sizes.requests,
+        "conversations": sizes.n,
+        "reads": sizes.reads,
+        "rounds": sizes.repeat,
+        "results": results,
+        "targets": targets,
+    }

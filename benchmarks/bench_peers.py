@@ -24,7 +24,10 @@ listener registered and removed, interleaved; and one 500-row query with and
 without ``fetch_peers()`` (what recording the group costs).
 
 SQLite (aiosqlite, a temporary file) always; PostgreSQL (asyncpg, a temporary
-schema) when ``--database`` is a PostgreSQL URL or the default test server answers.
+schema) only when ``--database`` is a PostgreSQL URL.
+
+Rounds: 31 (the lazy and ``awaitable_attrs`` contenders, 7) and 200 reads with
+``--full``; the main job times 6 rounds (3), 50 reads (:data:`QUICK`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +59,26 @@ N = 500
 READS = 200
 Answer = list[list[int]]
 
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    """Timed rounds (all contenders; the slow ones), one-row reads, fast-path calls."""
+
+    repeat: int
+    slow_repeat: int
+    reads: int
+    calls: int
+
+
+FULL = Sizes(repeat=31, slow_repeat=7, reads=READS, calls=20_000)
+QUICK = Sizes(repeat=6, slow_repeat=3, reads=50, calls=10_000)
+
 PEERS_LOAD = "fetch_peers + load()"
 PEERS_SYNC = "fetch_peers + attribute access (run_sync)"
 EAGER = "eager(...) (path known up front)"
 LAZY = "naive lazy loading (run_sync)"
 AWAITABLE = "awaitable_attrs, hop by hop"
-LISTENER_ON, LISTENER_OFF = f"{READS} one-row reads, listener on", f"{READS} reads, listener off"
+LISTENER_ON, LISTENER_OFF = "one-row reads, listener on", "one-row reads, listener off"
 QUERY_PEERS, QUERY_PLAIN = "500-row query with fetch_peers()", "500-row query without"
 SLOW = {LAZY, AWAITABLE}
 
@@ -74,7 +92,7 @@ def awaitable(obj: object) -> Any:
 
 
 # ------------------------------------------------------------------ contenders
-def contenders(engine: AsyncEngine) -> dict[str, Callable[[], Awaitable[Any]]]:
+def contenders(engine: AsyncEngine, n_reads: int) -> dict[str, Callable[[], Awaitable[Any]]]:
     everything = select(Conversation).order_by(Conversation.id)
 
     async def peers_load() -> Answer:
@@ -106,10 +124,10 @@ def contenders(engine: AsyncEngine) -> dict[str, Callable[[], Awaitable[Any]]]:
                 out.append([rule.id for rule in await awaitable(company).automation_rules])
             return out
 
-    async def reads() -> int:  # one statement per id: the listener's fast path, 200 times
+    async def reads() -> int:  # one statement per id: the listener's fast path
         async with AsyncSession(engine) as session:
             total = 0
-            for cid in range(1, READS + 1):
+            for cid in range(1, n_reads + 1):
                 row = await session.scalar(select(Conversation).where(Conversation.id == cid))
                 total += row.contact_id if row is not None else 0
             return total
@@ -152,9 +170,9 @@ def listener_removed() -> Any:
         event.listen(Session, "do_orm_execute", fn)
 
 
-async def measure(engine: AsyncEngine, quick: bool) -> dict[str, dict[str, Any]]:
+async def measure(engine: AsyncEngine, sizes: Sizes) -> dict[str, dict[str, Any]]:
     fetch_peers()  # the listener is registered from here on, for every contender alike
-    runs = contenders(engine)
+    runs = contenders(engine, sizes.reads)
     out: dict[str, dict[str, Any]] = {}
     answers: dict[str, Any] = {}
     for name, fn in runs.items():  # warm-up: statement caches, pool; count statements
@@ -165,7 +183,7 @@ async def measure(engine: AsyncEngine, quick: bool) -> dict[str, dict[str, Any]]
         out[name]["correct"] = answers[name] == answers[EAGER]
     for a, b in ((LISTENER_ON, LISTENER_OFF), (QUERY_PEERS, QUERY_PLAIN)):
         out[a]["correct"] = out[b]["correct"] = answers[a] == answers[b]
-    fast_repeat, slow_repeat = (7, 3) if quick else (31, 7)
+    fast_repeat, slow_repeat = sizes.repeat, sizes.slow_repeat
     samples: dict[str, list[float]] = {name: [] for name in runs}
     for round_ in range(fast_repeat):  # interleaved rounds: noise hits everyone alike
         for name, fn in runs.items():
@@ -188,11 +206,12 @@ async def measure(engine: AsyncEngine, quick: bool) -> dict[str, dict[str, Any]]
     ):
         pairs = zip(samples[a], samples[b], strict=False)  # same rounds: a paired ratio
         out[a][f"/ {b}"] = statistics.median(x / y for x, y in pairs)
-    out[LISTENER_ON]["fast_path_us"] = await fast_path_cost(engine)
+    out[LISTENER_ON]["reads"] = out[LISTENER_OFF]["reads"] = sizes.reads
+    out[LISTENER_ON]["fast_path_us"] = await fast_path_cost(engine, sizes.calls)
     return out
 
 
-async def fast_path_cost(engine: AsyncEngine) -> dict[str, float]:
+async def fast_path_cost(engine: AsyncEngine, n: int = 20_000) -> dict[str, float]:
     """The listener's own cost per statement, timed on captured ``ORMExecuteState``s.
 
     One SELECT and one lazy load (plain, not from a group): what every statement of
@@ -213,7 +232,6 @@ async def fast_path_cost(engine: AsyncEngine) -> dict[str, float]:
     out = {}
     for name, state in (("select", select_state), ("lazy load", lazy_state)):
         assert _peers_events._on_execute(state) is None  # the fast path: SQLAlchemy proceeds
-        n = 20_000
         timings = []
         for _ in range(5):
             started = time.perf_counter()
@@ -236,15 +254,15 @@ async def seeded_sqlite() -> AsyncIterator[AsyncEngine]:
 
 
 async def measure_on(
-    database: contextlib.AbstractAsyncContextManager[AsyncEngine], quick: bool
+    database: contextlib.AbstractAsyncContextManager[AsyncEngine], sizes: Sizes
 ) -> dict[str, dict[str, Any]]:
     async with database as engine:
-        return await measure(engine, quick)
+        return await measure(engine, sizes)
 
 
 def targets_for(db: str, r: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     on = r[LISTENER_ON]
-    one_read_us = on["ms"] * 1000 / READS
+    one_read_us = on["ms"] * 1000 / on.get("reads", READS)
     fast = max(on["fast_path_us"].values())
     return [
         target(
@@ -276,17 +294,27 @@ def targets_for(db: str, r: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run(*, quick: bool, database: str | None) -> dict[str, Any]:
+    sizes = QUICK if quick else FULL
     results: dict[str, dict[str, dict[str, Any]]] = {
-        "sqlite": asyncio.run(measure_on(seeded_sqlite(), quick))
+        "sqlite": asyncio.run(measure_on(seeded_sqlite(), sizes))
     }
     url = pg_url(database)
     if url is not None:
         try:
-            results["postgresql"] = asyncio.run(measure_on(seeded_pg(url), quick))
-        except OSError as exc:  # a server that answered the probe but refused us
+            results["postgresql"] = asyncio.run(measure_on(seeded_pg(url), sizes))
+        except OSError as exc:  # the server named with --database refused us
             print(f"PostgreSQL skipped: {exc}")
     else:
-        print("PostgreSQL skipped: no server at the default URL and no --database given")
+        print("PostgreSQL: not asked for (--database postgresql://...)")
+    print(
+        f"median of {sizes.repeat} interleaved rounds after a warm-up ({LAZY} and "
+        f"{AWAITABLE}: {sizes.slow_repeat}); {sizes.reads} one-row reads"
+        + (
+            f" (quick sizes; --full: {FULL.repeat} rounds ({FULL.slow_repeat}), {FULL.reads} reads)"
+            if quick
+            else ""
+        )
+    )
     headers = ["contender"] + [
         f"{db} {col}" for db in results for col in ("statements", "ms", "range ms", "correct")
     ]
@@ -317,6 +345,8 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
     }
     return {
         "conversations": N,
+        "rounds": sizes.repeat,
+        "reads": sizes.reads,
         "path": PATH,
         "results": results,
         "targets": targets,

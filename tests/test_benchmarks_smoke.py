@@ -20,7 +20,7 @@ from benchmarks import __main__ as runner
 from benchmarks import _playbook_rows, bench_playbook
 from benchmarks._measure import Plan
 from benchmarks._playbook_rows import HAND
-from benchmarks._registry import NEEDS, available
+from benchmarks._registry import NEEDS, QUICK_BUDGET_S, available, default
 from examples.crm import payment, startup
 
 import parallelkit as pk
@@ -49,6 +49,14 @@ def _correct_target(result: dict[str, Any], row: str) -> bool:
 # -- the runner ---------------------------------------------------------------------------------
 def test_the_playbook_benchmark_is_registered_first() -> None:
     assert available()[0] == "playbook"
+
+
+def test_every_module_of_the_main_job_has_a_quick_budget() -> None:
+    """The runner warns when a module overruns its share of the minute: each has one."""
+    runs = [name for name in default() if name not in NEEDS]
+    assert runs, "the main job runs no benchmark"
+    assert [name for name in runs if name not in QUICK_BUDGET_S] == []
+    assert all(budget > 0 for budget in QUICK_BUDGET_S.values())
 
 
 def test_targets_are_normalized_for_the_report() -> None:
