@@ -151,7 +151,7 @@ async def _stampede(callers: int) -> dict[str, dict[str, Any]]:
     async def gather_calls(fn: Callable[[int], Awaitable[Any]]) -> None:
         await asyncio.gather(*(fn(1) for _ in range(callers)))
 
-    # -- the seed's cache: serve from memory, fire a refresh on EVERY hit
+    # -- the playbook's cache: serve from memory, fire a refresh on EVERY hit
     seed_loads = 0
     memory: dict[int, int] = {}
     background: set[asyncio.Task[None]] = set()
@@ -179,7 +179,10 @@ async def _stampede(callers: int) -> dict[str, dict[str, Any]]:
     seed_loads = 0
     await gather_calls(seed_get)
     await asyncio.gather(*background)
-    out["seed pattern (refresh on every hit)"] = {"cold_loads": cold, "stale_refreshes": seed_loads}
+    out["playbook pattern (refresh on every hit)"] = {
+        "cold_loads": cold,
+        "stale_refreshes": seed_loads,
+    }
 
     # -- SWRCache: single flight + one refresh per key
     swr_loads = 0

@@ -38,7 +38,7 @@ import parallelkit as pk
 
 from ._util import target
 
-TITLE = "start-up: seed model (sequential / gather phases / Orchestrator) + 100-service overhead"
+TITLE = "start-up: the playbook's model (sequential / gather / Orchestrator), 100-service cost"
 
 #: How far a measured ready time may be from the model's: timer and scheduling slack.
 TOLERANCE_S = 0.005
@@ -148,13 +148,13 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
     correct = all(respects_dependencies(r[1]) for r in orch_runs)
 
     print(
-        f"the seed's durations x {scale:g}, {repeats} interleaved rounds"
+        f"the playbook's durations x {scale:g}, {repeats} interleaved rounds"
         + (" (quick; --full: x 1, 5 rounds)" if quick else "")
     )
     print(f"{'variant':<34}{'median ms':>11}{'range ms':>18}{'x critical':>12}")
     for label, values in (
         ("sequential", seq),
-        ("seed gather phases (as written)", phases),
+        ("playbook gather phases (as written)", phases),
         ("Orchestrator", orch_times),
     ):
         med = statistics.median(values)
@@ -164,7 +164,7 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
     print("ready at (ms, measured / model): " + ", ".join(
         f"{name} {ready[name] * 1000:.1f}/{model[name] * 1000:.0f}" for name in model
     ))  # fmt: skip
-    print(f"model reproduces the seed's log: {model_matches_log}")
+    print(f"model reproduces the playbook's log: {model_matches_log}")
     print(
         f"measured ready times within max({TOLERANCE_S * 1000:.0f} ms, "
         f"{TOLERANCE_REL:.0%}) of the model: {calibrated}"
