@@ -415,7 +415,8 @@ async def test_eager_get_builds_its_options_once_per_model_and_paths(
     for ident in (21, 22, 23):
         async with factory() as session, count_queries(crm_engine) as counter:
             row = await eager_get(session, Conversation, ident, WEBHOOK)
-            assert row is not None and len(row.contact.company.automation_rules) == 3
+            assert row is not None
+            assert len(row.contact.company.automation_rules) == 3
             assert counter.count == 1, counter.statements  # one joined statement
     info = _get._plan.cache_info()
     assert (info.misses, info.hits) == (1, 2)

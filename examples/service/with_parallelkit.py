@@ -141,7 +141,8 @@ def build_orchestrator(settings: Settings, counter: StatementCounter) -> pk.Orch
             store = RedisStore(redis, namespace=f"svc-{settings.server}", near_maxsize=CACHE_SIZE)
             near = store
             await store.clear()
-        cache = pk.SWRCache(fresh=settings.fresh, stale=settings.stale, store=store)
+        # jitter: the 2,000 conversations loaded together are refreshed apart, not in one burst
+        cache = pk.SWRCache(fresh=settings.fresh, stale=settings.stale, store=store, jitter=0.1)
 
         @cache.cached
         async def get_conversation(conversation_id: int) -> dict[str, Any] | None:
