@@ -202,6 +202,14 @@ async def test_fastapi_typed_service_dependencies() -> None:
     assert events == ["db disposed"]
 
 
+def test_typed_dependencies_run_on_the_event_loop() -> None:
+    """A plain ``def`` dependency would cost a thread-pool hop per request."""
+    import inspect
+
+    for marker in (service("db", Engine), service(greeting), running()):
+        assert inspect.iscoroutinefunction(marker.dependency), marker
+
+
 async def test_running_from_a_starlette_request() -> None:
     from parallelkit.asgi import running_from
 

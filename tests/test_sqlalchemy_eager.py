@@ -401,3 +401,22 @@ def test_eager_rejects_bad_options_naming_them(
 ) -> None:
     with pytest.raises(error, match=message):
         eager(Conversation, "contact", **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_eager_get_builds_its_options_once_per_model_and_paths(
+    crm_engine: AsyncEngine,
+) -> None:
+    """The options and path tree are the CPU of a cache miss: built once, reused after."""
+    from parallelkit.sqlalchemy import _get
+
+    factory = async_sessionmaker(crm_engine, expire_on_commit=False)
+    _get._plan.cache_clear()
+    for ident in (21, 22, 23):
+        async with factory() as session, count_queries(crm_engine) as counter:
+            row = await eager_get(session, Conversation, ident, WEBHOOK)
+            assert row is not None
+            assert len(row.contact.company.automation_rules) == 3
+            assert counter.count == 1, counter.statements  # one joined statement
+    info = _get._plan.cache_info()
+    assert (info.misses, info.hits) == (1, 2)

@@ -10,8 +10,8 @@ from .shared import Settings
 
 __all__ = ["MODULES", "create_app"]
 
-#: The module of each variant (imported only when asked for: the parallelkit one imports
-#: ``parallelkit.sqlalchemy``, whose session guards are process-wide).
+#: The module of each variant (imported only when asked for: the ordinary and expert servers
+#: never import parallelkit).
 MODULES = {
     "ordinary": "examples.service.ordinary",
     "expert": "examples.service.expert",

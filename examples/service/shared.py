@@ -8,8 +8,9 @@ they load (N+1 vs hand-written vs :func:`parallelkit.sqlalchemy.eager`), cache
 and fan out (unbounded ``gather`` vs ``gather`` + a process-wide semaphore vs
 :func:`parallelkit.map`).
 
-Nothing in this module imports :mod:`parallelkit.sqlalchemy`: importing it turns
-on process-wide session guards, a cost only the parallelkit variant should pay.
+Nothing in this module imports parallelkit: the ordinary and expert servers run
+without it (importing :mod:`parallelkit.sqlalchemy` changes no global state; its
+session guard is opt-in and stays off in every server here).
 """
 
 from __future__ import annotations

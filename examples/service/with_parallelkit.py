@@ -2,38 +2,49 @@
 
 * start-up: an :class:`~parallelkit.Orchestrator` of services (database, Redis,
   the conversation cache, the external clients), run by the app's lifespan
-  (:func:`parallelkit.asgi.lifespan`); each service's value reaches the handlers
-  through the lifespan state (``request.state.<service>``), behind one typed
-  dependency per service;
-* loading: :func:`parallelkit.sqlalchemy.eager` names the graph a request needs
-  (joined many-to-one hops, one ``selectin`` per collection; anything else raises
-  :class:`~parallelkit.sqlalchemy.NotLoadedError` instead of a hidden query);
+  (:func:`parallelkit.asgi.lifespan`); handlers get each service's value, typed,
+  through :func:`parallelkit.asgi.service` (``async def`` dependencies: no
+  thread-pool hop);
+* the database bound: sessions of class
+  :class:`~parallelkit.sqlalchemy.LimitedAsyncSession` share the engine's
+  process-wide :func:`~parallelkit.sqlalchemy.pool_limiter` (sized to the pool),
+  holding a slot only while they hold a connection, so all requests together
+  never queue more work on the pool than it has connections, and an item's
+  e-mail holds no slot;
+* loading: :func:`parallelkit.sqlalchemy.eager` names the graph a batch needs
+  (joined many-to-one hops, one ``selectin`` for the rules: 2 statements for any
+  batch), :func:`~parallelkit.sqlalchemy.eager_get` one row's graph in one
+  statement; anything else raises
+  :class:`~parallelkit.sqlalchemy.NotLoadedError` instead of a hidden query;
 * caching: :class:`parallelkit.SWRCache` (fresh / stale windows, single-flight
   misses, one background refresh per key) on a ``MemoryStore`` or, to share it
-  between replicas, a :class:`parallelkit.redis.RedisStore`;
-* fan-out: :func:`parallelkit.map` with ``limit=`` the pool size and
-  ``settle=True`` (every item's outcome kept, failures listed);
+  between replicas, an entered :class:`parallelkit.redis.RedisStore` (its near
+  cache serves hot keys without a Redis round trip);
+* fan-out: :func:`parallelkit.map` with ``settle=True`` (every item's outcome
+  kept, failures listed);
 * the payment: a :class:`parallelkit.Flow` (record and notify wait for the
-  charge, and overlap each other).
-
-The places that will change when parallelkit grows (a process-wide database
-limit from the engine's pool, typed dependencies for orchestrator services, a
-cache decorated at import time with a store bound at start-up) are each one
-function below: ``db_limit``, the ``Depends`` aliases and ``conversations``.
+  charge, and overlap each other);
+* errors: :class:`~parallelkit.sqlalchemy.RequestGuard` makes the real error the
+  one that escapes (a ``NotLoadedError`` rather than pydantic's
+  ``ResponseValidationError``). The session guard
+  (:func:`~parallelkit.sqlalchemy.guard_sessions`) is opt-in and stays off in
+  this production server; the pytest plugin turns it on in tests.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 import parallelkit as pk
 from examples.crm.models import Conversation
-from parallelkit.asgi import lifespan
-from parallelkit.sqlalchemy import eager
+from parallelkit.asgi import lifespan, service
+from parallelkit.sqlalchemy import LimitedAsyncSession, RequestGuard, eager, eager_get
 
 from .shared import (
     NO_CADENCE,
@@ -56,14 +67,16 @@ from .shared import (
     webhook_results,
 )
 
-__all__ = ["PAYMENT", "VIEW_GRAPH", "WEBHOOK_GRAPH", "build_orchestrator", "create_app"]
+__all__ = ["PAYMENT", "VIEW_PATH", "WEBHOOK_GRAPH", "build_orchestrator", "create_app"]
 
 #: What the webhook needs, named once: 2 statements for any batch.
 WEBHOOK_GRAPH = eager(Conversation, "contact.company.automation_rules")
-#: What the conversation read needs: 1 statement (two joined hops).
-VIEW_GRAPH = eager(Conversation, "contact.company")
+#: What the conversation read needs: 1 statement (``eager_get``: two joined hops).
+VIEW_PATH = "contact.company"
 
 ConversationLookup = pk.CachedFunction[[int], "dict[str, Any] | None"]
+#: Entries kept in memory: every conversation (2,000) fits, as in the expert's TTLCache.
+CACHE_SIZE = 10_000
 
 
 # -- the payment: charge, then (record || notify) --------------------------------------------------
@@ -97,7 +110,11 @@ def build_orchestrator(settings: Settings, counter: StatementCounter) -> pk.Orch
     @orch.service
     async def db() -> AsyncIterator[ServiceDatabase]:
         async with open_database(settings, counter) as database:
-            yield database
+            # the one call: every session of the process shares the engine's pool bound
+            sessions = async_sessionmaker(
+                database.engine, class_=LimitedAsyncSession, expire_on_commit=False
+            )
+            yield ServiceDatabase(database.engine, sessions, database.pool_size)
 
     @orch.service
     async def redis() -> AsyncIterator[Any]:
@@ -115,23 +132,27 @@ def build_orchestrator(settings: Settings, counter: StatementCounter) -> pk.Orch
 
     @orch.service
     async def conversations(db: ServiceDatabase, redis: Any) -> AsyncIterator[ConversationLookup]:
-        store: pk.Store = pk.MemoryStore(10_000)
+        store: pk.Store = pk.MemoryStore(CACHE_SIZE)
+        near: AbstractAsyncContextManager[Any] = nullcontext()
         if redis is not None:
             from parallelkit.redis import RedisStore
 
-            store = RedisStore(redis, namespace=f"svc-{settings.server}")
+            # entered (below), it keeps a near cache: a hot key's hit costs no round trip
+            store = RedisStore(redis, namespace=f"svc-{settings.server}", near_maxsize=CACHE_SIZE)
+            near = store
             await store.clear()
-        cache = pk.SWRCache(fresh=settings.fresh, stale=settings.stale, store=store)
+        # jitter: the 2,000 conversations loaded together are refreshed apart, not in one burst
+        cache = pk.SWRCache(fresh=settings.fresh, stale=settings.stale, store=store, jitter=0.1)
 
         @cache.cached
         async def get_conversation(conversation_id: int) -> dict[str, Any] | None:
             async with db.sessions() as session:
-                row = await session.get(Conversation, conversation_id, options=VIEW_GRAPH)
+                row = await eager_get(session, Conversation, conversation_id, VIEW_PATH)
                 if row is None:
                     return None
                 return conversation_view(row, row.contact, row.contact.company)
 
-        async with cache:  # owns the background refreshes
+        async with near, cache:  # the store's invalidation listener, the cache's refreshes
             yield get_conversation
 
     @orch.service
@@ -141,31 +162,10 @@ def build_orchestrator(settings: Settings, counter: StatementCounter) -> pk.Orch
     return orch
 
 
-# -- typed access to the services from handlers (async def: FastAPI runs a plain `def`
-# dependency in a worker thread, ~0.2 ms of CPU per request) ---------------------------
-async def _db(request: Request) -> ServiceDatabase:
-    db: ServiceDatabase = request.state.db
-    return db
-
-
-async def _clients(request: Request) -> Clients:
-    clients: Clients = request.state.clients
-    return clients
-
-
-async def _conversations(request: Request) -> ConversationLookup:
-    lookup: ConversationLookup = request.state.conversations
-    return lookup
-
-
-Db = Annotated[ServiceDatabase, Depends(_db)]
-ExternalClients = Annotated[Clients, Depends(_clients)]
-Conversations = Annotated[ConversationLookup, Depends(_conversations)]
-
-
-def db_limit(db: ServiceDatabase) -> int | pk.Limiter:
-    """The bound for a fan-out's database work: the pool size, as the docs recommend."""
-    return db.pool_size
+# -- typed access to the services from handlers ----------------------------------------------------
+Db = Annotated[ServiceDatabase, service("db")]
+ExternalClients = Annotated[Clients, service("clients")]
+Conversations = Annotated[ConversationLookup, service("conversations")]
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -175,6 +175,7 @@ def create_app(settings: Settings) -> FastAPI:
         title="CRM service (parallelkit)", lifespan=lifespan(build_orchestrator(settings, counter))
     )
     add_debug_routes(app, counter, "parallelkit")
+    app.add_middleware(RequestGuard)  # the real error first (no engine: nothing counted)
 
     @app.post("/webhooks/batch")
     async def webhook_batch(batch: WebhookBatch, db: Db) -> dict[str, Any]:
@@ -213,7 +214,8 @@ def create_app(settings: Settings) -> FastAPI:
             await clients.mail(contact.email, f"re-engage:{open_count}")
             return int(contact.id)
 
-        outcomes = await pk.map(enroll, inactive, limit=db_limit(db), settle=True)
+        # the pool is bounded by the sessions (pool_limiter); `limit` bounds this call's tasks
+        outcomes = await pk.map(enroll, inactive, limit=db.pool_size, settle=True)
         enrolled = [o.value for o in outcomes if o.ok]
         failed = [c.id for c, o in zip(inactive, outcomes, strict=True) if not o.ok]
         async with db.sessions() as session:

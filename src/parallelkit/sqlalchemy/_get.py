@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 from sqlalchemy import and_, select
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapper
 
 from ._eager import EagerPath, Strategy, _mapper, _parse, _Tree, eager
 
@@ -65,24 +67,53 @@ async def eager_get(
     if not isinstance(given, AsyncSession):
         msg = f"session must be an AsyncSession, got {type(session).__name__} {session!r}"
         raise TypeError(msg)
-    options = eager(model, *paths, raise_others=raise_others, strategies=strategies, one=True)
-    mapper = _mapper(model)
+    if strategies is None and all(isinstance(path, str) for path in paths):
+        options, mapper, tree = _plan(model, paths, raise_others)  # type: ignore[arg-type]
+    else:
+        options, mapper, tree = _make_plan(model, paths, raise_others, strategies)
     key = tuple(ident) if isinstance(ident, (tuple, list)) else (ident,)
     if len(key) != len(mapper.primary_key):
         size = len(mapper.primary_key)
         msg = f"ident must have {size} value(s) for {model.__name__}, got {ident!r}"
         raise ValueError(msg)
     cached = session.identity_map.get(mapper.identity_key_from_primary_key(key))
-    if cached is not None:
-        tree: _Tree = {}
-        for path in paths:
-            _parse(tree, path, [], path)
-        if isinstance(cached, model) and _loaded(cached, tree):
-            return cached
+    if cached is None:
+        # not in the session: session.get applies the options (its cached by-key
+        # statement, joined collections made unique)
+        return await session.get(model, key, options=options)
+    if isinstance(cached, model) and _loaded(cached, tree):
+        return cached
     where = and_(*(column == value for column, value in zip(mapper.primary_key, key, strict=True)))
     result = await session.execute(select(model).where(where).options(*options))
     found: M | None = result.unique().scalar_one_or_none()
     return found
+
+
+_Plan = tuple[tuple[Any, ...], Mapper[Any], _Tree]
+
+
+def _make_plan(
+    model: type[Any],
+    paths: tuple[EagerPath, ...],
+    raise_others: bool,
+    strategies: Mapping[str, Strategy] | None,
+) -> _Plan:
+    """The loader options, the mapper and the path tree of one ``eager_get`` call."""
+    options = eager(model, *paths, raise_others=raise_others, strategies=strategies, one=True)
+    tree: _Tree = {}
+    for path in paths:
+        _parse(tree, path, [], path)
+    return options, _mapper(model), tree
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(model: type[Any], paths: tuple[str, ...], raise_others: bool) -> _Plan:
+    """:func:`_make_plan` for dotted-string paths, computed once per model and paths.
+
+    Loader options are immutable, so one tuple serves every call; the tree is only
+    read. (Building them is most of the CPU an ``eager_get`` of a cached row costs.)
+    """
+    return _make_plan(model, paths, raise_others, None)
 
 
 def _loaded(obj: object, tree: _Tree) -> bool:
