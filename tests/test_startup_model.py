@@ -24,8 +24,8 @@ def test_the_model_reproduces_the_seed_log() -> None:
 @pytest.mark.parametrize("page", PAGES)
 def test_docs_show_the_model(page: str) -> None:
     text = (ROOT / page).read_text()
-    found = re.search(r"^SEED = (\{.*?^\})", text, re.MULTILINE | re.DOTALL)
-    assert found, f"{page} does not show the start-up model (SEED = {{...}})"
+    found = re.search(r"^PLAYBOOK = (\{.*?^\})", text, re.MULTILINE | re.DOTALL)
+    assert found, f"{page} does not show the start-up model (PLAYBOOK = {{...}})"
     shown = ast.literal_eval(found.group(1))
     model = {
         name: (seconds, startup.DEPENDS.get(name, ()))
