@@ -370,7 +370,9 @@ class _Session:
         self.hosts[spec.name] = host
         assert self.tg is not None
         try:
-            value = await self.tg.start(host.run, name=f"parallelkit service {spec.name}")
+            value = await _start_soon_and_wait(
+                self.tg, host.run, name=f"parallelkit service {spec.name}"
+            )
         except Exception as exc:
             if spec.critical and self.failure is None:
                 self.failure = (spec.name, exc)
@@ -479,3 +481,73 @@ def teardown_group(errors: list[tuple[str, BaseException]]) -> ExceptionGroup[Ex
     names = ", ".join(repr(name) for name, _ in errors)
     excs = [e if isinstance(e, Exception) else RuntimeError(repr(e)) for _, e in errors]
     return ExceptionGroup(f"services failed to stop: {names}", excs)
+
+
+class _StartStatus:
+    """The ``task_status`` of a service task: its start value, or its error before it."""
+
+    __slots__ = ("error", "event", "is_started", "value")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.is_started = False
+        self.value: Any = None
+        self.error: Exception | None = None
+
+    def started(self, value: Any = None) -> None:
+        self.value = value
+        self.is_started = True
+        self.event.set()
+
+
+async def _start_soon_and_wait(
+    tg: anyio.abc.TaskGroup, run: Callable[..., Awaitable[None]], *, name: str
+) -> Any:
+    """``tg.start(run)``, without the hang of anyio's own ``start`` on asyncio.
+
+    anyio's ``TaskGroup.start`` puts the new task in the *caller's* cancel scope until
+    it reports ``started()``. When that scope is cancelled between the spawn and the
+    task's first step (a sibling service failed), asyncio kills the task before its
+    body runs, so the "finished" event ``start`` waits for (shielded) is never set and
+    the start-up hangs (seen on Python 3.13 with anyio 4.15 and 4.16). Here the task
+    belongs to ``tg`` and to a cancel scope of its own: the starter, when cancelled,
+    cancels that scope and, if the task's body began, waits until it ends or becomes
+    ready anyway (a ready service is registered and stopped in order by the
+    orchestrator); a task whose body begins after that returns at once, before any
+    service code runs.
+    """
+    status = _StartStatus()
+    scope = anyio.CancelScope()
+    began = False
+
+    async def task() -> None:
+        nonlocal began
+        if scope.cancel_called:  # the starter gave up before this task ever ran
+            return
+        began = True
+        try:
+            with scope:
+                await run(task_status=status)
+        except Exception as exc:
+            if status.is_started:
+                raise  # a failure after start-up belongs to the task group
+            status.error = exc  # before it: the starter raises it, as tg.start would
+        finally:
+            status.event.set()
+
+    tg.start_soon(task, name=name)
+    try:
+        await status.event.wait()
+    except BaseException:
+        if not status.is_started:  # a ready service is stopped by the orchestrator, in order
+            scope.cancel()
+            if began:  # until it ends, or becomes ready anyway (then it is stopped in order)
+                with anyio.CancelScope(shield=True):
+                    await status.event.wait()
+        raise
+    if status.error is not None:
+        raise status.error
+    if not status.is_started:
+        msg = f"{name} ended before it was ready"
+        raise RuntimeError(msg)
+    return status.value

@@ -98,8 +98,9 @@ async def _value_of(awaitable: Awaitable[Any]) -> AsyncIterator[Any]:
 class ServiceHost:
     """Runs one service's lifetime in its own task; stopped on request, once.
 
-    ``value = await task_group.start(host.run)`` returns when the service is ready
-    (set up and its probe passed) or raises its start-up error. :meth:`request_stop`
+    ``value = await _start_soon_and_wait(task_group, host.run, ...)`` (``task_group.start``'s
+    contract, see running.py) returns when the service is ready (set up and its probe
+    passed) or raises its start-up error. :meth:`request_stop`
     then tears it down, bounded by ``stop_timeout``, after which the tear-down is
     cancelled and :attr:`timed_out` is set. A service that dies while running (its
     task group failed, its process exited) is reported through ``on_crash``.
