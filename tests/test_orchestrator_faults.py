@@ -365,3 +365,40 @@ async def test_non_critical_crash_is_logged_critical_crash_is_raised(
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import ExceptionGroup
+
+
+async def test_a_setup_error_raised_while_the_start_is_cancelled_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """b's set-up turns the cancellation into its own error while a's failure rolls the
+    start-up back: nobody receives b's error, so it is logged, not dropped."""
+    orch = pk.Orchestrator("app")
+    b_waiting = anyio.Event()
+
+    @orch.service
+    async def a() -> AsyncIterator[str]:
+        await b_waiting.wait()
+        raise ConnectionError("a is down")
+        yield "a"  # pragma: no cover
+
+    @orch.service
+    async def b() -> AsyncIterator[str]:
+        try:
+            b_waiting.set()
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            raise RuntimeError("b gave up") from None
+        yield "b"  # pragma: no cover
+
+    with (
+        caplog.at_level(logging.WARNING, logger="parallelkit"),
+        pytest.raises(pk.StartupError) as info,
+    ):
+        async with orch.start():
+            pytest.fail("body must not run")
+    assert info.value.service == "a"
+    records = parallelkit_records(caplog)
+    logged = [r for r in records if "while its start was cancelled" in r.message]
+    assert len(logged) == 1
+    assert logged[0].exc_info is not None
+    assert str(logged[0].exc_info[1]) == "b gave up"

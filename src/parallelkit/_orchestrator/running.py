@@ -544,6 +544,10 @@ async def _start_soon_and_wait(
             if began:  # until it ends, or becomes ready anyway (then it is stopped in order)
                 with anyio.CancelScope(shield=True):
                     await status.event.wait()
+            if status.error is not None:  # nobody receives it: the start was cancelled
+                logger.warning(
+                    "%s failed while its start was cancelled", name, exc_info=status.error
+                )
         raise
     if status.error is not None:
         raise status.error
