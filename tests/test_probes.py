@@ -152,6 +152,32 @@ async def test_polling_is_adaptive() -> None:
     assert times[-1] - times[0] <= 0.5
 
 
+@pytest.mark.parametrize(
+    "anyio_backend", [pytest.param(("trio", {"clock": MockClock(autojump_threshold=0)}), id="mock")]
+)
+async def test_a_check_cut_short_at_the_deadline_keeps_the_last_reason() -> None:
+    """A slow last attempt (a loaded machine) must not hide why the service was not ready."""
+    calls = 0
+
+    async def refused_then_slow() -> bool:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            await anyio.sleep(10)  # outlives the deadline: cut short
+        return False
+
+    with pytest.raises(TimeoutError, match=r"not ready after 1s \(last check: returned False\)"):
+        await pk.probes.call(refused_then_slow).wait(timeout=1)
+    assert calls == 2
+
+    async def hangs() -> bool:
+        await anyio.sleep(10)
+        return True
+
+    with pytest.raises(TimeoutError, match=r"last check: the check did not answer within 1s"):
+        await pk.probes.call(hangs).wait(timeout=1)
+
+
 async def test_cancellation_is_not_swallowed_by_a_check() -> None:
     async def slow() -> bool:
         await anyio.sleep(10)

@@ -123,13 +123,17 @@ class Probe:
         timeout = number_or_none("timeout", timeout)
         deadline = math.inf if timeout is None else anyio.current_time() + timeout
         interval = self.initial
+        why: str | None = None
         while True:
             with anyio.move_on_after(max(0.0, deadline - anyio.current_time())) as scope:
-                why = await self.reason(value)
-                if why is None:
+                answer = await self.reason(value)
+                if answer is None:
                     return
-            if scope.cancelled_caught:  # cut short at the deadline (maybe the first check)
+                why = answer
+            if scope.cancelled_caught and why is None:  # not one check answered in time
                 why = f"the check did not answer within {timeout:.3g}s"
+            # A check cut short at the deadline keeps the last reason a check gave:
+            # "ConnectionRefused" says more than "the last attempt was interrupted".
             now = anyio.current_time()
             if now < deadline:
                 await anyio.sleep(min(interval, deadline - now))
