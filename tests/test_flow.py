@@ -541,6 +541,60 @@ async def test_fail_fast_raises_the_original_and_cancels_the_rest() -> None:
     assert started == []
 
 
+async def test_the_calling_task_is_the_first_worker() -> None:
+    """A chain runs in the caller's task (no task at all); at a fork, one helper task."""
+    flow = pk.Flow()
+    ran_in: dict[str, int] = {}
+
+    @flow.step
+    async def charge() -> str:
+        ran_in["charge"] = anyio.get_current_task().id
+        await anyio.lowlevel.checkpoint()
+        return "ch_1"
+
+    @flow.step
+    async def record(charge: str) -> None:
+        ran_in["record"] = anyio.get_current_task().id
+        await anyio.lowlevel.checkpoint()
+
+    @flow.step
+    async def notify(charge: str) -> None:
+        ran_in["notify"] = anyio.get_current_task().id
+        await anyio.lowlevel.checkpoint()
+
+    caller = anyio.get_current_task().id
+    with anyio.fail_after(GUARD):
+        await flow.run(targets=[record])  # a chain: charge then record
+    assert ran_in == {"charge": caller, "record": caller}
+    ran_in.clear()
+    with anyio.fail_after(GUARD):
+        await flow.run()  # charge, then record || notify
+    assert ran_in["charge"] == caller
+    assert sorted([ran_in["record"] == caller, ran_in["notify"] == caller]) == [False, True]
+
+
+async def test_a_failure_in_the_calling_task_is_raised_unchanged_or_settled() -> None:
+    flow = pk.Flow()
+    boom = ValueError("card declined")
+
+    @flow.step
+    async def charge() -> None:
+        await anyio.lowlevel.checkpoint()
+        raise boom
+
+    @flow.step
+    async def record(charge: None) -> None:  # pragma: no cover - never runs
+        raise AssertionError
+
+    with pytest.raises(ValueError) as info:
+        await flow.run()
+    assert info.value is boom
+    outcomes = await flow.run(settle=True)
+    assert outcomes["charge"].error is boom
+    assert isinstance(outcomes["record"].error, pk.DependencyFailed)
+    assert [span.status for span in outcomes.timeline.spans] == ["error", "skipped"]
+
+
 async def test_settle_gives_outcomes_and_skips_downstream() -> None:
     flow = pk.Flow()
     boom = RuntimeError("stripe down")

@@ -118,6 +118,20 @@ class Pool:
         if self.error is not None:
             raise self.error
 
+    async def run_here(self) -> None:
+        """Like :meth:`run`, with the calling task as the first worker (no task for it).
+
+        For a source that has a unit now (the graph engine's ready queue): the caller
+        takes it at once, and a helper starts only when more units are waiting.
+        """
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            self.workers += 1
+            await self._work()
+        self._tg = None
+        if self.error is not None:
+            raise self.error
+
     # -- starting workers ------------------------------------------------------------
     def fill(self, size: int | None = None) -> None:
         """Start one worker per unit the source has now, up to the maximum.

@@ -44,7 +44,9 @@ Three objects, used in this order::
     ``await run.execute()`` starts every node the moment **all** of its
     dependencies have finished (not layer by layer), on the one worker pool
     (:mod:`parallelkit._fanout.pool`) fed by a ready queue with dependency
-    counters: no task or event per node.
+    counters: no task or event per node, and none at all while a single node is
+    ready (it runs in the caller's task; at the first fork the caller becomes the
+    pool's first worker).
 
     - ``run_node``: ``async (node, kwargs) -> value``. The value is what the
       dependents receive, and they start as soon as it returns. The Orchestrator

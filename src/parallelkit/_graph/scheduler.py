@@ -65,7 +65,9 @@ class Run:
     helper, which on waking takes one and kicks the next. So a step that never
     suspends costs one coroutine call, with no task, event or context switch, while
     steps that do suspend still all get started. The pool never has more workers
-    than ``limit`` (and than nodes).
+    than ``limit`` (and than nodes). While only one node is ready (a chain, the head
+    of a graph), it is awaited in the caller's task with no pool at all; from the
+    first fork on, the caller is the pool's first worker.
     """
 
     __slots__ = (
@@ -139,11 +141,20 @@ class Run:
             if not pending:
                 self._queued[index] = now
                 self._ready.append(index)
+        ready = self._ready
+        # While one node at a time is ready (a chain, or the head of a graph), run it
+        # here, in the caller's task, as a hand-written ``await`` would: no task group,
+        # no task. Fail-fast: its exception propagates from here, unchanged.
+        while len(ready) == 1:
+            await self._node(ready.popleft())
+        if not self._remaining:
+            return
+        # Two or more ready: the pool, with the caller as its first worker.
         pool = Pool(self._node, _Ready(self), _DISCARD, max_workers=self._max_workers,
                     refill=self._refill)  # fmt: skip
         self._pool = pool
         try:
-            await pool.run(pool.kick)
+            await pool.run_here()
         finally:
             self._pool = None
 
@@ -206,8 +217,8 @@ class Run:
                 )  # fmt: skip
             self._remaining -= 1
             if not self._settle:
-                assert self._pool is not None
-                if self._pool.error is None:
+                pool = self._pool
+                if pool is None or pool.error is None:  # the first failure (inline: the only)
                     self.failed = node.name
                 raise
             self._state[item] = _DONE
