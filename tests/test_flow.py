@@ -542,7 +542,7 @@ async def test_fail_fast_raises_the_original_and_cancels_the_rest() -> None:
 
 
 async def test_the_calling_task_is_the_first_worker() -> None:
-    """A chain runs in the caller's task (no task at all); at a fork, one helper task."""
+    """A chain runs in the caller's task (no task at all); at a fork, at most one helper."""
     flow = pk.Flow()
     ran_in: dict[str, int] = {}
 
@@ -570,7 +570,10 @@ async def test_the_calling_task_is_the_first_worker() -> None:
     with anyio.fail_after(GUARD):
         await flow.run()  # charge, then record || notify
     assert ran_in["charge"] == caller
-    assert sorted([ran_in["record"] == caller, ran_in["notify"] == caller]) == [False, True]
+    # at the fork the caller takes the first ready step itself; the other goes to one
+    # helper task (or to the caller again, if it is free before the helper first runs)
+    assert ran_in["record"] == caller
+    assert len(set(ran_in.values())) <= 2
 
 
 async def test_a_failure_in_the_calling_task_is_raised_unchanged_or_settled() -> None:

@@ -50,12 +50,10 @@ Three objects, used in this order::
 
     - ``run_node``: ``async (node, kwargs) -> value``. The value is what the
       dependents receive, and they start as soon as it returns. The Orchestrator
-      uses this for "set up, become ready, stay alive": ``run_node`` does
-      ``return await self._services_tg.start(run_service, node, kwargs)`` on a task
-      group it owns (the service keeps running there after ``task_status.started(
-      value)``), or enters an async generator on its own ``AsyncExitStack`` and
-      returns the yielded value. The engine never owns a node's lifetime beyond
-      ``run_node``.
+      uses this for "set up, become ready, stay alive": ``run_node`` starts the
+      service's host in a task group the Orchestrator owns and returns its value
+      once it is ready (the service keeps running there). The engine never owns a
+      node's lifetime beyond ``run_node``.
     - ``limit``: an int (the most workers) or a shared :class:`~parallelkit.Limiter`
       / ``SupportsLimit`` (its ``concurrency`` is the most workers, and each node's
       ``run_node`` runs inside ``async with limit``); the one limit → workers rule
