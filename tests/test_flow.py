@@ -576,6 +576,48 @@ async def test_the_calling_task_is_the_first_worker() -> None:
     assert len(set(ran_in.values())) <= 2
 
 
+async def test_the_caller_leaving_a_fork_frees_its_slot_for_later_steps() -> None:
+    """The caller finishes its branch first and leaves the pool (no parking); two steps
+    released later by the other branch still run side by side under ``limit=2``."""
+    flow = pk.Flow()
+    y_started, y_may_finish = anyio.Event(), anyio.Event()
+    z1_started, z2_started = anyio.Event(), anyio.Event()
+
+    @flow.step
+    async def root() -> int:
+        await anyio.lowlevel.checkpoint()
+        return 1
+
+    @flow.step
+    async def x(root: int) -> int:  # the caller's branch: ends while y still runs
+        await y_started.wait()  # so y is the helper's, whatever the scheduling order
+        y_may_finish.set()
+        return root
+
+    @flow.step
+    async def y(root: int) -> int:  # the helper's branch: ends after x
+        y_started.set()
+        await y_may_finish.wait()
+        await anyio.lowlevel.checkpoint()
+        return root + 1
+
+    @flow.step
+    async def z1(y: int) -> str:  # z1 and z2 each wait for the other to start
+        z1_started.set()
+        await z2_started.wait()
+        return f"z1:{y}"
+
+    @flow.step
+    async def z2(y: int) -> str:
+        z2_started.set()
+        await z1_started.wait()
+        return f"z2:{y}"
+
+    with anyio.fail_after(GUARD):
+        result = await flow.run(limit=2)
+    assert (result["x"], result["z1"], result["z2"]) == (1, "z1:2", "z2:2")
+
+
 async def test_a_failure_in_the_calling_task_is_raised_unchanged_or_settled() -> None:
     flow = pk.Flow()
     boom = ValueError("card declined")

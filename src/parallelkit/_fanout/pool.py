@@ -118,16 +118,27 @@ class Pool:
         if self.error is not None:
             raise self.error
 
-    async def run_here(self) -> None:
+    async def run_here(self, leave: Callable[[], None]) -> None:
         """Like :meth:`run`, with the calling task as the first worker (no task for it).
 
         For a source that has a unit now (the graph engine's ready queue): the caller
-        takes it at once, and a helper starts only when more units are waiting.
+        takes it at once, and a helper starts only when more units are waiting. When
+        the source has nothing ready, the caller does not park (no event): it calls
+        ``leave()``, frees its worker slot and waits for the task group, whose
+        workers take (and start helpers for) whatever becomes ready later.
         """
         async with anyio.create_task_group() as tg:
             self._tg = tg
             self.workers += 1
-            await self._work()
+            call, sink = self._call, self._sink
+            try:
+                for key, arg in self._units:
+                    sink[key] = await call(arg)
+            except Exception as exc:
+                self.fail(exc)
+            else:
+                self.workers -= 1
+                leave()
         self._tg = None
         if self.error is not None:
             raise self.error

@@ -120,7 +120,8 @@ class Run:
         self._queued = [0.0] * count
         self._remaining = count
         self._ready: deque[int] = deque()
-        self._errors: dict[int, BaseException] = {}  # settle mode: failed and skipped nodes
+        # settle mode only: the failed and skipped nodes
+        self._errors: dict[int, BaseException] = {} if settle else _NO_ERRORS
         self._pool: Pool | None = None
         self._clock: Callable[[], float] = anyio.current_time
         self.failed: str | None = None
@@ -154,7 +155,7 @@ class Run:
                     refill=self._refill)  # fmt: skip
         self._pool = pool
         try:
-            await pool.run_here()
+            await pool.run_here(self._leave)
         finally:
             self._pool = None
 
@@ -171,6 +172,14 @@ class Run:
         return {names[i]: values[i] for i in range(len(names)) if state[i] == _DONE}
 
     # -- the pool's source and unit --------------------------------------------------
+    def _leave(self) -> None:
+        """The caller found no ready node: it leaves the pool (the task group waits for
+        the others). A node still runs somewhere unless the run is complete: then the
+        idle workers are let go."""
+        if not self._remaining:
+            assert self._pool is not None
+            self._pool.release()
+
     async def _refill(self) -> bool:
         """The ready queue is empty: wait for a kick, or leave when the run is complete."""
         if not self._remaining:
@@ -301,3 +310,4 @@ class _Discard:
 
 
 _DISCARD = _Discard()
+_NO_ERRORS: dict[int, BaseException] = {}  # fail-fast runs record no errors (never written)
