@@ -251,3 +251,25 @@ def test_outcome_basics() -> None:
     assert "KeyError" in repr(bad)
     with pytest.raises(AttributeError):
         ok.value = 3  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- the backend lookups
+@pytest.mark.anyio
+async def test_task_id_and_clock_read_what_anyio_reads() -> None:
+    """``_core.backend``: the cheap lookups give anyio's own answers on both backends."""
+    from parallelkit._core import backend
+
+    assert backend.task_id() == anyio.get_current_task().id
+    seen: list[tuple[int, int]] = []
+
+    async def child() -> None:
+        seen.append((backend.task_id(), anyio.get_current_task().id))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(child)
+        tg.start_soon(child)
+    assert [ours == theirs for ours, theirs in seen] == [True, True]
+    assert seen[0][0] != seen[1][0] != backend.task_id()  # one identity per task
+    before = anyio.current_time()
+    reading = backend.clock()()
+    assert before <= reading <= anyio.current_time()

@@ -15,10 +15,9 @@ import keyword
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal, TypeVar, cast, overload
 
-import anyio
 from typing_extensions import ParamSpec, final
 
-from .._core import instrument
+from .._core import backend, instrument
 from .._core.check import flag, is_async_callable, number_or_none, text_or_none
 from .._core.errors import DefinitionError
 from .._core.limiter import Limiter, SupportsLimit
@@ -268,7 +267,7 @@ class Flow:
         flag("settle", settle)
         target_names = None if targets is None else self._target_names(targets)
         plan = self._graph.plan(inputs.keys(), target_names)
-        timeline = Timeline(origin=anyio.current_time(), name=self.name)
+        timeline = Timeline(origin=backend.clock()(), name=self.name)
         hook = instrument.current
         if hook is None:
             run = Run(plan, inputs, limit=limit, settle=settle, timeline=timeline)

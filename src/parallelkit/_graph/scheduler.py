@@ -6,8 +6,6 @@ See :mod:`parallelkit._graph.graph` for the engine's API (definition: ``Graph``,
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -15,6 +13,7 @@ from typing import Any
 import anyio
 from typing_extensions import final
 
+from .._core import backend
 from .._core.errors import DependencyFailed
 from .._core.limiter import SupportsLimit
 from .._core.outcome import Outcome
@@ -26,29 +25,6 @@ from .timeline import Span, Timeline
 __all__ = ["Run"]
 
 _PENDING, _DONE, _SKIPPED = 0, 1, 2  # node states
-
-
-def _clock() -> Callable[[], float]:
-    """The running backend's clock, looked up once per run.
-
-    The same readings as :func:`anyio.current_time`, which looks the backend up on
-    every call (about 1.7 µs on asyncio against 0.13 µs for the loop's own
-    ``time``: most of the engine's per-node cost when steps do not suspend).
-    """
-    try:
-        return asyncio.get_running_loop().time
-    except RuntimeError:  # not asyncio
-        pass
-    trio = sys.modules.get("trio")
-    if trio is not None:
-        try:
-            trio.current_time()
-        except RuntimeError:  # pragma: no cover - neither asyncio nor trio
-            pass
-        else:
-            clock: Callable[[], float] = trio.current_time
-            return clock
-    return anyio.current_time  # pragma: no cover
 
 
 @final
@@ -136,7 +112,7 @@ class Run:
         plan = self._plan
         if not plan.names:
             return
-        self._clock = clock = _clock()
+        self._clock = clock = backend.clock()
         now = clock()
         for index, pending in enumerate(plan.pending):
             if not pending:

@@ -11,6 +11,7 @@ import anyio
 from redis.asyncio import Redis
 from typing_extensions import Self, final
 
+from .._core.backend import task_id
 from .._core.check import (
     callable_,
     choice,
@@ -400,7 +401,7 @@ class RedisLimiter:
                 await self._give_back(hold.token)
                 raise
             hold.owner = owner
-        self._holds.setdefault(anyio.get_current_task().id, []).append(hold)
+        self._holds.setdefault(task_id(), []).append(hold)
         return self
 
     async def __aexit__(
@@ -409,14 +410,14 @@ class RedisLimiter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        task_id = anyio.get_current_task().id
-        stack = self._holds.get(task_id)
+        task = task_id()
+        stack = self._holds.get(task)
         if not stack:
             msg = f"{self!r}: __aexit__ without a matching __aenter__ in this task"
             raise RuntimeError(msg)
         hold = stack.pop()
         if not stack:
-            del self._holds[task_id]
+            del self._holds[task]
         try:
             if hold.owner is not None:  # stop the renewal
                 return bool(await hold.owner.exit(exc_type, exc, tb, cancel=True))

@@ -27,13 +27,13 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
-import anyio
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool, QueuePool
 from typing_extensions import final
 
+from .._core.backend import task_id
 from .._core.limiter import Limiter, LimiterStatistics
 from ._methods import RELEASING, wrap_methods
 
@@ -68,7 +68,7 @@ class PoolLimiter:
 
     async def acquire(self) -> int:
         """Take a slot for the current task (at once if it holds one); returns the holder."""
-        task = anyio.get_current_task().id
+        task = task_id()
         depth = self._held.get(task, 0)
         if not depth:
             await self._limiter.acquire()
@@ -93,7 +93,7 @@ class PoolLimiter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.release(anyio.get_current_task().id)
+        self.release(task_id())
 
     def __repr__(self) -> str:
         stats = self.statistics()

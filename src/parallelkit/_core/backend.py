@@ -1,0 +1,48 @@
+"""The running backend's clock and current task, looked up without anyio's per-call cost.
+
+:func:`anyio.current_time` and :func:`anyio.get_current_task` find the backend on
+every call (about 1.7 µs and 3.8 µs on asyncio, against 0.13 µs and 0.5 µs for the
+loop's own ``time`` and :func:`asyncio.current_task`). On the hot paths (the graph
+engine's per-node timestamps, the pool limiter's per-session slot) that lookup was
+most of the cost. The readings are the same as anyio's: the asyncio loop's ``time``
+and ``id`` of the asyncio task (anyio's ``TaskInfo.id``); on trio, trio's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable
+
+import anyio
+
+__all__ = ["clock", "task_id"]
+
+
+def clock() -> Callable[[], float]:
+    """The running backend's clock function (the readings of :func:`anyio.current_time`)."""
+    try:
+        return asyncio.get_running_loop().time
+    except RuntimeError:  # not asyncio
+        pass
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.current_time()
+        except RuntimeError:  # pragma: no cover - neither asyncio nor trio
+            pass
+        else:
+            current: Callable[[], float] = trio.current_time
+            return current
+    return anyio.current_time  # pragma: no cover
+
+
+def task_id() -> int:
+    """The current task's identity: equal to ``anyio.get_current_task().id``."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no asyncio loop running: trio
+        task = None
+    if task is not None:
+        return id(task)
+    return anyio.get_current_task().id
