@@ -123,30 +123,29 @@ def test_the_core_imports_sqlalchemy_nowhere() -> None:
 def test_ideas_meet_only_through_the_core_or_their_engine(folder: str) -> None:
     """A primitive's folder imports ``_core``, the engines (``_fanout`` pool, ``_graph``)
     and itself; never another primitive's folder (no cycles between ideas)."""
-    allowed = {"_core", "_fanout", "_graph", folder}
-    found = []
-    for path, tree in modules():
-        if path.relative_to(SRC).parts[0] != folder:
-            continue
-        for line, module, level in imports(tree):
-            parts = absolute(path, module, level).split(".")
-            if parts[0] == "parallelkit" and len(parts) > 1 and parts[1] not in allowed:
-                found.append(f"{where(path, line)} {'.'.join(parts)}")
+    found = imports_outside({folder: {"_core", "_fanout", "_graph", folder}})
     assert not found, f"{folder} reaches into another idea: {found}"
 
 
 def test_engines_do_not_import_the_primitives_built_on_them() -> None:
+    engines = {"_core", "_fanout", "_graph"}
+    found = imports_outside({"_core": {"_core"}, "_fanout": engines, "_graph": engines})
+    assert not found, f"an engine imports what is built on it: {found}"
+
+
+def imports_outside(allowed: dict[str, set[str]]) -> list[str]:
+    """Imports of ``parallelkit.<x>`` from a module of a folder in ``allowed`` whose
+    ``x`` is not among that folder's allowed folders."""
     found = []
     for path, tree in modules():
-        rel = path.relative_to(SRC)
-        if rel.parts[0] not in ("_core", "_fanout", "_graph"):
+        folder = path.relative_to(SRC).parts[0]
+        if folder not in allowed:
             continue
-        allowed = {"_core"} if rel.parts[0] == "_core" else {"_core", "_fanout", "_graph"}
         for line, module, level in imports(tree):
             parts = absolute(path, module, level).split(".")
-            if parts[0] == "parallelkit" and len(parts) > 1 and parts[1] not in allowed:
+            if parts[0] == "parallelkit" and len(parts) > 1 and parts[1] not in allowed[folder]:
                 found.append(f"{where(path, line)} {'.'.join(parts)}")
-    assert not found, f"an engine imports what is built on it: {found}"
+    return found
 
 
 def test_every_test_the_guarantees_page_names_exists() -> None:

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 import parallelkit as pk
 
+from .test_fanout import virtual_clock
+
 BACKENDS = ["asyncio", "trio"]
 
 
@@ -255,8 +257,8 @@ def test_outcome_basics() -> None:
 
 # ---------------------------------------------------------------- the backend lookups
 @pytest.mark.anyio
-async def test_task_id_and_clock_read_what_anyio_reads() -> None:
-    """``_core.backend``: the cheap lookups give anyio's own answers on both backends."""
+async def test_task_id_is_anyios_task_id() -> None:
+    """``_core.backend.task_id``: anyio's own answer, on both backends, one per task."""
     from parallelkit._core import backend
 
     assert backend.task_id() == anyio.get_current_task().id
@@ -269,7 +271,17 @@ async def test_task_id_and_clock_read_what_anyio_reads() -> None:
         tg.start_soon(child)
         tg.start_soon(child)
     assert [ours == theirs for ours, theirs in seen] == [True, True]
-    assert seen[0][0] != seen[1][0] != backend.task_id()  # one identity per task
-    before = anyio.current_time()
-    reading = backend.clock()()
-    assert before <= reading <= anyio.current_time()
+    assert len({seen[0][0], seen[1][0], backend.task_id()}) == 3  # one identity per task
+
+
+@pytest.mark.anyio
+@virtual_clock()
+async def test_the_backend_clock_is_anyios_clock() -> None:
+    """On trio's virtual clock the readings are exact: the same clock, moved by sleeps."""
+    from parallelkit._core import backend
+
+    clock = backend.clock()
+    assert clock() == anyio.current_time()
+    before = clock()
+    await anyio.sleep(5)
+    assert clock() - before == 5

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Awaitable, Callable
-from types import TracebackType
+from contextlib import AbstractContextManager
 from typing import Any, Literal, Protocol
 
 __all__ = [
@@ -44,38 +44,20 @@ NodeCall = Callable[[Any, dict[str, Any]], Awaitable[Any]]  # the engine's RunNo
 GraphKind = Literal["flow", "startup", "shutdown"]
 
 
-class FanoutTrace(Protocol):
+class FanoutTrace(AbstractContextManager[object], Protocol):
     """One ``gather`` / ``map`` / ``imap`` call, entered around its pool's run."""
 
     def wrap(self, call: Call) -> Call:
         """The per-item call to run instead of ``call``."""
         ...
 
-    def __enter__(self) -> object: ...
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-
-class GraphTrace(Protocol):
+class GraphTrace(AbstractContextManager[object], Protocol):
     """One run of the graph engine (a flow, a start-up, a shutdown), entered around it."""
 
     def run_node(self, inner: NodeCall | None) -> NodeCall:
         """The engine's ``run_node`` to use (``inner=None``: ``node.call(**kwargs)``)."""
         ...
-
-    def __enter__(self) -> object: ...
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
 
 
 class Instrumentation(Protocol):

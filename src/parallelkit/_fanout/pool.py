@@ -130,15 +130,7 @@ class Pool:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             self.workers += 1
-            call, sink = self._call, self._sink
-            try:
-                for key, arg in self._units:
-                    sink[key] = await call(arg)
-            except Exception as exc:
-                self.fail(exc)
-            else:
-                self.workers -= 1
-                leave()
+            await self._work(leave)
         self._tg = None
         if self.error is not None:
             raise self.error
@@ -201,13 +193,20 @@ class Pool:
             self._tg.cancel_scope.cancel()
 
     # -- the worker loop -------------------------------------------------------------
-    async def _work(self) -> None:
+    async def _work(self, leave: Callable[[], None] | None = None) -> None:
+        """A worker: take units until the source is done. ``leave`` (the caller as a
+        worker, :meth:`run_here`): when the source has nothing now, free the slot and
+        call it instead of waiting in ``refill``."""
         call, sink, units, refill = self._call, self._sink, self._units, self._refill
         self._waking = False
         try:
             while True:
                 for key, arg in units:
                     sink[key] = await call(arg)
+                if leave is not None:
+                    self.workers -= 1
+                    leave()
+                    return
                 if refill is None or not await refill():
                     return
         except Exception as exc:
