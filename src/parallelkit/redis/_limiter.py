@@ -250,6 +250,7 @@ class RedisLimiter:
         self._guard = Guard(
             timeout=number_or_none("command_timeout", command_timeout),
             retry_after=number("retry_after", retry_after),
+            redis=redis,
         )
         self._clock = None if clock is None else callable_("clock", clock)
         self._local = Limiter(self._concurrency, self._rate, burst=burst)

@@ -101,7 +101,9 @@ class RedisLock(Lease):
         timeout_s = number_or_none("timeout", timeout)
         poll_s = number("poll", poll)
         text("prefix", prefix)
-        guard = Guard(timeout=number_or_none("command_timeout", command_timeout), retry_after=0.0)
+        guard = Guard(
+            timeout=number_or_none("command_timeout", command_timeout), retry_after=0.0, redis=redis
+        )
         key = f"{prefix}:lock:{{{name}}}"  # hash tag: both keys in one cluster slot
         super().__init__(
             LeaseScripts(redis),

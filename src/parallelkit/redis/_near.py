@@ -32,6 +32,7 @@ from redis.asyncio import Redis
 from typing_extensions import final
 
 from .._cache.store import CacheEntry
+from .._core.limiter import Limiter
 from ._common import jittered
 
 __all__ = ["CLEAR", "NearCache", "invalidation"]
@@ -153,9 +154,14 @@ class NearCache:
         *,
         timeout: float | None,
         retry_after: float,
+        slots: Limiter | None = None,
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Keep the subscription up; ``task_status`` is set after the first attempt."""
+        """Keep the subscription up; ``task_status`` is set after the first attempt.
+
+        ``slots``: the client pool's limiter (``_outage.pool_slots``); the
+        subscription holds one of its slots (one connection) while it is open.
+        """
         wait = timeout if timeout is not None else 5.0
         started = False
 
@@ -170,7 +176,11 @@ class NearCache:
 
         while True:
             try:
-                await self._listen(redis, wait, subscribed)
+                if slots is None:
+                    await self._listen(redis, wait, subscribed)
+                else:
+                    async with slots:
+                        await self._listen(redis, wait, subscribed)
             except Exception as exc:  # background work: counted and logged, never raised
                 if self.listening or self.entries:
                     self.resets += 1

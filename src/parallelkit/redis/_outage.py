@@ -11,6 +11,16 @@ A :class:`Guard` runs one Redis command and decides what its failure means:
 * anything else (a wrong type at a key, a script error, a full client pool) is a
   bug or a misconfiguration and is raised unchanged.
 
+A client whose connection pool refuses work beyond ``max_connections`` (redis-py's
+default ``ConnectionPool``: 100 connections since redis-py 6, then
+``MaxConnectionsError``) gets one :class:`~parallelkit.Limiter` of that size, shared
+by every guard on that pool (:func:`pool_slots`): a command waits for a free
+connection instead of failing when a cache's refreshes, the requests and the
+locks of one process together burst past the pool. The near cache's
+subscription holds one of those slots while it is open. A
+``BlockingConnectionPool`` already waits by itself and gets no limiter. The wait
+is not part of ``command_timeout``: a queue in this process is not a Redis outage.
+
 While the circuit is open the guard does not call Redis at all (``Down`` at once,
 so a hung Redis costs one ``command_timeout``, not one per call). When it expires
 one caller, the *probe*, tries Redis again while the others keep using their
@@ -22,18 +32,21 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import anyio
 from redis import exceptions as redis_exceptions
+from redis.asyncio import BlockingConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from typing_extensions import final
 
+from .._core.limiter import Limiter
 from ._common import RedisUnavailable
 
-__all__ = ["OUTAGE_ERRORS", "Down", "Guard", "is_outage"]
+__all__ = ["OUTAGE_ERRORS", "Down", "Guard", "is_outage", "pool_slots"]
 
 T = TypeVar("T")
 
@@ -62,6 +75,32 @@ def is_outage(exc: BaseException) -> bool:
     return "Too many connections" not in str(exc)  # redis-py < 6 says only this
 
 
+#: Pools this large are unbounded in practice (redis-py < 6 defaulted to 2**31).
+_UNBOUNDED = 1 << 16
+_slots: weakref.WeakKeyDictionary[object, Limiter] = weakref.WeakKeyDictionary()
+
+
+def pool_slots(redis: object) -> Limiter | None:
+    """The limiter shared by every guard on ``redis``'s connection pool, or ``None``.
+
+    ``None`` for a pool that waits by itself (``BlockingConnectionPool``), an
+    unbounded one, or a client without a ``connection_pool`` (a cluster client).
+    """
+    pool = getattr(redis, "connection_pool", None)
+    size = getattr(pool, "max_connections", None)
+    if pool is None or isinstance(pool, BlockingConnectionPool):
+        return None
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 < size < _UNBOUNDED:
+        return None
+    try:
+        slots = _slots.get(pool)
+        if slots is None or slots.concurrency != size:
+            slots = _slots[pool] = Limiter(size)
+    except TypeError:  # a pool that cannot be weakly referenced: no sharing, no bound
+        return None
+    return slots
+
+
 class Down(Exception):
     """Internal: a Redis command did not happen (outage, no answer in time, open circuit).
 
@@ -88,12 +127,14 @@ class Guard:
         timeout: seconds one command may take (``None``: the client's own timeouts).
         retry_after: seconds the circuit stays open after an outage (0: never open).
         on_recovery: called when a command succeeds after an outage.
+        redis: the client, to bound commands by its pool (:func:`pool_slots`).
 
     Attributes:
         errors: outage errors so far (timeouts included).
         timeouts: commands that did not answer within ``timeout``.
         recoveries: times Redis answered again after an outage.
         last_error: the latest outage error.
+        slots: the pool's limiter (``None``: no bound).
         timer: the clock of the circuit (``time.monotonic``; tests replace it).
     """
 
@@ -105,6 +146,7 @@ class Guard:
         "last_error",
         "recoveries",
         "retry_after",
+        "slots",
         "timeout",
         "timeouts",
         "timer",
@@ -116,7 +158,9 @@ class Guard:
         timeout: float | None,
         retry_after: float,
         on_recovery: Callable[[], None] | None = None,
+        redis: object = None,
     ) -> None:
+        self.slots = pool_slots(redis)
         self.timeout = timeout
         self.retry_after = retry_after
         self.errors = self.timeouts = self.recoveries = 0
@@ -154,27 +198,42 @@ class Guard:
                     command.close()
                 raise Down(what, self.last_error or ConnectionError(what))
             self._probing = probing = True  # this caller tries Redis; the others wait
-        limit = self.timeout
-        if timeout is not None:
-            limit = timeout if limit is None else min(limit, timeout)
         try:
-            with anyio.move_on_after(math.inf if limit is None else limit):
-                try:
-                    result = await command
-                except OUTAGE_ERRORS as exc:
-                    if not is_outage(exc):
-                        raise
-                    self._failed(exc)
-                    raise Down(what, exc) from exc
-                self._succeeded()
-                return result
-            self.timeouts += 1
-            error = TimeoutError(f"Redis did not answer {what} within {limit} s")
-            self._failed(error)
-            raise Down(what, error)
+            slots = self.slots
+            if slots is None:
+                return await self._run(what, command, timeout)
+            try:
+                await slots.acquire()  # a free connection of the pool, outside the timeout
+            except BaseException:
+                if inspect.iscoroutine(command):
+                    command.close()
+                raise
+            try:
+                return await self._run(what, command, timeout)
+            finally:
+                slots.release()
         finally:
             if probing:
                 self._probing = False
+
+    async def _run(self, what: str, command: Awaitable[T], timeout: float | None) -> T:
+        limit = self.timeout
+        if timeout is not None:
+            limit = timeout if limit is None else min(limit, timeout)
+        with anyio.move_on_after(math.inf if limit is None else limit):
+            try:
+                result = await command
+            except OUTAGE_ERRORS as exc:
+                if not is_outage(exc):
+                    raise
+                self._failed(exc)
+                raise Down(what, exc) from exc
+            self._succeeded()
+            return result
+        self.timeouts += 1
+        error = TimeoutError(f"Redis did not answer {what} within {limit} s")
+        self._failed(error)
+        raise Down(what, error)
 
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1

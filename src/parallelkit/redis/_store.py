@@ -204,6 +204,7 @@ class RedisStore:
             timeout=number_or_none("command_timeout", command_timeout),
             retry_after=retry_s,
             on_recovery=self._recovered,
+            redis=redis,
         )
         self._value_prefix = f"{prefix}:{namespace}:v:"
         self._lease_prefix = f"{prefix}:{namespace}:l:"
@@ -247,6 +248,7 @@ class RedisStore:
             self._redis,
             timeout=self._guard.timeout,
             retry_after=self._guard.retry_after,
+            slots=self._guard.slots,
             task_status=task_status,
         )
 
