@@ -472,6 +472,22 @@ async def test_commands_wait_for_a_connection_of_a_small_pool(redis_url: str, pr
         await tiny.aclose()
 
 
+async def test_a_subscription_never_takes_the_last_connection(redis_url: str, prefix: str) -> None:
+    # a pool of one connection: the subscription holds it; a command must fail clearly
+    # (redis-py's MaxConnectionsError), not wait forever for a slot no command gives back
+    tiny = aredis.Redis.from_url(redis_url, max_connections=1)
+    store = RedisStore(tiny, prefix=prefix)
+    try:
+        async with store:
+            assert store.statistics().listening
+            with anyio.fail_after(10), pytest.raises(RedisConnectionError, match="Too many"):
+                await store.get("k")
+        assert store._guard.slots is not None
+        assert store._guard.slots.statistics().running == 0
+    finally:
+        await tiny.aclose()
+
+
 async def test_the_pool_bound_is_shared_by_every_primitive_on_one_client(
     redis_url: str, prefix: str
 ) -> None:

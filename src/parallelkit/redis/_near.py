@@ -50,6 +50,12 @@ def invalidation(name: str) -> bytes:
     return _KEY + name.encode()
 
 
+def _spare(slots: Limiter) -> bool:
+    """Whether taking one slot of ``slots`` now leaves another free (no waiter queued)."""
+    stats = slots.statistics()
+    return stats.concurrency is not None and stats.running + 2 <= stats.concurrency
+
+
 @final
 class NearCache:
     """The near tier of one store (see the module docs).
@@ -160,7 +166,11 @@ class NearCache:
         """Keep the subscription up; ``task_status`` is set after the first attempt.
 
         ``slots``: the client pool's limiter (``_outage.pool_slots``); the
-        subscription holds one of its slots (one connection) while it is open.
+        subscription holds one of its slots (one connection) while it is open,
+        if that leaves at least one for commands. Otherwise (a pool of one
+        connection, or every other slot held by subscriptions) it holds none:
+        commands then meet redis-py's ``MaxConnectionsError``, a clear error,
+        rather than waiting forever for a slot no command gives back.
         """
         wait = timeout if timeout is not None else 5.0
         started = False
@@ -176,10 +186,10 @@ class NearCache:
 
         while True:
             try:
-                if slots is None:
+                if slots is None or not _spare(slots):
                     await self._listen(redis, wait, subscribed)
                 else:
-                    async with slots:
+                    async with slots:  # no wait: _spare saw a free slot, and no await since
                         await self._listen(redis, wait, subscribed)
             except Exception as exc:  # background work: counted and logged, never raised
                 if self.listening or self.entries:
