@@ -51,7 +51,7 @@ def invalidation(name: str) -> bytes:
 
 
 def _spare(slots: Limiter) -> bool:
-    """Whether taking one slot of ``slots`` now leaves another free (no waiter queued)."""
+    """Whether taking one slot of ``slots`` now leaves another free for commands."""
     stats = slots.statistics()
     return stats.concurrency is not None and stats.running + 2 <= stats.concurrency
 

@@ -94,8 +94,8 @@ def pool_slots(redis: object) -> Limiter | None:
         return None
     try:
         slots = _slots.get(pool)
-        if slots is None or slots.concurrency != size:
-            slots = _slots[pool] = Limiter(size)
+        if slots is None:
+            slots = _slots[pool] = Limiter(size)  # the size when the first primitive came
     except TypeError:  # a pool that cannot be weakly referenced: no sharing, no bound
         return None
     return slots
