@@ -195,17 +195,147 @@ async def test_near_ttl_bounds_what_a_lost_message_leaves_stale(
 def test_a_read_overtaken_by_an_invalidation_is_not_kept() -> None:
     near = NearCache("chan", 10, 5.0)
     near.reset(listening=True)
-    seq = near.seq  # a read starts...
-    near.received(invalidation("'k'"))  # ...an invalidation of any key arrives...
-    near.put("k", "'k'", entry("old"), seq)  # ...then the read's (maybe old) value
+    ticket = near.begin("'k'")  # a read of k is sent...
+    near.received(invalidation("'k'"))  # ...an invalidation of k arrives...
+    near.put("k", "'k'", entry("old"), ticket, b"old")  # ...then the read's (maybe old) value
+    near.end("'k'")
     assert near.entries == {}
-    near.put("k", "'k'", entry("new"), near.seq)
+    ticket = near.begin("'k'")
+    near.put("k", "'k'", entry("new"), ticket, b"new")
+    near.end("'k'")
     assert near.entries["k"].value == "new"
     near.received(invalidation("'k'"))
     assert (near.entries, near.meta, near.index) == ({}, {}, {})
-    near.reset(listening=False)
-    near.put("k", "'k'", entry("v"), near.seq)  # not subscribed: never kept
+    ticket = near.begin("'k'")
+    near.drop("j", "'j'")  # this process writes k while the read is out: not kept
+    near.drop("k", "'k'")
+    near.put("k", "'k'", entry("v"), ticket, b"v")
+    near.end("'k'")
     assert near.entries == {}
+    ticket = near.begin("'k'")
+    near.reset(listening=True)  # a reset (a clear, a new subscription) voids every read
+    near.put("k", "'k'", entry("v"), ticket, b"v")
+    near.end("'k'")
+    assert near.entries == {}
+    near.reset(listening=False)
+    near.put("k", "'k'", entry("v"), near.begin("'k'"), b"v")  # not subscribed: never kept
+    near.end("'k'")
+    assert near.entries == {}
+    assert (near.watchers, near.marks) == ({}, {})  # nothing kept once no read is out
+
+
+def test_an_invalidation_of_another_key_does_not_void_a_read() -> None:
+    """Per key: a burst of refreshes of other keys (a message each) must not make
+    every read in flight pay for nothing (with one counter for all keys it did)."""
+    near = NearCache("chan", 10, 5.0)
+    near.reset(listening=True)
+    ticket = near.begin("'k'")
+    for other in range(50):
+        near.received(invalidation(f"'o{other}'"))
+        near.drop(f"w{other}", f"'w{other}'")
+    assert near.current("'k'", ticket)
+    near.put("k", "'k'", entry("v"), ticket, b"v")
+    near.end("'k'")
+    assert near.entries["k"].value == "v"
+
+
+# ------------------------------------------------------------------ renewal of hot entries
+async def test_a_hot_entry_is_renewed_by_one_check_not_a_get_per_reader(
+    r: aredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = RedisStore(r, prefix=prefix, near_ttl=5)  # sweeps (and renews) every 1 s
+    timer = FakeTimer()
+    store._near.timer = timer
+    start = timer.now
+    async with store:
+        for key in ("hot", "cold"):
+            await store.set(key, entry(key), ttl=60)
+        await heard(store, 2)  # their own sets' messages: they would drop what is read next
+        assert await store.get("hot") is not None
+        assert await store.get("cold") is not None
+        assert store.peek("hot") is not None  # a hit: "hot" is read, "cold" is not
+        timer.now = start + 3.5  # both due within two sweep intervals
+        commands = Commands(r, monkeypatch)
+        await store._renew()  # (what the store's renewing task does every interval)
+        assert commands.count == 1  # one MGET, for the hot entry only
+        assert store.statistics().near_renewals == 1
+        assert store._near.meta["hot"][0] == start + 3.5 + 5  # read again at the check
+        timer.now = start + 4.5
+        store._near.sweep()
+        assert store.peek("cold") is None  # not read since it was filled: dropped
+        hot = store.peek("hot")
+        assert hot is not None  # no GET for its next readers
+        assert hot.value == "hot"
+
+        # changed behind the store's back (no message): the check drops it
+        await r.set(store.redis_key("hot"), await r.get(store.redis_key("cold")))
+        timer.now = start + 7.0
+        assert store.peek("hot") is not None  # within near_ttl of the last check
+        await store._renew()
+        assert store.peek("hot") is None
+        assert store.statistics().near_renewals == 1
+        got = await store.get("hot")
+        assert got is not None
+        assert got.value == "cold"
+
+
+def test_a_renewal_is_refused_when_overtaken_or_out_of_order() -> None:
+    near = NearCache("chan", 10, 5.0)
+    timer = FakeTimer(0.0)
+    near.timer = timer
+    near.reset(listening=True)
+    near.put("k", "'k'", entry("v"), near.begin("'k'"), b"v")  # expires at 5
+    near.end("'k'")
+    near.hot.add("k")
+    timer.now = 2.9
+    assert near.due() == []  # not due yet (5 > 2.9 + 2 intervals of 1 s)...
+    assert near.hot == set()  # ...and a new round of hits starts
+    near.hot.add("k")
+    timer.now = 3.5
+    batch = near.due()
+    assert batch == [("k", "'k'", b"v")]
+    tickets = [near.begin("'k'")]
+    near.received(invalidation("'k'"))  # k invalidated while the check is out
+    near.renew(batch, [b"v"], tickets, 3.5)
+    near.end("'k'")
+    assert (near.renewals, near.entries) == (0, {})  # dropped, and not brought back
+
+    timer.now = 0.0
+    near.put("k", "'k'", entry("v"), near.begin("'k'"), b"v")  # read again: expires at 5
+    near.end("'k'")
+    timer.now = 3.5
+    near.hot.add("k")
+    batch = near.due()
+    tickets = [near.begin("'k'")]
+    timer.now = 3.6
+    j_ticket = near.begin("'j'")
+    near.put("j", "'j'", entry("j"), j_ticket, b"j")  # filled while a check is out
+    near.end("'j'")
+    near.renew(batch, [b"v"], tickets, 3.5)  # k would expire before j, after it
+    assert (near.renewals, list(near.meta)) == (0, ["k", "j"])
+
+    near.renew(batch, [b"v"], tickets, 3.6)
+    assert (near.renewals, list(near.meta), near.meta["k"][0]) == (1, ["j", "k"], 8.6)
+    near.end("'k'")
+    j_tickets = [near.begin("'j'")]
+    near.renew([("j", "'j'", b"j")], [None], j_tickets, 3.6)  # gone from Redis: dropped
+    near.end("'j'")
+    assert (near.renewals, list(near.meta), list(near.index)) == (1, ["k"], ["'k'"])
+
+
+async def test_an_entered_store_renews_its_hot_entries_in_the_background(
+    r: aredis.Redis, prefix: str
+) -> None:
+    store = RedisStore(r, prefix=prefix, near_ttl=0.3)  # renewal rounds every 0.15 s
+    cache = pk.SWRCache(fresh=30, stale=60, store=store)
+    loader = Loader()
+    async with store, cache:
+        with anyio.fail_after(30):
+            while store.statistics().near_renewals < 3:
+                assert await cache.get("hot", loader) == "hot #1"
+                await anyio.sleep(0.01)
+        assert store.statistics().near_renewal_errors == 0
+    assert loader.calls == 1
 
 
 # ------------------------------------------------------------------ lost subscriptions

@@ -129,6 +129,47 @@ async def test_payment_records_the_charge_id() -> None:
     assert (row.payment_id, row.amount, row.stripe_charge_id) == ("p-7", 500, "ch_p-7")
 
 
+async def test_a_payment_waits_for_the_pool_before_it_builds_its_unit_of_work() -> None:
+    """``async with db.slots, db.sessions()``: a request queued behind a busy pool keeps
+    no session, and no row it is about to add, alive while it waits (the hand-written
+    semaphore's order; measured: a third of the collector's passes under load)."""
+    import anyio
+    from examples.crm.payment import Payment
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    added: list[object] = []
+
+    def on_add(session: Session, instance: object) -> None:
+        if isinstance(instance, Payment):
+            added.append(instance)
+
+    state: dict[str, Any] = {}
+    settings = Settings(name="t_wait", pool_size=1, charge_latency=0, notify_latency=0)
+    event.listen(Session, "transient_to_pending", on_add)
+    try:
+        async with client(create_app(settings), state=state) as http:
+            slots = state["db"].slots
+            assert slots.concurrency == 1
+            responses = []
+
+            async def pay() -> None:
+                body = {"payment_id": "p-wait", "amount": 5}
+                responses.append(await http.post("/payments", json=body))
+
+            with anyio.fail_after(10):
+                async with anyio.create_task_group() as tg, slots:  # the pool is busy
+                    tg.start_soon(pay)
+                    while slots.statistics().waiting < 1:
+                        await anyio.lowlevel.checkpoint()
+                    built_while_queued = list(added)
+            assert built_while_queued == []  # it waited before building anything
+            assert [r.status_code for r in responses] == [200]
+            assert len(added) == 1
+    finally:
+        event.remove(Session, "transient_to_pending", on_add)
+
+
 @pytest.mark.postgres
 @pytest.mark.redis
 async def test_postgres_and_redis_answer_the_same(pg_url: str, redis_url: str) -> None:

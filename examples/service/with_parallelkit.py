@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -46,7 +47,14 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 import parallelkit as pk
 from examples.crm.models import Conversation
 from parallelkit.asgi import lifespan, running_from, service
-from parallelkit.sqlalchemy import LimitedAsyncSession, RequestGuard, eager, eager_get
+from parallelkit.sqlalchemy import (
+    LimitedAsyncSession,
+    PoolLimiter,
+    RequestGuard,
+    eager,
+    eager_get,
+    pool_limiter,
+)
 
 from .shared import (
     NO_CADENCE,
@@ -76,6 +84,22 @@ WEBHOOK_GRAPH = eager(Conversation, "contact.company.automation_rules")
 #: What the conversation read needs: 1 statement (``eager_get``: two joined hops).
 VIEW_PATH = "contact.company"
 
+
+@dataclass(frozen=True, slots=True)
+class Database(ServiceDatabase):
+    """The engine, its session factory and its :func:`~parallelkit.sqlalchemy.pool_limiter`.
+
+    A handler's unit of database work is written ``async with db.slots,
+    db.sessions() as session:``: it waits for a slot of the pool *before* it builds
+    anything, as a hand-written semaphore does, so a request queued behind a busy
+    pool keeps no session (nor the rows it is about to add) alive meanwhile. The
+    sessions' own slot (``LimitedAsyncSession``) is re-entrant: inside the block
+    it costs a dictionary lookup; without the block it still bounds the pool.
+    """
+
+    slots: PoolLimiter
+
+
 ConversationLookup = pk.CachedFunction[[int], "dict[str, Any] | None"]
 #: Entries kept in memory: every conversation (2,000) fits, as in the expert's TTLCache.
 CACHE_SIZE = 10_000
@@ -92,9 +116,9 @@ async def charge(payment: PaymentIn, clients: Clients) -> str:
 
 
 @PAYMENT.step
-async def record(charge: str, payment: PaymentIn, db: ServiceDatabase) -> None:
+async def record(charge: str, payment: PaymentIn, db: Database) -> None:
     """Insert the payment with its charge id (waits for ``charge``)."""
-    async with db.sessions() as session:
+    async with db.slots, db.sessions() as session:
         await record_payment(session, payment, charge)
 
 
@@ -110,13 +134,14 @@ def build_orchestrator(settings: Settings, counter: StatementCounter) -> pk.Orch
     orch = pk.Orchestrator(name="crm service", output="logging")
 
     @orch.service
-    async def db() -> AsyncIterator[ServiceDatabase]:
+    async def db() -> AsyncIterator[Database]:
         async with open_database(settings, counter) as database:
             # the one call: every session of the process shares the engine's pool bound
             sessions = async_sessionmaker(
                 database.engine, class_=LimitedAsyncSession, expire_on_commit=False
             )
-            yield ServiceDatabase(database.engine, sessions, database.pool_size)
+            slots = pool_limiter(database.engine)  # what those sessions share
+            yield Database(database.engine, sessions, database.pool_size, slots)
 
     @orch.service
     async def redis() -> AsyncIterator[Any]:
@@ -133,7 +158,7 @@ def build_orchestrator(settings: Settings, counter: StatementCounter) -> pk.Orch
             await client.aclose()
 
     @orch.service
-    async def conversations(db: ServiceDatabase, redis: Any) -> AsyncIterator[ConversationLookup]:
+    async def conversations(db: Database, redis: Any) -> AsyncIterator[ConversationLookup]:
         store: pk.Store = pk.MemoryStore(CACHE_SIZE)
         near: AbstractAsyncContextManager[Any] = nullcontext()
         if redis is not None:
@@ -148,7 +173,7 @@ def build_orchestrator(settings: Settings, counter: StatementCounter) -> pk.Orch
 
         @cache.cached
         async def get_conversation(conversation_id: int) -> dict[str, Any] | None:
-            async with db.sessions() as session:
+            async with db.slots, db.sessions() as session:
                 row = await eager_get(session, Conversation, conversation_id, VIEW_PATH)
                 if row is None:
                     return None
@@ -165,7 +190,7 @@ def build_orchestrator(settings: Settings, counter: StatementCounter) -> pk.Orch
 
 
 # -- typed access to the services from handlers ----------------------------------------------------
-Db = Annotated[ServiceDatabase, service("db")]
+Db = Annotated[Database, service("db")]
 ExternalClients = Annotated[Clients, service("clients")]
 
 
@@ -181,7 +206,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/webhooks/batch")
     async def webhook_batch(batch: WebhookBatch, db: Db) -> dict[str, Any]:
         ids = {e.conversation_id for e in batch.events}
-        async with db.sessions() as session:
+        async with db.slots, db.sessions() as session:
             rows = await session.scalars(
                 select(Conversation).where(Conversation.id.in_(ids)).options(*WEBHOOK_GRAPH)
             )
@@ -205,13 +230,13 @@ def create_app(settings: Settings) -> FastAPI:
     async def enroll_inactive(
         company_id: int, body: EnrollmentIn, db: Db, clients: ExternalClients
     ) -> dict[str, Any]:
-        async with db.sessions() as session:
+        async with db.slots, db.sessions() as session:
             cadence_id, inactive = await find_inactive(session, company_id, body.inactive_days)
         if cadence_id is None:
             raise HTTPException(404, NO_CADENCE)
 
         async def enroll(contact: Any) -> int:
-            async with db.sessions() as own:  # one session per task
+            async with db.slots, db.sessions() as own:  # one session per task
                 open_count = await open_conversations(own, contact.id)
             await clients.mail(contact.email, f"re-engage:{open_count}")
             return int(contact.id)
@@ -220,14 +245,14 @@ def create_app(settings: Settings) -> FastAPI:
         outcomes = await pk.map(enroll, inactive, limit=db.pool_size, settle=True)
         enrolled = [o.value for o in outcomes if o.ok]
         failed = [c.id for c, o in zip(inactive, outcomes, strict=True) if not o.ok]
-        async with db.sessions() as session:
+        async with db.slots, db.sessions() as session:
             await record_enrollments(session, cadence_id, enrolled)
         return enrollment_response(company_id, cadence_id, enrolled, failed)
 
     @app.post("/payments")
     async def pay(payment: PaymentIn, request: Request) -> dict[str, Any]:
         services = running_from(request)  # the cheap typed lookup, as in read_conversation
-        db, clients = services.get("db", ServiceDatabase), services.get("clients", Clients)
+        db, clients = services.get("db", Database), services.get("clients", Clients)
         result = await PAYMENT.run(payment=payment, clients=clients, db=db)
         return payment_response(payment, result["charge"])
 

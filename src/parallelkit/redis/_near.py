@@ -7,7 +7,11 @@ drops what it names. The tier only serves while that subscription is known to be
 up, and every way a message can be lost ends in emptying it:
 
 * entries are filled only while subscribed, and only by a read that no
-  invalidation overtook (a sequence number is compared around the read);
+  invalidation of its key (nor a reset) overtook: a read takes a *ticket* when it
+  is sent (:meth:`NearCache.begin`: the tier's reset count and how many
+  invalidations of that key were seen while it is being read), and its answer
+  is kept only if the ticket is still current. Per key: a burst of refreshes of
+  other keys (each one a message) does not void the reads of this one;
 * a broken subscription (a connection error, a Redis restart) empties the tier at
   once and turns it off until the subscription is back; re-subscribing (by us or
   by redis-py's own reconnect) empties it again;
@@ -17,6 +21,15 @@ up, and every way a message can be lost ends in emptying it:
   ``near_ttl`` seconds after it was read from Redis: the listening task sweeps
   the tier at least every ``min(1 s, near_ttl / 2)`` and drops what would pass
   ``near_ttl`` before the next sweep (so the hit path reads no clock).
+
+**Renewal.** Dropping a hot entry at ``near_ttl`` would make its next readers pay a
+``GET`` each, every ``near_ttl`` seconds, for a value that has not changed. So the
+store's renewing task checks, once per sweep interval, the entries that were hit
+and are about to pass ``near_ttl``: one ``MGET`` for all of them, compared byte for
+byte with what was read. An unchanged entry counts as read again when the
+``MGET`` was sent (a check is a read from Redis: the bound above holds), a changed
+or missing one is dropped, and an entry whose key was invalidated while the check
+was out (its ticket again) is not renewed.
 """
 
 from __future__ import annotations
@@ -35,7 +48,7 @@ from .._cache.store import CacheEntry
 from .._core.limiter import Limiter
 from ._common import jittered
 
-__all__ = ["CLEAR", "NearCache", "invalidation"]
+__all__ = ["CLEAR", "NearCache", "Ticket", "invalidation"]
 
 logger = logging.getLogger("parallelkit.redis")
 
@@ -43,6 +56,10 @@ logger = logging.getLogger("parallelkit.redis")
 CLEAR = b"*"
 _KEY = b"k"
 _MISSING: Any = object()
+
+#: What a read of one key holds while it is out: (the tier's reset count, the key's
+#: invalidations seen since its first read in flight began).
+Ticket = tuple[int, int]
 
 
 def invalidation(name: str) -> bytes:
@@ -61,25 +78,31 @@ class NearCache:
     """The near tier of one store (see the module docs).
 
     ``entries`` maps a cache key to its entry: the store's ``peek`` is one lookup
-    there, with no clock read. ``meta`` holds, in fill order, each key's expiry
-    and its name (the Redis key's suffix, what messages carry); ``index`` maps the
-    name back to the cache key. Oldest fills are dropped first when ``maxsize``
-    is reached, and by :meth:`sweep` before they are ``ttl`` old.
+    there, with no clock read. ``meta`` holds, in fill order, each key's expiry,
+    its name (the Redis key's suffix, what messages carry) and the bytes read;
+    ``index`` maps the name back to the cache key. Oldest fills are dropped first
+    when ``maxsize`` is reached, and by :meth:`sweep` before they are ``ttl`` old.
+    ``hot`` holds the keys hit since the last renewal round (:meth:`due`).
     """
 
     __slots__ = (
         "channel",
         "entries",
+        "hot",
         "index",
         "invalidations",
         "listening",
+        "marks",
         "maxsize",
         "meta",
+        "renew_errors",
+        "renewals",
         "resets",
         "seq",
         "slack",
         "timer",
         "ttl",
+        "watchers",
     )
 
     def __init__(self, channel: str, maxsize: int | None, ttl: float) -> None:
@@ -89,11 +112,14 @@ class NearCache:
         self.slack = min(1.0, ttl / 2)  # the longest time between two sweeps
         self.timer: Callable[[], float] = time.monotonic
         self.entries: dict[Hashable, CacheEntry[Any]] = {}
-        self.meta: dict[Hashable, tuple[float, str]] = {}
+        self.meta: dict[Hashable, tuple[float, str, bytes | str]] = {}
         self.index: dict[str, Hashable] = {}
+        self.hot: set[Hashable] = set()
         self.listening = False
-        self.seq = 0
-        self.invalidations = self.resets = 0
+        self.seq = 0  # resets so far: a reset voids every ticket
+        self.marks: dict[str, int] = {}  # invalidations of each name being read
+        self.watchers: dict[str, int] = {}  # reads (and checks) of each name in flight
+        self.invalidations = self.resets = self.renewals = self.renew_errors = 0
 
     @property
     def enabled(self) -> bool:
@@ -101,16 +127,93 @@ class NearCache:
         return self.maxsize is not None
 
     # -- the tier ----------------------------------------------------------------------
-    def put(self, key: Hashable, name: str, entry: CacheEntry[Any], seq: int) -> None:
-        """Keep ``entry``, read from Redis when the sequence number was ``seq``."""
-        if not self.listening or seq != self.seq or self.maxsize is None:
+    # -- reads in flight -------------------------------------------------------------
+    def begin(self, name: str) -> Ticket:
+        """A read (or check) of ``name`` is sent: its ticket. Pair with :meth:`end`."""
+        count = self.watchers.get(name)
+        if count is None:
+            self.watchers[name] = 1
+            self.marks[name] = 0
+        else:
+            self.watchers[name] = count + 1
+        return (self.seq, self.marks[name])
+
+    def end(self, name: str) -> None:
+        """The read (or check) of ``name`` that :meth:`begin` ticketed is over."""
+        count = self.watchers[name] - 1
+        if count:
+            self.watchers[name] = count
+        else:
+            del self.watchers[name]
+            del self.marks[name]
+
+    def current(self, name: str, ticket: Ticket) -> bool:
+        """Whether no reset and no invalidation of ``name`` came since ``ticket``."""
+        return ticket[0] == self.seq and ticket[1] == self.marks.get(name)
+
+    def _invalidated(self, name: str) -> None:
+        marks = self.marks
+        if name in marks:
+            marks[name] += 1
+
+    # -- the tier ----------------------------------------------------------------------
+    def put(
+        self, key: Hashable, name: str, entry: CacheEntry[Any], ticket: Ticket, raw: bytes | str
+    ) -> None:
+        """Keep ``entry`` (``raw``: its bytes), read from Redis with ``ticket``."""
+        if not self.listening or self.maxsize is None or not self.current(name, ticket):
             return  # not subscribed, or an invalidation overtook the read
         self._forget(key)
         if len(self.meta) >= self.maxsize:
             self._forget(next(iter(self.meta)))
         self.entries[key] = entry
-        self.meta[key] = (self.timer() + self.ttl, name)
+        self.meta[key] = (self.timer() + self.ttl, name, raw)
         self.index[name] = key
+
+    def due(self) -> list[tuple[Hashable, str, bytes | str]]:
+        """The entries to check now: hit since the last round, and due to pass
+        ``ttl`` within two sweep intervals (so a check has one interval to answer
+        and a second chance). Starts a new round of hits."""
+        hot, meta = self.hot, self.meta
+        horizon = self.timer() + 2 * self.slack
+        batch = []
+        for key, (expiry, name, raw) in meta.items():  # fill order is expiry order
+            if expiry > horizon:
+                break
+            if key in hot:
+                batch.append((key, name, raw))
+        hot.clear()
+        return batch
+
+    def renew(
+        self,
+        batch: list[tuple[Hashable, str, bytes | str]],
+        now: list[Any],
+        tickets: list[Ticket],
+        sent: float,
+    ) -> None:
+        """Apply a check of ``batch`` sent at ``sent`` with ``tickets``: ``now`` is
+        what Redis holds for each, in order."""
+        if not self.listening:
+            return
+        meta = self.meta
+        # the check read Redis after it was sent: counting from the send is the safe side
+        expiry = sent + self.ttl
+        if meta and meta[next(reversed(meta))][0] > expiry:
+            # an entry filled while the check was out expires later: renewed entries,
+            # moved behind it, would break "fill order is expiry order" (what sweep
+            # relies on). The next round retries.
+            return
+        for (key, name, raw), current, ticket in zip(batch, now, tickets, strict=True):
+            held = meta.get(key)
+            if held is None or held[2] is not raw or not self.current(name, ticket):
+                continue  # dropped, read again or invalidated meanwhile
+            if current != raw:  # changed behind our back (or gone): read it again
+                self._forget(key)
+                continue
+            del meta[key]
+            meta[key] = (expiry, name, raw)
+            self.renewals += 1
 
     def _forget(self, key: Hashable) -> None:
         meta = self.meta.pop(key, None)
@@ -130,16 +233,17 @@ class NearCache:
 
     def drop(self, key: Hashable, name: str) -> None:
         """Forget ``key`` (this process writes it); reads in flight will not fill it."""
-        self.seq += 1
+        self._invalidated(name)
         self._forget(key)
         self.index.pop(name, None)
 
     def reset(self, *, listening: bool) -> None:
         """Forget everything (a clear, or the subscription changed)."""
         self.seq += 1
-        self.entries.clear()  # in place: the store holds its ``get``
+        self.entries.clear()  # in place: the store holds its ``get`` and ``hot.add``
         self.meta.clear()
         self.index.clear()
+        self.hot.clear()
         self.listening = listening
 
     def received(self, data: bytes) -> None:
@@ -148,8 +252,9 @@ class NearCache:
         if data == CLEAR:
             self.reset(listening=self.listening)
             return
-        self.seq += 1
-        key = self.index.pop(data[len(_KEY) :].decode(), _MISSING)
+        name = data[len(_KEY) :].decode()
+        self._invalidated(name)
+        key = self.index.pop(name, _MISSING)
         if key is not _MISSING:
             self._forget(key)
 

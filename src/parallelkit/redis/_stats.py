@@ -28,6 +28,11 @@ class RedisStoreStatistics:
         near_invalidations: invalidation messages received.
         near_resets: times the near cache was emptied because its subscription
             was lost or re-established (messages may have been missed).
+        near_renewals: near entries found unchanged in Redis by the background
+            check before they passed ``near_ttl``, and kept (no ``GET`` for
+            their next readers).
+        near_renewal_errors: background checks that failed for another reason
+            than a Redis outage (logged; those entries just expire).
         listening: whether the near cache is subscribed (serving) now.
     """
 
@@ -43,6 +48,8 @@ class RedisStoreStatistics:
     near_invalidations: int = 0
     near_resets: int = 0
     listening: bool = False
+    near_renewals: int = 0
+    near_renewal_errors: int = 0
 
     @property
     def redis_errors(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 import uuid
 from collections.abc import Callable, Hashable
@@ -19,7 +20,7 @@ from .._core.check import count, count_or_none, flag, number, number_at_least, n
 from .._core.owned import OwnedTaskGroup
 from ._common import SerializationError, validate_client
 from ._lease import Lease, LeaseOrNone, LeaseScripts
-from ._near import CLEAR, NearCache, invalidation
+from ._near import CLEAR, NearCache, Ticket, invalidation
 from ._outage import Down, Guard
 from ._scripts import TOKEN, TOKEN_TTL_MS, WRITE, WRITE_IF, Token
 from ._serializer import (
@@ -35,6 +36,11 @@ from ._stats import RedisStoreStatistics
 
 __all__ = ["RedisStore"]
 
+logger = logging.getLogger("parallelkit.redis")
+
+#: Keys per ``MGET`` of a near-cache renewal round.
+_RENEW_BATCH = 500
+
 Arg = bytes | str | int | float  # what a script argument may be
 _MAX_KEY = 200  # longer key reprs are replaced by their SHA-256
 
@@ -43,10 +49,11 @@ _MAX_KEY = 200  # longer key reprs are replaced by their SHA-256
 class _Read:
     """A ``GET`` of one key in flight: concurrent readers of the key wait for it."""
 
-    __slots__ = ("done", "entry", "ok", "seq")
+    __slots__ = ("done", "entry", "name", "ok", "ticket")
 
-    def __init__(self, seq: int) -> None:
-        self.seq = seq  # the near cache's sequence number when it was sent
+    def __init__(self, name: str, ticket: Ticket) -> None:
+        self.name = name
+        self.ticket = ticket  # the near cache's ticket for it (see ._near)
         self.done: anyio.Event | None = None  # made by the first reader that waits
         self.entry: CacheEntry[Any] | None = None
         self.ok = False
@@ -149,6 +156,7 @@ class RedisStore:
         "_near",
         "_near_get",
         "_near_hits",
+        "_near_hot",
         "_owner",
         "_poll",
         "_reads",
@@ -199,6 +207,7 @@ class RedisStore:
             number("near_ttl", near_ttl),
         )
         self._near_get = self._near.entries.get  # the hit path: one dict lookup
+        self._near_hot = self._near.hot.add  # and one set insert: renew what is read
         self._near_hits = 0
         self._guard = Guard(
             timeout=number_or_none("command_timeout", command_timeout),
@@ -229,6 +238,7 @@ class RedisStore:
             except BaseException:
                 await self._owner.exit(None, None, None, cancel=True)
                 raise
+            tg.start_soon(self._renew_forever)
         return self
 
     async def __aexit__(
@@ -252,6 +262,38 @@ class RedisStore:
             task_status=task_status,
         )
 
+    async def _renew_forever(self) -> None:
+        """Renew the hot near entries before ``near_ttl``: one ``MGET`` per sweep
+        interval (see :mod:`._near`). Background work: failures are counted and
+        logged, never raised; an entry not renewed just expires."""
+        while True:
+            await anyio.sleep(self._near.slack)
+            try:
+                await self._renew()
+            except Down:
+                pass  # counted by the guard; the entries expire as without renewal
+            except Exception as exc:
+                self._near.renew_errors += 1
+                logger.warning("RedisStore %r: near cache renewal failed: %r", self._namespace, exc)
+
+    async def _renew(self) -> None:
+        """One renewal round: check the hot entries about to pass ``near_ttl``."""
+        near = self._near
+        if not near.listening:
+            return
+        batch = near.due()
+        for start in range(0, len(batch), _RENEW_BATCH):
+            part = batch[start : start + _RENEW_BATCH]
+            tickets = [near.begin(name) for _, name, _ in part]
+            try:
+                sent = near.timer()
+                names = [self._value_prefix + name for _, name, _ in part]
+                now = await self._guard.call("renew", self._redis.mget(names))
+                near.renew(part, now, tickets, sent)
+            finally:
+                for _, name, _ in part:
+                    near.end(name)
+
     # -- introspection ------------------------------------------------------------
     @property
     def errors(self) -> int:
@@ -273,6 +315,8 @@ class RedisStore:
             near_size=len(near.meta),
             near_invalidations=near.invalidations,
             near_resets=near.resets,
+            near_renewals=near.renewals,
+            near_renewal_errors=near.renew_errors,
             listening=near.listening,
         )
 
@@ -357,6 +401,7 @@ class RedisStore:
         entry = self._near_get(key)
         if entry is not None:
             self._near_hits += 1
+            self._near_hot(key)
         return entry
 
     async def get(self, key: Hashable) -> CacheEntry[Any] | None:
@@ -367,7 +412,7 @@ class RedisStore:
         invalidation came in since it was sent. Redis down: local memory.
         """
         read = self._reads.get(key)
-        if read is not None and read.seq == self._near.seq:
+        if read is not None and self._near.current(read.name, read.ticket):
             if read.done is None:
                 read.done = anyio.Event()
             await read.done.wait()
@@ -383,7 +428,7 @@ class RedisStore:
     async def _read(self, key: Hashable) -> CacheEntry[Any] | None:
         name = self._name(key)
         near = self._near
-        read = self._reads[key] = _Read(near.seq)
+        read = self._reads[key] = _Read(name, near.begin(name))
         try:
             try:
                 raw = await self._guard.call("get", self._redis.get(self._value_prefix + name))
@@ -391,12 +436,15 @@ class RedisStore:
                 self._degrade(down)
                 entry = await self._local.get(key)
             else:
-                entry = None if raw is None else self._decode(key, raw)
-                if entry is not None:
-                    near.put(key, name, entry, read.seq)
+                entry = None
+                if raw is not None:
+                    entry = self._decode(key, raw)
+                    if entry is not None:
+                        near.put(key, name, entry, read.ticket, raw)
             read.entry, read.ok = entry, True
             return entry
         finally:
+            near.end(name)
             if self._reads.get(key) is read:
                 del self._reads[key]
             if read.done is not None:
