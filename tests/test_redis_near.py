@@ -323,6 +323,22 @@ def test_a_renewal_is_refused_when_overtaken_or_out_of_order() -> None:
     assert (near.renewals, list(near.meta), list(near.index)) == (1, ["k"], ["'k'"])
 
 
+def test_a_renewal_check_is_cut_into_bounded_commands() -> None:
+    from parallelkit.redis._store import _parts
+
+    small = [(i, f"'{i}'", b"x") for i in range(1200)]
+    assert [len(p) for p in _parts(small)] == [500, 500, 200]
+    big = b"x" * 600_000
+    mixed = [
+        ("a", "'a'", big),
+        ("b", "'b'", big),
+        ("c", "'c'", b"x"),
+        ("d", "'d'", b"x" * 3_000_000),
+    ]
+    assert [[k for k, _, _ in p] for p in _parts(mixed)] == [["a"], ["b", "c"], ["d"]]
+    assert _parts([]) == []
+
+
 async def test_an_entered_store_renews_its_hot_entries_in_the_background(
     r: aredis.Redis, prefix: str
 ) -> None:

@@ -132,7 +132,7 @@ async def test_payment_records_the_charge_id() -> None:
 async def test_a_payment_waits_for_the_pool_before_it_builds_its_unit_of_work() -> None:
     """``async with db.slots, db.sessions()``: a request queued behind a busy pool keeps
     no session, and no row it is about to add, alive while it waits (the hand-written
-    semaphore's order; measured: a third of the collector's passes under load)."""
+    semaphore's order; measured: under half the collector's passes under load)."""
     import anyio
     from examples.crm.payment import Payment
     from sqlalchemy import event

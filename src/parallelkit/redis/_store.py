@@ -38,8 +38,10 @@ __all__ = ["RedisStore"]
 
 logger = logging.getLogger("parallelkit.redis")
 
-#: Keys per ``MGET`` of a near-cache renewal round.
-_RENEW_BATCH = 500
+#: At most this many keys, and about this many bytes, per ``MGET`` of a near-cache
+#: renewal round (a few large values must not make one slow command).
+_RENEW_KEYS = 500
+_RENEW_BYTES = 1 << 20
 
 Arg = bytes | str | int | float  # what a script argument may be
 _MAX_KEY = 200  # longer key reprs are replaced by their SHA-256
@@ -281,9 +283,7 @@ class RedisStore:
         near = self._near
         if not near.listening:
             return
-        batch = near.due()
-        for start in range(0, len(batch), _RENEW_BATCH):
-            part = batch[start : start + _RENEW_BATCH]
+        for part in _parts(near.due()):
             tickets = [near.begin(name) for _, name, _ in part]
             try:
                 sent = near.timer()
@@ -579,6 +579,23 @@ class RedisStore:
             return False
         await self._local.set(key, entry, ttl=ttl)
         return True
+
+
+def _parts(batch: list[tuple[Hashable, str, bytes | str]]) -> list[list[Any]]:
+    """``batch`` cut into ``MGET``-sized parts: at most ``_RENEW_KEYS`` keys each, and
+    no more than about ``_RENEW_BYTES`` of values (a larger value goes alone)."""
+    parts: list[list[Any]] = []
+    part: list[Any] = []
+    size = 0
+    for item in batch:
+        if part and (len(part) >= _RENEW_KEYS or size + len(item[2]) > _RENEW_BYTES):
+            parts.append(part)
+            part, size = [], 0
+        part.append(item)
+        size += len(item[2])
+    if part:
+        parts.append(part)
+    return parts
 
 
 def _glob_escape(text: str) -> str:
