@@ -239,8 +239,8 @@ def test_an_invalidation_of_another_key_does_not_void_a_read() -> None:
     assert near.entries["k"].value == "v"
 
 
-# ------------------------------------------------------------------ renewal of hot entries
-async def test_a_hot_entry_is_renewed_by_one_check_not_a_get_per_reader(
+# ------------------------------------------------------------------ renewal of near entries
+async def test_near_entries_are_renewed_by_one_check_not_a_get_per_reader(
     r: aredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = RedisStore(r, prefix=prefix, near_ttl=5)  # sweeps (and renews) every 1 s
@@ -248,35 +248,38 @@ async def test_a_hot_entry_is_renewed_by_one_check_not_a_get_per_reader(
     store._near.timer = timer
     start = timer.now
     async with store:
-        for key in ("hot", "cold"):
+        for key in ("hot", "other"):
             await store.set(key, entry(key), ttl=60)
         await heard(store, 2)  # their own sets' messages: they would drop what is read next
         assert await store.get("hot") is not None
-        assert await store.get("cold") is not None
-        assert store.peek("hot") is not None  # a hit: "hot" is read, "cold" is not
+        assert await store.get("other") is not None
+        timer.now = start + 2.9
+        await store._renew()  # (what the store's renewing task does every interval)
+        assert store.statistics().near_renewals == 0  # not due yet: 5 > 2.9 + 2 x 1 s
         timer.now = start + 3.5  # both due within two sweep intervals
         commands = Commands(r, monkeypatch)
-        await store._renew()  # (what the store's renewing task does every interval)
-        assert commands.count == 1  # one MGET, for the hot entry only
-        assert store.statistics().near_renewals == 1
+        await store._renew()
+        assert commands.count == 1  # one MGET for both
+        assert store.statistics().near_renewals == 2
         assert store._near.meta["hot"][0] == start + 3.5 + 5  # read again at the check
         timer.now = start + 4.5
         store._near.sweep()
-        assert store.peek("cold") is None  # not read since it was filled: dropped
         hot = store.peek("hot")
         assert hot is not None  # no GET for its next readers
         assert hot.value == "hot"
 
         # changed behind the store's back (no message): the check drops it
-        await r.set(store.redis_key("hot"), await r.get(store.redis_key("cold")))
+        await r.set(store.redis_key("hot"), await r.get(store.redis_key("other")))
+        await r.delete(store.redis_key("other"))  # and gone: dropped too
         timer.now = start + 7.0
         assert store.peek("hot") is not None  # within near_ttl of the last check
         await store._renew()
         assert store.peek("hot") is None
-        assert store.statistics().near_renewals == 1
+        assert store.peek("other") is None
+        assert store.statistics().near_renewals == 2
         got = await store.get("hot")
         assert got is not None
-        assert got.value == "cold"
+        assert got.value == "other"
 
 
 def test_a_renewal_is_refused_when_overtaken_or_out_of_order() -> None:
@@ -286,11 +289,8 @@ def test_a_renewal_is_refused_when_overtaken_or_out_of_order() -> None:
     near.reset(listening=True)
     near.put("k", "'k'", entry("v"), near.begin("'k'"), b"v")  # expires at 5
     near.end("'k'")
-    near.hot.add("k")
     timer.now = 2.9
-    assert near.due() == []  # not due yet (5 > 2.9 + 2 intervals of 1 s)...
-    assert near.hot == set()  # ...and a new round of hits starts
-    near.hot.add("k")
+    assert near.due() == []  # not due yet (5 > 2.9 + 2 intervals of 1 s)
     timer.now = 3.5
     batch = near.due()
     assert batch == [("k", "'k'", b"v")]
@@ -304,7 +304,6 @@ def test_a_renewal_is_refused_when_overtaken_or_out_of_order() -> None:
     near.put("k", "'k'", entry("v"), near.begin("'k'"), b"v")  # read again: expires at 5
     near.end("'k'")
     timer.now = 3.5
-    near.hot.add("k")
     batch = near.due()
     tickets = [near.begin("'k'")]
     timer.now = 3.6

@@ -22,14 +22,17 @@ up, and every way a message can be lost ends in emptying it:
   the tier at least every ``min(1 s, near_ttl / 2)`` and drops what would pass
   ``near_ttl`` before the next sweep (so the hit path reads no clock).
 
-**Renewal.** Dropping a hot entry at ``near_ttl`` would make its next readers pay a
+**Renewal.** Dropping an entry at ``near_ttl`` would make its next readers pay a
 ``GET`` each, every ``near_ttl`` seconds, for a value that has not changed. So the
-store's renewing task checks, once per sweep interval, the entries that were hit
-and are about to pass ``near_ttl``: one ``MGET`` for all of them, compared byte for
-byte with what was read. An unchanged entry counts as read again when the
-``MGET`` was sent (a check is a read from Redis: the bound above holds), a changed
-or missing one is dropped, and an entry whose key was invalidated while the check
-was out (its ticket again) is not renewed.
+store's renewing task checks, once per sweep interval, the entries about to pass
+``near_ttl``: one ``MGET`` for all of them, compared byte for byte with what was
+read. (Every entry, not only those hit: tracking hits would cost the hit path a
+second hash of the key, while checking costs at most ``maxsize`` keys per
+``near_ttl``; an entry that expired in Redis comes back as missing, and goes.)
+An unchanged entry counts as read again when the ``MGET`` was sent (a check is a
+read from Redis: the bound above holds), a changed or missing one is dropped,
+and an entry whose key was invalidated while the check was out (its ticket
+again) is not renewed.
 """
 
 from __future__ import annotations
@@ -82,13 +85,11 @@ class NearCache:
     its name (the Redis key's suffix, what messages carry) and the bytes read;
     ``index`` maps the name back to the cache key. Oldest fills are dropped first
     when ``maxsize`` is reached, and by :meth:`sweep` before they are ``ttl`` old.
-    ``hot`` holds the keys hit since the last renewal round (:meth:`due`).
     """
 
     __slots__ = (
         "channel",
         "entries",
-        "hot",
         "index",
         "invalidations",
         "listening",
@@ -114,7 +115,6 @@ class NearCache:
         self.entries: dict[Hashable, CacheEntry[Any]] = {}
         self.meta: dict[Hashable, tuple[float, str, bytes | str]] = {}
         self.index: dict[str, Hashable] = {}
-        self.hot: set[Hashable] = set()
         self.listening = False
         self.seq = 0  # resets so far: a reset voids every ticket
         self.marks: dict[str, int] = {}  # invalidations of each name being read
@@ -171,18 +171,14 @@ class NearCache:
         self.index[name] = key
 
     def due(self) -> list[tuple[Hashable, str, bytes | str]]:
-        """The entries to check now: hit since the last round, and due to pass
-        ``ttl`` within two sweep intervals (so a check has one interval to answer
-        and a second chance). Starts a new round of hits."""
-        hot, meta = self.hot, self.meta
+        """The entries to check now: due to pass ``ttl`` within two sweep intervals
+        (so a check has one interval to answer, and a second chance)."""
         horizon = self.timer() + 2 * self.slack
         batch = []
-        for key, (expiry, name, raw) in meta.items():  # fill order is expiry order
+        for key, (expiry, name, raw) in self.meta.items():  # fill order is expiry order
             if expiry > horizon:
                 break
-            if key in hot:
-                batch.append((key, name, raw))
-        hot.clear()
+            batch.append((key, name, raw))
         return batch
 
     def renew(
@@ -240,10 +236,9 @@ class NearCache:
     def reset(self, *, listening: bool) -> None:
         """Forget everything (a clear, or the subscription changed)."""
         self.seq += 1
-        self.entries.clear()  # in place: the store holds its ``get`` and ``hot.add``
+        self.entries.clear()  # in place: the store holds its ``get``
         self.meta.clear()
         self.index.clear()
-        self.hot.clear()
         self.listening = listening
 
     def received(self, data: bytes) -> None:

@@ -158,7 +158,6 @@ class RedisStore:
         "_near",
         "_near_get",
         "_near_hits",
-        "_near_hot",
         "_owner",
         "_poll",
         "_reads",
@@ -209,7 +208,6 @@ class RedisStore:
             number("near_ttl", near_ttl),
         )
         self._near_get = self._near.entries.get  # the hit path: one dict lookup
-        self._near_hot = self._near.hot.add  # and one set insert: renew what is read
         self._near_hits = 0
         self._guard = Guard(
             timeout=number_or_none("command_timeout", command_timeout),
@@ -265,7 +263,7 @@ class RedisStore:
         )
 
     async def _renew_forever(self) -> None:
-        """Renew the hot near entries before ``near_ttl``: one ``MGET`` per sweep
+        """Renew the near entries before ``near_ttl``: one ``MGET`` per sweep
         interval (see :mod:`._near`). Background work: failures are counted and
         logged, never raised; an entry not renewed just expires."""
         while True:
@@ -279,7 +277,7 @@ class RedisStore:
                 logger.warning("RedisStore %r: near cache renewal failed: %r", self._namespace, exc)
 
     async def _renew(self) -> None:
-        """One renewal round: check the hot entries about to pass ``near_ttl``."""
+        """One renewal round: check the entries about to pass ``near_ttl``."""
         near = self._near
         if not near.listening:
             return
@@ -401,7 +399,6 @@ class RedisStore:
         entry = self._near_get(key)
         if entry is not None:
             self._near_hits += 1
-            self._near_hot(key)
         return entry
 
     async def get(self, key: Hashable) -> CacheEntry[Any] | None:
