@@ -126,7 +126,6 @@ class NearCache:
         """False with ``near_maxsize=None``."""
         return self.maxsize is not None
 
-    # -- the tier ----------------------------------------------------------------------
     # -- reads in flight -------------------------------------------------------------
     def begin(self, name: str) -> Ticket:
         """A read (or check) of ``name`` is sent: its ticket. Pair with :meth:`end`."""
