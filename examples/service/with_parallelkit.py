@@ -12,7 +12,9 @@
   process-wide :func:`~parallelkit.sqlalchemy.pool_limiter` (sized to the pool),
   holding a slot only while they hold a connection, so all requests together
   never queue more work on the pool than it has connections, and an item's
-  e-mail holds no slot;
+  e-mail holds no slot; each block that only talks to the database takes the
+  slot first (``async with db.slots, db.sessions()``), so a queued request has
+  built nothing yet while it waits;
 * loading: :func:`parallelkit.sqlalchemy.eager` names the graph a batch needs
   (joined many-to-one hops, one ``selectin`` for the rules: 2 statements for any
   batch), :func:`~parallelkit.sqlalchemy.eager_get` one row's graph in one
