@@ -287,38 +287,41 @@ def test_a_renewal_is_refused_when_overtaken_or_out_of_order() -> None:
     timer = FakeTimer(0.0)
     near.timer = timer
     near.reset(listening=True)
-    near.put("k", "'k'", entry("v"), near.begin("'k'"), b"v")  # expires at 5
-    near.end("'k'")
+
+    def fill(key: str, raw: bytes) -> None:
+        near.put(key, f"'{key}'", entry(key), near.begin(f"'{key}'"), raw)
+        near.end(f"'{key}'")
+
+    fill("k", b"v")  # expires at 5
     timer.now = 2.9
     assert near.due() == []  # not due yet (5 > 2.9 + 2 intervals of 1 s)
     timer.now = 3.5
     batch = near.due()
     assert batch == [("k", "'k'", b"v")]
-    tickets = [near.begin("'k'")]
     near.received(invalidation("'k'"))  # k invalidated while the check is out
-    near.renew(batch, [b"v"], tickets, 3.5)
-    near.end("'k'")
+    near.renew(batch, [b"v"], 3.5)
     assert (near.renewals, near.entries) == (0, {})  # dropped, and not brought back
 
     timer.now = 0.0
-    near.put("k", "'k'", entry("v"), near.begin("'k'"), b"v")  # read again: expires at 5
-    near.end("'k'")
+    fill("k", b"v")  # read again: expires at 5
     timer.now = 3.5
     batch = near.due()
-    tickets = [near.begin("'k'")]
+    fill("k", b"v2")  # read again (a newer value) while the check is out
+    near.renew(batch, [b"v"], 3.5)  # the check saw the older bytes: not renewed
+    assert (near.renewals, near.meta["k"][0], near.meta["k"][2]) == (0, 8.5, b"v2")
+
+    timer.now = 0.0
+    fill("k", b"v")
+    timer.now = 3.5
+    batch = near.due()
     timer.now = 3.6
-    j_ticket = near.begin("'j'")
-    near.put("j", "'j'", entry("j"), j_ticket, b"j")  # filled while a check is out
-    near.end("'j'")
-    near.renew(batch, [b"v"], tickets, 3.5)  # k would expire before j, after it
+    fill("j", b"j")  # filled while a check is out (expires at 8.6)
+    near.renew(batch, [b"v"], 3.5)  # k would expire before j, after it
     assert (near.renewals, list(near.meta)) == (0, ["k", "j"])
 
-    near.renew(batch, [b"v"], tickets, 3.6)
+    near.renew(batch, [b"v"], 3.6)
     assert (near.renewals, list(near.meta), near.meta["k"][0]) == (1, ["j", "k"], 8.6)
-    near.end("'k'")
-    j_tickets = [near.begin("'j'")]
-    near.renew([("j", "'j'", b"j")], [None], j_tickets, 3.6)  # gone from Redis: dropped
-    near.end("'j'")
+    near.renew([("j", "'j'", b"j")], [None], 3.6)  # gone from Redis: dropped
     assert (near.renewals, list(near.meta), list(near.index)) == (1, ["k"], ["'k'"])
 
 

@@ -31,8 +31,9 @@ second hash of the key, while checking costs at most ``maxsize`` keys per
 ``near_ttl``; an entry that expired in Redis comes back as missing, and goes.)
 An unchanged entry counts as read again when the ``MGET`` was sent (a check is a
 read from Redis: the bound above holds), a changed or missing one is dropped,
-and an entry whose key was invalidated while the check was out (its ticket
-again) is not renewed.
+and an entry invalidated while the check was out is not renewed (the
+invalidation removed it: the check finds it gone, or filled again by a newer
+read).
 """
 
 from __future__ import annotations
@@ -184,11 +185,10 @@ class NearCache:
         self,
         batch: list[tuple[Hashable, str, bytes | str]],
         now: list[Any],
-        tickets: list[Ticket],
         sent: float,
     ) -> None:
-        """Apply a check of ``batch`` sent at ``sent`` with ``tickets``: ``now`` is
-        what Redis holds for each, in order."""
+        """Apply a check of ``batch`` sent at ``sent``: ``now`` is what Redis holds
+        for each, in order."""
         if not self.listening:
             return
         meta = self.meta
@@ -199,10 +199,10 @@ class NearCache:
             # moved behind it, would break "fill order is expiry order" (what sweep
             # relies on). The next round retries.
             return
-        for (key, name, raw), current, ticket in zip(batch, now, tickets, strict=True):
+        for (key, name, raw), current in zip(batch, now, strict=True):
             held = meta.get(key)
-            if held is None or held[2] is not raw or not self.current(name, ticket):
-                continue  # dropped, read again or invalidated meanwhile
+            if held is None or held[2] is not raw:
+                continue  # invalidated (so dropped) or read again meanwhile
             if current != raw:  # changed behind our back (or gone): read it again
                 self._forget(key)
                 continue

@@ -282,15 +282,10 @@ class RedisStore:
         if not near.listening:
             return
         for part in _parts(near.due()):
-            tickets = [near.begin(name) for _, name, _ in part]
-            try:
-                sent = near.timer()
-                names = [self._value_prefix + name for _, name, _ in part]
-                now = await self._guard.call("renew", self._redis.mget(names))
-                near.renew(part, now, tickets, sent)
-            finally:
-                for _, name, _ in part:
-                    near.end(name)
+            sent = near.timer()
+            names = [self._value_prefix + name for _, name, _ in part]
+            now = await self._guard.call("renew", self._redis.mget(names))
+            near.renew(part, now, sent)
 
     # -- introspection ------------------------------------------------------------
     @property
