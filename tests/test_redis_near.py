@@ -15,6 +15,7 @@ from parallelkit.redis import RedisLimiter, RedisLock, RedisStore, RedisUnavaila
 from parallelkit.redis._near import NearCache, invalidation
 
 from .redis_helpers import (
+    Commands,
     FakeTimer,
     RedisServer,
     client,
@@ -44,20 +45,6 @@ class Loader:
     async def __call__(self, key: Hashable) -> str:
         self.calls += 1
         return f"{key} #{self.calls}"
-
-
-class Commands:
-    """Counts the commands a client sends (scripts included: they are EVALSHA)."""
-
-    def __init__(self, r: aredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.count = 0
-        send = r.execute_command
-
-        async def counting(*args: Any, **options: Any) -> Any:
-            self.count += 1
-            return await send(*args, **options)
-
-        monkeypatch.setattr(r, "execute_command", counting)
 
 
 async def eventually(check: Any, what: str, timeout: float = 30) -> None:
@@ -237,6 +224,68 @@ def test_an_invalidation_of_another_key_does_not_void_a_read() -> None:
     near.put("k", "'k'", entry("v"), ticket, b"v")
     near.end("'k'")
     assert near.entries["k"].value == "v"
+
+
+def test_a_write_of_this_process_is_kept_unless_a_message_overtook_it() -> None:
+    near = NearCache("chan", 10, 5.0)
+    near.reset(listening=True)
+    near.drop("k", "'k'")  # this process writes k (a load's conditional set)...
+    read = near.begin("'k'")  # ...a read of k is sent meanwhile (it may see the old bytes)
+    ticket = near.begin("'k'")
+    near.wrote("k", "'k'", entry("new"), ticket, b"new")  # the write's reply: kept
+    near.end("'k'")
+    near.put("k", "'k'", entry("old"), read, b"old")  # the read's answer: not kept over it
+    near.end("'k'")
+    assert near.entries["k"].value == "new"
+    near.received(invalidation("'k'"))  # the write's own message: skipped
+    assert near.entries["k"].value == "new"
+    near.received(invalidation("'k'"))  # the next is another write's: dropped
+    assert (near.entries, near.own) == ({}, {})
+
+    ticket = near.begin("'k'")  # the write's own message arrives before its reply
+    near.received(invalidation("'k'"))  # (another connection): it cannot be told apart
+    near.wrote("k", "'k'", entry("new"), ticket, b"new")
+    near.end("'k'")
+    assert (near.entries, near.own) == ({}, {})  # so nothing is kept, nothing skipped
+
+    ticket = near.begin("'k'")
+    near.wrote("k", "'k'", entry("new"), ticket, b"new")
+    near.end("'k'")
+    near.reset(listening=True)  # the subscription changed: its message may be lost
+    assert (near.entries, near.own) == ({}, {})  # so no later message is skipped
+    near.reset(listening=False)
+    near.wrote("k", "'k'", entry("new"), near.begin("'k'"), b"new")  # not subscribed
+    near.end("'k'")
+    assert (near.entries, near.own, near.watchers, near.marks) == ({}, {}, {}, {})
+
+
+async def test_a_load_keeps_what_it_stored_for_its_next_readers(
+    r: aredis.Redis, prefix: str
+) -> None:
+    store = RedisStore(r, prefix=prefix)
+    other = RedisStore(r, prefix=prefix)  # another process
+    cache = pk.SWRCache(fresh=30, stale=60, store=store)
+    loads = 0
+
+    async def load(key: str) -> str:
+        nonlocal loads
+        loads += 1
+        return f"v{loads}"
+
+    async with store, cache:
+        assert await cache.get("k", load) == "v1"  # a miss: loaded and stored
+        await heard(store, 1)  # its own write's message came back...
+        kept = store.peek("k")
+        assert kept is not None  # ...and did not drop what the write stored
+        assert kept.value == "v1"
+        gets = store.statistics().hits + store.statistics().misses
+        assert await cache.get("k", load) == "v1"
+        assert store.statistics().hits + store.statistics().misses == gets  # no GET
+        await other.delete("k")  # another process invalidates it: that message drops it
+        await heard(store, 2)
+        assert store.peek("k") is None
+        assert await cache.get("k", load) == "v2"
+    assert loads == 2
 
 
 # ------------------------------------------------------------------ renewal of near entries

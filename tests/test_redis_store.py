@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import dataclasses
 import datetime as dt
 import decimal
@@ -36,6 +38,7 @@ from parallelkit.redis._store import decode_entry, encode_entry
 
 from .conftest import need_service
 from .redis_helpers import (
+    Commands,
     RedisServer,
     bad_arguments,
     client,
@@ -361,6 +364,52 @@ async def test_two_caches_share_one_load(r: aredis.Redis, prefix: str) -> None:
     assert loader.calls == 1
 
 
+async def test_a_load_takes_two_round_trips_and_gives_its_lease_back(
+    r: aredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = RedisStore(r, prefix=prefix)
+    cache = pk.SWRCache(fresh=30, stale=60, store=store)
+    loader = Counter(value={"v": 1})
+    assert await cache.get("warm", loader) == {"v": 1}  # Redis has the scripts now
+    commands = Commands(r, monkeypatch)
+    assert await cache.get("k", loader) == {"v": 1}
+    # the miss's GET; then one script takes the lease and reads the entry and its
+    # generation, and one stores the value and gives the lease back (it was six:
+    # acquire, GET, token, conditional set, release)
+    assert commands.count == 3
+    assert loader.calls == 2
+    assert await r.exists(f"{prefix}:cache:l:'k'") == 0
+    assert (store.statistics().hits, store.statistics().misses) == (0, 4)
+    got = await store.get("k")
+    assert got is not None
+    assert got.value == {"v": 1}
+
+
+async def test_a_load_overtaken_by_a_write_stores_nothing_and_gives_its_lease_back(
+    r: aredis.Redis, prefix: str
+) -> None:
+    store = RedisStore(r, prefix=prefix)
+    other = RedisStore(r, prefix=prefix)  # another process
+    cache = pk.SWRCache(fresh=30, stale=60, store=store)
+    lease = f"{prefix}:cache:l:'k'"
+
+    async def load(key: str) -> str:
+        assert await r.exists(lease) == 1
+        await other.delete(key)  # an invalidation while the load runs
+        return "from the load"
+
+    # a miss: the load answers its caller, but stores nothing over the invalidation
+    assert await cache.get("k", load) == "from the load"
+    assert await store.get("k") is None
+    assert await r.exists(lease) == 0  # and the lease is given back all the same
+    # a refresh of a stale entry: the same
+    await store.set("k", entry("old", fresh=-1), ttl=60)
+    with pytest.warns(RuntimeWarning, match="not entered"):  # it refreshes inline
+        assert await cache.get("k", load) == "from the load"
+    assert await store.get("k") is None
+    assert await r.exists(lease) == 0
+
+
 async def test_one_refresh_per_stale_key_across_caches(r: aredis.Redis, prefix: str) -> None:
     stores = [RedisStore(r, prefix=prefix, poll=0.01) for _ in "ab"]
     now = time.time()
@@ -402,10 +451,23 @@ async def test_a_dead_lease_holder_is_taken_over(r: aredis.Redis, prefix: str) -
     assert await r.exists(lease_key) == 0
 
 
-async def test_leases_are_renewed_during_a_long_load(r: aredis.Redis, prefix: str) -> None:
+@pytest.mark.parametrize("entered", [False, True], ids=["own-task", "store-renews"])
+async def test_leases_are_renewed_during_a_long_load(
+    r: aredis.Redis, prefix: str, entered: bool
+) -> None:
     store = RedisStore(r, prefix=prefix, lease=1.5, poll=0.02)
     lease_key = f"{prefix}:cache:l:'k'"
     done = anyio.Event()
+    async with contextlib.AsyncExitStack() as stack:
+        if entered:  # an entered store renews every load's lease from one task
+            await stack.enter_async_context(store)
+        await long_load(r, store, lease_key, done, entered)
+
+
+async def long_load(
+    r: aredis.Redis, store: RedisStore, lease_key: str, done: anyio.Event, entered: bool
+) -> None:
+    """A load longer than the lease keeps it; a second cache waits instead of loading."""
 
     async def slow(key: str) -> str:
         await renewals(r, lease_key, 4)  # > 1 lease: only renewal keeps it
@@ -419,6 +481,8 @@ async def test_leases_are_renewed_during_a_long_load(r: aredis.Redis, prefix: st
         with anyio.fail_after(30):
             while not await r.exists(lease_key):
                 await anyio.sleep(0.01)
+        renewing = [t for t in asyncio.all_tasks() if t.get_name().endswith(" renewal")]
+        assert len(renewing) == (0 if entered else 1)  # a task per load only when not entered
 
         async def second() -> None:
             assert await caches[1].get("k", other) == "slow"  # waited past 4 renewals

@@ -28,6 +28,20 @@ from parallelkit._cache.store import CacheEntry
 WORKER = Path(__file__).resolve().parent / "worker.py"
 
 
+class Commands:
+    """Counts the commands a client sends (scripts included: they are EVALSHA)."""
+
+    def __init__(self, r: aredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        send = r.execute_command
+
+        async def counting(*args: Any, **options: Any) -> Any:
+            self.count += 1
+            return await send(*args, **options)
+
+        monkeypatch.setattr(r, "execute_command", counting)
+
+
 def bad_arguments(cases: list[tuple[dict[str, Any], type[Exception], str]]) -> Any:
     """Parametrize a test over ``(kwargs, error type, message regex)`` cases."""
     ids = [repr(kwargs) for kwargs, _, _ in cases]

@@ -35,6 +35,7 @@ from .front import Front, Thunk, no_local_answer
 from .singleflight import Flight
 from .store import (
     CacheEntry,
+    LoadStart,
     MemoryStore,
     Store,
     SupportsConditionalSet,
@@ -48,6 +49,8 @@ __all__ = ["ErrorCallback", "Loads"]
 logger = logging.getLogger("parallelkit.cache")
 
 ErrorCallback = Callable[[Hashable, Exception], object]
+
+_ASK: Any = object()  # no token came with the load lock: ask the store for one
 
 
 class _Failure(NamedTuple):
@@ -269,19 +272,25 @@ class Loads:
         lock = self._load_lock
         if lock is None:
             return await self._fetch(key, thunk, flight)
-        async with lock(key):
-            entry = await self.store.get(key)
+        async with lock(key) as start:
+            if isinstance(start, LoadStart):  # read with the lock (RedisStore: one trip)
+                entry, token = start.entry, start.token
+            else:
+                entry, token = await self.store.get(key), _ASK
             if entry is not None and self._front.clock() < entry.fresh_until:
                 return entry.value  # another process loaded it while we waited
-            return await self._fetch(key, thunk, flight)
+            return await self._fetch(key, thunk, flight, token)
 
-    async def _fetch(self, key: Hashable, thunk: Thunk, flight: Flight) -> Any:
+    async def _fetch(
+        self, key: Hashable, thunk: Thunk, flight: Flight, token: object = _ASK
+    ) -> Any:
         if flight.refresh:
             self.refreshes += 1
         else:
             self.loads += 1
         conditional = self._conditional
-        token = None if conditional is None else await conditional.load_token(key)
+        if conditional is not None and token is _ASK:
+            token = await conditional.load_token(key)
         value = await thunk()
         if value is None and not self._cache_none:
             return value

@@ -3,7 +3,9 @@
 :class:`Lease` is the engine of :class:`~parallelkit.redis.RedisLock` (with a
 fencing token, and "cancel the body when lost") and of ``RedisStore.load_lock``
 (without either). :func:`keep_renewed` is the renewal loop both use, and
-``RedisLimiter`` too for its sorted-set leases.
+``RedisLimiter`` too for its sorted-set leases. :class:`Renewals` is the same
+loop for many leases at once: an entered ``RedisStore`` renews all its load
+leases with one task and one command per round, so a load starts no task.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ._outage import Down, Guard
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["Lease", "LeaseOrNone", "LeaseScripts", "keep_renewed"]
+__all__ = ["Lease", "LeaseOrNone", "LeaseScripts", "Renewals", "keep_renewed"]
 
 # KEYS[1] the lease, KEYS[2] (optional) the fencing counter; ARGV[1] token, ARGV[2]
 # ttl (ms). Returns the new fencing token (or 1) when acquired, else minus the
@@ -44,6 +46,21 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# KEYS[i] a lease; ARGV[1] ttl (ms), ARGV[i + 1] its token. For each, 1 if still
+# ours and extended, else 0.
+_RENEW_MANY = """
+local out = {}
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i + 1] then
+    out[i] = redis.call('PEXPIRE', KEYS[i], ARGV[1])
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+#: At most this many leases per command of a :class:`Renewals` round.
+_RENEW_BATCH = 500
 # KEYS[1] the lease; ARGV[1] token. 1 if it was ours and is now released.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -174,6 +191,11 @@ class Lease:
         return self._token is not None and not self._lost
 
     @property
+    def token(self) -> str | None:
+        """The holder's random token while held (what ``release`` checks), else ``None``."""
+        return self._token if not self._lost else None
+
+    @property
     def fencing_token(self) -> int | None:
         """The fencing token of the current (or last) tenure; ``None`` before any.
 
@@ -196,8 +218,7 @@ class Lease:
         deadline = None if self._timeout is None else anyio.current_time() + self._timeout
         waited = False
         while True:
-            command = self._scripts.acquire(keys=self._keys, args=[token, ttl_ms])
-            reply = int(await self._guard.call("acquire", command))
+            reply = await self._try(token, ttl_ms)
             if reply > 0:
                 self._token, self._fence, self._lost = token, reply, False
                 return
@@ -216,9 +237,24 @@ class Lease:
             waited = True
             await anyio.sleep(pause)
 
+    async def _try(self, token: str, ttl_ms: int) -> int:
+        """One attempt: the fencing token (or 1) if taken, else minus the holder's ttl (ms)."""
+        command = self._scripts.acquire(keys=self._keys, args=[token, ttl_ms])
+        return int(await self._guard.call("acquire", command))
+
+    def lost(self) -> None:
+        """Its renewal found it gone or someone else's, or Redis unreachable for a ttl."""
+        self._lost = True
+
+    def given_back(self) -> None:
+        """The lease was released by a script of its holder's own (a write that also
+        releases it): nothing is left to give back on exit."""
+        self._token = None
+
     async def _renew_forever(self) -> None:
         token = self._token
-        assert token is not None
+        if token is None:  # given back already (``given_back``)
+            return
         ttl_ms = round(self._ttl * 1000)
         why = await keep_renewed(
             self._guard,
@@ -285,6 +321,85 @@ class Lease:
 
 
 @final
+class Renewals:
+    """Keeps many leases of one ``ttl`` renewed: :func:`keep_renewed`'s rules, with
+    one task (:meth:`run`, in its owner's task group) and one command per round
+    for all of them (at most 500 leases per command), instead of a task each.
+
+    Leases are renewed every ``ttl / 3``: one taken just after a round is renewed
+    by the next, with two thirds of its ttl to spare. A lease Redis says is gone
+    or someone else's, or that could not be renewed for a whole ``ttl`` (an
+    outage), is marked lost (:meth:`Lease.lost`) and no longer renewed.
+    """
+
+    __slots__ = ("_guard", "_held", "_script", "_ttl", "active")
+
+    def __init__(self, redis: Redis, guard: Guard, ttl: float) -> None:
+        self._script = redis.register_script(_RENEW_MANY)
+        self._guard = guard
+        self._ttl = ttl
+        self._held: dict[Lease, float] = {}  # lease -> valid until (anyio's clock)
+        self.active = False
+        """Whether :meth:`run` runs (else a lease renews itself, in a task of its own)."""
+
+    def add(self, lease: Lease) -> None:
+        """Keep ``lease`` (just taken) renewed until :meth:`discard`."""
+        self._held[lease] = anyio.current_time() + self._ttl
+
+    def discard(self, lease: Lease) -> None:
+        self._held.pop(lease, None)
+
+    async def run(self) -> None:
+        """The one renewal task; background work: nothing it meets is raised."""
+        self.active = True
+        try:
+            while True:
+                await anyio.sleep(self._ttl / 3)
+                held = list(self._held)
+                for start in range(0, len(held), _RENEW_BATCH):
+                    await self._round(held[start : start + _RENEW_BATCH])
+        finally:
+            self.active = False
+
+    async def _round(self, leases: list[Lease]) -> None:
+        keys, tokens, live = [], [], []
+        for lease in leases:
+            token = lease.token
+            if token is None:  # given back, or lost
+                self.discard(lease)
+                continue
+            keys.append(lease.key)
+            tokens.append(token)
+            live.append(lease)
+        if not live:
+            return
+        started = anyio.current_time()
+        held = self._held
+        soonest = min(held.get(lease, started) for lease in live)
+        limit = max(soonest - started, self._ttl / 3)  # as keep_renewed
+        args: list[str | int] = [round(self._ttl * 1000), *tokens]
+        try:
+            replies = await self._guard.call(
+                "renew", self._script(keys=keys, args=args), force=True, timeout=limit
+            )
+        except Down:
+            now = anyio.current_time()
+            for lease in live:  # transient, unless a lease ran out meanwhile
+                if held.get(lease, now) <= now:
+                    lease.lost()
+                    self.discard(lease)
+            return
+        for lease, ok in zip(live, replies, strict=True):
+            if lease not in held:
+                continue  # given back meanwhile
+            if ok:
+                held[lease] = started + self._ttl
+            else:
+                lease.lost()
+                self.discard(lease)
+
+
+@final
 class LeaseOrNone:
     """``async with``: hold ``lease``, or, when Redis is down, nothing (``on_down`` decides).
 
@@ -300,13 +415,15 @@ class LeaseOrNone:
         self._on_down = on_down
         self._held = False
 
-    async def __aenter__(self) -> None:
+    async def __aenter__(self) -> Lease | None:
+        """The lease once held; ``None`` when Redis is down and it runs without one."""
         try:
-            await self._lease.__aenter__()
+            lease = await self._lease.__aenter__()
         except Down as down:
             self._on_down(down)
-            return
+            return None
         self._held = True
+        return lease
 
     async def __aexit__(
         self,

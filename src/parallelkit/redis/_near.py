@@ -97,6 +97,7 @@ class NearCache:
         "marks",
         "maxsize",
         "meta",
+        "own",
         "renew_errors",
         "renewals",
         "resets",
@@ -120,6 +121,7 @@ class NearCache:
         self.seq = 0  # resets so far: a reset voids every ticket
         self.marks: dict[str, int] = {}  # invalidations of each name being read
         self.watchers: dict[str, int] = {}  # reads (and checks) of each name in flight
+        self.own: dict[str, int] = {}  # names filled by our own writes: messages to skip
         self.invalidations = self.resets = self.renewals = self.renew_errors = 0
 
     @property
@@ -163,7 +165,11 @@ class NearCache:
         """Keep ``entry`` (``raw``: its bytes), read from Redis with ``ticket``."""
         if not self.listening or self.maxsize is None or not self.current(name, ticket):
             return  # not subscribed, or an invalidation overtook the read
+        self._keep(key, name, entry, raw)
+
+    def _keep(self, key: Hashable, name: str, entry: CacheEntry[Any], raw: bytes | str) -> None:
         self._forget(key)
+        assert self.maxsize is not None  # callers keep nothing when the tier is off
         if len(self.meta) >= self.maxsize:
             self._forget(next(iter(self.meta)))
         self.entries[key] = entry
@@ -226,6 +232,25 @@ class NearCache:
                 return
             self._forget(key)
 
+    def wrote(
+        self, key: Hashable, name: str, entry: CacheEntry[Any], ticket: Ticket, raw: bytes
+    ) -> None:
+        """This process's write of ``entry`` (``raw``) is in Redis (its reply came):
+        keep it, so its next readers need no ``GET``. ``ticket`` was taken before the
+        write was sent.
+
+        Kept only if no message about ``name`` came since ``ticket``: its own
+        message has not arrived yet, nor has a newer write's. Then the message it
+        published, when it arrives, is skipped (:meth:`received`): it invalidates
+        exactly what is kept here. Reads of ``name`` sent before the write may
+        still carry the old bytes: they are voided first.
+        """
+        if not self.listening or self.maxsize is None or not self.current(name, ticket):
+            return
+        self._invalidated(name)  # older reads in flight must not fill over it
+        self._keep(key, name, entry, raw)
+        self.own[name] = self.own.get(name, 0) + 1
+
     def drop(self, key: Hashable, name: str) -> None:
         """Forget ``key`` (this process writes it); reads in flight will not fill it."""
         self._invalidated(name)
@@ -238,6 +263,7 @@ class NearCache:
         self.entries.clear()  # in place: the store holds its ``get``
         self.meta.clear()
         self.index.clear()
+        self.own.clear()
         self.listening = listening
 
     def received(self, data: bytes) -> None:
@@ -247,6 +273,13 @@ class NearCache:
             self.reset(listening=self.listening)
             return
         name = data[len(_KEY) :].decode()
+        own = self.own.get(name)
+        if own is not None:  # the message of a write this process kept (``wrote``)
+            if own == 1:
+                del self.own[name]
+            else:
+                self.own[name] = own - 1
+            return
         self._invalidated(name)
         key = self.index.pop(name, _MISSING)
         if key is not _MISSING:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Callable, Hashable
@@ -15,14 +16,22 @@ from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 from typing_extensions import Self, final
 
-from .._cache.store import CacheEntry, MemoryStore
+from .._cache.store import CacheEntry, LoadStart, MemoryStore
 from .._core.check import count, count_or_none, flag, number, number_at_least, number_or_none, text
 from .._core.owned import OwnedTaskGroup
 from ._common import SerializationError, validate_client
-from ._lease import Lease, LeaseOrNone, LeaseScripts
+from ._lease import Lease, LeaseOrNone, LeaseScripts, Renewals
 from ._near import CLEAR, NearCache, Ticket, invalidation
 from ._outage import Down, Guard
-from ._scripts import TOKEN, TOKEN_TTL_MS, WRITE, WRITE_IF, Token
+from ._scripts import (
+    LOAD_START,
+    TOKEN,
+    TOKEN_TTL_MS,
+    WRITE,
+    WRITE_IF,
+    WRITE_IF_RELEASE,
+    Token,
+)
 from ._serializer import (
     GENERATION,
     Serializer,
@@ -88,7 +97,11 @@ class RedisStore:
     renewed while its load runs), the others poll until it is released (at most
     ``poll`` seconds apart, never longer than the lease has left), then find the
     fresh value and do not load. The same holds for background refreshes. A lease
-    holder that dies lets another process take over after ``lease`` seconds.
+    holder that dies lets another process take over after ``lease`` seconds. A
+    load costs two round trips: one script takes the lease and reads the entry
+    and its generation, one stores the value and gives the lease back; an
+    entered store renews every load's lease from one task, and keeps what its
+    own loads stored in its near cache.
 
     **Invalidation wins, across processes.** Every entry carries a generation that
     each ``set``, ``delete`` and ``clear`` replaces; a load stores its value with
@@ -151,6 +164,7 @@ class RedisStore:
         "_lease_prefix",
         "_lease_scripts",
         "_lease_waits",
+        "_load_start_script",
         "_local",
         "_local_epoch",
         "_misses",
@@ -162,10 +176,12 @@ class RedisStore:
         "_poll",
         "_reads",
         "_redis",
+        "_renewals",
         "_serializer",
         "_strict",
         "_token_script",
         "_value_prefix",
+        "_write_if_release_script",
         "_write_if_script",
         "_write_script",
         "degraded",
@@ -222,7 +238,10 @@ class RedisStore:
         self._write_script = redis.register_script(WRITE)
         self._write_if_script = redis.register_script(WRITE_IF)
         self._token_script = redis.register_script(TOKEN)
+        self._load_start_script = redis.register_script(LOAD_START)
+        self._write_if_release_script = redis.register_script(WRITE_IF_RELEASE)
         self._owner = OwnedTaskGroup(f"RedisStore {namespace!r}")
+        self._renewals = Renewals(redis, self._guard, self._lease)
         self._local_epoch = 0
         self._reads: dict[Hashable, _Read] = {}
         self._lease_waits = self._hits = self._misses = 0
@@ -232,6 +251,7 @@ class RedisStore:
     async def __aenter__(self) -> Self:
         """Start the near cache's subscription; returns once it is up (or has failed)."""
         tg = await self._owner.enter()
+        tg.start_soon(self._renewals.run)  # the load leases': no task per load
         if self._near.enabled:
             try:
                 await tg.start(self._listen)
@@ -411,11 +431,14 @@ class RedisStore:
             entry = read.entry if read.ok else await self._read(key)
         else:
             entry = await self._read(key)
+        self._count_read(entry)
+        return entry
+
+    def _count_read(self, entry: CacheEntry[Any] | None) -> None:
         if entry is None:
             self._misses += 1
         else:
             self._hits += 1
-        return entry
 
     async def _read(self, key: Hashable) -> CacheEntry[Any] | None:
         name = self._name(key)
@@ -488,15 +511,23 @@ class RedisStore:
             self._degrade(down)
 
     # -- loads: single flight and "invalidation wins" ---------------------------------
-    def load_lock(self, key: Hashable) -> LeaseOrNone:
+    def load_lock(self, key: Hashable) -> _LoadLock:
         """Hold ``key``'s lease across processes around one load (single flight).
 
         Waits while another process holds the lease: as long as that holder is
         alive (it renews the lease), and at most ``lease`` seconds after it died.
         If Redis is down, it is entered at once without a lease.
+
+        Enters as a :class:`~parallelkit._cache.store.LoadStart`: the entry and its
+        generation are read by the same script that takes the lease, and the
+        load's :meth:`set_if_unchanged` gives the lease back in its own script,
+        so a load costs two round trips, not six (``None`` when Redis is down).
         """
         name = self._name(key)
-        lease = Lease(
+        lease = _LoadLease(
+            self._load_start_script,
+            self._value_prefix + name,
+            self._renewals,
             self._lease_scripts,
             self._guard,
             name,
@@ -509,7 +540,7 @@ class RedisStore:
             cancel_on_loss=False,
             on_wait=self._waiting,
         )
-        return LeaseOrNone(lease, self._degrade)
+        return _LoadLock(self, key, name, LeaseOrNone(lease, self._degrade), lease)
 
     def _waiting(self) -> None:
         self._lease_waits += 1
@@ -553,15 +584,31 @@ class RedisStore:
             self.degraded += 1
             return await self._set_locally(key, entry, ttl, token)
         data = self._encode(key, entry, token.head[1:GENERATION])
-        self._near.drop(key, name)
+        near = self._near
+        near.drop(key, name)
         ms = max(1, round(ttl * 1000))
         args: list[Arg] = [token.head, data, ms, self._channel, invalidation(name)]
-        command = self._write_if_script(keys=[self._value_prefix + name], args=args)
+        lease = token.lease
+        held = None if lease is None else lease.token
+        ticket = near.begin(name)
         try:
-            return bool(await self._guard.call("set", command))
+            if held is None:
+                command = self._write_if_script(keys=[self._value_prefix + name], args=args)
+                stored = await self._guard.call("set", command)
+            else:  # the load's own lease: given back by the same script (one trip)
+                assert lease is not None
+                args.append(held)
+                keys = [self._value_prefix + name, lease.key]
+                stored = await self._guard.call("set", self._write_if_release_script(keys, args))
+                lease.given_back()
+            if stored:
+                near.wrote(key, name, entry, ticket, data)  # its readers need no GET
         except Down as down:
             self._degrade(down)
             return await self._set_locally(key, entry, ttl, token)
+        finally:
+            near.end(name)
+        return bool(stored)
 
     async def _set_locally(
         self, key: Hashable, entry: CacheEntry[Any], ttl: float, token: Token
@@ -592,3 +639,102 @@ def _parts(batch: list[tuple[Hashable, str, bytes | str]]) -> list[list[Any]]:
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+class _LoadLease(Lease):
+    """The lease of one load, taken by ``LOAD_START``: the same script reads the
+    entry (``raw``) and its version + generation (``head``)."""
+
+    __slots__ = ("_renewals", "_shared", "_start", "_value_key", "head", "raw")
+
+    def __init__(
+        self, start: Any, value_key: str, renewals: Renewals, *args: Any, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._start = start
+        self._value_key = value_key
+        self._renewals = renewals
+        self._shared = False
+        self.head = b""
+        self.raw: bytes | None = None
+
+    async def __aenter__(self) -> Self:
+        renewals = self._renewals
+        if not renewals.active:  # the store is not entered: a renewal task of its own
+            return await super().__aenter__()
+        await self._acquire()
+        renewals.add(self)  # renewed by the store's one renewal task
+        self._shared = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if not self._shared:
+            return await super().__aexit__(exc_type, exc, tb)
+        self._shared = False
+        self._renewals.discard(self)
+        await self._release()
+        return False
+
+    async def _try(self, token: str, ttl_ms: int) -> int:
+        fresh = placeholder(uuid.uuid4().bytes)
+        args: list[Arg] = [token, ttl_ms, fresh, TOKEN_TTL_MS]
+        command = self._start(keys=[self.key, self._value_key], args=args)
+        reply = await self._guard.call("acquire", command)
+        taken = int(reply[0])
+        if taken > 0:
+            self.raw = bytes(reply[1]) or None
+            self.head = bytes(reply[2])
+        return taken
+
+
+@final
+class _LoadLock:
+    """``RedisStore.load_lock``: the lease (or nothing, Redis down), entered as a
+    :class:`LoadStart` holding what ``LOAD_START`` read with it."""
+
+    __slots__ = ("_inner", "_key", "_lease", "_name", "_store")
+
+    def __init__(
+        self, store: RedisStore, key: Hashable, name: str, inner: LeaseOrNone, lease: _LoadLease
+    ) -> None:
+        self._store = store
+        self._key = key
+        self._name = name
+        self._inner = inner
+        self._lease = lease
+
+    async def __aenter__(self) -> LoadStart | None:
+        store, key, name = self._store, self._key, self._name
+        near = store._near
+        epoch = store._local_epoch
+        ticket = near.begin(name)  # before the read is sent (see ._near)
+        try:
+            if await self._inner.__aenter__() is None:
+                return None  # Redis down: the cache asks get / load_token (local memory)
+            try:
+                lease = self._lease
+                entry = None
+                if lease.raw is not None:
+                    entry = store._decode(key, lease.raw)
+                    if entry is not None:
+                        near.put(key, name, entry, ticket, lease.raw)
+                store._count_read(entry)
+                return LoadStart(entry, Token(lease.head, epoch, lease))
+            except BaseException:
+                await self._inner.__aexit__(*sys.exc_info())
+                raise
+        finally:
+            near.end(name)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return await self._inner.__aexit__(exc_type, exc, tb)
