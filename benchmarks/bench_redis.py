@@ -1,13 +1,15 @@
 """parallelkit.redis: a hot-key hit through SWRCache on RedisStore (near cache) vs on
 MemoryStore (CPU per hit, the 1.1x target); without the near cache vs a plain redis-py
-GET; and loads per cold key across OS processes vs naive cache-aside. Same Redis,
-same run, interleaved rounds.
+GET; a stale key's refresh (CPU, and the Redis commands it sends); and loads per cold
+key across OS processes vs naive cache-aside. Same Redis, same run, interleaved rounds.
 
 Run as a module with ``child ...`` arguments it is one of the worker processes.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import os
 import statistics
@@ -19,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from ._util import print_targets, table, target, unreachable
 
 TITLE = (
     "RedisStore near-cache hit vs MemoryStore hit (CPU); hit without near cache vs raw GET; "
-    "loads per 400 cross-process cold callers"
+    "a stale key's refresh (CPU, commands); loads per 400 cross-process cold callers"
 )
 
 REDIS_URL = os.environ.get(
@@ -131,6 +134,90 @@ async def _near_hit_cost(n: int, rounds: int) -> dict[str, Any]:
         }
     finally:
         await store.clear()
+        await redis.aclose()
+
+
+# ------------------------------------------------------------------ refresh cost
+async def _refresh_cost(n: int, rounds: int) -> dict[str, Any]:
+    """CPU per stale key, MemoryStore vs an entered RedisStore: the stale hit, its
+    background refresh, and reads until the refreshed value is served (16 at once).
+
+    Also the Redis commands sent, by name: what a refresh costs in round trips
+    (``EVALSHA``: the scripts) and whether its next readers read Redis again
+    (``GET``). Interleaved rounds; CPU is ``time.process_time``.
+    """
+    import parallelkit as pk
+    from parallelkit._cache.store import CacheEntry
+    from parallelkit.redis import RedisStore
+
+    redis = _client(REDIS_URL)
+    sent: collections.Counter[str] = collections.Counter()
+    send = redis.execute_command
+
+    async def counting(*args: Any, **options: Any) -> Any:
+        sent[str(args[0]).upper()] += 1
+        return await send(*args, **options)
+
+    redis.execute_command = counting
+    old = {"id": "c1", "status": "open", "owner": "ada", "tags": ["vip", "emea"]}
+    new = {**old, "status": "closed"}
+
+    async def loader(key: str) -> dict[str, Any]:
+        return new
+
+    async def one(kind: str) -> tuple[float, collections.Counter[str], int]:
+        prefix = f"pkbench:{uuid.uuid4().hex[:8]}"
+        store: Any = pk.MemoryStore(2 * n)
+        entered: Any = contextlib.nullcontext()
+        if kind == "redis":
+            store = entered = RedisStore(redis, prefix=prefix, near_maxsize=2 * n)
+        cache = pk.SWRCache(fresh=3600, stale=3600, store=store)
+        keys = [f"k{i}" for i in range(n)]
+        try:
+            async with entered, cache:
+                now = getattr(store, "clock", time.monotonic)()
+                for key in keys:  # stale entries, as after a quiet spell
+                    await store.set(key, CacheEntry(old, now - 20, now - 10, now + 3600), ttl=3600)
+                if kind == "redis":  # its own sets' messages, heard before the clock starts
+                    while store.statistics().near_invalidations < n:
+                        await anyio.sleep(0.001)
+                sent.clear()
+                start = time.process_time()
+                work = iter(keys)
+
+                async def reader() -> None:
+                    for key in work:
+                        assert await cache.get(key, loader) == old  # stale: refreshes
+                        while await cache.get(key, loader) != new:  # its next reads
+                            await anyio.lowlevel.checkpoint()
+
+                async with anyio.create_task_group() as tg:
+                    for _ in range(16):
+                        tg.start_soon(reader)
+                cpu = (time.process_time() - start) / n
+                commands = collections.Counter(sent)
+                refreshes = cache.statistics().refreshes
+        finally:
+            if kind == "redis":
+                await store.clear()
+        return cpu, commands, refreshes
+
+    try:
+        cpu: dict[str, list[float]] = {"memory": [], "redis": []}
+        commands: collections.Counter[str] = collections.Counter()
+        refreshes = 0
+        for _ in range(rounds):  # interleaved: drift hits both alike
+            for kind in cpu:
+                seconds, sent_now, refreshed = await one(kind)
+                cpu[kind].append(seconds)
+                if kind == "redis":
+                    commands, refreshes = sent_now, refreshed
+        return {
+            "cpu_us": {k: statistics.median(v) * 1e6 for k, v in cpu.items()},
+            "commands_per_key": {k: v / n for k, v in sorted(commands.items())},
+            "refreshes": refreshes,
+        }
+    finally:
         await redis.aclose()
 
 
@@ -298,6 +385,25 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
         )
     )
 
+    refresh_n, refresh_rounds = (300, 3) if quick else (1000, 7)
+    refresh = anyio.run(_refresh_cost, refresh_n, refresh_rounds, backend="asyncio")
+    per_key = refresh["commands_per_key"]
+    rcpu = refresh["cpu_us"]
+    print(
+        table(
+            [
+                f"a stale key ({refresh_n} keys): hit + refresh + reads",
+                "CPU us per key",
+                "x Memory",
+            ],
+            [
+                ["SWRCache on MemoryStore", rcpu["memory"], 1.0],
+                ["SWRCache on RedisStore (entered)", rcpu["redis"], rcpu["redis"] / rcpu["memory"]],
+            ],
+        )
+    )
+    print(f"  Redis commands per stale key: {per_key} ({refresh['refreshes']} refreshes)")
+
     processes, callers = 4, 100
     prefix = f"pkbench:{uuid.uuid4().hex[:8]}"
     try:
@@ -334,12 +440,26 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
         target("SWRCache.get hit on RedisStore / raw GET", us["get"] / us["raw"], 1.3),
         target("@cache.cached hit on RedisStore / raw GET", us["cached"] / us["raw"], 1.3),
         target(f"loads per {processes * callers} cross-process cold callers", swr["loads"], 1),
+        target(
+            "a refresh's scripts per stale key (lease + read, write + release)",
+            per_key.get("EVALSHA", 0.0),
+            2,
+        ),
+        target(
+            "GETs per stale key (its first read; again only if the refresh's own message "
+            "beat its reply; 3 before the two-script load)",
+            per_key.get("GET", 0.0),
+            1.5,
+        ),
+        target("refreshes per stale key", refresh["refreshes"] / refresh_n, 1),
+        target("refreshes per stale key", refresh["refreshes"] / refresh_n, 1, below=False),
     ]
     print_targets(targets)
     return {
         "redis_url": REDIS_URL,
         "near_hit_cost": {"n": near_n, "rounds": near_rounds, **near},
         "hit_cost": {"n": n, "rounds": rounds, **hits},
+        "refresh_cost": {"n": refresh_n, "rounds": refresh_rounds, **refresh},
         "cross_process": {
             "processes": processes,
             "callers_per_process": callers,

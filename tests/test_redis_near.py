@@ -229,9 +229,11 @@ def test_an_invalidation_of_another_key_does_not_void_a_read() -> None:
 def test_a_write_of_this_process_is_kept_unless_a_message_overtook_it() -> None:
     near = NearCache("chan", 10, 5.0)
     near.reset(listening=True)
-    near.drop("k", "'k'")  # this process writes k (a load's conditional set)...
-    read = near.begin("'k'")  # ...a read of k is sent meanwhile (it may see the old bytes)
-    ticket = near.begin("'k'")
+    near.put("k", "'k'", entry("old"), near.begin("'k'"), b"old")  # k, read before
+    near.end("'k'")
+    read = near.begin("'k'")  # a read of k is sent (it may see the old bytes)...
+    ticket = near.begin("'k'")  # ...and this process writes k (a load's conditional set)
+    assert near.entries["k"].value == "old"  # the old entry serves while the write is out
     near.wrote("k", "'k'", entry("new"), ticket, b"new")  # the write's reply: kept
     near.end("'k'")
     near.put("k", "'k'", entry("old"), read, b"old")  # the read's answer: not kept over it

@@ -584,8 +584,7 @@ class RedisStore:
             self.degraded += 1
             return await self._set_locally(key, entry, ttl, token)
         data = self._encode(key, entry, token.head[1:GENERATION])
-        near = self._near
-        near.drop(key, name)
+        near = self._near  # its entry still serves while the write is out (see wrote)
         ms = max(1, round(ttl * 1000))
         args: list[Arg] = [token.head, data, ms, self._channel, invalidation(name)]
         lease = token.lease
@@ -604,6 +603,7 @@ class RedisStore:
             if stored:
                 near.wrote(key, name, entry, ticket, data)  # its readers need no GET
         except Down as down:
+            near.drop(key, name)  # written or not: the entry may be outdated
             self._degrade(down)
             return await self._set_locally(key, entry, ttl, token)
         finally:
