@@ -304,7 +304,10 @@ async def measure(engine: AsyncEngine, sizes: Sizes) -> dict[str, dict[str, dict
         slow.add(("across requests", UNBATCHED))
     for round_ in range(repeat):  # interleaved rounds: noise hits everyone alike
         for section, runs in sections.items():
-            for name, fn in runs.items():
+            # every other round in reverse: no contender always runs first after the
+            # previous section (a pool or a server still busy with its work)
+            contenders = list(runs.items())
+            for name, fn in contenders[:: -1 if round_ % 2 else 1]:
                 if (section, name) in slow and round_ >= max(1, repeat // 5):
                     continue
                 started = time.perf_counter()
@@ -423,8 +426,9 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
     print(
         f"per request: {sizes.requests} requests one after another; one request: "
         f"{sizes.n} conversations; across requests: {sizes.n} concurrent requests; session "
-        f"guard: {sizes.reads} one-row reads. Median of {sizes.repeat} interleaved rounds after "
-        "a warm-up (the naive reference"
+        f"guard: {sizes.reads} one-row reads. Median of {sizes.repeat} interleaved rounds (each "
+        "section's contenders in reverse order every other round) after a warm-up (the naive "
+        "reference"
         + ("" if sizes.unbatched_every_round else " and the unbatched one")
         + ": the first fifth of them)"
         + (
