@@ -25,7 +25,7 @@ from ._outage import Down, Guard
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["Lease", "LeaseOrNone", "LeaseScripts", "Renewals", "keep_renewed"]
+__all__ = ["Lease", "LeaseScripts", "Renewals", "keep_renewed"]
 
 # KEYS[1] the lease, KEYS[2] (optional) the fencing counter; ARGV[1] token, ARGV[2]
 # ttl (ms). Returns the new fencing token (or 1) when acquired, else minus the
@@ -132,7 +132,9 @@ class Lease:
         "_on_wait",
         "_owner",
         "_poll",
+        "_renewals",
         "_scripts",
+        "_shared",
         "_timeout",
         "_token",
         "_ttl",
@@ -152,6 +154,7 @@ class Lease:
         poll: float,
         cancel_on_loss: bool,
         on_wait: Callable[[], None] | None = None,
+        renewals: Renewals | None = None,
     ) -> None:
         self._scripts = scripts
         self._guard = guard
@@ -168,6 +171,10 @@ class Lease:
         self._fence: int | None = None
         self._owner = OwnedTaskGroup(f"RedisLock {name!r}")
         self._lost = False
+        # while ``renewals`` runs (its owner is entered) it renews this lease: no task
+        # of its own (a lease that must cancel its body when lost keeps its own task)
+        self._renewals = None if cancel_on_loss else renewals
+        self._shared = False
 
     # -- introspection -----------------------------------------------------------
     @property
@@ -284,13 +291,18 @@ class Lease:
                 pass
 
     async def __aenter__(self) -> Self:
-        if self._owner.entered:
+        if self._owner.entered or self._shared:
             msg = (
                 f"RedisLock {self._name!r} is already held by this object; it is not "
                 "re-entrant: create one RedisLock per concurrent holder"
             )
             raise RuntimeError(msg)
         await self._acquire()
+        renewals = self._renewals
+        if renewals is not None and renewals.active:
+            renewals.add(self)
+            self._shared = True
+            return self
         try:
             tg = await self._owner.enter()
             tg.start_soon(self._renew_forever, name=f"{self!r} renewal")
@@ -305,6 +317,12 @@ class Lease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
+        if self._shared:
+            assert self._renewals is not None
+            self._shared = False
+            self._renewals.discard(self)
+            await self._release()
+            return False
         try:
             return bool(await self._owner.exit(exc_type, exc, tb, cancel=True))
         except BaseExceptionGroup as group:
@@ -397,41 +415,3 @@ class Renewals:
             else:
                 lease.lost()
                 self.discard(lease)
-
-
-@final
-class LeaseOrNone:
-    """``async with``: hold ``lease``, or, when Redis is down, nothing (``on_down`` decides).
-
-    ``RedisStore.load_lock``: a load runs under the key's lease; during an outage
-    it runs at once without one (single flight is then per process), unless
-    ``on_down`` raises (``strict=True``).
-    """
-
-    __slots__ = ("_held", "_lease", "_on_down")
-
-    def __init__(self, lease: Lease, on_down: Callable[[Down], None]) -> None:
-        self._lease = lease
-        self._on_down = on_down
-        self._held = False
-
-    async def __aenter__(self) -> Lease | None:
-        """The lease once held; ``None`` when Redis is down and it runs without one."""
-        try:
-            lease = await self._lease.__aenter__()
-        except Down as down:
-            self._on_down(down)
-            return None
-        self._held = True
-        return lease
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        if not self._held:
-            return False
-        self._held = False
-        return await self._lease.__aexit__(exc_type, exc, tb)

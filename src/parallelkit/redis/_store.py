@@ -20,7 +20,7 @@ from .._cache.store import CacheEntry, LoadStart, MemoryStore
 from .._core.check import count, count_or_none, flag, number, number_at_least, number_or_none, text
 from .._core.owned import OwnedTaskGroup
 from ._common import SerializationError, validate_client
-from ._lease import Lease, LeaseOrNone, LeaseScripts, Renewals
+from ._lease import Lease, LeaseScripts, Renewals
 from ._near import CLEAR, NearCache, Ticket, invalidation
 from ._outage import Down, Guard
 from ._scripts import (
@@ -527,7 +527,6 @@ class RedisStore:
         lease = _LoadLease(
             self._load_start_script,
             self._value_prefix + name,
-            self._renewals,
             self._lease_scripts,
             self._guard,
             name,
@@ -539,8 +538,9 @@ class RedisStore:
             poll=self._poll,
             cancel_on_loss=False,
             on_wait=self._waiting,
+            renewals=self._renewals,
         )
-        return _LoadLock(self, key, name, LeaseOrNone(lease, self._degrade), lease)
+        return _LoadLock(self, key, name, lease)
 
     def _waiting(self) -> None:
         self._lease_waits += 1
@@ -645,40 +645,14 @@ class _LoadLease(Lease):
     """The lease of one load, taken by ``LOAD_START``: the same script reads the
     entry (``raw``) and its version + generation (``head``)."""
 
-    __slots__ = ("_renewals", "_shared", "_start", "_value_key", "head", "raw")
+    __slots__ = ("_start", "_value_key", "head", "raw")
 
-    def __init__(
-        self, start: Any, value_key: str, renewals: Renewals, *args: Any, **kwargs: Any
-    ) -> None:
+    def __init__(self, start: Any, value_key: str, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._start = start
         self._value_key = value_key
-        self._renewals = renewals
-        self._shared = False
         self.head = b""
         self.raw: bytes | None = None
-
-    async def __aenter__(self) -> Self:
-        renewals = self._renewals
-        if not renewals.active:  # the store is not entered: a renewal task of its own
-            return await super().__aenter__()
-        await self._acquire()
-        renewals.add(self)  # renewed by the store's one renewal task
-        self._shared = True
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        if not self._shared:
-            return await super().__aexit__(exc_type, exc, tb)
-        self._shared = False
-        self._renewals.discard(self)
-        await self._release()
-        return False
 
     async def _try(self, token: str, ttl_ms: int) -> int:
         fresh = placeholder(uuid.uuid4().bytes)
@@ -694,30 +668,33 @@ class _LoadLease(Lease):
 
 @final
 class _LoadLock:
-    """``RedisStore.load_lock``: the lease (or nothing, Redis down), entered as a
-    :class:`LoadStart` holding what ``LOAD_START`` read with it."""
+    """``RedisStore.load_lock``: the key's lease, entered as a :class:`LoadStart`
+    holding what ``LOAD_START`` read with it; when Redis is down, no lease and
+    ``None`` (the load runs at once: single flight is then per process, unless
+    the store is ``strict``, whose degrade raises)."""
 
-    __slots__ = ("_inner", "_key", "_lease", "_name", "_store")
+    __slots__ = ("_held", "_key", "_lease", "_name", "_store")
 
-    def __init__(
-        self, store: RedisStore, key: Hashable, name: str, inner: LeaseOrNone, lease: _LoadLease
-    ) -> None:
+    def __init__(self, store: RedisStore, key: Hashable, name: str, lease: _LoadLease) -> None:
         self._store = store
         self._key = key
         self._name = name
-        self._inner = inner
         self._lease = lease
+        self._held = False
 
     async def __aenter__(self) -> LoadStart | None:
-        store, key, name = self._store, self._key, self._name
+        store, key, name, lease = self._store, self._key, self._name, self._lease
         near = store._near
         epoch = store._local_epoch
         ticket = near.begin(name)  # before the read is sent (see ._near)
         try:
-            if await self._inner.__aenter__() is None:
-                return None  # Redis down: the cache asks get / load_token (local memory)
             try:
-                lease = self._lease
+                await lease.__aenter__()
+            except Down as down:
+                store._degrade(down)
+                return None  # the cache asks get / load_token (local memory)
+            self._held = True
+            try:
                 entry = None
                 if lease.raw is not None:
                     entry = store._decode(key, lease.raw)
@@ -726,7 +703,7 @@ class _LoadLock:
                 store._count_read(entry)
                 return LoadStart(entry, Token(lease.head, epoch, lease))
             except BaseException:
-                await self._inner.__aexit__(*sys.exc_info())
+                await self.__aexit__(*sys.exc_info())
                 raise
         finally:
             near.end(name)
@@ -737,4 +714,7 @@ class _LoadLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        return await self._inner.__aexit__(exc_type, exc, tb)
+        if not self._held:
+            return False
+        self._held = False
+        return await self._lease.__aexit__(exc_type, exc, tb)
