@@ -618,6 +618,96 @@ async def test_the_caller_leaving_a_fork_frees_its_slot_for_later_steps() -> Non
     assert (result["x"], result["z1"], result["z2"]) == (1, "z1:2", "z2:2")
 
 
+def count_parks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the pool's parked waits (a worker waiting for work to be released)."""
+    from parallelkit._fanout.pool import Pool
+
+    parks = [0]
+    park = Pool.park
+
+    async def counted(self: Pool) -> None:
+        parks[0] += 1
+        await park(self)
+
+    monkeypatch.setattr(Pool, "park", counted)
+    return parks
+
+
+async def test_a_worker_with_nothing_left_to_start_exits_instead_of_parking(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The payment's shape: the helper's ``notify`` ends while the caller's ``record``
+    still runs. No step is left to start, so the helper exits (no event, no wake-up)."""
+    parks = count_parks(monkeypatch)
+    flow = pk.Flow()
+    notified = anyio.Event()
+
+    @flow.step
+    async def charge() -> str:
+        await anyio.lowlevel.checkpoint()
+        return "ch_1"
+
+    @flow.step
+    async def record(charge: str) -> str:  # the caller's branch: ends last
+        await notified.wait()
+        return f"paid:{charge}"
+
+    @flow.step
+    async def notify(charge: str) -> None:  # the helper's branch
+        await anyio.lowlevel.checkpoint()
+        notified.set()
+
+    with anyio.fail_after(GUARD):
+        result = await flow.run()
+    assert result["record"] == "paid:ch_1"
+    assert parks == [0]
+
+
+async def test_a_worker_parks_while_a_step_is_left_to_start_and_takes_it_when_released(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The helper's ``b`` ends while the caller's ``a`` runs and ``c1``/``c2`` (after
+    ``a``) are still to start: the helper parks, and is woken to run one of them beside
+    the caller (each waits for the other to start)."""
+    parks = count_parks(monkeypatch)
+    flow = pk.Flow()
+    b_done = anyio.Event()
+    c1_started, c2_started = anyio.Event(), anyio.Event()
+
+    @flow.step
+    async def root() -> int:
+        await anyio.lowlevel.checkpoint()
+        return 1
+
+    @flow.step
+    async def a(root: int) -> int:  # the caller's
+        await b_done.wait()
+        await anyio.lowlevel.checkpoint()  # the helper parks meanwhile
+        return root
+
+    @flow.step
+    async def b(root: int) -> None:  # the helper's
+        await anyio.lowlevel.checkpoint()
+        b_done.set()
+
+    @flow.step
+    async def c1(a: int) -> str:
+        c1_started.set()
+        await c2_started.wait()
+        return "c1"
+
+    @flow.step
+    async def c2(a: int) -> str:
+        c2_started.set()
+        await c1_started.wait()
+        return "c2"
+
+    with anyio.fail_after(GUARD):
+        result = await flow.run(limit=2)
+    assert (result["c1"], result["c2"]) == ("c1", "c2")
+    assert parks == [1]
+
+
 async def test_a_failure_in_the_calling_task_is_raised_unchanged_or_settled() -> None:
     flow = pk.Flow()
     boom = ValueError("card declined")

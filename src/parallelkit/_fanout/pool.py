@@ -98,7 +98,7 @@ class Pool:
         self._max = max_workers
         self._refill = refill
         self._tg: Any = None
-        self._idle: deque[anyio.Event] = deque()
+        self._idle: deque[anyio.Event] | None = None  # made by the first park
         self._waking = False
         self.error: BaseException | None = None
         """The first failure (fail-fast), once there is one."""
@@ -106,7 +106,7 @@ class Pool:
         """How many workers were started so far."""
 
     def __repr__(self) -> str:
-        return f"<Pool workers={self.workers}/{self._max} idle={len(self._idle)}>"
+        return f"<Pool workers={self.workers}/{self._max} idle={len(self._idle or ())}>"
 
     async def run(self, start: Callable[[], None]) -> None:
         """Open the task group, call ``start`` (:meth:`fill` or :meth:`kick`), wait
@@ -166,9 +166,10 @@ class Pool:
         """More work may be waiting: wake an idle worker or start one (see module docs)."""
         if self._waking or self._tg is None:  # one is on its way, or the pool is done
             return
-        if self._idle:
+        idle = self._idle
+        if idle:
             self._waking = True
-            self._idle.popleft().set()
+            idle.popleft().set()
         elif self._max is None or self.workers < self._max:
             self._waking = True
             self.workers += 1
@@ -177,14 +178,18 @@ class Pool:
     async def park(self) -> None:
         """Wait (in ``refill``) until :meth:`kick` or :meth:`release` wakes this worker."""
         event = anyio.Event()
-        self._idle.append(event)
+        idle = self._idle
+        if idle is None:
+            idle = self._idle = deque()
+        idle.append(event)
         await event.wait()
         self._waking = False
 
     def release(self) -> None:
         """Wake every idle worker (the source is done: they will find nothing and exit)."""
-        while self._idle:
-            self._idle.popleft().set()
+        idle = self._idle
+        while idle:
+            idle.popleft().set()
 
     def fail(self, exc: BaseException) -> None:
         """Fail-fast: the first failure wins and cancels the pool."""

@@ -70,9 +70,7 @@ Three objects, used in this order::
       ``kind="stop"``, which ``Timeline.critical_path()`` leaves out by default).
       Nodes cancelled by fail-fast or by the caller get ``status="cancelled"``. A
       run without ``limit`` has no slot to wait for: its spans have ``queued ==
-      start``.
-    - ``run.ready_order``: names in the order their ``run_node`` returned (use
-      ``reversed(run.ready_order)`` for teardown).
+      start``. Spans are recorded in the order the nodes finished.
 """
 
 from __future__ import annotations

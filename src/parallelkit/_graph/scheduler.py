@@ -20,15 +20,17 @@ from .._core.outcome import Outcome
 from .._fanout.options import split_limit
 from .._fanout.pool import Pool, Unit
 from .graph import Plan, RunNode
-from .timeline import Span, Timeline
+from .timeline import Timeline
 
 __all__ = ["Run"]
 
-_PENDING, _DONE, _SKIPPED = 0, 1, 2  # node states
+# A node's entry in ``Run._pending``: >= 0 while it has not finished (how many of its
+# dependencies have not), then one of these.
+_DONE, _SKIPPED = -1, -2
 
 
 @final
-class Run:
+class Run(Iterator[Unit]):
     """One execution of a :class:`Plan`: the scheduler and all per-run state.
 
     See the module docstring for the arguments. After :meth:`execute`,
@@ -51,7 +53,6 @@ class Run:
         "_errors",
         "_inputs",
         "_kind",
-        "_limited",
         "_limiter",
         "_max_workers",
         "_pending",
@@ -62,11 +63,10 @@ class Run:
         "_remaining",
         "_run_node",
         "_settle",
-        "_state",
         "_timeline",
         "_values",
+        "_waiting",
         "failed",
-        "ready_order",
     )
 
     def __init__(
@@ -87,21 +87,20 @@ class Run:
         self._timeline = timeline
         self._kind = kind if kind is not None else plan.kind
         workers, self._limiter = split_limit(limit)
-        self._limited = limit is not None
         count = len(plan.names)
         self._max_workers = count if workers is None else min(workers, count)
         self._values: list[Any] = [None] * count
-        self._state = [_PENDING] * count
         self._pending = list(plan.pending)
-        self._queued = [0.0] * count
+        # when each node became ready: only a limited run has a wait for a slot to show
+        self._queued: list[float] | None = [0.0] * count if limit is not None else None
         self._remaining = count
+        self._waiting = count  # neither started nor skipped: work that may still come
         self._ready: deque[int] = deque()
         # settle mode only: the failed and skipped nodes
         self._errors: dict[int, BaseException] = {} if settle else _NO_ERRORS
         self._pool: Pool | None = None
         self._clock: Callable[[], float] = anyio.current_time
         self.failed: str | None = None
-        self.ready_order: list[str] = []
 
     def __repr__(self) -> str:
         done = len(self._plan.names) - self._remaining
@@ -113,21 +112,23 @@ class Run:
         if not plan.names:
             return
         self._clock = clock = backend.clock()
-        now = clock()
+        now, queued = clock(), self._queued
         for index, pending in enumerate(plan.pending):
             if not pending:
-                self._queued[index] = now
+                if queued is not None:
+                    queued[index] = now
                 self._ready.append(index)
         ready = self._ready
         # While one node at a time is ready (a chain, or the head of a graph), run it
         # here, in the caller's task, as a hand-written ``await`` would: no task group,
         # no task. Fail-fast: its exception propagates from here, unchanged.
         while len(ready) == 1:
+            self._waiting -= 1
             await self._node(ready.popleft())
         if not self._remaining:
             return
         # Two or more ready: the pool, with the caller as its first worker.
-        pool = Pool(self._node, _Ready(self), _DISCARD, max_workers=self._max_workers,
+        pool = Pool(self._node, self, _DISCARD, max_workers=self._max_workers,
                     refill=self._refill)  # fmt: skip
         self._pool = pool
         try:
@@ -144,25 +145,25 @@ class Run:
                 name: Outcome(None, errors[i]) if i in errors else Outcome(values[i], None)
                 for i, name in enumerate(names)
             }
-        state = self._state
-        return {names[i]: values[i] for i in range(len(names)) if state[i] == _DONE}
+        pending = self._pending
+        return {names[i]: values[i] for i in range(len(names)) if pending[i] == _DONE}
 
     # -- the pool's source and unit --------------------------------------------------
     def _leave(self) -> None:
         """The caller found no ready node: it leaves the pool (the task group waits for
-        the others). A node still runs somewhere unless the run is complete: then the
+        the others). A node still runs somewhere unless none is left to start: then the
         idle workers are let go."""
-        if not self._remaining:
+        if not self._waiting:
             assert self._pool is not None
             self._pool.release()
 
     async def _refill(self) -> bool:
-        """The ready queue is empty: wait for a kick, or leave when the run is complete."""
-        if not self._remaining:
-            assert self._pool is not None
+        """The ready queue is empty: wait for a kick, or leave when no node is left to
+        start (the last ones may still be running: nothing can become ready after them)."""
+        assert self._pool is not None
+        if not self._waiting:
             self._pool.release()  # let every idle worker go
             return False
-        assert self._pool is not None
         await self._pool.park()
         return True
 
@@ -174,8 +175,8 @@ class Run:
         kwargs = {param: values[dep] for param, dep in plan.dep_args[item]}
         for param in plan.input_args[item]:
             kwargs[param] = self._inputs[param]
-        run_node = self._run_node
-        queued = self._queued[item]
+        run_node, queued_at = self._run_node, self._queued
+        queued = 0.0 if queued_at is None else queued_at[item]
         start = None
         try:
             if limiter is not None:
@@ -187,90 +188,90 @@ class Run:
                         value = await run_node(node, kwargs)
             else:
                 start = clock()
-                if not self._limited:
+                if queued_at is None:
                     queued = start  # no limit: no slot to wait for
                 if run_node is None:
-                    value = await node.call(**kwargs)  # type: ignore[misc]
+                    # the step's frame holds its arguments: this one need not, while it runs
+                    call = node.call(**kwargs)  # type: ignore[misc]
+                    del kwargs
+                    value = await call
                 else:
                     value = await run_node(node, kwargs)
         except Exception as exc:
             end = clock()
             if timeline is not None:
-                timeline._add(
-                    Span(node.name, queued, start or end, end, "error",
-                         plan.waited_for[item], self._kind)
-                )  # fmt: skip
+                timeline._record(
+                    node.name, queued, start or end, end, "error", plan.waited_for[item], self._kind
+                )
             self._remaining -= 1
             if not self._settle:
                 pool = self._pool
                 if pool is None or pool.error is None:  # the first failure (inline: the only)
                     self.failed = node.name
                 raise
-            self._state[item] = _DONE
+            self._pending[item] = _DONE
             self._errors[item] = exc
             self._skip_downstream(item, end)
         except BaseException:
             if timeline is not None:
                 end = clock()
-                timeline._add(
-                    Span(node.name, queued, start or end, end, "cancelled",
-                         plan.waited_for[item], self._kind)
+                timeline._record(
+                    node.name, queued, start or end, end, "cancelled", plan.waited_for[item],
+                    self._kind,
                 )  # fmt: skip
             raise
         else:
             end = clock()
-            state, pending, ready = self._state, self._pending, self._ready
-            state[item] = _DONE
+            pending, ready = self._pending, self._ready
+            pending[item] = _DONE
             values[item] = value
-            self.ready_order.append(node.name)
             if timeline is not None:
-                timeline._add(
-                    Span(node.name, queued, start, end, "ok", plan.waited_for[item], self._kind)
+                timeline._record(
+                    node.name, queued, start, end, "ok", plan.waited_for[item], self._kind
                 )
             self._remaining -= 1
             for dep in plan.dependents[item]:  # release the dependents
                 left = pending[dep] - 1
+                if left < 0:  # skipped (settle mode): it stays so
+                    continue
                 pending[dep] = left
-                if not left and state[dep] == _PENDING:
-                    self._queued[dep] = end
+                if not left:
+                    if queued_at is not None:
+                        queued_at[dep] = end
                     ready.append(dep)
 
     def _skip_downstream(self, failed: int, now: float) -> None:
         """Settle mode: mark everything downstream of ``failed`` as not run."""
-        plan, state = self._plan, self._state
+        plan, pending = self._plan, self._pending
         names, timeline = plan.names, self._timeline
         stack = [failed]
         while stack:
             cause = stack.pop()
             for dep in plan.dependents[cause]:
-                if state[dep] != _PENDING:
+                if pending[dep] < 0:  # already skipped
                     continue
-                state[dep] = _SKIPPED
+                pending[dep] = _SKIPPED
+                self._waiting -= 1
                 self._errors[dep] = DependencyFailed(names[dep], names[cause])
                 self._remaining -= 1
                 if timeline is not None:
-                    timeline._add(
-                        Span(names[dep], now, now, now, "skipped", plan.waited_for[dep], self._kind)
+                    timeline._record(
+                        names[dep], now, now, now, "skipped", plan.waited_for[dep], self._kind
                     )
                 stack.append(dep)
 
-
-class _Ready(Iterator[Unit]):
-    """The run's ready queue as the pool's source: ``(node, node)`` units."""
-
-    __slots__ = ("_pool", "_ready", "_run")
-
-    def __init__(self, run: Run) -> None:
-        self._run = run
-        self._ready = run._ready
+    # -- the ready queue as the pool's source: ``(node, node)`` units ------------------
+    def __iter__(self) -> Iterator[Unit]:
+        return self
 
     def __next__(self) -> Unit:
         ready = self._ready
         if not ready:
             raise StopIteration
         item = ready.popleft()
+        self._waiting -= 1
         if ready:  # more waiting: one helper more (it kicks the next)
-            pool = self._run._pool
+            pool = self._pool
             assert pool is not None
             pool.kick()
         return item, item

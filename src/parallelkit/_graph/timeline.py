@@ -84,12 +84,15 @@ class Timeline:
         ```
     """
 
-    __slots__ = ("_on_add", "_origin", "_spans", "name")
+    __slots__ = ("_on_add", "_origin", "_raw", "_spans", "name")
 
     def __init__(
         self, spans: Iterable[Span] = (), *, origin: float | None = None, name: str | None = None
     ) -> None:
         self._spans: list[Span] = list(spans)
+        # recorded by the graph engine, not yet read: 7 fields per span, flat (no
+        # object per span until the timeline is read)
+        self._raw: list[Any] = []
         self._origin = origin
         self.name = name
         self._on_add: Callable[[Span], object] | None = None
@@ -97,47 +100,73 @@ class Timeline:
 
     # -- recording (used by the graph engine and the orchestrator) --------------
     def _add(self, span: Span) -> None:
-        self._spans.append(span)
+        self._done.append(span)
         if self._on_add is not None:
             self._on_add(span)
+
+    def _record(
+        self,
+        name: str,
+        queued: float,
+        start: float,
+        end: float,
+        status: SpanStatus,
+        waited_for: tuple[str, ...],
+        kind: str,
+    ) -> None:
+        """Record a span; the :class:`Span` is built when the timeline is read (a
+        flow run per request whose timeline nobody reads builds none)."""
+        if self._on_add is None:
+            self._raw += (name, queued, start, end, status, waited_for, kind)
+        else:
+            self._add(Span(name, queued, start, end, status, waited_for, kind))
+
+    @property
+    def _done(self) -> list[Span]:
+        """Every span recorded so far, in order."""
+        raw = self._raw
+        if raw:
+            self._spans.extend([Span(*raw[i : i + 7]) for i in range(0, len(raw), 7)])
+            raw.clear()
+        return self._spans
 
     # -- reading -------------------------------------------------------------------
     @property
     def spans(self) -> tuple[Span, ...]:
         """All spans, in the order they were recorded (the order they finished)."""
-        return tuple(self._spans)
+        return tuple(self._done)
 
     @property
     def origin(self) -> float:
         """The clock reading at the start of the run (seconds, anyio's clock)."""
         if self._origin is not None:
             return self._origin
-        return min((s.queued for s in self._spans), default=0.0)
+        return min((s.queued for s in self._done), default=0.0)
 
     @property
     def total(self) -> float:
         """Seconds from the start of the run to the end of its last span (the makespan)."""
-        if not self._spans:
+        if not self._done:
             return 0.0
-        return max(s.end for s in self._spans) - self.origin
+        return max(s.end for s in self._done) - self.origin
 
     def __len__(self) -> int:
-        return len(self._spans)
+        return len(self._done)
 
     def __iter__(self) -> Iterator[Span]:
-        return iter(tuple(self._spans))
+        return iter(tuple(self._done))
 
     def __getitem__(self, name: str) -> Span:
         """The latest span recorded for ``name``; ``KeyError`` if there is none."""
-        for span in reversed(self._spans):
+        for span in reversed(self._done):
             if span.name == name:
                 return span
-        msg = f"no span named {name!r}; spans: {sorted({s.name for s in self._spans})}"
+        msg = f"no span named {name!r}; spans: {sorted({s.name for s in self._done})}"
         raise KeyError(msg)
 
     def __repr__(self) -> str:
         title = f"{self.name!r}, " if self.name else ""
-        return f"<Timeline {title}{len(self._spans)} spans, total={self.total * 1000:.1f} ms>"
+        return f"<Timeline {title}{len(self._done)} spans, total={self.total * 1000:.1f} ms>"
 
     def critical_path(self, kind: str | None = None) -> tuple[Span, ...]:
         """The dependency chain that set the makespan, first span first.
@@ -157,7 +186,7 @@ class Timeline:
                 that set the shutdown's length (default: every kind but
                 ``"stop"``, following the kind of the span that ended last).
         """
-        spans = [s for s in self._spans if s.status != "skipped"]
+        spans = [s for s in self._done if s.status != "skipped"]
         if kind is None:
             spans = [s for s in spans if s.kind != "stop"]
         else:
@@ -198,12 +227,12 @@ class Timeline:
             raise ValueError(msg)
         origin, total = self.origin, self.total
         title = f"{self.name} " if self.name else ""
-        lines = [f"{title}total {total * 1000:.1f} ms, {len(self._spans)} spans"]
-        if not self._spans:
+        lines = [f"{title}total {total * 1000:.1f} ms, {len(self._done)} spans"]
+        if not self._done:
             return lines[0]
         scale = width / total if total > 0 else 0.0
-        label = max(len(_label(s)) for s in self._spans)
-        for span in sorted(self._spans, key=lambda s: (s.start, s.end)):
+        label = max(len(_label(s)) for s in self._done)
+        for span in sorted(self._done, key=lambda s: (s.start, s.end)):
             q = round((span.queued - origin) * scale)
             a = round((span.start - origin) * scale)
             b = max(round((span.end - origin) * scale), a + (span.status != "skipped"))
@@ -234,7 +263,7 @@ class Timeline:
             "    axisFormat %S.%L",
         ]
         section = None
-        for index, span in enumerate(sorted(self._spans, key=lambda s: (s.kind, s.start))):
+        for index, span in enumerate(sorted(self._done, key=lambda s: (s.kind, s.start))):
             if span.kind != section:
                 section = span.kind
                 lines.append(f"    section {_mermaid_text(section)}")
@@ -268,7 +297,7 @@ class Timeline:
                     "end": s.end - origin,
                     "waited_for": list(s.waited_for),
                 }
-                for s in self._spans
+                for s in self._done
             ],
         }
 
