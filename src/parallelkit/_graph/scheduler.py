@@ -45,7 +45,9 @@ class Run(Iterator[Unit]):
     steps that do suspend still all get started. The pool never has more workers
     than ``limit`` (and than nodes). While only one node is ready (a chain, the head
     of a graph), it is awaited in the caller's task with no pool at all; from the
-    first fork on, the caller is the pool's first worker.
+    first fork on, the caller is the pool's first worker. A worker that finds the
+    queue empty parks until a kick only while some node is still to start; when none
+    is (the last steps are running), it exits: no event, no wake-up.
     """
 
     __slots__ = (
