@@ -304,6 +304,46 @@ async def test_fail_fast_stops_pulling_new_items() -> None:
     assert len(pulled) < 10
 
 
+@pytest.mark.parametrize("fan_out", ["map", "gather", "imap"])
+async def test_fail_fast_starts_no_item_after_the_first_failure(fan_out: str) -> None:
+    # Items 0 and 1 wake in the same tick; 0 fails. The worker of 1 finishes its item
+    # (cancellation reaches it only at its next await): it must not go on to items 2-9,
+    # which never await (a cache hit), so nothing would ever stop them.
+    events: list[object] = []
+    gate = anyio.Event()
+
+    async def fn(i: int) -> int:
+        events.append(i)
+        if i < 2:
+            await gate.wait()
+            if i == 0:
+                events.append("failed")
+                raise KeyError(i)
+        return i
+
+    async def open_gate() -> None:
+        while len(events) < 2:
+            await anyio.lowlevel.checkpoint()
+        gate.set()
+
+    async def run() -> None:
+        if fan_out == "map":
+            await pk.map(fn, range(10), limit=2)
+        elif fan_out == "gather":
+            await pk.gather(*(fn(i) for i in range(10)), limit=2)
+        else:
+            async with pk.imap(fn, range(10), limit=2) as results:
+                async for _ in results:
+                    pass
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(open_gate)
+        with pytest.raises(KeyError):
+            await run()
+    assert "failed" in events
+    assert events[events.index("failed") + 1 :] == []  # nothing started after it
+
+
 async def test_gather_closes_coroutines_that_never_started() -> None:
     started = []
 

@@ -410,6 +410,13 @@ async def test_bad_run_options() -> None:
     with pytest.raises(pk.DefinitionError, match="unknown target 'nope'"):
         await flow.run(payment_id="p", targets=["nope"])
 
+    async def refund(charge: str) -> None: ...  # a function, not a step of this flow
+
+    with pytest.raises(pk.DefinitionError, match=r"targets: .*refund.* is not a step"):
+        await flow.run(payment_id="p", targets=refund)
+    with pytest.raises(TypeError, match="targets must be step names or step functions, got 42"):
+        await flow.run(payment_id="p", targets=["record", 42])  # type: ignore[list-item]
+
 
 NAN, INF = float("nan"), float("inf")
 
@@ -518,13 +525,16 @@ async def test_fail_fast_raises_the_original_and_cancels_the_rest() -> None:
     cleaned: list[str] = []
     started: list[str] = []
 
+    audit_started = anyio.Event()
+
     @flow.step
     async def charge() -> None:
-        await anyio.lowlevel.checkpoint()
+        await audit_started.wait()  # fails while slow_audit runs
         raise boom
 
     @flow.step
     async def slow_audit() -> None:
+        audit_started.set()
         try:
             await anyio.sleep_forever()
         finally:
@@ -539,6 +549,43 @@ async def test_fail_fast_raises_the_original_and_cancels_the_rest() -> None:
     assert info.value is boom  # the same object, not an ExceptionGroup
     assert cleaned == ["slow_audit"]  # cancelled and finished before run() raised
     assert started == []
+
+
+async def test_fail_fast_starts_no_step_after_the_first_failure() -> None:
+    # charge and reserve wake in the same tick; charge fails. reserve ends (cancellation
+    # reaches it only at its next await) and releases ship: ship must not start.
+    flow = pk.Flow()
+    events: list[str] = []
+    gate = anyio.Event()
+
+    @flow.step
+    async def charge() -> str:
+        events.append("charge")
+        await gate.wait()
+        events.append("charge failed")
+        raise ConnectionError("card declined")
+
+    @flow.step
+    async def reserve() -> str:
+        events.append("reserve")
+        await gate.wait()
+        return "r1"
+
+    @flow.step
+    async def ship(reserve: str) -> None:
+        events.append("ship")  # a side effect: the parcel leaves
+
+    async def open_gate() -> None:
+        while len(events) < 2:
+            await anyio.lowlevel.checkpoint()
+        gate.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(open_gate)
+        with anyio.fail_after(GUARD), pytest.raises(ConnectionError):
+            await flow.run()
+    assert "charge failed" in events
+    assert "ship" not in events[events.index("charge failed") :]
 
 
 async def test_the_calling_task_is_the_first_worker() -> None:

@@ -114,6 +114,9 @@ def test_to_text_is_a_compact_gantt() -> None:
     assert lines[-1] == "critical path: charge → notify"
     with pytest.raises(ValueError, match="width"):
         sample().to_text(width=3)
+    for wrong in ("40", 40.0, True):
+        with pytest.raises(TypeError, match="width must be an int"):
+            sample().to_text(width=wrong)  # type: ignore[arg-type]
     assert pk.Timeline().to_text() == "total 0.0 ms, 0 spans"
 
 
@@ -147,3 +150,26 @@ def test_span_is_frozen() -> None:
     span = Span("a", 0, 0, 1)
     with pytest.raises(AttributeError):
         span.name = "b"  # type: ignore[misc]
+
+
+def test_a_step_that_fails_from_clock_reading_zero_keeps_its_start() -> None:
+    # trio's MockClock starts at 0.0: a span started then is not "no start" (its end)
+    import anyio
+    import trio.testing
+
+    flow = pk.Flow()
+
+    @flow.step
+    async def charge() -> str:
+        await anyio.sleep(2.0)
+        raise ConnectionError("card network down")
+
+    async def main() -> pk.Timeline:
+        assert anyio.current_time() == 0.0
+        return (await flow.run(settle=True)).timeline
+
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    timeline = anyio.run(main, backend="trio", backend_options={"clock": clock})
+    span = timeline["charge"]
+    assert (span.status, span.start, span.end, span.queued) == ("error", 0.0, 2.0, 0.0)
+    assert "░" not in timeline.to_text()  # no wait for a slot: none was drawn

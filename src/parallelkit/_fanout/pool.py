@@ -205,9 +205,15 @@ class Pool:
         call, sink, units, refill = self._call, self._sink, self._units, self._refill
         self._waking = False
         try:
-            while True:
+            # Fail-fast: once a unit has failed, no worker takes another one. A worker
+            # whose unit ended in the same tick as the failure (cancellation reaches it
+            # only at its next await) stops here instead of starting one that never
+            # awaits, and a worker started just before the failure takes none.
+            while self.error is None:
                 for key, arg in units:
                     sink[key] = await call(arg)
+                    if self.error is not None:  # set while it awaited (mypy sees None)
+                        return  # type: ignore[unreachable]
                 if leave is not None:
                     self.workers -= 1
                     leave()

@@ -259,7 +259,8 @@ class Flow:
             DefinitionError: before any step starts: a parameter that is neither a
                 step nor an input (the message lists both), a missing input, an
                 unknown target.
-            TypeError: an input that no step uses, or that has a step's name.
+            TypeError: an input that no step uses, or that has a step's name; a
+                target that is neither a name nor a function.
             Exception: fail-fast: the first failing step's exception, unchanged
                 (never an ``ExceptionGroup``); the other running steps are
                 cancelled and have finished before it is raised.
@@ -301,8 +302,14 @@ class Flow:
         for target in targets:
             if isinstance(target, str):
                 names.append(target)
+            elif not callable(target):
+                msg = f"targets must be step names or step functions, got {target!r}"
+                raise TypeError(msg)
             else:
-                names.append(_step_name(self._by_fn, target))
+                try:
+                    names.append(_step_name(self._by_fn, target))
+                except KeyError as exc:  # not a step of this flow: as an unknown name is
+                    raise DefinitionError(f"targets: {exc.args[0]}") from None
         return names
 
 

@@ -203,7 +203,13 @@ class Run(Iterator[Unit]):
             end = clock()
             if timeline is not None:
                 timeline._record(
-                    node.name, queued, start or end, end, "error", plan.waited_for[item], self._kind
+                    node.name,
+                    queued,
+                    end if start is None else start,
+                    end,
+                    "error",
+                    plan.waited_for[item],
+                    self._kind,
                 )
             self._remaining -= 1
             if not self._settle:
@@ -217,10 +223,10 @@ class Run(Iterator[Unit]):
         except BaseException:
             if timeline is not None:
                 end = clock()
+                began = end if start is None else start
                 timeline._record(
-                    node.name, queued, start or end, end, "cancelled", plan.waited_for[item],
-                    self._kind,
-                )  # fmt: skip
+                    node.name, queued, began, end, "cancelled", plan.waited_for[item], self._kind
+                )
             raise
         else:
             end = clock()

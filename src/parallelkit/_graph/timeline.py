@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from typing_extensions import final
 
+from .._core.check import count
+
 __all__ = ["Span", "SpanStatus", "Timeline"]
 
 SpanStatus = Literal["ok", "error", "cancelled", "skipped"]
@@ -221,10 +223,11 @@ class Timeline:
 
         Args:
             width: characters for the bar area.
+
+        Raises:
+            TypeError: ``width`` not an int. ValueError: ``width`` below 10.
         """
-        if isinstance(width, bool) or not isinstance(width, int) or width < 10:
-            msg = f"width must be an int >= 10, got {width!r}"
-            raise ValueError(msg)
+        count("width", width, minimum=10)
         origin, total = self.origin, self.total
         title = f"{self.name} " if self.name else ""
         lines = [f"{title}total {total * 1000:.1f} ms, {len(self._done)} spans"]
