@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Hashable, Sized
 from contextlib import asynccontextmanager
@@ -215,6 +216,64 @@ async def test_cancelled_lone_leader_cancels_its_load() -> None:
     assert await cache.get("k", src) == "k@0"  # a new flight, nothing stuck
 
 
+@pytest.mark.parametrize("timeout", [False, True], ids=["cancel", "fail_after"])
+@pytest.mark.parametrize("path", ["miss", "stale"])
+async def test_cancelled_leader_finishes_the_load_for_a_follower_then_is_cancelled(
+    path: str, timeout: bool
+) -> None:
+    """Not entered: the leader's load is shielded for its follower, not its cancellation."""
+    cache, clock, src = make()
+    if path == "stale":
+        await cache.get("k", src)  # loaded; the leader's call below is a stale hit
+        clock.advance(20)
+        src.version = 1
+    src.gate = anyio.Event()
+    started = src.started + 1  # once the leader's load has started
+    leader_got: list[str] = []
+    follower_got: list[str] = []
+    outcome: list[str] = []
+    scopes: list[anyio.CancelScope] = []
+
+    async def leader() -> None:
+        try:
+            with anyio.fail_after(3600) if timeout else anyio.move_on_after(3600) as scope:
+                scopes.append(scope)
+                leader_got.append(await cache.get("k", src))  # leads the load / the refresh
+            outcome.append("cancelled" if scope.cancelled_caught else "not cancelled")
+        except TimeoutError:
+            outcome.append("timed out")
+
+    async def follower() -> None:
+        follower_got.append(await cache.get("k", src))
+
+    warns = NOT_ENTERED if path == "stale" else contextlib.nullcontext()
+    with warns:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(leader)
+            await wait_until(lambda: src.started == started and len(scopes) == 1)
+            if path == "stale":
+                clock.advance(100)  # past the stale window: the follower misses, joins
+            tg.start_soon(follower)
+            misses = cache.stats.misses
+            await wait_until(lambda: cache.stats.misses == misses + 1)
+            if timeout:
+                scopes[0].deadline = anyio.current_time()  # the leader's deadline passes
+            else:
+                scopes[0].cancel()
+            for _ in range(10):
+                await anyio.lowlevel.checkpoint()
+            assert not outcome  # the leader still finishes the load for its follower
+            src.gate.set()
+    expected = "k@1" if path == "stale" else "k@0"
+    assert follower_got == [expected]
+    assert leader_got == []  # cancelled right after the load, not handed its value
+    assert outcome == ["timed out" if timeout else "cancelled"]
+    assert src.cancelled == 0
+    assert src.calls == (2 if path == "stale" else 1)
+    assert await cache.get("k", src) == expected  # the load was cached, for everybody
+    assert src.calls == (2 if path == "stale" else 1)
+
+
 async def test_miss_error_reaches_every_waiter_and_is_not_cached() -> None:
     cache, _, src = make()
     boom = ConnectionError("db down")
@@ -290,6 +349,46 @@ async def test_default_on_error_logs_the_key(caplog: pytest.LogCaptureFixture) -
             await cache.get("the-key", src)
             await wait_until(lambda: cache.stats.refresh_errors == 1)
     assert "'the-key'" in caplog.text
+    assert len(caplog.records) == 1  # nobody else received it: logged, once
+    assert cache.stats.load_errors == 0
+
+
+@pytest.mark.parametrize("entered", [True, False])
+async def test_a_failed_refresh_that_misses_joined_is_theirs_not_logged(
+    entered: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Logged once: the misses that waited for a failing refresh receive its error."""
+    cache, clock, src = make()
+    boom = ConnectionError("database is down")
+    stale_got: list[str] = []
+    miss_got: list[Any] = []
+    await cache.get("k", src)  # k@0, counted as one miss load
+    clock.advance(20)  # stale
+    src.gate, src.fail = anyio.Event(), boom
+
+    async def stale_caller() -> None:  # starts the refresh (inline when not entered)
+        stale_got.append(await cache.get("k", src))
+
+    async def missing_callers() -> None:
+        miss_got.extend(await run_many(3, cache.get, "k", src))
+
+    warns = contextlib.nullcontext() if entered else NOT_ENTERED
+    with caplog.at_level(logging.WARNING, logger="parallelkit.cache"), warns:
+        async with entered_or_not(cache, entered), anyio.create_task_group() as tg:
+            tg.start_soon(stale_caller)
+            await wait_until(lambda: src.started == 2)  # the slow refresh is running
+            clock.advance(100)  # past the stale window: the next calls miss
+            tg.start_soon(missing_callers)
+            await wait_until(lambda: cache.stats.misses == 4)  # they joined the refresh
+            src.gate.set()
+    assert len(miss_got) == 3
+    assert all(r is boom for r in miss_got)  # each of them received the error ...
+    assert stale_got == ["k@0"]  # the stale caller was served the stale value
+    assert src.calls == 2  # one refresh, shared by the three misses
+    assert not [r for r in caplog.records if r.name == "parallelkit.cache"]  # ... once
+    assert not cache._loads.flights
+    s = cache.stats
+    assert (s.refreshes, s.refresh_errors, s.loads, s.load_errors) == (1, 0, 1, 1)
 
 
 async def test_not_entered_stale_hit_refreshes_inline_and_warns_once() -> None:
@@ -710,6 +809,73 @@ def test_decorator_refuses_a_sync_function_before_calling_it() -> None:
         with pytest.raises(TypeError, match=r"^fn must be an async function"):
             cache.cached(ignore=())(fn)  # type: ignore[arg-type]
     assert calls == 0
+
+
+@pytest.mark.parametrize("entered", [True, False])
+async def test_get_refuses_a_loader_that_is_not_callable(entered: bool) -> None:
+    cache, _, src = make()
+    async with entered_or_not(cache, entered):
+        for loader in (3, "load_row", None):
+            with pytest.raises(TypeError, match=r"^loader must be an async function"):
+                await cache.get("k", loader)  # type: ignore[arg-type]
+        assert await cache.get("k", src) == "k@0"  # nothing left behind
+    s = cache.stats
+    assert (s.misses, s.loads, s.load_errors) == (1, 1, 0)  # refused before any work
+
+
+class GatedLockStore(DictStore):
+    """Holds every load at its lock until ``gate`` is set, so callers can pile up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = anyio.Event()
+
+    @asynccontextmanager
+    async def load_lock(self, key: Hashable) -> Any:
+        await self.gate.wait()
+        yield
+
+
+@pytest.mark.parametrize("entered", [True, False])
+async def test_get_with_a_loader_returning_no_awaitable_fails_its_callers(entered: bool) -> None:
+    store = GatedLockStore()
+    cache = SWRCache(store=store)
+    calls: list[str] = []
+
+    def load_row(key: str) -> str:  # forgot `async`
+        calls.append(key)
+        return f"row {key}"
+
+    results: list[Any] = []
+
+    async def callers() -> None:
+        results.extend(await run_many(3, cache.get, "k", load_row))
+
+    async with entered_or_not(cache, entered), anyio.create_task_group() as tg:
+        tg.start_soon(callers)
+        await wait_until(lambda: cache.stats.misses == 3)  # all three on one flight
+        store.gate.set()
+    assert calls == ["k"]  # a sync callable is only found out by calling it, once
+    assert len(results) == 3
+    error = results[0]
+    assert isinstance(error, TypeError)
+    assert all(r is error for r in results)  # every caller of the flight, nobody hangs
+    assert str(error).startswith(
+        "loader must be an async function or return an awaitable, but "
+        f"{load_row.__qualname__} returned str 'row k'"
+    )
+    assert not cache._loads.flights
+    assert "k" not in store.data
+    s = cache.stats
+    assert (s.misses, s.loads, s.load_errors, s.refresh_errors) == (3, 1, 1, 0)
+
+    async def fetch(key: str) -> str:
+        return f"fetched {key}"
+
+    # a sync thunk returning an awaitable is a loader (the docs' `lambda: fetch(key)`)
+    assert await cache.get("k", lambda: fetch("k")) == "fetched k"
+    # a fresh hit calls no loader
+    assert await cache.get("k", load_row) == "fetched k"  # type: ignore[arg-type]
 
 
 def test_ignore_accepts_one_name_or_several() -> None:

@@ -56,6 +56,7 @@ V = TypeVar("V")
 Loader = Callable[[K], Awaitable[V]] | Callable[[], Awaitable[V]]
 
 _STORE = "a parallelkit.Store (async get/set/delete/clear)"
+_LOADER = "an async function loader(key) -> value, or a callable returning an awaitable"
 
 
 def _takes_no_key(loader: Callable[..., Any]) -> bool:
@@ -97,7 +98,9 @@ class SWRCache:
     (stale-if-error), is counted in :meth:`statistics`, handed to ``on_error``,
     and the next refresh of that key waits ``backoff`` seconds (doubling per
     consecutive failure, up to ``max_backoff``). A failed *miss* load raises to
-    its callers and is not cached, unless ``error_ttl`` is set. What the cache
+    its callers and is not cached, unless ``error_ttl`` is set; so does a failed
+    refresh that misses joined (the stale window ran out while it was running):
+    those callers receive the error, so it is not logged as well. What the cache
     remembers about failures is bounded by ``maxsize`` keys (least recently
     used forgotten first), like the entries.
 
@@ -124,8 +127,9 @@ class SWRCache:
         backoff: seconds before retrying a key whose refresh failed (doubles on
             each consecutive failure).
         max_backoff: the cap for that wait.
-        on_error: ``on_error(key, exc)`` for every failed refresh; default: a
-            warning on the ``parallelkit.cache`` logger with the key.
+        on_error: ``on_error(key, exc)`` for every failed refresh that no caller
+            received; default: a warning on the ``parallelkit.cache`` logger with
+            the key.
         clock: a zero-argument function returning seconds. Default: the store's
             ``clock`` if it has one, else :func:`time.monotonic`, which is what
             ``anyio.current_time()`` returns on asyncio but costs 0.05 µs instead
@@ -306,13 +310,18 @@ class SWRCache:
 
         Args:
             key: any hashable (and, for a remote store, serializable) key.
-            loader: ``async def loader(key) -> value``; a loader that takes no
-                arguments (``lambda: fetch(key)``) is called without the key.
+            loader: ``async def loader(key) -> value``, or any callable returning
+                an awaitable; a loader that takes no arguments
+                (``lambda: fetch(key)``) is called without the key.
 
         Returns:
             The cached or loaded value.
 
         Raises:
+            TypeError: ``loader`` is not callable (checked whenever the call needs
+                more than a fresh hit, before any load starts); or calling it
+                returned something that cannot be awaited (a sync function): that
+                load fails with this error, and every waiter of it receives it.
             Exception: whatever the loader raised, on a miss (each waiter of the
                 flight gets the same exception object).
         """
@@ -322,7 +331,7 @@ class SWRCache:
             front.hits += 1
             value: V = entry.value
             return value
-        call = cast("Callable[..., Awaitable[V]]", loader)
+        call = callable_("loader", loader, what=_LOADER)
         thunk: Thunk = call if _takes_no_key(call) else functools.partial(call, key)
         return cast("V", await self._loads.slow(key, thunk))
 

@@ -20,8 +20,10 @@ call that is not a fresh local hit (:mod:`parallelkit._cache.front`) comes here:
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import random
+import reprlib
 import time
 import warnings
 from collections.abc import Callable, Hashable
@@ -59,6 +61,18 @@ class _Failure(NamedTuple):
     failures: int  # consecutive failed refreshes (0: a failed miss load, kept for error_ttl)
     until: float  # no refresh before then / the error is re-raised until then
     error: Exception | None  # the failed miss load's error (error_ttl), else None
+
+
+def _not_awaitable(thunk: Thunk, result: object) -> TypeError:
+    """The error for a loader whose call returned something that cannot be awaited."""
+    fn = thunk.func if isinstance(thunk, functools.partial) else thunk
+    name = getattr(fn, "__qualname__", None) or type(fn).__name__
+    msg = (
+        f"loader must be an async function or return an awaitable, but {name} returned "
+        f"{type(result).__name__} {reprlib.repr(result)}: write it with `async def`, or run "
+        "blocking work with anyio.to_thread.run_sync"
+    )
+    return TypeError(msg)
 
 
 def log_refresh_error(key: Hashable, exc: Exception) -> None:
@@ -291,7 +305,10 @@ class Loads:
         conditional = self._conditional
         if conditional is not None and token is _ASK:
             token = await conditional.load_token(key)
-        value = await thunk()
+        pending = thunk()
+        if not inspect.isawaitable(pending):  # a sync loader: fail this flight, clearly
+            raise _not_awaitable(thunk, pending)
+        value = await pending
         if value is None and not self._cache_none:
             return value
         await self.writes.acquire(key)
@@ -315,7 +332,8 @@ class Loads:
             if flight.ok and flight.valid:
                 self._failed.pop(key, None)
             return
-        if not flight.refresh:
+        if not flight.refresh or flight.waiters:
+            # callers receive it (a miss, or misses that joined a refresh): theirs, not logged
             self.load_errors += 1
             if self._error_ttl is not None and flight.valid:
                 until = self._front.clock() + self._error_ttl

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 from typing_extensions import final
 
@@ -101,13 +102,18 @@ class Flight:
                 self._owned = None
 
     async def lead(self, work: Callable[[], Awaitable[Any]], on_done: Callable[[], None]) -> None:
-        """Run the flight in the calling task, shielded while followers wait."""
+        """Run the flight in the calling task, shielded while followers wait.
+
+        A leader cancelled while the shield was up finished the load for its
+        followers; its own cancellation is delivered here, right after.
+        """
         with anyio.CancelScope(shield=self.waiters > 0) as scope:
             self._scope = scope
             try:
                 await self.run(work, on_done)
             finally:
                 self._scope = None
+        await anyio.lowlevel.checkpoint_if_cancelled()
 
     async def wait(self) -> None:
         """Wait for the flight as a follower; keeps a leader's load shielded meanwhile."""

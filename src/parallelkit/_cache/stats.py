@@ -21,8 +21,11 @@ class CacheStats:
         misses: calls that found nothing usable and waited for a load.
         loads: loader calls made for misses (one per flight, not per caller).
         refreshes: loader calls made to refresh stale entries.
-        refresh_errors: refreshes that failed (the stale value kept being served).
-        load_errors: miss loads that failed (their callers got the exception).
+        refresh_errors: refreshes whose failure reached no caller (the stale value
+            kept being served; each one was handed to ``on_error``).
+        load_errors: loads whose failure reached callers: failed miss loads, and
+            failed refreshes that misses had joined (those callers got the
+            exception, so it is neither logged nor handed to ``on_error``).
         evictions: entries the store dropped for room (``MemoryStore``: LRU).
         store_errors: errors the store absorbed on its own (its ``errors``
             attribute, e.g. ``RedisStore`` degrading during an outage); 0 if none.
