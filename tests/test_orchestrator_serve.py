@@ -1,17 +1,34 @@
-"""serve() and the CLI in a real subprocess: SIGTERM, ordered stop, exit code, no orphans."""
+"""serve() and the CLI: SIGTERM, ordered stop, exit code, no orphans, errors as themselves.
+
+The subprocess tests send real signals to a served app; the in-process tests (anyio
+plugin, both backends) send them to this process from inside ``serve()``, so that a
+handler is always installed when a signal arrives.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
+from typing import Any
 
+import anyio
+import anyio.lowlevel
 import pytest
 
+import parallelkit as pk
 from parallelkit.__main__ import load, main
+from parallelkit._orchestrator import orchestrator as orchestrator_module
+from parallelkit._orchestrator import services as services_module
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import ExceptionGroup
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ["asyncio", "trio"]
@@ -142,7 +159,8 @@ def test_second_signal_forces(tmp_path: Path) -> None:
     assert proc.returncode == 0
 
 
-def test_cli_startup_failure_exits_non_zero(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cli_startup_failure_exits_non_zero(tmp_path: Path, backend: str) -> None:
     (tmp_path / "bad.py").write_text(
         "import parallelkit as pk\n"
         "def make():\n"
@@ -153,7 +171,7 @@ def test_cli_startup_failure_exits_non_zero(tmp_path: Path) -> None:
         "    return orch\n"
     )
     result = subprocess.run(
-        [sys.executable, "-m", "parallelkit", "run", "bad:make"],
+        [sys.executable, "-m", "parallelkit", "run", "bad:make", "--backend", backend],
         cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
         capture_output=True,
@@ -163,7 +181,11 @@ def test_cli_startup_failure_exits_non_zero(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "ConnectionError: db is down" in result.stderr
-    assert "StartupError: service 'db' failed to start" in result.stderr
+    assert "ExceptionGroup" not in result.stderr  # the StartupError itself, not in a group
+    last = result.stderr.rstrip().splitlines()[-1]
+    assert last == (
+        "parallelkit.StartupError: service 'db' failed to start: ConnectionError: db is down"
+    )
 
 
 def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
@@ -173,3 +195,212 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert "module:attribute" in capsys.readouterr().err
     with pytest.raises(TypeError, match=r"not a parallelkit\.Orchestrator"):
         load("os:sep")
+
+
+# -- serve() in this process: errors come out as start() raises them ---------------------------
+def sigterm_self() -> None:
+    """What ``kill <pid>`` would do; only called while serve()'s handler is installed."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.anyio
+async def test_serve_raises_the_startup_error_itself() -> None:
+    orch, downs = pk.Orchestrator(), []
+    unreachable = ConnectionError("payment provider unreachable")
+
+    @orch.service
+    async def db() -> AsyncIterator[str]:
+        yield "db"
+        downs.append("db")
+
+    @orch.service
+    async def payments(db: str) -> str:
+        raise unreachable
+
+    with pytest.raises(pk.StartupError) as info:  # not an ExceptionGroup around it
+        await orch.serve(signals=(signal.SIGTERM,))
+    assert info.value.service == "payments"
+    assert info.value.__cause__ is unreachable
+    assert downs == ["db"]  # rolled back first
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("where", ["service", "on_ready"])
+async def test_serve_raises_a_crash_as_itself(where: str) -> None:
+    orch, downs = pk.Orchestrator(), []
+    died = KeyError("worker died")
+    crash = anyio.Event()
+
+    @orch.service
+    async def db() -> AsyncIterator[str]:
+        yield "db"
+        downs.append("db")
+
+    @orch.service
+    async def worker(db: str) -> AsyncIterator[str]:
+        async def die() -> None:
+            await crash.wait()
+            raise died
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(die)
+            yield "worker"
+            tg.cancel_scope.cancel()
+        downs.append("worker")
+
+    async def on_ready(running: pk.Running) -> None:
+        if where == "on_ready":
+            raise died
+        crash.set()
+        await anyio.sleep_forever()  # cancelled by the crash
+
+    with anyio.fail_after(20), pytest.raises(KeyError) as info:  # a hang guard
+        await orch.serve(signals=(signal.SIGTERM,), on_ready=on_ready)
+    assert info.value is died  # the same object, not a group holding it
+    # everything stopped, dependencies last (a crashed worker got its error, not a stop)
+    assert downs == (["worker", "db"] if where == "on_ready" else ["db"])
+
+
+@pytest.mark.anyio
+async def test_serve_teardown_errors_are_the_one_group_not_nested() -> None:
+    orch = pk.Orchestrator()
+    flush_failed = OSError("flush failed")
+
+    @orch.service
+    async def db() -> AsyncIterator[str]:
+        yield "db"
+        raise flush_failed
+
+    with anyio.fail_after(20), pytest.raises(ExceptionGroup) as info:
+        await orch.serve(signals=(signal.SIGTERM,), on_ready=lambda _running: sigterm_self())
+    assert str(info.value).startswith("services failed to stop: 'db'")
+    assert list(info.value.exceptions) == [flush_failed]
+
+
+# -- a signal while an async on_ready runs -----------------------------------------------------
+@contextmanager
+def logged(text: str) -> Iterator[anyio.Event]:
+    """An event set when the orchestrator logs ``text`` (serve() logs each signal it handles)."""
+    event = anyio.Event()
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if text in record.getMessage():
+                event.set()
+
+    handler, logger = Handler(logging.WARNING), logging.getLogger("parallelkit.orchestrator")
+    logger.addHandler(handler)
+    try:
+        yield event
+    finally:
+        logger.removeHandler(handler)
+
+
+def warm_up(handled: anyio.Event, lines: list[str]) -> Callable[[pk.Running], Awaitable[None]]:
+    """An async on_ready during which a SIGTERM arrives; it records how it ended."""
+
+    async def on_ready(running: pk.Running) -> None:
+        try:
+            sigterm_self()
+            await handled.wait()  # serve() has handled the signal ...
+            await anyio.lowlevel.checkpoint()  # ... so a cancellation is delivered by now
+            lines.append("warm-up finished")  # the signal waited for it (the bug)
+        except anyio.get_cancelled_exc_class():
+            lines.append("warm-up cancelled")
+            raise
+
+    return on_ready
+
+
+@pytest.mark.anyio
+async def test_signal_cancels_an_async_on_ready_then_stops_in_order() -> None:
+    orch, lines = pk.Orchestrator(), []
+
+    @orch.service
+    async def db() -> AsyncIterator[str]:
+        yield "db"
+        lines.append("db down")
+
+    @orch.service
+    async def api(db: str) -> AsyncIterator[str]:
+        yield "api"
+        lines.append("api down")
+
+    with anyio.fail_after(20), logged("SIGTERM received: stopping") as handled:  # a hang guard
+        await orch.serve(signals=(signal.SIGTERM,), on_ready=warm_up(handled, lines))
+    assert lines == ["warm-up cancelled", "api down", "db down"]  # each once, in order
+
+
+@pytest.mark.anyio
+async def test_second_signal_after_a_cancelled_on_ready_still_forces() -> None:
+    orch, lines = pk.Orchestrator(), []
+
+    @orch.service
+    async def db() -> AsyncIterator[str]:
+        yield "db"
+        lines.append("db down")
+
+    @orch.service(stop_timeout=60)
+    async def api(db: str) -> AsyncIterator[str]:
+        yield "api"
+        sigterm_self()  # the second signal, while api's tear-down is stuck
+        try:
+            await anyio.sleep_forever()
+        finally:
+            lines.append("api cut short")
+
+    with anyio.fail_after(20), logged("SIGTERM received: stopping") as handled:
+        await orch.serve(signals=(signal.SIGTERM,), on_ready=warm_up(handled, lines))
+    assert lines == ["warm-up cancelled", "api cut short", "db down"]
+
+
+# -- the log says what cut a tear-down short ---------------------------------------------------
+@pytest.mark.anyio
+async def test_forced_stop_is_logged_as_forced_not_as_a_timeout(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    orch, lines = pk.Orchestrator(), []
+    hosts: dict[str, Any] = {}
+
+    @orch.service(stop_timeout=60)
+    async def api() -> AsyncIterator[str]:
+        yield "api"
+        sigterm_self()  # the second signal
+        try:
+            await anyio.sleep_forever()
+        finally:
+            lines.append("api cut short")
+
+    def ready(running: pk.Running) -> None:
+        hosts.update(running._session.hosts)
+        sigterm_self()
+
+    with anyio.fail_after(20), caplog.at_level(logging.WARNING, logger="parallelkit"):
+        await orch.serve(signals=(signal.SIGTERM,), on_ready=ready)
+    assert lines == ["api cut short"]
+    assert "service 'api': the stop was forced (a second signal)" in caplog.text
+    assert "did not stop within" not in caplog.text
+    assert hosts["api"].forced
+    assert not hosts["api"].timed_out  # forced, not timed out
+
+
+@pytest.mark.anyio
+async def test_process_stop_timeout_is_the_one_the_user_set(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @asynccontextmanager
+    async def stuck_process(name: str, *args: object, **kwargs: object) -> AsyncIterator[str]:
+        yield name
+        await anyio.sleep_forever()  # a tear-down that does not end: only the host's bound does
+
+    monkeypatch.setattr(orchestrator_module, "process_lifetime", stuck_process)
+    monkeypatch.setattr(services_module, "PROCESS_KILL_GRACE", 0.01)
+    orch = pk.Orchestrator()
+    orch.process("web", "true", stop_timeout=0.05)
+    assert orch.services["web"].stop_timeout == 0.05  # as given, the kill grace not added
+    with anyio.fail_after(20), caplog.at_level(logging.WARNING, logger="parallelkit"):
+        async with orch.start():
+            pass
+    assert "process 'web' did not stop within stop_timeout=0.05s (+0.01s to kill it)" in (
+        caplog.text
+    )

@@ -52,8 +52,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 logger = logging.getLogger("parallelkit.orchestrator")
 
-_PROCESS_KILL_GRACE = 5.0  # seconds the host allows beyond stop_timeout for SIGKILL + drain
-
 
 @final
 class Orchestrator:
@@ -325,7 +323,7 @@ class Orchestrator:
             depends_on=tuple(depends_on),
             ready=probe,
             timeout=start_timeout,
-            stop_timeout=stop + _PROCESS_KILL_GRACE,
+            stop_timeout=stop,
             critical=critical,
             kind="process",
             extra={"cmd": command, "restart": restart, "max_restarts": max_restarts},
@@ -444,8 +442,9 @@ class Orchestrator:
         """Start, run until SIGINT/SIGTERM, then stop gracefully.
 
         The first signal stops the services in reverse dependency order (a signal
-        during start-up aborts the start and rolls back). Each further signal
-        forces the stop: the tear-downs in progress are cancelled and their
+        during start-up aborts the start and rolls back; a signal while an async
+        ``on_ready`` is awaited cancels it, then the stop goes on). Each further
+        signal forces the stop: the tear-downs in progress are cancelled and their
         processes get ``SIGKILL``. The order still holds: every service that
         reached its ``yield`` still tears down exactly once, after everything that
         depends on it. Returns normally after a signal-initiated stop. Must run in
@@ -454,11 +453,17 @@ class Orchestrator:
         Args:
             signals: the signals that stop it.
             on_ready: called with the :class:`Running` once every service is ready
-                (a function, or an async function that is awaited).
+                (a function, or an async function that is awaited; the first
+                signal cancels it, so a long warm-up does not hold up the stop).
+                An error it raises stops the services and is raised.
 
         Raises:
-            StartupError: a service failed to start.
-            Exception: a critical service crashed while running (its own error).
+            StartupError: a service failed to start (its error is the
+                ``__cause__``), as from :meth:`start`.
+            Exception: a critical service crashed while running, or ``on_ready``
+                raised: that error itself.
+            ExceptionGroup: the services stopped, but tear-downs raised (as from
+                :meth:`start`); the only case where ``serve()`` raises a group.
         """
         if isinstance(signals, (str, bytes)) or not isinstance(signals, Sequence) or not signals:
             msg = f"signals must be a non-empty sequence of signal numbers, got {signals!r}"
@@ -469,6 +474,8 @@ class Orchestrator:
         session = self._session()
         stop = anyio.Event()
         started = False
+        ready_scope = anyio.CancelScope()  # an async on_ready runs in it: a signal cancels it
+        error: Exception | None = None
         with anyio.open_signal_receiver(*wanted) as received:
             async with anyio.create_task_group() as tg:
 
@@ -482,6 +489,8 @@ class Orchestrator:
                             stop.set()
                             if not started:  # still starting: abort the start (rolls back)
                                 main_scope.cancel()
+                            else:  # an async on_ready still running: cancel it, then stop
+                                ready_scope.cancel()
                         else:
                             logger.warning("%s received again: forcing the stop", label)
                             session.force()
@@ -492,12 +501,19 @@ class Orchestrator:
                         async with self._run(session) as running:
                             started = True
                             if on_ready is not None:
-                                result = on_ready(running)
-                                if inspect.isawaitable(result):
-                                    await result
+                                with ready_scope:
+                                    result = on_ready(running)
+                                    if inspect.isawaitable(result):
+                                        await result
                             await stop.wait()
+                except Exception as exc:
+                    # raised below, once the watcher's task group has closed, so that
+                    # it comes out as itself (as from start()), not in an ExceptionGroup
+                    error = exc
                 finally:
                     tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
 
 
 def _signal(name: str, value: object) -> signal.Signals:

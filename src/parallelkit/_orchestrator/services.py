@@ -42,6 +42,13 @@ __all__ = ["ServiceHost", "ServiceSpec", "ServiceState", "open_lifetime"]
 
 logger = logging.getLogger("parallelkit.orchestrator")
 
+PROCESS_KILL_GRACE = 5.0
+"""Seconds a process's tear-down may take beyond its ``stop_timeout``.
+
+The process gets ``SIGKILL`` at ``stop_timeout`` (:mod:`.process`); this is the time
+allowed after that for it to die and for its output to drain.
+"""
+
 ServiceState = Literal[
     "pending", "starting", "ready", "stopping", "stopped", "failed", "crashed", "skipped"
 ]
@@ -101,9 +108,16 @@ class ServiceHost:
     ``value = await _start_soon_and_wait(task_group, host.run, ...)`` (``task_group.start``'s
     contract, see running.py) returns when the service is ready (set up and its probe
     passed) or raises its start-up error. :meth:`request_stop`
-    then tears it down, bounded by ``stop_timeout``, after which the tear-down is
-    cancelled and :attr:`timed_out` is set. A service that dies while running (its
-    task group failed, its process exited) is reported through ``on_crash``.
+    then tears it down, bounded by ``stop_timeout`` (for a process, plus
+    :data:`PROCESS_KILL_GRACE`), after which the tear-down is cancelled and
+    :attr:`timed_out` is set; :meth:`force` (a second signal) cuts it short sooner
+    and sets :attr:`forced` instead. A service that dies while running (its task
+    group failed, its process exited) is reported through ``on_crash``.
+
+    ``timed_out`` is True only when ``stop_timeout`` ran out and cancelled the
+    tear-down; ``forced`` is True when :meth:`force` cut short a tear-down that
+    was still running (then ``timed_out`` stays False). Each logs one warning
+    saying which it was.
 
     **Tear-down.** Once the lifetime reached its ``yield`` (an async context
     manager: its ``__aenter__`` returned), its tear-down, the code after
@@ -120,6 +134,7 @@ class ServiceHost:
         "_scope",
         "_stop",
         "crash",
+        "forced",
         "kwargs",
         "on_crash",
         "on_ready",
@@ -148,6 +163,7 @@ class ServiceHost:
         self.crash: BaseException | None = None
         self.teardown_error: BaseException | None = None
         self.timed_out = False
+        self.forced = False
         self.setup_done_at = math.nan
         self._stop = anyio.Event()
         self.stopped = anyio.Event()
@@ -170,6 +186,8 @@ class ServiceHost:
         """
         if not self._closing or self._scope is None:
             return
+        if not self._scope.cancel_called:  # not already cut short by its stop_timeout
+            self.forced = True
         if isinstance(self.value, ManagedProcess):
             self.value.send_signal(signal.SIGKILL)
         self._scope.cancel()
@@ -274,8 +292,9 @@ class ServiceHost:
         Returns the error the tear-down raised (unwrapped from single-error groups).
         """
         spec = self.spec
+        grace = PROCESS_KILL_GRACE if spec.kind == "process" else 0.0
         scope.shield = True
-        scope.deadline = anyio.current_time() + spec.stop_timeout
+        scope.deadline = anyio.current_time() + spec.stop_timeout + grace
         self._scope = scope
         self._closing = True
         error: Exception | None = None
@@ -285,12 +304,21 @@ class ServiceHost:
             error = _unwrap(raised)
         finally:
             self._closing = False
-            self.timed_out = scope.cancelled_caught
-            if self.timed_out:
+            self.timed_out = scope.cancelled_caught and not self.forced
+            if self.forced:
                 logger.warning(
-                    "service %r did not stop within stop_timeout=%ss; its tear-down was cancelled",
+                    "%s %r: the stop was forced (a second signal); its tear-down was cut short",
+                    spec.kind,
+                    spec.name,
+                )
+            elif self.timed_out:
+                extra = f" (+{grace:g}s to kill it)" if grace else ""
+                logger.warning(
+                    "%s %r did not stop within stop_timeout=%gs%s; its tear-down was cancelled",
+                    spec.kind,
                     spec.name,
                     spec.stop_timeout,
+                    extra,
                 )
         return error
 
