@@ -225,6 +225,91 @@ def test_json_rows_come_back_as_dicts() -> None:
     assert roundtrip({"rows": [SqlRow()]}) == {"rows": [{"id": 1, "at": NOW}]}
 
 
+@dataclasses.dataclass
+class Totals:
+    lines: list[decimal.Decimal]
+    total: decimal.Decimal = dataclasses.field(init=False)  # computed in __post_init__
+    reads: int = dataclasses.field(init=False, default=0)  # changed after construction
+
+    def __post_init__(self) -> None:
+        self.total = sum(self.lines, decimal.Decimal(0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    start: int
+    end: int
+    length: int = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "length", self.end - self.start)
+
+
+def test_json_rebuilds_listed_dataclasses_with_init_false_fields() -> None:
+    totals = Totals([decimal.Decimal("1.50"), decimal.Decimal("2")])
+    totals.reads = 3
+    listed = JSONSerializer(types=[Totals, Span])
+    back = roundtrip(totals, listed)
+    assert type(back) is Totals
+    assert back == totals
+    assert (back.total, back.reads) == (decimal.Decimal("3.50"), 3)
+    assert roundtrip([Span(2, 7)], listed) == [Span(2, 7)]
+    # not listed: every field, as before
+    assert roundtrip(totals) == {"lines": totals.lines, "total": totals.total, "reads": 3}
+
+
+def test_json_refuses_a_listed_dataclass_it_could_not_rebuild() -> None:
+    @dataclasses.dataclass
+    class Seeded:
+        seed: dataclasses.InitVar[int]  # required by __init__, never stored
+        value: int = 0
+
+        def __post_init__(self, seed: int) -> None:
+            self.value += seed
+
+    with pytest.raises(TypeError, match=r"Seeded\(\) requires 'seed', which is not a field"):
+        JSONSerializer(types=[Seeded])
+
+    @dataclasses.dataclass
+    class Defaulted:
+        seed: dataclasses.InitVar[int] = 0  # a default: Defaulted(**fields) works
+        value: int = 0
+
+    assert roundtrip(Defaulted(value=4), JSONSerializer(types=[Defaulted])) == Defaulted(value=4)
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        ({101: "open", 102: "closed"}, "int"),  # would come back as {"101": ...}
+        ({1: "int key", "1": "str key"}, "int"),  # would lose an entry
+        ({"rows": [{2.5: "x"}]}, "float"),
+        ({None: 1}, "NoneType"),
+        ({True: 1}, "bool"),
+        ({uuid.UUID(int=1): 1}, "UUID"),
+        ({(1, 2): 1}, "tuple"),
+    ],
+    ids=repr,
+)
+def test_json_refuses_dict_keys_that_are_not_str(value: Any, kind: str) -> None:
+    with pytest.raises(TypeError, match=rf"^a dict key of type {kind} \("):
+        JSONSerializer().dumps(value)
+
+
+async def test_a_dict_key_json_would_change_names_store_key_and_type(
+    r: aredis.Redis, prefix: str
+) -> None:
+    store = RedisStore(r, prefix=prefix, namespace="crm")
+    with pytest.raises(SerializationError) as info:
+        await store.set("counts", entry({101: "open", 102: "closed"}), ttl=10)
+    message = str(info.value)
+    assert "RedisStore 'crm' cannot store key 'counts'" in message
+    assert "a dict key of type int (101) is not a str" in message
+    assert (info.value.key, info.value.type_name) == ("counts", "builtins.int")
+    assert await r.exists(store.redis_key("counts")) == 0  # nothing was sent
+    assert await store.get("counts") is None
+
+
 async def test_what_json_cannot_store_names_store_key_and_type(
     r: aredis.Redis, prefix: str
 ) -> None:

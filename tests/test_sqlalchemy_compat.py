@@ -6,6 +6,7 @@ imported everything.
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -108,8 +109,9 @@ def test_the_private_names_eager_relies_on_are_there() -> None:
     assert sqlalchemy.__version__.startswith(("2.0.", "2.1.")), sqlalchemy.__version__
     lazy = getattr(strategies, "_LazyLoader", None) or strategies.LazyLoader  # 2.1, 2.0
     assert callable(lazy._invoke_raise_load)
+    assert "loadopt" in inspect.signature(lazy._load_for_state).parameters
     assert callable(Load._set_relationship_strategy)
-    assert _compat.available(lambda state, key: InvalidRequestError(key))
+    assert _compat.available(lambda state, key, path: InvalidRequestError(key))
     from sqlalchemy.orm import RelationshipProperty
 
     assert any(

@@ -270,6 +270,42 @@ async def test_touching_an_unrequested_relationship_raises_the_clear_error(
 
 
 @pytest.mark.anyio
+async def test_the_error_names_the_query_that_applied_it_to_an_object_loaded_before(
+    crm_engine: AsyncEngine,
+) -> None:
+    # the contact and its company are in the identity map from earlier, plain queries
+    # of the session (their own load paths start at Contact and Company): the error
+    # names the eager() of the query that put the guard on them, from its root
+    factory = async_sessionmaker(crm_engine, expire_on_commit=False)
+    async with factory() as session:
+        contact_id = await session.scalar(
+            select(Conversation.contact_id).where(Conversation.id == 1)
+        )
+        earlier = await session.get_one(Contact, contact_id)
+        company = await session.get_one(Company, earlier.company_id)
+        stmt = select(Conversation).where(Conversation.id == 1)
+        conversation = (
+            await session.scalars(stmt.options(*eager(Conversation, "contact.company")))
+        ).one()
+        assert conversation.contact is earlier
+        assert conversation.contact.company is company
+        cases = [
+            (lambda: earlier.conversations, "Contact.conversations", "contact.conversations"),
+            (lambda: company.contacts, "Company.contacts", "contact.company.contacts"),
+            (lambda: earlier.enrollments, "Contact.enrollments", "contact.enrollments"),
+        ]
+        for touch, attribute, path in cases:
+            with pytest.raises(NotLoadedError) as info:
+                touch()
+            assert (info.value.attribute, info.value.root, info.value.path) == (
+                attribute,
+                "Conversation",
+                path,
+            )
+            assert f"eager(Conversation, {path!r}, ...)" in str(info.value)
+
+
+@pytest.mark.anyio
 async def test_contact_side_queries_sit_on_the_right_models(crm_engine: AsyncEngine) -> None:
     factory = async_sessionmaker(crm_engine, expire_on_commit=False)
     async with factory() as session, count_queries(crm_engine) as counter:

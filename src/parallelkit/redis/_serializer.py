@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import decimal
+import inspect
 import json
 import pickle
 import struct
@@ -50,16 +51,51 @@ class Serializer(Protocol):
 
 
 class Unserializable(TypeError):
-    """Internal: the JSON encoder met a value of a type it cannot write."""
+    """Internal: the JSON encoder met a value (or a dict key) of a type it cannot write."""
 
-    def __init__(self, value: object) -> None:
+    def __init__(self, value: object, *, key: bool = False) -> None:
         kind = type(value)
         self.type_name = f"{kind.__module__}.{kind.__qualname__}"
-        super().__init__(f"Object of type {kind.__qualname__} is not JSON serializable")
+        if key:  # JSON would write it as a str: it would come back as another key
+            message = (
+                f"a dict key of type {kind.__qualname__} ({value!r:.80}) is not a str; JSON "
+                "object keys are strings, so it would come back as another key"
+            )
+        else:
+            message = f"Object of type {kind.__qualname__} is not JSON serializable"
+        super().__init__(message)
 
 
 def _type_name(kind: type) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _not_init_fields(kind: type) -> frozenset[str]:
+    """The fields of a listed dataclass that ``kind(**fields)`` does not take (``init=False``).
+
+    Refuses a class whose constructor needs an argument that is not a field (an
+    ``InitVar`` without a default): it is never stored, so no read could rebuild it.
+    """
+    fields = dataclasses.fields(kind)
+    taken = {f.name for f in fields if f.init}
+    try:
+        parameters = list(inspect.signature(kind).parameters.values())
+    except (TypeError, ValueError):  # pragma: no cover - no signature to read: trust it
+        parameters = []
+    for parameter in parameters:
+        if (
+            parameter.default is parameter.empty
+            and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+            and parameter.name not in taken
+        ):
+            msg = (
+                f"types cannot list {_type_name(kind)}: {kind.__qualname__}() requires "
+                f"{parameter.name!r}, which is not a field (an InitVar?), so it is never "
+                "written to Redis and no read could rebuild the instance; give it a "
+                "default or leave the class out of types="
+            )
+            raise TypeError(msg)
+    return frozenset(f.name for f in fields if not f.init)
 
 
 def _is_model(value: object) -> bool:
@@ -91,17 +127,27 @@ class JSONSerializer:
       like one is escaped, so it comes back unchanged);
     * dataclasses and pydantic models as a ``dict`` of their fields, unless their
       class is listed in ``types=``: then as an instance of that class (rebuilt
-      with ``cls(**fields)`` or ``cls.model_validate(fields)``). Only listed
+      with ``cls(**fields)`` or ``cls.model_validate(fields)``; a dataclass field
+      with ``init=False`` is stored too and set back after ``cls(...)``, as a
+      frozen dataclass's own ``__init__`` sets its fields). Only listed
       classes are ever built from Redis data, so a Redis writer cannot make a
       process instantiate anything else;
     * SQLAlchemy ``Row`` objects (anything with ``_asdict()``) as a ``dict``.
 
     Anything else raises :class:`~parallelkit.redis.SerializationError` naming the
     store, the key and the type: convert it in the loader, list it in ``types=``,
-    or use ``serializer="pickle"`` / a serializer of your own.
+    or use ``serializer="pickle"`` / a serializer of your own. That includes a
+    ``dict`` with a key that is not a ``str`` (``{101: "open"}``): JSON would
+    write ``"101"``, so it would come back as another dict (and ``{1: "a", "1":
+    "b"}`` with one entry); the error names the key's type.
 
     Args:
         types: dataclasses and pydantic model classes to rebuild faithfully.
+
+    Raises:
+        TypeError: ``types`` lists something else, or a dataclass whose
+            constructor needs an argument that is not a field (an ``InitVar``
+            without a default), which no read could pass back.
 
     Example:
         >>> import datetime, decimal
@@ -110,10 +156,11 @@ class JSONSerializer:
         {'at': datetime.date(2024, 5, 1), 'total': Decimal('9.90')}
     """
 
-    __slots__ = ("_by_name", "_names")
+    __slots__ = ("_by_name", "_names", "_not_init")
 
     def __init__(self, *, types: Iterable[type] = ()) -> None:
         names: dict[type, str] = {}
+        not_init: dict[type, frozenset[str]] = {}
         for kind in types:
             if not isinstance(kind, type) or not (
                 dataclasses.is_dataclass(kind) or callable(getattr(kind, "model_validate", None))
@@ -121,7 +168,10 @@ class JSONSerializer:
                 msg = f"types must list dataclasses or pydantic model classes, got {kind!r}"
                 raise TypeError(msg)
             names[kind] = _type_name(kind)
+            if dataclasses.is_dataclass(kind) and (later := _not_init_fields(kind)):
+                not_init[kind] = later
         self._names = names
+        self._not_init = not_init
         self._by_name = {name: kind for kind, name in names.items()}
 
     def dumps(self, value: Any, /) -> bytes:
@@ -142,7 +192,11 @@ class JSONSerializer:
         if value is None or isinstance(value, (str, int, float)):
             return value  # bool is an int; enums on str/int are written as their value
         if isinstance(value, dict):
-            prepared = {key: self._prepare(item, tagged) for key, item in value.items()}
+            prepared: dict[str, Any] = {}
+            for key, item in value.items():
+                if not isinstance(key, str):  # json.dumps would write str(key), or fail
+                    raise Unserializable(key, key=True)
+                prepared[key] = self._prepare(item, tagged)
             if len(prepared) == 1 and next(iter(prepared)) in _TAGS:
                 tagged.append(True)
                 return {"$dict": list(prepared.items())}  # your dict, not a tag
@@ -195,8 +249,18 @@ class JSONSerializer:
             if kind is None:
                 return raw[1]  # a type this process does not list: its fields
             validate = getattr(kind, "model_validate", None)
-            return validate(raw[1]) if validate is not None else kind(**raw[1])
+            return validate(raw[1]) if validate is not None else self._build(kind, raw[1])
         return obj
+
+    def _build(self, kind: type, fields: dict[str, Any]) -> Any:
+        """``kind(**fields)``, then the ``init=False`` fields set as its ``__init__`` would."""
+        later = self._not_init.get(kind)
+        if later is None:
+            return kind(**fields)
+        instance = kind(**{name: item for name, item in fields.items() if name not in later})
+        for name in later & fields.keys():
+            object.__setattr__(instance, name, fields[name])  # a frozen dataclass too
+        return instance
 
     def __repr__(self) -> str:
         if not self._names:

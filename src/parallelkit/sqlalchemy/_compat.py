@@ -5,14 +5,19 @@ Everything else in :mod:`parallelkit.sqlalchemy` uses SQLAlchemy's public API
 own ``InvalidRequestError("'Contact.conversations' is not available due to
 lazy='raise'")``; to raise :class:`~parallelkit.sqlalchemy.NotLoadedError`
 instead (the attribute *and* the ``eager(...)`` path that would load it) takes
-three private names, all here:
+these private names, all here:
 
 * the lazy loader class (``_LazyLoader`` in SQLAlchemy 2.1, ``LazyLoader`` in
-  2.0) and its ``_invoke_raise_load`` hook, subclassed as the
-  ``lazy="parallelkit_raise"`` strategy;
+  2.0), its ``_invoke_raise_load`` hook and its ``_load_for_state(state,
+  passive, loadopt=...)``, subclassed as the ``lazy="parallelkit_raise"``
+  strategy;
 * ``Load._set_relationship_strategy``, the method behind the public
   ``Load.raiseload``, to select that strategy for ``"*"``;
-* ``InstanceState.load_path``, the loader path of an object, for the message.
+* the ``path`` of the loader option SQLAlchemy hands to ``_load_for_state``
+  (``Conversation -> contact -> Contact -> *``), for the message: it is the
+  path of the query that applied the option, also for an object that an earlier
+  query of the session had already loaded; ``InstanceState.load_path`` (the
+  path of the query that loaded the object *first*) is only the fallback.
 
 Nothing happens at import: the strategy is registered with SQLAlchemy the first
 time :func:`raise_rest` is called (the first ``eager(..., raise_others=True)``),
@@ -30,13 +35,20 @@ from typing import Any
 
 from sqlalchemy.orm import Load, RelationshipProperty
 
-__all__ = ["RAISE_KEY", "available", "load_path_keys", "raise_rest"]
+__all__ = ["RAISE_KEY", "OnRaise", "available", "path_keys", "raise_rest"]
 
 RAISE_KEY = "parallelkit_raise"
 
+OnRaise = Callable[[Any, str, Any], BaseException]
+"""``on_raise(state, key, path)``: the error for ``state.key`` (``path``: see :func:`path_keys`)."""
+
 _lock = threading.Lock()
 _state: dict[str, Any] = {"registered": None}  # None: not tried yet; then True / False
-_on_raise: list[Callable[[Any, str], BaseException]] = []
+_on_raise: list[OnRaise] = []
+
+
+class _Raise(Exception):
+    """Internal: the raise-loader refused a load; ``_load_for_state`` turns it into the error."""
 
 
 def _register() -> bool:
@@ -44,7 +56,9 @@ def _register() -> bool:
 
     names = ("_LazyLoader", "LazyLoader")  # 2.1, 2.0
     base: Any = next((c for c in (getattr(strategies, n, None) for n in names) if c), None)
-    if base is None or not callable(getattr(base, "_invoke_raise_load", None)):
+    if base is None or not all(
+        callable(getattr(base, name, None)) for name in ("_invoke_raise_load", "_load_for_state")
+    ):
         return False
     if not callable(getattr(Load, "_set_relationship_strategy", None)):
         return False
@@ -54,14 +68,23 @@ def _register() -> bool:
             super().__init__(parent, strategy_key)
             self._raise_always = True
 
+        def _load_for_state(self, state: Any, passive: Any, loadopt: Any = None, **kw: Any) -> Any:
+            # ``loadopt`` is the option that put this strategy on ``state`` in the query
+            # that loaded (or refreshed) it last: its path, not the object's first one
+            try:
+                return super()._load_for_state(state, passive, loadopt=loadopt, **kw)
+            except _Raise:
+                path = getattr(loadopt, "path", None) or getattr(state, "load_path", None)
+                raise _on_raise[0](state, self.key, path) from None
+
         def _invoke_raise_load(self, state: Any, passive: Any, lazy: Any) -> None:
-            raise _on_raise[0](state, self.key)
+            raise _Raise
 
     RelationshipProperty.strategy_for(lazy=RAISE_KEY)(_RaiseLoader)
     return True
 
 
-def available(on_raise: Callable[[Any, str], BaseException]) -> bool:
+def available(on_raise: OnRaise) -> bool:
     """Register the strategy once (thread-safe); whether the custom message is available."""
     if _state["registered"] is None:
         with _lock:
@@ -74,16 +97,16 @@ def available(on_raise: Callable[[Any, str], BaseException]) -> bool:
     return bool(_state["registered"])
 
 
-def raise_rest(load: Load, on_raise: Callable[[Any, str], BaseException]) -> Load:
-    """``load.raiseload("*")``, raising ``on_raise(state, key)`` when the custom strategy exists."""
+def raise_rest(load: Load, on_raise: OnRaise) -> Load:
+    """``load.raiseload("*")``, raising ``on_raise(state, key, path)`` when the strategy exists."""
     if available(on_raise):
         return load._set_relationship_strategy("*", {"lazy": RAISE_KEY})
     return load.raiseload("*")  # pragma: no cover - see available()
 
 
-def load_path_keys(state: Any) -> tuple[type[Any] | None, list[str]]:
-    """The root class and the relationship keys from it to ``state`` (empty if unknown)."""
-    elements = tuple(getattr(getattr(state, "load_path", None), "path", ()) or ())
+def path_keys(path: Any) -> tuple[type[Any] | None, list[str]]:
+    """The root class and the relationship keys of a loader path (empty if unknown)."""
+    elements = tuple(getattr(path, "path", ()) or ())
     if not elements:
         return None, []
     root = getattr(elements[0], "class_", None)

@@ -3,7 +3,7 @@
 The options are plain SQLAlchemy loader options (``joinedload``,
 ``selectinload``, ``raiseload``). Raising :class:`NotLoadedError`, which names the
 attribute and the ``eager(...)`` path that would have loaded it, instead of
-SQLAlchemy's generic ``raiseload`` message needs three private names; they live
+SQLAlchemy's generic ``raiseload`` message needs a few private names; they live
 in :mod:`._compat`, which says which and how a moved name is caught.
 """
 
@@ -20,7 +20,7 @@ from typing_extensions import final
 
 from .._core.check import choice, flag
 from .._core.errors import ParallelkitError
-from ._compat import load_path_keys, raise_rest
+from ._compat import path_keys, raise_rest
 from ._surface import note
 
 __all__ = ["EagerPath", "NotLoadedError", "Strategy", "eager"]
@@ -61,9 +61,9 @@ class NotLoadedError(ParallelkitError, sa_exc.InvalidRequestError):
         )
 
 
-def _not_loaded(state: Any, key: str) -> NotLoadedError:
-    """Build the error from the instance's load path (root -> ... -> this object)."""
-    root_class, names = load_path_keys(state)
+def _not_loaded(state: Any, key: str, path: Any) -> NotLoadedError:
+    """Build the error from the loader path (root -> ... -> this object) of the raise option."""
+    root_class, names = path_keys(path)
     root = (root_class or state.class_).__name__
     error = NotLoadedError(f"{state.class_.__name__}.{key}", root, ".".join([*names, key]))
     note(error)
