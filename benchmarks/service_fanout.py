@@ -14,7 +14,7 @@ per request (the database server's CPU is not in it):
   database work only (the expert variant);
 * ``pk.map limit=pool``: ``pk.map(limit=pool_size, settle=True)`` per request (the
   parallelkit variant, as the docs recommend);
-* ``pk.map shared Limiter``: one process-wide ``pk.Limiter(pool_size)`` as ``limit``
+* ``pk.map shared Limiter``: one process-wide ``pk.Limiter(concurrency=pool_size)`` as ``limit``
   (bounds the whole item, the e-mail included);
 * ``pk.map limit=pool, no guard``: as the third, with ``guard_sessions(False)``.
 """

@@ -98,6 +98,20 @@ def test_fanout_signatures() -> None:
     assert inspect.signature(pk.imap).parameters["ordered"].default is False
 
 
+def test_the_options_of_limiter_and_retry_are_keyword_only() -> None:
+    # every option is keyword-only: pk.Limiter(4, 10) does not guess which is the rate
+    retry_options = ("attempts", "backoff", "max_backoff", "jitter", "on")
+    for cls, options in ((pk.Limiter, ("concurrency", "rate", "burst")), (pk.Retry, retry_options)):
+        kinds = _kinds(cls)
+        assert {name: kinds[name] for name in options} == dict.fromkeys(
+            options, inspect.Parameter.KEYWORD_ONLY
+        ), cls
+    with pytest.raises(TypeError):
+        pk.Limiter(4, 10)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        pk.Retry(5)  # type: ignore[misc]
+
+
 def test_limiter_and_retry_signatures() -> None:
     limiter = inspect.signature(pk.Limiter).parameters
     assert limiter["concurrency"].default is None

@@ -16,7 +16,7 @@ async def charge(payment_id: str) -> int:
     return len(payment_id)
 
 
-@flow.step(name="record", timeout=5, retry=pk.Retry(attempts=2), limit=pk.Limiter(3))
+@flow.step(name="record", timeout=5, retry=pk.Retry(attempts=2), limit=pk.Limiter(concurrency=3))
 async def record(charge: int) -> str:
     return str(charge)
 

@@ -109,7 +109,7 @@ class Limiter:
     __slots__ = ("_available", "_burst", "_concurrency", "_interval", "_rate", "_tat", "_waiters")
 
     def __init__(
-        self, concurrency: int | None = None, rate: float | None = None, *, burst: int = 1
+        self, *, concurrency: int | None = None, rate: float | None = None, burst: int = 1
     ) -> None:
         self._concurrency = validate_limit(concurrency, "concurrency")
         self._rate = validate_rate(rate)

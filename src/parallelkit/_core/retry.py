@@ -20,7 +20,7 @@ ExceptionTypes = type[BaseException] | tuple[type[BaseException], ...]
 
 
 @final
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Retry:
     """How to retry a failing call: attempts, exponential backoff, which errors.
 

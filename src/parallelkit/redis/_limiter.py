@@ -253,7 +253,7 @@ class RedisLimiter:
             redis=redis,
         )
         self._clock = None if clock is None else callable_("clock", clock)
-        self._local = Limiter(self._concurrency, self._rate, burst=burst)
+        self._local = Limiter(concurrency=self._concurrency, rate=self._rate, burst=burst)
         base = f"{prefix}:limiter:{{{name}}}"  # hash tag: one cluster slot per limiter
         self._holders_key = f"{base}:holders"
         self._rate_key = f"{base}:rate"

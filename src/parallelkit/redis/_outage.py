@@ -95,7 +95,8 @@ def pool_slots(redis: object) -> Limiter | None:
     try:
         slots = _slots.get(pool)
         if slots is None:
-            slots = _slots[pool] = Limiter(size)  # the size when the first primitive came
+            # the size when the first primitive came
+            slots = _slots[pool] = Limiter(concurrency=size)
     except TypeError:  # a pool that cannot be weakly referenced: no sharing, no bound
         return None
     return slots

@@ -54,7 +54,7 @@ class PoolLimiter:
     __slots__ = ("_held", "_limiter")
 
     def __init__(self, concurrency: int | None) -> None:
-        self._limiter = Limiter(concurrency)
+        self._limiter = Limiter(concurrency=concurrency)
         self._held: dict[int, int] = {}  # task id -> depth
 
     @property
