@@ -18,7 +18,9 @@ What it does:
    their order rotated each round, several rounds;
 4. per cell: requests/s, p50/p99 latency, the server process's CPU seconds per
    request (psutil, before/after), SQL statements per request (the server's
-   counter, ``GET /debug/stats``) and errors (non-2xx, socket errors);
+   counter, ``GET /debug/stats``), the part of the CPU spent in the garbage
+   collector and its full collections (``gc.callbacks`` in the server), and errors
+   (non-2xx, socket errors);
 5. reports medians with the range over rounds, and parallelkit's ratios against
    each variant (paired per round), with the A/A ratio as the noise level.
 
@@ -85,13 +87,14 @@ class Server:
         times = self.ps.cpu_times()
         return float(times.user + times.system)
 
-    def stats(self) -> dict[str, int]:
-        """The server's counters: ``statements``, ``requests`` (finished), ``active``."""
+    def stats(self) -> dict[str, Any]:
+        """The server's counters: ``statements``, ``requests`` (finished), ``active``,
+        ``gc_seconds`` / ``gc_full`` (CPU in the garbage collector, full collections)."""
         with urllib.request.urlopen(f"{self.url}/debug/stats", timeout=30) as resp:
-            data: dict[str, int] = json.loads(resp.read())
+            data: dict[str, Any] = json.loads(resp.read())
             return data
 
-    def idle(self, timeout: float = 120.0) -> dict[str, int]:
+    def idle(self, timeout: float = 120.0) -> dict[str, Any]:
         """Wait until no request is running (the load's last requests finish), then stats."""
         deadline = time.monotonic() + timeout
         while (stats := self.stats())["active"] and time.monotonic() < deadline:
@@ -224,7 +227,12 @@ def measure(
         statements_per_request=(after["statements"] - before["statements"]) / served,
         errors=result["errors"],
         requests=result["requests"],
-        extra={"served": served},
+        extra={
+            "served": served,
+            # of the CPU: the time in Python's garbage collector, and its full collections
+            "gc_per_request": (after["gc_seconds"] - before["gc_seconds"]) / served,
+            "gc_full": after["gc_full"] - before["gc_full"],
+        },
     )
 
 
@@ -301,7 +309,9 @@ def run(
                             f"  r{rnd + 1} {endpoint:<8} @{clients:<3} {server.label:<26} "
                             f"{cell.rps:8.0f} req/s  p99 {cell.p99 * 1000:7.1f} ms  "
                             f"CPU {cell.cpu_per_request * 1000:6.2f} ms/req  "
-                            f"{cell.statements_per_request:6.2f} stmts/req  errors {cell.errors}",
+                            f"{cell.statements_per_request:6.2f} stmts/req  errors {cell.errors}  "
+                            f"GC {cell.extra['gc_per_request'] * 1e6:6.1f} us/req "
+                            f"({cell.extra['gc_full']} full)",
                             flush=True,
                         )
         report_progress("checking identical answers (warm caches)")

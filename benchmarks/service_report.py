@@ -65,6 +65,16 @@ def _paired(
     return [r[a] / r[b] for r in by_round.values() if a in r and b in r and r[b] > 0]
 
 
+def _gc(cells: list[Cell]) -> str:
+    """CPU in the garbage collector per request (µs, median of rounds), full collections
+    (all rounds): part of the CPU column, shown because a full collection of a large
+    heap is a pause that every request in flight waits for (p99)."""
+    spent = [c.extra["gc_per_request"] for c in cells if "gc_per_request" in c.extra]
+    if not spent:
+        return "-"
+    return f"{_med(spent) * 1e6:.1f} ({sum(c.extra.get('gc_full', 0) for c in cells)})"
+
+
 def summarize(cells: list[Cell], endpoints: list[str], labels: list[str]) -> dict[str, Any]:
     rows = []
     for endpoint in endpoints:
@@ -87,6 +97,7 @@ def summarize(cells: list[Cell], endpoints: list[str], labels: list[str]) -> dic
                         _span([c.p99 for c in mine], 1000, "{:.1f}"),
                         _span([c.cpu_per_request for c in mine], 1000, "{:.2f}"),
                         f"{_med([c.statements_per_request for c in mine]):.2f}",
+                        _gc(mine),
                         sum(c.errors for c in mine),
                     ]
                 )
@@ -122,6 +133,7 @@ ROW_HEADERS = [
     "p99 ms med [range]",
     "CPU ms/req med [range]",
     "stmts/req",
+    "GC µs/req (full)",
     "errors",
 ]
 RATIO_HEADERS = [

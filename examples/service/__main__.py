@@ -16,7 +16,7 @@ import os
 import uvicorn
 
 from .app import create_app
-from .shared import VARIANTS, Settings
+from .shared import COLLECTOR, VARIANTS, Settings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         store=args.store,
         pool_size=args.pool_size,
     )
+    COLLECTOR.start()  # GET /debug/stats reports the time spent collecting garbage
     uvicorn.run(
         create_app(settings),
         host=args.host,

@@ -16,8 +16,10 @@ session guard is opt-in and stays off in every server here).
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -153,6 +155,32 @@ class StatementCounter:
             self.count += 1
 
         event.listen(engine.sync_engine, "before_cursor_execute", counted)
+
+
+class CollectorTime:
+    """CPU time the server spends in Python's cyclic garbage collector, and its full
+    collections (``GET /debug/stats``). Counted from :meth:`start`, which only a server
+    process calls (``python -m examples.service``): a test's process is left alone."""
+
+    __slots__ = ("_began", "full", "seconds")
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.full = 0
+        self._began = 0.0
+
+    def start(self) -> None:
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.process_time()
+        else:
+            self.seconds += time.process_time() - self._began
+            self.full += info["generation"] == 2
+
+
+COLLECTOR = CollectorTime()
 
 
 class CountRequests:
@@ -418,6 +446,8 @@ def add_debug_routes(app: FastAPI, counter: StatementCounter, variant: str) -> N
     @app.get("/debug/stats")
     async def stats() -> dict[str, Any]:
         return {
+            "gc_seconds": COLLECTOR.seconds,
+            "gc_full": COLLECTOR.full,
             "statements": counter.count,
             "requests": counter.requests,
             "active": counter.active,

@@ -9,7 +9,7 @@ from typing import Any
 from .._core.check import callable_, count_or_none, flag
 from . import _testing
 from ._queries import QueryCounter, TooManyQueries
-from ._surface import cause, unwatch, watch
+from ._surface import cause
 
 __all__ = ["RequestGuard"]
 
@@ -87,19 +87,16 @@ class RequestGuard:
         if scope.get("type") != "http":
             await self._app(scope, receive, send)
             return
-        record, token = watch()
         try:
             if self._engine is None:
                 await self._app(scope, receive, send)
             else:
                 await self._counted(scope, receive, send)
         except Exception as exc:
-            real = cause(exc, record)
+            real = cause(exc)
             if real is None:
                 raise
             raise real from exc
-        finally:
-            unwatch(token)
 
     async def _counted(self, scope: Scope, receive: Receive, send: Send) -> None:
         enforce = _testing.active if self._enforce is None else self._enforce

@@ -8,64 +8,69 @@ Two ways a parallelkit error gets buried in a FastAPI app:
   error only as its ``__context__``;
 * a :class:`NotLoadedError` raised while pydantic reads the response model is
   turned by pydantic into a ``get_attribute_error`` (the exception object is
-  dropped), and FastAPI raises ``ResponseValidationError``.
+  dropped, its text kept), and FastAPI raises ``ResponseValidationError``.
 
-:func:`watch` opens a per-request record (a context variable holding a list,
-so child tasks append to the same one); the errors note themselves in it when
-raised (:func:`note`, a no-op outside a request); :func:`cause` finds the one
-behind an escaping exception. :class:`~parallelkit.sqlalchemy.RequestGuard`
-uses them.
+The errors note themselves when they are built (:func:`note`): their type, and
+their text with a copy to raise again. :func:`cause` finds the one behind an
+escaping exception: in its ``__cause__`` / ``__context__`` chain (the object
+itself), or quoted in its text (a new copy, made from the note: the original
+object is gone). No per-request state: :class:`~parallelkit.sqlalchemy.RequestGuard`
+changes nothing on a request that fails for no such reason. (An earlier version
+set a context variable per request; under uvicorn that alone made the garbage
+collector run 30 to 40 times as often on a cached read, see docs/sqlalchemy.md.)
 """
 
 from __future__ import annotations
 
-from contextvars import ContextVar, Token
+from typing import Any
 
-__all__ = ["cause", "note", "unwatch", "watch"]
+__all__ = ["cause", "note"]
 
-_RAISED: ContextVar[list[BaseException] | None] = ContextVar("parallelkit_raised", default=None)
-
-
-def watch() -> tuple[list[BaseException], Token[list[BaseException] | None]]:
-    """Start recording the parallelkit errors raised in this context (one request)."""
-    record: list[BaseException] = []
-    return record, _RAISED.set(record)
-
-
-def unwatch(token: Token[list[BaseException] | None]) -> None:
-    """Stop recording (in the context :func:`watch` was called in)."""
-    _RAISED.reset(token)
+_KEEP = 256  # texts remembered; past that, forgotten all at once (one app has a few)
+_TYPES: set[type[BaseException]] = set()
+_NOTED: dict[str, BaseException] = {}  # "Type: message" -> a copy, never raised
 
 
 def note(error: BaseException) -> None:
-    """Record ``error`` for the current request, if one is watched."""
-    record = _RAISED.get()
-    if record is not None and len(record) < 16:
-        record.append(error)
+    """Remember ``error`` (before it is raised) so that :func:`cause` can find it."""
+    _TYPES.add(type(error))
+    text = f"{type(error).__name__}: {error}"
+    if text not in _NOTED:
+        if len(_NOTED) >= _KEEP:
+            _NOTED.clear()
+        _NOTED[text] = _copy(error)
 
 
-def cause(exc: BaseException, record: list[BaseException]) -> BaseException | None:
+def cause(exc: BaseException) -> BaseException | None:
     """The parallelkit error ``exc`` hides, or ``None`` when ``exc`` is the real one.
 
-    ``exc`` hides an error of ``record`` when that error is in ``exc``'s
-    ``__context__`` / ``__cause__`` chain, or when ``exc``'s text quotes it (what
-    pydantic keeps of an exception raised while reading an attribute).
+    ``exc`` hides a noted error when one is in its ``__cause__`` / ``__context__``
+    chain (returned itself), or when ``exc``'s text quotes one (what pydantic keeps
+    of an exception raised while reading an attribute: a new copy is returned).
     """
-    if any(exc is seen for seen in record):
+    if not _TYPES or type(exc) in _TYPES:
         return None
     chain: list[BaseException] = []
     link: BaseException | None = exc
     while link is not None and len(chain) < 32 and all(link is not c for c in chain):
         chain.append(link)
         link = link.__cause__ or link.__context__
-    for seen in reversed(record):
-        if any(seen is c for c in chain[1:]):
-            return seen
+    for link in chain[1:]:
+        if type(link) in _TYPES:
+            return link
     text = _text(exc)
-    for seen in reversed(record):
-        if f"{type(seen).__name__}: {seen}" in text:
-            return seen
+    for quoted, error in list(_NOTED.items()):
+        if quoted in text:
+            return _copy(error)
     return None
+
+
+def _copy(error: BaseException) -> BaseException:
+    """A new instance with ``error``'s arguments and attributes (no traceback, no
+    ``__init__`` call: its signature need not match ``args``)."""
+    copy: Any = BaseException.__new__(type(error), *error.args)
+    copy.__dict__.update(vars(error))
+    return copy  # type: ignore[no-any-return]
 
 
 def _text(exc: BaseException) -> str:
