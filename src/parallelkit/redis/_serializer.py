@@ -221,7 +221,12 @@ class JSONSerializer:
             fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
             return self._fields(value, fields, tagged)
         if _is_model(value):
-            return self._fields(value, value.model_dump(mode="python"), tagged)
+            # a listed model is rebuilt by model_validate: not from its computed fields,
+            # which an extra="forbid" model would refuse
+            kind = type(value)
+            computed = kind in self._names and getattr(kind, "model_computed_fields", None)
+            fields = value.model_dump(mode="python", exclude=set(computed) if computed else None)
+            return self._fields(value, fields, tagged)
         as_dict = getattr(value, "_asdict", None)
         if callable(as_dict):
             return self._prepare(dict(as_dict()), tagged)
