@@ -365,4 +365,4 @@ class NearCache:
                     subscribed()
         finally:
             with anyio.move_on_after(wait, shield=True):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed in redis 8
