@@ -516,3 +516,102 @@ async def test_not_entered_load_waits_as_a_coroutine() -> None:
     pending = loader.load(1)
     assert inspect.iscoroutine(pending)  # the first caller may have to run the batch
     assert await pending == 10
+
+
+async def test_a_load_made_while_the_loader_is_leaving_is_run_by_its_caller() -> None:
+    """`async with loader` leaving waits for a batch in flight; a request still running
+    calls load() meanwhile: its caller runs that batch (as on a loader not entered)."""
+    src = Source()
+    gate = src.gate = anyio.Event()  # holds the first batch in flight
+    loader: pk.BatchLoader[int, int] = pk.BatchLoader(src)
+    got: list[int] = []
+    leaving = anyio.Event()
+
+    async def late_caller() -> None:
+        await leaving.wait()
+        await let_others_run()  # the loader's __aexit__ now waits for the first batch
+        got.append(await loader.load(2))
+        gate.set()  # then the first batch may end, and the loader be left
+
+    with anyio.fail_after(5):  # a hang fails the test instead of stalling the suite
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(late_caller)
+            async with loader:
+                tg.start_soon(loader.load, 1)
+                await wait_until(lambda: len(src.calls) == 1)  # the first batch is in flight
+                src.gate = None  # the late batch runs through (the first waits on its gate)
+                leaving.set()
+    assert got == [20]
+    assert [sorted(c) for c in src.calls] == [[1], [2]]
+
+
+@asyncio_only
+async def test_a_load_made_before_entering_joins_a_batch_with_a_list_result() -> None:
+    """The coroutine of a load() made before `async with` joins inline when awaited,
+    next to a future made inside: the aligned-list fast path must not skip it."""
+    import asyncio
+
+    loader = pk.BatchLoader(Source(lambda keys: [f"row {k}" for k in keys]))
+    early = loader.load(1)  # a coroutine: the loader is not entered yet
+    with anyio.fail_after(5):
+        async with loader:
+            late = loader.load(2)  # a future, joining the open batch at once
+            assert await asyncio.gather(late, early) == ["row 2", "row 1"]
+
+
+@pytest.mark.parametrize("entered", [True, False], ids=["entered", "not-entered"])
+async def test_a_failed_batch_raised_to_many_callers_keeps_one_traceback(entered: bool) -> None:
+    """Every caller gets the same exception object; each raise must not add its frames
+    to the next caller's traceback (500 callers gave a 1,500-frame traceback)."""
+    import traceback
+    from contextlib import AsyncExitStack
+
+    boom = ConnectionError("db down")
+
+    def result(keys: list[int]) -> dict[int, int]:
+        raise boom
+
+    loader = pk.BatchLoader(Source(result))
+    depths: list[int] = []
+    errors: list[BaseException] = []
+
+    async def one(key: int) -> None:
+        try:
+            await loader.load(key)
+        except ConnectionError as exc:
+            errors.append(exc)
+            depths.append(len(traceback.extract_tb(exc.__traceback__)))
+
+    async with AsyncExitStack() as stack:
+        if entered:
+            await stack.enter_async_context(loader)
+        async with anyio.create_task_group() as tg:
+            for key in range(50):
+                tg.start_soon(one, key)
+    assert len(depths) == 50
+    assert all(e is boom for e in errors)
+    assert max(depths) <= 10, depths  # grew by 3 frames per caller before
+
+
+async def test_load_many_checks_its_keys_before_queuing_any() -> None:
+    src = Source()
+    async with pk.BatchLoader(src) as loader:
+        with pytest.raises(TypeError, match=r"keys must be hashable, got list \[2\]"):
+            await loader.load_many([1, [2], 3])  # type: ignore[list-item]
+        with pytest.raises(TypeError, match="keys must be an iterable of keys, got int"):
+            await loader.load_many(5)  # type: ignore[arg-type]
+        assert await loader.load(5) == 50
+    assert src.calls == [[5]]  # key 1 of the refused call was never queued
+
+
+async def test_load_is_an_async_callable_for_map_and_imap() -> None:
+    import inspect
+    import sys
+
+    src = Source()
+    async with pk.BatchLoader(src) as loader:
+        assert await pk.map(loader.load, [1, 2, 3]) == [10, 20, 30]
+        async with pk.imap(loader.load, [4, 5]) as results:
+            assert sorted([v async for v in results]) == [40, 50]
+    if sys.version_info >= (3, 12):
+        assert inspect.iscoroutinefunction(loader.load)

@@ -613,6 +613,80 @@ async def test_a_failing_tracing_never_breaks_user_code(
     assert caplog.records, "the tracing failure is logged"
 
 
+class Unprintable(Exception):
+    """An exception whose ``__str__`` fails (it reads an attribute never set)."""
+
+    def __str__(self) -> str:
+        return str(self.message)  # type: ignore[attr-defined]
+
+
+class SpanMethodsRaise(trace.NonRecordingSpan):
+    def record_exception(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("record_exception")
+
+    def set_status(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("set_status")
+
+    def set_attribute(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("set_attribute")
+
+
+class SpanMethodsRaiseTracer(trace.NoOpTracer):
+    def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
+        return SpanMethodsRaise(trace.INVALID_SPAN_CONTEXT)
+
+
+class SpanMethodsRaiseProvider(trace.NoOpTracerProvider):
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+        return SpanMethodsRaiseTracer()
+
+
+@pytest.mark.parametrize("setup", ["unprintable error", "span methods raise"])
+async def test_tracing_a_failure_never_changes_the_exception(
+    instrumentor: ParallelkitInstrumentor, setup: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fail-fast raises the original, settle keeps it: with tracing on too, even when
+    recording the error fails (a real SDK formats ``str(exc)``; a tracer may raise)."""
+    provider: Any = TracerProvider() if setup == "unprintable error" else SpanMethodsRaiseProvider()
+    instrumentor.instrument(tracer_provider=provider, item_spans=True)
+    error = Unprintable() if setup == "unprintable error" else ValueError("two")
+
+    async def step_fails() -> None:
+        await anyio.lowlevel.checkpoint()
+        raise error
+
+    async def item(x: int) -> int:
+        if x == 2:
+            await step_fails()
+        return x
+
+    flow = pk.Flow()
+    flow.step(step_fails)
+    with pytest.raises(type(error)) as raised:
+        await flow.run()
+    assert raised.value is error
+    with pytest.raises(type(error)) as raised:
+        await pk.map(item, range(3))
+    assert raised.value is error
+    outcomes = await pk.map(item, range(3), settle=True)
+    assert outcomes[2].error is error
+    assert [o.value for o in outcomes if o.ok] == [0, 1]
+    assert caplog.records, "the tracing failure is logged"
+
+
+@pytest.mark.parametrize(
+    "option", [{"tracer_provider": "nope"}, {"meter_provider": 42}], ids=["tracer", "meter"]
+)
+async def test_providers_must_be_providers(
+    instrumentor: ParallelkitInstrumentor, option: dict[str, Any]
+) -> None:
+    name = next(iter(option))
+    with pytest.raises(TypeError, match=f"{name} must be an OpenTelemetry"):
+        instrumentor.instrument(**option)
+    assert instrument.current is None
+    assert not instrumentor.is_instrumented_by_opentelemetry
+
+
 def test_import_parallelkit_does_not_import_opentelemetry() -> None:
     code = (
         "import sys\n"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
 
+import anyio
 import pytest
 
 pytest.importorskip("fastapi")
@@ -87,3 +89,28 @@ def test_the_service_benchmark_runs_only_when_named() -> None:
     assert "service" in available()
     assert "service" not in default()
     assert default() == [n for n in available() if n != "service"]
+
+
+@pytest.mark.slow
+def test_calls_are_counted_per_request_and_by_library(capsys: pytest.CaptureFixture[str]) -> None:
+    """The call counter serves each variant in-process (SQLite): every answer is checked,
+    and only the parallelkit variant calls into parallelkit (the others never import it)."""
+    from benchmarks import service_calls
+
+    counts = {
+        v: anyio.run(
+            functools.partial(
+                service_calls.count, v, "payment", clients=4, requests=20, database=None
+            )
+        )
+        for v in ("expert", "parallelkit")
+    }
+    for v, result in counts.items():
+        assert result["total"] == pytest.approx(sum(result["by_library"].values()))
+        assert result["by_library"]["sqlalchemy"] > 0, v
+    assert "parallelkit" not in counts["expert"]["by_library"]
+    assert counts["parallelkit"]["by_library"]["parallelkit"] > 0
+    assert service_calls.main(["--endpoint", "read", "--requests", "10", "--clients", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "read: calls per request" in out
+    assert "total" in out

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine, Iterable, Mapping
-from typing import Any, TypeVar, cast
+from types import TracebackType
+from typing import Any, NoReturn, TypeVar, cast
 
 import anyio
 from typing_extensions import final
@@ -102,6 +103,7 @@ class Batch:
         "loop",
         "plain",
         "scope",
+        "tracebacks",
         "values",
     )
 
@@ -120,11 +122,27 @@ class Batch:
         self.finished = False
         self.values: Mapping[Any, Any] = {}
         self.error: BaseException | None = None  # the whole call failed
+        # each error's traceback as the batch got it, by id(error) (made on first use)
+        self.tracebacks: dict[int, TracebackType | None] | None = None
+
+    def keep_traceback(self, error: BaseException) -> None:
+        """Remember ``error``'s traceback as it is now (before any caller raises it)."""
+        kept = self.tracebacks
+        if kept is None:
+            kept = self.tracebacks = {}
+        kept.setdefault(id(error), error.__traceback__)
+
+    def _raise(self, error: BaseException) -> NoReturn:
+        """Raise ``error`` (shared by every caller of the batch) with the traceback it had
+        when the batch got it: each caller's raise does not add to the next one's."""
+        self.keep_traceback(error)
+        assert self.tracebacks is not None
+        raise error.with_traceback(self.tracebacks[id(error)])
 
     def result(self, key: Any, default: Any) -> Any:
         error = self.error
         if error is not None:
-            raise error
+            self._raise(error)
         value = self.values.get(key, MISSING)
         if value is MISSING:
             if default is not MISSING:
@@ -132,7 +150,7 @@ class Batch:
             msg = f"load_many returned no value for key {key!r}"
             raise KeyError(msg)
         if isinstance(value, Exception):
-            raise value
+            self._raise(value)
         return value
 
     async def wait(self) -> None:

@@ -37,7 +37,7 @@ import anyio
 from typing_extensions import Self, final
 
 from .._core import instrument
-from .._core.check import async_callable, count, flag, number
+from .._core.check import async_callable, count, flag, number, returns_coroutine
 from .._core.owned import OwnedTaskGroup
 from .batch import MISSING, Batch, KeyFuture, asyncio_loop
 
@@ -184,13 +184,16 @@ class BatchLoader(Generic[K, V]):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
+        # From here on a load() waits as on a loader not entered (its caller leads
+        # its batch): the task group that would run a batch takes no new task, so a
+        # future handed out now would never be resolved.
+        self._loop = None
         try:
             if self._batch is not None:
                 self._flush(self._batch)  # send what is queued now, do not wait a window
             # batches in flight finish (errors go to their callers), unless the body failed
             return await self._owner.exit(exc_type, exc, tb, cancel=False)
         finally:
-            self._loop = None
             if self._batch is not None:
                 self._close(self._batch)
 
@@ -265,6 +268,7 @@ class BatchLoader(Generic[K, V]):
         if batch.scope is not None:
             batch.scope.cancel()
 
+    @returns_coroutine  # pk.map(loader.load, ids): an async callable, as `async def` was
     def load(self, key: K) -> Coroutine[Any, Any, V]:
         """Load one key, batched with every other load of this tick.
 
@@ -314,6 +318,7 @@ class BatchLoader(Generic[K, V]):
             batch = self._enqueue(key)
         else:  # the common case, inlined: join the open batch
             self._requests += 1
+            batch.plain = False  # this waiter reads batch.values (see _enqueue)
             keys = batch.keys
             if key not in keys:
                 keys[key] = None
@@ -334,8 +339,21 @@ class BatchLoader(Generic[K, V]):
         """Load several keys (joining the current batch); values in the order of ``keys``.
 
         Raises:
+            TypeError: ``keys`` is not an iterable of hashable keys (checked before
+                any key is queued).
             Exception: the first failing key's error, in the order of ``keys``.
         """
+        given: object = keys
+        if not isinstance(given, Iterable):
+            msg = f"keys must be an iterable of keys, got {type(given).__name__}"
+            raise TypeError(msg)
+        keys = list(keys)
+        try:
+            frozenset(keys)  # hashes every key
+        except TypeError:
+            bad = next(key for key in keys if not isinstance(key, Hashable) or _unhashable(key))
+            msg = f"keys must be hashable, got {type(bad).__name__} {bad!r}"
+            raise TypeError(msg) from None
         batches = [(key, self._enqueue(key)) for key in keys]
         led = list({id(b): b for _, b in batches if b.lead}.values())
         if led:
@@ -402,6 +420,7 @@ class BatchLoader(Generic[K, V]):
                 batch.values = self._align(keys, result)
         except Exception as exc:
             batch.error = exc
+            batch.keep_traceback(exc)
         except BaseException:
             msg = "BatchLoader was closed before this batch finished"
             batch.error = RuntimeError(msg)
@@ -442,3 +461,11 @@ class BatchLoader(Generic[K, V]):
             f"max_batch={self._max_batch}, window={self._window}, cache={self._cache}, "
             f"entered={self._owner.entered}, queued={open_keys})"
         )
+
+
+def _unhashable(key: object) -> bool:
+    try:
+        hash(key)
+    except TypeError:
+        return True
+    return False

@@ -37,6 +37,7 @@ __all__ = [
     "number",
     "number_at_least",
     "number_or_none",
+    "returns_coroutine",
     "strings",
     "text",
     "text_or_none",
@@ -203,10 +204,24 @@ def is_async_callable(fn: object) -> bool:
     """
     while isinstance(fn, functools.partial):
         fn = fn.func
-    if inspect.iscoroutinefunction(fn):
+    if inspect.iscoroutinefunction(fn) or getattr(fn, _MARK, False):
         return True
     call = getattr(type(fn), "__call__", None)  # noqa: B004 - the class's, not a callable check
     return call is not None and not inspect.isfunction(fn) and inspect.iscoroutinefunction(call)
+
+
+_MARK = "_parallelkit_returns_coroutine"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def returns_coroutine(fn: F) -> F:
+    """Mark a plain function that returns a coroutine (or a coroutine-like future) as
+    async for :func:`is_async_callable`, and for :func:`inspect.iscoroutinefunction`
+    on Python 3.12+ (``BatchLoader.load``: ``pk.map(loader.load, ids)``)."""
+    setattr(fn, _MARK, True)
+    mark = getattr(inspect, "markcoroutinefunction", None)
+    return mark(fn) if mark is not None else fn
 
 
 def async_callable(name: str, fn: object, *, what: str = "an async function") -> Callable[..., Any]:

@@ -121,7 +121,8 @@ class ParallelkitInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 options (``skip_dep_check``).
 
         Raises:
-            TypeError: ``item_spans`` is not a bool.
+            TypeError: ``item_spans`` is not a bool, or a provider is not one (no
+                ``get_tracer`` / ``get_meter``); nothing is instrumented then.
         """
         super().instrument(**kwargs)
 
@@ -131,6 +132,12 @@ class ParallelkitInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _instrument(self, **kwargs: Any) -> None:
         item_spans = flag("item_spans", kwargs.get("item_spans", False))
+        for option, method in (("tracer_provider", "get_tracer"), ("meter_provider", "get_meter")):
+            provider = kwargs.get(option)
+            if provider is not None and not callable(getattr(provider, method, None)):
+                msg = f"{option} must be an OpenTelemetry {option.replace('_', ' ')} (with "
+                msg += f"{method}()) or None, got {type(provider).__name__} {provider!r}"
+                raise TypeError(msg)
         version = _version()
         tracer = trace.get_tracer(_SCOPE, version, kwargs.get("tracer_provider"))
         meter = metrics.get_meter(_SCOPE, version, kwargs.get("meter_provider"))

@@ -53,10 +53,39 @@ def report(exc: BaseException) -> None:
     logger.warning("parallelkit.otel: tracing failed; the work goes on", exc_info=exc)
 
 
+def _describe(exc: BaseException) -> str:
+    """``"Type: text"``, even for an exception whose ``__str__`` fails."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<str() of the exception failed>"
+    return f"{type(exc).__name__}: {text}"
+
+
+def record(span: trace.Span, exc: BaseException) -> None:
+    """``span.record_exception``; if recording fails (a tracer that raises, an exception
+    whose ``__str__`` raises), that is logged and ``exc`` goes on unchanged."""
+    try:
+        span.record_exception(exc)
+    except Exception as error:
+        report(error)
+
+
 def fail(span: trace.Span, exc: BaseException) -> None:
-    """Record ``exc`` on ``span`` and set its status to ERROR."""
-    span.record_exception(exc)
-    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+    """Record ``exc`` on ``span`` and set its status to ERROR (never raises)."""
+    record(span, exc)
+    try:
+        span.set_status(Status(StatusCode.ERROR, _describe(exc)))
+    except Exception as error:
+        report(error)
+
+
+def cancelled(span: trace.Span) -> None:
+    """Mark ``span`` as ended by cancellation (never raises)."""
+    try:
+        span.set_attribute("parallelkit.cancelled", True)
+    except Exception as error:
+        report(error)
 
 
 def start(
@@ -137,7 +166,7 @@ class FanoutTrace:
                 fail(span, exc)
                 raise
             except BaseException:
-                span.set_attribute("parallelkit.cancelled", True)
+                cancelled(span)
                 raise
             finally:
                 otel_context.detach(token)
@@ -271,7 +300,7 @@ class GraphTrace:
                     return await node.call(**kwargs)
                 return await inner(node, kwargs)
             except Exception as exc:
-                span.record_exception(exc)
+                record(span, exc)
                 raise
             finally:
                 otel_context.detach(token)
