@@ -23,7 +23,7 @@ import anyio.lowlevel
 import pytest
 
 import parallelkit as pk
-from parallelkit.__main__ import load, main
+from parallelkit.__main__ import UsageError, load, main
 from parallelkit._orchestrator import orchestrator as orchestrator_module
 from parallelkit._orchestrator import services as services_module
 
@@ -193,8 +193,69 @@ def test_cli_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
         main(["run", "no_colon"])
     assert info.value.code == 2
     assert "module:attribute" in capsys.readouterr().err
-    with pytest.raises(TypeError, match=r"not a parallelkit\.Orchestrator"):
+    with pytest.raises(UsageError, match=r"not a parallelkit\.Orchestrator"):
         load("os:sep")
+
+
+CLI_APP = """
+import parallelkit as pk
+
+orch = pk.Orchestrator()
+
+
+def factory_raises():
+    raise ValueError("factory internal bug")
+"""
+
+
+@pytest.fixture
+def cli_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """``cli_app`` (an orchestrator, a factory that fails) and ``cli_needs`` (a module that
+    imports a package that is not installed), importable from the working directory."""
+    (tmp_path / "cli_app.py").write_text(CLI_APP)
+    (tmp_path / "cli_needs.py").write_text("import not_installed_anywhere_pk\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for name in ("cli_app", "cli_needs"):
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["run", "cli_missing:orch"], "no module named 'cli_missing'"),
+        (["run", "cli_app:nope"], "module 'cli_app' has no 'nope'"),
+        (["run", "cli_app:orch", "--log-level", "bogus"], "unknown level 'bogus'"),
+    ],
+    ids=["no module", "no attribute", "log level"],
+)
+def test_cli_a_target_or_option_that_does_not_exist_is_a_usage_error(
+    cli_modules: Path, capsys: pytest.CaptureFixture[str], argv: list[str], said: str
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert said in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("target", "raised"),
+    [
+        ("cli_app:factory_raises", "ValueError: factory internal bug"),
+        ("cli_needs:orch", "No module named 'not_installed_anywhere_pk'"),
+    ],
+    ids=["factory raises", "module's own import fails"],
+)
+def test_cli_an_error_in_the_targets_own_code_is_shown_with_its_traceback(
+    cli_modules: Path, capsys: pytest.CaptureFixture[str], target: str, raised: str
+) -> None:
+    assert main(["run", target]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err
+    assert raised in err
 
 
 # -- serve() in this process: errors come out as start() raises them ---------------------------

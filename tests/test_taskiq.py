@@ -106,6 +106,12 @@ BAD_BROKER = [
     ("prefetch", 1.5, TypeError, "prefetch must be an int"),
     ("prefetch", True, TypeError, "prefetch must be an int"),
     ("retry", 3, TypeError, r"retry must be a parallelkit\.Retry"),
+    ("queue", 5, TypeError, "queue must be a str"),
+    ("queue", "", ValueError, "queue must not be empty"),
+    ("group", None, TypeError, "group must be a str"),
+    ("consumer", 5, TypeError, "consumer must be a str"),
+    ("poll", 0.0001, ValueError, r"poll must be >= 0\.001"),
+    ("result_ttl", 0.5, ValueError, r"result_ttl must be >= 1\.0"),
 ]
 
 
@@ -167,6 +173,11 @@ class TestArguments:
     ) -> None:
         with pytest.raises(error, match=f"^{message}"):
             pkt.redis_broker("redis://127.0.0.1:6379/0", **{option: value})
+
+    @pytest.mark.parametrize("url", [None, 5, ""])
+    def test_redis_broker_url_is_a_str(self, url: Any) -> None:
+        with pytest.raises((TypeError, ValueError), match=r"^url must"):
+            pkt.redis_broker(url)
 
     def test_redis_broker_configuration(self) -> None:
         broker = pkt.redis_broker(
@@ -319,6 +330,25 @@ class TestOnWorkers:
         assert len(pulled) < 20  # kicking stopped at the failure
         if sys.version_info >= (3, 11):
             assert any("Taskiq task pk_tests.fail_some" in n for n in caught.value.__notes__)
+
+    async def test_a_result_that_cannot_be_stored_fails_its_item(self, tasks: Tasks) -> None:
+        """The worker cannot serialize the return value: the item fails with a
+        TypeError saying so (it used to wait forever: no result was ever stored)."""
+        with anyio.fail_after(GUARD):
+            outcomes = await pkt.map(tasks.opaque, [1, 2], settle=True)
+        for outcome in outcomes:
+            assert isinstance(outcome.error, TypeError)
+            assert "could not be stored" in str(outcome.error)
+            assert "Opaque" in str(outcome.error)
+
+    async def test_the_wait_for_rate_is_not_part_of_timeout(self, tasks: Tasks) -> None:
+        """10 kicks at 2 per second take 4.5 s to send; each item's `timeout` (3 s)
+        runs from its own kick, so none times out waiting for its turn."""
+        with anyio.fail_after(GUARD):
+            outcomes = await pkt.map(
+                tasks.square, range(10), limit=10, rate=2, timeout=3, settle=True
+            )
+        assert [o.value for o in outcomes] == [x * x for x in range(10)]
 
     async def test_exception_type_rebuilt_when_not_yet_imported(self, tasks: Tasks) -> None:
         sys.modules.pop("tests.taskiq_helpers.errors", None)  # the producer never imported it
@@ -583,3 +613,31 @@ def test_docs_recipe_runs(redis_url: str, tmp_path: Path) -> None:
         assert len(retried) == len([c for c in range(300) if c % 97 == 13])  # flaky, retried
     finally:
         drop_keys(redis_url, queue)
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_completions_keep_only_the_ids_of_items_in_flight(redis_url: str) -> None:
+    """A publication for an id no item waits on any more (it read its result by
+    polling first) is dropped: what is kept stays O(items in flight), not O(items)."""
+    from redis.asyncio import Redis
+
+    from parallelkit.taskiq._completions import Completions
+
+    client = Redis.from_url(redis_url)
+    try:
+        async with Completions(client, f"pk-test-{uuid.uuid4().hex[:10]}") as done:
+            done.expect("in-flight")
+            for task_id in ("read-already-1", "read-already-2", "in-flight"):
+                await client.publish(done.channel, task_id)
+            with anyio.fail_after(GUARD):
+                await done.wait("in-flight", GUARD)  # published: returns at once
+                done.expect("late")
+                await client.publish(done.channel, "late")
+                while "late" not in done._early:  # in order after the two above
+                    await anyio.sleep(0.01)
+            assert done._early == {"late"}  # never the ids nobody expects
+            done.forget("late")
+            assert done._early == set()
+    finally:
+        await client.aclose()

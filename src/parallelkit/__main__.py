@@ -6,7 +6,9 @@ ordered stop: the seed's "dev server + watchers" workflow as one command. Stops
 on SIGINT / SIGTERM (a second one forces it).
 
 Exit codes: ``0`` after a signal-initiated stop, ``1`` when a service failed to
-start or crashed, ``2`` for a usage error.
+start or crashed (or the target's own module or factory raised: its traceback is
+printed), ``2`` for a usage error (a malformed target, a module or attribute that
+does not exist, something that is not an Orchestrator, a bad option).
 """
 
 from __future__ import annotations
@@ -28,23 +30,61 @@ from ._orchestrator.running import Running
 __all__ = ["main"]
 
 
+_MISSING = object()
+
+
+class UsageError(Exception):
+    """The target names no Orchestrator (exit code 2, with the usage)."""
+
+
 def load(target: str) -> Orchestrator:
-    """Import ``module:attribute`` (the attribute may be an Orchestrator or a factory)."""
+    """Import ``module:attribute`` (the attribute may be an Orchestrator or a factory).
+
+    Raises:
+        UsageError: the target is malformed, its module or attribute does not exist,
+            or it is not an Orchestrator (nor a factory of one).
+        Exception: whatever the user's module or factory raised (not a usage error:
+            its traceback is shown).
+    """
     module_name, sep, attribute = target.partition(":")
     if not sep or not module_name or not attribute:
         msg = f"expected 'module:attribute', got {target!r}"
-        raise ValueError(msg)
+        raise UsageError(msg)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    obj: object = importlib.import_module(module_name)
+    try:
+        obj: object = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # the target's own module (or a package of it) is missing: a usage error; a
+        # module that the target imports is missing: the target's own error
+        missing = exc.name or ""
+        if missing and (module_name == missing or module_name.startswith(f"{missing}.")):
+            msg = f"no module named {missing!r}"
+            raise UsageError(msg) from None
+        raise
     for part in attribute.split("."):
-        obj = getattr(obj, part)
+        found = getattr(obj, part, _MISSING)
+        if found is _MISSING:
+            msg = f"{type(obj).__name__} {getattr(obj, '__name__', obj)!r} has no {part!r}"
+            raise UsageError(msg)
+        obj = found
     if not isinstance(obj, Orchestrator) and callable(obj):
-        obj = obj()
+        obj = obj()  # a factory: what it raises is its own error
     if not isinstance(obj, Orchestrator):
         msg = f"{target!r} is {type(obj).__name__}, not a parallelkit.Orchestrator"
-        raise TypeError(msg)
+        raise UsageError(msg)
     return obj
+
+
+def _log_level(value: str) -> int | str:
+    """``--log-level``: a level name (any case) or number."""
+    if value.isdigit():
+        return int(value)
+    name = value.upper()
+    if not isinstance(logging.getLevelName(name), int):
+        msg = f"unknown level {value!r} (DEBUG, INFO, WARNING, ERROR, CRITICAL or a number)"
+        raise argparse.ArgumentTypeError(msg)
+    return name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,15 +95,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("target", help="module:attribute of an Orchestrator (or a factory)")
     run.add_argument("--timeline", action="store_true", help="print the start-up timeline")
     run.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
-    run.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    run.add_argument(
+        "--log-level", type=_log_level, default="INFO", help="logging level (default INFO)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     try:
         orch = load(args.target)
-    except (ImportError, AttributeError, ValueError, TypeError) as exc:
+    except UsageError as exc:
         parser.error(f"cannot load {args.target!r}: {exc}")
+    except Exception:  # the target's own code failed (an import inside it, its factory)
+        traceback.print_exc()
+        return 1
 
     def ready(running: Running) -> None:
         if args.timeline:

@@ -32,6 +32,7 @@ class Tasks:
     fail_some: Any
     sleepy: Any
     flaky: Any
+    opaque: Any
 
 
 def build(url: str, queue: str, *, consumer: str | None = None) -> Tasks:
@@ -90,7 +91,19 @@ def build(url: str, queue: str, *, consumer: str | None = None) -> Tasks:
             raise ConnectionError(msg)
         return attempt
 
-    return Tasks(broker, queue, square, logged, fail_some, sleepy, flaky)
+    @broker.task(task_name="pk_tests.opaque")
+    async def opaque(x: int) -> Any:
+        """Return a value the JSON result cannot hold."""
+        return Opaque(x)
+
+    return Tasks(broker, queue, square, logged, fail_some, sleepy, flaky, opaque)
+
+
+class Opaque:
+    """Not JSON-serializable (no pydantic schema either)."""
+
+    def __init__(self, x: int) -> None:
+        self.x = x
 
 
 def from_environment() -> Tasks:

@@ -24,7 +24,7 @@ from taskiq_redis import RedisStreamBroker as _TaskiqRedisStreamBroker
 from taskiq_redis.exceptions import ResultIsMissingError
 from typing_extensions import final
 
-from .._core.check import count, number
+from .._core.check import count, number_at_least, text
 from .._core.retry import Retry
 from ._completions import LABEL_DONE
 
@@ -295,7 +295,22 @@ class _ResultBackend(_OneClient, RedisAsyncResultBackend):  # type: ignore[type-
     async def set_result(self, task_id: str, result: TaskiqResult[Any]) -> None:
         """Store the result; if the kick asked for it, publish the task id as done
         (pipelined with the ``SET``: one round trip, see ``_completions``)."""
-        value = self.serializer.dumpb(result.model_dump(mode="json"))
+        try:
+            value = self.serializer.dumpb(result.model_dump(mode="json"))
+        except Exception as exc:  # a return value the result cannot hold: its caller is told
+            msg = (
+                f"the task's result could not be stored: {type(exc).__name__}: {exc} "
+                f"(return value of type {type(result.return_value).__name__}; return "
+                "JSON-serializable values)"
+            )
+            failed = TaskiqResult[Any](
+                is_err=True,
+                return_value=None,
+                execution_time=result.execution_time,
+                labels=result.labels,
+                error=TypeError(msg),
+            )
+            value = self.serializer.dumpb(failed.model_dump(mode="json"))
         name, ex, px = self._task_name(task_id), self.result_ex_time, self.result_px_time
         channel = result.labels.get(LABEL_DONE)
         if not isinstance(channel, str):
@@ -371,10 +386,12 @@ def redis_broker(
         lost) and ``await broker.shutdown()`` at exit.
 
     Raises:
-        TypeError: ``idle_timeout``, ``poll`` or ``result_ttl`` not a number,
+        TypeError: ``url``, ``queue``, ``group`` or ``consumer`` not a str;
+            ``idle_timeout``, ``poll`` or ``result_ttl`` not a number,
             ``prefetch`` not an int, ``retry`` not a :class:`parallelkit.Retry`.
-        ValueError: a non-positive or non-finite ``idle_timeout``, ``poll``,
-            ``prefetch`` or ``result_ttl``.
+        ValueError: an empty ``url``, ``queue``, ``group`` or ``consumer``; a
+            non-finite ``idle_timeout``, ``poll`` or ``result_ttl``, or one below
+            its floor (1 ms; ``result_ttl`` 1 s); ``prefetch`` below 1.
 
     Example:
         ```python
@@ -386,8 +403,14 @@ def redis_broker(
         ```
         Workers: ``taskiq worker myapp.tasks:broker --max-async-tasks 20``.
     """
-    for name, value in (("idle_timeout", idle_timeout), ("poll", poll), ("result_ttl", result_ttl)):
-        number(name, value)
+    for name, value in (("url", url), ("queue", queue), ("group", group)):
+        text(name, value)
+    if consumer is not None:
+        text("consumer", consumer)
+    # Redis counts these in milliseconds; a result must outlive its trip to the producer
+    number_at_least("idle_timeout", idle_timeout, 0.001)
+    number_at_least("poll", poll, 0.001)
+    number_at_least("result_ttl", result_ttl, 1.0)
     count("prefetch", prefetch)
     broker = RedeliveringStreamBroker(
         url,

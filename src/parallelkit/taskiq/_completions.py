@@ -34,14 +34,18 @@ LABEL_DONE = "pk_done"
 class Completions:
     """One producer call's subscription to its finished task ids (``async with``)."""
 
-    __slots__ = ("_client", "_early", "_owner", "_pubsub", "_waiting", "channel", "listening")
+    __slots__ = ("_client", "_early", "_expected", "_owner", "_pubsub", "_waiting", "channel",
+                 "listening")  # fmt: skip
 
     def __init__(self, client: Any, prefix: str) -> None:
         self._client = client
         self.channel = f"{prefix}:done:{uuid.uuid4().hex}"
         self._pubsub: Any = None
         self._waiting: dict[str, anyio.Event] = {}
-        self._early: set[str] = set()  # published before anyone waited for them
+        # the task ids of the items in flight (kicked, result not read yet): a
+        # publication is kept only for them, so what is kept stays O(in flight)
+        self._expected: set[str] = set()
+        self._early: set[str] = set()  # published while their item was not waiting
         self._owner = OwnedTaskGroup("these Taskiq completions")
         self.listening = False
 
@@ -75,7 +79,7 @@ class Completions:
                 await self._pubsub.aclose()
 
     async def _listen(self) -> None:
-        pubsub, waiting, early = self._pubsub, self._waiting, self._early
+        pubsub, waiting, early, expected = self._pubsub, self._waiting, self._early, self._expected
         try:
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
@@ -84,14 +88,26 @@ class Completions:
                 data = message["data"]
                 task_id = data.decode() if isinstance(data, bytes) else str(data)
                 event = waiting.pop(task_id, None)
-                if event is None:
-                    early.add(task_id)
-                else:
+                if event is not None:
                     event.set()
+                elif task_id in expected:  # (else: its item has read its result already)
+                    early.add(task_id)
         except Exception:  # the connection broke: the items go on polling
             self.listening = False
             for event in waiting.values():
                 event.set()
+
+    def expect(self, task_id: str) -> None:
+        """An item kicked ``task_id``: keep its publication until it reads its result.
+
+        (A publication that arrives before this call is dropped: the result is then
+        already stored, and the item's first read finds it.)"""
+        self._expected.add(task_id)
+
+    def forget(self, task_id: str) -> None:
+        """The item of ``task_id`` has its result (or gave up): keep nothing for it."""
+        self._expected.discard(task_id)
+        self._early.discard(task_id)
 
     async def wait(self, task_id: str, seconds: float) -> None:
         """Return when ``task_id`` is published as finished, or after ``seconds``."""

@@ -153,6 +153,8 @@ class _Kick:
         self._name: str = task.task_name
 
     async def __call__(self, item: Any) -> Any:
+        if self._gate is not None:  # the rate: before the kick, outside its timeout
+            await self._gate()
         if self._timeout is None:
             return await self._run(item)
         with anyio.move_on_after(self._timeout):
@@ -164,16 +166,18 @@ class _Kick:
         raise TimeoutError(msg)
 
     async def _run(self, item: Any) -> Any:
-        if self._gate is not None:
-            await self._gate()
         handle = await self._kicker.kiq(item)
         backend = handle.result_backend
         delay = _POLL_FIRST
         completions = self.completions
         if isinstance(backend, _ResultBackend) and completions is not None:  # one GET a poll
-            while (result := await backend.fetch(handle.task_id)) is None:
-                await completions.wait(handle.task_id, delay)
-                delay = min(delay * 1.5, _POLL_MAX)
+            completions.expect(handle.task_id)
+            try:
+                while (result := await backend.fetch(handle.task_id)) is None:
+                    await completions.wait(handle.task_id, delay)
+                    delay = min(delay * 1.5, _POLL_MAX)
+            finally:
+                completions.forget(handle.task_id)
         else:
             while not await handle.is_ready():
                 await anyio.sleep(delay)
@@ -251,7 +255,8 @@ async def map(
             ``parallelkit.redis.RedisLimiter(..., rate=25)``, entered once per kick,
             to hold one global rate across all producers.
         timeout: seconds from kicking an item until its result is back (time
-            queued, retries and all); past it the item fails with
+            queued, retries and all; not the wait for ``rate``, before the kick);
+            past it the item fails with
             :class:`TimeoutError`. The worker is told the same timeout, so it
             stops an attempt that runs longer.
         settle: return an :class:`~parallelkit.Outcome` per item instead of
