@@ -146,6 +146,7 @@ EngineDep = Annotated[Engine, service("db", Engine)]
 GreetingDep = Annotated[str, service(greeting)]  # by the service's function
 RunningDep = Annotated[pk.Running, running()]
 WrongDep = Annotated[str, service("db", str)]
+StrDbDep = Annotated[str, service("db")]
 
 
 def fastapi_app(events: list[str]) -> Any:
@@ -208,6 +209,62 @@ def test_typed_dependencies_run_on_the_event_loop() -> None:
 
     for marker in (service("db", Engine), service(greeting), running()):
         assert inspect.iscoroutinefunction(marker.dependency), marker
+
+
+def test_service_markers_are_checked_when_made_and_shared_for_overrides() -> None:
+    from typing import Protocol
+
+    class NotRuntime(Protocol):
+        def ping(self) -> None: ...
+
+    with pytest.raises(ValueError, match="an identifier"):
+        service("")
+    with pytest.raises(ValueError, match="an identifier"):
+        service("has space")
+    with pytest.raises(TypeError, match="expected cannot be checked"):
+        service("db", NotRuntime)
+    # one dependency per (service, expected): app.dependency_overrides applies everywhere
+    assert service("db").dependency is service("db").dependency
+    assert service("db", Engine).dependency is EngineDep.__metadata__[0].dependency
+    assert service("db").dependency is not service("db", Engine).dependency
+    assert running().dependency is RunningDep.__metadata__[0].dependency
+
+
+async def test_dependency_overrides_replace_a_service_in_every_handler() -> None:
+    from fastapi import FastAPI
+
+    orch = pk.Orchestrator()
+
+    @orch.service
+    async def db() -> str:
+        return "real-db"
+
+    app = FastAPI(lifespan=lifespan(orch))
+
+    @app.get("/a")
+    async def a(value: str = service("db")) -> str:
+        return value
+
+    @app.get("/b")
+    async def b(value: StrDbDep) -> str:
+        return value
+
+    async def fake() -> str:
+        return "fake-db"
+
+    app.dependency_overrides[service("db").dependency] = fake
+    async with app.router.lifespan_context(app) as state:
+        transport = httpx.ASGITransport(app=with_state(app, state))
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            assert [(await client.get(p)).json() for p in ("/a", "/b")] == ["fake-db"] * 2
+
+
+@pytest.mark.parametrize("connection", [None, "x", Starlette()], ids=["None", "str", "app"])
+def test_running_from_needs_a_request(connection: object) -> None:
+    from parallelkit.asgi import running_from
+
+    with pytest.raises(TypeError, match="connection must be a request or websocket"):
+        running_from(connection)
 
 
 async def test_running_from_a_starlette_request() -> None:

@@ -191,8 +191,18 @@ async def test_cancellation_is_not_swallowed_by_a_check() -> None:
 def test_validation() -> None:
     with pytest.raises(ValueError, match="port"):
         pk.probes.tcp("127.0.0.1", 0)
-    with pytest.raises(TypeError, match="host"):
+    with pytest.raises(ValueError, match="host must not be empty"):
         pk.probes.tcp("", 80)
+    with pytest.raises(TypeError, match="host must be a str"):
+        pk.probes.tcp(None, 80)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="non-empty collection"):
+        pk.probes.http("http://x/", status=[])
+    with pytest.raises(TypeError, match="check must be an async function"):
+        Probe("x", 5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="check must be an async function"):
+        Probe("x", lambda value: None)  # type: ignore[arg-type,return-value]
+    with pytest.raises(TypeError, match="name must be a str"):
+        Probe(5, pk.probes.call(lambda: True)._check)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="url"):
         pk.probes.http("ftp://x/")
     with pytest.raises(TypeError, match="status"):

@@ -316,6 +316,10 @@ async def _app(scope: Any, receive: Any, send: Any) -> None:
         ({"header": 3}, TypeError, "header must be a non-empty str or None"),
         ({"on_request": 3}, TypeError, "on_request must be a callable"),
         ({"engine": "sqlite://"}, TypeError, r"count_queries\(\) target must be"),
+        ({"max_queries": 3}, ValueError, "max_queries needs engine="),
+        ({"max_queries": 3, "enforce": True}, ValueError, "max_queries needs engine="),
+        ({"enforce": False}, ValueError, "enforce needs engine="),
+        ({"on_request": print}, ValueError, "on_request needs engine="),
     ],
 )
 def test_request_guard_rejects_bad_arguments(

@@ -353,3 +353,43 @@ def test_the_plugin_turns_the_guard_on_for_the_session_and_off_after(
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "after.txt").read_text() == "False False"
+
+
+LAZY_IMPORT_TEST = """
+import pytest
+
+
+@pytest.fixture
+def engine():
+    from sqlalchemy import create_engine  # the first import of SQLAlchemy: in a fixture
+
+    return create_engine("sqlite://")
+
+
+def test_guard_is_on_though_sqlalchemy_was_imported_late(engine):
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    from parallelkit.sqlalchemy import _sessions, _testing
+
+    assert event.contains(Session, "after_transaction_create", _sessions._on_transaction)
+    assert _testing.active
+"""
+
+
+def test_the_plugin_guards_a_session_whose_fixture_imports_sqlalchemy(tmp_path: Path) -> None:
+    """Whether SQLAlchemy is installed decides, not whether it was imported before the
+    first test: a fixture that imports it would otherwise leave the guard off, silently."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_lazy.py").write_text(LAZY_IMPORT_TEST)
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -99,7 +99,13 @@ def running_from(connection: Any, /) -> Running:
         ```
     """
     scope = getattr(connection, "scope", None)
-    state = scope.get("state") if isinstance(scope, Mapping) else None
+    if not isinstance(scope, Mapping):
+        msg = (
+            "connection must be a request or websocket (anything with an ASGI scope), "
+            f"got {type(connection).__name__} {connection!r}"
+        )
+        raise TypeError(msg)
+    state = scope.get("state")
     found = state.get(STATE_KEY) if isinstance(state, Mapping) else None
     if not isinstance(found, Running):
         msg = (
@@ -127,9 +133,16 @@ def service(service: str | Callable[..., Any], expected: type[Any] | None = None
     Returns:
         a ``fastapi.Depends`` marker.
 
+    The marker's dependency is one function per ``(service, expected)``: override it
+    in tests with ``app.dependency_overrides[service("db").dependency] = fake``, and
+    every handler that asks for ``service("db")`` gets the fake.
+
     Raises:
         TypeError: ``service`` is neither a name nor a callable, or ``expected``
-            is not a class.
+            is not a class (or is a protocol not marked ``@runtime_checkable``:
+            it cannot be checked).
+        ValueError: ``service`` is a name that is not an identifier (no service
+            can have it).
 
     Example:
         ```python
@@ -140,15 +153,33 @@ def service(service: str | Callable[..., Any], expected: type[Any] | None = None
     if not isinstance(service, str) and not callable(service):
         msg = f"service must be a service name or its function, got {service!r}"  # type: ignore[unreachable]
         raise TypeError(msg)
+    if isinstance(service, str) and not service.isidentifier():
+        msg = f"service must be a service's name (an identifier), got {service!r}"
+        raise ValueError(msg)
     if expected is not None and not isinstance(expected, type):
         msg = f"expected must be a class or None, got {expected!r}"  # type: ignore[unreachable]
         raise TypeError(msg)
-    name = service if isinstance(service, str) else getattr(service, "__name__", repr(service))
+    if expected is not None:
+        try:
+            isinstance(None, expected)  # what each request will check
+        except TypeError as exc:  # a protocol that is not @runtime_checkable
+            msg = f"expected cannot be checked with isinstance(): {exc}"
+            raise TypeError(msg) from None
+    key = (service, expected)
+    marker = _MARKERS.get(key)
+    if marker is None:
+        name = service if isinstance(service, str) else getattr(service, "__name__", "service")
 
-    def dependency(connection: Any) -> Any:
-        return running_from(connection)._lookup(service, expected)
+        def dependency(connection: Any) -> Any:
+            return running_from(connection)._lookup(service, expected)
 
-    return _depends(dependency, f"parallelkit_service_{name}")
+        marker = _MARKERS[key] = _depends(dependency, f"parallelkit_service_{name}")
+    return marker
+
+
+#: one ``Depends`` marker per ``(service, expected)``: ``app.dependency_overrides``
+#: keyed by its dependency applies to every handler that asks for that service
+_MARKERS: dict[tuple[Any, Any], Any] = {}
 
 
 def running() -> Any:
@@ -161,7 +192,10 @@ def running() -> Any:
             return {"status": (await running.health()).status}
         ```
     """
-    return _depends(running_from, "parallelkit_running")
+    marker = _MARKERS.get(("running", None))
+    if marker is None:
+        marker = _MARKERS["running", None] = _depends(running_from, "parallelkit_running")
+    return marker
 
 
 def _depends(fn: Callable[[Any], Any], name: str) -> Any:

@@ -38,7 +38,14 @@ import anyio
 import anyio.abc
 from typing_extensions import final
 
-from ._core.check import callable_, count, number, number_or_none
+from ._core.check import (
+    async_callable,
+    callable_,
+    count,
+    number,
+    number_or_none,
+    text,
+)
 
 __all__ = ["Probe", "call", "http", "tcp"]
 
@@ -79,8 +86,10 @@ class Probe:
         initial: float = 0.001,
         max_interval: float = 0.05,
     ) -> None:
-        self.name = name
-        self._check = check
+        self.name = text("name", name)
+        self._check: CheckFn = async_callable(
+            "check", check, what="an async function (value) -> None or the reason"
+        )
         self.initial = number("initial", initial)
         self.max_interval = number("max_interval", max_interval)
         if self.max_interval < self.initial:
@@ -168,9 +177,7 @@ def tcp(
         async def redis(): ...
         ```
     """
-    if not isinstance(host, str) or not host:
-        msg = f"host must be a non-empty str, got {host!r}"
-        raise TypeError(msg)
+    text("host", host)
     if count("port", port) > 65535:
         msg = f"port must be <= 65535, got {port!r}"
         raise ValueError(msg)
@@ -225,7 +232,10 @@ def http(
     accepted: Collection[int]
     if isinstance(status, int) and not isinstance(status, bool):
         accepted = (_status("status", status),)
-    elif isinstance(status, Collection) and not isinstance(status, (str, bytes)) and status:
+    elif isinstance(status, Collection) and not isinstance(status, (str, bytes)):
+        if not status:
+            msg = "status must be an int or a non-empty collection of ints, got an empty one"
+            raise ValueError(msg)
         accepted = status
         for code in status:
             _status("status", code)
@@ -284,6 +294,13 @@ def call(
     ``fn`` takes no argument, or one: the service's value (what its setup
     yielded), so a probe can ask the service itself. An exception raised by
     ``fn`` counts as "not ready" and becomes the reason reported on timeout.
+
+    ``fn`` runs in the event loop, sync or async; if it returns an awaitable
+    (``lambda engine: engine.ping()``), that is awaited. A sync ``fn`` must not
+    block: nothing can interrupt it, so it stalls every task and outlives the
+    timeout. Give a blocking check to a worker thread yourself, where the timeout
+    can leave it behind:
+    ``pk.probes.call(lambda: anyio.to_thread.run_sync(ping, abandon_on_cancel=True))``.
 
     Args:
         fn: the check; may be a coroutine function.

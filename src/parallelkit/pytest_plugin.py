@@ -1,8 +1,9 @@
 """pytest plugin registered by parallelkit (entry point ``pytest11``).
 
 Importing it imports no optional dependency and changes nothing. During a test
-session it does two things, only when your tests use SQLAlchemy (it has been
-imported by the time the first test runs):
+session it does two things, when SQLAlchemy is installed (then it imports it at
+the start of the session, so a ``conftest.py`` that imports SQLAlchemy only
+inside a fixture is guarded too):
 
 * turns on :func:`parallelkit.sqlalchemy.guard_sessions` (sharing one
   ``AsyncSession`` between tasks raises ``SessionInUseError``) for the whole
@@ -21,6 +22,7 @@ Fixtures:
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -47,11 +49,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _parallelkit_guard_sessions(request: pytest.FixtureRequest) -> Iterator[None]:
-    """On for the test session when the tests use SQLAlchemy and the ini option allows."""
-    if "sqlalchemy" not in sys.modules or not request.config.getini(_INI):
+    """On for the test session when SQLAlchemy is installed and the ini option allows.
+
+    Decided when the session starts, before any fixture of the user's runs: whether
+    SQLAlchemy is *installed*, not whether it was imported yet (a fixture that
+    imports it runs later, and would otherwise leave the guard silently off)."""
+    if not request.config.getini(_INI) or (
+        "sqlalchemy" not in sys.modules and importlib.util.find_spec("sqlalchemy") is None
+    ):
         yield
         return
-    from .sqlalchemy import _testing, guard_sessions
+    try:
+        from .sqlalchemy import _testing, guard_sessions
+    except ImportError:  # SQLAlchemy without what parallelkit.sqlalchemy needs: not in use
+        yield
+        return
 
     was_on = guard_sessions(True)
     was_active, _testing.active = _testing.active, True

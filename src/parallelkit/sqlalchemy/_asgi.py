@@ -57,6 +57,13 @@ class RequestGuard:
             whether the pytest plugin is running (``None``).
         header: the response header carrying the count, or ``None``.
         on_request: called with ``(scope, counter)`` after every counted request.
+
+    Raises:
+        TypeError: an option of the wrong type (the message names it), or an
+            ``engine`` that :func:`count_queries` does not accept.
+        ValueError: ``max_queries`` below 0, or ``max_queries``, ``enforce`` or
+            ``on_request`` without ``engine`` (nothing would be counted: the budget
+            would never be checked).
     """
 
     __slots__ = ("_app", "_enforce", "_engine", "_header", "_limit", "_on_request")
@@ -82,6 +89,13 @@ class RequestGuard:
         self._engine = engine
         if engine is not None:
             QueryCounter(engine)  # a bad engine fails here, not at the first request
+        else:
+            # without an engine nothing is counted: these options would do nothing, silently
+            for option, value in (("max_queries", max_queries), ("enforce", enforce),
+                                  ("on_request", on_request)):  # fmt: skip
+                if value is not None:
+                    msg = f"{option} needs engine= (the engine whose statements are counted)"
+                    raise ValueError(msg)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope.get("type") != "http":
