@@ -183,3 +183,28 @@ async def test_fail_fast_from_an_async_input() -> None:
         async with pk.imap(Probe().work, source(), limit=2, settle=True) as results:
             async for _ in results:
                 pass
+
+
+@pytest.mark.anyio
+async def test_an_item_failure_shows_with_the_body_error_that_escapes() -> None:
+    """An item fails (fail-fast) while the body raises its own error before reading it:
+    the body's error escapes, unchanged, and the item's failure is in its context
+    (it was lost before: no chain, no log)."""
+
+    class Boom(Exception):
+        pass
+
+    lost = KeyError(0)
+
+    async def work(x: int) -> int:
+        if x == 0:
+            raise lost
+        await anyio.sleep(1)
+        return x
+
+    with pytest.raises(Boom) as raised:
+        async with pk.imap(work, range(3), limit=3):
+            for _ in range(20):  # the workers run (item 0 fails); the body never reads it
+                await anyio.lowlevel.checkpoint()
+            raise Boom
+    assert raised.value.__context__ is lost

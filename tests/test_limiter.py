@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from typing import Any
 
 import anyio
 import pytest
@@ -216,6 +218,8 @@ def test_limiter_rejects_bad_arguments(
         ({"on": int}, TypeError, "on must be exception types or a predicate"),
         ({"on": 5}, TypeError, "on must be exception types or a predicate"),
         ({"on": "OSError"}, TypeError, "on must be exception types or a predicate"),
+        ({"on": ()}, ValueError, "on must name at least one exception type"),
+        ({"backoff": 5, "max_backoff": 1}, ValueError, r"max_backoff \(1\) must be >= backoff"),
     ],
     ids=lambda v: repr(v) if isinstance(v, dict) else "",
 )
@@ -285,3 +289,141 @@ async def test_the_backend_clock_is_anyios_clock() -> None:
     before = clock()
     await anyio.sleep(5)
     assert clock() - before == 5
+
+
+def _on_virtual_clock(main: Any) -> None:
+    anyio.run(
+        main,
+        backend="trio",
+        backend_options={"clock": trio.testing.MockClock(autojump_threshold=0)},
+    )
+
+
+def test_cancelled_rate_waiters_give_their_starts_back() -> None:
+    """50 callers give up waiting on `rate=1`: a start that never happened must not
+    delay the next caller (it waited 44.5 s before)."""
+    waited: list[float] = []
+
+    async def main() -> None:
+        limiter = pk.Limiter(rate=1)
+        async with anyio.create_task_group() as tg:
+            for _ in range(50):
+
+                async def impatient() -> None:
+                    with anyio.move_on_after(0.5):
+                        async with limiter:
+                            await anyio.sleep(0.1)
+
+                tg.start_soon(impatient)
+        await anyio.sleep(5)
+        began = anyio.current_time()
+        async with limiter:
+            waited.append(anyio.current_time() - began)
+
+    _on_virtual_clock(main)
+    assert waited == [0.0]
+
+
+def test_a_start_given_back_in_the_middle_keeps_the_spacing() -> None:
+    """Only the last reservations can be undone: a caller that leaves while later ones
+    still wait leaves a hole, and the later ones keep their turns (never closer than
+    1/rate), and once they are gone too the whole tail is given back."""
+    starts: list[float] = []
+
+    async def main() -> None:
+        limiter = pk.Limiter(rate=1)
+        scopes: list[anyio.CancelScope] = []
+
+        async def caller(i: int) -> None:
+            with anyio.CancelScope() as scope:
+                scopes.append(scope)
+                await limiter.wait_rate()
+                starts.append(anyio.current_time())
+
+        async with anyio.create_task_group() as tg:
+            for i in range(4):  # turns at 0, 1, 2, 3
+                tg.start_soon(caller, i)
+                await anyio.lowlevel.checkpoint()
+            scopes[1].cancel()  # the turn at 1 is given back in the middle
+            await anyio.sleep(0.5)
+            tg.start_soon(caller, 4)  # a newcomer: after the last standing turn
+        assert starts == [0.0, 2.0, 3.0, 4.0]
+
+    _on_virtual_clock(main)
+
+
+@pytest.mark.anyio
+async def test_cancelled_slot_waiters_are_not_counted_as_waiting() -> None:
+    limiter = pk.Limiter(concurrency=1)
+    async with limiter:
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(limiter.acquire)
+            while limiter.statistics().waiting < 3:
+                await anyio.lowlevel.checkpoint()
+            tg.cancel_scope.cancel()
+        assert limiter.statistics().waiting == 0
+    assert limiter.statistics().running == 0
+
+
+def test_rate_is_kept_when_items_also_wait_for_a_shared_limiter() -> None:
+    """Another job holds every slot of the shared limiter until t=5: the rate=1 job's
+    starts must still be 1 s apart once slots free up (four went at once before)."""
+    starts: list[float] = []
+
+    async def main() -> None:
+        shared = pk.Limiter(concurrency=4)
+
+        async def hog() -> None:
+            async with shared:
+                await anyio.sleep(5)
+
+        async def job(i: int) -> int:
+            starts.append(anyio.current_time())
+            await anyio.sleep(0.1)
+            return i
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(hog)
+            await anyio.lowlevel.checkpoint()
+            assert await pk.map(job, range(6), limit=shared, rate=1) == list(range(6))
+
+    _on_virtual_clock(main)
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert starts[0] == 5.0
+    assert all(gap >= 1.0 - 1e-9 for gap in gaps), starts
+
+
+@pytest.mark.parametrize("limit", [pk.Limiter, "class"], ids=["the class", "str"])
+@pytest.mark.anyio
+async def test_limit_must_be_a_limiter_instance(limit: object) -> None:
+    async def f(x: int) -> int:
+        return x
+
+    with pytest.raises(TypeError, match=r"^limit must be an int"):
+        await pk.map(f, [1, 2], limit=limit)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^limit must be an int"):
+        pk.imap(f, [1, 2], limit=limit)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_a_shared_limiter_with_no_slot_is_refused() -> None:
+    class NoSlots:
+        concurrency = 0
+
+        async def __aenter__(self) -> None:
+            pass
+
+        async def __aexit__(self, *exc: object) -> None:
+            pass
+
+    calls: list[int] = []
+
+    async def f(x: int) -> int:
+        calls.append(x)
+        return x
+
+    with pytest.raises(ValueError, match=r"^limit\.concurrency must be >= 1"):
+        await pk.map(f, [1, 2], limit=NoSlots())  # type: ignore[arg-type]
+    assert calls == []  # it returned [None, None] without calling f before

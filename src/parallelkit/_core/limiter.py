@@ -106,7 +106,8 @@ class Limiter:
         ```
     """
 
-    __slots__ = ("_available", "_burst", "_concurrency", "_interval", "_rate", "_tat", "_waiters")
+    __slots__ = ("_available", "_burst", "_concurrency", "_holes", "_interval", "_rate", "_tat",
+                 "_waiters")  # fmt: skip
 
     def __init__(
         self, *, concurrency: int | None = None, rate: float | None = None, burst: int = 1
@@ -118,6 +119,9 @@ class Limiter:
         self._waiters: deque[anyio.Event] = deque()
         self._interval = 1.0 / self._rate if self._rate is not None else 0.0
         self._tat = -math.inf
+        # reservations given back while a later one still stood: theoretical arrival
+        # time after it -> before it (see _give_back)
+        self._holes: dict[float, float] = {}
 
     @property
     def concurrency(self) -> int | None:
@@ -186,7 +190,7 @@ class Limiter:
             if event.is_set():
                 self.release()  # the slot was handed to us as we were cancelled
             else:
-                event.set()  # mark as abandoned; release() skips it
+                self._waiters.remove(event)  # no longer waiting (statistics count it no more)
             raise
         if hook is not None:
             hook.limiter_wait(anyio.current_time() - began, "concurrency")
@@ -207,13 +211,41 @@ class Limiter:
         return start - now
 
     async def wait_rate(self) -> None:
-        """Wait until this caller may start under the rate limit."""
+        """Wait until this caller may start under the rate limit.
+
+        A caller cancelled while it waits gives its start back: a start that never
+        happened does not delay the callers after it.
+        """
+        before = self._tat
         delay = self.reserve()
         if delay > 0:
-            await anyio.sleep(delay)
+            after = self._tat
+            try:
+                await anyio.sleep(delay)
+            except BaseException:
+                self._give_back(before, after)
+                raise
             hook = instrument.current
             if hook is not None:
                 hook.limiter_wait(delay, "rate")
+
+    def _give_back(self, before: float, after: float) -> None:
+        """Undo a reservation that moved the theoretical arrival time from ``before`` to
+        ``after``. The last one is undone at once (and, in turn, any given back before it
+        that it was waiting behind); one with later reservations still standing is kept
+        as a hole until those are given back too (a start they were spaced after cannot
+        move)."""
+        holes = self._holes
+        if self._tat == after:
+            self._tat = before
+            while self._tat in holes:
+                self._tat = holes.pop(self._tat)
+            return
+        holes[after] = before
+        if len(holes) > 64:  # holes behind the clock can no longer be undone: forget them
+            now = anyio.current_time()
+            for key in [k for k in holes if k <= now]:
+                del holes[key]
 
     async def __aenter__(self) -> Self:
         await self.acquire()

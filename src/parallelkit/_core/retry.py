@@ -46,7 +46,8 @@ class Retry:
     Raises:
         TypeError: ``attempts`` not an int, a wait not a number, ``on`` neither
             exception types nor a callable.
-        ValueError: ``attempts < 1``, a negative or infinite wait.
+        ValueError: ``attempts < 1``, a negative or infinite wait, ``max_backoff``
+            below ``backoff``, or ``on=()`` (nothing would be retried).
 
     Example:
         ```python
@@ -65,12 +66,18 @@ class Retry:
         count("attempts", self.attempts)
         for name in ("backoff", "max_backoff", "jitter"):
             number(name, getattr(self, name), zero=True)
+        if self.max_backoff < self.backoff:  # the cap would silently replace the first wait
+            msg = f"max_backoff ({self.max_backoff!r}) must be >= backoff ({self.backoff!r})"
+            raise ValueError(msg)
         on: object = self.on
         if isinstance(on, (tuple, type)):
             types = on if isinstance(on, tuple) else (on,)
             if not all(isinstance(t, type) and issubclass(t, BaseException) for t in types):
                 msg = f"on must be exception types or a predicate, got {on!r}"
                 raise TypeError(msg)
+            if not types:  # nothing would ever be retried
+                msg = "on must name at least one exception type (or be a predicate), got ()"
+                raise ValueError(msg)
         else:
             callable_("on", on, what="exception types or a predicate")
 

@@ -178,9 +178,11 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
             if self.around is not None:
                 await self.around.__aexit__(None, None, None)
         results = self._results
-        if exc is None and results.error is not None and not results.delivered:
+        if results.error is not None and not results.delivered:
             results.delivered = True
-            raise results.error
+            if exc is None:
+                raise results.error
+            _chain(exc, results.error)  # the body's error escapes; the item's shows with it
         return None
 
     async def _run(self) -> None:
@@ -387,3 +389,17 @@ class _AsDone(_Results):
 
     def take(self) -> Any:
         return self._buffer.popleft() if self._buffer else _NOTHING
+
+
+def _chain(exc: BaseException, lost: BaseException) -> None:
+    """Attach ``lost`` (an item's failure the body never got) at the end of ``exc``'s
+    context chain, so the traceback of the error that escapes shows it too."""
+    seen = {id(exc)}
+    last = exc
+    while last.__context__ is not None and id(last.__context__) not in seen:
+        if last.__context__ is lost:
+            return
+        last = last.__context__
+        seen.add(id(last))
+    if last is not lost:
+        last.__context__ = lost

@@ -6,8 +6,9 @@ per-item call, for ``gather``/``map``/``imap`` and for ``Flow.step``.
   number of workers and is also entered around each attempt, so that every user of
   it shares one bound; ``None`` is no bound.
 * :func:`build_call` wraps a one-argument async function, innermost first: the
-  ``timeout`` of one attempt, the shared limiter held for one attempt, the ``rate``
-  (each attempt is a start), then ``retry`` around all of it.
+  ``timeout`` of one attempt, the ``rate`` (each attempt is a start, taken once the
+  attempt holds its slot), the shared limiter held for one attempt, then ``retry``
+  around all of it.
 * :class:`Options` checks the fan-out options at the door and holds the result.
 """
 
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 import anyio
 from typing_extensions import final
 
-from .._core.check import count, number_or_none
+from .._core.check import count, count_or_none, number_or_none
 from .._core.limiter import Limiter, SupportsLimit, validate_rate
 from .._core.retry import RetryLike, retrying_call, to_retrying, validate_retry
 
@@ -38,8 +39,12 @@ def split_limit(limit: object, name: str = "limit") -> tuple[int | None, Support
     """
     if limit is None:
         return None, None
+    if isinstance(limit, type):
+        msg = f"{name} must be an int, a Limiter (an instance, not the class) or None, "
+        msg += f"got {limit!r}"
+        raise TypeError(msg)
     if not isinstance(limit, int) and isinstance(limit, SupportsLimit):
-        return limit.concurrency, limit
+        return count_or_none(f"{name}.concurrency", limit.concurrency), limit
     return count(name, limit, extra="a Limiter or None"), None
 
 
@@ -55,10 +60,13 @@ def build_call(
     call = fn
     if timeout is not None:
         call = _with_timeout(call, timeout)
-    if limiter is not None:
-        call = _with_limiter(call, limiter)
+    # the rate inside the shared limiter's slot (as Limiter.acquire: slot, then rate):
+    # a start waits for its turn *after* it has a slot, so starts queued behind a busy
+    # limiter cannot all go at once when slots free up
     if rate is not None:
         call = _with_rate(call, Limiter(rate=rate))
+    if limiter is not None:
+        call = _with_limiter(call, limiter)
     if retry is not None:
         call = retrying_call(to_retrying(retry), call)
     return call
