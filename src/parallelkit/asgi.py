@@ -166,14 +166,20 @@ def service(service: str | Callable[..., Any], expected: type[Any] | None = None
             msg = f"expected cannot be checked with isinstance(): {exc}"
             raise TypeError(msg) from None
     key = (service, expected)
-    marker = _MARKERS.get(key)
+    try:
+        marker = _MARKERS.get(key)
+        cached = True
+    except TypeError:  # an unhashable callable: a marker of its own each time
+        marker, cached = None, False
     if marker is None:
         name = service if isinstance(service, str) else getattr(service, "__name__", "service")
 
         def dependency(connection: Any) -> Any:
             return running_from(connection)._lookup(service, expected)
 
-        marker = _MARKERS[key] = _depends(dependency, f"parallelkit_service_{name}")
+        marker = _depends(dependency, f"parallelkit_service_{name}")
+        if cached:
+            _MARKERS[key] = marker
     return marker
 
 
