@@ -228,6 +228,7 @@ def test_service_markers_are_checked_when_made_and_shared_for_overrides() -> Non
     assert service("db", Engine).dependency is EngineDep.__metadata__[0].dependency
     assert service("db").dependency is not service("db", Engine).dependency
     assert running().dependency is RunningDep.__metadata__[0].dependency
+    assert service("running").dependency is not running().dependency  # a service's name
 
 
 async def test_dependency_overrides_replace_a_service_in_every_handler() -> None:

@@ -332,18 +332,11 @@ def pytest_sessionfinish(session):
 """
 
 
-@pytest.mark.parametrize("ini", [None, "parallelkit_guard_sessions = false"])
-def test_the_plugin_turns_the_guard_on_for_the_session_and_off_after(
-    tmp_path: Path, ini: str | None
-) -> None:
+def run_pytest_in(tmp_path: Path) -> None:
+    """Run pytest (the plugin installed, as for a user) on the files in ``tmp_path``."""
     import subprocess
     import sys
 
-    (tmp_path / "test_user.py").write_text(
-        PLUGIN_TEST if ini is None else PLUGIN_TEST.replace("assert ", "assert not ")
-    )
-    (tmp_path / "conftest.py").write_text(PLUGIN_CONFTEST)
-    (tmp_path / "pytest.ini").write_text(f"[pytest]\n{ini or ''}\n")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"],
         cwd=tmp_path,
@@ -352,6 +345,18 @@ def test_the_plugin_turns_the_guard_on_for_the_session_and_off_after(
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("ini", [None, "parallelkit_guard_sessions = false"])
+def test_the_plugin_turns_the_guard_on_for_the_session_and_off_after(
+    tmp_path: Path, ini: str | None
+) -> None:
+    (tmp_path / "test_user.py").write_text(
+        PLUGIN_TEST if ini is None else PLUGIN_TEST.replace("assert ", "assert not ")
+    )
+    (tmp_path / "conftest.py").write_text(PLUGIN_CONFTEST)
+    (tmp_path / "pytest.ini").write_text(f"[pytest]\n{ini or ''}\n")
+    run_pytest_in(tmp_path)
     assert (tmp_path / "after.txt").read_text() == "False False"
 
 
@@ -380,16 +385,6 @@ def test_guard_is_on_though_sqlalchemy_was_imported_late(engine):
 def test_the_plugin_guards_a_session_whose_fixture_imports_sqlalchemy(tmp_path: Path) -> None:
     """Whether SQLAlchemy is installed decides, not whether it was imported before the
     first test: a fixture that imports it would otherwise leave the guard off, silently."""
-    import subprocess
-    import sys
-
     (tmp_path / "test_lazy.py").write_text(LAZY_IMPORT_TEST)
     (tmp_path / "pytest.ini").write_text("[pytest]\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    run_pytest_in(tmp_path)

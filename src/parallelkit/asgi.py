@@ -186,6 +186,7 @@ def service(service: str | Callable[..., Any], expected: type[Any] | None = None
 #: one ``Depends`` marker per ``(service, expected)``: ``app.dependency_overrides``
 #: keyed by its dependency applies to every handler that asks for that service
 _MARKERS: dict[tuple[Any, Any], Any] = {}
+_RUNNING: Any = None  # the one marker of running()
 
 
 def running() -> Any:
@@ -198,10 +199,10 @@ def running() -> Any:
             return {"status": (await running.health()).status}
         ```
     """
-    marker = _MARKERS.get(("running", None))
-    if marker is None:
-        marker = _MARKERS["running", None] = _depends(running_from, "parallelkit_running")
-    return marker
+    global _RUNNING  # made once, on first use (FastAPI is optional)
+    if _RUNNING is None:
+        _RUNNING = _depends(running_from, "parallelkit_running")
+    return _RUNNING
 
 
 def _depends(fn: Callable[[Any], Any], name: str) -> Any:

@@ -351,7 +351,7 @@ class BatchLoader(Generic[K, V]):
         try:
             frozenset(keys)  # hashes every key
         except TypeError:
-            bad = next(key for key in keys if not isinstance(key, Hashable) or _unhashable(key))
+            bad = next(key for key in keys if _unhashable(key))
             msg = f"keys must be hashable, got {type(bad).__name__} {bad!r}"
             raise TypeError(msg) from None
         batches = [(key, self._enqueue(key)) for key in keys]
