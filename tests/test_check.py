@@ -7,6 +7,8 @@ the rule itself.
 
 from __future__ import annotations
 
+import decimal
+import fractions
 import math
 
 import pytest
@@ -49,6 +51,38 @@ def test_valid_values_come_back_as_floats_and_none_passes_through() -> None:
     assert type(number("timeout", 2)) is float
     assert number_or_none("timeout", 0.25) == 0.25
     assert number_or_none("timeout", None) is None
+
+
+def test_any_real_number_is_accepted_and_comes_back_as_a_float() -> None:
+    # DESIGN.md: durations and rates are *real*: a Fraction is one, a Decimal is not
+    half = fractions.Fraction(1, 2)
+    assert number("timeout", half) == 0.5
+    assert type(number("timeout", half)) is float
+    assert type(number("timeout", 3)) is float
+    zero = r"^timeout must be > 0 \(seconds\), got Fraction\(0, 1\)$"
+    with pytest.raises(ValueError, match=zero):
+        number("timeout", fractions.Fraction(0))
+    with pytest.raises(TypeError, match=r"^timeout must be a number \(seconds\), got Decimal"):
+        number("timeout", decimal.Decimal("0.5"))
+
+
+def test_an_int_beyond_a_floats_range_is_infinite_not_an_overflow() -> None:
+    with pytest.raises(ValueError, match=r"^timeout must be finite \(seconds\)"):
+        number("timeout", 10**400)
+    with pytest.raises(ValueError, match=r"^timeout must be > 0 \(seconds\)"):
+        number("timeout", -(10**400))
+    assert number("stop_timeout", 10**400, finite=False) == math.inf
+
+
+@pytest.mark.anyio
+async def test_public_options_take_a_fraction() -> None:
+    third = fractions.Fraction(1, 3)
+    assert await pk.map(_one, range(3), timeout=third, rate=fractions.Fraction(1000)) == [0, 1, 2]
+    retry = pk.Retry(backoff=fractions.Fraction(1, 100))
+    assert type(retry.backoff) is float
+    assert retry.backoff == 0.01
+    async with pk.Limiter(concurrency=1, rate=fractions.Fraction(1000)):
+        pass
 
 
 async def _one(x: int) -> int:

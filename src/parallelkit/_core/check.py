@@ -6,8 +6,10 @@ DESIGN.md settles how bad arguments fail, before any work starts:
 * the message names the argument as the user wrote it and shows the value;
 * counts (``limit``, ``max_batch``, ``attempts``, ``burst``, sizes) are ``int`` and
   not ``bool``, and positive;
-* durations and rates are real numbers and not ``bool``; finite (NaN and the
-  infinities are refused) and positive unless the option says otherwise;
+* durations and rates are real numbers (``int``, ``float`` or any
+  :class:`numbers.Real`, such as :class:`fractions.Fraction` or a NumPy scalar;
+  not ``bool``, not :class:`decimal.Decimal`), returned as ``float``; finite (NaN
+  and the infinities are refused) and positive unless the option says otherwise;
 * flags are ``bool``; names are ``str``; choices list the allowed values; callables
   are callable, and
   where an async function is needed a sync one is refused *before it is called*.
@@ -21,8 +23,9 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Collection, Iterable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 __all__ = [
     "async_callable",
@@ -68,29 +71,43 @@ def number_or_none(
     return _number(name, value, unit=unit, zero=zero, finite=finite, none=True)
 
 
+def _real(value: object) -> float | None:
+    """``value`` as a float if it is a real number and not a ``bool``, else ``None``."""
+    if type(value) is float:  # the common case, without an ABC check
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an int (or Fraction) beyond a float's range: infinite
+        return math.inf if cast("float", value) > 0 else -math.inf
+
+
 def _number(name: str, value: object, *, unit: str, zero: bool, finite: bool, none: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    real = _real(value)
+    if real is None:
         msg = f"{name} must be a number ({unit}){' or None' if none else ''}, got {value!r}"
         raise TypeError(msg)
-    if math.isnan(value) or value < 0 or (value == 0 and not zero):
+    if math.isnan(real) or real < 0 or (real == 0 and not zero):
         bound = ">= 0" if zero else "> 0"
         msg = f"{name} must be {bound} ({unit}), got {value!r}"
         raise ValueError(msg)
-    if finite and math.isinf(value):
+    if finite and math.isinf(real):
         msg = f"{name} must be finite ({unit}), got {value!r}"
         raise ValueError(msg)
-    return float(value)
+    return real
 
 
 def fraction(name: str, value: object) -> float:
     """Return ``value`` as a float in ``[0, 1)``: a share of something (``jitter``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    real = _real(value)
+    if real is None:
         msg = f"{name} must be a number (a fraction in [0, 1)), got {value!r}"
         raise TypeError(msg)
-    if not 0 <= value < 1:  # NaN fails this too
+    if not 0 <= real < 1:  # NaN fails this too
         msg = f"{name} must be a fraction in [0, 1), got {value!r}"
         raise ValueError(msg)
-    return float(value)
+    return real
 
 
 # ------------------------------------------------------------------------------- counts

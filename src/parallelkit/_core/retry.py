@@ -64,8 +64,8 @@ class Retry:
 
     def __post_init__(self) -> None:
         count("attempts", self.attempts)
-        for name in ("backoff", "max_backoff", "jitter"):
-            number(name, getattr(self, name), zero=True)
+        for name in ("backoff", "max_backoff", "jitter"):  # stored as floats (a Fraction too)
+            object.__setattr__(self, name, number(name, getattr(self, name), zero=True))
         if self.max_backoff < self.backoff:  # the cap would silently replace the first wait
             msg = f"max_backoff ({self.max_backoff!r}) must be >= backoff ({self.backoff!r})"
             raise ValueError(msg)
