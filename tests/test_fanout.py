@@ -427,6 +427,95 @@ async def test_settle_does_not_swallow_caller_cancellation() -> None:
     probe.assert_nothing_left()
 
 
+class Interrupt(BaseException):
+    """A non-cancellation BaseException (stands in for KeyboardInterrupt/SystemExit)."""
+
+
+@pytest.mark.parametrize("settle", [False, True])
+@pytest.mark.parametrize("fan_out", ["map", "gather", "imap"])
+async def test_a_base_exception_from_one_item_comes_out_unchanged(
+    fan_out: str, settle: bool
+) -> None:
+    """One item raises a BaseException that is not a cancellation: it stops the
+    fan-out (also in settle mode) and comes out as itself, not wrapped in a
+    BaseExceptionGroup (it was wrapped: once, twice for imap)."""
+    probe = Probe()
+    interrupt = Interrupt("stop")
+
+    async def work(i: int) -> int:
+        if i == 2:
+            await anyio.lowlevel.checkpoint()
+            raise interrupt
+        return await probe.work(i, steps=10**9 if i > 2 else 1)
+
+    with pytest.raises(Interrupt) as raised:
+        if fan_out == "map":
+            await pk.map(work, range(6), limit=4, settle=settle)
+        elif fan_out == "gather":
+            await pk.gather(*(functools.partial(work, i) for i in range(6)), limit=4,
+                            settle=settle)  # fmt: skip
+        else:
+            async with pk.imap(work, range(6), limit=4, settle=settle) as results:
+                async for _ in results:
+                    pass
+    assert raised.value is interrupt
+    probe.assert_nothing_left()
+
+
+def _stray_cancellation(seen: list[BaseException]) -> Any:
+    """An item that awaits a future someone else cancelled (asyncio): it raises
+    CancelledError although nobody cancelled the fan-out or its caller."""
+
+    async def work(i: int) -> int:
+        await anyio.lowlevel.checkpoint()
+        if i == 1:
+            import asyncio
+
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            try:
+                await future
+            except asyncio.CancelledError as exc:
+                seen.append(exc)
+                raise
+        await anyio.lowlevel.checkpoint()
+        return i
+
+    return work
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("limit", [None, 1, 2])
+async def test_an_item_raising_cancelled_error_by_itself_is_a_failure(
+    limit: int | None,
+) -> None:
+    """A CancelledError that no cancellation of the fan-out caused (the item awaited
+    a future cancelled elsewhere) is that item's failure: fail-fast raises it and
+    settle keeps it in an Outcome. It used to end the task group quietly: ``map``
+    returned ``None`` for that item and for every item not yet started."""
+    seen: list[BaseException] = []
+    work = _stray_cancellation(seen)
+    outcomes = await pk.map(work, range(4), limit=limit, settle=True)
+    assert [o.value for o in outcomes] == [0, None, 2, 3]
+    assert outcomes[1].error is seen[-1]
+    gathered = await pk.gather(*(functools.partial(work, i) for i in range(4)), limit=limit,
+                               settle=True)  # fmt: skip
+    assert gathered[1].error is seen[-1]
+    assert [o.ok for o in gathered] == [True, False, True, True]
+    with pytest.raises(BaseException) as raised:  # checked by identity below
+        await pk.map(work, range(4), limit=limit)
+    assert raised.value is seen[-1]
+    with pytest.raises(BaseException) as raised:
+        async with pk.imap(work, range(4), limit=limit) as results:
+            async for _ in results:
+                pass
+    assert raised.value is seen[-1]
+    async with pk.imap(work, range(4), limit=limit, settle=True, ordered=True) as results:
+        streamed = [o async for o in results]
+    assert [o.value for o in streamed] == [0, None, 2, 3]
+    assert streamed[1].error is seen[-1]
+
+
 # ---------------------------------------------------------------- timeouts and retries
 @virtual_clock()
 async def test_timeout_applies_to_each_item() -> None:

@@ -821,6 +821,113 @@ async def test_settle_all_ok_and_dependents_get_plain_values() -> None:
     assert result["record"].unwrap() == ("p", "ch_p")  # not an Outcome passed along
 
 
+class Interrupt(BaseException):
+    """A non-cancellation BaseException (stands in for KeyboardInterrupt/SystemExit)."""
+
+
+@pytest.mark.parametrize("settle", [False, True])
+@pytest.mark.parametrize("where", ["calling task", "helper"])
+async def test_a_base_exception_from_a_step_comes_out_unchanged(where: str, settle: bool) -> None:
+    """A step raises a BaseException that is not a cancellation while its sibling
+    runs: the run stops (settle too) and raises it as itself, not wrapped in a
+    BaseExceptionGroup; the sibling was cancelled and has finished."""
+    flow = pk.Flow()
+    interrupt = Interrupt("stop")
+    cleaned: list[str] = []
+
+    hanging = anyio.Event()
+
+    async def fails() -> None:
+        await hanging.wait()
+        raise interrupt
+
+    async def hangs() -> None:
+        hanging.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cleaned.append("hangs")
+
+    @flow.step
+    async def head() -> int:
+        return 1
+
+    # the caller takes the first ready step, a helper the second
+    first, second = (fails, hangs) if where == "calling task" else (hangs, fails)
+
+    @flow.step
+    async def a(head: int) -> None:
+        await first()
+
+    @flow.step
+    async def b(head: int) -> None:
+        await second()
+
+    with anyio.fail_after(GUARD), pytest.raises(Interrupt) as raised:
+        await flow.run(settle=settle)
+    assert raised.value is interrupt
+    assert cleaned == ["hangs"]
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("where", ["calling task", "helper"])
+async def test_a_step_raising_cancelled_error_by_itself_is_a_failure(where: str) -> None:
+    """A step awaits a future someone else cancelled (asyncio): its CancelledError is
+    the step's failure (fail-fast raises it, settle keeps it in an Outcome and skips
+    what depends on it), not a cancellation. Run in a helper task it used to end
+    the run quietly: the result missed steps, settle gave ``Outcome(None)`` for
+    steps that never ran."""
+    import asyncio
+
+    flow = pk.Flow()
+    seen: list[BaseException] = []
+
+    async def cancelled_elsewhere() -> int:
+        await anyio.lowlevel.checkpoint()
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()
+        try:
+            return await future  # type: ignore[no-any-return]
+        except asyncio.CancelledError as exc:
+            seen.append(exc)
+            raise
+
+    async def fine() -> int:
+        for _ in range(5):
+            await anyio.lowlevel.checkpoint()
+        return 2
+
+    @flow.step
+    async def head() -> int:
+        return 1
+
+    first, second = (cancelled_elsewhere, fine)
+    if where == "helper":
+        first, second = second, first
+
+    @flow.step
+    async def a(head: int) -> int:
+        return await first()
+
+    @flow.step
+    async def b(head: int) -> int:
+        return await second()
+
+    @flow.step
+    async def c(a: int, b: int) -> int:  # pragma: no cover - never runs
+        return a + b
+
+    with pytest.raises(asyncio.CancelledError) as raised:
+        await flow.run()
+    assert raised.value is seen[-1]
+    outcomes = await flow.run(settle=True)
+    failed, ok = ("a", "b") if where == "calling task" else ("b", "a")
+    assert outcomes[failed].error is seen[-1]
+    assert outcomes[ok].unwrap() == 2
+    assert isinstance(outcomes["c"].error, pk.DependencyFailed)
+    assert outcomes.timeline[failed].status == "error"
+
+
 async def test_caller_cancellation_leaves_no_task_behind() -> None:
     flow = pk.Flow()
     running = 0

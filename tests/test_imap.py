@@ -208,3 +208,27 @@ async def test_an_item_failure_shows_with_the_body_error_that_escapes() -> None:
                 await anyio.lowlevel.checkpoint()
             raise Boom
     assert raised.value.__context__ is lost
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+async def test_several_consumer_tasks_share_one_stream(ordered: bool) -> None:
+    """Consumers in several tasks read one imap: every result reaches exactly one of
+    them, and none is left waiting (a second waiting consumer used to replace the
+    first's wake-up, which then waited forever)."""
+    probe = Probe()
+    got: list[int] = []
+
+    async def consume(results: pk.imap[int]) -> None:
+        async for r in results:
+            got.append(r)
+
+    # fail_after: a guard against the hang, not a timing assertion
+    with anyio.fail_after(10):
+        async with (
+            pk.imap(probe.work, range(40), limit=4, ordered=ordered) as results,
+            anyio.create_task_group() as tg,
+        ):
+            for _ in range(3):
+                tg.start_soon(consume, results)
+    assert sorted(got) == list(range(40))
+    probe.assert_nothing_left()

@@ -6,6 +6,10 @@ loop's own ``time`` and :func:`asyncio.current_task`). On the hot paths (the gra
 engine's per-node timestamps, the pool limiter's per-session slot) that lookup was
 most of the cost. The readings are the same as anyio's: the asyncio loop's ``time``
 and ``id`` of the asyncio task (anyio's ``TaskInfo.id``); on trio, trio's own.
+
+Also here, because it asks the backend: which exceptions are *failures* (to be
+raised as themselves) and which are cancellations (to go through task groups),
+:func:`is_failure`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from collections.abc import Callable
 
 import anyio
 
-__all__ = ["clock", "task_id"]
+__all__ = ["clock", "is_failure", "is_stray_cancellation", "task_id"]
 
 
 def clock() -> Callable[[], float]:
@@ -46,3 +50,36 @@ def task_id() -> int:
     if task is not None:
         return id(task)
     return anyio.get_current_task().id
+
+
+def is_stray_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is an asyncio ``CancelledError`` that no cancellation of the
+    current task caused (the task awaited a future someone else cancelled): an
+    error of the unit, not a cancellation. Always ``False`` on trio, and on Python
+    3.10 (no ``Task.cancelling()`` to tell)."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return False
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no running asyncio loop
+        return False
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is not None and not cancelling()
+
+
+def is_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure, to be raised as itself, not a cancellation.
+
+    Anything but a real cancellation and ``GeneratorExit`` (a coroutine being
+    closed): an ``Exception``, a ``KeyboardInterrupt``-like ``BaseException``, a
+    stray ``CancelledError`` (:func:`is_stray_cancellation`). A pool's unit that
+    raises one fails the pool; an owner's body that raises one leaves its task group
+    without it (a task group would wrap it in a ``BaseExceptionGroup``).
+    """
+    if isinstance(exc, Exception):
+        return True
+    if isinstance(exc, GeneratorExit):
+        return False
+    if isinstance(exc, anyio.get_cancelled_exc_class()):
+        return is_stray_cancellation(exc)
+    return True

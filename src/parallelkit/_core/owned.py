@@ -25,6 +25,8 @@ import anyio
 from anyio.abc import TaskGroup
 from typing_extensions import final
 
+from .backend import is_failure
+
 __all__ = ["OwnedTaskGroup", "leave"]
 
 
@@ -40,13 +42,14 @@ async def leave(
 
     ``cancel=True`` cancels the work still running; an error in the body always
     does. The owner's tasks never raise (their errors are handed to whoever waits
-    for them), so an ``Exception`` from the body propagates **unchanged**, not
-    wrapped in an ``ExceptionGroup`` by the backend; a ``BaseException`` (such as
-    a cancellation) goes through the task group as usual.
+    for them), so an error from the body (an ``Exception``, and a
+    ``KeyboardInterrupt``-like ``BaseException`` too) propagates **unchanged**, not
+    wrapped in an ``ExceptionGroup`` by the backend; a cancellation goes through the
+    task group as usual.
     """
     if cancel or exc is not None:
         tg.cancel_scope.cancel()
-    if exc is None or isinstance(exc, Exception):
+    if exc is None or is_failure(exc):
         await tg.__aexit__(None, None, None)
         return None
     return await tg.__aexit__(exc_type, exc, tb)

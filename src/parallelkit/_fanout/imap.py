@@ -13,6 +13,7 @@ import anyio
 from typing_extensions import Self, final
 
 from .._core import instrument
+from .._core.backend import is_failure
 from .._core.check import flag
 from .._core.limiter import SupportsLimit
 from .._core.outcome import Outcome
@@ -42,7 +43,8 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
     Leaving the block, early or by an error, cancels the outstanding work and
     waits for it: no task outlives the block. In fail-fast mode the first failure
     is raised from the ``async for``; with ``settle=True`` you get an
-    :class:`~parallelkit.Outcome` per item.
+    :class:`~parallelkit.Outcome` per item. Several tasks may read one stream
+    (consumers started in the block): each result goes to one of them.
 
     Workers start as items arrive (never more than ``limit``), on the same pool
     as :func:`map`; every argument is checked when ``imap(...)`` is called.
@@ -171,7 +173,8 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        # outstanding work is cancelled; the body's own error propagates unchanged
+        # outstanding work is cancelled; the body's own error propagates unchanged (a
+        # BaseException that is no cancellation too: see OwnedTaskGroup.exit)
         try:
             await self._owner.exit(exc_type, exc, tb, cancel=True)
         finally:
@@ -197,6 +200,10 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
                     await pool.run(self._start)
         except Exception as exc:  # fail-fast: handed to the consumer
             results.error = exc
+        except BaseException as exc:  # KeyboardInterrupt, a stray CancelledError too: to
+            if not is_failure(exc):  # the consumer, unchanged (not wrapped by the owner)
+                raise
+            results.error = exc
         finally:
             results.finish()
 
@@ -218,9 +225,11 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
                 break
             if results.done:
                 raise StopAsyncIteration
-            results.wake = anyio.Event()
-            await results.wake.wait()
-            results.wake = None
+            # consumers in several tasks wait on one event (the producer clears it)
+            wake = results.wake
+            if wake is None:
+                wake = results.wake = anyio.Event()
+            await wake.wait()
         window = self._window  # one result fewer ahead: a parked worker may go on
         window.consumed += 1
         if window.parked:
@@ -339,8 +348,14 @@ class _Results:
 
     def finish(self) -> None:
         self.done = True
-        if self.wake is not None:
-            self.wake.set()
+        self.notify()
+
+    def notify(self) -> None:
+        """Wake every waiting consumer (they share one event, cleared here)."""
+        wake = self.wake
+        if wake is not None:
+            self.wake = None
+            wake.set()
 
 
 @final
@@ -360,7 +375,7 @@ class _InOrder(_Results):
     def __setitem__(self, index: int, value: Any) -> None:
         self._buffer[index] = value
         if self.wake is not None:
-            self.wake.set()
+            self.notify()
 
     def take(self) -> Any:
         value = self._buffer.pop(self._next, _NOTHING)
@@ -385,7 +400,7 @@ class _AsDone(_Results):
     def __setitem__(self, index: int, value: Any) -> None:
         self._buffer.append(value)
         if self.wake is not None:
-            self.wake.set()
+            self.notify()
 
     def take(self) -> Any:
         return self._buffer.popleft() if self._buffer else _NOTHING

@@ -33,6 +33,15 @@ wins; it is kept in :attr:`Pool.error`, the pool's task group is cancelled and
 :meth:`Pool.run` raises it, unchanged. **Settle** (``settle=True``): each unit's
 exception is stored as an :class:`~parallelkit.Outcome` instead and the others go
 on; an exception from the source itself still fails the pool.
+
+**What fails the pool.** Every exception of a unit but a cancellation: an
+``Exception``, and also a ``BaseException`` such as ``KeyboardInterrupt`` (even in
+settle mode: it stops the pool) is raised by :meth:`Pool.run` unchanged, never
+wrapped in a ``BaseExceptionGroup`` by the task group. On asyncio, a
+``CancelledError`` that no cancellation of the task caused (the unit awaited a
+future that someone else cancelled: :func:`is_stray_cancellation`) is that unit's
+failure like any other (settle: its ``Outcome``), not a cancellation: let through,
+the task group would take it for one and end the pool quietly, results missing.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from typing import Any
 import anyio
 from typing_extensions import final
 
+from .._core.backend import is_failure, is_stray_cancellation
 from .._core.outcome import Outcome
 
 __all__ = ["AsyncUnits", "Pool", "Unit"]
@@ -222,6 +232,10 @@ class Pool:
                     return
         except Exception as exc:
             self.fail(exc)
+        except BaseException as exc:  # KeyboardInterrupt, a stray CancelledError: raised
+            if not is_failure(exc):  # as is by run(), not wrapped by the task group
+                raise
+            self.fail(exc)
 
 
 def _settling(call: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Outcome[Any]]]:
@@ -231,6 +245,10 @@ def _settling(call: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitabl
         try:
             return Outcome(await call(arg), None)
         except Exception as exc:
+            return Outcome(None, exc)
+        except BaseException as exc:
+            if not is_stray_cancellation(exc):
+                raise
             return Outcome(None, exc)
 
     return settled

@@ -14,13 +14,14 @@ import anyio
 from typing_extensions import final
 
 from .._core import backend
+from .._core.backend import is_failure, is_stray_cancellation
 from .._core.errors import DependencyFailed
 from .._core.limiter import SupportsLimit
 from .._core.outcome import Outcome
 from .._fanout.options import split_limit
 from .._fanout.pool import Pool, Unit
 from .graph import Plan, RunNode
-from .timeline import Timeline
+from .timeline import SpanStatus, Timeline
 
 __all__ = ["Run"]
 
@@ -199,35 +200,30 @@ class Run(Iterator[Unit]):
                     value = await call
                 else:
                     value = await run_node(node, kwargs)
-        except Exception as exc:
+        except BaseException as exc:
             end = clock()
+            # an Exception, or a CancelledError the step raised by itself (asyncio: it
+            # awaited a future cancelled elsewhere) is the step's failure; a
+            # KeyboardInterrupt-like one is recorded as one and stops the run (never
+            # settled); a cancellation is recorded as such and goes on
+            failed = isinstance(exc, Exception) or is_stray_cancellation(exc)
             if timeline is not None:
+                status: SpanStatus = "error" if failed or is_failure(exc) else "cancelled"
+                began = end if start is None else start
                 timeline._record(
-                    node.name,
-                    queued,
-                    end if start is None else start,
-                    end,
-                    "error",
-                    plan.waited_for[item],
-                    self._kind,
+                    node.name, queued, began, end, status, plan.waited_for[item], self._kind
                 )
-            self._remaining -= 1
-            if not self._settle:
-                pool = self._pool
-                if pool is None or pool.error is None:  # the first failure (inline: the only)
-                    self.failed = node.name
+            if not failed or not self._settle:
+                if is_failure(exc):
+                    self._remaining -= 1
+                    pool = self._pool
+                    if pool is None or pool.error is None:  # the first (inline: the only)
+                        self.failed = node.name
                 raise
+            self._remaining -= 1
             self._pending[item] = _DONE
             self._errors[item] = exc
             self._skip_downstream(item, end)
-        except BaseException:
-            if timeline is not None:
-                end = clock()
-                began = end if start is None else start
-                timeline._record(
-                    node.name, queued, began, end, "cancelled", plan.waited_for[item], self._kind
-                )
-            raise
         else:
             end = clock()
             pending, ready = self._pending, self._ready
