@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 
 import parallelkit as pk
 
-from .test_fanout import live_tasks, virtual_clock
+from .test_fanout import STRAY_NEEDS, live_tasks, virtual_clock
 
 pytestmark = pytest.mark.anyio
 
@@ -869,6 +870,7 @@ async def test_a_base_exception_from_a_step_comes_out_unchanged(where: str, sett
     assert cleaned == ["hangs"]
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason=STRAY_NEEDS)
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.parametrize("where", ["calling task", "helper"])
 async def test_a_step_raising_cancelled_error_by_itself_is_a_failure(where: str) -> None:
