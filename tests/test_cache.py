@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Hashable, Sized
 from contextlib import asynccontextmanager
 from typing import Any
@@ -307,6 +308,46 @@ async def test_error_ttl_remembers_a_failed_load() -> None:
     assert await cache.get("k", src) == "k@0"
 
 
+def frames(exc: BaseException) -> list[str]:
+    """The function names of ``exc``'s traceback, outermost first."""
+    names = []
+    tb = exc.__traceback__
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return names
+
+
+@pytest.mark.parametrize("entered", [False, True], ids=["not-entered", "entered"])
+async def test_a_shared_error_keeps_the_traceback_of_its_load(entered: bool) -> None:
+    # every waiter (and, with error_ttl, every later caller) raises the same object:
+    # each raise must not pile its frames onto the traceback all the others see
+    cache, _, src = make(error_ttl=60.0)
+    src.fail = ConnectionError("db down")
+    src.gate = anyio.Event()
+    async with contextlib.AsyncExitStack() as stack:
+        if entered:
+            await stack.enter_async_context(cache)
+        async with anyio.create_task_group() as tg:
+            results: list[Any] = []
+
+            async def call() -> None:
+                results.extend(await run_many(50, cache.get, "k", src))
+
+            tg.start_soon(call)
+            await wait_until(lambda: cache.stats.misses == 50)
+            src.gate.set()
+        for _ in range(50):
+            with pytest.raises(ConnectionError) as info:
+                await cache.get("k", src)
+    assert src.calls == 1
+    assert all(r is info.value for r in results)
+    names = frames(info.value)
+    assert names.count("__call__") == 1  # the loader's frame, once
+    assert names.count("_miss") == 1  # and one raise, the last one
+    assert len(names) < 15
+
+
 # ---------------------------------------------------------------------- stale-if-error
 async def test_stale_if_error_with_backoff_and_on_error() -> None:
     errors: list[tuple[Hashable, Exception]] = []
@@ -408,6 +449,24 @@ async def test_not_entered_stale_hit_refreshes_inline_and_warns_once() -> None:
 
 
 # --------------------------------------------------------------------- invalidation
+async def test_the_not_entered_warning_raised_as_an_error_leaves_no_stuck_load() -> None:
+    # under `-W error` (or filterwarnings = error) the one-time warning is raised: the
+    # refresh it announced must not stay registered, never run, and hang every later miss
+    cache, clock, src = make()
+    assert await cache.get("k", src) == "k@0"
+    clock.advance(20)  # stale
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning, match="not entered"):
+            await cache.get("k", src)
+    assert "in_flight=0" in repr(cache)
+    clock.advance(200)  # gone: a miss loads (it waited forever for that refresh)
+    src.version = 1
+    with anyio.fail_after(5):
+        assert await cache.get("k", src) == "k@1"
+    assert src.calls == 2
+
+
 async def test_invalidation_during_load_keeps_the_newer_value() -> None:
     cache, _, src = make()
     src.gate = anyio.Event()
@@ -504,6 +563,39 @@ async def test_none_is_cached_by_default_and_optionally_not() -> None:
     await cache.get("k", nothing)
     await cache.get("k", nothing)
     assert calls == 3
+
+
+@pytest.mark.parametrize("entered", [False, True], ids=["not-entered", "entered"])
+async def test_a_refresh_returning_none_not_cached_drops_the_stale_value(entered: bool) -> None:
+    # cache_none=False: the row is gone; the old value must not be served (and
+    # refreshed) on every stale hit until the stale window runs out
+    cache, clock, _ = make(cache_none=False)
+    rows: dict[str, str] = {"k": "old"}
+    calls = 0
+
+    async def load(key: str) -> str | None:
+        nonlocal calls
+        calls += 1
+        await anyio.lowlevel.checkpoint()
+        return rows.get(key)
+
+    async with contextlib.AsyncExitStack() as stack:
+        if entered:
+            await stack.enter_async_context(cache)
+        assert await cache.get("k", load) == "old"
+        del rows["k"]
+        clock.advance(20)  # stale
+        with contextlib.ExitStack() as warns:
+            if not entered:
+                warns.enter_context(NOT_ENTERED)
+            got = await cache.get("k", load)  # the refresh finds nothing
+        assert got == ("old" if entered else None)
+        store = cache.store
+        assert isinstance(store, MemoryStore)
+        await wait_until(lambda: calls == 2 and store.peek("k") is None)
+        assert await cache.get("k", load) is None  # a miss: loaded, not the old value
+        assert calls == 3
+    assert cache.stats.stale_hits == 1
 
 
 async def test_eviction_at_maxsize() -> None:

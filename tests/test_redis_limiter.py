@@ -16,6 +16,8 @@ from parallelkit.redis import RedisLimiter, RedisUnavailable
 
 from .redis_helpers import (
     FakeTimer,
+    LostReply,
+    Refused,
     bad_arguments,
     client,
     start_workers,
@@ -185,6 +187,44 @@ async def test_cancelled_waiter_gives_its_slot_back(r: aredis.Redis, prefix: str
         async with limiter:
             pytest.fail("must still be waiting for the rate")
     assert await r.zcard(f"{prefix}:limiter:{{cx}}:holders") == 0
+    assert limiter.statistics().held == 0
+
+
+async def test_an_acquire_cancelled_with_its_reply_on_the_way_gives_the_slot_back(
+    r: aredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limiter = RedisLimiter(r, "lost", concurrency=1, prefix=prefix)
+    holders = f"{prefix}:limiter:{{lost}}:holders"
+    lost = LostReply(r, monkeypatch)
+
+    async def acquire() -> None:
+        async with limiter:
+            pytest.fail("the reply never came: not acquired")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(acquire)
+        await lost.ran.wait()
+        assert await r.zcard(holders) == 1  # Redis gave it the slot
+        tg.cancel_scope.cancel()
+    assert await r.zcard(holders) == 0  # not held for a lease by nobody
+    assert limiter.statistics().held == 0
+
+
+async def test_a_renewal_redis_refuses_is_logged_and_the_holder_finishes(
+    r: aredis.Redis,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    limiter = RedisLimiter(r, "ro", concurrency=1, lease=0.06, prefix=prefix)
+    refused = Refused(r, monkeypatch, limiter._renew_script.sha)
+    async with limiter:
+        with anyio.fail_after(10):
+            while refused.refused < 2:
+                await anyio.sleep(0.01)
+        finished = True  # not cancelled by the renewal's error
+    assert finished
+    assert "ReadOnlyError" in caplog.text
     assert limiter.statistics().held == 0
 
 

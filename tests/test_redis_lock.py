@@ -14,6 +14,8 @@ import redis.asyncio as aredis
 from parallelkit.redis import LockLost, LockNotAcquired, RedisLock, RedisUnavailable
 
 from .redis_helpers import (
+    LostReply,
+    Refused,
     bad_arguments,
     client,
     free_port,
@@ -153,6 +155,39 @@ async def test_cancelled_holder_releases_at_once(r: aredis.Redis, prefix: str) -
             await anyio.sleep(10)
     assert scope.cancelled_caught
     assert await r.exists(lock.key) == 0
+
+
+async def test_an_acquire_cancelled_with_its_reply_on_the_way_gives_the_lock_back(
+    r: aredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lock = RedisLock(r, "job", ttl=30, prefix=prefix)
+    lost = LostReply(r, monkeypatch)
+
+    async def acquire() -> None:
+        async with lock:
+            pytest.fail("the reply never came: not acquired")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(acquire)
+        await lost.ran.wait()
+        assert await r.exists(lock.key) == 1  # Redis gave it the lock
+        tg.cancel_scope.cancel()
+    assert await r.exists(lock.key) == 0  # not held for 30 s by nobody
+    with anyio.fail_after(5):
+        async with RedisLock(r, "job", ttl=30, blocking=False, prefix=prefix):
+            pass
+
+
+async def test_renewals_redis_refuses_lose_the_lock_at_its_ttl_with_the_error_as_cause(
+    r: aredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lock = RedisLock(r, "job", ttl=0.06, prefix=prefix)
+    refused = Refused(r, monkeypatch, lock._scripts.renew.sha)
+    with pytest.raises(LockLost) as info:
+        async with lock:
+            await anyio.sleep_forever()  # cancelled once the lock is lost
+    assert refused.refused >= 2  # tried again until the ttl ran out, not raised at once
+    assert type(info.value.__cause__).__name__ == "ReadOnlyError"
 
 
 async def test_release_only_by_the_holder(r: aredis.Redis, prefix: str) -> None:

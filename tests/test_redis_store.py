@@ -39,7 +39,9 @@ from parallelkit.redis._store import decode_entry, encode_entry
 from .conftest import need_service
 from .redis_helpers import (
     Commands,
+    LostReply,
     RedisServer,
+    Refused,
     bad_arguments,
     client,
     entry,
@@ -513,6 +515,70 @@ async def test_a_load_overtaken_by_a_write_stores_nothing_and_gives_its_lease_ba
         assert await cache.get("k", load) == "from the load"
     assert await store.get("k") is None
     assert await r.exists(lease) == 0
+
+
+async def test_a_load_cancelled_with_its_lease_reply_on_the_way_gives_the_lease_back(
+    r: aredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = RedisStore(r, prefix=prefix)
+    lease = f"{prefix}:cache:l:'k'"
+    lost = LostReply(r, monkeypatch)
+
+    async def load() -> None:
+        async with store.load_lock("k"):
+            pytest.fail("the reply never came: the lease was not taken")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(load)
+        await lost.ran.wait()
+        assert await r.exists(lease) == 1  # Redis gave it the lease
+        tg.cancel_scope.cancel()
+    assert await r.exists(lease) == 0  # the next load of k does not wait 10 s for nobody
+    loader = Counter(value=1)
+    with anyio.fail_after(5):
+        assert await pk.SWRCache(store=store).get("k", loader) == 1
+    assert store.statistics().lease_waits == 0
+
+
+@pytest.mark.parametrize("entered", [False, True], ids=["own-task", "store-renews"])
+async def test_a_lease_renewal_redis_refuses_is_logged_not_raised_into_the_app(
+    r: aredis.Redis,
+    prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    entered: bool,
+) -> None:
+    # READONLY (a failover demoted the primary) is no outage; raised from the renewal
+    # it cancelled the load, or, from an entered store's one renewal task, the whole
+    # `async with store` block
+    store = RedisStore(r, prefix=prefix, lease=0.06)
+    cache = pk.SWRCache(fresh=30, stale=60, store=store)
+    script = store._renewals._script if entered else store._lease_scripts.renew
+    refused = Refused(r, monkeypatch, script.sha)
+    go = anyio.Event()
+
+    async def load(key: str) -> str:
+        await go.wait()
+        return "v"
+
+    async with contextlib.AsyncExitStack() as stack:
+        if entered:
+            await stack.enter_async_context(store)
+        async with anyio.create_task_group() as tg:
+            got: list[str] = []
+
+            async def call() -> None:
+                got.append(await cache.get("k", load))
+
+            tg.start_soon(call)
+            with anyio.fail_after(10):
+                while refused.refused < 2:
+                    await anyio.sleep(0.01)
+            go.set()
+        assert got == ["v"]
+        assert await cache.get("k2", load) == "v"  # the store still serves
+    assert store.statistics().lease_renewal_errors == (refused.refused if entered else 0)
+    assert "ReadOnlyError" in caplog.text
 
 
 async def test_one_refresh_per_stale_key_across_caches(r: aredis.Redis, prefix: str) -> None:

@@ -22,6 +22,7 @@ import pytest
 import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ReadOnlyError
 
 from parallelkit._cache.store import CacheEntry
 
@@ -40,6 +41,46 @@ class Commands:
             return await send(*args, **options)
 
         monkeypatch.setattr(r, "execute_command", counting)
+
+
+class LostReply:
+    """The first script (``EVALSHA``) a client sends runs in Redis, but its reply never
+    comes: the caller hangs until cancelled, as if cancelled with the reply on its way.
+
+    ``ran`` is set once Redis ran it; later commands pass through.
+    """
+
+    def __init__(self, r: aredis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.ran = anyio.Event()
+        send = r.execute_command
+
+        async def losing(*args: Any, **options: Any) -> Any:
+            result = await send(*args, **options)
+            if args[0] == "EVALSHA" and not self.ran.is_set():
+                self.ran.set()
+                await anyio.sleep_forever()
+            return result
+
+        monkeypatch.setattr(r, "execute_command", losing)
+
+
+class Refused:
+    """While ``on``, Redis answers the script with ``sha`` with an error (``READONLY``,
+    as a primary demoted by a failover does); ``refused`` counts those answers."""
+
+    def __init__(self, r: aredis.Redis, monkeypatch: pytest.MonkeyPatch, sha: str) -> None:
+        self.on = True
+        self.refused = 0
+        send = r.execute_command
+
+        async def refusing(*args: Any, **options: Any) -> Any:
+            if self.on and args[0] == "EVALSHA" and args[1] == sha:
+                self.refused += 1
+                msg = "You can't write against a read only replica."
+                raise ReadOnlyError(msg)
+            return await send(*args, **options)
+
+        monkeypatch.setattr(r, "execute_command", refusing)
 
 
 def bad_arguments(cases: list[tuple[dict[str, Any], type[Exception], str]]) -> Any:

@@ -119,7 +119,8 @@ class SWRCache:
             ``MemoryStore(maxsize)``. A store made later (at startup) can be
             given with :meth:`bind`.
         cache_none: cache ``None`` results (negative caching). ``False`` reloads
-            a key whose loader returned ``None``.
+            a key whose loader returned ``None``; a refresh that returns ``None``
+            drops the stale value (it is no longer served).
         jitter: shorten each entry's fresh window by a random fraction up to this
             (``0 <= jitter < 1``) so that keys loaded together refresh apart.
         error_ttl: if set, a failed miss load is remembered for this many seconds

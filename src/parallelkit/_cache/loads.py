@@ -27,6 +27,7 @@ import reprlib
 import time
 import warnings
 from collections.abc import Callable, Hashable
+from types import TracebackType
 from typing import Any, NamedTuple
 
 import cachetools
@@ -61,6 +62,7 @@ class _Failure(NamedTuple):
     failures: int  # consecutive failed refreshes (0: a failed miss load, kept for error_ttl)
     until: float  # no refresh before then / the error is re-raised until then
     error: Exception | None  # the failed miss load's error (error_ttl), else None
+    traceback: TracebackType | None = None  # that error's, as its load raised it
 
 
 def _not_awaitable(thunk: Thunk, result: object) -> TypeError:
@@ -229,12 +231,10 @@ class Loads:
         failed = self._failed.get(key)
         if failed is not None and failed.error is None and now < failed.until:
             return entry.value  # backing off after a failed refresh
-        flight, work, done = self._new_flight(key, thunk, refresh=True)
         tg = self._owner.tg
-        if tg is not None:
-            flight.start_in(tg, work, done, abandonable=False)
-            return entry.value
-        if not self._warned:
+        if tg is None and not self._warned:
+            # before the flight is registered: a warning filter may turn this into an
+            # error, which must not leave behind a flight that never runs
             self._warned = True
             warnings.warn(
                 "SWRCache is not entered, so a stale hit refreshes in the calling task. "
@@ -243,6 +243,10 @@ class Loads:
                 RuntimeWarning,
                 stacklevel=4,
             )
+        flight, work, done = self._new_flight(key, thunk, refresh=True)
+        if tg is not None:
+            flight.start_in(tg, work, done, abandonable=False)
+            return entry.value
         await flight.lead(work, done)
         return flight.value if flight.ok else entry.value  # stale-if-error
 
@@ -251,7 +255,9 @@ class Loads:
         failed = self._failed.get(key)
         if failed is not None:
             if failed.error is not None and self._front.clock() < failed.until:
-                raise failed.error  # error_ttl: remembered failure
+                # error_ttl: remembered failure (its traceback as the load left it: a
+                # raise adds to it, and this object is raised again and again)
+                raise failed.error.with_traceback(failed.traceback)
             del self._failed[key]
         while True:
             flight = self.flights.get(key)
@@ -268,7 +274,9 @@ class Loads:
             if flight.ok:
                 return flight.value
             if flight.error is not None:
-                raise flight.error
+                # the same object for every waiter; each raise would add its frames to
+                # the traceback the others see: raise it with the load's own
+                raise flight.error.with_traceback(flight.traceback)
             # the flight was cancelled under us (its leader, or the cache closing): retry
 
     # ------------------------------------------------------------------ loads
@@ -310,6 +318,8 @@ class Loads:
             raise _not_awaitable(thunk, pending)
         value = await pending
         if value is None and not self._cache_none:
+            if flight.refresh:  # the stale value is gone at the source: stop serving it
+                await self._forget(key, flight)
             return value
         await self.writes.acquire(key)
         try:
@@ -322,6 +332,16 @@ class Loads:
         finally:
             self.writes.release(key)
         return value
+
+    async def _forget(self, key: Hashable, flight: Flight) -> None:
+        """A refresh found nothing (``None``, not cached): delete the entry it refreshed,
+        unless the flight was superseded (then a newer write decides)."""
+        await self.writes.acquire(key)
+        try:
+            if flight.valid:
+                await self.store.delete(key)
+        finally:
+            self.writes.release(key)
 
     def _finish(self, key: Hashable, flight: Flight) -> None:
         """A flight ended: forget it, and remember (bounded) how it failed."""
@@ -337,7 +357,7 @@ class Loads:
             self.load_errors += 1
             if self._error_ttl is not None and flight.valid:
                 until = self._front.clock() + self._error_ttl
-                self._failed[key] = _Failure(0, until, error)
+                self._failed[key] = _Failure(0, until, error, flight.traceback)
             return
         self.refresh_errors += 1
         before = self._failed.get(key)

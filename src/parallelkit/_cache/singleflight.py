@@ -21,6 +21,7 @@ kept on the flight (``ok``/``value``/``error``) and every waiter reads it.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from types import TracebackType
 from typing import Any
 
 import anyio
@@ -43,6 +44,7 @@ class Flight:
         "finished",
         "ok",
         "refresh",
+        "traceback",
         "valid",
         "value",
         "waiters",
@@ -59,6 +61,7 @@ class Flight:
         self.ok = False
         self.value: Any = None
         self.error: Exception | None = None
+        self.traceback: TracebackType | None = None  # the error's, as the load raised it
 
     @property
     def cancelled(self) -> bool:
@@ -72,6 +75,7 @@ class Flight:
             self.ok = True
         except Exception as exc:  # handed to every waiter
             self.error = exc
+            self.traceback = exc.__traceback__
         finally:
             self.finished = True
             on_done()

@@ -10,6 +10,8 @@ leases with one task and one command per round, so a load starts no task.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -25,7 +27,9 @@ from ._outage import Down, Guard
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["Lease", "LeaseScripts", "Renewals", "keep_renewed"]
+__all__ = ["Lease", "LeaseScripts", "Renewals", "keep_renewed", "renewal_failed"]
+
+logger = logging.getLogger("parallelkit.redis")
 
 # KEYS[1] the lease, KEYS[2] (optional) the fencing counter; ARGV[1] token, ARGV[2]
 # ttl (ms). Returns the new fencing token (or 1) when acquired, else minus the
@@ -70,17 +74,33 @@ return 0
 """
 
 
-async def keep_renewed(guard: Guard, ttl: float, renew: Callable[[], Awaitable[object]]) -> str:
+def renewal_failed(what: str, exc: Exception) -> None:
+    """Log a renewal that Redis refused (not an outage: those the guard counts).
+
+    Background work: raising it would cancel the holder's work (and, from a
+    store's shared renewal task, everything in the store's ``async with``).
+    """
+    logger.warning("%s: renewing failed: %r", what, exc, exc_info=exc)
+
+
+async def keep_renewed(
+    guard: Guard, ttl: float, renew: Callable[[], Awaitable[object]], *, what: str
+) -> tuple[str, BaseException | None]:
     """Renew a lease every ``ttl / 3`` until it is lost; return why it was lost.
 
     ``renew()`` returns a truthy reply while the lease is still ours. A renewal
-    that fails for an outage is tried again at the next period as long as the
-    lease is still valid; each try is bounded by what is left of it (at least
-    ``ttl / 3``, and at most the guard's ``command_timeout``).
+    that fails (an outage, or an error Redis answers with, such as ``READONLY``
+    from a demoted primary: logged) is tried again at the next period as long as
+    the lease is still valid; each try is bounded by what is left of it (at
+    least ``ttl / 3``, and at most the guard's ``command_timeout``).
+
+    Args:
+        what: the lease's owner, for the log (``"RedisLock 'job'"``).
 
     Returns:
-        ``"taken"`` (Redis says the lease is gone or someone else's) or
-        ``"unreachable"`` (Redis could not be reached for a whole ``ttl``).
+        ``("taken", None)`` (Redis says the lease is gone or someone else's), or
+        ``("unreachable", error)`` (no renewal succeeded for a whole ``ttl``;
+        ``error``: the last failure).
     """
     valid_until = anyio.current_time() + ttl
     while True:
@@ -91,12 +111,17 @@ async def keep_renewed(guard: Guard, ttl: float, renew: Callable[[], Awaitable[o
         limit = max(valid_until - started, ttl / 3)
         try:
             ok = await guard.call("renew", renew(), force=True, timeout=limit)
-        except Down:
+        except Exception as exc:  # Down (an outage), or Redis refused the command
+            error: BaseException = exc
+            if isinstance(exc, Down):
+                error = exc.cause
+            else:
+                renewal_failed(what, exc)
             if anyio.current_time() < valid_until:
                 continue  # transient: try again before the lease runs out
-            return "unreachable"
+            return "unreachable", error
         if not ok:
-            return "taken"
+            return "taken", None
         valid_until = started + ttl
 
 
@@ -169,7 +194,7 @@ class Lease:
         self._on_wait = on_wait
         self._token: str | None = None
         self._fence: int | None = None
-        self._owner = OwnedTaskGroup(f"RedisLock {name!r}")
+        self._owner = OwnedTaskGroup(self._owner_name)
         self._lost = False
         # while ``renewals`` runs (its owner is entered) it renews this lease: no task
         # of its own (a lease that must cancel its body when lost keeps its own task)
@@ -177,6 +202,10 @@ class Lease:
         self._shared = False
 
     # -- introspection -----------------------------------------------------------
+    @property
+    def _owner_name(self) -> str:
+        return f"RedisLock {self._name!r}" if self._cancel_on_loss else f"the lease of {self._key}"
+
     @property
     def name(self) -> str:
         """The lock's name."""
@@ -225,7 +254,7 @@ class Lease:
         deadline = None if self._timeout is None else anyio.current_time() + self._timeout
         waited = False
         while True:
-            reply = await self._try(token, ttl_ms)
+            reply = await self._attempt(token, ttl_ms)
             if reply > 0:
                 self._token, self._fence, self._lost = token, reply, False
                 return
@@ -243,6 +272,22 @@ class Lease:
                 self._on_wait()
             waited = True
             await anyio.sleep(pause)
+
+    async def _attempt(self, token: str, ttl_ms: int) -> int:
+        """:meth:`_try`, giving back what it may have taken if its reply never came.
+
+        A cancellation (or a ``command_timeout``) while the script's reply is on its
+        way does not undo the script: Redis may hold the lease with ``token``, and
+        nobody would release it before ``ttl`` (every other holder, this process
+        included, would wait that long). Released by token, so it costs nothing
+        when the script did not run.
+        """
+        try:
+            return await self._try(token, ttl_ms)
+        except BaseException:
+            with contextlib.suppress(Exception):  # what is raised is the attempt's error
+                await self._give_back(token)
+            raise
 
     async def _try(self, token: str, ttl_ms: int) -> int:
         """One attempt: the fencing token (or 1) if taken, else minus the holder's ttl (ms)."""
@@ -263,27 +308,36 @@ class Lease:
         if token is None:  # given back already (``given_back``)
             return
         ttl_ms = round(self._ttl * 1000)
-        why = await keep_renewed(
+        why, error = await keep_renewed(
             self._guard,
             self._ttl,
             lambda: self._scripts.renew(keys=[self._key], args=[token, ttl_ms]),
+            what=self._owner_name,
         )
         self._lost = True
         if not self._cancel_on_loss:
             return
         if why == "unreachable":
-            msg = f"lock {self._name!r} expired: Redis unreachable for its whole ttl"
+            msg = f"lock {self._name!r} expired: not renewed for its whole ttl ({error!r})"
         else:
             msg = f"lock {self._name!r} was lost: it expired or was taken over"
-        raise LockLost(self._name, self._fence, msg) from self._guard.last_error
+        raise LockLost(self._name, self._fence, msg) from error
 
     async def _release(self) -> None:
         token, self._token = self._token, None
         if token is None or self._lost:
             return
-        # shielded: a cancelled holder still gives the lease back at once; when
-        # Redis is presumed down (or does not answer), the lease expires on its own
-        with anyio.CancelScope(shield=True):
+        await self._give_back(token)
+
+    async def _give_back(self, token: str) -> None:
+        """Release the lease if Redis holds it with ``token`` (a release script).
+
+        Shielded: a cancelled holder still gives the lease back at once; when Redis
+        is presumed down (or does not answer within ``command_timeout`` or ``ttl``,
+        a free connection included), the lease expires on its own.
+        """
+        limit = self._ttl if self._guard.timeout is None else min(self._ttl, self._guard.timeout)
+        with anyio.move_on_after(limit, shield=True):
             try:
                 command = self._scripts.release(keys=[self._key], args=[token])
                 await self._guard.call("release", command, timeout=self._ttl)
@@ -347,10 +401,11 @@ class Renewals:
     Leases are renewed every ``ttl / 3``: one taken just after a round is renewed
     by the next, with two thirds of its ttl to spare. A lease Redis says is gone
     or someone else's, or that could not be renewed for a whole ``ttl`` (an
-    outage), is marked lost (:meth:`Lease.lost`) and no longer renewed.
+    outage, or errors Redis answered with: logged and counted in :attr:`errors`),
+    is marked lost (:meth:`Lease.lost`) and no longer renewed.
     """
 
-    __slots__ = ("_guard", "_held", "_script", "_ttl", "active")
+    __slots__ = ("_guard", "_held", "_script", "_ttl", "active", "errors")
 
     def __init__(self, redis: Redis, guard: Guard, ttl: float) -> None:
         self._script = redis.register_script(_RENEW_MANY)
@@ -359,6 +414,8 @@ class Renewals:
         self._held: dict[Lease, float] = {}  # lease -> valid until (anyio's clock)
         self.active = False
         """Whether :meth:`run` runs (else a lease renews itself, in a task of its own)."""
+        self.errors = 0
+        """Rounds Redis refused for another reason than an outage (logged)."""
 
     def add(self, lease: Lease) -> None:
         """Keep ``lease`` (just taken) renewed until :meth:`discard`."""
@@ -400,7 +457,10 @@ class Renewals:
             replies = await self._guard.call(
                 "renew", self._script(keys=keys, args=args), force=True, timeout=limit
             )
-        except Down:
+        except Exception as exc:  # Down (an outage), or Redis refused the command
+            if not isinstance(exc, Down):
+                self.errors += 1
+                renewal_failed(f"{len(live)} load lease(s)", exc)
             now = anyio.current_time()
             for lease in live:  # transient, unless a lease ran out meanwhile
                 if held.get(lease, now) <= now:

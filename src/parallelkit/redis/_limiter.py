@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -326,7 +327,14 @@ class RedisLimiter:
             while True:
                 args: list[float | str] = [token, self._concurrency, lease_ms, self._now()]
                 command = self._acquire_script(keys=[self._holders_key], args=args)
-                wait_ms = int(await self._guard.call("acquire", command))
+                try:
+                    wait_ms = int(await self._guard.call("acquire", command))
+                except BaseException:
+                    # cancelled (or timed out) with the reply on its way: the script may
+                    # have taken the slot, which nobody would give back before ``lease``
+                    with contextlib.suppress(Exception):  # raise the acquire's error
+                        await self._give_back(token)
+                    raise
                 if wait_ms == 0:
                     return token
                 await anyio.sleep(jittered(min(self._poll, wait_ms / 1000)))
@@ -340,7 +348,9 @@ class RedisLimiter:
         return float(await self._guard.call("reserve", command)) / 1000
 
     async def _give_back(self, token: str) -> None:
-        with anyio.CancelScope(shield=True):
+        # shielded, and bounded (a free connection included): else the lease expires
+        limit = self._lease if self._guard.timeout is None else self._guard.timeout
+        with anyio.move_on_after(min(limit, self._lease), shield=True):
             try:
                 command = self._redis.zrem(self._holders_key, token)
                 await self._guard.call("release", command, timeout=self._lease)
@@ -355,6 +365,7 @@ class RedisLimiter:
             lambda: self._renew_script(
                 keys=[self._holders_key], args=[token, lease_ms, self._now()]
             ),
+            what=f"RedisLimiter {self._name!r}",
         )
         self._lost += 1  # counted; the holder finishes its work regardless
 

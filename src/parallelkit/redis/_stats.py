@@ -34,6 +34,10 @@ class RedisStoreStatistics:
         near_renewal_errors: background checks that failed for another reason
             than a Redis outage (logged; those entries just expire).
         listening: whether the near cache is subscribed (serving) now.
+        lease_renewal_errors: rounds of the entered store's lease renewal that
+            Redis refused for another reason than an outage (such as ``READONLY``
+            after a failover; logged). A lease not renewed for ``lease`` seconds
+            is given up: another process may load the key too.
     """
 
     errors: int
@@ -50,6 +54,7 @@ class RedisStoreStatistics:
     listening: bool = False
     near_renewals: int = 0
     near_renewal_errors: int = 0
+    lease_renewal_errors: int = 0
 
     @property
     def redis_errors(self) -> int:

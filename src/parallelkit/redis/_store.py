@@ -330,6 +330,7 @@ class RedisStore:
             near_resets=near.resets,
             near_renewals=near.renewals,
             near_renewal_errors=near.renew_errors,
+            lease_renewal_errors=self._renewals.errors,
             listening=near.listening,
         )
 
