@@ -851,6 +851,13 @@ def test_bad_cache_arguments_name_the_argument(
         SWRCache(**{name: value})
 
 
+def test_a_max_backoff_below_backoff_is_refused() -> None:
+    # as pk.Retry: the cap would silently replace the first wait
+    with pytest.raises(ValueError, match=r"^max_backoff \(1\.0\) must be >= backoff \(10\.0\)$"):
+        SWRCache(backoff=10, max_backoff=1)
+    assert SWRCache(backoff=5, max_backoff=5).stats.hits == 0
+
+
 def test_fresh_and_stale_both_zero_is_refused() -> None:
     with pytest.raises(ValueError, match="both 0"):
         SWRCache(fresh=0, stale=0)

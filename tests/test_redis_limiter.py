@@ -294,6 +294,7 @@ BAD_ARGUMENTS = [
     ({"concurrency": True}, TypeError, r"^concurrency must be an int"),
     ({"rate": -1}, ValueError, r"^rate must be > 0 \(starts per second\), got -1$"),
     ({"rate": math.inf}, ValueError, r"^rate must be finite"),
+    ({"rate": 1e-300}, ValueError, r"^rate must be >= 1e-09 \(starts per second\), got 1e-300$"),
     ({"rate": "10"}, TypeError, r"^rate must be a number"),
     ({"burst": 0}, ValueError, r"^burst must be >= 1, got 0$"),
     ({"burst": 1.5}, TypeError, r"^burst must be an int, got 1.5$"),

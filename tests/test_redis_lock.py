@@ -232,6 +232,11 @@ BAD_ARGUMENTS = [
     ({"prefix": 1}, TypeError, r"^prefix must be a str, got 1$"),
     ({"command_timeout": -1}, ValueError, r"^command_timeout must be > 0"),
     ({"command_timeout": "1"}, TypeError, r"^command_timeout must be a number"),
+    (
+        {"blocking": False, "timeout": 5},
+        ValueError,
+        r"^timeout applies to blocking=True only, got blocking=False and timeout=5$",
+    ),
 ]
 
 

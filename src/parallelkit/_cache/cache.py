@@ -127,7 +127,7 @@ class SWRCache:
             and re-raised without calling the loader.
         backoff: seconds before retrying a key whose refresh failed (doubles on
             each consecutive failure).
-        max_backoff: the cap for that wait.
+        max_backoff: the cap for that wait (at least ``backoff``).
         on_error: ``on_error(key, exc)`` for every failed refresh that no caller
             received; default: a warning on the ``parallelkit.cache`` logger with
             the key.
@@ -197,6 +197,9 @@ class SWRCache:
         error_ttl = number_or_none("error_ttl", error_ttl)
         backoff = number("backoff", backoff)
         max_backoff = number("max_backoff", max_backoff)
+        if max_backoff < backoff:  # the cap would silently replace the first wait (as Retry)
+            msg = f"max_backoff ({max_backoff!r}) must be >= backoff ({backoff!r})"
+            raise ValueError(msg)
         if on_error is not None:
             callable_("on_error", on_error, what="a callable (key, exc) or None")
         if clock is not None:

@@ -89,6 +89,9 @@ return string.format('%.3f', start - now)
 """
 )
 
+#: The slowest global rate: a start every 10**9 s (31.7 years); far slower ones overflow Redis.
+MIN_RATE = 1e-9
+
 
 @final
 @dataclass(frozen=True, slots=True)
@@ -170,7 +173,8 @@ class RedisLimiter:
         redis: a ``redis.asyncio.Redis`` client.
         name: the shared name: every process using it shares the bounds.
         concurrency: the global maximum of holders at once (``None``: unbounded).
-        rate: the global maximum of starts per second (``None``: unlimited).
+        rate: the global maximum of starts per second (``None``: unlimited; at
+            least ``1e-9``, a start every 31.7 years: slower intervals overflow Redis).
         burst: starts that may happen back to back after an idle period.
         lease: seconds a dead holder's slot stays taken (renewed while held).
         fail: the outage policy: ``"local"``, ``"open"`` or ``"closed"``.
@@ -244,6 +248,8 @@ class RedisLimiter:
         text("prefix", prefix)
         self._concurrency = count_or_none("concurrency", concurrency)
         self._rate = validate_rate(rate)
+        if self._rate is not None:  # a start interval Redis can store
+            number_at_least("rate", rate, MIN_RATE, unit="starts per second")
         self._burst = count("burst", burst)
         self._lease = number_at_least("lease", lease, 0.01)
         self._fail: FailMode = choice("fail", fail, _FAIL_MODES)

@@ -52,7 +52,8 @@ class RedisLock(Lease):
             attempt and raises :class:`~parallelkit.redis.LockNotAcquired` if
             another process holds it: the body is skipped.
         timeout: with ``blocking=True``, give up (``LockNotAcquired``) after this
-            many seconds; ``None`` waits forever.
+            many seconds; ``None`` waits forever. With ``blocking=False`` it is a
+            ``ValueError`` (one attempt never waits).
         poll: the longest pause between two attempts while waiting (jittered).
         prefix: a namespace for the Redis keys (``{prefix}:lock:{name}``).
         command_timeout: seconds one Redis command may take before Redis counts
@@ -99,6 +100,10 @@ class RedisLock(Lease):
         ttl_s = number_at_least("ttl", ttl, 0.01)
         flag("blocking", blocking)
         timeout_s = number_or_none("timeout", timeout)
+        if not blocking and timeout_s is not None:  # one try never waits: a timeout means nothing
+            msg = "timeout applies to blocking=True only, got blocking=False and "
+            msg += f"timeout={timeout!r}"
+            raise ValueError(msg)
         poll_s = number("poll", poll)
         text("prefix", prefix)
         guard = Guard(
