@@ -8,6 +8,7 @@ Also: the definition-error messages tell the user what to do.
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +49,8 @@ def test_process_seconds(option: str, value: object, error: type[Exception]) -> 
         ({"ready": 5}, TypeError, "ready must be"),
         ({"retry": 3}, TypeError, "retry"),
         ({"name": "not a name"}, pk.DefinitionError, "identifier"),
+        ({"name": 5}, TypeError, "name must be a str"),  # a type: not a DefinitionError
+        ({"name": b"db"}, TypeError, "name must be a str"),
     ],
 )
 def test_service_options(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
@@ -80,11 +83,29 @@ def test_service_decorates_a_callable() -> None:
         ({"env": ["A=1"]}, TypeError, "env must be"),
         ({"cwd": 5}, TypeError, "cwd must be a path"),
         ({"depends_on": "db"}, TypeError, "depends_on"),
+        ({"depends_on": None}, TypeError, "depends_on must be a sequence of service names"),
+        ({"depends_on": 5}, TypeError, "depends_on must be a sequence of service names"),
+        ({"depends_on": ["db", 5]}, TypeError, "depends_on must be a sequence of service names"),
     ],
 )
 def test_process_options(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         pk.Orchestrator().process("web", "true", **kwargs)
+
+
+@pytest.mark.parametrize("name", [5, None, b"web"])
+def test_process_name_of_the_wrong_type_is_a_type_error(name: object) -> None:
+    with pytest.raises(TypeError, match="name must be a str"):
+        pk.Orchestrator().process(name, "true")  # type: ignore[arg-type]
+
+
+def test_process_depends_on_is_read_once() -> None:
+    # a generator was consumed by the type check, leaving the process with no dependencies
+    orch = pk.Orchestrator()
+    orch.process("db", "true")
+    orch.process("web", "true", depends_on=(name for name in ["db"]))
+    assert orch.services["web"].depends_on == ("db",)
+    assert [p.name for p in orch._graph.nodes["web"].params] == ["db"]  # the graph too
 
 
 def test_process_max_restarts_none_and_positive_accepted() -> None:
@@ -143,6 +164,9 @@ async def test_probe_wait_timeout(value: object, error: type[Exception]) -> None
         ({"signals": ()}, TypeError, "signals must be"),
         ({"signals": (99999,)}, ValueError, "signals must hold signal numbers"),
         ({"signals": ("TERM",)}, TypeError, "signals must hold signal numbers"),
+        # was a RuntimeError on asyncio, an OSError on trio, neither naming the argument
+        ({"signals": (signal.SIGKILL,)}, ValueError, "signals: SIGKILL cannot be caught"),
+        ({"signals": (signal.SIGTERM, 19)}, ValueError, "signals: SIGSTOP cannot be caught"),
         ({"on_ready": 5}, TypeError, "on_ready must be a callable"),
     ],
 )

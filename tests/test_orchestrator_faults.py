@@ -159,6 +159,86 @@ async def test_cancelled_start_runs_the_code_after_yield() -> None:
     assert log.downs() == ["api", "db"]
 
 
+# -- an error in hand is not lost to a cancellation of the caller's scope ----------------------
+async def test_a_failed_start_is_raised_when_the_caller_is_cancelled_while_it_unwinds() -> None:
+    # db reached its yield but is not ready; api fails; while db tears down, the caller's
+    # deadline passes: the ConnectionError was lost (neither raised nor logged)
+    orch, downs = pk.Orchestrator(), []
+    caller = anyio.CancelScope()
+    reached = anyio.Event()
+    unreachable = ConnectionError("payment provider unreachable")
+
+    @orch.service(ready=lambda: False)
+    async def db() -> AsyncIterator[str]:
+        reached.set()
+        yield "db"
+        caller.cancel()  # the caller's deadline passes during the tear-down
+        await anyio.lowlevel.checkpoint()
+        downs.append("db")
+
+    @orch.service
+    async def payments() -> str:
+        await reached.wait()
+        raise unreachable
+
+    with anyio.fail_after(20), pytest.raises(pk.StartupError) as info, caller:
+        async with orch.start():
+            pytest.fail("not reached")
+    assert info.value.__cause__ is unreachable
+    assert downs == ["db"]
+
+
+async def test_a_crash_is_raised_when_the_caller_is_cancelled_at_the_same_time() -> None:
+    # the crash cancelled the body, and so did the caller: the crash was lost (it is not
+    # logged, being meant to be raised), only the cancellation went on
+    orch, downs = pk.Orchestrator(), []
+    caller = anyio.CancelScope()
+    died = KeyError("worker died")
+    crash = anyio.Event()
+
+    @orch.service
+    async def db() -> AsyncIterator[str]:
+        yield "db"
+        downs.append("db")
+
+    @orch.service
+    async def worker(db: str) -> AsyncIterator[str]:
+        async def die() -> None:
+            await crash.wait()
+            raise died
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(die)
+                yield "worker"
+        finally:
+            caller.cancel()  # the caller gives up in the same instant
+
+    with anyio.fail_after(20), pytest.raises(KeyError) as info, caller:
+        async with orch.start():
+            crash.set()
+            await anyio.sleep_forever()
+    assert info.value is died
+    assert downs == ["db"]
+
+
+async def test_a_body_error_is_raised_when_the_caller_is_cancelled_during_the_stop() -> None:
+    orch = pk.Orchestrator()
+    caller = anyio.CancelScope()
+    failed = ValueError("handler failed")
+
+    @orch.service
+    async def db() -> AsyncIterator[str]:
+        yield "db"
+        caller.cancel()  # the caller's deadline passes during the stop
+        await anyio.lowlevel.checkpoint()
+
+    with anyio.fail_after(20), pytest.raises(ValueError) as info, caller:
+        async with orch.start():
+            raise failed
+    assert info.value is failed
+
+
 async def test_retry_runs_the_code_after_yield_of_each_failed_attempt() -> None:
     orch = pk.Orchestrator()
     lines: list[str] = []

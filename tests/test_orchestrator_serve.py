@@ -286,6 +286,31 @@ async def test_serve_raises_the_startup_error_itself() -> None:
 
 
 @pytest.mark.anyio
+async def test_serve_raises_the_startup_error_when_the_caller_is_cancelled_in_rollback() -> None:
+    # trio: the watcher's task group met the caller's cancellation on its way out, and the
+    # StartupError in hand was dropped: serve() returned as if nothing had happened
+    orch, downs = pk.Orchestrator(), []
+    unreachable = ConnectionError("payment provider unreachable")
+    caller = anyio.CancelScope()
+
+    @orch.service
+    async def db() -> AsyncIterator[str]:
+        yield "db"
+        caller.cancel()  # the caller's deadline passes while the rollback runs
+        await anyio.lowlevel.checkpoint()
+        downs.append("db")
+
+    @orch.service
+    async def payments(db: str) -> str:
+        raise unreachable
+
+    with anyio.fail_after(20), pytest.raises(pk.StartupError) as info, caller:
+        await orch.serve(signals=(signal.SIGTERM,))
+    assert info.value.__cause__ is unreachable
+    assert downs == ["db"]
+
+
+@pytest.mark.anyio
 @pytest.mark.parametrize("where", ["service", "on_ready"])
 async def test_serve_raises_a_crash_as_itself(where: str) -> None:
     orch, downs = pk.Orchestrator(), []

@@ -111,6 +111,29 @@ async def test_http_probe_connection_refused_and_garbage() -> None:
     assert "not an HTTP response" in why
 
 
+async def test_a_check_that_times_out_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the reason was "TimeoutError: " (fail_after's bare error): it now names the bound
+    async def silent(stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            await anyio.sleep_forever()
+
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, silent)
+        probe = pk.probes.http(f"http://127.0.0.1:{port}/", request_timeout=0.05)
+        why = await probe.reason()
+        tg.cancel_scope.cancel()
+    assert why == "TimeoutError: no answer within request_timeout=0.05s"
+
+    async def never_connects(*args: object, **kwargs: object) -> None:
+        await anyio.sleep_forever()
+
+    monkeypatch.setattr(anyio, "connect_tcp", never_connects)
+    why = await pk.probes.tcp("127.0.0.1", 5432, connect_timeout=0.05).reason()
+    assert why == "TimeoutError: no connection within connect_timeout=0.05s"
+
+
 async def test_call_probe_sync_async_value_and_errors() -> None:
     assert await pk.probes.call(lambda: True).check()
     assert not await pk.probes.call(lambda: 0).check()

@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import parallelkit as pk
@@ -192,3 +194,77 @@ async def test_process_validation_and_env(tmp_path: Path) -> None:
     async with orch.start():
         await wait_for(lambda: out.exists() and out.read_text() == "hi\n")
     assert os.environ.get("GREETING") is None
+
+
+async def test_exit_0_before_ready_fails_the_start_at_once() -> None:
+    # the probe can never pass once the process is gone: without a timeout, the start hung
+    orch = pk.Orchestrator(output=lambda *a: None)
+    orch.process(
+        "web",
+        [PY, "-c", "print('nothing to serve')"],
+        ready=pk.probes.call(lambda: False, name="never"),
+    )
+    with anyio.fail_after(20), pytest.raises(pk.StartupError) as info:  # a hang guard
+        async with orch.start():
+            pass
+    error = info.value.__cause__
+    assert isinstance(error, pk.ProcessError)
+    assert error.returncode == 0
+    assert error.tail == ("nothing to serve",)
+
+
+async def test_one_shot_process_that_did_its_job_before_exit_0_is_ready(tmp_path: Path) -> None:
+    # the probe gets one last look after the exit: a one-shot job (a migration) is ready
+    done = tmp_path / "done"
+    orch = pk.Orchestrator(output=lambda *a: None)
+    orch.process(
+        "migrate",
+        [PY, "-c", f"open({str(done)!r}, 'w').close()"],
+        ready=pk.probes.call(done.exists, max_interval=60.0, initial=60.0),
+    )
+    with anyio.fail_after(20):  # a hang guard: the probe's next poll would be a minute away
+        async with orch.start() as running:
+            assert running["migrate"].returncode == 0
+
+
+async def test_a_restart_spawned_while_stopping_is_stopped_too(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # the stop terminated the process it knew of while a restart was being spawned
+    # (trio spawns in a thread that a cancellation does not interrupt): the new one
+    # was left running, outside the orchestrator, in a session of its own
+    real_open_process = anyio.open_process
+    calls = 0
+    hosts: dict[str, Any] = {}
+
+    async def open_process(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the restart: it completes only once the stop has begun
+            with anyio.CancelScope(shield=True):
+                while hosts["w"].state != "stopping":
+                    await anyio.sleep(0.01)
+                for _ in range(20):
+                    await anyio.lowlevel.checkpoint()
+        return await real_open_process(*args, **kwargs)
+
+    monkeypatch.setattr(anyio, "open_process", open_process)
+    runs = tmp_path / "runs"
+    script = (
+        "import pathlib, sys, time\n"
+        f"p = pathlib.Path({str(runs)!r})\n"
+        "n = int(p.read_text()) + 1 if p.exists() else 1\n"
+        "p.write_text(str(n))\n"
+        "if n == 1: sys.exit(1)\n"
+        "time.sleep(60)\n"
+    )
+    orch = pk.Orchestrator(output=lambda *a: None)
+    orch.process("w", [PY, "-c", script], restart="on-failure", stop_timeout=5)
+    with anyio.fail_after(20):  # a hang guard
+        async with orch.start() as running:
+            hosts.update(running._session.hosts)
+            await wait_for(lambda: calls == 2)  # the first run failed; the restart spawns
+        process = running["w"]
+        assert process.restarts == 1
+        assert process.pid is not None
+        await wait_for(lambda: not alive(process.pid))  # stopped, not orphaned

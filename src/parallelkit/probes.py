@@ -188,7 +188,7 @@ def tcp(
             with anyio.fail_after(limit):
                 stream = await anyio.connect_tcp(host, port)
         except (OSError, TimeoutError) as exc:
-            return _describe(exc)
+            return _describe(exc, f"no connection within connect_timeout={limit:g}s")
         await stream.aclose()
         return None
 
@@ -268,7 +268,7 @@ def http(
                     await stream.send(request)
                     head = await _read_status_line(stream)
         except (OSError, TimeoutError, anyio.BrokenResourceError, ssl.SSLError) as exc:
-            return _describe(exc)
+            return _describe(exc, f"no answer within request_timeout={limit:g}s")
         line = head.split(b"\r\n", 1)[0].decode("latin-1")
         fields = line.split(" ", 2)
         if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].isdigit():
@@ -347,11 +347,14 @@ async def _read_status_line(stream: anyio.abc.ByteReceiveStream) -> bytes:
     return head
 
 
-def _describe(exc: BaseException) -> str:
-    """``Type: message``, looking through anyio's "All connection attempts failed"."""
+def _describe(exc: BaseException, silent: str) -> str:
+    """``Type: message``, looking through anyio's "All connection attempts failed".
+
+    ``silent`` stands in for an empty message (``fail_after``'s bare ``TimeoutError``).
+    """
     while exc.__cause__ is not None:
         exc = exc.__cause__
-    return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {str(exc) or silent}"
 
 
 def _takes_one_argument(fn: Callable[..., Any]) -> bool:

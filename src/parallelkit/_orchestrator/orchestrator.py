@@ -23,7 +23,7 @@ import inspect
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeVar, overload
 
@@ -170,7 +170,10 @@ class Orchestrator:
         retry = validate_retry(retry)
         stop_seconds = number("stop_timeout", stop_timeout)
         critical = flag("critical", critical)
-        if name is not None and (not isinstance(name, str) or not name.isidentifier()):
+        if name is not None and not isinstance(name, str):
+            msg = f"name must be a str (an identifier) or None, got {name!r}"  # type: ignore[unreachable]
+            raise TypeError(msg)
+        if name is not None and not name.isidentifier():
             msg = f"service name must be an identifier str, got {name!r}"
             raise DefinitionError(msg)
 
@@ -247,7 +250,10 @@ class Orchestrator:
             cwd: the working directory.
             restart: on an unexpected exit: ``"no"`` (a non-zero exit fails the
                 service; exit 0 just ends it), ``"on-failure"`` (restart on a
-                non-zero exit) or ``"always"``.
+                non-zero exit) or ``"always"``. An exit 0 that is not restarted
+                before ``ready`` passes gives the probe one last check (a one-shot
+                job may have done its work); if that fails, the start fails at
+                once with :class:`~parallelkit.ProcessError`.
             max_restarts: restarts allowed (a positive int) before the exit fails
                 the service (``None``: unlimited). Restarts pause 50 ms, doubling
                 to 2 s.
@@ -264,12 +270,15 @@ class Orchestrator:
 
         Raises:
             DefinitionError: ``name`` is not an identifier, or is taken.
-            TypeError: an option of the wrong type (``cmd``, ``env``, ``cwd``,
+            TypeError: an argument of the wrong type (``name``, ``cmd``, ``env``, ``cwd``,
                 ``depends_on``, ``critical``, ...).
             ValueError: an option out of range (``restart`` not one of the
                 policies, ``max_restarts`` < 1, a timeout <= 0, ...).
         """
-        if not isinstance(name, str) or not name.isidentifier():
+        if not isinstance(name, str):
+            msg = f"name must be a str (an identifier), got {name!r}"  # type: ignore[unreachable]
+            raise TypeError(msg)
+        if not name.isidentifier():
             msg = f"process name must be an identifier str, got {name!r}"
             raise DefinitionError(msg)
         if isinstance(cmd, str):
@@ -289,7 +298,13 @@ class Orchestrator:
         stop = number("stop_timeout", stop_timeout)
         start_timeout = number_or_none("timeout", timeout)
         critical = flag("critical", critical)
-        if isinstance(depends_on, str) or not all(isinstance(d, str) for d in depends_on):
+        # read once: a generator checked, then read again, would be empty the second time
+        needs = (
+            tuple(depends_on)
+            if isinstance(depends_on, Iterable) and not isinstance(depends_on, (str, bytes))
+            else None
+        )
+        if needs is None or not all(isinstance(d, str) for d in needs):
             msg = f"depends_on must be a sequence of service names, got {depends_on!r}"
             raise TypeError(msg)
         if env is not None and not (
@@ -320,7 +335,7 @@ class Orchestrator:
         spec = ServiceSpec(
             name,
             lifetime,
-            depends_on=tuple(depends_on),
+            depends_on=needs,
             ready=probe,
             timeout=start_timeout,
             stop_timeout=stop,
@@ -328,7 +343,7 @@ class Orchestrator:
             kind="process",
             extra={"cmd": command, "restart": restart, "max_restarts": max_restarts},
         )
-        self._add(spec, tuple(Param(d) for d in depends_on))
+        self._add(spec, tuple(Param(d) for d in needs))
 
     def _add(self, spec: ServiceSpec, params: tuple[Param, ...]) -> None:
         if self._graph.frozen:
@@ -400,34 +415,45 @@ class Orchestrator:
         startup_error: Exception | None = None
         body_error: Exception | None = None
         errors: list[tuple[str, BaseException]] = []
-        async with anyio.create_task_group() as tg:
-            session.tg = tg
-            try:
-                running = await session.start_all()
-            except Exception as exc:  # StartupError, after the rollback
-                startup_error = exc
-            if startup_error is None:
-                handled = False  # False: a BaseException (a cancellation) leaves the body
+        handled = True  # False: a BaseException (a cancellation) left the body
+        try:
+            async with anyio.create_task_group() as tg:
+                session.tg = tg
                 try:
-                    with anyio.CancelScope() as session.body_scope:
-                        yield running
-                    handled = True
-                except Exception as exc:
-                    body_error = exc
-                    handled = True
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        errors = await session.stop_all()
-                    running.teardown_errors = errors
-                    if not handled:
-                        log_teardown_errors(errors)  # not raised: the cancellation goes on
+                    running = await session.start_all()
+                except Exception as exc:  # StartupError, after the rollback
+                    startup_error = exc
+                if startup_error is None:
+                    handled = False
+                    try:
+                        with anyio.CancelScope() as session.body_scope:
+                            yield running
+                        handled = True
+                    except Exception as exc:
+                        body_error = exc
+                        handled = True
+                    finally:
+                        with anyio.CancelScope(shield=True):
+                            errors = await session.stop_all()
+                        running.teardown_errors = errors
+                        if not handled:
+                            log_teardown_errors(errors)  # not raised: the cancellation goes on
+        except anyio.get_cancelled_exc_class():
+            # Your scope was cancelled, and the task group met it on its way out. The
+            # cancellation goes on, unless an error is in hand: as in trio, an error
+            # raised where a cancellation is pending still comes out (never lost).
+            if startup_error is None and body_error is None and session.crashed is None:
+                if handled:
+                    log_teardown_errors(errors)  # not raised: the cancellation goes on
+                raise
         if startup_error is not None:
             raise startup_error
         if body_error is not None:
             log_teardown_errors(errors)  # not raised: the body's error is
             raise body_error
         if session.crashed is not None:
-            log_teardown_errors(errors)  # not raised: the crash is
+            if handled:  # (else logged already)
+                log_teardown_errors(errors)  # not raised: the crash is
             name, crash = session.crashed
             raise crash or RuntimeError(f"service {name!r} ended while running")
         if errors:
@@ -476,49 +502,65 @@ class Orchestrator:
         started = False
         ready_scope = anyio.CancelScope()  # an async on_ready runs in it: a signal cancels it
         error: Exception | None = None
-        with anyio.open_signal_receiver(*wanted) as received:
-            async with anyio.create_task_group() as tg:
+        try:
+            with anyio.open_signal_receiver(*wanted) as received:
+                async with anyio.create_task_group() as tg:
 
-                async def watch() -> None:
-                    count = 0
-                    async for signum in received:
-                        count += 1
-                        label = signal.Signals(signum).name
-                        if count == 1:
-                            logger.warning("%s received: stopping (again to force)", label)
-                            stop.set()
-                            if not started:  # still starting: abort the start (rolls back)
-                                main_scope.cancel()
-                            else:  # an async on_ready still running: cancel it, then stop
-                                ready_scope.cancel()
-                        else:
-                            logger.warning("%s received again: forcing the stop", label)
-                            session.force()
+                    async def watch() -> None:
+                        count = 0
+                        async for signum in received:
+                            count += 1
+                            label = signal.Signals(signum).name
+                            if count == 1:
+                                logger.warning("%s received: stopping (again to force)", label)
+                                stop.set()
+                                if not started:  # still starting: abort the start (rolls back)
+                                    main_scope.cancel()
+                                else:  # an async on_ready still running: cancel it, then stop
+                                    ready_scope.cancel()
+                            else:
+                                logger.warning("%s received again: forcing the stop", label)
+                                session.force()
 
-                tg.start_soon(watch)
-                try:
-                    with anyio.CancelScope() as main_scope:
-                        async with self._run(session) as running:
-                            started = True
-                            if on_ready is not None:
-                                with ready_scope:
-                                    result = on_ready(running)
-                                    if inspect.isawaitable(result):
-                                        await result
-                            await stop.wait()
-                except Exception as exc:
-                    # raised below, once the watcher's task group has closed, so that
-                    # it comes out as itself (as from start()), not in an ExceptionGroup
-                    error = exc
-                finally:
-                    tg.cancel_scope.cancel()
+                    tg.start_soon(watch)
+                    try:
+                        with anyio.CancelScope() as main_scope:
+                            async with self._run(session) as running:
+                                started = True
+                                if on_ready is not None:
+                                    with ready_scope:
+                                        result = on_ready(running)
+                                        if inspect.isawaitable(result):
+                                            await result
+                                await stop.wait()
+                    except Exception as exc:
+                        # raised below, once the watcher's task group has closed, so that
+                        # it comes out as itself (as from start()), not in an ExceptionGroup
+                        error = exc
+                    finally:
+                        tg.cancel_scope.cancel()
+        except anyio.get_cancelled_exc_class():
+            # Your scope was cancelled (a deadline passed) while the services stopped;
+            # the watcher's task group met it on its way out. The error in hand still
+            # comes out, as it would from start(): an error is never swallowed.
+            if error is None:
+                raise
         if error is not None:
             raise error
 
 
+_UNCATCHABLE = frozenset(
+    getattr(signal, name) for name in ("SIGKILL", "SIGSTOP") if hasattr(signal, name)
+)
+
+
 def _signal(name: str, value: object) -> signal.Signals:
     try:
-        return signal.Signals(value)  # type: ignore[arg-type]
+        signum = signal.Signals(value)  # type: ignore[arg-type]
     except (ValueError, TypeError):
         msg = f"{name} must hold signal numbers (signal.SIGTERM, ...), got {value!r}"
         raise (TypeError if not isinstance(value, int) else ValueError)(msg) from None
+    if signum in _UNCATCHABLE:  # else a RuntimeError (asyncio) or OSError (trio), unnamed
+        msg = f"{name}: {signum.name} cannot be caught, so it cannot stop serve(); got {value!r}"
+        raise ValueError(msg)
+    return signum

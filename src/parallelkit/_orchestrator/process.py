@@ -108,7 +108,17 @@ class ManagedProcess:
         tail: its last lines of output (``[stderr]`` marks the error stream).
     """
 
-    __slots__ = ("_process", "_pumps", "cmd", "name", "pid", "restarts", "returncode", "tail")
+    __slots__ = (
+        "_probing",
+        "_process",
+        "_pumps",
+        "cmd",
+        "name",
+        "pid",
+        "restarts",
+        "returncode",
+        "tail",
+    )
 
     def __init__(self, name: str, cmd: str | Sequence[str]) -> None:
         self.name = name
@@ -119,6 +129,8 @@ class ManagedProcess:
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._process: anyio.abc.Process | None = None
         self._pumps: tuple[anyio.Event, ...] = ()
+        # the readiness wait in progress (see services.py): an exit for good ends it
+        self._probing: anyio.CancelScope | None = None
 
     def __repr__(self) -> str:
         state = f"pid={self.pid}" if self.running else f"returncode={self.returncode}"
@@ -192,6 +204,9 @@ async def process_lifetime(
     handle = ManagedProcess(name, cmd)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     stopping = anyio.Event()
+    # a restart's spawn and the stop never overlap: a process spawned while the stop
+    # runs would be missed by it and outlive the orchestrator
+    spawn_lock = anyio.Lock()
 
     async def spawn(tg: anyio.abc.TaskGroup) -> anyio.abc.Process:
         process = await anyio.open_process(
@@ -227,6 +242,8 @@ async def process_lifetime(
             if not wanted:
                 if code == 0:
                     logger.info("process %r exited with code 0", name)
+                    if handle._probing is not None:  # not ready yet: stop waiting, look once more
+                        handle._probing.cancel()
                     return
                 raise ProcessError(name, code, cmd, handle.tail, restarts=handle.restarts)
             if max_restarts is not None and handle.restarts >= max_restarts:
@@ -235,10 +252,12 @@ async def process_lifetime(
             pause = min(0.05 * 2**handle.restarts, 2.0)
             logger.warning("process %r exited with code %d; restarting in %.2fs", name, code, pause)
             await anyio.sleep(pause)
-            if stopping.is_set():
-                return
-            handle.restarts += 1
-            process = await spawn(tg)
+            async with spawn_lock:
+                if stopping.is_set():
+                    return
+                handle.restarts += 1
+                with anyio.CancelScope(shield=True):  # once spawned, it is registered
+                    process = await spawn(tg)
 
     async with anyio.create_task_group() as tg:
         try:
@@ -248,7 +267,8 @@ async def process_lifetime(
         finally:
             stopping.set()
             with anyio.CancelScope(shield=True):
-                await _terminate(handle, stop_timeout)
+                async with spawn_lock:  # a restart being spawned: stop that one
+                    await _terminate(handle, stop_timeout)
             tg.cancel_scope.cancel()
 
 

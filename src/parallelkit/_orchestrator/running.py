@@ -16,7 +16,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, NoReturn, TypeVar, overload
 
 import anyio
 import anyio.abc
@@ -337,19 +337,18 @@ class _Session:
         try:
             with anyio.CancelScope() as self.start_scope:
                 await run.execute()
-        except BaseException:  # cancelled from outside: undo what started, then go
+        except BaseException as cancelled:  # cancelled from outside: undo what started
             with anyio.CancelScope(shield=True):
                 errors = self.failed_teardowns() + await self.stop_all()
-            log_teardown_errors(errors)  # nobody receives them: the start was cancelled
-            raise
-        if self.failure is None and self.crashed is not None:
-            name, crash = self.crashed
-            self.failure = (name, crash or RuntimeError(f"service {name!r} ended while starting"))
-        if self.failure is not None:
-            name, exc = self.failure
-            errors = self.failed_teardowns() + await self.stop_all()
-            # raised to the caller, so not logged here (an error is reported once)
-            raise StartupError(name, _startup_message(name, exc), teardown_errors=errors) from exc
+            if self._failed() is None or not isinstance(cancelled, anyio.get_cancelled_exc_class()):
+                log_teardown_errors(errors)  # nobody receives them: the start was cancelled
+                raise
+            # A service had failed, and the start was still unwinding (tearing down
+            # the services that had not become ready) when your scope was cancelled:
+            # its error is raised, not lost to the cancellation (as trio would have it).
+            self._raise_failure(errors)
+        if self._failed() is not None:
+            self._raise_failure(self.failed_teardowns() + await self.stop_all())
         running = self.running
         for name, outcome in run.results().items():
             if outcome.ok:
@@ -363,6 +362,19 @@ class _Session:
                     "non-critical service %r failed to start", name, exc_info=outcome.error
                 )
         return running
+
+    def _failed(self) -> tuple[str, BaseException] | None:
+        """The critical service that failed the start (one that crashed counts), if any."""
+        if self.failure is None and self.crashed is not None:
+            name, crash = self.crashed
+            self.failure = (name, crash or RuntimeError(f"service {name!r} ended while starting"))
+        return self.failure
+
+    def _raise_failure(self, errors: list[tuple[str, BaseException]]) -> NoReturn:
+        assert self.failure is not None
+        name, exc = self.failure
+        # raised to the caller, so not logged here (an error is reported once)
+        raise StartupError(name, _startup_message(name, exc), teardown_errors=errors) from exc
 
     async def _start_node(self, node: Node, kwargs: dict[str, Any]) -> Any:
         spec: ServiceSpec = node.data

@@ -31,6 +31,7 @@ import anyio
 from anyio.abc import TaskStatus
 from typing_extensions import final
 
+from .._core.errors import ProcessError
 from .._core.retry import RetryLike, to_retrying
 from ..probes import Probe
 from .process import ManagedProcess
@@ -258,7 +259,10 @@ class ServiceHost:
                 msg = f"service {spec.name!r} set up, but its timeout ({spec.timeout}s) ran out"
                 raise TimeoutError(msg)
             try:
-                await spec.ready.wait(value, timeout=None if math.isinf(left) else left)
+                if isinstance(value, ManagedProcess):
+                    await _process_ready(spec.ready, value, deadline)
+                else:
+                    await spec.ready.wait(value, timeout=None if math.isinf(left) else left)
             except TimeoutError as exc:
                 msg = f"service {spec.name!r} was not ready within {spec.timeout}s: {exc}"
                 raise TimeoutError(msg) from exc
@@ -346,6 +350,31 @@ class ServiceHost:
             self.stopped.set()
             if crashed:
                 self.on_crash(self, self.crash)
+
+
+async def _process_ready(probe: Probe, process: ManagedProcess, deadline: float) -> None:
+    """Poll ``probe`` until it passes, unless ``process`` exits for good first.
+
+    A process that exits with code 0 and is not restarted ends the wait (its
+    supervisor cancels it): the probe then gets one last look, since a one-shot
+    process may have done what the probe checks for. If that fails too, the
+    process will never be ready: :class:`~parallelkit.ProcessError`, at once, not
+    after the whole ``timeout`` (or never, without one).
+    """
+    left = deadline - anyio.current_time()
+    with anyio.CancelScope() as waiting:
+        process._probing = waiting
+        try:
+            await probe.wait(process, timeout=None if math.isinf(deadline) else left)
+        finally:
+            process._probing = None
+    if not waiting.cancelled_caught:
+        return
+    with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+        if await probe.check(process):
+            return
+    code = process.returncode if process.returncode is not None else 0
+    raise ProcessError(process.name, code, process.cmd, process.tail, restarts=process.restarts)
 
 
 def _unwrap(exc: Exception) -> Exception:
