@@ -153,6 +153,58 @@ async def test_enforce_raises_too_many_queries_for_the_request(crm_engine: Async
         assert (await http.get("/contacts/99")).status_code == 200  # within the budget
 
 
+async def test_on_request_sees_every_request_whatever_the_budget_or_outcome(
+    crm_engine: AsyncEngine,
+) -> None:
+    seen: list[tuple[str, int]] = []
+    app, _ = make_app(
+        crm_engine,
+        max_queries=3,
+        enforce=True,
+        on_request=lambda scope, counter: seen.append((scope["path"], counter.count)),
+    )
+
+    @app.get("/broken")
+    async def broken(session: AsyncSession = Depends(get_session_of(crm_engine))) -> int:  # noqa: B008
+        await session.execute(text("SELECT 1"))
+        raise LookupError("the handler failed")
+
+    async with client(app) as http:
+        with pytest.raises(TooManyQueries):  # over the budget: enforced
+            await http.get("/contacts/1")
+        with pytest.raises(LookupError, match="the handler failed"):  # the handler's error
+            await http.get("/broken")
+        assert (await http.get("/contacts/99")).status_code == 200
+    assert seen == [("/contacts/1", 11), ("/broken", 1), ("/contacts/99", 1)]
+
+
+async def test_a_failing_on_request_never_hides_the_requests_error(
+    crm_engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    def on_request(scope: Any, counter: QueryCounter) -> None:
+        raise RuntimeError("metrics are down")
+
+    app, _ = make_app(crm_engine, max_queries=3, enforce=True, on_request=on_request)
+    with caplog.at_level(logging.ERROR, logger="parallelkit.sqlalchemy"):
+        async with client(app) as http:
+            with pytest.raises(TooManyQueries):
+                await http.get("/contacts/1")
+            with pytest.raises(RuntimeError, match="metrics are down"):  # a request that worked
+                await http.get("/contacts/99")
+    (record,) = caplog.records  # logged once: for the request whose own error escaped
+    assert record.getMessage().startswith("on_request failed")
+
+
+def get_session_of(engine: AsyncEngine) -> Any:
+    sessions = async_sessionmaker(engine)
+
+    async def get_session() -> AsyncIterator[AsyncSession]:
+        async with sessions() as session:
+            yield session
+
+    return get_session
+
+
 async def test_enforce_none_enforces_under_the_pytest_plugin(crm_engine: AsyncEngine) -> None:
     from parallelkit.sqlalchemy import _testing
 
@@ -314,6 +366,9 @@ async def _app(scope: Any, receive: Any, send: Any) -> None:
         ({"enforce": "yes"}, TypeError, "enforce must be a bool"),
         ({"header": ""}, TypeError, "header must be a non-empty str or None"),
         ({"header": 3}, TypeError, "header must be a non-empty str or None"),
+        ({"header": "x query count"}, ValueError, "header must be an HTTP header name"),
+        ({"header": "x-query:count"}, ValueError, "header must be an HTTP header name"),
+        ({"header": "x-zählung"}, ValueError, "header must be an HTTP header name"),
         ({"on_request": 3}, TypeError, "on_request must be a callable"),
         ({"engine": "sqlite://"}, TypeError, r"count_queries\(\) target must be"),
         ({"max_queries": 3}, ValueError, "max_queries needs engine="),

@@ -6,10 +6,18 @@ import pytest
 from examples.crm import Company, Contact, Conversation
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, inspect, select
+from sqlalchemy import Engine, ForeignKey, and_, create_engine, inspect, select
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    aliased,
+    foreign,
+    mapped_column,
+    relationship,
+)
 
 import parallelkit as pk
 from parallelkit.sqlalchemy import NotLoadedError, count_queries, eager, eager_get
@@ -75,6 +83,60 @@ def test_many_to_one_with_not_null_fk_is_an_inner_join_collections_are_selectin(
     assert "JOIN contacts AS contacts_1" in text
     assert "LEFT OUTER JOIN" not in text  # both FKs are NOT NULL
     assert "automation_rules" not in text  # the collection comes from a second SELECT ... IN
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _Account(_Base):
+    __tablename__ = "inner_accounts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str]
+    deleted: Mapped[bool] = mapped_column(default=False)
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "account"}
+
+
+class _Partner(_Account):  # single-table inheritance: the join adds `kind IN ('partner')`
+    __mapper_args__ = {"polymorphic_identity": "partner"}
+
+
+class _Deal(_Base):
+    __tablename__ = "inner_deals"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("inner_accounts.id"))  # NOT NULL
+    legacy_id: Mapped[int]  # NOT NULL, but no FOREIGN KEY: may point at nothing
+    account: Mapped[_Account] = relationship()
+    live_account: Mapped[_Account | None] = relationship(
+        primaryjoin=lambda: and_(_Deal.account_id == _Account.id, _Account.deleted.is_(False)),
+        viewonly=True,
+    )
+    partner: Mapped[_Partner | None] = relationship(viewonly=True)
+    legacy: Mapped[_Account | None] = relationship(
+        primaryjoin=lambda: foreign(_Deal.legacy_id) == _Account.id, viewonly=True
+    )
+
+
+def test_an_inner_join_never_drops_a_root_row() -> None:
+    # NOT NULL is not enough: extra join criteria, a single-table subclass or a
+    # foreign() without a constraint can leave a row without a match
+    engine = create_engine("sqlite://")
+    _Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add_all([_Account(id=1), _Account(id=2, deleted=True), _Partner(id=3)])
+        session.add_all([_Deal(id=d, account_id=d, legacy_id=d * 10) for d in (1, 2, 3)])
+        session.add(_Deal(id=4, account_id=1, legacy_id=1))
+        session.commit()
+    with Session(engine) as session:
+        text = sql_of(_Deal, eager(_Deal, "account"))
+        assert "LEFT OUTER JOIN" not in text  # the plain case is still an inner join
+        for path, present in [("live_account", 3), ("partner", 1), ("legacy", 1)]:
+            stmt = select(_Deal).order_by(_Deal.id).options(*eager(_Deal, path))
+            deals = session.scalars(stmt).all()
+            assert [d.id for d in deals] == [1, 2, 3, 4], path
+            assert sum(getattr(d, path) is not None for d in deals) == present, path
+            session.expunge_all()
+    engine.dispose()
 
 
 def test_one_to_one_is_an_outer_join() -> None:
@@ -414,6 +476,10 @@ async def test_eager_get_checks_its_arguments(crm_engine: AsyncEngine) -> None:
             await eager_get(session, Conversation, (1, 2))
         with pytest.raises(ValueError, match="compny"):
             await eager_get(session, Conversation, 1, "contact.compny")
+        assert await eager_get(session, Conversation, 1, "contact", raise_others=True)
+        for bad in (1, None, [True]):  # checked before the cached plan (1 == True there)
+            with pytest.raises(TypeError, match="raise_others must be a bool"):
+                await eager_get(session, Conversation, 1, "contact", raise_others=bad)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------- bad arguments

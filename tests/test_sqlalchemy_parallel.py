@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import warnings
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from examples.crm import Company, Contact, Conversation
 from sqlalchemy import Engine, Integer, String, create_engine, event, func, select, text
@@ -499,6 +503,143 @@ async def test_slots_are_reentrant_per_task() -> None:
     await engine.dispose()
 
 
+async def test_a_slot_holder_fanning_out_lends_its_slot_instead_of_deadlocking() -> None:
+    engine = create_async_engine("sqlite+aiosqlite://", poolclass=StaticPool)  # one slot
+    sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+    slots = pool_limiter(engine)
+
+    async def read(session: AsyncSession) -> int:
+        return int((await session.execute(text("SELECT 2"))).scalar_one())
+
+    with anyio.fail_after(30):  # a failure-safe: it used to hang here
+        async with sessions() as session:
+            await session.execute(text("SELECT 1"))  # a transaction: the one slot is held
+            assert await parallel(sessions, read, read, read) == [2, 2, 2]
+            assert await parallel(sessions, read, limit=slots) == [2]  # the limiter, given
+
+            async def boom(session: AsyncSession) -> int:
+                await read(session)
+                raise LookupError("boom")
+
+            # a failure cancels the functions waiting for the lent slot; it comes back
+            with pytest.raises(LookupError):
+                await parallel(sessions, read, boom, read, read)
+            outcomes = await parallel(sessions, boom, read, settle=True)
+            assert [o.ok for o in outcomes] == [False, True]
+            assert await parallel(sessions, read, read) == [2, 2]
+            assert slots.statistics().running == 1  # still the session's
+        assert slots.statistics().running == 0
+    await engine.dispose()
+
+
+async def test_a_waiter_cancelled_as_the_lent_slot_comes_back_passes_it_on() -> None:
+    engine = create_async_engine("sqlite+aiosqlite://", poolclass=StaticPool)  # one slot
+    slots = pool_limiter(engine)
+    holder = await slots.acquire()  # this task holds the one slot and lends it
+    lent = slots._lend()
+    assert lent is not slots
+    a_in, a_go, c_in = anyio.Event(), anyio.Event(), anyio.Event()
+    b_scope = anyio.CancelScope()
+
+    async def a() -> None:
+        async with lent:
+            a_in.set()
+            await a_go.wait()
+            b_scope.cancel()  # b is cancelled, then woken with the slot, before it runs
+
+    async def b() -> None:
+        with b_scope:
+            async with lent:
+                raise AssertionError("b was cancelled")  # pragma: no cover
+
+    async def c() -> None:
+        async with lent:
+            c_in.set()
+
+    with anyio.fail_after(30):  # a failure-safe: c used to wait forever
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a)
+            await a_in.wait()
+            tg.start_soon(b)
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(c)
+            await anyio.wait_all_tasks_blocked()
+            a_go.set()
+            await c_in.wait()
+    slots.release(holder)
+    assert slots.statistics().running == 0
+    await engine.dispose()
+
+
+async def test_requests_waiting_for_their_fan_out_share_the_bound(
+    small_pool: AsyncEngine,
+) -> None:
+    # every slot held by a request that then waits for its own parallel(): each lends
+    sessions = async_sessionmaker(small_pool, class_=LimitedAsyncSession)
+    slots = pool_limiter(small_pool)
+    running = peak = 0
+    holding, both_hold = 0, anyio.Event()
+
+    async def read(session: AsyncSession) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            await anyio.lowlevel.checkpoint()
+            return int((await session.execute(text("SELECT 1"))).scalar_one())
+        finally:
+            running -= 1
+
+    async def request() -> list[int]:
+        nonlocal holding
+        async with sessions() as session:
+            await session.execute(text("SELECT 0"))
+            holding += 1
+            if holding == 2:
+                both_hold.set()
+            await both_hold.wait()  # both slots held by requests
+            return await parallel(sessions, read, read, read)
+
+    with anyio.fail_after(30):  # a failure-safe: it used to hang here
+        results = await pk.gather(request(), request(), request())
+    assert results == [[1, 1, 1]] * 3
+    assert peak <= 2  # the functions never ran on more than the engine's slots
+    assert slots.statistics().running == 0
+
+
+async def test_a_session_never_closed_gives_its_slot_back_when_collected(
+    tmp_path: Path,
+) -> None:
+    engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite3'}", pool_size=2)
+    sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+    slots = pool_limiter(engine)
+    forgotten: list[AsyncSession] = []
+
+    async def forgetful() -> None:
+        session = sessions()
+        await session.execute(text("SELECT 1"))  # a transaction, never closed
+        forgotten.append(session)
+
+    async def careful() -> int:
+        async with sessions() as session:
+            return int((await session.execute(text("SELECT 2"))).scalar_one())
+
+    async with anyio.create_task_group() as tg:  # two tasks: two slots, all there are
+        tg.start_soon(forgetful)
+        tg.start_soon(forgetful)
+    assert slots.statistics().running == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # SQLAlchemy's own "non-checked-in connection"
+        forgotten.clear()
+        gc.collect()
+    for _ in range(3):
+        await anyio.lowlevel.checkpoint()  # the slots come back on the loop
+    assert slots.statistics().running == 0
+    with anyio.fail_after(30):  # a failure-safe: the next session used to wait forever
+        assert await pk.gather(careful(), careful()) == [2, 2]
+    await engine.dispose()
+
+
 async def test_limited_and_guarded_sessions_compose() -> None:
     class Both(GuardedAsyncSession, LimitedAsyncSession):
         pass
@@ -543,6 +684,9 @@ async def test_parallel_rejects_bad_arguments(
         ({"max_batch": 2.0}, TypeError, "max_batch must be an int"),
         ({"max_batch": True}, TypeError, "max_batch must be an int"),
         ({"cache": "yes"}, TypeError, "cache must be a bool"),
+        ({"options": "company"}, TypeError, "options must be a sequence of loader options"),
+        ({"options": None}, TypeError, "options must be a sequence of loader options"),
+        ({"options": ["company"]}, TypeError, r"options\[0\] must be a loader option"),
     ],
 )
 def test_loader_by_id_rejects_bad_arguments(

@@ -34,6 +34,7 @@ from sqlalchemy.orm import (
     Mapped,
     Session,
     WriteOnlyMapped,
+    attribute_keyed_dict,
     mapped_column,
     relationship,
     selectinload,
@@ -417,6 +418,9 @@ class Author(Base):
     name: Mapped[str]
     articles: Mapped[list[Article]] = relationship(back_populates="author", order_by="Article.id")
     notes: WriteOnlyMapped[Article] = relationship(viewonly=True)
+    by_title: Mapped[dict[str, Article]] = relationship(  # a dict collection
+        collection_class=attribute_keyed_dict("title"), viewonly=True
+    )
 
 
 class Article(Base):
@@ -532,6 +536,27 @@ async def test_composite_primary_keys(blog: AsyncEngine) -> None:
         assert counter.count == 1  # books.shelf: the shelves are in the session already
     assert sorted(books) == [[0, 1, 2, 3], [10, 11, 12, 13], [20, 21, 22, 23]]
     assert [set(map(id, a)) for a in again] == [{id(s)} for s in shelves]
+
+
+async def test_dict_collections_give_their_values(blog: AsyncEngine) -> None:
+    # an attribute_keyed_dict collection: iterating it gives the keys, not the objects
+    async with AsyncSession(blog) as session:
+        authors = await peers(session, select(Author).order_by(Author.id))
+        async with count_queries(blog) as counter:
+            articles = [await load(a, "by_title") for a in authors]
+            tags = [await load(a, "by_title.tags") for a in authors]
+        assert counter.count == 2, counter.statements  # one per hop for all six authors
+        assert [sorted(x.id for x in found) for found in articles] == [
+            list(range((a.id - 1) * 5 + 1, a.id * 5 + 1)) for a in authors
+        ]
+        assert authors[0].by_title == {x.title: x for x in articles[0]}  # still a dict
+        assert {t.name for t in tags[0]} == {n for x in articles[0] for n in tags_of(x.id)}
+    async with AsyncSession(blog) as session:  # without fetch_peers, and in sync code
+        author = await session.get_one(Author, 2)
+        assert sorted(x.id for x in await load(author, "by_title")) == [6, 7, 8, 9, 10]
+        others = (await session.scalars(select(Author).options(fetch_peers()))).all()
+        titles = await session.run_sync(lambda _: [sorted(a.by_title) for a in others])
+        assert titles[0] == sorted(f"a{i}" for i in range(1, 6))
 
 
 async def test_write_only_relationships_are_refused(blog: AsyncEngine) -> None:

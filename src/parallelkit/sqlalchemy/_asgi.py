@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -18,6 +19,12 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 field-name
+
+
+def _logger() -> logging.Logger:
+    return logging.getLogger("parallelkit.sqlalchemy")  # at use: importing creates none
 
 
 class RequestGuard:
@@ -41,7 +48,8 @@ class RequestGuard:
       parallelkit pytest plugin runs your tests and reports otherwise: one
       app, strict in tests, quiet in production;
     * calls ``on_request(scope, counter)`` after each request (for metrics),
-      whatever the budget;
+      whatever the budget, also when the request fails (then an error raised by
+      ``on_request`` is logged, and the request's own error escapes);
     * makes the real error the one that escapes: a :class:`SessionInUseError`
       buried under the ``IllegalStateChangeError`` SQLAlchemy raises when a
       yield dependency closes the session, or a :class:`NotLoadedError` that
@@ -61,9 +69,10 @@ class RequestGuard:
     Raises:
         TypeError: an option of the wrong type (the message names it), or an
             ``engine`` that :func:`count_queries` does not accept.
-        ValueError: ``max_queries`` below 0, or ``max_queries``, ``enforce`` or
-            ``on_request`` without ``engine`` (nothing would be counted: the budget
-            would never be checked).
+        ValueError: ``max_queries`` below 0, a ``header`` that is not an HTTP
+            header name, or ``max_queries``, ``enforce`` or ``on_request`` without
+            ``engine`` (nothing would be counted: the budget would never be
+            checked).
     """
 
     __slots__ = ("_app", "_enforce", "_engine", "_header", "_limit", "_on_request")
@@ -84,6 +93,10 @@ class RequestGuard:
         if header is not None and not (isinstance(header, str) and header):
             msg = f"header must be a non-empty str or None, got {header!r}"
             raise TypeError(msg)
+        if header is not None and not _TOKEN.fullmatch(header):
+            # else every response fails in the server (h11: "Illegal header name")
+            msg = f"header must be an HTTP header name (letters, digits, '-', ...), got {header!r}"
+            raise ValueError(msg)
         self._header = header.lower().encode("latin-1") if header else None
         self._on_request = None if on_request is None else callable_("on_request", on_request)
         self._engine = engine
@@ -130,14 +143,25 @@ class RequestGuard:
                     message = {**message, "headers": headers}
             await send(message)
 
-        with QueryCounter(self._engine) as counter:
-            await self._app(scope, receive, counted_send)
+        counter = QueryCounter(self._engine)
+        try:
+            with counter:
+                await self._app(scope, receive, counted_send)
+        except BaseException:
+            # over the budget (enforced), the handler failed or was cancelled: still a
+            # request for on_request; the request's own error is the one that escapes
+            if self._on_request is not None:
+                try:
+                    self._on_request(scope, counter)
+                except Exception:
+                    _logger().exception("on_request failed for a request that failed too")
+            raise
         if self._on_request is not None:
             self._on_request(scope, counter)
         if self._over(counter) and not raised:
             if enforce:
                 raise self._error(counter)
-            logging.getLogger("parallelkit.sqlalchemy").warning(
+            _logger().warning(
                 "%s %s: %s", scope.get("method", ""), scope.get("path", ""), self._error(counter)
             )
 

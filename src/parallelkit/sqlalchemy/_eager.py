@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, TypeAlias
 
+from sqlalchemy import and_
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Load, Mapper, RelationshipProperty
@@ -126,13 +127,32 @@ def default_strategy(prop: RelationshipProperty[Any]) -> str:
 
 
 def _inner(prop: RelationshipProperty[Any]) -> bool:
-    """An inner join is safe only for many-to-one with every local FK column NOT NULL."""
-    return (
-        prop.direction is MANYTOONE
-        and not prop.uselist
-        and bool(prop.local_columns)
-        and all(not column.nullable for column in prop.local_columns)
-    )
+    """Whether an inner join can never drop a root row: every row has exactly one target.
+
+    That holds for a plain many-to-one whose join is exactly ``fk == pk`` over a
+    real ``FOREIGN KEY`` to the target's primary key, every local column ``NOT
+    NULL``. Anything more (a ``primaryjoin`` with extra criteria, a ``foreign()``
+    annotation without a constraint, a single-table-inheritance target, whose
+    discriminator SQLAlchemy adds to the join) can leave a row without a match: an
+    inner join would silently drop it, so those stay outer joins.
+    """
+    if (
+        prop.direction is not MANYTOONE
+        or prop.uselist
+        or prop.secondary is not None
+        or not isinstance(prop.entity, Mapper)  # an aliased() target
+        or prop.mapper.single
+    ):
+        return False
+    pairs = prop.local_remote_pairs or []
+    if not pairs or {remote for _, remote in pairs} != set(prop.mapper.primary_key):
+        return False
+    if not all(
+        not local.nullable and any(fk.column is remote for fk in local.foreign_keys)
+        for local, remote in pairs
+    ):
+        return False
+    return bool(prop.primaryjoin.compare(and_(*(local == remote for local, remote in pairs))))
 
 
 def _strategies(strategies: object, requested: set[str]) -> dict[str, str]:

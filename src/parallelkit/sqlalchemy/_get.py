@@ -11,6 +11,7 @@ from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapper
 
+from .._core.check import flag
 from ._eager import EagerPath, Strategy, _mapper, _parse, _Tree, eager
 
 __all__ = ["eager_get"]
@@ -67,6 +68,7 @@ async def eager_get(
     if not isinstance(given, AsyncSession):
         msg = f"session must be an AsyncSession, got {type(session).__name__} {session!r}"
         raise TypeError(msg)
+    flag("raise_others", raise_others)  # before the cache: 1 == True would hit it
     if strategies is None and all(isinstance(path, str) for path in paths):
         options, mapper, tree = _plan(model, paths, raise_others)  # type: ignore[arg-type]
     else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import select, tuple_
@@ -69,7 +69,7 @@ def loader_by_id(
     columns = mapper.primary_key
     composite = len(columns) > 1
     key_of = mapper.primary_key_from_instance
-    opts = tuple(options)
+    opts = _options(options)
 
     async def load_many(keys: list[Any]) -> dict[Any, M]:
         where = tuple_(*columns).in_(keys) if composite else columns[0].in_(keys)
@@ -83,3 +83,22 @@ def loader_by_id(
         load_many, max_batch=max_batch, cache=cache, default=None
     )
     return loader
+
+
+def _options(options: object) -> tuple[ORMOption, ...]:
+    """``options`` as a tuple, every item a statement option (checked now, not per batch)."""
+    if isinstance(options, (str, bytes, ORMOption)) or not isinstance(options, Iterable):
+        msg = (
+            "options must be a sequence of loader options (eager(...), load_only(...)), "
+            f"got {type(options).__name__} {options!r}"
+        )
+        raise TypeError(msg)
+    opts = tuple(options)
+    for index, option in enumerate(opts):
+        if not isinstance(option, ORMOption):
+            msg = (
+                f"options[{index}] must be a loader option (eager(...), load_only(...)), "
+                f"got {type(option).__name__} {option!r}"
+            )
+            raise TypeError(msg)
+    return opts

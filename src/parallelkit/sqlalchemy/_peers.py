@@ -20,7 +20,7 @@ from typing_extensions import final
 from .._core.check import count
 from .._core.errors import ParallelkitError
 from ._peers_events import PeersOption, install
-from ._peers_group import DEFAULT_CHUNK_SIZE, REGISTRY, reached
+from ._peers_group import DEFAULT_CHUNK_SIZE, REGISTRY, members, reached
 from ._peers_hop import load_hop, pending, plan
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "RelationshipPathError", "fetch_peers", "load"]
@@ -208,10 +208,10 @@ def _value(
         else:
             return _MISSING
         if value is None or index == last:
-            return list(value) if prop.uselist and value is not None else value
+            return list(members(value)) if prop.uselist and value is not None else value
         if prop.uselist:
             out: list[Any] = []
-            for item in value:
+            for item in members(value):
                 found = _value(inspect(item), props[index + 1 :], io=io)
                 if found is _MISSING:
                     return _MISSING

@@ -15,14 +15,14 @@ costs one statement per hop for the whole group, however deep.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import inspect
 from sqlalchemy.orm import InstanceState, RelationshipProperty
 from typing_extensions import final
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "REGISTRY", "PeerGroup", "reached"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "REGISTRY", "PeerGroup", "members", "reached"]
 
 DEFAULT_CHUNK_SIZE = 500
 """Peers per statement: bound parameters stay well under every database's limit."""
@@ -84,6 +84,12 @@ class PeerGroup:
         return f"<PeerGroup of {len(self._refs)} (chunk_size={self.chunk_size})>"
 
 
+def members(collection: Iterable[Any]) -> Iterable[Any]:
+    """The objects a loaded collection holds: a list's or set's items, a dict collection's
+    values (``attribute_keyed_dict``: iterating it would give the keys)."""
+    return collection.values() if isinstance(collection, Mapping) else collection
+
+
 def reached(states: Iterable[InstanceState[Any]], prop: RelationshipProperty[Any]) -> list[Any]:
     """The states of the objects ``prop`` holds on ``states`` (loaded ones only), deduplicated."""
     key = prop.key
@@ -92,7 +98,7 @@ def reached(states: Iterable[InstanceState[Any]], prop: RelationshipProperty[Any
         value = state.dict.get(key)
         if value is None:
             continue
-        for obj in value if prop.uselist else (value,):
+        for obj in members(value) if prop.uselist else (value,):
             target: InstanceState[Any] = inspect(obj)
             out.setdefault(id(target), target)
     return list(out.values())

@@ -17,16 +17,23 @@ lives with the engine:
 Slots are re-entrant per task: a task that already holds one (a second session
 in the same task, or ``pk.map(..., limit=pool_limiter(engine))`` around an item
 that opens a limited session) does not wait for a second, so nesting cannot
-deadlock the limiter (the pool still bounds the real connections).
+deadlock the limiter (the pool still bounds the real connections). A task
+that holds a slot and waits for a :func:`~parallelkit.sqlalchemy.parallel`
+fan-out lends it to its workers, one at a time (:class:`LentSlot`): its
+workers never wait for slots that their waiting callers hold.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
+import anyio
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
@@ -37,7 +44,7 @@ from .._core.backend import task_id
 from .._core.limiter import Limiter, LimiterStatistics
 from ._methods import RELEASING, wrap_methods
 
-__all__ = ["LimitedAsyncSession", "PoolLimiter", "engine_of", "pool_limiter"]
+__all__ = ["LentSlot", "LimitedAsyncSession", "PoolLimiter", "engine_of", "pool_limiter"]
 
 
 @final
@@ -51,11 +58,12 @@ class PoolLimiter:
     a slot may acquire again without waiting (re-entrant per task).
     """
 
-    __slots__ = ("_held", "_limiter")
+    __slots__ = ("_borrowed", "_held", "_limiter")
 
     def __init__(self, concurrency: int | None) -> None:
         self._limiter = Limiter(concurrency=concurrency)
         self._held: dict[int, int] = {}  # task id -> depth
+        self._borrowed: dict[int, LentSlot] = {}  # task id -> the slot it runs on (lent)
 
     @property
     def concurrency(self) -> int | None:
@@ -80,8 +88,23 @@ class PoolLimiter:
         depth = self._held.pop(holder) - 1
         if depth:
             self._held[holder] = depth
+        elif self._borrowed and holder in self._borrowed:
+            self._borrowed.pop(holder).give_back()
         else:
             self._limiter.release()
+
+    def _lend(self) -> PoolLimiter | LentSlot:
+        """The limit for a fan-out from the current task that waits for its workers.
+
+        A task holding a slot (a :class:`LimitedAsyncSession` in a transaction)
+        that fans out and waits would deadlock with every slot held that way: its
+        workers wait for slots, the holders wait for their workers. Itself blocked,
+        it lends its slot to its workers, one at a time (:class:`LentSlot`); a task
+        holding no slot gets this limiter itself.
+        """
+        if self.concurrency is None or task_id() not in self._held:
+            return self
+        return LentSlot(self)
 
     async def __aenter__(self) -> PoolLimiter:
         await self.acquire()
@@ -101,6 +124,83 @@ class PoolLimiter:
             f"PoolLimiter(concurrency={self.concurrency!r}, running={stats.running}, "
             f"waiting={stats.waiting})"
         )
+
+
+@final
+class LentSlot:
+    """A fan-out's limit when its caller holds a slot of ``slots`` and waits for it.
+
+    One worker at a time runs on the caller's slot (the caller does no database
+    work meanwhile), re-entrant for that worker like a slot of its own; the
+    others take a slot of ``slots`` when one is free at once, and otherwise wait
+    for the lent one, never in the engine's queue: its slots may all be held by
+    callers waiting for their own workers. So the fan-out always makes progress.
+    The caller's connection stays checked out meanwhile: one more than the pool
+    size per waiting caller at most, which the pool's overflow absorbs.
+    """
+
+    __slots__ = ("_free", "_slots", "_waiters")
+
+    def __init__(self, slots: PoolLimiter) -> None:
+        self._slots = slots
+        self._free = True
+        self._waiters: deque[anyio.Event] = deque()
+
+    @property
+    def concurrency(self) -> int | None:
+        """The workers worth starting: the engine's slots."""
+        return self._slots.concurrency
+
+    def give_back(self) -> None:
+        """The worker running on the lent slot is done with it: wake the next waiter."""
+        self._free = True
+        while self._waiters:
+            event = self._waiters.popleft()
+            if not event.is_set():
+                event.set()
+                return
+
+    async def __aenter__(self) -> LentSlot:
+        slots, task = self._slots, task_id()
+        if task in slots._held:  # re-entrant: this worker holds a slot already
+            await slots.acquire()
+            return self
+        while True:
+            if self._free:
+                self._free = False
+                slots._held[task] = 1
+                slots._borrowed[task] = self
+                return self
+            stats = slots.statistics()
+            limit = slots.concurrency
+            if limit is None or (stats.running < limit and not stats.waiting):
+                await slots.acquire()  # free at once: no wait, no queue
+                return self
+            event = anyio.Event()
+            self._waiters.append(event)
+            try:
+                await event.wait()
+            except BaseException:
+                self._leave(event)
+                raise
+
+    def _leave(self, event: anyio.Event) -> None:
+        """A waiter is cancelled: if it was just woken, wake the next one instead."""
+        if not event.is_set():
+            self._waiters.remove(event)
+        elif self._free:
+            self.give_back()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._slots.release(task_id())
+
+    def __repr__(self) -> str:
+        return f"LentSlot(free={self._free!r}, waiting={len(self._waiters)}, of={self._slots!r})"
 
 
 _limiters: weakref.WeakKeyDictionary[Engine, PoolLimiter] = weakref.WeakKeyDictionary()
@@ -186,7 +286,8 @@ class LimitedAsyncSession(AsyncSession):
 
     Limits: the slot follows the session's own methods; a transaction ended by
     ``async with session.begin():`` keeps its slot until the session's next
-    call or ``close()``.
+    call or ``close()``. A session that is never closed gives its slot back
+    when it is garbage-collected, as SQLAlchemy does with its connection.
     """
 
     # no __slots__: it composes with GuardedAsyncSession (two slotted bases cannot)
@@ -195,12 +296,24 @@ class LimitedAsyncSession(AsyncSession):
         super().__init__(*args, **kwargs)
         self._pk_holder: int | None = None
         self._pk_slots: PoolLimiter | None = None
+        self._pk_loop: asyncio.AbstractEventLoop | None = None
 
     async def _pk_take(self) -> None:
         if self._pk_holder is None and self.bind is not None:
             if self._pk_slots is None:
                 self._pk_slots = pool_limiter(self.bind)
+                self._pk_loop = asyncio.get_running_loop()
             self._pk_holder = await self._pk_slots.acquire()
+
+    def __del__(self) -> None:
+        # never closed in a transaction: the pool takes its connection back when the
+        # garbage collector finds it; give the slot back too (on the loop: the
+        # collector may run in any thread), or every later session would wait forever
+        state = self.__dict__
+        holder, slots, loop = state.get("_pk_holder"), state.get("_pk_slots"), state.get("_pk_loop")
+        if holder is not None and slots is not None and loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing waits
+                loop.call_soon_threadsafe(slots.release, holder)
 
     def _pk_give(self, *, always: bool = False) -> None:
         holder = self._pk_holder

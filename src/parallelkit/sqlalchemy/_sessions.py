@@ -42,7 +42,7 @@ from .._core.limiter import SupportsLimit
 from .._core.outcome import Outcome
 from .._fanout.fanout import gather
 from ._methods import wrap_methods
-from ._pool import engine_of, pool_limiter
+from ._pool import PoolLimiter, engine_of, pool_limiter
 from ._surface import note
 
 __all__ = [
@@ -342,7 +342,10 @@ async def parallel(
         limit: most sessions open at once; ``None`` means the engine's
             process-wide :func:`pool_limiter` (shared with every other request
             and ``parallel`` call on that engine), or no bound when the factory
-            is not bound to one engine.
+            is not bound to one engine. A caller that holds a slot of that
+            limiter (a :class:`LimitedAsyncSession` in a transaction) lends it to
+            its functions, one at a time, while it waits: fanning out from a
+            request that already used its session cannot deadlock the limiter.
         settle: return outcomes instead of raising the first error.
 
     Returns:
@@ -371,6 +374,9 @@ async def parallel(
     flag("settle", settle)
     if limit is None and engine_of(session_factory) is not None:
         limit = pool_limiter(session_factory)
+    if isinstance(limit, PoolLimiter):
+        # a caller holding a slot waits here: it lends it (else: a deadlock, see PoolLimiter._lend)
+        limit = limit._lend()
 
     async def run(fn: Callable[[S], Awaitable[T]]) -> T:
         async with session_factory() as session:
