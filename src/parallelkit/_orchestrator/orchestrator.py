@@ -43,8 +43,10 @@ from .process import (
     RestartPolicy,
     process_lifetime,
 )
-from .running import Running, _Session, log_teardown_errors, teardown_group
+from .running import Running
 from .services import ServiceSpec
+from .serving import serve_session, signal_number
+from .session import Session, log_teardown_errors, teardown_group
 
 __all__ = ["Orchestrator"]
 
@@ -373,7 +375,7 @@ class Orchestrator:
         """
         return self._run(self._session())
 
-    def _session(self) -> _Session:
+    def _session(self) -> Session:
         """Check the graph (before anything starts) and make the state of one start."""
         self._check_dependencies()
         plan = self._graph.plan()
@@ -381,7 +383,7 @@ class Orchestrator:
         self._sink.width = max(
             (len(n) for n, s in self._specs.items() if s.kind == "process"), default=0
         )
-        return _Session(plan, self._specs, self._names, self.name)
+        return Session(plan, self._specs, self._names, self.name)
 
     def _check_dependencies(self) -> None:
         """Every parameter without a default names a service; say what to do if not."""
@@ -409,7 +411,7 @@ class Orchestrator:
                 raise DefinitionError(msg)
 
     @asynccontextmanager
-    async def _run(self, session: _Session) -> AsyncIterator[Running]:
+    async def _run(self, session: Session) -> AsyncIterator[Running]:
         # Errors are raised after the services' task group has closed, so that they
         # come out as themselves, never wrapped in an ExceptionGroup.
         startup_error: Exception | None = None
@@ -494,73 +496,7 @@ class Orchestrator:
         if isinstance(signals, (str, bytes)) or not isinstance(signals, Sequence) or not signals:
             msg = f"signals must be a non-empty sequence of signal numbers, got {signals!r}"
             raise TypeError(msg)
-        wanted = [_signal("signals", s) for s in signals]
+        wanted = [signal_number("signals", s) for s in signals]
         if on_ready is not None:
             callable_("on_ready", on_ready)
-        session = self._session()
-        stop = anyio.Event()
-        started = False
-        ready_scope = anyio.CancelScope()  # an async on_ready runs in it: a signal cancels it
-        error: Exception | None = None
-        try:
-            with anyio.open_signal_receiver(*wanted) as received:
-                async with anyio.create_task_group() as tg:
-
-                    async def watch() -> None:
-                        count = 0
-                        async for signum in received:
-                            count += 1
-                            label = signal.Signals(signum).name
-                            if count == 1:
-                                logger.warning("%s received: stopping (again to force)", label)
-                                stop.set()
-                                if not started:  # still starting: abort the start (rolls back)
-                                    main_scope.cancel()
-                                else:  # an async on_ready still running: cancel it, then stop
-                                    ready_scope.cancel()
-                            else:
-                                logger.warning("%s received again: forcing the stop", label)
-                                session.force()
-
-                    tg.start_soon(watch)
-                    try:
-                        with anyio.CancelScope() as main_scope:
-                            async with self._run(session) as running:
-                                started = True
-                                if on_ready is not None:
-                                    with ready_scope:
-                                        result = on_ready(running)
-                                        if inspect.isawaitable(result):
-                                            await result
-                                await stop.wait()
-                    except Exception as exc:
-                        # raised below, once the watcher's task group has closed, so that
-                        # it comes out as itself (as from start()), not in an ExceptionGroup
-                        error = exc
-                    finally:
-                        tg.cancel_scope.cancel()
-        except anyio.get_cancelled_exc_class():
-            # Your scope was cancelled (a deadline passed) while the services stopped;
-            # the watcher's task group met it on its way out. The error in hand still
-            # comes out, as it would from start(): an error is never swallowed.
-            if error is None:
-                raise
-        if error is not None:
-            raise error
-
-
-_UNCATCHABLE = frozenset(
-    getattr(signal, name) for name in ("SIGKILL", "SIGSTOP") if hasattr(signal, name)
-)
-
-
-def _signal(name: str, value: object) -> signal.Signals:
-    try:
-        signum = signal.Signals(value)  # type: ignore[arg-type]
-    except (ValueError, TypeError):
-        msg = f"{name} must hold signal numbers (signal.SIGTERM, ...), got {value!r}"
-        raise (TypeError if not isinstance(value, int) else ValueError)(msg) from None
-    if signum in _UNCATCHABLE:  # else a RuntimeError (asyncio) or OSError (trio), unnamed
-        msg = f"{name}: {signum.name} cannot be caught, so it cannot stop serve(); got {value!r}"
-        raise ValueError(msg)
-    return signum
+        await serve_session(self._session(), self._run, wanted, on_ready)

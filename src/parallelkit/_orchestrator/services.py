@@ -107,7 +107,7 @@ class ServiceHost:
     """Runs one service's lifetime in its own task; stopped on request, once.
 
     ``value = await _start_soon_and_wait(task_group, host.run, ...)`` (``task_group.start``'s
-    contract, see running.py) returns when the service is ready (set up and its probe
+    contract, see session.py) returns when the service is ready (set up and its probe
     passed) or raises its start-up error. :meth:`request_stop`
     then tears it down, bounded by ``stop_timeout`` (for a process, plus
     :data:`PROCESS_KILL_GRACE`), after which the tear-down is cancelled and
