@@ -532,11 +532,47 @@ async def test_a_slot_holder_fanning_out_lends_its_slot_instead_of_deadlocking()
     await engine.dispose()
 
 
+async def test_every_fan_out_on_the_pool_limiter_lends_a_held_slot() -> None:
+    # pk.map / gather / imap / Flow.run with limit=pool_limiter(engine), from a task
+    # whose session holds the engine's one slot: each item's session runs on the lent
+    # slot (it used to wait for a slot its own caller held: a deadlock)
+    engine = create_async_engine("sqlite+aiosqlite://", poolclass=StaticPool)  # one slot
+    sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+    slots = pool_limiter(engine)
+
+    async def read(i: int) -> int:
+        async with sessions() as session:
+            return int((await session.execute(text(f"SELECT {i}"))).scalar_one())
+
+    flow = pk.Flow()
+
+    @flow.step
+    async def first() -> int:
+        return await read(1)
+
+    @flow.step
+    async def second() -> int:
+        return await read(2)
+
+    with anyio.fail_after(30):  # a failure-safe: it used to hang here
+        async with sessions() as session:
+            await session.execute(text("SELECT 0"))  # a transaction: the one slot is held
+            assert await pk.map(read, range(4), limit=slots) == [0, 1, 2, 3]
+            assert await pk.gather(read(5), read(6), limit=slots) == [5, 6]
+            async with pk.imap(read, range(3), limit=slots, ordered=True) as results:
+                assert [r async for r in results] == [0, 1, 2]
+            result = await flow.run(limit=slots)
+            assert (result["first"], result["second"]) == (1, 2)
+            assert slots.statistics().running == 1  # still the session's
+        assert slots.statistics().running == 0
+    await engine.dispose()
+
+
 async def test_a_waiter_cancelled_as_the_lent_slot_comes_back_passes_it_on() -> None:
     engine = create_async_engine("sqlite+aiosqlite://", poolclass=StaticPool)  # one slot
     slots = pool_limiter(engine)
     holder = await slots.acquire()  # this task holds the one slot and lends it
-    lent = slots._lend()
+    lent = slots.for_fanout()
     assert lent is not slots
     a_in, a_go, c_in = anyio.Event(), anyio.Event(), anyio.Event()
     b_scope = anyio.CancelScope()

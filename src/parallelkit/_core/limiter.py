@@ -24,6 +24,12 @@ class SupportsLimit(Protocol):
     :class:`Limiter` is the in-process one; ``parallelkit.redis.RedisLimiter``
     holds the same bound across processes. ``concurrency`` tells the fan-out
     engine how many workers are useful (``None``: as many as there are items).
+
+    A limiter may also have a ``for_fanout()`` method: a fan-out (``gather``,
+    ``map``, ``imap``, ``Flow.run``) started with it calls it once, in the calling
+    task, and uses what it returns instead. The engine's
+    :func:`~parallelkit.sqlalchemy.pool_limiter` uses it to lend a slot its caller
+    holds (and cannot give back while it waits) to the fan-out's workers.
     """
 
     @property

@@ -24,7 +24,7 @@ from .._core.check import count, count_or_none, number_or_none
 from .._core.limiter import Limiter, SupportsLimit, validate_rate
 from .._core.retry import RetryLike, retrying_call, to_retrying, validate_retry
 
-__all__ = ["Call", "Options", "build_call", "split_limit"]
+__all__ = ["Call", "Options", "build_call", "for_fanout", "split_limit"]
 
 T = TypeVar("T")
 Call = Callable[[Any], Awaitable[Any]]
@@ -46,6 +46,13 @@ def split_limit(limit: object, name: str = "limit") -> tuple[int | None, Support
     if not isinstance(limit, int) and isinstance(limit, SupportsLimit):
         return count_or_none(f"{name}.concurrency", limit.concurrency), limit
     return count(name, limit, extra="a Limiter or None"), None
+
+
+def for_fanout(limiter: SupportsLimit | None) -> SupportsLimit | None:
+    """The limiter a fan-out started in this task uses: ``limiter.for_fanout()`` if it
+    has one (see :class:`~parallelkit._core.limiter.SupportsLimit`), else itself."""
+    lend = getattr(limiter, "for_fanout", None)
+    return limiter if lend is None else lend()
 
 
 def build_call(
@@ -111,7 +118,7 @@ class Options:
         self.call = build_call(
             fn,
             timeout=number_or_none("timeout", timeout),
-            limiter=limiter,
+            limiter=for_fanout(limiter),
             rate=validate_rate(rate),
             retry=validate_retry(retry),
         )

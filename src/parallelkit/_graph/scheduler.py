@@ -18,7 +18,7 @@ from .._core.backend import is_failure, is_stray_cancellation
 from .._core.errors import DependencyFailed
 from .._core.limiter import SupportsLimit
 from .._core.outcome import Outcome
-from .._fanout.options import split_limit
+from .._fanout.options import for_fanout, split_limit
 from .._fanout.pool import Pool, Unit
 from .graph import Plan, RunNode
 from .timeline import SpanStatus, Timeline
@@ -89,7 +89,8 @@ class Run(Iterator[Unit]):
         self._settle = settle
         self._timeline = timeline
         self._kind = kind if kind is not None else plan.kind
-        workers, self._limiter = split_limit(limit)
+        workers, limiter = split_limit(limit)
+        self._limiter = for_fanout(limiter)
         count = len(plan.names)
         self._max_workers = count if workers is None else min(workers, count)
         self._values: list[Any] = [None] * count

@@ -18,8 +18,10 @@ Slots are re-entrant per task: a task that already holds one (a second session
 in the same task, or ``pk.map(..., limit=pool_limiter(engine))`` around an item
 that opens a limited session) does not wait for a second, so nesting cannot
 deadlock the limiter (the pool still bounds the real connections). A task
-that holds a slot and waits for a :func:`~parallelkit.sqlalchemy.parallel`
-fan-out lends it to its workers, one at a time (:class:`LentSlot`): its
+that holds a slot and waits for a fan-out on this limiter
+(:func:`~parallelkit.sqlalchemy.parallel`, or ``pk.gather`` / ``pk.map`` /
+``pk.imap`` / ``Flow.run`` with ``limit=pool_limiter(engine)``) lends it to its
+workers, one at a time (:class:`LentSlot`, :meth:`PoolLimiter.for_fanout`): its
 workers never wait for slots that their waiting callers hold.
 """
 
@@ -93,8 +95,11 @@ class PoolLimiter:
         else:
             self._limiter.release()
 
-    def _lend(self) -> PoolLimiter | LentSlot:
+    def for_fanout(self) -> PoolLimiter | LentSlot:
         """The limit for a fan-out from the current task that waits for its workers.
+
+        ``gather``, ``map``, ``imap``, ``Flow.run`` and :func:`parallel` call it
+        when they are given this limiter (``limit=pool_limiter(engine)``).
 
         A task holding a slot (a :class:`LimitedAsyncSession` in a transaction)
         that fans out and waits would deadlock with every slot held that way: its

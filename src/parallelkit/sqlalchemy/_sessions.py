@@ -42,7 +42,7 @@ from .._core.limiter import SupportsLimit
 from .._core.outcome import Outcome
 from .._fanout.fanout import gather
 from ._methods import wrap_methods
-from ._pool import PoolLimiter, engine_of, pool_limiter
+from ._pool import engine_of, pool_limiter
 from ._surface import note
 
 __all__ = [
@@ -374,9 +374,6 @@ async def parallel(
     flag("settle", settle)
     if limit is None and engine_of(session_factory) is not None:
         limit = pool_limiter(session_factory)
-    if isinstance(limit, PoolLimiter):
-        # a caller holding a slot waits here: it lends it (else: a deadlock, see PoolLimiter._lend)
-        limit = limit._lend()
 
     async def run(fn: Callable[[S], Awaitable[T]]) -> T:
         async with session_factory() as session:
