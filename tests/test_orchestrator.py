@@ -636,3 +636,33 @@ async def test_text_after_shutdown_shows_the_start_chain() -> None:
     assert "critical path: db → cache → api" in after  # not the stop order
     assert "cache (ready)" in after
     assert "db (stop)" in after
+
+
+async def test_one_start_at_a_time_and_each_start_object_once() -> None:
+    # two starts at once would run every service twice (two of every process)
+    orch = pk.Orchestrator(name="api")
+    setups = 0
+
+    @orch.service
+    async def db() -> AsyncIterator[str]:
+        nonlocal setups
+        setups += 1
+        yield "db"
+
+    async with orch.start() as running:
+        assert running["db"] == "db"
+        with pytest.raises(RuntimeError, match=r"^this Orchestrator 'api' is already started"):
+            async with orch.start():
+                pass  # pragma: no cover - refused
+        with pytest.raises(RuntimeError, match=r"is already started"):
+            await orch.serve()
+    assert setups == 1
+    started = orch.start()
+    async with started:
+        pass
+    with pytest.raises(RuntimeError, match=r"^this orch\.start\(\) was already entered"):
+        async with started:
+            pass  # pragma: no cover - refused
+    async with orch.start() as running:  # a new start after a stop is fine
+        assert running["db"] == "db"
+    assert setups == 3

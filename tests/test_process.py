@@ -216,15 +216,25 @@ async def test_exit_0_before_ready_fails_the_start_at_once() -> None:
 async def test_one_shot_process_that_did_its_job_before_exit_0_is_ready(tmp_path: Path) -> None:
     # the probe gets one last look after the exit: a one-shot job (a migration) is ready
     done = tmp_path / "done"
+    checks = 0
+
+    def job_done() -> bool:
+        # the first check (at the spawn) says no whatever the file: on a busy machine
+        # it may run after the job wrote it, and the start would not need the exit
+        nonlocal checks
+        checks += 1
+        return checks > 1 and done.exists()
+
     orch = pk.Orchestrator(output=lambda *a: None)
     orch.process(
         "migrate",
         [PY, "-c", f"open({str(done)!r}, 'w').close()"],
-        ready=pk.probes.call(done.exists, max_interval=60.0, initial=60.0),
+        ready=pk.probes.call(job_done, max_interval=60.0, initial=60.0),
     )
     with anyio.fail_after(20):  # a hang guard: the probe's next poll would be a minute away
         async with orch.start() as running:
             assert running["migrate"].returncode == 0
+    assert checks == 2  # the one at the spawn, and the last look after the exit
 
 
 async def test_a_restart_spawned_while_stopping_is_stopped_too(

@@ -106,7 +106,8 @@ class ProcessError(ParallelkitError, subprocess.CalledProcessError):
 
     Raised (as the ``__cause__`` of :class:`StartupError` when it happens before
     the process is ready) when the process exits with a non-zero code and its
-    restart policy does not restart it. It is a
+    restart policy does not restart it, or exits (code 0 too) before its ``ready``
+    probe passed (after one last check), or runs out of ``max_restarts``. It is a
     :class:`subprocess.CalledProcessError`, so ``returncode``, ``cmd`` and
     ``output`` (its last lines of output) are there too.
 

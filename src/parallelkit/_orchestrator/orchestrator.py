@@ -25,9 +25,9 @@ import os
 import signal
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from types import TracebackType
 from typing import Any, TypeVar, overload
 
-import anyio
 from typing_extensions import ParamSpec, final
 
 from .._core.check import callable_, choice, count_or_none, flag, number, number_or_none
@@ -46,7 +46,7 @@ from .process import (
 from .running import Running
 from .services import ServiceSpec
 from .serving import serve_session, signal_number
-from .session import Session, log_teardown_errors, teardown_group
+from .session import Session, run_session
 
 __all__ = ["Orchestrator"]
 
@@ -88,7 +88,7 @@ class Orchestrator:
         ```
     """
 
-    __slots__ = ("_graph", "_names", "_sink", "_specs", "name")
+    __slots__ = ("_graph", "_names", "_sink", "_specs", "_started", "name")
 
     def __init__(self, name: str | None = None, *, output: Output = "stdout") -> None:
         if name is not None and not isinstance(name, str):
@@ -99,6 +99,7 @@ class Orchestrator:
         self._graph = Graph(kind="service")
         self._specs: dict[str, ServiceSpec] = {}
         self._names: dict[Callable[..., Any], str] = {}
+        self._started = False  # a start() (or serve()) is open: one at a time
 
     def __repr__(self) -> str:
         title = f"{self.name!r} " if self.name else ""
@@ -366,6 +367,10 @@ class Orchestrator:
             DefinitionError: the graph is malformed.
             StartupError: a critical service failed to start (its error is the
                 ``__cause__``); everything that had started was torn down first.
+            RuntimeError: entering while this orchestrator is already started
+                (its services would run twice: two of every process), or entering
+                the object one ``start()`` returned a second time (call
+                ``start()`` again: each start is a new one).
 
         On exit, services stop in reverse dependency order. If a critical service
         crashes while running, the body is cancelled, everything stops, and the
@@ -373,7 +378,7 @@ class Orchestrator:
         failed, an ``ExceptionGroup`` of those errors is raised (otherwise they are
         logged and kept in ``running.teardown_errors``).
         """
-        return self._run(self._session())
+        return _OneStart(self._run(self._session()))
 
     def _session(self) -> Session:
         """Check the graph (before anything starts) and make the state of one start."""
@@ -412,54 +417,21 @@ class Orchestrator:
 
     @asynccontextmanager
     async def _run(self, session: Session) -> AsyncIterator[Running]:
-        # Errors are raised after the services' task group has closed, so that they
-        # come out as themselves, never wrapped in an ExceptionGroup.
-        startup_error: Exception | None = None
-        body_error: Exception | None = None
-        errors: list[tuple[str, BaseException]] = []
-        handled = True  # False: a BaseException (a cancellation) left the body
+        """One start at a time: the services of an orchestrator are one set."""
+        if self._started:
+            title = f" {self.name!r}" if self.name else ""
+            msg = (
+                f"this Orchestrator{title} is already started: stop it (leave its "
+                "`async with orch.start()` or serve()) before starting it again, or build "
+                "a second Orchestrator for a second set of services"
+            )
+            raise RuntimeError(msg)
+        self._started = True
         try:
-            async with anyio.create_task_group() as tg:
-                session.tg = tg
-                try:
-                    running = await session.start_all()
-                except Exception as exc:  # StartupError, after the rollback
-                    startup_error = exc
-                if startup_error is None:
-                    handled = False
-                    try:
-                        with anyio.CancelScope() as session.body_scope:
-                            yield running
-                        handled = True
-                    except Exception as exc:
-                        body_error = exc
-                        handled = True
-                    finally:
-                        with anyio.CancelScope(shield=True):
-                            errors = await session.stop_all()
-                        running.teardown_errors = errors
-                        if not handled:
-                            log_teardown_errors(errors)  # not raised: the cancellation goes on
-        except anyio.get_cancelled_exc_class():
-            # Your scope was cancelled, and the task group met it on its way out. The
-            # cancellation goes on, unless an error is in hand: as in trio, an error
-            # raised where a cancellation is pending still comes out (never lost).
-            if startup_error is None and body_error is None and session.crashed is None:
-                if handled:
-                    log_teardown_errors(errors)  # not raised: the cancellation goes on
-                raise
-        if startup_error is not None:
-            raise startup_error
-        if body_error is not None:
-            log_teardown_errors(errors)  # not raised: the body's error is
-            raise body_error
-        if session.crashed is not None:
-            if handled:  # (else logged already)
-                log_teardown_errors(errors)  # not raised: the crash is
-            name, crash = session.crashed
-            raise crash or RuntimeError(f"service {name!r} ended while running")
-        if errors:
-            raise teardown_group(errors)
+            async with run_session(session) as running:
+                yield running
+        finally:
+            self._started = False
 
     async def serve(
         self,
@@ -500,3 +472,29 @@ class Orchestrator:
         if on_ready is not None:
             callable_("on_ready", on_ready)
         await serve_session(self._session(), self._run, wanted, on_ready)
+
+
+@final
+class _OneStart:
+    """What :meth:`Orchestrator.start` returns: entered once (a clear error the second time)."""
+
+    __slots__ = ("_cm", "_used")
+
+    def __init__(self, cm: AbstractAsyncContextManager[Running]) -> None:
+        self._cm = cm
+        self._used = False
+
+    async def __aenter__(self) -> Running:
+        if self._used:
+            msg = "this orch.start() was already entered: call orch.start() again to start again"
+            raise RuntimeError(msg)
+        self._used = True
+        return await self._cm.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return await self._cm.__aexit__(exc_type, exc, tb)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any, NoReturn, TypeVar
 
 import anyio
@@ -30,10 +31,65 @@ from .services import ServiceHost, ServiceSpec
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import ExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["Session", "log_teardown_errors", "teardown_group"]
+__all__ = ["Session", "log_teardown_errors", "run_session", "teardown_group"]
 
 T = TypeVar("T")
 logger = logging.getLogger("parallelkit.orchestrator")
+
+
+@asynccontextmanager
+async def run_session(session: Session) -> AsyncIterator[Running]:
+    """Start ``session``'s services, yield them, stop them: ``orch.start()``'s work.
+
+    Errors are raised after the services' task group has closed, so that they
+    come out as themselves, never wrapped in an ExceptionGroup.
+    """
+    startup_error: Exception | None = None
+    body_error: Exception | None = None
+    errors: list[tuple[str, BaseException]] = []
+    handled = True  # False: a BaseException (a cancellation) left the body
+    try:
+        async with anyio.create_task_group() as tg:
+            session.tg = tg
+            try:
+                running = await session.start_all()
+            except Exception as exc:  # StartupError, after the rollback
+                startup_error = exc
+            if startup_error is None:
+                handled = False
+                try:
+                    with anyio.CancelScope() as session.body_scope:
+                        yield running
+                    handled = True
+                except Exception as exc:
+                    body_error = exc
+                    handled = True
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        errors = await session.stop_all()
+                    running.teardown_errors = errors
+                    if not handled:
+                        log_teardown_errors(errors)  # not raised: the cancellation goes on
+    except anyio.get_cancelled_exc_class():
+        # Your scope was cancelled, and the task group met it on its way out. The
+        # cancellation goes on, unless an error is in hand: as in trio, an error
+        # raised where a cancellation is pending still comes out (never lost).
+        if startup_error is None and body_error is None and session.crashed is None:
+            if handled:
+                log_teardown_errors(errors)  # not raised: the cancellation goes on
+            raise
+    if startup_error is not None:
+        raise startup_error
+    if body_error is not None:
+        log_teardown_errors(errors)  # not raised: the body's error is
+        raise body_error
+    if session.crashed is not None:
+        if handled:  # (else logged already)
+            log_teardown_errors(errors)  # not raised: the crash is
+        name, crash = session.crashed
+        raise crash or RuntimeError(f"service {name!r} ended while running")
+    if errors:
+        raise teardown_group(errors)
 
 
 class Session:
