@@ -4,124 +4,41 @@ Each row function takes the open CRM database (the start-up row needs none) and 
 :class:`~benchmarks._measure.Plan`, and returns what it measured: every variant's
 timings, statements and correctness, the row's calibration, its model bound (computed
 from the durations) and its CPU bound (the event loop's CPU time for a hand-written
-form, latency off). Every truth a result is checked against is computed here without
+form, latency off). Every truth a result is checked against is computed without
 parallelkit.
+
+Here: :func:`measure`, which runs the rows asked for, and the rows of start-up and
+of latency (server start-up, the 4 webhook queries, the payment). The two rows of
+bulk work on the pool are in :mod:`benchmarks._playbook_bulk`; the table as the
+playbook claims it, and the plans, in :mod:`benchmarks._playbook_table` (imported
+from here too).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
-import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from datetime import timedelta
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 from unittest import mock
 
-from examples.crm import bulk, payment, startup, webhook
+from examples.crm import payment, startup, webhook
 from examples.crm.clients import StripeClient, WebhookClient
-from examples.crm.db import POOL_SIZE, Database, open_database
-from examples.crm.models import (
-    AutomationRule,
-    Cadence,
-    Company,
-    Contact,
-    Conversation,
-    Enrollment,
-)
-from examples.crm.seed import EPOCH, SeedSizes
-from sqlalchemy import delete, func, or_, select
+from examples.crm.db import Database, open_database
+from examples.crm.models import AutomationRule, Company, Contact, Conversation
+from examples.crm.seed import SeedSizes
+from sqlalchemy import select
 from sqlalchemy.orm import joinedload
 
-from ._measure import Check, Measure, Plan, Reset, calibrate, compare, cpu_bound
+from ._measure import Measure, Plan, calibrate, compare, cpu_bound
+from ._playbook_bulk import detection, enrollments
+from ._playbook_table import FULL, HAND, PLAYBOOK, QUICK, sequential_seconds
 from ._registry import report_progress
 
-#: The playbook's own numbers (ms): sequential ("before") and parallel ("after") as claimed.
-PLAYBOOK: dict[str, tuple[int, int]] = {
-    "Server startup": (2000, 700),
-    "100 cadence enrollments": (5000, 150),
-    "4 DB queries": (400, 50),
-    "Payment processing": (800, 500),
-    "50 company detection": (25000, 5000),
-}
-
-#: The extra variant every row has: the same work written by hand in asyncio (no
-#: parallelkit), run in the same conditions: what parallelkit's own cost is measured against.
-HAND = "hand-written asyncio"
-
-#: The main job's plan: each row's sequential code takes 0.2 to 1.4 s, a simulated round
-#: trip stays at 2.5 ms or more (a statement alone costs about 1 ms of this machine's
-#: time, more on a busy one), two runs of each parallel variant, one of the rest.
-#: ``--full`` runs every row at the playbook's own durations (scale 1), five times.
-QUICK = Plan(
-    scales={
-        "Server startup": 0.1,
-        "100 cadence enrollments": 0.2,
-        "4 DB queries": 0.5,
-        "Payment processing": 0.25,
-        "50 company detection": 0.04,
-    },
-    repeat=2,
-    before_runs=1,
-    floor_runs=1,
-)
-FULL = Plan(scales=dict.fromkeys(PLAYBOOK, 1.0), repeat=5, before_runs=3, floor_runs=5)
-
-
-async def _gather_bounded(fn: Callable[[int], Awaitable[Any]], items: Sequence[int]) -> list[Any]:
-    """The hand-written form, no parallelkit: ``asyncio.gather`` and a pool-sized Semaphore."""
-    sem = asyncio.Semaphore(POOL_SIZE)
-
-    async def one(item: int) -> Any:
-        async with sem:
-            return await fn(item)
-
-    return list(await asyncio.gather(*(one(i) for i in items)))
-
-
-async def _bulk_row(
-    db: Database,
-    plan: Plan,
-    variants: dict[str, Measure],
-    check: Check,
-    reset: Reset,
-    *,
-    calibration: dict[str, Any],
-    items: int,
-    one: str,
-) -> dict[str, Any]:
-    """Measure a row of bulk work on the pool: its variants, its CPU bound (the
-    hand-written form, latency off) and the pool's floor, ``ceil(items / pool size)``
-    waves of one item's round trips."""
-    try:
-        measured = await compare(variants, plan, check, db=db, reset=reset)
-        cpu = await cpu_bound({"gather + Semaphore": variants[HAND]}, plan, db, reset)
-    finally:
-        db.latency.seconds = 0.0
-        await reset()
-    per_item = (measured["before"]["statements"] or 0) / items
-    return {
-        "measured": measured,
-        "calibration": calibration,
-        "cpu_bound": cpu,
-        "model_bound": math.ceil(items / POOL_SIZE)
-        * per_item
-        * calibration["round_trip_ms"]
-        / 1000,
-        "bound_note": (
-            f"ceil({items} / {POOL_SIZE} pooled connections) x the {per_item:g} round trips of "
-            f"one {one}"
-        ),
-    }
-
-
-def _sequential_seconds(plan: Plan, row: str) -> float:
-    """The playbook's sequential time for ``row``, at the plan's time scale for it."""
-    return PLAYBOOK[row][0] / 1000 * plan.scales[row]
+__all__ = ["FULL", "HAND", "PLAYBOOK", "QUICK", "measure"]
 
 
 @contextlib.contextmanager
@@ -212,62 +129,6 @@ async def _startup(plan: Plan) -> dict[str, Any]:
     }
 
 
-async def _enrollments(db: Database, plan: Plan) -> dict[str, Any]:
-    report_progress("100 cadence enrollments")
-    assert db.summary is not None
-    async with db.sessions() as session:
-        cadence_id = await session.scalar(
-            select(Cadence.id).order_by(Cadence.id).limit(1).offset(1)
-        )
-    assert cadence_id is not None
-    contacts = db.summary.contact_ids[:100]
-
-    async def reset() -> None:
-        async with db.sessions() as session:
-            await session.execute(delete(Enrollment).where(Enrollment.cadence_id == cadence_id))
-            await session.commit()
-
-    async def check(name: str, value: Any) -> bool:
-        async with db.sessions() as session:
-            rows = list(
-                await session.scalars(
-                    select(Enrollment.contact_id).where(Enrollment.cadence_id == cadence_id)
-                )
-            )
-        if name == "parallelkit" and not all(o.ok for o in value):
-            return False
-        return sorted(rows) == sorted(contacts)  # each contact enrolled, exactly once
-
-    enroll = functools.partial(bulk.enroll_one, db.sessions, cadence_id)
-    playbook_before = _sequential_seconds(plan, "100 cadence enrollments")
-    calibration = await calibrate(
-        db,
-        lambda: bulk.enroll_sequential(db.sessions, cadence_id, contacts[:10]),
-        share=0.1,
-        target=playbook_before,
-        reset=reset,
-    )
-    variants: dict[str, Measure] = {
-        "before": lambda: bulk.enroll_sequential(db.sessions, cadence_id, contacts),
-        "after": lambda: bulk.enroll_seed_gather(db.sessions, cadence_id, contacts),
-        "parallelkit": lambda: bulk.enroll_contacts(
-            db.sessions, cadence_id, contacts, limit=POOL_SIZE
-        ),
-        HAND: lambda: _gather_bounded(enroll, contacts),
-        "set-based (2 statements)": lambda: bulk.enroll_bulk(db.sessions, cadence_id, contacts),
-    }
-    return await _bulk_row(
-        db,
-        plan,
-        variants,
-        check,
-        reset,
-        calibration=calibration,
-        items=len(contacts),
-        one="enrollment (look up, insert)",
-    )
-
-
 async def _four_queries(db: Database, plan: Plan) -> dict[str, Any]:
     report_progress("4 DB queries (webhook)")
     assert db.summary is not None
@@ -325,7 +186,7 @@ async def _four_queries(db: Database, plan: Plan) -> dict[str, Any]:
         rules = list(contact.company.automation_rules)
         return webhook.WebhookContext(conversation, contact, contact.company, rules)
 
-    playbook_before = _sequential_seconds(plan, "4 DB queries")
+    playbook_before = sequential_seconds(plan, "4 DB queries")
     sequential = loading(webhook.load_webhook_context_sequential)
     calibration = await calibrate(db, sequential, share=1.0, target=playbook_before)
     try:
@@ -398,7 +259,7 @@ async def _payment(db: Database, plan: Plan) -> dict[str, Any]:
             webhooks.post(payment.WEBHOOK_URL, {"payment_id": pid, "charge_id": charge.id}),
         )
 
-    playbook_before = _sequential_seconds(plan, "Payment processing")
+    playbook_before = sequential_seconds(plan, "Payment processing")
     instant = StripeClient(latency=0), WebhookClient(latency=0)
     calibration = await calibrate(  # the insert's round trip: the rest of the 800 ms
         db,
@@ -434,87 +295,6 @@ async def _payment(db: Database, plan: Plan) -> dict[str, Any]:
     }
 
 
-async def _expected_detection(db: Database, companies: list[int]) -> dict[int, int]:
-    """What detect-and-enroll must enroll per company, computed here in plain SQL."""
-    cutoff = EPOCH - timedelta(days=21)
-    inactive_since = or_(Contact.last_contacted_at.is_(None), Contact.last_contacted_at < cutoff)
-    expected = {}
-    async with db.sessions() as session:
-        for company_id in companies:
-            cadence_id = await session.scalar(
-                select(func.min(Cadence.id)).where(Cadence.company_id == company_id)
-            )
-            enrolled = set(
-                await session.scalars(
-                    select(Enrollment.contact_id).where(Enrollment.cadence_id == cadence_id)
-                )
-            )
-            inactive = set(
-                await session.scalars(
-                    select(Contact.id).where(Contact.company_id == company_id, inactive_since)
-                )
-            )
-            expected[company_id] = min(len(inactive - enrolled), 100)
-    return expected
-
-
-async def _detection(db: Database, plan: Plan) -> dict[str, Any]:
-    report_progress("50 company detection")
-    assert db.summary is not None
-    companies = db.summary.company_ids[:50]
-    async with db.sessions() as session:
-        baseline = await session.scalar(select(func.max(Enrollment.id))) or 0
-    expected = await _expected_detection(db, companies)
-
-    async def reset() -> None:
-        async with db.sessions() as session:
-            await session.execute(delete(Enrollment).where(Enrollment.id > baseline))
-            await session.commit()
-
-    async def check(name: str, value: Any) -> bool:
-        async with db.sessions() as session:
-            rows = (
-                await session.execute(
-                    select(Cadence.company_id, Enrollment.contact_id)
-                    .join(Cadence, Enrollment.cadence_id == Cadence.id)
-                    .where(Enrollment.id > baseline)
-                )
-            ).all()
-        per_company = dict.fromkeys(companies, 0)
-        for company_id, _contact in rows:
-            per_company[company_id] = per_company.get(company_id, 0) + 1
-        if name == "parallelkit" and value.failed:
-            return False
-        return per_company == expected
-
-    detect = functools.partial(bulk.detect_and_enroll_inactive, db.sessions)
-    playbook_before = _sequential_seconds(plan, "50 company detection")
-    calibration = await calibrate(
-        db,
-        lambda: bulk.detect_all_sequential(db.sessions, companies[:5]),
-        share=0.1,
-        target=playbook_before,
-        reset=reset,
-    )
-    variants: dict[str, Measure] = {
-        "before": lambda: bulk.detect_all_sequential(db.sessions, companies),
-        "after": lambda: bulk.detect_all_seed_gather(db.sessions, companies),
-        "parallelkit": lambda: bulk.detect_all(db.sessions, companies, limit=POOL_SIZE),
-        HAND: lambda: _gather_bounded(detect, companies),
-    }
-    row = await _bulk_row(
-        db,
-        plan,
-        variants,
-        check,
-        reset,
-        calibration=calibration,
-        items=len(companies),
-        one="company",
-    )
-    return {**row, "enrolled": sum(expected.values())}
-
-
 async def measure(
     plan: Plan, database: str | None = None, rows: tuple[str, ...] = tuple(PLAYBOOK)
 ) -> dict[str, Any]:
@@ -525,10 +305,10 @@ async def measure(
         details["Server startup"] = await _startup(plan)
         details["Server startup"]["seconds"] = round(time.perf_counter() - started, 2)
     db_rows = {
-        "100 cadence enrollments": _enrollments,
+        "100 cadence enrollments": enrollments,
         "4 DB queries": _four_queries,
         "Payment processing": _payment,
-        "50 company detection": _detection,
+        "50 company detection": detection,
     }
     backend = "sqlite"
     if any(r in db_rows for r in rows):

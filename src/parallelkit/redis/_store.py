@@ -1,10 +1,16 @@
-"""RedisStore: a Store for SWRCache shared by every process, with a near cache."""
+"""RedisStore: a Store for SWRCache shared by every process, with a near cache.
+
+This module is the store's public face (options, lifecycle, statistics, every
+public method and its documentation) and its read side: the near-cache hit
+(``peek``), ``get`` with one shared ``GET`` per key, and a near-cache renewal
+round. What changes Redis, the plain writes and the loads (single flight,
+"invalidation wins"), is in :mod:`._store_writes`; what an entered store runs
+in the background is in :mod:`._store_tasks`.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import logging
-import sys
 import time
 import uuid
 from collections.abc import Callable, Hashable
@@ -12,47 +18,35 @@ from types import TracebackType
 from typing import Any, ClassVar, Literal
 
 import anyio
-from anyio.abc import TaskStatus
 from redis.asyncio import Redis
 from typing_extensions import Self, final
 
-from .._cache.store import CacheEntry, LoadStart, MemoryStore
+from .._cache.store import CacheEntry, MemoryStore
 from .._core.check import count, count_or_none, flag, number, number_at_least, number_or_none, text
 from .._core.owned import OwnedTaskGroup
+from . import _store_tasks as tasks
+from . import _store_writes as writes
 from ._common import SerializationError, validate_client
-from ._lease import Lease, LeaseScripts, Renewals
-from ._near import CLEAR, NearCache, Ticket, invalidation
+from ._lease import LeaseScripts, Renewals
+from ._near import NearCache, Ticket
 from ._outage import Down, Guard
-from ._scripts import (
-    LOAD_START,
-    TOKEN,
-    TOKEN_TTL_MS,
-    WRITE,
-    WRITE_IF,
-    WRITE_IF_RELEASE,
-    Token,
-)
 from ._serializer import (
-    GENERATION,
     Serializer,
     Unserializable,
     decode_entry,
     encode_entry,
-    placeholder,
     serializer_from,
 )
 from ._stats import RedisStoreStatistics
+from ._store_writes import LoadLock
 
 __all__ = ["RedisStore"]
-
-logger = logging.getLogger("parallelkit.redis")
 
 #: At most this many keys, and about this many bytes, per ``MGET`` of a near-cache
 #: renewal round (a few large values must not make one slow command).
 _RENEW_KEYS = 500
 _RENEW_BYTES = 1 << 20
 
-Arg = bytes | str | int | float  # what a script argument may be
 _MAX_KEY = 200  # longer key reprs are replaced by their SHA-256
 
 
@@ -164,7 +158,6 @@ class RedisStore:
         "_lease_prefix",
         "_lease_scripts",
         "_lease_waits",
-        "_load_start_script",
         "_local",
         "_local_epoch",
         "_misses",
@@ -177,13 +170,10 @@ class RedisStore:
         "_reads",
         "_redis",
         "_renewals",
+        "_scripts",
         "_serializer",
         "_strict",
-        "_token_script",
         "_value_prefix",
-        "_write_if_release_script",
-        "_write_if_script",
-        "_write_script",
         "degraded",
     )
 
@@ -235,11 +225,7 @@ class RedisStore:
         self._lease_prefix = f"{prefix}:{namespace}:l:"
         self._channel = self._near.channel
         self._lease_scripts = LeaseScripts(redis)
-        self._write_script = redis.register_script(WRITE)
-        self._write_if_script = redis.register_script(WRITE_IF)
-        self._token_script = redis.register_script(TOKEN)
-        self._load_start_script = redis.register_script(LOAD_START)
-        self._write_if_release_script = redis.register_script(WRITE_IF_RELEASE)
+        self._scripts = writes.Scripts(redis)
         self._owner = OwnedTaskGroup(f"RedisStore {namespace!r}")
         self._renewals = Renewals(redis, self._guard, self._lease)
         self._local_epoch = 0
@@ -247,18 +233,10 @@ class RedisStore:
         self._lease_waits = self._hits = self._misses = 0
         self.degraded = 0
 
-    # -- lifecycle (the near cache's subscription) -----------------------------------
+    # -- lifecycle (the background tasks: see ._store_tasks) ---------------------------
     async def __aenter__(self) -> Self:
         """Start the near cache's subscription; returns once it is up (or has failed)."""
-        tg = await self._owner.enter()
-        tg.start_soon(self._renewals.run)  # the load leases': no task per load
-        if self._near.enabled:
-            try:
-                await tg.start(self._listen)
-            except BaseException:
-                await self._owner.exit(None, None, None, cancel=True)
-                raise
-            tg.start_soon(self._renew_forever)
+        await tasks.start(self)
         return self
 
     async def __aexit__(
@@ -272,40 +250,6 @@ class RedisStore:
             return await self._owner.exit(exc_type, exc, tb, cancel=True)
         finally:
             self._near.reset(listening=False)
-
-    async def _listen(self, *, task_status: TaskStatus[None]) -> None:
-        await self._near.listen_forever(
-            self._redis,
-            timeout=self._guard.timeout,
-            retry_after=self._guard.retry_after,
-            slots=self._guard.slots,
-            task_status=task_status,
-        )
-
-    async def _renew_forever(self) -> None:
-        """Renew the near entries before ``near_ttl``: one ``MGET`` per sweep
-        interval (see :mod:`._near`). Background work: failures are counted and
-        logged, never raised; an entry not renewed just expires."""
-        while True:
-            await anyio.sleep(self._near.slack)
-            try:
-                await self._renew()
-            except Down:
-                pass  # counted by the guard; the entries expire as without renewal
-            except Exception as exc:
-                self._near.renew_errors += 1
-                logger.warning("RedisStore %r: near cache renewal failed: %r", self._namespace, exc)
-
-    async def _renew(self) -> None:
-        """One renewal round: check the entries about to pass ``near_ttl``."""
-        near = self._near
-        if not near.listening:
-            return
-        for part in _parts(near.due()):
-            sent = near.timer()
-            names = [self._value_prefix + name for _, name, _ in part]
-            now = await self._guard.call("renew", self._redis.mget(names))
-            near.renew(part, now, sent)
 
     # -- introspection ------------------------------------------------------------
     @property
@@ -466,53 +410,34 @@ class RedisStore:
             if read.done is not None:
                 read.done.set()
 
+    async def _renew(self) -> None:
+        """One renewal round: check the entries about to pass ``near_ttl`` (the loop that
+        runs it every sweep interval: :mod:`._store_tasks`)."""
+        near = self._near
+        if not near.listening:
+            return
+        for part in _parts(near.due()):
+            sent = near.timer()
+            names = [self._value_prefix + name for _, name, _ in part]
+            now = await self._guard.call("renew", self._redis.mget(names))
+            near.renew(part, now, sent)
+
     async def set(self, key: Hashable, entry: CacheEntry[Any], *, ttl: float) -> None:
         """Store ``entry`` (a new generation); Redis drops it after ``ttl`` seconds."""
         data = self._encode(key, entry, uuid.uuid4().bytes)
-        await self._write(key, entry, data, ttl)
+        await writes.write(self, key, entry, data, ttl)
 
     async def delete(self, key: Hashable) -> None:
         """Forget ``key`` in Redis, in every near cache and in local memory."""
         await self._local.delete(key)
-        await self._write(key, None, b"", 0)
-
-    async def _write(
-        self, key: Hashable, entry: CacheEntry[Any] | None, data: bytes, ttl: float
-    ) -> None:
-        """Set (``data``) or delete (``b""``) in Redis; publish; local memory if down."""
-        name = self._name(key)
-        self._local_epoch += 1
-        self._near.drop(key, name)
-        args: list[Arg] = [data, max(1, round(ttl * 1000)), self._channel, invalidation(name)]
-        command = self._write_script(keys=[self._value_prefix + name], args=args)
-        try:
-            await self._guard.call("set" if data else "delete", command)
-        except Down as down:
-            self._degrade(down)
-            if entry is not None:
-                await self._local.set(key, entry, ttl=ttl)
+        await writes.write(self, key, None, b"", 0)
 
     async def clear(self) -> None:
         """Forget every key of this store's namespace (``SCAN`` + ``UNLINK``)."""
-        self._local_epoch += 1
-        self._near.reset(listening=self._near.listening)
-        await self._local.clear()
-        pattern = _glob_escape(self._value_prefix) + "*"
-        try:
-            cursor = 0
-            while True:
-                scan = self._redis.scan(cursor, match=pattern, count=500)
-                cursor, names = await self._guard.call("clear", scan)
-                if names:
-                    await self._guard.call("clear", self._redis.unlink(*names))
-                if not cursor:
-                    break
-            await self._guard.call("clear", self._redis.publish(self._channel, CLEAR))
-        except Down as down:
-            self._degrade(down)
+        await writes.clear(self)
 
-    # -- loads: single flight and "invalidation wins" ---------------------------------
-    def load_lock(self, key: Hashable) -> _LoadLock:
+    # -- loads: single flight and "invalidation wins" (see ._store_writes) -------------
+    def load_lock(self, key: Hashable) -> LoadLock:
         """Hold ``key``'s lease across processes around one load (single flight).
 
         Waits while another process holds the lease: as long as that holder is
@@ -524,24 +449,7 @@ class RedisStore:
         load's :meth:`set_if_unchanged` gives the lease back in its own script,
         so a load costs two round trips, not six (``None`` when Redis is down).
         """
-        name = self._name(key)
-        lease = _LoadLease(
-            self._load_start_script,
-            self._value_prefix + name,
-            self._lease_scripts,
-            self._guard,
-            name,
-            self._lease_prefix + name,
-            None,
-            ttl=self._lease,
-            blocking=True,
-            timeout=None,
-            poll=self._poll,
-            cancel_on_loss=False,
-            on_wait=self._waiting,
-            renewals=self._renewals,
-        )
-        return _LoadLock(self, key, name, lease)
+        return LoadLock(self, key)
 
     def _waiting(self) -> None:
         self._lease_waits += 1
@@ -553,16 +461,7 @@ class RedisStore:
         absent), so any ``set``, ``delete`` or ``clear`` by any process after this
         call makes the load's conditional set fail.
         """
-        epoch = self._local_epoch
-        name = self._name(key)
-        fresh = placeholder(uuid.uuid4().bytes)
-        command = self._token_script(keys=[self._value_prefix + name], args=[fresh, TOKEN_TTL_MS])
-        try:
-            head = await self._guard.call("load_token", command)
-        except Down as down:
-            self._degrade(down)
-            return Token(None, epoch)
-        return Token(bytes(head), epoch)
+        return await writes.load_token(self, key)
 
     async def set_if_unchanged(
         self, key: Hashable, entry: CacheEntry[Any], *, ttl: float, token: object
@@ -575,50 +474,7 @@ class RedisStore:
             and when the load started while Redis was down and Redis is back (its
             view of other processes' invalidations is unknown).
         """
-        if not isinstance(token, Token):
-            msg = f"token must come from RedisStore.load_token, got {token!r}"
-            raise TypeError(msg)
-        name = self._name(key)
-        if token.head is None:  # the load started while Redis was down
-            if not self._guard.down:
-                return False
-            self.degraded += 1
-            return await self._set_locally(key, entry, ttl, token)
-        data = self._encode(key, entry, token.head[1:GENERATION])
-        near = self._near  # its entry still serves while the write is out (see wrote)
-        ms = max(1, round(ttl * 1000))
-        args: list[Arg] = [token.head, data, ms, self._channel, invalidation(name)]
-        lease = token.lease
-        held = None if lease is None else lease.token
-        ticket = near.begin(name)
-        try:
-            if held is None:
-                command = self._write_if_script(keys=[self._value_prefix + name], args=args)
-                stored = await self._guard.call("set", command)
-            else:  # the load's own lease: given back by the same script (one trip)
-                assert lease is not None
-                args.append(held)
-                keys = [self._value_prefix + name, lease.key]
-                stored = await self._guard.call("set", self._write_if_release_script(keys, args))
-                lease.given_back()
-            if stored:
-                near.wrote(key, name, entry, ticket, data)  # its readers need no GET
-        except Down as down:
-            near.drop(key, name)  # written or not: the entry may be outdated
-            self._degrade(down)
-            return await self._set_locally(key, entry, ttl, token)
-        finally:
-            near.end(name)
-        return bool(stored)
-
-    async def _set_locally(
-        self, key: Hashable, entry: CacheEntry[Any], ttl: float, token: Token
-    ) -> bool:
-        """Degraded: store unless this process wrote or deleted anything since the token."""
-        if token.epoch != self._local_epoch:
-            return False
-        await self._local.set(key, entry, ttl=ttl)
-        return True
+        return await writes.set_if_unchanged(self, key, entry, ttl, token)
 
 
 def _parts(batch: list[tuple[Hashable, str, bytes | str]]) -> list[list[Any]]:
@@ -636,86 +492,3 @@ def _parts(batch: list[tuple[Hashable, str, bytes | str]]) -> list[list[Any]]:
     if part:
         parts.append(part)
     return parts
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
-class _LoadLease(Lease):
-    """The lease of one load, taken by ``LOAD_START``: the same script reads the
-    entry (``raw``) and its version + generation (``head``)."""
-
-    __slots__ = ("_start", "_value_key", "head", "raw")
-
-    def __init__(self, start: Any, value_key: str, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._start = start
-        self._value_key = value_key
-        self.head = b""
-        self.raw: bytes | None = None
-
-    async def _try(self, token: str, ttl_ms: int) -> int:
-        fresh = placeholder(uuid.uuid4().bytes)
-        args: list[Arg] = [token, ttl_ms, fresh, TOKEN_TTL_MS]
-        command = self._start(keys=[self.key, self._value_key], args=args)
-        reply = await self._guard.call("acquire", command)
-        taken = int(reply[0])
-        if taken > 0:
-            self.raw = bytes(reply[1]) or None
-            self.head = bytes(reply[2])
-        return taken
-
-
-@final
-class _LoadLock:
-    """``RedisStore.load_lock``: the key's lease, entered as a :class:`LoadStart`
-    holding what ``LOAD_START`` read with it; when Redis is down, no lease and
-    ``None`` (the load runs at once: single flight is then per process, unless
-    the store is ``strict``, whose degrade raises)."""
-
-    __slots__ = ("_held", "_key", "_lease", "_name", "_store")
-
-    def __init__(self, store: RedisStore, key: Hashable, name: str, lease: _LoadLease) -> None:
-        self._store = store
-        self._key = key
-        self._name = name
-        self._lease = lease
-        self._held = False
-
-    async def __aenter__(self) -> LoadStart | None:
-        store, key, name, lease = self._store, self._key, self._name, self._lease
-        near = store._near
-        epoch = store._local_epoch
-        ticket = near.begin(name)  # before the read is sent (see ._near)
-        try:
-            try:
-                await lease.__aenter__()
-            except Down as down:
-                store._degrade(down)
-                return None  # the cache asks get / load_token (local memory)
-            self._held = True
-            try:
-                entry = None
-                if lease.raw is not None:
-                    entry = store._decode(key, lease.raw)
-                    if entry is not None:
-                        near.put(key, name, entry, ticket, lease.raw)
-                store._count_read(entry)
-                return LoadStart(entry, Token(lease.head, epoch, lease))
-            except BaseException:
-                await self.__aexit__(*sys.exc_info())
-                raise
-        finally:
-            near.end(name)
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool:
-        if not self._held:
-            return False
-        self._held = False
-        return await self._lease.__aexit__(exc_type, exc, tb)

@@ -1,0 +1,71 @@
+"""What an entered RedisStore runs in the background.
+
+``async with store:`` opens the store's own task group and starts in it:
+
+* the renewal of its loads' leases, all of them from one task with one command
+  per round (:class:`._lease.Renewals`), so a load starts no task;
+* with a near cache, the subscription to the invalidation channel
+  (:meth:`._near.NearCache.listen_forever`); ``__aenter__`` returns once it is
+  up, or has failed;
+* with a near cache, the renewal of near entries before ``near_ttl``: one round
+  (``RedisStore._renew``, one ``MGET`` per part) every sweep interval.
+
+Kept apart from :mod:`._store`, which holds what a call runs, because none of
+this is on a call's path: it is background work whose failures are counted and
+logged, never raised into the block the user entered.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio.abc import TaskStatus
+
+from ._outage import Down
+
+if TYPE_CHECKING:
+    from ._store import RedisStore
+
+__all__ = ["start"]
+
+logger = logging.getLogger("parallelkit.redis")
+
+
+async def start(store: RedisStore) -> None:
+    """Open ``store``'s task group and start its tasks (from ``RedisStore.__aenter__``)."""
+    tg = await store._owner.enter()
+    tg.start_soon(store._renewals.run)  # the load leases': no task per load
+    if store._near.enabled:
+        try:
+            await tg.start(_listen, store)
+        except BaseException:
+            await store._owner.exit(None, None, None, cancel=True)
+            raise
+        tg.start_soon(_renew_forever, store)
+
+
+async def _listen(store: RedisStore, *, task_status: TaskStatus[None]) -> None:
+    await store._near.listen_forever(
+        store._redis,
+        timeout=store._guard.timeout,
+        retry_after=store._guard.retry_after,
+        slots=store._guard.slots,
+        task_status=task_status,
+    )
+
+
+async def _renew_forever(store: RedisStore) -> None:
+    """Renew the near entries before ``near_ttl``: one ``MGET`` per sweep
+    interval (see :mod:`._near`). Background work: failures are counted and
+    logged, never raised; an entry not renewed just expires."""
+    while True:
+        await anyio.sleep(store._near.slack)
+        try:
+            await store._renew()
+        except Down:
+            pass  # counted by the guard; the entries expire as without renewal
+        except Exception as exc:
+            store._near.renew_errors += 1
+            logger.warning("RedisStore %r: near cache renewal failed: %r", store._namespace, exc)

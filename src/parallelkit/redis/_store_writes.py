@@ -1,0 +1,283 @@
+"""RedisStore's writes: plain writes, and loads (single flight, "invalidation wins").
+
+Everything a store changes in Redis is here, next to the Lua scripts that do it
+(:mod:`._scripts`). A ``set`` gives the entry a new *generation*, a ``delete`` or
+``clear`` removes it, and each publishes an invalidation for every near cache; a
+load stores its value only if the generation it started from is still there, so
+no invalidation is undone by an older load:
+
+* :func:`write` and :func:`clear` (``RedisStore.set`` / ``delete`` / ``clear``),
+  to local memory when Redis is down;
+* :class:`LoadLock` (``RedisStore.load_lock``): the key's lease around one load;
+  the script that takes it (:class:`LoadLease`, ``LOAD_START``) also reads the
+  entry and its generation, so the load needs no ``GET`` of its own;
+* :func:`load_token` (``RedisStore.load_token``): the generation a load started
+  from, when it runs without the lease;
+* :func:`set_if_unchanged` (``RedisStore.set_if_unchanged``): the conditional
+  write, which gives the load's lease back in the same script; the same rule
+  holds in local memory while Redis is down.
+
+Kept apart from :mod:`._store`, the store's face and read side: ``peek`` and
+``get`` never enter this module, so the hit path reads in one place there, and
+the load protocol (a lease, a generation, a conditional write: two round trips
+per load) reads in one piece here. The functions take the store they work for;
+``RedisStore``'s methods of the same names hold the documentation and call them.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Hashable
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from redis.asyncio import Redis
+from typing_extensions import final
+
+from .._cache.store import CacheEntry, LoadStart
+from ._lease import Lease
+from ._near import CLEAR, invalidation
+from ._outage import Down
+from ._scripts import (
+    LOAD_START,
+    TOKEN,
+    TOKEN_TTL_MS,
+    WRITE,
+    WRITE_IF,
+    WRITE_IF_RELEASE,
+    Token,
+)
+from ._serializer import GENERATION, placeholder
+
+if TYPE_CHECKING:
+    from ._store import RedisStore
+
+__all__ = [
+    "LoadLease",
+    "LoadLock",
+    "Scripts",
+    "clear",
+    "load_token",
+    "set_if_unchanged",
+    "write",
+]
+
+Arg = bytes | str | int | float  # what a script argument may be
+
+
+@final
+class Scripts:
+    """The Lua scripts of a store's writes and loads, registered once per store."""
+
+    __slots__ = ("load_start", "token", "write", "write_if", "write_if_release")
+
+    def __init__(self, redis: Redis) -> None:
+        self.write = redis.register_script(WRITE)
+        self.write_if = redis.register_script(WRITE_IF)
+        self.token = redis.register_script(TOKEN)
+        self.load_start = redis.register_script(LOAD_START)
+        self.write_if_release = redis.register_script(WRITE_IF_RELEASE)
+
+
+# -- plain writes ----------------------------------------------------------------------
+async def write(
+    store: RedisStore, key: Hashable, entry: CacheEntry[Any] | None, data: bytes, ttl: float
+) -> None:
+    """Set (``data``) or delete (``b""``) in Redis; publish; local memory if down."""
+    name = store._name(key)
+    store._local_epoch += 1
+    store._near.drop(key, name)
+    args: list[Arg] = [data, max(1, round(ttl * 1000)), store._channel, invalidation(name)]
+    command = store._scripts.write(keys=[store._value_prefix + name], args=args)
+    try:
+        await store._guard.call("set" if data else "delete", command)
+    except Down as down:
+        store._degrade(down)
+        if entry is not None:
+            await store._local.set(key, entry, ttl=ttl)
+
+
+async def clear(store: RedisStore) -> None:
+    """Forget every key of ``store``'s namespace (``SCAN`` + ``UNLINK``), and publish it."""
+    store._local_epoch += 1
+    store._near.reset(listening=store._near.listening)
+    await store._local.clear()
+    pattern = _glob_escape(store._value_prefix) + "*"
+    try:
+        cursor = 0
+        while True:
+            scan = store._redis.scan(cursor, match=pattern, count=500)
+            cursor, names = await store._guard.call("clear", scan)
+            if names:
+                await store._guard.call("clear", store._redis.unlink(*names))
+            if not cursor:
+                break
+        await store._guard.call("clear", store._redis.publish(store._channel, CLEAR))
+    except Down as down:
+        store._degrade(down)
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+# -- loads: single flight and "invalidation wins" --------------------------------------
+class LoadLease(Lease):
+    """The lease of one load, taken by ``LOAD_START``: the same script reads the
+    entry (``raw``) and its version + generation (``head``)."""
+
+    __slots__ = ("_start", "_value_key", "head", "raw")
+
+    def __init__(self, start: Any, value_key: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._start = start
+        self._value_key = value_key
+        self.head = b""
+        self.raw: bytes | None = None
+
+    async def _try(self, token: str, ttl_ms: int) -> int:
+        fresh = placeholder(uuid.uuid4().bytes)
+        args: list[Arg] = [token, ttl_ms, fresh, TOKEN_TTL_MS]
+        command = self._start(keys=[self.key, self._value_key], args=args)
+        reply = await self._guard.call("acquire", command)
+        taken = int(reply[0])
+        if taken > 0:
+            self.raw = bytes(reply[1]) or None
+            self.head = bytes(reply[2])
+        return taken
+
+
+@final
+class LoadLock:
+    """``RedisStore.load_lock``: the key's lease, entered as a :class:`LoadStart`
+    holding what ``LOAD_START`` read with it; when Redis is down, no lease and
+    ``None`` (the load runs at once: single flight is then per process, unless
+    the store is ``strict``, whose degrade raises)."""
+
+    __slots__ = ("_held", "_key", "_lease", "_name", "_store")
+
+    def __init__(self, store: RedisStore, key: Hashable) -> None:
+        name = store._name(key)
+        self._store = store
+        self._key = key
+        self._name = name
+        self._lease = LoadLease(
+            store._scripts.load_start,
+            store._value_prefix + name,
+            store._lease_scripts,
+            store._guard,
+            name,
+            store._lease_prefix + name,
+            None,
+            ttl=store._lease,
+            blocking=True,
+            timeout=None,
+            poll=store._poll,
+            cancel_on_loss=False,
+            on_wait=store._waiting,
+            renewals=store._renewals,
+        )
+        self._held = False
+
+    async def __aenter__(self) -> LoadStart | None:
+        store, key, name, lease = self._store, self._key, self._name, self._lease
+        near = store._near
+        epoch = store._local_epoch
+        ticket = near.begin(name)  # before the read is sent (see ._near)
+        try:
+            try:
+                await lease.__aenter__()
+            except Down as down:
+                store._degrade(down)
+                return None  # the cache asks get / load_token (local memory)
+            self._held = True
+            try:
+                entry = None
+                if lease.raw is not None:
+                    entry = store._decode(key, lease.raw)
+                    if entry is not None:
+                        near.put(key, name, entry, ticket, lease.raw)
+                store._count_read(entry)
+                return LoadStart(entry, Token(lease.head, epoch, lease))
+            except BaseException:
+                await self.__aexit__(*sys.exc_info())
+                raise
+        finally:
+            near.end(name)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if not self._held:
+            return False
+        self._held = False
+        return await self._lease.__aexit__(exc_type, exc, tb)
+
+
+async def load_token(store: RedisStore, key: Hashable) -> Token:
+    """The entry's generation in Redis (created if absent); see ``RedisStore.load_token``."""
+    epoch = store._local_epoch
+    name = store._name(key)
+    fresh = placeholder(uuid.uuid4().bytes)
+    command = store._scripts.token(keys=[store._value_prefix + name], args=[fresh, TOKEN_TTL_MS])
+    try:
+        head = await store._guard.call("load_token", command)
+    except Down as down:
+        store._degrade(down)
+        return Token(None, epoch)
+    return Token(bytes(head), epoch)
+
+
+async def set_if_unchanged(
+    store: RedisStore, key: Hashable, entry: CacheEntry[Any], ttl: float, token: object
+) -> bool:
+    """Store ``entry`` unless ``key`` was written since ``token``; see ``RedisStore``'s."""
+    if not isinstance(token, Token):
+        msg = f"token must come from RedisStore.load_token, got {token!r}"
+        raise TypeError(msg)
+    name = store._name(key)
+    if token.head is None:  # the load started while Redis was down
+        if not store._guard.down:
+            return False
+        store.degraded += 1
+        return await _set_locally(store, key, entry, ttl, token)
+    data = store._encode(key, entry, token.head[1:GENERATION])
+    near = store._near  # its entry still serves while the write is out (see wrote)
+    ms = max(1, round(ttl * 1000))
+    args: list[Arg] = [token.head, data, ms, store._channel, invalidation(name)]
+    lease = token.lease
+    held = None if lease is None else lease.token
+    ticket = near.begin(name)
+    try:
+        if held is None:
+            command = store._scripts.write_if(keys=[store._value_prefix + name], args=args)
+            stored = await store._guard.call("set", command)
+        else:  # the load's own lease: given back by the same script (one trip)
+            assert lease is not None
+            args.append(held)
+            keys = [store._value_prefix + name, lease.key]
+            stored = await store._guard.call("set", store._scripts.write_if_release(keys, args))
+            lease.given_back()
+        if stored:
+            near.wrote(key, name, entry, ticket, data)  # its readers need no GET
+    except Down as down:
+        near.drop(key, name)  # written or not: the entry may be outdated
+        store._degrade(down)
+        return await _set_locally(store, key, entry, ttl, token)
+    finally:
+        near.end(name)
+    return bool(stored)
+
+
+async def _set_locally(
+    store: RedisStore, key: Hashable, entry: CacheEntry[Any], ttl: float, token: Token
+) -> bool:
+    """Degraded: store unless this process wrote or deleted anything since the token."""
+    if token.epoch != store._local_epoch:
+        return False
+    await store._local.set(key, entry, ttl=ttl)
+    return True
