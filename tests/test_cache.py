@@ -853,7 +853,7 @@ def test_bad_cache_arguments_name_the_argument(
 
 def test_a_max_backoff_below_backoff_is_refused() -> None:
     # as pk.Retry: the cap would silently replace the first wait
-    with pytest.raises(ValueError, match=r"^max_backoff \(1\.0\) must be >= backoff \(10\.0\)$"):
+    with pytest.raises(ValueError, match=r"^max_backoff \(1\) must be >= backoff \(10\)$"):
         SWRCache(backoff=10, max_backoff=1)
     assert SWRCache(backoff=5, max_backoff=5).stats.hits == 0
 

@@ -195,11 +195,11 @@ class SWRCache:
         cache_none = flag("cache_none", cache_none)
         jitter = fraction("jitter", jitter)
         error_ttl = number_or_none("error_ttl", error_ttl)
-        backoff = number("backoff", backoff)
-        max_backoff = number("max_backoff", max_backoff)
-        if max_backoff < backoff:  # the cap would silently replace the first wait (as Retry)
+        first, cap = number("backoff", backoff), number("max_backoff", max_backoff)
+        if cap < first:  # the cap would silently replace the first wait (as Retry)
             msg = f"max_backoff ({max_backoff!r}) must be >= backoff ({backoff!r})"
             raise ValueError(msg)
+        backoff, max_backoff = first, cap
         if on_error is not None:
             callable_("on_error", on_error, what="a callable (key, exc) or None")
         if clock is not None:

@@ -64,10 +64,12 @@ class Retry:
 
     def __post_init__(self) -> None:
         count("attempts", self.attempts)
-        for name in ("backoff", "max_backoff", "jitter"):  # stored as floats (a Fraction too)
-            object.__setattr__(self, name, number(name, getattr(self, name), zero=True))
+        given = {name: getattr(self, name) for name in ("backoff", "max_backoff", "jitter")}
+        for name, value in given.items():  # stored as floats (a Fraction too)
+            object.__setattr__(self, name, number(name, value, zero=True))
         if self.max_backoff < self.backoff:  # the cap would silently replace the first wait
-            msg = f"max_backoff ({self.max_backoff!r}) must be >= backoff ({self.backoff!r})"
+            msg = f"max_backoff ({given['max_backoff']!r}) must be >= backoff "
+            msg += f"({given['backoff']!r})"
             raise ValueError(msg)
         on: object = self.on
         if isinstance(on, (tuple, type)):
