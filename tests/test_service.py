@@ -186,3 +186,76 @@ async def test_postgres_and_redis_answer_the_same(pg_url: str, redis_url: str) -
     assert pk["read-miss"] == 1
     assert pk["read-hit"] == 0  # served from Redis
     assert pk["payment"] == 1
+
+
+#: (name, method, path, body, status): input the service must refuse with a 4xx naming
+#: what is wrong, never a 500 (PostgreSQL's ``integer`` overflows at 2**31; it refuses a
+#: NUL in text; a payment id is unique)
+BAD_INPUT: list[tuple[str, str, str, Any, int]] = [
+    ("read-id-too-large", "GET", "/conversations/2147483648", None, 422),
+    ("read-id-huge", "GET", "/conversations/99999999999999999999", None, 422),
+    ("read-id-zero", "GET", "/conversations/0", None, 422),
+    ("read-id-negative", "GET", "/conversations/-3000000000", None, 422),
+    ("webhook-id-too-large", "POST", "/webhooks/batch",
+     {"events": [{"conversation_id": 2147483648}]}, 422),
+    ("webhook-id-negative", "POST", "/webhooks/batch", {"events": [{"conversation_id": -5}]}, 422),
+    ("enroll-id-too-large", "POST", "/companies/2147483648/enrollments", {}, 422),
+    ("amount-too-large", "POST", "/payments", {"payment_id": "big", "amount": 2**31}, 422),
+    ("payment-id-nul", "POST", "/payments", {"payment_id": "a\x00b", "amount": 5}, 422),
+    ("payment", "POST", "/payments", {"payment_id": "dup", "amount": 5}, 200),
+    ("payment-again", "POST", "/payments", {"payment_id": "dup", "amount": 5}, 409),
+    ("read-after", "GET", "/conversations/42", None, 200),
+]  # fmt: skip
+BAD_FIELD = {
+    "read-id-too-large": ["path", "conversation_id"],
+    "webhook-id-too-large": ["body", "events", 0, "conversation_id"],
+    "enroll-id-too-large": ["path", "company_id"],
+    "amount-too-large": ["body", "amount"],
+    "payment-id-nul": ["body", "payment_id"],
+}
+
+
+async def bad_input_answers(settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Send :data:`BAD_INPUT`: ``({name: (status, detail)}, /debug/stats at rest)``."""
+    out: dict[str, Any] = {}
+    async with client(create_app(settings)) as http:
+        for name, method, path, body, _ in BAD_INPUT:
+            response = await http.request(method, path, json=body)
+            out[name] = (response.status_code, response.json().get("detail"))
+        stats = (await http.get("/debug/stats")).json()
+    return out, stats
+
+
+def assert_refused_clearly(answers: dict[str, Any], stats: dict[str, Any], variant: str) -> None:
+    assert {name: a[0] for name, a in answers.items()} == {b[0]: b[4] for b in BAD_INPUT}
+    for name, loc in BAD_FIELD.items():
+        assert [e["loc"] for e in answers[name][1]] == [loc], name
+    assert answers["payment-again"][1] == "payment 'dup' is already recorded"
+    # nothing held after the failed requests
+    assert stats["checked_out"] == 0
+    if variant == "parallelkit":
+        assert stats["slots"] == {"running": 0, "waiting": 0}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+async def test_bad_input_is_a_4xx_naming_the_field_and_nothing_is_held(variant: str) -> None:
+    answers, stats = await bad_input_answers(Settings(variant=variant, name=f"t_bad_{variant}"))
+    assert_refused_clearly(answers, stats, variant)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("variant", ["expert", "parallelkit"])
+async def test_bad_input_on_postgres_is_a_4xx_not_a_driver_error(variant: str, pg_url: str) -> None:
+    settings = Settings(variant=variant, name=f"t_pg_bad_{variant}", database=pg_url)
+    answers, stats = await bad_input_answers(settings)
+    assert_refused_clearly(answers, stats, variant)
+
+
+def test_a_server_name_must_be_a_lowercase_schema_name() -> None:
+    # "svc_repA" was created quoted but searched unquoted (svc_repa): start-up failed with
+    # PostgreSQL's "no schema has been selected to create in"
+    with pytest.raises(ValueError, match="name must be lowercase letters, digits"):
+        Settings(name="repA")
+    with pytest.raises(ValueError, match="name must be lowercase"):
+        Settings(name="a b")
+    assert Settings(name="t_pg-1").server == "t_pg-1"

@@ -30,6 +30,7 @@ from .shared import (
     Clients,
     EnrollmentIn,
     PaymentIn,
+    RowId,
     ServiceDatabase,
     Settings,
     StatementCounter,
@@ -106,7 +107,7 @@ def create_app(settings: Settings) -> FastAPI:
             )
 
     @app.get("/conversations/{conversation_id}")
-    async def read_conversation(conversation_id: int, request: Request) -> dict[str, Any]:
+    async def read_conversation(conversation_id: RowId, request: Request) -> dict[str, Any]:
         s: State = request.app.state.s
         try:
             view = s.cache[conversation_id]
@@ -129,7 +130,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/companies/{company_id}/enrollments")
     async def enroll_inactive(
-        company_id: int, body: EnrollmentIn, request: Request
+        company_id: RowId, body: EnrollmentIn, request: Request
     ) -> dict[str, Any]:
         s: State = request.app.state.s
         async with s.db_slots, s.db.sessions() as session:

@@ -31,6 +31,7 @@ from .shared import (
     Clients,
     EnrollmentIn,
     PaymentIn,
+    RowId,
     ServiceDatabase,
     Settings,
     StatementCounter,
@@ -97,7 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
         return {"results": results}
 
     @app.get("/conversations/{conversation_id}")
-    async def read_conversation(conversation_id: int, session: Session) -> dict[str, Any]:
+    async def read_conversation(conversation_id: RowId, session: Session) -> dict[str, Any]:
         hit = cache.get(conversation_id)
         if hit is not None and hit[0] > time.monotonic():
             return hit[1]
@@ -114,7 +115,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/companies/{company_id}/enrollments")
     async def enroll_inactive(
-        company_id: int, body: EnrollmentIn, request: Request
+        company_id: RowId, body: EnrollmentIn, request: Request
     ) -> dict[str, Any]:
         db: ServiceDatabase = request.app.state.db
         clients: Clients = request.app.state.clients

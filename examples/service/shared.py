@@ -18,18 +18,21 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import re
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException, Path
 from pydantic import BaseModel, Field
 from sqlalchemy import Row, event, func, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.pool import QueuePool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from examples.crm.db import drop_schema, make_engine
@@ -46,11 +49,13 @@ from examples.crm.payment import Payment
 from examples.crm.seed import EPOCH, SeedSizes
 
 __all__ = [
+    "MAX_INT",
     "NO_CADENCE",
     "SEED_SIZES",
     "VARIANTS",
     "Clients",
     "PaymentIn",
+    "RowId",
     "ServiceDatabase",
     "Settings",
     "StatementCounter",
@@ -78,6 +83,12 @@ VARIANTS = ("ordinary", "expert", "parallelkit")
 WEBHOOK_URL = "https://hooks.example.com/payments"
 #: The 404 detail of an enrollment for a company that does not exist or has no cadence.
 NO_CADENCE = "company not found or without a cadence"
+#: The largest value of an ``integer`` column (ids, amounts): a larger one in a request is
+#: a 422 naming the field, not a driver error (``value out of int32 range``) and a 500.
+MAX_INT = 2**31 - 1
+#: A row id in a path (``/conversations/{conversation_id}``): a positive ``integer``.
+RowId = Annotated[int, Path(ge=1, le=MAX_INT)]
+_NAME = re.compile(r"[a-z0-9_-]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +130,11 @@ class Settings:
         if self.variant not in VARIANTS:
             msg = f"variant must be one of {VARIANTS}, got {self.variant!r}"
             raise ValueError(msg)
+        if not _NAME.fullmatch(self.name):
+            # it names a PostgreSQL schema, set unquoted in search_path: "svc_repA" would
+            # be created but searched as svc_repa ("no schema has been selected to create in")
+            msg = f"name must be lowercase letters, digits, '_' or '-', got {self.name!r}"
+            raise ValueError(msg)
         if self.store not in ("memory", "redis"):
             msg = f"store must be 'memory' or 'redis', got {self.store!r}"
             raise ValueError(msg)
@@ -139,22 +155,39 @@ class StatementCounter:
     ``statements``: every statement the engine sends (``before_cursor_execute``;
     BEGIN/COMMIT are not counted). ``requests`` / ``active``: requests finished /
     running, counted by :class:`CountRequests` (``/health`` and ``/debug/*`` excluded).
+    ``checked_out`` / ``slots``: the pool's connections in use and, in the parallelkit
+    variant, its pool limiter's slots held and waited for: all 0 at rest, after any load
+    or fault (a leak shows here).
     """
 
-    __slots__ = ("active", "count", "requests")
+    __slots__ = ("active", "count", "engine", "limiter", "requests")
 
     def __init__(self) -> None:
         self.count = 0
         self.requests = 0
         self.active = 0
+        self.engine: AsyncEngine | None = None
+        #: anything with ``statistics().running`` / ``.waiting`` (a pool limiter)
+        self.limiter: Any = None
 
     def attach(self, engine: AsyncEngine) -> None:
         """Listen on ``engine``."""
+        self.engine = engine
 
         def counted(*_: Any) -> None:
             self.count += 1
 
         event.listen(engine.sync_engine, "before_cursor_execute", counted)
+
+    def at_rest(self) -> dict[str, Any]:
+        """``checked_out`` connections; ``slots``: ``{"running", "waiting"}`` or ``None``."""
+        pool = self.engine.sync_engine.pool if self.engine is not None else None
+        checked_out = pool.checkedout() if isinstance(pool, QueuePool) else 0
+        slots = None
+        if self.limiter is not None:
+            stats = self.limiter.statistics()
+            slots = {"running": stats.running, "waiting": stats.waiting}
+        return {"checked_out": checked_out, "slots": slots}
 
 
 class CollectorTime:
@@ -271,7 +304,7 @@ class Clients:
 
 # -- requests --------------------------------------------------------------------------------------
 class WebhookEvent(BaseModel):
-    conversation_id: int
+    conversation_id: int = Field(ge=1, le=MAX_INT)
     event: str = "message.received"
 
 
@@ -284,8 +317,9 @@ class EnrollmentIn(BaseModel):
 
 
 class PaymentIn(BaseModel):
-    payment_id: str = Field(min_length=1, max_length=60)
-    amount: int = Field(gt=0)
+    # no control characters: PostgreSQL refuses a NUL in text (a 500 after the charge)
+    payment_id: str = Field(min_length=1, max_length=60, pattern=r"^[^\x00-\x1f\x7f]+$")
+    amount: int = Field(gt=0, le=MAX_INT)
 
 
 # -- answers: the same bytes from every variant ----------------------------------------------------
@@ -427,16 +461,25 @@ async def record_enrollments(
 
 
 async def record_payment(session: AsyncSession, payment: PaymentIn, charge_id: str) -> None:
-    """Insert the payment row with its charge id, and commit."""
+    """Insert the payment row with its charge id, and commit.
+
+    Raises:
+        HTTPException: 409, the payment id is recorded already (a client's retry).
+    """
     session.add(
         Payment(payment_id=payment.payment_id, amount=payment.amount, stripe_charge_id=charge_id)
     )
-    await session.commit()
+    try:
+        await session.commit()
+    except IntegrityError as exc:  # payment_id is unique: the only constraint an insert can break
+        msg = f"payment {payment.payment_id!r} is already recorded"
+        raise HTTPException(409, msg) from exc
 
 
 # -- routes every server has -----------------------------------------------------------------------
 def add_debug_routes(app: FastAPI, counter: StatementCounter, variant: str) -> None:
-    """``GET /health`` (200 once started), ``GET /debug/stats`` (statements, requests so far)."""
+    """``GET /health`` (200 once started), ``GET /debug/stats`` (statements, requests so far,
+    connections checked out and pool slots held: see :class:`StatementCounter`)."""
     app.add_middleware(CountRequests, counter=counter)
 
     @app.get("/health")
@@ -451,6 +494,7 @@ def add_debug_routes(app: FastAPI, counter: StatementCounter, variant: str) -> N
             "statements": counter.count,
             "requests": counter.requests,
             "active": counter.active,
+            **counter.at_rest(),
             "pid": os.getpid(),
             "variant": variant,
         }
