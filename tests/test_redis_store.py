@@ -830,6 +830,59 @@ async def test_redis_stopped_mid_test_then_recovery(prefix: str) -> None:
         server.kill()
 
 
+@pytest.mark.parametrize("how", ["delete", "clear", "overflow"])
+async def test_invalidations_made_while_redis_hangs_are_replayed_before_it_is_read(
+    prefix: str, how: str
+) -> None:
+    # a delete (or set, or clear) that Redis did not get reached only local memory:
+    # after the outage both replicas read the old entry back from Redis, until its
+    # fresh window ran out. Now the first command that reaches Redis again replays
+    # them first (a delete and an invalidation each; a clear if too many).
+    server = RedisServer()
+    if server.binary is None:
+        need_service("redis-server (the binary, for the outage test)", "not on PATH")
+    server.start()
+    a_conn = client(server.url, retry=None, socket_connect_timeout=0.5, socket_timeout=2)
+    b_conn = client(server.url, retry=None, socket_connect_timeout=0.5, socket_timeout=2)
+    try:
+        options: dict[str, Any] = {"prefix": prefix, "command_timeout": 0.3, "retry_after": 0.2}
+        a = RedisStore(a_conn, local_maxsize=2 if how == "overflow" else 1000, **options)
+        b = RedisStore(b_conn, **options)
+        for key in ("k", "j", "x", "y", "z"):
+            await a.set(key, entry(f"{key}1"), ttl=60)
+        got = await b.get("k")
+        assert got is not None
+        assert got.value == "k1"
+
+        server.pause()  # ---- Redis hangs: A's writes reach its local memory only
+        if how == "clear":
+            await a.clear()
+        else:
+            await a.delete("k")
+            await a.set("j", entry("j2"), ttl=60)
+            if how == "overflow":  # more than local_maxsize names: a clear on recovery
+                await a.delete("x")
+                await a.delete("y")
+        assert a.statistics().degraded >= 1
+        server.resume()  # ---- Redis answers again
+        await anyio.sleep(0.3)  # past retry_after
+
+        assert await a.get("k") is None  # the probe: the replay ran before its read
+        assert a.statistics().recoveries == 1
+        assert await b.get("k") is None  # the other replica reads the invalidation
+        assert await b.get("j") is None  # a local write: deleted in Redis, reloaded
+        z = await b.get("z")  # untouched by the outage: kept, unless cleared
+        if how == "delete":
+            assert z is not None
+            assert z.value == "z1"
+        else:
+            assert z is None
+    finally:
+        await a_conn.aclose()
+        await b_conn.aclose()
+        server.kill()
+
+
 # ------------------------------------------------------------------ processes
 @pytest.mark.slow
 async def test_four_processes_times_100_callers_load_once(

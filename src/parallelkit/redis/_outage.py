@@ -24,7 +24,10 @@ is not part of ``command_timeout``: a queue in this process is not a Redis outag
 While the circuit is open the guard does not call Redis at all (``Down`` at once,
 so a hung Redis costs one ``command_timeout``, not one per call). When it expires
 one caller, the *probe*, tries Redis again while the others keep using their
-fallback; the probe's success closes the circuit (a *recovery*).
+fallback; the probe's success closes the circuit (a *recovery*). Before it does,
+``before_recovery`` (when given) runs, the circuit still open for every other
+caller: the store replays there what it could only do locally during the outage
+(its invalidations), so no process reads from Redis what was invalidated meanwhile.
 """
 
 from __future__ import annotations
@@ -128,6 +131,10 @@ class Guard:
         timeout: seconds one command may take (``None``: the client's own timeouts).
         retry_after: seconds the circuit stays open after an outage (0: never open).
         on_recovery: called when a command succeeds after an outage.
+        before_recovery: awaited when a command succeeds after an outage, before
+            the circuit closes (its own commands go through this guard with
+            ``force=True``); if it raises, the circuit stays open and the caller
+            gets the error.
         redis: the client, to bound commands by its pool (:func:`pool_slots`).
 
     Attributes:
@@ -140,8 +147,11 @@ class Guard:
     """
 
     __slots__ = (
+        "_before_recovery",
         "_on_recovery",
+        "_outage",
         "_probing",
+        "_recovering",
         "_until",
         "errors",
         "last_error",
@@ -159,6 +169,7 @@ class Guard:
         timeout: float | None,
         retry_after: float,
         on_recovery: Callable[[], None] | None = None,
+        before_recovery: Callable[[], Awaitable[None]] | None = None,
         redis: object = None,
     ) -> None:
         self.slots = pool_slots(redis)
@@ -168,8 +179,11 @@ class Guard:
         self.last_error: BaseException | None = None
         self.timer: Callable[[], float] = time.monotonic
         self._on_recovery = on_recovery
+        self._before_recovery = before_recovery
         self._until = -math.inf
         self._probing = False
+        self._recovering = False  # before_recovery is running
+        self._outage = False  # an outage error since the last recovery
 
     @property
     def down(self) -> bool:
@@ -200,19 +214,30 @@ class Guard:
                 raise Down(what, self.last_error or ConnectionError(what))
             self._probing = probing = True  # this caller tries Redis; the others wait
         try:
+            if probing and self._outage and self._before_recovery is not None:
+                try:  # the replay first: the probe's own command reads what it left
+                    await self._replay()
+                except BaseException:
+                    if inspect.iscoroutine(command):
+                        command.close()
+                    raise
             slots = self.slots
             if slots is None:
-                return await self._run(what, command, timeout)
-            try:
-                await slots.acquire()  # a free connection of the pool, outside the timeout
-            except BaseException:
-                if inspect.iscoroutine(command):
-                    command.close()
-                raise
-            try:
-                return await self._run(what, command, timeout)
-            finally:
-                slots.release()
+                result = await self._run(what, command, timeout)
+            else:
+                try:
+                    await slots.acquire()  # a free connection of the pool, outside the timeout
+                except BaseException:
+                    if inspect.iscoroutine(command):
+                        command.close()
+                    raise
+                try:
+                    result = await self._run(what, command, timeout)
+                finally:
+                    slots.release()
+            if self._outage and not self._recovering:
+                await self._recover(what)  # Redis answers again (outside the pool slot)
+            return result
         finally:
             if probing:
                 self._probing = False
@@ -229,7 +254,6 @@ class Guard:
                     raise
                 self._failed(exc)
                 raise Down(what, exc) from exc
-            self._succeeded()
             return result
         self.timeouts += 1
         error = TimeoutError(f"Redis did not answer {what} within {limit} s")
@@ -239,11 +263,31 @@ class Guard:
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1
         self.last_error = exc
+        self._outage = True
         self._until = self.timer() + self.retry_after if self.retry_after else -math.inf
 
-    def _succeeded(self) -> None:
-        if self._until == -math.inf:
-            return
+    async def _replay(self) -> None:
+        assert self._before_recovery is not None
+        self._recovering = True
+        try:
+            await self._before_recovery()
+        finally:
+            self._recovering = False
+
+    async def _recover(self, what: str) -> None:
+        """A command succeeded with the circuit open: run ``before_recovery`` (the
+        circuit still open for the others: ``down`` stays true), then close it."""
+        if self._before_recovery is not None:
+            # again, right before the circuit closes: what was written locally since
+            # (nothing, mostly: no command then) must not be left behind
+            probing, self._probing = self._probing, True
+            try:
+                await self._replay()
+            finally:
+                self._probing = probing
+            if not self._outage:  # pragma: no cover - recovered meanwhile
+                return
+        self._outage = False
         self._until = -math.inf
         self.recoveries += 1
         if self._on_recovery is not None:

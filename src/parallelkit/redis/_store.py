@@ -10,6 +10,7 @@ in the background is in :mod:`._store_tasks`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 import uuid
@@ -160,6 +161,8 @@ class RedisStore:
         "_lease_waits",
         "_local",
         "_local_epoch",
+        "_missed",
+        "_missed_all",
         "_misses",
         "_namespace",
         "_near",
@@ -219,6 +222,7 @@ class RedisStore:
             timeout=number_or_none("command_timeout", command_timeout),
             retry_after=retry_s,
             on_recovery=self._recovered,
+            before_recovery=functools.partial(writes.replay, self),
             redis=redis,
         )
         self._value_prefix = f"{prefix}:{namespace}:v:"
@@ -229,6 +233,8 @@ class RedisStore:
         self._owner = OwnedTaskGroup(f"RedisStore {namespace!r}")
         self._renewals = Renewals(redis, self._guard, self._lease)
         self._local_epoch = 0
+        self._missed: dict[str, None] = {}  # names written while Redis was down
+        self._missed_all = False  # a clear() while down, or more than local_maxsize names
         self._reads: dict[Hashable, _Read] = {}
         self._lease_waits = self._hits = self._misses = 0
         self.degraded = 0

@@ -59,6 +59,7 @@ __all__ = [
     "Scripts",
     "clear",
     "load_token",
+    "replay",
     "set_if_unchanged",
     "write",
 ]
@@ -94,8 +95,42 @@ async def write(
         await store._guard.call("set" if data else "delete", command)
     except Down as down:
         store._degrade(down)
+        _missed(store, name)
         if entry is not None:
             await store._local.set(key, entry, ttl=ttl)
+
+
+def _missed(store: RedisStore, name: str) -> None:
+    """A write Redis did not get: delete it there when Redis is back (:func:`replay`)."""
+    if not store._missed_all:
+        store._missed[name] = None
+        if len(store._missed) > store._local.maxsize:  # too many to replay one by one
+            store._missed_all = True
+            store._missed.clear()
+
+
+async def replay(store: RedisStore) -> None:
+    """Redis answers again: before it is read again (the guard's ``before_recovery``),
+    delete there what this process wrote or deleted only locally during the outage,
+    and tell every replica (an invalidation each; a ``clear`` if there were too many).
+
+    Without it, every process would read from Redis again the entry invalidated
+    during the outage, until its ``fresh`` window ran out. Deleting (rather than
+    writing the local value) also makes a load that started before the outage
+    fail its ``set_if_unchanged``: the invalidation still wins.
+    """
+    guard = store._guard
+    if store._missed_all:
+        await _clear_redis(store, force=True)
+        store._missed_all = False
+        store._missed.clear()
+        return
+    while store._missed:
+        name = next(iter(store._missed))
+        args: list[Arg] = [b"", 1, store._channel, invalidation(name)]
+        command = store._scripts.write(keys=[store._value_prefix + name], args=args)
+        await guard.call("replay", command, force=True)
+        store._missed.pop(name, None)
 
 
 async def clear(store: RedisStore) -> None:
@@ -103,19 +138,28 @@ async def clear(store: RedisStore) -> None:
     store._local_epoch += 1
     store._near.reset(listening=store._near.listening)
     await store._local.clear()
-    pattern = _glob_escape(store._value_prefix) + "*"
     try:
-        cursor = 0
-        while True:
-            scan = store._redis.scan(cursor, match=pattern, count=500)
-            cursor, names = await store._guard.call("clear", scan)
-            if names:
-                await store._guard.call("clear", store._redis.unlink(*names))
-            if not cursor:
-                break
-        await store._guard.call("clear", store._redis.publish(store._channel, CLEAR))
+        await _clear_redis(store)
     except Down as down:
         store._degrade(down)
+        store._missed_all = True  # cleared when Redis is back (replay)
+        store._missed.clear()
+
+
+async def _clear_redis(store: RedisStore, *, force: bool = False) -> None:
+    """``SCAN`` + ``UNLINK`` the namespace's entries, then publish ``CLEAR``."""
+    guard, redis = store._guard, store._redis
+    pattern = _glob_escape(store._value_prefix) + "*"
+    cursor = 0
+    while True:
+        cursor, names = await guard.call(
+            "clear", redis.scan(cursor, match=pattern, count=500), force=force
+        )
+        if names:
+            await guard.call("clear", redis.unlink(*names), force=force)
+        if not cursor:
+            break
+    await guard.call("clear", redis.publish(store._channel, CLEAR), force=force)
 
 
 def _glob_escape(text: str) -> str:
