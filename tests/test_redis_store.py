@@ -845,7 +845,7 @@ async def test_invalidations_made_while_redis_hangs_are_replayed_before_it_is_re
     a_conn = client(server.url, retry=None, socket_connect_timeout=0.5, socket_timeout=2)
     b_conn = client(server.url, retry=None, socket_connect_timeout=0.5, socket_timeout=2)
     try:
-        options: dict[str, Any] = {"prefix": prefix, "command_timeout": 0.3, "retry_after": 0.2}
+        options: dict[str, Any] = {"prefix": prefix, "command_timeout": 1.0, "retry_after": 0.2}
         a = RedisStore(a_conn, local_maxsize=2 if how == "overflow" else 1000, **options)
         b = RedisStore(b_conn, **options)
         for key in ("k", "j", "x", "y", "z"):
