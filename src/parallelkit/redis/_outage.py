@@ -236,7 +236,7 @@ class Guard:
                 finally:
                     slots.release()
             if self._outage and not self._recovering:
-                await self._recover(what)  # Redis answers again (outside the pool slot)
+                await self._recover()  # Redis answers again (outside the pool slot)
             return result
         finally:
             if probing:
@@ -274,7 +274,7 @@ class Guard:
         finally:
             self._recovering = False
 
-    async def _recover(self, what: str) -> None:
+    async def _recover(self) -> None:
         """A command succeeded with the circuit open: run ``before_recovery`` (the
         circuit still open for the others: ``down`` stays true), then close it."""
         if self._before_recovery is not None:

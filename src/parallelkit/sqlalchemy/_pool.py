@@ -30,12 +30,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import weakref
-from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
-import anyio
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
@@ -144,12 +142,11 @@ class LentSlot:
     size per waiting caller at most, which the pool's overflow absorbs.
     """
 
-    __slots__ = ("_free", "_slots", "_waiters")
+    __slots__ = ("_lent", "_slots")
 
     def __init__(self, slots: PoolLimiter) -> None:
         self._slots = slots
-        self._free = True
-        self._waiters: deque[anyio.Event] = deque()
+        self._lent = Limiter(concurrency=1)  # the caller's slot: first come, first served
 
     @property
     def concurrency(self) -> int | None:
@@ -157,44 +154,24 @@ class LentSlot:
         return self._slots.concurrency
 
     def give_back(self) -> None:
-        """The worker running on the lent slot is done with it: wake the next waiter."""
-        self._free = True
-        while self._waiters:
-            event = self._waiters.popleft()
-            if not event.is_set():
-                event.set()
-                return
+        """The worker running on the lent slot is done with it: the next waiter's turn."""
+        self._lent.release()
 
     async def __aenter__(self) -> LentSlot:
         slots, task = self._slots, task_id()
         if task in slots._held:  # re-entrant: this worker holds a slot already
             await slots.acquire()
             return self
-        while True:
-            if self._free:
-                self._free = False
-                slots._held[task] = 1
-                slots._borrowed[task] = self
-                return self
-            stats = slots.statistics()
-            limit = slots.concurrency
-            if limit is None or (stats.running < limit and not stats.waiting):
-                await slots.acquire()  # free at once: no wait, no queue
-                return self
-            event = anyio.Event()
-            self._waiters.append(event)
-            try:
-                await event.wait()
-            except BaseException:
-                self._leave(event)
-                raise
-
-    def _leave(self, event: anyio.Event) -> None:
-        """A waiter is cancelled: if it was just woken, wake the next one instead."""
-        if not event.is_set():
-            self._waiters.remove(event)
-        elif self._free:
-            self.give_back()
+        lent, engine, limit = self._lent.statistics(), slots.statistics(), slots.concurrency
+        if (lent.running or lent.waiting) and (
+            limit is None or (engine.running < limit and not engine.waiting)
+        ):
+            await slots.acquire()  # the lent slot is taken, an engine slot free at once
+            return self
+        await self._lent.acquire()  # never in the engine's queue (see the class docs)
+        slots._held[task] = 1
+        slots._borrowed[task] = self
+        return self
 
     async def __aexit__(
         self,
@@ -205,7 +182,7 @@ class LentSlot:
         self._slots.release(task_id())
 
     def __repr__(self) -> str:
-        return f"LentSlot(free={self._free!r}, waiting={len(self._waiters)}, of={self._slots!r})"
+        return f"LentSlot(lent={self._lent!r}, of={self._slots!r})"
 
 
 _limiters: weakref.WeakKeyDictionary[Engine, PoolLimiter] = weakref.WeakKeyDictionary()
