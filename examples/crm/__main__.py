@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -73,7 +74,12 @@ async def demo_devflow(scale: float) -> None:
         print(f"dev server answered {response.status_code}; letting the watchers run 0.3 s")
         await asyncio.sleep(0.3)
         print(running.timeline.to_text())
-    print("stopped: every process group received SIGTERM, in reverse order")
+    watchers = [name for name, _, _ in devflow.WATCHERS]
+    codes = {name: running[name].returncode for name in ("dev_server", *watchers)}
+    stops = {span.name: span for span in running.timeline if span.kind == "stop"}
+    last = all(stops["dev_server"].start >= stops[name].end for name in watchers)
+    print(f"stopped: exit codes {codes} (-{int(signal.SIGTERM)}: SIGTERM)")
+    print(f"the dev server stopped after every watcher had stopped: {last}")
 
 
 async def demo_webhook(db: Any) -> None:
@@ -101,12 +107,16 @@ async def demo_payment(db: Any, scale: float) -> None:
     _, row, _ = await payment.process_payment_seed_gather(
         "pay_seed", 1999, stripe=stripe, webhooks=hooks, sessions=db.sessions
     )
-    print(f"the playbook's single gather recorded {row!r}: the charge id is lost (a race)")
+    verdict = "the charge id is lost (a race)" if row.stripe_charge_id is None else "no race"
+    print(f"the playbook's single gather recorded {row!r}: {verdict}")
     result = await payment.process_payment(
         "pay_flow", 1999, stripe=stripe, webhooks=hooks, sessions=db.sessions
     )
     print(f"Flow recorded {result['record']!r}")
-    print(result.timeline.to_text())
+    tl = result.timeline
+    waited = tl["record"].start >= tl["charge"].end and tl["notify"].start >= tl["charge"].end
+    print(f"record and notify started after the charge ended: {waited}")
+    print(tl.to_text())
 
 
 async def demo_bulk(db: Any) -> None:
@@ -140,7 +150,10 @@ async def demo_startup(scale: float) -> None:
             response = await client.get(f"{running['http']}/health")
         print(f"GET {running['http']}/health -> {response.status_code} {response.json()['status']}")
         print(running.timeline.to_text())
-    print(f"ideal (critical path) at this scale: {startup.critical_path(scale) * 1000:.0f} ms")
+        ready = max(s.end for s in running.timeline if s.kind in ("start", "ready"))
+        took = (ready - min(s.start for s in running.timeline)) * 1000
+    ideal = startup.critical_path(scale) * 1000
+    print(f"every service ready after {took:.0f} ms; ideal (critical path): {ideal:.0f} ms")
 
 
 async def main(names: list[str], scale: float, database: str | None = None) -> None:

@@ -169,11 +169,25 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve_http(app: Any, sock: socket.socket) -> AsyncIterator[Any]:
-    """Serve ``app`` with uvicorn on a bound socket until the generator is closed."""
+def _loaded_config(app: Any) -> Any:
+    """A uvicorn config for ``app``, loaded now.
+
+    Loading imports uvicorn's protocol modules: tens of milliseconds of blocking work
+    the first time. Done before the start, it does not hold up the services that
+    start next to the http server (they share its event loop).
+    """
     import uvicorn
 
     config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
+    config.load()
+    return config
+
+
+async def serve_http(app: Any, sock: socket.socket) -> AsyncIterator[Any]:
+    """Serve ``app`` (or a ``uvicorn.Config``) on a bound socket until the generator is closed."""
+    import uvicorn
+
+    config = app if isinstance(app, uvicorn.Config) else _loaded_config(app)
     server = uvicorn.Server(config)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve, [sock])
@@ -222,9 +236,11 @@ def build_orchestrator(
             ]
         )
 
+        config = _loaded_config(app)  # now, not while the other services start
+
         @orch.service(ready=pk.probes.http(f"http://{host}:{bound}/ready"), timeout=10)
         async def http() -> AsyncIterator[str]:
-            async for _server in serve_http(app, sock):
+            async for _server in serve_http(config, sock):
                 yield f"http://{host}:{bound}"
 
     @orch.service
