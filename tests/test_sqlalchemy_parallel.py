@@ -15,7 +15,7 @@ import anyio.lowlevel
 import pytest
 from examples.crm import Company, Contact, Conversation
 from sqlalchemy import Engine, Integer, String, create_engine, event, func, select, text
-from sqlalchemy.exc import InvalidRequestError
+from sqlalchemy.exc import InvalidRequestError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -500,6 +500,42 @@ async def test_slots_are_reentrant_per_task() -> None:
         assert await pk.map(nested, range(4), limit=pool_limiter(engine)) == [0, 2, 4, 6]
         assert await pk.map(nested, range(4), limit=4) == [0, 2, 4, 6]
     assert pool_limiter(engine).statistics().running == 0
+    await engine.dispose()
+
+
+async def test_a_session_in_a_slot_holding_task_takes_and_gives_back_without_a_frame() -> None:
+    engine = create_async_engine("sqlite+aiosqlite://", poolclass=StaticPool)  # one slot
+    sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+    slots = pool_limiter(engine)
+    with anyio.fail_after(30):
+        async with slots, sessions() as session:  # the service's block
+            # the first call takes the task's slot re-entrantly: the method's own coroutine
+            call = session.execute(text("SELECT 1"))
+            assert call.cr_code is AsyncSession.execute.__code__  # type: ignore[attr-defined]
+            assert (await call).scalar_one() == 1
+            assert slots.statistics().running == 1  # one slot, taken twice by one task
+            later = session.scalar(text("SELECT 2"))  # in the transaction: no frame either
+            assert later.cr_code is AsyncSession.scalar.__code__  # type: ignore[attr-defined]
+            assert await later == 2
+            await session.commit()  # gives the session's turn back, the block's stays
+            assert slots.statistics().running == 1
+            with pytest.raises(OperationalError):  # a first call that fails: taken all the same
+                await session.execute(text("SELECT * FROM no_such_table"))
+        assert slots.statistics().running == 0  # close and the block gave everything back
+        # a session that outlives the block: its own turn still holds the slot until commit
+        session = sessions()
+        async with slots:
+            await session.execute(text("SELECT 3"))
+        assert slots.statistics().running == 1
+        await session.commit()
+        assert slots.statistics().running == 0
+        # no block: the first call waits for a slot of its own (the slow path)
+        call = session.execute(text("SELECT 4"))
+        assert call.cr_code is not AsyncSession.execute.__code__  # type: ignore[attr-defined]
+        assert (await call).scalar_one() == 4
+        assert slots.statistics().running == 1
+        await session.close()
+        assert slots.statistics().running == 0
     await engine.dispose()
 
 

@@ -5,6 +5,11 @@
 "around every call that uses the session's state or connection". The wrappers
 call the next class in the MRO, so the two compose:
 ``class MySession(GuardedAsyncSession, LimitedAsyncSession): ...``.
+
+A wrapper is a plain function that returns the awaitable ``around`` returns: a
+hook with nothing to do for a call (a session already holding its pool slot)
+returns the next method's own coroutine, and the call costs no coroutine frame
+of ours (each would be resumed at every ``await`` inside the method).
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ _METHODS = (
 )
 RELEASING = frozenset(("close", "invalidate", "reset"))  # give the connection back
 
+#: ``around(self, name, next_method, args, kwargs)``: called (not awaited) by the
+#: wrapper; returns what the caller awaits.
 Around = Callable[
     [Any, str, Callable[..., Awaitable[Any]], tuple[Any, ...], dict[str, Any]], Awaitable[Any]
 ]
@@ -59,7 +66,7 @@ def _wrapper(
     cls: type[AsyncSession], name: str, method: Callable[..., Any], around: Around
 ) -> Callable[..., Awaitable[Any]]:
     @functools.wraps(method)
-    async def wrapped(self: AsyncSession, *args: Any, **kwargs: Any) -> Any:
-        return await around(self, name, getattr(super(cls, self), name), args, kwargs)
+    def wrapped(self: AsyncSession, *args: Any, **kwargs: Any) -> Awaitable[Any]:
+        return around(self, name, getattr(super(cls, self), name), args, kwargs)
 
     return wrapped

@@ -83,6 +83,16 @@ class PoolLimiter:
         self._held[task] = depth + 1
         return task
 
+    def reenter(self) -> int | None:
+        """Take a slot without waiting if the current task holds one (re-entrant): the
+        holder, as :meth:`acquire` returns it; ``None`` if the task holds none."""
+        task = task_id()
+        depth = self._held.get(task)
+        if not depth:
+            return None
+        self._held[task] = depth + 1
+        return task
+
     def release(self, holder: int) -> None:
         """Give back a slot taken by :meth:`acquire` (``holder`` is what it returned)."""
         depth = self._held.pop(holder) - 1
@@ -268,8 +278,11 @@ class LimitedAsyncSession(AsyncSession):
 
     Limits: the slot follows the session's own methods; a transaction ended by
     ``async with session.begin():`` keeps its slot until the session's next
-    call or ``close()``. A session that is never closed gives its slot back
-    when it is garbage-collected, as SQLAlchemy does with its connection.
+    call or ``close()``, and so does a call made in a task that already holds a
+    slot (``async with pool_limiter(engine):`` around the session: the call
+    takes it re-entrantly, without waiting) that began no transaction. A
+    session that is never closed gives its slot back when it is
+    garbage-collected, as SQLAlchemy does with its connection.
     """
 
     # no __slots__: it composes with GuardedAsyncSession (two slotted bases cannot)
@@ -280,12 +293,19 @@ class LimitedAsyncSession(AsyncSession):
         self._pk_slots: PoolLimiter | None = None
         self._pk_loop: asyncio.AbstractEventLoop | None = None
 
+    def _pk_limiter(self) -> PoolLimiter | None:
+        """The engine's limiter (``None``: no single engine bound, not limited)."""
+        slots = self._pk_slots
+        if slots is None and self.bind is not None:
+            slots = self._pk_slots = pool_limiter(self.bind)
+            self._pk_loop = asyncio.get_running_loop()
+        return slots
+
     async def _pk_take(self) -> None:
-        if self._pk_holder is None and self.bind is not None:
-            if self._pk_slots is None:
-                self._pk_slots = pool_limiter(self.bind)
-                self._pk_loop = asyncio.get_running_loop()
-            self._pk_holder = await self._pk_slots.acquire()
+        if self._pk_holder is None:
+            slots = self._pk_limiter()
+            if slots is not None:
+                self._pk_holder = await slots.acquire()
 
     def __del__(self) -> None:
         # never closed in a transaction: the pool takes its connection back when the
@@ -308,13 +328,42 @@ class LimitedAsyncSession(AsyncSession):
             self._pk_slots.release(holder)
 
 
-async def _limited(
+# the calls that may end the session's transaction (or give its connection back)
+_ENDING = RELEASING | {"commit", "rollback", "run_sync"}
+
+
+def _limited(
+    self: LimitedAsyncSession,
+    name: str,
+    call: Callable[..., Awaitable[Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Awaitable[Any]:
+    if name not in _ENDING:  # a call that cannot end the transaction
+        if self._pk_holder is not None:
+            if self.in_transaction():
+                # the slot is held: nothing to take, nothing to give back; the
+                # method's own coroutine, no frame of ours resumed at its awaits
+                return call(*args, **kwargs)
+        else:
+            slots = self._pk_limiter()
+            if slots is None:  # not limited
+                return call(*args, **kwargs)
+            holder = slots.reenter()
+            if holder is not None:  # the task holds a slot (``async with slots``)
+                self._pk_holder = holder  # given back at commit, rollback or close
+                return call(*args, **kwargs)
+    return _taking(self, name, call, args, kwargs)
+
+
+async def _taking(
     self: LimitedAsyncSession,
     name: str,
     call: Callable[..., Awaitable[Any]],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
+    """A call that may need a slot first, or may end the transaction (give it back)."""
     if name in RELEASING:
         try:
             return await call(*args, **kwargs)
