@@ -143,6 +143,38 @@ async def test_independent_steps_overlap() -> None:
     assert dict(result) == {"a": "a", "b": "b"}
 
 
+async def test_steps_ready_together_start_together_not_behind_a_siblings_work() -> None:
+    """Four steps ready at once all start within two scheduler passes, as in a task
+    group: not one after another, each behind whatever the previous one started (a
+    task that blocks the event loop, say, as a server's first config load does)."""
+    flow = pk.Flow()
+    started: list[str] = []
+    seen_by_a: list[set[str]] = []
+    done = anyio.Event()
+
+    @flow.step
+    async def a() -> None:
+        started.append("a")
+        for _ in range(2):
+            await anyio.lowlevel.checkpoint()
+            seen_by_a.append(set(started))
+        done.set()
+
+    def waiting(name: str) -> Any:
+        async def step() -> None:
+            started.append(name)
+            await done.wait()
+
+        step.__name__ = name
+        return step
+
+    for name in ("b", "c", "d"):
+        flow.step(waiting(name))
+    with anyio.fail_after(GUARD):
+        await flow.run()
+    assert seen_by_a[-1] == {"a", "b", "c", "d"}  # after a's second pass: every one
+
+
 async def test_a_step_starts_when_its_own_deps_finish_not_layer_by_layer() -> None:
     """``slow`` (layer 0) only finishes after ``after_fast`` (layer 1) has run."""
     flow = pk.Flow()

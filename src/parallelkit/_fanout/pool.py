@@ -23,10 +23,13 @@ costs. When the iterator stops, the worker awaits ``refill()``: ``True`` means
   iterator): take units one by one and start one worker for each, in the same
   scheduler pass, until the maximum or the end. ``map(fn, range(5),
   limit=200_000)`` starts 5 workers.
-* :meth:`Pool.kick` - "more work may be waiting": wake an idle worker or start
-  one, unless one is already on its way. A worker that finds work while more is
-  waiting kicks the next, so a unit that never suspends costs one coroutine call
-  (no task, no event), while units that suspend still all get started.
+* :meth:`Pool.kick` - "``n`` units may be waiting": make sure ``n`` workers are on
+  their way (started or woken, not yet at the source): wake idle ones, then start
+  new ones, up to the maximum. A source that can tell how many units are waiting
+  (the graph engine's ready queue) kicks for all of them at once, so each starts
+  in the same scheduler pass, as in a task group, never behind the work another
+  unit started; one that cannot (an async iterable) kicks for one, and the worker
+  that takes it kicks for the next.
 
 **Fail-fast** (default): the first exception out of a unit (or out of the source)
 wins; it is kept in :attr:`Pool.error`, the pool's task group is cancelled and
@@ -81,13 +84,13 @@ class Pool:
 
     __slots__ = (
         "_call",
+        "_coming",
         "_idle",
         "_max",
         "_refill",
         "_sink",
         "_tg",
         "_units",
-        "_waking",
         "error",
         "workers",
     )
@@ -109,7 +112,7 @@ class Pool:
         self._refill = refill
         self._tg: Any = None
         self._idle: deque[anyio.Event] | None = None  # made by the first park
-        self._waking = False
+        self._coming = 0  # workers started or woken that have not reached the source yet
         self.error: BaseException | None = None
         """The first failure (fail-fast), once there is one."""
         self.workers = 0
@@ -140,6 +143,7 @@ class Pool:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             self.workers += 1
+            self._coming += 1
             await self._work(leave)
         self._tg = None
         if self.error is not None:
@@ -168,22 +172,29 @@ class Pool:
             self._units = itertools.chain(pulled, self._units)
             count = len(pulled)
         self.workers += count
+        self._coming += count
         start = self._tg.start_soon
         for _ in range(count):
             start(self._work)
 
-    def kick(self) -> None:
-        """More work may be waiting: wake an idle worker or start one (see module docs)."""
-        if self._waking or self._tg is None:  # one is on its way, or the pool is done
+    def kick(self, waiting: int = 1) -> None:
+        """``waiting`` units may be waiting: have as many workers on their way (those
+        already coming count), idle ones woken first, up to the maximum (module docs)."""
+        tg = self._tg
+        need = waiting - self._coming
+        if need <= 0 or tg is None:  # enough on their way, or the pool is done
             return
         idle = self._idle
-        if idle:
-            self._waking = True
+        while idle and need:
+            self._coming += 1
             idle.popleft().set()
-        elif self._max is None or self.workers < self._max:
-            self._waking = True
+            need -= 1
+        limit = self._max
+        while need and (limit is None or self.workers < limit):
             self.workers += 1
-            self._tg.start_soon(self._work)
+            self._coming += 1
+            tg.start_soon(self._work)
+            need -= 1
 
     async def park(self) -> None:
         """Wait (in ``refill``) until :meth:`kick` or :meth:`release` wakes this worker."""
@@ -193,12 +204,13 @@ class Pool:
             idle = self._idle = deque()
         idle.append(event)
         await event.wait()
-        self._waking = False
+        self._coming -= 1
 
     def release(self) -> None:
         """Wake every idle worker (the source is done: they will find nothing and exit)."""
         idle = self._idle
         while idle:
+            self._coming += 1
             idle.popleft().set()
 
     def fail(self, exc: BaseException) -> None:
@@ -213,7 +225,7 @@ class Pool:
         worker, :meth:`run_here`): when the source has nothing now, free the slot and
         call it instead of waiting in ``refill``."""
         call, sink, units, refill = self._call, self._sink, self._units, self._refill
-        self._waking = False
+        self._coming -= 1
         try:
             # Fail-fast: once a unit has failed, no worker takes another one. A worker
             # whose unit ended in the same tick as the failure (cancellation reaches it

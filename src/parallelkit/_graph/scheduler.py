@@ -40,10 +40,11 @@ class Run(Iterator[Unit]):
     How it schedules: a dependency counter per node and one ready queue, the
     source of the one worker :class:`~parallelkit._fanout.pool.Pool`. A worker that
     finishes a node releases its dependents into the queue and takes the next one
-    itself; if more are waiting it kicks the pool, which wakes (or starts) **one**
-    helper, which on waking takes one and kicks the next. So a step that never
-    suspends costs one coroutine call, with no task, event or context switch, while
-    steps that do suspend still all get started. The pool never has more workers
+    itself; if more are waiting it kicks the pool for all of them, which wakes (or
+    starts) a worker for each at once: nodes ready together start in the same
+    scheduler pass, as in a task group, never each behind what the previous one
+    started. A worker goes on with the next ready node when its own ends, so a node
+    that never suspends costs one coroutine call. The pool never has more workers
     than ``limit`` (and than nodes). While only one node is ready (a chain, the head
     of a graph), it is awaited in the caller's task with no pool at all; from the
     first fork on, the caller is the pool's first worker. A worker that finds the
@@ -275,10 +276,10 @@ class Run(Iterator[Unit]):
             raise StopIteration
         item = ready.popleft()
         self._waiting -= 1
-        if ready:  # more waiting: one helper more (it kicks the next)
+        if ready:  # more waiting: a worker on its way for each (they start together)
             pool = self._pool
             assert pool is not None
-            pool.kick()
+            pool.kick(len(ready))
         return item, item
 
 
