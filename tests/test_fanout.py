@@ -412,6 +412,24 @@ async def test_gather_settle() -> None:
     assert b == pk.Outcome.success(7)
 
 
+async def test_settle_runs_each_item_under_the_worker_itself_not_a_wrapper() -> None:
+    """Settle mode costs no coroutine frame per item between the worker and the item
+    (such a frame is resumed at every await of the item); outcomes as in fail-fast."""
+    callers: list[str] = []
+
+    async def item(x: int) -> int:
+        callers.append(sys._getframe(1).f_code.co_name)
+        await anyio.lowlevel.checkpoint()
+        if x == 1:
+            raise ValueError(x)
+        return x
+
+    outcomes = await pk.map(item, range(3), settle=True)
+    assert [o.value for o in outcomes if o.ok] == [0, 2]
+    assert isinstance(outcomes[1].error, ValueError)
+    assert callers == ["_work"] * 3
+
+
 async def test_settle_does_not_swallow_caller_cancellation() -> None:
     probe = Probe()
     finished = False

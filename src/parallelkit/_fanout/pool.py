@@ -88,6 +88,7 @@ class Pool:
         "_idle",
         "_max",
         "_refill",
+        "_settle",
         "_sink",
         "_tg",
         "_units",
@@ -105,7 +106,8 @@ class Pool:
         settle: bool = False,
         refill: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
-        self._call = _settling(call) if settle else call
+        self._call = call
+        self._settle = settle
         self._units = units
         self._sink = sink
         self._max = max_workers
@@ -231,9 +233,21 @@ class Pool:
             # whose unit ended in the same tick as the failure (cancellation reaches it
             # only at its next await) stops here instead of starting one that never
             # awaits, and a worker started just before the failure takes none.
+            settle = self._settle
             while self.error is None:
                 for key, arg in units:
-                    sink[key] = await call(arg)
+                    if not settle:
+                        sink[key] = await call(arg)
+                    else:  # here, not in a wrapper: a frame resumed at each of its awaits
+                        try:
+                            value = Outcome(await call(arg), None)
+                        except Exception as exc:
+                            value = Outcome(None, exc)
+                        except BaseException as exc:
+                            if not is_stray_cancellation(exc):
+                                raise
+                            value = Outcome(None, exc)
+                        sink[key] = value
                     if self.error is not None:  # set while it awaited (mypy sees None)
                         return  # type: ignore[unreachable]
                 if leave is not None:
@@ -248,22 +262,6 @@ class Pool:
             if not is_failure(exc):  # as is by run(), not wrapped by the task group
                 raise
             self.fail(exc)
-
-
-def _settling(call: Callable[[Any], Awaitable[Any]]) -> Callable[[Any], Awaitable[Outcome[Any]]]:
-    """Settle mode: ``call`` whose exception becomes an ``Outcome`` (never raised)."""
-
-    async def settled(arg: Any) -> Outcome[Any]:
-        try:
-            return Outcome(await call(arg), None)
-        except Exception as exc:
-            return Outcome(None, exc)
-        except BaseException as exc:
-            if not is_stray_cancellation(exc):
-                raise
-            return Outcome(None, exc)
-
-    return settled
 
 
 @final
