@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 import pytest
 import redis.asyncio as aredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 import parallelkit as pk
 from parallelkit._core.limiter import SupportsLimit
@@ -140,6 +141,45 @@ async def test_leases_are_renewed_while_held(r: aredis.Redis, prefix: str) -> No
     assert limiter.statistics().lost_leases == 0
 
 
+async def test_a_slot_is_renewed_while_its_holder_waits_for_the_rate(
+    r: aredis.Redis, prefix: str
+) -> None:
+    clock = FakeTimer()  # frozen: the second start is 100 s away, only renewals see it move
+    limiter = RedisLimiter(
+        r, "both", concurrency=1, rate=0.01, lease=0.3, poll=0.01, prefix=prefix, clock=clock
+    )
+    other = RedisLimiter(r, "both", concurrency=1, lease=0.3, poll=0.01, prefix=prefix, clock=clock)
+    holders = f"{prefix}:limiter:{{both}}:holders"
+    async with limiter:
+        pass  # the first start; the next one is 100 s away
+    entered = anyio.Event()
+
+    async def use() -> None:
+        async with limiter:  # takes the only slot, then waits for its start
+            entered.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(use)
+        with anyio.fail_after(30):
+            while await r.zcard(holders) != 1:
+                await anyio.sleep(0.005)
+        for _ in range(3):  # three lease lengths on the shared clock, each bridged by a renewal
+            before = await r.zrange(holders, 0, -1, withscores=True)
+            clock.now += 0.2
+            with anyio.fail_after(30):
+                while await r.zrange(holders, 0, -1, withscores=True) == before:
+                    await anyio.sleep(0.01)
+        with anyio.move_on_after(0.1) as scope:
+            async with other:
+                pytest.fail("the waiting holder's renewed lease must still hold the only slot")
+        assert scope.cancelled_caught
+        assert not entered.is_set()
+        tg.cancel_scope.cancel()
+    assert await r.zcard(holders) == 0  # the cancelled waiter gave its slot back
+    stats = limiter.statistics()
+    assert (stats.held, stats.lost_leases) == (0, 0)
+
+
 async def test_lost_lease_is_counted_not_raised(r: aredis.Redis, prefix: str) -> None:
     limiter = RedisLimiter(r, "lost", concurrency=1, lease=0.2, prefix=prefix)
     async with limiter:
@@ -159,10 +199,10 @@ async def test_rate_spaces_starts_globally(
     delays: list[float] = []
     reserve = RedisLimiter._reserve
 
-    async def recording(self: RedisLimiter) -> float:
-        delay = await reserve(self)
-        delays.append(delay)
-        return delay
+    async def recording(self: RedisLimiter) -> Any:
+        turn = await reserve(self)
+        delays.append(turn.delay)
+        return turn
 
     monkeypatch.setattr(RedisLimiter, "_reserve", recording)
     starts = 0
@@ -177,6 +217,34 @@ async def test_rate_spaces_starts_globally(
     assert starts == 20
     # one global schedule: the 20 starts got the 20 consecutive slots 10 ms apart
     assert sorted(round(d, 6) for d in delays) == [round(k * 0.01, 6) for k in range(20)]
+
+
+async def test_waiters_cancelled_before_their_start_give_it_back(
+    r: aredis.Redis, prefix: str
+) -> None:
+    clock = FakeTimer()  # frozen: the reservations are 1 s apart on the shared clock
+    limiter = RedisLimiter(r, "turns", rate=1, prefix=prefix, clock=clock)
+    rate_key = f"{prefix}:limiter:{{turns}}:rate"
+    async with limiter:
+        pass  # the first start: the next one is 1 s away
+    one_start = f"{(clock.now + 1) * 1000:.3f}".encode()
+    assert await r.get(rate_key) == one_start
+
+    async def wait_for_a_start() -> None:
+        async with limiter:
+            pytest.fail("cancelled before its start")
+
+    async with anyio.create_task_group() as tg:  # as a fail-fast map cancels its items
+        for _ in range(10):
+            tg.start_soon(wait_for_a_start)
+        ten_more = f"{(clock.now + 11) * 1000:.3f}".encode()
+        with anyio.fail_after(30):
+            while await r.get(rate_key) != ten_more:  # all ten reserved a start
+                await anyio.sleep(0.005)
+        tg.cancel_scope.cancel()  # in any order: the later ones may go first
+    # none of the ten started: the next caller of any process waits 1 s, not 11 s
+    assert await r.get(rate_key) == one_start
+    assert await r.exists(f"{rate_key}:holes") == 0
 
 
 async def test_cancelled_waiter_gives_its_slot_back(r: aredis.Redis, prefix: str) -> None:
@@ -226,6 +294,35 @@ async def test_a_renewal_redis_refuses_is_logged_and_the_holder_finishes(
     assert finished
     assert "ReadOnlyError" in caplog.text
     assert limiter.statistics().held == 0
+
+
+async def test_a_slot_is_given_back_while_another_callers_outage_opened_the_circuit(
+    r: aredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limiter = RedisLimiter(r, "blip", concurrency=1, lease=30, retry_after=60, prefix=prefix)
+    holders = f"{prefix}:limiter:{{blip}}:holders"
+    send = r.execute_command
+    blip = False
+
+    async def resetting(*args: Any, **options: Any) -> Any:
+        nonlocal blip
+        if blip and args[0] == "EVALSHA":
+            blip = False
+            msg = "Connection reset by peer"
+            raise RedisConnectionError(msg)
+        return await send(*args, **options)
+
+    monkeypatch.setattr(r, "execute_command", resetting)
+    async with limiter:
+        assert await r.zcard(holders) == 1
+        blip = True  # one reset connection: this acquire is served by the fallback,
+        async with limiter:  # and the circuit stays open for retry_after
+            assert limiter.statistics().fallbacks == 1
+    # the slot Redis gave the outer hold is back in Redis, not held by nobody for 30 s
+    assert await r.zcard(holders) == 0
+    with anyio.fail_after(5):
+        async with RedisLimiter(r, "blip", concurrency=1, poll=0.01, prefix=prefix):
+            pass
 
 
 async def test_body_errors_pass_through_and_release(r: aredis.Redis, prefix: str) -> None:

@@ -10,8 +10,9 @@ from typing import Any
 import anyio
 import pytest
 import redis.asyncio as aredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from parallelkit.redis import LockLost, LockNotAcquired, RedisLock, RedisUnavailable
+from parallelkit.redis import LockLost, LockNotAcquired, RedisLock, RedisUnavailable, _lease
 
 from .redis_helpers import (
     LostReply,
@@ -188,6 +189,53 @@ async def test_renewals_redis_refuses_lose_the_lock_at_its_ttl_with_the_error_as
             await anyio.sleep_forever()  # cancelled once the lock is lost
     assert refused.refused >= 2  # tried again until the ttl ran out, not raised at once
     assert type(info.value.__cause__).__name__ == "ReadOnlyError"
+
+
+class LeaseTime:
+    """``anyio`` as ``parallelkit.redis._lease`` sees it, on a clock that moves only when
+    that module sleeps or a test moves it: the lease's deadlines without real waits."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def current_time(self) -> float:
+        return self.now
+
+    async def sleep(self, delay: float) -> None:
+        self.now += max(delay, 0.0)
+        await anyio.lowlevel.checkpoint()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(anyio, name)
+
+
+async def test_a_lock_redis_cannot_renew_is_lost_when_its_ttl_ends_not_later(
+    r: aredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = LeaseTime()
+    monkeypatch.setattr(_lease, "anyio", clock)
+    lock = RedisLock(r, "job", ttl=3, prefix=prefix)
+    send = r.execute_command
+    tries: list[float] = []
+
+    async def partitioned(*args: Any, **options: Any) -> Any:
+        if args[0] == "EVALSHA" and args[1] == lock._scripts.renew.sha:
+            tries.append(clock.now)
+            clock.now += 0.4  # each renewal fails after 0.4 s (a timeout, a partition)
+            msg = "Connection reset by peer"
+            raise RedisConnectionError(msg)
+        return await send(*args, **options)
+
+    monkeypatch.setattr(r, "execute_command", partitioned)
+    with pytest.raises(LockLost) as info:
+        async with lock:
+            await anyio.sleep_forever()  # cancelled once the lock is lost
+    # Redis drops the key at the latest 3 s after the acquire was sent (at 0): from
+    # then on another process may hold the lock, so this body must be over by then
+    assert clock.now == pytest.approx(3.0)
+    assert tries == pytest.approx([1.0, 2.4])  # each try before the end; none after it
+    assert isinstance(info.value.__cause__, RedisConnectionError)
+    assert await r.get(lock.key) is not None  # (the test's partition: Redis still has it)
 
 
 async def test_release_only_by_the_holder(r: aredis.Redis, prefix: str) -> None:

@@ -7,6 +7,7 @@ worker process is killed in teardown (see ``taskiq_helpers.processes.Workers``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
@@ -583,6 +584,39 @@ async def test_redelivery_when_the_stream_is_quiet(redis_url: str, tmp_path: Pat
             assert results == items
     finally:
         await tasks.broker.shutdown()
+        drop_keys(redis_url, queue)
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_a_dead_workers_message_behind_many_live_ones_is_reclaimed(redis_url: str) -> None:
+    """XAUTOCLAIM from the start of the pending list looks at only 10 x count entries
+    per call: behind 11 messages live workers still run (not idle), a dead worker's
+    message was never taken over. The broker finds idle messages wherever they are."""
+    from redis.asyncio import Redis
+
+    queue = _queue()
+    broker = pkt.redis_broker(redis_url, queue=queue, idle_timeout=60, poll=0.05)
+    client = Redis.from_url(redis_url)
+    await broker.startup()  # creates the stream's consumer group
+    try:
+        for i in range(11):
+            await client.xadd(queue, {b"data": f"live {i}".encode()})
+        await client.xreadgroup("parallelkit", "live", {queue: ">"}, count=11)
+        dead = await client.xadd(queue, {b"data": b"dead"})
+        await client.xreadgroup("parallelkit", "dead", {queue: ">"}, count=1)
+        # its worker died two minutes ago: the message has been idle since
+        await client.xclaim(queue, "parallelkit", "dead", 0, [dead], idle=120_000)
+        with anyio.fail_after(10):
+            async with contextlib.aclosing(broker.listen()) as messages:
+                message = await anext(messages)
+        assert message.data == b"dead"
+        pending = await client.xpending_range(queue, "parallelkit", "-", "+", 100)
+        owners = Counter(entry["consumer"].decode() for entry in pending)
+        assert owners == {"live": 11, broker.consumer_name: 1}  # the live ones stay put
+    finally:
+        await broker.shutdown()
+        await client.aclose()
         drop_keys(redis_url, queue)
 
 

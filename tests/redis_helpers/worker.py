@@ -133,10 +133,10 @@ async def rate(r: aredis.Redis, args: argparse.Namespace) -> dict[str, Any]:
     delays = f"{args.prefix}:delays"
     reserve = RedisLimiter._reserve
 
-    async def recording(self: RedisLimiter) -> float:
-        delay = await reserve(self)
-        await r.rpush(delays, repr(delay))
-        return delay
+    async def recording(self: RedisLimiter) -> Any:
+        turn = await reserve(self)
+        await r.rpush(delays, repr(turn.delay))
+        return turn
 
     RedisLimiter._reserve = recording  # type: ignore[method-assign]
 

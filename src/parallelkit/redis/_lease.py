@@ -84,35 +84,55 @@ def renewal_failed(what: str, exc: Exception) -> None:
 
 
 async def keep_renewed(
-    guard: Guard, ttl: float, renew: Callable[[], Awaitable[object]], *, what: str
+    guard: Guard,
+    ttl: float,
+    renew: Callable[[], Awaitable[object]],
+    *,
+    what: str,
+    since: float | None = None,
 ) -> tuple[str, BaseException | None]:
     """Renew a lease every ``ttl / 3`` until it is lost; return why it was lost.
 
     ``renew()`` returns a truthy reply while the lease is still ours. A renewal
     that fails (an outage, or an error Redis answers with, such as ``READONLY``
     from a demoted primary: logged) is tried again at the next period as long as
-    the lease is still valid; each try is bounded by what is left of it (at
-    least ``ttl / 3``, and at most the guard's ``command_timeout``).
+    the lease is still valid. The lease is valid for ``ttl`` from when the command
+    that took (or last renewed) it was *sent* (``since``; default: now), as Redis
+    cannot have started its ``ttl`` earlier. After a failure nothing runs past
+    that end: the next try comes at the next period or at the end, whichever is
+    first, and is bounded by what is left of the lease; when the end comes first,
+    the lease is lost then, not a period (and a ``command_timeout``) later, when
+    another process may hold it already. The first try after a success is
+    bounded by what is left of the lease, but at least ``ttl / 3`` (a process
+    that ran late still asks: Redis says whether the lease is still ours), and
+    at most the guard's ``command_timeout``.
 
     Args:
         what: the lease's owner, for the log (``"RedisLock 'job'"``).
+        since: when the command that took the lease was sent (anyio's clock).
 
     Returns:
         ``("taken", None)`` (Redis says the lease is gone or someone else's), or
         ``("unreachable", error)`` (no renewal succeeded for a whole ``ttl``;
         ``error``: the last failure).
     """
-    valid_until = anyio.current_time() + ttl
+    valid_until = (anyio.current_time() if since is None else since) + ttl
+    error: BaseException | None = None  # the last failure since the last success
     while True:
-        await anyio.sleep(ttl / 3)
+        pause = ttl / 3
+        if error is not None:  # failing: never wait past the lease's end
+            pause = min(pause, valid_until - anyio.current_time())
+        await anyio.sleep(pause)
         started = anyio.current_time()
-        # bounded by what is left of the lease, but long enough to find out even
-        # when this process ran late (then Redis says whether the lease is still ours)
-        limit = max(valid_until - started, ttl / 3)
+        if error is not None and started >= valid_until:
+            return "unreachable", error
+        limit = valid_until - started
+        if error is None:
+            limit = max(limit, ttl / 3)
         try:
             ok = await guard.call("renew", renew(), force=True, timeout=limit)
         except Exception as exc:  # Down (an outage), or Redis refused the command
-            error: BaseException = exc
+            error = exc
             if isinstance(exc, Down):
                 error = exc.cause
             else:
@@ -123,6 +143,7 @@ async def keep_renewed(
         if not ok:
             return "taken", None
         valid_until = started + ttl
+        error = None
 
 
 @final
@@ -160,6 +181,7 @@ class Lease:
         "_renewals",
         "_scripts",
         "_shared",
+        "_since",
         "_timeout",
         "_token",
         "_ttl",
@@ -196,6 +218,7 @@ class Lease:
         self._fence: int | None = None
         self._owner = OwnedTaskGroup(self._owner_name)
         self._lost = False
+        self._since = 0.0  # when the command that took it was sent (anyio's clock)
         # while ``renewals`` runs (its owner is entered) it renews this lease: no task
         # of its own (a lease that must cancel its body when lost keeps its own task)
         self._renewals = None if cancel_on_loss else renewals
@@ -254,9 +277,11 @@ class Lease:
         deadline = None if self._timeout is None else anyio.current_time() + self._timeout
         waited = False
         while True:
+            sent = anyio.current_time()  # Redis starts the ttl after this
             reply = await self._attempt(token, ttl_ms)
             if reply > 0:
                 self._token, self._fence, self._lost = token, reply, False
+                self._since = sent
                 return
             if not self._blocking:
                 msg = f"lock {self._name!r} is held by another holder (blocking=False)"
@@ -313,6 +338,7 @@ class Lease:
             self._ttl,
             lambda: self._scripts.renew(keys=[self._key], args=[token, ttl_ms]),
             what=self._owner_name,
+            since=self._since,
         )
         self._lost = True
         if not self._cancel_on_loss:

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import anyio
 from redis.asyncio import Redis
@@ -27,67 +27,13 @@ from .._core.limiter import Limiter, validate_rate
 from .._core.owned import OwnedTaskGroup
 from ._common import jittered, new_token, validate_client
 from ._lease import keep_renewed
+from ._limiter_scripts import ACQUIRE, RENEW, RESERVE, UNRESERVE
 from ._outage import Down, Guard
 
 __all__ = ["RedisLimiter", "RedisLimiterStatistics"]
 
 FailMode = Literal["open", "closed", "local"]
 _FAIL_MODES: tuple[FailMode, ...] = ("local", "open", "closed")
-
-# `now` in ms: the caller's clock when it passes one (the last ARGV), else Redis TIME
-_NOW_MS = """
-local now = tonumber(ARGV[#ARGV])
-if not now then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-end
-"""
-# KEYS[1] holders zset (token -> lease expiry, ms); ARGV[1] token, ARGV[2] limit,
-# ARGV[3] lease (ms). Returns 0 when the slot is taken, else ms until a lease ends.
-# Leases end by their scores; the key itself expires a minute after the last one
-# (its garbage collection, independent of the clock the scores use).
-_ACQUIRE = (
-    _NOW_MS
-    + """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local lease = tonumber(ARGV[3])
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], math.ceil(lease) + 60000)
-  return 0
-end
-local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-local wait = math.ceil(tonumber(first[2]) - now)
-if wait < 1 then wait = 1 end
-return wait
-"""
-)
-# KEYS[1] holders; ARGV[1] token, ARGV[2] lease (ms). 1 if the lease was still held.
-_RENEW = (
-    _NOW_MS
-    + """
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
-local lease = tonumber(ARGV[2])
-redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
-redis.call('PEXPIRE', KEYS[1], math.ceil(lease) + 60000)
-return 1
-"""
-)
-# KEYS[1] the GCRA "theoretical arrival time" (ms); ARGV[1] interval (ms), ARGV[2]
-# burst. Reserves the next start; returns how long to wait for it (ms, a string).
-_RESERVE = (
-    _NOW_MS
-    + """
-local interval = tonumber(ARGV[1])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local start = tat - (tonumber(ARGV[2]) - 1) * interval
-if start < now then start = now end
-local new_tat = tat + interval
-redis.call('SET', KEYS[1], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now) + 1000)
-return string.format('%.3f', start - now)
-"""
-)
 
 #: The slowest global rate: a start every 10**9 s (31.7 years); far slower ones overflow Redis.
 MIN_RATE = 1e-9
@@ -116,6 +62,14 @@ class RedisLimiterStatistics:
     redis_errors: int
     fallbacks: int
     lost_leases: int
+
+
+class _Turn(NamedTuple):
+    """A reserved start: the wait for it (seconds), and how to give it back."""
+
+    delay: float
+    before: bytes
+    after: bytes
 
 
 @final
@@ -211,6 +165,7 @@ class RedisLimiter:
         "_guard",
         "_holders_key",
         "_holds",
+        "_holes_key",
         "_interval_ms",
         "_lease",
         "_local",
@@ -222,6 +177,7 @@ class RedisLimiter:
         "_redis",
         "_renew_script",
         "_reserve_script",
+        "_unreserve_script",
         "_waiting",
     )
 
@@ -264,10 +220,12 @@ class RedisLimiter:
         base = f"{prefix}:limiter:{{{name}}}"  # hash tag: one cluster slot per limiter
         self._holders_key = f"{base}:holders"
         self._rate_key = f"{base}:rate"
+        self._holes_key = f"{base}:rate:holes"
         self._interval_ms = 1000.0 / self._rate if self._rate is not None else 0.0
-        self._acquire_script = redis.register_script(_ACQUIRE)
-        self._renew_script = redis.register_script(_RENEW)
-        self._reserve_script = redis.register_script(_RESERVE)
+        self._acquire_script = redis.register_script(ACQUIRE)
+        self._renew_script = redis.register_script(RENEW)
+        self._reserve_script = redis.register_script(RESERVE)
+        self._unreserve_script = redis.register_script(UNRESERVE)
         self._holds: dict[int, list[_Hold]] = {}
         self._waiting = 0
         self._fallbacks = 0
@@ -324,7 +282,8 @@ class RedisLimiter:
         """The scripts' last argument: our clock in ms, or "" for Redis TIME."""
         return "" if self._clock is None else repr(self._clock() * 1000)
 
-    async def _take_slot(self) -> str:
+    async def _take_slot(self) -> tuple[str, float]:
+        """A slot's token, and when the script that took it was sent (anyio's clock)."""
         token = new_token()
         assert self._concurrency is not None
         lease_ms = round(self._lease * 1000)
@@ -333,37 +292,57 @@ class RedisLimiter:
             while True:
                 args: list[float | str] = [token, self._concurrency, lease_ms, self._now()]
                 command = self._acquire_script(keys=[self._holders_key], args=args)
+                sent = anyio.current_time()
                 try:
                     wait_ms = int(await self._guard.call("acquire", command))
-                except BaseException:
+                except BaseException as exc:
                     # cancelled (or timed out) with the reply on its way: the script may
                     # have taken the slot, which nobody would give back before ``lease``
                     with contextlib.suppress(Exception):  # raise the acquire's error
-                        await self._give_back(token)
+                        await self._give_back(token, force=not isinstance(exc, Down))
                     raise
                 if wait_ms == 0:
-                    return token
+                    return token, sent
                 await anyio.sleep(jittered(min(self._poll, wait_ms / 1000)))
         finally:
             self._waiting -= 1
 
-    async def _reserve(self) -> float:
-        """Reserve the next start; return the seconds to wait for it."""
+    async def _reserve(self) -> _Turn:
+        """Reserve the next start: the seconds to wait for it, and how to give it back."""
         args: list[float | str] = [self._interval_ms, self._burst, self._now()]
         command = self._reserve_script(keys=[self._rate_key], args=args)
-        return float(await self._guard.call("reserve", command)) / 1000
+        delay, before, after = await self._guard.call("reserve", command)
+        return _Turn(float(delay) / 1000, bytes(before), bytes(after))
 
-    async def _give_back(self, token: str) -> None:
-        # shielded, and bounded (a free connection included): else the lease expires
+    async def _unreserve(self, turn: _Turn) -> None:
+        """Give back a start its caller will not take (shielded, bounded, as a slot)."""
+        limit = self._lease if self._guard.timeout is None else self._guard.timeout
+        with anyio.move_on_after(limit, shield=True):
+            try:
+                args: list[bytes | str] = [turn.before, turn.after, self._now()]
+                command = self._unreserve_script(keys=[self._rate_key, self._holes_key], args=args)
+                await self._guard.call("unreserve", command, force=True, timeout=limit)
+            except Down:
+                pass  # the start stays taken: later callers wait one interval longer
+
+    async def _give_back(self, token: str, *, force: bool) -> None:
+        """Give the slot of ``token`` back in Redis.
+
+        Shielded, and bounded (a free connection included): else the lease expires.
+        ``force``: even while the guard's circuit is open (a slot Redis gave us is
+        given back there, or every process would be a slot short for ``lease``
+        seconds after one failed command of another caller); not when the caller's
+        own command just found Redis down.
+        """
         limit = self._lease if self._guard.timeout is None else self._guard.timeout
         with anyio.move_on_after(min(limit, self._lease), shield=True):
             try:
                 command = self._redis.zrem(self._holders_key, token)
-                await self._guard.call("release", command, timeout=self._lease)
+                await self._guard.call("release", command, force=force, timeout=self._lease)
             except Down:
                 pass  # the lease expires on its own
 
-    async def _renew_forever(self, token: str) -> None:
+    async def _renew_forever(self, token: str, since: float) -> None:
         lease_ms = round(self._lease * 1000)
         await keep_renewed(
             self._guard,
@@ -372,23 +351,36 @@ class RedisLimiter:
                 keys=[self._holders_key], args=[token, lease_ms, self._now()]
             ),
             what=f"RedisLimiter {self._name!r}",
+            since=since,
         )
         self._lost += 1  # counted; the holder finishes its work regardless
 
     async def _acquire_redis(self) -> _Hold:
-        token: str | None = None
+        hold = _Hold(None, local=False)
         if self._concurrency is not None:
-            token = await self._take_slot()
-        try:
-            if self._rate is not None:
-                delay = await self._reserve()
-                if delay > 0:
-                    await anyio.sleep(delay)
-        except BaseException:
-            if token is not None:
-                await self._give_back(token)
-            raise
-        return _Hold(token, local=False)
+            token, since = await self._take_slot()
+            # renewed from now on: the wait for the rate below may outlast the lease
+            owner = OwnedTaskGroup(f"a hold of {self!r}")
+            try:
+                tg = await owner.enter()
+                tg.start_soon(self._renew_forever, token, since, name="RedisLimiter renewal")
+            except BaseException:
+                await self._give_back(token, force=True)
+                raise
+            hold.token, hold.owner = token, owner
+        if self._rate is not None:
+            try:
+                turn = await self._reserve()
+                if turn.delay > 0:
+                    try:
+                        await anyio.sleep(turn.delay)
+                    except BaseException:
+                        await self._unreserve(turn)  # a start that never happened
+                        raise
+            except BaseException as exc:
+                await self._let_go(hold, type(exc), exc, exc.__traceback__)
+                raise
+        return hold
 
     async def _acquire(self) -> _Hold:
         try:
@@ -410,15 +402,6 @@ class RedisLimiter:
     # -- async with -------------------------------------------------------------------
     async def __aenter__(self) -> Self:
         hold = await self._acquire()
-        if hold.token is not None:
-            owner = OwnedTaskGroup(f"a hold of {self!r}")
-            try:
-                tg = await owner.enter()
-                tg.start_soon(self._renew_forever, hold.token, name="RedisLimiter renewal")
-            except BaseException:
-                await self._give_back(hold.token)
-                raise
-            hold.owner = owner
         self._holds.setdefault(task_id(), []).append(hold)
         return self
 
@@ -436,6 +419,16 @@ class RedisLimiter:
         hold = stack.pop()
         if not stack:
             del self._holds[task]
+        return await self._let_go(hold, exc_type, exc, tb)
+
+    async def _let_go(
+        self,
+        hold: _Hold,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        """Stop the hold's renewal and give its slot back."""
         try:
             if hold.owner is not None:  # stop the renewal
                 return bool(await hold.owner.exit(exc_type, exc, tb, cancel=True))
@@ -444,4 +437,4 @@ class RedisLimiter:
             if hold.local:
                 self._local.release()
             elif hold.token is not None:
-                await self._give_back(hold.token)
+                await self._give_back(hold.token, force=not isinstance(exc, Down))

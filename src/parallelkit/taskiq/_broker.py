@@ -6,6 +6,7 @@ process imports to be configured like the producers.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 import traceback
@@ -209,7 +210,8 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
 
     The stream broker acknowledges a message only when the worker is done with it;
     a message a dead worker had taken stays *pending* and is taken over by another
-    worker with ``XAUTOCLAIM`` once it has been idle for ``idle_timeout`` ms. The
+    worker (``XPENDING ... IDLE``, then ``XCLAIM``) once it has been idle for
+    ``idle_timeout`` ms, wherever it is in the pending list. The
     upstream ``listen`` runs ``XAUTOCLAIM`` only right after it has read *new*
     messages, so when the stream is quiet (the producer waits for exactly those
     lost items, or they were the last ones) nothing is ever reclaimed. This
@@ -268,21 +270,38 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
                     continue
                 last_claim = time.monotonic()
                 for stream in streams:
-                    while True:
-                        reply: Any = await conn.xautoclaim(
-                            stream,
-                            self.consumer_group_name,
-                            self.consumer_name,
-                            min_idle_time=self.idle_timeout,
-                            count=self.unacknowledged_batch_size,
-                        )
-                        claimed = [(i, f) for i, f in reply[1] if f]
-                        for msg_id, fields in claimed:
+                    async with contextlib.aclosing(self._reclaim(conn, stream)) as reclaimed:
+                        async for msg_id, fields in reclaimed:
                             yield AckableMessage(
                                 data=fields[b"data"], ack=self._ack_generator(msg_id, stream)
                             )
-                        if not claimed:
-                            break
+
+    async def _reclaim(self, conn: Redis, stream: Any) -> AsyncGenerator[tuple[Any, Any], None]:
+        """Take over ``stream``'s messages idle for ``idle_timeout``, a batch at a time.
+
+        ``XPENDING ... IDLE`` finds them wherever they are in the group's pending
+        list: ``XAUTOCLAIM`` from the start looks at only ``10 * count`` entries per
+        call, so behind that many messages live workers are still running, a dead
+        worker's messages were never found. ``XCLAIM`` with the same idle time then
+        takes each only if no other worker took it meanwhile. Runs only while the
+        worker asks for messages (a generator): it never takes more than it runs.
+        """
+        group, batch = self.consumer_group_name, self.unacknowledged_batch_size
+        while True:
+            pending: Any = await conn.xpending_range(
+                stream, group, min="-", max="+", count=batch, idle=self.idle_timeout
+            )
+            if not pending:
+                return
+            ids = [entry["message_id"] for entry in pending]
+            reply: Any = await conn.xclaim(
+                stream, group, self.consumer_name, min_idle_time=self.idle_timeout, message_ids=ids
+            )
+            for msg_id, fields in reply:
+                if fields:  # (Redis drops a message trimmed away from the stream)
+                    yield msg_id, fields
+            # every id asked for left the idle ones: taken (here or by another worker,
+            # which reset its idle time) or dropped, so the next XPENDING moves on
 
 
 class _ResultBackend(_OneClient, RedisAsyncResultBackend):  # type: ignore[type-arg]

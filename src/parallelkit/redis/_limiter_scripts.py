@@ -1,0 +1,100 @@
+"""The Lua scripts of :class:`~parallelkit.redis.RedisLimiter`: slots (leases in a
+sorted set) and the start rate (GCRA), each one atomic step in Redis."""
+
+from __future__ import annotations
+
+__all__ = ["ACQUIRE", "RENEW", "RESERVE", "UNRESERVE"]
+
+# `now` in ms: the caller's clock when it passes one (the last ARGV), else Redis TIME
+NOW_MS = """
+local now = tonumber(ARGV[#ARGV])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+"""
+# KEYS[1] holders zset (token -> lease expiry, ms); ARGV[1] token, ARGV[2] limit,
+# ARGV[3] lease (ms). Returns 0 when the slot is taken, else ms until a lease ends.
+# Leases end by their scores; the key itself expires a minute after the last one
+# (its garbage collection, independent of the clock the scores use).
+ACQUIRE = (
+    NOW_MS
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local lease = tonumber(ARGV[3])
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], math.ceil(lease) + 60000)
+  return 0
+end
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+local wait = math.ceil(tonumber(first[2]) - now)
+if wait < 1 then wait = 1 end
+return wait
+"""
+)
+# KEYS[1] holders; ARGV[1] token, ARGV[2] lease (ms). 1 if the lease was still held.
+RENEW = (
+    NOW_MS
+    + """
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then return 0 end
+local lease = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], math.ceil(lease) + 60000)
+return 1
+"""
+)
+# KEYS[1] the GCRA "theoretical arrival time" (ms); ARGV[1] interval (ms), ARGV[2]
+# burst. Reserves the next start; returns how long to wait for it (ms), and the
+# time before and after this reservation (what UNRESERVE needs), all strings.
+RESERVE = (
+    NOW_MS
+    + """
+local interval = tonumber(ARGV[1])
+local before = redis.call('GET', KEYS[1]) or ''
+local tat = tonumber(before) or 0
+if tat < now then tat = now end
+local start = tat - (tonumber(ARGV[2]) - 1) * interval
+if start < now then start = now end
+local new_tat = tat + interval
+local after = string.format('%.3f', new_tat)
+redis.call('SET', KEYS[1], after, 'PX', math.ceil(new_tat - now) + 1000)
+return {string.format('%.3f', start - now), before, after}
+"""
+)
+# KEYS[1] the arrival time, KEYS[2] the holes (after -> before); ARGV[1] before,
+# ARGV[2] after (as RESERVE returned them). Gives back a start that will not happen
+# (its caller was cancelled while it waited), as the in-process Limiter does: the
+# last reservation is undone at once (with any given back before it that it was
+# waiting behind); one with later reservations still standing is kept as a hole
+# until those are given back too. 1 if undone, 0 if kept as a hole.
+UNRESERVE = (
+    NOW_MS
+    + """
+if redis.call('GET', KEYS[1]) == ARGV[2] then
+  local tat = ARGV[1]
+  while tat ~= '' do
+    local earlier = redis.call('HGET', KEYS[2], tat)
+    if not earlier then break end
+    redis.call('HDEL', KEYS[2], tat)
+    tat = earlier
+  end
+  if tat == '' or tonumber(tat) <= now then
+    redis.call('DEL', KEYS[1])
+  else
+    redis.call('SET', KEYS[1], tat, 'PX', math.ceil(tonumber(tat) - now) + 1000)
+  end
+  return 1
+end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
+if redis.call('HLEN', KEYS[2]) > 64 then
+  local holes = redis.call('HGETALL', KEYS[2])
+  for i = 1, #holes, 2 do
+    if tonumber(holes[i]) <= now then redis.call('HDEL', KEYS[2], holes[i]) end
+  end
+end
+local left = redis.call('PTTL', KEYS[1])
+if left > 0 then redis.call('PEXPIRE', KEYS[2], left) end
+return 0
+"""
+)
