@@ -32,7 +32,7 @@ import math
 import ssl
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import anyio
 import anyio.abc
@@ -50,6 +50,9 @@ from ._core.check import (
 __all__ = ["Probe", "call", "http", "tcp"]
 
 CheckFn = Callable[[Any], Awaitable["str | None"]]
+
+#: what the request target keeps as it is: printable ASCII (others are %-encoded)
+_TARGET_SAFE = "".join(map(chr, range(0x21, 0x7F)))
 
 
 @final
@@ -245,9 +248,27 @@ def http(
     limit = number("request_timeout", request_timeout)
     host = parts.hostname
     tls = parts.scheme == "https"
-    port = parts.port or (443 if tls else 80)
-    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        explicit_port = parts.port
+    except ValueError as exc:  # "Port out of range 0-65535", naming no argument
+        msg = f"url must have a port in 1..65535 ({exc}), got {url!r}"
+        raise ValueError(msg) from None
+    if explicit_port == 0:  # else taken for "no port": the scheme's default
+        msg = f"url must have a port in 1..65535, got {url!r}"
+        raise ValueError(msg)
+    port = explicit_port or (443 if tls else 80)
+    # a path or query with spaces or non-ASCII text is sent %-encoded (UTF-8), as
+    # browsers and HTTP clients do; a non-ASCII host name in its IDNA form
+    target = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), _TARGET_SAFE)
     host_header = parts.netloc.rpartition("@")[2]
+    if not host_header.isascii():
+        try:
+            host_header = host.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            msg = f"url must have a valid host name ({exc}), got {url!r}"
+            raise ValueError(msg) from None
+        if explicit_port is not None:
+            host_header += f":{explicit_port}"
     request = (
         f"GET {target} HTTP/1.1\r\nHost: {host_header}\r\n"
         "User-Agent: parallelkit-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n"

@@ -35,6 +35,7 @@ __all__ = ["ManagedProcess", "OutputSink", "RestartPolicy", "process_lifetime"]
 RestartPolicy = Literal["no", "on-failure", "always"]
 RESTART_POLICIES: tuple[RestartPolicy, ...] = ("no", "on-failure", "always")
 TAIL_LINES = 20  # lines of output a ProcessError shows
+MAX_LINE = 65536  # bytes: a longer line (a progress bar redrawn with \r) is emitted in pieces
 Output = Literal["stdout", "logging"] | Callable[[str, str, str], object]
 
 _COLOURS = ("36", "33", "32", "35", "34", "96", "93", "92", "95", "94")
@@ -109,6 +110,7 @@ class ManagedProcess:
     """
 
     __slots__ = (
+        "_group_gone",
         "_probing",
         "_process",
         "_pumps",
@@ -129,6 +131,9 @@ class ManagedProcess:
         self.tail: deque[str] = deque(maxlen=TAIL_LINES)
         self._process: anyio.abc.Process | None = None
         self._pumps: tuple[anyio.Event, ...] = ()
+        # the current process's group was killed after it exited: its id may be reused
+        # by an unrelated process group from then on, which must never get a signal
+        self._group_gone = False
         # the readiness wait in progress (see services.py): an exit for good ends it
         self._probing: anyio.CancelScope | None = None
 
@@ -167,19 +172,38 @@ async def _pump(
         tail.append(marker + line)
         sink.write(name, kind, line)
 
+    def emit_long(raw: bytes) -> bytes:
+        """Emit ``raw`` in pieces of at most MAX_LINE bytes while it is longer; the rest."""
+        while len(raw) > MAX_LINE:
+            cut = _utf8_boundary(raw, MAX_LINE)
+            emit(raw[:cut])
+            raw = raw[cut:]
+        return raw
+
     buffer = b""
     try:
         async for chunk in stream:
             buffer += chunk
             *lines, buffer = buffer.split(b"\n")
             for line in lines:
-                emit(line.rstrip(b"\r"))
+                emit(emit_long(line.rstrip(b"\r")))
+            # a line that never ends (a progress bar redrawn with \r, binary output)
+            # goes out in pieces: the buffer, and the work per chunk, stay bounded
+            buffer = emit_long(buffer)
     except (anyio.ClosedResourceError, anyio.BrokenResourceError):
         pass
     finally:
         if buffer:
             emit(buffer)
         done.set()
+
+
+def _utf8_boundary(data: bytes, limit: int) -> int:
+    """Where to cut ``data`` at most ``limit`` bytes in without splitting a UTF-8 character."""
+    cut = limit
+    while cut > limit - 3 and data[cut] & 0xC0 == 0x80:  # a continuation byte
+        cut -= 1
+    return cut
 
 
 @asynccontextmanager
@@ -208,7 +232,7 @@ async def process_lifetime(
     # runs would be missed by it and outlive the orchestrator
     spawn_lock = anyio.Lock()
 
-    async def spawn(tg: anyio.abc.TaskGroup) -> anyio.abc.Process:
+    async def open_() -> anyio.abc.Process:
         process = await anyio.open_process(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -221,6 +245,10 @@ async def process_lifetime(
         handle._process = process
         handle.pid = process.pid
         handle.returncode = None
+        handle._group_gone = False
+        return process
+
+    def attach(tg: anyio.abc.TaskGroup, process: anyio.abc.Process) -> anyio.abc.Process:
         assert process.stdout is not None
         assert process.stderr is not None
         handle._pumps = (anyio.Event(), anyio.Event())
@@ -237,6 +265,7 @@ async def process_lifetime(
                 return
             # reap the rest of the group: nothing it started may outlive it
             _killpg(process.pid, signal.SIGKILL)
+            handle._group_gone = True
             await _reap(handle, process)
             wanted = restart == "always" or (restart == "on-failure" and code != 0)
             if not wanted:
@@ -257,12 +286,15 @@ async def process_lifetime(
                     return
                 handle.restarts += 1
                 with anyio.CancelScope(shield=True):  # once spawned, it is registered
-                    process = await spawn(tg)
+                    process = attach(tg, await open_())
 
+    # spawned before the task group is entered: an OSError (no such command, a cwd
+    # that does not exist, not executable) comes out as itself, naming the path,
+    # not inside the task group's ExceptionGroup
+    first = await open_()
     async with anyio.create_task_group() as tg:
         try:
-            first = await spawn(tg)
-            tg.start_soon(supervise, tg, first)
+            tg.start_soon(supervise, tg, attach(tg, first))
             yield handle
         finally:
             stopping.set()
@@ -287,7 +319,9 @@ async def _terminate(handle: ManagedProcess, stop_timeout: float) -> None:
                 handle.name,
                 stop_timeout,
             )
-    _killpg(pgid, signal.SIGKILL)
+    if not handle._group_gone:  # else its id may belong to someone else by now
+        _killpg(pgid, signal.SIGKILL)
+        handle._group_gone = True
     handle.returncode = await process.wait()
     await _reap(handle, process)
 

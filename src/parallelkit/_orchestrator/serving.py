@@ -11,8 +11,10 @@ from __future__ import annotations
 import inspect
 import logging
 import signal
-from collections.abc import Callable
-from contextlib import AbstractAsyncContextManager
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager
+from typing import Any
 
 import anyio
 
@@ -34,13 +36,23 @@ async def serve_session(
 
     ``serve()``'s docstring says what a signal does; the errors it raises are
     ``start()``'s, each as itself (never in the watcher's ``ExceptionGroup``).
+
+    Raises:
+        RuntimeError: not in the main thread (only it can receive signals); checked
+            before any service starts.
     """
+    if threading.current_thread() is not threading.main_thread():
+        msg = (
+            "serve() must run in the main thread: only it can handle signals. In another "
+            "thread, use `async with orch.start():` and leave it to stop the services"
+        )
+        raise RuntimeError(msg)
     stop = anyio.Event()
     started = False
     ready_scope = anyio.CancelScope()  # an async on_ready runs in it: a signal cancels it
     error: Exception | None = None
     try:
-        with anyio.open_signal_receiver(*wanted) as received:
+        with _restoring_handlers(wanted), anyio.open_signal_receiver(*wanted) as received:
             async with anyio.create_task_group() as tg:
 
                 async def watch() -> None:
@@ -84,6 +96,29 @@ async def serve_session(
             raise
     if error is not None:
         raise error
+
+
+@contextmanager
+def _restoring_handlers(wanted: list[signal.Signals]) -> Iterator[None]:
+    """Put back the handlers that were installed before serve() once it is done.
+
+    anyio on asyncio leaves the defaults (``SIG_DFL``, Python's KeyboardInterrupt
+    handler) behind, not the handler the program had; trio restores it itself.
+    """
+    previous: dict[signal.Signals, Any] = {s: signal.getsignal(s) for s in wanted}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            # None: installed from C, which Python cannot put back; asyncio's own
+            # placeholder (loop.add_signal_handler): the loop forgot its callback
+            # when anyio replaced it, so putting it back would ignore the signal
+            if (
+                handler is not None
+                and getattr(handler, "__module__", None) != "asyncio.unix_events"
+                and signal.getsignal(signum) is not handler
+            ):
+                signal.signal(signum, handler)
 
 
 _UNCATCHABLE = frozenset(
