@@ -286,3 +286,58 @@ async def test_running_from_a_starlette_request() -> None:
         assert running_from(Request(scope)).get("db", str) == "sqlite"
     with pytest.raises(RuntimeError, match=r"lifespan=parallelkit\.asgi\.lifespan\(orch\)"):
         running_from(Request({"type": "http", "state": {}}))
+
+
+async def test_a_service_torn_down_after_a_crash_answers_503_never_its_value() -> None:
+    """A critical service crashing while uvicorn serves tears every service down; the
+    server goes on accepting requests, which must not get the disposed values."""
+    from fastapi import FastAPI
+
+    orch = pk.Orchestrator()
+    crash = anyio.Event()
+
+    @orch.service
+    async def db() -> AsyncIterator[Engine]:
+        engine = Engine("sqlite://")
+        yield engine
+        engine.disposed = True
+
+    @orch.service
+    async def worker(db: Engine) -> AsyncIterator[str]:
+        async def die() -> None:
+            await crash.wait()
+            raise RuntimeError("worker died")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(die)
+            yield "worker"
+
+    app = FastAPI(lifespan=lifespan(orch))
+
+    @app.get("/db")
+    async def get_db(engine: EngineDep) -> dict[str, object]:
+        return {"url": engine.url, "disposed": engine.disposed}
+
+    @app.get("/health")
+    async def health(state: RunningDep) -> dict[str, object]:
+        return {"status": state.health().status, "db": state.state("db")}
+
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical")
+    server = uvicorn.Server(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        with anyio.fail_after(20):  # failure-safes, not timing assertions
+            while not server.started:
+                await anyio.sleep(0.01)
+            port = server.servers[0].sockets[0].getsockname()[1]
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                assert (await client.get("/db")).json() == {"url": "sqlite://", "disposed": False}
+                crash.set()
+                while (await client.get("/health")).json()["db"] != "stopped":
+                    await anyio.sleep(0.01)
+                gone = await client.get("/db")
+                assert gone.status_code == 503
+                assert gone.json() == {"detail": "service 'db' is not available"}
+                after = (await client.get("/health")).json()
+                assert after == {"status": "failing", "db": "stopped"}
+        server.should_exit = True

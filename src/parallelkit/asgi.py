@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 from ._core.public import export
 from ._orchestrator.orchestrator import Orchestrator
-from ._orchestrator.running import Running
+from ._orchestrator.running import NotServed, Running
 
 __all__ = ["lifespan", "running", "running_from", "service"]
 
@@ -123,7 +123,10 @@ def service(service: str | Callable[..., Any], expected: type[Any] | None = None
     ``T`` for the type checker) or as a default (``db: Engine = service("db")``).
     The value is looked up per request in the lifespan's
     :class:`~parallelkit.Running`; a failed or skipped service gives the
-    ``KeyError`` of :meth:`Running.get <parallelkit.Running.get>`.
+    ``KeyError`` of :meth:`Running.get <parallelkit.Running.get>`. A service that
+    crashed, or was stopped (a critical service crashed while the server runs:
+    every service is torn down), answers the request with a **503** ("service
+    'db' is not available"), never with its torn-down value.
 
     Args:
         service: the service's name, or its decorated function.
@@ -175,7 +178,12 @@ def service(service: str | Callable[..., Any], expected: type[Any] | None = None
         name = service if isinstance(service, str) else getattr(service, "__name__", "service")
 
         def dependency(connection: Any) -> Any:
-            return running_from(connection)._lookup(service, expected)
+            try:
+                return running_from(connection)._lookup(service, expected, live=True)
+            except NotServed as exc:  # torn down: a 503, never its value
+                from starlette.exceptions import HTTPException
+
+                raise HTTPException(503, f"service {exc.name!r} is not available") from exc
 
         marker = _depends(dependency, f"parallelkit_service_{name}")
         if cached:

@@ -31,12 +31,32 @@ if TYPE_CHECKING:
 if sys.version_info < (3, 11):  # pragma: no cover
     pass  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["Health", "Running", "ServiceHealth"]
+__all__ = ["Health", "NotServed", "Running", "ServiceHealth"]
 
 T = TypeVar("T")
 logger = logging.getLogger("parallelkit.orchestrator")
 
 HealthStatus = Literal["ok", "degraded", "failing"]
+
+#: the states of a service whose value a request must not get: torn down, or tearing down
+_GONE = frozenset(("stopping", "stopped", "crashed"))
+
+
+class NotServed(LookupError):
+    """A request asked for a service that has stopped, is stopping or crashed.
+
+    Raised by the per-request lookup of :mod:`parallelkit.asgi` (``service(...)``),
+    which answers it with a 503: the value of a torn-down service (a disposed
+    engine, a closed client) must not reach a handler.
+    """
+
+    def __init__(self, name: str, state: str, crash: BaseException | None) -> None:
+        if state == "crashed":
+            super().__init__(f"service {name!r} crashed: {crash!r}")
+        else:
+            super().__init__(f"service {name!r} is {state}")
+        self.name = name
+        self.state = state
 
 
 @final
@@ -190,7 +210,9 @@ class Running:
         """
         return self._lookup(service, expected)
 
-    def _lookup(self, service: Callable[..., Any] | str, expected: type[Any] | None) -> Any:
+    def _lookup(
+        self, service: Callable[..., Any] | str, expected: type[Any] | None, *, live: bool = False
+    ) -> Any:
         if isinstance(service, str):
             name = service
         else:
@@ -199,6 +221,10 @@ class Running:
                 msg = f"{service!r} is not a service of this orchestrator"
                 raise KeyError(msg)
             name = found
+        if live:  # for a request: a service torn down (or tearing down) is not served
+            host = self._session.hosts.get(name)
+            if host is not None and host.state in _GONE:
+                raise NotServed(name, host.state, host.crash)
         value = self[name]
         if expected is not None:
             if not isinstance(expected, type):
