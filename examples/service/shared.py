@@ -23,7 +23,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any
 
@@ -160,7 +160,7 @@ class StatementCounter:
     or fault (a leak shows here).
     """
 
-    __slots__ = ("active", "count", "engine", "limiter", "requests")
+    __slots__ = ("active", "count", "engine", "limiter", "requests", "store")
 
     def __init__(self) -> None:
         self.count = 0
@@ -169,6 +169,8 @@ class StatementCounter:
         self.engine: AsyncEngine | None = None
         #: anything with ``statistics().running`` / ``.waiting`` (a pool limiter)
         self.limiter: Any = None
+        #: a cache store with a dataclass ``statistics()`` (a RedisStore), or None
+        self.store: Any = None
 
     def attach(self, engine: AsyncEngine) -> None:
         """Listen on ``engine``."""
@@ -180,14 +182,16 @@ class StatementCounter:
         event.listen(engine.sync_engine, "before_cursor_execute", counted)
 
     def at_rest(self) -> dict[str, Any]:
-        """``checked_out`` connections; ``slots``: ``{"running", "waiting"}`` or ``None``."""
+        """``checked_out`` connections; ``slots``: ``{"running", "waiting"}`` or ``None``;
+        ``store``: the cache store's statistics (timeouts, degraded reads...) or ``None``."""
         pool = self.engine.sync_engine.pool if self.engine is not None else None
         checked_out = pool.checkedout() if isinstance(pool, QueuePool) else 0
         slots = None
         if self.limiter is not None:
             stats = self.limiter.statistics()
             slots = {"running": stats.running, "waiting": stats.waiting}
-        return {"checked_out": checked_out, "slots": slots}
+        store = None if self.store is None else asdict(self.store.statistics())
+        return {"checked_out": checked_out, "slots": slots, "store": store}
 
 
 class CollectorTime:

@@ -171,6 +171,7 @@ def build_orchestrator(settings: Settings, counter: StatementCounter) -> pk.Orch
             # entered (below), it keeps a near cache: a hot key's hit costs no round trip
             store = RedisStore(redis, namespace=f"svc-{settings.server}", near_maxsize=CACHE_SIZE)
             near = store
+            counter.store = store  # GET /debug/stats: its errors, timeouts, near hits
             await store.clear()
         # jitter: the 2,000 conversations loaded together are refreshed apart, not in one burst
         cache = pk.SWRCache(fresh=settings.fresh, stale=settings.stale, store=store, jitter=0.1)
