@@ -232,8 +232,21 @@ def measure(
             # of the CPU: the time in Python's garbage collector, and its full collections
             "gc_per_request": (after["gc_seconds"] - before["gc_seconds"]) / served,
             "gc_full": after["gc_full"] - before["gc_full"],
+            # a RedisStore's commands that timed out and reads served from local memory
+            # instead (an outage, or an event loop too busy to read Redis's answers in time)
+            **_store_degraded(before.get("store"), after.get("store")),
         },
     )
+
+
+def _store_degraded(before: Any, after: Any) -> dict[str, int]:
+    """``store_timeouts`` / ``store_degraded`` in the window, for a server with a store."""
+    if not before or not after:
+        return {}
+    return {
+        "store_timeouts": after["timeouts"] - before["timeouts"],
+        "store_degraded": after["degraded"] - before["degraded"],
+    }
 
 
 def _servers(redis: str | None) -> list[Server]:

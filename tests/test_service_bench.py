@@ -62,6 +62,27 @@ def test_ratios_are_paired_per_round_and_targets_computed() -> None:
     assert row[-3].startswith("1.01 [0.91-1.11]")  # A/A req/s: twin / parallelkit
 
 
+def test_the_redis_store_target_counts_only_reads_served_by_redis() -> None:
+    """Cheaper than memory because it degraded to local memory is no result: a round
+    with timeouts or degraded reads fails the target that says so."""
+    from benchmarks.bench_service import REDIS, _store_degraded
+
+    assert _store_degraded(None, None) == {}
+    stats = {"timeouts": 2, "degraded": 5}
+    assert _store_degraded({"timeouts": 0, "degraded": 1}, stats) == {
+        "store_timeouts": 2,
+        "store_degraded": 4,
+    }
+    cells = [cell(PK, r, 100, 0.001) for r in range(2)]
+    cells += [cell(REDIS, r, 100, 0.001) for r in range(2)]
+    cells[2].extra.update(store_timeouts=0, store_degraded=0)
+    cells[3].extra.update(store_timeouts=1, store_degraded=3)
+    by_name = {t["target"]: t for t in summarize(cells, ["read"], [PK, REDIS])["targets"]}
+    assert by_name["read @16: CPU/request RedisStore / MemoryStore"]["met"] is True
+    degraded = by_name["read @16: RedisStore timeouts + reads degraded to local memory"]
+    assert (degraded["measured"], degraded["met"]) == (4, False)
+
+
 @pytest.mark.slow
 def test_the_benchmark_runs_end_to_end_over_http(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
