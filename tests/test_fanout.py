@@ -8,7 +8,7 @@ import itertools
 import math
 import sys
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import anyio.lowlevel
@@ -22,6 +22,21 @@ pytestmark = pytest.mark.anyio
 
 #: a stray CancelledError is told from a cancellation by Task.cancelling() (3.11+)
 STRAY_NEEDS = "Task.cancelling() is new in Python 3.11"
+
+
+async def stray_cancellation(seen: list[BaseException]) -> NoReturn:
+    """Await a future someone else cancelled (asyncio): the ``CancelledError`` that no
+    cancellation of this task caused; it is recorded in ``seen``, then raised."""
+    import asyncio
+
+    future = asyncio.get_running_loop().create_future()
+    future.cancel()
+    try:
+        await future
+    except asyncio.CancelledError as exc:
+        seen.append(exc)
+        raise
+    raise AssertionError  # pragma: no cover - a cancelled future raises
 
 
 def virtual_clock() -> pytest.MarkDecorator:
@@ -491,15 +506,7 @@ def _stray_cancellation(seen: list[BaseException]) -> Any:
     async def work(i: int) -> int:
         await anyio.lowlevel.checkpoint()
         if i == 1:
-            import asyncio
-
-            future = asyncio.get_running_loop().create_future()
-            future.cancel()
-            try:
-                await future
-            except asyncio.CancelledError as exc:
-                seen.append(exc)
-                raise
+            await stray_cancellation(seen)
         await anyio.lowlevel.checkpoint()
         return i
 

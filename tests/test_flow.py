@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import parallelkit as pk
 
-from .test_fanout import STRAY_NEEDS, live_tasks, virtual_clock
+from .test_fanout import STRAY_NEEDS, live_tasks, stray_cancellation, virtual_clock
 
 pytestmark = pytest.mark.anyio
 
@@ -918,13 +918,7 @@ async def test_a_step_raising_cancelled_error_by_itself_is_a_failure(where: str)
 
     async def cancelled_elsewhere() -> int:
         await anyio.lowlevel.checkpoint()
-        future = asyncio.get_running_loop().create_future()
-        future.cancel()
-        try:
-            return await future  # type: ignore[no-any-return]
-        except asyncio.CancelledError as exc:
-            seen.append(exc)
-            raise
+        await stray_cancellation(seen)
 
     async def fine() -> int:
         for _ in range(5):

@@ -37,6 +37,7 @@ import anyio
 from typing_extensions import Self, final
 
 from .._core import instrument
+from .._core.backend import is_stray_cancellation
 from .._core.check import async_callable, count, flag, number, returns_coroutine
 from .._core.owned import OwnedTaskGroup
 from .batch import MISSING, Batch, KeyFuture, asyncio_loop
@@ -84,7 +85,9 @@ class BatchLoader(Generic[K, V]):
     * If ``load_many`` itself raises, every caller of that batch gets **the same
       exception object**. A list of the wrong length, or a result that is neither
       a mapping nor a sequence, fails that batch's callers with a
-      :class:`ValueError` / :class:`TypeError` saying so: no caller hangs.
+      :class:`ValueError` / :class:`TypeError` saying so: no caller hangs. A
+      list is aligned with the keys *as given*: ``load_many`` that sorts its
+      ``keys`` in place and returns a list fails the same way (sort a copy).
     * ``cache=False`` (default) loads a key again in each new batch;
       ``cache=True`` memoizes successful values for the loader's lifetime (keys
       in flight are shared across batches too).
@@ -215,6 +218,8 @@ class BatchLoader(Generic[K, V]):
 
         ``future``, if given, is resolved with the key's outcome when the batch ends.
         """
+        if self._batch is None or self._cache:
+            _check_hashable(key)  # before any state: a bad key opens no (empty) batch
         self._requests += 1
         if self._cache:
             known = self._memo.get(key)
@@ -351,9 +356,8 @@ class BatchLoader(Generic[K, V]):
         try:
             frozenset(keys)  # hashes every key
         except TypeError:
-            bad = next(key for key in keys if _unhashable(key))
-            msg = f"keys must be hashable, got {type(bad).__name__} {bad!r}"
-            raise TypeError(msg) from None
+            for key in keys:
+                _check_hashable(key, "keys")
         batches = [(key, self._enqueue(key)) for key in keys]
         led = list({id(b): b for _, b in batches if b.lead}.values())
         if led:
@@ -401,7 +405,10 @@ class BatchLoader(Generic[K, V]):
             await self._run(batch)
         finally:
             if not batch.finished:  # cancelled before the call: never leave callers hanging
+                self._close(batch)  # no load joins a finished batch
                 batch.error = RuntimeError("BatchLoader was closed before this batch ran")
+                if self._cache:  # nor is this error memoized
+                    self._forget_failures(list(batch.keys), batch)
                 batch.finish(self._default)
 
     async def _run(self, batch: Batch) -> None:
@@ -411,29 +418,47 @@ class BatchLoader(Generic[K, V]):
         hook = instrument.current
         if hook is not None:
             hook.batch(len(keys))
+        given = keys.copy()  # load_many's own: sorting it cannot misalign the values
         try:
-            result = await self._load_many(keys)
-            if batch.plain and type(result) is list and len(result) == len(keys):
-                # nobody reads batch.values (memo batches are never plain)
+            result = await self._load_many(given)
+            if (
+                batch.plain
+                and type(result) is list
+                and len(result) == len(keys)
+                and (result is given or given == keys)
+            ):  # nobody reads batch.values (memo batches are never plain)
                 batch.aligned = result
             else:
-                batch.values = self._align(keys, result)
+                batch.values = self._align(keys, result, given)
         except Exception as exc:
             batch.error = exc
             batch.keep_traceback(exc)
-        except BaseException:
-            msg = "BatchLoader was closed before this batch finished"
-            batch.error = RuntimeError(msg)
-            raise
+        except BaseException as exc:
+            if not is_stray_cancellation(exc):
+                msg = "BatchLoader was closed before this batch finished"
+                batch.error = RuntimeError(msg)
+                raise
+            # asyncio: load_many awaited a future cancelled elsewhere. Its failure: let
+            # through, the task group would cancel the loader's `async with` body
+            batch.error = exc
+            batch.keep_traceback(exc)
         finally:
             if self._cache:
                 self._forget_failures(keys, batch)
             batch.finish(self._default)
 
-    def _align(self, keys: list[Any], result: object) -> Mapping[Any, Any]:
+    def _align(self, keys: list[Any], result: object, given: list[Any]) -> Mapping[Any, Any]:
+        """``result`` as a mapping; ``given`` is the list ``load_many`` got (a copy of ``keys``)."""
         if isinstance(result, Mapping):
             return result
         if isinstance(result, Sequence) and not isinstance(result, (str, bytes)):
+            if result is not given and given != keys:
+                msg = (
+                    "load_many changed the list of keys it was given (sorted or edited it in "
+                    "place) and returned a list: a list result must be aligned with the keys "
+                    "in the order given; sort a copy, or return a mapping"
+                )
+                raise ValueError(msg)
             if len(result) != len(keys):
                 msg = (
                     f"load_many returned {len(result)} values for {len(keys)} keys; a list "
@@ -463,9 +488,10 @@ class BatchLoader(Generic[K, V]):
         )
 
 
-def _unhashable(key: object) -> bool:
+def _check_hashable(key: object, name: str = "key") -> None:
+    """Raise a :class:`TypeError` naming ``key`` if it cannot be hashed."""
     try:
         hash(key)
     except TypeError:
-        return True
-    return False
+        msg = f"{name} must be hashable, got {type(key).__name__} {key!r}"
+        raise TypeError(msg) from None

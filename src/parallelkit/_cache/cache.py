@@ -130,7 +130,8 @@ class SWRCache:
         max_backoff: the cap for that wait (at least ``backoff``).
         on_error: ``on_error(key, exc)`` for every failed refresh that no caller
             received; default: a warning on the ``parallelkit.cache`` logger with
-            the key.
+            the key. (On asyncio, a ``CancelledError`` the loader raised by itself,
+            having awaited a future cancelled elsewhere, is a failed load too.)
         clock: a zero-argument function returning seconds. Default: the store's
             ``clock`` if it has one, else :func:`time.monotonic`, which is what
             ``anyio.current_time()`` returns on asyncio but costs 0.05 µs instead

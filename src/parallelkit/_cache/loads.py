@@ -28,7 +28,7 @@ import time
 import warnings
 from collections.abc import Callable, Hashable
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import cachetools
 from typing_extensions import final
@@ -61,7 +61,7 @@ class _Failure(NamedTuple):
 
     failures: int  # consecutive failed refreshes (0: a failed miss load, kept for error_ttl)
     until: float  # no refresh before then / the error is re-raised until then
-    error: Exception | None  # the failed miss load's error (error_ttl), else None
+    error: BaseException | None  # the failed miss load's error (error_ttl), else None
     traceback: TracebackType | None = None  # that error's, as its load raised it
 
 
@@ -362,11 +362,15 @@ class Loads:
         self.refresh_errors += 1
         before = self._failed.get(key)
         failures = (before.failures if before is not None else 0) + 1
-        delay = min(self._backoff * 2 ** (failures - 1), self._max_backoff)
+        try:
+            delay = min(self._backoff * 2 ** (failures - 1), self._max_backoff)
+        except OverflowError:  # 2 ** 1024 and up is no float: far past any cap
+            delay = self._max_backoff
         if flight.valid:
             self._failed[key] = _Failure(failures, self._front.clock() + delay, None)
         try:
-            self._on_error(key, error)
+            # an Exception, or (asyncio) a CancelledError the loader raised by itself
+            self._on_error(key, cast("Exception", error))
         except Exception:
             logger.exception("SWRCache: on_error raised for key %r", key)
 

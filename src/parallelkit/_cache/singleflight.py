@@ -15,7 +15,11 @@ A :class:`Flight` is the shared state of one load. Its work runs either
   is cancelled anyway, waiters see :attr:`Flight.cancelled` and start over.
 
 The work never raises an :class:`Exception` out of :meth:`run`: the outcome is
-kept on the flight (``ok``/``value``/``error``) and every waiter reads it.
+kept on the flight (``ok``/``value``/``error``) and every waiter reads it. Nor
+does it raise a ``CancelledError`` that no cancellation caused (asyncio: the
+loader awaited a future cancelled elsewhere): that is the load's failure, kept
+like any other; let through, the owner's task group would take it for a
+cancellation and cancel the cache's ``async with`` body.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 from typing_extensions import final
+
+from .._core.backend import is_stray_cancellation
 
 __all__ = ["Flight"]
 
@@ -60,7 +66,7 @@ class Flight:
         self.finished = False
         self.ok = False
         self.value: Any = None
-        self.error: Exception | None = None
+        self.error: BaseException | None = None  # an Exception, or a stray CancelledError
         self.traceback: TracebackType | None = None  # the error's, as the load raised it
 
     @property
@@ -74,6 +80,11 @@ class Flight:
             self.value = await work()
             self.ok = True
         except Exception as exc:  # handed to every waiter
+            self.error = exc
+            self.traceback = exc.__traceback__
+        except BaseException as exc:  # a stray CancelledError is the load's failure too
+            if not is_stray_cancellation(exc):
+                raise
             self.error = exc
             self.traceback = exc.__traceback__
         finally:
