@@ -7,14 +7,19 @@ out as itself, never wrapped in a ``BaseExceptionGroup`` by the task group.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import parallelkit as pk
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
 
 pytestmark = pytest.mark.anyio
 
@@ -57,3 +62,37 @@ async def test_a_cancellation_of_the_body_still_cancels(owner: str) -> None:
             scope.cancel()
             await anyio.sleep_forever()
     assert scope.cancelled_caught
+
+
+async def test_a_base_exception_from_an_owners_own_task_comes_out_as_itself() -> None:
+    """An owner's tasks hand ``Exception``s to whoever waits; a ``KeyboardInterrupt``-
+    like one they let through. It comes out of ``async with`` as itself (the backend's
+    task group wrapped it in a ``BaseExceptionGroup``); the body's error is its context."""
+    stop = Interrupt("load_many")
+
+    async def load_many(keys: Sequence[int]) -> list[int]:
+        await anyio.lowlevel.checkpoint()
+        raise stop
+
+    caught: BaseException | None = None
+    try:
+        async with pk.BatchLoader(load_many) as loader:
+            await loader.load(1)  # its batch dies with the loader: a RuntimeError here
+    except BaseException as exc:  # what came out is the point
+        caught = exc
+    assert caught is stop, f"{caught!r} came out"
+    assert isinstance(caught.__context__, RuntimeError)
+
+
+async def test_several_base_exceptions_from_an_owners_tasks_stay_a_group() -> None:
+    async def fail(name: str) -> None:
+        raise Interrupt(name)  # at once: a checkpoint first could see the other's cancel
+
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with pk.SWRCache(fresh=1, stale=2) as cache:
+            tg = cache._owner.tg
+            assert tg is not None
+            tg.start_soon(fail, "a")
+            tg.start_soon(fail, "b")
+            await anyio.sleep_forever()
+    assert sorted(str(e) for e in info.value.exceptions) == ["a", "b"]

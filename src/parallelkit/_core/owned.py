@@ -19,6 +19,7 @@ STYLE rule 5: background work (a cache's refreshes, a loader's batches, an
 
 from __future__ import annotations
 
+import sys
 from types import TracebackType
 
 import anyio
@@ -26,6 +27,9 @@ from anyio.abc import TaskGroup
 from typing_extensions import final
 
 from .backend import is_failure
+
+if sys.version_info < (3, 11):  # pragma: no cover - the backport anyio depends on there
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["OwnedTaskGroup", "leave"]
 
@@ -45,14 +49,33 @@ async def leave(
     for them), so an error from the body (an ``Exception``, and a
     ``KeyboardInterrupt``-like ``BaseException`` too) propagates **unchanged**, not
     wrapped in an ``ExceptionGroup`` by the backend; a cancellation goes through the
-    task group as usual.
+    task group as usual. The only errors the owner's tasks let through are
+    ``KeyboardInterrupt``-like ones (not ``Exception``s): one such comes out as
+    itself too, not in the backend's ``BaseExceptionGroup`` (several stay a group).
     """
     if cancel or exc is not None:
         tg.cancel_scope.cancel()
-    if exc is None or is_failure(exc):
-        await tg.__aexit__(None, None, None)
-        return None
-    return await tg.__aexit__(exc_type, exc, tb)
+    try:
+        if exc is None or is_failure(exc):
+            await tg.__aexit__(None, None, None)
+            return None
+        return await tg.__aexit__(exc_type, exc, tb)
+    except BaseExceptionGroup as group:
+        cancelled = anyio.get_cancelled_exc_class()
+        failures = [e for e in _leaves(group) if not isinstance(e, cancelled)]
+        if len(failures) != 1:
+            raise
+        only = failures[0]
+    # raised here, not in the handler: the group is not made its context (the body's
+    # error, if any, is: it is the one being handled)
+    raise only
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 @final
