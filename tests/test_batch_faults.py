@@ -186,17 +186,24 @@ async def sorts_then_maps(keys: list[int]) -> dict[int, str]:
 
 
 async def load_each(loader: pk.BatchLoader[int, str], keys: list[int]) -> list[object]:
+    """One task per key; the keys join the batch in the order given on every backend
+    (trio runs the tasks of one scheduler pass in any order)."""
     out: list[object] = [None] * len(keys)
+    turns = [anyio.Event() for _ in keys]
 
     async def one(i: int, key: int) -> None:
+        await turns[i].wait()
+        if i + 1 < len(keys):
+            turns[i + 1].set()  # the next one runs after this one has joined
         try:
-            out[i] = await loader.load(key)
+            out[i] = await loader.load(key)  # joins before its first checkpoint
         except Exception as exc:
             out[i] = exc
 
     async with anyio.create_task_group() as tg:
         for i, key in enumerate(keys):
             tg.start_soon(one, i, key)
+        turns[0].set()
     return out
 
 
@@ -207,7 +214,8 @@ async def test_a_list_result_for_keys_edited_in_place_fails_clearly(load_many: A
     on asyncio (one future per key) the values went to the wrong keys (key 3 got
     "v1") or the loader's task group crashed on an internal ``zip``; elsewhere the
     edited list was used."""
-    async with pk.BatchLoader(load_many) as loader:
+    # one batch of the three keys, however many scheduler passes they take to join
+    async with pk.BatchLoader(load_many, max_batch=3, window=60) as loader:
         for out in (await load_each(loader, [3, 1, 2]), await _gather_if_asyncio(loader)):
             assert all(isinstance(o, ValueError) for o in out), out
             assert "changed the list of keys it was given" in str(out[0])
