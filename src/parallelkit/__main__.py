@@ -8,13 +8,15 @@ on SIGINT / SIGTERM (a second one forces it).
 Exit codes: ``0`` after a signal-initiated stop, ``1`` when a service failed to
 start or crashed (or the target's own module or factory raised: its traceback is
 printed), ``2`` for a usage error (a malformed target, a module or attribute that
-does not exist, something that is not an Orchestrator, a bad option).
+does not exist, something that is not an Orchestrator nor a factory of one, a
+factory that is async or needs arguments, a bad option).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import logging
 import os
 import sys
@@ -42,7 +44,9 @@ def load(target: str) -> Orchestrator:
 
     Raises:
         UsageError: the target is malformed, its module or attribute does not exist,
-            or it is not an Orchestrator (nor a factory of one).
+            or it is not an Orchestrator (nor a factory of one: a plain function
+            called with no arguments; an async one, or one that needs arguments, is
+            refused before it is called).
         Exception: whatever the user's module or factory raised (not a usage error:
             its traceback is shown).
     """
@@ -69,11 +73,41 @@ def load(target: str) -> Orchestrator:
             raise UsageError(msg)
         obj = found
     if not isinstance(obj, Orchestrator) and callable(obj):
+        _check_factory(target, obj)
         obj = obj()  # a factory: what it raises is its own error
+        if inspect.iscoroutine(obj):
+            obj.close()  # never awaited: no "coroutine ... was never awaited" warning
+            msg = f"{target!r} returned a coroutine; {_FACTORY}"
+            raise UsageError(msg)
     if not isinstance(obj, Orchestrator):
         msg = f"{target!r} is {type(obj).__name__}, not a parallelkit.Orchestrator"
         raise UsageError(msg)
     return obj
+
+
+_FACTORY = "name an Orchestrator, or a plain (not async) function of no arguments that returns one"
+
+
+def _check_factory(target: str, factory: object) -> None:
+    """A usage error for a callable that cannot be called as ``factory()``."""
+    if inspect.iscoroutinefunction(factory) or inspect.isasyncgenfunction(factory):
+        msg = f"{target!r} is an async function; {_FACTORY}"
+        raise UsageError(msg)
+    try:
+        signature = inspect.signature(factory)  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # no signature to read (some builtins): just call it
+        return
+    try:
+        signature.bind()
+    except TypeError:
+        params = ", ".join(
+            name
+            for name, param in signature.parameters.items()
+            if param.default is param.empty
+            and param.kind not in (param.VAR_POSITIONAL, param.VAR_KEYWORD)
+        )
+        msg = f"{target!r} takes arguments ({params}); {_FACTORY}"
+        raise UsageError(msg) from None
 
 
 def _log_level(value: str) -> int | str:

@@ -9,6 +9,8 @@ finds the critical path: the dependency chain whose end set the total time.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -234,7 +236,7 @@ class Timeline:
         if not self._done:
             return lines[0]
         scale = width / total if total > 0 else 0.0
-        label = max(len(_label(s)) for s in self._done)
+        label = max(_columns(_label(s)) for s in self._done)
         for span in sorted(self._done, key=lambda s: (s.start, s.end)):
             q = round((span.queued - origin) * scale)
             a = round((span.start - origin) * scale)
@@ -242,7 +244,9 @@ class Timeline:
             bar = " " * q + "░" * (a - q) + "█" * (b - a)
             bar = bar[:width].ljust(width)
             times = f"{(span.start - origin) * 1000:8.1f} → {(span.end - origin) * 1000:8.1f} ms"
-            line = f"{_label(span):<{label}} |{bar}| {times}  {span.status}"
+            name = _label(span)
+            name += " " * (label - _columns(name))  # padded by the columns it fills
+            line = f"{name} |{bar}| {times}  {span.status}"
             lines.append(line.rstrip())
         path = self.critical_path()
         if path:
@@ -254,7 +258,9 @@ class Timeline:
         """A Mermaid ``gantt`` diagram (times in milliseconds from the run start).
 
         Spans on the critical path are tagged ``crit``; failed ones ``active``.
-        Paste it into a Markdown page that renders Mermaid.
+        Paste it into a Markdown page that renders Mermaid. A name that Mermaid
+        would read as a keyword (a step named ``title`` or ``call``) starts with
+        an entity code (``#116;itle``), which Mermaid shows as the name.
         """
         origin = self.origin
         crit = {id(s) for s in self.critical_path()}
@@ -280,7 +286,7 @@ class Timeline:
             start = round((span.start - origin) * 1000)
             end = max(round((span.end - origin) * 1000), start)
             tag = ", ".join([*tags, f"s{index}"])
-            lines.append(f"    {_mermaid_text(span.name)} :{tag}, {start}, {end}")
+            lines.append(f"    {_mermaid_task(span.name)} :{tag}, {start}, {end}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -309,7 +315,37 @@ def _label(span: Span) -> str:
     return span.name if span.kind == "step" else f"{span.name} ({span.kind})"
 
 
+def _columns(text: str) -> int:
+    """The terminal columns ``text`` fills: wide (East Asian) characters two,
+    combining marks none."""
+    if text.isascii():
+        return len(text)
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in text
+    )
+
+
 def _mermaid_text(text: str) -> str:
     for bad in (":", ";", "#", "\n"):
         text = text.replace(bad, "_")
+    return text
+
+
+# A task line that Mermaid's gantt lexer (case-insensitive; the first rule that
+# matches wins) would read as a statement: ``title :done, ...`` sets the title.
+_MERMAID_STATEMENT = re.compile(
+    r"(?:acctitle|accdescr)\s*:|(?:call|click)\s|(?:gantt|topaxis|inclusiveenddates)\b"
+    r"|(?:dateformat|axisformat|tickinterval|includes|excludes|todaymarker|weekday|title"
+    r"|accdescription)\s",
+    re.IGNORECASE,
+)
+
+
+def _mermaid_task(name: str) -> str:
+    """A task's text: a name that Mermaid would read as a keyword gets its first
+    character as a Mermaid entity code (``#116;itle``), which it shows as ``title``."""
+    text = _mermaid_text(name)
+    if _MERMAID_STATEMENT.match(f"{text} :"):
+        text = f"#{ord(text[0])};{text[1:]}"
     return text

@@ -31,6 +31,7 @@ from opentelemetry.trace import INVALID_SPAN, Status, StatusCode
 from opentelemetry.util.types import Attributes
 from typing_extensions import final
 
+from .._core.backend import is_failure
 from .._core.instrument import Call, GraphKind, NodeCall
 from .._graph.timeline import Span as TimelineSpan
 from .._graph.timeline import Timeline
@@ -86,6 +87,19 @@ def cancelled(span: trace.Span) -> None:
         span.set_attribute("parallelkit.cancelled", True)
     except Exception as error:
         report(error)
+
+
+def ended_by(span: trace.Span, exc: BaseException) -> bool:
+    """``exc`` ended ``span``'s work: a failure (an ``Exception``, a
+    ``KeyboardInterrupt``-like ``BaseException``, a stray ``CancelledError``: what the
+    engine and the pool treat as one) is recorded with ERROR; a cancellation marks
+    it ``parallelkit.cancelled``. Call it in the task that saw ``exc``. Returns
+    whether it was a failure (never raises)."""
+    if is_failure(exc):
+        fail(span, exc)
+        return True
+    cancelled(span)
+    return False
 
 
 def start(
@@ -146,8 +160,9 @@ class FanoutTrace:
             self.items += 1
             try:
                 return await call(arg)
-            except Exception:
-                self.failures += 1
+            except BaseException as exc:
+                if is_failure(exc):
+                    self.failures += 1
                 raise
 
         return counted
@@ -161,12 +176,9 @@ class FanoutTrace:
             token = otel_context.attach(trace.set_span_in_context(span))
             try:
                 return await call(arg)
-            except Exception as exc:
-                self.failures += 1
-                fail(span, exc)
-                raise
-            except BaseException:
-                cancelled(span)
+            except BaseException as exc:
+                if ended_by(span, exc):
+                    self.failures += 1
                 raise
             finally:
                 otel_context.detach(token)
@@ -196,10 +208,8 @@ class FanoutTrace:
         try:
             span.set_attribute("parallelkit.items", self.items)
             span.set_attribute("parallelkit.failures", self.failures)
-            if isinstance(exc, Exception):
-                fail(span, exc)
-            elif exc is not None:
-                span.set_attribute("parallelkit.cancelled", True)
+            if exc is not None:
+                ended_by(span, exc)
         except Exception as error:
             report(error)
         end(span)
@@ -273,10 +283,8 @@ class GraphTrace:
                     "parallelkit.critical_path": [s.name for s in path],
                 }
             )
-            if isinstance(exc, Exception):
-                fail(span, exc)
-            elif exc is not None:
-                span.set_attribute("parallelkit.cancelled", True)
+            if exc is not None:
+                ended_by(span, exc)
             end_time = self._ns(anyio.current_time())
         except Exception as error:
             report(error)
@@ -299,8 +307,9 @@ class GraphTrace:
                 if inner is None:
                     return await node.call(**kwargs)
                 return await inner(node, kwargs)
-            except Exception as exc:
-                record(span, exc)
+            except BaseException as exc:
+                if is_failure(exc):  # the engine records it as the node's error
+                    record(span, exc)
                 raise
             finally:
                 otel_context.detach(token)

@@ -12,7 +12,11 @@ these private names, all here:
   passive, loadopt=...)``, subclassed as the ``lazy="parallelkit_raise"``
   strategy;
 * ``Load._set_relationship_strategy``, the method behind the public
-  ``Load.raiseload``, to select that strategy for ``"*"``;
+  ``Load.raiseload``, to select that strategy for ``"*"``, and, with its
+  ``_reconcile_to_other=True`` (what SQLAlchemy's own ``selectin_polymorphic``
+  uses), for one relationship of a subclass in a way that any other option for
+  that relationship overrides (:func:`raise_attr`: a wildcard does not reach a
+  relationship that only a subclass has);
 * the ``path`` of the loader option SQLAlchemy hands to ``_load_for_state``
   (``Conversation -> contact -> Contact -> *``), for the message: it is the
   path of the query that applied the option, also for an object that an earlier
@@ -35,7 +39,7 @@ from typing import Any
 
 from sqlalchemy.orm import Load, RelationshipProperty
 
-__all__ = ["RAISE_KEY", "OnRaise", "available", "path_keys", "raise_rest"]
+__all__ = ["RAISE_KEY", "OnRaise", "available", "ends_on", "path_keys", "raise_attr", "raise_rest"]
 
 RAISE_KEY = "parallelkit_raise"
 
@@ -102,6 +106,36 @@ def raise_rest(load: Load, on_raise: OnRaise) -> Load:
     if available(on_raise):
         return load._set_relationship_strategy("*", {"lazy": RAISE_KEY})
     return load.raiseload("*")  # pragma: no cover - see available()
+
+
+def raise_attr(load: Load, attr: Any, on_raise: OnRaise) -> Load | None:
+    """``load`` raising ``on_raise(...)`` on the one relationship ``attr``; yields to other options.
+
+    Any other option for the same relationship (the user's ``selectinload``)
+    wins over this one, in whatever order they are given. ``None`` when the
+    custom strategy or the private argument is not available (then nothing
+    is added: the relationship keeps its own lazy loading, as before).
+    """
+    if not available(on_raise):  # pragma: no cover - see available()
+        return None
+    try:
+        option: Load = load._set_relationship_strategy(
+            attr, {"lazy": RAISE_KEY}, _reconcile_to_other=True
+        )
+    except TypeError:  # pragma: no cover - a future SQLAlchemy without the argument
+        return None
+    return option
+
+
+def ends_on(path: Any) -> str | None:
+    """The relationship a loader path ends on (``A -> rel -> B``: ``"rel"``); ``None`` for
+    a wildcard path (``A -> "relationship:*"``)."""
+    for element in reversed(tuple(getattr(path, "path", ()) or ())):
+        if isinstance(element, RelationshipProperty):
+            return str(element.key)
+        if isinstance(element, str):  # a token
+            return None
+    return None
 
 
 def path_keys(path: Any) -> tuple[type[Any] | None, list[str]]:

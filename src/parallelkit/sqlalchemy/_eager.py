@@ -21,7 +21,7 @@ from typing_extensions import final
 
 from .._core.check import choice, flag
 from .._core.errors import ParallelkitError
-from ._compat import path_keys, raise_rest
+from ._compat import ends_on, path_keys, raise_attr, raise_rest
 from ._surface import note
 
 __all__ = ["EagerPath", "NotLoadedError", "Strategy", "eager"]
@@ -33,6 +33,7 @@ EagerPath: TypeAlias = str | Mapping[str, Any]
 """A dotted path (``"contact.company"``) or a nested dict (``{"contact": {"company": None}}``)."""
 
 _STRATEGY_NAMES = ("joined", "selectin", "subquery", "immediate")
+_NOT_LOADABLE = ("dynamic", "write_only")  # a query, not a value: no loader strategy applies
 _Tree: TypeAlias = dict[str, "_Tree"]
 
 
@@ -45,30 +46,85 @@ class NotLoadedError(ParallelkitError, sa_exc.InvalidRequestError):
     It is also a :class:`sqlalchemy.exc.InvalidRequestError`, the class SQLAlchemy's
     own ``raiseload`` raises, so existing handlers keep working.
 
+    A relationship that only a *subclass* of a level's class has (an
+    inheritance hierarchy: ``Manager.reports`` on rows loaded as ``Employee``)
+    is guarded too; ``eager`` paths cannot name it, so the message says which
+    SQLAlchemy option loads it instead (``hint``).
+
     Attributes:
         attribute: ``"Model.attr"``, the relationship that was touched.
         root: the class the loaded object graph starts from (``eager``'s first argument).
-        path: the dotted path to pass to :func:`eager` to load it.
+        path: the dotted path to pass to :func:`eager` to load it (for a
+            subclass's relationship: where it sits in the graph).
+        hint: for a subclass's relationship, the loader options that load it;
+            otherwise ``None``.
     """
 
-    def __init__(self, attribute: str, root: str, path: str) -> None:
+    def __init__(self, attribute: str, root: str, path: str, hint: str | None = None) -> None:
         self.attribute = attribute
         self.root = root
         self.path = path
-        super().__init__(
-            f"{attribute} was not loaded: it is not among the eager(...) paths and "
-            f"raise_others=True forbids a lazy load (an extra query per object; in async "
-            f"code a MissingGreenlet error). Ask for it: eager({root}, {path!r}, ...)"
+        self.hint = hint
+        why = (
+            "raise_others=True forbids a lazy load (an extra query per object; in async code "
+            "a MissingGreenlet error)"
         )
+        if hint is None:
+            super().__init__(
+                f"{attribute} was not loaded: it is not among the eager(...) paths and "
+                f"{why}. Ask for it: eager({root}, {path!r}, ...)"
+            )
+        else:
+            owner = attribute.split(".", 1)[0]
+            super().__init__(
+                f"{attribute} was not loaded: it is a relationship of the subclass {owner}, "
+                f"which eager(...) paths cannot name, and {why}. Load it with SQLAlchemy "
+                f"options next to eager's: {hint}"
+            )
 
 
 def _not_loaded(state: Any, key: str, path: Any) -> NotLoadedError:
     """Build the error from the loader path (root -> ... -> this object) of the raise option."""
     root_class, names = path_keys(path)
     root = (root_class or state.class_).__name__
-    error = NotLoadedError(f"{state.class_.__name__}.{key}", root, ".".join([*names, key]))
+    hint = None
+    explicit = ends_on(path) == key  # not a wildcard: _Walk's option on a subclass relationship
+    if explicit:
+        names = names[:-1]
+    if explicit or not _reaches(root_class, names, key):
+        owner = state.mapper.relationships[key].parent
+        hint = _subclass_hint(root_class, names, owner, key)
+    error = NotLoadedError(f"{state.class_.__name__}.{key}", root, ".".join([*names, key]), hint)
     note(error)
     return error
+
+
+def _reaches(root: Any, names: list[str], key: str) -> bool:
+    """Whether an ``eager`` path can name ``key`` after ``names`` (unknown: assume it can)."""
+    if root is None:
+        return True
+    try:
+        mapper: Mapper[Any] = sa_inspect(root).mapper
+        for name in names:
+            mapper = mapper.relationships[name].mapper
+    except (KeyError, AttributeError, sa_exc.NoInspectionAvailable):
+        return True
+    return key in mapper.relationships
+
+
+def _subclass_hint(root: Any, names: list[str], owner: Mapper[Any], key: str) -> str:
+    """The options that load ``owner.key`` at the end of ``names`` from ``root`` (a class)."""
+    sub = owner.class_.__name__
+    if not names or root is None:
+        base = owner.base_mapper.class_.__name__
+        return f"selectin_polymorphic({base}, [{sub}]), selectinload({sub}.{key})"
+    hops: list[str] = []
+    mapper: Mapper[Any] = sa_inspect(root).mapper
+    for index, name in enumerate(names):
+        hop = f"{mapper.class_.__name__}.{name}"
+        hops.append(hop if index < len(names) - 1 else f"{hop}.of_type({sub})")
+        mapper = mapper.relationships[name].mapper
+    return f"defaultload({').defaultload('.join(hops)}).selectinload({sub}.{key})"
 
 
 # ---------------------------------------------------------------------------- paths
@@ -110,15 +166,41 @@ def _paths(tree: _Tree, prefix: str = "") -> Iterable[str]:
 
 def _relationship(mapper: Mapper[Any], key: str, root: str, path: str) -> RelationshipProperty[Any]:
     prop = mapper.relationships.get(key)
-    if prop is not None:
+    if prop is not None and prop.lazy not in _NOT_LOADABLE:
         return prop
-    known = ", ".join(sorted(mapper.relationships.keys())) or "(none)"
-    what = "a column, not a relationship" if key in mapper.columns else "not a relationship"
+    known = ", ".join(
+        sorted(name for name, p in mapper.relationships.items() if p.lazy not in _NOT_LOADABLE)
+    )
+    owners = [sub.class_.__name__ for sub in _subclasses(mapper) if key in sub.relationships]
+    if prop is not None:
+        what = f"a lazy={prop.lazy!r} relationship (a query, not a value to load)"
+    elif key in mapper.columns:
+        what = "a column, not a relationship"
+    elif owners:
+        what = (
+            f"not a relationship (only its subclass {owners[0]} has it: eager paths cannot name it)"
+        )
+    else:
+        what = "not a relationship"
     msg = (
         f"eager({root}, {path!r}): {mapper.class_.__name__}.{key} is {what}; "
-        f"{mapper.class_.__name__}'s relationships are: {known}"
+        f"{mapper.class_.__name__}'s relationships are: {known or '(none)'}"
     )
     raise ValueError(msg)
+
+
+def _subclasses(mapper: Mapper[Any]) -> list[Mapper[Any]]:
+    """The mappers inheriting from ``mapper`` (an inheritance hierarchy), nearest first."""
+    return [sub for sub in mapper.self_and_descendants if sub is not mapper]
+
+
+def _own_relationships(mapper: Mapper[Any]) -> list[RelationshipProperty[Any]]:
+    """The loadable relationships declared on ``mapper`` itself (not inherited)."""
+    return [
+        prop
+        for prop in mapper.relationships.values()
+        if prop.parent is mapper and prop.lazy not in _NOT_LOADABLE
+    ]
 
 
 def default_strategy(prop: RelationshipProperty[Any]) -> str:
@@ -296,6 +378,8 @@ class _Walk:
     ) -> None:
         if self.raise_others:
             self.options.append(raise_rest(load, _not_loaded))
+            if not prefix:
+                self.guard_subclasses(entity, mapper)
         for key, sub in tree.items():
             path = f"{prefix}{key}"
             prop = _relationship(mapper, key, self.root, path)
@@ -313,3 +397,27 @@ class _Walk:
                 self.options.append(child)
             target = prop.mapper
             self.run(child, target.class_, target, sub, path + ".", below or strategy != "joined")
+
+    def guard_subclasses(self, entity: Any, mapper: Mapper[Any]) -> None:
+        """Raise on the relationships that only subclasses of the root class have.
+
+        SQLAlchemy's ``"*"`` wildcard on ``Load(Employee)`` covers ``Employee``'s
+        relationships; a subclass's own (``Manager.reports`` on a row of a
+        ``select(Employee)``) kept their lazy loading: a silent query per row (a
+        ``MissingGreenlet`` in async code). So each gets a raise option of its
+        own on ``Load(Sub)``, made to yield to any option the user gives for it
+        (no conflict error, whatever the order). The statement is unchanged.
+
+        Below the root the same needs ``relationship.of_type(Sub)``, which
+        rewrites the eager load's SQL into a polymorphic subquery: those levels
+        keep SQLAlchemy's behaviour (see docs/sqlalchemy.md).
+        """
+        if sa_inspect(entity).is_aliased_class:
+            return  # Load(Sub) does not apply to an aliased root (with_polymorphic is covered)
+        for sub in _subclasses(mapper):
+            base = Load(sub.class_)
+            for prop in _own_relationships(sub):
+                option = raise_attr(base, getattr(sub.class_, prop.key), _not_loaded)
+                if option is None:  # pragma: no cover - a SQLAlchemy without it: as before
+                    return
+                self.options.append(option)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable, Sequence
+from enum import Enum
 from typing import Any, TypeVar
 
 from sqlalchemy import select, tuple_
@@ -34,7 +36,11 @@ def loader_by_id(
     in a fresh session from ``session_factory``: 500 concurrent handlers asking
     for "their" contact send one query, not 500. Duplicate keys are loaded once;
     more than ``max_batch`` distinct keys are split into several queries. A key
-    with no row loads as ``None`` (like ``session.get``).
+    with no row loads as ``None`` (like ``session.get``). A key of the wrong
+    type (``"2"`` for an integer key, a bare value for a composite key) fails
+    its own callers with a :class:`TypeError`, before the query: it is not
+    sent, so it can neither fail the whole batch in the driver nor come back as
+    ``None`` when the database converted it and found the row.
 
     The objects come back detached (their session is closed when the batch is
     done): load what you will read with ``options``, e.g.
@@ -70,19 +76,74 @@ def loader_by_id(
     composite = len(columns) > 1
     key_of = mapper.primary_key_from_instance
     opts = _options(options)
+    bad_key = _key_check(model.__name__, [(str(c.key), _python_type(c)) for c in columns])
 
-    async def load_many(keys: list[Any]) -> dict[Any, M]:
-        where = tuple_(*columns).in_(keys) if composite else columns[0].in_(keys)
+    async def load_many(keys: list[Any]) -> dict[Any, M | TypeError]:
+        found: dict[Any, M | TypeError] = {}
+        for key in keys:
+            error = bad_key(key)
+            if error is not None:
+                found[key] = error
+        good = [key for key in keys if key not in found] if found else keys
+        if not good:
+            return found
+        where = tuple_(*columns).in_(good) if composite else columns[0].in_(good)
         async with session_factory() as session:
             rows = (await session.scalars(select(model).where(where).options(*opts))).all()
-        if composite:
-            return {tuple(key_of(row)): row for row in rows}
-        return {key_of(row)[0]: row for row in rows}
+        for row in rows:
+            found[tuple(key_of(row)) if composite else key_of(row)[0]] = row
+        return found
 
     loader: BatchLoader[Any, M | None] = BatchLoader(
         load_many, max_batch=max_batch, cache=cache, default=None
     )
     return loader
+
+
+def _python_type(column: Any) -> type[Any] | None:
+    """The Python type of a key column's values; ``None`` when the type does not say."""
+    try:
+        kind = column.type.python_type
+    except NotImplementedError:
+        return None
+    return kind if isinstance(kind, type) else None
+
+
+def _fits(value: object, kind: type[Any] | None) -> bool:
+    """``value`` can stand for a key of type ``kind`` (any number for a numeric key)."""
+    if value is None or kind is None or isinstance(value, kind) or issubclass(kind, Enum):
+        return True  # an Enum column also takes its members' names and values
+    return issubclass(kind, numbers.Number) and isinstance(value, numbers.Number)
+
+
+def _key_check(
+    model: str, parts: list[tuple[str, type[Any] | None]]
+) -> Callable[[object], TypeError | None]:
+    """A function giving the ``TypeError`` for a key that cannot be ``model``'s primary key."""
+    names = ", ".join(name for name, _ in parts)
+
+    def check(key: object) -> TypeError | None:
+        if len(parts) > 1:
+            if not isinstance(key, tuple) or len(key) != len(parts):
+                msg = (
+                    f"loader_by_id({model}): a key is a tuple of {len(parts)} values "
+                    f"({names}), got {type(key).__name__} {key!r}"
+                )
+                return TypeError(msg)
+            values: tuple[object, ...] = key
+        else:
+            values = (key,)
+        for value, (name, kind) in zip(values, parts, strict=True):
+            if not _fits(value, kind):
+                assert kind is not None
+                msg = (
+                    f"loader_by_id({model}): {name} must be {kind.__name__}, got "
+                    f"{type(value).__name__} {value!r} in key {key!r}"
+                )
+                return TypeError(msg)
+        return None
+
+    return check
 
 
 def _options(options: object) -> tuple[ORMOption, ...]:

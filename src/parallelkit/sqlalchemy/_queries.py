@@ -287,8 +287,9 @@ class max_queries:  # noqa: N801 - used like a function: `with max_queries(engin
     test body; on leaving the block it raises :class:`TooManyQueries` listing the
     statements, repeated ones marked. It counts what this context sends, like
     :func:`count_queries`. An exception raised inside the block is propagated
-    unchanged (the budget is not checked then). For every request of an ASGI
-    app at once, see :class:`RequestGuard`.
+    unchanged (the budget is not checked then). One guard can be entered again
+    after a block ends: each block has the whole budget (a fresh counter). For
+    every request of an ASGI app at once, see :class:`RequestGuard`.
 
     Args:
         target: what :func:`count_queries` accepts.
@@ -313,11 +314,16 @@ class max_queries:  # noqa: N801 - used like a function: `with max_queries(engin
 
     @property
     def counter(self) -> QueryCounter:
-        """The underlying :class:`QueryCounter` (``.count``, ``.statements``)."""
+        """The :class:`QueryCounter` of the current (or last) block."""
         return self._counter
 
     def __enter__(self) -> QueryCounter:
-        return self._counter.__enter__()
+        counter = self._counter
+        if counter._listening:  # already active: the counter says so (RuntimeError)
+            return counter.__enter__()
+        if counter.queries:  # a block before this one: its statements are not this block's
+            counter = self._counter = QueryCounter(counter._target)
+        return counter.__enter__()
 
     def __exit__(
         self,

@@ -23,10 +23,11 @@ which says what to do:
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TypeVar, overload
+from typing import Any, Literal, TypeVar, cast, overload
 
 import anyio
 from greenlet import getcurrent, greenlet
@@ -352,7 +353,10 @@ async def parallel(
         The functions' results (or outcomes), in argument order.
 
     Raises:
-        TypeError: ``session_factory`` or a function is not callable.
+        TypeError: ``session_factory`` or a function is not callable (before any
+            session is opened); ``session_factory`` returned something that is not
+            an ``AsyncSession``, or a function returned something that cannot be
+            awaited (the message names it: ``fns[i]``).
         ValueError: a bad ``limit``.
 
     Note:
@@ -375,11 +379,26 @@ async def parallel(
     if limit is None and engine_of(session_factory) is not None:
         limit = pool_limiter(session_factory)
 
-    async def run(fn: Callable[[S], Awaitable[T]]) -> T:
-        async with session_factory() as session:
-            return await fn(session)
+    async def run(index: int, fn: Callable[[S], Awaitable[T]]) -> T:
+        made: object = session_factory()
+        if not isinstance(made, AsyncSession):  # else: "does not support the asynchronous ..."
+            msg = (
+                "session_factory must return an AsyncSession (an async_sessionmaker), "
+                f"got {type(made).__name__} {made!r}"
+            )
+            raise TypeError(msg)
+        session: S = made  # type: ignore[assignment]
+        async with session:
+            result: object = fn(session)
+            if not inspect.isawaitable(result):
+                msg = (
+                    f"fns[{index}] must be an async function of the session (or return an "
+                    f"awaitable), got {fn!r} returning {type(result).__name__} {result!r}"
+                )
+                raise TypeError(msg)
+            return await cast("Awaitable[T]", result)
 
-    calls = [functools.partial(run, fn) for fn in fns]
+    calls = [functools.partial(run, index, fn) for index, fn in enumerate(fns)]
     if settle:
         return await gather(*calls, limit=limit, settle=True)
     return await gather(*calls, limit=limit)
