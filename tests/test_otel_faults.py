@@ -6,7 +6,7 @@ The in-memory exporter of the OpenTelemetry SDK, on asyncio and trio.
 
 from __future__ import annotations
 
-import asyncio
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 
 import anyio
@@ -22,6 +22,7 @@ import parallelkit as pk
 from parallelkit._core import instrument
 from parallelkit.otel import ParallelkitInstrumentor
 
+from .test_fanout import STRAY_NEEDS, stray_cancellation
 from .test_otel import Otel, make_otel
 
 pytestmark = pytest.mark.anyio
@@ -177,17 +178,18 @@ async def test_a_cancelled_call_is_still_marked_cancelled(otel: Otel) -> None:
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.skipif(sys.version_info < (3, 11), reason=STRAY_NEEDS)
 async def test_a_stray_cancelled_error_is_the_items_failure(otel: Otel) -> None:
     """asyncio: an item that awaits a future cancelled elsewhere fails with a
     CancelledError no cancellation of its task caused; pk.map settles it as the
     item's error, and the tracing counts it as a failure too."""
 
+    seen: list[BaseException] = []
+
     async def awaits_a_cancelled_future(x: int) -> int:
         await anyio.lowlevel.checkpoint()
         if x == 1:
-            future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-            future.cancel()
-            return await future
+            await stray_cancellation(seen)
         return x
 
     outcomes = await pk.map(awaits_a_cancelled_future, range(3), settle=True)
