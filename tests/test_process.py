@@ -31,7 +31,8 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-async def wait_for(predicate: object, timeout: float = 10.0) -> None:
+async def wait_for(predicate: object, timeout: float = 20.0) -> None:
+    """Poll ``predicate`` (a hang guard, not a timing assertion)."""
     with anyio.fail_after(timeout):
         while not predicate():  # type: ignore[operator]
             await anyio.sleep(0.01)

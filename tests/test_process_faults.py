@@ -13,26 +13,12 @@ import pytest
 
 import parallelkit as pk
 
+from .test_process import alive, wait_for
+
 pytestmark = pytest.mark.anyio
 
 PY = sys.executable
 NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
-
-
-def alive(pid: int) -> bool:
-    """True when ``pid`` exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-async def wait_for(predicate: object, timeout: float = 20.0) -> None:
-    """Poll ``predicate`` (a hang guard, not a timing assertion)."""
-    with anyio.fail_after(timeout):
-        while not predicate():  # type: ignore[operator]
-            await anyio.sleep(0.01)
 
 
 @pytest.mark.parametrize("case", ["no-such-command", "no-such-cwd", "not-executable"])

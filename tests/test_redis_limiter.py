@@ -122,18 +122,24 @@ async def test_a_dead_holders_lease_expires(r: aredis.Redis, prefix: str) -> Non
     assert await r.zscore(holders, "ghost") is None
 
 
+async def bridge_three_leases(r: aredis.Redis, holders: str, clock: FakeTimer) -> None:
+    """Move the shared clock three lease lengths on (0.2 s at a time, lease 0.3), each
+    step waiting for the holder's renewal to show in Redis."""
+    for _ in range(3):
+        before = await r.zrange(holders, 0, -1, withscores=True)
+        clock.now += 0.2
+        with anyio.fail_after(30):  # a hang guard, not a timing assertion
+            while await r.zrange(holders, 0, -1, withscores=True) == before:
+                await anyio.sleep(0.01)
+
+
 async def test_leases_are_renewed_while_held(r: aredis.Redis, prefix: str) -> None:
     clock = FakeTimer()
     limiter = RedisLimiter(r, "long", concurrency=1, lease=0.3, prefix=prefix, clock=clock)
     other = RedisLimiter(r, "long", concurrency=1, lease=0.3, prefix=prefix, clock=clock)
     holders = f"{prefix}:limiter:{{long}}:holders"
     async with limiter:
-        for _ in range(3):  # three lease lengths on the shared clock, each bridged by a renewal
-            before = await r.zrange(holders, 0, -1, withscores=True)
-            clock.now += 0.2
-            with anyio.fail_after(30):
-                while await r.zrange(holders, 0, -1, withscores=True) == before:
-                    await anyio.sleep(0.01)
+        await bridge_three_leases(r, holders, clock)
         with anyio.move_on_after(0.1) as scope:
             async with other:
                 pytest.fail("the renewed lease must still hold the only slot")
@@ -163,12 +169,7 @@ async def test_a_slot_is_renewed_while_its_holder_waits_for_the_rate(
         with anyio.fail_after(30):
             while await r.zcard(holders) != 1:
                 await anyio.sleep(0.005)
-        for _ in range(3):  # three lease lengths on the shared clock, each bridged by a renewal
-            before = await r.zrange(holders, 0, -1, withscores=True)
-            clock.now += 0.2
-            with anyio.fail_after(30):
-                while await r.zrange(holders, 0, -1, withscores=True) == before:
-                    await anyio.sleep(0.01)
+        await bridge_three_leases(r, holders, clock)
         with anyio.move_on_after(0.1) as scope:
             async with other:
                 pytest.fail("the waiting holder's renewed lease must still hold the only slot")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
@@ -23,9 +22,6 @@ from typing_extensions import Self, final
 from .._core.owned import OwnedTaskGroup
 from ._common import LockLost, LockNotAcquired, jittered, new_token
 from ._outage import Down, Guard
-
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["Lease", "LeaseScripts", "Renewals", "keep_renewed", "renewal_failed"]
 
@@ -404,16 +400,8 @@ class Lease:
             await self._release()
             return False
         try:
+            # the renewal's LockLost comes out as itself (the owner unwraps a lone failure)
             return bool(await self._owner.exit(exc_type, exc, tb, cancel=True))
-        except BaseExceptionGroup as group:
-            # the renewal's LockLost (alone) comes out as itself, not in a group
-            lost, rest = group.split(LockLost)
-            if lost is not None and rest is None:
-                first: BaseException = lost
-                while isinstance(first, BaseExceptionGroup):
-                    first = first.exceptions[0]
-                raise first from first.__cause__
-            raise
         finally:
             await self._release()
 

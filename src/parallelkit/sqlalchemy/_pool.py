@@ -77,16 +77,17 @@ class PoolLimiter:
     async def acquire(self) -> int:
         """Take a slot for the current task (at once if it holds one); returns the holder."""
         task = task_id()
-        depth = self._held.get(task, 0)
-        if not depth:
+        if self._reenter(task) is None:
             await self._limiter.acquire()
-        self._held[task] = depth + 1
+            self._held[task] = 1
         return task
 
     def reenter(self) -> int | None:
         """Take a slot without waiting if the current task holds one (re-entrant): the
         holder, as :meth:`acquire` returns it; ``None`` if the task holds none."""
-        task = task_id()
+        return self._reenter(task_id())
+
+    def _reenter(self, task: int) -> int | None:
         depth = self._held.get(task)
         if not depth:
             return None
