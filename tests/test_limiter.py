@@ -78,7 +78,7 @@ def test_the_bound_property_catches_an_over_admitting_limiter(
     async def admit_everyone(self: pk.Limiter) -> None:
         return None
 
-    monkeypatch.setattr(pk.Limiter, "_acquire_slot", admit_everyone)
+    monkeypatch.setattr(pk.Limiter, "acquire_slot", admit_everyone)
     monkeypatch.setattr(pk.Limiter, "release", lambda self: None)
     with pytest.raises(AssertionError):
         test_bound_is_never_exceeded.hypothesis.inner_test(  # type: ignore[attr-defined]
@@ -427,3 +427,33 @@ async def test_a_shared_limiter_with_no_slot_is_refused() -> None:
     with pytest.raises(ValueError, match=r"^limit\.concurrency must be >= 1"):
         await pk.map(f, [1, 2], limit=NoSlots())  # type: ignore[arg-type]
     assert calls == []  # it returned [None, None] without calling f before
+
+
+@pytest.mark.anyio
+async def test_slot_released_between_a_waiters_cancellation_and_its_wake_up() -> None:
+    """A waiter is cancelled and, before it runs again, the slot is released: the
+    release passes over the cancelled waiter, which then leaves with its
+    cancellation (no error of ours), and the slot is free for the next caller."""
+    limiter = pk.Limiter(concurrency=1)
+    scopes: list[anyio.CancelScope] = []
+    left: list[str] = []
+
+    async def waiter() -> None:
+        with anyio.CancelScope() as scope:
+            scopes.append(scope)
+            await limiter.acquire()
+            left.append("acquired")  # not reached: cancelled while waiting
+        left.append("cancelled")
+
+    await limiter.acquire()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        while limiter.statistics().waiting < 1:
+            await anyio.lowlevel.checkpoint()
+        scopes[0].cancel()
+        limiter.release()  # in the same step: the waiter has not run yet
+    assert left == ["cancelled"]
+    stats = limiter.statistics()
+    assert (stats.running, stats.waiting) == (0, 0)
+    with anyio.fail_after(1):  # free: taken at once
+        await limiter.acquire()

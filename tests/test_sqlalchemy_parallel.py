@@ -773,3 +773,28 @@ def test_loader_by_id_rejects_bad_arguments(
 def test_guard_sessions_takes_a_bool(value: object) -> None:
     with pytest.raises(TypeError, match="enabled must be a bool"):
         guard_sessions(value)  # type: ignore[arg-type]
+
+
+async def test_a_task_waiting_for_a_pool_slot_parks_two_frames_deep() -> None:
+    """``async with pool_limiter(engine):`` waiting for a slot: the waiting task's
+    await chain is ``__aenter__`` -> ``acquire_slot`` -> a bare asyncio future (every
+    frame in it is resumed when the slot is handed over; ``acquire``,
+    ``Limiter.acquire`` and an anyio Event added four more)."""
+    slots = pool_limiter(create_async_engine("sqlite+aiosqlite://", poolclass=StaticPool))
+    chain: list[str] = []
+
+    async def waiter() -> None:
+        async with slots:
+            pass
+
+    async with anyio.create_task_group() as tg, slots:  # held: the waiter waits
+        tg.start_soon(waiter, name="slot waiter")
+        while slots.statistics().waiting < 1:
+            await anyio.lowlevel.checkpoint()
+        (task,) = (t for t in asyncio.all_tasks() if t.get_name() == "slot waiter")
+        awaited: Any = task.get_coro()
+        while hasattr(awaited, "cr_await"):
+            chain.append(awaited.cr_code.co_name)
+            awaited = awaited.cr_await
+        assert type(awaited).__name__ == "FutureIter"  # the future itself: no frame below
+    assert chain[-3:] == ["waiter", "__aenter__", "acquire_slot"], chain

@@ -78,7 +78,7 @@ class PoolLimiter:
         """Take a slot for the current task (at once if it holds one); returns the holder."""
         task = task_id()
         if self._reenter(task) is None:
-            await self._limiter.acquire()
+            await self._limiter.acquire_slot()  # no rate: the slot only
             self._held[task] = 1
         return task
 
@@ -121,7 +121,11 @@ class PoolLimiter:
         return LentSlot(self)
 
     async def __aenter__(self) -> PoolLimiter:
-        await self.acquire()
+        # acquire()'s body: no frame of its own resumed when the slot is handed over
+        task = task_id()
+        if self._reenter(task) is None:
+            await self._limiter.acquire_slot()
+            self._held[task] = 1
         return self
 
     async def __aexit__(
