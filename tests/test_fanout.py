@@ -363,6 +363,52 @@ async def test_fail_fast_starts_no_item_after_the_first_failure(fan_out: str) ->
     assert events[events.index("failed") + 1 :] == []  # nothing started after it
 
 
+@pytest.mark.parametrize("fan_out", ["map", "gather", "imap"])
+async def test_fail_fast_starts_no_item_when_the_failing_one_hands_its_limiter_slot_on(
+    fan_out: str,
+) -> None:
+    # A shared limiter with one slot taken elsewhere: item 0 runs, item 1's worker
+    # waits for a slot. Item 0 fails; leaving the limiter hands its slot to item 1's
+    # worker, which must not then start item 1 (a cache hit would run to the end).
+    events: list[object] = []
+    limiter = pk.Limiter(concurrency=2)
+    other = anyio.Event()
+
+    async def fn(i: int) -> int:
+        events.append(i)
+        await anyio.lowlevel.checkpoint()
+        if i == 0:
+            events.append("failed")
+            raise KeyError(i)
+        return i
+
+    async def run() -> None:
+        if fan_out == "map":
+            await pk.map(fn, range(5), limit=limiter)
+        elif fan_out == "gather":
+            await pk.gather(*(functools.partial(fn, i) for i in range(5)), limit=limiter)
+        else:
+            async with pk.imap(fn, range(5), limit=limiter) as results:
+                async for _ in results:
+                    pass
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(hold_one_slot, limiter, other)
+        with pytest.raises(KeyError):
+            await run()
+        other.set()
+    assert events == [0, "failed"]  # nothing started after it
+    assert limiter.statistics() == pk.LimiterStatistics(2, None, 0, 0)
+
+
+async def hold_one_slot(
+    limiter: pk.Limiter, release: anyio.Event, *, task_status: anyio.abc.TaskStatus[None]
+) -> None:
+    async with limiter:
+        task_status.started()
+        await release.wait()
+
+
 async def test_gather_closes_coroutines_that_never_started() -> None:
     started = []
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from typing import Any
@@ -457,3 +458,39 @@ async def test_slot_released_between_a_waiters_cancellation_and_its_wake_up() ->
     assert (stats.running, stats.waiting) == (0, 0)
     with anyio.fail_after(1):  # free: taken at once
         await limiter.acquire()
+
+
+@pytest.mark.parametrize("concurrency", [None, 2])
+def test_a_calls_own_rate_keeps_the_shared_limiters_rate(concurrency: int | None) -> None:
+    """A job with ``rate=1`` and a shared ``Limiter(rate=2)`` used by another job: no
+    window of 1 s holds more than 2 starts of the two jobs together, and the job's own
+    starts stay 1 s apart. (The job took its turns under the shared rate at once, then
+    started later, at its own pace, on top of the other job's turns.)"""
+    starts: list[tuple[str, float]] = []
+
+    async def main() -> None:
+        shared = pk.Limiter(concurrency=concurrency, rate=2)
+
+        async def job(i: int) -> int:
+            starts.append(("job", anyio.current_time()))
+            return i
+
+        async def other(i: int) -> int:
+            starts.append(("other", anyio.current_time()))
+            await anyio.sleep(1)
+            return i
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(pk.map, job, range(4), limit=shared, rate=1))
+            tg.start_soon(functools.partial(pk.map, other, range(4), limit=shared))
+        assert shared.statistics().running == 0
+
+    _on_virtual_clock(main)
+    times = sorted(t for _, t in starts)
+    assert len(times) == 8
+    for k, t in enumerate(times):
+        assert sum(1 for u in times[k:] if u < t + 1.0 - 1e-9) <= 2, starts
+    for a, b in itertools.pairwise(times):
+        assert b - a >= 0.5 - 1e-9, starts  # GCRA, burst 1: 1/rate apart
+    own = [t for who, t in starts if who == "job"]
+    assert all(b - a >= 1.0 - 1e-9 for a, b in itertools.pairwise(own)), starts

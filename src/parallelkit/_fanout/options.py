@@ -8,16 +8,21 @@ per-item call, for ``gather``/``map``/``imap`` and for ``Flow.step``.
 * :func:`build_call` wraps a one-argument async function, innermost first: the
   ``timeout`` of one attempt, the ``rate`` (each attempt is a start, taken once the
   attempt holds its slot), the shared limiter held for one attempt, then ``retry``
-  around all of it.
+  around all of it. When an attempt may wait before it starts (a slot, its turn
+  under the rate, a retry's backoff), it does not start if the run was cancelled
+  meanwhile: a wait that ends in the same tick as a fail-fast failure (the failing
+  item hands its slot on as it leaves the limiter) must not start an item.
 * :class:`Options` checks the fan-out options at the door and holds the result.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import anyio
+import anyio.lowlevel
 from typing_extensions import final
 
 from .._core.check import count, count_or_none, number_or_none
@@ -65,17 +70,34 @@ def build_call(
 ) -> Call:
     """Wrap ``fn(arg)`` with the (already checked) options; ``fn`` itself when none."""
     call = fn
+    if limiter is not None or rate is not None or retry is not None:
+        call = _unless_cancelled(call)
     if timeout is not None:
         call = _with_timeout(call, timeout)
     # the rate inside the shared limiter's slot (as Limiter.acquire: slot, then rate):
     # a start waits for its turn *after* it has a slot, so starts queued behind a busy
     # limiter cannot all go at once when slots free up
-    if rate is not None:
-        call = _with_rate(call, Limiter(rate=rate))
-    if limiter is not None:
-        call = _with_limiter(call, limiter)
+    if rate is not None and isinstance(limiter, Limiter) and limiter.rate is not None:
+        call = _with_two_rates(call, limiter, 1.0 / rate)
+    else:
+        if rate is not None:
+            call = _with_rate(call, Limiter(rate=rate))
+        if limiter is not None:
+            call = _with_limiter(call, limiter)
     if retry is not None:
         call = retrying_call(to_retrying(retry), call)
+    return call
+
+
+def _unless_cancelled(fn: Call) -> Call:
+    async def call(arg: Any) -> Any:
+        # the wait before this attempt (for a slot, the rate, a backoff) may have ended
+        # as the run was cancelled (a slot handed over by the item that failed): a
+        # rescheduled task sees the cancellation only at its next await, after `fn`
+        # started (and ran to the end if it never awaits)
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        return await fn(arg)
+
     return call
 
 
@@ -91,6 +113,32 @@ def _with_limiter(fn: Call, limiter: SupportsLimit) -> Call:
     async def call(arg: Any) -> Any:
         async with limiter:
             return await fn(arg)
+
+    return call
+
+
+def _with_two_rates(fn: Call, shared: Limiter, interval: float) -> Call:
+    """The call's own rate (``interval`` apart) and a shared limiter's rate: both must
+    hold for the actual starts. Taking the shared limiter's turn first and then waiting
+    for our own would use up its turns early and start later, on top of other users'
+    turns; so, holding the slot, one attempt at a time waits for its own turn, then
+    takes the shared turn, and our next turn counts from the start that followed."""
+    lock = anyio.Lock()
+    next_start = -math.inf
+
+    async def call(arg: Any) -> Any:
+        nonlocal next_start
+        await shared.acquire_slot()
+        try:
+            async with lock:
+                delay = next_start - anyio.current_time()
+                if delay > 0:
+                    await anyio.sleep(delay)
+                await shared.wait_rate()
+                next_start = anyio.current_time() + interval
+            return await fn(arg)
+        finally:
+            shared.release()
 
     return call
 

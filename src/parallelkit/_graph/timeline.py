@@ -178,7 +178,9 @@ class Timeline:
         Start from the span that ended last; step to the dependency (among its
         ``waited_for``) that ended last; repeat until a span had no dependencies.
         Shortening any other span cannot finish the run earlier: this is the chain
-        to optimise.
+        to optimise. Of spans that ended at the same reading (a step that does not
+        suspend ends when the one it waited for did), the one that waited for the
+        others ended last: the chain goes on to it.
 
         An orchestrator's timeline also holds the ``"stop"`` spans of its
         shutdown, a separate phase that runs in reverse order: they are left out
@@ -197,7 +199,7 @@ class Timeline:
             spans = [s for s in spans if s.kind == kind]
         if not spans:
             return ()
-        last = max(spans, key=lambda s: s.end)
+        last = _ended_last(spans)
         spans = [s for s in spans if s.kind == last.kind]
         by_name: dict[str, Span] = {}
         for span in spans:
@@ -208,7 +210,7 @@ class Timeline:
             deps = [by_name[d] for d in chain[-1].waited_for if d in by_name and d not in seen]
             if not deps:
                 break
-            prev = max(deps, key=lambda s: s.end)
+            prev = _ended_last(deps)
             seen.add(prev.name)
             chain.append(prev)
         chain.reverse()
@@ -238,9 +240,11 @@ class Timeline:
         scale = width / total if total > 0 else 0.0
         label = max(_columns(_label(s)) for s in self._done)
         for span in sorted(self._done, key=lambda s: (s.start, s.end)):
-            q = round((span.queued - origin) * scale)
+            ran = span.status != "skipped"
             a = round((span.start - origin) * scale)
-            b = max(round((span.end - origin) * scale), a + (span.status != "skipped"))
+            a = min(a, width - 1) if ran else a  # a span that ran shows, even at the end
+            q = min(round((span.queued - origin) * scale), a)
+            b = max(round((span.end - origin) * scale), a + ran)
             bar = " " * q + "░" * (a - q) + "█" * (b - a)
             bar = bar[:width].ljust(width)
             times = f"{(span.start - origin) * 1000:8.1f} → {(span.end - origin) * 1000:8.1f} ms"
@@ -309,6 +313,17 @@ class Timeline:
                 for s in self._done
             ],
         }
+
+
+def _ended_last(spans: list[Span]) -> Span:
+    """The span that ended last. Of those that ended at the same reading, the first
+    that none of the others waited for (it started once they had ended)."""
+    end = max(s.end for s in spans)
+    tied = [s for s in spans if s.end == end]
+    if len(tied) == 1:
+        return tied[0]
+    waited = {d for s in tied for d in s.waited_for}
+    return next((s for s in tied if s.name not in waited), tied[0])
 
 
 def _label(span: Span) -> str:
