@@ -249,3 +249,26 @@ async def _gather_if_asyncio(loader: pk.BatchLoader[int, str]) -> list[object]:
     return list(
         await asyncio.gather(loader.load(3), loader.load(1), loader.load(2), return_exceptions=True)
     )
+
+
+@pytest.mark.parametrize("entered", [True, False])
+@pytest.mark.parametrize("cache", [False, True])
+async def test_load_many_loads_a_repeated_key_once_across_its_batches(
+    entered: bool, cache: bool
+) -> None:
+    """``load_many([1, 2, 1])`` with ``max_batch=2`` is one call for ``[1, 2]``: the
+    second 1 used to arrive after the first batch was full and opened a second batch,
+    so key 1 was loaded twice by one ``load_many`` (documented: duplicates are loaded
+    once). The requests still count every key as given."""
+    calls: list[list[int]] = []
+
+    async def load_many(keys: list[int]) -> dict[int, int]:
+        calls.append(list(keys))
+        await anyio.lowlevel.checkpoint()
+        return {k: k * 10 for k in keys}
+
+    loader = pk.BatchLoader(load_many, max_batch=2, cache=cache)
+    async with contextlib_entered(loader, entered):
+        assert await loader.load_many([1, 2, 1, 1, 2]) == [10, 20, 10, 10, 20]
+    assert calls == [[1, 2]]
+    assert loader.statistics() == pk.BatchStats(requests=5, keys=2, calls=1)

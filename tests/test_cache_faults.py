@@ -140,3 +140,119 @@ async def test_a_refresh_failing_a_thousand_times_keeps_backing_off() -> None:
     assert body_went_on
     assert len(errors) == 1100
     assert cache.stats.refresh_errors == 1100
+
+
+class GatedStore:
+    """A network-like store: each ``set`` waits for its own gate (a slow round trip)."""
+
+    def __init__(self) -> None:
+        self.data: dict[Hashable, Any] = {}
+        self.gates: list[anyio.Event] = []  # one per set in flight, in arrival order
+
+    async def get(self, key: Hashable) -> Any:
+        await anyio.lowlevel.checkpoint()
+        return self.data.get(key)
+
+    async def set(self, key: Hashable, entry: Any, *, ttl: float) -> None:
+        gate = anyio.Event()
+        self.gates.append(gate)
+        await gate.wait()
+        self.data[key] = entry
+
+    async def delete(self, key: Hashable) -> None:
+        await anyio.lowlevel.checkpoint()
+        self.data.pop(key, None)
+
+    async def clear(self) -> None:
+        await anyio.lowlevel.checkpoint()
+        self.data.clear()
+
+
+async def test_writes_of_a_key_land_in_the_order_they_were_made() -> None:
+    """``set(v1)`` is in flight; ``set(v2)`` waits for its turn; then the task that
+    wrote v1 invalidates the key. The invalidation came last, so the key must end up
+    deleted. The turn used to go to whoever asked first *after* it was freed: the
+    invalidation, called right after v1 landed and before v2's writer woke up, went
+    ahead of v2, and v2 (written before the invalidation was called) landed after it
+    and came back to the callers."""
+    store = GatedStore()
+    cache = pk.SWRCache(fresh=10, stale=100, store=store, clock=FakeClock())
+
+    async def first_writer() -> None:
+        await cache.set("k", "v1")
+        await cache.invalidate("k")  # right after v1 landed: the last write of "k"
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first_writer)
+        await wait_until(lambda: len(store.gates) == 1)  # v1 in flight
+        tg.start_soon(cache.set, "k", "v2")  # waits for v1's turn to end
+        for _ in range(10):
+            await anyio.lowlevel.checkpoint()
+        assert len(store.gates) == 1
+        store.gates[0].set()  # v1 lands; v2 is next, then the invalidation
+        await wait_until(lambda: len(store.gates) == 2)
+        store.gates[1].set()
+    assert "k" not in store.data, store.data
+
+
+async def test_a_write_queued_for_its_turn_and_cancelled_passes_the_turn_on() -> None:
+    """Writers of one key take turns; one cancelled while it waits for its turn must
+    not keep the key busy (nor lose the turn of the writer after it)."""
+    store = GatedStore()
+    cache = pk.SWRCache(fresh=10, stale=100, store=store, clock=FakeClock())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.set, "k", "v1")
+        await wait_until(lambda: len(store.gates) == 1)
+        cancelled = anyio.CancelScope()
+
+        async def queued() -> None:
+            with cancelled:
+                await cache.set("k", "cancelled")
+
+        tg.start_soon(queued)
+        tg.start_soon(cache.invalidate, "k")
+        for _ in range(10):
+            await anyio.lowlevel.checkpoint()
+        cancelled.cancel()  # gives up while it waits for its turn
+        for _ in range(10):
+            await anyio.lowlevel.checkpoint()
+        store.gates[0].set()
+        await wait_until(lambda: not len(cache._loads.writes))
+    assert "k" not in store.data
+    assert len(store.gates) == 1  # the cancelled write never reached the store
+
+
+@pytest.mark.parametrize("first", ["cancel", "hand"])
+async def test_a_writer_cancelled_as_it_is_handed_the_turn_passes_it_on(first: str) -> None:
+    """The turn goes straight to the next writer in line. One cancelled as it is
+    handed the turn (both before it runs) gives it to the writer after it, or takes
+    it and then gives it on: either way the key is not left busy."""
+    from parallelkit._cache.writes import KeyedWrites
+
+    writes = KeyedWrites()
+    order: list[str] = []
+    await writes.acquire("k")  # held here
+    scopes = {name: anyio.CancelScope() for name in ("b", "c")}
+
+    async def writer(name: str) -> None:
+        with scopes[name]:
+            await writes.acquire("k")
+            order.append(name)
+            writes.release("k")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(writer, "b")
+        await wait_until(lambda: len(writes._busy["k"] or ()) == 1)
+        tg.start_soon(writer, "c")
+        await wait_until(lambda: len(writes._busy["k"] or ()) == 2)
+        if first == "cancel":
+            scopes["b"].cancel()
+            writes.release("k")  # handed to b, whose cancellation is on its way
+        else:
+            writes.release("k")
+            scopes["b"].cancel()
+    if first == "cancel":
+        assert order == ["c"]
+    else:  # b may have taken its turn before its cancellation arrived
+        assert order in (["c"], ["b", "c"])
+    assert not len(writes)

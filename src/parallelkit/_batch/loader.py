@@ -358,15 +358,22 @@ class BatchLoader(Generic[K, V]):
         except TypeError:
             for key in keys:
                 _check_hashable(key, "keys")
-        batches = [(key, self._enqueue(key)) for key in keys]
-        led = list({id(b): b for _, b in batches if b.lead}.values())
+        # each distinct key joins once: a repeat arriving after its batch filled up
+        # would open another batch and load the key twice
+        batches: dict[Any, Batch] = {}
+        for key in keys:
+            if key in batches:
+                self._requests += 1  # a request all the same (see BatchStats)
+            else:
+                batches[key] = self._enqueue(key)
+        led = list({id(b): b for b in batches.values() if b.lead}.values())
         if led:
             await self._lead(led)
-        for _, batch in batches:
+        for batch in batches.values():
             if not batch.finished:
                 await batch.wait()
         default = self._default
-        return [cast("V", batch.result(key, default)) for key, batch in batches]
+        return [cast("V", batches[key].result(key, default)) for key in keys]
 
     def clear(self, *keys: K) -> None:
         """Forget memoized values (``cache=True``): the given keys, or all."""

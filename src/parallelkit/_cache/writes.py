@@ -13,6 +13,7 @@ Across processes the same guarantee needs the store's help
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Hashable
 
 import anyio
@@ -23,42 +24,57 @@ __all__ = ["KeyedWrites"]
 
 @final
 class KeyedWrites:
-    """One write at a time per key (internal). Uncontended, nothing awaits."""
+    """One write at a time per key, in the order they asked (internal). Uncontended,
+    nothing awaits.
+
+    The turn is handed from one writer to the next one in line, never left free
+    for a moment: a writer that asks later (``set`` then ``invalidate`` in one
+    task, while another ``set`` waits) cannot go ahead of one already waiting.
+    """
 
     __slots__ = ("_busy",)
 
     def __init__(self) -> None:
-        # keys being written -> the event their next writer waits on (made on demand)
-        self._busy: dict[Hashable, anyio.Event | None] = {}
+        # keys being written -> the events of the writers waiting, in order (on demand)
+        self._busy: dict[Hashable, deque[anyio.Event] | None] = {}
 
     def __len__(self) -> int:
         return len(self._busy)
 
     async def acquire(self, key: Hashable) -> None:
-        """Wait for the write of ``key`` in flight, if any, then take the turn."""
+        """Wait for the writes of ``key`` asked for earlier, then take the turn."""
         busy = self._busy
-        while key in busy:
-            event = busy[key]
-            if event is None:
-                event = busy[key] = anyio.Event()
-            await event.wait()
-        busy[key] = None
+        if key not in busy:
+            busy[key] = None
+            return
+        line = busy[key]
+        if line is None:
+            line = busy[key] = deque()
+        turn = anyio.Event()
+        line.append(turn)
+        try:
+            await turn.wait()
+        except BaseException:
+            if turn.is_set():  # handed the turn as it was cancelled: pass it on
+                self.release(key)
+            else:
+                line.remove(turn)
+            raise
 
     def release(self, key: Hashable) -> None:
-        """End this write of ``key``: the next writer of that key goes."""
-        event = self._busy.pop(key)
-        if event is not None:
-            event.set()
+        """End this write of ``key``: the next writer of that key in line goes."""
+        line = self._busy[key]
+        if line:
+            line.popleft().set()  # the key stays busy: the turn passes directly
+        else:
+            del self._busy[key]
 
     async def idle(self) -> None:
-        """Wait until no write of any key is in flight (for ``clear``)."""
-        busy = self._busy
-        while busy:
-            key = next(iter(busy))
-            event = busy[key]
-            if event is None:
-                event = busy[key] = anyio.Event()
-            await event.wait()
+        """Wait until the writes of every key asked for so far have landed (``clear``)."""
+        for key in list(self._busy):
+            if key in self._busy:
+                await self.acquire(key)
+                self.release(key)
 
     def __repr__(self) -> str:
         return f"<KeyedWrites in_flight={len(self._busy)}>"
