@@ -195,6 +195,48 @@ async def test_writes_of_a_key_land_in_the_order_they_were_made() -> None:
     assert "k" not in store.data, store.data
 
 
+class SlowClearStore(GatedStore):
+    """A ``GatedStore`` whose ``clear`` waits for its own gate too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clearing = anyio.Event()
+        self.clear_gate = anyio.Event()
+
+    async def clear(self) -> None:
+        self.clearing.set()
+        await self.clear_gate.wait()
+        self.data.clear()
+
+
+async def test_a_set_called_while_the_store_is_cleared_lands_after_the_clear() -> None:
+    """``set(v1)`` is in flight when ``clear()`` is called; ``set(v2)`` is called
+    after it. ``v2`` must survive: it used to get its turn as soon as ``v1`` landed,
+    land while the store's (slow) clear was under way, and be erased by it."""
+    store = SlowClearStore()
+    cache = pk.SWRCache(fresh=10, stale=100, store=store, clock=FakeClock())
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cache.set, "k", "v1")
+        await wait_until(lambda: len(store.gates) == 1)  # v1 in flight
+        tg.start_soon(cache.clear)
+        for _ in range(10):
+            await anyio.lowlevel.checkpoint()
+        tg.start_soon(cache.set, "k", "v2")  # asked for after the clear
+        for _ in range(10):
+            await anyio.lowlevel.checkpoint()
+        store.gates[0].set()  # v1 lands; the clear reaches the store
+        await store.clearing.wait()
+        for _ in range(10):
+            await anyio.lowlevel.checkpoint()
+        if len(store.gates) == 2:  # v2 already on its way: let it land first
+            store.gates[1].set()
+            await wait_until(lambda: store.data.get("k") is not None)
+        store.clear_gate.set()
+        await wait_until(lambda: len(store.gates) == 2)
+        store.gates[1].set()
+    assert store.data["k"].value == "v2", store.data
+
+
 async def test_a_write_queued_for_its_turn_and_cancelled_passes_the_turn_on() -> None:
     """Writers of one key take turns; one cancelled while it waits for its turn must
     not keep the key busy (nor lose the turn of the writer after it)."""

@@ -197,8 +197,8 @@ class Loads:
             flight.valid = False
         self.flights.clear()
         self._failed.clear()
-        await self.writes.idle()
-        await self.store.clear()
+        async with self.writes.exclusive():
+            await self.store.clear()
 
     def _supersede(self, key: Hashable) -> None:
         flight = self.flights.pop(key, None)

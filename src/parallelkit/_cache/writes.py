@@ -14,7 +14,8 @@ Across processes the same guarantee needs the store's help
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import AsyncIterator, Hashable
+from contextlib import asynccontextmanager
 
 import anyio
 from typing_extensions import final
@@ -32,17 +33,25 @@ class KeyedWrites:
     task, while another ``set`` waits) cannot go ahead of one already waiting.
     """
 
-    __slots__ = ("_busy",)
+    __slots__ = ("_barrier", "_busy")
 
     def __init__(self) -> None:
         # keys being written -> the events of the writers waiting, in order (on demand)
         self._busy: dict[Hashable, deque[anyio.Event] | None] = {}
+        # set while a clear runs: writes asked for after it wait for it to end
+        self._barrier: anyio.Event | None = None
 
     def __len__(self) -> int:
         return len(self._busy)
 
     async def acquire(self, key: Hashable) -> None:
-        """Wait for the writes of ``key`` asked for earlier, then take the turn."""
+        """Wait for the writes of ``key`` asked for earlier (and for a clear under
+        way), then take the turn."""
+        while self._barrier is not None:
+            await self._barrier.wait()
+        await self._take(key)
+
+    async def _take(self, key: Hashable) -> None:
         busy = self._busy
         if key not in busy:
             busy[key] = None
@@ -69,12 +78,24 @@ class KeyedWrites:
         else:
             del self._busy[key]
 
-    async def idle(self) -> None:
-        """Wait until the writes of every key asked for so far have landed (``clear``)."""
-        for key in list(self._busy):
-            if key in self._busy:
-                await self.acquire(key)
-                self.release(key)
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """For ``clear``: wait until the writes of every key asked for so far have
+        landed, then hold off every write asked for from now on until the block ends
+        (a ``set`` called while the store is being cleared lands after the clear,
+        not before it, to be erased)."""
+        while self._barrier is not None:  # another clear: after it
+            await self._barrier.wait()
+        barrier = self._barrier = anyio.Event()
+        try:
+            for key in list(self._busy):
+                if key in self._busy:
+                    await self._take(key)
+                    self.release(key)
+            yield
+        finally:
+            self._barrier = None
+            barrier.set()
 
     def __repr__(self) -> str:
         return f"<KeyedWrites in_flight={len(self._busy)}>"
