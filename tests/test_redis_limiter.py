@@ -279,6 +279,30 @@ async def test_an_acquire_cancelled_with_its_reply_on_the_way_gives_the_slot_bac
     assert limiter.statistics().held == 0
 
 
+async def test_a_start_reserved_with_its_reply_on_the_way_is_given_back(
+    r: aredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeTimer()  # frozen: the reservations are 1 s apart on the shared clock
+    limiter = RedisLimiter(r, "lost-turn", rate=1, prefix=prefix, clock=clock)
+    rate_key = f"{prefix}:limiter:{{lost-turn}}:rate"
+    async with limiter:
+        pass  # the first start: the next one is 1 s away
+    one_start = f"{(clock.now + 1) * 1000:.3f}".encode()
+    lost = LostReply(r, monkeypatch)
+
+    async def acquire() -> None:
+        async with limiter:
+            pytest.fail("the reply never came: no start")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(acquire)
+        await lost.ran.wait()
+        assert await r.get(rate_key) != one_start  # Redis reserved it a start
+        tg.cancel_scope.cancel()
+    # the caller gave up: the next caller of any process waits 1 s, not 2 s
+    assert await r.get(rate_key) == one_start
+
+
 async def test_a_renewal_redis_refuses_is_logged_and_the_holder_finishes(
     r: aredis.Redis,
     prefix: str,

@@ -167,6 +167,7 @@ class RedisLimiter:
         "_holds",
         "_holes_key",
         "_interval_ms",
+        "_last_key",
         "_lease",
         "_local",
         "_lost",
@@ -221,6 +222,7 @@ class RedisLimiter:
         self._holders_key = f"{base}:holders"
         self._rate_key = f"{base}:rate"
         self._holes_key = f"{base}:rate:holes"
+        self._last_key = f"{base}:rate:last"
         self._interval_ms = 1000.0 / self._rate if self._rate is not None else 0.0
         self._acquire_script = redis.register_script(ACQUIRE)
         self._renew_script = redis.register_script(RENEW)
@@ -309,10 +311,33 @@ class RedisLimiter:
 
     async def _reserve(self) -> _Turn:
         """Reserve the next start: the seconds to wait for it, and how to give it back."""
-        args: list[float | str] = [self._interval_ms, self._burst, self._now()]
-        command = self._reserve_script(keys=[self._rate_key], args=args)
-        delay, before, after = await self._guard.call("reserve", command)
+        token = new_token()
+        args: list[float | str] = [self._interval_ms, self._burst, token, self._now()]
+        command = self._reserve_script(keys=[self._rate_key, self._last_key], args=args)
+        try:
+            delay, before, after = await self._guard.call("reserve", command)
+        except BaseException as exc:
+            # cancelled (or timed out) with the reply on its way: the script may have
+            # reserved a start that every later caller would wait behind
+            with contextlib.suppress(Exception):  # raise the reserve's error
+                await self._give_back_lost_turn(token, force=not isinstance(exc, Down))
+            raise
         return _Turn(float(delay) / 1000, bytes(before), bytes(after))
+
+    async def _give_back_lost_turn(self, token: str, *, force: bool) -> None:
+        """Give back the start ``token`` reserved if its reply never came: found in the
+        last reservation's record while no later one replaced it (then, the start
+        stays taken, as after an outage). Shielded and bounded, as a slot."""
+        limit = self._lease if self._guard.timeout is None else self._guard.timeout
+        with anyio.move_on_after(limit, shield=True):
+            try:
+                command = self._redis.get(self._last_key)
+                last = await self._guard.call("unreserve", command, force=force, timeout=limit)
+            except Down:
+                return
+            parts = (last.encode() if isinstance(last, str) else last or b"").split(b" ")
+            if len(parts) == 3 and parts[0] == token.encode():
+                await self._unreserve(_Turn(0.0, parts[1], parts[2]))
 
     async def _unreserve(self, turn: _Turn) -> None:
         """Give back a start its caller will not take (shielded, bounded, as a slot)."""

@@ -44,9 +44,12 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(lease) + 60000)
 return 1
 """
 )
-# KEYS[1] the GCRA "theoretical arrival time" (ms); ARGV[1] interval (ms), ARGV[2]
-# burst. Reserves the next start; returns how long to wait for it (ms), and the
-# time before and after this reservation (what UNRESERVE needs), all strings.
+# KEYS[1] the GCRA "theoretical arrival time" (ms), KEYS[2] the last reservation;
+# ARGV[1] interval (ms), ARGV[2] burst, ARGV[3] the caller's token. Reserves the
+# next start; returns how long to wait for it (ms), and the time before and after
+# this reservation (what UNRESERVE needs), all strings. KEYS[2] keeps "token before
+# after" of the latest reservation: a caller whose reply never came (cancelled
+# with it on its way) finds there what to give back.
 RESERVE = (
     NOW_MS
     + """
@@ -58,7 +61,9 @@ local start = tat - (tonumber(ARGV[2]) - 1) * interval
 if start < now then start = now end
 local new_tat = tat + interval
 local after = string.format('%.3f', new_tat)
-redis.call('SET', KEYS[1], after, 'PX', math.ceil(new_tat - now) + 1000)
+local ttl = math.ceil(new_tat - now) + 1000
+redis.call('SET', KEYS[1], after, 'PX', ttl)
+redis.call('SET', KEYS[2], ARGV[3] .. ' ' .. before .. ' ' .. after, 'PX', ttl)
 return {string.format('%.3f', start - now), before, after}
 """
 )
