@@ -97,6 +97,27 @@ def open_lifetime(name: str, fn: LifetimeFactory, kwargs: dict[str, Any]) -> Any
     raise TypeError(msg)
 
 
+@final
+class _ExitRecorder:
+    """A lifetime whose exit keeps what it raised (its tear-down scope may absorb it)."""
+
+    __slots__ = ("cm", "raised")
+
+    def __init__(self, cm: Any) -> None:
+        self.cm = cm
+        self.raised: BaseException | None = None
+
+    async def __aenter__(self) -> Any:
+        return await self.cm.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> Any:
+        try:
+            return await self.cm.__aexit__(*exc_info)
+        except BaseException as exc:
+            self.raised = exc
+            raise
+
+
 @asynccontextmanager
 async def _value_of(awaitable: Awaitable[Any]) -> AsyncIterator[Any]:
     yield await awaitable
@@ -113,7 +134,8 @@ class ServiceHost:
     :data:`PROCESS_KILL_GRACE`), after which the tear-down is cancelled and
     :attr:`timed_out` is set; :meth:`force` (a second signal) cuts it short sooner
     and sets :attr:`forced` instead. A service that dies while running (its task
-    group failed, its process exited) is reported through ``on_crash``.
+    group failed, its process exited) is reported through ``on_crashing`` at once,
+    then ``on_crash`` (with its error) once its tear-down ran.
 
     ``timed_out`` is True only when ``stop_timeout`` ran out and cancelled the
     tear-down; ``forced`` is True when :meth:`force` cut short a tear-down that
@@ -132,12 +154,14 @@ class ServiceHost:
 
     __slots__ = (
         "_closing",
+        "_exit",
         "_scope",
         "_stop",
         "crash",
         "forced",
         "kwargs",
         "on_crash",
+        "on_crashing",
         "on_ready",
         "setup_done_at",
         "spec",
@@ -154,11 +178,13 @@ class ServiceHost:
         kwargs: dict[str, Any],
         on_crash: Callable[[ServiceHost, BaseException | None], None],
         on_ready: Callable[[ServiceHost], None] = lambda host: None,
+        on_crashing: Callable[[ServiceHost], None] = lambda host: None,
     ) -> None:
         self.spec = spec
         self.kwargs = kwargs
         self.on_crash = on_crash
         self.on_ready = on_ready
+        self.on_crashing = on_crashing
         self.state: ServiceState = "pending"
         self.value: Any = None
         self.crash: BaseException | None = None
@@ -170,6 +196,7 @@ class ServiceHost:
         self.stopped = anyio.Event()
         self._scope: anyio.CancelScope | None = None
         self._closing = False
+        self._exit: _ExitRecorder | None = None
 
     def __repr__(self) -> str:
         return f"<ServiceHost {self.spec.name!r} {self.state}>"
@@ -238,8 +265,8 @@ class ServiceHost:
         # before the lifetime's own scopes)
         scope = stack.enter_context(anyio.CancelScope(deadline=deadline))
         try:
-            cm = open_lifetime(spec.name, spec.fn, self.kwargs)
-            value = await stack.enter_async_context(cm)
+            self._exit = _ExitRecorder(open_lifetime(spec.name, spec.fn, self.kwargs))
+            value = await stack.enter_async_context(self._exit)
         except BaseException as exc:
             # before the yield: undo the partial set-up (the generator's finally runs)
             suppressed = await stack.__aexit__(type(exc), exc, exc.__traceback__)
@@ -285,15 +312,45 @@ class ServiceHost:
             self.teardown_error = teardown
             return exc
         cancelled_outside = anyio.current_effective_deadline() == -math.inf
+        if teardown is None and not cancelled_outside:
+            # the service's own task group failed, and its tear-down was cut short by
+            # stop_timeout while that error was in flight: the error, not the cut
+            teardown = self._lost_error()
         if teardown is None or cancelled_outside:
             self.teardown_error = teardown
             return exc
         return teardown
 
-    async def _close(self, stack: AsyncExitStack, scope: anyio.CancelScope) -> Exception | None:
-        """Tear down (the code after ``yield``) once: shielded, bounded, as a normal exit.
+    def _lost_error(self) -> Exception | None:
+        """The error the lifetime was raising when its tear-down was cut short, if any.
 
-        Returns the error the tear-down raised (unwrapped from single-error groups).
+        A tear-down cut short by ``stop_timeout`` ends in a cancellation that its
+        own scope absorbs; the error it was handling (a crash of the service's task
+        group) is that cancellation's context, and would be lost with it.
+        """
+        if self._exit is None or (not self.timed_out and not self.forced):
+            return None
+        seen: BaseException | None = self._exit.raised
+        while seen is not None:
+            if isinstance(seen, Exception) and not isinstance(
+                seen, anyio.get_cancelled_exc_class()
+            ):
+                return _unwrap(seen)
+            seen = seen.__context__
+        return None
+
+    async def _close(
+        self,
+        stack: AsyncExitStack,
+        scope: anyio.CancelScope,
+        crash: BaseException | None = None,
+    ) -> Exception | None:
+        """Tear down (the code after ``yield``) once: shielded, bounded by ``stop_timeout``.
+
+        A normal exit, or, for a ``crash`` (the service's own task group failed),
+        that error thrown into the lifetime. Returns the error the tear-down raised
+        (unwrapped from single-error groups); for a crash, the crash itself unless
+        the lifetime swallowed it.
         """
         spec = self.spec
         grace = PROCESS_KILL_GRACE if spec.kind == "process" else 0.0
@@ -303,7 +360,10 @@ class ServiceHost:
         self._closing = True
         error: Exception | None = None
         try:
-            await stack.aclose()
+            if crash is None:
+                await stack.aclose()
+            elif not await stack.__aexit__(type(crash), crash, crash.__traceback__):
+                raise crash
         except Exception as raised:
             error = _unwrap(raised)
         finally:
@@ -337,14 +397,16 @@ class ServiceHost:
                 self.state = "stopping"
                 self.teardown_error = await self._close(stack, scope)
             else:
-                # a crash: the error goes into the lifetime, whose task group needs it
-                try:
-                    if not await stack.__aexit__(type(error), error, error.__traceback__):
-                        raise error
-                except Exception as raised:
-                    self.crash = _unwrap(raised)
+                # a crash: said at once (nothing must start on a service tearing down),
+                # then the error goes into the lifetime, whose task group needs it
+                # (bounded by stop_timeout, as any tear-down)
+                self.state = "crashed"
+                self.on_crashing(self)
+                self.crash = await self._close(stack, scope, error)
+                if self.crash is None:
+                    self.crash = self._lost_error()
         finally:
-            crashed = not self._stop.is_set()
+            crashed = error is not None
             self.state = "crashed" if crashed else "stopped"
             self._stop.set()
             self.stopped.set()

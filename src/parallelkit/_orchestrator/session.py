@@ -110,6 +110,7 @@ class Session:
         self.running = Running(self, names)
         self.failure: tuple[str, BaseException] | None = None
         self.crashed: tuple[str, BaseException | None] | None = None
+        self.crashing: ServiceHost | None = None  # crashed, its tear-down not done yet
         self.tg: anyio.abc.TaskGroup | None = None
         self.start_scope: anyio.CancelScope | None = None
         self.body_scope: anyio.CancelScope | None = None
@@ -147,8 +148,13 @@ class Session:
             # A service had failed, and the start was still unwinding (tearing down
             # the services that had not become ready) when your scope was cancelled:
             # its error is raised, not lost to the cancellation (as trio would have it).
+            self._log_other_failures(run)
             self._raise_failure(errors)
+        if self.crashing is not None:  # a service crashed: its error comes after its tear-down
+            with anyio.CancelScope(shield=True):
+                await self.crashing.stopped.wait()
         if self._failed() is not None:
+            self._log_other_failures(run)
             self._raise_failure(self.failed_teardowns() + await self.stop_all())
         running = self.running
         for name, outcome in run.results().items():
@@ -162,7 +168,29 @@ class Session:
                 logger.warning(
                     "non-critical service %r failed to start", name, exc_info=outcome.error
                 )
+                # it reached its yield and was torn down: nobody receives that error either
+                teardown_error = self.hosts[name].teardown_error
+                if teardown_error is not None:
+                    log_teardown_errors([(name, teardown_error)])
         return running
+
+    def _log_other_failures(self, run: Run) -> None:
+        """Log the services that failed besides the one the StartupError names.
+
+        Nobody receives those errors (a second critical service failing at the same
+        moment, a non-critical one): they are logged, never dropped.
+        """
+        assert self.failure is not None
+        for name, outcome in run.results().items():
+            error = outcome.error
+            if (
+                error is None
+                or error is self.failure[1]
+                or isinstance(error, DependencyFailed)
+                or not isinstance(error, Exception)
+            ):
+                continue
+            logger.warning("service %r failed to start", name, exc_info=error)
 
     def _failed(self) -> tuple[str, BaseException] | None:
         """The critical service that failed the start (one that crashed counts), if any."""
@@ -179,7 +207,7 @@ class Session:
 
     async def _start_node(self, node: Node, kwargs: dict[str, Any]) -> Any:
         spec: ServiceSpec = node.data
-        host = ServiceHost(spec, kwargs, self._on_crash, self._on_ready)
+        host = ServiceHost(spec, kwargs, self._on_crash, self._on_ready, self._on_crashing)
         self.hosts[spec.name] = host
         assert self.tg is not None
         try:
@@ -209,9 +237,21 @@ class Session:
             if host.state == "failed" and host.teardown_error is not None
         ]
 
+    def _on_crashing(self, host: ServiceHost) -> None:
+        """A service crashed: start nothing more, end the body (its error comes later)."""
+        if not host.spec.critical or self.stopped or self.crashed or self.failure:
+            return
+        self.crashing = host
+        if self.start_scope is not None:
+            self.start_scope.cancel()
+        if self.body_scope is not None:
+            self.body_scope.cancel()
+
     def _on_crash(self, host: ServiceHost, exc: BaseException | None) -> None:
         name = host.spec.name
-        if not host.spec.critical or self.stopped or self.crashed is not None:
+        if self.crashing is host:  # its tear-down ran: the crash is reported now
+            self.crashing = None
+        elif not host.spec.critical or self.stopped or self.crashed or self.failure:
             # nobody receives this one (not critical, or a failure is already
             # being reported): log it
             if exc is None:
