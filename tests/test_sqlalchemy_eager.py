@@ -522,3 +522,24 @@ async def test_eager_get_builds_its_options_once_per_model_and_paths(
             assert counter.count == 1, counter.statements  # one joined statement
     info = _get._plan.cache_info()
     assert (info.misses, info.hits) == (1, 2)
+
+
+def _keeps_loaded(options: tuple[object, ...]) -> bool:
+    from parallelkit.sqlalchemy._compat import KEEP_OPT
+
+    def opts(option: object) -> list[dict[str, object]]:
+        found = [getattr(option, "local_opts", None) or {}]
+        for child in getattr(option, "context", ()) or ():
+            found += opts(child)
+        return found
+
+    return any(o.get(KEEP_OPT) for option in options for o in opts(option))
+
+
+def test_the_guard_keeps_loaded_values_only_where_an_object_can_be_met_twice() -> None:
+    """The guard's per-row "keep what this row loaded" check costs a call per row and
+    relationship: only graphs that meet a class twice (one row may reach the same
+    object at two places) pay it. The reference service's webhook graph does not."""
+    assert not _keeps_loaded(eager(Conversation, "contact.company.automation_rules"))
+    assert _keeps_loaded(eager(Contact, "company.contacts"))  # back to Contact
+    assert _keeps_loaded(eager(Conversation, "contact.conversations"))

@@ -17,6 +17,9 @@ these private names, all here:
   uses), for one relationship of a subclass in a way that any other option for
   that relationship overrides (:func:`raise_attr`: a wildcard does not reach a
   relationship that only a subclass has);
+* the lazy loader's ``create_row_processor(context, ..., populators)`` and its
+  ``populators["new"]`` entries ``(key, fn(state, dict_, row))``: the raise callable
+  is not installed over a value the same row already loaded along another path;
 * the ``path`` of the loader option SQLAlchemy hands to ``_load_for_state``
   (``Conversation -> contact -> Contact -> *``), for the message: it is the
   path of the query that applied the option, also for an object that an earlier
@@ -39,12 +42,33 @@ from typing import Any
 
 from sqlalchemy.orm import Load, RelationshipProperty
 
-__all__ = ["RAISE_KEY", "OnRaise", "available", "ends_on", "path_keys", "raise_attr", "raise_rest"]
+__all__ = [
+    "KEEP_OPT",
+    "RAISE_KEY",
+    "ROOT_OPT",
+    "OnRaise",
+    "available",
+    "ends_on",
+    "path_keys",
+    "raise_attr",
+    "raise_rest",
+]
 
 RAISE_KEY = "parallelkit_raise"
 
-OnRaise = Callable[[Any, str, Any], BaseException]
-"""``on_raise(state, key, path)``: the error for ``state.key`` (``path``: see :func:`path_keys`)."""
+ROOT_OPT = "parallelkit_root"
+"""The raise option's local option naming ``eager``'s root class: SQLAlchemy files an
+option under the class that *declares* a relationship (``Load(Vip).joinedload(Vip.manager)``
+gives a path from ``Person``), so the loader path alone can lose a subclass root."""
+
+KEEP_OPT = "parallelkit_keep_loaded"
+"""The raise option's local option saying one row may reach the same object at two
+places of the loaded graph (a class met twice): the raise callable must then not
+replace a value the row already loaded along the other path."""
+
+OnRaise = Callable[[Any, str, Any, "str | None"], BaseException]
+"""``on_raise(state, key, path, root)``: the error for ``state.key`` (``path``: see
+:func:`path_keys`; ``root``: the root class name the option carries, if any)."""
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {"registered": None}  # None: not tried yet; then True / False
@@ -79,13 +103,53 @@ def _register() -> bool:
                 return super()._load_for_state(state, passive, loadopt=loadopt, **kw)
             except _Raise:
                 path = getattr(loadopt, "path", None) or getattr(state, "load_path", None)
-                raise _on_raise[0](state, self.key, path) from None
+                root = (getattr(loadopt, "local_opts", None) or {}).get(ROOT_OPT)
+                raise _on_raise[0](state, self.key, path, root) from None
 
         def _invoke_raise_load(self, state: Any, passive: Any, lazy: Any) -> None:
             raise _Raise
 
+        def create_row_processor(
+            self,
+            context: Any,
+            query_entity: Any,
+            path: Any,
+            loadopt: Any,
+            mapper: Any,
+            result: Any,
+            adapter: Any,
+            populators: Any,
+        ) -> None:
+            # the lazy loader's row processor installs the raise callable on each new
+            # object, popping the attribute's value; when one row reaches the same object
+            # along two paths (``org.people`` back to the root person), a requested path
+            # may have loaded that value already: keep it. Only for the graphs where that
+            # can happen (KEEP_OPT: a class met twice): elsewhere no call per row is added
+            new = populators["new"]
+            start = len(new)
+            super().create_row_processor(
+                context, query_entity, path, loadopt, mapper, result, adapter, populators
+            )
+            local = getattr(loadopt, "local_opts", None) or {}
+            if not local.get(KEEP_OPT) or getattr(context, "populate_existing", False):
+                return  # (a refresh resets what it does not load, as SQLAlchemy does)
+            for index in range(start, len(new)):
+                key, populate = new[index]
+                if key == self.key:
+                    new[index] = (key, _keep_loaded(key, populate))
+
     RelationshipProperty.strategy_for(lazy=RAISE_KEY)(_RaiseLoader)
     return True
+
+
+def _keep_loaded(key: str, populate: Any) -> Any:
+    """``populate`` (installs the raise callable) unless this row already loaded ``key``."""
+
+    def keep_loaded(state: Any, dict_: Any, row: Any) -> None:
+        if key not in dict_:
+            populate(state, dict_, row)
+
+    return keep_loaded
 
 
 def available(on_raise: OnRaise) -> bool:
@@ -101,14 +165,30 @@ def available(on_raise: OnRaise) -> bool:
     return bool(_state["registered"])
 
 
-def raise_rest(load: Load, on_raise: OnRaise) -> Load:
-    """``load.raiseload("*")``, raising ``on_raise(state, key, path)`` when the strategy exists."""
+def _opts(root: str | None, keep_loaded: bool) -> dict[str, Any] | None:
+    opts: dict[str, Any] = {}
+    if root is not None:
+        opts[ROOT_OPT] = root
+    if keep_loaded:
+        opts[KEEP_OPT] = True
+    return opts or None
+
+
+def raise_rest(
+    load: Load, on_raise: OnRaise, root: str | None = None, *, keep_loaded: bool = False
+) -> Load:
+    """``load.raiseload("*")``, raising ``on_raise(state, key, path, root)`` when the strategy
+    exists; ``root`` (the name of ``eager``'s root class) travels with the option, and
+    ``keep_loaded`` (see :data:`KEEP_OPT`)."""
     if available(on_raise):
-        return load._set_relationship_strategy("*", {"lazy": RAISE_KEY})
+        opts = _opts(root, keep_loaded)
+        return load._set_relationship_strategy("*", {"lazy": RAISE_KEY}, opts=opts)
     return load.raiseload("*")  # pragma: no cover - see available()
 
 
-def raise_attr(load: Load, attr: Any, on_raise: OnRaise) -> Load | None:
+def raise_attr(
+    load: Load, attr: Any, on_raise: OnRaise, root: str | None = None, *, keep_loaded: bool = False
+) -> Load | None:
     """``load`` raising ``on_raise(...)`` on the one relationship ``attr``; yields to other options.
 
     Any other option for the same relationship (the user's ``selectinload``)
@@ -120,7 +200,10 @@ def raise_attr(load: Load, attr: Any, on_raise: OnRaise) -> Load | None:
         return None
     try:
         option: Load = load._set_relationship_strategy(
-            attr, {"lazy": RAISE_KEY}, _reconcile_to_other=True
+            attr,
+            {"lazy": RAISE_KEY},
+            opts=_opts(root, keep_loaded),
+            _reconcile_to_other=True,
         )
     except TypeError:  # pragma: no cover - a future SQLAlchemy without the argument
         return None

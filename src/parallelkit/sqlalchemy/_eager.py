@@ -83,10 +83,14 @@ class NotLoadedError(ParallelkitError, sa_exc.InvalidRequestError):
             )
 
 
-def _not_loaded(state: Any, key: str, path: Any) -> NotLoadedError:
-    """Build the error from the loader path (root -> ... -> this object) of the raise option."""
+def _not_loaded(state: Any, key: str, path: Any, root_name: str | None = None) -> NotLoadedError:
+    """Build the error from the loader path (root -> ... -> this object) of the raise option.
+
+    ``root_name`` is ``eager``'s root class as the option carries it: the path may start
+    at a base class instead (SQLAlchemy files ``Vip.manager`` under ``Person``).
+    """
     root_class, names = path_keys(path)
-    root = (root_class or state.class_).__name__
+    root = root_name or (root_class or state.class_).__name__
     hint = None
     explicit = ends_on(path) == key  # not a wildcard: _Walk's option on a subclass relationship
     if explicit:
@@ -325,8 +329,28 @@ def eager(
         _parse(tree, path, [], path)
     chosen = _strategies(strategies, set(_paths(tree)))
     walk = _Walk(mapper.class_.__name__, chosen, raise_others, one)
+    walk.repeats = _repeats(mapper, tree, walk.root)
     walk.run(Load(model), model, mapper, tree, "")
     return tuple(walk.options)
+
+
+def _repeats(mapper: Mapper[Any], tree: _Tree, root: str) -> bool:
+    """Whether the loaded graph meets one class hierarchy at two places (the root
+    included): then one row may reach the same object twice (``tags.people`` back to
+    the root person), and the raise guard must keep what the other place loaded."""
+    seen: set[Mapper[Any]] = set()
+
+    def visit(m: Mapper[Any], sub: _Tree, prefix: str) -> bool:
+        if m.base_mapper in seen:
+            return True
+        seen.add(m.base_mapper)
+        for key, below in sub.items():
+            prop = _relationship(m, key, root, prefix + key)
+            if visit(prop.mapper, below, f"{prefix}{key}."):
+                return True
+        return False
+
+    return visit(mapper, tree, "")
 
 
 def _mapper(model: object) -> Mapper[Any]:
@@ -341,10 +365,11 @@ def _mapper(model: object) -> Mapper[Any]:
 class _Walk:
     """Turn the path tree into loader options, choosing a strategy per relationship."""
 
-    __slots__ = ("chosen", "joined", "one", "options", "raise_others", "root")
+    __slots__ = ("chosen", "joined", "one", "options", "raise_others", "repeats", "root")
 
     def __init__(self, root: str, chosen: Mapping[str, str], raise_others: bool, one: bool):
         self.root = root
+        self.repeats = False  # see _repeats
         self.chosen = chosen
         self.raise_others = raise_others
         self.one = one
@@ -377,7 +402,7 @@ class _Walk:
         below: bool = False,
     ) -> None:
         if self.raise_others:
-            self.options.append(raise_rest(load, _not_loaded))
+            self.options.append(raise_rest(load, _not_loaded, self.root, keep_loaded=self.repeats))
             if not prefix:
                 self.guard_subclasses(entity, mapper)
         for key, sub in tree.items():
@@ -386,7 +411,11 @@ class _Walk:
             attr = getattr(entity, key)  # through an aliased() root too
             strategy = self.strategy(path, prop, below)
             if strategy == "joined":
-                child = load.joinedload(attr, innerjoin=_inner(prop))
+                # SQLAlchemy cannot splice a nested inner join onto the outer join of a
+                # single-table-inheritance target ("assertion failed attempting to produce
+                # joined eager loads"): below one, a NOT NULL many-to-one joins outer too
+                inner = _inner(prop) and not (prefix and mapper.single)
+                child = load.joinedload(attr, innerjoin=inner)
             elif strategy == "selectin":
                 child = load.selectinload(attr)
             elif strategy == "subquery":
@@ -417,7 +446,8 @@ class _Walk:
         for sub in _subclasses(mapper):
             base = Load(sub.class_)
             for prop in _own_relationships(sub):
-                option = raise_attr(base, getattr(sub.class_, prop.key), _not_loaded)
+                attr = getattr(sub.class_, prop.key)
+                option = raise_attr(base, attr, _not_loaded, self.root, keep_loaded=self.repeats)
                 if option is None:  # pragma: no cover - a SQLAlchemy without it: as before
                     return
                 self.options.append(option)
