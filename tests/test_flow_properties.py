@@ -282,6 +282,38 @@ def build(case: Case, log: Log, never: anyio.Event) -> pk.Flow:
     return flow
 
 
+def run_case(
+    case: Case,
+    log: Log,
+    limiter: pk.Limiter | None,
+    inputs: dict[str, Any],
+    cancel_at: float | None,
+    backend: str,
+) -> tuple[Any, BaseException | None, float, int, int]:
+    """Run the case's flow on virtual time (``limiter``: the shared limit, if any), the
+    caller giving up at ``cancel_at``: (result, the error raised, the time it ended,
+    live tasks before, live tasks after)."""
+
+    async def main() -> tuple[Any, BaseException | None, float, int, int]:
+        never = anyio.Event()
+        flow = build(case, log, never)
+        before = live_tasks()
+        outcome: Any = None
+        error: BaseException | None = None
+        with anyio.fail_after(GUARD):
+            log.origin = anyio.current_time()
+            limit = limiter if limiter is not None else case.limit
+            with anyio.move_on_after(math.inf if cancel_at is None else cancel_at):
+                try:
+                    outcome = await flow.run(limit=limit, settle=case.settle, **inputs)
+                except Exception as exc:
+                    error = exc
+        await anyio.lowlevel.checkpoint()
+        return outcome, error, log.now(), before, live_tasks()
+
+    return run_virtual(main, backend)
+
+
 def run_inputs(case: Case) -> dict[str, Any]:
     used = {x for needs in case.needs for x in needs}
     inputs: dict[str, Any] = {x: f"input {x}" for x in sorted(used)}
@@ -413,25 +445,8 @@ def test_a_random_flow_with_random_faults_keeps_its_promises(backend: str, case:
         cancel_at = NEVER  # a blocked step may hold the only slot
     log = Log()
     limiter = pk.Limiter(concurrency=case.limit) if case.shared else None
-
-    async def main() -> tuple[Any, BaseException | None, float, int, int]:
-        never = anyio.Event()
-        flow = build(case, log, never)
-        before = live_tasks()
-        outcome: Any = None
-        error: BaseException | None = None
-        with anyio.fail_after(GUARD):
-            log.origin = anyio.current_time()
-            limit = limiter if limiter is not None else case.limit
-            with anyio.move_on_after(math.inf if cancel_at is None else cancel_at):
-                try:
-                    outcome = await flow.run(limit=limit, settle=case.settle, **inputs)
-                except Exception as exc:
-                    error = exc
-        await anyio.lowlevel.checkpoint()
-        return outcome, error, log.now(), before, live_tasks()
-
-    outcome, error, ended, before, after = run_virtual(main, backend)
+    run = run_case(case, log, limiter, inputs, cancel_at, backend)
+    outcome, error, ended, before, after = run
 
     # nothing of the run is left: no step running, no task, no slot held
     assert log.running == 0
@@ -575,25 +590,8 @@ def test_a_flow_whose_events_coincide_still_ends_cleanly(backend: str, case: Cas
         cancel_at = NEVER
     log = Log()
     limiter = pk.Limiter(concurrency=case.limit) if case.shared else None
-
-    async def main() -> tuple[Any, BaseException | None, float, int, int]:
-        never = anyio.Event()
-        flow = build(case, log, never)
-        before = live_tasks()
-        outcome: Any = None
-        error: BaseException | None = None
-        with anyio.fail_after(GUARD):
-            log.origin = anyio.current_time()
-            limit = limiter if limiter is not None else case.limit
-            with anyio.move_on_after(math.inf if cancel_at is None else cancel_at):
-                try:
-                    outcome = await flow.run(limit=limit, settle=case.settle, **inputs)
-                except Exception as exc:
-                    error = exc
-        await anyio.lowlevel.checkpoint()
-        return outcome, error, log.now(), before, live_tasks()
-
-    outcome, error, ended, before, after = run_virtual(main, backend)
+    run = run_case(case, log, limiter, inputs, cancel_at, backend)
+    outcome, error, ended, before, after = run
     assert log.running == 0
     assert after == before
     for name in log.start:

@@ -448,6 +448,23 @@ def run_capturing(main: Any, backend: str) -> list[logging.LogRecord]:
     return capture.records
 
 
+def failed_start(orch: pk.Orchestrator, backend: str) -> pk.StartupError:
+    """The ``StartupError`` that starting ``orch`` raises (on virtual time)."""
+    seen: list[pk.StartupError] = []
+
+    async def main() -> None:
+        with anyio.fail_after(GUARD):
+            try:
+                async with orch.start():
+                    pytest.fail("the start should have failed")
+            except pk.StartupError as exc:
+                seen.append(exc)
+
+    run_capturing(main, backend)
+    [error] = seen
+    return error
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_crash_whose_teardown_hangs_is_bounded_by_stop_timeout(backend: str) -> None:
     """A critical service crashed while running and its code after ``yield`` hung: the
@@ -489,20 +506,8 @@ def test_a_crash_before_ready_whose_teardown_is_cut_short_is_the_cause(backend: 
         return True
 
     crashing_service(orch, log, ready=pk.probes.call(later))
-    seen: list[BaseException] = []
-
-    async def main() -> None:
-        with anyio.fail_after(GUARD):
-            try:
-                async with orch.start():
-                    pytest.fail("never ready")
-            except pk.StartupError as exc:
-                seen.append(exc)
-
-    run_capturing(main, backend)
+    error = failed_start(orch, backend)
     assert log == ["down", "cut"]
-    [error] = seen
-    assert isinstance(error, pk.StartupError)
     assert error.service == "db"
     assert isinstance(error.__cause__, RuntimeError)
     assert str(error.__cause__) == "crash db"
@@ -548,20 +553,8 @@ def test_nothing_starts_on_a_service_that_crashed_while_its_teardown_runs(backen
         log.append("api set up")
         return "api"
 
-    seen: list[BaseException] = []
-
-    async def main() -> None:
-        with anyio.fail_after(GUARD):
-            try:
-                async with orch.start():
-                    pytest.fail("db crashed")
-            except pk.StartupError as exc:
-                seen.append(exc)
-
-    run_capturing(main, backend)
+    error = failed_start(orch, backend)
     assert log == ["down", "cut"]
-    [error] = seen
-    assert isinstance(error, pk.StartupError)
     assert error.service == "db"
     assert str(error.__cause__) == "crash db"
 
