@@ -70,8 +70,8 @@ def build_call(
 ) -> Call:
     """Wrap ``fn(arg)`` with the (already checked) options; ``fn`` itself when none."""
     call = fn
-    if limiter is not None or rate is not None or retry is not None:
-        call = _unless_cancelled(call)
+    if retry is not None and limiter is None and rate is None:
+        call = _unless_cancelled(call)  # after a back-off (the other waits check it)
     if timeout is not None:
         call = _with_timeout(call, timeout)
     # the rate inside the shared limiter's slot (as Limiter.acquire: slot, then rate):
@@ -89,13 +89,17 @@ def build_call(
     return call
 
 
+# The wait before an attempt (for a slot, the rate, a back-off) may end as the run is
+# cancelled (a slot handed over by the item that failed): a rescheduled task sees the
+# cancellation only at its next await, after `fn` started (and ran to the end if it
+# never awaits). So each wrapper that waits checks right after its wait, in its own
+# frame (no extra frame resumed at every await of the item).
+_cancelled = anyio.lowlevel.checkpoint_if_cancelled
+
+
 def _unless_cancelled(fn: Call) -> Call:
     async def call(arg: Any) -> Any:
-        # the wait before this attempt (for a slot, the rate, a backoff) may have ended
-        # as the run was cancelled (a slot handed over by the item that failed): a
-        # rescheduled task sees the cancellation only at its next await, after `fn`
-        # started (and ran to the end if it never awaits)
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        await _cancelled()
         return await fn(arg)
 
     return call
@@ -112,6 +116,7 @@ def _with_timeout(fn: Call, timeout: float) -> Call:
 def _with_limiter(fn: Call, limiter: SupportsLimit) -> Call:
     async def call(arg: Any) -> Any:
         async with limiter:
+            await _cancelled()
             return await fn(arg)
 
     return call
@@ -136,6 +141,7 @@ def _with_two_rates(fn: Call, shared: Limiter, interval: float) -> Call:
                     await anyio.sleep(delay)
                 await shared.wait_rate()
                 next_start = anyio.current_time() + interval
+            await _cancelled()
             return await fn(arg)
         finally:
             shared.release()
@@ -146,6 +152,7 @@ def _with_two_rates(fn: Call, shared: Limiter, interval: float) -> Call:
 def _with_rate(fn: Call, limiter: Limiter) -> Call:
     async def call(arg: Any) -> Any:
         await limiter.wait_rate()
+        await _cancelled()
         return await fn(arg)
 
     return call
