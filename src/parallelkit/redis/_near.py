@@ -14,12 +14,17 @@ up, and every way a message can be lost ends in emptying it:
   other keys (each one a message) does not void the reads of this one;
 * a broken subscription (a connection error, a Redis restart) empties the tier at
   once and turns it off until the subscription is back; re-subscribing (by us or
-  by redis-py's own reconnect) empties it again;
+  by redis-py's own reconnect) empties it again. While redis-py reconnects the
+  subscription inside a read (which may hang: a network dropping new
+  connections), the listening task cannot see it: the *watching* task
+  (:meth:`NearCache.watch_forever`) turns the tier off within one sweep interval
+  when it finds the subscription's connection closed;
 * a subscription that hangs silently (a paused server) is caught by a ``PING``
   that must be answered within ``command_timeout``;
 * and whatever happens, an entry is served from process memory for at most
-  ``near_ttl`` seconds after it was read from Redis: the listening task sweeps
-  the tier at least every ``min(1 s, near_ttl / 2)`` and drops what would pass
+  ``near_ttl`` seconds after it was read from Redis: the watching task, which
+  awaits nothing but its clock (so no read held up by Redis delays it), sweeps
+  the tier every ``min(1 s, near_ttl / 2)`` and drops what would pass
   ``near_ttl`` before the next sweep (so the hit path reads no clock).
 
 **Renewal.** Dropping an entry at ``near_ttl`` would make its next readers pay a
@@ -93,6 +98,7 @@ class NearCache:
         "entries",
         "index",
         "invalidations",
+        "link",
         "listening",
         "marks",
         "maxsize",
@@ -118,6 +124,7 @@ class NearCache:
         self.meta: dict[Hashable, tuple[float, str, bytes | str]] = {}
         self.index: dict[str, Hashable] = {}
         self.listening = False
+        self.link: Any = None  # the subscription's connection while subscribed
         self.seq = 0  # resets so far: a reset voids every ticket
         self.marks: dict[str, int] = {}  # invalidations of each name being read
         self.watchers: dict[str, int] = {}  # reads (and checks) of each name in flight
@@ -286,6 +293,22 @@ class NearCache:
             self._forget(key)
 
     # -- the subscription --------------------------------------------------------------
+    async def watch_forever(self) -> None:
+        """Sweep every ``slack``; turn the tier off if the subscription's connection is
+        closed (redis-py reconnecting it: messages are lost meanwhile).
+
+        A task of its own, awaiting nothing but its clock: the listening task may be
+        held up in a read (a reconnect that hangs, a slow message) for up to
+        ``command_timeout`` longer, and neither bound may wait for it.
+        """
+        while True:
+            await anyio.sleep(self.slack)
+            self.sweep()
+            link = self.link
+            if self.listening and link is not None and not link.is_connected:
+                self.resets += 1  # the "subscribe" that ends the reconnect turns it on
+                self.reset(listening=False)
+
     async def listen_forever(
         self,
         redis: Redis,
@@ -305,13 +328,14 @@ class NearCache:
         rather than waiting forever for a slot no command gives back.
         """
         wait = timeout if timeout is not None else 5.0
-        started = False
+        started = failing = False
 
         def subscribed() -> None:
-            nonlocal started
+            nonlocal started, failing
             if self.listening or self.entries:  # redis-py re-subscribed on its own
                 self.resets += 1
             self.reset(listening=True)
+            failing = False
             if not started:
                 started = True
                 task_status.started()
@@ -324,9 +348,23 @@ class NearCache:
                     async with slots:  # no wait: _spare saw a free slot, and no await since
                         await self._listen(redis, wait, subscribed)
             except Exception as exc:  # background work: counted and logged, never raised
+                # (type and text: redis-py 8's repr of its errors leaves the text out)
                 if self.listening or self.entries:
                     self.resets += 1
-                    logger.warning("RedisStore near cache off: subscription lost: %r", exc)
+                    logger.warning(
+                        "RedisStore near cache off: subscription to %r lost: %s: %s",
+                        self.channel,
+                        type(exc).__name__,
+                        exc,
+                    )
+                elif not failing:  # never up, or turned off by watch_forever: say why, once
+                    logger.warning(
+                        "RedisStore near cache off: subscription to %r failed: %s: %s",
+                        self.channel,
+                        type(exc).__name__,
+                        exc,
+                    )
+                failing = True
             finally:
                 self.reset(listening=False)
             if not started:
@@ -336,11 +374,12 @@ class NearCache:
             await anyio.sleep(jittered(min(max(retry_after, 0.05), 1.0)))
 
     async def _listen(self, redis: Redis, wait: float, subscribed: Callable[[], None]) -> None:
-        ping_every = self.slack  # wakes at least this often: to sweep, and to ping
+        ping_every = self.slack  # wakes at least this often: to ping
         pubsub = redis.pubsub()
         try:
             with anyio.fail_after(wait):
                 await pubsub.subscribe(self.channel)
+            self.link = pubsub.connection
             pong_due: float | None = None
             while True:
                 quiet = ping_every
@@ -348,7 +387,6 @@ class NearCache:
                     quiet = min(max(pong_due - anyio.current_time(), 0.0), quiet)
                 with anyio.fail_after(quiet + wait):
                     message = await pubsub.get_message(timeout=quiet)
-                self.sweep()
                 if message is None:
                     if pong_due is None:
                         with anyio.fail_after(wait):
@@ -364,5 +402,6 @@ class NearCache:
                 elif message["type"] == "subscribe":  # (re)subscribed: start afresh
                     subscribed()
         finally:
+            self.link = None  # (closed below: not a loss for watch_forever to count)
             with anyio.move_on_after(wait, shield=True):
                 await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed in redis 8

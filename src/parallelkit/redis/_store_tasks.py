@@ -7,6 +7,9 @@
 * with a near cache, the subscription to the invalidation channel
   (:meth:`._near.NearCache.listen_forever`); ``__aenter__`` returns once it is
   up, or has failed;
+* with a near cache, its sweep, and the watch on the subscription's connection
+  (:meth:`._near.NearCache.watch_forever`): a task that awaits nothing but its
+  clock, so no Redis read holds up the ``near_ttl`` bound;
 * with a near cache, the renewal of near entries before ``near_ttl``: one round
   (``RedisStore._renew``, one ``MGET`` per part) every sweep interval.
 
@@ -43,6 +46,7 @@ async def start(store: RedisStore) -> None:
         except BaseException:
             await store._owner.exit(None, None, None, cancel=True)
             raise
+        tg.start_soon(store._near.watch_forever)
         tg.start_soon(_renew_forever, store)
 
 
@@ -68,4 +72,9 @@ async def _renew_forever(store: RedisStore) -> None:
             pass  # counted by the guard; the entries expire as without renewal
         except Exception as exc:
             store._near.renew_errors += 1
-            logger.warning("RedisStore %r: near cache renewal failed: %r", store._namespace, exc)
+            logger.warning(
+                "RedisStore %r: near cache renewal failed: %s: %s",
+                store._namespace,
+                type(exc).__name__,
+                exc,
+            )

@@ -48,7 +48,7 @@ from ._scripts import (
     WRITE_IF_RELEASE,
     Token,
 )
-from ._serializer import GENERATION, placeholder
+from ._serializer import GENERATION, decode_entry, placeholder
 
 if TYPE_CHECKING:
     from ._store import RedisStore
@@ -306,8 +306,12 @@ async def set_if_unchanged(
             keys = [store._value_prefix + name, lease.key]
             stored = await store._guard.call("set", store._scripts.write_if_release(keys, args))
             lease.given_back()
-        if stored:
-            near.wrote(key, name, entry, ticket, data)  # its readers need no GET
+        if stored:  # its readers need no GET: keep what a GET would return
+            kept = _as_read(store, data)
+            if kept is None:
+                near.drop(key, name)
+            else:
+                near.wrote(key, name, kept, ticket, data)
     except Down as down:
         near.drop(key, name)  # written or not: the entry may be outdated
         store._degrade(down)
@@ -315,6 +319,16 @@ async def set_if_unchanged(
     finally:
         near.end(name)
     return bool(stored)
+
+
+def _as_read(store: RedisStore, data: bytes) -> CacheEntry[Any] | None:
+    """The entry a ``GET`` of ``data`` returns, as every other replica reads it (JSON: a
+    tuple comes back a list, an unlisted dataclass a dict), and not the loader's own
+    object, which its caller may change; ``None`` if the serializer cannot read it."""
+    try:
+        return decode_entry(data, store._serializer)
+    except Exception:  # the next GET raises the SerializationError itself
+        return None
 
 
 async def _set_locally(
