@@ -54,7 +54,9 @@ class RequestGuard:
       buried under the ``IllegalStateChangeError`` SQLAlchemy raises when a
       yield dependency closes the session, or a :class:`NotLoadedError` that
       pydantic turned into a ``ResponseValidationError``, is re-raised itself
-      (``from`` the exception that hid it, which stays reachable).
+      (``from`` the exception that hid it, which stays reachable). An error
+      the app raised itself while handling one of ours (an ``HTTPException``,
+      its own exception, ``raise ... from exc``) is the app's answer: left alone.
 
     Args:
         app: the ASGI app.

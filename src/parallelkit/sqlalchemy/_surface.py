@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 __all__ = ["cause", "note"]
 
 _KEEP = 256  # texts remembered; past that, forgotten all at once (one app has a few)
@@ -44,9 +46,10 @@ def note(error: BaseException) -> None:
 def cause(exc: BaseException) -> BaseException | None:
     """The parallelkit error ``exc`` hides, or ``None`` when ``exc`` is the real one.
 
-    ``exc`` hides a noted error when one is in its ``__cause__`` / ``__context__``
-    chain (returned itself), or when ``exc``'s text quotes one (what pydantic keeps
-    of an exception raised while reading an attribute: a new copy is returned).
+    ``exc`` hides a noted error when one is in the ``__cause__`` / ``__context__``
+    chain of an error SQLAlchemy raised (returned itself), or when ``exc``'s text
+    quotes one (what pydantic keeps of an exception raised while reading an
+    attribute: a new copy is returned).
     """
     if not _TYPES or type(exc) in _TYPES:
         return None
@@ -57,7 +60,10 @@ def cause(exc: BaseException) -> BaseException | None:
         link = link.__cause__ or link.__context__
     for link in chain[1:]:
         if type(link) in _TYPES:
-            return link
+            # in the chain: buried only if SQLAlchemy raised over it; an error the app
+            # raised while handling ours (an ``HTTPException``, its own, Starlette's
+            # "response already started") is the app's answer, left alone
+            return link if isinstance(exc, SQLAlchemyError) else None
     text = _text(exc)
     for quoted, error in list(_NOTED.items()):
         if quoted in text:
