@@ -38,6 +38,7 @@ from parallelkit.sqlalchemy import (
     QueryCounter,
     RequestGuard,
     TooManyQueries,
+    count_queries,
     eager,
     pool_limiter,
 )
@@ -899,3 +900,40 @@ async def test_cache_work_counts_against_the_request_that_started_it_only(
     assert responses["waiter"].headers["x-query-count"] == "0"
     assert stale.headers["x-query-count"] == "0"
     assert sorted(counted) == [(b"who=stale", 0), (b"who=starter", 1), (b"who=waiter", 0)]
+
+
+async def test_a_refresh_started_by_a_hit_never_counts_against_its_caller(
+    db: AsyncEngine,
+) -> None:
+    """A background refresh is the cache's work: its statement, sent while the request
+    whose stale hit started it is still counting, is not that request's."""
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    clock = Clock()
+    sessions = async_sessionmaker(db)
+    sent = anyio.Event()
+    cache = pk.SWRCache(fresh=10, stale=100, clock=clock)
+
+    @cache.cached
+    async def email(contact_id: int) -> str:
+        async with sessions() as session:
+            found = (await session.get_one(Contact, contact_id)).email
+        if clock.now:
+            sent.set()
+        return found
+
+    async with cache:
+        with count_queries(db) as miss:
+            first = await email(1)
+        clock.now = 50.0  # stale: the next hit answers at once and refreshes
+        with count_queries(db) as hit:
+            assert await email(1) == first
+            with anyio.fail_after(30):  # a bound for a hang
+                await sent.wait()  # the refresh's statement: sent inside this block
+    assert (miss.count, hit.count) == (1, 0)
+    assert cache.statistics().refreshes == 1

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple, cast
 import cachetools
 from typing_extensions import final
 
-from .._core.owned import OwnedTaskGroup
+from .._core.owned import OwnedTaskGroup, detached
 from .front import Front, Thunk, no_local_answer
 from .singleflight import Flight
 from .store import (
@@ -245,7 +245,8 @@ class Loads:
             )
         flight, work, done = self._new_flight(key, thunk, refresh=True)
         if tg is not None:
-            flight.start_in(tg, work, done, abandonable=False)
+            # the cache's work, not the caller's: no request-scoped context (owned.py)
+            detached(flight.start_in, tg, work, done, abandonable=False)
             return entry.value
         await flight.lead(work, done)
         return flight.value if flight.ok else entry.value  # stale-if-error

@@ -15,12 +15,23 @@ STYLE rule 5: background work (a cache's refreshes, a loader's batches, an
         return await self._owner.exit(*exc_info, cancel=True)
 
     ... self._owner.tg.start_soon(work)   # while entered; ``tg`` is None otherwise
+
+Work an owner starts *for* a caller (a miss load the caller waits for) inherits
+the caller's context, as any task does. Work that outlives the caller's interest
+(a cache's background refresh) is started with :func:`detached`: it keeps the
+context (a trace's current span, a logging context) except the variables
+registered with :func:`request_scoped`, which are reset (a request's statement
+counters: a refresh never counts against the request whose hit started it,
+whether its statements are sent before that request ends or after).
 """
 
 from __future__ import annotations
 
+import contextvars
 import sys
+from collections.abc import Callable
 from types import TracebackType
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -31,7 +42,32 @@ from .backend import is_failure
 if sys.version_info < (3, 11):  # pragma: no cover - the backport anyio depends on there
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["OwnedTaskGroup", "leave"]
+__all__ = ["OwnedTaskGroup", "detached", "leave", "request_scoped"]
+
+_REQUEST_SCOPED: list[tuple[contextvars.ContextVar[Any], Any]] = []
+
+
+def request_scoped(var: contextvars.ContextVar[Any], default: Any) -> None:
+    """Register ``var`` as belonging to one request: :func:`detached` work starts
+    with it set to ``default``."""
+    if all(v is not var for v, _ in _REQUEST_SCOPED):
+        _REQUEST_SCOPED.append((var, default))
+
+
+def detached(start: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    """Call ``start(*args, **kwargs)`` (a ``start_soon``) in a copy of the current
+    context with every :func:`request_scoped` variable reset: the task it starts
+    inherits that copy (asyncio and trio both copy the context at the start)."""
+    if not _REQUEST_SCOPED:
+        start(*args, **kwargs)
+        return
+
+    def reset_and_start() -> None:
+        for var, default in _REQUEST_SCOPED:
+            var.set(default)
+        start(*args, **kwargs)
+
+    contextvars.copy_context().run(reset_and_start)
 
 
 async def leave(

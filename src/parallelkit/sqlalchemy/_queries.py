@@ -28,6 +28,7 @@ from typing_extensions import Self, final
 
 from .._core.check import count
 from .._core.errors import ParallelkitError
+from .._core.owned import request_scoped
 
 __all__ = ["CapturedQuery", "QueryCounter", "TooManyQueries", "count_queries", "max_queries"]
 
@@ -77,6 +78,8 @@ def _targets(target: object) -> Engine | Connection:
 
 # the counters active in this context (a task, a thread, and what they start)
 _ACTIVE: ContextVar[tuple[QueryCounter, ...]] = ContextVar("parallelkit_counters", default=())
+# a cache's background refresh started by a request's hit is not that request's work
+request_scoped(_ACTIVE, ())
 _listeners: dict[int, tuple[Engine | Connection, Callable[..., None], int]] = {}
 _listeners_lock = threading.Lock()
 
