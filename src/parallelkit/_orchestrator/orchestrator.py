@@ -238,8 +238,9 @@ class Orchestrator:
 
         The process runs in its own process group. Its stdout/stderr lines are
         prefixed with ``name`` (see the orchestrator's ``output``). Stopping sends
-        ``SIGTERM`` to the group and ``SIGKILL`` after ``stop_timeout``; nothing it
-        started outlives the orchestrator. Its value (``running[name]``) is a
+        ``SIGTERM`` to the group and ``SIGKILL`` to what is left of it after
+        ``stop_timeout`` (the whole group has that grace, a shell's child too);
+        nothing it started outlives the orchestrator. Its value (``running[name]``) is a
         ``ManagedProcess`` (``pid``, ``returncode``, ``restarts``).
 
         Args:

@@ -147,8 +147,10 @@ class ManagedProcess:
         return self._process is not None and self._process.returncode is None
 
     def send_signal(self, signum: int) -> None:
-        """Send ``signum`` to the process's whole group (no-op when it has exited)."""
-        if self.pid is not None and self.running:
+        """Send ``signum`` to the process's whole group (no-op once all of it has exited)."""
+        if self.pid is None:
+            return
+        if self.running or (not self._group_gone and _group_alive(self.pid)):
             _killpg(self.pid, signum)
 
 
@@ -305,25 +307,63 @@ async def process_lifetime(
 
 
 async def _terminate(handle: ManagedProcess, stop_timeout: float) -> None:
+    """``SIGTERM`` to the group; ``SIGKILL`` to what is left of it after ``stop_timeout``.
+
+    The whole group has the grace period, not only the process: a shell running a
+    command (``cd app && uvicorn ...``) dies at ``SIGTERM`` at once, while its
+    child finishes its graceful stop.
+    """
     process = handle._process
     if process is None:
         return
     pgid = process.pid
-    if process.returncode is None:
-        _killpg(pgid, signal.SIGTERM)
-        with anyio.move_on_after(stop_timeout):
-            await process.wait()
-        if process.returncode is None:
-            logger.warning(
-                "process %r did not exit within stop_timeout=%ss after SIGTERM; sending SIGKILL",
-                handle.name,
-                stop_timeout,
-            )
     if not handle._group_gone:  # else its id may belong to someone else by now
-        _killpg(pgid, signal.SIGKILL)
+        if process.returncode is None or _group_alive(pgid):
+            _killpg(pgid, signal.SIGTERM)
+            with anyio.move_on_after(stop_timeout):
+                await process.wait()
+                # the rest of the group has the same grace; polled: no event says
+                # when a process that is not our child exits
+                while _group_alive(pgid):  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            if process.returncode is None or _group_alive(pgid):
+                logger.warning(
+                    "process %r did not exit within stop_timeout=%ss after SIGTERM; "
+                    "sending SIGKILL",
+                    handle.name,
+                    stop_timeout,
+                )
+                _killpg(pgid, signal.SIGKILL)
         handle._group_gone = True
     handle.returncode = await process.wait()
     await _reap(handle, process)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies, which cannot, do not count).
+
+    The process itself must not have been reaped yet, or a member of the group be
+    alive: either keeps ``pgid`` from being given to another group.
+    """
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # no /proc (not Linux): a zombie counts as alive
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):  # gone meanwhile
+            continue
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 async def _reap(handle: ManagedProcess, process: anyio.abc.Process) -> None:

@@ -135,7 +135,10 @@ class ServiceHost:
     :attr:`timed_out` is set; :meth:`force` (a second signal) cuts it short sooner
     and sets :attr:`forced` instead. A service that dies while running (its task
     group failed, its process exited) is reported through ``on_crashing`` at once,
-    then ``on_crash`` (with its error) once its tear-down ran.
+    then ``on_crash`` (with its error) once its tear-down ran. Likewise a start
+    that fails after the ``yield`` (its probe failed or timed out, its task group
+    failed) is reported through ``on_failing`` before its tear-down runs; its error
+    follows, from the start, once the tear-down ended.
 
     ``timed_out`` is True only when ``stop_timeout`` ran out and cancelled the
     tear-down; ``forced`` is True when :meth:`force` cut short a tear-down that
@@ -155,6 +158,7 @@ class ServiceHost:
     __slots__ = (
         "_closing",
         "_exit",
+        "_failed_attempt",
         "_scope",
         "_stop",
         "crash",
@@ -162,6 +166,7 @@ class ServiceHost:
         "kwargs",
         "on_crash",
         "on_crashing",
+        "on_failing",
         "on_ready",
         "setup_done_at",
         "spec",
@@ -179,12 +184,14 @@ class ServiceHost:
         on_crash: Callable[[ServiceHost, BaseException | None], None],
         on_ready: Callable[[ServiceHost], None] = lambda host: None,
         on_crashing: Callable[[ServiceHost], None] = lambda host: None,
+        on_failing: Callable[[ServiceHost], None] = lambda host: None,
     ) -> None:
         self.spec = spec
         self.kwargs = kwargs
         self.on_crash = on_crash
         self.on_ready = on_ready
         self.on_crashing = on_crashing
+        self.on_failing = on_failing
         self.state: ServiceState = "pending"
         self.value: Any = None
         self.crash: BaseException | None = None
@@ -197,6 +204,8 @@ class ServiceHost:
         self._scope: anyio.CancelScope | None = None
         self._closing = False
         self._exit: _ExitRecorder | None = None
+        # an attempt that failed after its yield, its tear-down not run yet
+        self._failed_attempt: tuple[AsyncExitStack, anyio.CancelScope] | None = None
 
     def __repr__(self) -> str:
         return f"<ServiceHost {self.spec.name!r} {self.state}>"
@@ -229,7 +238,9 @@ class ServiceHost:
             if spec.retry is None:
                 stack, scope, value = await self._attempt()
             else:
-                async for attempt in to_retrying(spec.retry).copy():
+                # a failed attempt is torn down before the wait for the next one
+                retrying = to_retrying(spec.retry).copy(sleep=self._retry_after)
+                async for attempt in retrying:
                     with attempt:
                         stack, scope, value = await self._attempt()
                     if attempt.retry_state.attempt_number > 1:
@@ -238,8 +249,11 @@ class ServiceHost:
                             spec.name,
                             attempt.retry_state.attempt_number,
                         )
-        except BaseException:
+        except BaseException as exc:
             self.state = "failed"
+            if self._failed_attempt is not None and isinstance(exc, Exception):
+                self.on_failing(self)  # said before the tear-down: nothing more starts
+            await self._close_failed()
             self.stopped.set()
             raise
         # ready: from now on only request_stop() / force() end the service, so that
@@ -257,6 +271,7 @@ class ServiceHost:
 
     async def _attempt(self) -> tuple[AsyncExitStack, anyio.CancelScope, Any]:
         spec = self.spec
+        await self._close_failed()  # (done by the retry's wait already, if it waited)
         started = anyio.current_time()
         deadline = math.inf if spec.timeout is None else started + spec.timeout
         stack = AsyncExitStack()
@@ -294,28 +309,63 @@ class ServiceHost:
                 msg = f"service {spec.name!r} was not ready within {spec.timeout}s: {exc}"
                 raise TimeoutError(msg) from exc
         except BaseException as exc:
+            if isinstance(exc, Exception):
+                # the start failed: torn down once the orchestrator knows (run), or before
+                # the wait for the next attempt (_retry_after)
+                self._failed_attempt = (stack, scope)
+                raise
+            if spec.retry is None:
+                # a cancellation: from outside (then the start is being cancelled, and
+                # saying so changes nothing), or its own task group failed, whose error
+                # comes out of the tear-down: the start fails, said before that
+                self.on_failing(self)
             failure = self._failure(exc, await self._close(stack, scope))
             if failure is exc:
                 raise
             raise failure from None  # the service's own error, not the cancellation it caused
         return stack, scope, value
 
-    def _failure(self, exc: BaseException, teardown: Exception | None) -> BaseException:
-        """What a start that failed after the yield raises, once its tear-down ran.
+    async def _close_failed(self) -> None:
+        """Tear down the attempt that failed after its ``yield``, if not done yet (once)."""
+        if self._failed_attempt is None:
+            return
+        stack, scope = self._failed_attempt
+        self._failed_attempt = None
+        self.teardown_error = await self._close(stack, scope)
 
-        ``exc`` stopped the start; ``teardown`` is what the tear-down raised. A
-        cancellation from outside (a sibling failed, a signal) goes on as itself;
-        a cancellation that came from inside the service (its own task group
-        failed, say its process exited) gives way to that task group's error.
+    async def _retry_after(self, seconds: float) -> None:
+        """The retry's wait: the failed attempt is torn down first."""
+        await self._close_failed()
+        if self.teardown_error is not None:  # nobody receives it: the start goes on
+            logger.error(
+                "service %r failed to stop cleanly after a failed attempt",
+                self.spec.name,
+                exc_info=self.teardown_error,
+            )
+            self.teardown_error = None
+        await anyio.sleep(seconds)
+
+    def _failure(self, exc: BaseException, teardown: Exception | None) -> BaseException:
+        """What a start cancelled after the yield raises, once its tear-down ran.
+
+        ``exc`` (a cancellation) stopped the start; ``teardown`` is what the
+        tear-down raised. A cancellation from outside (a sibling failed, a signal)
+        goes on as itself; one that came from inside the service (its own task
+        group failed, say its process exited) gives way to that task group's error,
+        or, when the service caught that error, to a RuntimeError saying so (a
+        cancellation nobody asked for must not go on).
         """
-        if isinstance(exc, Exception):
-            self.teardown_error = teardown
-            return exc
         cancelled_outside = anyio.current_effective_deadline() == -math.inf
         if teardown is None and not cancelled_outside:
             # the service's own task group failed, and its tear-down was cut short by
             # stop_timeout while that error was in flight: the error, not the cut
             teardown = self._lost_error()
+            if teardown is None:
+                msg = (
+                    f"service {self.spec.name!r} ended before it was ready: its own task "
+                    "group was cancelled (a task in it failed?), and the error was caught"
+                )
+                return RuntimeError(msg)
         if teardown is None or cancelled_outside:
             self.teardown_error = teardown
             return exc

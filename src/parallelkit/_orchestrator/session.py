@@ -19,6 +19,7 @@ from typing import Any, NoReturn, TypeVar
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from .._core import instrument
 from .._core.errors import DependencyFailed, StartupError
@@ -111,6 +112,9 @@ class Session:
         self.failure: tuple[str, BaseException] | None = None
         self.crashed: tuple[str, BaseException | None] | None = None
         self.crashing: ServiceHost | None = None  # crashed, its tear-down not done yet
+        # failed to start after its yield, its tear-down not done yet (its error comes then)
+        self.failing: ServiceHost | None = None
+        self.waits: dict[str, anyio.CancelScope] = {}  # each start's wait for its service
         self.tg: anyio.abc.TaskGroup | None = None
         self.start_scope: anyio.CancelScope | None = None
         self.body_scope: anyio.CancelScope | None = None
@@ -207,20 +211,45 @@ class Session:
 
     async def _start_node(self, node: Node, kwargs: dict[str, Any]) -> Any:
         spec: ServiceSpec = node.data
-        host = ServiceHost(spec, kwargs, self._on_crash, self._on_ready, self._on_crashing)
+        host = ServiceHost(
+            spec, kwargs, self._on_crash, self._on_ready, self._on_crashing, self._on_failing
+        )
         self.hosts[spec.name] = host
         assert self.tg is not None
+        self.waits[spec.name] = waiting = anyio.CancelScope()
         try:
             value = await _start_soon_and_wait(
-                self.tg, host.run, name=f"parallelkit service {spec.name}"
+                self.tg, host.run, name=f"parallelkit service {spec.name}", waiting=waiting
             )
         except Exception as exc:
-            if spec.critical and self.failure is None:
-                self.failure = (spec.name, exc)
-                assert self.start_scope is not None
-                self.start_scope.cancel()
+            self._fail(host, exc)
             raise
         return value
+
+    def _fail(self, host: ServiceHost, exc: Exception) -> None:
+        """``host`` failed to start with ``exc``: the first critical failure fails the start."""
+        if self.failing is host:
+            self.failing = None
+        if host.spec.critical and self.failure is None:
+            self.failure = (host.spec.name, exc)
+            assert self.start_scope is not None
+            self.start_scope.cancel()
+
+    def _on_failing(self, host: ServiceHost) -> None:
+        """A service failed to start and is about to tear down: start nothing more.
+
+        Its error comes once its tear-down ended (bounded by ``stop_timeout``), to its
+        start, which waits for it shielded; the other starts in flight are cancelled now,
+        as for a crash.
+        """
+        if not host.spec.critical or self.stopped or self.crashed or self.crashing:
+            return
+        if self.failure is not None or self.failing:  # the first one fails the start
+            return
+        self.failing = host
+        self.waits[host.spec.name].shield = True
+        assert self.start_scope is not None
+        self.start_scope.cancel()
 
     def _on_ready(self, host: ServiceHost) -> None:
         name = host.spec.name
@@ -239,7 +268,7 @@ class Session:
 
     def _on_crashing(self, host: ServiceHost) -> None:
         """A service crashed: start nothing more, end the body (its error comes later)."""
-        if not host.spec.critical or self.stopped or self.crashed or self.failure:
+        if not host.spec.critical or self.stopped or self.crashed or self.failure or self.failing:
             return
         self.crashing = host
         if self.start_scope is not None:
@@ -251,7 +280,7 @@ class Session:
         name = host.spec.name
         if self.crashing is host:  # its tear-down ran: the crash is reported now
             self.crashing = None
-        elif not host.spec.critical or self.stopped or self.crashed or self.failure:
+        elif not host.spec.critical or self.stopped or self.crashed or self.failure or self.failing:
             # nobody receives this one (not critical, or a failure is already
             # being reported): log it
             if exc is None:
@@ -354,7 +383,11 @@ class _StartStatus:
 
 
 async def _start_soon_and_wait(
-    tg: anyio.abc.TaskGroup, run: Callable[..., Awaitable[None]], *, name: str
+    tg: anyio.abc.TaskGroup,
+    run: Callable[..., Awaitable[None]],
+    *,
+    name: str,
+    waiting: anyio.CancelScope | None = None,
 ) -> Any:
     """``tg.start(run)``, without the hang of anyio's own ``start`` on asyncio.
 
@@ -367,7 +400,9 @@ async def _start_soon_and_wait(
     cancels that scope and, if the task's body began, waits until it ends or becomes
     ready anyway (a ready service is registered and stopped in order by the
     orchestrator); a task whose body begins after that returns at once, before any
-    service code runs.
+    service code runs. The wait runs in ``waiting``, a scope the caller may shield
+    (the task said its start failed: its error, which comes after its tear-down, is
+    received as that of any failed start).
     """
     status = _StartStatus()
     scope = anyio.CancelScope()
@@ -390,7 +425,8 @@ async def _start_soon_and_wait(
 
     tg.start_soon(task, name=name)
     try:
-        await status.event.wait()
+        with waiting if waiting is not None else anyio.CancelScope():
+            await status.event.wait()
     except BaseException:
         if not status.is_started:  # a ready service is stopped by the orchestrator, in order
             scope.cancel()
@@ -405,6 +441,9 @@ async def _start_soon_and_wait(
     if status.error is not None:
         raise status.error
     if not status.is_started:
+        # it ended by a cancellation from outside: when that reaches this start too
+        # (its wait was shielded, so it has not yet), it goes on
+        await anyio.lowlevel.checkpoint()
         msg = f"{name} ended before it was ready"
         raise RuntimeError(msg)
     return status.value
