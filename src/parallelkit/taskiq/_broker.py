@@ -15,6 +15,8 @@ from typing import Any
 
 import anyio
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from taskiq import AckableMessage, TaskiqMiddleware
 from taskiq.kicker import AsyncKicker
 from taskiq.message import BrokerMessage, TaskiqMessage
@@ -31,6 +33,8 @@ from ._completions import LABEL_DONE
 
 _LABEL_TRACEBACK = "pk_traceback"
 _LABEL_ERROR_TYPE = "pk_error_type"
+#: seconds between the tries of a result write that Redis failed (3.15 s in all)
+_SAVE_WAITS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 
 
 # ---------------------------------------------------------------------------- errors
@@ -330,8 +334,22 @@ class _ResultBackend(_OneClient, RedisAsyncResultBackend):  # type: ignore[type-
                 error=TypeError(msg),
             )
             value = self.serializer.dumpb(failed.model_dump(mode="json"))
-        name, ex, px = self._task_name(task_id), self.result_ex_time, self.result_px_time
         channel = result.labels.get(LABEL_DONE)
+        # Taskiq's worker logs a failed save and acknowledges the message all the same:
+        # the result would be lost for good, its item waiting until its timeout. So a
+        # write Redis fails for a moment is tried again (the SET and PUBLISH may repeat).
+        for wait in (*_SAVE_WAITS, None):
+            try:
+                await self._write(task_id, value, channel)
+            except (RedisConnectionError, RedisTimeoutError):  # noqa: PERF203 - rare, retried
+                if wait is None:
+                    raise
+                await anyio.sleep(wait)
+            else:
+                return
+
+    async def _write(self, task_id: str, value: bytes, channel: object) -> None:
+        name, ex, px = self._task_name(task_id), self.result_ex_time, self.result_px_time
         if not isinstance(channel, str):
             await self._client().set(name, value, ex=ex or None, px=px or None)
             return

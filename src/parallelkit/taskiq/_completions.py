@@ -11,6 +11,11 @@ subscription wakes the item waiting for it, which then reads its result.
 Pub/Sub delivery is at most once: the producer still polls on its schedule (a
 worker of an older version, a lost connection), so a lost message costs a poll
 interval, never a result.
+
+The subscription holds its connection for the whole call, so it does not take it
+from the client's pool: that pool is bounded (taskiq-redis: a blocking pool of 100)
+and the result reads need it. With the subscriptions of 100 calls at once holding
+every connection of it, each read waited for a free one for 20 s, then failed.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+from redis.asyncio import ConnectionPool, Redis
 from typing_extensions import Self, final
 
 from .._core.owned import OwnedTaskGroup
@@ -34,11 +40,12 @@ LABEL_DONE = "pk_done"
 class Completions:
     """One producer call's subscription to its finished task ids (``async with``)."""
 
-    __slots__ = ("_client", "_early", "_expected", "_owner", "_pubsub", "_waiting", "channel",
-                 "listening")  # fmt: skip
+    __slots__ = ("_client", "_early", "_expected", "_owner", "_pool", "_pubsub", "_waiting",
+                 "channel", "listening")  # fmt: skip
 
     def __init__(self, client: Any, prefix: str) -> None:
         self._client = client
+        self._pool: ConnectionPool | None = None  # the subscription's own, while entered
         self.channel = f"{prefix}:done:{uuid.uuid4().hex}"
         self._pubsub: Any = None
         self._waiting: dict[str, anyio.Event] = {}
@@ -53,13 +60,17 @@ class Completions:
         return f"<Completions {self.channel!r} waiting={len(self._waiting)}>"
 
     async def __aenter__(self) -> Self:
-        self._pubsub = self._client.pubsub()
+        shared = self._client.connection_pool  # the same server and options, not its slots
+        self._pool = ConnectionPool(
+            connection_class=shared.connection_class, max_connections=1, **shared.connection_kwargs
+        )
+        self._pubsub = Redis(connection_pool=self._pool).pubsub()
         try:
             await self._pubsub.subscribe(self.channel)
             tg = await self._owner.enter()
         except BaseException:
             with anyio.CancelScope(shield=True):
-                await self._pubsub.aclose()
+                await self._close()
             raise
         self.listening = True
         tg.start_soon(self._listen, name="parallelkit.taskiq completions")
@@ -76,7 +87,15 @@ class Completions:
         finally:
             self.listening = False
             with anyio.CancelScope(shield=True):
-                await self._pubsub.aclose()
+                await self._close()
+
+    async def _close(self) -> None:
+        pool, self._pool = self._pool, None
+        try:
+            await self._pubsub.aclose()
+        finally:
+            if pool is not None:
+                await pool.aclose()  # its one connection: nothing else uses it
 
     async def _listen(self) -> None:
         pubsub, waiting, early, expected = self._pubsub, self._waiting, self._early, self._expected
@@ -86,7 +105,8 @@ class Completions:
                 if message is None or message.get("type") != "message":
                     continue
                 data = message["data"]
-                task_id = data.decode() if isinstance(data, bytes) else str(data)
+                # (bytes that are no UTF-8 are no task id either: they match nothing)
+                task_id = data.decode(errors="replace") if isinstance(data, bytes) else str(data)
                 event = waiting.pop(task_id, None)
                 if event is not None:
                     event.set()

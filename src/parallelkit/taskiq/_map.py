@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import pickle
 import sys
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
@@ -11,8 +12,9 @@ from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
 import anyio
 from taskiq import AsyncTaskiqDecoratedTask
 from taskiq.compat import parse_obj_as
-from taskiq.exceptions import NoResultError
+from taskiq.exceptions import NoResultError, SendTaskError
 from taskiq.result import TaskiqResult
+from taskiq.result_backends.dummy import DummyResultBackend
 
 from .._core.check import number_or_none
 from .._core.limiter import Limiter, SupportsLimit, validate_rate
@@ -139,12 +141,19 @@ class _Kick:
                 f"got {type(task).__name__} {task!r}"
             )
             raise TypeError(msg)
+        backend = task.broker.result_backend
+        if isinstance(backend, DummyResultBackend):  # it says every result is ready: None
+            msg = (
+                f"task {task.task_name} has no result backend, so its results never come "
+                "back: build its broker with parallelkit.taskiq.redis_broker(...), or give "
+                "it one with broker.with_result_backend(...)"
+            )
+            raise TypeError(msg)
         self._timeout = number_or_none("timeout", timeout)
         self._gate = _rate_gate(rate)
         kicker = task.kicker()
         if self._timeout is not None:  # the worker stops the attempt too
             kicker = kicker.with_labels(timeout=self._timeout)
-        backend = task.broker.result_backend
         self.completions: Completions | None = None
         if isinstance(backend, _ResultBackend):
             self.completions = Completions(backend._client(), backend.prefix_str or "taskiq")
@@ -166,7 +175,18 @@ class _Kick:
         raise TimeoutError(msg)
 
     async def _run(self, item: Any) -> Any:
-        handle = await self._kicker.kiq(item)
+        try:
+            handle = await self._kicker.kiq(item)
+        except SendTaskError as exc:
+            cause = exc.__cause__  # the broker's serializer, or the broker (kept as is)
+            if not isinstance(cause, (TypeError, ValueError, pickle.PickleError)):
+                raise
+            msg = (
+                f"item {item!r} cannot be sent to Taskiq task {self._name}: its broker's "
+                f"serializer failed ({type(cause).__name__}: {cause}); items must be values "
+                "the serializer can encode (JSON with the default one)"
+            )
+            raise TypeError(msg) from cause
         backend = handle.result_backend
         delay = _POLL_FIRST
         completions = self.completions
@@ -272,7 +292,9 @@ async def map(
             as ``__cause__`` (:class:`RemoteTraceback`); no new item is kicked
             after it. Items already kicked are not recalled.
         TimeoutError: an item's result did not come back within ``timeout``.
-        TypeError: ``task`` is not a Taskiq task, or a bad argument type.
+        TypeError: ``task`` is not a Taskiq task or its broker has no result
+            backend, or a bad argument type (before anything is kicked); an item the
+            broker's serializer cannot encode (that item, which is not sent).
         ValueError: a bad ``limit``, ``rate`` or ``timeout``.
 
     Example:
