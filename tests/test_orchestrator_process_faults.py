@@ -31,16 +31,22 @@ out = pathlib.Path(sys.argv[1])
 mode = sys.argv[2]
 
 
+def put(text):  # whole or not at all: the probe (out.exists) may read it at any moment
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+
+
 def term(*_):
     if mode == "graceful":
         time.sleep(0.2)  # finish the work in hand
-        out.write_text("graceful")
+        put("graceful")
         sys.exit(0)
-    out.write_text(f"term {os.getpid()}")  # and go on: SIGTERM is not enough
+    put(f"term {os.getpid()}")  # and go on: SIGTERM is not enough
 
 
 signal.signal(signal.SIGTERM, term)
-out.write_text(f"up {os.getpid()}")
+put(f"up {os.getpid()}")
 while True:
     time.sleep(1)
 """
