@@ -28,7 +28,6 @@ workers never wait for slots that their waiting callers hold.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import weakref
 from collections.abc import Awaitable, Callable
 from types import TracebackType
@@ -286,8 +285,12 @@ class LimitedAsyncSession(AsyncSession):
     call or ``close()``, and so does a call made in a task that already holds a
     slot (``async with pool_limiter(engine):`` around the session: the call
     takes it re-entrantly, without waiting) that began no transaction. A
-    session that is never closed gives its slot back when it is
-    garbage-collected, as SQLAlchemy does with its connection.
+    session holds one slot whichever task calls it (calls of several tasks at
+    once wait for one). A session that is never closed gives its slot back when
+    it is garbage-collected (even after its event loop closed), as SQLAlchemy
+    does with its connection. A second session of a task in a transaction
+    (re-entrant) and a lent slot take a connection beyond the slots: from the
+    pool's overflow.
     """
 
     # no __slots__: it composes with GuardedAsyncSession (two slotted bases cannot)
@@ -297,20 +300,46 @@ class LimitedAsyncSession(AsyncSession):
         self._pk_holder: int | None = None
         self._pk_slots: PoolLimiter | None = None
         self._pk_loop: asyncio.AbstractEventLoop | None = None
+        self._pk_taking = False  # a call is waiting for the session's slot
+        self._pk_taken: asyncio.Future[None] | None = None  # what other calls wait on then
 
     def _pk_limiter(self) -> PoolLimiter | None:
         """The engine's limiter (``None``: no single engine bound, not limited)."""
         slots = self._pk_slots
         if slots is None and self.bind is not None:
             slots = self._pk_slots = pool_limiter(self.bind)
-            self._pk_loop = asyncio.get_running_loop()
         return slots
 
     async def _pk_take(self) -> None:
-        if self._pk_holder is None:
+        # one slot per session, whichever task's call takes it: a call made while
+        # another task's call waits for it (gather over one session, the classic
+        # mistake) waits for that slot, not for a second one that the session would
+        # then hold until closed (a deadlock when that was the last slot)
+        while self._pk_holder is None:
+            if self._pk_taking:
+                taken = self._pk_taken
+                if taken is None:
+                    taken = self._pk_taken = asyncio.get_running_loop().create_future()
+                await asyncio.shield(taken)  # set however the wait for the slot ends
+                continue
             slots = self._pk_limiter()
-            if slots is not None:
-                self._pk_holder = await slots.acquire()
+            if slots is None:
+                return
+            self._pk_taking = True
+            try:
+                holder = await slots.acquire()
+            finally:
+                self._pk_taking = False
+                taken, self._pk_taken = self._pk_taken, None
+                if taken is not None:
+                    taken.set_result(None)
+            self._pk_keep(slots, holder)
+
+    def _pk_keep(self, slots: PoolLimiter, holder: int) -> None:
+        if self._pk_holder is None:
+            self._pk_holder, self._pk_loop = holder, asyncio.get_running_loop()
+        else:  # a call in a slot-holding task gave the session its slot meanwhile
+            slots.release(holder)
 
     def __del__(self) -> None:
         # never closed in a transaction: the pool takes its connection back when the
@@ -319,8 +348,10 @@ class LimitedAsyncSession(AsyncSession):
         state = self.__dict__
         holder, slots, loop = state.get("_pk_holder"), state.get("_pk_slots"), state.get("_pk_loop")
         if holder is not None and slots is not None and loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing waits
+            try:
                 loop.call_soon_threadsafe(slots.release, holder)
+            except RuntimeError:  # its loop is closed; the engine may serve another
+                _release_later(slots, holder)
 
     def _pk_give(self, *, always: bool = False) -> None:
         holder = self._pk_holder
@@ -331,6 +362,16 @@ class LimitedAsyncSession(AsyncSession):
         ):
             self._pk_holder = None
             self._pk_slots.release(holder)
+
+
+def _release_later(slots: PoolLimiter, holder: int) -> None:
+    """Give back the slot of a session collected after its loop closed: on the loop
+    running in this thread, if any (never in the middle of the limiter's own code,
+    which the collector may have interrupted), else at once (no loop: nothing runs)."""
+    try:
+        asyncio.get_running_loop().call_soon(slots.release, holder)
+    except RuntimeError:
+        slots.release(holder)
 
 
 # the calls that may end the session's transaction (or give its connection back)
@@ -354,9 +395,13 @@ def _limited(
             slots = self._pk_limiter()
             if slots is None:  # not limited
                 return call(*args, **kwargs)
-            holder = slots.reenter()
+            try:
+                holder = slots.reenter()
+            except RuntimeError:  # called outside a running loop, to be awaited on one
+                return _taking(self, name, call, args, kwargs)
             if holder is not None:  # the task holds a slot (``async with slots``)
-                self._pk_holder = holder  # given back at commit, rollback or close
+                # given back at commit, rollback or close
+                self._pk_holder, self._pk_loop = holder, asyncio.get_running_loop()
                 return call(*args, **kwargs)
     return _taking(self, name, call, args, kwargs)
 
