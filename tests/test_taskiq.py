@@ -14,7 +14,7 @@ import re
 import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import redis as redis_sync
 import parallelkit as pk
 import parallelkit.taskiq as pkt
 
-from .taskiq_helpers.processes import Workers, drop_keys
+from .taskiq_helpers.processes import Workers, drop_keys, new_queue
 from .taskiq_helpers.tasks import RETRY, Tasks, build
 from .test_engine_docs import run_program
 
@@ -33,38 +33,14 @@ DOCS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "distributed.md"
 GUARD = 60  # seconds: stops a hang, never reached by a passing test
 
 
+pytest_plugins = ["tests.taskiq_helpers.fixtures"]
+
+
 # Taskiq's producer side (kick, result backend) and redis-py are asyncio libraries:
 # parallelkit.taskiq runs on asyncio only, so these tests do not run on trio.
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def _queue() -> str:
-    return f"pk-test-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture(scope="module")
-def workers(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
-    """Two worker processes shared by the tests of this module."""
-    queue = _queue()
-    try:
-        with Workers(redis_url, queue, log_dir=tmp_path_factory.mktemp("taskiq")) as pool:
-            pool.start("w1", "w2")
-            yield pool
-    finally:
-        drop_keys(redis_url, queue)
-
-
-@pytest.fixture
-async def tasks(workers: Workers) -> AsyncIterator[Tasks]:
-    """Producer-side handles on the workers' tasks, broker started."""
-    handles = build(workers.url, workers.queue)
-    await handles.broker.startup()
-    try:
-        yield handles
-    finally:
-        await handles.broker.shutdown()
 
 
 # ------------------------------------------------------------------ no Redis needed
@@ -506,7 +482,7 @@ def _pending_items(url: str, queue: str, consumer: str) -> set[int]:
 async def test_killed_worker_items_are_redelivered(redis_url: str, tmp_path: Path) -> None:
     """SIGKILL one of two workers mid-run: the other takes over its unacknowledged
     items, every item gets exactly one result, and only those items ran twice."""
-    queue = _queue()
+    queue = new_queue()
     tasks = build(redis_url, queue)
     await tasks.broker.startup()
     halfway = anyio.Event()
@@ -562,7 +538,7 @@ async def test_killed_worker_items_are_redelivered(redis_url: str, tmp_path: Pat
 async def test_redelivery_when_the_stream_is_quiet(redis_url: str, tmp_path: Path) -> None:
     """The dead worker held the *last* items: no new message arrives to trigger
     taskiq-redis's reclaim; RedeliveringStreamBroker reclaims them anyway."""
-    queue = _queue()
+    queue = new_queue()
     tasks = build(redis_url, queue)
     await tasks.broker.startup()
     try:
@@ -595,7 +571,7 @@ async def test_a_dead_workers_message_behind_many_live_ones_is_reclaimed(redis_u
     message was never taken over. The broker finds idle messages wherever they are."""
     from redis.asyncio import Redis
 
-    queue = _queue()
+    queue = new_queue()
     broker = pkt.redis_broker(redis_url, queue=queue, idle_timeout=60, poll=0.05)
     client = Redis.from_url(redis_url)
     await broker.startup()  # creates the stream's consumer group
@@ -626,7 +602,7 @@ async def test_a_dead_workers_message_behind_many_live_ones_is_reclaimed(redis_u
 def test_docs_recipe_runs(redis_url: str, tmp_path: Path) -> None:
     """docs/distributed.md's recipe as pasted (``detect.py``), for 300 companies on the
     two worker processes it starts; every count checked, each contact enrolled once."""
-    queue = _queue()
+    queue = new_queue()
     env = {"CRM_REDIS_URL": redis_url, "CRM_QUEUE": queue}
     script = tmp_path / "detect.py"
     script.write_text(recipe_block())

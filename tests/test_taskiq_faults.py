@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,42 +32,20 @@ from parallelkit.taskiq import _map
 from parallelkit.taskiq._broker import _ResultBackend
 from parallelkit.taskiq._completions import Completions
 
-from .taskiq_helpers.processes import Workers, drop_keys
+from .taskiq_helpers.processes import Workers, drop_keys, new_queue
 from .taskiq_helpers.tasks import Tasks, build
 
 GUARD = 60  # seconds: stops a hang, never reached by a passing test
 
 
+pytest_plugins = ["tests.taskiq_helpers.fixtures"]
+
+
+# Taskiq's producer side (kick, result backend) and redis-py are asyncio libraries:
+# parallelkit.taskiq runs on asyncio only, so these tests do not run on trio.
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def _queue() -> str:
-    return f"pk-test-{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture(scope="module")
-def workers(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
-    """Two worker processes shared by the tests of this module."""
-    queue = _queue()
-    try:
-        with Workers(redis_url, queue, log_dir=tmp_path_factory.mktemp("taskiq")) as pool:
-            pool.start("w1", "w2")
-            yield pool
-    finally:
-        drop_keys(redis_url, queue)
-
-
-@pytest.fixture
-async def tasks(workers: Workers) -> AsyncIterator[Tasks]:
-    """Producer-side handles on the workers' tasks, broker started."""
-    handles = build(workers.url, workers.queue)
-    await handles.broker.startup()
-    try:
-        yield handles
-    finally:
-        await handles.broker.shutdown()
 
 
 def subscribed(url: str, queue: str) -> list[str]:
@@ -116,7 +93,7 @@ class TestBadInput:
         a worker ever ran it."""
         from taskiq_redis import RedisStreamBroker
 
-        queue = _queue()
+        queue = new_queue()
         broker = RedisStreamBroker(redis_url, queue_name=queue)
 
         @broker.task(task_name="pk_tests.no_backend")
@@ -141,7 +118,7 @@ class TestBadInput:
         """A TypeError naming the item and the task (it was Taskiq's SendTaskError
         "Cannot send task to the queue", the message of a broker that is down);
         the item is not sent, and with settle=True the others still run."""
-        queue = _queue()
+        queue = new_queue()
         tasks = build(redis_url, queue)
         await tasks.broker.startup()
         client = redis_sync.Redis.from_url(redis_url)
@@ -160,7 +137,7 @@ class TestBadInput:
             drop_keys(redis_url, queue)
 
     async def test_limit_below_one_kicks_nothing(self, redis_url: str) -> None:
-        queue = _queue()
+        queue = new_queue()
         tasks = build(redis_url, queue)
         await tasks.broker.startup()
         client = redis_sync.Redis.from_url(redis_url)
@@ -252,7 +229,7 @@ async def test_the_items_of_a_dead_worker_time_out_in_place(redis_url: str, tmp_
     """The only worker is SIGKILLed holding two items: no result will ever come.
     Each of them fails with TimeoutError in its own position; the items that came
     back before keep their values."""
-    queue = _queue()
+    queue = new_queue()
     tasks = build(redis_url, queue)
     await tasks.broker.startup()
     items = [0.0, 3600.0, 0.0, 3600.0]
@@ -457,7 +434,7 @@ async def test_a_result_write_that_fails_briefly_is_retried(redis_url: str, tmp_
     failed save and acknowledges the message anyway, so the result was lost for good
     and the item waited until its timeout (forever without one). The write is
     retried now and the item gets its result."""
-    queue = _queue()
+    queue = new_queue()
     tasks = build(redis_url, queue)
     await tasks.broker.startup()
     client = redis_sync.Redis.from_url(redis_url)

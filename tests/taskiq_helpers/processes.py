@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import IO
 
@@ -125,6 +126,11 @@ class Workers:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def new_queue() -> str:
+    """A queue name of its own (its keys are dropped by :func:`drop_keys`)."""
+    return f"pk-test-{uuid.uuid4().hex[:10]}"
 
 
 def drop_keys(url: str, prefix: str) -> None:
