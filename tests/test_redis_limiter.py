@@ -313,7 +313,9 @@ async def test_a_renewal_redis_refuses_is_logged_and_the_holder_finishes(
     refused = Refused(r, monkeypatch, limiter._renew_script.sha)
     async with limiter:
         with anyio.fail_after(10):
-            while refused.refused < 2:
+            # refused twice (tried again), or once and then given up at the lease's end
+            # (a loop slowed by a busy machine may reach the end before a second try)
+            while refused.refused < 2 and not limiter.statistics().lost_leases:
                 await anyio.sleep(0.01)
         finished = True  # not cancelled by the renewal's error
     assert finished
