@@ -823,18 +823,21 @@ async def test_request_guard_counts_per_request_on_both_backends(tmp_path: Path)
     assert sorted(counted) == [("/fan/2", 2), ("/fan/5", 5), ("/sync", 3)]
 
 
+class Clock:
+    """A cache clock the test moves by hand."""
+
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def test_cache_work_counts_against_the_request_that_started_it_only(
     db: AsyncEngine,
 ) -> None:
     """As docs/sqlalchemy.md says: a shared miss load counts against the request that
     started it (not the one that only waited), and a refresh whose statement is sent
     after its request ended counts against no request."""
-
-    class Clock:
-        now = 0.0
-
-        def __call__(self) -> float:
-            return self.now
 
     clock = Clock()
     sessions = async_sessionmaker(db)
@@ -907,12 +910,6 @@ async def test_a_refresh_started_by_a_hit_never_counts_against_its_caller(
 ) -> None:
     """A background refresh is the cache's work: its statement, sent while the request
     whose stale hit started it is still counting, is not that request's."""
-
-    class Clock:
-        now = 0.0
-
-        def __call__(self) -> float:
-            return self.now
 
     clock = Clock()
     sessions = async_sessionmaker(db)
