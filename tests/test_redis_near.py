@@ -20,6 +20,8 @@ from .redis_helpers import (
     RedisServer,
     client,
     entry,
+    eventually,
+    heard,
     start_workers,
     stop_workers,
     wait_workers,
@@ -45,22 +47,6 @@ class Loader:
     async def __call__(self, key: Hashable) -> str:
         self.calls += 1
         return f"{key} #{self.calls}"
-
-
-async def eventually(check: Any, what: str, timeout: float = 30) -> None:
-    """Poll ``check()`` until true; fail after a generous ``timeout`` (never a timing claim)."""
-    with anyio.move_on_after(timeout):
-        while not check():
-            await anyio.sleep(0.005)
-        return
-    pytest.fail(f"not within {timeout} s: {what}")
-
-
-async def heard(store: RedisStore, count: int) -> None:
-    """Wait until ``store`` received ``count`` invalidations (its own writes' included)."""
-    await eventually(
-        lambda: store.statistics().near_invalidations >= count, f"{count} invalidations"
-    )
 
 
 async def warm(store: RedisStore, cache: pk.SWRCache, key: str, loader: Loader) -> Any:

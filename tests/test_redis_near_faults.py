@@ -25,7 +25,7 @@ import redis.asyncio as aredis
 import parallelkit as pk
 from parallelkit.redis import RedisStore
 
-from .redis_helpers import FakeTimer, RedisServer, client, entry
+from .redis_helpers import FakeTimer, RedisServer, client, entry, eventually, heard
 
 pytest_plugins = ["tests.redis_helpers.fixtures"]
 
@@ -45,21 +45,6 @@ async def named(redis_url: str) -> AsyncIterator[tuple[aredis.Redis, str]]:
     conn = client(redis_url, client_name=name)
     yield conn, name
     await conn.aclose()
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    """Poll ``check()`` until true; fail after a generous ``timeout`` (never a timing claim)."""
-    with anyio.move_on_after(timeout):
-        while not check():
-            await anyio.sleep(0.005)
-        return
-    pytest.fail(f"not within {timeout} s: {what}")
-
-
-async def heard(store: RedisStore, count: int) -> None:
-    await eventually(
-        lambda: store.statistics().near_invalidations >= count, f"{count} invalidations"
-    )
 
 
 async def subscription_id(r: aredis.Redis, name: str) -> str:

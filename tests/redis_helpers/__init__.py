@@ -14,8 +14,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
@@ -25,6 +26,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ReadOnlyError
 
 from parallelkit._cache.store import CacheEntry
+
+if TYPE_CHECKING:
+    from parallelkit.redis import RedisStore
 
 WORKER = Path(__file__).resolve().parent / "worker.py"
 
@@ -230,3 +234,19 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait(timeout=10)
             self.proc = None
+
+
+async def eventually(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Poll ``check()`` until true; fail after a generous ``timeout`` (never a timing claim)."""
+    with anyio.move_on_after(timeout):
+        while not check():
+            await anyio.sleep(0.005)
+        return
+    pytest.fail(f"not within {timeout} s: {what}")
+
+
+async def heard(store: RedisStore, count: int) -> None:
+    """Wait until ``store`` received ``count`` invalidations (its own writes' included)."""
+    await eventually(
+        lambda: store.statistics().near_invalidations >= count, f"{count} invalidations"
+    )
