@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
 import threading
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -226,6 +227,11 @@ async def _life(sessions: Factory, kind: str, *, shield: bool) -> None:
 async def test_cancelled_at_any_await_of_a_session_nothing_leaks(
     tight: AsyncEngine, kind: str, shield: bool
 ) -> None:
+    if kind == "stream" and tight.dialect.name == "sqlite" and sys.version_info < (3, 11):
+        # the interpreter itself crashes (a segmentation fault in greenlet) in some of
+        # these runs with a plain AsyncSession too: SQLAlchemy + aiosqlite + greenlet
+        # on Python 3.10, a stream's close cancelled; run on 3.11+ (the main suite)
+        pytest.skip("Python 3.10: a cancelled aiosqlite stream close crashes greenlet")
     # three sessions on two slots: each run also waits for a slot, connects, executes,
     # commits or rolls back and closes; the cancellation lands at each of those in turn
     sessions = async_sessionmaker(tight, class_=LimitedAsyncSession)
