@@ -379,8 +379,11 @@ class SWRCache:
         Raises:
             TypeError: ``fn`` is not an async function, ``key`` not callable, or
                 ``ignore`` not a str or an iterable of str.
-            ValueError: ``ignore`` names a parameter ``fn`` does not have, or both
-                ``key`` and ``ignore`` are given.
+            ValueError: ``ignore`` names a parameter ``fn`` does not have, both
+                ``key`` and ``ignore`` are given, or (without ``key``) another
+                function with ``fn``'s ``module.qualname`` but other code or closure
+                values is cached here already (a factory's inner function: its keys
+                would be the same).
         """
         if key is not None:
             callable_("key", key, what="a callable (*args, **kwargs) -> Hashable")

@@ -284,7 +284,8 @@ def decorate(
     ignore: frozenset[str],
 ) -> CachedFunction[P, R]:
     """Wrap ``fn`` for :meth:`SWRCache.cached <parallelkit.SWRCache.cached>` (checked there)."""
-    name = _name(fn)
+    # with the user's key, the name is in no key: only the default key needs it alone
+    name = _name(fn) if key is not None else front.names.claim(_name(fn), fn)
     call, make_key = _compile(fn, name, front, user_key=key, ignore=ignore)
     if _in_class_body(fn):
         method = _CachedMethod(call, make_key, front)

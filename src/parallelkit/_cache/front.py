@@ -25,6 +25,7 @@ from typing import Any
 
 from typing_extensions import final
 
+from .names import Names
 from .store import CacheEntry
 
 __all__ = ["Front", "Thunk", "no_local_answer"]
@@ -50,9 +51,11 @@ class Front:
         slow: ``await slow(key, thunk)``: everything that is not a fresh local hit
             (:meth:`Loads.slow <parallelkit._cache.loads.Loads.slow>`).
         invalidate: ``await invalidate(key)``: the cache's :meth:`SWRCache.invalidate`.
+        names: the names in the keys of the cache's decorated functions
+            (:class:`~parallelkit._cache.names.Names`).
     """
 
-    __slots__ = ("clock", "hits", "invalidate", "peek", "slow")
+    __slots__ = ("clock", "hits", "invalidate", "names", "peek", "slow")
 
     slow: Callable[[Hashable, Thunk], Awaitable[Any]]  # set by the cache's Loads
 
@@ -66,6 +69,7 @@ class Front:
         self.clock = clock
         self.invalidate = invalidate
         self.hits = 0
+        self.names = Names()
 
     def __repr__(self) -> str:
         return f"<Front hits={self.hits} peek={self.peek!r}>"

@@ -10,6 +10,7 @@ import anyio
 import tenacity
 from typing_extensions import final
 
+from .backend import is_stray_cancellation
 from .check import callable_, count, number
 
 __all__ = ["Retry", "RetryLike", "to_retrying", "validate_retry"]
@@ -30,9 +31,10 @@ class Retry:
     ``tenacity.AsyncRetrying`` wherever ``retry=`` is accepted.
 
     Each attempt is a new call of your function: a per-item ``timeout`` applies to
-    each attempt, a rate limit counts each attempt as a start, and cancellation is
-    never retried. When the attempts run out, the **last original exception** is
-    raised (not tenacity's ``RetryError``).
+    each attempt, a rate limit counts each attempt as a start, and a cancellation,
+    ``KeyboardInterrupt`` or ``SystemExit`` is never retried, whatever ``on`` says
+    (a cancelled caller's call is not made again). When the attempts run out, the
+    **last original exception** is raised (not tenacity's ``RetryError``).
 
     Args:
         attempts: total attempts including the first (``1`` disables retrying).
@@ -89,8 +91,12 @@ class Retry:
         if isinstance(on, (type, tuple)):
             types = on if isinstance(on, tuple) else (on,)
             retry_cond: Any = tenacity.retry_if_exception_type(types)
+            stoppable = not all(issubclass(t, Exception) for t in types)
         else:
             retry_cond = tenacity.retry_if_exception(on)
+            stoppable = True
+        if stoppable:  # ``on`` may match a cancellation or KeyboardInterrupt: never retried
+            retry_cond = _Stoppable(retry_cond)
         wait: Any = tenacity.wait_exponential(
             multiplier=self.backoff, max=self.max_backoff, exp_base=2
         )
@@ -110,6 +116,33 @@ class Retry:
 RetryLike = Retry | tenacity.AsyncRetrying
 
 
+@final
+class _Stoppable(tenacity.retry_base):
+    """A retry condition that never retries a stop: a cancellation (a cancelled
+    caller's call is not made again, and asyncio's one-shot ``task.cancel()`` is not
+    swallowed), ``KeyboardInterrupt``, ``SystemExit``, ``GeneratorExit``; whatever
+    ``on=`` or a user's ``AsyncRetrying`` says. A stray ``CancelledError`` (a future
+    other code cancelled) is a failure like any other: the condition decides. Asked
+    only after a failed attempt: a success costs nothing."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Callable[[tenacity.RetryCallState], bool]) -> None:
+        self.inner = inner
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
+        outcome = retry_state.outcome
+        if outcome is not None and outcome.failed:
+            exc = outcome.exception()
+            if (
+                exc is not None
+                and not isinstance(exc, Exception)
+                and not is_stray_cancellation(exc)
+            ):
+                return False
+        return bool(self.inner(retry_state))
+
+
 def validate_retry(retry: object, name: str = "retry") -> RetryLike | None:
     """Check a ``retry=`` argument at the door."""
     if retry is None or isinstance(retry, (Retry, tenacity.AsyncRetrying)):
@@ -122,11 +155,15 @@ def to_retrying(retry: RetryLike) -> tenacity.AsyncRetrying:
     """The one adapter: turn any accepted ``retry=`` value into AsyncRetrying.
 
     A user's ``AsyncRetrying`` keeps its own policy; only its sleep is switched to
-    anyio's so that it works on trio too.
+    anyio's so that it works on trio too, and a cancellation, ``KeyboardInterrupt``
+    or ``SystemExit`` is never retried (see :class:`_Stoppable`).
     """
     if isinstance(retry, Retry):
         return retry.to_tenacity()
-    return retry.copy(sleep=anyio.sleep)
+    cond = retry.retry
+    if not isinstance(cond, _Stoppable):
+        cond = _Stoppable(cond)
+    return retry.copy(sleep=anyio.sleep, retry=cond)
 
 
 def retrying_call(

@@ -151,10 +151,10 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         return f"<imap {self._pool!r} buffered={len(self._results)}>"
 
     async def __aenter__(self) -> Self:
-        if self._results.entered:
+        if self._results.state:
             msg = "an imap(...) object can be entered once; create a new one"
             raise RuntimeError(msg)
-        self._results.entered = True
+        self._results.state = _OPEN
         around = self.around
         if around is not None:
             await around.__aenter__()
@@ -175,12 +175,13 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
     ) -> bool | None:
         # outstanding work is cancelled; the body's own error propagates unchanged (a
         # BaseException that is no cancellation too: see OwnedTaskGroup.exit)
+        results = self._results
         try:
             await self._owner.exit(exc_type, exc, tb, cancel=True)
         finally:
+            results.state = _CLOSED  # a later ``async for`` would miss the cancelled work
             if self.around is not None:
                 await self.around.__aexit__(None, None, None)
-        results = self._results
         if results.error is not None and not results.delivered:
             results.delivered = True
             if exc is None:
@@ -213,8 +214,15 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
 
     async def __anext__(self) -> T:
         results = self._results
-        if not results.entered:
-            msg = "use `async with pk.imap(...) as results: async for r in results: ...`"
+        if results.state != _OPEN:
+            if results.state == _CLOSED:
+                msg = (
+                    "this imap(...) block has ended (its outstanding work was cancelled): "
+                    "read the results inside it, `async with pk.imap(...) as results: "
+                    "async for r in results: ...`"
+                )
+            else:
+                msg = "use `async with pk.imap(...) as results: async for r in results: ...`"
             raise RuntimeError(msg)
         while True:
             if results.error is not None and not results.delivered:
@@ -325,18 +333,19 @@ class _Window:
 
 
 _NOTHING: Any = object()
+_NEW, _OPEN, _CLOSED = 0, 1, 2
 
 
 class _Results:
     """imap's sink: results handed over to the consumer as they are stored."""
 
-    __slots__ = ("delivered", "done", "entered", "error", "wake")
+    __slots__ = ("delivered", "done", "error", "state", "wake")
 
     def __init__(self) -> None:
         self.wake: anyio.Event | None = None
         self.error: BaseException | None = None
         self.delivered = False
-        self.entered = False
+        self.state = _NEW  # _OPEN inside the ``async with`` block, _CLOSED after it
         self.done = False
 
     def __len__(self) -> int:  # pragma: no cover - each kind has its buffer
