@@ -298,3 +298,103 @@ async def test_a_writer_cancelled_as_it_is_handed_the_turn_passes_it_on(first: s
     else:  # b may have taken its turn before its cancellation arrived
         assert order in (["c"], ["b", "c"])
     assert not len(writes)
+
+
+@pytest.mark.parametrize("round_", range(8))
+async def test_a_write_waiting_for_a_clear_goes_before_a_clear_asked_for_after_it(
+    round_: int,
+) -> None:
+    """A clear runs; a write of ``k`` is asked for, then a second clear. The write
+    came first, so it must land before the second clear: the second clear then
+    erases it. Both used to wait for the first clear's end on its barrier, and
+    whichever woke first went: on trio (which runs a batch of woken tasks in either
+    order) the second clear could snapshot the keys before the write took its turn,
+    and the write landed after the later clear (a value back after a clear)."""
+    from parallelkit._cache.writes import KeyedWrites
+
+    writes = KeyedWrites()
+    order: list[str] = []
+    first_clear_end = anyio.Event()
+
+    async def clear(name: str, until: anyio.Event | None) -> None:
+        async with writes.exclusive():
+            order.append(f"{name} starts")
+            if until is not None:
+                await until.wait()
+            order.append(f"{name} ends")
+
+    async def write() -> None:
+        await writes.acquire("k")
+        try:
+            await anyio.lowlevel.checkpoint()
+            order.append("write lands")
+        finally:
+            writes.release("k")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(clear, "clear 1", first_clear_end)
+        await wait_until(lambda: order == ["clear 1 starts"])
+        tg.start_soon(write)
+        for _ in range(5):
+            await anyio.lowlevel.checkpoint()
+        tg.start_soon(clear, "clear 2", None)
+        for _ in range(5):
+            await anyio.lowlevel.checkpoint()
+        first_clear_end.set()
+    assert order == [
+        "clear 1 starts",
+        "clear 1 ends",
+        "write lands",
+        "clear 2 starts",
+        "clear 2 ends",
+    ]
+    assert not len(writes)
+
+
+async def test_writes_and_clears_cancelled_while_a_clear_runs_keep_the_line_moving() -> None:
+    """Waiting behind a clear, a write and a clear are cancelled: neither keeps a key
+    busy nor holds the next clear off; a write queued after them still goes."""
+    from parallelkit._cache.writes import KeyedWrites
+
+    writes = KeyedWrites()
+    order: list[str] = []
+    release = anyio.Event()
+    scopes = [anyio.CancelScope(), anyio.CancelScope()]
+
+    async def first_clear() -> None:
+        async with writes.exclusive():
+            order.append("clear")
+            await release.wait()
+
+    async def cancelled_write() -> None:
+        with scopes[0]:
+            await writes.acquire("k")
+            order.append("cancelled write ran")
+            writes.release("k")
+
+    async def cancelled_clear() -> None:
+        with scopes[1]:
+            async with writes.exclusive():
+                order.append("cancelled clear ran")
+
+    async def write() -> None:
+        await writes.acquire("k")
+        order.append("write")
+        writes.release("k")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first_clear)
+        await wait_until(lambda: order == ["clear"])
+        for task in (cancelled_write, cancelled_clear, write):
+            tg.start_soon(task)
+            for _ in range(3):
+                await anyio.lowlevel.checkpoint()
+        for scope in scopes:
+            scope.cancel()
+        for _ in range(5):
+            await anyio.lowlevel.checkpoint()
+        release.set()
+    assert order == ["clear", "write"]
+    assert not len(writes)
+    async with writes.exclusive():  # nothing left holding the clear off
+        pass
