@@ -29,10 +29,19 @@ logger = logging.getLogger("parallelkit.redis")
 
 # KEYS[1] the lease, KEYS[2] (optional) the fencing counter; ARGV[1] token, ARGV[2]
 # ttl (ms). Returns the new fencing token (or 1) when acquired, else minus the
-# holder's remaining ttl (ms).
+# holder's remaining ttl (ms). The token is one more than the last, and never below
+# the server's clock in ms: a Redis that lost the counter (a restart without
+# persistence, a failover to a replica that missed the last write) starts it again
+# above every token it gave before, not at 1.
 _ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  if #KEYS > 1 then return redis.call('INCR', KEYS[2]) end
+  if #KEYS > 1 then
+    local now = redis.call('TIME')
+    local floor = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+    local last = tonumber(redis.call('GET', KEYS[2]) or '0')
+    if last < floor then return redis.call('INCRBY', KEYS[2], floor - last) end
+    return redis.call('INCR', KEYS[2])
+  end
   return 1
 end
 local left = redis.call('PTTL', KEYS[1])
@@ -255,7 +264,8 @@ class Lease:
         """The fencing token of the current (or last) tenure; ``None`` before any.
 
         Strictly increasing across all acquisitions of this lock name, by any
-        process.
+        process, also after Redis lost its data: it is never below the Redis
+        server's clock in milliseconds (store it in a 64-bit column).
         """
         return self._fence
 

@@ -30,7 +30,9 @@ class RedisLock(Lease):
     only the holder can extend or release its tenure.
 
     Every successful acquisition gets a **fencing token**: a number from a Redis
-    ``INCR`` that only grows. Pass it along with writes to a shared resource and
+    counter that only grows, also across a Redis that lost its data (it never goes
+    below the server's clock in milliseconds: a 64-bit number). Pass it along with
+    writes to a shared resource and
     let the resource reject a token older than the last one it saw: this is what
     keeps a holder that was paused past its ttl (a long GC, a frozen VM) from
     clobbering the new holder's work.

@@ -7,6 +7,7 @@ process imports to be configured like the producers.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import time
 import traceback
@@ -16,6 +17,7 @@ from typing import Any
 import anyio
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from taskiq import AckableMessage, TaskiqMiddleware
 from taskiq.kicker import AsyncKicker
@@ -30,11 +32,14 @@ from typing_extensions import final
 from .._core.check import count, number_at_least, text
 from .._core.retry import Retry
 from ._completions import LABEL_DONE
+from ._outage import Outage
 
 _LABEL_TRACEBACK = "pk_traceback"
 _LABEL_ERROR_TYPE = "pk_error_type"
 #: seconds between the tries of a result write that Redis failed (3.15 s in all)
 _SAVE_WAITS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+
+logger = logging.getLogger("parallelkit.taskiq")
 
 
 # ---------------------------------------------------------------------------- errors
@@ -251,20 +256,34 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
         return ack
 
     async def listen(self) -> AsyncGenerator[AckableMessage, None]:
-        """Yield new messages, and reclaim idle pending ones at least every block."""
+        """Yield new messages, and reclaim idle pending ones at least every block.
+
+        Redis going away (a restart, a failover, a network blip) does not end the
+        loop: Taskiq's worker would die with every task it runs, and those would
+        run again only after ``idle_timeout``. The loop waits for Redis instead
+        (logging the first failure of each outage) and goes on; a Redis that came
+        back without the consumer group (it lost its data) gets it back, from the
+        start of the stream, so what was kicked since is delivered.
+        """
         streams: Any = {self.queue_name: ">", **self.additional_streams}
         interval = self.block / 1000
         last_claim = -float("inf")
+        outage = Outage()
         async with Redis(connection_pool=self.connection_pool) as conn:
             while True:
-                fetched: Any = await conn.xreadgroup(
-                    self.consumer_group_name,
-                    self.consumer_name,
-                    streams,
-                    block=self.block,
-                    noack=False,
-                    count=self.count,
-                )
+                try:
+                    fetched: Any = await conn.xreadgroup(
+                        self.consumer_group_name,
+                        self.consumer_name,
+                        streams,
+                        block=self.block,
+                        noack=False,
+                        count=self.count,
+                    )
+                except (RedisConnectionError, RedisTimeoutError, ResponseError) as exc:
+                    await self._recover(conn, exc, outage)
+                    continue
+                outage.over()
                 for stream, messages in fetched or ():
                     for msg_id, fields in messages:
                         yield AckableMessage(
@@ -275,10 +294,46 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
                 last_claim = time.monotonic()
                 for stream in streams:
                     async with contextlib.aclosing(self._reclaim(conn, stream)) as reclaimed:
-                        async for msg_id, fields in reclaimed:
+                        while True:
+                            try:
+                                msg_id, fields = await reclaimed.__anext__()
+                            except StopAsyncIteration:
+                                break
+                            except (RedisConnectionError, RedisTimeoutError, ResponseError) as exc:
+                                await self._recover(conn, exc, outage)
+                                break
                             yield AckableMessage(
                                 data=fields[b"data"], ack=self._ack_generator(msg_id, stream)
                             )
+
+    async def _recover(self, conn: Redis, exc: Exception, outage: Outage) -> None:
+        """After a failed read: wait out an outage, or put back a lost consumer group.
+
+        Any other error Redis answers (a wrong type at the stream's key, an ACL) is
+        raised: waiting would not mend it.
+        """
+        if isinstance(exc, ResponseError):
+            if not str(exc).startswith("NOGROUP"):
+                raise exc
+            # Redis lost its data (a restart without persistence): the group is gone
+            # and the stream holds only what was kicked since; "0" delivers all of it
+            # ("$", the default, would skip it). Another worker may have done it first.
+            logger.warning(
+                "consumer group %r is gone: declaring it again", self.consumer_group_name
+            )
+            try:
+                for stream in (self.queue_name, *self.additional_streams):
+                    try:
+                        await conn.xgroup_create(
+                            stream, self.consumer_group_name, id="0", mkstream=True
+                        )
+                    except ResponseError as refused:  # noqa: PERF203 - once per outage
+                        if not str(refused).startswith("BUSYGROUP"):  # not "it is back"
+                            raise
+            except (RedisConnectionError, RedisTimeoutError) as again:  # gone again
+                await outage.wait(again)
+            return
+        await outage.wait(exc)
 
     async def _reclaim(self, conn: Redis, stream: Any) -> AsyncGenerator[tuple[Any, Any], None]:
         """Take over ``stream``'s messages idle for ``idle_timeout``, a batch at a time.
