@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
 import sys
 import warnings
 from collections.abc import Iterator
@@ -95,3 +97,45 @@ def test_a_type_error_inside_the_factory_is_its_own_error(
 def test_a_builtin_that_needs_arguments_is_a_usage_error(factories: Path) -> None:
     with pytest.raises(UsageError, match=r"'os\.path:join' takes arguments"):
         load("os.path:join")
+
+
+CRASHING_APP = """
+import sys
+
+import parallelkit as pk
+
+orch = pk.Orchestrator()
+orch.process("worker", [sys.executable, "-c", "print('hi'); raise SystemExit(3)"])
+"""
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_crashed_process_is_reported_once_without_the_cancellation_it_caused(
+    tmp_path: Path, backend: str
+) -> None:
+    # the ProcessError came with "During handling of the above exception, another
+    # exception occurred" and the orchestrator's own CancelledError before it
+    (tmp_path / "crashing.py").write_text(CRASHING_APP)
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "parallelkit", "run", "crashing:orch", "--backend", backend],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root / "src")},
+        capture_output=True,
+        text=True,
+        timeout=60,  # a hang guard
+        check=False,
+    )
+    assert result.returncode == 1
+    err = result.stderr
+    assert "During handling" not in err
+    assert "Cancelled" not in err
+    # one report: what exited, its code and its last output (no traceback of
+    # parallelkit's own frames: there is no code of yours in it)
+    assert "Traceback" not in err
+    assert err.count("exited with code 3") == 1
+    report = err[err.index("parallelkit: process 'worker' exited with code 3") :]
+    assert report.splitlines() == [
+        "parallelkit: process 'worker' exited with code 3; its last output:",
+        "    hi",
+    ]

@@ -3,13 +3,16 @@
 Serves an :class:`~parallelkit.Orchestrator` defined in your code, the way
 ``honcho start`` runs a Procfile, but with dependencies, readiness probes and an
 ordered stop: the seed's "dev server + watchers" workflow as one command. Stops
-on SIGINT / SIGTERM (a second one forces it).
+on SIGINT / SIGTERM; a second one makes every stop immediate (tear-downs
+cancelled, processes killed), still in order.
 
 Exit codes: ``0`` after a signal-initiated stop, ``1`` when a service failed to
-start or crashed (or the target's own module or factory raised: its traceback is
-printed), ``2`` for a usage error (a malformed target, a module or attribute that
-does not exist, something that is not an Orchestrator nor a factory of one, a
-factory that is async or needs arguments, a bad option).
+start or crashed (its error's traceback is printed; for a process that exited,
+one report: its exit code and last lines of output) or the target's own module
+or factory raised (its traceback is printed), ``2`` for a usage error (a
+malformed target, a module or attribute that does not exist, something that is
+not an Orchestrator nor a factory of one, a factory that is async or needs
+arguments, a bad option).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from collections.abc import Sequence
 
 import anyio
 
-from ._core.errors import StartupError
+from ._core.errors import ProcessError, StartupError
 from ._orchestrator.orchestrator import Orchestrator
 from ._orchestrator.running import Running
 
@@ -155,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         anyio.run(lambda: orch.serve(on_ready=ready), backend=args.backend)
     except StartupError as exc:
         traceback.print_exception(exc)
+        return 1
+    except ProcessError as exc:  # a crashed process: its code and output say it all
+        print(f"parallelkit: {exc}", file=sys.stderr)  # (a traceback would show only ours)
         return 1
     except Exception:  # a crashed service: its own error
         traceback.print_exc()

@@ -444,12 +444,16 @@ class Orchestrator:
 
         The first signal stops the services in reverse dependency order (a signal
         during start-up aborts the start and rolls back; a signal while an async
-        ``on_ready`` is awaited cancels it, then the stop goes on). Each further
-        signal forces the stop: the tear-downs in progress are cancelled and their
-        processes get ``SIGKILL``. The order still holds: every service that
-        reached its ``yield`` still tears down exactly once, after everything that
-        depends on it. Returns normally after a signal-initiated stop. Must run in
-        the main thread.
+        ``on_ready`` is awaited cancels it, then the stop goes on). A second signal
+        forces the stop, like a second Ctrl-C to docker compose or honcho: from
+        then on every stop is immediate, the ones in progress and the ones that
+        begin later alike: a tear-down is cancelled (the code after ``yield``
+        runs until its first ``await``, where it gets the cancellation) and a
+        process gets ``SIGKILL`` (no ``SIGTERM`` grace). The order still holds:
+        every service that reached its ``yield`` still tears down exactly once,
+        after everything that depends on it, and no process is left running.
+        Returns normally after a signal-initiated stop. Must run in the main
+        thread.
 
         Args:
             signals: the signals that stop it.

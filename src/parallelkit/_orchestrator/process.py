@@ -110,6 +110,7 @@ class ManagedProcess:
     """
 
     __slots__ = (
+        "_forced",
         "_group_gone",
         "_probing",
         "_process",
@@ -134,6 +135,8 @@ class ManagedProcess:
         # the current process's group was killed after it exited: its id may be reused
         # by an unrelated process group from then on, which must never get a signal
         self._group_gone = False
+        # the stop was forced (a second signal): SIGKILL at once, no SIGTERM grace
+        self._forced = False
         # the readiness wait in progress (see services.py): an exit for good ends it
         self._probing: anyio.CancelScope | None = None
 
@@ -311,7 +314,8 @@ async def _terminate(handle: ManagedProcess, stop_timeout: float) -> None:
 
     The whole group has the grace period, not only the process: a shell running a
     command (``cd app && uvicorn ...``) dies at ``SIGTERM`` at once, while its
-    child finishes its graceful stop.
+    child finishes its graceful stop. A forced stop (a second signal to ``serve()``)
+    sends ``SIGKILL`` at once instead.
     """
     process = handle._process
     if process is None:
@@ -319,24 +323,34 @@ async def _terminate(handle: ManagedProcess, stop_timeout: float) -> None:
     pgid = process.pid
     if not handle._group_gone:  # else its id may belong to someone else by now
         if process.returncode is None or _group_alive(pgid):
-            _killpg(pgid, signal.SIGTERM)
-            with anyio.move_on_after(stop_timeout):
-                await process.wait()
-                # the rest of the group has the same grace; polled: no event says
-                # when a process that is not our child exits
-                while _group_alive(pgid):  # noqa: ASYNC110
-                    await anyio.sleep(0.05)
-            if process.returncode is None or _group_alive(pgid):
-                logger.warning(
-                    "process %r did not exit within stop_timeout=%ss after SIGTERM; "
-                    "sending SIGKILL",
-                    handle.name,
-                    stop_timeout,
-                )
+            if handle._forced:  # a second signal: no grace
                 _killpg(pgid, signal.SIGKILL)
+            else:
+                await _term_then_kill(handle, process, stop_timeout)
         handle._group_gone = True
     handle.returncode = await process.wait()
     await _reap(handle, process)
+
+
+async def _term_then_kill(
+    handle: ManagedProcess, process: anyio.abc.Process, stop_timeout: float
+) -> None:
+    """``SIGTERM`` to the group, ``SIGKILL`` to what is left of it after ``stop_timeout``."""
+    pgid = process.pid
+    _killpg(pgid, signal.SIGTERM)
+    with anyio.move_on_after(stop_timeout):
+        await process.wait()
+        # the rest of the group has the same grace; polled: no event says
+        # when a process that is not our child exits
+        while _group_alive(pgid):  # noqa: ASYNC110
+            await anyio.sleep(0.05)
+    if process.returncode is None or _group_alive(pgid):
+        logger.warning(
+            "process %r did not exit within stop_timeout=%ss after SIGTERM; sending SIGKILL",
+            handle.name,
+            stop_timeout,
+        )
+        _killpg(pgid, signal.SIGKILL)
 
 
 def _group_alive(pgid: int) -> bool:

@@ -132,9 +132,10 @@ class ServiceHost:
     passed) or raises its start-up error. :meth:`request_stop`
     then tears it down, bounded by ``stop_timeout`` (for a process, plus
     :data:`PROCESS_KILL_GRACE`), after which the tear-down is cancelled and
-    :attr:`timed_out` is set; :meth:`force` (a second signal) cuts it short sooner
-    and sets :attr:`forced` instead. A service that dies while running (its task
-    group failed, its process exited) is reported through ``on_crashing`` at once,
+    :attr:`timed_out` is set; :meth:`force` (a second signal) cuts it short at
+    once, whether it is under way or begins later, and sets :attr:`forced`
+    instead. A service that dies while running (its task group failed, its
+    process exited) is reported through ``on_crashing`` at once,
     then ``on_crash`` (with its error) once its tear-down ran. Likewise a start
     that fails after the ``yield`` (its probe failed or timed out, its task group
     failed) is reported through ``on_failing`` before its tear-down runs; its error
@@ -151,14 +152,16 @@ class ServiceHost:
     the generator): on stop, when its readiness probe fails or times out, and when
     the start is cancelled (a sibling failed, a signal). It runs shielded from
     the cancellation that stopped the start, bounded by ``stop_timeout``; only
-    :meth:`force` cuts it short. Before the ``yield``, a failure is thrown into
-    the lifetime as usual (its ``finally`` / ``except`` undo the partial set-up).
+    :meth:`force` cuts it short (after it, a tear-down is cancelled as it
+    begins). Before the ``yield``, a failure is thrown into the lifetime as usual
+    (its ``finally`` / ``except`` undo the partial set-up).
     """
 
     __slots__ = (
         "_closing",
         "_exit",
         "_failed_attempt",
+        "_force",
         "_scope",
         "_stop",
         "crash",
@@ -203,6 +206,7 @@ class ServiceHost:
         self.stopped = anyio.Event()
         self._scope: anyio.CancelScope | None = None
         self._closing = False
+        self._force = False  # a second signal came: every tear-down from now on is cut short
         self._exit: _ExitRecorder | None = None
         # an attempt that failed after its yield, its tear-down not run yet
         self._failed_attempt: tuple[AsyncExitStack, anyio.CancelScope] | None = None
@@ -216,17 +220,26 @@ class ServiceHost:
         self._stop.set()
 
     def force(self) -> None:
-        """Cut short the tear-down in progress, if any (a second Ctrl-C).
+        """Make this service's stop immediate (a second Ctrl-C), now or when it begins.
 
-        A process gets ``SIGKILL``. A service that has not begun its tear-down is
-        left alone: it still tears down, in its turn.
+        A tear-down in progress is cancelled and a process gets ``SIGKILL``. A
+        service that has not begun its tear-down is not stopped out of turn: it
+        still tears down once, after everything that depends on it, but at once
+        (its tear-down cancelled; a process killed, without the SIGTERM grace).
         """
-        if not self._closing or self._scope is None:
-            return
+        self._force = True
+        if self._closing and self._scope is not None:
+            self._cut(kill=True)
+
+    def _cut(self, *, kill: bool) -> None:
+        """Cancel the tear-down (``kill``: ``SIGKILL`` a process whose stop is under way)."""
+        assert self._scope is not None
         if not self._scope.cancel_called:  # not already cut short by its stop_timeout
             self.forced = True
         if isinstance(self.value, ManagedProcess):
-            self.value.send_signal(signal.SIGKILL)
+            self.value._forced = True  # its stop kills it at once, not SIGTERM first
+            if kill:
+                self.value.send_signal(signal.SIGKILL)
         self._scope.cancel()
 
     # -- the lifetime ----------------------------------------------------------------
@@ -408,6 +421,10 @@ class ServiceHost:
         scope.deadline = anyio.current_time() + spec.stop_timeout + grace
         self._scope = scope
         self._closing = True
+        if self._force:  # the stop was forced before this tear-down began: at once
+            # (a process is not signalled from here: its own stop sends SIGKILL, once it
+            # knows it is stopping, so that the exit is not taken for a crash)
+            self._cut(kill=False)
         error: Exception | None = None
         try:
             if crash is None:

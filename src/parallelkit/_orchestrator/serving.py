@@ -3,7 +3,8 @@
 :meth:`Orchestrator.serve <parallelkit.Orchestrator.serve>` checks its arguments
 and hands the run (``Orchestrator._run``: start, yield, ordered stop) to
 :func:`serve_session`, which watches the signals: the first one stops the run (or
-aborts a start still in progress: a rollback), each further one forces the stop.
+aborts a start still in progress: a rollback), each further one forces the stop
+(every stop immediate from then on, still in order).
 """
 
 from __future__ import annotations

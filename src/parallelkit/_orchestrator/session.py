@@ -88,9 +88,24 @@ async def run_session(session: Session) -> AsyncIterator[Running]:
         if handled:  # (else logged already)
             log_teardown_errors(errors)  # not raised: the crash is
         name, crash = session.crashed
-        raise crash or RuntimeError(f"service {name!r} ended while running")
+        _raise_as_it_was(crash or RuntimeError(f"service {name!r} ended while running"))
     if errors:
         raise teardown_group(errors)
+
+
+def _raise_as_it_was(exc: BaseException) -> NoReturn:
+    """Raise a service's crash with the ``__context__`` it had when the service raised it.
+
+    It is raised from the exit of ``async with orch.start()``, whose body the crash
+    ended with a cancellation: raised there, it would get that cancellation as its
+    context, and its traceback would print the orchestrator's own cancellation first
+    ("During handling of the above exception, another exception occurred").
+    """
+    context = exc.__context__
+    try:
+        raise exc
+    finally:
+        exc.__context__ = context
 
 
 class Session:
@@ -339,10 +354,11 @@ class Session:
         await host.stopped.wait()
 
     def force(self) -> None:
-        """Cut short the tear-downs in progress (processes: ``SIGKILL``).
+        """Make every stop immediate: the ones in progress and the ones still to come.
 
-        The order is kept: a service that has not begun its tear-down still
-        tears down, exactly once, after everything that depends on it.
+        A tear-down is cancelled, a process gets ``SIGKILL``. The order is kept: a
+        service that has not begun its tear-down still tears down, exactly once,
+        after everything that depends on it, but at once when its turn comes.
         """
         for host in self.hosts.values():
             host.force()
