@@ -39,6 +39,7 @@ from .shared import (
     conversation_view,
     enrollment_response,
     find_inactive,
+    log_failed_items,
     open_conversations,
     open_database,
     payment_response,
@@ -146,7 +147,11 @@ def create_app(settings: Settings) -> FastAPI:
 
         results = await asyncio.gather(*(enroll(i, e) for i, e in inactive), return_exceptions=True)
         enrolled = [r for r in results if isinstance(r, int)]
-        failed = [i for (i, _), r in zip(inactive, results, strict=True) if not isinstance(r, int)]
+        errors = [
+            (i, r) for (i, _), r in zip(inactive, results, strict=True) if not isinstance(r, int)
+        ]
+        failed = [i for i, _ in errors]
+        log_failed_items(company_id, len(inactive), errors)
         async with s.db_slots, s.db.sessions() as session:
             await record_enrollments(session, cadence_id, enrolled)
         return enrollment_response(company_id, cadence_id, enrolled, failed)

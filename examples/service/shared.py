@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import re
 import tempfile
@@ -68,6 +69,7 @@ __all__ = [
     "find_inactive",
     "inactive_cutoff",
     "is_inactive",
+    "log_failed_items",
     "open_database",
     "payment_response",
     "record_payment",
@@ -439,6 +441,29 @@ async def open_conversations(session: AsyncSession, contact_id: int) -> int:
         .where(Conversation.contact_id == contact_id, Conversation.status == "open")
     )
     return int(count or 0)
+
+
+def log_failed_items(
+    company_id: int, total: int, failures: Sequence[tuple[int, BaseException]]
+) -> None:
+    """Log an enrollment's failed items: one warning per request, with the first error.
+
+    The fan-out keeps every item's outcome and answers 200 with the failed contacts
+    listed, so no server logs their errors: without this an outage of the mailer or
+    the database would leave answers with ``failed`` ids and nothing in the log.
+    """
+    if not failures:
+        return
+    kinds = sorted({type(error).__name__ for _, error in failures})
+    logging.getLogger("examples.service").warning(
+        "enrollment of company %d: %d of %d contacts failed (%s): %s",
+        company_id,
+        len(failures),
+        total,
+        ", ".join(kinds),
+        sorted(contact_id for contact_id, _ in failures),
+        exc_info=failures[0][1],
+    )
 
 
 async def record_enrollments(

@@ -27,7 +27,8 @@
 * fan-out: :func:`parallelkit.map` with ``settle=True`` (every item's outcome
   kept, failures listed);
 * the payment: a :class:`parallelkit.Flow` (record and notify wait for the
-  charge, and overlap each other);
+  charge, and overlap each other), run with ``settle=True``: once the card is
+  charged, a failed webhook does not cancel the insert (as in the other variants);
 * errors: :class:`~parallelkit.sqlalchemy.RequestGuard` makes the real error the
   one that escapes (a ``NotLoadedError`` rather than pydantic's
   ``ResponseValidationError``). The session guard
@@ -72,6 +73,7 @@ from .shared import (
     conversation_view,
     enrollment_response,
     find_inactive,
+    log_failed_items,
     open_conversations,
     open_database,
     payment_response,
@@ -249,7 +251,9 @@ def create_app(settings: Settings) -> FastAPI:
         # the pool is bounded by the sessions (pool_limiter); `limit` bounds this call's tasks
         outcomes = await pk.map(enroll, inactive, limit=db.pool_size, settle=True)
         enrolled = [o.value for o in outcomes if o.ok]
-        failed = [c.id for c, o in zip(inactive, outcomes, strict=True) if not o.ok]
+        errors = [(c.id, o.error) for c, o in zip(inactive, outcomes, strict=True) if o.error]
+        failed = [i for i, _ in errors]
+        log_failed_items(company_id, len(inactive), errors)
         async with db.slots, db.sessions() as session:
             await record_enrollments(session, cadence_id, enrolled)
         return enrollment_response(company_id, cadence_id, enrolled, failed)
@@ -258,7 +262,13 @@ def create_app(settings: Settings) -> FastAPI:
     async def pay(payment: PaymentIn, request: Request) -> dict[str, Any]:
         services = running_from(request)  # the cheap typed lookup, as in read_conversation
         db, clients = services.get("db", Database), services.get("clients", Clients)
-        result = await PAYMENT.run(payment=payment, clients=clients, db=db)
-        return payment_response(payment, result["charge"])
+        # settle: once the card is charged, a failed webhook must not cancel the insert (a
+        # charge with no payment row); every step runs to its end, then the first error in
+        # step order escapes as itself (the row's 409 before the webhook's error)
+        outcomes = await PAYMENT.run(payment=payment, clients=clients, db=db, settle=True)
+        charge_id = outcomes.get(charge).unwrap()  # declined: nothing else ran
+        outcomes.get(record).unwrap()
+        outcomes.get(notify).unwrap()
+        return payment_response(payment, charge_id)
 
     return app
