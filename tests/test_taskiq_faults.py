@@ -5,7 +5,8 @@ Cancellation of the caller (a fail-fast failure, the caller's own timeout, leavi
 next call works. A result that never comes (its worker died) fails its own item
 with ``TimeoutError``, in its own position. Stray publications (ids of another call,
 ids nobody waits for, bytes that are no id) wake nobody and break nothing, and a
-Redis error while reading a result fails that item with that error, nothing else.
+Redis error while reading a result that lasts longer than the read waits for it
+fails that item with that error, nothing else; a lost subscription is taken again.
 Bad input is refused with a clear error before anything is kicked.
 
 Like ``test_taskiq.py``: asyncio only (Taskiq's client and redis-py are asyncio
@@ -28,7 +29,7 @@ import redis.exceptions
 from taskiq.message import BrokerMessage
 
 import parallelkit.taskiq as pkt
-from parallelkit.taskiq import _map
+from parallelkit.taskiq import _map, _outage
 from parallelkit.taskiq._broker import _ResultBackend
 from parallelkit.taskiq._completions import Completions
 
@@ -347,14 +348,18 @@ class TestBackendErrors:
     async def test_a_failed_result_read_fails_that_item(
         self, tasks: Tasks, monkeypatch: pytest.MonkeyPatch, redis_url: str
     ) -> None:
-        """Redis fails one item's result read: that item's outcome holds that very
-        error; every other item has its own value."""
+        """Redis fails one item's result read for longer than the read waits for it
+        (shortened here): that item's outcome holds that very error, after one try
+        per wait and a last one; every other item has its own value."""
+        monkeypatch.setattr(_outage, "WAITS", (0.01, 0.02))
         kicked = Kicked(monkeypatch)
         down = redis.exceptions.ConnectionError("Redis is down (injected)")
         fetch = _ResultBackend.fetch
+        tries = [0]
 
         async def failing_fetch(backend: Any, task_id: str) -> Any:
             if kicked.items.get(task_id) == 7:
+                tries[0] += 1
                 raise down
             return await fetch(backend, task_id)
 
@@ -362,6 +367,7 @@ class TestBackendErrors:
         with anyio.fail_after(GUARD):
             outcomes = await pkt.map(tasks.square, range(12), limit=4, settle=True)
         assert outcomes[7].error is down
+        assert tries == [3]
         assert [o.value for i, o in enumerate(outcomes) if i != 7] == [
             x * x for x in range(12) if x != 7
         ]
@@ -370,11 +376,13 @@ class TestBackendErrors:
         assert caught.value is down
         assert subscribed(redis_url, tasks.queue) == []
 
-    async def test_a_lost_subscription_falls_back_to_polling(
+    async def test_a_lost_subscription_is_taken_again(
         self, tasks: Tasks, monkeypatch: pytest.MonkeyPatch, redis_url: str
     ) -> None:
-        """Redis drops the call's Pub/Sub connection mid-call: the items still
-        waiting get their results by polling; nothing is lost or mixed up."""
+        """Redis drops the call's Pub/Sub connection mid-call: the call subscribes
+        again, and with polling off every item still gets its result (the ones
+        published while it was away by polling once); nothing is lost or mixed up."""
+        pushed_only(monkeypatch)
         entered: list[Completions] = []
         enter = Completions.__aenter__
 
@@ -388,16 +396,58 @@ class TestBackendErrors:
         try:
             with anyio.fail_after(GUARD):
                 async with pkt.imap(tasks.sleepy, items, limit=8, ordered=True) as results:
+                    channel = await _channel(redis_url, tasks.queue)
+                    [completions] = entered
+                    connection: Any = completions._pubsub.connection
+                    host, port = connection._writer.get_extra_info("sockname")[:2]
+                    assert client.client_kill_filter(_type="pubsub", addr=f"{host}:{port}") == 1
+                    values = [r async for r in results]
+                    assert completions.listening
+                    assert await _channel(redis_url, tasks.queue) == channel  # taken again
+        finally:
+            client.close()
+        assert values == items
+
+    async def test_a_subscription_that_cannot_be_taken_again_falls_back_to_polling(
+        self, tasks: Tasks, monkeypatch: pytest.MonkeyPatch, redis_url: str
+    ) -> None:
+        """The Pub/Sub connection is lost and subscribing again keeps failing (for
+        longer than the waits, shortened here): the items still waiting get their
+        results by polling; nothing is lost or mixed up."""
+        monkeypatch.setattr(_outage, "WAITS", (0.01, 0.02))
+        refused = [0]
+
+        async def refused_connect() -> None:
+            refused[0] += 1
+            msg = "Redis is down (injected)"
+            raise redis.exceptions.ConnectionError(msg)
+
+        entered: list[Completions] = []
+        enter = Completions.__aenter__
+
+        async def recording_enter(self: Completions) -> Completions:
+            entered.append(self)
+            await enter(self)
+            monkeypatch.setattr(self._pubsub, "connect", refused_connect)  # once subscribed
+            return self
+
+        monkeypatch.setattr(Completions, "__aenter__", recording_enter)
+        client = redis_sync.Redis.from_url(redis_url)
+        items = [0.3 + i / 100 for i in range(8)]
+        try:
+            with anyio.fail_after(GUARD):
+                async with pkt.imap(tasks.sleepy, items, limit=8, ordered=True) as results:
                     await _channel(redis_url, tasks.queue)
                     [completions] = entered
                     connection: Any = completions._pubsub.connection
                     host, port = connection._writer.get_extra_info("sockname")[:2]
                     assert client.client_kill_filter(_type="pubsub", addr=f"{host}:{port}") == 1
                     values = [r async for r in results]
-                    assert not completions.listening  # the listener saw the loss
+                    assert not completions.listening  # the listener gave up
         finally:
             client.close()
         assert values == items
+        assert refused[0] >= 2  # each wait's try (and redis-py's own, on its reconnect)
 
 
 # ------------------------------------------------------------------ many calls at once

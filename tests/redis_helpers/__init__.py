@@ -182,9 +182,10 @@ def free_port() -> int:
 class RedisServer:
     """A throw-away ``redis-server`` on a port of its own, for outage tests."""
 
-    def __init__(self) -> None:
+    def __init__(self, *args: str) -> None:
         self.binary = shutil.which("redis-server")
         self.port = free_port()
+        self.args = args  # more options (``"--dir", "/proc"``: no snapshot can be saved)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -204,6 +205,7 @@ class RedisServer:
                 "",
                 "--appendonly",
                 "no",
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -21,7 +21,8 @@ these primitives do too (everything else in parallelkit also runs on trio).
 Errors::
 
     ParallelkitError
-    ├── RedisUnavailable     Redis unreachable (or silent) and the caller asked not to degrade
+    ├── RedisUnavailable     Redis unreachable (or silent, or refusing a store's write) and
+    │                        the caller asked not to degrade
     ├── SerializationError   a value could not be stored (names store, key, type); a TypeError
     ├── LockNotAcquired      a RedisLock was not acquired (blocking=False / timeout)
     └── LockLost             a held RedisLock expired or was taken over

@@ -32,7 +32,9 @@ class RedisUnavailable(ParallelkitError):
     Raised by ``RedisStore(strict=True)``, ``RedisLimiter(fail="closed")`` and by a
     :class:`RedisLock` that cannot talk to Redis while acquiring. The redis-py
     exception (or a :class:`TimeoutError` when Redis did not answer within
-    ``command_timeout``) is the ``__cause__``.
+    ``command_timeout``) is the ``__cause__``. ``RedisStore(strict=True)`` also
+    raises it when Redis refuses a write (``READONLY``, ``OOM``, ``MISCONF``,
+    ``NOREPLICAS``), with that error as the ``__cause__``.
     """
 
 

@@ -9,7 +9,11 @@ A :class:`Guard` runs one Redis command and decides what its failure means:
   policy (the store degrades to local memory, the limiter to ``fail=``, the lock
   raises :class:`~parallelkit.redis.RedisUnavailable`);
 * anything else (a wrong type at a key, a script error, a full client pool) is a
-  bug or a misconfiguration and is raised unchanged.
+  bug or a misconfiguration and is raised unchanged. Among those, an answer that
+  *refuses a write* (:func:`refuses_writes`: ``READONLY``, ``OOM``, ``MISCONF``,
+  ``NOREPLICAS``) is no outage either (Redis answers, and serves reads): the guard
+  raises it unchanged too, and each primitive decides; the store skips the write
+  (see ``RedisStore``), a lock or a limiter fails.
 
 A client whose connection pool refuses work beyond ``max_connections`` (redis-py's
 default ``ConnectionPool``: 100 connections since redis-py 6, then
@@ -49,7 +53,7 @@ from typing_extensions import final
 from .._core.limiter import Limiter
 from ._common import RedisUnavailable
 
-__all__ = ["OUTAGE_ERRORS", "Down", "Guard", "is_outage", "pool_slots"]
+__all__ = ["OUTAGE_ERRORS", "Down", "Guard", "is_outage", "pool_slots", "refuses_writes"]
 
 T = TypeVar("T")
 
@@ -76,6 +80,37 @@ def is_outage(exc: BaseException) -> bool:
     if isinstance(exc, _POOL_FULL):
         return False
     return "Too many connections" not in str(exc)  # redis-py < 6 says only this
+
+
+#: The error codes of a Redis that answers but will not write: a replica (a demoted
+#: primary after a failover), ``maxmemory`` reached with ``noeviction``, a failed
+#: background save with ``stop-writes-on-bgsave-error``, ``min-replicas-to-write``
+#: not met.
+_REFUSALS = ("READONLY", "OOM", "MISCONF", "NOREPLICAS")
+_REFUSAL_TYPES: tuple[type[BaseException], ...] = tuple(
+    t
+    for t in [
+        getattr(redis_exceptions, "ReadOnlyError", None),
+        getattr(redis_exceptions, "OutOfMemoryError", None),
+    ]
+    if t is not None
+)
+
+
+def refuses_writes(exc: BaseException) -> bool:
+    """True if ``exc`` is Redis refusing a write (reads still work), not a misuse.
+
+    redis-py maps ``READONLY`` and ``OOM`` to their own classes (without the code
+    in the message); ``MISCONF`` and ``NOREPLICAS`` come as a plain
+    ``ResponseError`` starting with the code. Redis 6 wraps a script's error as
+    ``ERR Error running script ... -READONLY ...``.
+    """
+    if not isinstance(exc, redis_exceptions.ResponseError):
+        return False
+    if isinstance(exc, _REFUSAL_TYPES):
+        return True
+    text = str(exc)
+    return any(text.startswith(code + " ") or f"-{code} " in text for code in _REFUSALS)
 
 
 #: Pools this large are unbounded in practice (redis-py < 6 defaulted to 2**31).

@@ -96,9 +96,12 @@ return stored
 class Token:
     """What :meth:```RedisStore.load_token``` hands out: the generation, or the local epoch."""
 
-    __slots__ = ("epoch", "head", "lease")
+    __slots__ = ("epoch", "head", "lease", "refused")
 
-    def __init__(self, head: bytes | None, epoch: int, lease: Lease | None = None) -> None:
-        self.head = head  # None: taken while Redis was down
+    def __init__(
+        self, head: bytes | None, epoch: int, lease: Lease | None = None, *, refused: bool = False
+    ) -> None:
+        self.head = head  # None: taken while Redis was down, or refused writes
         self.epoch = epoch
         self.lease = lease  # the load's lease, given back by the write (LOAD_START)
+        self.refused = refused  # Redis refused writes when the load started: store nothing

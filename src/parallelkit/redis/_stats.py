@@ -38,6 +38,13 @@ class RedisStoreStatistics:
             Redis refused for another reason than an outage (such as ``READONLY``
             after a failover; logged). A lease not renewed for ``lease`` seconds
             is given up: another process may load the key too.
+        write_refusals: store operations whose write Redis refused for a reason
+            that is no outage (``READONLY``, ``OOM``, ``MISCONF``, ``NOREPLICAS``:
+            Redis answers and serves reads), or that were not tried while it
+            refused: a load's value returned but not stored, an invalidation
+            kept for when Redis accepts writes again.
+        refusing: whether Redis refuses this store's writes now (from a refusal
+            until a write that stores is accepted again; logged at both ends).
     """
 
     errors: int
@@ -55,6 +62,8 @@ class RedisStoreStatistics:
     near_renewals: int = 0
     near_renewal_errors: int = 0
     lease_renewal_errors: int = 0
+    write_refusals: int = 0
+    refusing: bool = False
 
     @property
     def redis_errors(self) -> int:

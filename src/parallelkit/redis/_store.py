@@ -39,6 +39,7 @@ from ._serializer import (
     serializer_from,
 )
 from ._stats import RedisStoreStatistics
+from ._store_refusals import Refusals
 from ._store_writes import LoadLock
 
 __all__ = ["RedisStore"]
@@ -114,6 +115,12 @@ class RedisStore:
     (and forgets the local entries). With ``strict=True`` an outage raises
     :class:`~parallelkit.redis.RedisUnavailable` instead.
 
+    **Redis refuses writes** (``READONLY``, ``OOM``, ``MISCONF``, ``NOREPLICAS``):
+    no outage, reads go on in Redis. A load's value is returned, not stored; a
+    refused invalidation is kept as during an outage (this process reads the key
+    from local memory) and replayed once Redis accepts writes again. Logged once
+    per episode, counted in ``write_refusals``; ``strict=True`` raises instead.
+
     Keys are ``{prefix}:{namespace}:v:{repr(key)}`` (a SHA-256 for reprs over 200
     characters): use keys whose ``repr`` is the same in every process (``str``,
     ``int``, tuples of them: what ``@cache.cached`` builds).
@@ -172,6 +179,7 @@ class RedisStore:
         "_poll",
         "_reads",
         "_redis",
+        "_refusals",
         "_renewals",
         "_scripts",
         "_serializer",
@@ -233,9 +241,10 @@ class RedisStore:
         self._owner = OwnedTaskGroup(f"RedisStore {namespace!r}")
         self._renewals = Renewals(redis, self._guard, self._lease)
         self._local_epoch = 0
-        self._missed: dict[str, None] = {}  # names written while Redis was down
+        self._missed: dict[str, None] = {}  # names written while Redis was down or refusing
         self._missed_all = False  # a clear() while down, or more than local_maxsize names
         self._reads: dict[Hashable, _Read] = {}
+        self._refusals = Refusals(f"RedisStore {namespace!r}", self._guard, strict=strict)
         self._lease_waits = self._hits = self._misses = 0
         self.degraded = 0
 
@@ -282,6 +291,8 @@ class RedisStore:
             near_renewal_errors=near.renew_errors,
             lease_renewal_errors=self._renewals.errors,
             listening=near.listening,
+            write_refusals=self._refusals.count,
+            refusing=self._refusals.error is not None,
         )
 
     @property
@@ -301,6 +312,8 @@ class RedisStore:
 
     def __repr__(self) -> str:
         state = "degraded" if self._guard.down else "ok"
+        if self._refusals.error is not None:
+            state += ", refusing writes"
         return (
             f"RedisStore(namespace={self._namespace!r}, serializer={self._serializer!r}, "
             f"{state}, errors={self._guard.errors})"
@@ -396,6 +409,11 @@ class RedisStore:
         near = self._near
         read = self._reads[key] = _Read(name, near.begin(name))
         try:
+            if self._refusals.error is not None and await writes.masked(self, name):
+                # an invalidation Redis refused: its old entry is there, not the truth
+                entry = await self._local.get(key)
+                read.entry, read.ok = entry, True
+                return entry
             try:
                 raw = await self._guard.call("get", self._redis.get(self._value_prefix + name))
             except Down as down:

@@ -7,7 +7,8 @@ load stores its value only if the generation it started from is still there, so
 no invalidation is undone by an older load:
 
 * :func:`write` and :func:`clear` (``RedisStore.set`` / ``delete`` / ``clear``),
-  to local memory when Redis is down;
+  to local memory when Redis is down or refuses the write, and replayed
+  (:func:`replay`) when it is back or accepts writes again;
 * :class:`LoadLock` (``RedisStore.load_lock``): the key's lease around one load;
   the script that takes it (:class:`LoadLease`, ``LOAD_START``) also reads the
   entry and its generation, so the load needs no ``GET`` of its own;
@@ -16,6 +17,11 @@ no invalidation is undone by an older load:
 * :func:`set_if_unchanged` (``RedisStore.set_if_unchanged``): the conditional
   write, which gives the load's lease back in the same script; the same rule
   holds in local memory while Redis is down.
+
+When Redis answers but refuses writes (:mod:`._store_refusals`), a load runs
+without a lease and stores nothing, a ``set``/``delete``/``clear`` is kept as
+during an outage, and :func:`masked` keeps this process from reading back from
+Redis what it invalidated.
 
 Kept apart from :mod:`._store`, the store's face and read side: ``peek`` and
 ``get`` never enter this module, so the hit path reads in one place there, and
@@ -33,12 +39,13 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 from typing_extensions import final
 
 from .._cache.store import CacheEntry, LoadStart
 from ._lease import Lease
-from ._near import CLEAR, invalidation
-from ._outage import Down
+from ._near import CLEAR, Ticket, invalidation
+from ._outage import Down, refuses_writes
 from ._scripts import (
     LOAD_START,
     TOKEN,
@@ -59,6 +66,7 @@ __all__ = [
     "Scripts",
     "clear",
     "load_token",
+    "masked",
     "replay",
     "set_if_unchanged",
     "write",
@@ -85,19 +93,40 @@ class Scripts:
 async def write(
     store: RedisStore, key: Hashable, entry: CacheEntry[Any] | None, data: bytes, ttl: float
 ) -> None:
-    """Set (``data``) or delete (``b""``) in Redis; publish; local memory if down."""
+    """Set (``data``) or delete (``b""``) in Redis; publish; local memory if down or refused."""
     name = store._name(key)
     store._local_epoch += 1
     store._near.drop(key, name)
-    args: list[Arg] = [data, max(1, round(ttl * 1000)), store._channel, invalidation(name)]
-    command = store._scripts.write(keys=[store._value_prefix + name], args=args)
+    what = "set" if data else "delete"
     try:
-        await store._guard.call("set" if data else "delete", command)
+        if store._refusals.error is not None and not await _writable(store, stores=bool(data)):
+            store._refusals.write_refused(None, what)
+            await _keep(store, key, name, entry, ttl)
+            return
+        args: list[Arg] = [data, max(1, round(ttl * 1000)), store._channel, invalidation(name)]
+        command = store._scripts.write(keys=[store._value_prefix + name], args=args)
+        await store._guard.call(what, command)
     except Down as down:
         store._degrade(down)
-        _missed(store, name)
-        if entry is not None:
-            await store._local.set(key, entry, ttl=ttl)
+        await _keep(store, key, name, entry, ttl)
+        return
+    except ResponseError as exc:
+        if not refuses_writes(exc):
+            raise
+        store._refusals.write_refused(exc, what)
+        await _keep(store, key, name, entry, ttl)
+        return
+    if data:
+        _accepted(store)
+
+
+async def _keep(
+    store: RedisStore, key: Hashable, name: str, entry: CacheEntry[Any] | None, ttl: float
+) -> None:
+    """A write Redis did not get (down, or refused): in local memory, and replayed."""
+    _missed(store, name)
+    if entry is not None:
+        await store._local.set(key, entry, ttl=ttl)
 
 
 def _missed(store: RedisStore, name: str) -> None:
@@ -118,19 +147,71 @@ async def replay(store: RedisStore) -> None:
     during the outage, until its ``fresh`` window ran out. Deleting (rather than
     writing the local value) also makes a load that started before the outage
     fail its ``set_if_unchanged``: the invalidation still wins.
+
+    If Redis answers but refuses the deletes (a failover brought the client back to
+    a demoted primary), what is left stays kept (:func:`masked`) and the store
+    goes on: the recovery is not failed, reads go to Redis again.
     """
+    await _replay(store)
+
+
+async def _replay(store: RedisStore) -> bool:
+    """:func:`replay`; ``False`` if Redis refused the writes (kept for the next try)."""
     guard = store._guard
-    if store._missed_all:
-        await _clear_redis(store, force=True)
-        store._missed_all = False
-        store._missed.clear()
-        return
-    while store._missed:
-        name = next(iter(store._missed))
-        args: list[Arg] = [b"", 1, store._channel, invalidation(name)]
-        command = store._scripts.write(keys=[store._value_prefix + name], args=args)
-        await guard.call("replay", command, force=True)
-        store._missed.pop(name, None)
+    if not (store._missed or store._missed_all):
+        return True
+    try:
+        if store._missed_all:
+            await _clear_redis(store, force=True)
+            store._missed_all = False
+            store._missed.clear()
+        while store._missed:
+            name = next(iter(store._missed))
+            args: list[Arg] = [b"", 1, store._channel, invalidation(name)]
+            command = store._scripts.write(keys=[store._value_prefix + name], args=args)
+            await guard.call("replay", command, force=True)
+            store._missed.pop(name, None)
+    except ResponseError as exc:
+        if not refuses_writes(exc):
+            raise
+        store._refusals.refused(exc, "replay")
+        return False
+    store._refusals.replayed()
+    return True
+
+
+async def _writable(store: RedisStore, *, stores: bool) -> bool:
+    """While Redis refuses writes: whether to send this one. A write that ``stores``
+    (a lease, a value) is skipped until its turn to try (``Refusals.waiting``); an
+    invalidation is always tried. What is kept from before is replayed first."""
+    if stores and store._refusals.waiting():
+        return False
+    if store._missed or store._missed_all:
+        return await _replay(store)
+    return True
+
+
+async def masked(store: RedisStore, name: str) -> bool:
+    """While Redis refuses writes: whether a read of ``name`` must be served from local
+    memory, not Redis: this process's write of it was refused, and the entry Redis
+    holds is older. Replays the kept writes first when it is their turn to try."""
+    if not (store._missed or store._missed_all) or store._guard.down:
+        return False
+    if not store._refusals.waiting():
+        try:
+            await _replay(store)
+        except Down:
+            return False  # the read finds the circuit open: local memory (degraded)
+    return store._missed_all or name in store._missed
+
+
+def _accepted(store: RedisStore) -> None:
+    """A write that stores was accepted: the refusal episode ends, unless writes it
+    refused are still to be replayed (the next write's turn replays them)."""
+    if store._refusals.error is not None and not (store._missed or store._missed_all):
+        store._refusals.accepted()
+        if not store._guard.down:
+            store._recovered()  # local memory held only the refused writes: replayed
 
 
 async def clear(store: RedisStore) -> None:
@@ -143,6 +224,17 @@ async def clear(store: RedisStore) -> None:
     except Down as down:
         store._degrade(down)
         store._missed_all = True  # cleared when Redis is back (replay)
+        store._missed.clear()
+        return
+    except ResponseError as exc:
+        if not refuses_writes(exc):
+            raise
+        store._refusals.write_refused(exc, "clear")
+        store._missed_all = True  # cleared when Redis accepts writes again
+        store._missed.clear()
+        return
+    if store._missed or store._missed_all:  # older writes kept: this clear covers them
+        store._missed_all = False
         store._missed.clear()
 
 
@@ -228,27 +320,48 @@ class LoadLock:
         store, key, name, lease = self._store, self._key, self._name, self._lease
         near = store._near
         epoch = store._local_epoch
+        refused = False
         ticket = near.begin(name)  # before the read is sent (see ._near)
         try:
             try:
-                await lease.__aenter__()
+                if store._refusals.error is not None and not await _writable(store, stores=True):
+                    store._refusals.write_refused(None, "load")
+                    refused = True
+                else:
+                    await lease.__aenter__()
             except Down as down:
                 store._degrade(down)
                 return None  # the cache asks get / load_token (local memory)
-            self._held = True
-            try:
-                entry = None
-                if lease.raw is not None:
-                    entry = store._decode(key, lease.raw)
-                    if entry is not None:
-                        near.put(key, name, entry, ticket, lease.raw)
-                store._count_read(entry)
-                return LoadStart(entry, Token(lease.head, epoch, lease))
-            except BaseException:
-                await self.__aexit__(*sys.exc_info())
-                raise
+            except ResponseError as exc:
+                if not refuses_writes(exc):
+                    raise
+                store._refusals.write_refused(exc, "load")
+                refused = True
+            if not refused:
+                return await self._started(ticket, epoch)
         finally:
             near.end(name)
+        # Redis refuses writes: no lease (single flight per process), a plain GET, and
+        # the load's value is not stored (its token says so)
+        return LoadStart(await store.get(key), Token(None, epoch, refused=True))
+
+    async def _started(self, ticket: Ticket, epoch: int) -> LoadStart:
+        """The lease is taken: what ``LOAD_START`` read with it."""
+        store, key, name, lease = self._store, self._key, self._name, self._lease
+        near = store._near
+        self._held = True
+        _accepted(store)  # the lease was written
+        try:
+            entry = None
+            if lease.raw is not None:
+                entry = store._decode(key, lease.raw)
+                if entry is not None:
+                    near.put(key, name, entry, ticket, lease.raw)
+            store._count_read(entry)
+            return LoadStart(entry, Token(lease.head, epoch, lease))
+        except BaseException:
+            await self.__aexit__(*sys.exc_info())
+            raise
 
     async def __aexit__(
         self,
@@ -259,20 +372,34 @@ class LoadLock:
         if not self._held:
             return False
         self._held = False
-        return await self._lease.__aexit__(exc_type, exc, tb)
+        try:
+            return await self._lease.__aexit__(exc_type, exc, tb)
+        except ResponseError as error:
+            if not refuses_writes(error):
+                raise
+            return False  # not given back: it expires after ``lease`` seconds
 
 
 async def load_token(store: RedisStore, key: Hashable) -> Token:
     """The entry's generation in Redis (created if absent); see ``RedisStore.load_token``."""
     epoch = store._local_epoch
     name = store._name(key)
-    fresh = placeholder(uuid.uuid4().bytes)
-    command = store._scripts.token(keys=[store._value_prefix + name], args=[fresh, TOKEN_TTL_MS])
     try:
+        if store._refusals.error is not None and not await _writable(store, stores=True):
+            store._refusals.write_refused(None, "load")
+            return Token(None, epoch, refused=True)
+        fresh = placeholder(uuid.uuid4().bytes)
+        args: list[Arg] = [fresh, TOKEN_TTL_MS]
+        command = store._scripts.token(keys=[store._value_prefix + name], args=args)
         head = await store._guard.call("load_token", command)
     except Down as down:
         store._degrade(down)
         return Token(None, epoch)
+    except ResponseError as exc:
+        if not refuses_writes(exc):
+            raise
+        store._refusals.write_refused(exc, "load")
+        return Token(None, epoch, refused=True)
     return Token(bytes(head), epoch)
 
 
@@ -284,7 +411,10 @@ async def set_if_unchanged(
         msg = f"token must come from RedisStore.load_token, got {token!r}"
         raise TypeError(msg)
     name = store._name(key)
-    if token.head is None:  # the load started while Redis was down
+    if token.head is None:  # the load started while Redis was down, or refused writes
+        if token.refused:  # nothing is stored, but a value it could not store still raises
+            store._encode(key, entry, bytes(GENERATION - 1))
+            return False
         if not store._guard.down:
             return False
         store.degraded += 1
@@ -316,8 +446,16 @@ async def set_if_unchanged(
         near.drop(key, name)  # written or not: the entry may be outdated
         store._degrade(down)
         return await _set_locally(store, key, entry, ttl, token)
+    except ResponseError as exc:
+        if not refuses_writes(exc):
+            raise
+        near.drop(key, name)
+        store._refusals.write_refused(exc, "set")  # a lease: given back by the lock's exit
+        return False
     finally:
         near.end(name)
+    if stored:
+        _accepted(store)
     return bool(stored)
 
 

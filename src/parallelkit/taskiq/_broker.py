@@ -32,12 +32,10 @@ from typing_extensions import final
 from .._core.check import count, number_at_least, text
 from .._core.retry import Retry
 from ._completions import LABEL_DONE
-from ._outage import Outage
+from ._outage import Outage, patiently
 
 _LABEL_TRACEBACK = "pk_traceback"
 _LABEL_ERROR_TYPE = "pk_error_type"
-#: seconds between the tries of a result write that Redis failed (3.15 s in all)
-_SAVE_WAITS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 
 logger = logging.getLogger("parallelkit.taskiq")
 
@@ -240,9 +238,17 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
         return self.connection_pool
 
     async def kick(self, message: BrokerMessage) -> None:
-        """Append the message to its stream (``XADD``), as upstream does."""
+        """Append the message to its stream (``XADD``), as upstream does.
+
+        An ``XADD`` Redis fails (a restart, a failover) is tried again for about
+        3 s, then its error is raised (Taskiq's kicker wraps it in
+        ``SendTaskError``). The message keeps its task id: if Redis did append it
+        before the connection broke, it runs twice under one task id (delivery is
+        at least once anyway).
+        """
         queue_name = message.labels.get("queue_name") or self.queue_name
-        await self._client().xadd(
+        await patiently(
+            self._client().xadd,
             queue_name,
             {b"data": message.message},
             maxlen=self.maxlen,
@@ -393,15 +399,7 @@ class _ResultBackend(_OneClient, RedisAsyncResultBackend):  # type: ignore[type-
         # Taskiq's worker logs a failed save and acknowledges the message all the same:
         # the result would be lost for good, its item waiting until its timeout. So a
         # write Redis fails for a moment is tried again (the SET and PUBLISH may repeat).
-        for wait in (*_SAVE_WAITS, None):
-            try:
-                await self._write(task_id, value, channel)
-            except (RedisConnectionError, RedisTimeoutError):  # noqa: PERF203 - rare, retried
-                if wait is None:
-                    raise
-                await anyio.sleep(wait)
-            else:
-                return
+        await patiently(self._write, task_id, value, channel)
 
     async def _write(self, task_id: str, value: bytes, channel: object) -> None:
         name, ex, px = self._task_name(task_id), self.result_ex_time, self.result_px_time

@@ -12,6 +12,12 @@ Pub/Sub delivery is at most once: the producer still polls on its schedule (a
 worker of an older version, a lost connection), so a lost message costs a poll
 interval, never a result.
 
+A lost connection (Redis restarted, a failover) does not end the subscription:
+it is taken again, with the waits of a result read (about 3 s, see
+``_outage.patiently``), and every item in flight then polls once, for what was
+published while it was away. Only when Redis stays away longer do the items go on
+by polling alone.
+
 The subscription holds its connection for the whole call, so it does not take it
 from the client's pool: that pool is bounded (taskiq-redis: a blocking pool of 100)
 and the result reads need it. With the subscriptions of 100 calls at once holding
@@ -26,9 +32,12 @@ from typing import Any
 
 import anyio
 from redis.asyncio import ConnectionPool, Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from typing_extensions import Self, final
 
 from .._core.owned import OwnedTaskGroup
+from ._outage import is_blip, patiently
 
 __all__ = ["LABEL_DONE", "Completions"]
 
@@ -66,7 +75,7 @@ class Completions:
         )
         self._pubsub = Redis(connection_pool=self._pool).pubsub()
         try:
-            await self._pubsub.subscribe(self.channel)
+            await patiently(self._pubsub.subscribe, self.channel)
             tg = await self._owner.enter()
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -101,7 +110,12 @@ class Completions:
         pubsub, waiting, early, expected = self._pubsub, self._waiting, self._early, self._expected
         try:
             while True:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                try:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                except (RedisConnectionError, RedisTimeoutError) as exc:
+                    if not is_blip(exc) or not await self._subscribe_again():
+                        raise
+                    continue
                 if message is None or message.get("type") != "message":
                     continue
                 data = message["data"]
@@ -112,10 +126,27 @@ class Completions:
                     event.set()
                 elif task_id in expected:  # (else: its item has read its result already)
                     early.add(task_id)
-        except Exception:  # the connection broke: the items go on polling
+        except Exception:  # the connection broke for good: the items go on polling
             self.listening = False
             for event in waiting.values():
                 event.set()
+
+    async def _subscribe_again(self) -> bool:
+        """After a lost connection: connect and subscribe again (redis-py's pubsub
+        subscribes its channels again on connect), tried as a result read is
+        (:func:`~parallelkit.taskiq._outage.patiently`). Then every item in flight
+        polls once: what was published while the connection was down is lost."""
+        try:
+            await patiently(self._pubsub.connect)
+        except (RedisConnectionError, RedisTimeoutError):  # gone for longer: poll
+            return False
+        for task_id in self._expected:
+            event = self._waiting.pop(task_id, None)
+            if event is not None:
+                event.set()
+            else:  # reading its result now, or about to wait: it reads once more
+                self._early.add(task_id)
+        return True
 
     def expect(self, task_id: str) -> None:
         """An item kicked ``task_id``: keep its publication until it reads its result.

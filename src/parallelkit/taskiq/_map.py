@@ -28,6 +28,7 @@ from ._broker import (
     _ResultBackend,
 )
 from ._completions import LABEL_DONE, Completions
+from ._outage import patiently
 
 __all__ = ["SupportsRate", "imap", "map"]
 
@@ -193,18 +194,22 @@ class _Kick:
         if isinstance(backend, _ResultBackend) and completions is not None:  # one GET a poll
             completions.expect(handle.task_id)
             try:
-                while (result := await backend.fetch(handle.task_id)) is None:
+                # a read Redis fails (a restart, a failover) is tried again for ~3 s:
+                # the worker saves the result through the same blip
+                while (result := await patiently(backend.fetch, handle.task_id)) is None:
                     await completions.wait(handle.task_id, delay)
                     delay = min(delay * 1.5, _POLL_MAX)
             finally:
                 completions.forget(handle.task_id)
         else:
-            while not await handle.is_ready():
+            # (the backend directly: the handle's is_ready hides its error in Taskiq's
+            # ResultIsReadyError, so neither the wait nor the caller would see it)
+            while not await patiently(backend.is_result_ready, handle.task_id):
                 await anyio.sleep(delay)
                 delay = min(delay * 1.5, _POLL_MAX)
             # the backend directly: AsyncTaskiqTask.get_result would log a warning when
             # it fails to parse a failed task's (absent) value into the return type
-            result = await backend.get_result(handle.task_id)
+            result = await patiently(backend.get_result, handle.task_id)
         error = result.error
         if error is not None and not isinstance(error, NoResultError):
             raise _remote_error(result, handle.task_id, self._name)
@@ -292,6 +297,10 @@ async def map(
             as ``__cause__`` (:class:`RemoteTraceback`); no new item is kicked
             after it. Items already kicked are not recalled.
         TimeoutError: an item's result did not come back within ``timeout``.
+        redis.exceptions.ConnectionError: Redis stayed unreachable while an
+            item's result was read, for longer than the read waits for it (about
+            3 s: a restart or a failover is waited out); a kick that long fails
+            with Taskiq's ``SendTaskError``, redis-py's error as its ``__cause__``.
         TypeError: ``task`` is not a Taskiq task or its broker has no result
             backend, or a bad argument type (before anything is kicked); an item the
             broker's serializer cannot encode (that item, which is not sent).
