@@ -371,7 +371,13 @@ class _Result(Mapping[str, Any]):
         return f"{type(self).__name__}({self._values!r})"
 
     def _lookup(self, step: object) -> Any:
-        return self[_step_name(self._by_fn, step)]
+        try:  # the usual case in one step (a handler reads each step it needs)
+            name = self._by_fn[step]
+            if name != _AMBIGUOUS:
+                return self._values[name]
+        except (KeyError, TypeError):
+            pass
+        return self[_step_name(self._by_fn, step)]  # the error, with its message
 
 
 @final
