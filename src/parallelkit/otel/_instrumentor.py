@@ -15,6 +15,7 @@ from .._core import instrument
 from .._core.check import flag
 from .._core.instrument import GraphKind
 from .._graph.timeline import Timeline
+from . import _spans
 from ._metrics import CacheTotals, Instruments, instruments_of
 from ._spans import FanoutTrace, GraphTrace, report
 
@@ -144,6 +145,7 @@ class ParallelkitInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         instruments = instruments_of(meter)
         instruments.totals = CacheTotals()
         installed = _Installed(tracer, instruments, item_spans)
+        _spans.failures.clear()  # a new set-up: its first failure of each kind is logged
         self._installed = installed
         instrument.install(installed)
 

@@ -49,9 +49,26 @@ _GRAPH_NAMES: dict[str, tuple[str, str, str]] = {
 _NODE_KIND = {"flow": "step", "startup": "start", "shutdown": "stop"}
 
 
+#: tracing failures by exception type since the last ``instrument()``: the first of
+#: each type is logged with its traceback, the rest only counted (a processor that
+#: fails every span must not log one traceback per item of a 10,000-item map)
+failures: dict[type[BaseException], int] = {}
+
+
 def report(exc: BaseException) -> None:
-    """The tracing failed: log it; the traced work goes on untraced."""
-    logger.warning("parallelkit.otel: tracing failed; the work goes on", exc_info=exc)
+    """The tracing failed: log it (once per exception type); the work goes on untraced."""
+    kind = type(exc)
+    seen = failures.get(kind, 0)
+    failures[kind] = seen + 1
+    if not seen:
+        logger.warning(
+            "parallelkit.otel: tracing failed; the work goes on (further %s failures of "
+            "the tracing are counted, not logged, until the next instrument())",
+            kind.__name__,
+            exc_info=exc,
+        )
+    else:
+        logger.debug("parallelkit.otel: tracing failed again (%s: %d)", kind.__name__, seen + 1)
 
 
 def _describe(exc: BaseException) -> str:
@@ -109,12 +126,14 @@ def start(
     attributes: Attributes = None,
     start_time: int | None = None,
 ) -> trace.Span:
-    """``tracer.start_span``, or a non-recording span if the tracer failed."""
+    """``tracer.start_span``; if the tracer failed, a non-recording stand-in for the
+    parent span (the span of ``parent``, or the current one), so that spans the
+    application makes under it stay in the request's trace, under its span."""
     try:
         return tracer.start_span(name, parent, attributes=attributes, start_time=start_time)
     except Exception as exc:
         report(exc)
-        return INVALID_SPAN
+        return trace.NonRecordingSpan(trace.get_current_span(parent).get_span_context())
 
 
 def end(span: trace.Span, end_time: int | None = None) -> None:
@@ -327,7 +346,15 @@ class GraphTrace:
             if span is None:  # never ran (skipped: a dependency failed)
                 span = start(self._tracer, f"{prefix} {recorded.name}", self._ctx,
                              {attribute: recorded.name}, self._ns(recorded.start))  # fmt: skip
-            self.nodes += 1
+        except Exception as exc:  # pragma: no cover - start() and _ready() never raise
+            report(exc)
+            return
+        self.nodes += 1
+        if recorded.status == "error":
+            self.failures += 1
+        elif recorded.status == "skipped":
+            self.skipped += 1
+        try:
             span.set_attributes(
                 {
                     "parallelkit.status": recorded.status,
@@ -337,13 +364,10 @@ class GraphTrace:
                 }
             )
             if recorded.status == "error":
-                self.failures += 1
                 span.set_status(Status(StatusCode.ERROR))
-            elif recorded.status == "skipped":
-                self.skipped += 1
-            end(span, self._ns(recorded.end))
         except Exception as exc:
             report(exc)
+        end(span, self._ns(recorded.end))  # always, exactly once
 
     def _ready(self, recorded: TimelineSpan) -> None:
         """A service's readiness wait (set-up done until its probe passed)."""
