@@ -19,8 +19,9 @@ import signal
 import subprocess
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, Literal
 
 import anyio
@@ -253,12 +254,25 @@ async def process_lifetime(
         handle._group_gone = False
         return process
 
+    # The watchers (the exit watcher, the output pumps) are cancelled by this
+    # lifetime's stop only, never by a cancellation from outside: the service host
+    # shields a cancelled start's tear-down by shielding the scope around this
+    # lifetime, and on trio a task un-cancelled that way while it checks for the
+    # cancellation (``checkpoint_if_cancelled``, in ``Process.wait``'s lock) fails
+    # with an AssertionError. It also keeps the output drained until the stop.
+    watchers: set[anyio.CancelScope] = set()
+
+    def watch(tg: anyio.abc.TaskGroup, fn: Callable[[], Awaitable[None]]) -> None:
+        scope = anyio.CancelScope(shield=True)
+        watchers.add(scope)
+        tg.start_soon(_watched, scope, watchers, fn)
+
     def attach(tg: anyio.abc.TaskGroup, process: anyio.abc.Process) -> anyio.abc.Process:
         assert process.stdout is not None
         assert process.stderr is not None
         handle._pumps = (anyio.Event(), anyio.Event())
-        tg.start_soon(_pump, process.stdout, handle, "stdout", sink, handle._pumps[0])
-        tg.start_soon(_pump, process.stderr, handle, "stderr", sink, handle._pumps[1])
+        watch(tg, partial(_pump, process.stdout, handle, "stdout", sink, handle._pumps[0]))
+        watch(tg, partial(_pump, process.stderr, handle, "stderr", sink, handle._pumps[1]))
         logger.debug("process %r started: pid %d", name, process.pid)
         return process
 
@@ -299,14 +313,27 @@ async def process_lifetime(
     first = await open_()
     async with anyio.create_task_group() as tg:
         try:
-            tg.start_soon(supervise, tg, attach(tg, first))
+            watch(tg, partial(supervise, tg, attach(tg, first)))
             yield handle
         finally:
             stopping.set()
             with anyio.CancelScope(shield=True):
                 async with spawn_lock:  # a restart being spawned: stop that one
                     await _terminate(handle, stop_timeout)
+            for scope in watchers:
+                scope.cancel()
             tg.cancel_scope.cancel()
+
+
+async def _watched(
+    scope: anyio.CancelScope, watchers: set[anyio.CancelScope], fn: Callable[[], Awaitable[None]]
+) -> None:
+    """Run ``fn`` in ``scope`` (shielded; cancelled by the stop), then forget the scope."""
+    try:
+        with scope:
+            await fn()
+    finally:
+        watchers.discard(scope)
 
 
 async def _terminate(handle: ManagedProcess, stop_timeout: float) -> None:
