@@ -33,7 +33,7 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 #: seconds between the tries of a command Redis failed (3.15 s in all, 7 tries)
-WAITS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+WAITS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 
 _POOL_FULL: tuple[type[BaseException], ...] = tuple(
     t for t in [getattr(redis_exceptions, "MaxConnectionsError", None)] if t is not None
@@ -63,18 +63,27 @@ async def patiently(do: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P
     command Redis did run. The retry adapter is the library's one
     (:class:`~parallelkit.Retry` on tenacity): never a cancellation.
     """
+    try:  # the usual case costs one call (it is each poll of each item in flight)
+        return await do(*args, **kwargs)
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        if not is_blip(exc):
+            raise
+    waits = WAITS
+    await anyio.sleep(waits[0])
+    if len(waits) == 1:
+        return await do(*args, **kwargs)
 
     async def attempt() -> T:  # (redis-py's commands are plain functions returning
         return await do(*args, **kwargs)  # an awaitable: tenacity would not await them)
 
-    retrying = _policy(WAITS).copy()  # a copy per call: tenacity keeps state on it
+    retrying = _policy(waits[1:]).copy()  # a copy per call: tenacity keeps state on it
     result: T = await retrying(attempt)
     return result
 
 
 @functools.lru_cache(maxsize=4)
 def _policy(waits: tuple[float, ...]) -> tenacity.AsyncRetrying:
-    """:data:`WAITS` (50 ms doubling) as a :class:`~parallelkit.Retry`'s policy."""
+    """Tries after each of ``waits`` (doubling) as a :class:`~parallelkit.Retry`'s policy."""
     return Retry(
         attempts=len(waits) + 1, backoff=waits[0], max_backoff=waits[-1], on=is_blip
     ).to_tenacity()
