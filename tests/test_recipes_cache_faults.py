@@ -69,9 +69,8 @@ async def test_the_first_function_of_a_name_keeps_the_documented_key() -> None:
 
 async def test_a_function_made_again_after_the_first_is_gone_is_still_checked() -> None:
     """A factory called per request: the earlier function is gone. The same plain
-    closure values are the same function (its entries are right for it); other
-    values must not be served its entries, and objects that cannot be compared
-    any more are refused too."""
+    closure values, or the very same objects, are the same function (its entries
+    are right for it); other values must not be served its entries."""
     cache = pk.SWRCache(fresh=30, stale=300)
     async with cache:
         for _ in range(2):
@@ -100,8 +99,10 @@ async def test_a_function_made_again_after_the_first_is_gone_is_still_checked() 
     with pytest.raises(ValueError, match="closure values"):
         make_loader(cache, Table("users"))  # another object
     cache = pk.SWRCache(fresh=30, stale=300)
-    load = make_loader(cache, ["users"])  # a list takes no weak reference
+    tables = ["users"]  # a list takes no weak reference: kept, compared by identity
+    load = make_loader(cache, tables)
     del load
     gc.collect()
+    assert make_loader(cache, tables).key(1) == key
     with pytest.raises(ValueError, match="closure values"):
-        make_loader(cache, ["users"])  # nothing left to compare with
+        make_loader(cache, ["users"])  # an equal list, but another one (mutable state)
