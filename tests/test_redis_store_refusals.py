@@ -211,7 +211,9 @@ async def test_a_refused_invalidation_is_kept_and_written_when_redis_accepts_wri
             assert here.statistics().write_refusals == 1
             # this process does not read back what it invalidated
             assert await caches[0].get("k", Loader("new")) == "k:new"
-            assert await here.get("k") is None
+            kept = await here.get("k")  # the new value: kept here, not in Redis
+            assert kept is not None
+            assert kept.value == "k:new"
             # another process still reads the old entry: Redis did not get the delete
             got = await there.get("k")
             assert got is not None
@@ -252,6 +254,45 @@ async def test_a_set_redis_refuses_is_read_back_here_and_replayed_as_a_delete(
         assert await cache.get("j", Loader()) == "j:v1"  # replays, then stores
         assert await conn.exists(store.redis_key("k")) == 0
         assert await conn.exists(store.redis_key("j")) == 1
+
+
+@pytest.mark.parametrize("mode", ["readonly", "oom"])
+async def test_a_value_loaded_while_redis_refuses_writes_is_not_loaded_again_on_every_read(
+    conn: aredis.Redis, admin: aredis.Redis, prefix: str, mode: str
+) -> None:
+    # the playbook's cache bug, brought back by a refusing Redis: a miss (or a stale
+    # key's refresh) whose value is dropped loads again at the next read, and the next
+    store = RedisStore(conn, prefix=prefix)
+    timer = store._guard.timer = FakeTimer()
+    now = [0.0]
+    cache = pk.SWRCache(fresh=30, stale=60, store=store, clock=lambda: now[0])
+    load = Loader()
+    async with store, cache:
+        assert await cache.get("hot", load) == "hot:v1"  # stored while Redis writes
+        await refuse(admin, mode)
+        for _ in range(5):  # a miss: loaded once, then read back here
+            assert await cache.get("cold", load) == "cold:v1"
+        assert load.calls == 2
+        assert await conn.exists(store.redis_key("cold")) == 0  # Redis did not take it
+        now[0] += 31  # "hot" is stale in Redis: one refresh, then its value is read here
+        load.version = "v2"
+        assert await cache.get("hot", load) == "hot:v1"  # stale: served, refreshed behind
+        with anyio.fail_after(10):
+            while load.calls < 3:
+                await anyio.sleep(0.01)
+        for _ in range(5):
+            assert await cache.get("hot", load) in ("hot:v1", "hot:v2")
+            await anyio.sleep(0.01)
+        assert await cache.get("hot", load) == "hot:v2"
+        assert load.calls == 3
+        await accept(admin, mode)
+        timer.now += 1.0  # retry_after: the next write tries Redis again
+        assert await cache.get("after", load) == "after:v2"  # replays, then stores
+        # the kept keys were deleted in Redis (every replica loads them afresh)
+        assert await conn.exists(store.redis_key("cold")) == 0
+        assert await conn.exists(store.redis_key("hot")) == 0
+        assert await conn.exists(store.redis_key("after")) == 1
+        assert not store.statistics().refusing
 
 
 async def test_a_refused_clear_is_kept_and_replayed(

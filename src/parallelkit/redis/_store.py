@@ -116,10 +116,11 @@ class RedisStore:
     :class:`~parallelkit.redis.RedisUnavailable` instead.
 
     **Redis refuses writes** (``READONLY``, ``OOM``, ``MISCONF``, ``NOREPLICAS``):
-    no outage, reads go on in Redis. A load's value is returned, not stored; a
-    refused invalidation is kept as during an outage (this process reads the key
-    from local memory) and replayed once Redis accepts writes again. Logged once
-    per episode, counted in ``write_refusals``; ``strict=True`` raises instead.
+    no outage, reads go on in Redis. A load's value is returned and, like a
+    refused invalidation, kept as during an outage (this process reads the key
+    from local memory, so it is not loaded again at every read) and replayed as a
+    delete once Redis accepts writes again. Logged once per episode, counted in
+    ``write_refusals``; ``strict=True`` raises instead.
 
     Keys are ``{prefix}:{namespace}:v:{repr(key)}`` (a SHA-256 for reprs over 200
     characters): use keys whose ``repr`` is the same in every process (``str``,

@@ -5,8 +5,9 @@ with ``noeviction`` (``OOM``), a failed background save with
 ``stop-writes-on-bgsave-error`` (``MISCONF``) or ``min-replicas-to-write`` not
 met (``NOREPLICAS``) refuse the store's writes (:func:`._outage.refuses_writes`).
 That is no outage: reads keep going to Redis. The store then serves each load's
-value without storing it, and keeps an invalidation it could not write (as during
-an outage) to write it when Redis accepts writes again (:mod:`._store_writes`).
+value and keeps it in local memory (not in Redis), and keeps an invalidation it
+could not write (as during an outage) to write it when Redis accepts writes again
+(:mod:`._store_writes`).
 
 :class:`Refusals` is the *episode*: from the first refusal until a write is
 accepted again. It is logged once when it starts and once when it ends, not per
@@ -66,8 +67,8 @@ class Refusals:
         if self.error is None:
             logger.warning(
                 "%s: Redis refuses writes (%s during %s: %s); loaded values are served "
-                "but not stored, invalidations are kept and written when it accepts "
-                "writes again",
+                "and kept in this process's memory, not in Redis; invalidations are "
+                "kept and written when it accepts writes again",
                 self._owner,
                 type(exc).__name__,
                 what,

@@ -19,9 +19,9 @@ no invalidation is undone by an older load:
   holds in local memory while Redis is down.
 
 When Redis answers but refuses writes (:mod:`._store_refusals`), a load runs
-without a lease and stores nothing, a ``set``/``delete``/``clear`` is kept as
-during an outage, and :func:`masked` keeps this process from reading back from
-Redis what it invalidated.
+without a lease and its value, like a ``set``/``delete``/``clear``, is kept as
+during an outage; :func:`masked` keeps this process from reading back from Redis
+what it loaded or invalidated meanwhile.
 
 Kept apart from :mod:`._store`, the store's face and read side: ``peek`` and
 ``get`` never enter this module, so the hit path reads in one place there, and
@@ -412,9 +412,9 @@ async def set_if_unchanged(
         raise TypeError(msg)
     name = store._name(key)
     if token.head is None:  # the load started while Redis was down, or refused writes
-        if token.refused:  # nothing is stored, but a value it could not store still raises
-            store._encode(key, entry, bytes(GENERATION - 1))
-            return False
+        if token.refused:  # Redis refuses writes: kept here, like a refused set
+            store._encode(key, entry, bytes(GENERATION - 1))  # unencodable: still raises
+            return await _keep_load(store, key, name, entry, ttl, token)
         if not store._guard.down:
             return False
         store.degraded += 1
@@ -457,6 +457,20 @@ async def set_if_unchanged(
     if stored:
         _accepted(store)
     return bool(stored)
+
+
+async def _keep_load(
+    store: RedisStore, key: Hashable, name: str, entry: CacheEntry[Any], ttl: float, token: Token
+) -> bool:
+    """A value loaded while Redis refuses writes: kept in local memory and read back
+    from there (:func:`masked`) until the episode ends, as a refused ``set`` is, so
+    the key is not loaded again at every read (a miss) or every hit (a stale entry in
+    Redis); replayed as a delete. Not if this process wrote since: that write wins."""
+    if token.epoch != store._local_epoch:
+        return False
+    store._near.drop(key, name)  # its older entry, read from Redis, must not serve
+    await _keep(store, key, name, entry, ttl)
+    return True
 
 
 def _as_read(store: RedisStore, data: bytes) -> CacheEntry[Any] | None:
