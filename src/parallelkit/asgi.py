@@ -72,11 +72,18 @@ def lifespan(orch: Orchestrator, /) -> Callable[[Any], AbstractAsyncContextManag
     @asynccontextmanager
     async def _lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:
         # a start-up failure propagates as it is: the server reports it (once)
-        async with orch.start() as running:
-            state: dict[str, Any] = dict(running.items())
-            state.setdefault("running", running)
-            state[STATE_KEY] = running
-            yield state
+        served: Running | None = None
+        try:
+            async with orch.start() as running:
+                # what requests see: a service torn down (a crash) is not served
+                served = running._served()
+                state: dict[str, Any] = dict(running.items())
+                state.setdefault("running", served)
+                state[STATE_KEY] = served
+                yield state
+        finally:
+            if served is not None:  # set when the services stopped
+                served.teardown_errors = running.teardown_errors
 
     return _lifespan
 
@@ -89,8 +96,14 @@ def running_from(connection: Any, /) -> Running:
             with the ASGI ``scope``) of an app whose ``lifespan=`` is
             :func:`lifespan`.
 
+    A service that crashed, or was stopped (a critical service crashed: every
+    service is torn down), is not served: ``running_from(request).get("db")``
+    raises ``NotServed`` (a ``LookupError`` naming the service and why), never
+    returns the torn-down value (a disposed engine, a closed client).
+
     Raises:
-        RuntimeError: the app's lifespan did not start an orchestrator.
+        RuntimeError: the app's lifespan did not start an orchestrator (it has
+            not run, has not finished starting, or is not :func:`lifespan`).
 
     Example:
         ```python
@@ -109,8 +122,10 @@ def running_from(connection: Any, /) -> Running:
     found = state.get(STATE_KEY) if isinstance(state, Mapping) else None
     if not isinstance(found, Running):
         msg = (
-            "no parallelkit orchestrator in this app's lifespan state: create the app "
-            "with lifespan=parallelkit.asgi.lifespan(orch)"
+            "no parallelkit orchestrator in this request's lifespan state: the app's "
+            "lifespan has not run (httpx.ASGITransport does not run it: use "
+            "asgi_lifespan.LifespanManager or starlette's TestClient), has not finished "
+            "starting, or is not lifespan=parallelkit.asgi.lifespan(orch)"
         )
         raise RuntimeError(msg)  # noqa: TRY004 - a set-up mistake, not a bad argument
     return found

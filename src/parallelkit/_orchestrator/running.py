@@ -135,23 +135,50 @@ class Running:
             that raised (also logged).
     """
 
-    __slots__ = ("_names", "_session", "failed", "skipped", "teardown_errors", "timeline")
+    __slots__ = (
+        "_live",
+        "_names",
+        "_session",
+        "failed",
+        "skipped",
+        "teardown_errors",
+        "timeline",
+    )
 
     def __init__(self, session: Session, names: Mapping[Callable[..., Any], str]) -> None:
         self._session = session
         self._names = names
+        self._live = False
         self.timeline: Timeline = session.timeline
         self.failed: dict[str, BaseException] = {}
         self.skipped: dict[str, DependencyFailed] = {}
         self.teardown_errors: list[tuple[str, BaseException]] = []
 
+    def _served(self) -> Running:
+        """A view for requests (:mod:`parallelkit.asgi`): a torn-down service is not served.
+
+        Its ``running["db"]`` and ``running.get("db")`` raise :class:`NotServed` for
+        a service that is stopping, stopped or crashed (a disposed engine must not
+        reach a handler); everything else is this object's.
+        """
+        view = Running(self._session, self._names)
+        view._live = True
+        view.timeline, view.failed, view.skipped = self.timeline, self.failed, self.skipped
+        view.teardown_errors = self.teardown_errors
+        return view
+
     def __repr__(self) -> str:
         return f"<Running {list(self)} failed={list(self.failed)} skipped={list(self.skipped)}>"
 
     def __getitem__(self, name: str) -> Any:
+        if not isinstance(name, str):
+            msg = f"a service's name (str) is needed, got {name!r}; services: {list(self)}"  # type: ignore[unreachable]
+            raise TypeError(msg)
         hosts = self._session.hosts
         host = hosts.get(name)
         if host is not None and host.state not in ("pending", "starting", "failed"):
+            if self._live and host.state in _GONE:
+                raise NotServed(name, host.state, host.crash)
             return host.value
         if name in self.failed:
             msg = f"service {name!r} failed to start: {self.failed[name]!r}"
@@ -206,22 +233,31 @@ class Running:
 
         Raises:
             KeyError: the service is unknown, failed or was skipped.
-            TypeError: the value is not an instance of ``expected``.
+            TypeError: ``service`` is neither a name nor a function, or the value
+                is not an instance of ``expected``.
+            NotServed: (a ``LookupError``) from ``running_from(request)`` of
+                :mod:`parallelkit.asgi` only: the service was torn down.
         """
-        return self._lookup(service, expected)
+        return self._lookup(service, expected, live=self._live)
 
     def _lookup(
         self, service: Callable[..., Any] | str, expected: type[Any] | None, *, live: bool = False
     ) -> Any:
         if isinstance(service, str):
             name = service
+        elif not callable(service):
+            msg = f"service must be a service's name or its function, got {service!r}"  # type: ignore[unreachable]
+            raise TypeError(msg)
         else:
-            found = self._names.get(service)
+            try:
+                found = self._names.get(service)
+            except TypeError:  # an unhashable callable: no service is one
+                found = None
             if found is None:
-                msg = f"{service!r} is not a service of this orchestrator"
+                msg = f"{service!r} is not a service of this orchestrator; services: {list(self)}"
                 raise KeyError(msg)
             name = found
-        if live:  # for a request: a service torn down (or tearing down) is not served
+        if live and not self._live:  # for a request (a view checks in ``self[name]``)
             host = self._session.hosts.get(name)
             if host is not None and host.state in _GONE:
                 raise NotServed(name, host.state, host.crash)
@@ -237,11 +273,14 @@ class Running:
 
     def state(self, name: str) -> ServiceState:
         """The lifecycle state of service ``name`` (``"ready"``, ``"failed"``, …)."""
+        if not isinstance(name, str):
+            msg = f"name must be a service's name (str), got {name!r}"  # type: ignore[unreachable]
+            raise TypeError(msg)
         if name in self.skipped:
             return "skipped"
         host = self._session.hosts.get(name)
         if host is None:
-            msg = f"no service named {name!r}"
+            msg = f"no service named {name!r}; services: {list(self._session.specs)}"
             raise KeyError(msg)
         return host.state
 
