@@ -234,7 +234,10 @@ class Limiter:
         """Wait until this caller may start under the rate limit.
 
         A caller cancelled while it waits gives its start back: a start that never
-        happened does not delay the callers after it.
+        happened does not delay the callers that come after it. Callers already
+        waiting behind it keep the turns they were given (a turn is a reserved time,
+        not a place in a queue), so the turns given back in the middle are lost to
+        them; once they have all started or left, the whole tail is given back.
         """
         before = self._tat
         delay = self.reserve()

@@ -19,7 +19,7 @@ from .._core.limiter import SupportsLimit
 from .._core.outcome import Outcome
 from .._core.retry import RetryLike
 from .options import Call, Options
-from .pool import AsyncUnits, Pool
+from .pool import AsyncUnits, Pool, chain
 
 __all__ = ["gather", "map"]
 
@@ -55,7 +55,15 @@ async def run_items(
         source = AsyncUnits(items)
         pool = Pool(call, source, sink, max_workers=workers, settle=settle, refill=source.refill)
         source.pool = pool
-        await pool.run(pool.kick)
+        try:
+            await pool.run(pool.kick)
+        except BaseException as exc:
+            try:
+                await source.aclose()
+            except Exception as lost:  # the input's clean-up failed too: shown with exc
+                chain(exc, lost)
+            raise
+        await source.aclose()
     else:
         pool = Pool(call, enumerate(items), sink, max_workers=workers, settle=settle)
         await pool.run(functools.partial(pool.fill, total))

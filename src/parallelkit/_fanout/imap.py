@@ -21,7 +21,7 @@ from .._core.owned import OwnedTaskGroup
 from .._core.retry import RetryLike
 from .fanout import check_map_args, size_of
 from .options import Options
-from .pool import AsyncUnits, Pool, Unit
+from .pool import AsyncUnits, Pool, Unit, chain
 
 __all__ = ["imap"]
 
@@ -186,7 +186,7 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
             results.delivered = True
             if exc is None:
                 raise results.error
-            _chain(exc, results.error)  # the body's error escapes; the item's shows with it
+            chain(exc, results.error)  # the body's error escapes; the item's shows with it
         return None
 
     async def _run(self) -> None:
@@ -206,7 +206,15 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
                 raise
             results.error = exc
         finally:
-            results.finish()
+            try:
+                await self._window.aclose()
+            except Exception as exc:  # the input's own clean-up failed: the consumer's
+                if results.error is None:
+                    results.error = exc
+                else:
+                    chain(results.error, exc)
+            finally:
+                results.finish()
 
     # --- the consumer side
     def __aiter__(self) -> Self:
@@ -227,7 +235,15 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         while True:
             if results.error is not None and not results.delivered:
                 results.delivered = True
-                raise results.error
+                error = results.error
+                if isinstance(error, StopAsyncIteration):  # `async for` would end quietly
+                    msg = (
+                        "an item raised StopAsyncIteration (anext() of an exhausted "
+                        "iterator?); raised as a RuntimeError, as PEP 479 does, so that "
+                        "`async for` does not take it for the end of the results"
+                    )
+                    raise RuntimeError(msg) from error
+                raise error
             result: Any = results.take()
             if result is not _NOTHING:
                 break
@@ -306,6 +322,11 @@ class _Window:
             if self._workers is not None and pool.workers >= self._workers:
                 self._growing = False
         return unit
+
+    async def aclose(self) -> None:
+        """Close an async generator input left unfinished (:meth:`AsyncUnits.aclose`)."""
+        if self._async is not None:
+            await self._async.aclose()
 
     def grown(self) -> None:
         """The pool was filled at once: taking a unit starts no worker."""
@@ -413,17 +434,3 @@ class _AsDone(_Results):
 
     def take(self) -> Any:
         return self._buffer.popleft() if self._buffer else _NOTHING
-
-
-def _chain(exc: BaseException, lost: BaseException) -> None:
-    """Attach ``lost`` (an item's failure the body never got) at the end of ``exc``'s
-    context chain, so the traceback of the error that escapes shows it too."""
-    seen = {id(exc)}
-    last = exc
-    while last.__context__ is not None and id(last.__context__) not in seen:
-        if last.__context__ is lost:
-            return
-        last = last.__context__
-        seen.add(id(last))
-    if last is not lost:
-        last.__context__ = lost

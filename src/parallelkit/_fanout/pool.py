@@ -49,6 +49,7 @@ the task group would take it for one and end the pool quietly, results missing.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -60,7 +61,7 @@ from typing_extensions import final
 from .._core.backend import is_failure, is_stray_cancellation
 from .._core.outcome import Outcome
 
-__all__ = ["AsyncUnits", "Pool", "Unit"]
+__all__ = ["AsyncUnits", "Pool", "Unit", "chain"]
 
 Unit = tuple[Any, Any]  # (key, arg)
 
@@ -307,3 +308,29 @@ class AsyncUnits:
         if self.pool is not None:
             self.pool.kick()
         return True
+
+    async def aclose(self) -> None:
+        """Close the input if it is an async generator left unfinished (a failure, a
+        cancellation, an ``imap`` block left early): its ``finally`` (a cursor, a
+        connection given back) runs now, in the caller's task, not later at garbage
+        collection in a task nobody owns. Any other async iterable is the caller's
+        and is left open."""
+        iterator = self._iterator
+        if not self._done and inspect.isasyncgen(iterator):
+            self._done = True
+            await iterator.aclose()
+
+
+def chain(exc: BaseException, lost: BaseException) -> None:
+    """Attach ``lost`` (an item's failure an ``imap`` body never got, an input's failed
+    clean-up) at the end of ``exc``'s context chain, so the traceback of the error that
+    escapes shows it too."""
+    seen = {id(exc)}
+    last = exc
+    while last.__context__ is not None and id(last.__context__) not in seen:
+        if last.__context__ is lost:
+            return
+        last = last.__context__
+        seen.add(id(last))
+    if last is not lost:
+        last.__context__ = lost

@@ -86,13 +86,14 @@ class Flow:
         ```
     """
 
-    __slots__ = ("_by_fn", "_graph", "name")
+    __slots__ = ("_by_fn", "_graph", "_limiters", "name")
 
     def __init__(self, name: str | None = None) -> None:
         text_or_none("name", name)
         self.name = name
         self._graph = Graph(kind="step", reserved=RESERVED)
         self._by_fn: dict[object, str] = {}
+        self._limiters: dict[str, SupportsLimit] = {}  # a step's limit=, by step name
 
     def __repr__(self) -> str:
         title = f"{self.name!r} " if self.name else ""
@@ -206,6 +207,8 @@ class Flow:
         step = cast(StepFn, fn)
         params = params_of(step, kind="step", node=step_name)
         self._graph.add(Node(step_name, params, _build_call(step, timeout, retry, limiter), fn))
+        if limiter is not None:
+            self._limiters[step_name] = limiter
         with contextlib.suppress(TypeError):  # an unhashable callable: by name only
             self._by_fn[fn] = _AMBIGUOUS if fn in self._by_fn else step_name
 
@@ -255,7 +258,9 @@ class Flow:
         Raises:
             TypeError: ``limit`` not an int or a limiter, ``settle`` not a bool
                 (before any step starts).
-            ValueError: ``limit`` below 1.
+            ValueError: ``limit`` below 1, or a limiter that is also the ``limit=``
+                of a step of the run (each step would wait for a second slot while
+                holding one: a deadlock).
             DefinitionError: before any step starts: a parameter that is neither a
                 step nor an input (the message lists both), a missing input, an
                 unknown target.
@@ -268,6 +273,8 @@ class Flow:
         flag("settle", settle)
         target_names = None if targets is None else self._target_names(targets)
         plan = self._graph.plan(inputs.keys(), target_names)
+        if self._limiters and limit is not None and not isinstance(limit, int):
+            self._check_run_limiter(limit, plan.names)
         timeline = Timeline(origin=backend.clock()(), name=self.name)
         hook = instrument.current
         if hook is None:
@@ -291,6 +298,18 @@ class Flow:
         if settle:
             return FlowOutcomes(run.results(), timeline, self._by_fn)
         return FlowResult(run.results(), timeline, self._by_fn)
+
+    def _check_run_limiter(self, limit: object, names: Iterable[str]) -> None:
+        """Refuse a run ``limit=`` that is also a running step's ``limit=`` (a hang)."""
+        for name in names:
+            if self._limiters.get(name) is limit:
+                msg = (
+                    f"limit: the run's limiter is also step {name!r}'s limit=; each "
+                    "running step would hold one of its slots while it waits for another, "
+                    "a deadlock once every slot is held: give the run a bound of its own "
+                    "(an int), or the limiter to the step only"
+                )
+                raise ValueError(msg)
 
     def _target_names(self, targets: object) -> list[str]:
         if isinstance(targets, str) or callable(targets):
