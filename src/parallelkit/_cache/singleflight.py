@@ -14,6 +14,11 @@ A :class:`Flight` is the shared state of one load. Its work runs either
   after); a cancelled leader with no followers stops at once. If a leader's load
   is cancelled anyway, waiters see :attr:`Flight.cancelled` and start over.
 
+Callers waiting for a load register as blocked on the task that runs it
+(:mod:`parallelkit._core.waits`): a caller holding a database pool slot lends it to
+that load when no other slot is to be had (``parallelkit.sqlalchemy.pool_limiter``),
+so callers that hold every slot and wait for one load do not wait for ever.
+
 The work never raises an :class:`Exception` out of :meth:`run`: the outcome is
 kept on the flight (``ok``/``value``/``error``) and every waiter reads it. Nor
 does it raise a ``CancelledError`` that no cancellation caused (asyncio: the
@@ -33,7 +38,8 @@ import anyio.lowlevel
 from anyio.abc import TaskGroup
 from typing_extensions import final
 
-from .._core.backend import is_stray_cancellation
+from .._core.backend import is_stray_cancellation, task_id
+from .._core.waits import BLOCKED, WAKE, WORKERS
 
 __all__ = ["Flight"]
 
@@ -43,6 +49,7 @@ class Flight:
     """The shared state of one in-flight load (internal)."""
 
     __slots__ = (
+        "_blocked",
         "_done",
         "_owned",
         "_scope",
@@ -54,6 +61,7 @@ class Flight:
         "valid",
         "value",
         "waiters",
+        "worker",
     )
 
     def __init__(self, *, refresh: bool) -> None:
@@ -68,6 +76,8 @@ class Flight:
         self.value: Any = None
         self.error: BaseException | None = None  # an Exception, or a stray CancelledError
         self.traceback: TracebackType | None = None  # the error's, as the load raised it
+        self.worker: int | None = None  # the task running the load, once it runs
+        self._blocked: list[int] = []  # the tasks waiting for it (see _core/waits.py)
 
     @property
     def cancelled(self) -> bool:
@@ -76,6 +86,10 @@ class Flight:
 
     async def run(self, work: Callable[[], Awaitable[Any]], on_done: Callable[[], None]) -> None:
         """Run ``work`` and record its outcome; ``on_done`` always runs (cleanup)."""
+        worker = self.worker = task_id()
+        WORKERS.add(worker)
+        if self._blocked:  # callers waiting already: the load may run on their slots
+            BLOCKED[worker] = self._blocked
         try:
             self.value = await work()
             self.ok = True
@@ -88,6 +102,9 @@ class Flight:
             self.error = exc
             self.traceback = exc.__traceback__
         finally:
+            WORKERS.discard(worker)
+            if BLOCKED and BLOCKED.get(worker) is self._blocked:
+                del BLOCKED[worker]
             self.finished = True
             on_done()
             self._done.set()
@@ -136,9 +153,20 @@ class Flight:
         scope = self._scope
         if scope is not None:
             scope.shield = True
+        # blocked on the load's task: a limiter may lend it this task's slot
+        blocked, me, worker = self._blocked, task_id(), self.worker
+        blocked.append(me)
+        if worker is not None and not self.finished:
+            BLOCKED[worker] = blocked
+            wake = WAKE.get(worker)
+            if wake is not None:  # the load waits for a slot: it may run on this task's
+                wake()
         try:
             await self._done.wait()
         finally:
+            blocked.remove(me)
+            if not blocked and worker is not None and BLOCKED.get(worker) is blocked:
+                del BLOCKED[worker]
             self.waiters -= 1
             if self.waiters == 0 and not self.finished:
                 if self._scope is not None:

@@ -8,6 +8,8 @@
 * ``outcome``  - :class:`~parallelkit.Outcome`, what settle mode returns.
 * ``owned``    - how an object owns a task group (``async with cache:`` ...).
 * ``public``   - ``export(globals())``: public names show their public ``__module__``.
+* ``waits``    - which tasks wait for another task's work (a cache load), so that
+  a limiter holding slots per task can lend a waiter's slot to that work.
 * ``instrument`` - the instrumentation hook (``None`` unless ``parallelkit.otel``
   is instrumenting): read once per call by the primitives it traces.
 """

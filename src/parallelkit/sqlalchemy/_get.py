@@ -46,7 +46,8 @@ async def eager_get(
     Args:
         session: the ``AsyncSession``.
         model: the mapped class.
-        ident: the primary key (a tuple for a composite key).
+        ident: the primary key (a tuple for a composite key, or a dict of the
+            primary key attributes, as ``session.get`` takes it).
         *paths: what :func:`eager` accepts.
         raise_others: as in :func:`eager`.
         strategies: as in :func:`eager`.
@@ -73,6 +74,8 @@ async def eager_get(
         options, mapper, tree = _plan(model, paths, raise_others)  # type: ignore[arg-type]
     else:
         options, mapper, tree = _make_plan(model, paths, raise_others, strategies)
+    if isinstance(ident, Mapping):  # {attribute: value}, as session.get takes it
+        ident = _from_mapping(model, mapper, ident)
     key = tuple(ident) if isinstance(ident, (tuple, list)) else (ident,)
     if len(key) != len(mapper.primary_key):
         size = len(mapper.primary_key)
@@ -89,6 +92,17 @@ async def eager_get(
     result = await session.execute(select(model).where(where).options(*options))
     found: M | None = result.unique().scalar_one_or_none()
     return found
+
+
+def _from_mapping(
+    model: type[Any], mapper: Mapper[Any], ident: Mapping[Any, Any]
+) -> tuple[Any, ...]:
+    """The primary key given as ``{attribute: value}``, in the mapper's order."""
+    names = [mapper.get_property_by_column(column).key for column in mapper.primary_key]
+    if set(ident) != set(names):
+        msg = f"ident for {model.__name__} must have the keys {names!r}, got {ident!r}"
+        raise ValueError(msg)
+    return tuple(ident[name] for name in names)
 
 
 _Plan = tuple[tuple[Any, ...], Mapper[Any], _Tree]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 from enum import Enum
 from typing import Any, TypeVar
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import BigInteger, Integer, SmallInteger, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.interfaces import ORMOption
 
@@ -18,6 +19,7 @@ from ._eager import _mapper
 __all__ = ["loader_by_id"]
 
 M = TypeVar("M")
+_NO_ROW: Any = object()
 
 
 def loader_by_id(
@@ -40,7 +42,10 @@ def loader_by_id(
     type (``"2"`` for an integer key, a bare value for a composite key) fails
     its own callers with a :class:`TypeError`, before the query: it is not
     sent, so it can neither fail the whole batch in the driver nor come back as
-    ``None`` when the database converted it and found the row.
+    ``None`` when the database converted it and found the row. A key that no row
+    can have (``2.5`` or ``2**70`` for an integer key, or an int past PostgreSQL's
+    ``integer`` range) loads as ``None`` without being sent, for the same reason;
+    ``2.0`` and ``Decimal(2)`` are sent as ``2``.
 
     The objects come back detached (their session is closed when the batch is
     done): load what you will read with ``options``, e.g.
@@ -77,9 +82,10 @@ def loader_by_id(
     key_of = mapper.primary_key_from_instance
     opts = _options(options)
     bad_key = _key_check(model.__name__, [(str(c.key), _python_type(c)) for c in columns])
+    kinds = [c.type for c in columns]
 
-    async def load_many(keys: list[Any]) -> dict[Any, M | TypeError]:
-        found: dict[Any, M | TypeError] = {}
+    async def load_many(keys: list[Any]) -> dict[Any, M | TypeError | None]:
+        found: dict[Any, M | TypeError | None] = {}
         for key in keys:
             error = bad_key(key)
             if error is not None:
@@ -87,8 +93,19 @@ def loader_by_id(
         good = [key for key in keys if key not in found] if found else keys
         if not good:
             return found
-        where = tuple_(*columns).in_(good) if composite else columns[0].in_(good)
         async with session_factory() as session:
+            bits = _int_bits(session)
+            sent: list[Any] = []
+            for key in good:  # a key no row can have is answered None, not sent
+                parts = key if composite else (key,)
+                values = [_sendable(v, t, bits) for v, t in zip(parts, kinds, strict=True)]
+                if any(value is _NO_ROW for value in values):
+                    found[key] = None
+                else:
+                    sent.append(tuple(values) if composite else values[0])
+            if not sent:
+                return found
+            where = tuple_(*columns).in_(sent) if composite else columns[0].in_(sent)
             rows = (await session.scalars(select(model).where(where).options(*opts))).all()
         for row in rows:
             found[tuple(key_of(row)) if composite else key_of(row)[0]] = row
@@ -98,6 +115,33 @@ def loader_by_id(
         load_many, max_batch=max_batch, cache=cache, default=None
     )
     return loader
+
+
+def _int_bits(session: AsyncSession) -> int:
+    """The widest integer the session's database takes (PostgreSQL: by column type)."""
+    bind = session.bind
+    return 0 if bind is not None and bind.dialect.name == "postgresql" else 64
+
+
+def _sendable(value: Any, kind: Any, bits: int) -> object:
+    """``value`` as the driver takes it for an integer key column; ``_NO_ROW`` if no row has it.
+
+    A non-integral number (``2.5``, NaN) or an integer out of the column's range
+    would only make the driver fail the whole batch, every caller with it; an
+    integral ``Decimal`` or float is sent as the ``int`` it equals.
+    """
+    number_like = isinstance(value, numbers.Number) and not isinstance(value, bool)
+    if not number_like or not isinstance(kind, Integer):
+        return value
+    try:
+        number: int = math.trunc(value)
+        if number != value:
+            return _NO_ROW
+    except (ArithmeticError, ValueError, TypeError):  # NaN, infinity, a complex number
+        return _NO_ROW
+    if not bits:  # PostgreSQL: int2, int4 or int8 by the column's type
+        bits = 16 if isinstance(kind, SmallInteger) else 64 if isinstance(kind, BigInteger) else 32
+    return number if -(2 ** (bits - 1)) <= number < 2 ** (bits - 1) else _NO_ROW
 
 
 def _python_type(column: Any) -> type[Any] | None:

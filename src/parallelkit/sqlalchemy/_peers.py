@@ -142,7 +142,11 @@ async def load(instance: object, path: str, /) -> Any:
     """
     state = inspect(instance, raiseerr=False)
     if not isinstance(state, InstanceState):
-        msg = f"instance must be a mapped object, got {type(instance).__name__} {instance!r}"
+        if isinstance(instance, type):  # load(Conversation, ...): the class, not a row
+            got = f"the class {instance.__name__}: pass one of its instances"
+        else:
+            got = f"{type(instance).__name__} {instance!r}"
+        msg = f"instance must be a mapped object, got {got}"
         raise TypeError(msg)
     props = _resolve(state.mapper, path)
     value = _value(state, props)

@@ -22,17 +22,23 @@ that holds a slot and waits for a fan-out on this limiter
 (:func:`~parallelkit.sqlalchemy.parallel`, or ``pk.gather`` / ``pk.map`` /
 ``pk.imap`` / ``Flow.run`` with ``limit=pool_limiter(engine)``) lends it to its
 workers, one at a time (:class:`LentSlot`, :meth:`PoolLimiter.for_fanout`): its
-workers never wait for slots that their waiting callers hold.
+workers never wait for slots that their waiting callers hold. Likewise a cache load
+that callers holding every slot wait for (an ``SWRCache`` miss, loaded in another
+task) runs on one of their slots (:meth:`PoolLimiter._borrow`,
+:mod:`parallelkit._core.waits`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import weakref
 from collections.abc import Awaitable, Callable
-from types import TracebackType
+from inspect import CO_ASYNC_GENERATOR
+from types import FrameType, TracebackType
 from typing import Any
 
+import anyio
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
@@ -41,6 +47,7 @@ from typing_extensions import final
 
 from .._core.backend import task_id
 from .._core.limiter import Limiter, LimiterStatistics
+from .._core.waits import BLOCKED, WAKE, WORKERS
 from ._methods import RELEASING, wrap_methods
 
 __all__ = ["LentSlot", "LimitedAsyncSession", "PoolLimiter", "engine_of", "pool_limiter"]
@@ -54,15 +61,22 @@ class PoolLimiter:
     :func:`parallelkit.map` / :func:`~parallelkit.gather` (then an item holds a
     slot for its whole run: right for items that only talk to the database) and
     what :class:`LimitedAsyncSession` and :func:`parallel` acquire. A task holding
-    a slot may acquire again without waiting (re-entrant per task).
+    a slot may acquire again without waiting (re-entrant per task). An
+    ``async with`` block in an async generator (a streaming body, a yield
+    dependency) gives back the slot of the task that entered it, also when
+    another task closes the generator (asyncio's finalizer after an
+    ``async for ... break``).
     """
 
-    __slots__ = ("_borrowed", "_held", "_limiter")
+    __slots__ = ("_borrowed", "_generators", "_held", "_limiter")
 
     def __init__(self, concurrency: int | None) -> None:
         self._limiter = Limiter(concurrency=concurrency)
         self._held: dict[int, int] = {}  # task id -> depth
-        self._borrowed: dict[int, LentSlot] = {}  # task id -> the slot it runs on (lent)
+        # task id -> the slot it runs on (lent by a fan-out's caller, or a blocked task's)
+        self._borrowed: dict[int, LentSlot | _OnLender] = {}
+        # an async generator's frame -> the tasks that entered ``async with`` there
+        self._generators: dict[FrameType, list[int]] = {}
 
     @property
     def concurrency(self) -> int | None:
@@ -77,9 +91,46 @@ class PoolLimiter:
         """Take a slot for the current task (at once if it holds one); returns the holder."""
         task = task_id()
         if self._reenter(task) is None:
-            await self._limiter.acquire_slot()  # no rate: the slot only
-            self._held[task] = 1
+            if WORKERS and task in WORKERS:
+                await self._take_for_work(task)
+            else:
+                await self._limiter.acquire_slot()  # no rate: the slot only
+                self._held[task] = 1
         return task
+
+    async def _take_for_work(self, task: int) -> None:
+        """A slot for a task that others may come to wait for (a cache load): a free
+        slot, else the slot of a task blocked on its work (:meth:`_borrow`); a task that
+        comes to wait for it meanwhile interrupts its wait for a free one."""
+        while not self._borrow(task):
+            got = False
+            with anyio.CancelScope() as scope:
+                WAKE[task] = scope.cancel
+                try:
+                    await self._limiter.acquire_slot()
+                    got = True
+                finally:
+                    del WAKE[task]
+            if got:
+                self._held[task] = 1
+                return
+
+    def _borrow(self, task: int) -> bool:
+        """Run ``task`` on the slot of a task blocked on its work, if one holds a slot and
+        none is free: a cache load that callers holding every slot wait for
+        (:mod:`parallelkit._core.waits`). They do no database work meanwhile."""
+        limit = self._limiter.concurrency
+        if limit is None:
+            return False
+        stats = self._limiter.statistics()
+        if stats.running < limit and not stats.waiting:
+            return False  # a slot is free at once: take it
+        for lender in BLOCKED.get(task, ()):
+            if lender in self._held:
+                self._held[task] = 1
+                self._borrowed[task] = _ON_LENDER
+                return True
+        return False
 
     def reenter(self) -> int | None:
         """Take a slot without waiting if the current task holds one (re-entrant): the
@@ -123,8 +174,17 @@ class PoolLimiter:
         # acquire()'s body: no frame of its own resumed when the slot is handed over
         task = task_id()
         if self._reenter(task) is None:
-            await self._limiter.acquire_slot()
-            self._held[task] = 1
+            if WORKERS and task in WORKERS:
+                await self._take_for_work(task)
+            else:
+                await self._limiter.acquire_slot()
+                self._held[task] = 1
+        caller = sys._getframe(1)
+        if caller.f_code.co_flags & CO_ASYNC_GENERATOR:
+            # another task may close the generator (asyncio's finalizer after an
+            # ``async for ... break``, a server after its client left): the block's
+            # end then gives back the slot of the task that entered it
+            self._generators.setdefault(caller, []).append(task)
         return self
 
     async def __aexit__(
@@ -133,7 +193,15 @@ class PoolLimiter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.release(task_id())
+        holder = task_id()
+        if self._generators:  # a block in an async generator is open
+            caller = sys._getframe(1)
+            entered = self._generators.get(caller)
+            if entered:
+                holder = entered.pop()
+                if not entered:
+                    del self._generators[caller]
+        self.release(holder)
 
     def __repr__(self) -> str:
         stats = self.statistics()
@@ -198,6 +266,19 @@ class LentSlot:
     def __repr__(self) -> str:
         return f"LentSlot(lent={self._lent!r}, of={self._slots!r})"
 
+
+@final
+class _OnLender:
+    """A slot borrowed from a task blocked on the borrower's work (:meth:`PoolLimiter._borrow`):
+    the lender keeps it; nothing to give back when the borrower is done."""
+
+    __slots__ = ()
+
+    def give_back(self) -> None:
+        pass
+
+
+_ON_LENDER = _OnLender()
 
 _limiters: weakref.WeakKeyDictionary[Engine, PoolLimiter] = weakref.WeakKeyDictionary()
 
