@@ -20,7 +20,7 @@ from typing import Any, NoReturn, TypeVar, cast
 import anyio
 from typing_extensions import final
 
-__all__ = ["MISSING", "Batch", "KeyFuture", "asyncio_loop"]
+__all__ = ["MISSING", "Batch", "KeyFuture", "asyncio_loop", "read_mapping", "run_uncancelled"]
 
 V = TypeVar("V")
 
@@ -44,6 +44,49 @@ def asyncio_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:  # pragma: no cover - not in a task
         return None
+
+
+async def run_uncancelled(work: Coroutine[Any, Any, None]) -> None:
+    """asyncio: run ``work`` in a task of its own and wait for it to end, whatever
+    cancels the caller meanwhile; then raise that cancellation, if any.
+
+    anyio's shield holds off anyio's cancellation, not asyncio's own
+    ``task.cancel()`` (``asyncio.timeout``, ``wait_for``, a server cancelling the
+    handler of a client that left): run in the caller's task, ``work`` would be
+    cut short for every caller that joined its batch. Call it inside
+    ``anyio.CancelScope(shield=True)``, so anyio's cancellation is not delivered
+    over and over meanwhile.
+    """
+    task = asyncio.ensure_future(work)
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError as exc:  # noqa: PERF203 - once per cancellation
+            if not task.cancelled():  # the caller's, not the work's own
+                cancelled = exc
+    task.result()  # the work's own failure (only a KeyboardInterrupt-like one)
+    if cancelled is not None:
+        raise cancelled
+
+
+def read_mapping(result: Mapping[Any, Any], keys: Iterable[Any]) -> dict[Any, Any]:
+    """A mapping result that is not a ``dict``, read once per key into one.
+
+    Its lookups run the user's code (a lazy, remote or decoding mapping): a lookup
+    that raises is that key's error, raised to its callers only, instead of an error
+    inside the batch's bookkeeping that left the other callers waiting. A key the
+    mapping does not have stays out (``KeyError`` or ``default=``).
+    """
+    values: dict[Any, Any] = {}
+    for key in keys:
+        try:
+            value = result.get(key, MISSING)
+        except Exception as exc:
+            value = exc
+        if value is not MISSING:
+            values[key] = value
+    return values
 
 
 @final

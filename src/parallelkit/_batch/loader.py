@@ -40,7 +40,7 @@ from .._core import instrument
 from .._core.backend import is_stray_cancellation
 from .._core.check import async_callable, count, flag, number, returns_coroutine
 from .._core.owned import OwnedTaskGroup
-from .batch import MISSING, Batch, KeyFuture, asyncio_loop
+from .batch import MISSING, Batch, KeyFuture, asyncio_loop, read_mapping, run_uncancelled
 
 __all__ = ["BatchLoader", "BatchStats"]
 
@@ -218,7 +218,7 @@ class BatchLoader(Generic[K, V]):
 
         ``future``, if given, is resolved with the key's outcome when the batch ends.
         """
-        if self._batch is None or self._cache:
+        if self._batch is None or self._cache or future is not None:
             _check_hashable(key)  # before any state: a bad key opens no (empty) batch
         self._requests += 1
         if self._cache:
@@ -298,7 +298,12 @@ class BatchLoader(Generic[K, V]):
         # the common case, inlined: join the open batch with a future
         future: KeyFuture[V] = KeyFuture(loop=batch.loop)
         keys = batch.keys  # the request is counted when the batch closes (_close)
-        if key in keys:
+        try:
+            joined = key in keys
+        except TypeError:
+            _check_hashable(key)  # the error that names the key
+            raise
+        if joined:
             batch.plain = False
             batch.extra.append((key, future))
         else:
@@ -322,10 +327,15 @@ class BatchLoader(Generic[K, V]):
         if batch is None or self._cache:
             batch = self._enqueue(key)
         else:  # the common case, inlined: join the open batch
+            keys = batch.keys
+            try:
+                new = key not in keys
+            except TypeError:
+                _check_hashable(key)  # the error that names the key, counting nothing
+                raise
             self._requests += 1
             batch.plain = False  # this waiter reads batch.values (see _enqueue)
-            keys = batch.keys
-            if key not in keys:
+            if new:
                 keys[key] = None
                 batch.counted += 1
                 if len(keys) >= self._max_batch:
@@ -386,18 +396,26 @@ class BatchLoader(Generic[K, V]):
         """Not entered: run the batches this caller opened, in the caller's task.
 
         The run is shielded: other callers wait on it, so this caller's own
-        cancellation takes effect once the batch call has returned.
+        cancellation takes effect once the batch call has returned. On asyncio the
+        run is a task of its own (:func:`run_uncancelled`): a ``task.cancel()`` of
+        this caller goes through anyio's shield.
         """
         for batch in batches:
             batch.lead = False
         with anyio.CancelScope(shield=True):
-            if len(batches) == 1:
-                await self._dispatch(batches[0])
+            if asyncio_loop() is None:
+                await self._dispatch_all(batches)
             else:
-                async with anyio.create_task_group() as tg:
-                    for batch in batches:
-                        tg.start_soon(self._dispatch, batch)
+                await run_uncancelled(self._dispatch_all(batches))
         await anyio.lowlevel.checkpoint_if_cancelled()
+
+    async def _dispatch_all(self, batches: list[Batch]) -> None:
+        if len(batches) == 1:
+            await self._dispatch(batches[0])
+        else:
+            async with anyio.create_task_group() as tg:
+                for batch in batches:
+                    tg.start_soon(self._dispatch, batch)
 
     async def _dispatch(self, batch: Batch) -> None:
         try:
@@ -457,7 +475,7 @@ class BatchLoader(Generic[K, V]):
     def _align(self, keys: list[Any], result: object, given: list[Any]) -> Mapping[Any, Any]:
         """``result`` as a mapping; ``given`` is the list ``load_many`` got (a copy of ``keys``)."""
         if isinstance(result, Mapping):
-            return result
+            return result if type(result) is dict else read_mapping(result, keys)
         if isinstance(result, Sequence) and not isinstance(result, (str, bytes)):
             if result is not given and given != keys:
                 msg = (
