@@ -211,3 +211,18 @@ async def test_asyncio_native_cancellation_of_the_leader_does_not_fail_the_follo
 
 async def _append(out: list[int], load: Any) -> None:
     out.append(await load)
+
+
+@pytest.mark.parametrize("keys", ["abc", b"abc"], ids=["str", "bytes"])
+async def test_load_many_of_a_string_is_refused_not_loaded_per_character(keys: object) -> None:
+    calls: list[list[object]] = []
+
+    async def load_many(ks: list[object]) -> list[object]:
+        calls.append(ks)
+        return ks
+
+    async with pk.BatchLoader(load_many) as loader:
+        with pytest.raises(TypeError, match="load_many\\(\\[key\\]\\)"):
+            await loader.load_many(keys)  # type: ignore[arg-type]
+    assert calls == []
+    assert loader.statistics().requests == 0

@@ -354,13 +354,19 @@ class BatchLoader(Generic[K, V]):
         """Load several keys (joining the current batch); values in the order of ``keys``.
 
         Raises:
-            TypeError: ``keys`` is not an iterable of hashable keys (checked before
-                any key is queued).
+            TypeError: ``keys`` is not an iterable of hashable keys, or is a
+                ``str`` / ``bytes`` (checked before any key is queued).
             Exception: the first failing key's error, in the order of ``keys``.
         """
         given: object = keys
         if not isinstance(given, Iterable):
             msg = f"keys must be an iterable of keys, got {type(given).__name__}"
+            raise TypeError(msg)
+        if isinstance(given, (str, bytes, bytearray)):  # its characters are no keys
+            msg = (
+                f"keys must be an iterable of keys, got the {type(given).__name__} "
+                f"{given!r}: for one key, use load(key) or load_many([key])"
+            )
             raise TypeError(msg)
         keys = list(keys)
         try:
