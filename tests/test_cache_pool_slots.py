@@ -168,3 +168,47 @@ async def test_a_lender_cancelled_while_the_load_runs_on_its_slot_leaves_the_cou
                 release.set()
             assert await lookup(1) == 1  # stored for the caller that stayed
     at_rest(slots)
+
+
+@pytest.mark.parametrize("anyio_backend", BACKENDS)
+async def test_a_load_that_loads_another_key_first_still_runs_on_a_waiting_callers_slot(
+    anyio_backend: object, engine: Engine
+) -> None:
+    # not entered: the leader's task runs the outer load, and inside it the inner one
+    slots = pool_limiter(engine)
+    cache = pk.SWRCache(fresh=30, stale=300)
+    outer_started = anyio.Event()
+    holders_waiting = anyio.Event()
+
+    @cache.cached
+    async def inner(key: int) -> int:
+        return key + 1
+
+    @cache.cached
+    async def outer(key: int) -> int:
+        outer_started.set()
+        await holders_waiting.wait()
+        base = await inner(key)  # a load of its own, in this same task
+        async with slots:  # every slot is held by callers waiting for this load
+            return base * 10
+
+    async def holder() -> None:
+        async with slots:
+            await outer_started.wait()
+            assert await outer(1) == 20
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(holder)
+            tg.start_soon(holder)
+            while slots.statistics().running < 2:
+                await anyio.sleep(0.01)
+
+            async def leader() -> None:
+                assert await outer(1) == 20  # this task holds no slot
+
+            tg.start_soon(leader)
+            await outer_started.wait()
+            await anyio.sleep(1)  # the holders are waiting for the outer load now
+            holders_waiting.set()
+    at_rest(slots)

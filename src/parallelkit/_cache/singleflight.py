@@ -87,6 +87,9 @@ class Flight:
     async def run(self, work: Callable[[], Awaitable[Any]], on_done: Callable[[], None]) -> None:
         """Run ``work`` and record its outcome; ``on_done`` always runs (cleanup)."""
         worker = self.worker = task_id()
+        # a load run inside another load of the same task (a leader's loader missing
+        # another key): the outer one's registration is put back when this one ends
+        outer = worker in WORKERS, BLOCKED.get(worker)
         WORKERS.add(worker)
         if self._blocked:  # callers waiting already: the load may run on their slots
             BLOCKED[worker] = self._blocked
@@ -102,8 +105,12 @@ class Flight:
             self.error = exc
             self.traceback = exc.__traceback__
         finally:
-            WORKERS.discard(worker)
-            if BLOCKED and BLOCKED.get(worker) is self._blocked:
+            was_worker, outer_blocked = outer
+            if not was_worker:
+                WORKERS.discard(worker)
+            if outer_blocked is not None:
+                BLOCKED[worker] = outer_blocked
+            elif BLOCKED and BLOCKED.get(worker) is self._blocked:
                 del BLOCKED[worker]
             self.finished = True
             on_done()
