@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -133,7 +134,18 @@ async def test_a_mapping_result_whose_lookup_raises_fails_only_that_key(
 
 @asyncio_only
 @pytest.mark.parametrize("when", ["in-call", "in-window"])
-@pytest.mark.parametrize("how", ["task.cancel", "asyncio.timeout"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "task.cancel",
+        pytest.param(
+            "asyncio.timeout",
+            marks=pytest.mark.skipif(
+                sys.version_info < (3, 11), reason="asyncio.timeout: Python 3.11+"
+            ),
+        ),
+    ],
+)
 async def test_asyncio_native_cancellation_of_the_leader_does_not_fail_the_followers(
     when: str, how: str
 ) -> None:
