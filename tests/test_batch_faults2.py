@@ -16,17 +16,9 @@ import pytest
 
 import parallelkit as pk
 
+from .test_batch_faults import asyncio_only, wait_until
+
 pytestmark = pytest.mark.anyio
-
-asyncio_only = pytest.mark.parametrize(
-    "anyio_backend", [pytest.param(("asyncio", {}), id="asyncio")]
-)
-
-
-async def wait_until(cond: Any) -> None:
-    with anyio.fail_after(5):  # a hang guard, not a timing assertion
-        while not cond():
-            await anyio.lowlevel.checkpoint()
 
 
 def entered_or_not(loader: pk.BatchLoader[Any, Any], entered: bool) -> Any:
