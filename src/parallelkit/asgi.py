@@ -72,18 +72,13 @@ def lifespan(orch: Orchestrator, /) -> Callable[[Any], AbstractAsyncContextManag
     @asynccontextmanager
     async def _lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:
         # a start-up failure propagates as it is: the server reports it (once)
-        served: Running | None = None
-        try:
-            async with orch.start() as running:
-                # what requests see: a service torn down (a crash) is not served
-                served = running._served()
-                state: dict[str, Any] = dict(running.items())
-                state.setdefault("running", served)
-                state[STATE_KEY] = served
-                yield state
-        finally:
-            if served is not None:  # set when the services stopped
-                served.teardown_errors = running.teardown_errors
+        async with orch.start() as running:
+            # what requests see: a service torn down (a crash) is not served
+            served = running._served()
+            state: dict[str, Any] = dict(running.items())
+            state.setdefault("running", served)
+            state[STATE_KEY] = served
+            yield state
 
     return _lifespan
 

@@ -68,7 +68,7 @@ async def run_session(session: Session) -> AsyncIterator[Running]:
                 finally:
                     with anyio.CancelScope(shield=True):
                         errors = await session.stop_all()
-                    running.teardown_errors = errors
+                    running.teardown_errors.extend(errors)  # in place: views share it
                     if not handled:
                         log_teardown_errors(errors)  # not raised: the cancellation goes on
     except anyio.get_cancelled_exc_class():
