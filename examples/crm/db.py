@@ -133,6 +133,13 @@ def make_engine(
 ) -> AsyncEngine:
     """An ``AsyncEngine`` with a pool of ``pool_size`` connections (no overflow).
 
+    On a server database (PostgreSQL) the pool tests each connection as it is
+    checked out (``pool_pre_ping=True``): a connection the server closed (a
+    restart, a fail-over, ``pg_terminate_backend``) is replaced, where without it
+    the request that drew it would fail (a 500 in the service, possibly after the
+    card was charged). It costs a round trip per checkout; SQLite files do not
+    lose their connections, so they skip it.
+
     Args:
         url: a SQLAlchemy URL; default: a SQLite file in ``directory`` (a new
             temporary directory when ``None``).
@@ -148,6 +155,8 @@ def make_engine(
         resolved = f"sqlite+aiosqlite:///{os.path.join(directory, 'crm.db')}"
     backend = make_url(resolved).get_backend_name()
     kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": 0, "pool_timeout": 120}
+    if backend != "sqlite":  # a closed connection is replaced at checkout, not a failed request
+        kwargs["pool_pre_ping"] = True
     if backend == "postgresql" and schema:
         kwargs["connect_args"] = {"server_settings": {"search_path": schema}}
     if backend == "sqlite":
