@@ -240,8 +240,10 @@ class Orchestrator:
         prefixed with ``name`` (see the orchestrator's ``output``). Stopping sends
         ``SIGTERM`` to the group and ``SIGKILL`` to what is left of it after
         ``stop_timeout`` (the whole group has that grace, a shell's child too);
-        nothing it started outlives the orchestrator. Its value (``running[name]``) is a
-        ``ManagedProcess`` (``pid``, ``returncode``, ``restarts``).
+        nothing it started outlives the orchestrator, unless it left the group (a
+        daemon that calls ``setsid()``: run it in the foreground). Its value
+        (``running[name]``) is a ``ManagedProcess`` (``pid``, ``returncode``,
+        ``restarts``).
 
         Args:
             name: the service name.
@@ -416,8 +418,7 @@ class Orchestrator:
                     )
                 raise DefinitionError(msg)
 
-    @asynccontextmanager
-    async def _run(self, session: Session) -> AsyncIterator[Running]:
+    def _refuse_second_start(self) -> None:
         """One start at a time: the services of an orchestrator are one set."""
         if self._started:
             title = f" {self.name!r}" if self.name else ""
@@ -427,6 +428,11 @@ class Orchestrator:
                 "a second Orchestrator for a second set of services"
             )
             raise RuntimeError(msg)
+
+    @asynccontextmanager
+    async def _run(self, session: Session) -> AsyncIterator[Running]:
+        """One start at a time: the services of an orchestrator are one set."""
+        self._refuse_second_start()
         self._started = True
         try:
             async with run_session(session) as running:
@@ -469,6 +475,10 @@ class Orchestrator:
                 raised: that error itself.
             ExceptionGroup: the services stopped, but tear-downs raised (as from
                 :meth:`start`); the only case where ``serve()`` raises a group.
+            RuntimeError: before anything starts or any signal handler changes: not
+                in the main thread, this orchestrator is already started, or another
+                ``serve()`` in progress handles one of ``signals`` (a signal reaches
+                only one of them).
         """
         if isinstance(signals, (str, bytes)) or not isinstance(signals, Sequence) or not signals:
             msg = f"signals must be a non-empty sequence of signal numbers, got {signals!r}"
@@ -476,7 +486,10 @@ class Orchestrator:
         wanted = [signal_number("signals", s) for s in signals]
         if on_ready is not None:
             callable_("on_ready", on_ready)
-        await serve_session(self._session(), self._run, wanted, on_ready)
+        # refused before serve_session touches the signal handlers: a second receiver
+        # would take the signals from the serve() that runs, and leave none behind
+        self._refuse_second_start()
+        await serve_session(self._session, self._run, wanted, on_ready)
 
 
 @final

@@ -26,21 +26,25 @@ __all__ = ["serve_session", "signal_number"]
 
 logger = logging.getLogger("parallelkit.orchestrator")
 
+#: the signals a serve() in progress handles (serve() runs in the main thread only)
+_SERVING: set[signal.Signals] = set()
+
 
 async def serve_session(
-    session: Session,
+    make_session: Callable[[], Session],
     run: Callable[[Session], AbstractAsyncContextManager[Running]],
     wanted: list[signal.Signals],
     on_ready: Callable[[Running], object] | None,
 ) -> None:
-    """Enter ``run(session)`` and serve it until one of ``wanted`` arrives.
+    """Enter ``run(make_session())`` and serve it until one of ``wanted`` arrives.
 
     ``serve()``'s docstring says what a signal does; the errors it raises are
     ``start()``'s, each as itself (never in the watcher's ``ExceptionGroup``).
 
     Raises:
-        RuntimeError: not in the main thread (only it can receive signals); checked
-            before any service starts.
+        RuntimeError: not in the main thread (only it can receive signals), or
+            another ``serve()`` in progress handles one of ``wanted``; checked before
+            any service starts or any signal handler changes.
     """
     if threading.current_thread() is not threading.main_thread():
         msg = (
@@ -48,6 +52,32 @@ async def serve_session(
             "thread, use `async with orch.start():` and leave it to stop the services"
         )
         raise RuntimeError(msg)
+    taken = [s.name for s in wanted if s in _SERVING]
+    if taken:
+        # a signal reaches one receiver only: a second one would leave the serve()
+        # that runs deaf to it (and, on asyncio, with no handler at all once it closes)
+        msg = (
+            f"another serve() in this program already handles {', '.join(taken)}: a "
+            "signal reaches only one of them. Serve one orchestrator per program (run "
+            "the others with `async with other.start():` from a service of it), or give "
+            "this one other signals="
+        )
+        raise RuntimeError(msg)
+    session = make_session()  # checks the graph: after the checks above, as it freezes it
+    _SERVING.update(wanted)
+    try:
+        await _serve(session, run, wanted, on_ready)
+    finally:
+        _SERVING.difference_update(wanted)
+
+
+async def _serve(
+    session: Session,
+    run: Callable[[Session], AbstractAsyncContextManager[Running]],
+    wanted: list[signal.Signals],
+    on_ready: Callable[[Running], object] | None,
+) -> None:
+    """serve_session's work, once the signals are its own."""
     stop = anyio.Event()
     started = False
     ready_scope = anyio.CancelScope()  # an async on_ready runs in it: a signal cancels it
@@ -128,6 +158,9 @@ _UNCATCHABLE = frozenset(
 
 
 def signal_number(name: str, value: object) -> signal.Signals:
+    if isinstance(value, bool):  # an int to Python (True is SIGHUP), never meant as one
+        msg = f"{name} must hold signal numbers (signal.SIGTERM, ...), got {value!r}"
+        raise TypeError(msg)
     try:
         signum = signal.Signals(value)  # type: ignore[arg-type]
     except (ValueError, TypeError):

@@ -12,9 +12,11 @@ import random
 import time
 import traceback
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import anyio
+from pydantic import ConfigDict
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -38,6 +40,10 @@ _LABEL_TRACEBACK = "pk_traceback"
 _LABEL_ERROR_TYPE = "pk_error_type"
 
 logger = logging.getLogger("parallelkit.taskiq")
+
+#: set by :meth:`RedeliveringStreamBroker.kick` in the kicking task: the task id, the
+#: stream and the id Redis gave the message (``map`` checks it is still there)
+KICKED: ContextVar[tuple[str, str, Any] | None] = ContextVar("pk_taskiq_kicked", default=None)
 
 
 # ---------------------------------------------------------------------------- errors
@@ -244,16 +250,29 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
         3 s, then its error is raised (Taskiq's kicker wraps it in
         ``SendTaskError``). The message keeps its task id: if Redis did append it
         before the connection broke, it runs twice under one task id (delivery is
-        at least once anyway).
+        at least once anyway). The id Redis gives the message is kept for the
+        kicking task (:data:`KICKED`): :func:`map` checks that it stays in the
+        stream while it waits for its result (``_pk_in_stream``).
         """
         queue_name = message.labels.get("queue_name") or self.queue_name
-        await patiently(
+        msg_id = await patiently(
             self._client().xadd,
             queue_name,
             {b"data": message.message},
             maxlen=self.maxlen,
             approximate=self.approximate,
         )
+        KICKED.set((message.task_id, queue_name, msg_id))
+
+    async def _pk_in_stream(self, stream: str, msg_id: Any) -> bool:
+        """Whether the message ``msg_id`` is still in ``stream``.
+
+        A message stays in its stream after it is acknowledged (``XACK`` only
+        takes it off the pending list), so a message that is gone was lost by
+        Redis (a restart without its data, a failover to a replica that never
+        had it, its key deleted) or trimmed (``maxlen``): no worker will run it.
+        """
+        return bool(await self._client().xrange(stream, min=msg_id, max=msg_id, count=1))
 
     def _ack_generator(self, id: str, queue_name: str) -> Callable[[], Awaitable[None]]:
         async def ack() -> None:
@@ -369,6 +388,14 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
             # which reset its idle time) or dropped, so the next XPENDING moves on
 
 
+class _Stored(TaskiqResult[Any]):
+    """A result as :class:`_ResultBackend` stores it: a float that is not finite stays
+    one (``NaN``, ``Infinity`` in the JSON, as Python's ``json`` writes them).
+    pydantic's default writes ``null``: a task that returned ``nan`` gave ``None``."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, ser_json_inf_nan="constants")
+
+
 class _ResultBackend(_OneClient, RedisAsyncResultBackend):  # type: ignore[type-arg]
     """taskiq-redis's result backend with one Redis client instead of one per call,
     and :meth:`fetch`: poll for a result with a single ``GET``."""
@@ -380,7 +407,8 @@ class _ResultBackend(_OneClient, RedisAsyncResultBackend):  # type: ignore[type-
         """Store the result; if the kick asked for it, publish the task id as done
         (pipelined with the ``SET``: one round trip, see ``_completions``)."""
         try:
-            value = self.serializer.dumpb(result.model_dump(mode="json"))
+            stored = _Stored.model_construct(**dict(result))
+            value = self.serializer.dumpb(stored.model_dump(mode="json"))
         except Exception as exc:  # a return value the result cannot hold: its caller is told
             msg = (
                 f"the task's result could not be stored: {type(exc).__name__}: {exc} "

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
+import os
 import pickle
 import sys
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable
+from types import ModuleType
 from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
 
 import anyio
@@ -24,6 +27,8 @@ from .._fanout.imap import imap as _imap
 from ._broker import (
     _LABEL_ERROR_TYPE,
     _LABEL_TRACEBACK,
+    KICKED,
+    RedeliveringStreamBroker,
     RemoteTraceback,
     _ResultBackend,
 )
@@ -41,6 +46,8 @@ Task = AsyncTaskiqDecoratedTask[[U], Coroutine[Any, Any, T]]
 #: result polling: first check after this many seconds, then x1.5 up to the cap
 _POLL_FIRST = 0.002
 _POLL_MAX = 0.05
+#: seconds between the checks that an item's message is still in its stream
+_CHECK_EVERY = 1.0
 
 
 @runtime_checkable
@@ -114,8 +121,12 @@ def _original_type(error: BaseException, result: TaskiqResult[Any]) -> BaseExcep
     module_name, _, qualname = spec.partition(":")
     if f"{type(error).__module__}:{type(error).__qualname__}" == spec:
         return error
+    if type(error) is Exception:
+        # Taskiq found the type but its constructor refused the arguments: its
+        # fallback's one argument is a message naming them, no argument of the type
+        return error
     try:
-        obj: Any = importlib.import_module(module_name)
+        obj: Any = _module(module_name)
         for part in qualname.split("."):
             obj = getattr(obj, part)
         if isinstance(obj, type) and issubclass(obj, BaseException):
@@ -125,15 +136,39 @@ def _original_type(error: BaseException, result: TaskiqResult[Any]) -> BaseExcep
     return error
 
 
+def _module(name: str) -> ModuleType:
+    """The module ``name``, imported if need be; the producer's ``__main__`` when that
+    is the same file (``python detect.py``, while the workers import ``detect``):
+    importing it again would run the script's top level twice and make classes
+    that ``except`` clauses of ``__main__`` do not match."""
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    main = sys.modules.get("__main__")
+    if main is not None:
+        if getattr(getattr(main, "__spec__", None), "name", None) == name:  # python -m name
+            return main
+        main_file = getattr(main, "__file__", None)
+        spec = importlib.util.find_spec(name)
+        origin = spec.origin if spec is not None else None
+        with contextlib.suppress(OSError):  # (a file that is not there: not the same)
+            if main_file and origin and os.path.samefile(origin, main_file):
+                return main
+    return importlib.import_module(name)
+
+
 class _Kick:
     """``await call(item)``: kick ``task(item)`` and wait for its result.
 
     With :func:`redis_broker`'s result backend, :attr:`completions` (entered around
     the call's pool) wakes an item as soon as its worker publishes it as done;
-    polling stays as the fallback.
+    polling stays as the fallback. With a :class:`RedeliveringStreamBroker`, an
+    item waiting for its result checks every :data:`_CHECK_EVERY` seconds that its
+    message is still in the stream; one Redis lost (a restart without its data,
+    its key deleted) is sent again under the same task id.
     """
 
-    __slots__ = ("_gate", "_kicker", "_name", "_timeout", "completions")
+    __slots__ = ("_broker", "_gate", "_labels", "_name", "_task", "_timeout", "completions")
 
     def __init__(self, task: object, rate: object, timeout: object) -> None:
         if not isinstance(task, AsyncTaskiqDecoratedTask):
@@ -152,14 +187,17 @@ class _Kick:
             raise TypeError(msg)
         self._timeout = number_or_none("timeout", timeout)
         self._gate = _rate_gate(rate)
-        kicker = task.kicker()
+        labels: dict[str, Any] = {}
         if self._timeout is not None:  # the worker stops the attempt too
-            kicker = kicker.with_labels(timeout=self._timeout)
+            labels["timeout"] = self._timeout
         self.completions: Completions | None = None
         if isinstance(backend, _ResultBackend):
             self.completions = Completions(backend._client(), backend.prefix_str or "taskiq")
-            kicker = kicker.with_labels(**{LABEL_DONE: self.completions.channel})
-        self._kicker = kicker
+            labels[LABEL_DONE] = self.completions.channel
+        self._task: AsyncTaskiqDecoratedTask[Any, Any] = task
+        self._labels = labels
+        broker = task.broker
+        self._broker = broker if isinstance(broker, RedeliveringStreamBroker) else None
         self._name: str = task.task_name
 
     async def __call__(self, item: Any) -> Any:
@@ -175,9 +213,13 @@ class _Kick:
         )
         raise TimeoutError(msg)
 
-    async def _run(self, item: Any) -> Any:
+    async def _kick(self, item: Any, task_id: str | None = None) -> Any:
+        """Send ``task(item)`` (under ``task_id`` when sending it again); its handle."""
+        kicker = self._task.kicker().with_labels(**self._labels)
+        if task_id is not None:
+            kicker = kicker.with_task_id(task_id)
         try:
-            handle = await self._kicker.kiq(item)
+            return await kicker.kiq(item)
         except SendTaskError as exc:
             cause = exc.__cause__  # the broker's serializer, or the broker (kept as is)
             if not isinstance(cause, (TypeError, ValueError, pickle.PickleError)):
@@ -188,31 +230,64 @@ class _Kick:
                 "the serializer can encode (JSON with the default one)"
             )
             raise TypeError(msg) from cause
+
+    def _sent(self, task_id: str) -> tuple[str, Any] | None:
+        """The stream and message id of the kick of ``task_id`` just made, if known."""
+        kicked = KICKED.get()
+        if self._broker is None or kicked is None or kicked[0] != task_id:
+            return None
+        return kicked[1], kicked[2]
+
+    async def _run(self, item: Any) -> Any:
+        handle = await self._kick(item)
+        task_id: str = handle.task_id
+        sent = self._sent(task_id)
+        check_at = anyio.current_time() + _CHECK_EVERY
         backend = handle.result_backend
-        delay = _POLL_FIRST
-        completions = self.completions
-        if isinstance(backend, _ResultBackend) and completions is not None:  # one GET a poll
-            completions.expect(handle.task_id)
-            try:
-                # a read Redis fails (a restart, a failover) is tried again for ~3 s:
-                # the worker saves the result through the same blip
-                while (result := await patiently(backend.fetch, handle.task_id)) is None:
-                    await completions.wait(handle.task_id, delay)
-                    delay = min(delay * 1.5, _POLL_MAX)
-            finally:
-                completions.forget(handle.task_id)
-        else:
+        direct = isinstance(backend, _ResultBackend)  # one GET a poll
+
+        async def read() -> TaskiqResult[Any] | None:
+            # a read Redis fails (a restart, a failover) is tried again for ~3 s: the
+            # worker saves the result through the same blip
+            if direct:
+                return await patiently(backend.fetch, task_id)
             # (the backend directly: the handle's is_ready hides its error in Taskiq's
             # ResultIsReadyError, so neither the wait nor the caller would see it)
-            while not await patiently(backend.is_result_ready, handle.task_id):
-                await anyio.sleep(delay)
-                delay = min(delay * 1.5, _POLL_MAX)
+            if not await patiently(backend.is_result_ready, task_id):
+                return None
             # the backend directly: AsyncTaskiqTask.get_result would log a warning when
             # it fails to parse a failed task's (absent) value into the return type
-            result = await patiently(backend.get_result, handle.task_id)
+            result: TaskiqResult[Any] = await patiently(backend.get_result, task_id)
+            return result
+
+        delay = _POLL_FIRST
+        completions = self.completions if direct else None
+        if completions is not None:
+            completions.expect(task_id)
+        try:
+            while (result := await read()) is None:
+                if sent is not None and anyio.current_time() >= check_at:
+                    assert self._broker is not None
+                    # the message stays in the stream after its ack: gone means lost
+                    # (Redis restarted without its data, the key deleted), and no
+                    # worker will run it. Its result saved meanwhile? Else send it again.
+                    if not await patiently(self._broker._pk_in_stream, *sent):
+                        if (result := await read()) is not None:
+                            break
+                        await self._kick(item, task_id)
+                        sent = self._sent(task_id)
+                    check_at = anyio.current_time() + _CHECK_EVERY
+                if completions is not None:
+                    await completions.wait(task_id, delay)
+                else:
+                    await anyio.sleep(delay)
+                delay = min(delay * 1.5, _POLL_MAX)
+        finally:
+            if completions is not None:
+                completions.forget(task_id)
         error = result.error
         if error is not None and not isinstance(error, NoResultError):
-            raise _remote_error(result, handle.task_id, self._name)
+            raise _remote_error(result, task_id, self._name)
         value = result.return_value
         if handle.return_type is not None:
             with contextlib.suppress(ValueError):  # as Taskiq: keep the raw value
