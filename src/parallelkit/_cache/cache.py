@@ -31,6 +31,7 @@ from .._core import instrument
 from .._core.check import (
     async_callable,
     callable_,
+    callable_with,
     count,
     flag,
     fraction,
@@ -38,6 +39,7 @@ from .._core.check import (
     number,
     number_or_none,
     strings,
+    sync_callable,
 )
 from .._core.owned import OwnedTaskGroup
 from .cached import CachedFunction, decorate
@@ -72,6 +74,22 @@ def _takes_no_key(loader: Callable[..., Any]) -> bool:
 
 
 _ACCEPTS_ONE = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _loader(loader: object) -> Callable[..., Any]:
+    """Check ``get``'s loader (slow path only): callable, and not an async generator
+    function, which is known not to return one value without calling it."""
+    call = callable_("loader", loader, what=_LOADER)
+    fn = call
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if inspect.isasyncgenfunction(fn):
+        msg = (
+            f"loader must return one value (an awaitable), got async generator function "
+            f"{fn!r}: write `async def loader(key) -> value` with `return`, not `yield`"
+        )
+        raise TypeError(msg)
+    return call
 
 
 @final
@@ -202,9 +220,9 @@ class SWRCache:
             raise ValueError(msg)
         backoff, max_backoff = first, cap
         if on_error is not None:
-            callable_("on_error", on_error, what="a callable (key, exc) or None")
+            callable_with("on_error", on_error, 2, what="a callable (key, exc) or None")
         if clock is not None:
-            callable_("clock", clock, what="a zero-argument callable returning seconds")
+            callable_with("clock", clock, 0, what="a zero-argument callable returning seconds")
         self._owner = OwnedTaskGroup("this SWRCache")
         self._front = Front(clock=clock or time.monotonic, invalidate=self.invalidate)
         self._loads = Loads(
@@ -336,7 +354,7 @@ class SWRCache:
             front.hits += 1
             value: V = entry.value
             return value
-        call = callable_("loader", loader, what=_LOADER)
+        call = _loader(loader)
         thunk: Thunk = call if _takes_no_key(call) else functools.partial(call, key)
         return cast("V", await self._loads.slow(key, thunk))
 
@@ -386,7 +404,7 @@ class SWRCache:
                 would be the same).
         """
         if key is not None:
-            callable_("key", key, what="a callable (*args, **kwargs) -> Hashable")
+            sync_callable("key", key, what="a callable (*args, **kwargs) -> Hashable")
         names = frozenset(strings("ignore", ignore, what="parameter names"))
         if key is not None and names:
             msg = "pass either key= or ignore=, not both"

@@ -372,7 +372,9 @@ class Loads:
         try:
             # an Exception, or (asyncio) a CancelledError the loader raised by itself
             self._on_error(key, cast("Exception", error))
-        except Exception:
+        except Exception as failure:
+            if failure.__context__ is None:  # the refresh error reached no one else: show it
+                failure.__context__ = error
             logger.exception("SWRCache: on_error raised for key %r", key)
 
     def __repr__(self) -> str:

@@ -12,7 +12,9 @@ DESIGN.md settles how bad arguments fail, before any work starts:
   and the infinities are refused) and positive unless the option says otherwise;
 * flags are ``bool``; names are ``str``; choices list the allowed values; callables
   are callable, and
-  where an async function is needed a sync one is refused *before it is called*.
+  where an async function is needed a sync one is refused *before it is called*;
+  a callback that is called and not awaited (``on_error=``, ``progress=``) is a plain
+  function that can be called with the arguments it will get.
 
 Each function returns the checked value (normalized: a float for numbers) so a
 constructor reads ``self._limit = count("limit", limit)``.
@@ -30,6 +32,7 @@ from typing import Any, TypeVar, cast
 __all__ = [
     "async_callable",
     "callable_",
+    "callable_with",
     "choice",
     "count",
     "count_or_none",
@@ -42,6 +45,7 @@ __all__ = [
     "number_or_none",
     "returns_coroutine",
     "strings",
+    "sync_callable",
     "text",
     "text_or_none",
 ]
@@ -210,6 +214,41 @@ def callable_(name: str, value: object, *, what: str = "a callable") -> Callable
         msg = f"{name} must be {what}, got {type(value).__name__} {value!r}"
         raise TypeError(msg)
     return value
+
+
+def sync_callable(name: str, value: object, *, what: str) -> Callable[..., Any]:
+    """Return ``value`` if it is callable and not an async function: a callback whose
+    result is used as is (``on_error=``, ``key=``). An async one would return a
+    coroutine that nothing awaits: its work never done, its result a coroutine object."""
+    fn = callable_(name, value, what=what)
+    if is_async_callable(fn) or inspect.isasyncgenfunction(fn):
+        msg = (
+            f"{name} must be {what}, got the async function {fn!r}: it is called, never "
+            "awaited; pass a plain function"
+        )
+        raise TypeError(msg)
+    return fn
+
+
+def callable_with(name: str, value: object, args: int, *, what: str) -> Callable[..., Any]:
+    """Return ``value`` if it is a plain (not async) callable that can be called with
+    ``args`` positional arguments (a callback: ``on=`` gets the exception, ``on_error=``
+    the key and the exception). A callable whose signature cannot be read (some
+    builtins) is taken on trust."""
+    fn = sync_callable(name, value, what=what)
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return fn
+    try:
+        signature.bind(*(None,) * args)
+    except TypeError:
+        msg = (
+            f"{name} must be {what}, got {_describe(fn).removeprefix('sync ')}{signature}, "
+            f"which cannot be called with {args} argument{'' if args == 1 else 's'}"
+        )
+        raise TypeError(msg) from None
+    return fn
 
 
 def is_async_callable(fn: object) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
@@ -48,7 +49,14 @@ class SupportsLimit(Protocol):
 
 def validate_rate(rate: object, name: str = "rate") -> float | None:
     """Return ``rate`` (starts per second) as a float, or ``None``; raise naming it."""
-    return number_or_none(name, rate, unit="starts per second", finite=True)
+    checked = number_or_none(name, rate, unit="starts per second", finite=True)
+    if checked is not None and math.isinf(1.0 / checked):
+        # the interval between starts overflows: its arithmetic (inf - inf) would let
+        # every start through at once, the opposite of a rate this low
+        msg = f"{name} must be at least {1.0 / sys.float_info.max!r} (starts per second), "
+        msg += f"got {rate!r}"
+        raise ValueError(msg)
+    return checked
 
 
 def validate_limit(limit: object, name: str = "limit") -> int | None:
@@ -113,8 +121,8 @@ class Limiter:
         ```
     """
 
-    __slots__ = ("_available", "_burst", "_concurrency", "_holes", "_interval", "_rate", "_tat",
-                 "_waiters")  # fmt: skip
+    __slots__ = ("_available", "_burst", "_concurrency", "_holes", "_interval", "_last", "_rate",
+                 "_tat", "_waiters")  # fmt: skip
 
     def __init__(
         self, *, concurrency: int | None = None, rate: float | None = None, burst: int = 1
@@ -129,6 +137,7 @@ class Limiter:
         self._waiters: deque[asyncio.Future[None] | anyio.Event] = deque()
         self._interval = 1.0 / self._rate if self._rate is not None else 0.0
         self._tat = -math.inf
+        self._last = -math.inf  # the clock's reading at the last reservation
         # reservations given back while a later one still stood: theoretical arrival
         # time after it -> before it (see _give_back)
         self._holes: dict[float, float] = {}
@@ -223,6 +232,13 @@ class Limiter:
         distinct, correctly spaced start times.
         """
         now = anyio.current_time()
+        if now < self._last:
+            # the clock went back: another event loop's (a limiter made at module level
+            # outlives a loop; trio starts each run's clock at a random offset). The turns
+            # reserved on the old clock mean nothing on this one: start afresh
+            self._tat = -math.inf
+            self._holes.clear()
+        self._last = now
         tat = self._tat if self._tat > now else now
         start = tat - (self._burst - 1) * self._interval
         if start < now:

@@ -11,7 +11,7 @@ import tenacity
 from typing_extensions import final
 
 from .backend import is_stray_cancellation
-from .check import callable_, count, number
+from .check import callable_with, count, is_async_callable, number
 
 __all__ = ["Retry", "RetryLike", "to_retrying", "validate_retry"]
 
@@ -47,7 +47,7 @@ class Retry:
 
     Raises:
         TypeError: ``attempts`` not an int, a wait not a number, ``on`` neither
-            exception types nor a callable.
+            exception types nor a plain (not async) callable taking the exception.
         ValueError: ``attempts < 1``, a negative or infinite wait, ``max_backoff``
             below ``backoff``, or ``on=()`` (nothing would be retried).
 
@@ -82,8 +82,8 @@ class Retry:
             if not types:  # nothing would ever be retried
                 msg = "on must name at least one exception type (or be a predicate), got ()"
                 raise ValueError(msg)
-        else:
-            callable_("on", on, what="exception types or a predicate")
+        else:  # an async predicate's coroutine would be true: every error retried
+            callable_with("on", on, 1, what="exception types or a predicate exc -> bool")
 
     def to_tenacity(self) -> tenacity.AsyncRetrying:
         """Build the equivalent :class:`tenacity.AsyncRetrying` (anyio sleep, reraise)."""
@@ -93,7 +93,7 @@ class Retry:
             retry_cond: Any = tenacity.retry_if_exception_type(types)
             stoppable = not all(issubclass(t, Exception) for t in types)
         else:
-            retry_cond = tenacity.retry_if_exception(on)
+            retry_cond = tenacity.retry_if_exception(_keeping_context(on))
             stoppable = True
         if stoppable:  # ``on`` may match a cancellation or KeyboardInterrupt: never retried
             retry_cond = _Stoppable(retry_cond)
@@ -116,6 +116,24 @@ class Retry:
 RetryLike = Retry | tenacity.AsyncRetrying
 
 
+def _keeping_context(
+    predicate: Callable[[BaseException], bool],
+) -> Callable[[BaseException], bool]:
+    """``predicate``, whose own failure keeps the exception it was asked about as its
+    ``__context__``: tenacity asks outside any ``except`` block, so that exception (the
+    item's error) would be lost from the traceback."""
+
+    def on(exc: BaseException) -> bool:
+        try:
+            return predicate(exc)
+        except BaseException as failure:
+            if failure.__context__ is None and failure is not exc:
+                failure.__context__ = exc
+            raise
+
+    return on
+
+
 @final
 class _Stoppable(tenacity.retry_base):
     """A retry condition that never retries a stop: a cancellation (a cancelled
@@ -131,16 +149,31 @@ class _Stoppable(tenacity.retry_base):
         self.inner = inner
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
-        outcome = retry_state.outcome
-        if outcome is not None and outcome.failed:
-            exc = outcome.exception()
-            if (
-                exc is not None
-                and not isinstance(exc, Exception)
-                and not is_stray_cancellation(exc)
-            ):
-                return False
-        return bool(self.inner(retry_state))
+        return not _stops(retry_state) and bool(self.inner(retry_state))
+
+
+@final
+class _AsyncStoppable(tenacity.retry_base):
+    """:class:`_Stoppable` for an async retry condition (tenacity 8.4+ awaits one: an
+    ``async def``, ``tenacity.asyncio.retry_if_exception``): awaited, not called, or
+    its coroutine would be taken for ``True`` and every error retried."""
+
+    __slots__ = ("inner",)
+
+    def __init__(self, inner: Callable[[tenacity.RetryCallState], Awaitable[bool]]) -> None:
+        self.inner = inner
+
+    async def __call__(self, retry_state: tenacity.RetryCallState) -> bool:  # type: ignore[override]
+        return not _stops(retry_state) and bool(await self.inner(retry_state))
+
+
+def _stops(retry_state: tenacity.RetryCallState) -> bool:
+    """Whether the attempt ended with a stop, never retried (see :class:`_Stoppable`)."""
+    outcome = retry_state.outcome
+    if outcome is not None and outcome.failed:
+        exc = outcome.exception()
+        return exc is not None and not isinstance(exc, Exception) and not is_stray_cancellation(exc)
+    return False
 
 
 def validate_retry(retry: object, name: str = "retry") -> RetryLike | None:
@@ -160,8 +193,11 @@ def to_retrying(retry: RetryLike) -> tenacity.AsyncRetrying:
     """
     if isinstance(retry, Retry):
         return retry.to_tenacity()
-    cond = retry.retry
-    if not isinstance(cond, _Stoppable):
+    cond: Any = retry.retry
+    if is_async_callable(cond):
+        if not isinstance(cond, _AsyncStoppable):
+            cond = _AsyncStoppable(cond)
+    elif not isinstance(cond, _Stoppable):
         cond = _Stoppable(cond)
     return retry.copy(sleep=anyio.sleep, retry=cond)
 

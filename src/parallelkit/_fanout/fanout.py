@@ -14,7 +14,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Iterable
 from typing import Any, Literal, TypeVar, cast, overload
 
 from .._core import instrument
-from .._core.check import async_callable, callable_, flag
+from .._core.check import async_callable, callable_with, flag
 from .._core.limiter import SupportsLimit
 from .._core.outcome import Outcome
 from .._core.retry import RetryLike
@@ -330,7 +330,7 @@ def map_options(
     """Every check of ``map`` (and of the Taskiq ``map``), at the door."""
     check_map_args(fn, items, settle)
     if progress is not None:
-        callable_("progress", progress)
+        callable_with("progress", progress, 2, what="a callable (done, total)")
     return Options(fn, limit, rate, timeout, retry)  # type: ignore[arg-type]
 
 
