@@ -234,3 +234,19 @@ def test_unknown_dependency_says_what_to_do() -> None:
     orch2.process("web", "true", depends_on=["api"])
     with pytest.raises(pk.DefinitionError, match="process 'web' depends on 'api'"):
         orch2.start()
+
+
+def test_a_sync_factory_of_a_client_is_told_how_to_enter_it() -> None:
+    """``def client(): return httpx.AsyncClient()`` is refused at the door (a sync
+    function's result is known only once called); the message shows the async
+    generator that enters the client, since that is what the user meant."""
+    orch = pk.Orchestrator()
+    with pytest.raises(TypeError, match=r"sync function") as caught:
+
+        @orch.service
+        def client() -> Any:
+            return object()
+
+    message = str(caught.value)
+    assert "async with Client() as c: yield c" in message
+    assert "@asynccontextmanager" in message

@@ -194,9 +194,11 @@ class Orchestrator:
                 and not hasattr(func, "__wrapped__")
             ):
                 msg = (
-                    f"service {service_name!r}: {func.__qualname__} is a sync function; "
-                    "write it as an async generator, an async function or an async "
-                    "context-manager factory"
+                    f"service {service_name!r}: {func.__qualname__} is a sync function "
+                    "(what it returns is known only once it is called, too late to refuse "
+                    "it); write it as an async generator (set up, yield, tear down: "
+                    f"`async with Client() as c: yield c` for a client to enter), an async "
+                    "function, or an @asynccontextmanager factory"
                 )
                 raise TypeError(msg)
             params = params_of(func, kind="service", node=service_name)
