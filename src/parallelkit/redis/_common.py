@@ -13,17 +13,24 @@ import uuid
 
 from redis.asyncio import Redis
 
+from .._core.check import number_at_least
 from .._core.errors import ParallelkitError
 
 __all__ = [
+    "MAX_LEASE",
     "LockLost",
     "LockNotAcquired",
     "RedisUnavailable",
     "SerializationError",
     "jittered",
+    "lease_seconds",
     "new_token",
     "validate_client",
 ]
+
+#: The longest lease (a lock's ``ttl``, a limiter's ``lease``): 10**9 s (31.7 years);
+#: far longer ones overflow the expiry times Redis (and its Lua numbers) can hold.
+MAX_LEASE = 1e9
 
 
 class RedisUnavailable(ParallelkitError):
@@ -100,6 +107,15 @@ def new_token() -> str:
 def jittered(delay: float) -> float:
     """``delay`` scaled by a random factor in [0.5, 1.0): waiters do not stampede."""
     return delay * (0.5 + random.random() / 2)  # not cryptographic
+
+
+def lease_seconds(name: str, value: object) -> float:
+    """Check a lease's length (seconds): at least 0.01, at most :data:`MAX_LEASE`."""
+    seconds = number_at_least(name, value, 0.01)
+    if seconds > MAX_LEASE:
+        msg = f"{name} must be <= {MAX_LEASE:g} (seconds), got {value!r}"
+        raise ValueError(msg)
+    return seconds
 
 
 def validate_client(redis: object) -> None:

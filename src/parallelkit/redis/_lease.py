@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from types import TracebackType
 
 import anyio
@@ -21,9 +21,9 @@ from typing_extensions import Self, final
 
 from .._core.owned import OwnedTaskGroup
 from ._common import LockLost, LockNotAcquired, jittered, new_token
-from ._outage import Down, Guard
+from ._outage import Down, Guard, refuses_writes
 
-__all__ = ["Lease", "LeaseScripts", "Renewals", "keep_renewed", "renewal_failed"]
+__all__ = ["Lease", "LeaseScripts", "Renewals", "keep_renewed", "left_to_expire", "renewal_failed"]
 
 logger = logging.getLogger("parallelkit.redis")
 
@@ -86,6 +86,28 @@ def renewal_failed(what: str, exc: Exception) -> None:
     store's shared renewal task, everything in the store's ``async with``).
     """
     logger.warning("%s: renewing failed: %r", what, exc, exc_info=exc)
+
+
+@contextlib.contextmanager
+def left_to_expire(what: str | None) -> Iterator[None]:
+    """Around a give-back (a release, a start given back): when Redis is down, or
+    refuses the write (``READONLY`` from a primary demoted by a failover, ``OOM``…),
+    what was taken expires on its own. Nothing is raised: the holder's own outcome
+    (its body's error, its cancellation, its success) is what it raises.
+
+    Args:
+        what: the owner, to log a refusal as; ``None``: not logged (a store logs
+            refusals itself, once per episode).
+    """
+    try:
+        yield
+    except Down:
+        pass
+    except Exception as exc:
+        if not refuses_writes(exc):
+            raise
+        if what is not None:
+            logger.warning("%s: giving back failed, it expires: %r", what, exc, exc_info=exc)
 
 
 async def keep_renewed(
@@ -317,7 +339,7 @@ class Lease:
             return await self._try(token, ttl_ms)
         except BaseException:
             with contextlib.suppress(Exception):  # what is raised is the attempt's error
-                await self._give_back(token)
+                await self._give_back(token, log=False)
             raise
 
     async def _try(self, token: str, ttl_ms: int) -> int:
@@ -361,20 +383,21 @@ class Lease:
             return
         await self._give_back(token)
 
-    async def _give_back(self, token: str) -> None:
+    async def _give_back(self, token: str, *, log: bool = True) -> None:
         """Release the lease if Redis holds it with ``token`` (a release script).
 
         Shielded: a cancelled holder still gives the lease back at once; when Redis
         is presumed down (or does not answer within ``command_timeout`` or ``ttl``,
-        a free connection included), the lease expires on its own.
+        a free connection included) or refuses the write, the lease expires on its
+        own (:func:`left_to_expire`; ``log``: log a refusal, not when the caller
+        raises an error of its own).
         """
         limit = self._ttl if self._guard.timeout is None else min(self._ttl, self._guard.timeout)
-        with anyio.move_on_after(limit, shield=True):
-            try:
-                command = self._scripts.release(keys=[self._key], args=[token])
-                await self._guard.call("release", command, timeout=self._ttl)
-            except Down:
-                pass
+        # not logged either for a store's load: the store logs refusals itself
+        what = self._owner_name if log and self._cancel_on_loss else None
+        with anyio.move_on_after(limit, shield=True), left_to_expire(what):
+            command = self._scripts.release(keys=[self._key], args=[token])
+            await self._guard.call("release", command, timeout=self._ttl)
 
     async def __aenter__(self) -> Self:
         if self._owner.entered or self._shared:

@@ -25,8 +25,8 @@ from .._core.check import (
 )
 from .._core.limiter import Limiter, validate_rate
 from .._core.owned import OwnedTaskGroup
-from ._common import jittered, new_token, validate_client
-from ._lease import keep_renewed
+from ._common import jittered, lease_seconds, new_token, validate_client
+from ._lease import keep_renewed, left_to_expire
 from ._limiter_scripts import ACQUIRE, RENEW, RESERVE, UNRESERVE
 from ._outage import Down, Guard
 
@@ -74,6 +74,9 @@ class _Turn(NamedTuple):
 
 @final
 class _Hold:
+    """One ``async with``: its slot in Redis (``token``, renewed by ``owner``'s task),
+    or one of the in-process fallback limiter (``local``)."""
+
     __slots__ = ("local", "owner", "token")
 
     def __init__(self, token: str | None, local: bool) -> None:
@@ -130,7 +133,8 @@ class RedisLimiter:
         rate: the global maximum of starts per second (``None``: unlimited; at
             least ``1e-9``, a start every 31.7 years: slower intervals overflow Redis).
         burst: starts that may happen back to back after an idle period.
-        lease: seconds a dead holder's slot stays taken (renewed while held).
+        lease: seconds a dead holder's slot stays taken (renewed while held); at
+            least 0.01, at most ``1e9`` (31.7 years).
         fail: the outage policy: ``"local"``, ``"open"`` or ``"closed"``.
         poll: the longest pause between two attempts while waiting for a slot.
         retry_after: seconds to stay on the fallback after an outage error.
@@ -208,7 +212,7 @@ class RedisLimiter:
         if self._rate is not None:  # a start interval Redis can store
             number_at_least("rate", rate, MIN_RATE, unit="starts per second")
         self._burst = count("burst", burst)
-        self._lease = number_at_least("lease", lease, 0.01)
+        self._lease = lease_seconds("lease", lease)
         self._fail: FailMode = choice("fail", fail, _FAIL_MODES)
         self._poll = number("poll", poll)
         self._guard = Guard(
@@ -279,6 +283,10 @@ class RedisLimiter:
             f"held={stats.held}, waiting={stats.waiting})"
         )
 
+    @property
+    def _what(self) -> str:
+        return f"RedisLimiter {self._name!r}"
+
     # -- Redis paths -----------------------------------------------------------------
     def _now(self) -> str:
         """The scripts' last argument: our clock in ms, or "" for Redis TIME."""
@@ -298,10 +306,12 @@ class RedisLimiter:
                 try:
                     wait_ms = int(await self._guard.call("acquire", command))
                 except BaseException as exc:
-                    # cancelled (or timed out) with the reply on its way: the script may
-                    # have taken the slot, which nobody would give back before ``lease``
-                    with contextlib.suppress(Exception):  # raise the acquire's error
-                        await self._give_back(token, force=not isinstance(exc, Down))
+                    # cancelled (or timed out, or the connection reset) with the reply on
+                    # its way: the script may have taken the slot, which nobody would
+                    # give back before ``lease``; not when the command was never sent
+                    if not isinstance(exc, Down) or exc.sent:
+                        with contextlib.suppress(Exception):  # raise the acquire's error
+                            await self._give_back(token, log=False)
                     raise
                 if wait_ms == 0:
                     return token, sent
@@ -317,14 +327,16 @@ class RedisLimiter:
         try:
             delay, before, after = await self._guard.call("reserve", command)
         except BaseException as exc:
-            # cancelled (or timed out) with the reply on its way: the script may have
-            # reserved a start that every later caller would wait behind
-            with contextlib.suppress(Exception):  # raise the reserve's error
-                await self._give_back_lost_turn(token, force=not isinstance(exc, Down))
+            # cancelled (or timed out, or the connection reset) with the reply on its
+            # way: the script may have reserved a start that every later caller would
+            # wait behind; not when the command was never sent
+            if not isinstance(exc, Down) or exc.sent:
+                with contextlib.suppress(Exception):  # raise the reserve's error
+                    await self._give_back_lost_turn(token)
             raise
         return _Turn(float(delay) / 1000, bytes(before), bytes(after))
 
-    async def _give_back_lost_turn(self, token: str, *, force: bool) -> None:
+    async def _give_back_lost_turn(self, token: str) -> None:
         """Give back the start ``token`` reserved if its reply never came: found in the
         last reservation's record while no later one replaced it (then, the start
         stays taken, as after an outage). Shielded and bounded, as a slot."""
@@ -332,7 +344,7 @@ class RedisLimiter:
         with anyio.move_on_after(limit, shield=True):
             try:
                 command = self._redis.get(self._last_key)
-                last = await self._guard.call("unreserve", command, force=force, timeout=limit)
+                last = await self._guard.call("unreserve", command, force=True, timeout=limit)
             except Down:
                 return
             parts = (last.encode() if isinstance(last, str) else last or b"").split(b" ")
@@ -342,30 +354,27 @@ class RedisLimiter:
     async def _unreserve(self, turn: _Turn) -> None:
         """Give back a start its caller will not take (shielded, bounded, as a slot)."""
         limit = self._lease if self._guard.timeout is None else self._guard.timeout
-        with anyio.move_on_after(limit, shield=True):
-            try:
-                args: list[bytes | str] = [turn.before, turn.after, self._now()]
-                command = self._unreserve_script(keys=[self._rate_key, self._holes_key], args=args)
-                await self._guard.call("unreserve", command, force=True, timeout=limit)
-            except Down:
-                pass  # the start stays taken: later callers wait one interval longer
+        # down or refused: the start stays taken, later callers wait one interval longer
+        with anyio.move_on_after(limit, shield=True), left_to_expire(self._what):
+            args: list[bytes | str] = [turn.before, turn.after, self._now()]
+            command = self._unreserve_script(keys=[self._rate_key, self._holes_key], args=args)
+            await self._guard.call("unreserve", command, force=True, timeout=limit)
 
-    async def _give_back(self, token: str, *, force: bool) -> None:
+    async def _give_back(self, token: str, *, log: bool = True) -> None:
         """Give the slot of ``token`` back in Redis.
 
-        Shielded, and bounded (a free connection included): else the lease expires.
-        ``force``: even while the guard's circuit is open (a slot Redis gave us is
-        given back there, or every process would be a slot short for ``lease``
-        seconds after one failed command of another caller); not when the caller's
-        own command just found Redis down.
+        Shielded, and bounded (a free connection included): else the lease expires,
+        as when Redis is down or refuses the write (``log``: log a refusal, not when
+        the caller raises an error of its own). Sent even while the guard's circuit
+        is open (a slot Redis gave us is given back there, or every process would be
+        a slot short for ``lease`` seconds after one failed command, this caller's
+        or another's).
         """
         limit = self._lease if self._guard.timeout is None else self._guard.timeout
-        with anyio.move_on_after(min(limit, self._lease), shield=True):
-            try:
-                command = self._redis.zrem(self._holders_key, token)
-                await self._guard.call("release", command, force=force, timeout=self._lease)
-            except Down:
-                pass  # the lease expires on its own
+        what = self._what if log else None
+        with anyio.move_on_after(min(limit, self._lease), shield=True), left_to_expire(what):
+            command = self._redis.zrem(self._holders_key, token)
+            await self._guard.call("release", command, force=True, timeout=self._lease)
 
     async def _renew_forever(self, token: str, since: float) -> None:
         lease_ms = round(self._lease * 1000)
@@ -375,7 +384,7 @@ class RedisLimiter:
             lambda: self._renew_script(
                 keys=[self._holders_key], args=[token, lease_ms, self._now()]
             ),
-            what=f"RedisLimiter {self._name!r}",
+            what=self._what,
             since=since,
         )
         self._lost += 1  # counted; the holder finishes its work regardless
@@ -390,7 +399,7 @@ class RedisLimiter:
                 tg = await owner.enter()
                 tg.start_soon(self._renew_forever, token, since, name="RedisLimiter renewal")
             except BaseException:
-                await self._give_back(token, force=True)
+                await self._give_back(token)
                 raise
             hold.token, hold.owner = token, owner
         if self._rate is not None:
@@ -412,7 +421,7 @@ class RedisLimiter:
             return await self._acquire_redis()
         except Down as down:
             if self._fail == "closed":
-                error = down.unavailable(f"RedisLimiter {self._name!r}", "fail='closed'")
+                error = down.unavailable(self._what, "fail='closed'")
                 raise error from down.cause
         self._fallbacks += 1
         if self._fail == "open":
@@ -461,5 +470,5 @@ class RedisLimiter:
         finally:
             if hold.local:
                 self._local.release()
-            elif hold.token is not None:
-                await self._give_back(hold.token, force=not isinstance(exc, Down))
+            elif hold.token is not None:  # also when the rate's reservation found Redis down
+                await self._give_back(hold.token)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from redis.asyncio import Redis
 from typing_extensions import Self, final
 
-from .._core.check import flag, number, number_at_least, number_or_none, text
-from ._common import validate_client
+from .._core.check import flag, number, number_or_none, text
+from ._common import lease_seconds, validate_client
 from ._lease import Lease, LeaseScripts
 from ._outage import Down, Guard
 
@@ -49,7 +49,8 @@ class RedisLock(Lease):
         redis: a ``redis.asyncio.Redis`` client.
         name: the lock's name; every process using this name shares the lock.
         ttl: seconds the lock survives its holder's death (also how long the
-            holder may be unreachable before it loses the lock); at least 0.01.
+            holder may be unreachable before it loses the lock); at least 0.01, at
+            most ``1e9`` (31.7 years).
         blocking: ``True`` (default) waits for the lock; ``False`` makes one
             attempt and raises :class:`~parallelkit.redis.LockNotAcquired` if
             another process holds it: the body is skipped.
@@ -99,7 +100,7 @@ class RedisLock(Lease):
     ) -> None:
         validate_client(redis)
         text("name", name)
-        ttl_s = number_at_least("ttl", ttl, 0.01)
+        ttl_s = lease_seconds("ttl", ttl)
         flag("blocking", blocking)
         timeout_s = number_or_none("timeout", timeout)
         if not blocking and timeout_s is not None:  # one try never waits: a timeout means nothing

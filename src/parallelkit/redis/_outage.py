@@ -146,11 +146,14 @@ class Down(Exception):
     Attributes:
         what: the operation, for messages (``"get"``, ``"acquire"``).
         cause: the outage error (the last one seen, when the circuit was open).
+        sent: whether the command was sent (it may have run in Redis, its reply
+            lost), not skipped because the circuit was open.
     """
 
-    def __init__(self, what: str, cause: BaseException) -> None:
+    def __init__(self, what: str, cause: BaseException, *, sent: bool = True) -> None:
         self.what = what
         self.cause = cause
+        self.sent = sent
         super().__init__(f"Redis unreachable during {what}: {cause!r}")
 
     def unavailable(self, owner: str, why: str) -> RedisUnavailable:
@@ -246,7 +249,7 @@ class Guard:
             if self._probing or self.timer() < self._until:
                 if inspect.iscoroutine(command):
                     command.close()
-                raise Down(what, self.last_error or ConnectionError(what))
+                raise Down(what, self.last_error or ConnectionError(what), sent=False)
             self._probing = probing = True  # this caller tries Redis; the others wait
         try:
             if probing and self._outage and self._before_recovery is not None:
