@@ -354,11 +354,17 @@ def _repeats(mapper: Mapper[Any], tree: _Tree, root: str) -> bool:
 
 
 def _mapper(model: object) -> Mapper[Any]:
+    """The mapper of a mapped class or ``aliased()`` class; ``TypeError`` for anything else
+    (an instance, a ``Mapper``, a relationship attribute: each inspects to something with a
+    ``.mapper`` too, and would fail later with an unrelated ``AttributeError``)."""
     try:
-        mapper: Mapper[Any] = sa_inspect(model).mapper
+        info: Any = sa_inspect(model)
+        mapper: Mapper[Any] | None = info.mapper
     except (sa_exc.NoInspectionAvailable, AttributeError):
-        msg = f"model must be a mapped class, got {model!r}"
-        raise TypeError(msg) from None
+        info, mapper = None, None
+    if mapper is None or not (isinstance(model, type) or info.is_aliased_class):
+        msg = f"model must be a mapped class, got {type(model).__name__} {model!r}"
+        raise TypeError(msg)
     return mapper
 
 

@@ -133,7 +133,8 @@ def _plan(model: type[Any], paths: tuple[str, ...], raise_others: bool) -> _Plan
 
 
 def _loaded(obj: object, tree: _Tree) -> bool:
-    """Whether every path of ``tree`` is loaded on ``obj`` (no attribute expired or unloaded)."""
+    """Whether every path of ``tree`` is loaded on ``obj`` and on every object it reaches,
+    leaves included (no attribute expired, no relationship unloaded)."""
     state = sa_inspect(obj)
     if state.expired or state.expired_attributes:
         return False
@@ -147,6 +148,8 @@ def _loaded(obj: object, tree: _Tree) -> bool:
         children = (
             value if isinstance(value, (list, set, tuple)) else () if value is None else (value,)
         )
-        if sub and not all(_loaded(child, sub) for child in children):
+        # a leaf object too: an expired one (session.expire, a server-side default after a
+        # flush) would refresh on first read, a MissingGreenlet in async code
+        if not all(_loaded(child, sub) for child in children):
             return False
     return True

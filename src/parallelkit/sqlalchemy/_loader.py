@@ -106,7 +106,9 @@ def loader_by_id(
             if not sent:
                 return found
             where = tuple_(*columns).in_(sent) if composite else columns[0].in_(sent)
-            rows = (await session.scalars(select(model).where(where).options(*opts))).all()
+            # unique(): SQLAlchemy refuses a joined collection (joinedload, eager's
+            # strategies={path: "joined"}) without it, failing the whole batch
+            rows = (await session.scalars(select(model).where(where).options(*opts))).unique().all()
         for row in rows:
             found[tuple(key_of(row)) if composite else key_of(row)[0]] = row
         return found
