@@ -48,6 +48,44 @@ def target(name: str, measured: float, limit: float, *, below: bool = True) -> d
     return {"target": name, "measured": round(measured, 4), "limit": f"{op} {limit}", "met": met}
 
 
+def exactly(name: str, measured: float, expected: float) -> dict[str, Any]:
+    """A target line: ``measured`` must be ``expected``, no more and no less (a count
+    that can be too low as well as too high: 0 loads is not "at most 1 load")."""
+    return {
+        "target": name,
+        "measured": round(measured, 4),
+        "limit": f"== {expected:g}",
+        "met": measured == expected,
+    }
+
+
+class EngineStatements:
+    """Counts the statements an engine sends, with a plain SQLAlchemy event.
+
+    Not ``parallelkit.sqlalchemy.count_queries``: a benchmark of parallelkit's loaders
+    must not let parallelkit count its own work (a broken parallelkit could miscount it).
+    ``engine`` is an ``Engine`` or an ``AsyncEngine``.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = getattr(engine, "sync_engine", engine)
+        self.count = 0
+
+    def _seen(self, *_: Any) -> None:
+        self.count += 1
+
+    def __enter__(self) -> EngineStatements:
+        from sqlalchemy import event
+
+        event.listen(self.engine, "before_cursor_execute", self._seen)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        from sqlalchemy import event
+
+        event.remove(self.engine, "before_cursor_execute", self._seen)
+
+
 def print_targets(targets: list[dict[str, Any]]) -> None:
     for t in targets:
         mark = "MET " if t["met"] else "MISS"

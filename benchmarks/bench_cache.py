@@ -7,6 +7,10 @@ contender once, in an order rotated per round, so that a burst of load on a
 shared machine hits all of them alike. Each sample is the per-call cost of a
 tight loop (microseconds); a ratio is taken per round (both sides measured
 seconds apart) and reported as the median with its range over the rounds.
+
+Every caller's value is checked (each hot hit, each stampede caller, each batched
+load): a wrong value is a wrong result and fails the run. A single flight is exactly
+one load: 0 loads is a miss, not "at most 1".
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import cachetools
 
 import parallelkit as pk
 
-from ._util import print_targets, table, target
+from ._util import exactly, print_targets, table, target
 
 TITLE = (
     "SWRCache hit cost and stampedes vs cachetools, async-lru, cashews, aiocache; "
@@ -41,11 +45,14 @@ def _rotated(names: list[str], round_: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------- hot hits
-async def _per_call(fn: Callable[[int], Awaitable[Any]], n: int) -> float:
+async def _per_call(fn: Callable[[int], Awaitable[Any]], n: int) -> tuple[float, bool]:
+    """Microseconds per call of ``fn(1)``, and whether every call returned 1."""
+    wrong = 0
     start = time.perf_counter()
     for _ in range(n):
-        await fn(1)
-    return (time.perf_counter() - start) / n * 1e6
+        if await fn(1) != 1:
+            wrong += 1
+    return (time.perf_counter() - start) / n * 1e6, wrong == 0
 
 
 async def _hot_hits(n: int, rounds: int) -> dict[str, Any]:
@@ -107,14 +114,17 @@ async def _hot_hits(n: int, rounds: int) -> dict[str, Any]:
     }
     slow = {"cashews mem:// @cache", "aiocache @cached (memory)"}
     samples: dict[str, list[float]] = {name: [] for name in contenders}
+    returned_one = dict.fromkeys(contenders, True)  # every call's value checked
     async with swr:
-        for fn in contenders.values():
-            await fn(1)  # warm: the key is loaded
-            await _per_call(fn, 1000)
+        for name, fn in contenders.items():
+            returned_one[name] &= await fn(1) == 1  # warm: the key is loaded
+            returned_one[name] &= (await _per_call(fn, 1000))[1]
         for round_ in range(rounds):
             for name in _rotated(list(contenders), round_):
                 calls = max(n // 20, 100) if name in slow else n
-                samples[name].append(await _per_call(contenders[name], calls))
+                us, ok = await _per_call(contenders[name], calls)
+                samples[name].append(us)
+                returned_one[name] &= ok
     await cashews.close()
     ttl_samples = samples["cachetools TTLCache in an async function"]
     ratios = {
@@ -134,6 +144,7 @@ async def _hot_hits(n: int, rounds: int) -> dict[str, Any]:
         "us_per_call": {name: _summary(v) for name, v in samples.items()},
         "ratio_to_ttlcache": ratios,
         "decorated_to_async_lru": lru_ratio,
+        "values_correct": returned_one,
         "swr_hits_counted": hits,
         "swr_hits_expected": 2 * (1000 + rounds * n),  # the first call of each was a miss
     }
@@ -147,9 +158,12 @@ async def _stampede(callers: int) -> dict[str, dict[str, Any]]:
     from cashews import Cache
 
     out: dict[str, dict[str, Any]] = {}
+    values_correct: dict[str, bool] = {}
 
-    async def gather_calls(fn: Callable[[int], Awaitable[Any]]) -> None:
-        await asyncio.gather(*(fn(1) for _ in range(callers)))
+    async def gather_calls(fn: Callable[[int], Awaitable[Any]], name: str) -> None:
+        """``callers`` concurrent calls of ``fn(1)``; every caller must get 1."""
+        got = await asyncio.gather(*(fn(1) for _ in range(callers)))
+        values_correct[name] = values_correct.get(name, True) and got == [1] * callers
 
     # -- the playbook's cache: serve from memory, fire a refresh on EVERY hit
     seed_loads = 0
@@ -174,10 +188,10 @@ async def _stampede(callers: int) -> dict[str, dict[str, Any]]:
         memory[x] = await seed_load(x)
         return memory[x]
 
-    await gather_calls(seed_get)
+    await gather_calls(seed_get, "playbook pattern (refresh on every hit)")
     cold = seed_loads
     seed_loads = 0
-    await gather_calls(seed_get)
+    await gather_calls(seed_get, "playbook pattern (refresh on every hit)")
     await asyncio.gather(*background)
     out["playbook pattern (refresh on every hit)"] = {
         "cold_loads": cold,
@@ -196,10 +210,10 @@ async def _stampede(callers: int) -> dict[str, dict[str, Any]]:
     swr = pk.SWRCache(fresh=0.05, stale=60)
     swr_fn = swr.cached(swr_load)
     async with swr:
-        await gather_calls(swr_fn)
+        await gather_calls(swr_fn, "pk.SWRCache")
         cold = swr_loads
         await asyncio.sleep(0.1)  # now stale
-        await gather_calls(swr_fn)
+        await gather_calls(swr_fn, "pk.SWRCache")
         await asyncio.sleep(LOAD_DELAY * 3)
     out["pk.SWRCache"] = {"cold_loads": cold, "stale_refreshes": swr_loads - cold}
 
@@ -213,7 +227,7 @@ async def _stampede(callers: int) -> dict[str, dict[str, Any]]:
         await asyncio.sleep(LOAD_DELAY)
         return x
 
-    await gather_calls(lru_fn)
+    await gather_calls(lru_fn, "async-lru")
     out["async-lru"] = {"cold_loads": lru_loads, "stale_refreshes": "no stale mode"}
 
     # -- cashews: plain, lock=True, and early (background refresh) modes
@@ -233,12 +247,12 @@ async def _stampede(callers: int) -> dict[str, dict[str, Any]]:
     plain = cashews(ttl="1m", key="plain:{x}")(counted("plain"))
     locked = cashews(ttl="1m", key="lock:{x}", lock=True)(counted("lock"))
     early = cashews.early(ttl="1m", early_ttl=0.05, key="early:{x}")(counted("early"))
-    await gather_calls(plain)
-    await gather_calls(locked)
-    await gather_calls(early)
+    await gather_calls(plain, "cashews @cache")
+    await gather_calls(locked, "cashews @cache(lock=True)")
+    await gather_calls(early, "cashews @early")
     early_cold = counts["early"]
     await asyncio.sleep(0.1)
-    await gather_calls(early)
+    await gather_calls(early, "cashews @early")
     await asyncio.sleep(LOAD_DELAY * 5)
     await cashews.close()
     out["cashews @cache"] = {"cold_loads": counts["plain"], "stale_refreshes": "no stale mode"}
@@ -258,8 +272,10 @@ async def _stampede(callers: int) -> dict[str, dict[str, Any]]:
         await asyncio.sleep(LOAD_DELAY)
         return x
 
-    await gather_calls(aio_fn)
+    await gather_calls(aio_fn, "aiocache @cached")
     out["aiocache @cached"] = {"cold_loads": aio_loads, "stale_refreshes": "no stale mode"}
+    for name, ok in values_correct.items():
+        out[name]["values_correct"] = ok
     return out
 
 
@@ -357,6 +373,81 @@ def _range(v: dict[str, float]) -> str:
     return f"{v['median']:.3f} ({v['min']:.3f}-{v['max']:.3f})"
 
 
+def _targets(
+    hits: dict[str, Any], stampede: dict[str, dict[str, Any]], batching: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The targets, from the measurements. Single flight is exactly one load (and one
+    refresh): 0 is not "at most 1", it is a cache that did not load."""
+    ratio = hits["ratio_to_ttlcache"]
+    swr = stampede["pk.SWRCache"]
+    targets = [
+        target(
+            "SWRCache @cached hit / TTLCache-in-async hit (median of per-round ratios)",
+            ratio["pk.SWRCache @cached"]["median"],
+            1.0,
+        ),
+        target(
+            "SWRCache.get hit / TTLCache-in-async hit (median of per-round ratios)",
+            ratio["pk.SWRCache.get"]["median"],
+            1.0,
+        ),
+        target(
+            "SWRCache @cached hit / async-lru hit", hits["decorated_to_async_lru"]["median"], 1.0
+        ),
+        target(
+            "SWRCache counted every hit (correctness, 1 = yes)",
+            float(hits["swr_hits_counted"] == hits["swr_hits_expected"]),
+            1.0,
+            below=False,
+        ),
+        exactly("SWRCache loads per 1,000 cold callers", swr["cold_loads"], 1),
+        exactly("SWRCache refreshes per 1,000 stale callers", swr["stale_refreshes"], 1),
+        target(
+            "BatchLoader and aiodataloader gave every caller its value (1 = yes)",
+            float(batching["correct"]),
+            1.0,
+            below=False,
+        ),
+    ]
+    for form, note in (
+        ("tasks", "one task per caller, the N+1 shape"),
+        ("load_many", "one load_many call"),
+        ("gather", "asyncio.gather of loads: both return Futures, no task per key"),
+    ):
+        targets.append(
+            target(
+                f"BatchLoader / aiodataloader per-key cost, {note}",
+                batching[form]["ratio"]["median"],
+                1.0,
+            )
+        )
+    return targets
+
+
+def _wrong(
+    hits: dict[str, Any], stampede: dict[str, dict[str, Any]], batching: dict[str, Any]
+) -> list[str]:
+    """Every wrong result (a value a caller got, a count): each fails the run."""
+    wrong = [
+        f"hot hit: {name} returned a wrong value"
+        for name, ok in hits["values_correct"].items()
+        if not ok
+    ]
+    wrong += [
+        f"stampede: {name} gave a caller a wrong value"
+        for name, row in stampede.items()
+        if not row.get("values_correct", False)
+    ]
+    if hits["swr_hits_counted"] != hits["swr_hits_expected"]:
+        wrong.append(
+            f"SWRCache counted {hits['swr_hits_counted']} hits, expected "
+            f"{hits['swr_hits_expected']}"
+        )
+    if not batching["correct"]:
+        wrong.append("BatchLoader or aiodataloader gave a caller a wrong value")
+    return wrong
+
+
 def run(*, quick: bool, database: str | None) -> dict[str, Any]:
     # short samples, many rounds: neighbours in a round see the same machine load
     n, rounds = (3_000, 13) if quick else (20_000, 61)
@@ -404,52 +495,12 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
         )
     )
 
-    ratio = hits["ratio_to_ttlcache"]
-    swr = stampede["pk.SWRCache"]
-    targets = [
-        target(
-            "SWRCache @cached hit / TTLCache-in-async hit (median of per-round ratios)",
-            ratio["pk.SWRCache @cached"]["median"],
-            1.0,
-        ),
-        target(
-            "SWRCache.get hit / TTLCache-in-async hit (median of per-round ratios)",
-            ratio["pk.SWRCache.get"]["median"],
-            1.0,
-        ),
-        target(
-            "SWRCache @cached hit / async-lru hit", hits["decorated_to_async_lru"]["median"], 1.0
-        ),
-        target(
-            "SWRCache counted every hit (correctness, 1 = yes)",
-            float(hits["swr_hits_counted"] == hits["swr_hits_expected"]),
-            1.0,
-            below=False,
-        ),
-        target("SWRCache loads per 1,000 cold callers", swr["cold_loads"], 1),
-        target("SWRCache refreshes per 1,000 stale callers", swr["stale_refreshes"], 1),
-        target(
-            "BatchLoader and aiodataloader gave every caller its value (1 = yes)",
-            float(batching["correct"]),
-            1.0,
-            below=False,
-        ),
-    ]
-    for form, note in (
-        ("tasks", "one task per caller, the N+1 shape"),
-        ("load_many", "one load_many call"),
-        ("gather", "asyncio.gather of loads: both return Futures, no task per key"),
-    ):
-        targets.append(
-            target(
-                f"BatchLoader / aiodataloader per-key cost, {note}",
-                batching[form]["ratio"]["median"],
-                1.0,
-            )
-        )
+    targets = _targets(hits, stampede, batching)
+    wrong = _wrong(hits, stampede, batching)
     print()
     print_targets(targets)
     return {
+        "wrong": wrong,
         "hot_hit": hits,
         "stampede": stampede,
         "batching_us_per_key": batching,

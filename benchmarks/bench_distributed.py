@@ -168,10 +168,16 @@ def _drop_keys(url: str, prefix: str) -> None:
 
 
 # ---------------------------------------------------------------------------- measure
-async def _timed(coro: Any) -> float:
+async def _timed(coro: Any, items: int) -> float:
+    """Seconds ``coro`` (a map of the identity over ``range(items)``) took; its result is
+    checked after the clock stops: a map that loses or reorders items fails the benchmark."""
     started = time.perf_counter()
-    await coro
-    return time.perf_counter() - started
+    got = await coro
+    elapsed = time.perf_counter() - started
+    if list(got) != list(range(items)):
+        msg = f"a map of {items} items returned {len(list(got))} results, not range({items})"
+        raise AssertionError(msg)
+    return elapsed
 
 
 async def _vs_raw(app: dict[str, Any], n: int, rounds: int) -> dict[str, Any]:
@@ -182,7 +188,7 @@ async def _vs_raw(app: dict[str, Any], n: int, rounds: int) -> dict[str, Any]:
 
     task = app["sleep_long"]
 
-    async def raw(check_interval: float) -> None:
+    async def raw(check_interval: float) -> list[int]:
         gate = asyncio.Semaphore(CAPACITY)
 
         async def one(x: int) -> int:
@@ -191,11 +197,10 @@ async def _vs_raw(app: dict[str, Any], n: int, rounds: int) -> dict[str, Any]:
                 result = await handle.wait_result(check_interval=check_interval)
                 return int(result.return_value)
 
-        results = await asyncio.gather(*(one(x) for x in range(n)))
-        assert results == list(range(n))
+        return list(await asyncio.gather(*(one(x) for x in range(n))))
 
-    async def with_pk() -> None:
-        assert await pkt.map(task, range(n), limit=CAPACITY) == list(range(n))
+    async def with_pk() -> list[int]:
+        return await pkt.map(task, range(n), limit=CAPACITY)
 
     contenders = {
         "raw Taskiq, wait_result(check_interval=0.2) (default)": lambda: raw(0.2),
@@ -208,7 +213,7 @@ async def _vs_raw(app: dict[str, Any], n: int, rounds: int) -> dict[str, Any]:
         order = list(contenders)
         random.shuffle(order)
         for name in order:
-            samples[name].append(n / await _timed(contenders[name]()))
+            samples[name].append(n / await _timed(contenders[name](), n))  # result checked
     ideal = CAPACITY / VS_RAW_SLEEP
     rows = {
         name: {
@@ -250,7 +255,7 @@ async def _measure(url: str, queue: str, workers: _Workers, quick: bool) -> dict
             ideal = count * CAPACITY / SLEEP  # items per second
             n = int(ideal * seconds)
             await pkt.map(app["sleep"], range(limit), limit=limit)  # warm up
-            elapsed = await _timed(pkt.map(app["sleep"], range(n), limit=limit))
+            elapsed = await _timed(pkt.map(app["sleep"], range(n), limit=limit), n)
             scaling.append(
                 {
                     "workers": count,
@@ -276,13 +281,13 @@ async def _measure(url: str, queue: str, workers: _Workers, quick: bool) -> dict
         n_latency = 100 if quick else 300
         n_amortized = 500 if quick else 2000
         await pkt.map(app["noop"], range(20), limit=1)  # warm up
-        latency = await _timed(pkt.map(app["noop"], range(n_latency), limit=1))
-        amortized = await _timed(pkt.map(app["noop"], range(n_amortized), limit=64))
+        latency = await _timed(pkt.map(app["noop"], range(n_latency), limit=1), n_latency)
+        amortized = await _timed(pkt.map(app["noop"], range(n_amortized), limit=64), n_amortized)
 
         async def local_noop(x: int) -> int:
             return x
 
-        local = await _timed(pk.map(local_noop, range(n_amortized), limit=64))
+        local = await _timed(pk.map(local_noop, range(n_amortized), limit=64), n_amortized)
     finally:
         await app["broker"].shutdown()
     overhead = {

@@ -9,6 +9,10 @@ would take with zero overhead and every step starting the instant its inputs are
 ready. No implementation can beat it. The **hand-written scheduler** (one task and
 one ``asyncio.Event`` per node, no parallelkit) is the peer that pays the same
 timer and event-loop latency as ``pk.Flow``.
+
+Every step returns its name and checks that its inputs are its dependencies' names;
+every run's results are checked (outside the timing): a scheduler that skips a step,
+or starts one before its inputs exist, is reported as wrong (the run fails).
 """
 
 from __future__ import annotations
@@ -46,8 +50,20 @@ def layered(layers: int, width: int, deps: int, seed: int) -> Graph:
 
 
 def make_step(name: str, deps: list[str], seconds: float | None) -> Callable[..., Awaitable[Any]]:
-    """A step with real named parameters (as users write them): sleeps, or does nothing."""
-    body = "    return None\n" if seconds is None else f"    await sleep({seconds!r})\n"
+    """A step with real named parameters (as users write them): sleeps, or does nothing.
+
+    It returns its own name, and raises unless each input is its dependency's name: a
+    scheduler that skips a step, or starts one before what it needs has finished, gives
+    a wrong result (checked by :func:`wrong_steps`), whatever its speed.
+    """
+    check = (
+        f"    if ({', '.join(deps)},) != {tuple(deps)!r}:\n"
+        f"        raise AssertionError('{name}: started without its inputs')\n"
+        if deps
+        else ""
+    )
+    wait = "" if seconds is None else f"    await sleep({seconds!r})\n"
+    body = f"{check}{wait}    return {name!r}\n"
     namespace: dict[str, Any] = {"sleep": anyio.sleep}
     exec(f"async def {name}({', '.join(deps)}):\n{body}", namespace)
     step: Callable[..., Awaitable[Any]] = namespace[name]
@@ -59,6 +75,11 @@ def make_flow(graph: Graph, durations: dict[str, float] | None) -> pk.Flow:
     for name, deps in graph.items():
         flow.step(make_step(name, deps, None if durations is None else durations[name]))
     return flow
+
+
+def wrong_steps(graph: Graph, results: Any) -> list[str]:
+    """The steps of ``graph`` whose result is missing or not the step's (its name)."""
+    return [name for name in graph if results.get(name) != name]
 
 
 def critical_chain(graph: Graph, durations: dict[str, float]) -> list[str]:
@@ -88,6 +109,7 @@ async def makespan_once(
     durations: dict[str, float],
     flow: pk.Flow,
     steps: dict[str, Callable[..., Awaitable[Any]]],
+    wrong: list[str],
 ) -> dict[str, float]:
     layers: dict[str, list[str]] = {}
     for name in graph:
@@ -97,11 +119,11 @@ async def makespan_once(
         for names in layers.values():
             await asyncio.gather(*(asyncio.sleep(durations[n]) for n in names))
 
-    async def with_flow() -> None:
-        await flow.run()
+    async def with_flow() -> Any:
+        return await flow.run()
 
-    async def hand() -> None:
-        await hand_scheduler(graph, steps)
+    async def hand() -> Any:
+        return await hand_scheduler(graph, steps)
 
     out = {}
     contenders = {"hand task+Event": hand, "layer-by-layer gather": by_layer, "pk.Flow": with_flow}
@@ -109,12 +131,14 @@ async def makespan_once(
     random.shuffle(order)
     for name in order:
         start = time.perf_counter()
-        await contenders[name]()
+        value = await contenders[name]()
         out[name] = time.perf_counter() - start
+        if value is not None and wrong_steps(graph, value):  # checked outside the timing
+            wrong.append(f"makespan: {name} did not run every step with its inputs")
     return out
 
 
-def part_makespan(repeat: int) -> dict[str, Any]:
+def part_makespan(repeat: int, wrong: list[str]) -> dict[str, Any]:
     graph = layered(10, 20, 3, seed=1)
     rng = random.Random(2)
     durations = {n: 0.001 + 0.019 * rng.random() ** 3 for n in graph}  # skewed: mostly short
@@ -124,9 +148,10 @@ def part_makespan(repeat: int) -> dict[str, Any]:
     samples: list[dict[str, float]] = []
 
     async def main() -> None:
-        await flow.run()  # warm up (plan cached, as in a service)
+        if wrong_steps(graph, await flow.run()):  # warm up (plan cached, as in a service)
+            wrong.append("makespan: pk.Flow did not run every step with its inputs")
         for _ in range(repeat):
-            samples.append(await makespan_once(graph, durations, flow, steps))
+            samples.append(await makespan_once(graph, durations, flow, steps, wrong))
 
     asyncio.run(main())
     names = ("pk.Flow", "hand task+Event", "layer-by-layer gather")
@@ -146,7 +171,9 @@ def part_makespan(repeat: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ part 2: per-node cost
-async def hand_scheduler(graph: Graph, steps: dict[str, Callable[..., Awaitable[Any]]]) -> None:
+async def hand_scheduler(
+    graph: Graph, steps: dict[str, Callable[..., Awaitable[Any]]]
+) -> dict[str, Any]:
     """The simplest correct hand-written scheduler: one task and one Event per node."""
     events = {name: asyncio.Event() for name in graph}
     results: dict[str, Any] = {}
@@ -159,9 +186,12 @@ async def hand_scheduler(graph: Graph, steps: dict[str, Callable[..., Awaitable[
         events[name].set()
 
     await asyncio.gather(*(asyncio.create_task(one(n)) for n in graph))
+    return results
 
 
-def part_per_node(layers: int, repeat: int, seconds: float | None = None) -> dict[str, Any]:
+def part_per_node(
+    layers: int, repeat: int, wrong: list[str], seconds: float | None = None
+) -> dict[str, Any]:
     graph = layered(layers, 100, 2, seed=3)
     steps = {name: make_step(name, deps, seconds) for name, deps in graph.items()}
     started = time.perf_counter()
@@ -171,22 +201,31 @@ def part_per_node(layers: int, repeat: int, seconds: float | None = None) -> dic
     define_us = (time.perf_counter() - started) / len(graph) * 1e6
     samples: dict[str, list[float]] = {"pk.Flow": [], "hand task+Event": [], "pk.Flow (trio)": []}
 
+    def checked(name: str, value: Any) -> None:  # outside the timing
+        if wrong_steps(graph, value) and not any(w.startswith(f"{label}{name}") for w in wrong):
+            wrong.append(f"{label}{name} did not run every step with its inputs")
+
+    label = f"{len(graph):,} nodes{'' if seconds is None else ', suspending'}: "
+
     async def asyncio_main() -> None:
-        await flow.run()  # first run: wiring resolved once and cached
+        checked("pk.Flow", await flow.run())  # first run: wiring resolved once and cached
         for _ in range(repeat):
             for name in random.sample(["pk.Flow", "hand task+Event"], 2):
                 start = time.process_time()
+                value: Any
                 if name == "pk.Flow":
-                    await flow.run()
+                    value = await flow.run()
                 else:
-                    await hand_scheduler(graph, steps)
+                    value = await hand_scheduler(graph, steps)
                 samples[name].append(time.process_time() - start)
+                checked(name, value)
 
     async def trio_main() -> None:
         for _ in range(repeat):
             start = time.process_time()
-            await flow.run()
+            value = await flow.run()
             samples["pk.Flow (trio)"].append(time.process_time() - start)
+            checked("pk.Flow (trio)", value)
 
     asyncio.run(asyncio_main())
     anyio.run(trio_main, backend="trio")
@@ -285,7 +324,8 @@ def _range(stats: dict[str, float]) -> str:
 
 
 def run(*, quick: bool, database: str | None) -> dict[str, Any]:
-    makespan = part_makespan(repeat=3 if quick else 15)
+    wrong: list[str] = []  # every run's result is checked: a wrong one fails the run
+    makespan = part_makespan(3 if quick else 15, wrong)
     print("1. 200-node layered DAG (10 x 20, 3 deps, 1-20 ms skewed sleeps), asyncio")
     print(
         f"   ideal = the critical chain's {makespan['critical chain']} step durations summed"
@@ -298,7 +338,7 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
     print(table(["contender", "makespan ms", "x ideal"], rows))
     print(f"   pk.Flow / hand task+Event, per round: {_range(makespan['pk.Flow / hand'])}")
 
-    per_node = part_per_node(layers=20 if quick else 100, repeat=3 if quick else 7)
+    per_node = part_per_node(20 if quick else 100, 3 if quick else 7, wrong)
     print(f"2. {per_node['nodes']:,}-node graph (100 per layer, 2 deps), no-op steps (CPU time)")
     print(table(["contender", "µs/node"], [[k, v] for k, v in per_node["µs/node"].items()]))
     print(f"   pk.Flow / hand task+Event, per round: {_range(per_node['pk.Flow / hand'])}")
@@ -308,7 +348,7 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
     # informational: the same graph, but every step suspends once (await sleep(0)), so
     # the engine's workers really switch; no target, shown so the no-op case is not
     # mistaken for the whole story
-    suspending = part_per_node(layers=20 if quick else 100, repeat=3 if quick else 5, seconds=0)
+    suspending = part_per_node(20 if quick else 100, 3 if quick else 5, wrong, seconds=0)
     print("   the same graph, each step awaiting one checkpoint (informational):")
     print(table(["contender", "µs/node"], [[k, v] for k, v in suspending["µs/node"].items()]))
     print(f"   pk.Flow / hand task+Event, per round: {_range(suspending['pk.Flow / hand'])}")
@@ -332,6 +372,7 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
     ]
     print_targets(targets)
     return {
+        "wrong": wrong,
         "makespan": makespan,
         "per_node": per_node,
         "per_node_suspending": suspending,

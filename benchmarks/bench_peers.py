@@ -15,8 +15,10 @@ interleaved rounds, each in a fresh ``AsyncSession``:
   (the CRM models do not mix in ``AsyncAttrs``; its ``awaitable_attrs`` property is
   applied to them directly: the very code ``obj.awaitable_attrs.x`` runs).
 
-Every contender returns the rule ids per conversation; ``correct`` compares them
-with the ``eager`` contender's (computed, not assumed).
+Every contender returns the rule ids per conversation; ``correct`` compares every
+run's answer with the truth computed in plain SQL (:func:`expected`: no ORM, no
+parallelkit), and a wrong answer fails the run. Statements are counted with a plain
+SQLAlchemy event, not with parallelkit.
 
 And the price of the ``do_orm_execute`` listener that ``fetch_peers()`` registers
 process-wide on first use: 200 one-row reads (a query without the option) with the
@@ -43,13 +45,13 @@ from pathlib import Path
 from typing import Any
 
 from examples.crm import Conversation
-from sqlalchemy import event, select
+from sqlalchemy import event, select, text
 from sqlalchemy.ext.asyncio import AsyncAttrs, AsyncEngine, AsyncSession
 from sqlalchemy.orm import Session
 
-from parallelkit.sqlalchemy import _peers_events, count_queries, eager, fetch_peers, load
+from parallelkit.sqlalchemy import _peers_events, eager, fetch_peers, load
 
-from ._util import print_targets, table, target
+from ._util import EngineStatements, print_targets, table, target
 from .bench_eager import pg_url, seeded_pg, sqlite_engine
 
 TITLE = "fetch_peers + load: 500 conversations x 3 hops vs eager, lazy loading, awaitable_attrs"
@@ -170,19 +172,47 @@ def listener_removed() -> Any:
         event.listen(Session, "do_orm_execute", fn)
 
 
+async def expected(engine: AsyncEngine, n_reads: int) -> dict[str, Any]:
+    """Each contender's right answer, from plain SQL (no ORM, no loader option, no
+    parallelkit): the rule ids of each conversation, the one-row reads' sum of
+    contact ids, the 500-row query's row count."""
+    async with engine.connect() as conn:
+        ids = list((await conn.execute(text("SELECT id FROM conversations ORDER BY id"))).scalars())
+        pairs = (
+            await conn.execute(
+                text(
+                    "SELECT c.id, r.id FROM conversations AS c "
+                    "JOIN contacts AS p ON p.id = c.contact_id "
+                    "JOIN automation_rules AS r ON r.company_id = p.company_id ORDER BY c.id, r.id"
+                )
+            )
+        ).all()
+        reads = (
+            await conn.execute(
+                text("SELECT coalesce(sum(contact_id), 0) FROM conversations WHERE id <= :n"),
+                {"n": n_reads},
+            )
+        ).scalar_one()
+    rules: dict[int, list[int]] = {cid: [] for cid in ids}
+    for cid, rid in pairs:
+        rules[cid].append(rid)
+    answer = [rules[cid] for cid in ids]
+    return {
+        **dict.fromkeys((PEERS_LOAD, PEERS_SYNC, EAGER, LAZY, AWAITABLE), answer),
+        **dict.fromkeys((LISTENER_ON, LISTENER_OFF), int(reads)),
+        **dict.fromkeys((QUERY_PEERS, QUERY_PLAIN), len(ids)),
+    }
+
+
 async def measure(engine: AsyncEngine, sizes: Sizes) -> dict[str, dict[str, Any]]:
+    truth = await expected(engine, sizes.reads)
     fetch_peers()  # the listener is registered from here on, for every contender alike
     runs = contenders(engine, sizes.reads)
     out: dict[str, dict[str, Any]] = {}
-    answers: dict[str, Any] = {}
     for name, fn in runs.items():  # warm-up: statement caches, pool; count statements
-        async with count_queries(engine) as counter:
-            answers[name] = await fn()
-        out[name] = {"queries": counter.count}
-    for name in (PEERS_LOAD, PEERS_SYNC, EAGER, LAZY, AWAITABLE):
-        out[name]["correct"] = answers[name] == answers[EAGER]
-    for a, b in ((LISTENER_ON, LISTENER_OFF), (QUERY_PEERS, QUERY_PLAIN)):
-        out[a]["correct"] = out[b]["correct"] = answers[a] == answers[b]
+        with EngineStatements(engine) as counter:  # a plain event: not parallelkit's
+            answer = await fn()
+        out[name] = {"queries": counter.count, "correct": answer == truth[name]}
     fast_repeat, slow_repeat = sizes.repeat, sizes.slow_repeat
     samples: dict[str, list[float]] = {name: [] for name in runs}
     for round_ in range(fast_repeat):  # interleaved rounds: noise hits everyone alike
@@ -190,8 +220,10 @@ async def measure(engine: AsyncEngine, sizes: Sizes) -> dict[str, dict[str, Any]
             if name in SLOW and round_ >= slow_repeat:
                 continue
             started = time.perf_counter()
-            await fn()
+            answer = await fn()
             samples[name].append(time.perf_counter() - started)
+            if answer != truth[name]:  # every timed run checked, not only the first
+                out[name]["correct"] = False
     for name, values in samples.items():
         out[name]["ms"] = statistics.median(values) * 1000
         out[name]["min_ms"] = min(values) * 1000
@@ -286,11 +318,16 @@ def targets_for(db: str, r: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         target(f"{db}: listener fast path / one one-row read", fast / one_read_us, 0.02),
         target(
             f"{db}: every contender correct",
-            all(v.get("correct", True) for v in r.values()),
+            all(v["correct"] for v in r.values()),
             1,
             below=False,
         ),
     ]
+
+
+def wrong_for(db: str, r: dict[str, dict[str, Any]]) -> list[str]:
+    """Every contender whose answer differed from plain SQL's: a wrong result fails the run."""
+    return [f"{db}: {name} gave a wrong answer" for name, v in r.items() if not v["correct"]]
 
 
 def run(*, quick: bool, database: str | None) -> dict[str, Any]:
@@ -344,6 +381,7 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
         },
     }
     return {
+        "wrong": [w for db, r in results.items() for w in wrong_for(db, r)],
         "conversations": N,
         "rounds": sizes.repeat,
         "reads": sizes.reads,

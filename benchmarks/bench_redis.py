@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from ._util import print_targets, table, target, unreachable
+from ._util import exactly, print_targets, table, target, unreachable
 
 TITLE = (
     "RedisStore near-cache hit vs MemoryStore hit (CPU); hit without near cache vs raw GET; "
@@ -304,10 +304,13 @@ async def _child(mode: str, url: str, prefix: str, processes: int, callers: int)
         while int(await redis.get(barrier) or 0) < processes:
             await anyio.sleep(0.005)
         if mode == "swr":
-            await pk.gather(*(cache.get("cold", load) for _ in range(callers)))
+            got = await pk.gather(*(cache.get("cold", load) for _ in range(callers)))
         else:
-            await pk.gather(*(naive_get("cold") for _ in range(callers)))
+            got = await pk.gather(*(naive_get("cold") for _ in range(callers)))
     await redis.aclose()
+    if list(got) != ["value of cold"] * callers:  # every caller's value checked
+        msg = f"{mode}: a caller got a wrong value"
+        raise SystemExit(msg)  # a non-zero exit: the benchmark fails
 
 
 def _cross_process(mode: str, prefix: str, processes: int, callers: int) -> dict[str, Any]:
@@ -439,7 +442,8 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
         ),
         target("SWRCache.get hit on RedisStore / raw GET", us["get"] / us["raw"], 1.3),
         target("@cache.cached hit on RedisStore / raw GET", us["cached"] / us["raw"], 1.3),
-        target(f"loads per {processes * callers} cross-process cold callers", swr["loads"], 1),
+        # exactly one: 0 loads is a cache that did not load, not a better single flight
+        exactly(f"loads per {processes * callers} cross-process cold callers", swr["loads"], 1),
         target(
             "a refresh's scripts per stale key (lease + read, write + release)",
             per_key.get("EVALSHA", 0.0),

@@ -202,6 +202,16 @@ def check_identical(
     return {"checked": checked, "identical": not mismatches, "mismatches": mismatches[:5]}
 
 
+def wrong_answers(cold: dict[str, Any], warm: dict[str, Any]) -> list[str]:
+    """The requests whose answers differed between the variants (or were not 200): wrong
+    results, which fail the run (the ordinary and expert servers are the truth)."""
+    return [
+        f"{kind}: {m['endpoint']} {m['path']}: the variants' answers differ (or are not 200)"
+        for kind, checked in (("cold", cold), ("warm", warm))
+        for m in checked["mismatches"]  # the first five of each
+    ]
+
+
 # -- one measured run ------------------------------------------------------------------------------
 def measure(
     server: Server, endpoint: str, clients: int, duration: float, tag: str, engine: str, rnd: int
@@ -385,6 +395,7 @@ def run(
         "ratios": summary["ratios"],
         "targets": summary["targets"],
         "markdown": markdown,
+        "wrong": wrong_answers(cold, warm),
     }
     _save(result, text)
     return result
@@ -419,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         endpoints=a.endpoints,
         engine=a.engine,
     )
-    return 0 if not result.get("skipped") else 1
+    return 0 if not result.get("skipped") and not result.get("wrong") else 1
 
 
 if __name__ == "__main__":
