@@ -24,7 +24,7 @@ from .._core.limiter import Limiter, SupportsLimit
 from .._core.outcome import Outcome
 from .._core.retry import RetryLike, validate_retry
 from .._fanout.options import build_call, split_limit
-from .._graph.graph import Graph, Node, params_of
+from .._graph.graph import Graph, Node, params_of, suggest
 from .._graph.scheduler import Run
 from .._graph.timeline import Timeline
 
@@ -216,6 +216,7 @@ class Flow:
     @overload
     async def run(
         self,
+        /,
         *,
         limit: int | SupportsLimit | None = ...,
         settle: Literal[False] = ...,
@@ -225,6 +226,7 @@ class Flow:
     @overload
     async def run(
         self,
+        /,
         *,
         limit: int | SupportsLimit | None = ...,
         settle: Literal[True],
@@ -233,6 +235,7 @@ class Flow:
     ) -> FlowOutcomes: ...
     async def run(
         self,
+        /,
         *,
         limit: int | SupportsLimit | None = None,
         settle: bool = False,
@@ -247,7 +250,8 @@ class Flow:
                 :class:`~parallelkit.Limiter` (``None``: no bound).
             settle: give every step an :class:`~parallelkit.Outcome` instead of
                 raising the first failure. Steps downstream of a failure are not
-                run; their outcome's error is :class:`~parallelkit.DependencyFailed`.
+                run; their outcome's error is :class:`~parallelkit.DependencyFailed`,
+                whose ``__cause__`` chain leads to the failure.
             targets: run only these steps (names or step functions) and what they
                 need.
 
@@ -262,10 +266,11 @@ class Flow:
                 of a step of the run (each step would wait for a second slot while
                 holding one: a deadlock).
             DefinitionError: before any step starts: a parameter that is neither a
-                step nor an input (the message lists both), a missing input, an
-                unknown target.
-            TypeError: an input that no step uses, or that has a step's name; a
-                target that is neither a name nor a function.
+                step nor an input (the message lists both, and every other missing
+                input), a missing input, an unknown target.
+            TypeError: an input that no step uses (all such inputs are named), or
+                that has a step's name; a target that is neither a name nor a
+                function.
             Exception: fail-fast: the first failing step's exception, unchanged
                 (never an ``ExceptionGroup``); the other running steps are
                 cancelled and have finished before it is raised.
@@ -326,7 +331,7 @@ class Flow:
                 raise TypeError(msg)
             else:
                 try:
-                    names.append(_step_name(self._by_fn, target))
+                    names.append(_step_name(self._by_fn, target, self._graph.nodes))
                 except KeyError as exc:  # not a step of this flow: as an unknown name is
                     raise DefinitionError(f"targets: {exc.args[0]}") from None
         return names
@@ -350,14 +355,14 @@ def _build_call(
     return call
 
 
-def _step_name(by_fn: Mapping[object, str], step: object) -> str:
+def _step_name(by_fn: Mapping[object, str], step: object, steps: Iterable[str]) -> str:
     try:
         name = by_fn[step]
     except (KeyError, TypeError):
-        msg = f"{step!r} is not a step of this flow"
+        msg = f"{step!r} is not a step of this flow; steps: {list(steps)}"
         raise KeyError(msg) from None
     if name == _AMBIGUOUS:
-        msg = f"{step!r} is registered under several names; look it up by name"
+        msg = f"{step!r} is registered under several names; look it up by name: {list(steps)}"
         raise KeyError(msg)
     return name
 
@@ -377,7 +382,10 @@ class _Result(Mapping[str, Any]):
         try:
             return self._values[name]
         except KeyError:
-            msg = f"no step {name!r} in this result; steps run: {list(self._values)}"
+            names = list(self._values)
+            msg = f"no step {name!r} in this result; steps run: {names}"
+            if isinstance(name, str):
+                msg += suggest(name, names)
             raise KeyError(msg) from None
 
     def __iter__(self) -> Iterator[str]:
@@ -396,7 +404,7 @@ class _Result(Mapping[str, Any]):
                 return self._values[name]
         except (KeyError, TypeError):
             pass
-        return self[_step_name(self._by_fn, step)]  # the error, with its message
+        return self[_step_name(self._by_fn, step, self._values)]  # the error, with its message
 
 
 @final

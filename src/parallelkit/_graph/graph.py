@@ -34,7 +34,8 @@ Three objects, used in this order::
     anything runs: an unknown target; a parameter that is neither a node nor a
     given input (the message lists the nodes and inputs and suggests a close
     name); ``TypeError`` for an input no node uses or that shadows a node. The
-    plan is immutable and cached per ``(input names, targets)``, so repeated and
+    plan is immutable and cached per ``(set of input names, set of targets)``
+    (at most 256 plans per graph, the oldest dropped first), so repeated and
     concurrent runs share it. ``plan.order`` is a topological order of the names
     (dependencies first): tear down in ``reversed(plan.order)``, or better, in the
     reverse of the order things actually became ready.
@@ -63,7 +64,9 @@ Three objects, used in this order::
       ``ExceptionGroup``); ``run.failed`` names the node that raised it.
     - ``settle=True``: every node gets an :class:`~parallelkit.Outcome`; nodes
       downstream of a failure are not run and their outcome's error is
-      :class:`~parallelkit.DependencyFailed` naming the dependency.
+      :class:`~parallelkit.DependencyFailed` naming the dependency, whose
+      ``__cause__`` is the dependency's own error (a failure, or its
+      ``DependencyFailed``): the chain ends with the original exception.
     - ``timeline``: a :class:`~parallelkit.Timeline`; one :class:`~parallelkit.Span`
       per node (``kind`` defaults to the graph's kind; the Orchestrator may pass
       ``kind="start"``: ``end`` is then the moment the node became ready, or
@@ -86,7 +89,9 @@ from typing_extensions import final
 
 from .._core.errors import CycleError, DefinitionError
 
-__all__ = ["Graph", "Node", "Param", "Plan", "RunNode", "params_of"]
+__all__ = ["Graph", "Node", "Param", "Plan", "RunNode", "params_of", "suggest"]
+
+_MAX_PLANS = 256  # plans kept per graph (one per set of input names and of targets)
 
 RunNode = Callable[["Node", dict[str, Any]], Awaitable[Any]]
 
@@ -173,7 +178,7 @@ class Graph:
         self._reserved = frozenset(reserved)
         self._nodes: dict[str, Node] = {}
         self._referenced_by: dict[str, list[str]] = {}
-        self._plans: dict[tuple[frozenset[str], tuple[str, ...] | None], Plan] = {}
+        self._plans: dict[tuple[frozenset[str], frozenset[str] | None], Plan] = {}
         self._frozen = False
         # the last plan without targets, by its input names: a run shape repeated (a
         # flow run per request) finds it with no key to build
@@ -271,12 +276,18 @@ class Graph:
         last = self._last
         if targets is None and last is not None and inputs == last[0]:
             return last[1]
-        key_targets = tuple(targets) if targets is not None else None
-        key = (frozenset(inputs), key_targets)
-        plan = self._plans.get(key)
+        given = tuple(targets) if targets is not None else None
+        # by the *set* of targets (the plan does not depend on their order), and a
+        # bounded number of plans: targets chosen per request (the fields a client
+        # asked for, in its order) must not grow the cache with every permutation
+        key = (frozenset(inputs), None if given is None else frozenset(given))
+        plans = self._plans
+        plan = plans.get(key)
         if plan is None:
-            plan = Plan(self, key[0], key_targets)
-            self._plans[key] = plan
+            plan = Plan(self, key[0], given)
+            if len(plans) >= _MAX_PLANS:
+                del plans[next(iter(plans))]  # the oldest
+            plans[key] = plan
         if targets is None:
             self._last = (key[0], plan)
         return plan
@@ -310,10 +321,9 @@ class Plan:
             if name in all_nodes:
                 msg = f"input {name!r} has the name of a {kind}; rename the input or the {kind}"
                 raise TypeError(msg)
-            if name not in graph._referenced_by:
-                msg = f"unexpected input {name!r}: no {kind} has a parameter of that name"
-                msg += _suggest(name, list(graph._referenced_by))
-                raise TypeError(msg)
+        unexpected = [name for name in sorted(inputs) if name not in graph._referenced_by]
+        if unexpected:
+            raise TypeError(_unexpected(kind, unexpected, graph, inputs))
         # the nodes needed: everything, or the targets and their ancestors
         if targets is None:
             needed = list(all_nodes)
@@ -324,7 +334,7 @@ class Plan:
             for target in targets:
                 if target not in all_nodes:
                     msg = f"unknown target {target!r}; {kind}s: {list(all_nodes)}"
-                    msg += _suggest(target, list(all_nodes))
+                    msg += suggest(target, list(all_nodes))
                     raise DefinitionError(msg)
             marked: set[str] = set()
             stack = list(targets)
@@ -337,16 +347,17 @@ class Plan:
             needed = [n for n in all_nodes if n in marked]
         # check every parameter resolves, then order topologically (Kahn, stable)
         deps_of: dict[str, list[str]] = {}
+        missing: list[tuple[str, str]] = []  # (node, parameter): all named at once
         for name in needed:
             deps = []
             for param in all_nodes[name].params:
                 if param.name in all_nodes:
                     deps.append(param.name)
                 elif param.name not in inputs and not param.optional:
-                    raise DefinitionError(
-                        _missing(kind, name, param.name, list(all_nodes), sorted(inputs))
-                    )
+                    missing.append((name, param.name))
             deps_of[name] = deps
+        if missing:
+            raise DefinitionError(_missing(kind, missing, all_nodes, sorted(inputs)))
         indegree = {name: len(deps) for name, deps in deps_of.items()}
         users: dict[str, list[str]] = {name: [] for name in needed}
         for name, deps in deps_of.items():
@@ -391,15 +402,39 @@ class Plan:
         return f"<Plan of {len(self.names)} {self.kind}s: {list(self.names)}>"
 
 
-def _suggest(name: str, candidates: list[str]) -> str:
+def suggest(name: str, candidates: list[str], form: str = "; did you mean {!r}?") -> str:
+    """The close name among ``candidates`` in ``form``, or ``""`` when none is close."""
     close = difflib.get_close_matches(name, candidates, n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return form.format(close[0]) if close else ""
 
 
-def _missing(kind: str, node: str, param: str, nodes: list[str], inputs: list[str]) -> str:
-    return (
+def _unexpected(kind: str, names: list[str], graph: Graph, inputs: Collection[str]) -> str:
+    # a close name that could be meant: a parameter no node supplies, not given yet
+    usable = [n for n in graph._referenced_by if n not in graph.nodes and n not in inputs]
+    if len(names) == 1:
+        name = names[0]
+        msg = f"unexpected input {name!r}: no {kind} has a parameter of that name"
+        return msg + suggest(name, usable)
+    hint = " (did you mean {!r}?)"
+    listed = ", ".join(f"{name!r}" + suggest(name, usable, hint) for name in names)
+    return f"unexpected inputs {listed}: no {kind} has a parameter of these names"
+
+
+def _missing(
+    kind: str, missing: list[tuple[str, str]], nodes: Mapping[str, Node], inputs: list[str]
+) -> str:
+    node, param = missing[0]
+    # a close name that could be meant: not the node itself (a cycle) nor what it
+    # already takes by another parameter
+    own = {node, *(p.name for p in nodes[node].params)}
+    candidates = [n for n in [*nodes, *inputs] if n not in own]
+    msg = (
         f"{kind} {node!r} needs {param!r}, which is neither a {kind} nor a run input. "
-        f"{kind.capitalize()}s: {nodes}; inputs given: {inputs}. Pass it as an input "
+        f"{kind.capitalize()}s: {list(nodes)}; inputs given: {inputs}. Pass it as an input "
         f"(run({param}=...)), give the parameter a default, or define a {kind} "
-        f"named {param!r}" + _suggest(param, nodes + inputs)
+        f"named {param!r}" + suggest(param, candidates)
     )
+    if len(missing) > 1:
+        also = ", ".join(f"{p!r} ({kind} {n!r})" for n, p in missing[1:])
+        msg += f". Also missing: {also}"
+    return msg

@@ -258,7 +258,11 @@ class Run(Iterator[Unit]):
                     continue
                 pending[dep] = _SKIPPED
                 self._waiting -= 1
-                self._errors[dep] = DependencyFailed(names[dep], names[cause])
+                skipped = DependencyFailed(names[dep], names[cause])
+                # the traceback of ``outcomes[dep].unwrap()`` shows why: the chain of
+                # skipped steps down to the failure itself
+                skipped.__cause__ = self._errors[cause]
+                self._errors[dep] = skipped
                 self._remaining -= 1
                 if timeline is not None:
                     timeline._record(
