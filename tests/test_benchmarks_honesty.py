@@ -27,6 +27,7 @@ from benchmarks._playbook_rows import HAND
 from examples.crm import startup
 
 import parallelkit as pk
+from tests.test_benchmarks_smoke import map_loses_the_last_item  # noqa: F401 (a fixture)
 
 
 def _entry(result: dict[str, Any]) -> dict[str, Any]:
@@ -114,16 +115,6 @@ def test_the_hot_hit_loop_checks_every_value() -> None:
 
 
 # -- fan-out: every run's result is checked ----------------------------------------------
-@pytest.fixture
-def map_loses_the_last_item(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = pk.map
-
-    async def lossy(fn: Any, items: Any, /, **options: Any) -> Any:
-        return await real(fn, list(items)[:-1], **options)
-
-    monkeypatch.setattr(pk, "map", lossy)
-
-
 @pytest.mark.usefixtures("map_loses_the_last_item")
 def test_a_map_that_loses_work_is_reported_wrong_by_fanout() -> None:
     """A lossy ``pk.map`` does less work, so it was faster, and its targets were met."""

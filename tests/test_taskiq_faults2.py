@@ -12,11 +12,9 @@ are deleted afterwards, every worker process killed in teardown.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
@@ -33,6 +31,8 @@ from .taskiq_helpers.tasks import Tasks, build
 from .taskiq_helpers.tasks2 import Rejected, Tasks2
 from .taskiq_helpers.tasks2 import build as build2
 from .test_engine_docs import run_program
+from .test_recipes_startup_faults import running_tasks
+from .test_taskiq_faults import subscribed
 
 GUARD = 60  # seconds: stops a hang, never reached by a passing test
 
@@ -42,19 +42,6 @@ pytest_plugins = ["tests.taskiq_helpers.fixtures", "tests.redis_helpers.fixtures
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # Taskiq's client and redis-py are asyncio libraries
-
-
-def running_tasks() -> set[asyncio.Task[Any]]:
-    return {task for task in asyncio.all_tasks() if not task.done()}
-
-
-def subscribed(url: str, queue: str) -> list[str]:
-    """The completion channels of ``queue`` that someone is subscribed to."""
-    client = redis_sync.Redis.from_url(url, decode_responses=True)
-    try:
-        return [str(channel) for channel in client.pubsub_channels(f"{queue}:result:done:*")]
-    finally:
-        client.close()
 
 
 async def queued_behind_one(url: str, queue: str, count: int) -> None:
