@@ -7,28 +7,43 @@ seconds). The database scenarios use a temporary SQLite file unless you name a
 server with --database (e.g. postgresql://postgres@127.0.0.1/test; the tables go
 in a schema of their own, dropped at the end). Durations are the playbook's,
 scaled by --scale.
+
+Ctrl-C (SIGINT) or SIGTERM stops it at once: each scenario's own clean-up runs
+(processes stopped, temporary files and the database schema removed); exit code
+130 (SIGINT) or 143 (SIGTERM). A database that cannot be used is reported in one
+line before any scenario runs (exit code 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import math
 import os
 import signal
 import socket
 import sys
 import tempfile
 import time
+from collections.abc import Coroutine
+from functools import partial
 from typing import Any
 
 import httpx
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from . import bulk, cache, devflow, files, payment, startup, webhook
 from .clients import StripeClient, WebhookClient
-from .db import open_database
+from .db import database_url, open_database
 from .seed import SeedSizes
 
 SCENARIOS = ("files", "devflow", "webhook", "payment", "bulk", "cache", "startup")
+#: The scenarios that need the database.
+DATABASE_SCENARIOS = frozenset({"webhook", "payment", "bulk", "cache"})
+#: What stops the demo (cleanly: the scenarios' own clean-up runs).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 #: Files the first scenario writes and reads: more than the common ``ulimit -n 1024``, so
 #: an unbounded gather would run out of descriptors (10,000 works the same, only slower:
@@ -156,16 +171,49 @@ async def demo_startup(scale: float) -> None:
     print(f"every service ready after {took:.0f} ms; ideal (critical path): {ideal:.0f} ms")
 
 
+class DatabaseError(Exception):
+    """The database named (or the temporary SQLite) could not be opened, created or seeded."""
+
+
+def _shown(url: str | None) -> str:
+    """The URL as the error shows it: without its password."""
+    if not url:
+        return "a temporary SQLite file"
+    try:
+        return make_url(database_url(url) or url).render_as_string(hide_password=True)
+    except (SQLAlchemyError, ValueError):
+        return repr(url)
+
+
+def _reason(exc: BaseException) -> str:
+    """One line: the driver's own error when SQLAlchemy wraps one."""
+    cause: BaseException = exc
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        cause = exc.orig  # the driver's error (asyncpg's own, under SQLAlchemy's adapter)
+        cause = cause.__cause__ or cause
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+
+
 async def main(names: list[str], scale: float, database: str | None = None) -> None:
-    if "files" in names:
-        await demo_files(scale)
-    if "devflow" in names:
-        await demo_devflow(scale)
-    if {"webhook", "payment", "bulk", "cache"} & set(names):
-        sizes = SeedSizes(companies=20, contacts_per_company=10, conversations_per_contact=2)
-        # on a server: a schema of its own, dropped at the end
-        schema = f"pk_crm_demo_{os.getpid()}" if database else None
-        async with open_database(database, seed_sizes=sizes, schema=schema) as db:
+    async with contextlib.AsyncExitStack() as stack:
+        db = None
+        if DATABASE_SCENARIOS & set(names):  # opened first: a bad URL fails before anything runs
+            sizes = SeedSizes(companies=20, contacts_per_company=10, conversations_per_contact=2)
+            # on a server: a schema of its own, dropped at the end
+            schema = f"pk_crm_demo_{os.getpid()}" if database else None
+            try:
+                db = await stack.enter_async_context(
+                    open_database(database, seed_sizes=sizes, schema=schema)
+                )
+            except (OSError, ImportError, SQLAlchemyError) as exc:
+                msg = f"cannot open the database ({_shown(database)}): {_reason(exc)}"
+                raise DatabaseError(msg) from exc
+        if "files" in names:
+            await demo_files(scale)
+        if "devflow" in names:
+            await demo_devflow(scale)
+        if db is not None:
             print(f"\ndatabase: {db.url} (seed data: {sizes})")
             if "webhook" in names:
                 await demo_webhook(db)
@@ -179,7 +227,126 @@ async def main(names: list[str], scale: float, database: str | None = None) -> N
         await demo_startup(scale)
 
 
+async def _until_signal(work: Coroutine[Any, Any, None]) -> int | None:
+    """Await ``work``; SIGINT or SIGTERM cancels it. Returns the signal that stopped it.
+
+    asyncio's own Ctrl-C handling cancels the program once, then raises
+    ``KeyboardInterrupt`` wherever the next Ctrl-C finds it, in the middle of a
+    clean-up (a process half stopped, a schema not dropped: a hang or a leak), and
+    prints a traceback either way. Here every signal is delivered by the event loop:
+    the first cancels the demo, the scenarios' clean-up runs, later ones are noted.
+    The handlers stay until the loop is closed (:func:`_run`).
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None  # a coroutine run by _run
+    received: list[int] = []
+
+    def stop(signum: int) -> None:
+        if not received:
+            task.cancel()  # (a no-op once the demo is over)
+        received.append(signum)
+
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop, signum)
+    try:
+        await work
+    except asyncio.CancelledError:
+        if not received:
+            raise
+    return received[0] if received else None
+
+
+#: Seconds the tasks still pending once the demo is over get to finish (see :func:`_run`).
+LEFTOVER_GRACE = 2.0
+
+
+def _run(work: Coroutine[Any, Any, None]) -> int | None:
+    """``asyncio.run(_until_signal(work))``, except that a stuck leftover cannot hold the exit.
+
+    A SQLAlchemy query on aiosqlite cancelled at the wrong moment (a Ctrl-C during
+    the cache scenario) leaves behind SQLAlchemy's own "close the connection
+    gracefully" task, waiting for aiosqlite's worker thread, which has already
+    stopped: it never ends, and ``asyncio.run`` waits for it forever. Here the tasks
+    left over when the demo is done get ``LEFTOVER_GRACE`` seconds, then the loop
+    closes anyway (the demo's own clean-up has run by then).
+    """
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(_until_signal(work))
+    finally:
+        try:
+            leftovers = asyncio.all_tasks(loop)
+            for task in leftovers:
+                task.cancel()
+            if leftovers:
+                _, stuck = loop.run_until_complete(asyncio.wait(leftovers, timeout=LEFTOVER_GRACE))
+                if stuck:  # abandoned on purpose: no "destroyed but pending" report for them
+                    loop.set_exception_handler(partial(_quiet_about, stuck))
+                    names = sorted({getattr(t.get_coro(), "__qualname__", "?") for t in stuck})
+                    print(
+                        f"left behind after {LEFTOVER_GRACE:g} s: {len(stuck)} task(s) that did "
+                        f"not finish ({', '.join(names)})",
+                        file=sys.stderr,
+                    )
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            # from now on a signal is ignored (the demo is over; cli() restores the
+            # defaults), not a KeyboardInterrupt half-way through the close, the last
+            # lines or Python's exit, nor a write to the loop's closed pipe
+            for signum in STOP_SIGNALS:
+                loop.remove_signal_handler(signum)
+                signal.signal(signum, _ignore)
+            loop.close()
+
+
+def _quiet_about(
+    abandoned: set[asyncio.Task[Any]], loop: asyncio.AbstractEventLoop, context: dict[str, Any]
+) -> None:
+    """The loop's exception handler once ``abandoned`` are left behind: their collection
+    ("Task was destroyed but it is pending!") is expected; anything else is reported."""
+    if context.get("task") not in abandoned:
+        loop.default_exception_handler(context)
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """A signal that comes as the loop closes: the demo is over already."""
+
+
+def _scale(value: str) -> float:
+    """``--scale``: a finite number >= 0."""
+    try:
+        scale = float(value)
+    except ValueError:
+        scale = math.nan
+    if not math.isfinite(scale) or scale < 0:
+        msg = f"expected a finite number >= 0, got {value!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return scale
+
+
+def _scenario(value: str) -> str:
+    if value not in SCENARIOS:
+        msg = f"unknown scenario {value!r} (one of {', '.join(SCENARIOS)})"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def cli(argv: list[str] | None = None) -> int:
+    """Run the demo as ``python -m examples.crm ARGV`` would; returns the exit code."""
+    try:
+        return _cli(argv)
+    finally:  # called from Python (tests): SIGINT and SIGTERM as they were
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _cli(argv: list[str] | None) -> int:
+    """The command itself: once the loop has run, SIGINT and SIGTERM stay ignored (the
+    demo is over: a late Ctrl-C would only interrupt its last lines or Python's exit)."""
     parser = argparse.ArgumentParser(
         prog="python -m examples.crm",
         description=__doc__,
@@ -188,22 +355,38 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "scenarios",
         nargs="*",
-        choices=[[], *SCENARIOS],
+        type=_scenario,
         metavar="SCENARIO",
         help=f"one of {', '.join(SCENARIOS)} (default: all)",
     )
     parser.add_argument(
-        "--scale", type=float, default=0.2, help="multiplies the playbook's durations (0.2)"
+        "--scale", type=_scale, default=0.2, help="multiplies the playbook's durations (0.2)"
     )
     parser.add_argument(
         "--database", metavar="URL", default=None, help="a database server (default: SQLite)"
     )
     args = parser.parse_args(argv)
+    names = args.scenarios or list(SCENARIOS)
     started = time.perf_counter()
-    asyncio.run(main(args.scenarios or list(SCENARIOS), args.scale, args.database))
-    print(f"\nCRM demo done in {time.perf_counter() - started:.1f} s")
+    try:
+        stopped_by = _run(main(names, args.scale, args.database))
+    except DatabaseError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a Ctrl-C before the loop took over the signals
+        stopped_by = signal.SIGINT
+    except BrokenPipeError:  # `python -m examples.crm | head`: the reader is gone
+        # (the scenarios' clean-up has run); Python's own flush at exit would fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    took = time.perf_counter() - started
+    if stopped_by is not None:
+        name = signal.Signals(stopped_by).name
+        print(f"\nCRM demo stopped by {name} after {took:.1f} s", file=sys.stderr)
+        return 128 + stopped_by
+    print(f"\nCRM demo done in {took:.1f} s")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(_cli(None))

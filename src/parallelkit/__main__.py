@@ -1,12 +1,14 @@
 """Command line: ``python -m parallelkit run module:orch [--timeline] [--backend trio]``.
 
-Serves an :class:`~parallelkit.Orchestrator` defined in your code, the way
+Serves a :class:`~parallelkit.Orchestrator` defined in your code, the way
 ``honcho start`` runs a Procfile, but with dependencies, readiness probes and an
 ordered stop: the seed's "dev server + watchers" workflow as one command. Stops
 on SIGINT / SIGTERM; a second one makes every stop immediate (tear-downs
 cancelled, processes killed), still in order.
 
-Exit codes: ``0`` after a signal-initiated stop, ``1`` when a service failed to
+Exit codes: ``0`` after a signal-initiated stop, ``130`` for a Ctrl-C that came before
+the orchestrator took over the signals (while the target was imported or the event
+loop started: nothing was serving yet), ``1`` when a service failed to
 start or crashed (its error's traceback is printed; for a process that exited,
 one report: its exit code and last lines of output) or the target's own module
 or factory raised (its traceback is printed), ``2`` for a usage error (a
@@ -22,6 +24,7 @@ import importlib
 import inspect
 import logging
 import os
+import re
 import sys
 import traceback
 from collections.abc import Sequence
@@ -36,6 +39,12 @@ __all__ = ["main"]
 
 
 _MISSING = object()
+
+
+def _plain(doc: str) -> str:
+    """``--help`` shows the docstring as plain text: no ``literal`` nor :role:`target` markup."""
+    doc = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc)
+    return doc.replace("``", "")
 
 
 class UsageError(Exception):
@@ -126,12 +135,18 @@ def _log_level(value: str) -> int | str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m parallelkit``; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m parallelkit", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m parallelkit",
+        description=_plain(__doc__ or ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="serve an Orchestrator until SIGINT/SIGTERM")
     run.add_argument("target", help="module:attribute of an Orchestrator (or a factory)")
     run.add_argument("--timeline", action="store_true", help="print the start-up timeline")
-    run.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    run.add_argument(
+        "--backend", choices=("asyncio", "trio"), default="asyncio", help="event loop (asyncio)"
+    )
     run.add_argument(
         "--log-level", type=_log_level, default="INFO", help="logging level (default INFO)"
     )
@@ -140,22 +155,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     try:
-        orch = load(args.target)
+        return _serve(args.target, args.timeline, args.backend, parser)
+    except KeyboardInterrupt:  # before serve() took over SIGINT: nothing was serving yet
+        print("parallelkit: interrupted", file=sys.stderr)
+        return 130
+
+
+def _serve(target: str, timeline: bool, backend: str, parser: argparse.ArgumentParser) -> int:
+    try:
+        orch = load(target)
     except UsageError as exc:
-        parser.error(f"cannot load {args.target!r}: {exc}")
+        parser.error(f"cannot load {target!r}: {exc}")
     except Exception:  # the target's own code failed (an import inside it, its factory)
         traceback.print_exc()
         return 1
 
     def ready(running: Running) -> None:
-        if args.timeline:
+        if timeline:
             print(running.timeline.to_text(), file=sys.stderr)
         total = running.timeline.total * 1000
         print(f"parallelkit: {len(running)} services ready in {total:.1f} ms", file=sys.stderr)
         sys.stderr.flush()
 
     try:
-        anyio.run(lambda: orch.serve(on_ready=ready), backend=args.backend)
+        anyio.run(lambda: orch.serve(on_ready=ready), backend=backend)
     except StartupError as exc:
         traceback.print_exception(exc)
         return 1
