@@ -29,6 +29,9 @@ from examples.crm import startup
 import parallelkit as pk
 from tests.test_benchmarks_smoke import map_loses_the_last_item  # noqa: F401 (a fixture)
 
+# subprocesses / whole benchmark runs: the main job only, not the fast unit set
+pytestmark = pytest.mark.slow
+
 
 def _entry(result: dict[str, Any]) -> dict[str, Any]:
     return {"name": "x", "ok": True, "title": "X", "seconds": 0.1, "result": result}
@@ -66,6 +69,7 @@ def test_a_cache_that_never_loads_misses_its_single_flight_targets(
     0 loads per 1,000 cold callers used to be reported as met (``<= 1``), and the
     callers' values were never looked at.
     """
+    pytest.importorskip("aiocache", reason="the cache benchmark's peers: the [dev] extras")
 
     def never_loads(self: pk.SWRCache, fn: Any) -> Any:
         async def cached(*args: Any) -> Any:

@@ -22,6 +22,9 @@ from examples.crm.__main__ import cli
 
 from parallelkit.__main__ import main as parallelkit_main
 
+# subprocesses / whole benchmark runs: the main job only, not the fast unit set
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -16,6 +16,9 @@ import pytest
 
 import parallelkit as pk
 
+# subprocesses / whole benchmark runs: the main job only, not the fast unit set
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ["asyncio", "trio"]
 
