@@ -210,13 +210,6 @@ async def test_while_the_circuit_is_open_nothing_is_sent_to_give_back(
 
 
 # ----------------------------------------------------------- fail="local" bound
-@pytest.mark.xfail(
-    strict=True,
-    reason="not fixed: the fallback limiter does not count this process's holders whose "
-    "slot came from Redis (the fix, every hold taking an in-process slot first, makes "
-    "test_redis_limiter.py::test_a_slot_is_given_back_while_another_callers_outage_opened"
-    "_the_circuit wait forever: it nests two holds of a concurrency=1 limiter in one task)",
-)
 async def test_fail_local_keeps_the_bound_in_a_process_with_slots_held_in_redis(
     r: aredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -248,6 +241,47 @@ async def test_fail_local_keeps_the_bound_in_a_process_with_slots_held_in_redis(
             done.set()
     assert peak == 2
     assert limiter.statistics().fallbacks == 2
+    assert limiter.statistics().held == 0
+
+
+async def test_waiters_beyond_the_process_bound_wait_in_the_process_not_on_redis(
+    r: aredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a process never holds more than ``concurrency``: its waiters beyond that queue in
+    # the process (first come, first served) instead of polling Redis every ``poll``
+    limiter = RedisLimiter(r, "queue", concurrency=1, poll=0.001, prefix=prefix)
+    send = r.execute_command
+    scripts = 0
+
+    async def counting(*args: Any, **options: Any) -> Any:
+        nonlocal scripts
+        if args[0] == "EVALSHA":
+            scripts += 1
+        return await send(*args, **options)
+
+    monkeypatch.setattr(r, "execute_command", counting)
+    order: list[int] = []
+    go = anyio.Event()
+
+    async def work(i: int) -> None:
+        async with limiter:
+            order.append(i)
+            if i == 0:
+                await go.wait()
+
+    with anyio.fail_after(30):  # a hang guard
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(work, 0)
+            await eventually(lambda: order == [0], "the first holder")
+            for i in (1, 2, 3):
+                tg.start_soon(work, i)
+                await eventually(lambda n=i: limiter.statistics().waiting == n, f"waiter {i}")
+            before = scripts
+            for _ in range(20):  # many poll intervals of the old waiters
+                await anyio.sleep(0.005)
+            assert scripts == before
+            go.set()
+    assert order == [0, 1, 2, 3]
     assert limiter.statistics().held == 0
 
 

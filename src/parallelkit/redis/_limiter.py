@@ -75,14 +75,14 @@ class _Turn(NamedTuple):
 @final
 class _Hold:
     """One ``async with``: its slot in Redis (``token``, renewed by ``owner``'s task),
-    or one of the in-process fallback limiter (``local``)."""
+    and with ``fail="local"`` one of the in-process slots (``slot``)."""
 
-    __slots__ = ("local", "owner", "token")
+    __slots__ = ("owner", "slot", "token")
 
-    def __init__(self, token: str | None, local: bool) -> None:
+    def __init__(self, token: str | None) -> None:
         self.token = token
-        self.local = local
         self.owner: OwnedTaskGroup | None = None
+        self.slot = False  # holds one of the in-process slots (``fail="local"``)
 
 
 @final
@@ -119,7 +119,12 @@ class RedisLimiter:
 
     * ``"local"`` (default): fall back to an in-process
       :class:`~parallelkit.Limiter` with the same numbers, so each process keeps
-      its own bound (the global total may reach ``processes * concurrency``);
+      its own bound (the global total may reach ``processes * concurrency``). The
+      in-process bound counts every holder of this process, also those whose slot
+      came from Redis before the outage: each hold takes an in-process slot first,
+      Redis's second (a process never holds more than ``concurrency`` anyway, and
+      its waiters beyond that wait in the process, first come first served,
+      without polling Redis);
     * ``"open"``: do not limit at all;
     * ``"closed"``: raise :class:`~parallelkit.redis.RedisUnavailable`.
 
@@ -182,6 +187,7 @@ class RedisLimiter:
         "_redis",
         "_renew_script",
         "_reserve_script",
+        "_slots",
         "_unreserve_script",
         "_waiting",
     )
@@ -221,7 +227,13 @@ class RedisLimiter:
             redis=redis,
         )
         self._clock = None if clock is None else callable_("clock", clock)
-        self._local = Limiter(concurrency=self._concurrency, rate=self._rate, burst=burst)
+        # fail="local": every hold takes one of this process's ``concurrency`` slots
+        # first, so the fallback's bound counts the holders whose slot came from Redis
+        # too; the fallback's own limiter is the rate only
+        local = self._fail == "local"
+        concurrency = self._concurrency if local else None
+        self._slots = Limiter(concurrency=concurrency) if concurrency else None
+        self._local = Limiter(rate=self._rate, burst=burst) if local and self._rate else None
         base = f"{prefix}:limiter:{{{name}}}"  # hash tag: one cluster slot per limiter
         self._holders_key = f"{base}:holders"
         self._rate_key = f"{base}:rate"
@@ -390,7 +402,7 @@ class RedisLimiter:
         self._lost += 1  # counted; the holder finishes its work regardless
 
     async def _acquire_redis(self) -> _Hold:
-        hold = _Hold(None, local=False)
+        hold = _Hold(None)
         if self._concurrency is not None:
             token, since = await self._take_slot()
             # renewed from now on: the wait for the rate below may outlast the lease
@@ -417,6 +429,24 @@ class RedisLimiter:
         return hold
 
     async def _acquire(self) -> _Hold:
+        slots = self._slots
+        if slots is None:
+            return await self._acquire_here()
+        self._waiting += 1
+        try:
+            await slots.acquire_slot()
+        finally:
+            self._waiting -= 1
+        try:
+            hold = await self._acquire_here()
+        except BaseException:
+            slots.release()
+            raise
+        hold.slot = True
+        return hold
+
+    async def _acquire_here(self) -> _Hold:
+        """A hold from Redis, or from the ``fail=`` policy when Redis is down."""
         try:
             return await self._acquire_redis()
         except Down as down:
@@ -424,14 +454,15 @@ class RedisLimiter:
                 error = down.unavailable(self._what, "fail='closed'")
                 raise error from down.cause
         self._fallbacks += 1
-        if self._fail == "open":
-            return _Hold(None, local=False)
+        local = self._local
+        if local is None:  # fail="open", or "local" with no rate (the slot is taken)
+            return _Hold(None)
         self._waiting += 1
         try:
-            await self._local.acquire()
+            await local.wait_rate()
         finally:
             self._waiting -= 1
-        return _Hold(None, local=True)
+        return _Hold(None)
 
     # -- async with -------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -468,7 +499,10 @@ class RedisLimiter:
                 return bool(await hold.owner.exit(exc_type, exc, tb, cancel=True))
             return False
         finally:
-            if hold.local:
-                self._local.release()
-            elif hold.token is not None:  # also when the rate's reservation found Redis down
-                await self._give_back(hold.token)
+            try:
+                if hold.token is not None:  # also when the rate's reservation found Redis down
+                    await self._give_back(hold.token)
+            finally:
+                if hold.slot:
+                    assert self._slots is not None
+                    self._slots.release()
