@@ -811,7 +811,9 @@ async def test_redis_stopped_mid_test_then_recovery(prefix: str) -> None:
                     async with limiter:
                         pytest.fail("a third holder must wait")
                 assert scope.cancelled_caught
-            assert limiter.statistics().fallbacks == 3
+            # the third waited for one of the process's two slots: it never reached
+            # Redis nor the fallback
+            assert limiter.statistics().fallbacks == 2
 
             server.start()  # ---- recovery, same port
             await anyio.sleep(0.25)  # past retry_after
@@ -823,7 +825,7 @@ async def test_redis_stopped_mid_test_then_recovery(prefix: str) -> None:
             assert await raw.exists(store.redis_key("during")) == 0  # local only
             async with limiter:
                 assert await raw.zcard(holders) == 1  # back on Redis
-            assert limiter.statistics().fallbacks == 3
+            assert limiter.statistics().fallbacks == 2
     finally:
         await conn.aclose()
         await raw.aclose()
