@@ -20,6 +20,7 @@ of its callers):
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import (
     Awaitable,
     Callable,
@@ -37,7 +38,7 @@ import anyio
 from typing_extensions import Self, final
 
 from .._core import instrument
-from .._core.backend import is_stray_cancellation
+from .._core.backend import is_failure, is_stray_cancellation
 from .._core.check import async_callable, count, flag, number, returns_coroutine
 from .._core.owned import OwnedTaskGroup
 from .batch import MISSING, Batch, KeyFuture, asyncio_loop, read_mapping, run_uncancelled
@@ -90,7 +91,11 @@ class BatchLoader(Generic[K, V]):
       ``keys`` in place and returns a list fails the same way (sort a copy).
     * ``cache=False`` (default) loads a key again in each new batch;
       ``cache=True`` memoizes successful values for the loader's lifetime (keys
-      in flight are shared across batches too).
+      in flight are shared across batches too), unbounded: one entry per distinct
+      key loaded. Use it on a loader per request, or :meth:`clear` it.
+    * ``n`` distinct keys at once start ``ceil(n / max_batch)`` calls at once; to
+      bound how many run, enter a shared :class:`~parallelkit.Limiter` in
+      ``load_many`` (``async with limiter: ...``).
 
     Enter it (``async with``): the loader owns the tasks that dispatch its
     batches. Leaving waits for the batches in flight; leaving with an error
@@ -290,7 +295,9 @@ class BatchLoader(Generic[K, V]):
             KeyError: ``load_many`` gave no value for ``key`` (and no ``default``).
             Exception: the exception ``load_many`` returned for ``key``, or raised
                 for the whole batch.
-            RuntimeError: the loader was closed before the batch ran.
+            RuntimeError: the loader was closed before the batch ran, or
+                ``load_many`` raised a ``KeyboardInterrupt``-like error (its
+                ``__cause__``; it goes on up from the task that ran the batch).
         """
         batch = self._batch
         if batch is None or batch.loop is None:
@@ -466,8 +473,12 @@ class BatchLoader(Generic[K, V]):
             batch.keep_traceback(exc)
         except BaseException as exc:
             if not is_stray_cancellation(exc):
-                msg = "BatchLoader was closed before this batch finished"
-                batch.error = RuntimeError(msg)
+                if is_failure(exc):  # KeyboardInterrupt-like: it goes on up; callers learn why
+                    msg = f"load_many raised {exc!r}; this batch has no values"
+                    batch.error = RuntimeError(msg)
+                    batch.error.__cause__ = exc
+                else:
+                    batch.error = RuntimeError("BatchLoader was closed before this batch finished")
                 raise
             # asyncio: load_many awaited a future cancelled elsewhere. Its failure: let
             # through, the task group would cancel the loader's `async with` body
@@ -499,6 +510,9 @@ class BatchLoader(Generic[K, V]):
             return dict(zip(keys, result, strict=True))
         kind = type(result).__name__
         msg = f"load_many must return a mapping or a list aligned with the keys, got {kind}"
+        if inspect.iscoroutine(result):  # `return query(keys)`: an `await` forgotten
+            result.close()  # no "never awaited" warning on top of this error
+            msg = f"load_many returned a coroutine ({result!r}): did you forget an `await`?"
         raise TypeError(msg)
 
     def _forget_failures(self, keys: list[Any], batch: Batch) -> None:

@@ -43,7 +43,7 @@ from .._core.check import (
 )
 from .._core.owned import OwnedTaskGroup
 from .cached import CachedFunction, decorate
-from .front import Front, Thunk
+from .front import Front, Thunk, check_key
 from .loads import ErrorCallback, Loads, log_refresh_error
 from .stats import CacheStats, store_counter
 from .store import MemoryStore, Store
@@ -349,7 +349,11 @@ class SWRCache:
                 flight gets the same exception object).
         """
         front = self._front  # the hit path, as in every @cached function (see front.py)
-        entry = front.peek(key)
+        try:
+            entry = front.peek(key)
+        except TypeError:
+            check_key(key)  # an unhashable key: say so
+            raise
         if entry is not None and front.clock() < entry.fresh_until:
             front.hits += 1
             value: V = entry.value

@@ -46,7 +46,7 @@ from typing import (
 
 from typing_extensions import ParamSpec, Self, final
 
-from .front import Front
+from .front import Front, check_key
 
 __all__ = ["CachedFunction", "decorate"]
 
@@ -97,10 +97,14 @@ class CachedFunction(Protocol[P, R]):
 
 # ------------------------------------------------------------------ code generation
 _TEMPLATE = """\
-def {p}make({p}name, {p}front, {p}fn, {p}key_fn, {p}sorted, {p}partial):
+def {p}make({p}name, {p}front, {p}fn, {p}key_fn, {p}sorted, {p}partial, {p}check, {p}what):
     async def {p}call({params}):
         {p}key = {key}
-        {p}entry = {p}front.peek({p}key)
+        try:
+            {p}entry = {p}front.peek({p}key)
+        except TypeError:
+            {p}check({p}key, *{p}what)  # an unhashable argument: say which
+            raise
         if {p}entry is not None and {p}front.clock() < {p}entry.fresh_until:
             {p}front.hits += 1
             return {p}entry.value
@@ -194,11 +198,20 @@ def _compile(
     source = _TEMPLATE.format(p=p, params=plan.params, key=plan.key, forward=plan.forward)
     namespace: dict[str, Any] = {}
     exec(compile(source, f"<@cache.cached {name}>", "exec"), namespace)
-    call, make_key = namespace[f"{p}make"](name, front, fn, user_key, sorted, functools.partial)
+    short = getattr(fn, "__name__", "cached")
+    if user_key is None:
+        what = (
+            f"the arguments of {name} must be hashable (they make its cache key)",
+            ": pass key= to build a hashable key, or ignore= to leave the argument out",
+        )
+    else:
+        what = (f"key must be hashable (the key= of {short} returned it)", "")
+    call, make_key = namespace[f"{p}make"](
+        name, front, fn, user_key, sorted, functools.partial, check_key, what
+    )
     for generated in (call, make_key):
         generated.__defaults__ = plan.defaults
         generated.__kwdefaults__ = plan.kwdefaults
-    short = getattr(fn, "__name__", "cached")
     call.__code__ = call.__code__.replace(co_name=short)  # tracebacks show the function
     return call, make_key
 

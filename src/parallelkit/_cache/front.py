@@ -28,7 +28,7 @@ from typing_extensions import final
 from .names import Names
 from .store import CacheEntry
 
-__all__ = ["Front", "Thunk", "no_local_answer"]
+__all__ = ["Front", "Thunk", "check_key", "no_local_answer"]
 
 Thunk = Callable[[], Awaitable[Any]]
 """A load with its arguments bound: ``await thunk()`` loads the value of one key."""
@@ -37,6 +37,31 @@ Thunk = Callable[[], Awaitable[Any]]
 def no_local_answer(key: Hashable) -> CacheEntry[Any] | None:
     """The ``peek`` of a store that has none: every call asks the store (``get``)."""
     return None
+
+
+def _unhashable_part(key: object) -> object:
+    """The innermost item of ``key`` (a tuple of arguments) that cannot be hashed."""
+    if isinstance(key, tuple):
+        for item in key:
+            try:
+                hash(item)
+            except TypeError:  # noqa: PERF203 - an error path, run once
+                return _unhashable_part(item)
+    return key
+
+
+def check_key(key: object, what: str = "key must be hashable", hint: str = "") -> None:
+    """Raise a :class:`TypeError` naming the part of ``key`` that cannot be hashed.
+
+    Called where a lookup of ``key`` raised a ``TypeError`` (the hit path pays
+    nothing): a hashable key returns, and the caller re-raises the original error.
+    """
+    try:
+        hash(key)
+    except TypeError:
+        part = _unhashable_part(key)
+        msg = f"{what}, got {type(part).__name__} {part!r}{hint}"
+        raise TypeError(msg) from None
 
 
 @final

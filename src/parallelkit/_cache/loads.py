@@ -34,7 +34,7 @@ import cachetools
 from typing_extensions import final
 
 from .._core.owned import OwnedTaskGroup, detached
-from .front import Front, Thunk, no_local_answer
+from .front import Front, Thunk, check_key, no_local_answer
 from .singleflight import Flight
 from .store import (
     CacheEntry,
@@ -73,6 +73,15 @@ def _not_awaitable(thunk: Thunk, result: object) -> TypeError:
         f"loader must be an async function or return an awaitable, but {name} returned "
         f"{type(result).__name__} {reprlib.repr(result)}: write it with `async def`, or run "
         "blocking work with anyio.to_thread.run_sync"
+    )
+    return TypeError(msg)
+
+
+def _coroutine_value(what: str, value: object) -> TypeError:
+    """The error for a coroutine where a value was due (it can be awaited only once)."""
+    msg = (
+        f"{what} a coroutine ({value!r}), not a value: did you forget an `await`? "
+        "A coroutine can be awaited only once, so it is never cached"
     )
     return TypeError(msg)
 
@@ -174,6 +183,8 @@ class Loads:
 
     async def set(self, key: Hashable, value: object) -> None:
         """``cache.set``: supersede the loads of ``key``, then store ``value``."""
+        if inspect.iscoroutine(value):
+            raise _coroutine_value("cache.set was given", value)
         self._supersede(key)
         await self.writes.acquire(key)
         try:
@@ -201,6 +212,7 @@ class Loads:
             await self.store.clear()
 
     def _supersede(self, key: Hashable) -> None:
+        check_key(key)  # an unhashable key: say so, before any write
         flight = self.flights.pop(key, None)
         if flight is not None:
             flight.valid = False
@@ -210,8 +222,9 @@ class Loads:
     async def slow(self, key: Hashable, thunk: Thunk) -> Any:
         """Everything but a fresh local hit: ask the store, serve stale, or load."""
         front = self._front
-        entry = front.peek(key)
+        entry = front.peek(key)  # (the hit path named an unhashable key it peeked)
         if entry is None and not self._whole:
+            check_key(key)  # a store without peek saw no key yet: name an unhashable one
             entry = await self.store.get(key)
         if entry is not None:
             now = front.clock()
@@ -278,6 +291,8 @@ class Loads:
                 # the same object for every waiter; each raise would add its frames to
                 # the traceback the others see: raise it with the load's own
                 raise flight.error.with_traceback(flight.traceback)
+            if flight.interrupted is not None:  # a KeyboardInterrupt-like error: no new load
+                raise flight.interruption()
             # the flight was cancelled under us (its leader, or the cache closing): retry
 
     # ------------------------------------------------------------------ loads
@@ -318,6 +333,9 @@ class Loads:
         if not inspect.isawaitable(pending):  # a sync loader: fail this flight, clearly
             raise _not_awaitable(thunk, pending)
         value = await pending
+        if inspect.iscoroutine(value):  # `return fetch(key)`: an `await` forgotten
+            value.close()  # awaitable once: never a value to cache (nor a warning later)
+            raise _coroutine_value("loader returned", value)
         if value is None and not self._cache_none:
             if flight.refresh:  # the stale value is gone at the source: stop serving it
                 await self._forget(key, flight)

@@ -12,7 +12,9 @@ A :class:`Flight` is the shared state of one load. Its work runs either
   exactly while other callers wait on it**: a cancelled leader with followers
   finishes the load for them first (its own cancellation is delivered right
   after); a cancelled leader with no followers stops at once. If a leader's load
-  is cancelled anyway, waiters see :attr:`Flight.cancelled` and start over.
+  is cancelled anyway, waiters see :attr:`Flight.cancelled` and start over; if a
+  ``KeyboardInterrupt``-like error stopped it, they raise
+  :meth:`Flight.interruption` instead (the load is not started again).
 
 Callers waiting for a load register as blocked on the task that runs it
 (:mod:`parallelkit._core.waits`): a caller holding a database pool slot lends it to
@@ -38,7 +40,7 @@ import anyio.lowlevel
 from anyio.abc import TaskGroup
 from typing_extensions import final
 
-from .._core.backend import is_stray_cancellation, task_id
+from .._core.backend import is_failure, is_stray_cancellation, task_id
 from .._core.waits import BLOCKED, WAKE, WORKERS
 
 __all__ = ["Flight"]
@@ -55,6 +57,7 @@ class Flight:
         "_scope",
         "error",
         "finished",
+        "interrupted",
         "ok",
         "refresh",
         "traceback",
@@ -76,13 +79,23 @@ class Flight:
         self.value: Any = None
         self.error: BaseException | None = None  # an Exception, or a stray CancelledError
         self.traceback: TracebackType | None = None  # the error's, as the load raised it
+        # a KeyboardInterrupt-like BaseException that stopped the load (it goes on up
+        # the task that ran it); waiters get a RuntimeError from it, never a new load
+        self.interrupted: BaseException | None = None
         self.worker: int | None = None  # the task running the load, once it runs
         self._blocked: list[int] = []  # the tasks waiting for it (see _core/waits.py)
 
     @property
     def cancelled(self) -> bool:
         """The flight finished with neither a value nor an error (its load was cancelled)."""
-        return self.finished and not self.ok and self.error is None
+        return self.finished and not self.ok and self.error is None and self.interrupted is None
+
+    def interruption(self) -> RuntimeError:
+        """What a waiter raises when a ``KeyboardInterrupt``-like error stopped the load."""
+        msg = f"the shared load of this key was stopped: its loader raised {self.interrupted!r}"
+        error = RuntimeError(msg)
+        error.__cause__ = self.interrupted
+        return error
 
     async def run(self, work: Callable[[], Awaitable[Any]], on_done: Callable[[], None]) -> None:
         """Run ``work`` and record its outcome; ``on_done`` always runs (cleanup)."""
@@ -101,6 +114,8 @@ class Flight:
             self.traceback = exc.__traceback__
         except BaseException as exc:  # a stray CancelledError is the load's failure too
             if not is_stray_cancellation(exc):
+                if is_failure(exc):  # KeyboardInterrupt-like: waiters must not retry it
+                    self.interrupted = exc
                 raise
             self.error = exc
             self.traceback = exc.__traceback__
