@@ -64,6 +64,10 @@ logger = logging.getLogger("parallelkit.redis")
 #: The message that empties every near tier of a namespace.
 CLEAR = b"*"
 _KEY = b"k"
+#: Seconds of silence on the subscription before a ``PING`` checks it (that one must
+#: be answered within ``command_timeout``). Not tied to ``near_ttl``: the sweep
+#: bounds what a short one promises, and a ``PING`` per sweep would flood Redis.
+_PING_AFTER = 1.0
 _MISSING: Any = object()
 
 #: What a read of one key holds while it is out: (the tier's reset count, the key's
@@ -374,7 +378,7 @@ class NearCache:
             await anyio.sleep(jittered(min(max(retry_after, 0.05), 1.0)))
 
     async def _listen(self, redis: Redis, wait: float, subscribed: Callable[[], None]) -> None:
-        ping_every = self.slack  # wakes at least this often: to ping
+        ping_every = _PING_AFTER  # silence this long: a PING (a short near_ttl: not sooner)
         pubsub = redis.pubsub()
         try:
             with anyio.fail_after(wait):

@@ -224,6 +224,12 @@ class Guard:
         self._outage = False  # an outage error since the last recovery
 
     @property
+    def outage(self) -> bool:
+        """True from an outage error until the recovery that follows it (which runs
+        ``before_recovery``): what a probe of an idle owner is for."""
+        return self._outage
+
+    @property
     def down(self) -> bool:
         """True while Redis is presumed down (circuit open, or a probe under way)."""
         return self._until != -math.inf and (self._probing or self.timer() < self._until)

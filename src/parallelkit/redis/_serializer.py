@@ -333,7 +333,11 @@ def encode_entry(
     header = _HEADER.pack(
         _VERSION, generation, entry.loaded_at, entry.fresh_until, entry.stale_until
     )
-    return header + serializer.dumps(entry.value)
+    data: object = serializer.dumps(entry.value)  # typed bytes; a user's may not be
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        msg = f"{serializer!r}.dumps returned {type(data).__qualname__}, not bytes"
+        raise TypeError(msg)
+    return header + data
 
 
 def placeholder(generation: bytes) -> bytes:

@@ -23,11 +23,11 @@ from redis.asyncio import Redis
 from typing_extensions import Self, final
 
 from .._cache.store import CacheEntry, MemoryStore
-from .._core.check import count, count_or_none, flag, number, number_at_least, number_or_none, text
+from .._core.check import count, count_or_none, flag, number, number_or_none, text
 from .._core.owned import OwnedTaskGroup
 from . import _store_tasks as tasks
 from . import _store_writes as writes
-from ._common import SerializationError, validate_client
+from ._common import SerializationError, lease_seconds, validate_client
 from ._lease import LeaseScripts, Renewals
 from ._near import NearCache, Ticket
 from ._outage import Down, Guard
@@ -137,7 +137,7 @@ class RedisStore:
             ``"pickle"`` (unsafe with an untrusted Redis) or an object with
             ``dumps(value) -> bytes`` and ``loads(bytes) -> value``.
         lease: seconds a dead loader's lease blocks other processes; renewed
-            while the load runs (at least 0.01).
+            while the load runs (at least 0.01, at most ``1e9``).
         poll: the longest pause between two checks while waiting for a lease.
         strict: raise :class:`~parallelkit.redis.RedisUnavailable` on an outage
             instead of degrading to local memory.
@@ -215,7 +215,7 @@ class RedisStore:
         self._namespace = text("namespace", namespace)
         text("prefix", prefix)
         self._serializer = serializer_from(serializer)
-        self._lease = number_at_least("lease", lease, 0.01)
+        self._lease = lease_seconds("lease", lease)
         self._poll = number("poll", poll)
         self._strict = flag("strict", strict)
         self._local = MemoryStore(count("local_maxsize", local_maxsize))
@@ -448,7 +448,14 @@ class RedisStore:
             near.renew(part, now, sent)
 
     async def set(self, key: Hashable, entry: CacheEntry[Any], *, ttl: float) -> None:
-        """Store ``entry`` (a new generation); Redis drops it after ``ttl`` seconds."""
+        """Store ``entry`` (a new generation); Redis drops it after ``ttl`` seconds.
+
+        ``ttl`` is at least a millisecond and at most ``1e9`` seconds (a longer one,
+        ``inf`` included, is kept that long: Redis refuses expiry times past that
+        range). A ``ttl`` that is not a number is a ``TypeError``; a negative or
+        NaN one a ``ValueError``, both raised before anything is written.
+        """
+        writes.ttl_ms(ttl)  # a bad ttl raises before anything is written
         data = self._encode(key, entry, uuid.uuid4().bytes)
         await writes.write(self, key, entry, data, ttl)
 

@@ -43,6 +43,8 @@ from redis.exceptions import ResponseError
 from typing_extensions import final
 
 from .._cache.store import CacheEntry, LoadStart
+from .._core.check import number
+from ._common import MAX_LEASE
 from ._lease import Lease
 from ._near import CLEAR, Ticket, invalidation
 from ._outage import Down, refuses_writes
@@ -69,10 +71,25 @@ __all__ = [
     "masked",
     "replay",
     "set_if_unchanged",
+    "ttl_ms",
     "write",
 ]
 
 Arg = bytes | str | int | float  # what a script argument may be
+
+
+def ttl_ms(ttl: object) -> int:
+    """``ttl`` (seconds, as ``Store.set`` takes it) as Redis's ``PX``: at least 1 ms,
+    at most :data:`~._common.MAX_LEASE` seconds (a longer one, ``inf`` included, is
+    kept that long: Redis refuses expiry times past its 64-bit milliseconds, and
+    ``ttl`` is only a hint of when the entry is worthless).
+
+    Raises:
+        TypeError: ``ttl`` is not a number (or is a ``bool``).
+        ValueError: ``ttl`` is negative or NaN.
+    """
+    seconds = number("ttl", ttl, zero=True, finite=False)
+    return max(1, round(min(seconds, MAX_LEASE) * 1000))
 
 
 @final
@@ -103,7 +120,7 @@ async def write(
             store._refusals.write_refused(None, what)
             await _keep(store, key, name, entry, ttl)
             return
-        args: list[Arg] = [data, max(1, round(ttl * 1000)), store._channel, invalidation(name)]
+        args: list[Arg] = [data, ttl_ms(ttl), store._channel, invalidation(name)]
         command = store._scripts.write(keys=[store._value_prefix + name], args=args)
         await store._guard.call(what, command)
     except Down as down:
@@ -410,6 +427,7 @@ async def set_if_unchanged(
     if not isinstance(token, Token):
         msg = f"token must come from RedisStore.load_token, got {token!r}"
         raise TypeError(msg)
+    ttl_ms(ttl)  # a bad ttl raises before anything is written, here or in Redis
     name = store._name(key)
     if token.head is None:  # the load started while Redis was down, or refused writes
         if token.refused:  # Redis refuses writes: kept here, like a refused set
@@ -421,7 +439,7 @@ async def set_if_unchanged(
         return await _set_locally(store, key, entry, ttl, token)
     data = store._encode(key, entry, token.head[1:GENERATION])
     near = store._near  # its entry still serves while the write is out (see wrote)
-    ms = max(1, round(ttl * 1000))
+    ms = ttl_ms(ttl)
     args: list[Arg] = [token.head, data, ms, store._channel, invalidation(name)]
     lease = token.lease
     held = None if lease is None else lease.token
