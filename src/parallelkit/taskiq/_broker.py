@@ -35,6 +35,7 @@ from .._core.check import count, number_at_least, text
 from .._core.retry import Retry
 from ._completions import LABEL_DONE
 from ._outage import Outage, patiently
+from ._stream import TRIM, WHERE, moved
 
 _LABEL_TRACEBACK = "pk_traceback"
 _LABEL_ERROR_TYPE = "pk_error_type"
@@ -234,11 +235,19 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
     capacity to run.
 
     It also keeps one Redis client for its kicks and acknowledgements (upstream
-    builds a client, about 0.3 ms of CPU, per message and per ack).
+    builds a client, about 0.3 ms of CPU, per message and per ack). Built by
+    :func:`redis_broker`, its read loop also trims from the stream what every
+    consumer group acknowledged once older than the results' TTL (``_pk_trim``).
 
     It takes the same arguments as ``taskiq_redis.RedisStreamBroker``. Use
     :func:`redis_broker` for a broker configured for :func:`map`.
     """
+
+    _pk_where_script: Any = None
+    _pk_trim_script: Any = None
+    #: trim acknowledged messages older than this many ms (``redis_broker``: its
+    #: ``result_ttl``); ``None``: keep every message, as upstream
+    _pk_trim_after: int | None = None
 
     def _pk_pool(self) -> Any:
         return self.connection_pool
@@ -251,8 +260,8 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
         ``SendTaskError``). The message keeps its task id: if Redis did append it
         before the connection broke, it runs twice under one task id (delivery is
         at least once anyway). The id Redis gives the message is kept for the
-        kicking task (:data:`KICKED`): :func:`map` checks that it stays in the
-        stream while it waits for its result (``_pk_in_stream``).
+        kicking task (:data:`KICKED`): :func:`map` checks where it is while it
+        waits for its result (``_pk_where``).
         """
         queue_name = message.labels.get("queue_name") or self.queue_name
         msg_id = await patiently(
@@ -264,15 +273,44 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
         )
         KICKED.set((message.task_id, queue_name, msg_id))
 
-    async def _pk_in_stream(self, stream: str, msg_id: Any) -> bool:
-        """Whether the message ``msg_id`` is still in ``stream``.
+    async def _pk_where(self, stream: str, msg_id: Any) -> str:
+        """Where the message ``msg_id`` is for this broker's consumer group.
 
-        A message stays in its stream after it is acknowledged (``XACK`` only
-        takes it off the pending list), so a message that is gone was lost by
-        Redis (a restart without its data, a failover to a replica that never
-        had it, its key deleted) or trimmed (``maxlen``): no worker will run it.
+        ``"gone"``: no longer in ``stream``. A message stays in its stream after it
+        is acknowledged (``XACK`` only takes it off the pending list), so it was
+        lost by Redis (a restart without its data, a failover to a replica that
+        never had it, its key deleted) or trimmed: no worker will run it.
+        ``"passed"``: the group's last delivered id is at or past it and no
+        consumer holds it: acknowledged, or skipped by a group created after it
+        (at ``$``), so no worker of the group will run it again.
+        ``"taken"``: pending, a worker holds it. ``"queued"``: not delivered yet
+        (or the group does not exist yet). One atomic script, one round trip.
         """
-        return bool(await self._client().xrange(stream, min=msg_id, max=msg_id, count=1))
+        client = self._client()
+        if self._pk_where_script is None:
+            self._pk_where_script = client.register_script(WHERE)
+        where: Any = await self._pk_where_script(
+            keys=[stream], args=[self.consumer_group_name, msg_id], client=client
+        )
+        return where.decode() if isinstance(where, bytes) else str(where)
+
+    async def _pk_moved(self, stream: str, msg_id: Any, task_id: str) -> Any | None:
+        """The id of the newest message after ``msg_id`` in ``stream`` that carries
+        ``task_id`` (a worker's retry), or ``None``: see :func:`._stream.moved`."""
+        return await moved(self._client(), stream, msg_id, task_id)
+
+    async def _pk_trim(self, conn: Redis, stream: str) -> None:
+        """Trim from ``stream`` the messages every consumer group has acknowledged
+        that are older than :attr:`_pk_trim_after` (see :data:`._stream.TRIM`).
+
+        A queued or pending message is never trimmed, whatever its age. Older than
+        the results' TTL, an acknowledged message serves nobody: ``map`` waits on a
+        message for at most a second after its ack (it reads the result, or
+        follows a retry); without trimming, each kept about 300 bytes for ever.
+        """
+        if self._pk_trim_script is None:
+            self._pk_trim_script = conn.register_script(TRIM)
+        await self._pk_trim_script(keys=[stream], args=[self._pk_trim_after], client=conn)
 
     def _ack_generator(self, id: str, queue_name: str) -> Callable[[], Awaitable[None]]:
         async def ack() -> None:
@@ -330,6 +368,25 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
                             yield AckableMessage(
                                 data=fields[b"data"], ack=self._ack_generator(msg_id, stream)
                             )
+                    if self._pk_trim_after is not None:
+                        await self._trim_quietly(conn, stream, outage)
+
+    async def _trim_quietly(self, conn: Redis, stream: str, outage: Outage) -> None:
+        """:meth:`_pk_trim`, housekeeping that never stops the read loop: an outage
+        is waited out as a read's; an error Redis answers (scripts refused by an
+        ACL or a proxy) is logged once, and this worker trims no more."""
+        try:
+            await self._pk_trim(conn, stream)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            await self._recover(conn, exc, outage)
+        except ResponseError as exc:
+            self._pk_trim_after = None
+            logger.warning(
+                "cannot trim acknowledged messages from stream %r (%s: %s): keeping them",
+                stream,
+                type(exc).__name__,
+                exc,
+            )
 
     async def _recover(self, conn: Redis, exc: Exception, outage: Outage) -> None:
         """After a failed read: wait out an outage, or put back a lost consumer group.
@@ -494,14 +551,18 @@ def redis_broker(
             are reclaimed at least this often.
         prefetch: messages a worker reads at once. Read messages count as taken
             (their idle clock runs) even before they start, so keep it small.
-        result_ttl: seconds a result is kept in Redis.
+        result_ttl: seconds a result is kept in Redis; the workers also trim
+            from the stream the messages every consumer group acknowledged
+            once they are older than this (queued or pending ones never).
         retry: retry failing tasks in the worker with this policy.
 
     Returns:
         The broker. Register tasks with ``@broker.task``; the producer calls
         ``await broker.startup()`` once before :func:`map` (it creates the
-        consumer group, so nothing kicked before the first worker starts is
-        lost) and ``await broker.shutdown()`` at exit.
+        consumer group, so what is kicked before the first worker starts goes
+        straight through; without it, those items are sent again about a second
+        after the worker created the group past them) and
+        ``await broker.shutdown()`` at exit.
 
     Raises:
         TypeError: ``url``, ``queue``, ``group`` or ``consumer`` not a str;
@@ -549,4 +610,5 @@ def redis_broker(
     result: RedeliveringStreamBroker = broker.with_result_backend(backend).with_middlewares(
         *middlewares
     )
+    result._pk_trim_after = backend.result_px_time  # its workers trim the stream
     return result

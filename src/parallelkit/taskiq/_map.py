@@ -20,6 +20,7 @@ from taskiq.result import TaskiqResult
 from taskiq.result_backends.dummy import DummyResultBackend
 
 from .._core.check import number_or_none
+from .._core.errors import ParallelkitError
 from .._core.limiter import Limiter, SupportsLimit, validate_rate
 from .._core.outcome import Outcome
 from .._fanout.fanout import map_options, run_items
@@ -163,9 +164,10 @@ class _Kick:
     With :func:`redis_broker`'s result backend, :attr:`completions` (entered around
     the call's pool) wakes an item as soon as its worker publishes it as done;
     polling stays as the fallback. With a :class:`RedeliveringStreamBroker`, an
-    item waiting for its result checks every :data:`_CHECK_EVERY` seconds that its
-    message is still in the stream; one Redis lost (a restart without its data,
-    its key deleted) is sent again under the same task id.
+    item waiting for its result checks every :data:`_CHECK_EVERY` seconds where its
+    message is (:meth:`_check`): one Redis lost (a restart without its data, its key
+    deleted), or that the consumer group passed without a result, is sent again
+    under the same task id.
     """
 
     __slots__ = ("_broker", "_gate", "_labels", "_name", "_task", "_timeout", "completions")
@@ -187,7 +189,9 @@ class _Kick:
             raise TypeError(msg)
         self._timeout = number_or_none("timeout", timeout)
         self._gate = _rate_gate(rate)
-        labels: dict[str, Any] = {}
+        # acknowledged only once its result is saved, whatever the workers' --ack-type:
+        # a message the group passed without a result then has none to come (_check)
+        labels: dict[str, Any] = {"ack_type": "when_saved"}
         if self._timeout is not None:  # the worker stops the attempt too
             labels["timeout"] = self._timeout
         self.completions: Completions | None = None
@@ -231,12 +235,60 @@ class _Kick:
             )
             raise TypeError(msg) from cause
 
-    def _sent(self, task_id: str) -> tuple[str, Any] | None:
-        """The stream and message id of the kick of ``task_id`` just made, if known."""
+    def _sent(self, task_id: str) -> tuple[str, Any, bool] | None:
+        """The stream and message id of the kick of ``task_id`` just made, if known
+        (and ``False``: not sent again yet)."""
         kicked = KICKED.get()
         if self._broker is None or kicked is None or kicked[0] != task_id:
             return None
-        return kicked[1], kicked[2]
+        return kicked[1], kicked[2], False
+
+    async def _check(
+        self,
+        item: Any,
+        task_id: str,
+        sent: tuple[str, Any, bool],
+        read: Callable[[], Awaitable[TaskiqResult[Any] | None]],
+    ) -> tuple[tuple[str, Any, bool], TaskiqResult[Any] | None]:
+        """Will the result of ``task_id`` still come? Where its message ``sent`` is
+        (stream, id, sent again already) says: queued or taken by a worker, wait.
+
+        Gone from the stream (Redis lost it) or passed by the consumer group with
+        no worker holding it (acknowledged, or skipped by a group created after
+        it), no worker will run it: its result, read *after* that (a worker
+        acknowledges only once the result is saved), is there or will never come.
+        Then a worker's retry (a later message under the same task id) is followed,
+        also for a message trimmed away after its ack; otherwise the item is sent
+        again under its task id: each time Redis lost it, but once only for a
+        message passed without a result (a result lost, a task no worker knows),
+        whose second time fails the item.
+        """
+        broker = self._broker
+        assert broker is not None
+        stream, msg_id, again = sent
+        where = await patiently(broker._pk_where, stream, msg_id)
+        if where not in ("gone", "passed"):
+            return sent, None
+        if (result := await read()) is not None:
+            return sent, result
+        moved = await patiently(broker._pk_moved, stream, msg_id, task_id)
+        if moved is not None:  # the worker retried it: wait for the retry
+            return (stream, moved, again), None
+        if where == "passed" and again:
+            msg = (
+                f"Taskiq task {self._name} [{task_id}] for {item!r}: its message was "
+                "acknowledged without a result, again after it was sent a second "
+                "time; no worker registers a task of that name (see the workers' "
+                "log: 'task ... is not found'), or its result was deleted or expired "
+                "before it was read"
+            )
+            raise ParallelkitError(msg)
+        await self._kick(item, task_id)
+        again = again or where == "passed"
+        resent = self._sent(task_id)
+        if resent is None:  # pragma: no cover - the broker sets it on every kick
+            return (stream, msg_id, again), None
+        return (resent[0], resent[1], again), None
 
     async def _run(self, item: Any) -> Any:
         handle = await self._kick(item)
@@ -267,15 +319,9 @@ class _Kick:
         try:
             while (result := await read()) is None:
                 if sent is not None and anyio.current_time() >= check_at:
-                    assert self._broker is not None
-                    # the message stays in the stream after its ack: gone means lost
-                    # (Redis restarted without its data, the key deleted), and no
-                    # worker will run it. Its result saved meanwhile? Else send it again.
-                    if not await patiently(self._broker._pk_in_stream, *sent):
-                        if (result := await read()) is not None:
-                            break
-                        await self._kick(item, task_id)
-                        sent = self._sent(task_id)
+                    sent, result = await self._check(item, task_id, sent, read)
+                    if result is not None:
+                        break
                     check_at = anyio.current_time() + _CHECK_EVERY
                 if completions is not None:
                     await completions.wait(task_id, delay)
@@ -372,6 +418,9 @@ async def map(
             as ``__cause__`` (:class:`RemoteTraceback`); no new item is kicked
             after it. Items already kicked are not recalled.
         TimeoutError: an item's result did not come back within ``timeout``.
+        parallelkit.ParallelkitError: an item's message was acknowledged without
+            a result twice (sent again once after the first): no worker registers
+            a task of that name, or its result was lost again.
         redis.exceptions.ConnectionError: Redis stayed unreachable while an
             item's result was read, for longer than the read waits for it (about
             3 s: a restart or a failover is waited out); a kick that long fails
