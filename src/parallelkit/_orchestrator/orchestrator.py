@@ -261,7 +261,8 @@ class Orchestrator:
                 non-zero exit) or ``"always"``. An exit 0 that is not restarted
                 before ``ready`` passes gives the probe one last check (a one-shot
                 job may have done its work); if that fails, the start fails at
-                once with :class:`~parallelkit.ProcessError`.
+                once with :class:`~parallelkit.ProcessError`. No restart begins
+                once the orchestrator has begun to stop: an exit is final then.
             max_restarts: restarts allowed (a positive int) before the exit fails
                 the service (``None``: unlimited). Restarts pause 50 ms, doubling
                 to 2 s.

@@ -111,6 +111,8 @@ class ManagedProcess:
     """
 
     __slots__ = (
+        "_final",
+        "_finished",
         "_forced",
         "_group_gone",
         "_probing",
@@ -140,6 +142,10 @@ class ManagedProcess:
         self._forced = False
         # the readiness wait in progress (see services.py): an exit for good ends it
         self._probing: anyio.CancelScope | None = None
+        # the orchestrator is stopping: an exit from now on is final, never restarted
+        self._final = False
+        # it exited with code 0 and is not restarted: a one-shot job that is done
+        self._finished = False
 
     def __repr__(self) -> str:
         state = f"pid={self.pid}" if self.running else f"returncode={self.returncode}"
@@ -276,6 +282,20 @@ async def process_lifetime(
         logger.debug("process %r started: pid %d", name, process.pid)
         return process
 
+    def restarted(code: int) -> bool:
+        """Whether an exit with ``code`` is restarted: per policy, never once stopping began."""
+        wanted = restart == "always" or (restart == "on-failure" and code != 0)
+        return wanted and not handle._final
+
+    def ended(code: int) -> None:
+        """The process exited for good: an exit 0 ends it, any other fails the service."""
+        if code != 0:
+            raise ProcessError(name, code, cmd, handle.tail, restarts=handle.restarts)
+        handle._finished = True
+        logger.info("process %r exited with code 0", name)
+        if handle._probing is not None:  # not ready yet: stop waiting, look once more
+            handle._probing.cancel()
+
     async def supervise(tg: anyio.abc.TaskGroup, process: anyio.abc.Process) -> None:
         while True:
             code = await process.wait()
@@ -286,14 +306,9 @@ async def process_lifetime(
             _killpg(process.pid, signal.SIGKILL)
             handle._group_gone = True
             await _reap(handle, process)
-            wanted = restart == "always" or (restart == "on-failure" and code != 0)
-            if not wanted:
-                if code == 0:
-                    logger.info("process %r exited with code 0", name)
-                    if handle._probing is not None:  # not ready yet: stop waiting, look once more
-                        handle._probing.cancel()
-                    return
-                raise ProcessError(name, code, cmd, handle.tail, restarts=handle.restarts)
+            if not restarted(code):
+                ended(code)
+                return
             if max_restarts is not None and handle.restarts >= max_restarts:
                 # raised to whoever runs the orchestrator: not logged here as well
                 raise ProcessError(name, code, cmd, handle.tail, restarts=handle.restarts)
@@ -302,6 +317,9 @@ async def process_lifetime(
             await anyio.sleep(pause)
             async with spawn_lock:
                 if stopping.is_set():
+                    return
+                if not restarted(code):  # the orchestrator began to stop during the pause
+                    ended(code)
                     return
                 handle.restarts += 1
                 with anyio.CancelScope(shield=True):  # once spawned, it is registered

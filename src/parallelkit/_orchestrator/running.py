@@ -23,13 +23,13 @@ from .._core.errors import DependencyFailed
 from .._graph.timeline import Timeline
 from ..probes import Probe
 from .process import ManagedProcess
-from .services import ServiceState
+from .services import ServiceHost, ServiceState, only_failure
 
 if TYPE_CHECKING:
     from .session import Session
 
 if sys.version_info < (3, 11):  # pragma: no cover
-    pass  # type: ignore[import-not-found,unused-ignore]
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["Health", "NotServed", "Running", "ServiceHealth"]
 
@@ -40,6 +40,20 @@ HealthStatus = Literal["ok", "degraded", "failing"]
 
 #: the states of a service whose value a request must not get: torn down, or tearing down
 _GONE = frozenset(("stopping", "stopped", "crashed"))
+
+
+def _down(host: ServiceHost) -> bool:
+    """Whether ``host`` is a process that is not running, and is not a finished one-shot job.
+
+    A process that exited with code 0, is not restarted and has a readiness probe
+    is a one-shot job (a migration) that its probe checks: its exit is how it is
+    meant to end, and it counts as ok while that probe passes (re-run by an awaited
+    health). Without a probe, nothing says the process was meant to end.
+    """
+    value = host.value
+    if not isinstance(value, ManagedProcess) or value.running:
+        return False
+    return not (value._finished and host.spec.ready is not None)
 
 
 class NotServed(LookupError):
@@ -290,7 +304,9 @@ class Running:
         ``running.health()`` reads what is known without I/O: each service's
         state (a crashed service says why), whether a process service's process
         is alive, and the failed and skipped services; a ready service counts as
-        ok, since its probe passed when it became ready. ``await
+        ok, since its probe passed when it became ready (a process that exited
+        with code 0 and is not restarted, if it has a probe: a finished one-shot
+        job). ``await
         running.health()`` also re-runs every readiness probe now, concurrently,
         each bounded by ``timeout`` seconds: use that for a health endpoint.
 
@@ -313,12 +329,35 @@ class Running:
                 answers[name] = f"probe did not answer within {timeout}s"
 
         session = self._session
-        async with anyio.create_task_group() as tg:
-            for name in session.ready_order:
-                host = session.hosts[name]
-                if host.state == "ready" and host.spec.ready is not None:
-                    tg.start_soon(check, name, host.spec.ready, host.value)
+        only: BaseException | None = None
+        try:
+            async with anyio.create_task_group() as tg:
+                for name in session.ready_order:
+                    host = session.hosts[name]
+                    if host.state == "ready" and host.spec.ready is not None:
+                        tg.start_soon(check, name, host.spec.ready, host.value)
+        except BaseExceptionGroup as group:  # a KeyboardInterrupt-like error of a probe
+            only = only_failure(group)
+            if only is None:
+                raise
+        if only is not None:
+            raise only  # as itself (out of the handler: the group is not its context)
         return self._aggregate(answers, timeout)
+
+    def _running_on(self, name: str) -> list[str]:
+        """The ready services that depend on ``name``, directly or through others.
+
+        A non-critical service that crashed leaves them running with the value it
+        gave them (a client that may now fail): its health names them.
+        """
+        session = self._session
+        hit, users = {name}, []
+        for other in session.ready_order:  # a service is ready after its dependencies
+            if other not in hit and any(dep in hit for dep in session.deps.get(other, ())):
+                hit.add(other)
+                if session.hosts[other].state == "ready":
+                    users.append(other)
+        return users
 
     def _aggregate(self, probed: Mapping[str, str | None], timeout: float) -> Health:
         """Build a :class:`Health` from the states and the probe answers in ``probed``."""
@@ -332,7 +371,9 @@ class Running:
                 reason = f"service is {host.state}"
                 if host.crash is not None:
                     reason += f": {host.crash!r}"
-            elif isinstance(host.value, ManagedProcess) and not host.value.running:
+                if host.state == "crashed" and (users := self._running_on(name)):
+                    reason += "; still running on it: " + ", ".join(map(repr, users))
+            elif _down(host):
                 reason = f"process exited with code {host.value.returncode}"
             else:
                 reason = probed.get(name)

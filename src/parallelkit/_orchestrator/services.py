@@ -39,7 +39,7 @@ from .process import ManagedProcess
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["ServiceHost", "ServiceSpec", "ServiceState", "open_lifetime"]
+__all__ = ["ServiceHost", "ServiceSpec", "ServiceState", "only_failure", "open_lifetime"]
 
 logger = logging.getLogger("parallelkit.orchestrator")
 
@@ -219,6 +219,15 @@ class ServiceHost:
         """Ask the service to tear down (idempotent); await :attr:`stopped`."""
         self._stop.set()
 
+    def stopping(self) -> None:
+        """The orchestrator is stopping: a process that exits from now on is not restarted.
+
+        Its exit is final, as with ``restart="no"`` (a non-zero exit is its crash); it
+        still stops in its turn, after everything that depends on it.
+        """
+        if isinstance(self.value, ManagedProcess):
+            self.value._final = True
+
     def force(self) -> None:
         """Make this service's stop immediate (a second Ctrl-C), now or when it begins.
 
@@ -361,13 +370,19 @@ class ServiceHost:
     def _failure(self, exc: BaseException, teardown: Exception | None) -> BaseException:
         """What a start cancelled after the yield raises, once its tear-down ran.
 
-        ``exc`` (a cancellation) stopped the start; ``teardown`` is what the
+        ``exc`` (a cancellation, or a ``KeyboardInterrupt``-like error, which goes on as
+        itself) stopped the start; ``teardown`` is what the
         tear-down raised. A cancellation from outside (a sibling failed, a signal)
         goes on as itself; one that came from inside the service (its own task
         group failed, say its process exited) gives way to that task group's error,
         or, when the service caught that error, to a RuntimeError saying so (a
         cancellation nobody asked for must not go on).
         """
+        if not isinstance(exc, (Exception, GeneratorExit, anyio.get_cancelled_exc_class())):
+            # not a cancellation: a KeyboardInterrupt-like error (from its probe, say)
+            # goes on as itself, once the tear-down ran
+            self.teardown_error = teardown
+            return exc
         cancelled_outside = anyio.current_effective_deadline() == -math.inf
         if teardown is None and not cancelled_outside:
             # the service's own task group failed, and its tear-down was cut short by
@@ -514,3 +529,15 @@ def _unwrap(exc: Exception) -> Exception:
             break
         exc = inner
     return exc
+
+
+def only_failure(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one error in ``group`` besides cancellations, if there is exactly one.
+
+    A ``KeyboardInterrupt``-like error that a service (or a probe) let through comes
+    out of the orchestrator's task groups wrapped: it is raised as itself.
+    """
+    _, rest = group.split(anyio.get_cancelled_exc_class())
+    while isinstance(rest, BaseExceptionGroup) and len(rest.exceptions) == 1:
+        rest = rest.exceptions[0]
+    return None if isinstance(rest, BaseExceptionGroup) else rest

@@ -81,7 +81,7 @@ async def _serve(
     stop = anyio.Event()
     started = False
     ready_scope = anyio.CancelScope()  # an async on_ready runs in it: a signal cancels it
-    error: Exception | None = None
+    error: BaseException | None = None
     try:
         with _restoring_handlers(wanted), anyio.open_signal_receiver(*wanted) as received:
             async with anyio.create_task_group() as tg:
@@ -117,6 +117,10 @@ async def _serve(
                     # raised below, once the watcher's task group has closed, so that
                     # it comes out as itself (as from start()), not in an ExceptionGroup
                     error = exc
+                except BaseException as exc:
+                    if isinstance(exc, (anyio.get_cancelled_exc_class(), GeneratorExit)):
+                        raise
+                    error = exc  # a KeyboardInterrupt-like error: as itself too
                 finally:
                     tg.cancel_scope.cancel()
     except anyio.get_cancelled_exc_class():

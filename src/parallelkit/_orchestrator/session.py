@@ -27,10 +27,13 @@ from .._graph.graph import Graph, Node, Param, Plan, RunNode
 from .._graph.scheduler import Run
 from .._graph.timeline import Span, Timeline
 from .running import Running
-from .services import ServiceHost, ServiceSpec
+from .services import ServiceHost, ServiceSpec, only_failure
 
 if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import ExceptionGroup  # type: ignore[import-not-found,unused-ignore]
+    from exceptiongroup import (  # type: ignore[import-not-found,unused-ignore]
+        BaseExceptionGroup,
+        ExceptionGroup,
+    )
 
 __all__ = ["Session", "log_teardown_errors", "run_session", "teardown_group"]
 
@@ -49,6 +52,7 @@ async def run_session(session: Session) -> AsyncIterator[Running]:
     body_error: Exception | None = None
     errors: list[tuple[str, BaseException]] = []
     handled = True  # False: a BaseException (a cancellation) left the body
+    only: BaseException | None = None
     try:
         async with anyio.create_task_group() as tg:
             session.tg = tg
@@ -71,6 +75,13 @@ async def run_session(session: Session) -> AsyncIterator[Running]:
                     running.teardown_errors.extend(errors)  # in place: views share it
                     if not handled:
                         log_teardown_errors(errors)  # not raised: the cancellation goes on
+    except BaseExceptionGroup as group:
+        # a KeyboardInterrupt-like error that a service let through (from its set-up,
+        # probe, task group or tear-down), once everything stopped: raised as itself
+        # (raised below, out of this handler: the group is not made its context)
+        only = only_failure(group)
+        if only is None:
+            raise
     except anyio.get_cancelled_exc_class():
         # Your scope was cancelled, and the task group met it on its way out. The
         # cancellation goes on, unless an error is in hand: as in trio, an error
@@ -79,6 +90,10 @@ async def run_session(session: Session) -> AsyncIterator[Running]:
             if handled:
                 log_teardown_errors(errors)  # not raised: the cancellation goes on
             raise
+    if only is not None:
+        if only.__context__ is None:  # an error it ended is still reachable
+            only.__context__ = startup_error or body_error
+        raise only
     if startup_error is not None:
         raise startup_error
     if body_error is not None:
@@ -226,6 +241,14 @@ class Session:
 
     async def _start_node(self, node: Node, kwargs: dict[str, Any]) -> Any:
         spec: ServiceSpec = node.data
+        for dep in self.deps[spec.name]:
+            gone = self.hosts.get(dep)
+            if gone is not None and gone.state == "crashed":
+                # a (non-critical) dependency crashed after it was ready: nothing starts
+                # on its torn-down value; skipped, as when it fails to start
+                skipped = DependencyFailed(spec.name, dep)
+                skipped.__cause__ = gone.crash
+                raise skipped
         host = ServiceHost(
             spec, kwargs, self._on_crash, self._on_ready, self._on_crashing, self._on_failing
         )
@@ -317,6 +340,8 @@ class Session:
         services. Returns the tear-down errors (also logged); never raises them.
         """
         self.stopped = True
+        for host in self.hosts.values():  # no restart begins once the stop has begun
+            host.stopping()
         started = [n for n in self.ready_order if self.hosts[n].state != "pending"]
         if not started:
             return []
