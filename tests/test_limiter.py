@@ -326,9 +326,9 @@ def test_cancelled_rate_waiters_give_their_starts_back() -> None:
 
 
 def test_a_start_given_back_in_the_middle_keeps_the_spacing() -> None:
-    """Only the last reservations can be undone: a caller that leaves while later ones
-    still wait leaves a hole, and the later ones keep their turns (never closer than
-    1/rate), and once they are gone too the whole tail is given back."""
+    """A caller that leaves while later ones still wait gives its turn to the next in
+    line: the later ones move up one turn each (never closer than 1/rate), and a
+    newcomer comes after the last of them."""
     starts: list[float] = []
 
     async def main() -> None:
@@ -345,10 +345,10 @@ def test_a_start_given_back_in_the_middle_keeps_the_spacing() -> None:
             for i in range(4):  # turns at 0, 1, 2, 3
                 tg.start_soon(caller, i)
                 await anyio.lowlevel.checkpoint()
-            scopes[1].cancel()  # the turn at 1 is given back in the middle
+            scopes[1].cancel()  # the turn at 1 is given back in the middle: 2 takes it
             await anyio.sleep(0.5)
             tg.start_soon(caller, 4)  # a newcomer: after the last standing turn
-        assert starts == [0.0, 2.0, 3.0, 4.0]
+        assert starts == [0.0, 1.0, 2.0, 3.0]
 
     _on_virtual_clock(main)
 

@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Protocol, runtime_checkable
 
 import anyio
+from anyio.lowlevel import EventLoopToken, current_token
 from typing_extensions import Self, final
 
 from . import instrument
@@ -97,8 +98,13 @@ class Limiter:
     ``burst`` starts may happen back to back after an idle period. With the default
     ``burst=1`` no window of one second ever holds more than ``rate`` starts.
 
-    Waiters are served first come, first served. Acquiring an uncontended limiter
-    takes no lock and starts no task.
+    Waiters are served first come, first served; one that leaves while it waits
+    for its turn (cancelled, timed out) gives the turn to those behind it, so no
+    turn is lost. Acquiring an uncontended limiter takes no lock and starts no task.
+
+    It is a semaphore, not a lock: entering it again in the same task takes a
+    second slot. It is not thread-safe: use it from one event loop at a time (one
+    made at module level serves each ``anyio.run`` in turn).
 
     Args:
         concurrency: maximum number of holders at once (``None``: unbounded).
@@ -121,8 +127,8 @@ class Limiter:
         ```
     """
 
-    __slots__ = ("_available", "_burst", "_concurrency", "_holes", "_interval", "_last", "_rate",
-                 "_tat", "_waiters")  # fmt: skip
+    __slots__ = ("_available", "_burst", "_concurrency", "_head", "_holes", "_interval", "_last",
+                 "_line", "_loop", "_rate", "_tat", "_waiters", "_window")  # fmt: skip
 
     def __init__(
         self, *, concurrency: int | None = None, rate: float | None = None, burst: int = 1
@@ -136,11 +142,23 @@ class Limiter:
         # wait around the same future), an anyio Event on trio
         self._waiters: deque[asyncio.Future[None] | anyio.Event] = deque()
         self._interval = 1.0 / self._rate if self._rate is not None else 0.0
+        # how far ahead of its theoretical arrival time a start may be: burst - 1 turns
+        # (a burst beyond a float's range is unlimited, not an OverflowError at a start)
+        try:
+            self._window = (self._burst - 1) * self._interval
+        except OverflowError:
+            self._window = math.inf if self._rate is not None else 0.0
         self._tat = -math.inf
         self._last = -math.inf  # the clock's reading at the last reservation
         # reservations given back while a later one still stood: theoretical arrival
         # time after it -> before it (see _give_back)
         self._holes: dict[float, float] = {}
+        # the rate's waiters: one at a time holds a reservation and sleeps until it (the
+        # head); the others wait in line without one, so one that leaves takes no turn
+        # from those behind it (a turn is given back, then taken by the next in line)
+        self._head = False
+        self._line: deque[anyio.Event] = deque()
+        self._loop: EventLoopToken | None = None  # the loop of the last head that slept
 
     @property
     def concurrency(self) -> int | None:
@@ -240,7 +258,7 @@ class Limiter:
             self._holes.clear()
         self._last = now
         tat = self._tat if self._tat > now else now
-        start = tat - (self._burst - 1) * self._interval
+        start = tat - self._window
         if start < now:
             start = now
         self._tat = tat + self._interval
@@ -249,24 +267,62 @@ class Limiter:
     async def wait_rate(self) -> None:
         """Wait until this caller may start under the rate limit.
 
-        A caller cancelled while it waits gives its start back: a start that never
-        happened does not delay the callers that come after it. Callers already
-        waiting behind it keep the turns they were given (a turn is a reserved time,
-        not a place in a queue), so the turns given back in the middle are lost to
-        them; once they have all started or left, the whole tail is given back.
+        Callers take their turns first come, first served. A caller that leaves while
+        it waits (cancelled, timed out) gives its turn to the next one in line: a
+        start that never happened neither delays the callers after it nor is lost to
+        them.
         """
+        began = -1.0
+        if not self._head:
+            self._head = True
+        elif self._loop == current_token():  # a caller waits for the next turn: line up
+            began = anyio.current_time()
+            await self._line_up(self._loop)
+        else:  # that caller's loop was closed while it waited: it never comes back
+            self._line.clear()
         before = self._tat
         delay = self.reserve()
         if delay > 0:
+            if began < 0:
+                began = anyio.current_time()
             after = self._tat
+            loop = self._loop = current_token()
             try:
                 await anyio.sleep(delay)
             except BaseException:
-                self._give_back(before, after)
+                if _running(loop):  # (not finalized after its loop closed)
+                    self._give_back(before, after)
+                    self._pass_on()
                 raise
-            hook = instrument.current
-            if hook is not None:
-                hook.limiter_wait(delay, "rate")
+        if self._line:
+            self._pass_on()
+        else:
+            self._head = False
+        hook = instrument.current
+        if hook is not None and began >= 0:
+            hook.limiter_wait(anyio.current_time() - began, "rate")
+
+    async def _line_up(self, loop: EventLoopToken) -> None:
+        """Wait until the caller ahead has its start (or left): then reserve the next."""
+        turn = anyio.Event()
+        self._line.append(turn)
+        try:
+            await turn.wait()
+        except BaseException:
+            if not _running(loop):  # finalized after its loop closed: not ours any more
+                raise
+            if turn.is_set():  # made the head as it was cancelled: the next one's turn
+                self._pass_on()
+            else:
+                self._line.remove(turn)
+            raise
+
+    def _pass_on(self) -> None:
+        """Make the next caller in line the head (it reserves the next turn), if any."""
+        if self._line:
+            self._line.popleft().set()
+        else:
+            self._head = False
 
     def _give_back(self, before: float, after: float) -> None:
         """Undo a reservation that moved the theoretical arrival time from ``before`` to
@@ -297,6 +353,14 @@ class Limiter:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+def _running(loop: EventLoopToken) -> bool:
+    """Whether ``loop`` is the event loop running in this thread."""
+    try:
+        return current_token() == loop
+    except RuntimeError:  # none is
+        return False
 
 
 def _handed(waiter: asyncio.Future[None] | anyio.Event) -> bool:

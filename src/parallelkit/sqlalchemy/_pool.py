@@ -65,16 +65,20 @@ class PoolLimiter:
     ``async with`` block in an async generator (a streaming body, a yield
     dependency) gives back the slot of the task that entered it, also when
     another task closes the generator (asyncio's finalizer after an
-    ``async for ... break``).
+    ``async for ... break``). Work running on a waiting task's slot (a fan-out's
+    item, a cache load) keeps it if that task leaves first. A task you start
+    yourself gets no slot lent: it takes one of its own.
     """
 
-    __slots__ = ("_borrowed", "_generators", "_held", "_limiter")
+    __slots__ = ("_borrowed", "_generators", "_held", "_lending", "_limiter")
 
     def __init__(self, concurrency: int | None) -> None:
         self._limiter = Limiter(concurrency=concurrency)
         self._held: dict[int, int] = {}  # task id -> depth
         # task id -> the slot it runs on (lent by a fan-out's caller, or a blocked task's)
         self._borrowed: dict[int, LentSlot | _OnLender] = {}
+        # a task whose slot blocked-on work runs on -> the tasks running on it
+        self._lending: dict[int, list[int]] = {}
         # an async generator's frame -> the tasks that entered ``async with`` there
         self._generators: dict[FrameType, list[int]] = {}
 
@@ -127,8 +131,7 @@ class PoolLimiter:
             return False  # a slot is free at once: take it
         for lender in BLOCKED.get(task, ()):
             if lender in self._held:
-                self._held[task] = 1
-                self._borrowed[task] = _ON_LENDER
+                self._lend(_OnLender(self), lender, task)
                 return True
         return False
 
@@ -149,10 +152,47 @@ class PoolLimiter:
         depth = self._held.pop(holder) - 1
         if depth:
             self._held[holder] = depth
+        elif self._lending and holder in self._lending:
+            self._bequeath(holder)
         elif self._borrowed and holder in self._borrowed:
             self._borrowed.pop(holder).give_back()
         else:
             self._limiter.release()
+
+    def _lend(self, on: LentSlot | _OnLender, lender: int, borrower: int) -> None:
+        """``borrower`` now runs on ``lender``'s slot, through ``on``."""
+        self._held[borrower] = 1
+        self._borrowed[borrower] = on
+        on._lender, on._borrower = lender, borrower
+        self._lending.setdefault(lender, []).append(borrower)
+
+    def _unlend(self, on: LentSlot | _OnLender) -> None:
+        """``on``'s borrower is done with its lender's slot."""
+        borrowers = self._lending[on._lender]
+        borrowers.remove(on._borrower)
+        if not borrowers:
+            del self._lending[on._lender]
+
+    def _bequeath(self, lender: int) -> None:
+        """``lender`` is done with its slot (it was cancelled) while work it waited for
+        still runs on it (a cache load; a fan-out's worker is done before its caller):
+        that work keeps the slot, as if it had taken it, so the engine's bound holds
+        until it ends; the others running on it now run on the heir's."""
+        borrowers = self._lending.pop(lender)
+        heir = borrowers.pop(0)
+        on = self._borrowed.pop(heir)  # a slot of the heir's own now ...
+        if isinstance(on, LentSlot):  # its fan-out's caller gave up its slot mid-fan-out
+            on._orphan()
+        source = self._borrowed.pop(lender, None)
+        if source is not None:  # ... unless the lender's was lent or borrowed itself
+            self._borrowed[heir] = source
+            source._borrower = heir
+            siblings = self._lending[source._lender]
+            siblings[siblings.index(lender)] = heir
+        if borrowers:
+            self._lending.setdefault(heir, []).extend(borrowers)
+            for borrower in borrowers:
+                self._borrowed[borrower]._lender = heir
 
     def for_fanout(self) -> PoolLimiter | LentSlot:
         """The limit for a fan-out from the current task that waits for its workers.
@@ -224,11 +264,14 @@ class LentSlot:
     size per waiting caller at most, which the pool's overflow absorbs.
     """
 
-    __slots__ = ("_lent", "_slots")
+    __slots__ = ("_borrower", "_lender", "_lent", "_orphaned", "_slots")
 
     def __init__(self, slots: PoolLimiter) -> None:
         self._slots = slots
         self._lent = Limiter(concurrency=1)  # the caller's slot: first come, first served
+        self._lender = task_id()  # the caller, made in its task (PoolLimiter.for_fanout)
+        self._borrower = 0  # the worker on the lent slot now
+        self._orphaned = False  # the caller's slot went to a worker: no slot to lend
 
     @property
     def concurrency(self) -> int | None:
@@ -237,6 +280,13 @@ class LentSlot:
 
     def give_back(self) -> None:
         """The worker running on the lent slot is done with it: the next waiter's turn."""
+        self._slots._unlend(self)
+        self._lent.release()
+
+    def _orphan(self) -> None:
+        """The caller gave up its slot while a worker ran on it (a worker ended the
+        caller's transaction): that worker keeps it, the others take the engine's."""
+        self._orphaned = True
         self._lent.release()
 
     async def __aenter__(self) -> LentSlot:
@@ -251,8 +301,11 @@ class LentSlot:
             await slots.acquire()  # the lent slot is taken, an engine slot free at once
             return self
         await self._lent.acquire()  # never in the engine's queue (see the class docs)
-        slots._held[task] = 1
-        slots._borrowed[task] = self
+        if self._orphaned:  # no slot behind it any more: as a caller holding none
+            self._lent.release()
+            await slots.acquire()
+            return self
+        slots._lend(self, self._lender, task)
         return self
 
     async def __aexit__(
@@ -270,15 +323,18 @@ class LentSlot:
 @final
 class _OnLender:
     """A slot borrowed from a task blocked on the borrower's work (:meth:`PoolLimiter._borrow`):
-    the lender keeps it; nothing to give back when the borrower is done."""
+    the lender keeps it; nothing to give back when the borrower is done. (A lender done
+    first leaves it to the borrower: :meth:`PoolLimiter._bequeath`.)"""
 
-    __slots__ = ()
+    __slots__ = ("_borrower", "_lender", "_slots")
+
+    def __init__(self, slots: PoolLimiter) -> None:
+        self._slots = slots
+        self._lender = self._borrower = 0  # set by PoolLimiter._lend
 
     def give_back(self) -> None:
-        pass
+        self._slots._unlend(self)
 
-
-_ON_LENDER = _OnLender()
 
 _limiters: weakref.WeakKeyDictionary[Engine, PoolLimiter] = weakref.WeakKeyDictionary()
 
