@@ -182,12 +182,15 @@ async def test_an_acquire_cancelled_with_its_reply_on_the_way_gives_the_lock_bac
 async def test_renewals_redis_refuses_lose_the_lock_at_its_ttl_with_the_error_as_cause(
     r: aredis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    lock = RedisLock(r, "job", ttl=0.06, prefix=prefix)
+    clock = LeaseTime()  # the lease's deadlines on a virtual clock: no real waits
+    monkeypatch.setattr(_lease, "anyio", clock)
+    lock = RedisLock(r, "job", ttl=3, prefix=prefix)
     refused = Refused(r, monkeypatch, lock._scripts.renew.sha)
     with pytest.raises(LockLost) as info:
         async with lock:
             await anyio.sleep_forever()  # cancelled once the lock is lost
     assert refused.refused >= 2  # tried again until the ttl ran out, not raised at once
+    assert clock.now == pytest.approx(3.0)  # lost when its ttl ended, not later
     assert type(info.value.__cause__).__name__ == "ReadOnlyError"
 
 
