@@ -36,6 +36,7 @@ from urllib.parse import quote, urlsplit
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 from typing_extensions import final
 
 from ._core.check import (
@@ -105,8 +106,9 @@ class Probe:
     async def reason(self, value: Any = None) -> str | None:
         """Run the check once: ``None`` when ready, else why it is not.
 
-        Ordinary exceptions raised by the check count as "not ready" (their
-        ``repr`` is the reason); cancellation propagates.
+        Ordinary exceptions raised by the check count as "not ready"
+        (``"Type: message"`` is the reason); cancellation and a
+        ``KeyboardInterrupt``-like ``BaseException`` propagate.
         """
         try:
             return await self._check(value)
@@ -195,7 +197,8 @@ def tcp(
         await stream.aclose()
         return None
 
-    return Probe(f"tcp {host}:{port}", check, initial=initial, max_interval=max_interval)
+    where = f"[{host}]" if ":" in host else host  # an IPv6 address, as in a URL
+    return Probe(f"tcp {where}:{port}", check, initial=initial, max_interval=max_interval)
 
 
 def http(
@@ -228,7 +231,11 @@ def http(
     if not isinstance(url, str):
         msg = f"url must be a str, got {url!r}"  # type: ignore[unreachable]
         raise TypeError(msg)
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # "Invalid IPv6 URL", naming no argument
+        msg = f"url must be an http:// or https:// URL ({exc}), got {url!r}"
+        raise ValueError(msg) from None
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         msg = f"url must be an http:// or https:// URL with a host, got {url!r}"
         raise ValueError(msg)
@@ -274,12 +281,16 @@ def http(
         "User-Agent: parallelkit-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     ).encode("ascii")
 
+    context: ssl.SSLContext | None = None
+
     async def check(_value: Any) -> str | None:
+        nonlocal context
         try:
             with anyio.fail_after(limit):
-                context = ssl.create_default_context() if tls else None
                 stream: anyio.abc.ByteStream
-                if context is not None:
+                if tls:
+                    if context is None:  # reads the CA store (tens of ms): once, in a thread
+                        context = await anyio.to_thread.run_sync(ssl.create_default_context)
                     stream = await anyio.connect_tcp(
                         host, port, ssl_context=context, tls_standard_compatible=False
                     )
@@ -290,9 +301,9 @@ def http(
                     head = await _read_status_line(stream)
         except (OSError, TimeoutError, anyio.BrokenResourceError, ssl.SSLError) as exc:
             return _describe(exc, f"no answer within request_timeout={limit:g}s")
-        line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        line = head.split(b"\n", 1)[0].removesuffix(b"\r").decode("latin-1")
         fields = line.split(" ", 2)
-        if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].isdigit():
+        if len(fields) < 2 or not fields[0].startswith("HTTP/") or not _is_status(fields[1]):
             return f"not an HTTP response: {line[:80]!r}"
         code = int(fields[1])
         if code in accepted:
@@ -314,7 +325,8 @@ def call(
 
     ``fn`` takes no argument, or one: the service's value (what its setup
     yielded), so a probe can ask the service itself. An exception raised by
-    ``fn`` counts as "not ready" and becomes the reason reported on timeout.
+    ``fn`` counts as "not ready" and becomes the reason reported on timeout (a
+    ``KeyboardInterrupt``-like ``BaseException`` is not caught: it propagates).
 
     ``fn`` runs in the event loop, sync or async; if it returns an awaitable
     (``lambda engine: engine.ping()``), that is awaited. A sync ``fn`` must not
@@ -336,6 +348,10 @@ def call(
         ```
     """
     callable_("fn", fn, what="callable")
+    if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        # its generator object is truthy: the probe would pass without checking
+        msg = f"fn must return a truth value (or an awaitable of one), not be a generator: {fn!r}"
+        raise TypeError(msg)
     if name is not None and not isinstance(name, str):
         msg = f"name must be a str or None, got {name!r}"  # type: ignore[unreachable]
         raise TypeError(msg)
@@ -360,10 +376,16 @@ def _status(name: str, code: object) -> int:
     return value
 
 
+def _is_status(code: str) -> bool:
+    """Three ASCII digits, as HTTP has it (``str.isdigit`` takes a superscript two too)."""
+    return len(code) == 3 and code.isascii() and code.isdigit()
+
+
 async def _read_status_line(stream: anyio.abc.ByteReceiveStream) -> bytes:
+    """Bytes up to the end of the status line (CRLF, or a bare LF as HTTP allows)."""
     head = b""
     with contextlib.suppress(anyio.EndOfStream):
-        while b"\r\n" not in head and len(head) < 8192:
+        while b"\n" not in head and len(head) < 8192:
             head += await stream.receive()
     return head
 
@@ -390,6 +412,12 @@ def _takes_one_argument(fn: Callable[..., Any]) -> bool:
     ]
     if len(positional) > 1:
         msg = f"a probe function takes no argument or one (the service value), got {fn!r}"
+        raise TypeError(msg)
+    required = [
+        p.name for p in sig.parameters.values() if p.kind is p.KEYWORD_ONLY and p.default is p.empty
+    ]
+    if required:  # every check would fail with a TypeError until the timeout
+        msg = f"a probe function is called with no keyword argument, {fn!r} requires {required}"
         raise TypeError(msg)
     return len(positional) == 1 or any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values())
 

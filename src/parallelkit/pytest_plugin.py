@@ -47,6 +47,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """A bad ini value is one usage error naming the option, not an error per test."""
+    try:
+        config.getini(_INI)
+    except (ValueError, pytest.UsageError) as exc:
+        msg = f"ini option {_INI} must be true or false ({exc})"
+        raise pytest.UsageError(msg) from None
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _parallelkit_guard_sessions(request: pytest.FixtureRequest) -> Iterator[None]:
     """On for the test session when SQLAlchemy is installed and the ini option allows.

@@ -149,6 +149,7 @@ class BatchLoader(Generic[K, V]):
         "_cache",
         "_calls",
         "_default",
+        "_full",
         "_keys",
         "_load_many",
         "_loop",
@@ -177,6 +178,9 @@ class BatchLoader(Generic[K, V]):
         self._default = default
         self._memo: dict[Any, Batch] = {}
         self._batch: Batch | None = None
+        # the keys of the batches closed because they were full, until they are sent: a
+        # repeat of one of them in the same tick joins that batch, never a second one
+        self._full: dict[Any, Batch] = {}
         self._owner = OwnedTaskGroup("this BatchLoader")
         self._loop: asyncio.AbstractEventLoop | None = None  # entered on asyncio: futures
         self._requests = self._keys = self._calls = 0
@@ -236,6 +240,13 @@ class BatchLoader(Generic[K, V]):
                         known.counted += 1
                         known.extra.append((key, future))
                 return known
+        else:
+            full = self._full
+            if full and (sent := full.get(key)) is not None:  # its batch filled up
+                sent.plain = False
+                if future is not None:
+                    sent.extra.append((key, future))
+                return sent
         batch = self._batch
         if batch is None:
             batch = self._batch = Batch(None if self._cache else self._loop)
@@ -272,9 +283,14 @@ class BatchLoader(Generic[K, V]):
             batch.counted = len(batch.keys) + len(batch.extra)
 
     def _flush(self, batch: Batch) -> None:
-        """Close ``batch`` to new keys and run it now."""
+        """Close ``batch`` to new keys and run it now (it is full: a repeat of one of its
+        keys until it is sent joins it, see :attr:`_full`)."""
         self._close(batch)
         batch.full = True
+        if not self._cache:  # (the memo already joins repeats)
+            full = self._full
+            for key in batch.keys:
+                full[key] = batch
         if batch.scope is not None:
             batch.scope.cancel()
 
@@ -313,6 +329,10 @@ class BatchLoader(Generic[K, V]):
         if joined:
             batch.plain = False
             batch.extra.append((key, future))
+        elif self._full and (sent := self._full.get(key)) is not None:  # its batch filled up
+            sent.plain = False
+            sent.extra.append((key, future))
+            self._requests += 1  # (that batch was counted when it closed)
         else:
             keys[key] = future
             if len(keys) >= self._max_batch:
@@ -341,12 +361,14 @@ class BatchLoader(Generic[K, V]):
                 _check_hashable(key)  # the error that names the key, counting nothing
                 raise
             self._requests += 1
-            batch.plain = False  # this waiter reads batch.values (see _enqueue)
-            if new:
+            if new and self._full and (sent := self._full.get(key)) is not None:
+                batch = sent  # its batch filled up: wait for that one
+            elif new:
                 keys[key] = None
                 batch.counted += 1
                 if len(keys) >= self._max_batch:
                     self._flush(batch)
+            batch.plain = False  # this waiter reads batch.values (see _enqueue)
         if batch.lead:
             await self._lead([batch])
         if not batch.finished:
@@ -444,12 +466,22 @@ class BatchLoader(Generic[K, V]):
         finally:
             if not batch.finished:  # cancelled before the call: never leave callers hanging
                 self._close(batch)  # no load joins a finished batch
+                self._sent(batch)
                 batch.error = RuntimeError("BatchLoader was closed before this batch ran")
                 if self._cache:  # nor is this error memoized
                     self._forget_failures(list(batch.keys), batch)
                 batch.finish(self._default)
 
+    def _sent(self, batch: Batch) -> None:
+        """``batch`` is sent (or never will be): a load of its keys opens a new batch."""
+        full = self._full
+        if batch.full and full:
+            for key in batch.keys:
+                if full.get(key) is batch:
+                    del full[key]
+
     async def _run(self, batch: Batch) -> None:
+        self._sent(batch)
         keys = list(batch.keys)
         self._calls += 1
         self._keys += len(keys)

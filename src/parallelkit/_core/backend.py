@@ -15,12 +15,13 @@ raised as themselves) and which are cancellations (to go through task groups),
 from __future__ import annotations
 
 import asyncio
+import math
 import sys
 from collections.abc import Callable
 
 import anyio
 
-__all__ = ["clock", "is_failure", "is_stray_cancellation", "task_id"]
+__all__ = ["clock", "is_failure", "is_foreign_cancellation", "is_stray_cancellation", "task_id"]
 
 
 def clock() -> Callable[[], float]:
@@ -65,6 +66,26 @@ def is_stray_cancellation(exc: BaseException) -> bool:
         return False
     cancelling = getattr(task, "cancelling", None)
     return cancelling is not None and not cancelling()
+
+
+def is_foreign_cancellation(exc: BaseException) -> bool:
+    """Whether ``exc`` is an asyncio ``CancelledError`` that a ``task.cancel()`` from
+    outside every cancel scope delivered (a driver cancelling
+    ``asyncio.current_task()`` on a lost connection, a watchdog holding the task)
+    while no anyio scope around the task was cancelled.
+
+    Asked only in a worker task a pool started (never in its caller's, which anyone
+    may cancel, ``asyncio.wait_for`` say): there such a cancellation is that item's
+    failure, not the pool's end; let through, the task group would take it for a
+    cancellation and end the pool quietly, results missing. Always ``False`` on trio.
+    """
+    if not isinstance(exc, asyncio.CancelledError):
+        return False
+    try:
+        asyncio.current_task()
+    except RuntimeError:  # no running asyncio loop
+        return False
+    return anyio.current_effective_deadline() != -math.inf
 
 
 def is_failure(exc: BaseException) -> bool:

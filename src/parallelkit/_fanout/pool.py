@@ -44,11 +44,15 @@ wrapped in a ``BaseExceptionGroup`` by the task group. On asyncio, a
 ``CancelledError`` that no cancellation of the task caused (the unit awaited a
 future that someone else cancelled: :func:`is_stray_cancellation`) is that unit's
 failure like any other (settle: its ``Outcome``), not a cancellation: let through,
-the task group would take it for one and end the pool quietly, results missing.
+the task group would take it for one and end the pool quietly, results missing. So
+is, in a worker task the pool started, a ``task.cancel()`` that no cancel scope made
+(a driver cancelling ``asyncio.current_task()``: :func:`is_foreign_cancellation`);
+in the caller's own task (:meth:`Pool.run_here`) a cancellation is always one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import itertools
 from collections import deque
@@ -58,7 +62,7 @@ from typing import Any
 import anyio
 from typing_extensions import final
 
-from .._core.backend import is_failure, is_stray_cancellation
+from .._core.backend import is_failure, is_foreign_cancellation, is_stray_cancellation
 from .._core.outcome import Outcome
 
 __all__ = ["AsyncUnits", "Pool", "Unit", "chain"]
@@ -246,7 +250,9 @@ class Pool:
                             value = Outcome(None, exc)
                         except BaseException as exc:
                             if not is_stray_cancellation(exc):
-                                raise
+                                if leave is not None or not is_foreign_cancellation(exc):
+                                    raise
+                                _uncancel()  # the item's failure: this worker goes on
                             value = Outcome(None, exc)
                         sink[key] = value
                     if self.error is not None:  # set while it awaited (mypy sees None)
@@ -260,9 +266,21 @@ class Pool:
         except Exception as exc:
             self.fail(exc)
         except BaseException as exc:  # KeyboardInterrupt, a stray CancelledError: raised
-            if not is_failure(exc):  # as is by run(), not wrapped by the task group
+            # as is by run(), not wrapped by the task group; so is a worker's foreign
+            # cancellation (a task.cancel() no scope made: the task group would end quietly)
+            if not is_failure(exc) and (leave is not None or not is_foreign_cancellation(exc)):
                 raise
             self.fail(exc)
+
+
+def _uncancel() -> None:
+    """Settle mode: a worker kept a foreign cancellation as its item's outcome; its task
+    is not being cancelled any more (Python 3.11+: ``asyncio.timeout`` and task groups
+    in the next items count on ``Task.cancelling()``)."""
+    task = asyncio.current_task()
+    uncancel = getattr(task, "uncancel", None)
+    if uncancel is not None:
+        uncancel()
 
 
 @final

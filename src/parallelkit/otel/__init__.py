@@ -15,6 +15,7 @@ it, and before ``instrument()``, parallelkit costs what it costs uninstrumented.
 from __future__ import annotations
 
 from .._core.public import export
+from . import _require as _require  # before the rest: a clear ImportError without it
 from ._instrumentor import ParallelkitInstrumentor as ParallelkitInstrumentor
 
 __all__ = ["ParallelkitInstrumentor"]

@@ -124,6 +124,9 @@ class ParallelkitInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         Raises:
             TypeError: ``item_spans`` is not a bool, or a provider is not one (no
                 ``get_tracer`` / ``get_meter``); nothing is instrumented then.
+            Exception: what a provider's ``get_tracer`` / ``get_meter`` (or the
+                meter's instrument factories) raised, as itself; nothing is
+                instrumented then, and a later ``instrument()`` may try again.
         """
         super().instrument(**kwargs)
 
