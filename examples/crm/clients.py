@@ -59,12 +59,23 @@ class StripeClient:
     charges: list[Charge] = field(default_factory=list)
     fail_next: int = 0
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _by_key: dict[str, Charge] = field(default_factory=dict)
 
-    async def create_charge(self, *, amount: int, currency: str, source: str) -> Charge:
-        """Charge ``amount`` (minor units); the returned ``Charge.id`` is new."""
+    async def create_charge(
+        self, *, amount: int, currency: str, source: str, idempotency_key: str | None = None
+    ) -> Charge:
+        """Charge ``amount`` (minor units); the returned ``Charge.id`` is new.
+
+        With ``idempotency_key`` (as real payment APIs take it), a second call with
+        the same key returns the first call's charge instead of charging again: a
+        retry after a reply that was lost charges the card once.
+        """
         if amount <= 0:
             msg = f"amount must be > 0, got {amount!r}"
             raise ValueError(msg)
+        if idempotency_key is not None and idempotency_key in self._by_key:
+            await anyio.sleep(self.latency)
+            return self._by_key[idempotency_key]
         started = anyio.current_time()
         await anyio.sleep(self.latency)
         if self.fail_next:
@@ -75,6 +86,8 @@ class StripeClient:
             f"ch_{next(self._ids):06d}", amount, currency, started, anyio.current_time()
         )
         self.charges.append(charge)
+        if idempotency_key is not None:
+            self._by_key[idempotency_key] = charge
         return charge
 
 

@@ -128,8 +128,11 @@ payment_flow = pk.Flow(name="payment")
 
 @payment_flow.step(retry=pk.Retry(attempts=3, on=(ConnectionError,)))
 async def charge(payment_id: str, amount: int, stripe: StripeClient) -> Charge:
-    """Charge the card (retried on a transient connection error)."""
-    return await stripe.create_charge(amount=amount, currency="usd", source=payment_id)
+    """Charge the card (retried on a transient connection error; the idempotency key
+    makes a retry after a lost reply return that charge instead of charging again)."""
+    return await stripe.create_charge(
+        amount=amount, currency="usd", source=payment_id, idempotency_key=payment_id
+    )
 
 
 @payment_flow.step
