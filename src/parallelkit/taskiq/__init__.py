@@ -38,13 +38,13 @@ from __future__ import annotations
 
 from .._core.public import export
 from ._broker import RedeliveringStreamBroker as RedeliveringStreamBroker
-from ._broker import RemoteTraceback as RemoteTraceback
-from ._broker import TracebackMiddleware as TracebackMiddleware
 from ._broker import redis_broker as redis_broker
-from ._broker import retry_middleware as retry_middleware
 from ._map import SupportsRate as SupportsRate
 from ._map import imap as imap
 from ._map import map as map
+from ._middlewares import RemoteTraceback as RemoteTraceback
+from ._middlewares import TracebackMiddleware as TracebackMiddleware
+from ._middlewares import retry_middleware as retry_middleware
 
 __all__ = [
     "RedeliveringStreamBroker",

@@ -8,190 +8,35 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
-import traceback
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any
 
-import anyio
 from pydantic import ConfigDict
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from taskiq import AckableMessage, TaskiqMiddleware
-from taskiq.kicker import AsyncKicker
-from taskiq.message import BrokerMessage, TaskiqMessage
-from taskiq.middlewares import SmartRetryMiddleware
+from taskiq.message import BrokerMessage
 from taskiq.result import TaskiqResult
 from taskiq_redis import RedisAsyncResultBackend
 from taskiq_redis import RedisStreamBroker as _TaskiqRedisStreamBroker
 from taskiq_redis.exceptions import ResultIsMissingError
-from typing_extensions import final
 
 from .._core.check import count, number_at_least, text
 from .._core.retry import Retry
 from ._completions import LABEL_DONE
+from ._middlewares import TracebackMiddleware, retry_middleware
 from ._outage import Outage, patiently
 from ._stream import TRIM, WHERE, moved
-
-_LABEL_TRACEBACK = "pk_traceback"
-_LABEL_ERROR_TYPE = "pk_error_type"
 
 logger = logging.getLogger("parallelkit.taskiq")
 
 #: set by :meth:`RedeliveringStreamBroker.kick` in the kicking task: the task id, the
 #: stream and the id Redis gave the message (``map`` checks it is still there)
 KICKED: ContextVar[tuple[str, str, Any] | None] = ContextVar("pk_taskiq_kicked", default=None)
-
-
-# ---------------------------------------------------------------------------- errors
-class RemoteTraceback(Exception):
-    """The traceback text of an exception raised in a Taskiq worker.
-
-    Set as the ``__cause__`` of the exception that :func:`map` raises (or puts in
-    an :class:`~parallelkit.Outcome`), so a printed traceback shows the worker's
-    frames first, then "The above exception was the direct cause of…" and the
-    producer's frames, as :class:`concurrent.futures.ProcessPoolExecutor` does.
-    The text is there only when the worker's broker has
-    :class:`TracebackMiddleware` (:func:`redis_broker` adds it).
-
-    Attributes:
-        text: the worker's formatted traceback.
-        task_id: the Taskiq task id of the failed item.
-        task_name: the Taskiq task name.
-    """
-
-    def __init__(self, text: str, task_id: str, task_name: str) -> None:
-        super().__init__(text)
-        self.text = text
-        self.task_id = task_id
-        self.task_name = task_name
-
-    def __str__(self) -> str:
-        return f"\n\n{self.text.rstrip()}\n(in Taskiq task {self.task_name} [{self.task_id}])"
-
-
-class TracebackMiddleware(TaskiqMiddleware):
-    """Worker-side: keep the traceback text of a failed task in its result.
-
-    Taskiq sends a failed task's exception back as its type and arguments only;
-    the frames are lost. This middleware stores the formatted traceback and the
-    exception's importable type name in the result's labels, which
-    :func:`map` turns into a :class:`RemoteTraceback` cause and the original
-    exception type. Add it to the broker the workers run (:func:`redis_broker`
-    does); it changes nothing for producers.
-
-    Example:
-        ```python
-        broker = RedisStreamBroker(url).with_middlewares(TracebackMiddleware())
-        ```
-    """
-
-    def on_error(
-        self, message: TaskiqMessage, result: TaskiqResult[Any], exception: BaseException
-    ) -> None:
-        """Record the traceback text and the type of ``exception`` in ``result``."""
-        cls = type(exception)
-        result.labels = {
-            **result.labels,
-            _LABEL_TRACEBACK: "".join(traceback.format_exception(exception)),
-            _LABEL_ERROR_TYPE: f"{cls.__module__}:{cls.__qualname__}",
-        }
-
-
-# ---------------------------------------------------------------------------- retry
-@final
-class _RetryMiddleware(SmartRetryMiddleware):
-    """SmartRetryMiddleware driven by a :class:`parallelkit.Retry`."""
-
-    def __init__(self, retry: Retry) -> None:
-        on = retry.on
-        types: tuple[type[BaseException], ...] | None = None
-        if isinstance(on, type):
-            types = (on,)
-        elif isinstance(on, tuple):
-            types = on
-        super().__init__(
-            default_retry_count=retry.attempts,
-            default_retry_label=True,
-            no_result_on_retry=True,
-            default_delay=retry.backoff,
-            max_delay_exponent=retry.max_backoff,
-            types_of_exceptions=types,
-        )
-        self.retry = retry
-
-    def __repr__(self) -> str:
-        return f"retry_middleware({self.retry!r})"
-
-    async def on_error(
-        self, message: TaskiqMessage, result: TaskiqResult[Any], exception: BaseException
-    ) -> None:
-        on = self.retry.on
-        if not isinstance(on, (type, tuple)) and not on(exception):
-            return
-        await super().on_error(message, result, exception)
-
-    def make_delay(self, message: TaskiqMessage, retries: int) -> float:
-        """Exponential backoff as in :class:`parallelkit.Retry`, plus jitter."""
-        retry = self.retry
-        delay = min(retry.backoff * 2 ** (retries - 1), retry.max_backoff)
-        if retry.jitter:
-            delay += random.uniform(0, retry.jitter)
-        return float(delay)
-
-    async def on_send(
-        self, kicker: AsyncKicker[Any, Any], message: TaskiqMessage, delay: float
-    ) -> None:
-        # Redis streams have no delayed delivery: wait here, in the worker, with the
-        # failed message still unacknowledged (a crash during the wait redelivers it).
-        if delay > 0:
-            await anyio.sleep(delay)
-        await kicker.kiq(*message.args, **message.kwargs)
-
-
-def retry_middleware(retry: Retry) -> TaskiqMiddleware:
-    """Build Taskiq's retry middleware from a :class:`parallelkit.Retry`.
-
-    Retrying a distributed item happens in the **worker**: the failed attempt's
-    message is kicked again with the same task id (so the producer, waiting for
-    that id, sees only the final outcome). The policy maps one to one:
-
-    * ``attempts`` → total attempts, first one included (Taskiq's ``max_retries``);
-    * ``backoff``, ``max_backoff``, ``jitter`` → the wait before each retry,
-      ``backoff * 2 ** (n - 1)`` capped at ``max_backoff``, plus up to ``jitter``
-      random seconds; the worker waits before kicking the retry;
-    * ``on`` → which exceptions are retried (types or a predicate).
-
-    Every task of the broker is retried; a task opts out with the label
-    ``retry_on_error=False`` and may set its own ``max_retries=N``
-    (``@broker.task(retry_on_error=False)``). The middleware is a
-    :class:`taskiq.middlewares.SmartRetryMiddleware`.
-
-    Args:
-        retry: the policy.
-
-    Returns:
-        The middleware, for ``broker.with_middlewares(...)`` on the workers' broker.
-
-    Raises:
-        TypeError: ``retry`` is not a :class:`parallelkit.Retry`.
-
-    Example:
-        ```python
-        broker = RedisStreamBroker(url).with_middlewares(
-            retry_middleware(pk.Retry(attempts=4, backoff=0.5, on=(ConnectionError,)))
-        )
-        ```
-    """
-    given: object = retry  # checked at runtime too: callers may not run mypy
-    if not isinstance(given, Retry):
-        msg = f"retry must be a parallelkit.Retry, got {retry!r}"
-        raise TypeError(msg)
-    return _RetryMiddleware(given)
 
 
 # ---------------------------------------------------------------------------- one client

@@ -25,15 +25,9 @@ from .._core.limiter import Limiter, SupportsLimit, validate_rate
 from .._core.outcome import Outcome
 from .._fanout.fanout import map_options, run_items
 from .._fanout.imap import imap as _imap
-from ._broker import (
-    _LABEL_ERROR_TYPE,
-    _LABEL_TRACEBACK,
-    KICKED,
-    RedeliveringStreamBroker,
-    RemoteTraceback,
-    _ResultBackend,
-)
+from ._broker import KICKED, RedeliveringStreamBroker, _ResultBackend
 from ._completions import LABEL_DONE, Completions
+from ._middlewares import LABEL_ERROR_TYPE, LABEL_TRACEBACK, RemoteTraceback
 from ._outage import patiently
 
 __all__ = ["SupportsRate", "imap", "map"]
@@ -101,7 +95,7 @@ def _remote_error(result: TaskiqResult[Any], task_id: str, name: str) -> Excepti
     if not isinstance(error, Exception):
         msg = f"Taskiq task {name} [{task_id}] was interrupted in the worker: {error!r}"
         error = RuntimeError(msg)
-    text = result.labels.get(_LABEL_TRACEBACK)
+    text = result.labels.get(LABEL_TRACEBACK)
     where = f"raised by Taskiq task {name} [{task_id}] in a worker"
     if isinstance(text, str):
         error.__cause__ = RemoteTraceback(text, task_id, name)
@@ -116,7 +110,7 @@ def _remote_error(result: TaskiqResult[Any], task_id: str, name: str) -> Excepti
 def _original_type(error: BaseException, result: TaskiqResult[Any]) -> BaseException:
     """Taskiq rebuilds an exception whose module the producer has not imported as a
     stand-in class; import the real one (named by TracebackMiddleware) if we can."""
-    spec = result.labels.get(_LABEL_ERROR_TYPE)
+    spec = result.labels.get(LABEL_ERROR_TYPE)
     if not isinstance(spec, str) or ":" not in spec:
         return error
     module_name, _, qualname = spec.partition(":")
