@@ -97,6 +97,7 @@ def running_from(connection: Any, /) -> Running:
     returns the torn-down value (a disposed engine, a closed client).
 
     Raises:
+        TypeError: ``connection`` has no ASGI ``scope`` (not a request or websocket).
         RuntimeError: the app's lifespan did not start an orchestrator (it has
             not run, has not finished starting, or is not :func:`lifespan`).
 
@@ -119,8 +120,11 @@ def running_from(connection: Any, /) -> Running:
         msg = (
             "no parallelkit orchestrator in this request's lifespan state: the app's "
             "lifespan has not run (httpx.ASGITransport does not run it: use "
-            "asgi_lifespan.LifespanManager or starlette's TestClient), has not finished "
-            "starting, or is not lifespan=parallelkit.asgi.lifespan(orch)"
+            "asgi_lifespan.LifespanManager, or `with TestClient(app) as client:` - "
+            "starlette's TestClient runs it only in a `with` block; a server started "
+            "with --lifespan off; an app mounted in another, whose lifespan= is never "
+            "run: give it to the outermost app), has not finished starting, or is not "
+            "lifespan=parallelkit.asgi.lifespan(orch)"
         )
         raise RuntimeError(msg)  # noqa: TRY004 - a set-up mistake, not a bad argument
     return found
@@ -156,6 +160,8 @@ def service(service: str | Callable[..., Any], expected: type[Any] | None = None
             it cannot be checked).
         ValueError: ``service`` is a name that is not an identifier (no service
             can have it).
+        ImportError: FastAPI is not installed (in Starlette, use
+            :func:`running_from`).
 
     Example:
         ```python
@@ -210,6 +216,10 @@ _RUNNING: Any = None  # the one marker of running()
 def running() -> Any:
     """A FastAPI dependency giving the :class:`~parallelkit.Running`.
 
+    Raises:
+        ImportError: FastAPI is not installed (in Starlette, use
+            :func:`running_from`).
+
     Example:
         ```python
         @app.get("/health")
@@ -229,7 +239,14 @@ def _depends(fn: Callable[[Any], Any], name: str) -> Any:
     The dependency is an ``async def``: FastAPI runs a plain ``def`` dependency in
     its thread pool, a thread hop (about 0.2 ms of CPU) per request for a lookup.
     """
-    from fastapi import Depends  # optional: only FastAPI users call this
+    try:
+        from fastapi import Depends  # optional: only FastAPI users call this
+    except ImportError as exc:
+        msg = (
+            "service() and running() are FastAPI dependencies: `pip install fastapi`; "
+            "in a Starlette handler use running_from(request).get(name) instead"
+        )
+        raise ImportError(msg, name="fastapi") from exc
     from starlette.requests import HTTPConnection
 
     async def dependency(connection: HTTPConnection) -> Any:

@@ -7,7 +7,7 @@ import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from .._core.check import callable_, count_or_none, flag
+from .._core.check import callable_, callable_with, count_or_none, flag
 from . import _testing
 from ._queries import QueryCounter, TooManyQueries
 from ._surface import cause
@@ -46,7 +46,11 @@ class RequestGuard:
       ``parallelkit.sqlalchemy`` logger with the same listing and lets the
       response through. ``enforce=None`` (the default) enforces while the
       parallelkit pytest plugin runs your tests and reports otherwise: one
-      app, strict in tests, quiet in production;
+      app, strict in tests, quiet in production. Statements sent after the
+      response started (a streaming body, FastAPI's ``BackgroundTasks``, which
+      run inside the request after its response) are not in the header but
+      count for the request: the budget is checked when the request ends, so
+      over it an enforced error comes after the response was sent;
     * calls ``on_request(scope, counter)`` after each request (for metrics),
       whatever the budget, also when the request fails (then an error raised by
       ``on_request`` is logged, and the request's own error escapes);
@@ -69,8 +73,10 @@ class RequestGuard:
         on_request: called with ``(scope, counter)`` after every counted request.
 
     Raises:
-        TypeError: an option of the wrong type (the message names it), or an
-            ``engine`` that :func:`count_queries` does not accept.
+        TypeError: an option of the wrong type (the message names it), an
+            ``engine`` that :func:`count_queries` does not accept, or an
+            ``on_request`` that is ``async`` (it is called, never awaited) or cannot
+            take ``(scope, counter)``.
         ValueError: ``max_queries`` below 0, a ``header`` that is not an HTTP
             header name, or ``max_queries``, ``enforce`` or ``on_request`` without
             ``engine`` (nothing would be counted: the budget would never be
@@ -100,7 +106,14 @@ class RequestGuard:
             msg = f"header must be an HTTP header name (letters, digits, '-', ...), got {header!r}"
             raise ValueError(msg)
         self._header = header.lower().encode("latin-1") if header else None
-        self._on_request = None if on_request is None else callable_("on_request", on_request)
+        # called, never awaited, after each request: an async one would record nothing
+        self._on_request = (
+            None
+            if on_request is None
+            else callable_with(
+                "on_request", on_request, 2, what="a callable: a plain function of (scope, counter)"
+            )
+        )
         self._engine = engine
         if engine is not None:
             QueryCounter(engine)  # a bad engine fails here, not at the first request

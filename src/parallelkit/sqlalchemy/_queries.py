@@ -57,9 +57,14 @@ def _targets(target: object) -> Engine | Connection:
     if isinstance(target, AsyncSession):
         target = target.sync_session
     if isinstance(target, (sessionmaker, async_sessionmaker)):
-        target = target.kw.get("bind")
-        if target is not None:
-            return _targets(target)
+        bind = target.kw.get("bind")
+        if bind is None:
+            msg = (
+                f"count_queries() got {type(target).__name__} {target!r}, which has no bind "
+                "(its sessions are bound later or one by one): pass the engine to count"
+            )
+            raise TypeError(msg)
+        return _targets(bind)
     if isinstance(target, Session):
         bind = target.bind
         if bind is not None:
@@ -119,6 +124,15 @@ def _unlisten(target: Engine | Connection) -> None:
             return
         del _listeners[id(target)]
         event.remove(target, "before_cursor_execute", listener)
+
+
+_OTHER_CONTEXT = (
+    "count_queries() was left in another context than the one that entered it, so the "
+    "statements sent in between were not counted (a count of 0 would pass any budget). "
+    "A `def` dependency with `yield`, or a sync streaming body, runs each step in a worker "
+    "thread with a copy of the request's context: enter the counter in an `async def` "
+    "dependency, in the handler itself, or use RequestGuard(engine=..., max_queries=...)"
+)
 
 
 class QueryCounter:
@@ -186,6 +200,9 @@ class QueryCounter:
             active = _ACTIVE.get()
             if self in active:
                 _ACTIVE.set(tuple(c for c in active if c is not self))
+            elif exc is None:  # an error already on its way is the one that escapes
+                # entered in a context that is gone: what ran here was never counted
+                raise RuntimeError(_OTHER_CONTEXT)
 
     async def __aenter__(self) -> Self:
         return self.__enter__()
@@ -224,6 +241,10 @@ def count_queries(target: object) -> QueryCounter:
 
     Raises:
         TypeError: ``target`` is none of the above.
+        RuntimeError: on leaving the block, when it is left in another context than
+            the one that entered it (FastAPI runs a ``def`` dependency with ``yield``
+            step by step in worker threads, each with a copy of the request's
+            context): the statements sent in between were not counted.
 
     Example:
         ```python
@@ -282,6 +303,13 @@ class TooManyQueries(ParallelkitError, AssertionError):
         return "\n".join(lines)
 
 
+# the max_queries blocks active in this context: one guard (a module-level
+# ``GUARD = max_queries(engine, 5)``) serves concurrent requests, each block its own counter
+_BLOCKS: ContextVar[tuple[tuple[max_queries, QueryCounter], ...]] = ContextVar(
+    "parallelkit_max_queries_blocks", default=()
+)
+
+
 @final
 class max_queries:  # noqa: N801 - used like a function: `with max_queries(engine, 2):`
     """Fail when a block sends more than ``n`` SQL statements.
@@ -291,8 +319,9 @@ class max_queries:  # noqa: N801 - used like a function: `with max_queries(engin
     statements, repeated ones marked. It counts what this context sends, like
     :func:`count_queries`. An exception raised inside the block is propagated
     unchanged (the budget is not checked then). One guard can be entered again
-    after a block ends: each block has the whole budget (a fresh counter). For
-    every request of an ASGI app at once, see :class:`RequestGuard`.
+    after a block ends, and by concurrent requests (tasks) at once: each block has
+    the whole budget (a fresh counter). For every request of an ASGI app at once,
+    see :class:`RequestGuard`.
 
     Args:
         target: what :func:`count_queries` accepts.
@@ -317,16 +346,24 @@ class max_queries:  # noqa: N801 - used like a function: `with max_queries(engin
 
     @property
     def counter(self) -> QueryCounter:
-        """The :class:`QueryCounter` of the current (or last) block."""
-        return self._counter
+        """The :class:`QueryCounter` of this context's current block, else of the last block."""
+        return self._block() or self._counter
+
+    def _block(self) -> QueryCounter | None:
+        return next((c for guard, c in reversed(_BLOCKS.get()) if guard is self), None)
 
     def __enter__(self) -> QueryCounter:
-        counter = self._counter
-        if counter._listening:  # already active: the counter says so (RuntimeError)
-            return counter.__enter__()
-        if counter.queries:  # a block before this one: its statements are not this block's
-            counter = self._counter = QueryCounter(counter._target)
-        return counter.__enter__()
+        if self._block() is not None:
+            msg = (
+                "this max_queries guard is already active in this context (a block inside "
+                "its own block); use a second max_queries(...) for the inner block"
+            )
+            raise RuntimeError(msg)
+        # a counter per block: concurrent requests sharing one guard count apart
+        counter = QueryCounter(self._counter._target).__enter__()
+        self._counter = counter
+        _BLOCKS.set((*_BLOCKS.get(), (self, counter)))
+        return counter
 
     def __exit__(
         self,
@@ -334,9 +371,16 @@ class max_queries:  # noqa: N801 - used like a function: `with max_queries(engin
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._counter.__exit__(exc_type, exc, tb)
-        if exc is None and self._counter.count > self.limit:
-            raise TooManyQueries(self.limit, self._counter.statements, self._counter.repeated())
+        counter = self._block()
+        if counter is None:  # left in another context: nothing of it can be trusted
+            self._counter.__exit__(exc_type, exc, tb)  # stops counting (and raises that)
+            if exc is None:
+                raise RuntimeError(_OTHER_CONTEXT)
+            return
+        _BLOCKS.set(tuple(b for b in _BLOCKS.get() if b[1] is not counter))
+        counter.__exit__(exc_type, exc, tb)
+        if exc is None and counter.count > self.limit:
+            raise TooManyQueries(self.limit, counter.statements, counter.repeated())
 
     async def __aenter__(self) -> QueryCounter:
         return self.__enter__()
