@@ -46,6 +46,7 @@ def at_rest(slots: PoolLimiter) -> None:
     assert (stats.running, stats.waiting) == (0, 0), slots
     assert slots._held == {}
     assert slots._borrowed == {}
+    assert not slots._lending
     assert not waits.BLOCKED
     assert not waits.WORKERS
     assert not waits.WAKE

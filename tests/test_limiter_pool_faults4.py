@@ -32,8 +32,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.pool import QueuePool
 
 import parallelkit as pk
-from parallelkit._core import waits
 from parallelkit.sqlalchemy import LimitedAsyncSession, PoolLimiter, pool_limiter
+from tests.test_cache_pool_slots import at_rest as slots_at_rest
 from tests.virtual_time import run_virtual
 
 pytest_plugins = ["tests.sqla_fixtures"]
@@ -323,6 +323,25 @@ def test_entering_a_limiter_again_in_the_same_task_takes_a_second_slot(backend: 
     run_virtual(main, backend)
 
 
+class Tracker:
+    """How many ``work`` calls run at once (``active``, its ``peak``), and the order
+    they came in and out."""
+
+    def __init__(self) -> None:
+        self.active = self.peak = 0
+        self.order: list[str] = []
+
+    async def work(self, name: str, seconds: float) -> None:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        self.order.append(f"{name} in")
+        try:
+            await anyio.sleep(seconds)
+        finally:
+            self.active -= 1
+            self.order.append(f"{name} out")
+
+
 # ---------------------------------------------------------------- the pool's limiter
 @pytest.fixture
 def engine() -> Iterator[Engine]:
@@ -331,17 +350,6 @@ def engine() -> Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
-
-
-def slots_at_rest(slots: PoolLimiter) -> None:
-    stats = slots.statistics()
-    assert (stats.running, stats.waiting) == (0, 0), slots
-    assert slots._held == {}
-    assert slots._borrowed == {}
-    assert not slots._lending
-    assert not waits.BLOCKED
-    assert not waits.WORKERS
-    assert not waits.WAKE
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -358,19 +366,8 @@ def test_a_load_on_a_cancelled_callers_slot_keeps_it_until_it_ends(
     cache = pk.SWRCache(fresh=30, stale=300)
     go = anyio.Event()
     running = anyio.Event()
-    active = peak = 0
-    order: list[str] = []
-
-    async def work(name: str, seconds: float) -> None:
-        nonlocal active, peak
-        active += 1
-        peak = max(peak, active)
-        order.append(f"{name} in")
-        try:
-            await anyio.sleep(seconds)
-        finally:
-            active -= 1
-            order.append(f"{name} out")
+    track = Tracker()
+    work = track.work
 
     @cache.cached
     async def lookup(key: int) -> int:
@@ -409,7 +406,7 @@ def test_a_load_on_a_cancelled_callers_slot_keeps_it_until_it_ends(
                 for scope in scopes:
                     scope.cancel()
                 await anyio.sleep(1)
-                assert order == ["load in"]  # the load goes on for the patient caller
+                assert track.order == ["load in"]  # the load goes on for the patient caller
                 tg.start_soon(newcomer, "a")
                 tg.start_soon(newcomer, "b")
 
@@ -421,8 +418,8 @@ def test_a_load_on_a_cancelled_callers_slot_keeps_it_until_it_ends(
             await requests()
 
     run_virtual(main, backend)
-    assert peak <= 2, order
-    assert order.count("load in") == 1
+    assert track.peak <= 2, track.order
+    assert track.order.count("load in") == 1
     slots_at_rest(slots)
 
 
@@ -449,19 +446,8 @@ def test_a_chain_of_borrowed_slots_keeps_the_bound_when_its_first_lender_leaves(
     cache = pk.SWRCache(fresh=30, stale=300)
     go = anyio.Event()
     inner_running = anyio.Event()
-    active = peak = 0
-    order: list[str] = []
-
-    async def work(name: str, seconds: float) -> None:
-        nonlocal active, peak
-        active += 1
-        peak = max(peak, active)
-        order.append(f"{name} in")
-        try:
-            await anyio.sleep(seconds)
-        finally:
-            active -= 1
-            order.append(f"{name} out")
+    track = Tracker()
+    work = track.work
 
     @cache.cached
     async def inner(key: int) -> int:
@@ -514,8 +500,8 @@ def test_a_chain_of_borrowed_slots_keeps_the_bound_when_its_first_lender_leaves(
                     tg.start_soon(newcomer)
 
     run_virtual(main, backend)
-    assert peak <= 1, order
-    assert order == [
+    assert track.peak <= 1, track.order
+    assert track.order == [
         "inner in",
         "inner out",
         "outer in",

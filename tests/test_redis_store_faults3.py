@@ -24,7 +24,16 @@ import parallelkit as pk
 from parallelkit.redis import RedisStore, SerializationError
 
 from .conftest import need_service
-from .redis_helpers import RedisServer, Refused, client, entry, eventually, heard, new_prefix
+from .redis_helpers import (
+    RedisServer,
+    Refused,
+    cleaned,
+    client,
+    entry,
+    eventually,
+    heard,
+    new_prefix,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis, pytest.mark.slow]
 
@@ -50,12 +59,8 @@ def url12(redis_url: str) -> str:
 @pytest.fixture
 async def r(url12: str, prefix: str) -> AsyncIterator[aredis.Redis]:
     """A client on database 12; the test's keys are deleted afterwards."""
-    conn = client(url12)
-    yield conn
-    keys = [k async for k in conn.scan_iter(match=f"{prefix}:*")]
-    if keys:
-        await conn.delete(*keys)
-    await conn.aclose()
+    async with cleaned(url12, prefix) as conn:
+        yield conn
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ start/stop a private ``redis-server`` for the outage tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -252,3 +253,14 @@ async def heard(store: RedisStore, count: int) -> None:
     await eventually(
         lambda: store.statistics().near_invalidations >= count, f"{count} invalidations"
     )
+
+
+@contextlib.asynccontextmanager
+async def cleaned(url: str, prefix: str) -> AsyncIterator[aredis.Redis]:
+    """A client on ``url``; the keys under ``prefix`` are deleted afterwards."""
+    conn = client(url)
+    yield conn
+    keys = [k async for k in conn.scan_iter(match=f"{prefix}:*")]
+    if keys:
+        await conn.delete(*keys)
+    await conn.aclose()

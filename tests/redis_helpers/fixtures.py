@@ -8,7 +8,7 @@ import pytest
 import redis.asyncio as aredis
 
 from ..conftest import need_service
-from . import RedisServer, client, free_port, new_prefix
+from . import RedisServer, cleaned, client, free_port, new_prefix
 
 
 @pytest.fixture
@@ -19,12 +19,8 @@ def prefix() -> str:
 @pytest.fixture
 async def r(redis_url: str, prefix: str) -> AsyncIterator[aredis.Redis]:
     """A client on the test Redis; the test's keys are deleted afterwards."""
-    conn = client(redis_url)
-    yield conn
-    keys = [k async for k in conn.scan_iter(match=f"{prefix}:*")]
-    if keys:
-        await conn.delete(*keys)
-    await conn.aclose()
+    async with cleaned(redis_url, prefix) as conn:
+        yield conn
 
 
 @pytest.fixture
