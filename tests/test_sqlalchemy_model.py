@@ -863,12 +863,12 @@ def test_loader_by_id_matches_session_get(
             ):
                 outcomes = await pk.gather(*(loader.load(k) for k in keys), settle=True)
             # a batch closes at max_batch distinct keys (bad ones too); one that holds a
-            # good key is one statement. (A key repeated after its batch closed joins the
-            # next batch: loaded again unless cache=True.)
+            # good key is one statement. (A key repeated after its batch closed full joins
+            # that batch: every load here is made in one tick, before any batch is sent.)
             batches: list[set[Any]] = [set()]
             memo: set[Any] = set()
             for key in keys:
-                if key in batches[-1] or (cache and key in memo):
+                if key in memo:
                     continue
                 batches[-1].add(key)
                 memo.add(key)
@@ -894,11 +894,10 @@ def test_loader_by_id_matches_session_get(
                 assert (row.manager.id if row.manager else None) == manager
                 with pytest.raises(NotLoadedError):
                     _ = row.tags
-            # duplicates in one batch (or memoized) are one object
+            # duplicates (in one batch, joined to a full one, or memoized) are one object
             by_key: dict[Any, Any] = {}
             for key, outcome in zip(keys, outcomes, strict=True):
-                one_batch = cache or len(set(keys)) < max_batch
-                if one_batch and outcome.ok and outcome.value is not None:
+                if outcome.ok and outcome.value is not None:
                     assert by_key.setdefault(int(key), outcome.value) is outcome.value
         finally:
             await dispose(engine)
