@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import ipaddress
 import math
 import ssl
 from collections.abc import Awaitable, Callable, Collection
@@ -233,6 +234,8 @@ def http(
         raise TypeError(msg)
     try:
         parts = urlsplit(url)
+        if "[" in parts.netloc:  # Python < 3.11.4 takes any text in brackets
+            ipaddress.ip_address(parts.hostname or "")
     except ValueError as exc:  # "Invalid IPv6 URL", naming no argument
         msg = f"url must be an http:// or https:// URL ({exc}), got {url!r}"
         raise ValueError(msg) from None
