@@ -274,6 +274,9 @@ async def _request(sessions: Factory, kind: str) -> None:
         await session.commit()
 
 
+# every await of three requests cut in turn (about 30 s on SQLite): the main job's,
+# not the fast unit set run again on each Python (it keeps CI under its budget)
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["fan-out", "fail-fast", "nested", "map-in-a-block"])
 async def test_cancelled_at_any_await_of_a_lending_fan_out_nothing_leaks(
     roomy: AsyncEngine, kind: str
