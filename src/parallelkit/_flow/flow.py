@@ -149,7 +149,8 @@ class Flow:
                 ``retry=3``, ``name=3``), raised by the decorator.
             ValueError: an option out of range (``timeout=0``, ``limit=0``).
             NotAsyncError: ``fn`` is not an ``async def`` function (also a TypeError).
-            DefinitionError: a duplicate or reserved name, a ``*args`` parameter.
+            DefinitionError: a duplicate or reserved name, a ``*args``,
+                ``**kwargs`` or positional-only parameter.
             CycleError: this step closes a dependency cycle.
             RuntimeError: the flow has already run (it is immutable).
 
@@ -273,7 +274,11 @@ class Flow:
                 function.
             Exception: fail-fast: the first failing step's exception, unchanged
                 (never an ``ExceptionGroup``); the other running steps are
-                cancelled and have finished before it is raised.
+                cancelled and have finished before it is raised. A step whose
+                clean-up fails as it is cancelled is not lost: after a first
+                failure its exception is on that one's ``__context__`` chain; when
+                the caller cancelled the run, it is raised itself (as a task group
+                would), in place of the cancellation.
         """
         flag("settle", settle)
         target_names = None if targets is None else self._target_names(targets)

@@ -61,7 +61,12 @@ Three objects, used in this order::
       of :mod:`parallelkit._fanout.options`.
     - fail-fast (``settle=False``): the first exception cancels the running nodes
       and ``execute`` raises **that original exception** (never an
-      ``ExceptionGroup``); ``run.failed`` names the node that raised it.
+      ``ExceptionGroup``); ``run.failed`` names the node that raised it. A node
+      that fails later (its clean-up failed as it was cancelled) is put on that
+      exception's ``__context__`` chain. A node failure also wins over the caller's
+      cancellation (as in a task group): it is raised instead. On asyncio, a
+      ``task.cancel()`` that no cancel scope made, in a helper task of the pool
+      (not the caller's), is the node's failure, as for an item of ``map``.
     - ``settle=True``: every node gets an :class:`~parallelkit.Outcome`; nodes
       downstream of a failure are not run and their outcome's error is
       :class:`~parallelkit.DependencyFailed` naming the dependency, whose

@@ -14,12 +14,12 @@ import anyio
 from typing_extensions import final
 
 from .._core import backend
-from .._core.backend import is_failure, is_stray_cancellation
+from .._core.backend import is_failure, is_foreign_cancellation, is_stray_cancellation
 from .._core.errors import DependencyFailed
 from .._core.limiter import SupportsLimit
 from .._core.outcome import Outcome
 from .._fanout.options import for_fanout, split_limit
-from .._fanout.pool import Pool, Unit
+from .._fanout.pool import Pool, Unit, _uncancel, chain
 from .graph import Plan, RunNode
 from .timeline import SpanStatus, Timeline
 
@@ -53,6 +53,7 @@ class Run(Iterator[Unit]):
     """
 
     __slots__ = (
+        "_caller",
         "_clock",
         "_errors",
         "_inputs",
@@ -104,6 +105,7 @@ class Run(Iterator[Unit]):
         # settle mode only: the failed and skipped nodes
         self._errors: dict[int, BaseException] = {} if settle else _NO_ERRORS
         self._pool: Pool | None = None
+        self._caller = 0  # the calling task's id, once the pool opens
         self._clock: Callable[[], float] = anyio.current_time
         self.failed: str | None = None
 
@@ -133,13 +135,25 @@ class Run(Iterator[Unit]):
         if not self._remaining:
             return
         # Two or more ready: the pool, with the caller as its first worker.
+        self._caller = backend.task_id()
         pool = Pool(self._node, self, _DISCARD, max_workers=self._max_workers,
                     refill=self._refill)  # fmt: skip
         self._pool = pool
+        error: BaseException | None = None
         try:
             await pool.run_here(self._leave)
+        except BaseException as exc:
+            error = pool.error
+            if error is None or error is exc or is_failure(exc):
+                raise
+            # The caller's cancellation ended the run after a node had failed (a
+            # clean-up that failed as the cancellation reached it): as a task group
+            # would, the failure comes out, not the cancellation; as itself, and out
+            # here, not in this handler, so its ``__context__`` is left as it was.
         finally:
             self._pool = None
+        if error is not None:
+            raise error
 
     def results(self) -> dict[str, Any]:
         """Values by name (settle mode: an :class:`~parallelkit.Outcome` for every node)."""
@@ -205,10 +219,15 @@ class Run(Iterator[Unit]):
         except BaseException as exc:
             end = clock()
             # an Exception, or a CancelledError the step raised by itself (asyncio: it
-            # awaited a future cancelled elsewhere) is the step's failure; a
+            # awaited a future cancelled elsewhere, or code it called cancelled the
+            # worker task it runs in) is the step's failure; a
             # KeyboardInterrupt-like one is recorded as one and stops the run (never
             # settled); a cancellation is recorded as such and goes on
-            failed = isinstance(exc, Exception) or is_stray_cancellation(exc)
+            failed = (
+                isinstance(exc, Exception)
+                or is_stray_cancellation(exc)
+                or self._foreign_in_worker(exc)
+            )
             if timeline is not None:
                 status: SpanStatus = "error" if failed or is_failure(exc) else "cancelled"
                 began = end if start is None else start
@@ -216,11 +235,14 @@ class Run(Iterator[Unit]):
                     node.name, queued, began, end, status, plan.waited_for[item], self._kind
                 )
             if not failed or not self._settle:
-                if is_failure(exc):
+                if failed or is_failure(exc):
                     self._remaining -= 1
                     pool = self._pool
                     if pool is None or pool.error is None:  # the first (inline: the only)
                         self.failed = node.name
+                    else:  # a later one (a clean-up that failed as the first cancelled
+                        # it): the pool keeps the first; this one shows in its traceback
+                        chain(pool.error, exc)
                 raise
             self._remaining -= 1
             self._pending[item] = _DONE
@@ -245,6 +267,19 @@ class Run(Iterator[Unit]):
                     if queued_at is not None:
                         queued_at[dep] = end
                     ready.append(dep)
+
+    def _foreign_in_worker(self, exc: BaseException) -> bool:
+        """asyncio: whether ``exc`` is a ``task.cancel()`` that no cancel scope made, in
+        a worker task of the pool (not the caller's): the node's failure, as the pool
+        has it (fail-fast: raised itself; settle: its outcome, the task un-cancelled).
+        In the caller's task a cancellation is always one."""
+        if self._pool is None or not is_foreign_cancellation(exc):
+            return False
+        if backend.task_id() == self._caller:
+            return False
+        if self._settle:  # kept as the node's outcome: its worker goes on, not cancelling
+            _uncancel()
+        return True
 
     def _skip_downstream(self, failed: int, now: float) -> None:
         """Settle mode: mark everything downstream of ``failed`` as not run."""
