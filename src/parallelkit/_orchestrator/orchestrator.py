@@ -18,12 +18,10 @@ graph engine runs both) and gets, from that one declaration:
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -31,10 +29,20 @@ from typing import Any, TypeVar, overload
 from typing_extensions import ParamSpec, final
 
 from .._core.check import callable_, choice, count_or_none, flag, number, number_or_none
-from .._core.errors import DefinitionError
 from .._core.retry import RetryLike, validate_retry
-from .._graph.graph import Graph, Node, Param, params_of
+from .._graph.graph import Graph, Node, Param, Plan, params_of
 from ..probes import Probe, as_probe
+from .definitions import (
+    check_dependencies,
+    process_command,
+    process_cwd,
+    process_env,
+    process_name,
+    process_needs,
+    service_function,
+    service_name_option,
+)
+from .lifetime import ServiceSpec
 from .process import (
     RESTART_POLICIES,
     ManagedProcess,
@@ -44,7 +52,6 @@ from .process import (
     process_lifetime,
 )
 from .running import Running
-from .services import ServiceSpec
 from .serving import serve_session, signal_number
 from .session import Session, run_session
 
@@ -173,34 +180,10 @@ class Orchestrator:
         retry = validate_retry(retry)
         stop_seconds = number("stop_timeout", stop_timeout)
         critical = flag("critical", critical)
-        if name is not None and not isinstance(name, str):
-            msg = f"name must be a str (an identifier) or None, got {name!r}"  # type: ignore[unreachable]
-            raise TypeError(msg)
-        if name is not None and not name.isidentifier():
-            msg = f"service name must be an identifier str, got {name!r}"
-            raise DefinitionError(msg)
+        service_name_option(name)
 
         def register(func: Callable[P, R]) -> Callable[P, R]:
-            callable_("service", func, what="a function (decorate it with @orch.service)")
-            service_name = name if name is not None else getattr(func, "__name__", None)
-            if not isinstance(service_name, str) or not service_name.isidentifier():
-                msg = f"service name must be an identifier str, got {service_name!r}"
-                raise DefinitionError(msg)
-            # a sync function is accepted only as an async context-manager factory,
-            # which @asynccontextmanager (functools.wraps) reveals
-            if (
-                inspect.isfunction(func)
-                and not (inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func))
-                and not hasattr(func, "__wrapped__")
-            ):
-                msg = (
-                    f"service {service_name!r}: {func.__qualname__} is a sync function "
-                    "(what it returns is known only once it is called, too late to refuse "
-                    "it); write it as an async generator (set up, yield, tear down: "
-                    f"`async with Client() as c: yield c` for a client to enter), an async "
-                    "function, or an @asynccontextmanager factory"
-                )
-                raise TypeError(msg)
+            service_name = service_function(func, name)
             params = params_of(func, kind="service", node=service_name)
             spec = ServiceSpec(
                 service_name,
@@ -284,50 +267,18 @@ class Orchestrator:
             ValueError: an option out of range (``restart`` not one of the
                 policies, ``max_restarts`` < 1, a timeout <= 0, ...).
         """
-        if not isinstance(name, str):
-            msg = f"name must be a str (an identifier), got {name!r}"  # type: ignore[unreachable]
-            raise TypeError(msg)
-        if not name.isidentifier():
-            msg = f"process name must be an identifier str, got {name!r}"
-            raise DefinitionError(msg)
-        if isinstance(cmd, str):
-            if not cmd.strip():
-                msg = "cmd must not be empty"
-                raise ValueError(msg)
-        elif not (
-            isinstance(cmd, Sequence)
-            and cmd
-            and all(isinstance(a, (str, os.PathLike)) for a in cmd)
-        ):
-            msg = f"cmd must be a shell string or a non-empty list of str, got {cmd!r}"
-            raise TypeError(msg)
+        process_name(name)
+        command = process_command(cmd)
         probe = as_probe(ready)
         restart = choice("restart", restart, RESTART_POLICIES)
         max_restarts = count_or_none("max_restarts", max_restarts)
         stop = number("stop_timeout", stop_timeout)
         start_timeout = number_or_none("timeout", timeout)
         critical = flag("critical", critical)
-        # read once: a generator checked, then read again, would be empty the second time
-        needs = (
-            tuple(depends_on)
-            if isinstance(depends_on, Iterable) and not isinstance(depends_on, (str, bytes))
-            else None
-        )
-        if needs is None or not all(isinstance(d, str) for d in needs):
-            msg = f"depends_on must be a sequence of service names, got {depends_on!r}"
-            raise TypeError(msg)
-        if env is not None and not (
-            isinstance(env, Mapping)
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
-        ):
-            msg = f"env must be a mapping of str to str, or None, got {env!r}"
-            raise TypeError(msg)
-        if cwd is not None and not isinstance(cwd, (str, os.PathLike)):
-            msg = f"cwd must be a path (str or os.PathLike) or None, got {cwd!r}"  # type: ignore[unreachable]
-            raise TypeError(msg)
+        needs = process_needs(depends_on)
+        env_copy = process_env(env)
+        process_cwd(cwd)
         sink = self._sink
-        env_copy = dict(env) if env is not None else None
-        command = cmd if isinstance(cmd, str) else [os.fspath(a) for a in cmd]
 
         def lifetime(**_deps: Any) -> AbstractAsyncContextManager[ManagedProcess]:
             return process_lifetime(
@@ -384,42 +335,27 @@ class Orchestrator:
         failed, an ``ExceptionGroup`` of those errors is raised (otherwise they are
         logged and kept in ``running.teardown_errors``).
         """
-        return _OneStart(self._run(self._session()))
+        plan = self._checked_plan()  # here, not when entered: before anything starts
+        # the session (its timeline's origin: the clock) is made when it is entered
+        return _OneStart(self._run(lambda: self._new_session(plan)))
 
     def _session(self) -> Session:
         """Check the graph (before anything starts) and make the state of one start."""
-        self._check_dependencies()
+        return self._new_session(self._checked_plan())
+
+    def _checked_plan(self) -> Plan:
+        """Check the graph and freeze it: its plan (no event loop needed)."""
+        check_dependencies(self._graph, self._specs)
         plan = self._graph.plan()
         self._graph.freeze()
         self._sink.width = max(
             (len(n) for n, s in self._specs.items() if s.kind == "process"), default=0
         )
-        return Session(plan, self._specs, self._names, self.name)
+        return plan
 
-    def _check_dependencies(self) -> None:
-        """Every parameter without a default names a service; say what to do if not."""
-        names = list(self._specs)
-        for node in self._graph.nodes.values():
-            spec: ServiceSpec = node.data
-            for param in node.params:
-                if param.name in self._specs or param.optional:
-                    continue
-                close = difflib.get_close_matches(param.name, names, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                if spec.kind == "process":
-                    msg = (
-                        f"process {spec.name!r} depends on {param.name!r}, which is not a "
-                        f"service of this orchestrator (services: {names}){hint}"
-                    )
-                else:
-                    msg = (
-                        f"service {spec.name!r} needs {param.name!r}, which is not a service "
-                        f"of this orchestrator (services: {names}). Register a service named "
-                        f"{param.name!r} (@orch.service or orch.process({param.name!r}, ...)), "
-                        "rename the parameter to the service it means, or give it a default"
-                        f"{hint}"
-                    )
-                raise DefinitionError(msg)
+    def _new_session(self, plan: Plan) -> Session:
+        """The state of one start; its timeline begins now."""
+        return Session(plan, self._specs, self._names, self.name)
 
     def _refuse_second_start(self) -> None:
         """One start at a time: the services of an orchestrator are one set."""
@@ -432,10 +368,15 @@ class Orchestrator:
             )
             raise RuntimeError(msg)
 
+    def _run_session(self, session: Session) -> AbstractAsyncContextManager[Running]:
+        """:meth:`_run` of a session made already (serve's: its signals force it)."""
+        return self._run(lambda: session)
+
     @asynccontextmanager
-    async def _run(self, session: Session) -> AsyncIterator[Running]:
+    async def _run(self, make: Callable[[], Session]) -> AsyncIterator[Running]:
         """One start at a time: the services of an orchestrator are one set."""
         self._refuse_second_start()
+        session = make()
         self._started = True
         try:
             async with run_session(session) as running:
@@ -492,7 +433,7 @@ class Orchestrator:
         # refused before serve_session touches the signal handlers: a second receiver
         # would take the signals from the serve() that runs, and leave none behind
         self._refuse_second_start()
-        await serve_session(self._session, self._run, wanted, on_ready)
+        await serve_session(self._session, self._run_session, wanted, on_ready)
 
 
 @final

@@ -22,8 +22,9 @@ from .._core.check import number
 from .._core.errors import DependencyFailed
 from .._graph.timeline import Timeline
 from ..probes import Probe
+from .lifetime import ServiceState, only_failure
 from .process import ManagedProcess
-from .services import ServiceHost, ServiceState, only_failure
+from .services import ServiceHost
 
 if TYPE_CHECKING:
     from .session import Session

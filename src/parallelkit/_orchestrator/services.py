@@ -1,45 +1,33 @@
-"""One service's lifetime: set up, become ready, stay alive, tear down exactly once.
+"""One service's lifetime hosted: set up, become ready, stay alive, tear down exactly once.
 
-A service is registered as one of three shapes, and this module turns each into
-the same lifetime (an async context manager):
-
-- an **async generator** function: set-up code, ``yield value``, tear-down code;
-- an **async context-manager factory** (``@asynccontextmanager`` or any callable
-  returning an object with ``__aenter__``/``__aexit__``);
-- an **async function** returning the value (nothing to tear down).
-
-:class:`ServiceHost` runs that lifetime in a task of its own (the orchestrator's
-service task group), so set-up and tear-down happen in the same task, and a
-service may keep a task group or cancel scope open across its ``yield`` (a
-server's accept loop, a background refresher). The host reports the ready value
-through ``task_status.started(value)``, then waits to be told to stop.
+:class:`ServiceHost` runs a service's lifetime (:func:`~.lifetime.open_lifetime`:
+whatever its shape, an async context manager) in a task of its own (the
+orchestrator's service task group), so set-up and tear-down happen in the same
+task, and a service may keep a task group or cancel scope open across its
+``yield`` (a server's accept loop, a background refresher). The host reports the
+ready value through ``task_status.started(value)``, then waits to be told to stop.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import signal
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
 from typing_extensions import final
 
 from .._core.errors import ProcessError
-from .._core.retry import RetryLike, to_retrying
+from .._core.retry import to_retrying
 from ..probes import Probe
+from .lifetime import ExitRecorder, ServiceSpec, ServiceState, open_lifetime, unwrap
 from .process import ManagedProcess
 
-if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
-
-__all__ = ["ServiceHost", "ServiceSpec", "ServiceState", "only_failure", "open_lifetime"]
+__all__ = ["PROCESS_KILL_GRACE", "ServiceHost"]
 
 logger = logging.getLogger("parallelkit.orchestrator")
 
@@ -50,85 +38,13 @@ The process gets ``SIGKILL`` at ``stop_timeout`` (:mod:`.process`); this is the 
 allowed after that for it to die and for its output to drain.
 """
 
-ServiceState = Literal[
-    "pending", "starting", "ready", "stopping", "stopped", "failed", "crashed", "skipped"
-]
-LifetimeFactory = Callable[..., Any]
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class ServiceSpec:
-    """The definition of one service (validated by the orchestrator at the door)."""
-
-    name: str
-    fn: LifetimeFactory
-    depends_on: tuple[str, ...] = ()
-    ready: Probe | None = None
-    timeout: float | None = None
-    retry: RetryLike | None = None
-    stop_timeout: float = 10.0
-    critical: bool = True
-    kind: Literal["service", "process"] = "service"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def open_lifetime(name: str, fn: LifetimeFactory, kwargs: dict[str, Any]) -> Any:
-    """The async context manager for one run of a service, whatever its shape.
-
-    Raises:
-        TypeError: ``fn`` returned neither an awaitable nor an async context
-            manager (for example a plain sync function).
-    """
-    if inspect.isasyncgenfunction(fn):
-        return asynccontextmanager(fn)(**kwargs)
-    result = fn(**kwargs)
-    if hasattr(result, "__aenter__") and hasattr(result, "__aexit__"):
-        return result
-    if inspect.isawaitable(result):
-        return _value_of(result)
-    if inspect.isasyncgen(result):
-        return asynccontextmanager(lambda: result)()
-    msg = (
-        f"service {name!r}: {fn!r} returned {type(result).__name__}, not an awaitable or "
-        "an async context manager; write it as an async generator (set up, yield, tear "
-        "down), an async function, or an async context-manager factory"
-    )
-    raise TypeError(msg)
-
-
-@final
-class _ExitRecorder:
-    """A lifetime whose exit keeps what it raised (its tear-down scope may absorb it)."""
-
-    __slots__ = ("cm", "raised")
-
-    def __init__(self, cm: Any) -> None:
-        self.cm = cm
-        self.raised: BaseException | None = None
-
-    async def __aenter__(self) -> Any:
-        return await self.cm.__aenter__()
-
-    async def __aexit__(self, *exc_info: Any) -> Any:
-        try:
-            return await self.cm.__aexit__(*exc_info)
-        except BaseException as exc:
-            self.raised = exc
-            raise
-
-
-@asynccontextmanager
-async def _value_of(awaitable: Awaitable[Any]) -> AsyncIterator[Any]:
-    yield await awaitable
-
 
 @final
 class ServiceHost:
     """Runs one service's lifetime in its own task; stopped on request, once.
 
-    ``value = await _start_soon_and_wait(task_group, host.run, ...)`` (``task_group.start``'s
-    contract, see session.py) returns when the service is ready (set up and its probe
+    ``value = await start_soon_and_wait(task_group, host.run, ...)`` (``task_group.start``'s
+    contract, see starting.py) returns when the service is ready (set up and its probe
     passed) or raises its start-up error. :meth:`request_stop`
     then tears it down, bounded by ``stop_timeout`` (for a process, plus
     :data:`PROCESS_KILL_GRACE`), after which the tear-down is cancelled and
@@ -207,7 +123,7 @@ class ServiceHost:
         self._scope: anyio.CancelScope | None = None
         self._closing = False
         self._force = False  # a second signal came: every tear-down from now on is cut short
-        self._exit: _ExitRecorder | None = None
+        self._exit: ExitRecorder | None = None
         # an attempt that failed after its yield, its tear-down not run yet
         self._failed_attempt: tuple[AsyncExitStack, anyio.CancelScope] | None = None
 
@@ -302,7 +218,7 @@ class ServiceHost:
         # before the lifetime's own scopes)
         scope = stack.enter_context(anyio.CancelScope(deadline=deadline))
         try:
-            self._exit = _ExitRecorder(open_lifetime(spec.name, spec.fn, self.kwargs))
+            self._exit = ExitRecorder(open_lifetime(spec.name, spec.fn, self.kwargs))
             value = await stack.enter_async_context(self._exit)
         except BaseException as exc:
             # before the yield: undo the partial set-up (the generator's finally runs)
@@ -413,7 +329,7 @@ class ServiceHost:
             if isinstance(seen, Exception) and not isinstance(
                 seen, anyio.get_cancelled_exc_class()
             ):
-                return _unwrap(seen)
+                return unwrap(seen)
             seen = seen.__context__
         return None
 
@@ -447,7 +363,7 @@ class ServiceHost:
             elif not await stack.__aexit__(type(crash), crash, crash.__traceback__):
                 raise crash
         except Exception as raised:
-            error = _unwrap(raised)
+            error = unwrap(raised)
         finally:
             self._closing = False
             self.timed_out = scope.cancelled_caught and not self.forced
@@ -519,25 +435,3 @@ async def _process_ready(probe: Probe, process: ManagedProcess, deadline: float)
             return
     code = process.returncode if process.returncode is not None else 0
     raise ProcessError(process.name, code, process.cmd, process.tail, restarts=process.restarts)
-
-
-def _unwrap(exc: Exception) -> Exception:
-    """The one error inside the (nested) single-error groups a service's task group adds."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        inner = exc.exceptions[0]
-        if not isinstance(inner, Exception):
-            break
-        exc = inner
-    return exc
-
-
-def only_failure(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one error in ``group`` besides cancellations, if there is exactly one.
-
-    A ``KeyboardInterrupt``-like error that a service (or a probe) let through comes
-    out of the orchestrator's task groups wrapped: it is raised as itself.
-    """
-    _, rest = group.split(anyio.get_cancelled_exc_class())
-    while isinstance(rest, BaseExceptionGroup) and len(rest.exceptions) == 1:
-        rest = rest.exceptions[0]
-    return None if isinstance(rest, BaseExceptionGroup) else rest

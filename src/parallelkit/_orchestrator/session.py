@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import traceback
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn, TypeVar
 
@@ -26,8 +27,10 @@ from .._core.errors import DependencyFailed, StartupError
 from .._graph.graph import Graph, Node, Param, Plan, RunNode
 from .._graph.scheduler import Run
 from .._graph.timeline import Span, Timeline
+from .lifetime import ServiceSpec, only_failure
 from .running import Running
-from .services import ServiceHost, ServiceSpec, only_failure
+from .services import ServiceHost
+from .starting import start_soon_and_wait
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import (  # type: ignore[import-not-found,unused-ignore]
@@ -144,6 +147,7 @@ class Session:
         self.crashing: ServiceHost | None = None  # crashed, its tear-down not done yet
         # failed to start after its yield, its tear-down not done yet (its error comes then)
         self.failing: ServiceHost | None = None
+        self.interrupt: BaseException | None = None  # a KeyboardInterrupt-like set-up error
         self.waits: dict[str, anyio.CancelScope] = {}  # each start's wait for its service
         self.tg: anyio.abc.TaskGroup | None = None
         self.start_scope: anyio.CancelScope | None = None
@@ -170,23 +174,33 @@ class Session:
             timeline=self.timeline,
             kind="start",
         )
+        errors: list[tuple[str, BaseException]] | None = None
         try:
             with anyio.CancelScope() as self.start_scope:
                 await run.execute()
         except BaseException as cancelled:  # cancelled from outside: undo what started
             with anyio.CancelScope(shield=True):
-                errors = self.failed_teardowns() + await self.stop_all()
-            if self._failed() is None or not isinstance(cancelled, anyio.get_cancelled_exc_class()):
-                log_teardown_errors(errors)  # nobody receives them: the start was cancelled
-                raise
-            # A service had failed, and the start was still unwinding (tearing down
-            # the services that had not become ready) when your scope was cancelled:
-            # its error is raised, not lost to the cancellation (as trio would have it).
-            self._log_other_failures(run)
-            self._raise_failure(errors)
+                errors = rolled_back = self.failed_teardowns() + await self.stop_all()
+            if self.interrupt is None:
+                if self._failed() is None or not isinstance(
+                    cancelled, anyio.get_cancelled_exc_class()
+                ):
+                    log_teardown_errors(rolled_back)  # nobody receives them: start cancelled
+                    raise
+                # A service had failed, and the start was still unwinding (tearing down
+                # the services that had not become ready) when your scope was cancelled:
+                # its error is raised, not lost to the cancellation (as trio would have it).
+                self._log_other_failures(run)
+                self._raise_failure(rolled_back)
         if self.crashing is not None:  # a service crashed: its error comes after its tear-down
             with anyio.CancelScope(shield=True):
                 await self.crashing.stopped.wait()
+        if self.interrupt is not None:  # raised here, out of the handler above
+            if errors is None:  # (the engine lost it in a start cancelled by a failure)
+                errors = self.failed_teardowns()
+                with anyio.CancelScope(shield=True):
+                    errors += await self.stop_all()
+            self._raise_interrupt(run, errors)
         if self._failed() is not None:
             self._log_other_failures(run)
             self._raise_failure(self.failed_teardowns() + await self.stop_all())
@@ -226,6 +240,26 @@ class Session:
                 continue
             logger.warning("service %r failed to start", name, exc_info=error)
 
+    def _raise_interrupt(self, run: Run, errors: list[tuple[str, BaseException]]) -> NoReturn:
+        """Raise the ``KeyboardInterrupt``-like error a set-up raised, as itself.
+
+        Once everything that started was torn down (``errors``: what the tear-downs
+        raised). A critical failure that came first is not lost: the
+        ``StartupError`` it would have raised is the interrupt's ``__context__``
+        (printed with it); with none, nobody receives the tear-down errors: logged.
+        """
+        interrupt = self.interrupt
+        assert interrupt is not None
+        if self._failed() is None:
+            log_teardown_errors(errors)
+        else:
+            self._log_other_failures(run)
+            try:
+                self._raise_failure(errors)
+            except StartupError as error:
+                interrupt.__context__ = error
+        raise interrupt
+
     def _failed(self) -> tuple[str, BaseException] | None:
         """The critical service that failed the start (one that crashed counts), if any."""
         if self.failure is None and self.crashed is not None:
@@ -236,8 +270,12 @@ class Session:
     def _raise_failure(self, errors: list[tuple[str, BaseException]]) -> NoReturn:
         assert self.failure is not None
         name, exc = self.failure
-        # raised to the caller, so not logged here (an error is reported once)
-        raise StartupError(name, _startup_message(name, exc), teardown_errors=errors) from exc
+        # raised to the caller, so not logged here (an error is reported once); the
+        # rollback's errors ride along, each traceback in a note of the StartupError's
+        error = StartupError(name, _startup_message(name, exc), teardown_errors=errors)
+        for service, teardown_error in errors:
+            _add_note(error, _rollback_note(service, teardown_error))
+        raise error from exc
 
     async def _start_node(self, node: Node, kwargs: dict[str, Any]) -> Any:
         spec: ServiceSpec = node.data
@@ -256,11 +294,20 @@ class Session:
         assert self.tg is not None
         self.waits[spec.name] = waiting = anyio.CancelScope()
         try:
-            value = await _start_soon_and_wait(
+            value = await start_soon_and_wait(
                 self.tg, host.run, name=f"parallelkit service {spec.name}", waiting=waiting
             )
         except Exception as exc:
             self._fail(host, exc)
+            raise
+        except BaseException as exc:
+            if (
+                not isinstance(exc, (anyio.get_cancelled_exc_class(), GeneratorExit))
+                and self.interrupt is None
+            ):
+                # a KeyboardInterrupt-like error in its set-up: it ends the start, raised
+                # by start_all once everything stopped (whatever the engine does with it)
+                self.interrupt = exc
             raise
         return value
 
@@ -393,6 +440,29 @@ def _startup_message(name: str, exc: BaseException) -> str:
     return f"service {name!r} failed to start: {type(exc).__name__}: {exc}"
 
 
+def _rollback_note(name: str, exc: BaseException) -> str:
+    """The note that carries a rollback error's traceback in the ``StartupError``.
+
+    Printed as part of the ``StartupError``'s own report (one report, not a second
+    "Traceback" of its own): the heading names the service.
+    """
+    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    heading = f"the rollback failed: service {name!r} raised while it stopped"
+    if lines and lines[0].startswith("Traceback "):
+        lines[0] = f"{heading}; its traceback (most recent call last):\n"
+    else:  # no frames (an error made, never raised)
+        lines.insert(0, f"{heading}:\n")
+    return "".join(lines).rstrip()
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)`` (Python 3.10: the ``exceptiongroup`` backport prints it)."""
+    if sys.version_info >= (3, 11):
+        exc.add_note(note)
+    else:  # pragma: no cover
+        exc.__notes__ = [*getattr(exc, "__notes__", ()), note]  # type: ignore[attr-defined,unused-ignore]
+
+
 def log_teardown_errors(errors: list[tuple[str, BaseException]]) -> None:
     """Log tear-down errors that are not raised to anyone (an error is reported once)."""
     for name, exc in errors:
@@ -404,87 +474,3 @@ def teardown_group(errors: list[tuple[str, BaseException]]) -> ExceptionGroup[Ex
     names = ", ".join(repr(name) for name, _ in errors)
     excs = [e if isinstance(e, Exception) else RuntimeError(repr(e)) for _, e in errors]
     return ExceptionGroup(f"services failed to stop: {names}", excs)
-
-
-class _StartStatus:
-    """The ``task_status`` of a service task: its start value, or its error before it."""
-
-    __slots__ = ("error", "event", "is_started", "value")
-
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-        self.is_started = False
-        self.value: Any = None
-        self.error: Exception | None = None
-
-    def started(self, value: Any = None) -> None:
-        self.value = value
-        self.is_started = True
-        self.event.set()
-
-
-async def _start_soon_and_wait(
-    tg: anyio.abc.TaskGroup,
-    run: Callable[..., Awaitable[None]],
-    *,
-    name: str,
-    waiting: anyio.CancelScope | None = None,
-) -> Any:
-    """``tg.start(run)``, without the hang of anyio's own ``start`` on asyncio.
-
-    anyio's ``TaskGroup.start`` puts the new task in the *caller's* cancel scope until
-    it reports ``started()``. When that scope is cancelled between the spawn and the
-    task's first step (a sibling service failed), asyncio kills the task before its
-    body runs, so the "finished" event ``start`` waits for (shielded) is never set and
-    the start-up hangs (seen on Python 3.13 with anyio 4.15 and 4.16). Here the task
-    belongs to ``tg`` and to a cancel scope of its own: the starter, when cancelled,
-    cancels that scope and, if the task's body began, waits until it ends or becomes
-    ready anyway (a ready service is registered and stopped in order by the
-    orchestrator); a task whose body begins after that returns at once, before any
-    service code runs. The wait runs in ``waiting``, a scope the caller may shield
-    (the task said its start failed: its error, which comes after its tear-down, is
-    received as that of any failed start).
-    """
-    status = _StartStatus()
-    scope = anyio.CancelScope()
-    began = False
-
-    async def task() -> None:
-        nonlocal began
-        if scope.cancel_called:  # the starter gave up before this task ever ran
-            return
-        began = True
-        try:
-            with scope:
-                await run(task_status=status)
-        except Exception as exc:
-            if status.is_started:
-                raise  # a failure after start-up belongs to the task group
-            status.error = exc  # before it: the starter raises it, as tg.start would
-        finally:
-            status.event.set()
-
-    tg.start_soon(task, name=name)
-    try:
-        with waiting if waiting is not None else anyio.CancelScope():
-            await status.event.wait()
-    except BaseException:
-        if not status.is_started:  # a ready service is stopped by the orchestrator, in order
-            scope.cancel()
-            if began:  # until it ends, or becomes ready anyway (then it is stopped in order)
-                with anyio.CancelScope(shield=True):
-                    await status.event.wait()
-            if status.error is not None:  # nobody receives it: the start was cancelled
-                logger.warning(
-                    "%s failed while its start was cancelled", name, exc_info=status.error
-                )
-        raise
-    if status.error is not None:
-        raise status.error
-    if not status.is_started:
-        # it ended by a cancellation from outside: when that reaches this start too
-        # (its wait was shielded, so it has not yet), it goes on
-        await anyio.lowlevel.checkpoint()
-        msg = f"{name} ended before it was ready"
-        raise RuntimeError(msg)
-    return status.value
