@@ -6,7 +6,9 @@ Every :meth:`BatchLoader.load` issued in the same scheduling tick (or within
 
 How a caller waits depends on the backend, and that is the only place the
 backends differ (:mod:`parallelkit._batch.batch`: one batch's state, and the futures
-of its callers):
+of its callers). This module is the loader's public face and the per-key path
+(joining a key to the open batch); closing, dispatching and running a batch are
+in :mod:`parallelkit._batch.dispatch` (:class:`BatchDispatch`, its base class):
 
 * asyncio, loader entered: ``load(key)`` returns a per-call
   :class:`asyncio.Future` (as aiodataloader does), resolved when the batch
@@ -20,35 +22,19 @@ of its callers):
 from __future__ import annotations
 
 import asyncio
-import inspect
-from collections.abc import (
-    Awaitable,
-    Callable,
-    Coroutine,
-    Hashable,
-    Iterable,
-    Mapping,
-    Sequence,
-)
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, cast
 
-import anyio
 from typing_extensions import Self, final
 
-from .._core import instrument
-from .._core.backend import is_failure, is_stray_cancellation
 from .._core.check import async_callable, count, flag, number, returns_coroutine
 from .._core.owned import OwnedTaskGroup
-from .batch import MISSING, Batch, KeyFuture, asyncio_loop, read_mapping, run_uncancelled
+from .batch import MISSING, Batch, KeyFuture, asyncio_loop
+from .dispatch import BatchDispatch, K, LoadMany, V
 
 __all__ = ["BatchLoader", "BatchStats"]
-
-K = TypeVar("K", bound=Hashable)
-V = TypeVar("V")
-
-LoadMany = Callable[[list[K]], Awaitable[Mapping[K, "V | Exception"] | Sequence["V | Exception"]]]
 
 
 @final
@@ -69,7 +55,7 @@ class BatchStats:
 
 
 @final
-class BatchLoader(Generic[K, V]):
+class BatchLoader(BatchDispatch[K, V]):
     """Coalesce many single-key loads into few ``load_many(keys)`` calls.
 
     The N+1 problem: 500 handlers each ask for "the contact of conversation X"
@@ -144,21 +130,7 @@ class BatchLoader(Generic[K, V]):
         ```
     """
 
-    __slots__ = (
-        "_batch",
-        "_cache",
-        "_calls",
-        "_default",
-        "_full",
-        "_keys",
-        "_load_many",
-        "_loop",
-        "_max_batch",
-        "_memo",
-        "_owner",
-        "_requests",
-        "_window",
-    )
+    __slots__ = ()  # the state is declared in BatchDispatch
 
     def __init__(
         self,
@@ -176,13 +148,13 @@ class BatchLoader(Generic[K, V]):
         self._window = number("window", window, zero=True)
         self._cache = flag("cache", cache)
         self._default = default
-        self._memo: dict[Any, Batch] = {}
-        self._batch: Batch | None = None
+        self._memo = {}
+        self._batch = None
         # the keys of the batches closed because they were full, until they are sent: a
         # repeat of one of them in the same tick joins that batch, never a second one
-        self._full: dict[Any, Batch] = {}
+        self._full = {}
         self._owner = OwnedTaskGroup("this BatchLoader")
-        self._loop: asyncio.AbstractEventLoop | None = None  # entered on asyncio: futures
+        self._loop = None  # entered on asyncio: futures
         self._requests = self._keys = self._calls = 0
 
     async def __aenter__(self) -> Self:
@@ -270,29 +242,6 @@ class BatchLoader(Generic[K, V]):
             batch.counted += 1
             batch.extra.append((key, future))
         return batch
-
-    def _close(self, batch: Batch) -> None:
-        """Stop ``batch`` taking keys; count the requests of the loads that joined inline.
-
-        :meth:`load`'s inline join (asyncio) adds a key or a future, nothing more:
-        its requests are the batch's entries not yet ``counted``.
-        """
-        if self._batch is batch:
-            self._batch = None
-            self._requests += len(batch.keys) + len(batch.extra) - batch.counted
-            batch.counted = len(batch.keys) + len(batch.extra)
-
-    def _flush(self, batch: Batch) -> None:
-        """Close ``batch`` to new keys and run it now (it is full: a repeat of one of its
-        keys until it is sent joins it, see :attr:`_full`)."""
-        self._close(batch)
-        batch.full = True
-        if not self._cache:  # (the memo already joins repeats)
-            full = self._full
-            for key in batch.keys:
-                full[key] = batch
-        if batch.scope is not None:
-            batch.scope.cancel()
 
     @returns_coroutine  # pk.map(loader.load, ids): an async callable, as `async def` was
     def load(self, key: K) -> Coroutine[Any, Any, V]:
@@ -426,135 +375,6 @@ class BatchLoader(Generic[K, V]):
             self._memo.clear()
         for key in keys:
             self._memo.pop(key, None)
-
-    async def _lead(self, batches: list[Batch]) -> None:
-        """Not entered: run the batches this caller opened, in the caller's task.
-
-        The run is shielded: other callers wait on it, so this caller's own
-        cancellation takes effect once the batch call has returned. On asyncio the
-        run is a task of its own (:func:`run_uncancelled`): a ``task.cancel()`` of
-        this caller goes through anyio's shield.
-        """
-        for batch in batches:
-            batch.lead = False
-        with anyio.CancelScope(shield=True):
-            if asyncio_loop() is None:
-                await self._dispatch_all(batches)
-            else:
-                await run_uncancelled(self._dispatch_all(batches))
-        await anyio.lowlevel.checkpoint_if_cancelled()
-
-    async def _dispatch_all(self, batches: list[Batch]) -> None:
-        if len(batches) == 1:
-            await self._dispatch(batches[0])
-        else:
-            async with anyio.create_task_group() as tg:
-                for batch in batches:
-                    tg.start_soon(self._dispatch, batch)
-
-    async def _dispatch(self, batch: Batch) -> None:
-        try:
-            if batch.full:
-                pass
-            elif self._window:
-                with anyio.CancelScope() as batch.scope:  # _flush cancels it when full
-                    await anyio.sleep(self._window)
-            else:  # one scheduling tick: the loads of this tick join
-                await anyio.lowlevel.checkpoint()
-            self._close(batch)
-            await self._run(batch)
-        finally:
-            if not batch.finished:  # cancelled before the call: never leave callers hanging
-                self._close(batch)  # no load joins a finished batch
-                self._sent(batch)
-                batch.error = RuntimeError("BatchLoader was closed before this batch ran")
-                if self._cache:  # nor is this error memoized
-                    self._forget_failures(list(batch.keys), batch)
-                batch.finish(self._default)
-
-    def _sent(self, batch: Batch) -> None:
-        """``batch`` is sent (or never will be): a load of its keys opens a new batch."""
-        full = self._full
-        if batch.full and full:
-            for key in batch.keys:
-                if full.get(key) is batch:
-                    del full[key]
-
-    async def _run(self, batch: Batch) -> None:
-        self._sent(batch)
-        keys = list(batch.keys)
-        self._calls += 1
-        self._keys += len(keys)
-        hook = instrument.current
-        if hook is not None:
-            hook.batch(len(keys))
-        given = keys.copy()  # load_many's own: sorting it cannot misalign the values
-        try:
-            result = await self._load_many(given)
-            if (
-                batch.plain
-                and type(result) is list
-                and len(result) == len(keys)
-                and (result is given or given == keys)
-            ):  # nobody reads batch.values (memo batches are never plain)
-                batch.aligned = result
-            else:
-                batch.values = self._align(keys, result, given)
-        except Exception as exc:
-            batch.error = exc
-            batch.keep_traceback(exc)
-        except BaseException as exc:
-            if not is_stray_cancellation(exc):
-                if is_failure(exc):  # KeyboardInterrupt-like: it goes on up; callers learn why
-                    msg = f"load_many raised {exc!r}; this batch has no values"
-                    batch.error = RuntimeError(msg)
-                    batch.error.__cause__ = exc
-                else:
-                    batch.error = RuntimeError("BatchLoader was closed before this batch finished")
-                raise
-            # asyncio: load_many awaited a future cancelled elsewhere. Its failure: let
-            # through, the task group would cancel the loader's `async with` body
-            batch.error = exc
-            batch.keep_traceback(exc)
-        finally:
-            if self._cache:
-                self._forget_failures(keys, batch)
-            batch.finish(self._default)
-
-    def _align(self, keys: list[Any], result: object, given: list[Any]) -> Mapping[Any, Any]:
-        """``result`` as a mapping; ``given`` is the list ``load_many`` got (a copy of ``keys``)."""
-        if isinstance(result, Mapping):
-            return result if type(result) is dict else read_mapping(result, keys)
-        if isinstance(result, Sequence) and not isinstance(result, (str, bytes)):
-            if result is not given and given != keys:
-                msg = (
-                    "load_many changed the list of keys it was given (sorted or edited it in "
-                    "place) and returned a list: a list result must be aligned with the keys "
-                    "in the order given; sort a copy, or return a mapping"
-                )
-                raise ValueError(msg)
-            if len(result) != len(keys):
-                msg = (
-                    f"load_many returned {len(result)} values for {len(keys)} keys; a list "
-                    f"result must be aligned with the keys (or return a mapping)"
-                )
-                raise ValueError(msg)
-            return dict(zip(keys, result, strict=True))
-        kind = type(result).__name__
-        msg = f"load_many must return a mapping or a list aligned with the keys, got {kind}"
-        if inspect.iscoroutine(result):  # `return query(keys)`: an `await` forgotten
-            result.close()  # no "never awaited" warning on top of this error
-            msg = f"load_many returned a coroutine ({result!r}): did you forget an `await`?"
-        raise TypeError(msg)
-
-    def _forget_failures(self, keys: list[Any], batch: Batch) -> None:
-        memo = self._memo
-        for key in keys:
-            if memo.get(key) is not batch:
-                continue
-            value = batch.values.get(key, MISSING)
-            if batch.error is not None or value is MISSING or isinstance(value, Exception):
-                del memo[key]
 
     def __repr__(self) -> str:
         open_keys = len(self._batch.keys) if self._batch is not None else 0

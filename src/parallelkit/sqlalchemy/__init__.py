@@ -46,9 +46,9 @@ from ._loader import loader_by_id as loader_by_id
 from ._peers import RelationshipPathError as RelationshipPathError
 from ._peers import fetch_peers as fetch_peers
 from ._peers import load as load
-from ._pool import LimitedAsyncSession as LimitedAsyncSession
-from ._pool import PoolLimiter as PoolLimiter
 from ._pool import pool_limiter as pool_limiter
+from ._pool_session import LimitedAsyncSession as LimitedAsyncSession
+from ._pool_slots import PoolLimiter as PoolLimiter
 from ._queries import CapturedQuery as CapturedQuery
 from ._queries import QueryCounter as QueryCounter
 from ._queries import TooManyQueries as TooManyQueries

@@ -1,0 +1,222 @@
+"""A BatchLoader's batches from closing to results: the base class of :class:`BatchLoader`.
+
+:mod:`parallelkit._batch.loader` joins each key to the open batch (the per-key
+path); this module holds what happens to a batch once it is open: closing it
+(its window ends, or it is full), dispatching it (in the loader's task group, or
+led by the caller that opened it when the loader is not entered), the one
+``load_many(keys)`` call, reading its result into values, and keeping only
+successful values in the memo. It also declares the loader's state (its
+``__slots__``), which both halves share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from typing import Any, Generic, TypeVar
+
+import anyio
+
+from .._core import instrument
+from .._core.backend import is_failure, is_stray_cancellation
+from .._core.owned import OwnedTaskGroup
+from .batch import MISSING, Batch, asyncio_loop, read_mapping, run_uncancelled
+
+__all__ = ["BatchDispatch", "LoadMany"]
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+LoadMany = Callable[[list[K]], Awaitable[Mapping[K, "V | Exception"] | Sequence["V | Exception"]]]
+
+
+class BatchDispatch(Generic[K, V]):
+    """A loader's state, and the life of its batches once they are open.
+
+    :class:`~parallelkit._batch.loader.BatchLoader` is the only subclass: it sets
+    this state in its ``__init__`` and adds the keys to the batches; the methods
+    here close, dispatch and run them.
+    """
+
+    __slots__ = (
+        "_batch",
+        "_cache",
+        "_calls",
+        "_default",
+        "_full",
+        "_keys",
+        "_load_many",
+        "_loop",
+        "_max_batch",
+        "_memo",
+        "_owner",
+        "_requests",
+        "_window",
+    )
+
+    _load_many: LoadMany[K, V]
+    _max_batch: int
+    _window: float
+    _cache: bool
+    _default: Any
+    _memo: dict[Any, Batch]
+    _batch: Batch | None
+    _full: dict[Any, Batch]  # see BatchLoader.__init__
+    _owner: OwnedTaskGroup
+    _loop: asyncio.AbstractEventLoop | None
+    _requests: int
+    _keys: int
+    _calls: int
+
+    def _close(self, batch: Batch) -> None:
+        """Stop ``batch`` taking keys; count the requests of the loads that joined inline.
+
+        :meth:`load`'s inline join (asyncio) adds a key or a future, nothing more:
+        its requests are the batch's entries not yet ``counted``.
+        """
+        if self._batch is batch:
+            self._batch = None
+            self._requests += len(batch.keys) + len(batch.extra) - batch.counted
+            batch.counted = len(batch.keys) + len(batch.extra)
+
+    def _flush(self, batch: Batch) -> None:
+        """Close ``batch`` to new keys and run it now (it is full: a repeat of one of its
+        keys until it is sent joins it, see :attr:`_full`)."""
+        self._close(batch)
+        batch.full = True
+        if not self._cache:  # (the memo already joins repeats)
+            full = self._full
+            for key in batch.keys:
+                full[key] = batch
+        if batch.scope is not None:
+            batch.scope.cancel()
+
+    async def _lead(self, batches: list[Batch]) -> None:
+        """Not entered: run the batches this caller opened, in the caller's task.
+
+        The run is shielded: other callers wait on it, so this caller's own
+        cancellation takes effect once the batch call has returned. On asyncio the
+        run is a task of its own (:func:`run_uncancelled`): a ``task.cancel()`` of
+        this caller goes through anyio's shield.
+        """
+        for batch in batches:
+            batch.lead = False
+        with anyio.CancelScope(shield=True):
+            if asyncio_loop() is None:
+                await self._dispatch_all(batches)
+            else:
+                await run_uncancelled(self._dispatch_all(batches))
+        await anyio.lowlevel.checkpoint_if_cancelled()
+
+    async def _dispatch_all(self, batches: list[Batch]) -> None:
+        if len(batches) == 1:
+            await self._dispatch(batches[0])
+        else:
+            async with anyio.create_task_group() as tg:
+                for batch in batches:
+                    tg.start_soon(self._dispatch, batch)
+
+    async def _dispatch(self, batch: Batch) -> None:
+        try:
+            if batch.full:
+                pass
+            elif self._window:
+                with anyio.CancelScope() as batch.scope:  # _flush cancels it when full
+                    await anyio.sleep(self._window)
+            else:  # one scheduling tick: the loads of this tick join
+                await anyio.lowlevel.checkpoint()
+            self._close(batch)
+            await self._run(batch)
+        finally:
+            if not batch.finished:  # cancelled before the call: never leave callers hanging
+                self._close(batch)  # no load joins a finished batch
+                self._sent(batch)
+                batch.error = RuntimeError("BatchLoader was closed before this batch ran")
+                if self._cache:  # nor is this error memoized
+                    self._forget_failures(list(batch.keys), batch)
+                batch.finish(self._default)
+
+    def _sent(self, batch: Batch) -> None:
+        """``batch`` is sent (or never will be): a load of its keys opens a new batch."""
+        full = self._full
+        if batch.full and full:
+            for key in batch.keys:
+                if full.get(key) is batch:
+                    del full[key]
+
+    async def _run(self, batch: Batch) -> None:
+        self._sent(batch)
+        keys = list(batch.keys)
+        self._calls += 1
+        self._keys += len(keys)
+        hook = instrument.current
+        if hook is not None:
+            hook.batch(len(keys))
+        given = keys.copy()  # load_many's own: sorting it cannot misalign the values
+        try:
+            result = await self._load_many(given)
+            if (
+                batch.plain
+                and type(result) is list
+                and len(result) == len(keys)
+                and (result is given or given == keys)
+            ):  # nobody reads batch.values (memo batches are never plain)
+                batch.aligned = result
+            else:
+                batch.values = self._align(keys, result, given)
+        except Exception as exc:
+            batch.error = exc
+            batch.keep_traceback(exc)
+        except BaseException as exc:
+            if not is_stray_cancellation(exc):
+                if is_failure(exc):  # KeyboardInterrupt-like: it goes on up; callers learn why
+                    msg = f"load_many raised {exc!r}; this batch has no values"
+                    batch.error = RuntimeError(msg)
+                    batch.error.__cause__ = exc
+                else:
+                    batch.error = RuntimeError("BatchLoader was closed before this batch finished")
+                raise
+            # asyncio: load_many awaited a future cancelled elsewhere. Its failure: let
+            # through, the task group would cancel the loader's `async with` body
+            batch.error = exc
+            batch.keep_traceback(exc)
+        finally:
+            if self._cache:
+                self._forget_failures(keys, batch)
+            batch.finish(self._default)
+
+    def _align(self, keys: list[Any], result: object, given: list[Any]) -> Mapping[Any, Any]:
+        """``result`` as a mapping; ``given`` is the list ``load_many`` got (a copy of ``keys``)."""
+        if isinstance(result, Mapping):
+            return result if type(result) is dict else read_mapping(result, keys)
+        if isinstance(result, Sequence) and not isinstance(result, (str, bytes)):
+            if result is not given and given != keys:
+                msg = (
+                    "load_many changed the list of keys it was given (sorted or edited it in "
+                    "place) and returned a list: a list result must be aligned with the keys "
+                    "in the order given; sort a copy, or return a mapping"
+                )
+                raise ValueError(msg)
+            if len(result) != len(keys):
+                msg = (
+                    f"load_many returned {len(result)} values for {len(keys)} keys; a list "
+                    f"result must be aligned with the keys (or return a mapping)"
+                )
+                raise ValueError(msg)
+            return dict(zip(keys, result, strict=True))
+        kind = type(result).__name__
+        msg = f"load_many must return a mapping or a list aligned with the keys, got {kind}"
+        if inspect.iscoroutine(result):  # `return query(keys)`: an `await` forgotten
+            result.close()  # no "never awaited" warning on top of this error
+            msg = f"load_many returned a coroutine ({result!r}): did you forget an `await`?"
+        raise TypeError(msg)
+
+    def _forget_failures(self, keys: list[Any], batch: Batch) -> None:
+        memo = self._memo
+        for key in keys:
+            if memo.get(key) is not batch:
+                continue
+            value = batch.values.get(key, MISSING)
+            if batch.error is not None or value is MISSING or isinstance(value, Exception):
+                del memo[key]

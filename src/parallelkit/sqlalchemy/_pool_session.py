@@ -1,0 +1,186 @@
+"""LimitedAsyncSession: an AsyncSession holding a slot of its engine's limiter while it
+holds a connection.
+
+It takes a slot of :func:`~parallelkit.sqlalchemy.pool_limiter` (see
+:mod:`parallelkit.sqlalchemy._pool`) from its first statement (or flush) to the
+end of the transaction (``commit``, ``rollback``, ``close``): every method that
+talks to the database goes through :func:`_limited` (``wrap_methods``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ._methods import RELEASING, wrap_methods
+from ._pool import pool_limiter
+from ._pool_slots import PoolLimiter
+
+__all__ = ["LimitedAsyncSession"]
+
+
+class LimitedAsyncSession(AsyncSession):
+    """An ``AsyncSession`` that holds a slot of its engine's :func:`pool_limiter` while it
+    holds a connection.
+
+    Use it as the factory's ``class_`` and every session of the process shares
+    one bound, the pool size, taken from the first statement (or flush) of a
+    transaction to its end (``commit``, ``rollback``, ``close``)::
+
+        sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+
+    So fan-out over many items, from many requests at once, waits in the
+    limiter (no pool timeout, first come first served) and only while an item
+    really talks to the database: its other awaits hold no slot. A session
+    bound to several engines (``binds=``) is not limited.
+
+    Limits: the slot follows the session's own methods; a transaction ended by
+    ``async with session.begin():`` keeps its slot until the session's next
+    call or ``close()``, and so does a call made in a task that already holds a
+    slot (``async with pool_limiter(engine):`` around the session: the call
+    takes it re-entrantly, without waiting) that began no transaction. A
+    session holds one slot whichever task calls it (calls of several tasks at
+    once wait for one). A session that is never closed gives its slot back when
+    it is garbage-collected (even after its event loop closed), as SQLAlchemy
+    does with its connection. A second session of a task in a transaction
+    (re-entrant) and a lent slot take a connection beyond the slots: from the
+    pool's overflow.
+    """
+
+    # no __slots__: it composes with GuardedAsyncSession (two slotted bases cannot)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pk_holder: int | None = None
+        self._pk_slots: PoolLimiter | None = None
+        self._pk_loop: asyncio.AbstractEventLoop | None = None
+        self._pk_taking = False  # a call is waiting for the session's slot
+        self._pk_taken: asyncio.Future[None] | None = None  # what other calls wait on then
+
+    def _pk_limiter(self) -> PoolLimiter | None:
+        """The engine's limiter (``None``: no single engine bound, not limited)."""
+        slots = self._pk_slots
+        if slots is None and self.bind is not None:
+            slots = self._pk_slots = pool_limiter(self.bind)
+        return slots
+
+    async def _pk_take(self) -> None:
+        # one slot per session, whichever task's call takes it: a call made while
+        # another task's call waits for it (gather over one session, the classic
+        # mistake) waits for that slot, not for a second one that the session would
+        # then hold until closed (a deadlock when that was the last slot)
+        while self._pk_holder is None:
+            if self._pk_taking:
+                taken = self._pk_taken
+                if taken is None:
+                    taken = self._pk_taken = asyncio.get_running_loop().create_future()
+                await asyncio.shield(taken)  # set however the wait for the slot ends
+                continue
+            slots = self._pk_limiter()
+            if slots is None:
+                return
+            self._pk_taking = True
+            try:
+                holder = await slots.acquire()
+            finally:
+                self._pk_taking = False
+                taken, self._pk_taken = self._pk_taken, None
+                if taken is not None:
+                    taken.set_result(None)
+            self._pk_keep(slots, holder)
+
+    def _pk_keep(self, slots: PoolLimiter, holder: int) -> None:
+        if self._pk_holder is None:
+            self._pk_holder, self._pk_loop = holder, asyncio.get_running_loop()
+        else:  # a call in a slot-holding task gave the session its slot meanwhile
+            slots.release(holder)
+
+    def __del__(self) -> None:
+        # never closed in a transaction: the pool takes its connection back when the
+        # garbage collector finds it; give the slot back too (on the loop: the
+        # collector may run in any thread), or every later session would wait forever
+        state = self.__dict__
+        holder, slots, loop = state.get("_pk_holder"), state.get("_pk_slots"), state.get("_pk_loop")
+        if holder is not None and slots is not None and loop is not None:
+            try:
+                loop.call_soon_threadsafe(slots.release, holder)
+            except RuntimeError:  # its loop is closed; the engine may serve another
+                _release_later(slots, holder)
+
+    def _pk_give(self, *, always: bool = False) -> None:
+        holder = self._pk_holder
+        if (
+            holder is not None
+            and self._pk_slots is not None
+            and (always or not self.in_transaction())
+        ):
+            self._pk_holder = None
+            self._pk_slots.release(holder)
+
+
+def _release_later(slots: PoolLimiter, holder: int) -> None:
+    """Give back the slot of a session collected after its loop closed: on the loop
+    running in this thread, if any (never in the middle of the limiter's own code,
+    which the collector may have interrupted), else at once (no loop: nothing runs)."""
+    try:
+        asyncio.get_running_loop().call_soon(slots.release, holder)
+    except RuntimeError:
+        slots.release(holder)
+
+
+# the calls that may end the session's transaction (or give its connection back)
+_ENDING = RELEASING | {"commit", "rollback", "run_sync"}
+
+
+def _limited(
+    self: LimitedAsyncSession,
+    name: str,
+    call: Callable[..., Awaitable[Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Awaitable[Any]:
+    if name not in _ENDING:  # a call that cannot end the transaction
+        if self._pk_holder is not None:
+            if self.in_transaction():
+                # the slot is held: nothing to take, nothing to give back; the
+                # method's own coroutine, no frame of ours resumed at its awaits
+                return call(*args, **kwargs)
+        else:
+            slots = self._pk_limiter()
+            if slots is None:  # not limited
+                return call(*args, **kwargs)
+            try:
+                holder = slots.reenter()
+            except RuntimeError:  # called outside a running loop, to be awaited on one
+                return _taking(self, name, call, args, kwargs)
+            if holder is not None:  # the task holds a slot (``async with slots``)
+                # given back at commit, rollback or close
+                self._pk_holder, self._pk_loop = holder, asyncio.get_running_loop()
+                return call(*args, **kwargs)
+    return _taking(self, name, call, args, kwargs)
+
+
+async def _taking(
+    self: LimitedAsyncSession,
+    name: str,
+    call: Callable[..., Awaitable[Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """A call that may need a slot first, or may end the transaction (give it back)."""
+    if name in RELEASING:
+        try:
+            return await call(*args, **kwargs)
+        finally:
+            self._pk_give(always=True)
+    await self._pk_take()
+    try:
+        return await call(*args, **kwargs)
+    finally:
+        self._pk_give()
+
+
+wrap_methods(LimitedAsyncSession, _limited)
