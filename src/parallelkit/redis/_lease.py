@@ -17,13 +17,23 @@ from types import TracebackType
 
 import anyio
 from redis.asyncio import Redis
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from typing_extensions import Self, final
 
 from .._core.owned import OwnedTaskGroup
 from ._common import LockLost, LockNotAcquired, jittered, new_token
 from ._outage import Down, Guard, refuses_writes
 
-__all__ = ["Lease", "LeaseScripts", "Renewals", "keep_renewed", "left_to_expire", "renewal_failed"]
+__all__ = [
+    "Lease",
+    "LeaseScripts",
+    "Renewals",
+    "give_back_once_answered",
+    "keep_renewed",
+    "left_to_expire",
+    "renewal_failed",
+    "timed_out",
+]
 
 logger = logging.getLogger("parallelkit.redis")
 
@@ -108,6 +118,59 @@ def left_to_expire(what: str | None) -> Iterator[None]:
             raise
         if what is not None:
             logger.warning("%s: giving back failed, it expires: %r", what, exc, exc_info=exc)
+
+
+def timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` is a command Redis did not answer in time: it was sent, so a
+    Redis that stalled may still run it when it answers again."""
+    return (
+        isinstance(exc, Down)
+        and exc.sent
+        and isinstance(exc.cause, TimeoutError | RedisTimeoutError)
+    )
+
+
+async def give_back_once_answered(
+    guard: Guard,
+    give_back: Callable[[], Awaitable[object]],
+    *,
+    until: float,
+    pause: float,
+) -> None:
+    """Give back what a command that timed out may have taken, once Redis answers.
+
+    A Redis that stalled longer than ``command_timeout`` may run the command when
+    it answers again (its bytes held on the way: a proxy, the network), after a
+    first give-back could not reach it either (refused or reset, as by a proxy or
+    a restarting server): what it took would stay taken, by nobody, until it
+    expires. ``give_back()`` (a command that removes it by the caller's token:
+    nothing when the command never ran) is sent again every ``pause`` seconds
+    (jittered), even while the guard's circuit is open, until Redis answers it,
+    or until one is sent and not answered in time (it waits behind the command it
+    undoes, and runs after it), or until ``until`` (anyio's clock: when what was
+    taken expires anyway). A refusal (``READONLY``...) is raised. Each try is
+    shielded and bounded by ``command_timeout``; the pauses are not: a cancelled
+    caller stops trying.
+    """
+    while True:
+        left = until - anyio.current_time()
+        if left <= 0:
+            return
+        limit = left if guard.timeout is None else min(guard.timeout, left)
+        with anyio.move_on_after(limit, shield=True) as scope:  # a free connection included
+            try:
+                await guard.call("release", give_back(), force=True, timeout=left)
+            except Down as down:
+                if timed_out(down):
+                    return  # sent (redis-py's own timeout): it runs after the command
+            else:
+                return
+        if scope.cancelled_caught:
+            return  # sent and not answered in time: as above
+        left = until - anyio.current_time()
+        if left <= 0:
+            return
+        await anyio.sleep(min(jittered(pause), left))
 
 
 async def keep_renewed(
@@ -206,6 +269,7 @@ class Lease:
         "_owner",
         "_poll",
         "_renewals",
+        "_retry_give_back",
         "_scripts",
         "_shared",
         "_since",
@@ -229,8 +293,12 @@ class Lease:
         cancel_on_loss: bool,
         on_wait: Callable[[], None] | None = None,
         renewals: Renewals | None = None,
+        retry_give_back: bool = False,
     ) -> None:
         self._scripts = scripts
+        # an acquire that timed out: give it back once Redis answers (within the ttl),
+        # not only once (a store's load degrades at once instead: its lease expires)
+        self._retry_give_back = retry_give_back
         self._guard = guard
         self._name = name
         self._key = key
@@ -306,7 +374,7 @@ class Lease:
         waited = False
         while True:
             sent = anyio.current_time()  # Redis starts the ttl after this
-            reply = await self._attempt(token, ttl_ms)
+            reply = await self._attempt(token, ttl_ms, sent)
             if reply > 0:
                 self._token, self._fence, self._lost = token, reply, False
                 self._since = sent
@@ -326,20 +394,31 @@ class Lease:
             waited = True
             await anyio.sleep(pause)
 
-    async def _attempt(self, token: str, ttl_ms: int) -> int:
+    async def _attempt(self, token: str, ttl_ms: int, sent: float) -> int:
         """:meth:`_try`, giving back what it may have taken if its reply never came.
 
         A cancellation (or a ``command_timeout``) while the script's reply is on its
         way does not undo the script: Redis may hold the lease with ``token``, and
         nobody would release it before ``ttl`` (every other holder, this process
         included, would wait that long). Released by token, so it costs nothing
-        when the script did not run.
+        when the script did not run. After a ``command_timeout`` (a Redis that
+        stalled may run the script when it answers again) a release that cannot
+        reach Redis is tried again until one does, within the ttl
+        (:func:`give_back_once_answered`; ``sent``: when the script was sent).
         """
         try:
             return await self._try(token, ttl_ms)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(Exception):  # what is raised is the attempt's error
-                await self._give_back(token, log=False)
+                if self._retry_give_back and timed_out(exc):
+                    await give_back_once_answered(
+                        self._guard,
+                        lambda: self._scripts.release(keys=[self._key], args=[token]),
+                        until=sent + self._ttl,
+                        pause=self._poll,
+                    )
+                else:
+                    await self._give_back(token, log=False)
             raise
 
     async def _try(self, token: str, ttl_ms: int) -> int:

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import anyio
 from redis.asyncio import Redis
@@ -26,7 +26,8 @@ from .._core.check import (
 from .._core.limiter import Limiter, validate_rate
 from .._core.owned import OwnedTaskGroup
 from ._common import jittered, lease_seconds, new_token, validate_client
-from ._lease import keep_renewed, left_to_expire
+from ._lease import give_back_once_answered, keep_renewed, left_to_expire, timed_out
+from ._limiter_rate import Line, Turn, Turns
 from ._limiter_scripts import ACQUIRE, RENEW, RESERVE, UNRESERVE
 from ._outage import Down, Guard
 
@@ -62,14 +63,6 @@ class RedisLimiterStatistics:
     redis_errors: int
     fallbacks: int
     lost_leases: int
-
-
-class _Turn(NamedTuple):
-    """A reserved start: the wait for it (seconds), and how to give it back."""
-
-    delay: float
-    before: bytes
-    after: bytes
 
 
 @final
@@ -109,7 +102,9 @@ class RedisLimiter:
       first served across processes.
     * **rate** is GCRA (the same algorithm as the in-process
       :class:`~parallelkit.Limiter`) in one atomic Lua script: each start reserves
-      the next slot and sleeps until it, so no polling.
+      the next slot and sleeps until it, so no polling. A process's callers wait
+      in line, and only the head holds a reservation: a caller that gives up
+      passes its turn on, none is lost (as in :class:`~parallelkit.Limiter`).
 
     Both run on one clock for every process: the Redis server's (``TIME``), unless
     you pass ``clock=`` (then every process must pass the same clock).
@@ -174,20 +169,18 @@ class RedisLimiter:
         "_guard",
         "_holders_key",
         "_holds",
-        "_holes_key",
-        "_interval_ms",
-        "_last_key",
         "_lease",
+        "_line",
         "_local",
         "_lost",
         "_name",
         "_poll",
         "_rate",
-        "_rate_key",
         "_redis",
         "_renew_script",
         "_reserve_script",
         "_slots",
+        "_turns",
         "_unreserve_script",
         "_waiting",
     )
@@ -236,15 +229,24 @@ class RedisLimiter:
         self._local = Limiter(rate=self._rate, burst=burst) if local and self._rate else None
         base = f"{prefix}:limiter:{{{name}}}"  # hash tag: one cluster slot per limiter
         self._holders_key = f"{base}:holders"
-        self._rate_key = f"{base}:rate"
-        self._holes_key = f"{base}:rate:holes"
-        self._last_key = f"{base}:rate:last"
-        self._interval_ms = 1000.0 / self._rate if self._rate is not None else 0.0
         self._acquire_script = redis.register_script(ACQUIRE)
         self._renew_script = redis.register_script(RENEW)
         self._reserve_script = redis.register_script(RESERVE)
         self._unreserve_script = redis.register_script(UNRESERVE)
+        self._turns = Turns(
+            redis,
+            self._guard,
+            self._reserve_script,
+            self._unreserve_script,
+            f"{base}:rate",
+            interval_ms=1000.0 / self._rate if self._rate is not None else 0.0,
+            burst=self._burst,
+            now=self._now,
+            what=self._what,
+            lease=self._lease,
+        )
         self._holds: dict[int, list[_Hold]] = {}
+        self._line = Line()  # this process's callers waiting for a start
         self._waiting = 0
         self._fallbacks = 0
         self._lost = 0
@@ -320,10 +322,20 @@ class RedisLimiter:
                 except BaseException as exc:
                     # cancelled (or timed out, or the connection reset) with the reply on
                     # its way: the script may have taken the slot, which nobody would
-                    # give back before ``lease``; not when the command was never sent
+                    # give back before ``lease``; not when the command was never sent.
+                    # Timed out: a stalled Redis may run it once it answers again, so a
+                    # give-back that cannot reach Redis is tried again (within ``lease``)
                     if not isinstance(exc, Down) or exc.sent:
                         with contextlib.suppress(Exception):  # raise the acquire's error
-                            await self._give_back(token, log=False)
+                            if timed_out(exc):
+                                await give_back_once_answered(
+                                    self._guard,
+                                    lambda: self._redis.zrem(self._holders_key, token),
+                                    until=sent + self._lease,
+                                    pause=self._poll,
+                                )
+                            else:
+                                await self._give_back(token, log=False)
                     raise
                 if wait_ms == 0:
                     return token, sent
@@ -331,46 +343,9 @@ class RedisLimiter:
         finally:
             self._waiting -= 1
 
-    async def _reserve(self) -> _Turn:
+    async def _reserve(self) -> Turn:
         """Reserve the next start: the seconds to wait for it, and how to give it back."""
-        token = new_token()
-        args: list[float | str] = [self._interval_ms, self._burst, token, self._now()]
-        command = self._reserve_script(keys=[self._rate_key, self._last_key], args=args)
-        try:
-            delay, before, after = await self._guard.call("reserve", command)
-        except BaseException as exc:
-            # cancelled (or timed out, or the connection reset) with the reply on its
-            # way: the script may have reserved a start that every later caller would
-            # wait behind; not when the command was never sent
-            if not isinstance(exc, Down) or exc.sent:
-                with contextlib.suppress(Exception):  # raise the reserve's error
-                    await self._give_back_lost_turn(token)
-            raise
-        return _Turn(float(delay) / 1000, bytes(before), bytes(after))
-
-    async def _give_back_lost_turn(self, token: str) -> None:
-        """Give back the start ``token`` reserved if its reply never came: found in the
-        last reservation's record while no later one replaced it (then, the start
-        stays taken, as after an outage). Shielded and bounded, as a slot."""
-        limit = self._lease if self._guard.timeout is None else self._guard.timeout
-        with anyio.move_on_after(limit, shield=True):
-            try:
-                command = self._redis.get(self._last_key)
-                last = await self._guard.call("unreserve", command, force=True, timeout=limit)
-            except Down:
-                return
-            parts = (last.encode() if isinstance(last, str) else last or b"").split(b" ")
-            if len(parts) == 3 and parts[0] == token.encode():
-                await self._unreserve(_Turn(0.0, parts[1], parts[2]))
-
-    async def _unreserve(self, turn: _Turn) -> None:
-        """Give back a start its caller will not take (shielded, bounded, as a slot)."""
-        limit = self._lease if self._guard.timeout is None else self._guard.timeout
-        # down or refused: the start stays taken, later callers wait one interval longer
-        with anyio.move_on_after(limit, shield=True), left_to_expire(self._what):
-            args: list[bytes | str] = [turn.before, turn.after, self._now()]
-            command = self._unreserve_script(keys=[self._rate_key, self._holes_key], args=args)
-            await self._guard.call("unreserve", command, force=True, timeout=limit)
+        return await self._turns.reserve()
 
     async def _give_back(self, token: str, *, log: bool = True) -> None:
         """Give the slot of ``token`` back in Redis.
@@ -416,17 +391,26 @@ class RedisLimiter:
             hold.token, hold.owner = token, owner
         if self._rate is not None:
             try:
-                turn = await self._reserve()
-                if turn.delay > 0:
-                    try:
-                        await anyio.sleep(turn.delay)
-                    except BaseException:
-                        await self._unreserve(turn)  # a start that never happened
-                        raise
+                await self._wait_rate()
             except BaseException as exc:
                 await self._let_go(hold, type(exc), exc, exc.__traceback__)
                 raise
         return hold
+
+    async def _wait_rate(self) -> None:
+        """Wait for a start: in line (first come, first served), then, at the head,
+        reserve one in Redis and sleep until it (see :mod:`._limiter_rate`)."""
+        await self._line.join()
+        try:
+            turn = await self._reserve()
+            if turn.delay > 0:
+                try:
+                    await anyio.sleep(turn.delay)
+                except BaseException:
+                    await self._turns.give_back(turn)  # a start that never happened
+                    raise
+        finally:
+            self._line.pass_on()
 
     async def _acquire(self) -> _Hold:
         slots = self._slots

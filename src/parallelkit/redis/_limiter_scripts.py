@@ -44,16 +44,36 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(lease) + 60000)
 return 1
 """
 )
-# KEYS[1] the GCRA "theoretical arrival time" (ms), KEYS[2] the last reservation;
-# ARGV[1] interval (ms), ARGV[2] burst, ARGV[3] the caller's token. Reserves the
-# next start; returns how long to wait for it (ms), and the time before and after
-# this reservation (what UNRESERVE needs), all strings. KEYS[2] keeps "token before
-# after" of the latest reservation: a caller whose reply never came (cancelled
-# with it on its way) finds there what to give back.
+# KEYS[1] the GCRA "theoretical arrival time" (ms), KEYS[2] the last reservation,
+# KEYS[3] the holes (UNRESERVE's); ARGV[1] interval (ms), ARGV[2] burst, ARGV[3]
+# the caller's token. Reserves the next start; returns how long to wait for it
+# (ms), and the time before and after this reservation (what UNRESERVE needs), all
+# strings. A start given back while later ones stand (a hole) is taken first, the
+# earliest, if its time has not come yet (a later start would be closer to the
+# reservation after it than the rate allows): the turn a caller gave up goes to
+# the next one. KEYS[2] keeps "token before after" of the latest reservation: a
+# caller whose reply never came (cancelled with it on its way) finds there what
+# to give back.
 RESERVE = (
     NOW_MS
     + """
 local interval = tonumber(ARGV[1])
+local window = (tonumber(ARGV[2]) - 1) * interval
+local holes = redis.call('HGETALL', KEYS[3])
+local hole
+for i = 1, #holes, 2 do
+  local tat = tonumber(holes[i]) - interval
+  if tat >= now and (not hole or tat < tonumber(holes[hole]) - interval) then hole = i end
+end
+if hole then
+  local after, earlier = holes[hole], holes[hole + 1]
+  redis.call('HDEL', KEYS[3], after)
+  local start = tonumber(after) - interval - window
+  if start < now then start = now end
+  local ttl = math.ceil(tonumber(after) - now) + 1000
+  redis.call('SET', KEYS[2], ARGV[3] .. ' ' .. earlier .. ' ' .. after, 'PX', ttl)
+  return {string.format('%.3f', start - now), earlier, after}
+end
 local before = redis.call('GET', KEYS[1]) or ''
 local tat = tonumber(before) or 0
 if tat < now then tat = now end

@@ -124,6 +124,7 @@ class RedisLock(Lease):
             timeout=timeout_s,
             poll=poll_s,
             cancel_on_loss=True,
+            retry_give_back=True,
         )
 
     async def __aenter__(self) -> Self:
