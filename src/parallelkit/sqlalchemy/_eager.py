@@ -82,6 +82,10 @@ class NotLoadedError(ParallelkitError, sa_exc.InvalidRequestError):
                 f"options next to eager's: {hint}"
             )
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # pickle and copy call the class with ``args`` (the message) by default
+        return (type(self), (self.attribute, self.root, self.path, self.hint), self.__dict__)
+
 
 def _not_loaded(state: Any, key: str, path: Any, root_name: str | None = None) -> NotLoadedError:
     """Build the error from the loader path (root -> ... -> this object) of the raise option.
@@ -218,16 +222,17 @@ def _inner(prop: RelationshipProperty[Any]) -> bool:
     That holds for a plain many-to-one whose join is exactly ``fk == pk`` over a
     real ``FOREIGN KEY`` to the target's primary key, every local column ``NOT
     NULL``. Anything more (a ``primaryjoin`` with extra criteria, a ``foreign()``
-    annotation without a constraint, a single-table-inheritance target, whose
-    discriminator SQLAlchemy adds to the join) can leave a row without a match: an
-    inner join would silently drop it, so those stay outer joins.
+    annotation without a constraint, a target that is an inheritance *subclass*:
+    the key may name a row of another class of the hierarchy, which the join to
+    the subclass's table or discriminator does not match) can leave a row without
+    a match: an inner join would silently drop it, so those stay outer joins.
     """
     if (
         prop.direction is not MANYTOONE
         or prop.uselist
         or prop.secondary is not None
         or not isinstance(prop.entity, Mapper)  # an aliased() target
-        or prop.mapper.single
+        or prop.mapper.inherits is not None  # single- or joined-table subclass
     ):
         return False
     pairs = prop.local_remote_pairs or []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 from sqlalchemy import and_, select
@@ -13,6 +13,7 @@ from sqlalchemy.orm import Mapper
 
 from .._core.check import flag
 from ._eager import EagerPath, Strategy, _mapper, _parse, _Tree, eager
+from ._peers_group import members
 
 __all__ = ["eager_get"]
 
@@ -139,15 +140,17 @@ def _loaded(obj: object, tree: _Tree) -> bool:
     if state.expired or state.expired_attributes:
         return False
     unloaded = state.unloaded
+    relationships = state.mapper.relationships
     for key, sub in tree.items():
         if key in unloaded:
             return False
         value = state.dict.get(key)
-        if isinstance(value, Mapping):  # an attribute_keyed_dict() collection
-            value = list(value.values())
-        children = (
-            value if isinstance(value, (list, set, tuple)) else () if value is None else (value,)
-        )
+        if value is None:
+            children: Iterable[Any] = ()
+        elif relationships[key].uselist:  # any collection class: list, set, dict, custom
+            children = members(value)
+        else:
+            children = (value,)
         # a leaf object too: an expired one (session.expire, a server-side default after a
         # flush) would refresh on first read, a MissingGreenlet in async code
         if not all(_loaded(child, sub) for child in children):

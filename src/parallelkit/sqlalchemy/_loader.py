@@ -15,6 +15,7 @@ from sqlalchemy.orm.interfaces import ORMOption
 from .._batch.loader import BatchLoader
 from .._core.check import callable_, count, flag
 from ._eager import _mapper
+from ._peers_group import keys_per_statement
 
 __all__ = ["loader_by_id"]
 
@@ -55,7 +56,8 @@ def loader_by_id(
         session_factory: an ``async_sessionmaker``.
         model: the mapped class; a composite primary key takes tuples as keys.
         options: loader options for the query (``eager(...)``, ``load_only(...)``).
-        max_batch: the most keys per query (databases cap bound parameters).
+        max_batch: the most keys per batch; one batch is one query, or several when the
+            database caps a statement's bound parameters lower (PostgreSQL: 32,767).
         cache: memoize rows for the loader's lifetime (per request, typically).
 
     Returns:
@@ -105,10 +107,16 @@ def loader_by_id(
                     sent.append(tuple(values) if composite else values[0])
             if not sent:
                 return found
-            where = tuple_(*columns).in_(sent) if composite else columns[0].in_(sent)
-            # unique(): SQLAlchemy refuses a joined collection (joinedload, eager's
-            # strategies={path: "joined"}) without it, failing the whole batch
-            rows = (await session.scalars(select(model).where(where).options(*opts))).unique().all()
+            # a max_batch past the database's cap on bound parameters: several statements
+            size = keys_per_statement(_dialect(session), len(columns), len(sent))
+            rows: list[M] = []
+            for start in range(0, len(sent), size):
+                part = sent[start : start + size]
+                where = tuple_(*columns).in_(part) if composite else columns[0].in_(part)
+                # unique(): SQLAlchemy refuses a joined collection (joinedload, eager's
+                # strategies={path: "joined"}) without it, failing the whole batch
+                result = await session.scalars(select(model).where(where).options(*opts))
+                rows.extend(result.unique().all())
         for row in rows:
             found[tuple(key_of(row)) if composite else key_of(row)[0]] = row
         return found
@@ -117,6 +125,12 @@ def loader_by_id(
         load_many, max_batch=max_batch, cache=cache, default=None
     )
     return loader
+
+
+def _dialect(session: AsyncSession) -> str:
+    """The name of the session's database dialect (``""`` when it has no single bind)."""
+    bind = session.bind
+    return "" if bind is None else str(bind.dialect.name)
 
 
 def _int_bits(session: AsyncSession) -> int:

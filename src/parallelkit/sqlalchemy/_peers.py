@@ -46,11 +46,17 @@ class RelationshipPathError(ParallelkitError, ValueError):
         self.attribute = attribute
         self.path = path
         self.relationships = tuple(relationships)
+        self._why = why
         known = ", ".join(self.relationships) or "(none)"
         model = attribute.split(".", 1)[0]
         super().__init__(
             f"load(..., {path!r}): {attribute} {why}; {model}'s relationships are: {known}"
         )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # pickle and copy call the class with ``args`` (the message) by default
+        args = (self.attribute, self.path, self.relationships, self._why)
+        return (type(self), args, self.__dict__)
 
 
 def fetch_peers(*, chunk_size: int = DEFAULT_CHUNK_SIZE) -> PeersOption:
@@ -73,7 +79,9 @@ def fetch_peers(*, chunk_size: int = DEFAULT_CHUNK_SIZE) -> PeersOption:
     Args:
         chunk_size: the most peers per statement (default 500, what SQLAlchemy's
             ``selectinload`` uses): a group of 1,200 rows loads a relationship in 3
-            statements. Keeps the bound parameters under every database's limit.
+            statements. Keeps the bound parameters under every database's limit; a
+            larger value is lowered to what one statement can carry (asyncpg: 32,767
+            bound parameters).
 
     Returns:
         A loader option for ``select(...).options(...)``, ``session.get(...,
@@ -175,6 +183,15 @@ def _resolve(mapper: Mapper[Any], path: object) -> tuple[RelationshipProperty[An
 def _resolve_str(mapper: Mapper[Any], path: str) -> tuple[RelationshipProperty[Any], ...]:
     props: list[RelationshipProperty[Any]] = []
     for segment in path.split("."):
+        if not segment:
+            known = sorted(
+                key for key, p in mapper.relationships.items() if p.lazy not in _NOT_LOADABLE
+            )
+            why = (
+                "is not a relationship: the path has an empty segment (relationship "
+                "names joined by single dots, e.g. 'contact.company')"
+            )
+            raise RelationshipPathError(f"{mapper.class_.__name__}.", path, known, why)
         prop = mapper.relationships.get(segment)
         if prop is None or prop.lazy in _NOT_LOADABLE:
             name = mapper.class_.__name__

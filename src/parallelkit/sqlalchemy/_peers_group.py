@@ -14,6 +14,7 @@ costs one statement per hop for the whole group, however deep.
 
 from __future__ import annotations
 
+import sqlite3
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -22,10 +23,38 @@ from sqlalchemy import inspect
 from sqlalchemy.orm import InstanceState, RelationshipProperty
 from typing_extensions import final
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "REGISTRY", "PeerGroup", "members", "reached"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "REGISTRY",
+    "PeerGroup",
+    "keys_per_statement",
+    "members",
+    "reached",
+]
 
 DEFAULT_CHUNK_SIZE = 500
 """Peers per statement: bound parameters stay well under every database's limit."""
+
+# the most bound parameters one statement may carry (asyncpg counts them in an int16;
+# SQLite before 3.32 allowed 999); a dialect not listed: 32,766, SQLite's own default
+_MAX_PARAMS = {"postgresql": 32_767, "mssql": 2_100}
+_SLACK = 100  # parameters the statement may carry besides the keys (join criteria)
+_PG_ROWS = 1_000  # PostgreSQL: a longer row-value IN list can exhaust its stack
+
+
+def keys_per_statement(dialect: str, width: int, chunk: int) -> int:
+    """``chunk``, lowered so that one ``IN`` of that many keys of ``width`` columns stays
+    within the database's cap on bound parameters (else the driver fails the statement,
+    every key of it with it: asyncpg at 32,767)."""
+    if dialect == "sqlite":
+        limit = 32_766 if sqlite3.sqlite_version_info >= (3, 32, 0) else 999
+    else:
+        limit = _MAX_PARAMS.get(dialect, 32_766)
+    most = max(1, (limit - _SLACK) // max(1, width))
+    if width > 1 and dialect == "postgresql":
+        most = min(most, _PG_ROWS)
+    return min(chunk, most)
+
 
 REGISTRY: weakref.WeakKeyDictionary[InstanceState[Any], PeerGroup] = weakref.WeakKeyDictionary()
 """Instance state -> the group it belongs to (only instances from ``fetch_peers()`` queries)."""

@@ -28,6 +28,8 @@ from sqlalchemy.orm import MANYTOONE, InstanceState, Mapper, RelationshipPropert
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import UnmappedColumnError
 
+from ._peers_group import keys_per_statement
+
 __all__ = ["Plan", "load_hop", "pending", "plan"]
 
 _UNSET: Any = object()
@@ -166,7 +168,8 @@ def load_hop(
     *,
     want: InstanceState[Any] | None = None,
 ) -> FrozenResult[Any] | None:
-    """Load ``step.prop`` for every state: one statement per ``chunk_size`` keys.
+    """Load ``step.prop`` for every state: one statement per ``chunk_size`` keys (fewer
+    when the database caps a statement's bound parameters lower: :func:`keys_per_statement`).
 
     Returns, when ``want`` is one of ``states``, a frozen result with only
     ``want``'s rows, the target entity in the first column: what a lazy loader's
@@ -174,6 +177,7 @@ def load_hop(
     """
     if not states:
         return None
+    dialect = session.get_bind(mapper=step.prop.parent).dialect.name
     if step.direct is not None and step.fk_keys is not None:
         by_fk: dict[tuple[Any, ...], list[InstanceState[Any]]] = {}
         rest: list[InstanceState[Any]] = []
@@ -183,9 +187,12 @@ def load_hop(
                 rest.append(state)
             else:
                 by_fk.setdefault(ident, []).append(state)
-        answer = _direct(session, by_fk, step, chunk_size, want)
-        return _joined(session, rest, step, chunk_size, want) or answer
-    return _joined(session, states, step, chunk_size, want)
+        size = keys_per_statement(dialect, len(step.target_keys), chunk_size)
+        answer = _direct(session, by_fk, step, size, want)
+        size = keys_per_statement(dialect, len(step.parent_keys), chunk_size)
+        return _joined(session, rest, step, size, want) or answer
+    size = keys_per_statement(dialect, len(step.parent_keys), chunk_size)
+    return _joined(session, states, step, size, want)
 
 
 def _in(keys: Sequence[Any], idents: Sequence[tuple[Any, ...]]) -> Any:

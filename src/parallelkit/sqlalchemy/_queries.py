@@ -279,6 +279,10 @@ class TooManyQueries(ParallelkitError, AssertionError):
         self.repeated = dict(repeated or {})
         super().__init__(self._message())
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # pickle and copy call the class with ``args`` (the message) by default
+        return (type(self), (self.limit, self.statements, self.repeated), self.__dict__)
+
     def _message(self) -> str:
         lines = [f"expected at most {self.limit} queries, {self.count} were sent:"]
         shown: set[str] = set()
@@ -338,11 +342,12 @@ class max_queries:  # noqa: N801 - used like a function: `with max_queries(engin
         ```
     """
 
-    __slots__ = ("_counter", "limit")
+    __slots__ = ("_counter", "_open", "limit")
 
     def __init__(self, target: object, n: int, /) -> None:
         self.limit = count("n", n, minimum=0)
         self._counter = QueryCounter(target)
+        self._open: list[QueryCounter] = []  # the blocks entered and not left, any context
 
     @property
     def counter(self) -> QueryCounter:
@@ -362,6 +367,7 @@ class max_queries:  # noqa: N801 - used like a function: `with max_queries(engin
         # a counter per block: concurrent requests sharing one guard count apart
         counter = QueryCounter(self._counter._target).__enter__()
         self._counter = counter
+        self._open.append(counter)
         _BLOCKS.set((*_BLOCKS.get(), (self, counter)))
         return counter
 
@@ -373,11 +379,18 @@ class max_queries:  # noqa: N801 - used like a function: `with max_queries(engin
     ) -> None:
         counter = self._block()
         if counter is None:  # left in another context: nothing of it can be trusted
-            self._counter.__exit__(exc_type, exc, tb)  # stops counting (and raises that)
+            # which open block is this? With one open, that one: stop it. With several
+            # (concurrent requests sharing the guard) they cannot be told apart here, and
+            # stopping the last one entered would stop another request's count: its
+            # budget would then pass silently. The RuntimeError says what to change.
+            if len(self._open) == 1:
+                self._open.pop().__exit__(exc_type, exc, tb)  # stops counting (and raises)
             if exc is None:
                 raise RuntimeError(_OTHER_CONTEXT)
             return
         _BLOCKS.set(tuple(b for b in _BLOCKS.get() if b[1] is not counter))
+        if any(block is counter for block in self._open):
+            self._open.remove(counter)
         counter.__exit__(exc_type, exc, tb)
         if exc is None and counter.count > self.limit:
             raise TooManyQueries(self.limit, counter.statements, counter.repeated())

@@ -86,6 +86,10 @@ class SessionInUseError(ParallelkitError, sa_exc.InvalidRequestError):
             "or await the calls one after another."
         )
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # pickle and copy call the class with ``args`` (the message) by default
+        return (type(self), (self.method, self.busy_with), self.__dict__)
+
 
 class GuardedAsyncSession(AsyncSession):
     """An ``AsyncSession`` that raises :class:`SessionInUseError` on concurrent use.
