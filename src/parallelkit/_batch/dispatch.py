@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import anyio
@@ -156,6 +156,12 @@ class BatchDispatch(Generic[K, V]):
         given = keys.copy()  # load_many's own: sorting it cannot misalign the values
         try:
             result = await self._load_many(given)
+            if _awaits_forgotten(result):
+                msg = (
+                    "load_many returned coroutines as its values (`[fetch(k) for k in "
+                    "keys]`): did you forget to await them (`await pk.gather(...)`)?"
+                )
+                raise TypeError(msg)
             if (
                 batch.plain
                 and type(result) is list
@@ -220,3 +226,27 @@ class BatchDispatch(Generic[K, V]):
             value = batch.values.get(key, MISSING)
             if batch.error is not None or value is MISSING or isinstance(value, Exception):
                 del memo[key]
+
+
+def _awaits_forgotten(result: object) -> bool:
+    """Whether ``load_many``'s list or dict has a coroutine for its first value (an
+    ``await`` forgotten in a comprehension: the callers would get coroutine objects).
+
+    One look per batch, not per key: the mistake makes every value one. When it is
+    seen, every coroutine among the values is closed, so no "never awaited" warning
+    comes on top of the error.
+    """
+    if type(result) is list:
+        if not result or not inspect.iscoroutine(result[0]):
+            return False
+        values: Iterable[object] = result
+    elif type(result) is dict:
+        values = result.values()
+        if not inspect.iscoroutine(next(iter(values), None)):
+            return False
+    else:
+        return False
+    for value in values:
+        if inspect.iscoroutine(value):
+            value.close()
+    return True
