@@ -5,7 +5,12 @@ SQLite, in under a minute; it never touches a PostgreSQL or Redis server
 unless you name one (--database, --redis). The report goes to .benchmarks/ in the
 checkout (ignored by git): report.md, results.json, one JSON file and one chart
 per benchmark. A benchmark that fails, or whose results are wrong, is reported
-and makes the exit status 1; the others still run.
+and makes the exit status 1; the others still run. A URL that is not one (or a
+database other than PostgreSQL or SQLite) is a usage error (exit status 2), and a
+Redis server named with --redis that does not answer is an error before anything
+runs (exit status 1). Ctrl-C (SIGINT) or SIGTERM stops the run: the running
+benchmark's clean-up runs (its processes, servers and temporary files), no report
+is written, and the exit status is 130 (SIGINT) or 143 (SIGTERM).
 
 The playbook benchmark runs again the table of timings claimed by the playbook
 parallelkit started from (a CRM backend's TypeScript "parallel execution"
@@ -29,6 +34,7 @@ import json
 import os
 import platform
 import re
+import signal
 import sys
 import time
 import traceback
@@ -36,6 +42,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 from . import _registry
 from ._registry import (
@@ -59,6 +66,7 @@ from ._results import (
     _status,
     _targets,
 )
+from ._util import unreachable
 
 DOCS_PAGE = ROOT / "docs" / "benchmarks.md"
 DOCS_ASSETS = ROOT / "docs" / "assets"
@@ -261,6 +269,32 @@ def _summary(entries: list[dict[str, Any]], total: float, quick: bool) -> list[s
     return lines
 
 
+def _database_url(value: str) -> str:
+    """``--database``: a SQLAlchemy URL of PostgreSQL or SQLite (what the modules can use)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(value)
+        backend = url.get_backend_name()
+    except (ArgumentError, ValueError):
+        msg = f"not a database URL: {value!r} (e.g. postgresql+asyncpg://postgres@127.0.0.1/test)"
+        raise argparse.ArgumentTypeError(msg) from None
+    if backend not in ("postgresql", "sqlite"):
+        shown = url.render_as_string(hide_password=True)
+        msg = f"the benchmarks run on PostgreSQL or SQLite, not {backend!r}: {shown!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _redis_url(value: str) -> str:
+    """``--redis``: a redis://, rediss:// or unix:// URL."""
+    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        msg = f"not a Redis URL: {value!r} (e.g. redis://127.0.0.1:6379/0)"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def _parser(names: list[str]) -> argparse.ArgumentParser:
     listing = "\n".join(f"  {n:<12} {load_title(n)}" for n in names)
     parser = argparse.ArgumentParser(
@@ -277,6 +311,7 @@ def _parser(names: list[str]) -> argparse.ArgumentParser:
     parser.add_argument(
         "--database",
         metavar="URL",
+        type=_database_url,
         default=None,
         help="a database server for the database rows, e.g. "
         "postgresql+asyncpg://postgres@127.0.0.1/test (default: embedded SQLite only)",
@@ -284,6 +319,7 @@ def _parser(names: list[str]) -> argparse.ArgumentParser:
     parser.add_argument(
         "--redis",
         metavar="URL",
+        type=_redis_url,
         default=None,
         help="run the benchmarks that need Redis, e.g. redis://127.0.0.1:6379/0 "
         "(default: they are not run)",
@@ -321,7 +357,49 @@ def _rel(path: Path) -> str:
     return str(path)
 
 
+def _sigterm_as_sigint(signum: int, frame: Any) -> None:
+    """SIGTERM stops a run the way Ctrl-C does: whoever handles SIGINT now (the
+    benchmark's event loop, or Python's ``KeyboardInterrupt``) handles it, so every
+    clean-up runs (worker processes, servers, temporary databases)."""
+    _STOPPED_BY[:] = [signum]
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:  # SIGINT ignored (a background job of a shell): stop all the same
+        raise KeyboardInterrupt
+
+
+#: The signal that stopped the run (SIGINT unless SIGTERM said so).
+_STOPPED_BY: list[int] = []
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m benchmarks``; returns the exit code.
+
+    Ctrl-C (SIGINT) or SIGTERM stops the run: the running benchmark's clean-up runs
+    (its processes, servers and temporary files), no report is written, and the exit
+    code is 130 (SIGINT) or 143 (SIGTERM).
+    """
+    started = time.perf_counter()
+    _STOPPED_BY.clear()
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_sigint)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        stopped_by = _STOPPED_BY[0] if _STOPPED_BY else signal.SIGINT
+        took = time.perf_counter() - started
+        name = signal.Signals(stopped_by).name
+        print(
+            f"\nbenchmarks stopped by {name} after {took:.1f} s; no report written",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 128 + stopped_by
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     names = available()
     parser = _parser(names)
     args = parser.parse_args(argv)
@@ -332,13 +410,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.publish and (not args.full or chosen):
         parser.error("--publish writes the reference results: it needs --full and every benchmark")
     out: Path = args.out or _registry.RESULTS
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"cannot write the report to {str(out)!r}: {exc.strerror or exc}")
+    chosen = chosen or default()
+    asks_redis = [n for n in chosen if "redis" in NEEDS.get(n, ())]
+    if args.redis and asks_redis:  # named, so used: a server that does not answer is an error
+        tcp = urlsplit(args.redis).scheme != "unix"
+        why = unreachable(args.redis, 6379) if tcp else None
+        if why is not None:
+            print(
+                f"{parser.prog}: error: --redis for {', '.join(asks_redis)}: {why}", file=sys.stderr
+            )
+            return 1
     env = _environment(args)
     mode = "full sizes" if args.full else "quick sizes"
     print(f"parallelkit benchmarks ({mode}; database: {env['database']}; redis: {env['redis']})")
     started = time.perf_counter()
-    entries = _run_all(chosen or default(), args)
-    for entry in entries:
+    entries = _run_all(chosen, args)
+    for entry in entries:  # where it ran: the report may keep it beside later runs' entries
+        entry["database"], entry["redis"] = env["database"], env["redis"]
         result = _result(entry)
         if entry.get("ok"):
             (out / f"{entry['name']}.json").write_text(

@@ -199,9 +199,16 @@ def _sections(merged: dict[str, Any], image: Any) -> list[str]:
     for name, entry in merged["benchmarks"].items():
         result = _result(entry)
         lines += ["", f"## {name}: {entry.get('title', '')}", ""]
+        # an older run's entry (kept from results.json) says where it ran when the last
+        # run's servers, in the heading above, are not the ones it used
+        servers = "".join(
+            f" {label}: {entry[key]}."
+            for key, label in (("database", "Database"), ("redis", "Redis"))
+            if entry.get(key) is not None and entry[key] != env.get(key)
+        )
         lines.append(
             f"Run {entry.get('finished', '?')}, {'quick' if entry.get('quick') else 'full'} mode, "
-            f"{entry.get('seconds')} s."
+            f"{entry.get('seconds')} s.{servers}"
         )
         lines.append("")
         if not entry.get("ok"):

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import socket
 import statistics
+import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from functools import partial
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
+
+T = TypeVar("T")
 
 
 def timed(fn: Callable[[], Any], repeat: int) -> dict[str, float]:
@@ -101,3 +107,76 @@ def unreachable(url: str, default_port: int) -> str | None:
             return None
     except OSError as exc:
         return f"nothing answers at {url}: {exc}"
+
+
+#: Seconds the tasks left over when a benchmark's event loop is done get to finish.
+LEFTOVER_GRACE = 2.0
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)``, except that a stuck leftover task cannot hold the exit.
+
+    A SQLAlchemy query on aiosqlite cancelled at the wrong moment (a Ctrl-C in the
+    middle of a benchmark) leaves SQLAlchemy's "close the connection gracefully"
+    task waiting for an aiosqlite worker thread that has stopped: it never ends,
+    and ``asyncio.run`` waits for it forever. Here the leftovers get
+    :data:`LEFTOVER_GRACE` seconds, then the loop closes anyway. Ctrl-C works as in
+    ``asyncio.run``: the first cancels ``main`` and raises ``KeyboardInterrupt``
+    once it has unwound (even if ``main`` swallowed the cancellation); a second one
+    raises ``KeyboardInterrupt`` at once.
+    """
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(main)
+    interrupted: list[int] = []
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if interrupted or task.done():
+            raise KeyboardInterrupt
+        interrupted.append(signum)
+        loop.call_soon_threadsafe(task.cancel)
+
+    ours = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+    if ours:
+        signal.signal(signal.SIGINT, on_sigint)
+    try:
+        try:
+            result = loop.run_until_complete(task)
+        except asyncio.CancelledError:
+            if interrupted:
+                raise KeyboardInterrupt from None
+            raise
+        if interrupted:  # main swallowed the cancellation: the user still asked to stop
+            raise KeyboardInterrupt
+        return result
+    finally:
+        try:
+            _close(loop)
+        finally:
+            if ours:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _close(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        leftovers = asyncio.all_tasks(loop)
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            _, stuck = loop.run_until_complete(asyncio.wait(leftovers, timeout=LEFTOVER_GRACE))
+            if stuck:  # abandoned on purpose: no "destroyed but pending" report for them
+                loop.set_exception_handler(partial(_quiet_about, stuck))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.run_until_complete(loop.shutdown_default_executor())
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def _quiet_about(
+    abandoned: set[asyncio.Task[Any]], loop: asyncio.AbstractEventLoop, context: dict[str, Any]
+) -> None:
+    if context.get("task") not in abandoned:
+        loop.default_exception_handler(context)

@@ -49,7 +49,7 @@ from sqlalchemy.orm import Session, joinedload
 
 from parallelkit.sqlalchemy import eager, eager_get, guard_sessions, loader_by_id
 
-from ._util import EngineStatements, print_targets, table, target
+from ._util import EngineStatements, print_targets, run_async, table, target
 
 TITLE = "eager(): the webhook graph per request, per batch and across requests, vs hand-written"
 
@@ -429,10 +429,10 @@ def targets_for(
 
 def run(*, quick: bool, database: str | None) -> dict[str, Any]:
     sizes = QUICK if quick else FULL
-    results: dict[str, Any] = {"sqlite": asyncio.run(run_sqlite(sizes))}
+    results: dict[str, Any] = {"sqlite": run_async(run_sqlite(sizes))}
     url = pg_url(database)
     if url is not None:
-        results["postgresql"] = asyncio.run(run_pg(url, sizes))
+        results["postgresql"] = run_async(run_pg(url, sizes))
     else:
         print("PostgreSQL: not asked for (--database postgresql://...)")
     print(

@@ -34,7 +34,6 @@ Rounds: 31 (the lazy and ``awaitable_attrs`` contenders, 7) and 200 reads with
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import statistics
 import tempfile
@@ -51,7 +50,7 @@ from sqlalchemy.orm import Session
 
 from parallelkit.sqlalchemy import _peers_events, eager, fetch_peers, load
 
-from ._util import EngineStatements, print_targets, table, target
+from ._util import EngineStatements, print_targets, run_async, table, target
 from .bench_eager import pg_url, seeded_pg, sqlite_engine
 
 TITLE = "fetch_peers + load: 500 conversations x 3 hops vs eager, lazy loading, awaitable_attrs"
@@ -333,12 +332,12 @@ def wrong_for(db: str, r: dict[str, dict[str, Any]]) -> list[str]:
 def run(*, quick: bool, database: str | None) -> dict[str, Any]:
     sizes = QUICK if quick else FULL
     results: dict[str, dict[str, dict[str, Any]]] = {
-        "sqlite": asyncio.run(measure_on(seeded_sqlite(), sizes))
+        "sqlite": run_async(measure_on(seeded_sqlite(), sizes))
     }
     url = pg_url(database)
     if url is not None:
         try:
-            results["postgresql"] = asyncio.run(measure_on(seeded_pg(url), sizes))
+            results["postgresql"] = run_async(measure_on(seeded_pg(url), sizes))
         except OSError as exc:  # the server named with --database refused us
             print(f"PostgreSQL skipped: {exc}")
     else:

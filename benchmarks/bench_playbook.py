@@ -36,7 +36,6 @@ did (within ``TOLERANCE``), and does not judge the claim of a row where it did n
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import sys
@@ -47,7 +46,7 @@ from examples.crm.db import POOL_SIZE
 
 from ._measure import Plan
 from ._playbook_rows import FULL, HAND, PLAYBOOK, QUICK, measure
-from ._util import table
+from ._util import run_async, table
 
 TITLE = "the playbook's table: its sequential code, its parallel code, parallelkit, a lower bound"
 
@@ -444,7 +443,7 @@ def report(measured: dict[str, Any], plan: Plan) -> dict[str, Any]:
 def run(*, quick: bool, database: str | None, redis: str | None = None) -> dict[str, Any]:
     """The benchmark entry point: ``database`` None is embedded SQLite; Redis is not used."""
     plan = QUICK if quick else FULL
-    return report(asyncio.run(measure(plan, database)), plan)
+    return report(run_async(measure(plan, database)), plan)
 
 
 if __name__ == "__main__":

@@ -299,9 +299,13 @@ async def _child(mode: str, url: str, prefix: str, processes: int, callers: int)
     store = RedisStore(redis, prefix=prefix, poll=0.01, command_timeout=30)
     cache = pk.SWRCache(fresh=60, stale=60, store=store)
     barrier = f"{prefix}:barrier:{mode}"
+    parent = os.getppid()
     async with store, cache:
         await redis.incr(barrier)
         while int(await redis.get(barrier) or 0) < processes:
+            if os.getppid() != parent:  # the run was stopped before starting the others
+                msg = f"{mode}: the benchmark that started this process is gone"
+                raise SystemExit(msg)
             await anyio.sleep(0.005)
         if mode == "swr":
             got = await pk.gather(*(cache.get("cold", load) for _ in range(callers)))
@@ -317,8 +321,15 @@ def _cross_process(mode: str, prefix: str, processes: int, callers: int) -> dict
     cmd = [sys.executable, "-m", "benchmarks.bench_redis", "child", mode, REDIS_URL, prefix]
     cmd += [str(processes), str(callers)]
     start = time.perf_counter()
-    procs = [subprocess.Popen(cmd, cwd=ROOT) for _ in range(processes)]
-    codes = [p.wait(timeout=120) for p in procs]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs += (subprocess.Popen(cmd, cwd=ROOT) for _ in range(processes))
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:  # stopped (Ctrl-C, SIGTERM, a timeout): a child waiting for the others would wait
+        for proc in procs:  # forever, an orphan holding the run's output open
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     elapsed = time.perf_counter() - start
     if any(codes):
         msg = f"a {mode} worker failed: exit codes {codes}"

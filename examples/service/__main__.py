@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from urllib.parse import urlsplit
 
 import uvicorn
 
@@ -19,27 +20,76 @@ from .app import create_app
 from .shared import COLLECTOR, VARIANTS, Settings
 
 
+def _port(value: str) -> int:
+    """``--port``: 1 to 65535 (a larger number would wrap around to another port)."""
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        msg = f"expected a TCP port, 1 to 65535, got {value!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return int(value)
+
+
+def _pool_size(value: str) -> int:
+    """``--pool-size``: at least 1."""
+    if not value.isdigit() or int(value) < 1:
+        msg = f"expected a whole number >= 1, got {value!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return int(value)
+
+
+def _database(value: str) -> str:
+    """``--database``: a URL SQLAlchemy can parse (an empty one: the SQLite default)."""
+    if not value:
+        return value
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(value)
+    except (ArgumentError, ValueError):
+        msg = f"not a database URL: {value!r} (e.g. postgresql://postgres@127.0.0.1/test)"
+        raise argparse.ArgumentTypeError(msg) from None
+    return value
+
+
+def _redis(value: str) -> str:
+    """``--redis``: a redis://, rediss:// or unix:// URL."""
+    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        msg = f"not a Redis URL: {value!r} (e.g. redis://127.0.0.1:6379/0)"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m examples.service", description=__doc__)
     parser.add_argument("--variant", choices=VARIANTS, default="parallelkit")
     parser.add_argument("--name", default="", help="schema / namespace suffix (default: variant)")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=_port, default=8000)
     parser.add_argument(
-        "--database", default=os.environ.get("DATABASE_URL"), help="default: a SQLite file"
+        "--database",
+        type=_database,
+        default=os.environ.get("DATABASE_URL"),
+        help="default: a SQLite file",
     )
-    parser.add_argument("--redis", default=None, help="a Redis URL (for --store redis)")
+    parser.add_argument(
+        "--redis", type=_redis, default=None, help="a Redis URL (for --store redis)"
+    )
     parser.add_argument("--store", choices=("memory", "redis"), default="memory")
-    parser.add_argument("--pool-size", type=int, default=10)
+    parser.add_argument("--pool-size", type=_pool_size, default=10)
     args = parser.parse_args(argv)
-    settings = Settings(
-        variant=args.variant,
-        name=args.name,
-        database=args.database,
-        redis=args.redis,
-        store=args.store,
-        pool_size=args.pool_size,
-    )
+    if args.store == "redis" and not args.redis:
+        parser.error("--store redis needs a Redis URL (--redis URL)")
+    try:
+        settings = Settings(
+            variant=args.variant,
+            name=args.name,
+            database=args.database,
+            redis=args.redis,
+            store=args.store,
+            pool_size=args.pool_size,
+        )
+    except ValueError as exc:  # --name (a schema name): Settings says what it accepts
+        parser.error(f"--name: {exc}")
     COLLECTOR.start()  # GET /debug/stats reports the time spent collecting garbage
     uvicorn.run(
         create_app(settings),

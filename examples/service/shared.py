@@ -143,6 +143,13 @@ class Settings:
         if self.store == "redis" and not self.redis:
             msg = "store='redis' needs a Redis URL (redis=...)"
             raise ValueError(msg)
+        if isinstance(self.pool_size, bool) or not isinstance(self.pool_size, int):
+            msg = f"pool_size must be an int, got {self.pool_size!r}"
+            raise TypeError(msg)
+        if self.pool_size < 1:
+            # 0 is an unbounded pool for SQLAlchemy, a negative size one that never lends
+            msg = f"pool_size must be at least 1, got {self.pool_size!r}"
+            raise ValueError(msg)
 
     @property
     def server(self) -> str:
