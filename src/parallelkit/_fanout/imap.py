@@ -178,15 +178,28 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         results = self._results
         try:
             await self._owner.exit(exc_type, exc, tb, cancel=True)
+        except BaseException as raised:  # the caller's cancellation, after an item failed:
+            if is_failure(raised) or results.error is None or results.delivered:
+                raise
+            # the failure comes out instead, below (as from a task group; and Pool.run)
         finally:
             results.state = _CLOSED  # a later ``async for`` would miss the cancelled work
             if self.around is not None:
                 await self.around.__aexit__(None, None, None)
-        if results.error is not None and not results.delivered:
+        error = results.error
+        if error is not None and not results.delivered:
             results.delivered = True
-            if exc is None:
-                raise results.error
-            chain(exc, results.error)  # the body's error escapes; the item's shows with it
+            if exc is not None and is_failure(exc):
+                chain(exc, error)  # the body's error escapes; the item's shows with it
+                return None
+            # none in the body, or it was cancelled (a deadline around the block): the
+            # item's failure comes out, as itself; its context left as it was (raised
+            # here, the body's cancellation would become it)
+            context = error.__context__
+            try:
+                raise error
+            finally:
+                error.__context__ = context
         return None
 
     async def _run(self) -> None:

@@ -48,6 +48,16 @@ the task group would take it for one and end the pool quietly, results missing. 
 is, in a worker task the pool started, a ``task.cancel()`` that no cancel scope made
 (a driver cancelling ``asyncio.current_task()``: :func:`is_foreign_cancellation`);
 in the caller's own task (:meth:`Pool.run_here`) a cancellation is always one.
+
+**Failures while the pool is stopped.** A unit whose clean-up fails as the
+cancellation reaches it (a ``finally`` whose rollback raises) is never lost. Stopped
+by the first failure, its exception goes at the end of that failure's context chain
+(:meth:`Pool.fail`, :func:`chain`). Stopped by the caller (a deadline around the
+call), the failure is what :meth:`Pool.run` raises, as itself, in place of the
+cancellation, as a task group would. In settle mode an item's exception raised while
+the pool is being cancelled is such a failure, not an ``Outcome``: the outcomes are
+never returned. And a run whose caller was cancelled never returns normally, even
+when every unit swallowed its cancellation (trio's task group then ends normally).
 """
 
 from __future__ import annotations
@@ -55,11 +65,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from typing_extensions import final
 
 from .._core.backend import is_failure, is_foreign_cancellation, is_stray_cancellation
@@ -130,13 +142,18 @@ class Pool:
 
     async def run(self, start: Callable[[], None]) -> None:
         """Open the task group, call ``start`` (:meth:`fill` or :meth:`kick`), wait
-        for every worker; then raise the first failure, if any (fail-fast)."""
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            start()
-        self._tg = None
-        if self.error is not None:
-            raise self.error
+        for every worker; then raise the first failure, if any (fail-fast), even over
+        the caller's cancellation (:meth:`_outcome`)."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                start()
+        except BaseException as exc:
+            if not self._outranks(exc):
+                raise
+        finally:
+            self._tg = None
+        await self._outcome()
 
     async def run_here(self, leave: Callable[[], None]) -> None:
         """Like :meth:`run`, with the calling task as the first worker (no task for it).
@@ -147,14 +164,39 @@ class Pool:
         ``leave()``, frees its worker slot and waits for the task group, whose
         workers take (and start helpers for) whatever becomes ready later.
         """
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            self.workers += 1
-            self._coming += 1
-            await self._work(leave)
-        self._tg = None
-        if self.error is not None:
-            raise self.error
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                self.workers += 1
+                self._coming += 1
+                await self._work(leave)
+        except BaseException as exc:
+            if not self._outranks(exc):
+                raise
+        finally:
+            self._tg = None
+        await self._outcome()
+
+    def _outranks(self, exc: BaseException) -> bool:
+        """Whether the pool's failure comes out instead of ``exc``, which ended its task
+        group: a cancellation of the caller's (a deadline around the call) that reached
+        it after a unit had failed (a clean-up that failed as the cancellation reached
+        it). As a task group would, the failure wins, as itself (never in a group)."""
+        error = self.error
+        return error is not None and error is not exc and not is_failure(exc)
+
+    async def _outcome(self) -> None:
+        """After the task group: raise the pool's failure, if any. Raised here, out of
+        the handler that caught the caller's cancellation, so that its ``__context__``
+        (the cancellation it was raised in, say) is left as it was.
+
+        With no failure and the caller cancelled (every unit swallowed its cancellation
+        and returned: trio's task group then ends normally), the cancellation is raised:
+        a cancelled call does not return normally, on any backend."""
+        error = self.error
+        if error is not None:
+            raise error
+        await anyio.lowlevel.checkpoint_if_cancelled()
 
     # -- starting workers ------------------------------------------------------------
     def fill(self, size: int | None = None) -> None:
@@ -221,10 +263,16 @@ class Pool:
             idle.popleft().set()
 
     def fail(self, exc: BaseException) -> None:
-        """Fail-fast: the first failure wins and cancels the pool."""
-        if self.error is None:
+        """Fail-fast: the first failure wins and cancels the pool. A later one (a
+        clean-up that failed as that cancellation reached its unit) is not lost: it is
+        attached to the end of the first one's context chain (:func:`chain`), so the
+        traceback of the error raised shows it; the same object twice is chained once."""
+        error = self.error
+        if error is None:
             self.error = exc
             self._tg.cancel_scope.cancel()
+        elif exc is not error:
+            chain(error, exc)
 
     # -- the worker loop -------------------------------------------------------------
     async def _work(self, leave: Callable[[], None] | None = None) -> None:
@@ -247,6 +295,8 @@ class Pool:
                         try:
                             value = Outcome(await call(arg), None)
                         except Exception as exc:
+                            if _cancelled():  # raised as the pool was being cancelled:
+                                raise  # no outcome will be returned; the pool's failure
                             value = Outcome(None, exc)
                         except BaseException as exc:
                             if not is_stray_cancellation(exc):
@@ -271,6 +321,14 @@ class Pool:
             if not is_failure(exc) and (leave is not None or not is_foreign_cancellation(exc)):
                 raise
             self.fail(exc)
+
+
+def _cancelled() -> bool:
+    """Whether the current worker is being cancelled (by the caller, or by the pool's
+    failure). Settle mode: an item's error raised then (a clean-up that failed, an
+    item that turned its cancellation into an error) is no outcome anyone will see:
+    the pool does not return; it is a failure, raised (module docs)."""
+    return anyio.current_effective_deadline() == -math.inf
 
 
 def _uncancel() -> None:
@@ -350,5 +408,16 @@ def chain(exc: BaseException, lost: BaseException) -> None:
             return
         last = last.__context__
         seen.add(id(last))
-    if last is not lost:
-        last.__context__ = lost
+    if last is lost:
+        return
+    # ``lost`` raised while handling ``exc`` (or an error of its chain): its own chain
+    # leads back into ``exc``'s. That link is cut (the error it led to shows already),
+    # so that attaching ``lost`` makes no cycle.
+    link = lost
+    while link.__context__ is not None:
+        if id(link.__context__) in seen:
+            link.__context__ = None
+            break
+        link = link.__context__
+        seen.add(id(link))
+    last.__context__ = lost

@@ -19,7 +19,7 @@ from .._core.errors import DependencyFailed
 from .._core.limiter import SupportsLimit
 from .._core.outcome import Outcome
 from .._fanout.options import for_fanout, split_limit
-from .._fanout.pool import Pool, Unit, _uncancel, chain
+from .._fanout.pool import Pool, Unit, _uncancel
 from .graph import Plan, RunNode
 from .timeline import SpanStatus, Timeline
 
@@ -139,21 +139,12 @@ class Run(Iterator[Unit]):
         pool = Pool(self._node, self, _DISCARD, max_workers=self._max_workers,
                     refill=self._refill)  # fmt: skip
         self._pool = pool
-        error: BaseException | None = None
         try:
+            # the caller's cancellation after a node failed (a clean-up that failed as
+            # it was cancelled): the failure comes out, as itself (Pool.run_here)
             await pool.run_here(self._leave)
-        except BaseException as exc:
-            error = pool.error
-            if error is None or error is exc or is_failure(exc):
-                raise
-            # The caller's cancellation ended the run after a node had failed (a
-            # clean-up that failed as the cancellation reached it): as a task group
-            # would, the failure comes out, not the cancellation; as itself, and out
-            # here, not in this handler, so its ``__context__`` is left as it was.
         finally:
             self._pool = None
-        if error is not None:
-            raise error
 
     def results(self) -> dict[str, Any]:
         """Values by name (settle mode: an :class:`~parallelkit.Outcome` for every node)."""
@@ -238,11 +229,10 @@ class Run(Iterator[Unit]):
                 if failed or is_failure(exc):
                     self._remaining -= 1
                     pool = self._pool
-                    if pool is None or pool.error is None:  # the first (inline: the only)
+                    # the first (inline: the only); a later one (a clean-up that failed
+                    # as the first cancelled it) the pool chains to the first (Pool.fail)
+                    if pool is None or pool.error is None:
                         self.failed = node.name
-                    else:  # a later one (a clean-up that failed as the first cancelled
-                        # it): the pool keeps the first; this one shows in its traceback
-                        chain(pool.error, exc)
                 raise
             self._remaining -= 1
             self._pending[item] = _DONE
