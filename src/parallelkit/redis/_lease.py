@@ -6,23 +6,28 @@ fencing token, and "cancel the body when lost") and of ``RedisStore.load_lock``
 ``RedisLimiter`` too for its sorted-set leases. :class:`Renewals` is the same
 loop for many leases at once: an entered ``RedisStore`` renews all its load
 leases with one task and one command per round, so a load starts no task.
+
+Here: :class:`Lease` and :func:`keep_renewed`. Its Lua scripts
+(:class:`LeaseScripts`) are in :mod:`._lease_scripts`, what a give-back does when
+Redis is down or stalled in :mod:`._give_back`, :class:`Renewals` (and
+:func:`renewal_failed`) in :mod:`._renewals`; all re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 import anyio
-from redis.asyncio import Redis
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from typing_extensions import Self, final
+from typing_extensions import Self
 
 from .._core.owned import OwnedTaskGroup
 from ._common import LockLost, LockNotAcquired, jittered, new_token
-from ._outage import Down, Guard, refuses_writes
+from ._give_back import give_back_once_answered, left_to_expire, timed_out
+from ._lease_scripts import LeaseScripts
+from ._outage import Down, Guard
+from ._renewals import Renewals, renewal_failed
 
 __all__ = [
     "Lease",
@@ -34,143 +39,6 @@ __all__ = [
     "renewal_failed",
     "timed_out",
 ]
-
-logger = logging.getLogger("parallelkit.redis")
-
-# KEYS[1] the lease, KEYS[2] (optional) the fencing counter; ARGV[1] token, ARGV[2]
-# ttl (ms). Returns the new fencing token (or 1) when acquired, else minus the
-# holder's remaining ttl (ms). The token is one more than the last, and never below
-# the server's clock in ms: a Redis that lost the counter (a restart without
-# persistence, a failover to a replica that missed the last write) starts it again
-# above every token it gave before, not at 1.
-_ACQUIRE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  if #KEYS > 1 then
-    local now = redis.call('TIME')
-    local floor = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-    local last = tonumber(redis.call('GET', KEYS[2]) or '0')
-    if last < floor then return redis.call('INCRBY', KEYS[2], floor - last) end
-    return redis.call('INCR', KEYS[2])
-  end
-  return 1
-end
-local left = redis.call('PTTL', KEYS[1])
-if left < 1 then left = 1 end
-return -left
-"""
-# KEYS[1] the lease; ARGV[1] token, ARGV[2] ttl (ms). 1 if still ours and extended.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-# KEYS[i] a lease; ARGV[1] ttl (ms), ARGV[i + 1] its token. For each, 1 if still
-# ours and extended, else 0.
-_RENEW_MANY = """
-local out = {}
-for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[i + 1] then
-    out[i] = redis.call('PEXPIRE', KEYS[i], ARGV[1])
-  else
-    out[i] = 0
-  end
-end
-return out
-"""
-#: At most this many leases per command of a :class:`Renewals` round.
-_RENEW_BATCH = 500
-# KEYS[1] the lease; ARGV[1] token. 1 if it was ours and is now released.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
-
-def renewal_failed(what: str, exc: Exception) -> None:
-    """Log a renewal that Redis refused (not an outage: those the guard counts).
-
-    Background work: raising it would cancel the holder's work (and, from a
-    store's shared renewal task, everything in the store's ``async with``).
-    """
-    logger.warning("%s: renewing failed: %r", what, exc, exc_info=exc)
-
-
-@contextlib.contextmanager
-def left_to_expire(what: str | None) -> Iterator[None]:
-    """Around a give-back (a release, a start given back): when Redis is down, or
-    refuses the write (``READONLY`` from a primary demoted by a failover, ``OOM``…),
-    what was taken expires on its own. Nothing is raised: the holder's own outcome
-    (its body's error, its cancellation, its success) is what it raises.
-
-    Args:
-        what: the owner, to log a refusal as; ``None``: not logged (a store logs
-            refusals itself, once per episode).
-    """
-    try:
-        yield
-    except Down:
-        pass
-    except Exception as exc:
-        if not refuses_writes(exc):
-            raise
-        if what is not None:
-            logger.warning("%s: giving back failed, it expires: %r", what, exc, exc_info=exc)
-
-
-def timed_out(exc: BaseException) -> bool:
-    """Whether ``exc`` is a command Redis did not answer in time: it was sent, so a
-    Redis that stalled may still run it when it answers again."""
-    return (
-        isinstance(exc, Down)
-        and exc.sent
-        and isinstance(exc.cause, TimeoutError | RedisTimeoutError)
-    )
-
-
-async def give_back_once_answered(
-    guard: Guard,
-    give_back: Callable[[], Awaitable[object]],
-    *,
-    until: float,
-    pause: float,
-) -> None:
-    """Give back what a command that timed out may have taken, once Redis answers.
-
-    A Redis that stalled longer than ``command_timeout`` may run the command when
-    it answers again (its bytes held on the way: a proxy, the network), after a
-    first give-back could not reach it either (refused or reset, as by a proxy or
-    a restarting server): what it took would stay taken, by nobody, until it
-    expires. ``give_back()`` (a command that removes it by the caller's token:
-    nothing when the command never ran) is sent again every ``pause`` seconds
-    (jittered), even while the guard's circuit is open, until Redis answers it,
-    or until one is sent and not answered in time (it waits behind the command it
-    undoes, and runs after it), or until ``until`` (anyio's clock: when what was
-    taken expires anyway). A refusal (``READONLY``...) is raised. Each try is
-    shielded and bounded by ``command_timeout``; the pauses are not: a cancelled
-    caller stops trying.
-    """
-    while True:
-        left = until - anyio.current_time()
-        if left <= 0:
-            return
-        limit = left if guard.timeout is None else min(guard.timeout, left)
-        with anyio.move_on_after(limit, shield=True) as scope:  # a free connection included
-            try:
-                await guard.call("release", give_back(), force=True, timeout=left)
-            except Down as down:
-                if timed_out(down):
-                    return  # sent (redis-py's own timeout): it runs after the command
-            else:
-                return
-        if scope.cancelled_caught:
-            return  # sent and not answered in time: as above
-        left = until - anyio.current_time()
-        if left <= 0:
-            return
-        await anyio.sleep(min(jittered(pause), left))
 
 
 async def keep_renewed(
@@ -234,18 +102,6 @@ async def keep_renewed(
             return "taken", None
         valid_until = started + ttl
         error = None
-
-
-@final
-class LeaseScripts:
-    """The three Lua scripts of a lease, registered once per primitive."""
-
-    __slots__ = ("acquire", "release", "renew")
-
-    def __init__(self, redis: Redis) -> None:
-        self.acquire = redis.register_script(_ACQUIRE)
-        self.renew = redis.register_script(_RENEW)
-        self.release = redis.register_script(_RELEASE)
 
 
 class Lease:
@@ -516,88 +372,3 @@ class Lease:
             return bool(await self._owner.exit(exc_type, exc, tb, cancel=True))
         finally:
             await self._release()
-
-
-@final
-class Renewals:
-    """Keeps many leases of one ``ttl`` renewed: :func:`keep_renewed`'s rules, with
-    one task (:meth:`run`, in its owner's task group) and one command per round
-    for all of them (at most 500 leases per command), instead of a task each.
-
-    Leases are renewed every ``ttl / 3``: one taken just after a round is renewed
-    by the next, with two thirds of its ttl to spare. A lease Redis says is gone
-    or someone else's, or that could not be renewed for a whole ``ttl`` (an
-    outage, or errors Redis answered with: logged and counted in :attr:`errors`),
-    is marked lost (:meth:`Lease.lost`) and no longer renewed.
-    """
-
-    __slots__ = ("_guard", "_held", "_script", "_ttl", "active", "errors")
-
-    def __init__(self, redis: Redis, guard: Guard, ttl: float) -> None:
-        self._script = redis.register_script(_RENEW_MANY)
-        self._guard = guard
-        self._ttl = ttl
-        self._held: dict[Lease, float] = {}  # lease -> valid until (anyio's clock)
-        self.active = False
-        """Whether :meth:`run` runs (else a lease renews itself, in a task of its own)."""
-        self.errors = 0
-        """Rounds Redis refused for another reason than an outage (logged)."""
-
-    def add(self, lease: Lease) -> None:
-        """Keep ``lease`` (just taken) renewed until :meth:`discard`."""
-        self._held[lease] = anyio.current_time() + self._ttl
-
-    def discard(self, lease: Lease) -> None:
-        self._held.pop(lease, None)
-
-    async def run(self) -> None:
-        """The one renewal task; background work: nothing it meets is raised."""
-        self.active = True
-        try:
-            while True:
-                await anyio.sleep(self._ttl / 3)
-                held = list(self._held)
-                for start in range(0, len(held), _RENEW_BATCH):
-                    await self._round(held[start : start + _RENEW_BATCH])
-        finally:
-            self.active = False
-
-    async def _round(self, leases: list[Lease]) -> None:
-        keys, tokens, live = [], [], []
-        for lease in leases:
-            token = lease.token
-            if token is None:  # given back, or lost
-                self.discard(lease)
-                continue
-            keys.append(lease.key)
-            tokens.append(token)
-            live.append(lease)
-        if not live:
-            return
-        started = anyio.current_time()
-        held = self._held
-        soonest = min(held.get(lease, started) for lease in live)
-        limit = max(soonest - started, self._ttl / 3)  # as keep_renewed
-        args: list[str | int] = [round(self._ttl * 1000), *tokens]
-        try:
-            replies = await self._guard.call(
-                "renew", self._script(keys=keys, args=args), force=True, timeout=limit
-            )
-        except Exception as exc:  # Down (an outage), or Redis refused the command
-            if not isinstance(exc, Down):
-                self.errors += 1
-                renewal_failed(f"{len(live)} load lease(s)", exc)
-            now = anyio.current_time()
-            for lease in live:  # transient, unless a lease ran out meanwhile
-                if held.get(lease, now) <= now:
-                    lease.lost()
-                    self.discard(lease)
-            return
-        for lease, ok in zip(live, replies, strict=True):
-            if lease not in held:
-                continue  # given back meanwhile
-            if ok:
-                held[lease] = started + self._ttl
-            else:
-                lease.lost()
-                self.discard(lease)

@@ -26,7 +26,8 @@ from .._core.check import (
 from .._core.limiter import Limiter, validate_rate
 from .._core.owned import OwnedTaskGroup
 from ._common import jittered, lease_seconds, new_token, validate_client
-from ._lease import give_back_once_answered, keep_renewed, left_to_expire, timed_out
+from ._give_back import give_back_once_answered, left_to_expire, timed_out
+from ._lease import keep_renewed
 from ._limiter_rate import Line, Turn, Turns
 from ._limiter_scripts import ACQUIRE, RENEW, RESERVE, UNRESERVE
 from ._outage import Down, Guard

@@ -27,7 +27,7 @@ from redis.commands.core import AsyncScript
 from typing_extensions import final
 
 from ._common import new_token
-from ._lease import left_to_expire
+from ._give_back import left_to_expire
 from ._outage import Down, Guard
 
 __all__ = ["Line", "Turn", "Turns"]

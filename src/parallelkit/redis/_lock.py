@@ -7,7 +7,8 @@ from typing_extensions import Self, final
 
 from .._core.check import flag, number, number_or_none, text
 from ._common import lease_seconds, validate_client
-from ._lease import Lease, LeaseScripts
+from ._lease import Lease
+from ._lease_scripts import LeaseScripts
 from ._outage import Down, Guard
 
 __all__ = ["RedisLock"]

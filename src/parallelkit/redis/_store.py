@@ -1,11 +1,13 @@
 """RedisStore: a Store for SWRCache shared by every process, with a near cache.
 
 This module is the store's public face (options, lifecycle, statistics, every
-public method and its documentation) and its read side: the near-cache hit
-(``peek``), ``get`` with one shared ``GET`` per key, and a near-cache renewal
-round. What changes Redis, the plain writes and the loads (single flight,
-"invalidation wins"), is in :mod:`._store_writes`; what an entered store runs
-in the background is in :mod:`._store_tasks`.
+public method and its documentation) and the near-cache hit (``peek``). Past the
+near cache, the read side (``get``'s one shared ``GET`` per key, a near-cache
+renewal round) is in :mod:`._store_reads`; values <-> bytes in
+:mod:`._store_codec`; what changes Redis, the plain writes in
+:mod:`._store_writes` and the loads (single flight, "invalidation wins") in
+:mod:`._store_loads`; what an entered store runs in the background is in
+:mod:`._store_tasks`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Hashable
 from types import TracebackType
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import anyio
 from redis.asyncio import Redis
@@ -25,45 +27,31 @@ from typing_extensions import Self, final
 from .._cache.store import CacheEntry, MemoryStore
 from .._core.check import count, count_or_none, flag, number, number_or_none, text
 from .._core.owned import OwnedTaskGroup
+from . import _store_loads as loads
 from . import _store_tasks as tasks
 from . import _store_writes as writes
-from ._common import SerializationError, lease_seconds, validate_client
-from ._lease import LeaseScripts, Renewals
-from ._near import NearCache, Ticket
+from ._common import lease_seconds, validate_client
+from ._lease_scripts import LeaseScripts
+from ._near import NearCache
 from ._outage import Down, Guard
-from ._serializer import (
-    Serializer,
-    Unserializable,
-    decode_entry,
-    encode_entry,
-    serializer_from,
-)
+from ._renewals import Renewals
+from ._serializer import Serializer, serializer_from
+from ._serializer import decode_entry as decode_entry  # (tests read entries with them)
+from ._serializer import encode_entry as encode_entry
 from ._stats import RedisStoreStatistics
+from ._store_codec import encode
+from ._store_loads import LoadLock
+from ._store_reads import _parts as _parts  # (tests cut batches with it)
+from ._store_reads import renew, shared_get
 from ._store_refusals import Refusals
-from ._store_writes import LoadLock
+
+if TYPE_CHECKING:
+    from ._store_reads import _Read
 
 __all__ = ["RedisStore"]
 
-#: At most this many keys, and about this many bytes, per ``MGET`` of a near-cache
-#: renewal round (a few large values must not make one slow command).
-_RENEW_KEYS = 500
-_RENEW_BYTES = 1 << 20
 
 _MAX_KEY = 200  # longer key reprs are replaced by their SHA-256
-
-
-@final
-class _Read:
-    """A ``GET`` of one key in flight: concurrent readers of the key wait for it."""
-
-    __slots__ = ("done", "entry", "name", "ok", "ticket")
-
-    def __init__(self, name: str, ticket: Ticket) -> None:
-        self.name = name
-        self.ticket = ticket  # the near cache's ticket for it (see ._near)
-        self.done: anyio.Event | None = None  # made by the first reader that waits
-        self.entry: CacheEntry[Any] | None = None
-        self.ok = False
 
 
 @final
@@ -341,35 +329,6 @@ class RedisStore:
     def _recovered(self) -> None:
         self._local = MemoryStore(self._local.maxsize)  # Redis is the truth again
 
-    # -- values <-> bytes --------------------------------------------------------------
-    def _encode(self, key: Hashable, entry: CacheEntry[Any], generation: bytes) -> bytes:
-        try:
-            return encode_entry(entry, self._serializer, generation)
-        except Exception as exc:
-            kind = type(entry.value)
-            name = exc.type_name if isinstance(exc, Unserializable) else kind.__qualname__
-            msg = (
-                f"RedisStore {self._namespace!r} cannot store key {key!r}: "
-                f"{self._serializer!r} cannot serialize a value of type {name} ({exc}). "
-                "Return JSON types, datetime/date/time/UUID/Decimal, dataclasses or "
-                "pydantic models from the loader, or choose serializer='pickle' or a "
-                "serializer of your own."
-            )
-            raise SerializationError(
-                msg, namespace=self._namespace, key=key, type_name=name
-            ) from exc
-
-    def _decode(self, key: Hashable, raw: bytes | str) -> CacheEntry[Any] | None:
-        try:
-            return decode_entry(raw, self._serializer)
-        except Exception as exc:
-            msg = (
-                f"RedisStore {self._namespace!r} cannot read key {key!r}: "
-                f"{self._serializer!r} failed on the stored bytes ({exc!r}); was it "
-                "written with another serializer?"
-            )
-            raise SerializationError(msg, namespace=self._namespace, key=key, type_name="") from exc
-
     # -- Store protocol -------------------------------------------------------------
     def peek(self, key: Hashable) -> CacheEntry[Any] | None:
         """The entry for ``key`` from the near cache, or ``None`` (then use :meth:`get`).
@@ -393,9 +352,9 @@ class RedisStore:
             if read.done is None:
                 read.done = anyio.Event()
             await read.done.wait()
-            entry = read.entry if read.ok else await self._read(key)
+            entry = read.entry if read.ok else await shared_get(self, key)
         else:
-            entry = await self._read(key)
+            entry = await shared_get(self, key)
         self._count_read(entry)
         return entry
 
@@ -405,47 +364,9 @@ class RedisStore:
         else:
             self._hits += 1
 
-    async def _read(self, key: Hashable) -> CacheEntry[Any] | None:
-        name = self._name(key)
-        near = self._near
-        read = self._reads[key] = _Read(name, near.begin(name))
-        try:
-            if self._refusals.error is not None and await writes.masked(self, name):
-                # an invalidation Redis refused: its old entry is there, not the truth
-                entry = await self._local.get(key)
-                read.entry, read.ok = entry, True
-                return entry
-            try:
-                raw = await self._guard.call("get", self._redis.get(self._value_prefix + name))
-            except Down as down:
-                self._degrade(down)
-                entry = await self._local.get(key)
-            else:
-                entry = None
-                if raw is not None:
-                    entry = self._decode(key, raw)
-                    if entry is not None:
-                        near.put(key, name, entry, read.ticket, raw)
-            read.entry, read.ok = entry, True
-            return entry
-        finally:
-            near.end(name)
-            if self._reads.get(key) is read:
-                del self._reads[key]
-            if read.done is not None:
-                read.done.set()
-
     async def _renew(self) -> None:
-        """One renewal round: check the entries about to pass ``near_ttl`` (the loop that
-        runs it every sweep interval: :mod:`._store_tasks`)."""
-        near = self._near
-        if not near.listening:
-            return
-        for part in _parts(near.due()):
-            sent = near.timer()
-            names = [self._value_prefix + name for _, name, _ in part]
-            now = await self._guard.call("renew", self._redis.mget(names))
-            near.renew(part, now, sent)
+        """One near-cache renewal round (:func:`._store_reads.renew`)."""
+        await renew(self)
 
     async def set(self, key: Hashable, entry: CacheEntry[Any], *, ttl: float) -> None:
         """Store ``entry`` (a new generation); Redis drops it after ``ttl`` seconds.
@@ -456,7 +377,7 @@ class RedisStore:
         NaN one a ``ValueError``, both raised before anything is written.
         """
         writes.ttl_ms(ttl)  # a bad ttl raises before anything is written
-        data = self._encode(key, entry, uuid.uuid4().bytes)
+        data = encode(self, key, entry, uuid.uuid4().bytes)
         await writes.write(self, key, entry, data, ttl)
 
     async def delete(self, key: Hashable) -> None:
@@ -468,7 +389,7 @@ class RedisStore:
         """Forget every key of this store's namespace (``SCAN`` + ``UNLINK``)."""
         await writes.clear(self)
 
-    # -- loads: single flight and "invalidation wins" (see ._store_writes) -------------
+    # -- loads: single flight and "invalidation wins" (see ._store_loads) -------------
     def load_lock(self, key: Hashable) -> LoadLock:
         """Hold ``key``'s lease across processes around one load (single flight).
 
@@ -493,7 +414,7 @@ class RedisStore:
         absent), so any ``set``, ``delete`` or ``clear`` by any process after this
         call makes the load's conditional set fail.
         """
-        return await writes.load_token(self, key)
+        return await loads.load_token(self, key)
 
     async def set_if_unchanged(
         self, key: Hashable, entry: CacheEntry[Any], *, ttl: float, token: object
@@ -506,21 +427,4 @@ class RedisStore:
             and when the load started while Redis was down and Redis is back (its
             view of other processes' invalidations is unknown).
         """
-        return await writes.set_if_unchanged(self, key, entry, ttl, token)
-
-
-def _parts(batch: list[tuple[Hashable, str, bytes | str]]) -> list[list[Any]]:
-    """``batch`` cut into ``MGET``-sized parts: at most ``_RENEW_KEYS`` keys each, and
-    no more than about ``_RENEW_BYTES`` of values (a larger value goes alone)."""
-    parts: list[list[Any]] = []
-    part: list[Any] = []
-    size = 0
-    for item in batch:
-        if part and (len(part) >= _RENEW_KEYS or size + len(item[2]) > _RENEW_BYTES):
-            parts.append(part)
-            part, size = [], 0
-        part.append(item)
-        size += len(item[2])
-    if part:
-        parts.append(part)
-    return parts
+        return await loads.set_if_unchanged(self, key, entry, ttl, token)

@@ -7,7 +7,7 @@ met (``NOREPLICAS``) refuse the store's writes (:func:`._outage.refuses_writes`)
 That is no outage: reads keep going to Redis. The store then serves each load's
 value and keeps it in local memory (not in Redis), and keeps an invalidation it
 could not write (as during an outage) to write it when Redis accepts writes again
-(:mod:`._store_writes`).
+(:mod:`._store_writes`, :mod:`._store_loads`).
 
 :class:`Refusals` is the *episode*: from the first refusal until a write is
 accepted again. It is logged once when it starts and once when it ends, not per

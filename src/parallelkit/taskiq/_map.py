@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
-import os
 import pickle
-import sys
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable
-from types import ModuleType
-from typing import Any, Literal, Protocol, TypeVar, overload, runtime_checkable
+from typing import Any, Literal, TypeVar, overload
 
 import anyio
 from taskiq import AsyncTaskiqDecoratedTask
@@ -21,14 +16,15 @@ from taskiq.result_backends.dummy import DummyResultBackend
 
 from .._core.check import number_or_none
 from .._core.errors import ParallelkitError
-from .._core.limiter import Limiter, SupportsLimit, validate_rate
+from .._core.limiter import SupportsLimit
 from .._core.outcome import Outcome
 from .._fanout.fanout import map_options, run_items
 from .._fanout.imap import imap as _imap
 from ._broker import KICKED, RedeliveringStreamBroker, _ResultBackend
 from ._completions import LABEL_DONE, Completions
-from ._middlewares import LABEL_ERROR_TYPE, LABEL_TRACEBACK, RemoteTraceback
 from ._outage import patiently
+from ._rate import SupportsRate, rate_gate
+from ._remote_errors import remote_error as _remote_error  # (tests reach it here)
 
 __all__ = ["SupportsRate", "imap", "map"]
 
@@ -43,113 +39,6 @@ _POLL_FIRST = 0.002
 _POLL_MAX = 0.05
 #: seconds between the checks that an item's message is still in its stream
 _CHECK_EVERY = 1.0
-
-
-@runtime_checkable
-class SupportsRate(Protocol):
-    """A rate gate for ``rate=``: ``await gate.wait_rate()`` returns when one more
-    kick may start.
-
-    :class:`parallelkit.Limiter` has it (an in-process rate shared by every call
-    given the same limiter). ``rate=`` also accepts a shared limiter without
-    ``wait_rate``, such as ``parallelkit.redis.RedisLimiter``: each kick then enters
-    and leaves it once, so its rate spaces the kicks of every producer on the same
-    Redis (and, if it has a ``concurrency``, each kick holds a slot only for that
-    moment: bound the items in flight with ``limit=``).
-    """
-
-    async def wait_rate(self) -> None: ...
-
-
-def _rate_gate(rate: object) -> Callable[[], Awaitable[object]] | None:
-    """Turn ``rate=`` into "wait until this kick may start" (or ``None``): a number
-    (an in-process :class:`~parallelkit.Limiter`), a :class:`SupportsRate`, or a
-    shared limiter entered and left once per kick."""
-    if rate is None:
-        return None
-    if isinstance(rate, SupportsRate):
-        return rate.wait_rate
-    if isinstance(rate, SupportsLimit):
-        limiter = rate
-
-        async def gate() -> None:
-            async with limiter:  # a start under its rate; the slot is given back at once
-                pass
-
-        return gate
-    return Limiter(rate=validate_rate(rate)).wait_rate
-
-
-def _remote_error(result: TaskiqResult[Any], task_id: str, name: str) -> Exception:
-    """The exception to raise for a failed result: the original type where it can be
-    rebuilt, the worker's traceback as ``__cause__``, a note naming the task.
-
-    A worker-side ``BaseException`` that is not an ``Exception`` (a ``CancelledError``
-    when the worker shut down mid-task, ``SystemExit``) is never re-raised as such in
-    the producer, where it would pass for *our* cancellation or exit: it becomes a
-    ``RuntimeError`` naming it.
-    """
-    error = result.error
-    assert error is not None
-    error = _original_type(error, result)
-    if not isinstance(error, Exception):
-        msg = f"Taskiq task {name} [{task_id}] was interrupted in the worker: {error!r}"
-        error = RuntimeError(msg)
-    text = result.labels.get(LABEL_TRACEBACK)
-    where = f"raised by Taskiq task {name} [{task_id}] in a worker"
-    if isinstance(text, str):
-        error.__cause__ = RemoteTraceback(text, task_id, name)
-        note = f"{where}; its traceback is the __cause__ above"
-    else:
-        note = f"{where} (add parallelkit.taskiq.TracebackMiddleware to see its traceback)"
-    if sys.version_info >= (3, 11):
-        error.add_note(note)
-    return error
-
-
-def _original_type(error: BaseException, result: TaskiqResult[Any]) -> BaseException:
-    """Taskiq rebuilds an exception whose module the producer has not imported as a
-    stand-in class; import the real one (named by TracebackMiddleware) if we can."""
-    spec = result.labels.get(LABEL_ERROR_TYPE)
-    if not isinstance(spec, str) or ":" not in spec:
-        return error
-    module_name, _, qualname = spec.partition(":")
-    if f"{type(error).__module__}:{type(error).__qualname__}" == spec:
-        return error
-    if type(error) is Exception:
-        # Taskiq found the type but its constructor refused the arguments: its
-        # fallback's one argument is a message naming them, no argument of the type
-        return error
-    try:
-        obj: Any = _module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-        if isinstance(obj, type) and issubclass(obj, BaseException):
-            return obj(*error.args)
-    except Exception:  # keep Taskiq's stand-in when the type cannot be rebuilt
-        pass
-    return error
-
-
-def _module(name: str) -> ModuleType:
-    """The module ``name``, imported if need be; the producer's ``__main__`` when that
-    is the same file (``python detect.py``, while the workers import ``detect``):
-    importing it again would run the script's top level twice and make classes
-    that ``except`` clauses of ``__main__`` do not match."""
-    module = sys.modules.get(name)
-    if module is not None:
-        return module
-    main = sys.modules.get("__main__")
-    if main is not None:
-        if getattr(getattr(main, "__spec__", None), "name", None) == name:  # python -m name
-            return main
-        main_file = getattr(main, "__file__", None)
-        spec = importlib.util.find_spec(name)
-        origin = spec.origin if spec is not None else None
-        with contextlib.suppress(OSError):  # (a file that is not there: not the same)
-            if main_file and origin and os.path.samefile(origin, main_file):
-                return main
-    return importlib.import_module(name)
 
 
 class _Kick:
@@ -182,7 +71,7 @@ class _Kick:
             )
             raise TypeError(msg)
         self._timeout = number_or_none("timeout", timeout)
-        self._gate = _rate_gate(rate)
+        self._gate = rate_gate(rate)
         # acknowledged only once its result is saved, whatever the workers' --ack-type:
         # a message the group passed without a result then has none to come (_check)
         labels: dict[str, Any] = {"ack_type": "when_saved"}

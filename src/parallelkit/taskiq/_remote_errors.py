@@ -1,0 +1,90 @@
+"""A failed Taskiq result as the exception the producer raises: the worker's own
+type where it can be rebuilt, its traceback as ``__cause__``."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import sys
+from types import ModuleType
+from typing import Any
+
+from taskiq.result import TaskiqResult
+
+from ._middlewares import LABEL_ERROR_TYPE, LABEL_TRACEBACK, RemoteTraceback
+
+__all__ = ["remote_error"]
+
+
+def remote_error(result: TaskiqResult[Any], task_id: str, name: str) -> Exception:
+    """The exception to raise for a failed result: the original type where it can be
+    rebuilt, the worker's traceback as ``__cause__``, a note naming the task.
+
+    A worker-side ``BaseException`` that is not an ``Exception`` (a ``CancelledError``
+    when the worker shut down mid-task, ``SystemExit``) is never re-raised as such in
+    the producer, where it would pass for *our* cancellation or exit: it becomes a
+    ``RuntimeError`` naming it.
+    """
+    error = result.error
+    assert error is not None
+    error = _original_type(error, result)
+    if not isinstance(error, Exception):
+        msg = f"Taskiq task {name} [{task_id}] was interrupted in the worker: {error!r}"
+        error = RuntimeError(msg)
+    text = result.labels.get(LABEL_TRACEBACK)
+    where = f"raised by Taskiq task {name} [{task_id}] in a worker"
+    if isinstance(text, str):
+        error.__cause__ = RemoteTraceback(text, task_id, name)
+        note = f"{where}; its traceback is the __cause__ above"
+    else:
+        note = f"{where} (add parallelkit.taskiq.TracebackMiddleware to see its traceback)"
+    if sys.version_info >= (3, 11):
+        error.add_note(note)
+    return error
+
+
+def _original_type(error: BaseException, result: TaskiqResult[Any]) -> BaseException:
+    """Taskiq rebuilds an exception whose module the producer has not imported as a
+    stand-in class; import the real one (named by TracebackMiddleware) if we can."""
+    spec = result.labels.get(LABEL_ERROR_TYPE)
+    if not isinstance(spec, str) or ":" not in spec:
+        return error
+    module_name, _, qualname = spec.partition(":")
+    if f"{type(error).__module__}:{type(error).__qualname__}" == spec:
+        return error
+    if type(error) is Exception:
+        # Taskiq found the type but its constructor refused the arguments: its
+        # fallback's one argument is a message naming them, no argument of the type
+        return error
+    try:
+        obj: Any = _module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            return obj(*error.args)
+    except Exception:  # keep Taskiq's stand-in when the type cannot be rebuilt
+        pass
+    return error
+
+
+def _module(name: str) -> ModuleType:
+    """The module ``name``, imported if need be; the producer's ``__main__`` when that
+    is the same file (``python detect.py``, while the workers import ``detect``):
+    importing it again would run the script's top level twice and make classes
+    that ``except`` clauses of ``__main__`` do not match."""
+    module = sys.modules.get(name)
+    if module is not None:
+        return module
+    main = sys.modules.get("__main__")
+    if main is not None:
+        if getattr(getattr(main, "__spec__", None), "name", None) == name:  # python -m name
+            return main
+        main_file = getattr(main, "__file__", None)
+        spec = importlib.util.find_spec(name)
+        origin = spec.origin if spec is not None else None
+        with contextlib.suppress(OSError):  # (a file that is not there: not the same)
+            if main_file and origin and os.path.samefile(origin, main_file):
+                return main
+    return importlib.import_module(name)
