@@ -19,7 +19,7 @@ from .._core.errors import DependencyFailed
 from .._core.limiter import SupportsLimit
 from .._core.outcome import Outcome
 from .._fanout.options import for_fanout, split_limit
-from .._fanout.pool import Pool, Unit, _uncancel
+from .._fanout.pool import Pool, Unit, _cancelled, _uncancel
 from .graph import Plan, RunNode
 from .timeline import SpanStatus, Timeline
 
@@ -57,6 +57,7 @@ class Run(Iterator[Unit]):
         "_clock",
         "_errors",
         "_inputs",
+        "_keep_cancelled_errors",
         "_kind",
         "_limiter",
         "_max_workers",
@@ -84,8 +85,13 @@ class Run(Iterator[Unit]):
         settle: bool = False,
         timeline: Timeline | None = None,
         kind: str | None = None,
+        keep_cancelled_errors: bool = False,
     ) -> None:
         self._plan = plan
+        # settle mode: an error raised while the run is being cancelled is a failure,
+        # raised (a Flow: nobody sees a cancelled run's outcomes), or, for a caller that
+        # cancels the run itself and reads them (an orchestrator's rollback), an outcome
+        self._keep_cancelled_errors = keep_cancelled_errors
         self._inputs = inputs
         self._run_node = run_node
         self._settle = settle
@@ -225,7 +231,7 @@ class Run(Iterator[Unit]):
                 timeline._record(
                     node.name, queued, began, end, status, plan.waited_for[item], self._kind
                 )
-            if not failed or not self._settle:
+            if not failed or not self._settle or self._raised_while_cancelled(exc):
                 if failed or is_failure(exc):
                     self._remaining -= 1
                     pool = self._pool
@@ -257,6 +263,13 @@ class Run(Iterator[Unit]):
                     if queued_at is not None:
                         queued_at[dep] = end
                     ready.append(dep)
+
+    def _raised_while_cancelled(self, exc: BaseException) -> bool:
+        """Settle mode: whether ``exc`` is an error raised while the run is being
+        cancelled (a clean-up that failed as the caller's cancellation reached it). It
+        is no outcome anyone will see (a cancelled run returns none): a failure, raised,
+        as in the pool; unless the run was built to keep such errors as outcomes."""
+        return isinstance(exc, Exception) and not self._keep_cancelled_errors and _cancelled()
 
     def _foreign_in_worker(self, exc: BaseException) -> bool:
         """asyncio: whether ``exc`` is a ``task.cancel()`` that no cancel scope made, in

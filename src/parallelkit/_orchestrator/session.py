@@ -173,6 +173,7 @@ class Session:
             settle=True,
             timeline=self.timeline,
             kind="start",
+            keep_cancelled_errors=True,  # the rollback reads every start's error
         )
         errors: list[tuple[str, BaseException]] | None = None
         try:
