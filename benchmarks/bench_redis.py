@@ -276,7 +276,9 @@ async def _hit_cost(n: int, rounds: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ cross-process loads
-async def _child(mode: str, url: str, prefix: str, processes: int, callers: int) -> None:
+async def _child(
+    mode: str, url: str, prefix: str, processes: int, callers: int, parent: int
+) -> None:
     import parallelkit as pk
     from parallelkit.redis import RedisStore
 
@@ -299,7 +301,8 @@ async def _child(mode: str, url: str, prefix: str, processes: int, callers: int)
     store = RedisStore(redis, prefix=prefix, poll=0.01, command_timeout=30)
     cache = pk.SWRCache(fresh=60, stale=60, store=store)
     barrier = f"{prefix}:barrier:{mode}"
-    parent = os.getppid()
+    # ``parent``: the run's pid, passed in (read here, it may already be init's: a run
+    # stopped while this process started up would never be seen to be gone)
     async with store, cache:
         await redis.incr(barrier)
         while int(await redis.get(barrier) or 0) < processes:
@@ -319,7 +322,7 @@ async def _child(mode: str, url: str, prefix: str, processes: int, callers: int)
 
 def _cross_process(mode: str, prefix: str, processes: int, callers: int) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "benchmarks.bench_redis", "child", mode, REDIS_URL, prefix]
-    cmd += [str(processes), str(callers)]
+    cmd += [str(processes), str(callers), str(os.getpid())]
     start = time.perf_counter()
     procs: list[subprocess.Popen[bytes]] = []
     try:
@@ -486,5 +489,7 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["child"]:
-    _, _, mode, url, prefix, processes, callers = sys.argv
-    anyio.run(_child, mode, url, prefix, int(processes), int(callers), backend="asyncio")
+    _, _, mode, url, prefix, processes, callers, parent = sys.argv
+    anyio.run(
+        _child, mode, url, prefix, int(processes), int(callers), int(parent), backend="asyncio"
+    )
