@@ -9,9 +9,10 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
+
+from examples.crm.loops import close_leftovers
 
 T = TypeVar("T")
 
@@ -161,22 +162,7 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
 
 def _close(loop: asyncio.AbstractEventLoop) -> None:
     try:
-        leftovers = asyncio.all_tasks(loop)
-        for task in leftovers:
-            task.cancel()
-        if leftovers:
-            _, stuck = loop.run_until_complete(asyncio.wait(leftovers, timeout=LEFTOVER_GRACE))
-            if stuck:  # abandoned on purpose: no "destroyed but pending" report for them
-                loop.set_exception_handler(partial(_quiet_about, stuck))
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.run_until_complete(loop.shutdown_default_executor())
+        close_leftovers(loop, LEFTOVER_GRACE)
     finally:
         asyncio.set_event_loop(None)
         loop.close()
-
-
-def _quiet_about(
-    abandoned: set[asyncio.Task[Any]], loop: asyncio.AbstractEventLoop, context: dict[str, Any]
-) -> None:
-    if context.get("task") not in abandoned:
-        loop.default_exception_handler(context)

@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Coroutine
-from functools import partial
 from typing import Any
 
 import httpx
@@ -37,6 +36,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from . import bulk, cache, devflow, files, payment, startup, webhook
 from .clients import StripeClient, WebhookClient
 from .db import database_url, open_database
+from .loops import close_leftovers
 from .seed import SeedSizes
 
 SCENARIOS = ("files", "devflow", "webhook", "payment", "bulk", "cache", "startup")
@@ -277,21 +277,14 @@ def _run(work: Coroutine[Any, Any, None]) -> int | None:
         return loop.run_until_complete(_until_signal(work))
     finally:
         try:
-            leftovers = asyncio.all_tasks(loop)
-            for task in leftovers:
-                task.cancel()
-            if leftovers:
-                _, stuck = loop.run_until_complete(asyncio.wait(leftovers, timeout=LEFTOVER_GRACE))
-                if stuck:  # abandoned on purpose: no "destroyed but pending" report for them
-                    loop.set_exception_handler(partial(_quiet_about, stuck))
-                    names = sorted({getattr(t.get_coro(), "__qualname__", "?") for t in stuck})
-                    print(
-                        f"left behind after {LEFTOVER_GRACE:g} s: {len(stuck)} task(s) that did "
-                        f"not finish ({', '.join(names)})",
-                        file=sys.stderr,
-                    )
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.run_until_complete(loop.shutdown_default_executor())
+            stuck = close_leftovers(loop, LEFTOVER_GRACE)
+            if stuck:  # abandoned on purpose (close_leftovers): said once, here
+                names = sorted({getattr(t.get_coro(), "__qualname__", "?") for t in stuck})
+                print(
+                    f"left behind after {LEFTOVER_GRACE:g} s: {len(stuck)} task(s) that did "
+                    f"not finish ({', '.join(names)})",
+                    file=sys.stderr,
+                )
         finally:
             asyncio.set_event_loop(None)
             # from now on a signal is ignored (the demo is over; cli() restores the
@@ -301,15 +294,6 @@ def _run(work: Coroutine[Any, Any, None]) -> int | None:
                 loop.remove_signal_handler(signum)
                 signal.signal(signum, _ignore)
             loop.close()
-
-
-def _quiet_about(
-    abandoned: set[asyncio.Task[Any]], loop: asyncio.AbstractEventLoop, context: dict[str, Any]
-) -> None:
-    """The loop's exception handler once ``abandoned`` are left behind: their collection
-    ("Task was destroyed but it is pending!") is expected; anything else is reported."""
-    if context.get("task") not in abandoned:
-        loop.default_exception_handler(context)
 
 
 def _ignore(signum: int, frame: object) -> None:
