@@ -23,23 +23,10 @@ import pytest
 
 import parallelkit as pk
 
+# the same error and helpers as Flow's clean-up tests (one engine: the Pool)
+from .test_flow_faults5 import GUARD, CleanupError, _context_chain
+
 pytestmark = pytest.mark.anyio
-
-GUARD = 30.0  # a hang guard only: nothing here waits on time
-
-
-class CleanupError(Exception):
-    """An item's clean-up failed while the item was being cancelled."""
-
-
-def _context_chain(exc: BaseException) -> list[BaseException]:
-    chain, seen = [], {id(exc)}
-    current = exc.__context__
-    while current is not None and id(current) not in seen:
-        chain.append(current)
-        seen.add(id(current))
-        current = current.__context__
-    return chain
 
 
 def _cancelling() -> int:
