@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from typing_extensions import final
@@ -23,11 +23,47 @@ from .._fanout.pool import Pool, Unit, _cancelled, _uncancel
 from .graph import Plan, RunNode
 from .timeline import SpanStatus, Timeline
 
-__all__ = ["Run"]
+__all__ = ["NodeEnded", "Run"]
 
 # A node's entry in ``Run._pending``: >= 0 while it has not finished (how many of its
 # dependencies have not), then one of these.
 _DONE, _SKIPPED = -1, -2
+
+
+@final
+class NodeEnded(Exception):
+    """Raised by a ``run_node``: the node ended, but not well; the run goes on.
+
+    The engine records the node's span with ``status`` (``"error"``: it failed;
+    ``"cancelled"``: it was cut short) and then treats the node as done, with
+    ``value`` as its result: nothing fails, nothing is skipped, its dependents
+    run. For a caller whose nodes must all run whatever happens to one (an
+    orchestrator's stop: each tear-down's error is reported by the orchestrator
+    itself), in a fail-fast run. Only the failure path looks for it: a node that
+    returns costs nothing more.
+
+    Args:
+        status: the span's status, ``"error"`` or ``"cancelled"``.
+        error: what ended it (recorded on a trace's node span), if anything.
+        value: the node's result.
+    """
+
+    __slots__ = ("error", "status", "value")
+
+    def __init__(
+        self,
+        status: Literal["error", "cancelled"],
+        error: BaseException | None = None,
+        *,
+        value: Any = None,
+    ) -> None:
+        if status not in ("error", "cancelled"):
+            msg = f"status must be 'error' or 'cancelled', not {status!r}"
+            raise ValueError(msg)
+        super().__init__(status, error)
+        self.status: SpanStatus = status
+        self.error = error
+        self.value = value
 
 
 @final
@@ -215,6 +251,10 @@ class Run(Iterator[Unit]):
                     value = await run_node(node, kwargs)
         except BaseException as exc:
             end = clock()
+            if type(exc) is NodeEnded:  # not a failure: the node says how it ended
+                began = end if start is None else start
+                self._ended(item, queued, began, end, exc)
+                return
             # an Exception, or a CancelledError the step raised by itself (asyncio: it
             # awaited a future cancelled elsewhere, or code it called cancelled the
             # worker task it runs in) is the step's failure; a
@@ -263,6 +303,29 @@ class Run(Iterator[Unit]):
                     if queued_at is not None:
                         queued_at[dep] = end
                     ready.append(dep)
+
+    def _ended(self, item: int, queued: float, start: float, end: float, ended: NodeEnded) -> None:
+        """A node raised :class:`NodeEnded`: its span gets that status, and the run goes
+        on as if it returned ``ended.value`` (the success path's bookkeeping, written
+        there inline: that is the hot path)."""
+        plan, pending, ready, queued_at = self._plan, self._pending, self._ready, self._queued
+        pending[item] = _DONE
+        self._values[item] = ended.value
+        if self._timeline is not None:
+            self._timeline._record(
+                plan.names[item], queued, start, end, ended.status, plan.waited_for[item],
+                self._kind,
+            )  # fmt: skip
+        self._remaining -= 1
+        for dep in plan.dependents[item]:
+            left = pending[dep] - 1
+            if left < 0:
+                continue
+            pending[dep] = left
+            if not left:
+                if queued_at is not None:
+                    queued_at[dep] = end
+                ready.append(dep)
 
     def _raised_while_cancelled(self, exc: BaseException) -> bool:
         """Settle mode: whether ``exc`` is an error raised while the run is being

@@ -41,7 +41,10 @@ class Span:
             for a ``limit`` slot).
         end: when it finished (or failed, or was cancelled).
         status: ``"ok"``, ``"error"``, ``"cancelled"`` or ``"skipped"`` (settle
-            mode: a dependency failed, so it never ran; ``start == end``).
+            mode: a dependency failed, so it never ran; ``start == end``). An
+            orchestrator's ``"stop"`` span says ``"error"`` when the tear-down
+            raised and ``"cancelled"`` when its ``stop_timeout`` (or a forced
+            stop) cut it short; the shutdown went on either way.
         waited_for: the names it depended on.
         kind: what the span measures: ``"step"`` for a flow step; the
             orchestrator records ``"start"`` (set-up until ready) and ``"stop"``.

@@ -21,6 +21,7 @@ import anyio
 from anyio.abc import TaskStatus
 from typing_extensions import final
 
+from .._core.backend import is_failure
 from .._core.errors import ProcessError
 from .._core.retry import to_retrying
 from ..probes import Probe
@@ -92,6 +93,7 @@ class ServiceHost:
         "state",
         "stopped",
         "teardown_error",
+        "teardown_interrupt",
         "timed_out",
         "value",
     )
@@ -115,6 +117,8 @@ class ServiceHost:
         self.value: Any = None
         self.crash: BaseException | None = None
         self.teardown_error: BaseException | None = None
+        # a KeyboardInterrupt-like error its stop's tear-down raised (it goes on as itself)
+        self.teardown_interrupt: BaseException | None = None
         self.timed_out = False
         self.forced = False
         self.setup_done_at = math.nan
@@ -393,7 +397,12 @@ class ServiceHost:
         try:
             if error is None:
                 self.state = "stopping"
-                self.teardown_error = await self._close(stack, scope)
+                try:
+                    self.teardown_error = await self._close(stack, scope)
+                except BaseException as exc:
+                    if is_failure(exc):  # noted for the stop's span; it goes on as itself
+                        self.teardown_interrupt = exc
+                    raise
             else:
                 # a crash: said at once (nothing must start on a service tearing down),
                 # then the error goes into the lifetime, whose task group needs it

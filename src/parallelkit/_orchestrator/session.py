@@ -25,7 +25,7 @@ import anyio.lowlevel
 from .._core import instrument
 from .._core.errors import DependencyFailed, StartupError
 from .._graph.graph import Graph, Node, Param, Plan, RunNode
-from .._graph.scheduler import Run
+from .._graph.scheduler import NodeEnded, Run
 from .._graph.timeline import Span, Timeline
 from .lifetime import ServiceSpec, only_failure
 from .running import Running
@@ -425,6 +425,17 @@ class Session:
         host = self.hosts[node.name]
         host.request_stop()
         await host.stopped.wait()
+        if host.state != "stopped":  # crashed: torn down already, its crash reported
+            return
+        # how the tear-down ended, for its "stop" span only: the run goes on (every
+        # other service still stops, in order); the error is reported by stop_all's
+        # callers, as ever. Raised only when it did not end well: nothing on the way
+        # of a clean stop.
+        error = host.teardown_error or host.teardown_interrupt
+        if error is not None:
+            raise NodeEnded("error", error)
+        if host.timed_out or host.forced:
+            raise NodeEnded("cancelled")
 
     def force(self) -> None:
         """Make every stop immediate: the ones in progress and the ones still to come.

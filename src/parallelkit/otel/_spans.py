@@ -33,6 +33,7 @@ from typing_extensions import final
 
 from .._core.backend import is_failure
 from .._core.instrument import Call, GraphKind, NodeCall
+from .._graph.scheduler import NodeEnded
 from .._graph.timeline import Span as TimelineSpan
 from .._graph.timeline import Timeline
 
@@ -326,6 +327,10 @@ class GraphTrace:
                 if inner is None:
                     return await node.call(**kwargs)
                 return await inner(node, kwargs)
+            except NodeEnded as ended:  # not a failure of the run: how the node ended
+                if ended.error is not None:
+                    record(span, ended.error)
+                raise
             except BaseException as exc:
                 if is_failure(exc):  # the engine records it as the node's error
                     record(span, exc)
