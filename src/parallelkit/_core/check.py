@@ -43,6 +43,7 @@ __all__ = [
     "number",
     "number_at_least",
     "number_or_none",
+    "real_or_none",
     "returns_coroutine",
     "strings",
     "sync_callable",
@@ -75,7 +76,7 @@ def number_or_none(
     return _number(name, value, unit=unit, zero=zero, finite=finite, none=True)
 
 
-def _real(value: object) -> float | None:
+def real_or_none(value: object) -> float | None:
     """``value`` as a float if it is a real number and not a ``bool``, else ``None``."""
     if type(value) is float:  # the common case, without an ABC check
         return value
@@ -88,7 +89,7 @@ def _real(value: object) -> float | None:
 
 
 def _number(name: str, value: object, *, unit: str, zero: bool, finite: bool, none: bool) -> float:
-    real = _real(value)
+    real = real_or_none(value)
     if real is None:
         msg = f"{name} must be a number ({unit}){' or None' if none else ''}, got {value!r}"
         raise TypeError(msg)
@@ -99,12 +100,12 @@ def _number(name: str, value: object, *, unit: str, zero: bool, finite: bool, no
     if finite and math.isinf(real):
         msg = f"{name} must be finite ({unit}), got {value!r}"
         raise ValueError(msg)
-    return real
+    return real + 0.0  # -0.0 (allowed with ``zero``) is stored and shown as 0.0
 
 
 def fraction(name: str, value: object) -> float:
     """Return ``value`` as a float in ``[0, 1)``: a share of something (``jitter``)."""
-    real = _real(value)
+    real = real_or_none(value)
     if real is None:
         msg = f"{name} must be a number (a fraction in [0, 1)), got {value!r}"
         raise TypeError(msg)
@@ -160,8 +161,13 @@ def text_or_none(name: str, value: object) -> str | None:
 
 
 def choice(name: str, value: object, allowed: Collection[C]) -> C:
-    """Return ``value`` if it is one of ``allowed``; the error lists them."""
-    if value in allowed:
+    """Return ``value`` if it is one of ``allowed``; the error lists them.
+
+    Only a ``str`` is compared: an object whose ``==`` says yes to anything
+    (``unittest.mock.ANY``, a NumPy array of strings) is not taken for a choice, and
+    an unhashable one (a list) is refused by name, not with ``unhashable type``.
+    """
+    if isinstance(value, str) and value in allowed:
         return value  # type: ignore[return-value]
     listed = ", ".join(repr(a) for a in allowed)
     msg = f"{name} must be one of {listed}, got {value!r}"

@@ -16,10 +16,15 @@ re-raised unchanged (fail-fast) or handed back as :class:`~parallelkit.Outcome`
 
 Bad arguments are plain :class:`ValueError` / :class:`TypeError` whose message
 names the argument, as in the standard library.
+
+Every error of the tree survives :mod:`pickle` and :mod:`copy` whole (its message,
+its attributes), whatever its ``__init__`` takes: it may cross a process boundary (a
+worker, ``multiprocessing``) or be copied by a test framework.
 """
 
 from __future__ import annotations
 
+import copyreg
 import subprocess
 from collections.abc import Sequence
 
@@ -35,6 +40,12 @@ __all__ = [
 
 class ParallelkitError(Exception):
     """Root of every exception that parallelkit raises on its own account."""
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # rebuilt without calling __init__ (whose parameters are not ``args``: the
+        # default reduction would call ``cls(*args)`` and fail, or build a different
+        # message), then given back its args and attributes
+        return (copyreg.__newobj__, (type(self), *self.args), self.__dict__)  # type: ignore[attr-defined]
 
 
 class DefinitionError(ParallelkitError, ValueError):
@@ -143,6 +154,3 @@ class ProcessError(ParallelkitError, subprocess.CalledProcessError):
 
     def __str__(self) -> str:
         return self._text()
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.name, self.returncode, self.cmd, self.tail), self.__dict__)

@@ -42,9 +42,15 @@ class Outcome(Generic[T]):
 
     def unwrap(self) -> T:
         """Return the value, or raise the item's original exception."""
-        if self.error is not None:
-            raise self.error
-        return self.value  # type: ignore[return-value]
+        if self.error is None:
+            return self.value  # type: ignore[return-value]
+        error = self.error
+        try:
+            raise error
+        finally:
+            # the traceback keeps this frame, whose locals would keep the exception:
+            # a reference cycle, freed only by the cycle collector
+            del error, self
 
     @staticmethod
     def success(value: T) -> Outcome[T]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -10,8 +11,8 @@ import anyio
 import tenacity
 from typing_extensions import final
 
-from .backend import is_stray_cancellation
-from .check import callable_with, count, is_async_callable, number
+from .backend import clock, is_stray_cancellation
+from .check import callable_with, count, is_async_callable, number, real_or_none
 
 __all__ = ["Retry", "RetryLike", "to_retrying", "validate_retry"]
 
@@ -93,8 +94,8 @@ class Retry:
             retry_cond: Any = tenacity.retry_if_exception_type(types)
             stoppable = not all(issubclass(t, Exception) for t in types)
         else:
-            retry_cond = tenacity.retry_if_exception(_keeping_context(on))
-            stoppable = True
+            retry_cond = tenacity.retry_if_exception(on)
+            stoppable = True  # and _Stoppable keeps the item's error if ``on`` fails
         if stoppable:  # ``on`` may match a cancellation or KeyboardInterrupt: never retried
             retry_cond = _Stoppable(retry_cond)
         wait: Any = tenacity.wait_exponential(
@@ -116,22 +117,18 @@ class Retry:
 RetryLike = Retry | tenacity.AsyncRetrying
 
 
-def _keeping_context(
-    predicate: Callable[[BaseException], bool],
-) -> Callable[[BaseException], bool]:
-    """``predicate``, whose own failure keeps the exception it was asked about as its
-    ``__context__``: tenacity asks outside any ``except`` block, so that exception (the
-    item's error) would be lost from the traceback."""
-
-    def on(exc: BaseException) -> bool:
-        try:
-            return predicate(exc)
-        except BaseException as failure:
-            if failure.__context__ is None and failure is not exc:
-                failure.__context__ = exc
-            raise
-
-    return on
+def _chain(failure: BaseException, retry_state: tenacity.RetryCallState) -> None:
+    """Make the item's error the ``__context__`` of ``failure``, the failure of a hook of
+    the policy (a retry condition, ``wait``, ``stop``, ``after``, ``before_sleep``,
+    ``retry_error_callback``): tenacity calls them outside any ``except`` block, so the
+    error they were asked about would be lost from the traceback."""
+    outcome = retry_state.outcome
+    if not isinstance(failure, Exception):  # a cancellation passes through untouched
+        return
+    if failure.__context__ is None and outcome is not None and outcome.failed:
+        exc = outcome.exception()
+        if exc is not failure:
+            failure.__context__ = exc
 
 
 @final
@@ -149,7 +146,13 @@ class _Stoppable(tenacity.retry_base):
         self.inner = inner
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
-        return not _stops(retry_state) and bool(self.inner(retry_state))
+        if _stops(retry_state):
+            return False
+        try:
+            return bool(self.inner(retry_state))
+        except BaseException as failure:
+            _chain(failure, retry_state)
+            raise
 
 
 @final
@@ -164,7 +167,13 @@ class _AsyncStoppable(tenacity.retry_base):
         self.inner = inner
 
     async def __call__(self, retry_state: tenacity.RetryCallState) -> bool:  # type: ignore[override]
-        return not _stops(retry_state) and bool(await self.inner(retry_state))
+        if _stops(retry_state):
+            return False
+        try:
+            return bool(await self.inner(retry_state))
+        except BaseException as failure:
+            _chain(failure, retry_state)
+            raise
 
 
 def _stops(retry_state: tenacity.RetryCallState) -> bool:
@@ -181,15 +190,33 @@ def validate_retry(retry: object, name: str = "retry") -> RetryLike | None:
     if retry is None or isinstance(retry, (Retry, tenacity.AsyncRetrying)):
         return retry
     msg = f"{name} must be a parallelkit.Retry, a tenacity.AsyncRetrying or None, got {retry!r}"
+    if isinstance(retry, int) and not isinstance(retry, bool):
+        msg += f"; for {retry} attempts in all, pass {name}=parallelkit.Retry(attempts={retry})"
+    elif isinstance(retry, tenacity.BaseRetrying):  # tenacity.Retrying: time.sleep
+        msg += (
+            f"; a {type(retry).__name__} sleeps with time.sleep, blocking the event loop: "
+            "build a tenacity.AsyncRetrying with the same arguments"
+        )
     raise TypeError(msg)
 
 
 def to_retrying(retry: RetryLike) -> tenacity.AsyncRetrying:
     """The one adapter: turn any accepted ``retry=`` value into AsyncRetrying.
 
-    A user's ``AsyncRetrying`` keeps its own policy; only its sleep is switched to
-    anyio's so that it works on trio too, and a cancellation, ``KeyboardInterrupt``
-    or ``SystemExit`` is never retried (see :class:`_Stoppable`).
+    A user's ``AsyncRetrying`` keeps its own policy, with these changes:
+
+    * its sleep is anyio's, so that it works on trio too;
+    * a cancellation, ``KeyboardInterrupt`` or ``SystemExit`` is never retried (see
+      :class:`_Stoppable`);
+    * its times (``start_time``, ``seconds_since_start``: what ``stop_after_delay``
+      and ``stop_before_delay`` read) are on the event loop's clock, as every other
+      time in parallelkit, so that they agree with the sleeps on a virtual clock too
+      (trio's ``MockClock``), where tenacity's ``time.monotonic`` would barely move;
+    * a wait below zero (a computed "retry at" already past) is no wait, as with
+      ``asyncio.sleep``; a wait that is not a number or is NaN is a ``ValueError``;
+    * a hook that raises (the retry condition, ``wait``, ``stop``, ``after``,
+      ``before_sleep``, ``retry_error_callback``) raises with the item's error as its
+      ``__context__``, so that error is not lost.
     """
     if isinstance(retry, Retry):
         return retry.to_tenacity()
@@ -199,7 +226,95 @@ def to_retrying(retry: RetryLike) -> tenacity.AsyncRetrying:
             cond = _AsyncStoppable(cond)
     elif not isinstance(cond, _Stoppable):
         cond = _Stoppable(cond)
-    return retry.copy(sleep=anyio.sleep, retry=cond)
+    return retry.copy(
+        sleep=anyio.sleep,
+        retry=cond,
+        before=_hook(retry.before, start=True),
+        after=_hook(retry.after, end=True),
+        wait=_hook(retry.wait, wait=True),
+        stop=_hook(retry.stop),
+        before_sleep=_hook(retry.before_sleep),
+        retry_error_callback=_hook(retry.retry_error_callback),
+    )
+
+
+Hook = Callable[[tenacity.RetryCallState], Any]
+
+
+def _hook(inner: Hook | None, *, start: bool = False, end: bool = False, wait: bool = False) -> Any:
+    """``inner``, a hook of a user's policy, as :func:`to_retrying` runs it: ``start``
+    (the ``before`` hook, run before each attempt) stamps the first attempt's start
+    on the loop's clock, ``end`` (``after``, run first once a retry is decided) stamps
+    the attempt's end; ``wait`` checks the seconds the hook returns. A failure keeps
+    the item's error (:func:`_chain`). Sync stays sync (tenacity 8.2 calls hooks
+    without awaiting them), async stays async. ``None`` (or tenacity's do-nothing
+    default) stays ``None`` unless a stamp is needed."""
+    if inner is tenacity.before_nothing or inner is tenacity.after_nothing:
+        inner = None
+    if inner is None:
+        return _began if start else _ended if end else None
+    if getattr(inner, _ADAPTED, False):
+        return inner
+    stamp = _began if start else _ended if end else None
+    user = inner
+
+    if is_async_callable(user):
+
+        async def async_hook(retry_state: tenacity.RetryCallState) -> Any:
+            if stamp is not None:
+                stamp(retry_state)
+            try:
+                result = await user(retry_state)
+            except BaseException as failure:
+                _chain(failure, retry_state)
+                raise
+            return _seconds(result, retry_state) if wait else result
+
+        setattr(async_hook, _ADAPTED, True)
+        return async_hook
+
+    def hook(retry_state: tenacity.RetryCallState) -> Any:
+        if stamp is not None:
+            stamp(retry_state)
+        try:
+            result = user(retry_state)
+        except BaseException as failure:
+            _chain(failure, retry_state)
+            raise
+        return _seconds(result, retry_state) if wait else result
+
+    setattr(hook, _ADAPTED, True)
+    return hook
+
+
+_ADAPTED = "_parallelkit_hook"
+
+
+def _began(retry_state: tenacity.RetryCallState) -> None:
+    """Before an attempt: the first one's start on the loop's clock."""
+    if retry_state.attempt_number == 1:
+        retry_state.start_time = clock()()
+
+
+def _ended(retry_state: tenacity.RetryCallState) -> None:
+    """After an attempt to be retried: its end on the loop's clock."""
+    retry_state.outcome_timestamp = clock()()
+
+
+setattr(_began, _ADAPTED, True)
+setattr(_ended, _ADAPTED, True)
+
+
+def _seconds(result: object, retry_state: tenacity.RetryCallState) -> float:
+    """The seconds a policy's ``wait`` returned: below zero is no wait; NaN, or not a
+    number, is a ``ValueError`` (raised with the item's error as its context)."""
+    seconds = real_or_none(result)
+    if seconds is None or math.isnan(seconds):
+        msg = f"the wait of the retry= policy must return a number of seconds >= 0, got {result!r}"
+        failure = ValueError(msg)
+        _chain(failure, retry_state)
+        raise failure
+    return max(seconds, 0.0)
 
 
 def retrying_call(
