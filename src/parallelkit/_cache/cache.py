@@ -425,6 +425,14 @@ class SWRCache:
         key: Callable[..., Hashable] | None,
         ignore: frozenset[str],
     ) -> CachedFunction[P, R]:
+        if isinstance(fn, (staticmethod, classmethod)):
+            # ``@cache.cached`` above ``@staticmethod`` / ``@classmethod``: cache the
+            # function inside, and bind it as the wrapper said (to nothing / the class)
+            inner = fn.__func__
+            async_callable("fn", inner, what="an async function to cache")
+            on_class = isinstance(fn, classmethod)
+            cached = decorate(inner, self._front, key=key, ignore=ignore, on_class=on_class)
+            return cast("CachedFunction[P, R]", cached if on_class else staticmethod(cached))
         async_callable("fn", fn, what="an async function to cache")
         return decorate(fn, self._front, key=key, ignore=ignore)
 

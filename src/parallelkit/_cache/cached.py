@@ -247,6 +247,30 @@ class _CachedMethod:
 
 
 @final
+class _CachedClassMethod:
+    """``@cache.cached`` above ``@classmethod``: binds to the class, from the class
+    or an instance alike (the class is part of the key, as ``self`` is for a method)."""
+
+    def __init__(self, method: _CachedMethod) -> None:
+        self._method = method
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
+        return self._method._call(*args, **kwargs)
+
+    def key(self, *args: Any, **kwargs: Any) -> Hashable:
+        return self._method._key(*args, **kwargs)
+
+    async def invalidate(self, *args: Any, **kwargs: Any) -> None:
+        await self._method.invalidate(*args, **kwargs)
+
+    def __get__(self, instance: object, owner: type[Any] | None = None) -> Any:
+        return _BoundCached(self._method, owner if owner is not None else type(instance))
+
+    def __repr__(self) -> str:
+        return f"<cached classmethod {self.__wrapped__.__qualname__}>"  # type: ignore[attr-defined]
+
+
+@final
 class _BoundCached:
     """A cached method bound to its instance (``obj.method``)."""
 
@@ -295,14 +319,22 @@ def decorate(
     *,
     key: KeyFunction | None,
     ignore: frozenset[str],
+    on_class: bool = False,
 ) -> CachedFunction[P, R]:
-    """Wrap ``fn`` for :meth:`SWRCache.cached <parallelkit.SWRCache.cached>` (checked there)."""
+    """Wrap ``fn`` for :meth:`SWRCache.cached <parallelkit.SWRCache.cached>` (checked there).
+
+    ``on_class``: ``fn`` is a classmethod's function (bound to the class).
+    """
     # with the user's key, the name is in no key: only the default key needs it alone
     name = _name(fn) if key is not None else front.names.claim(_name(fn), fn)
     call, make_key = _compile(fn, name, front, user_key=key, ignore=ignore)
-    if _in_class_body(fn):
+    if on_class or _in_class_body(fn):
         method = _CachedMethod(call, make_key, front)
         functools.update_wrapper(method, fn)
+        if on_class:
+            bound = _CachedClassMethod(method)
+            functools.update_wrapper(bound, fn)
+            return cast("CachedFunction[P, R]", bound)
         return cast("CachedFunction[P, R]", method)
     functools.update_wrapper(call, fn)
 

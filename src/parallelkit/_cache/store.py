@@ -205,6 +205,14 @@ class MemoryStore:
     they are overwritten or pushed out by newer ones. Its :meth:`peek` is its
     whole content, so a hit costs one dictionary lookup and no await.
 
+    It has the conditional set (:class:`SupportsConditionalSet`), so caches
+    sharing one ``MemoryStore`` keep "an invalidation always wins" between them: a
+    load one cache started before another cache's ``invalidate``, ``set`` or
+    ``clear`` of the key does not store its value after it. It remembers when the
+    last ``maxsize`` keys were written (by hash: no key is kept alive); a load
+    that outlasts that many writes of other keys is not stored (the next call
+    loads again), never stored over a newer write.
+
     Args:
         maxsize: the most entries kept (>= 1).
 
@@ -214,12 +222,27 @@ class MemoryStore:
         MemoryStore(size=0, maxsize=2, evictions=0)
     """
 
-    __slots__ = ("_data", "_evictions", "_maxsize")
+    __slots__ = ("_data", "_evictions", "_floor", "_maxsize", "_writes", "_written")
 
     def __init__(self, maxsize: int = 10_000) -> None:
         self._maxsize = count("maxsize", maxsize)
         self._data: OrderedDict[Hashable, CacheEntry[Any]] = OrderedDict()
         self._evictions = 0
+        # the conditional set: writes so far, the last write of each recent key's hash
+        # (a collision only makes a load's write less likely to be kept: never unsafe),
+        # and the last write of any key forgotten from there (or the last clear)
+        self._writes = 0
+        self._written: OrderedDict[int, int] = OrderedDict()
+        self._floor = 0
+
+    def _wrote(self, key: Hashable) -> None:
+        """Note a write of ``key`` (for :meth:`set_if_unchanged`)."""
+        self._writes += 1
+        written, h = self._written, hash(key)
+        written[h] = self._writes
+        written.move_to_end(h)
+        if len(written) > self._maxsize:
+            self._floor = written.popitem(last=False)[1]
 
     @property
     def maxsize(self) -> int:
@@ -250,9 +273,13 @@ class MemoryStore:
 
     async def set(self, key: Hashable, entry: CacheEntry[Any], *, ttl: float) -> None:
         """Store ``entry`` (``ttl`` is not needed: the cache checks the entry's times)."""
+        self._set(key, entry)
+
+    def _set(self, key: Hashable, entry: CacheEntry[Any]) -> None:
         data = self._data
         data[key] = entry
         data.move_to_end(key)
+        self._wrote(key)
         if len(data) > self._maxsize:
             data.popitem(last=False)
             self._evictions += 1
@@ -260,10 +287,28 @@ class MemoryStore:
     async def delete(self, key: Hashable) -> None:
         """Forget ``key``."""
         self._data.pop(key, None)
+        self._wrote(key)
 
     async def clear(self) -> None:
         """Forget every key (the eviction count is kept)."""
         self._data.clear()
+        self._writes += 1
+        self._written.clear()
+        self._floor = self._writes
+
+    async def load_token(self, key: Hashable) -> object:
+        """A token for a load of ``key`` starting now (see :meth:`set_if_unchanged`)."""
+        return self._writes
+
+    async def set_if_unchanged(
+        self, key: Hashable, entry: CacheEntry[Any], *, ttl: float, token: object
+    ) -> bool:
+        """Store ``entry`` unless ``key`` was set, deleted or cleared since ``token``
+        (from :meth:`load_token`), by any cache sharing this store."""
+        if not isinstance(token, int) or self._written.get(hash(key), self._floor) > token:
+            return False
+        self._set(key, entry)
+        return True
 
     def __repr__(self) -> str:
         return (
