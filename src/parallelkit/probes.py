@@ -184,9 +184,11 @@ def tcp(
         ```
     """
     text("host", host)
-    if count("port", port) > 65535:
+    checked = count("port", port)  # a plain int: getaddrinfo refuses a NumPy one
+    if checked > 65535:
         msg = f"port must be <= 65535, got {port!r}"
         raise ValueError(msg)
+    port = checked
     limit = number("connect_timeout", connect_timeout)
 
     async def check(_value: Any) -> str | None:
@@ -249,9 +251,9 @@ def http(
         if not status:
             msg = "status must be an int or a non-empty collection of ints, got an empty one"
             raise ValueError(msg)
-        accepted = status
-        for code in status:
-            _status("status", code)
+        accepted = frozenset(_status("status", code) for code in status)  # plain ints
+    elif not isinstance(status, bool) and hasattr(type(status), "__index__"):  # NumPy int
+        accepted = (_status("status", status),)
     else:
         msg = f"status must be an int or a non-empty collection of ints, got {status!r}"
         raise TypeError(msg)

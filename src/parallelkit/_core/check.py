@@ -4,8 +4,9 @@ DESIGN.md settles how bad arguments fail, before any work starts:
 
 * a wrong **type** is a :class:`TypeError`, a wrong **value** a :class:`ValueError`;
 * the message names the argument as the user wrote it and shows the value;
-* counts (``limit``, ``max_batch``, ``attempts``, ``burst``, sizes) are ``int`` and
-  not ``bool``, and positive;
+* counts (``limit``, ``max_batch``, ``attempts``, ``burst``, sizes) are integers: an
+  ``int`` or any object with ``__index__`` (a NumPy integer), not ``bool``, returned
+  as a plain ``int``; and positive;
 * durations and rates are real numbers (``int``, ``float`` or any
   :class:`numbers.Real`, such as :class:`fractions.Fraction` or a NumPy scalar;
   not ``bool``, not :class:`decimal.Decimal`), returned as ``float``; finite (NaN
@@ -16,8 +17,9 @@ DESIGN.md settles how bad arguments fail, before any work starts:
   a callback that is called and not awaited (``on_error=``, ``progress=``) is a plain
   function that can be called with the arguments it will get.
 
-Each function returns the checked value (normalized: a float for numbers) so a
-constructor reads ``self._limit = count("limit", limit)``.
+Each function returns the checked value (normalized: a float for numbers, a plain
+``int`` for counts) so a constructor reads ``self._limit = count("limit", limit)``;
+callers store and use that value, never the object they were given.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ import functools
 import inspect
 import math
 import numbers
+import operator
 from collections.abc import Callable, Collection, Iterable
-from typing import Any, TypeVar, cast
+from typing import Any, SupportsIndex, TypeVar, cast
 
 __all__ = [
     "async_callable",
@@ -117,7 +120,11 @@ def fraction(name: str, value: object) -> float:
 
 # ------------------------------------------------------------------------------- counts
 def count(name: str, value: object, *, minimum: int = 1, extra: str = "") -> int:
-    """Return ``value`` if it is an ``int`` (not ``bool``) ``>= minimum``.
+    """Return ``value`` as a plain ``int`` if it is an integer (not ``bool``) ``>= minimum``.
+
+    An integer is an ``int`` or any object with ``__index__`` (a NumPy integer,
+    ``len(df) // 4`` from pandas); a ``float``, even ``4.0``, is not. Store and use the
+    returned ``int``, not ``value``: a NumPy port fails in ``getaddrinfo``.
 
     Args:
         name: the argument as the user wrote it.
@@ -126,14 +133,23 @@ def count(name: str, value: object, *, minimum: int = 1, extra: str = "") -> int
         extra: what else the argument accepts, for the type error's message
             (``"a Limiter or None"``).
     """
-    if isinstance(value, bool) or not isinstance(value, int):
-        also = f", {extra}" if extra else ""
-        msg = f"{name} must be an int{also}, got {value!r}"
-        raise TypeError(msg)
-    if value < minimum:
+    checked = value if type(value) is int else _integer(name, value, extra)
+    if checked < minimum:
         msg = f"{name} must be >= {minimum}, got {value!r}"
         raise ValueError(msg)
-    return value
+    return checked
+
+
+def _integer(name: str, value: object, extra: str) -> int:
+    """``value`` as a plain ``int`` (an int subclass, an ``__index__`` object), not a bool."""
+    also = f", {extra}" if extra else ""
+    msg = f"{name} must be an int{also}, got {value!r}"
+    if isinstance(value, bool) or not hasattr(type(value), "__index__"):
+        raise TypeError(msg)
+    try:
+        return operator.index(cast("SupportsIndex", value))
+    except TypeError as exc:  # an __index__ that refuses (a NumPy bool, a 2-element array)
+        raise TypeError(msg) from exc
 
 
 def count_or_none(name: str, value: object, *, minimum: int = 1, extra: str = "") -> int | None:

@@ -66,7 +66,7 @@ class Retry:
     on: ExceptionTypes | Callable[[BaseException], bool] = field(default=(Exception,))
 
     def __post_init__(self) -> None:
-        count("attempts", self.attempts)
+        object.__setattr__(self, "attempts", count("attempts", self.attempts))  # a plain int
         given = {name: getattr(self, name) for name in ("backoff", "max_backoff", "jitter")}
         for name, value in given.items():  # stored as floats (a Fraction too)
             object.__setattr__(self, name, number(name, value, zero=True))

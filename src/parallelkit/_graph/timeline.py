@@ -234,7 +234,7 @@ class Timeline:
         Raises:
             TypeError: ``width`` not an int. ValueError: ``width`` below 10.
         """
-        count("width", width, minimum=10)
+        width = count("width", width, minimum=10)
         origin, total = self.origin, self.total
         title = f"{self.name} " if self.name else ""
         lines = [f"{title}total {total * 1000:.1f} ms, {len(self._done)} spans"]

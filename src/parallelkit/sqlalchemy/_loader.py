@@ -76,7 +76,7 @@ def loader_by_id(
         ```
     """
     callable_("session_factory", session_factory, what="callable (an async_sessionmaker)")
-    count("max_batch", max_batch)
+    max_batch = count("max_batch", max_batch)
     flag("cache", cache)
     mapper = _mapper(model)
     columns = mapper.primary_key

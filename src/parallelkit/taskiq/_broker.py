@@ -435,7 +435,7 @@ def redis_broker(
     number_at_least("idle_timeout", idle_timeout, 0.001)
     number_at_least("poll", poll, 0.001)
     number_at_least("result_ttl", result_ttl, 1.0)
-    count("prefetch", prefetch)
+    prefetch = count("prefetch", prefetch)
     broker = RedeliveringStreamBroker(
         url,
         queue_name=queue,
