@@ -46,8 +46,11 @@ class CapturedQuery:
         return self.statement
 
 
-def _targets(target: object) -> Engine | Connection:
-    """Resolve what to listen on: the sync Engine (or Connection) behind ``target``."""
+def _targets(target: object, who: str = "count_queries()") -> Engine | Connection:
+    """Resolve what to listen on: the sync Engine (or Connection) behind ``target``.
+
+    ``who`` is the call the user wrote, named by the errors.
+    """
     if isinstance(target, (Engine, Connection)):
         return target
     if isinstance(target, AsyncEngine):
@@ -60,22 +63,22 @@ def _targets(target: object) -> Engine | Connection:
         bind = target.kw.get("bind")
         if bind is None:
             msg = (
-                f"count_queries() got {type(target).__name__} {target!r}, which has no bind "
+                f"{who} got {type(target).__name__} {target!r}, which has no bind "
                 "(its sessions are bound later or one by one): pass the engine to count"
             )
             raise TypeError(msg)
-        return _targets(bind)
+        return _targets(bind, who)
     if isinstance(target, Session):
         bind = target.bind
         if bind is not None:
-            return _targets(bind)
+            return _targets(bind, who)
         msg = (
-            "count_queries() needs a session with a single bind (Session(bind=engine)); "
+            f"{who} needs a session with a single bind (Session(bind=engine)); "
             "for a session with several binds, pass the engine to count"
         )
         raise TypeError(msg)
     msg = (
-        "count_queries() target must be an Engine, Connection, Session, sessionmaker or their "
+        f"{who} target must be an Engine, Connection, Session, sessionmaker or their "
         f"async counterparts, got {type(target).__name__} {target!r}"
     )
     raise TypeError(msg)
@@ -346,7 +349,7 @@ class max_queries:  # noqa: N801 - used like a function: `with max_queries(engin
 
     def __init__(self, target: object, n: int, /) -> None:
         self.limit = count("n", n, minimum=0)
-        self._counter = QueryCounter(target)
+        self._counter = QueryCounter(_targets(target, "max_queries()"))
         self._open: list[QueryCounter] = []  # the blocks entered and not left, any context
 
     @property
