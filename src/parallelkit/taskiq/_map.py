@@ -18,6 +18,7 @@ from .._core.check import number_or_none
 from .._core.errors import ParallelkitError
 from .._core.limiter import SupportsLimit
 from .._core.outcome import Outcome
+from .._core.retry import RetryLike
 from .._fanout.fanout import map_options, run_items
 from .._fanout.imap import imap as _imap
 from ._broker import KICKED, RedeliveringStreamBroker, _ResultBackend
@@ -234,6 +235,7 @@ async def map(
     limit: int | SupportsLimit | None = ...,
     rate: float | SupportsRate | SupportsLimit | None = ...,
     timeout: float | None = ...,
+    retry: RetryLike | None = ...,
     settle: Literal[False] = ...,
     progress: Progress | None = ...,
 ) -> list[T]: ...
@@ -246,6 +248,7 @@ async def map(
     limit: int | SupportsLimit | None = ...,
     rate: float | SupportsRate | SupportsLimit | None = ...,
     timeout: float | None = ...,
+    retry: RetryLike | None = ...,
     settle: Literal[True],
     progress: Progress | None = ...,
 ) -> list[Outcome[T]]: ...
@@ -257,6 +260,7 @@ async def map(
     limit: int | SupportsLimit | None = None,
     rate: float | SupportsRate | SupportsLimit | None = None,
     timeout: float | None = None,
+    retry: RetryLike | None = None,
     settle: bool = False,
     progress: Progress | None = None,
 ) -> list[T] | list[Outcome[T]]:
@@ -288,6 +292,12 @@ async def map(
             past it the item fails with
             :class:`TimeoutError`. The worker is told the same timeout, so it
             stops an attempt that runs longer.
+        retry: a :class:`~parallelkit.Retry` (or a ``tenacity.AsyncRetrying``), as
+            in :func:`parallelkit.map`: an item whose result is an error the policy
+            retries is kicked again from here, as a new message, ``timeout`` applying
+            to each attempt. Retrying in the worker
+            (:func:`~parallelkit.taskiq.retry_middleware`) needs no round trip
+            through the producer and is usually the better place; both may be used.
         settle: return an :class:`~parallelkit.Outcome` per item instead of
             raising the first failure.
         progress: called as ``progress(done, total)`` after each item.
@@ -321,7 +331,7 @@ async def map(
         ```
     """
     call = _Kick(task, rate, timeout)
-    options = map_options(call, items, limit, None, None, None, settle, progress)
+    options = map_options(call, items, limit, None, None, retry, settle, progress)
     if call.completions is None:
         return await run_items(options.call, items, options.workers, settle, progress)
     async with call.completions:
@@ -338,6 +348,7 @@ def imap(
     ordered: bool = ...,
     rate: float | SupportsRate | SupportsLimit | None = ...,
     timeout: float | None = ...,
+    retry: RetryLike | None = ...,
     settle: Literal[False] = ...,
 ) -> _imap[T]: ...
 @overload
@@ -350,6 +361,7 @@ def imap(
     ordered: bool = ...,
     rate: float | SupportsRate | SupportsLimit | None = ...,
     timeout: float | None = ...,
+    retry: RetryLike | None = ...,
     settle: Literal[True],
 ) -> _imap[Outcome[T]]: ...
 def imap(
@@ -361,6 +373,7 @@ def imap(
     ordered: bool = False,
     rate: float | SupportsRate | SupportsLimit | None = None,
     timeout: float | None = None,
+    retry: RetryLike | None = None,
     settle: bool = False,
 ) -> _imap[T] | _imap[Outcome[T]]:
     """Stream the results of ``task(item)`` on Taskiq workers as they come back.
@@ -378,6 +391,7 @@ def imap(
         ordered: yield in input order instead of completion order.
         rate: most kicks per second, as in :func:`map`.
         timeout: seconds per item, as in :func:`map`.
+        retry: kicks a failed item again from here, as in :func:`map`.
         settle: yield outcomes, as in :func:`map`.
 
     Returns:
@@ -391,6 +405,8 @@ def imap(
         ```
     """
     call = _Kick(task, rate, timeout)
-    stream: _imap[Any] = _imap(call, items, limit=limit, ordered=ordered, settle=settle)  # type: ignore[call-overload]
+    stream: _imap[Any] = _imap(
+        call, items, limit=limit, ordered=ordered, retry=retry, settle=settle
+    )  # type: ignore[call-overload]
     stream.around = call.completions  # subscribed while the stream is open
     return stream
