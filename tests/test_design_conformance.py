@@ -19,31 +19,14 @@ from sqlalchemy.orm import sessionmaker
 import parallelkit as pk
 from parallelkit.sqlalchemy import count_queries, max_queries
 
+from .test_public_api import CONTRACT_NAMES
+
 
 # -- "every public import path stays parallelkit.X, parallelkit.sqlalchemy.X, ..." ------
 @pytest.mark.parametrize(
     ("module", "names"),
     [
-        (
-            "parallelkit",
-            [
-                "gather",
-                "map",
-                "imap",
-                "Limiter",
-                "Retry",
-                "Outcome",
-                "Flow",
-                "SWRCache",
-                "BatchLoader",
-                "Orchestrator",
-                "Timeline",
-                "ParallelkitError",
-                "CycleError",
-                "StartupError",
-                "probes",
-            ],
-        ),
+        ("parallelkit", CONTRACT_NAMES),
         (
             "parallelkit.sqlalchemy",
             [
