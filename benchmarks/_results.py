@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +102,47 @@ def _merge(out: Path, entries: list[dict[str, Any]], env: dict[str, Any]) -> dic
         )
     )
     return merged
+
+
+def write_results(out: Path, entries: list[dict[str, Any]], env: dict[str, Any]) -> dict[str, Any]:
+    """Merge this run's entries into ``results.json`` and write it and ``report.md``.
+
+    Two runs writing to one ``--out`` at the same moment each keep the other's entries:
+    the read-merge-write is done under an exclusive lock on ``out/.results.lock``
+    (POSIX ``flock``; elsewhere unlocked), and each file is replaced whole (written
+    beside it, then renamed), so a reader never sees half a file."""
+    with _locked(out / ".results.lock"):
+        merged = _merge(out, entries, env)
+        _replace(out / "results.json", json.dumps(merged, indent=2, default=str) + "\n")
+        _replace(out / "report.md", _report(merged, out))
+    return merged
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _replace(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 #: parallelkit's bars: one strong colour; every other series a shade of grey.

@@ -30,10 +30,16 @@ TITLE = (
     "a stale key's refresh (CPU, commands); loads per 400 cross-process cold callers"
 )
 
-REDIS_URL = os.environ.get(
-    "PARALLELKIT_BENCH_REDIS_URL",
-    os.environ.get("PARALLELKIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
-)
+
+def default_url() -> str:
+    """The Redis to use when ``run`` is given none: read when the run starts (not at
+    import: a module imported before the variable was set would use a stale one)."""
+    return os.environ.get(
+        "PARALLELKIT_BENCH_REDIS_URL",
+        os.environ.get("PARALLELKIT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
+    )
+
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,7 +55,7 @@ def _client(url: str) -> Any:
 
 
 # ------------------------------------------------------------------ near-cache hit
-async def _near_hit_cost(n: int, rounds: int) -> dict[str, Any]:
+async def _near_hit_cost(url: str, n: int, rounds: int) -> dict[str, Any]:
     """CPU per hot-key hit: SWRCache on MemoryStore vs on an entered RedisStore.
 
     Also the floor: a ``dict`` lookup inside an async function (written without
@@ -59,7 +65,7 @@ async def _near_hit_cost(n: int, rounds: int) -> dict[str, Any]:
     import parallelkit as pk
     from parallelkit.redis import RedisStore
 
-    redis = _client(REDIS_URL)
+    redis = _client(url)
     prefix = f"pkbench:{uuid.uuid4().hex[:8]}"
     store = RedisStore(redis, prefix=prefix)
     value = {"id": "c1", "status": "open", "owner": "ada", "tags": ["vip", "emea"]}
@@ -138,7 +144,7 @@ async def _near_hit_cost(n: int, rounds: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ refresh cost
-async def _refresh_cost(n: int, rounds: int) -> dict[str, Any]:
+async def _refresh_cost(url: str, n: int, rounds: int) -> dict[str, Any]:
     """CPU per stale key, MemoryStore vs an entered RedisStore: the stale hit, its
     background refresh, and reads until the refreshed value is served (16 at once).
 
@@ -150,7 +156,7 @@ async def _refresh_cost(n: int, rounds: int) -> dict[str, Any]:
     from parallelkit._cache.store import CacheEntry
     from parallelkit.redis import RedisStore
 
-    redis = _client(REDIS_URL)
+    redis = _client(url)
     sent: collections.Counter[str] = collections.Counter()
     send = redis.execute_command
 
@@ -222,12 +228,12 @@ async def _refresh_cost(n: int, rounds: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ per-hit cost
-async def _hit_cost(n: int, rounds: int) -> dict[str, Any]:
+async def _hit_cost(url: str, n: int, rounds: int) -> dict[str, Any]:
     """Without the near cache (the store not entered): every hit is one ``GET``."""
     import parallelkit as pk
     from parallelkit.redis import RedisStore
 
-    redis = _client(REDIS_URL)
+    redis = _client(url)
     prefix = f"pkbench:{uuid.uuid4().hex[:8]}"
     store = RedisStore(redis, prefix=prefix, near_maxsize=None)
     cache = pk.SWRCache(fresh=3600, stale=3600, store=store)
@@ -320,8 +326,10 @@ async def _child(
         raise SystemExit(msg)  # a non-zero exit: the benchmark fails
 
 
-def _cross_process(mode: str, prefix: str, processes: int, callers: int) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "benchmarks.bench_redis", "child", mode, REDIS_URL, prefix]
+def _cross_process(
+    url: str, mode: str, prefix: str, processes: int, callers: int
+) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "benchmarks.bench_redis", "child", mode, url, prefix]
     cmd += [str(processes), str(callers), str(os.getpid())]
     start = time.perf_counter()
     procs: list[subprocess.Popen[bytes]] = []
@@ -339,7 +347,7 @@ def _cross_process(mode: str, prefix: str, processes: int, callers: int) -> dict
         raise RuntimeError(msg)
 
     async def read() -> int:
-        redis = _client(REDIS_URL)
+        redis = _client(url)
         try:
             return int(await redis.get(f"{prefix}:loads:{mode}") or 0)
         finally:
@@ -348,8 +356,8 @@ def _cross_process(mode: str, prefix: str, processes: int, callers: int) -> dict
     return {"loads": anyio.run(read), "seconds": elapsed}
 
 
-async def _cleanup(prefix: str) -> None:
-    redis = _client(REDIS_URL)
+async def _cleanup(url: str, prefix: str) -> None:
+    redis = _client(url)
     keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
     if keys:
         await redis.delete(*keys)
@@ -357,14 +365,16 @@ async def _cleanup(prefix: str) -> None:
 
 
 # ------------------------------------------------------------------ entry point
-def run(*, quick: bool, database: str | None) -> dict[str, Any]:
-    """Measure both targets side by side; ``database`` is not used (Redis only)."""
-    skip = unreachable(REDIS_URL, 6379)
+def run(*, quick: bool, database: str | None, redis: str | None = None) -> dict[str, Any]:
+    """Measure both targets side by side on the Redis at ``redis`` (``None``:
+    :func:`default_url`); ``database`` is not used (Redis only)."""
+    url = redis or default_url()
+    skip = unreachable(url, 6379)
     if skip:
         print(f"  skipped: {skip}")
         return {"skipped": skip}
     near_n, near_rounds = (5000, 7) if quick else (20000, 21)
-    near = anyio.run(_near_hit_cost, near_n, near_rounds, backend="asyncio")
+    near = anyio.run(_near_hit_cost, url, near_n, near_rounds, backend="asyncio")
     cpu, spread = near["cpu_us"], near["range_us"]
 
     def row(label: str, name: str, against: str) -> list[Any]:
@@ -389,7 +399,7 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
     )
 
     n, rounds = (1000, 5) if quick else (3000, 9)
-    hits = anyio.run(_hit_cost, n, rounds, backend="asyncio")
+    hits = anyio.run(_hit_cost, url, n, rounds, backend="asyncio")
     us = hits["per_op_us"]
     print(
         table(
@@ -403,7 +413,7 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
     )
 
     refresh_n, refresh_rounds = (300, 3) if quick else (1000, 7)
-    refresh = anyio.run(_refresh_cost, refresh_n, refresh_rounds, backend="asyncio")
+    refresh = anyio.run(_refresh_cost, url, refresh_n, refresh_rounds, backend="asyncio")
     per_key = refresh["commands_per_key"]
     rcpu = refresh["cpu_us"]
     print(
@@ -424,10 +434,10 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
     processes, callers = 4, 100
     prefix = f"pkbench:{uuid.uuid4().hex[:8]}"
     try:
-        swr = _cross_process("swr", prefix, processes, callers)
-        naive = _cross_process("naive", prefix, processes, callers)
+        swr = _cross_process(url, "swr", prefix, processes, callers)
+        naive = _cross_process(url, "naive", prefix, processes, callers)
     finally:
-        anyio.run(_cleanup, prefix, backend="asyncio")
+        anyio.run(_cleanup, url, prefix, backend="asyncio")
     print(
         table(
             [f"{processes} processes x {callers} cold callers", "loads", "seconds"],
@@ -474,7 +484,7 @@ def run(*, quick: bool, database: str | None) -> dict[str, Any]:
     ]
     print_targets(targets)
     return {
-        "redis_url": REDIS_URL,
+        "redis_url": url,
         "near_hit_cost": {"n": near_n, "rounds": near_rounds, **near},
         "hit_cost": {"n": n, "rounds": rounds, **hits},
         "refresh_cost": {"n": refresh_n, "rounds": refresh_rounds, **refresh},
