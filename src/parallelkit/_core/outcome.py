@@ -27,6 +27,9 @@ class Outcome(Generic[T]):
         >>> ok.ok, ok.unwrap(), bad.ok, type(bad.error).__name__
         (True, 1, False, 'KeyError')
 
+    Built by hand, an outcome with both a value (not ``None``) and an error is a
+    ``ValueError``, and an error that is not an exception a ``TypeError``.
+
     Attributes:
         value: the item's result when :attr:`ok`, else ``None``.
         error: the exception the item raised, else ``None``.
@@ -34,6 +37,19 @@ class Outcome(Generic[T]):
 
     value: T | None = None
     error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        error: object = self.error  # typed, but a user's call is checked
+        if error is not None:  # one test on the success path
+            if not isinstance(error, BaseException):
+                msg = f"Outcome error must be an exception or None, got {error!r}"
+                raise TypeError(msg)
+            if self.value is not None:
+                msg = (
+                    f"an Outcome holds a value or an error, never both: got "
+                    f"value={self.value!r} and error={error!r}"
+                )
+                raise ValueError(msg)
 
     @property
     def ok(self) -> bool:

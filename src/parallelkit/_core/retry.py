@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import operator
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -190,8 +192,11 @@ def validate_retry(retry: object, name: str = "retry") -> RetryLike | None:
     if retry is None or isinstance(retry, (Retry, tenacity.AsyncRetrying)):
         return retry
     msg = f"{name} must be a parallelkit.Retry, a tenacity.AsyncRetrying or None, got {retry!r}"
-    if isinstance(retry, int) and not isinstance(retry, bool):
-        msg += f"; for {retry} attempts in all, pass {name}=parallelkit.Retry(attempts={retry})"
+    if not isinstance(retry, bool) and hasattr(type(retry), "__index__"):  # 3, np.int64(3)
+        with contextlib.suppress(TypeError, ValueError):
+            attempts = operator.index(retry)  # type: ignore[arg-type]
+            hint = f"parallelkit.Retry(attempts={attempts})"
+            msg += f"; for {attempts} attempts in all, pass {name}={hint}"
     elif isinstance(retry, tenacity.BaseRetrying):  # tenacity.Retrying: time.sleep
         msg += (
             f"; a {type(retry).__name__} sleeps with time.sleep, blocking the event loop: "
