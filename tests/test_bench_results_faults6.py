@@ -9,9 +9,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import benchmarks._results as results
+import pytest
 from benchmarks import bench_redis
 
 
@@ -100,7 +99,8 @@ def test_a_failed_write_leaves_the_previous_results_whole(
     # results.json was replaced whole (with both entries) or not at all; no temp file left
     merged = json.loads((tmp_path / "results.json").read_text())
     assert "fanout" in merged["benchmarks"]
-    assert before != "" and [p for p in tmp_path.iterdir() if p.name.startswith(".report")] == []
+    assert before != ""
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".report")] == []
 
 
 def test_the_redis_benchmark_reads_its_url_when_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:

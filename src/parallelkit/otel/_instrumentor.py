@@ -16,12 +16,18 @@ from .._core.check import flag
 from .._core.instrument import GraphKind
 from .._graph.timeline import Timeline
 from . import _spans
-from ._metrics import CacheTotals, Instruments, instruments_of
+from ._metrics import Instruments, instruments_of
 from ._spans import FanoutTrace, GraphTrace, report
 
 __all__ = ["ParallelkitInstrumentor"]
 
 _SCOPE = "parallelkit"
+
+#: the options instrument() reads
+_OPTIONS = ("item_spans", "meter_provider", "tracer_provider")
+#: options of the ecosystem that a distro or ``opentelemetry-instrument`` may pass to
+#: every instrumentor; parallelkit has no use for them, and takes them silently
+_ECOSYSTEM = frozenset({"event_logger_provider", "logger_provider"})
 
 
 def _version() -> str:
@@ -119,11 +125,16 @@ class ParallelkitInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             **kwargs: ``tracer_provider`` and ``meter_provider`` (default: the
                 global providers), ``item_spans`` (``True``: a span per fan-out
                 item too; default ``False``), and ``BaseInstrumentor``'s own
-                options (``skip_dep_check``).
+                options (``skip_dep_check``). Any other option is ignored, as by
+                every instrumentor (a distro may pass its own to all of them),
+                and, unless it is one of the ecosystem's (``logger_provider``),
+                named in a warning on the ``parallelkit.otel`` logger: a
+                misspelt ``tracer_provder=`` does not go unseen.
 
         Raises:
             TypeError: ``item_spans`` is not a bool, or a provider is not one (no
-                ``get_tracer`` / ``get_meter``); nothing is instrumented then.
+                ``get_tracer`` / ``get_meter``, or the class instead of an
+                instance); nothing is instrumented then.
             Exception: what a provider's ``get_tracer`` / ``get_meter`` (or the
                 meter's instrument factories) raised, as itself; nothing is
                 instrumented then, and a later ``instrument()`` may try again.
@@ -138,15 +149,30 @@ class ParallelkitInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         item_spans = flag("item_spans", kwargs.get("item_spans", False))
         for option, method in (("tracer_provider", "get_tracer"), ("meter_provider", "get_meter")):
             provider = kwargs.get(option)
-            if provider is not None and not callable(getattr(provider, method, None)):
+            if provider is None:
+                continue
+            if isinstance(provider, type):  # its get_tracer would take the name as `self`
+                msg = f"{option} must be an OpenTelemetry {option.replace('_', ' ')} instance "
+                msg += f"or None, got the class {provider.__qualname__}: create one, "
+                msg += f"{option}={provider.__name__}(...)"
+                raise TypeError(msg)
+            if not callable(getattr(provider, method, None)):
                 msg = f"{option} must be an OpenTelemetry {option.replace('_', ' ')} (with "
                 msg += f"{method}()) or None, got {type(provider).__name__} {provider!r}"
                 raise TypeError(msg)
+        unknown = sorted(set(kwargs).difference(_OPTIONS, _ECOSYSTEM))
+        if unknown:  # a distro's own options, or a typo that would go unseen
+            _spans.logger.warning(
+                "ParallelkitInstrumentor.instrument() ignores the unknown option(s) %s "
+                "(its options: %s)",
+                ", ".join(unknown),
+                ", ".join(_OPTIONS),
+            )
         version = _version()
         tracer = trace.get_tracer(_SCOPE, version, kwargs.get("tracer_provider"))
         meter = metrics.get_meter(_SCOPE, version, kwargs.get("meter_provider"))
         instruments = instruments_of(meter)
-        instruments.totals = CacheTotals()
+        instruments.start()
         installed = _Installed(tracer, instruments, item_spans)
         _spans.failures.clear()  # a new set-up: its first failure of each kind is logged
         self._installed = installed
@@ -156,5 +182,5 @@ class ParallelkitInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         installed = self._installed
         if installed is not None:
             instrument.uninstall(installed)
-            installed._instruments.totals = None
+            installed._instruments.stop()
             self._installed = None
