@@ -30,7 +30,9 @@ import contextlib
 import inspect
 import ipaddress
 import math
+import operator
 import ssl
+import sys
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -40,6 +42,9 @@ import anyio.abc
 import anyio.to_thread
 from typing_extensions import final
 
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
+
 from ._core.check import (
     async_callable,
     callable_,
@@ -47,11 +52,15 @@ from ._core.check import (
     number,
     number_or_none,
     text,
+    text_or_none,
 )
 
 __all__ = ["Probe", "call", "http", "tcp"]
 
 CheckFn = Callable[[Any], Awaitable["str | None"]]
+
+#: what a host name never holds: a scheme's or a URL's separators, brackets, a port
+_NOT_IN_HOSTS = frozenset("/\\@[]?#%:,;")
 
 #: what the request target keeps as it is: printable ASCII (others are %-encoded)
 _TARGET_SAFE = "".join(map(chr, range(0x21, 0x7F)))
@@ -109,12 +118,20 @@ class Probe:
 
         Ordinary exceptions raised by the check count as "not ready"
         (``"Type: message"`` is the reason); cancellation and a
-        ``KeyboardInterrupt``-like ``BaseException`` propagate.
+        ``KeyboardInterrupt``-like ``BaseException`` propagate. A check that
+        answers neither ``None`` nor a ``str`` (``True``) is a ``TypeError``.
         """
         try:
-            return await self._check(value)
+            answer = await self._check(value)
         except Exception as exc:  # a failing check is "not ready", never a crash
-            return f"{type(exc).__name__}: {exc}"
+            return _explain(exc)
+        if answer is not None and not isinstance(answer, str):  # True: "ready"? a bug
+            msg = (  # type: ignore[unreachable]
+                f"the check of {self.name} returned {answer!r}: a Probe check returns "
+                "None when ready, else the reason (a str); for a truth value use probes.call"
+            )
+            raise TypeError(msg)
+        return answer
 
     async def check(self, value: Any = None) -> bool:
         """Run the check once; ``True`` when ready.
@@ -146,14 +163,14 @@ class Probe:
                     return
                 why = answer
             if scope.cancelled_caught and why is None:  # not one check answered in time
-                why = f"the check did not answer within {timeout:.3g}s"
+                why = f"the check did not answer within {timeout:g}s"
             # A check cut short at the deadline keeps the last reason a check gave:
             # "ConnectionRefused" says more than "the last attempt was interrupted".
             now = anyio.current_time()
             if now < deadline:
                 await anyio.sleep(min(interval, deadline - now))
             if anyio.current_time() >= deadline:
-                msg = f"{self.name} not ready after {timeout:.3g}s (last check: {why})"
+                msg = f"{self.name} not ready after {timeout:g}s (last check: {why})"
                 raise TimeoutError(msg)
             interval = min(interval * 1.5, self.max_interval)
 
@@ -177,13 +194,25 @@ def tcp(
         initial: the first polling interval (see :class:`Probe`).
         max_interval: the largest polling interval.
 
+    A host name with several addresses (IPv6 and IPv4) is tried on each; when every
+    one fails, the reason names each address's error.
+
+    Raises:
+        ValueError: ``host`` is not a host name or an IP address (``"db:5432"``, a
+            URL, ``"[::1]"``, spaces), or ``port`` is not in 1..65535.
+
     Example:
         ```python
         @orch.service(ready=pk.probes.tcp("127.0.0.1", 6379), timeout=10)
         async def redis(): ...
         ```
     """
-    text("host", host)
+    if _host_problem(text("host", host)):
+        msg = (
+            "host must be a host name or an IP address (no scheme, port, path, brackets "
+            f"or spaces), got {host!r}"
+        )
+        raise ValueError(msg)
     checked = count("port", port)  # a plain int: getaddrinfo refuses a NumPy one
     if checked > 65535:
         msg = f"port must be <= 65535, got {port!r}"
@@ -215,7 +244,11 @@ def http(
     """Ready when ``GET url`` answers with the expected status code.
 
     Speaks just enough HTTP/1.1 over a plain (or TLS) socket to read the status
-    line, so it needs no HTTP client library.
+    line, so it needs no HTTP client library. Redirects are not followed: a ``307``
+    is ``"status 307"`` unless ``status`` lists it (FastAPI redirects
+    ``/health/`` to ``/health``: probe the path the route has). A server that
+    accepts and closes without answering is ``"the server closed the connection
+    without a response"``.
 
     Args:
         url: an ``http://`` or ``https://`` URL.
@@ -224,6 +257,10 @@ def http(
         request_timeout: how long one request may take.
         initial: the first polling interval (see :class:`Probe`).
         max_interval: the largest polling interval.
+
+    Raises:
+        ValueError: ``url`` is not an ``http(s)://`` URL with a valid host and
+            port, or ``status`` is empty or not in 100..599.
 
     Example:
         ```python
@@ -244,21 +281,12 @@ def http(
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         msg = f"url must be an http:// or https:// URL with a host, got {url!r}"
         raise ValueError(msg)
-    accepted: Collection[int]
-    if isinstance(status, int) and not isinstance(status, bool):
-        accepted = (_status("status", status),)
-    elif isinstance(status, Collection) and not isinstance(status, (str, bytes)):
-        if not status:
-            msg = "status must be an int or a non-empty collection of ints, got an empty one"
-            raise ValueError(msg)
-        accepted = frozenset(_status("status", code) for code in status)  # plain ints
-    elif not isinstance(status, bool) and hasattr(type(status), "__index__"):  # NumPy int
-        accepted = (_status("status", status),)
-    else:
-        msg = f"status must be an int or a non-empty collection of ints, got {status!r}"
-        raise TypeError(msg)
-    limit = number("request_timeout", request_timeout)
     host = parts.hostname
+    if _host_problem(host):  # "http://db x/": every check would fail to resolve it
+        msg = f"url must have a valid host name, got {url!r}"
+        raise ValueError(msg)
+    accepted = _statuses(status)
+    limit = number("request_timeout", request_timeout)
     tls = parts.scheme == "https"
     try:
         explicit_port = parts.port
@@ -306,6 +334,8 @@ def http(
                     head = await _read_status_line(stream)
         except (OSError, TimeoutError, anyio.BrokenResourceError, ssl.SSLError) as exc:
             return _describe(exc, f"no answer within request_timeout={limit:g}s")
+        if not head:  # accepted, then closed: nothing to call "not HTTP"
+            return "the server closed the connection without a response"
         line = head.split(b"\n", 1)[0].removesuffix(b"\r").decode("latin-1")
         fields = line.split(" ", 2)
         if len(fields) < 2 or not fields[0].startswith("HTTP/") or not _is_status(fields[1]):
@@ -352,14 +382,15 @@ def call(
         async def search_engine(): ...
         ```
     """
+    _not_a_call("fn", fn)
     callable_("fn", fn, what="callable")
     if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
         # its generator object is truthy: the probe would pass without checking
         msg = f"fn must return a truth value (or an awaitable of one), not be a generator: {fn!r}"
         raise TypeError(msg)
-    if name is not None and not isinstance(name, str):
-        msg = f"name must be a str or None, got {name!r}"  # type: ignore[unreachable]
-        raise TypeError(msg)
+    if text_or_none("name", name) == "":  # was ignored: the probe took fn's name
+        msg = "name must not be empty (None: fn's name), got ''"
+        raise ValueError(msg)
     takes_value = _takes_one_argument(fn)
 
     async def check(value: Any) -> str | None:
@@ -399,10 +430,52 @@ def _describe(exc: BaseException, silent: str) -> str:
     """``Type: message``, looking through anyio's "All connection attempts failed".
 
     ``silent`` stands in for an empty message (``fail_after``'s bare ``TimeoutError``).
+    A host with several addresses fails with a group: each address's error is named.
     """
     while exc.__cause__ is not None:
         exc = exc.__cause__
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(error, silent) for error in exc.exceptions)
     return f"{type(exc).__name__}: {str(exc) or silent}"
+
+
+def _explain(exc: BaseException) -> str:
+    """``Type: message`` of a failed check; a group names each error in it, not itself."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_explain(error) for error in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _host_problem(host: str) -> bool:
+    """True when ``host`` cannot be a host name or an IP address (``"db:5432"``, a URL)."""
+    try:
+        ipaddress.ip_address(host)  # IPv6 has colons (and maybe a "%zone")
+    except ValueError:
+        return any(c.isspace() or not c.isprintable() or c in _NOT_IN_HOSTS for c in host)
+    return False
+
+
+def _statuses(status: object) -> Collection[int]:
+    """The accepted status codes: an int (a NumPy one too) or a non-empty collection."""
+    if not isinstance(status, (bool, str, bytes)):
+        with contextlib.suppress(TypeError):  # an int, a NumPy int, a 0-d array of one
+            return (_status("status", operator.index(status)),)  # type: ignore[arg-type]
+        if isinstance(status, Collection):
+            codes = list(status)  # len(), never truth: a NumPy array has no truth value
+            if codes:
+                return frozenset(_status("status", code) for code in codes)  # plain ints
+            msg = "status must be an int or a non-empty collection of ints, got an empty one"
+            raise ValueError(msg)
+    msg = f"status must be an int or a non-empty collection of ints, got {status!r}"
+    raise TypeError(msg)
+
+
+def _not_a_call(name: str, value: object) -> None:
+    """Refuse ``ping()`` where ``ping`` was meant, closing it (no "never awaited")."""
+    if inspect.iscoroutine(value):
+        value.close()
+        msg = f"{name} must be a function, not its call: pass {value.__qualname__}, got {value!r}"
+        raise TypeError(msg)
 
 
 def _takes_one_argument(fn: Callable[..., Any]) -> bool:
@@ -431,6 +504,7 @@ def as_probe(ready: object) -> Probe | None:
     """Accept what ``ready=`` accepts: ``None``, a :class:`Probe` or a callable."""
     if ready is None or isinstance(ready, Probe):
         return ready
+    _not_a_call("ready", ready)
     if callable(ready):
         return call(ready)
     msg = f"ready must be a parallelkit.probes.Probe, a callable or None, got {ready!r}"
