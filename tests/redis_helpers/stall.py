@@ -5,7 +5,13 @@ holds a segment it retransmits later) and delivered when the stall ends, even if
 the client closed the connection meanwhile (Redis then runs the command: its
 reply goes nowhere); a new connection is closed at once (refused). ``resume()``
 delivers what was held, then lets new connections through: a command sent after
-the stall reaches Redis after every command held during it.
+the stall reaches Redis after every command held during it. ``let_new_through()``
+ends the stall for what is sent from then on but keeps holding what was held
+(until ``resume()``): a command sent after the stall, on another connection,
+reaches Redis *before* the ones held during it (as when a retransmission comes
+late). ``reset_after_next_reply()`` drops the next reply Redis sends and resets
+that client's connection: the command ran, the client sees a reset (redis-py
+then sends it again on a new connection, as its ``retry`` does).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ class StallProxy:
         refused: connections closed at once because the proxy was stalled.
         held: chunks held during a stall (delivered by ``resume``).
         replies: chunks Redis sent back (counted also when the client is gone).
+        resets: connections reset by ``reset_after_next_reply``.
     """
 
     def __init__(self, redis_url: str) -> None:
@@ -39,7 +46,8 @@ class StallProxy:
         self._resumed = anyio.Event()
         self._pending = 0  # held chunks not delivered yet
         self._flushed = anyio.Event()
-        self.refused = self.held = self.replies = 0
+        self._reset_next = False
+        self.refused = self.held = self.replies = self.resets = 0
 
     @property
     def url(self) -> str:
@@ -49,6 +57,15 @@ class StallProxy:
         """Hold what open connections send; refuse new connections."""
         self._stalled = True
         self._resumed = anyio.Event()
+
+    def reset_after_next_reply(self) -> None:
+        """Drop the next reply Redis sends, and reset that client's connection."""
+        self._reset_next = True
+
+    def let_new_through(self) -> None:
+        """Let new connections (and what is sent from now on) through, still holding
+        what was held during the stall until :meth:`resume`."""
+        self._stalled = False
 
     async def resume(self) -> None:
         """Deliver what was held (in order), then let new connections through."""
@@ -100,6 +117,8 @@ class StallProxy:
                 data = await client.receive()
             except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                 break
+            except anyio.ClosedResourceError:  # reset by ``reset_after_next_reply``
+                break
             if self._stalled:
                 self.held += 1
                 self._pending += 1
@@ -128,6 +147,11 @@ class StallProxy:
             except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                 break
             self.replies += 1
+            if self._reset_next:
+                self._reset_next = False
+                self.resets += 1
+                await client.aclose()  # the reply goes nowhere: the client sees a reset
+                continue
             try:
                 await client.send(data)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):

@@ -7,6 +7,14 @@ timed out (:func:`timed_out`) may still run when a stalled Redis answers again,
 so what it may have taken is given back once Redis answers
 (:func:`give_back_once_answered`). Used by :class:`~._lease.Lease` and by
 ``RedisLimiter``.
+
+Such a give-back may reach Redis *before* the command it undoes (that command's
+bytes held on one connection, the give-back sent on another that gets through
+first): it finds nothing. So it also leaves a *tombstone* for the caller's token
+(:func:`void_key`, expiring when what the command would have taken would), and
+the acquire scripts refuse a token that has one: the late command takes nothing
+(nor does a copy redis-py sends again after a reset). Best effort still: a
+command held for longer than that finds no tombstone.
 """
 
 from __future__ import annotations
@@ -21,9 +29,17 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ._common import jittered
 from ._outage import Down, Guard, refuses_writes
 
-__all__ = ["give_back_once_answered", "left_to_expire", "timed_out"]
+__all__ = ["give_back_once_answered", "left_to_expire", "timed_out", "void_key"]
 
 logger = logging.getLogger("parallelkit.redis")
+
+
+def void_key(key: str, token: str) -> str:
+    """The tombstone of ``token`` on ``key``: what the give-back of an acquire whose
+    reply never came leaves, so that acquire takes nothing if it runs later. Next
+    to ``key`` (its hash tag: the same Redis Cluster slot), one small key per such
+    give-back (none on the normal paths), expiring with what it guards."""
+    return f"{key}:void:{token}"
 
 
 @contextlib.contextmanager
@@ -71,8 +87,9 @@ async def give_back_once_answered(
     it answers again (its bytes held on the way: a proxy, the network), after a
     first give-back could not reach it either (refused or reset, as by a proxy or
     a restarting server): what it took would stay taken, by nobody, until it
-    expires. ``give_back()`` (a command that removes it by the caller's token:
-    nothing when the command never ran) is sent again every ``pause`` seconds
+    expires. ``give_back()`` (a command that removes it by the caller's token,
+    and leaves a tombstone that the command honours if it runs later: see the
+    module docs) is sent again every ``pause`` seconds
     (jittered), even while the guard's circuit is open, until Redis answers it,
     or until one is sent and not answered in time (it waits behind the command it
     undoes, and runs after it), or until ``until`` (anyio's clock: when what was

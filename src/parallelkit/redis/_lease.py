@@ -24,7 +24,7 @@ from typing_extensions import Self
 
 from .._core.owned import OwnedTaskGroup
 from ._common import LockLost, LockNotAcquired, jittered, new_token
-from ._give_back import give_back_once_answered, left_to_expire, timed_out
+from ._give_back import give_back_once_answered, left_to_expire, timed_out, void_key
 from ._lease_scripts import LeaseScripts
 from ._outage import Down, Guard
 from ._renewals import Renewals, renewal_failed
@@ -116,9 +116,9 @@ class Lease:
         "_blocking",
         "_cancel_on_loss",
         "_fence",
+        "_fence_keys",
         "_guard",
         "_key",
-        "_keys",
         "_lost",
         "_name",
         "_on_wait",
@@ -153,12 +153,13 @@ class Lease:
     ) -> None:
         self._scripts = scripts
         # an acquire that timed out: give it back once Redis answers (within the ttl),
-        # not only once (a store's load degrades at once instead: its lease expires)
+        # not only once, with a tombstone if it has not run yet (its script is
+        # ``_try``'s: a store's load has its own, and degrades at once instead)
         self._retry_give_back = retry_give_back
         self._guard = guard
         self._name = name
         self._key = key
-        self._keys = [key] if fence_key is None else [key, fence_key]
+        self._fence_keys = [] if fence_key is None else [fence_key]
         self._ttl = ttl
         self._blocking = blocking
         self._timeout = timeout
@@ -256,31 +257,44 @@ class Lease:
         A cancellation (or a ``command_timeout``) while the script's reply is on its
         way does not undo the script: Redis may hold the lease with ``token``, and
         nobody would release it before ``ttl`` (every other holder, this process
-        included, would wait that long). Released by token, so it costs nothing
-        when the script did not run. After a ``command_timeout`` (a Redis that
-        stalled may run the script when it answers again) a release that cannot
-        reach Redis is tried again until one does, within the ttl
-        (:func:`give_back_once_answered`; ``sent``: when the script was sent).
+        included, would wait that long). Released by token; with ``_try``'s own
+        script, by ``VOID``, which also leaves a tombstone: if the script has not
+        run yet (its bytes held on the way while the release got through on
+        another connection), it takes nothing when it runs. After a
+        ``command_timeout`` (a Redis that stalled may run the script when it
+        answers again) a release that cannot reach Redis is tried again until one
+        does, within the ttl (:func:`give_back_once_answered`; ``sent``: when the
+        script was sent).
         """
         try:
             return await self._try(token, ttl_ms)
         except BaseException as exc:
+            void = self._retry_give_back
+            if isinstance(exc, Down) and not exc.sent:
+                raise  # never sent (an open circuit): nothing to give back
             with contextlib.suppress(Exception):  # what is raised is the attempt's error
-                if self._retry_give_back and timed_out(exc):
+                if void and timed_out(exc):
                     await give_back_once_answered(
                         self._guard,
-                        lambda: self._scripts.release(keys=[self._key], args=[token]),
+                        lambda: self._void(token, ttl_ms),
                         until=sent + self._ttl,
                         pause=self._poll,
                     )
                 else:
-                    await self._give_back(token, log=False)
+                    await self._give_back(token, log=False, void=void)
             raise
 
     async def _try(self, token: str, ttl_ms: int) -> int:
-        """One attempt: the fencing token (or 1) if taken, else minus the holder's ttl (ms)."""
-        command = self._scripts.acquire(keys=self._keys, args=[token, ttl_ms])
+        """One attempt: the fencing token (or 1) if taken, else minus the holder's ttl
+        (ms), or the tombstone's (a give-back of ``token`` came first: nothing taken)."""
+        keys = [self._key, void_key(self._key, token), *self._fence_keys]
+        command = self._scripts.acquire(keys=keys, args=[token, ttl_ms])
         return int(await self._guard.call("acquire", command))
+
+    def _void(self, token: str, ttl_ms: int) -> Awaitable[object]:
+        """Give back what an attempt with ``token`` took, or leave its tombstone."""
+        keys = [self._key, void_key(self._key, token)]
+        return self._scripts.void(keys=keys, args=[token, ttl_ms])
 
     def lost(self) -> None:
         """Its renewal found it gone or someone else's, or Redis unreachable for a ttl."""
@@ -318,8 +332,9 @@ class Lease:
             return
         await self._give_back(token)
 
-    async def _give_back(self, token: str, *, log: bool = True) -> None:
-        """Release the lease if Redis holds it with ``token`` (a release script).
+    async def _give_back(self, token: str, *, log: bool = True, void: bool = False) -> None:
+        """Release the lease if Redis holds it with ``token`` (a release script;
+        ``void``: and leave a tombstone, see :meth:`_attempt`).
 
         Shielded: a cancelled holder still gives the lease back at once; when Redis
         is presumed down (or does not answer within ``command_timeout`` or ``ttl``,
@@ -331,7 +346,10 @@ class Lease:
         # not logged either for a store's load: the store logs refusals itself
         what = self._owner_name if log and self._cancel_on_loss else None
         with anyio.move_on_after(limit, shield=True), left_to_expire(what):
-            command = self._scripts.release(keys=[self._key], args=[token])
+            if void:
+                command = self._void(token, round(self._ttl * 1000))
+            else:
+                command = self._scripts.release(keys=[self._key], args=[token])
             await self._guard.call("release", command, timeout=self._ttl)
 
     async def __aenter__(self) -> Self:

@@ -26,10 +26,10 @@ from .._core.check import (
 from .._core.limiter import Limiter, validate_rate
 from .._core.owned import OwnedTaskGroup
 from ._common import jittered, lease_seconds, new_token, validate_client
-from ._give_back import give_back_once_answered, left_to_expire, timed_out
+from ._give_back import give_back_once_answered, left_to_expire, timed_out, void_key
 from ._lease import keep_renewed
 from ._limiter_rate import Line, Turn, Turns
-from ._limiter_scripts import ACQUIRE, RENEW, RESERVE, UNRESERVE
+from ._limiter_scripts import ACQUIRE, RENEW, RESERVE, UNRESERVE, VOID
 from ._outage import Down, Guard
 
 __all__ = ["RedisLimiter", "RedisLimiterStatistics"]
@@ -183,6 +183,7 @@ class RedisLimiter:
         "_slots",
         "_turns",
         "_unreserve_script",
+        "_void_script",
         "_waiting",
     )
 
@@ -234,6 +235,7 @@ class RedisLimiter:
         self._renew_script = redis.register_script(RENEW)
         self._reserve_script = redis.register_script(RESERVE)
         self._unreserve_script = redis.register_script(UNRESERVE)
+        self._void_script = redis.register_script(VOID)
         self._turns = Turns(
             redis,
             self._guard,
@@ -312,31 +314,32 @@ class RedisLimiter:
         token = new_token()
         assert self._concurrency is not None
         lease_ms = round(self._lease * 1000)
+        keys = [self._holders_key, void_key(self._holders_key, token)]
         self._waiting += 1
         try:
             while True:
                 args: list[float | str] = [token, self._concurrency, lease_ms, self._now()]
-                command = self._acquire_script(keys=[self._holders_key], args=args)
+                command = self._acquire_script(keys=keys, args=args)
                 sent = anyio.current_time()
                 try:
                     wait_ms = int(await self._guard.call("acquire", command))
                 except BaseException as exc:
                     # cancelled (or timed out, or the connection reset) with the reply on
-                    # its way: the script may have taken the slot, which nobody would
-                    # give back before ``lease``; not when the command was never sent.
-                    # Timed out: a stalled Redis may run it once it answers again, so a
-                    # give-back that cannot reach Redis is tried again (within ``lease``)
+                    # its way: the script may have taken the slot (nobody would give it
+                    # back before ``lease``), or run later (VOID: it takes nothing then);
+                    # not when it was never sent. Timed out: a stalled Redis may run it
+                    # when it answers again: a give-back is tried until Redis answers one
                     if not isinstance(exc, Down) or exc.sent:
                         with contextlib.suppress(Exception):  # raise the acquire's error
                             if timed_out(exc):
                                 await give_back_once_answered(
                                     self._guard,
-                                    lambda: self._redis.zrem(self._holders_key, token),
+                                    lambda: self._void_script(keys=keys, args=[token, lease_ms]),
                                     until=sent + self._lease,
                                     pause=self._poll,
                                 )
                             else:
-                                await self._give_back(token, log=False)
+                                await self._give_back(token, log=False, void=True)
                     raise
                 if wait_ms == 0:
                     return token, sent
@@ -348,8 +351,9 @@ class RedisLimiter:
         """Reserve the next start: the seconds to wait for it, and how to give it back."""
         return await self._turns.reserve()
 
-    async def _give_back(self, token: str, *, log: bool = True) -> None:
-        """Give the slot of ``token`` back in Redis.
+    async def _give_back(self, token: str, *, log: bool = True, void: bool = False) -> None:
+        """Give the slot of ``token`` back in Redis (``void``: by ``VOID``, which also
+        leaves a tombstone: its acquire may not have run yet, see :meth:`_take_slot`).
 
         Shielded, and bounded (a free connection included): else the lease expires,
         as when Redis is down or refuses the write (``log``: log a refusal, not when
@@ -361,7 +365,11 @@ class RedisLimiter:
         limit = self._lease if self._guard.timeout is None else self._guard.timeout
         what = self._what if log else None
         with anyio.move_on_after(min(limit, self._lease), shield=True), left_to_expire(what):
-            command = self._redis.zrem(self._holders_key, token)
+            if not void:
+                command = self._redis.zrem(self._holders_key, token)
+            else:
+                keys = [self._holders_key, void_key(self._holders_key, token)]
+                command = self._void_script(keys=keys, args=[token, round(self._lease * 1000)])
             await self._guard.call("release", command, force=True, timeout=self._lease)
 
     async def _renew_forever(self, token: str, since: float) -> None:

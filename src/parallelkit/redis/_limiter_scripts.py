@@ -3,7 +3,7 @@ sorted set) and the start rate (GCRA), each one atomic step in Redis."""
 
 from __future__ import annotations
 
-__all__ = ["ACQUIRE", "RENEW", "RESERVE", "UNRESERVE"]
+__all__ = ["ACQUIRE", "RENEW", "RESERVE", "UNRESERVE", "VOID"]
 
 # `now` in ms: the caller's clock when it passes one (the last ARGV), else Redis TIME
 NOW_MS = """
@@ -13,16 +13,23 @@ if not now then
   now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 end
 """
-# KEYS[1] holders zset (token -> lease expiry, ms); ARGV[1] token, ARGV[2] limit,
-# ARGV[3] lease (ms). Returns 0 when the slot is taken, else ms until a lease ends.
-# Leases end by their scores; the key itself expires a minute after the last one
-# (its garbage collection, independent of the clock the scores use).
+# KEYS[1] holders zset (token -> lease expiry, ms), KEYS[2] the token's tombstone
+# (``void_key``); ARGV[1] token, ARGV[2] limit, ARGV[3] lease (ms). Returns 0 when
+# the slot is taken, else ms until a lease ends, or until the tombstone does: VOID
+# left one for this token (its caller gave it up: it takes nothing). Held with
+# this very token already, the slot is taken (redis-py sent it again after a
+# reset, and Redis had run the first). Leases end by their scores; the key itself
+# expires a minute after the last one (its garbage collection, independent of the
+# clock the scores use).
 ACQUIRE = (
     NOW_MS
     + """
+local void = redis.call('PTTL', KEYS[2])
+if void > 0 then return void end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local lease = tonumber(ARGV[3])
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
+local free = redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2])
+if free or redis.call('ZSCORE', KEYS[1], ARGV[1]) then
   redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
   redis.call('PEXPIRE', KEYS[1], math.ceil(lease) + 60000)
   return 0
@@ -44,6 +51,16 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(lease) + 60000)
 return 1
 """
 )
+# KEYS[1] holders, KEYS[2] the token's tombstone; ARGV[1] token, ARGV[2] lease (ms).
+# Gives back the slot an acquire whose reply never came may have taken (1 if it
+# ran and took it, else 0), and leaves a tombstone that makes it take nothing if
+# it runs later (or again: redis-py sends a command again after a reset), for as
+# long as its lease would have lasted.
+VOID = """
+local removed = redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
+return removed
+"""
 # KEYS[1] the GCRA "theoretical arrival time" (ms), KEYS[2] the last reservation,
 # KEYS[3] the holes (UNRESERVE's); ARGV[1] interval (ms), ARGV[2] burst, ARGV[3]
 # the caller's token. Reserves the next start; returns how long to wait for it
