@@ -94,13 +94,28 @@ def process_command(cmd: object) -> str | list[str]:
         if not cmd.strip():
             msg = "cmd must not be empty"
             raise ValueError(msg)
+        _no_nul("cmd", cmd)
         return cmd
     if not (
         isinstance(cmd, Sequence) and cmd and all(isinstance(a, (str, os.PathLike)) for a in cmd)
     ):
         msg = f"cmd must be a shell string or a non-empty list of str, got {cmd!r}"
         raise TypeError(msg)
-    return [os.fspath(a) for a in cmd]
+    args = [os.fspath(a) for a in cmd]
+    if not args[0].strip():
+        msg = f"cmd[0] (the program) must not be empty, got {args[0]!r}"
+        raise ValueError(msg)
+    for index, arg in enumerate(args):
+        _no_nul(f"cmd[{index}]", arg)
+    return args
+
+
+def _no_nul(name: str, text: str | bytes) -> None:
+    """A NUL byte cannot reach a process (an argument, a variable, a path): refused here,
+    naming the argument, not at spawn time as a bare "embedded null byte"."""
+    if (isinstance(text, str) and "\0" in text) or (isinstance(text, bytes) and b"\0" in text):
+        msg = f"{name} must not contain a NUL byte, got {text!r}"
+        raise ValueError(msg)
 
 
 def process_needs(depends_on: object) -> tuple[str, ...]:
@@ -126,7 +141,17 @@ def process_env(env: object) -> dict[str, str] | None:
     ):
         msg = f"env must be a mapping of str to str, or None, got {env!r}"
         raise TypeError(msg)
-    return dict(env)
+    copy: dict[str, str] = dict(env)
+    for key, value in copy.items():  # what the spawn would refuse, said here
+        if not key:
+            msg = "env: a variable name must not be empty"
+            raise ValueError(msg)
+        if "=" in key:
+            msg = f"env: variable name {key!r} must not contain '='"
+            raise ValueError(msg)
+        _no_nul(f"env: variable name {key!r}", key)
+        _no_nul(f"env: the value of {key!r}", value)
+    return copy
 
 
 def process_cwd(cwd: object) -> None:
@@ -134,6 +159,8 @@ def process_cwd(cwd: object) -> None:
     if cwd is not None and not isinstance(cwd, (str, os.PathLike)):
         msg = f"cwd must be a path (str or os.PathLike) or None, got {cwd!r}"
         raise TypeError(msg)
+    if cwd is not None:
+        _no_nul("cwd", os.fspath(cwd))
 
 
 def check_dependencies(graph: Graph, specs: Mapping[str, ServiceSpec]) -> None:

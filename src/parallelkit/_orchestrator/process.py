@@ -115,6 +115,7 @@ class ManagedProcess:
         "_finished",
         "_forced",
         "_group_gone",
+        "_killed",
         "_probing",
         "_process",
         "_pumps",
@@ -140,6 +141,8 @@ class ManagedProcess:
         self._group_gone = False
         # the stop was forced (a second signal): SIGKILL at once, no SIGTERM grace
         self._forced = False
+        # its stop ran out of stop_timeout and killed it: cut short (its "stop" span says so)
+        self._killed = False
         # the readiness wait in progress (see services.py): an exit for good ends it
         self._probing: anyio.CancelScope | None = None
         # the orchestrator is stopping: an exit from now on is final, never restarted
@@ -395,6 +398,7 @@ async def _term_then_kill(
             handle.name,
             stop_timeout,
         )
+        handle._killed = True
         _killpg(pgid, signal.SIGKILL)
 
 

@@ -21,7 +21,7 @@ import anyio
 from anyio.abc import TaskStatus
 from typing_extensions import final
 
-from .._core.backend import is_failure
+from .._core.backend import is_failure, is_stray_cancellation
 from .._core.errors import ProcessError
 from .._core.retry import to_retrying
 from ..probes import Probe
@@ -95,6 +95,7 @@ class ServiceHost:
         "teardown_error",
         "teardown_interrupt",
         "timed_out",
+        "torn_down",
         "value",
     )
 
@@ -121,6 +122,7 @@ class ServiceHost:
         self.teardown_interrupt: BaseException | None = None
         self.timed_out = False
         self.forced = False
+        self.torn_down = False  # a tear-down (the code after its yield) ran: a "stop" span
         self.setup_done_at = math.nan
         self._stop = anyio.Event()
         self.stopped = anyio.Event()
@@ -225,16 +227,31 @@ class ServiceHost:
             self._exit = ExitRecorder(open_lifetime(spec.name, spec.fn, self.kwargs))
             value = await stack.enter_async_context(self._exit)
         except BaseException as exc:
+            stray = is_stray_cancellation(exc)  # (asked before any other await)
             # before the yield: undo the partial set-up (the generator's finally runs)
             suppressed = await stack.__aexit__(type(exc), exc, exc.__traceback__)
             if suppressed and scope.cancelled_caught:
                 msg = f"service {spec.name!r} did not finish its set-up within {spec.timeout}s"
                 raise TimeoutError(msg) from None
+            if stray:  # the service's error, not a cancellation (which would end the start)
+                raise _stray(spec.name, "set-up", exc) from exc
             raise
         # the lifetime reached its yield: from here on its tear-down runs, once
         self.setup_done_at = anyio.current_time()
         self.value = value
         scope.deadline = math.inf  # the probe below has its own, clearer timeout
+        if scope.cancel_called:
+            # its timeout ran out where the set-up could not be cancelled (a shielded
+            # connect, no await after the deadline): it reached its yield too late, in a
+            # scope that is cancelled for good. Not ready: a failed start, torn down (at
+            # once: the cancellation reaches the tear-down at its first await)
+            self._failed_attempt = (stack, scope)
+            msg = (
+                f"service {spec.name!r} did not finish its set-up within {spec.timeout:g}s "
+                "(it reached its yield only after that: was the set-up shielded from "
+                "cancellation?)"
+            )
+            raise TimeoutError(msg)
         if spec.ready is None:
             return stack, scope, value
         try:
@@ -352,10 +369,13 @@ class ServiceHost:
         """
         spec = self.spec
         grace = PROCESS_KILL_GRACE if spec.kind == "process" else 0.0
+        # the set-up overran its timeout: the scope was cancelled before the tear-down
+        overran = scope.cancel_called
         scope.shield = True
         scope.deadline = anyio.current_time() + spec.stop_timeout + grace
         self._scope = scope
         self._closing = True
+        self.torn_down = True
         if self._force:  # the stop was forced before this tear-down began: at once
             # (a process is not signalled from here: its own stop sends SIGKILL, once it
             # knows it is stopping, so that the exit is not taken for a crash)
@@ -368,6 +388,12 @@ class ServiceHost:
                 raise crash
         except Exception as raised:
             error = unwrap(raised)
+        except BaseException as raised:
+            if crash is not None or not is_stray_cancellation(raised):
+                raise
+            # the tear-down's error, not a cancellation (which nobody would see)
+            error = _stray(spec.name, "tear-down", raised)
+            error.__cause__ = raised
         finally:
             self._closing = False
             self.timed_out = scope.cancelled_caught and not self.forced
@@ -376,6 +402,14 @@ class ServiceHost:
                     "%s %r: the stop was forced (a second signal); its tear-down was cut short",
                     spec.kind,
                     spec.name,
+                )
+            elif self.timed_out and overran:
+                logger.warning(
+                    "%s %r: its set-up overran its timeout (%gs), so its tear-down was cut "
+                    "short at its first await",
+                    spec.kind,
+                    spec.name,
+                    spec.timeout,
                 )
             elif self.timed_out:
                 extra = f" (+{grace:g}s to kill it)" if grace else ""
@@ -419,6 +453,17 @@ class ServiceHost:
             self.stopped.set()
             if crashed:
                 self.on_crash(self, self.crash)
+
+
+def _stray(name: str, where: str, exc: BaseException) -> RuntimeError:
+    """A ``CancelledError`` that no cancellation caused (asyncio: the service awaited a
+    future that something else cancelled) is the service's error: let through, it would
+    be taken for a cancellation, and lost or mistaken for the end of the start."""
+    msg = (
+        f"service {name!r}: its {where} raised {type(exc).__name__}, but nothing cancelled "
+        "it (it awaited a future or task that was cancelled elsewhere?)"
+    )
+    return RuntimeError(msg)
 
 
 async def _process_ready(probe: Probe, process: ManagedProcess, deadline: float) -> None:

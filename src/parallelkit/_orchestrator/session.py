@@ -28,6 +28,7 @@ from .._graph.graph import Graph, Node, Param, Plan, RunNode
 from .._graph.scheduler import NodeEnded, Run
 from .._graph.timeline import Span, Timeline
 from .lifetime import ServiceSpec, only_failure
+from .process import ManagedProcess
 from .running import Running
 from .services import ServiceHost
 from .starting import start_soon_and_wait
@@ -391,16 +392,21 @@ class Session:
         for host in self.hosts.values():  # no restart begins once the stop has begun
             host.stopping()
         started = [n for n in self.ready_order if self.hosts[n].state != "pending"]
-        if not started:
+        # a service that reached its yield but did not become ready was torn down as its
+        # start failed: a "stop" span of its own too, before those of its dependencies
+        # (nothing depends on it: nothing started on it)
+        unready = [n for n, h in self.hosts.items() if h.state == "failed" and h.torn_down]
+        stopping = started + unready
+        if not stopping:
             return []
-        position = {name: i for i, name in enumerate(started)}
-        dependents: dict[str, list[str]] = {name: [] for name in started}
-        for name in started:
+        position = {name: i for i, name in enumerate(stopping)}
+        dependents: dict[str, list[str]] = {name: [] for name in stopping}
+        for name in stopping:
             for dep in self.deps[name]:
                 if dep in position:
                     dependents[dep].append(name)
         graph = Graph(kind="service")
-        for name in reversed(started):  # every "dependency" (a dependent) added first
+        for name in reversed(stopping):  # every "dependency" (a dependent) added first
             graph.add(Node(name, tuple(Param(d) for d in dependents[name])))
         with anyio.CancelScope(shield=True):
             hook = instrument.current
@@ -411,7 +417,7 @@ class Session:
                 with trace:
                     await self._stop_run(graph, trace.run_node(self._stop_node))
         errors: list[tuple[str, BaseException]] = []
-        for name in started:
+        for name in started:  # (an unready one's error is its start's: failed_teardowns)
             error = self.hosts[name].teardown_error
             if error is not None:
                 errors.append((name, error))
@@ -425,16 +431,19 @@ class Session:
         host = self.hosts[node.name]
         host.request_stop()
         await host.stopped.wait()
-        if host.state != "stopped":  # crashed: torn down already, its crash reported
-            return
         # how the tear-down ended, for its "stop" span only: the run goes on (every
         # other service still stops, in order); the error is reported by stop_all's
         # callers, as ever. Raised only when it did not end well: nothing on the way
         # of a clean stop.
+        if host.state == "crashed":
+            # torn down when it crashed (its crash reported as such): not "ok"; the
+            # crash is what ended it, recorded on its trace span either way
+            crash = host.crash or RuntimeError(f"service {node.name!r} ended while running")
+            raise NodeEnded("cancelled" if host.timed_out or host.forced else "error", crash)
         error = host.teardown_error or host.teardown_interrupt
         if error is not None:
             raise NodeEnded("error", error)
-        if host.timed_out or host.forced:
+        if host.timed_out or host.forced or _killed(host):
             raise NodeEnded("cancelled")
 
     def force(self) -> None:
@@ -446,6 +455,12 @@ class Session:
         """
         for host in self.hosts.values():
             host.force()
+
+
+def _killed(host: ServiceHost) -> bool:
+    """A process whose stop ran out of its ``stop_timeout``, so it got ``SIGKILL``: cut
+    short, as a tear-down that ran out of it (its own warning said so already)."""
+    return isinstance(host.value, ManagedProcess) and host.value._killed
 
 
 def _startup_message(name: str, exc: BaseException) -> str:
