@@ -11,7 +11,9 @@ ends the stall for what is sent from then on but keeps holding what was held
 reaches Redis *before* the ones held during it (as when a retransmission comes
 late). ``reset_after_next_reply()`` drops the next reply Redis sends and resets
 that client's connection: the command ran, the client sees a reset (redis-py
-then sends it again on a new connection, as its ``retry`` does).
+then sends it again on a new connection, as its ``retry`` does);
+``reset_after_reply_to(marker)`` does so for the reply to the next request that
+holds ``marker`` (a script's sha), whatever replies other commands get first.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class StallProxy:
         self._pending = 0  # held chunks not delivered yet
         self._flushed = anyio.Event()
         self._reset_next = False
+        self._reset_marker: bytes | None = None
         self.refused = self.held = self.replies = self.resets = 0
 
     @property
@@ -61,6 +64,11 @@ class StallProxy:
     def reset_after_next_reply(self) -> None:
         """Drop the next reply Redis sends, and reset that client's connection."""
         self._reset_next = True
+
+    def reset_after_reply_to(self, marker: bytes) -> None:
+        """Drop the reply to the next request holding ``marker``, and reset that
+        client's connection (as :meth:`reset_after_next_reply`)."""
+        self._reset_marker = marker
 
     def let_new_through(self) -> None:
         """Let new connections (and what is sent from now on) through, still holding
@@ -107,11 +115,14 @@ class StallProxy:
         except OSError:
             await client.aclose()
             return
+        armed = [False]  # this connection's next reply is to be dropped (a marker seen)
         async with client, upstream, anyio.create_task_group() as tg:
-            tg.start_soon(self._replies, upstream, client)
-            await self._requests(client, upstream)
+            tg.start_soon(self._replies, upstream, client, armed)
+            await self._requests(client, upstream, armed)
 
-    async def _requests(self, client: SocketStream, upstream: SocketStream) -> None:
+    async def _requests(
+        self, client: SocketStream, upstream: SocketStream, armed: list[bool]
+    ) -> None:
         while True:
             try:
                 data = await client.receive()
@@ -119,6 +130,10 @@ class StallProxy:
                 break
             except anyio.ClosedResourceError:  # reset by ``reset_after_next_reply``
                 break
+            marker = self._reset_marker
+            if marker is not None and marker in data:
+                self._reset_marker = None
+                armed[0] = True
             if self._stalled:
                 self.held += 1
                 self._pending += 1
@@ -140,15 +155,17 @@ class StallProxy:
         except (anyio.BrokenResourceError, OSError):
             return
 
-    async def _replies(self, upstream: SocketStream, client: SocketStream) -> None:
+    async def _replies(
+        self, upstream: SocketStream, client: SocketStream, armed: list[bool]
+    ) -> None:
         while True:
             try:
                 data = await upstream.receive()
             except (anyio.EndOfStream, anyio.BrokenResourceError, OSError):
                 break
             self.replies += 1
-            if self._reset_next:
-                self._reset_next = False
+            if self._reset_next or armed[0]:
+                self._reset_next = armed[0] = False
                 self.resets += 1
                 await client.aclose()  # the reply goes nowhere: the client sees a reset
                 continue

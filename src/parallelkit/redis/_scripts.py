@@ -59,8 +59,12 @@ return 1
 # KEYS[1] the lease, KEYS[2] the entry; ARGV[1] the lease's token, ARGV[2] its ttl
 # (ms), ARGV[3] a fresh placeholder, ARGV[4] its ttl (ms). Returns {1, value or '',
 # version + generation} when taken, else {minus the holder's remaining ttl (ms)}.
+# Held with this very token already, the lease is taken (redis-py sent the script
+# again after a reset, and Redis had run the first): not a wait for its own lease.
 LOAD_START = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+  and not (redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('PEXPIRE', KEYS[1], ARGV[2]) == 1)
+then
   local left = redis.call('PTTL', KEYS[1])
   if left < 1 then left = 1 end
   return {-left}
