@@ -26,11 +26,12 @@ from taskiq_redis import RedisStreamBroker as _TaskiqRedisStreamBroker
 from taskiq_redis.exceptions import ResultIsMissingError
 
 from .._core.check import count, number_at_least, text
+from .._core.errors import ParallelkitError
 from .._core.retry import Retry
 from ._completions import LABEL_DONE
 from ._middlewares import TracebackMiddleware, retry_middleware
 from ._outage import Outage, patiently
-from ._stream import TRIM, WHERE, moved
+from ._stream import RECALL, RECALL_TASK, TRIM, WHERE, moved
 
 logger = logging.getLogger("parallelkit.taskiq")
 
@@ -90,6 +91,8 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
 
     _pk_where_script: Any = None
     _pk_trim_script: Any = None
+    _pk_recall_script: Any = None
+    _pk_recall_task_script: Any = None
     #: trim acknowledged messages older than this many ms (``redis_broker``: its
     #: ``result_ttl``); ``None``: keep every message, as upstream
     _pk_trim_after: int | None = None
@@ -138,6 +141,24 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
             keys=[stream], args=[self.consumer_group_name, msg_id], client=client
         )
         return where.decode() if isinstance(where, bytes) else str(where)
+
+    async def _pk_recall(self, stream: str, msg_id: Any = None, task_id: str = "") -> bool:
+        """Delete the message ``msg_id`` from ``stream`` if no consumer group has
+        delivered it yet (no worker will then run it); ``False`` if one has, or it
+        is gone. Without ``msg_id`` (a kick cut short), the newest message carrying
+        ``task_id``. One atomic script (:data:`._stream.RECALL`,
+        :data:`._stream.RECALL_TASK`), one round trip."""
+        client = self._client()
+        if msg_id is None:
+            if self._pk_recall_task_script is None:
+                self._pk_recall_task_script = client.register_script(RECALL_TASK)
+            script, args = self._pk_recall_task_script, [task_id]
+        else:
+            if self._pk_recall_script is None:
+                self._pk_recall_script = client.register_script(RECALL)
+            script, args = self._pk_recall_script, [msg_id]
+        deleted: Any = await script(keys=[stream], args=args, client=client)
+        return bool(deleted)
 
     async def _pk_moved(self, stream: str, msg_id: Any, task_id: str) -> Any | None:
         """The id of the newest message after ``msg_id`` in ``stream`` that carries
@@ -350,7 +371,15 @@ class _ResultBackend(_OneClient, RedisAsyncResultBackend):  # type: ignore[type-
         raw: Any = await (client.get(name) if self.keep_results else client.getdel(name))
         if raw is None:
             return None
-        return TaskiqResult[Any].model_validate(self.serializer.loadb(raw))
+        try:
+            return TaskiqResult[Any].model_validate(self.serializer.loadb(raw))
+        except Exception as exc:  # (whatever the serializer raises on foreign bytes)
+            msg = (
+                f"the stored result of Taskiq task [{task_id}] ({name!r}) cannot be read: "
+                f"{type(exc).__name__}: {exc}; was it written by a worker with another "
+                f"result serializer ({type(self.serializer).__name__} here) or version?"
+            )
+            raise ParallelkitError(msg) from exc
 
     async def get_result(self, task_id: str, with_logs: bool = False) -> TaskiqResult[Any]:
         result = await self.fetch(task_id)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import pickle
+import reprlib
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Literal, TypeVar, overload
 
 import anyio
+from pydantic import PydanticUserError
 from taskiq import AsyncTaskiqDecoratedTask
 from taskiq.compat import parse_obj_as
 from taskiq.exceptions import NoResultError, SendTaskError
@@ -19,7 +21,7 @@ from .._core.errors import ParallelkitError
 from .._core.limiter import SupportsLimit
 from .._core.outcome import Outcome
 from .._core.retry import RetryLike
-from .._fanout.fanout import map_options, run_items
+from .._fanout.fanout import map_options, run_items, size_of
 from .._fanout.imap import imap as _imap
 from ._broker import KICKED, RedeliveringStreamBroker, _ResultBackend
 from ._completions import LABEL_DONE, Completions
@@ -28,6 +30,8 @@ from ._rate import SupportsRate, rate_gate
 from ._remote_errors import remote_error as _remote_error  # (tests reach it here)
 
 __all__ = ["SupportsRate", "imap", "map"]
+
+logger = logging.getLogger("parallelkit.taskiq")
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -40,6 +44,18 @@ _POLL_FIRST = 0.002
 _POLL_MAX = 0.05
 #: seconds between the checks that an item's message is still in its stream
 _CHECK_EVERY = 1.0
+#: seconds an item that ends without its result tries to take its message back
+_RECALL_WAIT = 1.0
+
+
+#: an item as error messages show it: bounded (an item may be a large dict), and never
+#: failing (a repr that raises, as a detached ORM object's may, is shown by its type)
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 160
+
+
+def _shown(item: object) -> str:
+    return _SHORT.repr(item)
 
 
 class _Kick:
@@ -54,9 +70,14 @@ class _Kick:
     under the same task id.
     """
 
-    __slots__ = ("_broker", "_gate", "_labels", "_name", "_task", "_timeout", "completions")
+    __slots__ = ("_broker", "_gate", "_labels", "_name", "_returns", "_task", "_timeout",
+                 "completions")  # fmt: skip
 
-    def __init__(self, task: object, rate: object, timeout: object) -> None:
+    def __init__(self, task: object) -> None:
+        """Check ``task`` (first, as ``pk.map`` checks ``fn``); :meth:`configure` then
+        takes ``timeout`` and ``rate``, checked after the options ``pk.map`` checks
+        before them (``items``, ``settle``, ``limit``...): the same input fails with
+        the same error as in ``pk.map``."""
         if not isinstance(task, AsyncTaskiqDecoratedTask):
             msg = (
                 f"task must be a Taskiq task (a function decorated with @broker.task), "
@@ -71,13 +92,11 @@ class _Kick:
                 "it one with broker.with_result_backend(...)"
             )
             raise TypeError(msg)
-        self._timeout = number_or_none("timeout", timeout)
-        self._gate = rate_gate(rate)
+        self._timeout: float | None = None
+        self._gate: Callable[[], Awaitable[object]] | None = None
         # acknowledged only once its result is saved, whatever the workers' --ack-type:
         # a message the group passed without a result then has none to come (_check)
         labels: dict[str, Any] = {"ack_type": "when_saved"}
-        if self._timeout is not None:  # the worker stops the attempt too
-            labels["timeout"] = self._timeout
         self.completions: Completions | None = None
         if isinstance(backend, _ResultBackend):
             self.completions = Completions(backend._client(), backend.prefix_str or "taskiq")
@@ -87,6 +106,30 @@ class _Kick:
         broker = task.broker
         self._broker = broker if isinstance(broker, RedeliveringStreamBroker) else None
         self._name: str = task.task_name
+        self._returns: Any = task.return_type  # what a result is parsed into (or None)
+
+    def configure(self, rate: object, timeout: object) -> None:
+        """Check and keep ``timeout`` and ``rate`` (in ``pk.map``'s order)."""
+        self._timeout = number_or_none("timeout", timeout)
+        self._gate = rate_gate(rate)
+        if self._timeout is not None:  # the worker stops the attempt too
+            self._labels["timeout"] = self._timeout
+
+    def _parse(self, value: Any) -> Any:
+        """``value`` parsed into the task's return type, as Taskiq does; the raw
+        value when it does not fit, or when the type is one pydantic cannot parse
+        into (a plain class in ``-> Company | None``, ``-> list[Company]``): the
+        task succeeded, and its ``None`` or ``[]`` is its result."""
+        returns = self._returns
+        if returns is None:
+            return value
+        try:
+            return parse_obj_as(returns, value)
+        except PydanticUserError:  # no schema for the type: the same for every result
+            self._returns = None
+        except ValueError:  # as Taskiq: keep the raw value
+            pass
+        return value
 
     async def __call__(self, item: Any) -> Any:
         if self._gate is not None:  # the rate: before the kick, outside its timeout
@@ -96,24 +139,31 @@ class _Kick:
         with anyio.move_on_after(self._timeout):
             return await self._run(item)
         msg = (
-            f"Taskiq task {self._name} gave no result for {item!r} within "
+            f"Taskiq task {self._name} gave no result for {_shown(item)} within "
             f"timeout={self._timeout}s (the worker may still be running it)"
         )
         raise TimeoutError(msg)
 
     async def _kick(self, item: Any, task_id: str | None = None) -> Any:
-        """Send ``task(item)`` (under ``task_id`` when sending it again); its handle."""
-        kicker = self._task.kicker().with_labels(**self._labels)
-        if task_id is not None:
-            kicker = kicker.with_task_id(task_id)
+        """Send ``task(item)`` (under ``task_id`` when sending it again); its handle.
+
+        Cut short (the call cancelled while Redis appends the message), the message
+        may be in the stream, its id never known: it is taken back by its task id.
+        """
+        if task_id is None:  # (known before the kick, to take back a kick cut short)
+            task_id = self._task.broker.id_generator()
+        kicker = self._task.kicker().with_labels(**self._labels).with_task_id(task_id)
         try:
             return await kicker.kiq(item)
+        except anyio.get_cancelled_exc_class():
+            await self._recall(None, task_id)
+            raise
         except SendTaskError as exc:
             cause = exc.__cause__  # the broker's serializer, or the broker (kept as is)
             if not isinstance(cause, (TypeError, ValueError, pickle.PickleError)):
                 raise
             msg = (
-                f"item {item!r} cannot be sent to Taskiq task {self._name}: its broker's "
+                f"item {_shown(item)} cannot be sent to Taskiq task {self._name}: its broker's "
                 f"serializer failed ({type(cause).__name__}: {cause}); items must be values "
                 "the serializer can encode (JSON with the default one)"
             )
@@ -160,7 +210,7 @@ class _Kick:
             return (stream, moved, again), None
         if where == "passed" and again:
             msg = (
-                f"Taskiq task {self._name} [{task_id}] for {item!r}: its message was "
+                f"Taskiq task {self._name} [{task_id}] for {_shown(item)}: its message was "
                 "acknowledged without a result, again after it was sent a second "
                 "time; no worker registers a task of that name (see the workers' "
                 "log: 'task ... is not found'), or its result was deleted or expired "
@@ -173,6 +223,26 @@ class _Kick:
         if resent is None:  # pragma: no cover - the broker sets it on every kick
             return (stream, msg_id, again), None
         return (resent[0], resent[1], again), None
+
+    async def _recall(self, sent: tuple[str, Any, bool] | None, task_id: str) -> None:
+        """The item ends without its result (its call cancelled or failed, its
+        timeout): take its message ``sent`` back (or, not known, the newest one
+        carrying ``task_id``) if no worker has taken it yet, so that nothing runs
+        later whose result nobody reads. Best effort, shielded, for at most
+        :data:`_RECALL_WAIT` seconds: a message left (Redis away or slow, a worker
+        took it) runs, as one a worker took does."""
+        broker = self._broker
+        if broker is None:
+            return
+        if sent is None:  # (the stream a kick of this task goes to, as the broker picks it)
+            stream, msg_id = self._task.labels.get("queue_name") or broker.queue_name, None
+        else:
+            stream, msg_id = sent[:2]
+        with anyio.CancelScope(shield=True), anyio.move_on_after(_RECALL_WAIT):
+            try:
+                await broker._pk_recall(stream, msg_id, task_id)
+            except Exception:  # never in place of the caller's own error or cancellation
+                logger.debug("could not take back task %s from %r", task_id, stream, exc_info=True)
 
     async def _run(self, item: Any) -> Any:
         handle = await self._kick(item)
@@ -212,17 +282,17 @@ class _Kick:
                 else:
                     await anyio.sleep(delay)
                 delay = min(delay * 1.5, _POLL_MAX)
+        except BaseException:  # cancelled (the call ended, the timeout) or failed
+            if sent is not None:
+                await self._recall(sent, task_id)
+            raise
         finally:
             if completions is not None:
                 completions.forget(task_id)
         error = result.error
         if error is not None and not isinstance(error, NoResultError):
             raise _remote_error(result, task_id, self._name)
-        value = result.return_value
-        if handle.return_type is not None:
-            with contextlib.suppress(ValueError):  # as Taskiq: keep the raw value
-                value = parse_obj_as(handle.return_type, value)
-        return value
+        return self._parse(result.return_value)
 
 
 # ---------------------------------------------------------------------------- map / imap
@@ -291,7 +361,8 @@ async def map(
             queued, retries and all; not the wait for ``rate``, before the kick);
             past it the item fails with
             :class:`TimeoutError`. The worker is told the same timeout, so it
-            stops an attempt that runs longer.
+            stops an attempt that runs longer; a message no worker has taken by
+            then is taken back.
         retry: a :class:`~parallelkit.Retry` (or a ``tenacity.AsyncRetrying``), as
             in :func:`parallelkit.map`: an item whose result is an error the policy
             retries is kicked again from here, as a new message, ``timeout`` applying
@@ -308,12 +379,14 @@ async def map(
     Raises:
         Exception: (fail-fast) the first failed item's exception, rebuilt with its
             original type when the producer can import it, the worker's traceback
-            as ``__cause__`` (:class:`RemoteTraceback`); no new item is kicked
-            after it. Items already kicked are not recalled.
+            as ``__cause__`` (:class:`RemoteTraceback`), an exception group with
+            its members; no new item is kicked after it. The messages of the
+            others no worker has taken yet are taken back; taken ones still run.
         TimeoutError: an item's result did not come back within ``timeout``.
         parallelkit.ParallelkitError: an item's message was acknowledged without
             a result twice (sent again once after the first): no worker registers
-            a task of that name, or its result was lost again.
+            a task of that name, or its result was lost again; or its stored
+            result cannot be read (a worker with another result serializer).
         redis.exceptions.ConnectionError: Redis stayed unreachable while an
             item's result was read, for longer than the read waits for it (about
             3 s: a restart or a failover is waited out); a kick that long fails
@@ -330,9 +403,10 @@ async def map(
                                                 timeout=120, settle=True)
         ```
     """
-    call = _Kick(task, rate, timeout)
+    call = _Kick(task)
     options = map_options(call, items, limit, None, None, retry, settle, progress)
-    if call.completions is None:
+    call.configure(rate, timeout)
+    if call.completions is None or size_of(items) == 0:  # (nothing to subscribe for)
         return await run_items(options.call, items, options.workers, settle, progress)
     async with call.completions:
         return await run_items(options.call, items, options.workers, settle, progress)
@@ -381,8 +455,8 @@ def imap(
     :func:`map` for inputs too large to hold all results of, or to act on each
     result at once: an ``async with`` block like :class:`parallelkit.imap`, with
     memory O(``limit``). Results come in completion order, or input order with
-    ``ordered=True``. Leaving the block stops kicking and stops waiting (items
-    already kicked still run on the workers).
+    ``ordered=True``. Leaving the block stops kicking and stops waiting; the
+    messages no worker has taken yet are taken back (taken ones still run).
 
     Args:
         task: the Taskiq task, as in :func:`map`.
@@ -404,9 +478,11 @@ def imap(
                 total += count
         ```
     """
-    call = _Kick(task, rate, timeout)
+    call = _Kick(task)
     stream: _imap[Any] = _imap(
         call, items, limit=limit, ordered=ordered, retry=retry, settle=settle
     )  # type: ignore[call-overload]
-    stream.around = call.completions  # subscribed while the stream is open
+    call.configure(rate, timeout)
+    if size_of(items) != 0:  # (an empty input subscribes to nothing)
+        stream.around = call.completions  # subscribed while the stream is open
     return stream

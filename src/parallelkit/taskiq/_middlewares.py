@@ -5,7 +5,9 @@ traceback kept in a failed task's result, and retries driven by a
 
 from __future__ import annotations
 
+import json
 import random
+import sys
 import traceback
 from typing import Any
 
@@ -15,11 +17,16 @@ from taskiq.kicker import AsyncKicker
 from taskiq.message import TaskiqMessage
 from taskiq.middlewares import SmartRetryMiddleware
 from taskiq.result import TaskiqResult
+from taskiq.serialization import ensure_serializable
 from typing_extensions import final
 
 from .._core.retry import Retry
 
+if sys.version_info < (3, 11):  # pragma: no cover - the exceptiongroup backport
+    from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
+
 __all__ = [
+    "LABEL_ERROR_GROUP",
     "LABEL_ERROR_TYPE",
     "LABEL_TRACEBACK",
     "RemoteTraceback",
@@ -29,6 +36,9 @@ __all__ = [
 
 LABEL_TRACEBACK = "pk_traceback"
 LABEL_ERROR_TYPE = "pk_error_type"
+#: an exception group's members, nested: ``{"type": "module:qualname", "args": [...],
+#: "group": [...]}`` (Taskiq sends only the group's arguments, its members as text)
+LABEL_ERROR_GROUP = "pk_error_group"
 
 
 # ---------------------------------------------------------------------------- errors
@@ -79,11 +89,28 @@ class TracebackMiddleware(TaskiqMiddleware):
     ) -> None:
         """Record the traceback text and the type of ``exception`` in ``result``."""
         cls = type(exception)
-        result.labels = {
+        labels = {
             **result.labels,
             LABEL_TRACEBACK: "".join(traceback.format_exception(exception)),
             LABEL_ERROR_TYPE: f"{cls.__module__}:{cls.__qualname__}",
         }
+        if isinstance(exception, BaseExceptionGroup):
+            labels[LABEL_ERROR_GROUP] = _described(exception)
+        result.labels = labels
+
+
+def _described(error: BaseException) -> dict[str, Any]:
+    """``error`` as JSON-safe data the producer rebuilds it from: its type's import
+    name, its arguments (the JSON-safe ones as they are, the others as their
+    ``repr``, as Taskiq does) and, for a group, its members, described the same way."""
+    cls = type(error)
+    described: dict[str, Any] = {"type": f"{cls.__module__}:{cls.__qualname__}"}
+    if isinstance(error, BaseExceptionGroup):
+        described["args"] = [error.message]
+        described["group"] = [_described(member) for member in error.exceptions]
+    else:
+        described["args"] = list(ensure_serializable(error.args, json))
+    return described
 
 
 # ---------------------------------------------------------------------------- retry

@@ -12,8 +12,9 @@ from types import ModuleType
 from typing import Any
 
 from taskiq.result import TaskiqResult
+from taskiq.serialization import create_exception_cls
 
-from ._middlewares import LABEL_ERROR_TYPE, LABEL_TRACEBACK, RemoteTraceback
+from ._middlewares import LABEL_ERROR_GROUP, LABEL_ERROR_TYPE, LABEL_TRACEBACK, RemoteTraceback
 
 __all__ = ["remote_error"]
 
@@ -30,6 +31,9 @@ def remote_error(result: TaskiqResult[Any], task_id: str, name: str) -> Exceptio
     error = result.error
     assert error is not None
     error = _original_type(error, result)
+    group = result.labels.get(LABEL_ERROR_GROUP)
+    if isinstance(group, dict):  # Taskiq sent the group's members as text
+        error = _group(group) or error
     if not isinstance(error, Exception):
         msg = f"Taskiq task {name} [{task_id}] was interrupted in the worker: {error!r}"
         error = RuntimeError(msg)
@@ -51,7 +55,6 @@ def _original_type(error: BaseException, result: TaskiqResult[Any]) -> BaseExcep
     spec = result.labels.get(LABEL_ERROR_TYPE)
     if not isinstance(spec, str) or ":" not in spec:
         return error
-    module_name, _, qualname = spec.partition(":")
     if f"{type(error).__module__}:{type(error).__qualname__}" == spec:
         return error
     if type(error) is Exception:
@@ -59,14 +62,54 @@ def _original_type(error: BaseException, result: TaskiqResult[Any]) -> BaseExcep
         # fallback's one argument is a message naming them, no argument of the type
         return error
     try:
-        obj: Any = _module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-        if isinstance(obj, type) and issubclass(obj, BaseException):
-            return obj(*error.args)
+        cls = _exception_type(spec)
+        if cls is not None:
+            return cls(*error.args)
     except Exception:  # keep Taskiq's stand-in when the type cannot be rebuilt
         pass
     return error
+
+
+def _exception_type(spec: str) -> type[BaseException] | None:
+    """The exception type named ``"module:qualname"``, its module imported if need
+    be; ``None`` when that is no exception type (an error if it cannot be found)."""
+    module_name, _, qualname = spec.partition(":")
+    obj: Any = _module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if isinstance(obj, type) and issubclass(obj, BaseException):
+        return obj
+    return None
+
+
+def _group(described: dict[str, Any]) -> BaseException | None:
+    """An exception group rebuilt from ``TracebackMiddleware``'s description, its
+    members too (``except* KeyError`` matches as in the worker); ``None`` when the
+    group itself cannot be. A member that cannot be rebuilt is Taskiq's stand-in: a
+    class of its name in ``taskiq.exceptions`` holding its arguments."""
+    try:
+        cls = _exception_type(str(described["type"]))
+        members = [_member(member) for member in described["group"]]
+        return None if cls is None else cls(described["args"][0], members)
+    except Exception:  # (a description this version cannot read: Taskiq's stand-in)
+        return None
+
+
+def _member(described: dict[str, Any]) -> BaseException:
+    if "group" in described:
+        group = _group(described)
+        if group is not None:
+            return group
+    args = described.get("args", [])
+    spec = str(described.get("type", ""))
+    try:
+        cls = _exception_type(spec)
+        if cls is not None:
+            return cls(*args)
+    except Exception:  # (a type that cannot be rebuilt: the stand-in below)
+        pass
+    name = spec.rpartition(":")[2].rpartition(".")[2] or "Exception"
+    return create_exception_cls(name, "taskiq.exceptions")(*args)
 
 
 def _module(name: str) -> ModuleType:

@@ -7,6 +7,10 @@ Two Lua scripts (one round trip each, atomic) and a scan:
   after it). ``map`` asks it for every item in flight once a second.
 * :data:`TRIM`: trim what every consumer group acknowledged once it is older
   than the results' TTL; a worker runs it at each pass of its read loop.
+* :data:`RECALL`: take a message back from the stream if no consumer group has
+  delivered it yet; an item that ends without its result (its call cancelled or
+  failed, its timeout) runs it once.
+* :data:`RECALL_TASK`: the same, for a kick cut short, found by its task id.
 * :func:`moved`: the worker's retry of a message (a later message, same task id).
 """
 
@@ -16,7 +20,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-__all__ = ["TRIM", "WHERE", "moved"]
+__all__ = ["RECALL", "RECALL_TASK", "TRIM", "WHERE", "moved"]
 
 #: where a message is for a consumer group (``_pk_where``); KEYS[1] the stream,
 #: ARGV[1] the group, ARGV[2] the message id. Ids compare as (ms, seq) numbers.
@@ -44,6 +48,59 @@ for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   end
 end
 return 'queued'
+"""
+#: delete the message ARGV[1] from the stream KEYS[1] unless a consumer group has
+#: delivered it (its last delivered id is at or past it): 1 if deleted. Atomic, so
+#: no worker reads it in between; one a worker took is left to finish.
+RECALL = """
+if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1], 'COUNT', 1) == 0 then
+  return 0
+end
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local ms, seq = parse(ARGV[1])
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local fields = {}
+  for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
+  local last_ms, last_seq = parse(fields['last-delivered-id'])
+  if last_ms > ms or (last_ms == ms and last_seq >= seq) then
+    return 0
+  end
+end
+return redis.call('XDEL', KEYS[1], ARGV[1])
+"""
+#: delete the message carrying the task id ARGV[1] from the stream KEYS[1] unless a
+#: consumer group has delivered it: 1 if deleted. For a kick cut short (its message id
+#: never came back): it is among the newest messages, so only the newest 1000 are
+#: looked at, back to the first one a group delivered.
+RECALL_TASK = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local floor_ms, floor_seq = -1, -1
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local fields = {}
+  for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
+  local ms, seq = parse(fields['last-delivered-id'])
+  if ms > floor_ms or (ms == floor_ms and seq > floor_seq) then
+    floor_ms, floor_seq = ms, seq
+  end
+end
+for _, entry in ipairs(redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1000)) do
+  local ms, seq = parse(entry[1])
+  if ms < floor_ms or (ms == floor_ms and seq <= floor_seq) then return 0 end
+  local fields = entry[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'data' and string.find(fields[i + 1], ARGV[1], 1, true) then
+      return redis.call('XDEL', KEYS[1], entry[1])
+    end
+  end
+end
+return 0
 """
 #: trim from a stream what every consumer group has acknowledged and is older than
 #: ARGV[1] ms (by the server's clock, as message ids are): ``XTRIM MINID`` to the
