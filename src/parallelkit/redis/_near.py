@@ -22,7 +22,10 @@ up, and every way a message can be lost ends in emptying it:
 * a subscription that hangs silently (a paused server) is caught by a ``PING``
   that must be answered within ``command_timeout``;
 * and whatever happens, an entry is served from process memory for at most
-  ``near_ttl`` seconds after it was read from Redis: the watching task, which
+  ``near_ttl`` seconds after it was read from Redis (after the read was *sent*,
+  which is before Redis ran it: a slow answer does not stretch the bound; reads
+  answered out of order keep fill order expiry order by ending the later-sent
+  ones' entries with theirs): the watching task, which
   awaits nothing but its clock (so no read held up by Redis delays it), sweeps
   the tier every ``min(1 s, near_ttl / 2)`` and drops what would pass
   ``near_ttl`` before the next sweep (so the hit path reads no clock).
@@ -71,8 +74,9 @@ _PING_AFTER = 1.0
 _MISSING: Any = object()
 
 #: What a read of one key holds while it is out: (the tier's reset count, the key's
-#: invalidations seen since its first read in flight began).
-Ticket = tuple[int, int]
+#: invalidations seen since its first read in flight began, the tier's clock when
+#: the read was sent: what it keeps expires ``ttl`` after that).
+Ticket = tuple[int, int, float]
 
 
 def invalidation(name: str) -> bytes:
@@ -149,7 +153,7 @@ class NearCache:
             self.marks[name] = 0
         else:
             self.watchers[name] = count + 1
-        return (self.seq, self.marks[name])
+        return (self.seq, self.marks[name], self.timer())
 
     def end(self, name: str) -> None:
         """The read (or check) of ``name`` that :meth:`begin` ticketed is over."""
@@ -176,16 +180,39 @@ class NearCache:
         """Keep ``entry`` (``raw``: its bytes), read from Redis with ``ticket``."""
         if not self.listening or self.maxsize is None or not self.current(name, ticket):
             return  # not subscribed, or an invalidation overtook the read
-        self._keep(key, name, entry, raw)
+        self._keep(key, name, entry, raw, ticket[2] + self.ttl)
 
-    def _keep(self, key: Hashable, name: str, entry: CacheEntry[Any], raw: bytes | str) -> None:
+    def _keep(
+        self, key: Hashable, name: str, entry: CacheEntry[Any], raw: bytes | str, expiry: float
+    ) -> bool:
+        """Keep ``entry`` until ``expiry`` (``ttl`` after its read or write was *sent*:
+        Redis ran it later, so an invalidation that came after it, lost, is served
+        for at most ``ttl``; counting from the answer would add the reply's time, up
+        to ``command_timeout``). Not kept if that time comes before the next sweep
+        (an answer that took ``ttl - slack`` or more): no sweep would drop it in time."""
+        if expiry <= self.timer() + self.slack:
+            return False
         self._forget(key)
         assert self.maxsize is not None  # callers keep nothing when the tier is off
-        if len(self.meta) >= self.maxsize:
-            self._forget(next(iter(self.meta)))
+        meta = self.meta
+        if len(meta) >= self.maxsize:
+            self._forget(next(iter(meta)))
+        if meta and meta[next(reversed(meta))][0] > expiry:
+            # answered after a read sent later than it: fill order must stay expiry
+            # order (what sweep and due rely on), so the entries filled since that
+            # later read was sent expire with this one (a little earlier: safe)
+            later = []
+            for other in reversed(meta):
+                held = meta[other]
+                if held[0] <= expiry:
+                    break
+                later.append((other, held))
+            for other, (_, other_name, other_raw) in later:
+                meta[other] = (expiry, other_name, other_raw)
         self.entries[key] = entry
-        self.meta[key] = (self.timer() + self.ttl, name, raw)
+        meta[key] = (expiry, name, raw)
         self.index[name] = key
+        return True
 
     def due(self) -> list[tuple[Hashable, str, bytes | str]]:
         """The entries to check now: due to pass ``ttl`` within two sweep intervals
@@ -211,6 +238,8 @@ class NearCache:
         meta = self.meta
         # the check read Redis after it was sent: counting from the send is the safe side
         expiry = sent + self.ttl
+        if expiry <= self.timer() + self.slack:
+            return  # the check took so long that no sweep would drop them in time
         if meta and meta[next(reversed(meta))][0] > expiry:
             # an entry filled while the check was out expires later: renewed entries,
             # moved behind it, would break "fill order is expiry order" (what sweep
@@ -259,8 +288,10 @@ class NearCache:
         if not self.listening or self.maxsize is None or not self.current(name, ticket):
             return
         self._invalidated(name)  # older reads in flight must not fill over it
-        self._keep(key, name, entry, raw)
-        self.own[name] = self.own.get(name, 0) + 1
+        if self._keep(key, name, entry, raw, ticket[2] + self.ttl):
+            self.own[name] = self.own.get(name, 0) + 1
+        else:  # not kept (answered too late): what it replaces is outdated
+            self._forget(key)
 
     def drop(self, key: Hashable, name: str) -> None:
         """Forget ``key`` (this process writes it); reads in flight will not fill it."""
@@ -278,12 +309,20 @@ class NearCache:
         self.listening = listening
 
     def received(self, data: bytes) -> None:
-        """Apply one invalidation message."""
+        """Apply one invalidation message.
+
+        A message this store cannot read (anyone may publish on the channel: another
+        tool, another version) may still have meant an invalidation: it empties the
+        tier, as ``CLEAR`` does, and the subscription stays (not a lost one)."""
         self.invalidations += 1
-        if data == CLEAR:
+        if data == CLEAR or not data.startswith(_KEY):
             self.reset(listening=self.listening)
             return
-        name = data[len(_KEY) :].decode()
+        try:
+            name = data[len(_KEY) :].decode()
+        except UnicodeDecodeError:  # no name of ours: every name is UTF-8
+            self.reset(listening=self.listening)
+            return
         own = self.own.get(name)
         if own is not None:  # the message of a write this process kept (``wrote``)
             if own == 1:

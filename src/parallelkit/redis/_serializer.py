@@ -16,6 +16,8 @@ import inspect
 import json
 import pickle
 import struct
+import types
+import typing
 import uuid
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
@@ -98,6 +100,45 @@ def _not_init_fields(kind: type) -> frozenset[str]:
     return frozenset(f.name for f in fields if not f.init)
 
 
+def _is_tuple(hint: object) -> bool:
+    """Whether a field annotated ``hint`` holds a tuple (``tuple[int, ...]``, ``Tuple``,
+    or either ``| None``): what JSON writes as a list, to make a tuple again."""
+    if hint is tuple:
+        return True
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        return True
+    if origin is typing.Union or origin is getattr(types, "UnionType", None):
+        others = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        return bool(others) and all(_is_tuple(arg) for arg in others)
+    return False
+
+
+def _tuple_fields(kind: type) -> frozenset[str]:
+    """The fields of a listed dataclass annotated as tuples (see :func:`_is_tuple`):
+    ``kind(**fields)`` checks no types, so they would come back as lists (unequal to
+    what was stored, and a frozen instance would no longer hash)."""
+    try:
+        hints = typing.get_type_hints(kind)
+    except Exception:  # annotations that do not resolve here: rebuilt as they are
+        return frozenset()
+    return frozenset(f.name for f in dataclasses.fields(kind) if _is_tuple(hints.get(f.name)))
+
+
+def _by_field_names(kind: type) -> dict[str, bool]:
+    """How to validate a listed pydantic model from the fields ``model_dump()`` gave (by
+    field name, not alias): ``by_name=True`` where pydantic has it (2.11+), so a model
+    with aliased fields (``Field(alias="customerId")``, nested models too) comes back.
+    Older pydantic validates by alias only, unless the model sets ``populate_by_name``."""
+    try:
+        parameters = inspect.signature(getattr(kind, "model_validate")).parameters  # noqa: B009
+    except (TypeError, ValueError):  # pragma: no cover - no signature to read
+        return {}
+    if "by_name" in parameters and "by_alias" in parameters:
+        return {"by_alias": False, "by_name": True}
+    return {}  # pragma: no cover - pydantic < 2.11
+
+
 def _is_model(value: object) -> bool:
     """A pydantic (v2) model instance, recognised without importing pydantic."""
     return callable(getattr(value, "model_dump", None)) and not isinstance(value, type)
@@ -121,13 +162,16 @@ class JSONSerializer:
 
     * JSON types as themselves (``dict`` with ``str`` keys, ``list``, ``str``,
       numbers, ``bool``, ``None``); tuples come back as lists;
-    * ``datetime``, ``date``, ``time`` (time zone kept), ``UUID`` and ``Decimal``
+    * ``datetime``, ``date``, ``time`` (UTC offset kept; a ``ZoneInfo`` zone comes
+      back as that fixed offset), ``UUID`` and ``Decimal``
       as themselves: they are written as one-key objects such as
       ``{"$datetime": "2024-05-01T12:00:00+00:00"}`` (a dict of yours that looks
       like one is escaped, so it comes back unchanged);
     * dataclasses and pydantic models as a ``dict`` of their fields, unless their
       class is listed in ``types=``: then as an instance of that class (rebuilt
-      with ``cls(**fields)`` or ``cls.model_validate(fields)``; a dataclass field
+      with ``cls(**fields)`` or ``cls.model_validate(fields, by_name=True)``, so
+      aliased fields come back too; a dataclass field annotated as a tuple is
+      made a tuple again; a dataclass field
       with ``init=False`` is stored too and set back after ``cls(...)``, as a
       frozen dataclass's own ``__init__`` sets its fields). Only listed
       classes are ever built from Redis data, so a Redis writer cannot make a
@@ -156,11 +200,13 @@ class JSONSerializer:
         {'at': datetime.date(2024, 5, 1), 'total': Decimal('9.90')}
     """
 
-    __slots__ = ("_by_name", "_names", "_not_init")
+    __slots__ = ("_by_field", "_by_name", "_names", "_not_init", "_tuples")
 
     def __init__(self, *, types: Iterable[type] = ()) -> None:
         names: dict[type, str] = {}
         not_init: dict[type, frozenset[str]] = {}
+        by_field: dict[type, dict[str, bool]] = {}
+        tuples: dict[type, frozenset[str]] = {}
         for kind in types:
             if not isinstance(kind, type) or not (
                 dataclasses.is_dataclass(kind) or callable(getattr(kind, "model_validate", None))
@@ -168,10 +214,17 @@ class JSONSerializer:
                 msg = f"types must list dataclasses or pydantic model classes, got {kind!r}"
                 raise TypeError(msg)
             names[kind] = _type_name(kind)
-            if dataclasses.is_dataclass(kind) and (later := _not_init_fields(kind)):
-                not_init[kind] = later
+            if dataclasses.is_dataclass(kind):
+                if later := _not_init_fields(kind):
+                    not_init[kind] = later
+                if held := _tuple_fields(kind):
+                    tuples[kind] = held
+            else:
+                by_field[kind] = _by_field_names(kind)
         self._names = names
         self._not_init = not_init
+        self._by_field = by_field
+        self._tuples = tuples
         self._by_name = {name: kind for kind, name in names.items()}
 
     def dumps(self, value: Any, /) -> bytes:
@@ -253,12 +306,21 @@ class JSONSerializer:
             kind = self._by_name.get(raw[0])
             if kind is None:
                 return raw[1]  # a type this process does not list: its fields
-            validate = getattr(kind, "model_validate", None)
-            return validate(raw[1]) if validate is not None else self._build(kind, raw[1])
+            if kind in self._by_field:  # a pydantic model: its fields were stored by name
+                validate = getattr(kind, "model_validate")  # noqa: B009 - typed as a type
+                return validate(raw[1], **self._by_field[kind])
+            return self._build(kind, raw[1])
         return obj
 
     def _build(self, kind: type, fields: dict[str, Any]) -> Any:
-        """``kind(**fields)``, then the ``init=False`` fields set as its ``__init__`` would."""
+        """``kind(**fields)``, then the ``init=False`` fields set as its ``__init__`` would;
+        the fields annotated as tuples made tuples again (JSON wrote lists)."""
+        held = self._tuples.get(kind)
+        if held is not None:
+            fields = {
+                name: tuple(item) if name in held and isinstance(item, list) else item
+                for name, item in fields.items()
+            }
         later = self._not_init.get(kind)
         if later is None:
             return kind(**fields)
