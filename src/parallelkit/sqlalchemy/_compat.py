@@ -24,7 +24,11 @@ these private names, all here:
   (``Conversation -> contact -> Contact -> *``), for the message: it is the
   path of the query that applied the option, also for an object that an earlier
   query of the session had already loaded; ``InstanceState.load_path`` (the
-  path of the query that loaded the object *first*) is only the fallback.
+  path of the query that loaded the object *first*) is only the fallback;
+* ``InstanceState.load_options`` / ``load_path`` and the ``_current_path``
+  compile option, for :func:`carry`: what SQLAlchemy's own lazy loader does so
+  that a statement loading a relationship of an object carries the options of
+  the query that loaded the object (``eager``'s raise guard among them).
 
 Nothing happens at import: the strategy is registered with SQLAlchemy the first
 time :func:`raise_rest` is called (the first ``eager(..., raise_others=True)``),
@@ -48,6 +52,8 @@ __all__ = [
     "ROOT_OPT",
     "OnRaise",
     "available",
+    "carried",
+    "carry",
     "ends_on",
     "path_keys",
     "raise_attr",
@@ -208,6 +214,36 @@ def raise_attr(
     except TypeError:  # pragma: no cover - a future SQLAlchemy without the argument
         return None
     return option
+
+
+def carried(state: Any) -> tuple[tuple[Any, ...], Any]:
+    """The loader options of the query that loaded ``state`` (the ones that propagate to
+    its lazy loads: ``eager``'s among them) and its loader path; ``()`` when none.
+
+    They survive an expiry (a rollback, a commit, ``session.expire``): SQLAlchemy's
+    refresh of the object applies them again, and so must a statement that
+    re-loads it.
+    """
+    return tuple(getattr(state, "load_options", ()) or ()), getattr(state, "load_path", None)
+
+
+def carry(stmt: Any, options: tuple[Any, ...], path: Any, prop: RelationshipProperty[Any]) -> Any:
+    """``stmt`` (loading ``prop``'s target) with ``options`` applied as if at ``path``
+    ``-> prop``: what SQLAlchemy's lazy loader does for the same relationship (so
+    ``eager``'s raise guard and eager loads reach the objects it loads)."""
+    if not options or path is None:
+        return stmt
+    from sqlalchemy.orm import context
+
+    names = ("_ORMCompileState", "ORMCompileState")  # 2.1, 2.0
+    orm: Any = next((c for c in (getattr(context, n, None) for n in names) if c), None)
+    if orm is None:  # pragma: no cover - a future SQLAlchemy: the statement as before
+        return stmt
+    stmt = stmt.options(*options)  # a copy: the cached plan's statement is untouched
+    # a select() never run has Core's compile options; the ORM's take the loader path
+    compile_options = orm.default_compile_options.safe_merge(stmt._compile_options)
+    stmt._compile_options = compile_options + {"_current_path": path[prop]}
+    return stmt
 
 
 def ends_on(path: Any) -> str | None:

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import and_, select
 from sqlalchemy import inspect as sa_inspect
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
 from sqlalchemy.orm import Mapper
 
 from .._core.check import flag
@@ -21,7 +21,7 @@ M = TypeVar("M")
 
 
 async def eager_get(
-    session: AsyncSession,
+    session: AsyncSession | async_scoped_session[Any],
     model: type[M],
     ident: Any,
     /,
@@ -45,7 +45,8 @@ async def eager_get(
       ``eager(..., one=True)``: the whole graph in **one** statement.
 
     Args:
-        session: the ``AsyncSession``.
+        session: the ``AsyncSession``, or an ``async_scoped_session`` (its
+            current scope's session is used, as its proxied methods would).
         model: the mapped class.
         ident: the primary key (a tuple for a composite key, or a dict of the
             primary key attributes, as ``session.get`` takes it).
@@ -58,7 +59,8 @@ async def eager_get(
 
     Raises:
         TypeError, ValueError: what :func:`eager` raises for bad paths or flags;
-            ``TypeError`` when ``session`` is not an ``AsyncSession``.
+            ``TypeError`` when ``session`` is neither an ``AsyncSession`` nor an
+            ``async_scoped_session``.
 
     Example:
         ```python
@@ -67,8 +69,13 @@ async def eager_get(
         ```
     """
     given: object = session
-    if not isinstance(given, AsyncSession):
-        msg = f"session must be an AsyncSession, got {type(session).__name__} {session!r}"
+    if not isinstance(given, (AsyncSession, async_scoped_session)):
+        msg = (
+            "session must be an AsyncSession (or an async_scoped_session), got "
+            f"{type(session).__name__} {session!r}"
+        )
+        if callable(given):  # an async_sessionmaker: a factory, not a session
+            msg += ": call it for a session (async with factory() as session: ...)"
         raise TypeError(msg)
     flag("raise_others", raise_others)  # before the cache: 1 == True would hit it
     if strategies is None and all(isinstance(path, str) for path in paths):
@@ -82,15 +89,17 @@ async def eager_get(
         size = len(mapper.primary_key)
         msg = f"ident must have {size} value(s) for {model.__name__}, got {ident!r}"
         raise ValueError(msg)
-    cached = session.identity_map.get(mapper.identity_key_from_primary_key(key))
+    # an async_scoped_session: its current scope's AsyncSession, what its proxied methods use
+    real: AsyncSession = session() if isinstance(session, async_scoped_session) else session
+    cached = real.identity_map.get(mapper.identity_key_from_primary_key(key))
     if cached is None:
         # not in the session: session.get applies the options (its cached by-key
         # statement, joined collections made unique)
-        return await session.get(model, key, options=options)
+        return await real.get(model, key, options=options)
     if isinstance(cached, model) and _loaded(cached, tree):
         return cached
     where = and_(*(column == value for column, value in zip(mapper.primary_key, key, strict=True)))
-    result = await session.execute(select(model).where(where).options(*options))
+    result = await real.execute(select(model).where(where).options(*options))
     found: M | None = result.unique().scalar_one_or_none()
     return found
 

@@ -9,7 +9,7 @@ from enum import Enum
 from typing import Any, TypeVar
 
 from sqlalchemy import BigInteger, Integer, SmallInteger, select, tuple_
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
 from sqlalchemy.orm.interfaces import ORMOption
 
 from .._batch.loader import BatchLoader
@@ -53,7 +53,8 @@ def loader_by_id(
     ``options=eager(Contact, "company")``; anything else raises on access.
 
     Args:
-        session_factory: an ``async_sessionmaker``.
+        session_factory: an ``async_sessionmaker`` (for an ``async_scoped_session``,
+            its ``session_factory``: the scope's own session is left alone).
         model: the mapped class; a composite primary key takes tuples as keys.
         options: loader options for the query (``eager(...)``, ``load_only(...)``).
         max_batch: the most keys per batch; one batch is one query, or several when the
@@ -76,6 +77,10 @@ def loader_by_id(
         ```
     """
     callable_("session_factory", session_factory, what="callable (an async_sessionmaker)")
+    if isinstance(session_factory, async_scoped_session):
+        # calling it gives the scope's one session (the caller's), which a batch would
+        # close: each batch gets a session of its own from the factory behind it
+        session_factory = session_factory.session_factory
     max_batch = count("max_batch", max_batch)
     flag("cache", cache)
     mapper = _mapper(model)

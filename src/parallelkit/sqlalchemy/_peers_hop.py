@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sqlalchemy import Select, and_, inspect, select, tuple_
@@ -28,6 +28,7 @@ from sqlalchemy.orm import MANYTOONE, InstanceState, Mapper, RelationshipPropert
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlalchemy.orm.exc import UnmappedColumnError
 
+from ._compat import carried, carry
 from ._peers_group import keys_per_statement
 
 __all__ = ["Plan", "load_hop", "pending", "plan"]
@@ -171,6 +172,11 @@ def load_hop(
     """Load ``step.prop`` for every state: one statement per ``chunk_size`` keys (fewer
     when the database caps a statement's bound parameters lower: :func:`keys_per_statement`).
 
+    The statements carry the loader options of the query that loaded the states,
+    as SQLAlchemy's lazy loader does: ``eager``'s raise guard (and eager loads) reach
+    the targets, also when the hop re-loads them after a rollback or a commit
+    expired them. States loaded with different options get statements of their own.
+
     Returns, when ``want`` is one of ``states``, a frozen result with only
     ``want``'s rows, the target entity in the first column: what a lazy loader's
     ``result.unique().scalars()`` reads.
@@ -178,6 +184,40 @@ def load_hop(
     if not states:
         return None
     dialect = session.get_bind(mapper=step.prop.parent).dialect.name
+    parts: dict[tuple[Any, ...], tuple[tuple[Any, ...], Any, list[InstanceState[Any]]]] = {}
+    seen: dict[tuple[int, int], list[InstanceState[Any]]] = {}  # the rows of one query share both
+    for state in states:
+        mine = seen.get((id(state.load_options), id(state.load_path)))
+        if mine is None:
+            options, path = carried(state)
+            # equal options (a hop's chunks each made a tuple of the same ones), one path
+            key = (*map(id, options), path.path if options and path is not None else None)
+            part = parts.get(key)
+            if part is None:
+                part = parts[key] = (options, path, [])
+            mine = seen[id(state.load_options), id(state.load_path)] = part[2]
+        mine.append(state)
+    answer: FrozenResult[Any] | None = None
+    for options, path, part_states in parts.values():
+        here = step
+        if options:
+            direct = step.direct
+            if direct is not None:
+                direct = carry(direct, options, path, step.prop)
+            joined = carry(step.joined, options, path, step.prop)
+            here = replace(step, direct=direct, joined=joined)
+        answer = _hop(session, dialect, part_states, here, chunk_size, want) or answer
+    return answer
+
+
+def _hop(
+    session: Session,
+    dialect: str,
+    states: Sequence[InstanceState[Any]],
+    step: Plan,
+    chunk_size: int,
+    want: InstanceState[Any] | None,
+) -> FrozenResult[Any] | None:
     if step.direct is not None and step.fk_keys is not None:
         by_fk: dict[tuple[Any, ...], list[InstanceState[Any]]] = {}
         rest: list[InstanceState[Any]] = []

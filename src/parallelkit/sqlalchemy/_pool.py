@@ -25,8 +25,14 @@ from __future__ import annotations
 import weakref
 
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_scoped_session,
+    async_sessionmaker,
+)
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
 from sqlalchemy.pool import NullPool, QueuePool
 
 from ._pool_slots import LentSlot as LentSlot
@@ -39,7 +45,8 @@ _limiters: weakref.WeakKeyDictionary[Engine, PoolLimiter] = weakref.WeakKeyDicti
 
 
 def engine_of(target: object) -> Engine | None:
-    """The sync ``Engine`` behind an engine, connection, session or session factory."""
+    """The sync ``Engine`` behind an engine, connection, session or session factory
+    (a ``scoped_session`` / ``async_scoped_session`` too: its ``session_factory``)."""
     if isinstance(target, Engine):
         return target
     if isinstance(target, AsyncEngine):
@@ -50,6 +57,8 @@ def engine_of(target: object) -> Engine | None:
         return engine_of(target.kw.get("bind"))
     if isinstance(target, (AsyncSession, Session)):
         return engine_of(target.bind)
+    if isinstance(target, (async_scoped_session, scoped_session)):
+        return engine_of(target.session_factory)  # the factory its sessions come from
     return None
 
 
@@ -73,8 +82,8 @@ def pool_limiter(target: object, /) -> PoolLimiter:
     for a single-connection pool (``StaticPool``), no bound for ``NullPool``.
 
     Args:
-        target: an ``AsyncEngine`` / ``Engine``, a connection, a session or a
-            session factory bound to one engine.
+        target: an ``AsyncEngine`` / ``Engine``, a connection, a session, a
+            session factory or a scoped session bound to one engine.
 
     Returns:
         The engine's :class:`PoolLimiter`.
@@ -97,5 +106,13 @@ def pool_limiter(target: object, /) -> PoolLimiter:
         raise TypeError(msg)
     limiter = _limiters.get(engine)
     if limiter is None:
-        limiter = _limiters.setdefault(engine, PoolLimiter(_size(engine)))
+        limiter = _limiters.setdefault(engine, _sharing(engine) or PoolLimiter(_size(engine)))
     return limiter
+
+
+def _sharing(engine: Engine) -> PoolLimiter | None:
+    """The limiter of an engine with the same pool: ``engine.execution_options(...)``
+    is another ``Engine`` object over its parent's pool (now and after a ``dispose()``),
+    so it gets the parent's limiter, never a second bound over the same connections."""
+    pool = engine.pool
+    return next((lim for other, lim in list(_limiters.items()) if other.pool is pool), None)

@@ -22,8 +22,14 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_scoped_session,
+    async_sessionmaker,
+)
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
 from typing_extensions import Self, final
 
 from .._core.check import count
@@ -59,6 +65,8 @@ def _targets(target: object, who: str = "count_queries()") -> Engine | Connectio
         return target.sync_connection or target.sync_engine
     if isinstance(target, AsyncSession):
         target = target.sync_session
+    if isinstance(target, (scoped_session, async_scoped_session)):
+        target = target.session_factory  # the factory its sessions come from (no session made)
     if isinstance(target, (sessionmaker, async_sessionmaker)):
         bind = target.kw.get("bind")
         if bind is None:
@@ -78,8 +86,8 @@ def _targets(target: object, who: str = "count_queries()") -> Engine | Connectio
         )
         raise TypeError(msg)
     msg = (
-        f"{who} target must be an Engine, Connection, Session, sessionmaker or their "
-        f"async counterparts, got {type(target).__name__} {target!r}"
+        f"{who} target must be an Engine, Connection, Session, sessionmaker, scoped_session "
+        f"or their async counterparts, got {type(target).__name__} {target!r}"
     )
     raise TypeError(msg)
 

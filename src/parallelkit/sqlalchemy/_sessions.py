@@ -33,7 +33,7 @@ import anyio
 from greenlet import getcurrent, greenlet
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
 from sqlalchemy.orm import ORMExecuteState, Session
 from typing_extensions import final
 
@@ -342,7 +342,8 @@ async def parallel(
 
     Args:
         session_factory: an ``async_sessionmaker`` (or any callable returning an
-            ``AsyncSession``).
+            ``AsyncSession``). For an ``async_scoped_session``, the sessions come
+            from its ``session_factory``: its scope's session stays the caller's.
         *fns: async functions taking the session.
         limit: most sessions open at once; ``None`` means the engine's
             process-wide :func:`pool_limiter` (shared with every other request
@@ -377,6 +378,10 @@ async def parallel(
         ```
     """
     callable_("session_factory", session_factory, what="callable (an async_sessionmaker)")
+    if isinstance(session_factory, async_scoped_session):
+        # calling it gives the scope's one session (the caller's, in use), every time:
+        # each function gets a session of its own from the factory behind it
+        session_factory = session_factory.session_factory
     for index, fn in enumerate(fns):
         callable_(f"fns[{index}]", fn, what="an async function of the session")
     flag("settle", settle)
