@@ -10,7 +10,9 @@ Every entry lives through three windows, measured from the end of its load:
 
 The hit path (:mod:`parallelkit._cache.front`) does no task, lock, event or
 datetime work: one key tuple, one local store lookup, one clock read, one
-comparison. Everything else is :mod:`parallelkit._cache.loads`. Storage is behind the
+chained comparison (``loaded_at <= now < fresh_until``: an entry stamped after
+``now``, by a clock that stepped back, is served as stale, never fresh for the
+size of the step). Everything else is :mod:`parallelkit._cache.loads`. Storage is behind the
 :class:`~parallelkit.Store` protocol (:mod:`parallelkit._cache.store`); writes of
 one key are ordered (:mod:`parallelkit._cache.writes`) so that an invalidation
 always wins.
@@ -44,7 +46,7 @@ from .._core.check import (
 from .._core.owned import OwnedTaskGroup
 from .cached import CachedFunction, decorate
 from .front import Front, Thunk, check_key
-from .loads import ErrorCallback, Loads, log_refresh_error
+from .loads import ErrorCallback, Loads
 from .stats import CacheStats, store_counter
 from .store import MemoryStore, Store
 
@@ -118,7 +120,9 @@ class SWRCache:
     consecutive failure, up to ``max_backoff``). A failed *miss* load raises to
     its callers and is not cached, unless ``error_ttl`` is set; so does a failed
     refresh that misses joined (the stale window ran out while it was running):
-    those callers receive the error, so it is not logged as well. What the cache
+    those callers receive the error, so it is not logged as well. A load whose
+    value the store then fails to write still answers its callers (uncached);
+    that error is counted in ``store_errors`` and handed to ``on_error``. What the cache
     remembers about failures is bounded by ``maxsize`` keys (least recently
     used forgotten first), like the entries.
 
@@ -146,15 +150,18 @@ class SWRCache:
         backoff: seconds before retrying a key whose refresh failed (doubles on
             each consecutive failure).
         max_backoff: the cap for that wait (at least ``backoff``).
-        on_error: ``on_error(key, exc)`` for every failed refresh that no caller
-            received; default: a warning on the ``parallelkit.cache`` logger with
-            the key. (On asyncio, a ``CancelledError`` the loader raised by itself,
-            having awaited a future cancelled elsewhere, is a failed load too.)
+        on_error: ``on_error(key, exc)`` for every error no caller received: a
+            failed refresh, and a store write that failed after a successful load
+            (its callers got the value; counted in ``store_errors``); default: a
+            warning on the ``parallelkit.cache`` logger with the key. (On asyncio,
+            a ``CancelledError`` the loader raised by itself, having awaited a
+            future cancelled elsewhere, is a failed load too.)
         clock: a zero-argument function returning seconds. Default: the store's
             ``clock`` if it has one, else :func:`time.monotonic`, which is what
             ``anyio.current_time()`` returns on asyncio but costs 0.05 µs instead
             of 0.45 µs per hit. Pass ``anyio.current_time`` to follow trio's
-            ``MockClock``, or any fake clock in tests.
+            ``MockClock``, or any fake clock in tests. An entry stamped after
+            ``now`` (the clock stepped back) is served as stale and refreshed.
 
     Raises:
         ValueError: a window, size or option out of range (the message names it).
@@ -236,7 +243,7 @@ class SWRCache:
             error_ttl=error_ttl,
             backoff=backoff,
             max_backoff=max_backoff,
-            on_error=on_error or log_refresh_error,
+            on_error=on_error,
             clock_given=clock is not None,
         )
         self._loads.use(store if store is not None else MemoryStore(maxsize))
@@ -310,7 +317,7 @@ class SWRCache:
             refresh_errors=loads.refresh_errors,
             load_errors=loads.load_errors,
             evictions=store_counter(loads.store, "evictions"),
-            store_errors=store_counter(loads.store, "errors"),
+            store_errors=store_counter(loads.store, "errors") + loads.store_errors,
             hit_rate=served / total if total else 0.0,
         )
 
@@ -354,7 +361,7 @@ class SWRCache:
         except TypeError:
             check_key(key)  # an unhashable key: say so
             raise
-        if entry is not None and front.clock() < entry.fresh_until:
+        if entry is not None and entry.loaded_at <= front.clock() < entry.fresh_until:
             front.hits += 1
             value: V = entry.value
             return value

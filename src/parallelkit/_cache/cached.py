@@ -8,7 +8,7 @@ it is, in effect::
     async def get_conversation(conversation_id, deep=False):
         key = ("module.get_conversation", conversation_id, deep)
         entry = front.peek(key)
-        if entry is not None and front.clock() < entry.fresh_until:
+        if entry is not None and entry.loaded_at <= front.clock() < entry.fresh_until:
             front.hits += 1
             return entry.value
         return await front.slow(key, partial(fn, conversation_id, deep))
@@ -105,7 +105,7 @@ def {p}make({p}name, {p}front, {p}fn, {p}key_fn, {p}sorted, {p}partial, {p}check
         except TypeError:
             {p}check({p}key, *{p}what)  # an unhashable argument: say which
             raise
-        if {p}entry is not None and {p}front.clock() < {p}entry.fresh_until:
+        if {p}entry is not None and {p}entry.loaded_at <= {p}front.clock() < {p}entry.fresh_until:
             {p}front.hits += 1
             return {p}entry.value
         return await {p}front.slow({p}key, {p}partial({p}fn, {forward}))
@@ -217,25 +217,53 @@ def _compile(
 
 
 # ------------------------------------------------------------------------ wrappers
+def _class_lost(qualname: str) -> TypeError:
+    """The error for ``Cls.method.key`` / ``.invalidate`` that reached the function
+    without its class (``@classmethod`` above ``@cache.cached`` on Python 3.13+)."""
+    msg = (
+        f"{qualname}.key/.invalidate were called without the class: `@classmethod` "
+        "written above `@cache.cached` no longer passes it to them (Python 3.13 stopped "
+        "binding what a classmethod wraps), so they would name another key. Write "
+        "@cache.cached above @classmethod (works on every Python), or pass the class "
+        "first: Cls.method.invalidate(Cls, ...)"
+    )
+    return TypeError(msg)
+
+
 @final
 class _CachedMethod:
     """A cached function defined in a class body: binds like a method."""
 
     def __init__(
-        self, call: Callable[..., Coroutine[Any, Any, Any]], key: KeyFunction, front: Front
+        self,
+        call: Callable[..., Coroutine[Any, Any, Any]],
+        key: KeyFunction,
+        front: Front,
+        cls_param: str | None = None,
     ) -> None:
         self._call = call
         self._key = key
         self._front = front
+        # the first parameter's name when it is ``cls`` (a class method in the
+        # making): key/invalidate reached without a class are refused (_class_lost)
+        self._cls_param = cls_param
 
     def __call__(self, *args: Any, **kwargs: Any) -> Coroutine[Any, Any, Any]:
         return self._call(*args, **kwargs)
 
-    def key(self, *args: Any, **kwargs: Any) -> Hashable:
+    def _unbound_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Hashable:
+        """The key of a call through the class (``self`` / ``cls`` given first)."""
+        if self._cls_param is not None:
+            first = args[0] if args else kwargs.get(self._cls_param)
+            if not isinstance(first, type):
+                raise _class_lost(getattr(self, "__qualname__", "the method"))
         return self._key(*args, **kwargs)
 
+    def key(self, *args: Any, **kwargs: Any) -> Hashable:
+        return self._unbound_key(args, kwargs)
+
     async def invalidate(self, *args: Any, **kwargs: Any) -> None:
-        await self._front.invalidate(self._key(*args, **kwargs))
+        await self._front.invalidate(self._unbound_key(args, kwargs))
 
     def __get__(self, instance: object, owner: type[Any] | None = None) -> Any:
         if instance is None:
@@ -329,7 +357,9 @@ def decorate(
     name = _name(fn) if key is not None else front.names.claim(_name(fn), fn)
     call, make_key = _compile(fn, name, front, user_key=key, ignore=ignore)
     if on_class or _in_class_body(fn):
-        method = _CachedMethod(call, make_key, front)
+        first = next(iter(inspect.signature(fn).parameters), None)
+        lost = "cls" if first == "cls" and not on_class else None
+        method = _CachedMethod(call, make_key, front, lost)
         functools.update_wrapper(method, fn)
         if on_class:
             bound = _CachedClassMethod(method)

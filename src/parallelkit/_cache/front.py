@@ -8,18 +8,21 @@ read one :class:`Front`, which the cache owns and keeps current (a late
 decorated function follows). A hit is::
 
     entry = front.peek(key)                                   # the store's local answer
-    if entry is not None and front.clock() < entry.fresh_until:
+    if entry is not None and entry.loaded_at <= front.clock() < entry.fresh_until:
         front.hits += 1
         return entry.value
     return await front.slow(key, thunk)                       # stale, miss, or ask the store
 
-No task, lock, event, allocation beyond the key, or datetime. Everything else
+No task, lock, event, allocation beyond the key, or datetime. The chained
+comparison also refuses an entry stamped after ``now`` (a clock that stepped
+back): the slow path serves it as stale rather than fresh for the size of the step. Everything else
 (a stale hit's refresh, a miss's single flight, a store without a local answer)
 is the cache's ``slow`` path.
 """
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
@@ -28,7 +31,7 @@ from typing_extensions import final
 from .names import Names
 from .store import CacheEntry
 
-__all__ = ["Front", "Thunk", "check_key", "no_local_answer"]
+__all__ = ["Front", "Thunk", "check_key", "no_local_answer", "short_repr"]
 
 Thunk = Callable[[], Awaitable[Any]]
 """A load with its arguments bound: ``await thunk()`` loads the value of one key."""
@@ -37,6 +40,16 @@ Thunk = Callable[[], Awaitable[Any]]
 def no_local_answer(key: Hashable) -> CacheEntry[Any] | None:
     """The ``peek`` of a store that has none: every call asks the store (``get``)."""
     return None
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 200
+_REPR.maxtuple = _REPR.maxlist = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 20
+
+
+def short_repr(key: object) -> str:
+    """``repr(key)`` for a message or a log line, cut short (a key may be huge)."""
+    return _REPR.repr(key)
 
 
 def _unhashable_part(key: object) -> object:
@@ -60,7 +73,7 @@ def check_key(key: object, what: str = "key must be hashable", hint: str = "") -
         hash(key)
     except TypeError:
         part = _unhashable_part(key)
-        msg = f"{what}, got {type(part).__name__} {part!r}{hint}"
+        msg = f"{what}, got {type(part).__name__} {short_repr(part)}{hint}"
         raise TypeError(msg) from None
 
 

@@ -34,8 +34,9 @@ import cachetools
 from typing_extensions import final
 
 from .._core.owned import OwnedTaskGroup, detached
-from .front import Front, Thunk, check_key, no_local_answer
+from .front import Front, Thunk, check_key, no_local_answer, short_repr
 from .singleflight import Flight
+from .stats import store_counter
 from .store import (
     CacheEntry,
     LoadStart,
@@ -60,9 +61,14 @@ class _Failure(NamedTuple):
     """What the cache remembers about a key whose load failed."""
 
     failures: int  # consecutive failed refreshes (0: a failed miss load, kept for error_ttl)
+    since: float  # when it was recorded: a record after ``now`` (the clock stepped back) is void
     until: float  # no refresh before then / the error is re-raised until then
     error: BaseException | None  # the failed miss load's error (error_ttl), else None
     traceback: TracebackType | None = None  # that error's, as its load raised it
+
+    def holds(self, now: float) -> bool:
+        """Whether it still applies at ``now`` (never longer for a clock stepping back)."""
+        return self.since <= now < self.until
 
 
 def _not_awaitable(thunk: Thunk, result: object) -> TypeError:
@@ -88,7 +94,18 @@ def _coroutine_value(what: str, value: object) -> TypeError:
 
 def log_refresh_error(key: Hashable, exc: Exception) -> None:
     """The default ``on_error``: log the failure with the key."""
-    logger.warning("SWRCache: refreshing %r failed; serving the stale value", key, exc_info=exc)
+    logger.warning(
+        "SWRCache: refreshing %s failed; serving the stale value", short_repr(key), exc_info=exc
+    )
+
+
+def log_store_error(key: Hashable, exc: Exception) -> None:
+    """The default ``on_error`` for a store write that failed after a good load."""
+    logger.warning(
+        "SWRCache: the store failed to write %s; its loaded value was returned, not cached",
+        short_repr(key),
+        exc_info=exc,
+    )
 
 
 @final
@@ -108,6 +125,7 @@ class Loads:
         "_load_lock",
         "_max_backoff",
         "_on_error",
+        "_on_store_error",
         "_owner",
         "_stale",
         "_warned",
@@ -120,6 +138,7 @@ class Loads:
         "refreshes",
         "stale_hits",
         "store",
+        "store_errors",
         "writes",
     )
 
@@ -136,7 +155,7 @@ class Loads:
         error_ttl: float | None,
         backoff: float,
         max_backoff: float,
-        on_error: ErrorCallback,
+        on_error: ErrorCallback | None,
         clock_given: bool,
     ) -> None:
         self._front = front
@@ -146,14 +165,15 @@ class Loads:
         self._cache_none = cache_none
         self._error_ttl = error_ttl
         self._backoff, self._max_backoff = backoff, max_backoff
-        self._on_error = on_error
+        self._on_error = on_error or log_refresh_error
+        self._on_store_error = on_error or log_store_error
         self._clock_given = clock_given
         self._warned = False
         self._failed: cachetools.LRUCache[Hashable, _Failure] = cachetools.LRUCache(maxsize)
         self.flights: dict[Hashable, Flight] = {}
         self.writes = KeyedWrites()
         self.stale_hits = self.misses = self.loads = self.refreshes = 0
-        self.refresh_errors = self.load_errors = 0
+        self.refresh_errors = self.load_errors = self.store_errors = 0
 
     def use(self, store: Store) -> None:
         """Read ``store``'s capabilities (see :mod:`parallelkit._cache.store`)."""
@@ -228,6 +248,11 @@ class Loads:
             entry = await self.store.get(key)
         if entry is not None:
             now = front.clock()
+            if now < entry.loaded_at:
+                # stamped after now: the clock stepped back (or a replica's runs ahead).
+                # Its age is unknown: serve it as stale (one refresh stamps it anew),
+                # never fresh for the size of the step
+                return await self._stale_hit(key, entry, thunk, now)
             if now < entry.fresh_until:
                 front.hits += 1
                 return entry.value
@@ -242,7 +267,7 @@ class Loads:
         if key in self.flights:
             return entry.value  # a refresh (or load) is already running
         failed = self._failed.get(key)
-        if failed is not None and failed.error is None and now < failed.until:
+        if failed is not None and failed.error is None and failed.holds(now):
             return entry.value  # backing off after a failed refresh
         tg = self._owner.tg
         if tg is None and not self._warned:
@@ -268,7 +293,7 @@ class Loads:
         self.misses += 1
         failed = self._failed.get(key)
         if failed is not None:
-            if failed.error is not None and self._front.clock() < failed.until:
+            if failed.error is not None and failed.holds(self._front.clock()):
                 # error_ttl: remembered failure (its traceback as the load left it: a
                 # raise adds to it, and this object is raised again and again)
                 raise failed.error.with_traceback(failed.traceback)
@@ -315,7 +340,7 @@ class Loads:
                 entry, token = start.entry, start.token
             else:
                 entry, token = await self.store.get(key), _ASK
-            if entry is not None and self._front.clock() < entry.fresh_until:
+            if entry is not None and entry.loaded_at <= self._front.clock() < entry.fresh_until:
                 return entry.value  # another process loaded it while we waited
             return await self._fetch(key, thunk, flight, token)
 
@@ -344,10 +369,19 @@ class Loads:
         try:
             if flight.valid:  # not superseded while loading, nor while waiting for the turn
                 entry, ttl = self.entry(value)
-                if conditional is None:
-                    await self.store.set(key, entry, ttl=ttl)
-                else:
-                    await conditional.set_if_unchanged(key, entry, ttl=ttl, token=token)
+                counted = store_counter(self.store, "errors")
+                try:
+                    if conditional is None:
+                        await self.store.set(key, entry, ttl=ttl)
+                    else:
+                        await conditional.set_if_unchanged(key, entry, ttl=ttl, token=token)
+                except (TypeError, ValueError):
+                    # the value itself cannot be stored (a serializer's SerializationError):
+                    # a bug in the caller's data, the same on every call, not an outage of
+                    # the store: raised to its callers, as a load error
+                    raise
+                except Exception as exc:  # the load succeeded: its callers get the value
+                    self._write_failed(key, flight, exc, counted)
         finally:
             self.writes.release(key)
         return value
@@ -358,9 +392,25 @@ class Loads:
         await self.writes.acquire(key)
         try:
             if flight.valid:
-                await self.store.delete(key)
+                counted = store_counter(self.store, "errors")
+                try:
+                    await self.store.delete(key)
+                except Exception as exc:  # the refresh itself succeeded (with None)
+                    self._write_failed(key, flight, exc, counted)
         finally:
             self.writes.release(key)
+
+    def _write_failed(self, key: Hashable, flight: Flight, error: Exception, counted: int) -> None:
+        """A store write after a successful load failed: the callers get the loaded
+        value, so the error reaches no one; count it and report it (once).
+
+        ``counted``: the store's own ``errors`` before the write. A store that
+        counted this failure itself (``RedisStore(strict=True)``) is not counted twice.
+        """
+        if store_counter(self.store, "errors") == counted:
+            self.store_errors += 1
+        flight.unstored = True  # a refresh backs off (_finish): the store is likely down
+        self._report(key, error, self._on_store_error)
 
     def _finish(self, key: Hashable, flight: Flight) -> None:
         """A flight ended: forget it, and remember (bounded) how it failed."""
@@ -369,31 +419,44 @@ class Loads:
         error = flight.error
         if error is None:
             if flight.ok and flight.valid:
-                self._failed.pop(key, None)
+                if flight.unstored and flight.refresh:
+                    self._back_off(key)  # reported as a store error already
+                else:
+                    self._failed.pop(key, None)
             return
         if not flight.refresh or flight.waiters:
             # callers receive it (a miss, or misses that joined a refresh): theirs, not logged
             self.load_errors += 1
             if self._error_ttl is not None and flight.valid:
-                until = self._front.clock() + self._error_ttl
-                self._failed[key] = _Failure(0, until, error, flight.traceback)
+                now = self._front.clock()
+                self._failed[key] = _Failure(0, now, now + self._error_ttl, error, flight.traceback)
             return
         self.refresh_errors += 1
+        if flight.valid:
+            self._back_off(key)
+        # an Exception, or (asyncio) a CancelledError the loader raised by itself
+        self._report(key, cast("Exception", error), self._on_error)
+
+    def _back_off(self, key: Hashable) -> None:
+        """One more consecutive failed refresh of ``key``: no refresh for a while."""
         before = self._failed.get(key)
-        failures = (before.failures if before is not None else 0) + 1
+        failures = (before.failures if before is not None and before.error is None else 0) + 1
         try:
             delay = min(self._backoff * 2 ** (failures - 1), self._max_backoff)
         except OverflowError:  # 2 ** 1024 and up is no float: far past any cap
             delay = self._max_backoff
-        if flight.valid:
-            self._failed[key] = _Failure(failures, self._front.clock() + delay, None)
+        now = self._front.clock()
+        self._failed[key] = _Failure(failures, now, now + delay, None)
+
+    @staticmethod
+    def _report(key: Hashable, error: Exception, callback: ErrorCallback) -> None:
+        """Hand an error no caller received to ``callback`` (``on_error``)."""
         try:
-            # an Exception, or (asyncio) a CancelledError the loader raised by itself
-            self._on_error(key, cast("Exception", error))
+            callback(key, error)
         except Exception as failure:
-            if failure.__context__ is None:  # the refresh error reached no one else: show it
+            if failure.__context__ is None:  # the error reached no one else: show it
                 failure.__context__ = error
-            logger.exception("SWRCache: on_error raised for key %r", key)
+            logger.exception("SWRCache: on_error raised for key %s", short_repr(key))
 
     def __repr__(self) -> str:
         return f"<Loads in_flight={len(self.flights)} failures_kept={len(self._failed)}>"

@@ -61,6 +61,7 @@ class Flight:
         "ok",
         "refresh",
         "traceback",
+        "unstored",
         "valid",
         "value",
         "waiters",
@@ -73,6 +74,7 @@ class Flight:
         self._owned: anyio.CancelScope | None = None  # start_in(): cancelled when abandoned
         self.refresh = refresh  # a background refresh (stale-if-error applies)
         self.valid = True  # False once invalidated: the result must not be stored
+        self.unstored = False  # loaded fine, but the store write failed (a store error)
         self.waiters = 0  # callers waiting, the leader excluded
         self.finished = False
         self.ok = False

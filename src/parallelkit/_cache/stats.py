@@ -28,7 +28,9 @@ class CacheStats:
             exception, so it is neither logged nor handed to ``on_error``).
         evictions: entries the store dropped for room (``MemoryStore``: LRU).
         store_errors: errors the store absorbed on its own (its ``errors``
-            attribute, e.g. ``RedisStore`` degrading during an outage); 0 if none.
+            attribute, e.g. ``RedisStore`` degrading during an outage), plus store
+            writes that raised after a successful load (the callers got the value,
+            not cached; each handed to ``on_error``), each counted once.
         hit_rate: ``(hits + stale_hits) / (hits + stale_hits + misses)``, 0.0 if idle.
     """
 

@@ -28,6 +28,11 @@ key never overlap in one process (a ``delete`` waits for a ``set`` of that key s
 in flight), so an invalidation is never undone by a slow write that started before
 it. A store needs no locking of its own for that.
 
+A ``set`` (or ``set_if_unchanged``) that raises after a successful load does not
+fail the load: its callers get the value, uncached, and the cache counts the
+error in :attr:`CacheStats.store_errors` and hands it to ``on_error``. Errors of
+``get``, ``delete`` and ``clear`` called for a user's call reach that caller.
+
 Optional capabilities, detected when the cache is built (or :meth:`~SWRCache.bind`
 is called):
 
