@@ -458,8 +458,12 @@ def _host_problem(host: str) -> bool:
 def _statuses(status: object) -> Collection[int]:
     """The accepted status codes: an int (a NumPy one too) or a non-empty collection."""
     if not isinstance(status, (bool, str, bytes)):
-        with contextlib.suppress(TypeError):  # an int, a NumPy int, a 0-d array of one
-            return (_status("status", operator.index(status)),)  # type: ignore[arg-type]
+        try:  # an int, a NumPy int, a 0-d array of one
+            operator.index(status)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+        else:  # named as the user wrote it in an error
+            return (_status("status", status),)
         if isinstance(status, Collection):
             codes = list(status)  # len(), never truth: a NumPy array has no truth value
             if codes:
