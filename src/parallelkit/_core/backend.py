@@ -74,10 +74,13 @@ def is_foreign_cancellation(exc: BaseException) -> bool:
     ``asyncio.current_task()`` on a lost connection, a watchdog holding the task)
     while no anyio scope around the task was cancelled.
 
-    Asked only in a worker task a pool started (never in its caller's, which anyone
-    may cancel, ``asyncio.wait_for`` say): there such a cancellation is that item's
-    failure, not the pool's end; let through, the task group would take it for a
-    cancellation and end the pool quietly, results missing. Always ``False`` on trio.
+    Asked only in tasks parallelkit started itself (never in a caller's, which anyone
+    may cancel, ``asyncio.wait_for`` say): in a pool's worker task, where such a
+    cancellation is that item's failure, not the pool's end (let through, the task
+    group would take it for a cancellation and end the pool quietly, results
+    missing); and in an orchestrator's service task, where it is the event loop
+    cancelling every task (``asyncio.run`` at exit, a server's force quit): the
+    service tears down in its turn, not a crash. Always ``False`` on trio.
     """
     if not isinstance(exc, asyncio.CancelledError):
         return False

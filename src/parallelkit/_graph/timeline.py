@@ -44,10 +44,18 @@ class Span:
             mode: a dependency failed, so it never ran; ``start == end``). An
             orchestrator's ``"stop"`` span says ``"error"`` when the tear-down
             raised and ``"cancelled"`` when its ``stop_timeout`` (or a forced
-            stop) cut it short; the shutdown went on either way.
+            stop) cut it short; the shutdown went on either way. A service that
+            crashed while running was torn down when it crashed: its ``"stop"``
+            span says ``"error"`` (the crash recorded on its trace span), or
+            ``"cancelled"`` when its ``stop_timeout`` cut that tear-down short. A
+            service that reached its ``yield`` but did not become ready has a
+            ``"stop"`` span too (its status by how its tear-down ended); one that
+            failed before its ``yield`` has none. A ``"ready"`` span whose probe
+            failed (raised or timed out) says ``"error"``.
         waited_for: the names it depended on.
         kind: what the span measures: ``"step"`` for a flow step; the
-            orchestrator records ``"start"`` (set-up until ready) and ``"stop"``.
+            orchestrator records ``"start"`` (set-up until ready), ``"ready"``
+            (the readiness wait of a service with a probe) and ``"stop"``.
     """
 
     name: str

@@ -141,7 +141,8 @@ class Running:
     Attributes:
         timeline: the shared :class:`~parallelkit.Timeline`: one ``"start"`` span
             per service (set-up until ready, ``waited_for`` its dependencies), one
-            ``"ready"`` span per service with a probe (its readiness wait) and,
+            ``"ready"`` span per service with a probe (its readiness wait; ``"error"``
+            when the probe failed) and,
             after shutdown, one ``"stop"`` span each.
         failed: non-critical services that failed to start: name -> exception.
         skipped: services not started because a non-critical dependency failed:

@@ -21,7 +21,7 @@ import anyio
 from anyio.abc import TaskStatus
 from typing_extensions import final
 
-from .._core.backend import is_failure, is_stray_cancellation
+from .._core.backend import is_failure, is_foreign_cancellation, is_stray_cancellation
 from .._core.errors import ProcessError
 from .._core.retry import to_retrying
 from ..probes import Probe
@@ -82,12 +82,14 @@ class ServiceHost:
         "_scope",
         "_stop",
         "crash",
+        "dependents",
         "forced",
         "kwargs",
         "on_crash",
         "on_crashing",
         "on_failing",
         "on_ready",
+        "on_unready",
         "setup_done_at",
         "spec",
         "state",
@@ -107,6 +109,7 @@ class ServiceHost:
         on_ready: Callable[[ServiceHost], None] = lambda host: None,
         on_crashing: Callable[[ServiceHost], None] = lambda host: None,
         on_failing: Callable[[ServiceHost], None] = lambda host: None,
+        on_unready: Callable[[ServiceHost, Exception], None] = lambda host, exc: None,
     ) -> None:
         self.spec = spec
         self.kwargs = kwargs
@@ -114,6 +117,9 @@ class ServiceHost:
         self.on_ready = on_ready
         self.on_crashing = on_crashing
         self.on_failing = on_failing
+        self.on_unready = on_unready
+        # the hosts of the services that depend on this one (set by the orchestrator)
+        self.dependents: Callable[[], list[ServiceHost]] = list
         self.state: ServiceState = "pending"
         self.value: Any = None
         self.crash: BaseException | None = None
@@ -172,6 +178,14 @@ class ServiceHost:
             if kill:
                 self.value.send_signal(signal.SIGKILL)
         self._scope.cancel()
+
+    async def _turn(self) -> None:
+        """Until this service's turn to stop: asked to, or everything on it stopped."""
+        for dependent in self.dependents():
+            if self._stop.is_set():
+                return
+            if dependent.state != "pending":  # (a start given up before it ran: none)
+                await dependent.stopped.wait()
 
     # -- the lifetime ----------------------------------------------------------------
     async def run(self, *, task_status: TaskStatus[Any] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -269,16 +283,24 @@ class ServiceHost:
                 raise TimeoutError(msg) from exc
         except BaseException as exc:
             if isinstance(exc, Exception):
+                self.on_unready(self, exc)  # its "ready" span: "error", the wait measured
                 # the start failed: torn down once the orchestrator knows (run), or before
                 # the wait for the next attempt (_retry_after)
                 self._failed_attempt = (stack, scope)
                 raise
-            if spec.retry is None:
+            # asyncio: a Task.cancel() of this task (the event loop cancelling every task)
+            # is a cancellation from outside, whatever its scopes say (asked before any await)
+            foreign = is_foreign_cancellation(exc)
+            if spec.retry is None and not foreign:
                 # a cancellation: from outside (then the start is being cancelled, and
                 # saying so changes nothing), or its own task group failed, whose error
                 # comes out of the tear-down: the start fails, said before that
                 self.on_failing(self)
-            failure = self._failure(exc, await self._close(stack, scope))
+            teardown = await self._close(stack, scope)
+            if foreign:
+                self.teardown_error = teardown
+                raise
+            failure = self._failure(exc, teardown)
             if failure is exc:
                 raise
             raise failure from None  # the service's own error, not the cancellation it caused
@@ -424,10 +446,25 @@ class ServiceHost:
 
     async def _live(self, stack: AsyncExitStack, scope: anyio.CancelScope) -> None:
         error: BaseException | None = None
-        try:
-            await self._stop.wait()
-        except BaseException as exc:  # the service's own task group failed under it
-            error = exc
+        held = False  # this task was cancelled from outside: it stops in its turn
+        while True:
+            try:
+                if not held:
+                    await self._stop.wait()
+                else:  # its own task group is cancelled too, as its tasks were: not a crash
+                    with anyio.CancelScope(shield=True):
+                        await self._turn()
+                break
+            except BaseException as exc:
+                if not held and not is_foreign_cancellation(exc):
+                    error = exc  # the service's own task group failed under it
+                    break
+                # asyncio: a Task.cancel() of this task (the event loop cancelling every
+                # task, as asyncio.run does at exit, the orchestrator's included): not a
+                # crash. It tears down in its turn, once what depends on it stopped (as
+                # the orchestrator's stop would: that may be cancelled too), and the task
+                # then ends, as the cancellation asked
+                held = True
         try:
             if error is None:
                 self.state = "stopping"
@@ -445,7 +482,7 @@ class ServiceHost:
                 self.on_crashing(self)
                 self.crash = await self._close(stack, scope, error)
                 if self.crash is None:
-                    self.crash = self._lost_error()
+                    self.crash = self._lost_error() or _ended(self.spec.name)
         finally:
             crashed = error is not None
             self.state = "crashed" if crashed else "stopped"
@@ -462,6 +499,23 @@ def _stray(name: str, where: str, exc: BaseException) -> RuntimeError:
     msg = (
         f"service {name!r}: its {where} raised {type(exc).__name__}, but nothing cancelled "
         "it (it awaited a future or task that was cancelled elsewhere?)"
+    )
+    return RuntimeError(msg)
+
+
+def _ended(name: str) -> RuntimeError:
+    """The crash of a service that ended while running with no error to tell why.
+
+    Its own task group was cancelled, and its lifetime absorbed that: a task in it
+    cancelled the group, or ended cancelled. On asyncio, anyio's task group drops a
+    task's ``CancelledError`` (one that nothing cancelled too: a future cancelled
+    elsewhere), so that error cannot be this one's cause: the message says where to look.
+    """
+    msg = (
+        f"service {name!r} ended while running: its own task group was cancelled and "
+        "no error came out of it (a task in it cancelled the group or was cancelled; on "
+        "asyncio, one that raised CancelledError, having awaited a future or task "
+        "cancelled elsewhere, ends the group so too, its error dropped by the task group)"
     )
     return RuntimeError(msg)
 

@@ -290,9 +290,16 @@ class Session:
                 skipped.__cause__ = gone.crash
                 raise skipped
         host = ServiceHost(
-            spec, kwargs, self._on_crash, self._on_ready, self._on_crashing, self._on_failing
+            spec,
+            kwargs,
+            self._on_crash,
+            self._on_ready,
+            self._on_crashing,
+            self._on_failing,
+            self._on_unready,
         )
         self.hosts[spec.name] = host
+        host.dependents = lambda: [h for n, h in self.hosts.items() if spec.name in self.deps[n]]
         assert self.tg is not None
         self.waits[spec.name] = waiting = anyio.CancelScope()
         try:
@@ -344,6 +351,13 @@ class Session:
         if host.spec.ready is not None:  # the readiness wait, between set-up and ready
             done, now = host.setup_done_at, anyio.current_time()
             self.timeline._add(Span(name, done, done, now, "ok", (), "ready"))
+
+    def _on_unready(self, host: ServiceHost, exc: Exception) -> None:
+        """Its readiness failed (its probe raised or timed out): an ``"error"`` span."""
+        name = host.spec.name
+        if host.spec.ready is not None:  # (not the set-up that overran its timeout)
+            done, now = host.setup_done_at, anyio.current_time()
+            self.timeline._add(Span(name, done, done, now, "error", (), "ready"))
 
     def failed_teardowns(self) -> list[tuple[str, BaseException]]:
         """Tear-down errors of services that reached ``yield`` but failed to become ready."""

@@ -18,6 +18,7 @@ goes on.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 from contextvars import Token
@@ -375,9 +376,24 @@ class GraphTrace:
         end(span, self._ns(recorded.end))  # always, exactly once
 
     def _ready(self, recorded: TimelineSpan) -> None:
-        """A service's readiness wait (set-up done until its probe passed)."""
+        """A service's readiness wait (set-up done until its probe passed, or failed).
+
+        A failed one (``"error"``: its probe raised or timed out) is ERROR, with the
+        error recorded: the orchestrator records that span while it handles the
+        error (``sys.exc_info()``), before the service's tear-down.
+        """
         parent = self._live.get(recorded.name)
         ctx = trace.set_span_in_context(parent) if parent is not None else self._ctx
         span = start(self._tracer, f"ready {recorded.name}", ctx,
                      {"parallelkit.service": recorded.name}, self._ns(recorded.start))  # fmt: skip
+        if recorded.status != "ok":
+            try:
+                span.set_attribute("parallelkit.status", recorded.status)
+                error = sys.exc_info()[1]
+                if recorded.status == "error" and error is not None:
+                    fail(span, error)
+                elif recorded.status == "error":
+                    span.set_status(Status(StatusCode.ERROR))
+            except Exception as exc:
+                report(exc)
         end(span, self._ns(recorded.end))
