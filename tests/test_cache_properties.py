@@ -490,6 +490,7 @@ class ManyCall:
     end: int | None = None
     error: BaseException | None = None  # raised by load_many, or the misaligned error
     values: dict[Any, Any] = field(default_factory=dict)
+    cancelled: bool = False  # every caller of its batch left: the batch was cancelled
 
 
 @dataclass(eq=False)
@@ -533,6 +534,9 @@ class BatchModel:
             await anyio.lowlevel.checkpoint()
             if hang:
                 await call.go.wait()
+        except anyio.get_cancelled_exc_class():
+            call.cancelled = True  # its callers all left: it answers no one
+            raise
         finally:
             call.end = self.tick()
         values = {k: ("v", k, call.id) for k in keys}
@@ -576,6 +580,8 @@ class BatchModel:
         """The load_many calls that may have answered ``key`` for ``call``."""
         out = []
         for m in self.many:
+            if m.cancelled:
+                continue
             if key not in m.keys:
                 continue
             if not self.cache and m.start < call.start:
@@ -661,6 +667,8 @@ class BatchModel:
                     assert self.cleared.get(key, -1) > a.start, f"{key} loaded twice: {a} {b}"
 
     def expect_ok(self, m: ManyCall, key: Any) -> bool:
+        if m.cancelled:
+            return False
         if m.error is not None or m.plan in ("short-list", "not-a-result"):
             return False
         if m.plan == "key-error" and key == m.keys[0]:

@@ -8,19 +8,22 @@ place where the backends differ (see :mod:`parallelkit._batch.loader`):
 * asyncio, loader entered: one :class:`KeyFuture` per caller (an
   :class:`asyncio.Future` that is also a coroutine), resolved by ``finish``;
 * otherwise: :meth:`Batch.wait`, one :class:`anyio.Event` for the batch.
+
+Either way a batch counts the callers waiting for it (``waiters``); the last one
+to leave before it finished cancels it (:meth:`Batch.leave`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import Any, NoReturn, TypeVar, cast
 
 import anyio
 from typing_extensions import final
 
-__all__ = ["MISSING", "Batch", "KeyFuture", "asyncio_loop", "read_mapping", "run_uncancelled"]
+__all__ = ["MISSING", "Batch", "KeyFuture", "asyncio_loop", "read_mapping"]
 
 V = TypeVar("V")
 
@@ -44,30 +47,6 @@ def asyncio_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:  # pragma: no cover - not in a task
         return None
-
-
-async def run_uncancelled(work: Coroutine[Any, Any, None]) -> None:
-    """asyncio: run ``work`` in a task of its own and wait for it to end, whatever
-    cancels the caller meanwhile; then raise that cancellation, if any.
-
-    anyio's shield holds off anyio's cancellation, not asyncio's own
-    ``task.cancel()`` (``asyncio.timeout``, ``wait_for``, a server cancelling the
-    handler of a client that left): run in the caller's task, ``work`` would be
-    cut short for every caller that joined its batch. Call it inside
-    ``anyio.CancelScope(shield=True)``, so anyio's cancellation is not delivered
-    over and over meanwhile.
-    """
-    task = asyncio.ensure_future(work)
-    cancelled: asyncio.CancelledError | None = None
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError as exc:  # noqa: PERF203 - once per cancellation
-            if not task.cancelled():  # the caller's, not the work's own
-                cancelled = exc
-    task.result()  # the work's own failure (only a KeyboardInterrupt-like one)
-    if cancelled is not None:
-        raise cancelled
 
 
 def read_mapping(result: Mapping[Any, Any], keys: Iterable[Any]) -> dict[Any, Any]:
@@ -97,15 +76,35 @@ class KeyFuture(asyncio.Future[V], Coroutine[Any, Any, V]):
     per key), and a coroutine to whoever asks for one (``tg.start_soon(loader.load,
     key)``, ``asyncio.create_task(loader.load(key))``), as ``load`` was when it
     was an ``async def``: ``send`` / ``throw`` step the future's own iterator.
+
+    Cancelling it (the caller's task cancelled while it waits, ``asyncio.gather`` or
+    ``wait_for`` giving up, a task of it cancelled before its first step) is that
+    caller leaving its batch (:meth:`Batch.leave`).
     """
 
-    __slots__ = ()
+    __slots__ = ("batch",)
+
+    batch: Batch  # set as soon as the future joins a batch
 
     def send(self, value: Any, /) -> Any:
         return self.__await__().send(value)
 
     def throw(self, *exc_info: Any) -> Any:
-        return self.__await__().throw(*exc_info)
+        try:
+            return self.__await__().throw(*exc_info)
+        except BaseException:
+            self.cancel()  # its caller stopped waiting (nothing, once it has its outcome)
+            raise
+
+    def cancel(self, msg: Any = None) -> bool:
+        """Give up waiting: the batch no longer resolves this future, and once every
+        caller of that batch has left, the batch is cancelled."""
+        if not super().cancel(msg):
+            return False
+        batch: Batch | None = getattr(self, "batch", None)
+        if batch is not None:
+            batch.leave()
+        return True
 
     def close(self) -> None:
         """Give up: the batch no longer resolves this future."""
@@ -134,7 +133,10 @@ class Batch:
     """The keys of one ``load_many`` call, their callers' futures, and its outcome."""
 
     __slots__ = (
+        "abandon",
+        "abandoned",
         "aligned",
+        "cancel",
         "counted",
         "done",
         "error",
@@ -148,11 +150,19 @@ class Batch:
         "scope",
         "tracebacks",
         "values",
+        "waiters",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop | None, abandon: Callable[[Batch], None]
+    ) -> None:
         self.loop = loop  # asyncio, entered, no memo: load() joins with a future, inline
         self.lead = False  # no task group: the caller that opened the batch runs it
+        # the callers waiting for it: a future each, a coroutine caller once per batch
+        self.waiters = 0
+        self.abandon = abandon  # called when the last of them leaves before it finished
+        self.abandoned = False  # every caller left: it is cancelled, nobody joins it
+        self.cancel: anyio.CancelScope | None = None  # its dispatch, cancelled when abandoned
         # ordered, deduplicated keys -> the first asyncio caller's future (or None)
         self.keys: dict[Any, asyncio.Future[Any] | None] = {}
         self.extra: list[tuple[Any, asyncio.Future[Any]]] = []  # more futures per key
@@ -195,6 +205,13 @@ class Batch:
         if isinstance(value, Exception):
             self._raise(value)
         return value
+
+    def leave(self) -> None:
+        """One caller stopped waiting: the last one to leave before the batch finished
+        cancels it (nobody wants its values any more)."""
+        self.waiters -= 1
+        if not self.waiters and not self.finished and not self.abandoned:
+            self.abandon(self)
 
     async def wait(self) -> None:
         """Wait for the batch to finish (the coroutine waiters: trio, load_many, not entered)."""

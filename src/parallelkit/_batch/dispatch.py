@@ -20,8 +20,8 @@ import anyio
 
 from .._core import instrument
 from .._core.backend import is_failure, is_stray_cancellation
-from .._core.owned import OwnedTaskGroup
-from .batch import MISSING, Batch, asyncio_loop, read_mapping, run_uncancelled
+from .._core.owned import OwnedTaskGroup, leave
+from .batch import MISSING, Batch, read_mapping
 
 __all__ = ["BatchDispatch", "LoadMany"]
 
@@ -92,22 +92,70 @@ class BatchDispatch(Generic[K, V]):
         if batch.scope is not None:
             batch.scope.cancel()
 
-    async def _lead(self, batches: list[Batch]) -> None:
-        """Not entered: run the batches this caller opened, in the caller's task.
-
-        The run is shielded: other callers wait on it, so this caller's own
-        cancellation takes effect once the batch call has returned. On asyncio the
-        run is a task of its own (:func:`run_uncancelled`): a ``task.cancel()`` of
-        this caller goes through anyio's shield.
+    def _abandon(self, batch: Batch) -> None:
+        """Every caller of ``batch`` left before it finished (cancelled, timed out):
+        nobody wants its values any more, so it is cancelled (DESIGN principle 5; the
+        cache's shared loads do the same). From now on no load joins it: it takes no
+        more keys, and a load of one of its keys opens a new batch (memo included).
         """
-        for batch in batches:
+        batch.abandoned = True
+        self._close(batch)
+        self._sent(batch)
+        if self._cache:
+            memo = self._memo
+            for key in batch.keys:
+                if memo.get(key) is batch:
+                    del memo[key]
+        if batch.cancel is not None:
+            batch.cancel.cancel()
+
+    async def _wait(self, batches: Sequence[Batch]) -> None:
+        """Wait, as one caller, for ``batches`` (each counts this caller among its
+        ``waiters`` already), running the ones this caller opened on a loader not
+        entered (``lead``); then leave them.
+
+        A led batch runs in a task of its own, shielded: it goes on while other
+        callers wait for it, whatever cancels this caller (anyio's cancellation or
+        asyncio's own ``task.cancel()``, which goes through anyio's shield). The
+        caller waits like any other: cancelled, it leaves its batches (the last one
+        to leave a batch cancels it, see :meth:`_abandon`), and its cancellation is
+        raised once the batches it led have ended.
+        """
+        led = [batch for batch in batches if batch.lead]
+        if not led:
+            try:
+                for batch in batches:
+                    if not batch.finished:
+                        await batch.wait()
+            finally:
+                for batch in batches:
+                    batch.leave()
+            return
+        for batch in led:
             batch.lead = False
-        with anyio.CancelScope(shield=True):
-            if asyncio_loop() is None:
-                await self._dispatch_all(batches)
-            else:
-                await run_uncancelled(self._dispatch_all(batches))
-        await anyio.lowlevel.checkpoint_if_cancelled()
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        try:
+            tg.start_soon(self._run_led, led)
+            try:
+                for batch in batches:
+                    if not batch.finished:
+                        await batch.wait()
+            finally:
+                for batch in batches:
+                    batch.leave()
+        except BaseException as exc:  # this caller's cancellation, or load_many's interrupt
+            # waits for the led batches (each goes on while a caller waits for it); a
+            # KeyboardInterrupt-like error of load_many comes out as itself, else this
+            await leave(tg, type(exc), exc, exc.__traceback__, cancel=False)
+            raise
+        else:
+            await leave(tg, None, None, None, cancel=False)
+
+    async def _run_led(self, batches: list[Batch]) -> None:
+        """Not entered: run the batches a caller opened (see :meth:`_wait`)."""
+        with anyio.CancelScope(shield=True):  # cancelled only by _abandon, batch by batch
+            await self._dispatch_all(batches)
 
     async def _dispatch_all(self, batches: list[Batch]) -> None:
         if len(batches) == 1:
@@ -119,15 +167,19 @@ class BatchDispatch(Generic[K, V]):
 
     async def _dispatch(self, batch: Batch) -> None:
         try:
-            if batch.full:
-                pass
-            elif self._window:
-                with anyio.CancelScope() as batch.scope:  # _flush cancels it when full
-                    await anyio.sleep(self._window)
-            else:  # one scheduling tick: the loads of this tick join
-                await anyio.lowlevel.checkpoint()
-            self._close(batch)
-            await self._run(batch)
+            with anyio.CancelScope() as batch.cancel:  # _abandon cancels it: nobody waits
+                if batch.abandoned:  # every caller left before this task started
+                    batch.cancel.cancel()
+                if batch.full:
+                    pass
+                elif self._window:
+                    with anyio.CancelScope() as batch.scope:  # _flush cancels it when full
+                        await anyio.sleep(self._window)
+                else:  # one scheduling tick: the loads of this tick join
+                    await anyio.lowlevel.checkpoint()
+                self._close(batch)
+                if not batch.abandoned:  # (a full batch has not checkpointed yet)
+                    await self._run(batch)
         finally:
             if not batch.finished:  # cancelled before the call: never leave callers hanging
                 self._close(batch)  # no load joins a finished batch

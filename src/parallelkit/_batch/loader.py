@@ -13,7 +13,8 @@ in :mod:`parallelkit._batch.dispatch` (:class:`BatchDispatch`, its base class):
 * asyncio, loader entered: ``load(key)`` returns a per-call
   :class:`asyncio.Future` (as aiodataloader does), resolved when the batch
   finishes. ``asyncio.gather(*(loader.load(k) ...))`` then needs no task per key,
-  and a caller that is cancelled cancels only its own future.
+  and a caller that is cancelled cancels only its own future (the last one
+  cancelled cancels the batch, see :meth:`BatchDispatch._abandon`).
 * trio, or a loader that is not entered: ``load(key)`` returns a coroutine that
   waits on the batch's one :class:`anyio.Event` (a caller that is not entered
   may have to run the batch itself, see :meth:`BatchLoader._lead`).
@@ -21,7 +22,6 @@ in :mod:`parallelkit._batch.dispatch` (:class:`BatchDispatch`, its base class):
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from types import TracebackType
@@ -86,8 +86,10 @@ class BatchLoader(BatchDispatch[K, V]):
     Enter it (``async with``): the loader owns the tasks that dispatch its
     batches. Leaving waits for the batches in flight; leaving with an error
     cancels them, and their callers get a :class:`RuntimeError`. Not entered, it
-    still works: the caller that opens a batch runs it in its own task (shielded,
-    so the callers that joined are never stranded).
+    still works: the caller that opens a batch runs it in a task of its own
+    (shielded, so the callers that joined are never stranded). A caller that is
+    cancelled only stops waiting; when the last caller of a batch leaves, the
+    batch is cancelled (a shared load nobody wants any more).
 
     Args:
         load_many: ``async def load_many(keys: list[K]) -> Mapping | Sequence``
@@ -194,7 +196,7 @@ class BatchLoader(BatchDispatch[K, V]):
         """The same as :meth:`statistics` (an alias: ``loader.stats``)."""
         return self.statistics()
 
-    def _enqueue(self, key: K, future: asyncio.Future[Any] | None = None) -> Batch:
+    def _enqueue(self, key: K, future: KeyFuture[Any] | None = None) -> Batch:
         """Put ``key`` in the open batch (or the memo's) and return that batch.
 
         ``future``, if given, is resolved with the key's outcome when the batch ends.
@@ -211,6 +213,8 @@ class BatchLoader(BatchDispatch[K, V]):
                     else:
                         known.counted += 1
                         known.extra.append((key, future))
+                        future.batch = known
+                        known.waiters += 1
                 return known
         else:
             full = self._full
@@ -218,10 +222,12 @@ class BatchLoader(BatchDispatch[K, V]):
                 sent.plain = False
                 if future is not None:
                     sent.extra.append((key, future))
+                    future.batch = sent
+                    sent.waiters += 1
                 return sent
         batch = self._batch
         if batch is None:
-            batch = self._batch = Batch(None if self._cache else self._loop)
+            batch = self._batch = Batch(None if self._cache else self._loop, self._abandon)
             tg = self._owner.tg
             if tg is None:
                 batch.lead = True
@@ -229,6 +235,9 @@ class BatchLoader(BatchDispatch[K, V]):
                 tg.start_soon(self._dispatch, batch)
         if future is None:
             batch.plain = False  # a coroutine waiter reads batch.values
+        else:
+            future.batch = batch
+            batch.waiters += 1
         keys = batch.keys
         if key not in keys:
             keys[key] = future
@@ -253,8 +262,9 @@ class BatchLoader(BatchDispatch[K, V]):
         4.14 or later, ``tg.start_soon(loader.load, key)``), so
         ``asyncio.gather(*(loader.load(k) ...))`` costs no task per key.
         Elsewhere (trio, a loader not entered) it returns a coroutine that joins
-        when it first runs. Either way, a caller that is
-        cancelled only stops waiting; the batch goes on for the others.
+        when it first runs. Either way, a caller that is cancelled only stops
+        waiting: the batch goes on for the others, and is cancelled once its
+        last caller has left.
 
         Raises:
             KeyError: ``load_many`` gave no value for ``key`` (and no ``default``).
@@ -282,10 +292,13 @@ class BatchLoader(BatchDispatch[K, V]):
             sent.plain = False
             sent.extra.append((key, future))
             self._requests += 1  # (that batch was counted when it closed)
+            batch = sent
         else:
             keys[key] = future
             if len(keys) >= self._max_batch:
                 self._flush(batch)
+        future.batch = batch  # cancelling the future leaves the batch
+        batch.waiters += 1
         return future
 
     def _load_other(self, key: K) -> Coroutine[Any, Any, V]:
@@ -318,10 +331,9 @@ class BatchLoader(BatchDispatch[K, V]):
                 if len(keys) >= self._max_batch:
                     self._flush(batch)
             batch.plain = False  # this waiter reads batch.values (see _enqueue)
-        if batch.lead:
-            await self._lead([batch])
         if not batch.finished:
-            await batch.wait()
+            batch.waiters += 1
+            await self._wait((batch,))
         if batch.error is None:
             value = batch.values.get(key, MISSING)
             if value is not MISSING and not isinstance(value, Exception):
@@ -360,12 +372,11 @@ class BatchLoader(BatchDispatch[K, V]):
                 self._requests += 1  # a request all the same (see BatchStats)
             else:
                 batches[key] = self._enqueue(key)
-        led = list({id(b): b for b in batches.values() if b.lead}.values())
-        if led:
-            await self._lead(led)
-        for batch in batches.values():
-            if not batch.finished:
-                await batch.wait()
+        waiting = list({id(b): b for b in batches.values() if not b.finished}.values())
+        if waiting:
+            for batch in waiting:
+                batch.waiters += 1
+            await self._wait(waiting)
         default = self._default
         return [cast("V", batches[key].result(key, default)) for key in keys]
 
