@@ -49,6 +49,8 @@ from ._core.check import (
     async_callable,
     callable_,
     count,
+    host_name,
+    not_a_call,
     number,
     number_or_none,
     text,
@@ -58,9 +60,6 @@ from ._core.check import (
 __all__ = ["Probe", "call", "http", "tcp"]
 
 CheckFn = Callable[[Any], Awaitable["str | None"]]
-
-#: what a host name never holds: a scheme's or a URL's separators, brackets, a port
-_NOT_IN_HOSTS = frozenset("/\\@[]?#%:,;")
 
 #: what the request target keeps as it is: printable ASCII (others are %-encoded)
 _TARGET_SAFE = "".join(map(chr, range(0x21, 0x7F)))
@@ -207,12 +206,7 @@ def tcp(
         async def redis(): ...
         ```
     """
-    if _host_problem(text("host", host)):
-        msg = (
-            "host must be a host name or an IP address (no scheme, port, path, brackets "
-            f"or spaces), got {host!r}"
-        )
-        raise ValueError(msg)
+    host_name("host", host)
     checked = count("port", port)  # a plain int: getaddrinfo refuses a NumPy one
     if checked > 65535:
         msg = f"port must be <= 65535, got {port!r}"
@@ -282,9 +276,11 @@ def http(
         msg = f"url must be an http:// or https:// URL with a host, got {url!r}"
         raise ValueError(msg)
     host = parts.hostname
-    if _host_problem(host):  # "http://db x/": every check would fail to resolve it
+    try:  # "http://db x/": every check would fail to resolve it
+        host_name("url's host", host)
+    except ValueError:
         msg = f"url must have a valid host name, got {url!r}"
-        raise ValueError(msg)
+        raise ValueError(msg) from None
     accepted = _statuses(status)
     limit = number("request_timeout", request_timeout)
     tls = parts.scheme == "https"
@@ -382,7 +378,7 @@ def call(
         async def search_engine(): ...
         ```
     """
-    _not_a_call("fn", fn)
+    not_a_call("fn", fn)
     callable_("fn", fn, what="callable")
     if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
         # its generator object is truthy: the probe would pass without checking
@@ -446,15 +442,6 @@ def _explain(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _host_problem(host: str) -> bool:
-    """True when ``host`` cannot be a host name or an IP address (``"db:5432"``, a URL)."""
-    try:
-        ipaddress.ip_address(host)  # IPv6 has colons (and maybe a "%zone")
-    except ValueError:
-        return any(c.isspace() or not c.isprintable() or c in _NOT_IN_HOSTS for c in host)
-    return False
-
-
 def _statuses(status: object) -> Collection[int]:
     """The accepted status codes: an int (a NumPy one too) or a non-empty collection."""
     if not isinstance(status, (bool, str, bytes)):
@@ -472,14 +459,6 @@ def _statuses(status: object) -> Collection[int]:
             raise ValueError(msg)
     msg = f"status must be an int or a non-empty collection of ints, got {status!r}"
     raise TypeError(msg)
-
-
-def _not_a_call(name: str, value: object) -> None:
-    """Refuse ``ping()`` where ``ping`` was meant, closing it (no "never awaited")."""
-    if inspect.iscoroutine(value):
-        value.close()
-        msg = f"{name} must be a function, not its call: pass {value.__qualname__}, got {value!r}"
-        raise TypeError(msg)
 
 
 def _takes_one_argument(fn: Callable[..., Any]) -> bool:
@@ -508,7 +487,7 @@ def as_probe(ready: object) -> Probe | None:
     """Accept what ``ready=`` accepts: ``None``, a :class:`Probe` or a callable."""
     if ready is None or isinstance(ready, Probe):
         return ready
-    _not_a_call("ready", ready)
+    not_a_call("ready", ready)
     if callable(ready):
         return call(ready)
     msg = f"ready must be a parallelkit.probes.Probe, a callable or None, got {ready!r}"

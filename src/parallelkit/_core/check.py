@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import ipaddress
 import math
 import numbers
 import operator
@@ -41,8 +42,10 @@ __all__ = [
     "count_or_none",
     "flag",
     "fraction",
+    "host_name",
     "implements",
     "is_async_callable",
+    "not_a_call",
     "number",
     "number_at_least",
     "number_or_none",
@@ -351,3 +354,32 @@ def text(name: str, value: object) -> str:
         msg = f"{name} must not be empty, got {value!r}"
         raise ValueError(msg)
     return value
+
+
+#: what a host name never holds: a scheme's or a URL's separators, brackets, a port
+_NOT_IN_HOSTS = frozenset("/\\@[]?#%:,;")
+
+
+def host_name(name: str, value: object) -> str:
+    """Return ``value`` if it is a host name or an IP address: a ``str`` without a
+    scheme, port, path, brackets or spaces (``"db:5432"`` and URLs are refused, an
+    IPv6 address with its colons and ``%zone`` is taken)."""
+    host = text(name, value)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if any(c.isspace() or not c.isprintable() or c in _NOT_IN_HOSTS for c in host):
+            msg = (
+                f"{name} must be a host name or an IP address (no scheme, port, path, "
+                f"brackets or spaces), got {value!r}"
+            )
+            raise ValueError(msg) from None
+    return host
+
+
+def not_a_call(name: str, value: object) -> None:
+    """Refuse ``ping()`` where ``ping`` was meant, closing it (no "never awaited")."""
+    if inspect.iscoroutine(value):
+        value.close()
+        msg = f"{name} must be a function, not its call: pass {value.__qualname__}, got {value!r}"
+        raise TypeError(msg)

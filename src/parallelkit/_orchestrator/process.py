@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -30,8 +31,9 @@ from typing_extensions import final
 
 from .._core.check import callable_, choice
 from .._core.errors import ProcessError
+from ..probes import Probe
 
-__all__ = ["ManagedProcess", "OutputSink", "RestartPolicy", "process_lifetime"]
+__all__ = ["ManagedProcess", "OutputSink", "RestartPolicy", "process_lifetime", "process_ready"]
 
 RestartPolicy = Literal["no", "on-failure", "always"]
 RESTART_POLICIES: tuple[RestartPolicy, ...] = ("no", "on-failure", "always")
@@ -436,3 +438,28 @@ async def _reap(handle: ManagedProcess, process: anyio.abc.Process) -> None:
             for done in handle._pumps:
                 await done.wait()
         await process.aclose()
+
+
+async def process_ready(probe: Probe, process: ManagedProcess, deadline: float) -> None:
+    """Poll ``probe`` until it passes, unless ``process`` exits for good first.
+
+    A process that exits with code 0 and is not restarted ends the wait (its
+    supervisor cancels it): the probe then gets one last look, since a one-shot
+    process may have done what the probe checks for. If that fails too, the
+    process will never be ready: :class:`~parallelkit.ProcessError`, at once, not
+    after the whole ``timeout`` (or never, without one).
+    """
+    left = deadline - anyio.current_time()
+    with anyio.CancelScope() as waiting:
+        process._probing = waiting
+        try:
+            await probe.wait(process, timeout=None if math.isinf(deadline) else left)
+        finally:
+            process._probing = None
+    if not waiting.cancelled_caught:
+        return
+    with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+        if await probe.check(process):
+            return
+    code = process.returncode if process.returncode is not None else 0
+    raise ProcessError(process.name, code, process.cmd, process.tail, restarts=process.restarts)

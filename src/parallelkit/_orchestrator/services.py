@@ -22,11 +22,10 @@ from anyio.abc import TaskStatus
 from typing_extensions import final
 
 from .._core.backend import is_failure, is_foreign_cancellation, is_stray_cancellation
-from .._core.errors import ProcessError
 from .._core.retry import to_retrying
-from ..probes import Probe
 from .lifetime import ExitRecorder, ServiceSpec, ServiceState, open_lifetime, unwrap
-from .process import ManagedProcess
+from .process import ManagedProcess, process_ready
+from .reports import ended_error, stray_error
 
 __all__ = ["PROCESS_KILL_GRACE", "ServiceHost"]
 
@@ -248,7 +247,7 @@ class ServiceHost:
                 msg = f"service {spec.name!r} did not finish its set-up within {spec.timeout}s"
                 raise TimeoutError(msg) from None
             if stray:  # the service's error, not a cancellation (which would end the start)
-                raise _stray(spec.name, "set-up", exc) from exc
+                raise stray_error(spec.name, "set-up", exc) from exc
             raise
         # the lifetime reached its yield: from here on its tear-down runs, once
         self.setup_done_at = anyio.current_time()
@@ -275,7 +274,7 @@ class ServiceHost:
                 raise TimeoutError(msg)
             try:
                 if isinstance(value, ManagedProcess):
-                    await _process_ready(spec.ready, value, deadline)
+                    await process_ready(spec.ready, value, deadline)
                 else:
                     await spec.ready.wait(value, timeout=None if math.isinf(left) else left)
             except TimeoutError as exc:
@@ -414,7 +413,7 @@ class ServiceHost:
             if crash is not None or not is_stray_cancellation(raised):
                 raise
             # the tear-down's error, not a cancellation (which nobody would see)
-            error = _stray(spec.name, "tear-down", raised)
+            error = stray_error(spec.name, "tear-down", raised)
             error.__cause__ = raised
         finally:
             self._closing = False
@@ -482,7 +481,7 @@ class ServiceHost:
                 self.on_crashing(self)
                 self.crash = await self._close(stack, scope, error)
                 if self.crash is None:
-                    self.crash = self._lost_error() or _ended(self.spec.name)
+                    self.crash = self._lost_error() or ended_error(self.spec.name)
         finally:
             crashed = error is not None
             self.state = "crashed" if crashed else "stopped"
@@ -490,56 +489,3 @@ class ServiceHost:
             self.stopped.set()
             if crashed:
                 self.on_crash(self, self.crash)
-
-
-def _stray(name: str, where: str, exc: BaseException) -> RuntimeError:
-    """A ``CancelledError`` that no cancellation caused (asyncio: the service awaited a
-    future that something else cancelled) is the service's error: let through, it would
-    be taken for a cancellation, and lost or mistaken for the end of the start."""
-    msg = (
-        f"service {name!r}: its {where} raised {type(exc).__name__}, but nothing cancelled "
-        "it (it awaited a future or task that was cancelled elsewhere?)"
-    )
-    return RuntimeError(msg)
-
-
-def _ended(name: str) -> RuntimeError:
-    """The crash of a service that ended while running with no error to tell why.
-
-    Its own task group was cancelled, and its lifetime absorbed that: a task in it
-    cancelled the group, or ended cancelled. On asyncio, anyio's task group drops a
-    task's ``CancelledError`` (one that nothing cancelled too: a future cancelled
-    elsewhere), so that error cannot be this one's cause: the message says where to look.
-    """
-    msg = (
-        f"service {name!r} ended while running: its own task group was cancelled and "
-        "no error came out of it (a task in it cancelled the group or was cancelled; on "
-        "asyncio, one that raised CancelledError, having awaited a future or task "
-        "cancelled elsewhere, ends the group so too, its error dropped by the task group)"
-    )
-    return RuntimeError(msg)
-
-
-async def _process_ready(probe: Probe, process: ManagedProcess, deadline: float) -> None:
-    """Poll ``probe`` until it passes, unless ``process`` exits for good first.
-
-    A process that exits with code 0 and is not restarted ends the wait (its
-    supervisor cancels it): the probe then gets one last look, since a one-shot
-    process may have done what the probe checks for. If that fails too, the
-    process will never be ready: :class:`~parallelkit.ProcessError`, at once, not
-    after the whole ``timeout`` (or never, without one).
-    """
-    left = deadline - anyio.current_time()
-    with anyio.CancelScope() as waiting:
-        process._probing = waiting
-        try:
-            await probe.wait(process, timeout=None if math.isinf(deadline) else left)
-        finally:
-            process._probing = None
-    if not waiting.cancelled_caught:
-        return
-    with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
-        if await probe.check(process):
-            return
-    code = process.returncode if process.returncode is not None else 0
-    raise ProcessError(process.name, code, process.cmd, process.tail, restarts=process.restarts)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import traceback
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn, TypeVar
@@ -29,6 +28,7 @@ from .._graph.scheduler import NodeEnded, Run
 from .._graph.timeline import Span, Timeline
 from .lifetime import ServiceSpec, only_failure
 from .process import ManagedProcess
+from .reports import add_note, log_teardown_errors, rollback_note, startup_message, teardown_group
 from .running import Running
 from .services import ServiceHost
 from .starting import start_soon_and_wait
@@ -36,10 +36,9 @@ from .starting import start_soon_and_wait
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import (  # type: ignore[import-not-found,unused-ignore]
         BaseExceptionGroup,
-        ExceptionGroup,
     )
 
-__all__ = ["Session", "log_teardown_errors", "run_session", "teardown_group"]
+__all__ = ["Session", "run_session"]
 
 T = TypeVar("T")
 logger = logging.getLogger("parallelkit.orchestrator")
@@ -274,9 +273,9 @@ class Session:
         name, exc = self.failure
         # raised to the caller, so not logged here (an error is reported once); the
         # rollback's errors ride along, each traceback in a note of the StartupError's
-        error = StartupError(name, _startup_message(name, exc), teardown_errors=errors)
+        error = StartupError(name, startup_message(name, exc), teardown_errors=errors)
         for service, teardown_error in errors:
-            _add_note(error, _rollback_note(service, teardown_error))
+            add_note(error, rollback_note(service, teardown_error))
         raise error from exc
 
     async def _start_node(self, node: Node, kwargs: dict[str, Any]) -> Any:
@@ -475,43 +474,3 @@ def _killed(host: ServiceHost) -> bool:
     """A process whose stop ran out of its ``stop_timeout``, so it got ``SIGKILL``: cut
     short, as a tear-down that ran out of it (its own warning said so already)."""
     return isinstance(host.value, ManagedProcess) and host.value._killed
-
-
-def _startup_message(name: str, exc: BaseException) -> str:
-    return f"service {name!r} failed to start: {type(exc).__name__}: {exc}"
-
-
-def _rollback_note(name: str, exc: BaseException) -> str:
-    """The note that carries a rollback error's traceback in the ``StartupError``.
-
-    Printed as part of the ``StartupError``'s own report (one report, not a second
-    "Traceback" of its own): the heading names the service.
-    """
-    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
-    heading = f"the rollback failed: service {name!r} raised while it stopped"
-    if lines and lines[0].startswith("Traceback "):
-        lines[0] = f"{heading}; its traceback (most recent call last):\n"
-    else:  # no frames (an error made, never raised)
-        lines.insert(0, f"{heading}:\n")
-    return "".join(lines).rstrip()
-
-
-def _add_note(exc: BaseException, note: str) -> None:
-    """``exc.add_note(note)`` (Python 3.10: the ``exceptiongroup`` backport prints it)."""
-    if sys.version_info >= (3, 11):
-        exc.add_note(note)
-    else:  # pragma: no cover
-        exc.__notes__ = [*getattr(exc, "__notes__", ()), note]  # type: ignore[attr-defined,unused-ignore]
-
-
-def log_teardown_errors(errors: list[tuple[str, BaseException]]) -> None:
-    """Log tear-down errors that are not raised to anyone (an error is reported once)."""
-    for name, exc in errors:
-        logger.error("service %r failed to stop cleanly", name, exc_info=exc)
-
-
-def teardown_group(errors: list[tuple[str, BaseException]]) -> ExceptionGroup[Exception]:
-    """The ``ExceptionGroup`` raised when services failed to stop after a clean run."""
-    names = ", ".join(repr(name) for name, _ in errors)
-    excs = [e if isinstance(e, Exception) else RuntimeError(repr(e)) for _, e in errors]
-    return ExceptionGroup(f"services failed to stop: {names}", excs)

@@ -36,11 +36,11 @@ from ._common import LockNotAcquired as LockNotAcquired
 from ._common import RedisUnavailable as RedisUnavailable
 from ._common import SerializationError as SerializationError
 from ._limiter import RedisLimiter as RedisLimiter
-from ._limiter import RedisLimiterStatistics as RedisLimiterStatistics
 from ._lock import RedisLock as RedisLock
 from ._serializer import JSONSerializer as JSONSerializer
 from ._serializer import PickleSerializer as PickleSerializer
 from ._serializer import Serializer as Serializer
+from ._stats import RedisLimiterStatistics as RedisLimiterStatistics
 from ._stats import RedisStoreStatistics as RedisStoreStatistics
 from ._stats import RedisStoreStats as RedisStoreStats
 from ._store import RedisStore as RedisStore

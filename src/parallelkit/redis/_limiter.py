@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
 
@@ -31,6 +30,7 @@ from ._lease import keep_renewed
 from ._limiter_rate import Line, Turn, Turns
 from ._limiter_scripts import ACQUIRE, RENEW, RESERVE, UNRESERVE, VOID
 from ._outage import Down, Guard
+from ._stats import RedisLimiterStatistics
 
 __all__ = ["RedisLimiter", "RedisLimiterStatistics"]
 
@@ -39,31 +39,6 @@ _FAIL_MODES: tuple[FailMode, ...] = ("local", "open", "closed")
 
 #: The slowest global rate: a start every 10**9 s (31.7 years); far slower ones overflow Redis.
 MIN_RATE = 1e-9
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class RedisLimiterStatistics:
-    """A snapshot of a :class:`~parallelkit.redis.RedisLimiter`, for this process.
-
-    Attributes:
-        concurrency: the configured global bound, or ``None``.
-        rate: the configured global starts per second, or ``None``.
-        held: slots this process holds right now (Redis or fallback).
-        waiting: tasks of this process waiting for a slot.
-        redis_errors: Redis outage errors seen so far (timeouts included).
-        fallbacks: acquisitions served by the ``fail=`` policy instead of Redis.
-        lost_leases: leases that expired while held (the holder was unreachable
-            for longer than ``lease``, or its lease was removed).
-    """
-
-    concurrency: int | None
-    rate: float | None
-    held: int
-    waiting: int
-    redis_errors: int
-    fallbacks: int
-    lost_leases: int
 
 
 @final

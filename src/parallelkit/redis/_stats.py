@@ -1,4 +1,5 @@
-"""RedisStoreStatistics: the counters a RedisStore reports (``store.statistics()``)."""
+"""The counters the Redis primitives report (``statistics()``): RedisStoreStatistics
+and RedisLimiterStatistics."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from dataclasses import dataclass
 
 from typing_extensions import final
 
-__all__ = ["RedisStoreStatistics", "RedisStoreStats"]
+__all__ = ["RedisLimiterStatistics", "RedisStoreStatistics", "RedisStoreStats"]
 
 
 @final
@@ -73,3 +74,28 @@ class RedisStoreStatistics:
 
 #: The former name of :class:`RedisStoreStatistics` (``store.stats``), kept as an alias.
 RedisStoreStats = RedisStoreStatistics
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class RedisLimiterStatistics:
+    """A snapshot of a :class:`~parallelkit.redis.RedisLimiter`, for this process.
+
+    Attributes:
+        concurrency: the configured global bound, or ``None``.
+        rate: the configured global starts per second, or ``None``.
+        held: slots this process holds right now (Redis or fallback).
+        waiting: tasks of this process waiting for a slot.
+        redis_errors: Redis outage errors seen so far (timeouts included).
+        fallbacks: acquisitions served by the ``fail=`` policy instead of Redis.
+        lost_leases: leases that expired while held (the holder was unreachable
+            for longer than ``lease``, or its lease was removed).
+    """
+
+    concurrency: int | None
+    rate: float | None
+    held: int
+    waiting: int
+    redis_errors: int
+    fallbacks: int
+    lost_leases: int
