@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -21,8 +21,12 @@ import pytest
 
 import parallelkit as pk
 
+from .orch_helpers import exception_types, finished
+
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import ExceptionGroup  # type: ignore[import-not-found,unused-ignore]
+
+pytest_plugins = ["tests.orch_helpers.spans"]
 
 pytestmark = pytest.mark.anyio
 
@@ -31,38 +35,6 @@ BACKENDS = ["asyncio", "trio"]
 
 def stop_spans(timeline: pk.Timeline) -> dict[str, pk.Span]:
     return {s.name: s for s in timeline if s.kind == "stop"}
-
-
-@pytest.fixture
-def exporter() -> Iterator[Any]:
-    pytest.importorskip("opentelemetry.sdk")
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    from parallelkit.otel import ParallelkitInstrumentor
-
-    memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    inst = ParallelkitInstrumentor()
-    inst.instrument(tracer_provider=provider)
-    try:
-        yield memory
-    finally:
-        inst.uninstrument()
-
-
-def finished(memory: Any) -> dict[str, Any]:
-    return {s.name: s for s in memory.get_finished_spans()}
-
-
-def exception_types(span: Any) -> list[str]:
-    return [
-        str((e.attributes or {}).get("exception.type")).rsplit(".", 1)[-1]
-        for e in span.events
-        if e.name == "exception"
-    ]
 
 
 # -- 1. a service that crashed while running --------------------------------------------------

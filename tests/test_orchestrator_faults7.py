@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -23,6 +23,8 @@ import pytest
 
 import parallelkit as pk
 from tests.virtual_time import VirtualLoop
+
+pytest_plugins = ["tests.orch_helpers.spans"]
 
 ASYNCIO = pytest.mark.parametrize("anyio_backend", ["asyncio"])  # (trio has no Task.cancel())
 
@@ -216,24 +218,6 @@ def test_cancelling_every_task_while_stopping_still_stops_every_service_once(
 
 
 # -- 3. a readiness that failed has its "ready" span ------------------------------------------
-@pytest.fixture
-def exporter() -> Iterator[Any]:
-    pytest.importorskip("opentelemetry.sdk")
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    from parallelkit.otel import ParallelkitInstrumentor
-
-    memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    inst = ParallelkitInstrumentor()
-    inst.instrument(tracer_provider=provider)
-    try:
-        yield memory
-    finally:
-        inst.uninstrument()
 
 
 async def _answers_true(_: str) -> Any:

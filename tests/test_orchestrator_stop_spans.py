@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -24,6 +24,10 @@ import parallelkit as pk
 from parallelkit._graph.graph import Graph, Node, Param
 from parallelkit._graph.scheduler import NodeEnded, Run
 from tests.virtual_time import VirtualLoop
+
+from .orch_helpers import exception_types, finished
+
+pytest_plugins = ["tests.orch_helpers.spans"]
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import ExceptionGroup
@@ -209,37 +213,6 @@ def test_a_forced_stop_has_cancelled_stop_spans(
 
 
 # -- OpenTelemetry ---------------------------------------------------------------------------
-@pytest.fixture
-def exporter() -> Iterator[Any]:
-    pytest.importorskip("opentelemetry.sdk")
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    from parallelkit.otel import ParallelkitInstrumentor
-
-    memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    inst = ParallelkitInstrumentor()
-    inst.instrument(tracer_provider=provider)
-    try:
-        yield memory
-    finally:
-        inst.uninstrument()
-
-
-def finished(memory: Any) -> dict[str, Any]:
-    return {s.name: s for s in memory.get_finished_spans()}
-
-
-def exception_types(span: Any) -> list[str]:
-    """The type names of the exceptions recorded on ``span`` (without their module)."""
-    return [
-        str((e.attributes or {}).get("exception.type")).rsplit(".", 1)[-1]
-        for e in span.events
-        if e.name == "exception"
-    ]
 
 
 @pytest.mark.anyio
