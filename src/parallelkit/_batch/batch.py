@@ -16,6 +16,7 @@ to leave before it finished cancels it (:meth:`Batch.leave`).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from types import TracebackType
 from typing import Any, NoReturn, TypeVar, cast
@@ -23,12 +24,19 @@ from typing import Any, NoReturn, TypeVar, cast
 import anyio
 from typing_extensions import final
 
-__all__ = ["MISSING", "Batch", "KeyFuture", "asyncio_loop", "read_mapping"]
+__all__ = ["MISSING", "RUNNING", "Batch", "KeyFuture", "asyncio_loop", "read_mapping"]
 
 V = TypeVar("V")
 
 MISSING: Any = object()
 """No value: a key ``load_many`` did not return, or no ``default=``."""
+
+RUNNING: contextvars.ContextVar[tuple[Batch, ...]] = contextvars.ContextVar(
+    "parallelkit_batches_running", default=()
+)
+"""The batches whose ``load_many`` call this task/context is inside (set per batch by
+:meth:`BatchDispatch._run`, inherited by the tasks ``load_many`` starts): a load that
+would wait for one of them waits for itself (see :meth:`Batch.own`)."""
 
 
 def asyncio_loop() -> asyncio.AbstractEventLoop | None:
@@ -111,6 +119,29 @@ class KeyFuture(asyncio.Future[V], Coroutine[Any, Any, V]):
         self.cancel()
 
 
+def _stop_iteration(error: StopIteration) -> RuntimeError:
+    """A StopIteration ``load_many`` gave, as the error its callers get: a future cannot
+    hold one, and a coroutine cannot raise one (Python would turn it into an unclear
+    "coroutine raised StopIteration"), so every path raises this instead."""
+    wrapped = RuntimeError(f"load_many gave a StopIteration: {error!r}")
+    wrapped.__cause__ = error
+    return wrapped
+
+
+def _not_raised(key: Any, value: BaseException) -> TypeError:
+    """The error for a key whose value is a BaseException but not an Exception (a
+    ``CancelledError`` kept by ``gather(return_exceptions=True)``): only an Exception
+    value is raised for its key, and this one must not pass for a value either."""
+    msg = (
+        f"load_many returned {type(value).__name__} {value!r} as the value of key {key!r}: "
+        f"it is not raised for that key (only an Exception value is), nor returned as a "
+        f"value; return an Exception for the key, or raise from load_many"
+    )
+    error = TypeError(msg)
+    error.__cause__ = value
+    return error
+
+
 def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
     """Fail one caller's future (unless it gave up), marking the error retrieved.
 
@@ -121,9 +152,7 @@ def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
     if future.done():
         return
     if isinstance(error, StopIteration):  # a future cannot hold one (nor raise it from a coro)
-        wrapped = RuntimeError(f"load_many gave a StopIteration: {error!r}")
-        wrapped.__cause__ = error
-        error = wrapped
+        error = _stop_iteration(error)
     future.set_exception(error)
     future.exception()
 
@@ -147,6 +176,7 @@ class Batch:
         "lead",
         "loop",
         "plain",
+        "running",
         "scope",
         "tracebacks",
         "values",
@@ -172,6 +202,7 @@ class Batch:
         self.done: anyio.Event | None = None  # made for coroutine waiters (see wait)
         self.scope: anyio.CancelScope | None = None  # the dispatch wait, cancelled when full
         self.full = False
+        self.running = False  # inside its load_many call (see RUNNING)
         self.finished = False
         self.values: Mapping[Any, Any] = {}
         self.error: BaseException | None = None  # the whole call failed
@@ -188,6 +219,8 @@ class Batch:
     def _raise(self, error: BaseException) -> NoReturn:
         """Raise ``error`` (shared by every caller of the batch) with the traceback it had
         when the batch got it: each caller's raise does not add to the next one's."""
+        if isinstance(error, StopIteration):  # from a coroutine: Python's unclear error
+            raise _stop_iteration(error)
         self.keep_traceback(error)
         assert self.tracebacks is not None
         raise error.with_traceback(self.tracebacks[id(error)])
@@ -202,9 +235,24 @@ class Batch:
                 return default
             msg = f"load_many returned no value for key {key!r}"
             raise KeyError(msg)
-        if isinstance(value, Exception):
-            self._raise(value)
+        if isinstance(value, BaseException):
+            if isinstance(value, Exception):
+                self._raise(value)
+            raise _not_raised(key, value)
         return value
+
+    def own(self, key: Any) -> None:
+        """Raise a :class:`RuntimeError` if the current task/context runs this batch's
+        ``load_many`` (``key`` is one of its keys, joined through the memo): waiting
+        for it would wait for itself forever. Call it only while :attr:`running`."""
+        if self in RUNNING.get():
+            msg = (
+                f"BatchLoader: load_many is waiting on its own batch: key {key!r} is in "
+                f"the batch this load_many call is loading (cache=True joins a key to its "
+                f"batch in flight), so it would wait for itself forever; load that key "
+                f"without the loader (or with another loader)"
+            )
+            raise RuntimeError(msg)
 
     def leave(self) -> None:
         """One caller stopped waiting: the last one to leave before the batch finished
@@ -243,7 +291,10 @@ class Batch:
         if aligned is not None:  # plain: every key has a future, no values dict needed
             futures = cast("Iterable[asyncio.Future[Any]]", keys.values())
             for plain_future, value in zip(futures, aligned, strict=True):
-                if isinstance(value, Exception):
+                if isinstance(value, BaseException):
+                    if not isinstance(value, Exception):  # the key, looked up only here
+                        key = next(k for k, f in keys.items() if f is plain_future)
+                        value = _not_raised(key, value)
                     _fail(plain_future, value)
                     continue
                 try:
@@ -262,7 +313,7 @@ class Batch:
         for key, future in keys.items():
             if future is not None:
                 value = get(key, MISSING)
-                if value is MISSING or isinstance(value, Exception):
+                if value is MISSING or isinstance(value, BaseException):
                     self.resolve(future, key, default)
                 else:  # the common case, inlined
                     try:

@@ -21,7 +21,7 @@ import anyio
 from .._core import instrument
 from .._core.backend import is_failure, is_stray_cancellation
 from .._core.owned import OwnedTaskGroup, leave
-from .batch import MISSING, Batch, read_mapping
+from .batch import MISSING, RUNNING, Batch, read_mapping
 
 __all__ = ["BatchDispatch", "LoadMany"]
 
@@ -206,8 +206,16 @@ class BatchDispatch(Generic[K, V]):
         if hook is not None:
             hook.batch(len(keys))
         given = keys.copy()  # load_many's own: sorting it cannot misalign the values
+        # a load that load_many makes through this loader, of a key of this batch (the
+        # memo), would wait for itself: it raises instead (Batch.own)
+        running = RUNNING.set((*RUNNING.get(), batch))
+        batch.running = True
         try:
-            result = await self._load_many(given)
+            try:
+                result = await self._load_many(given)
+            finally:
+                batch.running = False
+                RUNNING.reset(running)
             if _awaits_forgotten(result):
                 msg = (
                     "load_many returned coroutines as its values (`[fetch(k) for k in "
@@ -224,8 +232,8 @@ class BatchDispatch(Generic[K, V]):
             else:
                 batch.values = self._align(keys, result, given)
         except Exception as exc:
-            batch.error = exc
-            batch.keep_traceback(exc)
+            batch.error = _stop_iteration_raised(exc)
+            batch.keep_traceback(batch.error)
         except BaseException as exc:
             if not is_stray_cancellation(exc):
                 if is_failure(exc):  # KeyboardInterrupt-like: it goes on up; callers learn why
@@ -248,7 +256,14 @@ class BatchDispatch(Generic[K, V]):
         """``result`` as a mapping; ``given`` is the list ``load_many`` got (a copy of ``keys``)."""
         if isinstance(result, Mapping):
             return result if type(result) is dict else read_mapping(result, keys)
-        if isinstance(result, Sequence) and not isinstance(result, (str, bytes)):
+        if isinstance(result, (str, bytes, bytearray, memoryview)):  # Sequences of chars/ints
+            kind = type(result).__name__
+            msg = (
+                f"load_many returned a {kind}, not a list aligned with the keys (its items "
+                f"are characters or ints, not one value per key): return a list or a mapping"
+            )
+            raise TypeError(msg)
+        if isinstance(result, Sequence):
             if result is not given and given != keys:
                 msg = (
                     "load_many changed the list of keys it was given (sorted or edited it in "
@@ -276,8 +291,24 @@ class BatchDispatch(Generic[K, V]):
             if memo.get(key) is not batch:
                 continue
             value = batch.values.get(key, MISSING)
-            if batch.error is not None or value is MISSING or isinstance(value, Exception):
+            if batch.error is not None or value is MISSING or isinstance(value, BaseException):
                 del memo[key]
+
+
+def _stop_iteration_raised(error: Exception) -> Exception:
+    """``error``, unless it is Python's "coroutine raised StopIteration" (PEP 479: a
+    ``load_many`` that raised StopIteration): then the clear error every caller gets
+    for a StopIteration (one object for the batch, the original as its cause)."""
+    cause = error.__cause__
+    if (
+        type(error) is RuntimeError
+        and isinstance(cause, StopIteration)
+        and str(error).endswith("raised StopIteration")
+    ):
+        wrapped = RuntimeError(f"load_many gave a StopIteration: {cause!r}")
+        wrapped.__cause__ = error
+        return wrapped
+    return error
 
 
 def _awaits_forgotten(result: object) -> bool:

@@ -68,11 +68,14 @@ class BatchLoader(BatchDispatch[K, V]):
     * ``load_many(keys)`` returns a mapping ``{key: value}`` or a list aligned with
       ``keys``. A key missing from a mapping raises :class:`KeyError` to its
       callers only (or returns ``default``); an :class:`Exception` *instance* as a
-      value is raised to that key's callers only.
+      value is raised to that key's callers only (a :class:`BaseException` that is
+      not an :class:`Exception` is a :class:`TypeError` for that key: neither
+      raised nor returned).
     * If ``load_many`` itself raises, every caller of that batch gets **the same
       exception object**. A list of the wrong length, or a result that is neither
       a mapping nor a sequence, fails that batch's callers with a
-      :class:`ValueError` / :class:`TypeError` saying so: no caller hangs. A
+      :class:`ValueError` / :class:`TypeError` saying so: no caller hangs (a
+      ``str`` / ``bytes`` / ``bytearray`` / ``memoryview`` is not a list). A
       list is aligned with the keys *as given*: ``load_many`` that sorts its
       ``keys`` in place and returns a list fails the same way (sort a copy).
     * ``cache=False`` (default) loads a key again in each new batch;
@@ -208,6 +211,13 @@ class BatchLoader(BatchDispatch[K, V]):
             known = self._memo.get(key)
             if known is not None:
                 if future is not None:
+                    if known.running:  # load_many loading a key of its own batch?
+                        try:
+                            known.own(key)
+                        except RuntimeError as exc:
+                            future.set_exception(exc)
+                            future.exception()  # retrieved: no "never retrieved" log
+                            return known
                     if known.finished:
                         known.resolve(future, key, self._default)
                     else:
@@ -270,9 +280,14 @@ class BatchLoader(BatchDispatch[K, V]):
             KeyError: ``load_many`` gave no value for ``key`` (and no ``default``).
             Exception: the exception ``load_many`` returned for ``key``, or raised
                 for the whole batch.
+            TypeError: ``load_many`` gave ``key`` a value that is a
+                :class:`BaseException` but not an :class:`Exception`.
             RuntimeError: the loader was closed before the batch ran, or
                 ``load_many`` raised a ``KeyboardInterrupt``-like error (its
-                ``__cause__``; it goes on up from the task that ran the batch).
+                ``__cause__``; it goes on up from the task that ran the batch), or
+                gave a ``StopIteration``; or (``cache=True``) this load runs inside
+                the ``load_many`` call of the batch ``key`` is in, and would wait
+                for itself.
         """
         batch = self._batch
         if batch is None or batch.loop is None:
@@ -332,11 +347,13 @@ class BatchLoader(BatchDispatch[K, V]):
                     self._flush(batch)
             batch.plain = False  # this waiter reads batch.values (see _enqueue)
         if not batch.finished:
+            if batch.running:  # load_many loading a key of its own batch?
+                batch.own(key)
             batch.waiters += 1
             await self._wait((batch,))
         if batch.error is None:
             value = batch.values.get(key, MISSING)
-            if value is not MISSING and not isinstance(value, Exception):
+            if value is not MISSING and not isinstance(value, BaseException):
                 return cast("V", value)
         return cast("V", batch.result(key, self._default))
 
@@ -346,7 +363,10 @@ class BatchLoader(BatchDispatch[K, V]):
         Raises:
             TypeError: ``keys`` is not an iterable of hashable keys, or is a
                 ``str`` / ``bytes`` (checked before any key is queued).
-            Exception: the first failing key's error, in the order of ``keys``.
+            Exception: the first failing key's error, in the order of ``keys``
+                (the errors :meth:`load` raises).
+            RuntimeError: (``cache=True``) called inside the ``load_many`` call of
+                a batch one of ``keys`` is in: it would wait for itself.
         """
         given: object = keys
         if not isinstance(given, Iterable):
@@ -376,6 +396,14 @@ class BatchLoader(BatchDispatch[K, V]):
         if waiting:
             for batch in waiting:
                 batch.waiters += 1
+            for batch in waiting:
+                if batch.running:  # load_many loading a key of its own batch?
+                    try:
+                        batch.own(next(k for k in keys if batches[k] is batch))
+                    except RuntimeError:
+                        for joined in waiting:  # this caller leaves them all
+                            joined.leave()
+                        raise
             await self._wait(waiting)
         default = self._default
         return [cast("V", batches[key].result(key, default)) for key in keys]
