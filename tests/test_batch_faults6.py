@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -95,7 +96,18 @@ async def test_the_batch_of_a_cancelled_only_caller_is_cancelled(
 
 @asyncio_only
 @entered_or_not
-@pytest.mark.parametrize("how", ["task.cancel", "asyncio.timeout"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "task.cancel",
+        pytest.param(
+            "asyncio.timeout",
+            marks=pytest.mark.skipif(
+                sys.version_info < (3, 11), reason="asyncio.timeout: Python 3.11+"
+            ),
+        ),
+    ],
+)
 async def test_asyncio_native_cancellation_of_the_only_caller_cancels_its_batch(
     entered: bool, how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
