@@ -123,13 +123,7 @@ class BatchDispatch(Generic[K, V]):
         """
         led = [batch for batch in batches if batch.lead]
         if not led:
-            try:
-                for batch in batches:
-                    if not batch.finished:
-                        await batch.wait()
-            finally:
-                for batch in batches:
-                    batch.leave()
+            await _wait_then_leave(batches)
             return
         for batch in led:
             batch.lead = False
@@ -137,13 +131,7 @@ class BatchDispatch(Generic[K, V]):
         await tg.__aenter__()
         try:
             tg.start_soon(self._run_led, led)
-            try:
-                for batch in batches:
-                    if not batch.finished:
-                        await batch.wait()
-            finally:
-                for batch in batches:
-                    batch.leave()
+            await _wait_then_leave(batches)
         except BaseException as exc:  # this caller's cancellation, or load_many's interrupt
             # waits for the led batches (each goes on while a caller waits for it); a
             # KeyboardInterrupt-like error of load_many comes out as itself, else this
@@ -333,3 +321,15 @@ def _awaits_forgotten(result: object) -> bool:
         if inspect.iscoroutine(value):
             value.close()
     return True
+
+
+async def _wait_then_leave(batches: Sequence[Batch]) -> None:
+    """Wait for each batch to finish, then leave each (also when cancelled meanwhile:
+    the last caller to leave a batch cancels it, see :meth:`BatchDispatch._abandon`)."""
+    try:
+        for batch in batches:
+            if not batch.finished:
+                await batch.wait()
+    finally:
+        for batch in batches:
+            batch.leave()
