@@ -14,6 +14,8 @@ that client's connection: the command ran, the client sees a reset (redis-py
 then sends it again on a new connection, as its ``retry`` does);
 ``reset_after_reply_to(marker)`` does so for the reply to the next request that
 holds ``marker`` (a script's sha), whatever replies other commands get first.
+``stall_at(marker)`` begins the stall with the next request that holds ``marker``
+(that request is held): what was sent before it gets through.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class StallProxy:
         self._flushed = anyio.Event()
         self._reset_next = False
         self._reset_marker: bytes | None = None
+        self._stall_marker: bytes | None = None
         self.refused = self.held = self.replies = self.resets = 0
 
     @property
@@ -69,6 +72,11 @@ class StallProxy:
         """Drop the reply to the next request holding ``marker``, and reset that
         client's connection (as :meth:`reset_after_next_reply`)."""
         self._reset_marker = marker
+
+    def stall_at(self, marker: bytes) -> None:
+        """Begin the stall (as :meth:`stall`) with the next request holding ``marker``
+        (a script's sha): that request is the first one held."""
+        self._stall_marker = marker
 
     def let_new_through(self) -> None:
         """Let new connections (and what is sent from now on) through, still holding
@@ -134,6 +142,10 @@ class StallProxy:
             if marker is not None and marker in data:
                 self._reset_marker = None
                 armed[0] = True
+            stall_at = self._stall_marker
+            if stall_at is not None and stall_at in data:
+                self._stall_marker = None
+                self.stall()
             if self._stalled:
                 self.held += 1
                 self._pending += 1

@@ -28,7 +28,7 @@ from ._common import jittered, lease_seconds, new_token, validate_client
 from ._give_back import give_back_once_answered, left_to_expire, timed_out, void_key
 from ._lease import keep_renewed
 from ._limiter_rate import Line, Turn, Turns
-from ._limiter_scripts import ACQUIRE, RENEW, RESERVE, UNRESERVE, VOID
+from ._limiter_scripts import ACQUIRE, RENEW, RESERVE, UNRESERVE, VOID, VOID_TURN
 from ._outage import Down, Guard
 from ._stats import RedisLimiterStatistics
 
@@ -211,20 +211,22 @@ class RedisLimiter:
         self._reserve_script = redis.register_script(RESERVE)
         self._unreserve_script = redis.register_script(UNRESERVE)
         self._void_script = redis.register_script(VOID)
+        self._line = Line()  # this process's callers waiting for a start
         self._turns = Turns(
-            redis,
             self._guard,
             self._reserve_script,
             self._unreserve_script,
+            redis.register_script(VOID_TURN),
             f"{base}:rate",
+            line=self._line,
             interval_ms=1000.0 / self._rate if self._rate is not None else 0.0,
             burst=self._burst,
             now=self._now,
             what=self._what,
             lease=self._lease,
+            poll=self._poll,
         )
         self._holds: dict[int, list[_Hold]] = {}
-        self._line = Line()  # this process's callers waiting for a start
         self._waiting = 0
         self._fallbacks = 0
         self._lost = 0
@@ -323,7 +325,8 @@ class RedisLimiter:
             self._waiting -= 1
 
     async def _reserve(self) -> Turn:
-        """Reserve the next start: the seconds to wait for it, and how to give it back."""
+        """Reserve the next start: the seconds to wait for it, and how to give it back
+        (called by the head of the line; raising, it has passed the line on)."""
         return await self._turns.reserve()
 
     async def _give_back(self, token: str, *, log: bool = True, void: bool = False) -> None:
@@ -385,8 +388,8 @@ class RedisLimiter:
         """Wait for a start: in line (first come, first served), then, at the head,
         reserve one in Redis and sleep until it (see :mod:`._limiter_rate`)."""
         await self._line.join()
+        turn = await self._reserve()  # raising, it has passed the line on
         try:
-            turn = await self._reserve()
             if turn.delay > 0:
                 try:
                     await anyio.sleep(turn.delay)

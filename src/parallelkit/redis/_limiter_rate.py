@@ -11,26 +11,38 @@ later reservation still stands stays in Redis as a *hole*, and the next
 reservation of any process takes it if its time has not come yet (reservations
 already made elsewhere do not move up: a hole nobody reserves in time is lost).
 No two starts are ever closer than the rate allows.
+
+Each reservation is recorded under its caller's token (:func:`turn_key`) until
+its start has passed: a reservation whose reply never came (cancelled, timed out,
+its connection reset) is given back from there, and a copy that redis-py sends
+again after a reset finds it and gets the same start, not a second one. That
+give-back leaves a tombstone in its place (for ``lease``), so a reservation it
+overtook (held in a stall on another connection) takes nothing when it runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 import anyio
 from anyio.lowlevel import EventLoopToken, current_token
-from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from typing_extensions import final
 
 from ._common import new_token
-from ._give_back import left_to_expire
+from ._give_back import give_back_once_answered, left_to_expire, timed_out
 from ._outage import Down, Guard
 
-__all__ = ["Line", "Turn", "Turns"]
+__all__ = ["Line", "Turn", "Turns", "turn_key"]
+
+
+def turn_key(rate_key: str, token: str) -> str:
+    """The record of the reservation ``token`` made (``"before after"``), or its
+    tombstone (``"void"``): next to ``rate_key`` (the same Redis Cluster slot)."""
+    return f"{rate_key}:turn:{token}"
 
 
 class Turn(NamedTuple):
@@ -96,11 +108,16 @@ class Turns:
     Args:
         reserve: the ``RESERVE`` script, registered.
         unreserve: the ``UNRESERVE`` script, registered.
-        rate_key: the GCRA arrival time's key (``...:rate``); the last
-            reservation's record and the holes live next to it.
+        void: the ``VOID_TURN`` script, registered.
+        rate_key: the GCRA arrival time's key (``...:rate``); the reservations'
+            records (:func:`turn_key`) and the holes live next to it.
+        line: this process's callers waiting for a start: :meth:`reserve` is
+            called by its head, and passes it on when it fails.
         now: the scripts' clock argument (``""``: Redis ``TIME``).
         what: the limiter, for the log.
-        lease: the bound of a give-back when the guard has no ``command_timeout``.
+        lease: the bound of a give-back when the guard has no ``command_timeout``,
+            and of the retries of a give-back after a timeout; a tombstone's life.
+        poll: the pause between those retries.
     """
 
     __slots__ = (
@@ -108,42 +125,46 @@ class Turns:
         "_guard",
         "_holes_key",
         "_interval_ms",
-        "_last_key",
         "_lease",
+        "_line",
         "_now",
+        "_poll",
         "_rate_key",
-        "_redis",
         "_reserve",
         "_unreserve",
+        "_void",
         "_what",
     )
 
     def __init__(
         self,
-        redis: Redis,
         guard: Guard,
         reserve: AsyncScript,
         unreserve: AsyncScript,
+        void: AsyncScript,
         rate_key: str,
         *,
+        line: Line,
         interval_ms: float,
         burst: int,
         now: Callable[[], str],
         what: str,
         lease: float,
+        poll: float,
     ) -> None:
-        self._redis = redis
         self._guard = guard
         self._rate_key = rate_key
         self._holes_key = f"{rate_key}:holes"
-        self._last_key = f"{rate_key}:last"
+        self._line = line
         self._interval_ms = interval_ms
         self._burst = burst
         self._now = now
         self._what = what
         self._lease = lease
+        self._poll = poll
         self._reserve = reserve  # the scripts of _limiter_scripts, registered
         self._unreserve = unreserve
+        self._void = void
 
     @property
     def _limit(self) -> float:
@@ -151,37 +172,59 @@ class Turns:
 
     async def reserve(self) -> Turn:
         """Reserve the next start (a start given back first): the seconds to wait for
-        it, and how to give it back."""
+        it, and how to give it back. Called by the head of the line; raising, it has
+        passed the line on (before the retries of a give-back after a timeout)."""
         token = new_token()
-        args: list[float | str] = [self._interval_ms, self._burst, token, self._now()]
-        keys = [self._rate_key, self._last_key, self._holes_key]
-        command = self._reserve(keys=keys, args=args)
+        keys = [self._rate_key, turn_key(self._rate_key, token), self._holes_key]
+        sent = anyio.current_time()
+        command = None  # the clock may raise before
         try:
+            args: list[float | str] = [self._interval_ms, self._burst, self._now()]
+            command = self._reserve(keys=keys, args=args)
             delay, before, after = await self._guard.call("reserve", command)
         except BaseException as exc:
             # cancelled (or timed out, or the connection reset) with the reply on its
             # way: the script may have reserved a start that every later caller would
-            # wait behind; not when the command was never sent
-            if not isinstance(exc, Down) or exc.sent:
-                with contextlib.suppress(Exception):  # raise the reserve's error
-                    await self._give_back_lost(token)
+            # wait behind, or run later (the tombstone: it takes nothing then); not
+            # when the command was never sent. Timed out: a stalled Redis may run it
+            # when it answers again: a give-back is tried until Redis answers one,
+            # the line passed on first (the callers behind need not wait for that)
+            passed = False
+            try:
+                if command is not None and (not isinstance(exc, Down) or exc.sent):
+                    with contextlib.suppress(Exception):  # raise the reserve's error
+                        if timed_out(exc):
+                            self._line.pass_on()
+                            passed = True
+                            await give_back_once_answered(
+                                self._guard,
+                                lambda: self._void_command(keys),
+                                until=sent + self._lease,
+                                pause=self._poll,
+                            )
+                        else:
+                            await self._give_back_lost(keys)
+            finally:
+                if not passed:
+                    self._line.pass_on()
             raise
         return Turn(float(delay) / 1000, bytes(before), bytes(after))
 
-    async def _give_back_lost(self, token: str) -> None:
-        """Give back the start ``token`` reserved if its reply never came: found in the
-        last reservation's record while no later one replaced it (then, the start
-        stays taken, as after an outage). Shielded and bounded, as a slot."""
+    def _void_command(self, keys: list[str]) -> Awaitable[object]:
+        """``VOID_TURN``: give back the start found in the reservation's record, and
+        leave its tombstone (for ``lease``)."""
+        command: Awaitable[object] = self._void(
+            keys=keys, args=[round(self._lease * 1000), self._now()]
+        )
+        return command
+
+    async def _give_back_lost(self, keys: list[str]) -> None:
+        """Give back the start a reservation whose reply never came may have taken, and
+        leave its tombstone: one try, shielded and bounded, as a slot's (down: the
+        start stays taken, as after an outage)."""
         limit = self._limit
         with anyio.move_on_after(limit, shield=True):
-            try:
-                command = self._redis.get(self._last_key)
-                last = await self._guard.call("unreserve", command, force=True, timeout=limit)
-            except Down:
-                return
-            parts = (last.encode() if isinstance(last, str) else last or b"").split(b" ")
-            if len(parts) == 3 and parts[0] == token.encode():
-                await self.give_back(Turn(0.0, parts[1], parts[2]))
+            await self._guard.call("unreserve", self._void_command(keys), force=True, timeout=limit)
 
     async def give_back(self, turn: Turn) -> None:
         """Give back a start its caller will not take (shielded, bounded, as a slot):

@@ -3,7 +3,7 @@ sorted set) and the start rate (GCRA), each one atomic step in Redis."""
 
 from __future__ import annotations
 
-__all__ = ["ACQUIRE", "RENEW", "RESERVE", "UNRESERVE", "VOID"]
+__all__ = ["ACQUIRE", "RENEW", "RESERVE", "UNRESERVE", "VOID", "VOID_TURN"]
 
 # `now` in ms: the caller's clock when it passes one (the last ARGV), else Redis TIME
 NOW_MS = """
@@ -61,21 +61,32 @@ local removed = redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 return removed
 """
-# KEYS[1] the GCRA "theoretical arrival time" (ms), KEYS[2] the last reservation,
-# KEYS[3] the holes (UNRESERVE's); ARGV[1] interval (ms), ARGV[2] burst, ARGV[3]
-# the caller's token. Reserves the next start; returns how long to wait for it
-# (ms), and the time before and after this reservation (what UNRESERVE needs), all
-# strings. A start given back while later ones stand (a hole) is taken first, the
-# earliest, if its time has not come yet (a later start would be closer to the
-# reservation after it than the rate allows): the turn a caller gave up goes to
-# the next one. KEYS[2] keeps "token before after" of the latest reservation: a
-# caller whose reply never came (cancelled with it on its way) finds there what
-# to give back.
+# KEYS[1] the GCRA "theoretical arrival time" (ms), KEYS[2] the caller's turn (its
+# token's record, or its tombstone), KEYS[3] the holes (UNRESERVE's); ARGV[1]
+# interval (ms), ARGV[2] burst. Reserves the next start; returns how long to wait
+# for it (ms), and the time before and after this reservation (what UNRESERVE
+# needs), all strings. A start given back while later ones stand (a hole) is taken
+# first, the earliest, if its time has not come yet (a later start would be closer
+# to the reservation after it than the rate allows): the turn a caller gave up goes
+# to the next one. KEYS[2] keeps "before after" of this reservation until its start
+# has passed: a caller whose reply never came (cancelled with it on its way) gives
+# back what VOID_TURN finds there, and a copy of this script that redis-py sends
+# again after a reset (Redis had run the first) gets the same start, not a second
+# one. A tombstone there (VOID_TURN's: its caller gave up before this ran) makes it
+# take nothing (its reply, empty, goes to nobody).
 RESERVE = (
     NOW_MS
     + """
 local interval = tonumber(ARGV[1])
 local window = (tonumber(ARGV[2]) - 1) * interval
+local mine = redis.call('GET', KEYS[2])
+if mine == 'void' then return {} end
+if mine then
+  local before, after = string.match(mine, '^(%S*) (%S+)$')
+  local start = tonumber(after) - interval - window
+  if start < now then start = now end
+  return {string.format('%.3f', start - now), before, after}
+end
 local holes = redis.call('HGETALL', KEYS[3])
 local hole
 for i = 1, #holes, 2 do
@@ -88,55 +99,77 @@ if hole then
   local start = tonumber(after) - interval - window
   if start < now then start = now end
   local ttl = math.ceil(tonumber(after) - now) + 1000
-  redis.call('SET', KEYS[2], ARGV[3] .. ' ' .. earlier .. ' ' .. after, 'PX', ttl)
+  redis.call('SET', KEYS[2], earlier .. ' ' .. after, 'PX', ttl)
   return {string.format('%.3f', start - now), earlier, after}
 end
 local before = redis.call('GET', KEYS[1]) or ''
 local tat = tonumber(before) or 0
 if tat < now then tat = now end
-local start = tat - (tonumber(ARGV[2]) - 1) * interval
+local start = tat - window
 if start < now then start = now end
 local new_tat = tat + interval
 local after = string.format('%.3f', new_tat)
 local ttl = math.ceil(new_tat - now) + 1000
 redis.call('SET', KEYS[1], after, 'PX', ttl)
-redis.call('SET', KEYS[2], ARGV[3] .. ' ' .. before .. ' ' .. after, 'PX', ttl)
+redis.call('SET', KEYS[2], before .. ' ' .. after, 'PX', ttl)
 return {string.format('%.3f', start - now), before, after}
 """
 )
-# KEYS[1] the arrival time, KEYS[2] the holes (after -> before); ARGV[1] before,
-# ARGV[2] after (as RESERVE returned them). Gives back a start that will not happen
-# (its caller was cancelled while it waited), as the in-process Limiter does: the
-# last reservation is undone at once (with any given back before it that it was
-# waiting behind); one with later reservations still standing is kept as a hole
-# until those are given back too. 1 if undone, 0 if kept as a hole.
-UNRESERVE = (
-    NOW_MS
-    + """
-if redis.call('GET', KEYS[1]) == ARGV[2] then
-  local tat = ARGV[1]
+# Gives back the start `before` .. `after` (locals), as the in-process Limiter
+# does: the last reservation (at `tat_key`) is undone at once (with any given back
+# before it that it was waiting behind, kept at `holes_key`); one with later
+# reservations still standing is kept as a hole until those are given back too.
+# 1 if undone, 0 if kept as a hole.
+_UNDO = """
+if redis.call('GET', tat_key) == after then
+  local tat = before
   while tat ~= '' do
-    local earlier = redis.call('HGET', KEYS[2], tat)
+    local earlier = redis.call('HGET', holes_key, tat)
     if not earlier then break end
-    redis.call('HDEL', KEYS[2], tat)
+    redis.call('HDEL', holes_key, tat)
     tat = earlier
   end
   if tat == '' or tonumber(tat) <= now then
-    redis.call('DEL', KEYS[1])
+    redis.call('DEL', tat_key)
   else
-    redis.call('SET', KEYS[1], tat, 'PX', math.ceil(tonumber(tat) - now) + 1000)
+    redis.call('SET', tat_key, tat, 'PX', math.ceil(tonumber(tat) - now) + 1000)
   end
   return 1
 end
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[1])
-if redis.call('HLEN', KEYS[2]) > 64 then
-  local holes = redis.call('HGETALL', KEYS[2])
+redis.call('HSET', holes_key, after, before)
+if redis.call('HLEN', holes_key) > 64 then
+  local holes = redis.call('HGETALL', holes_key)
   for i = 1, #holes, 2 do
-    if tonumber(holes[i]) <= now then redis.call('HDEL', KEYS[2], holes[i]) end
+    if tonumber(holes[i]) <= now then redis.call('HDEL', holes_key, holes[i]) end
   end
 end
-local left = redis.call('PTTL', KEYS[1])
-if left > 0 then redis.call('PEXPIRE', KEYS[2], left) end
+local left = redis.call('PTTL', tat_key)
+if left > 0 then redis.call('PEXPIRE', holes_key, left) end
 return 0
 """
+# KEYS[1] the arrival time, KEYS[2] the holes (after -> before); ARGV[1] before,
+# ARGV[2] after (as RESERVE returned them). Gives back a start that will not happen
+# (its caller was cancelled while it waited): see _UNDO.
+UNRESERVE = (
+    NOW_MS
+    + """
+local tat_key, holes_key, before, after = KEYS[1], KEYS[2], ARGV[1], ARGV[2]
+"""
+    + _UNDO
+)
+# KEYS as RESERVE's; ARGV[1] the tombstone's life (ms). Gives back the start a
+# RESERVE whose reply never came may have reserved (found in its turn's record:
+# as UNRESERVE, 1 or 0; 2 if it has not run), and leaves a tombstone there that
+# makes it take nothing if it runs later (or again: redis-py sends a command again
+# after a reset).
+VOID_TURN = (
+    NOW_MS
+    + """
+local mine = redis.call('GET', KEYS[2])
+redis.call('SET', KEYS[2], 'void', 'PX', ARGV[1])
+if not mine or mine == 'void' then return 2 end
+local tat_key, holes_key = KEYS[1], KEYS[3]
+local before, after = string.match(mine, '^(%S*) (%S+)$')
+"""
+    + _UNDO
 )
