@@ -16,8 +16,9 @@ settle mode are :func:`parallelkit.map`'s own (this module runs its engine over
 * results come back in input order (:func:`imap` streams them);
 * fail-fast stops kicking and raises the worker's exception as its **original
   type**, with the worker's traceback text as its ``__cause__``
-  (:class:`RemoteTraceback`); items already kicked are not recalled, so at most
-  ``limit`` items may still run after a failure;
+  (:class:`RemoteTraceback`); the messages of the others that no worker has
+  taken yet are taken back, the taken ones run to their end (at most ``limit``),
+  and the workers send no retry of them;
 * ``settle=True`` returns one :class:`~parallelkit.Outcome` per item.
 
 Delivery is **at least once**: with :func:`redis_broker` (Redis streams with

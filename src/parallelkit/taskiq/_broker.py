@@ -31,7 +31,7 @@ from .._core.retry import Retry
 from ._completions import LABEL_DONE
 from ._middlewares import TracebackMiddleware, retry_middleware
 from ._outage import Outage, patiently
-from ._stream import RECALL, RECALL_TASK, TRIM, WHERE, moved
+from ._stream import RETRY_KEY_MS, TRIM, WHERE, kick_retry, moved, recall
 
 logger = logging.getLogger("parallelkit.taskiq")
 
@@ -91,8 +91,6 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
 
     _pk_where_script: Any = None
     _pk_trim_script: Any = None
-    _pk_recall_script: Any = None
-    _pk_recall_task_script: Any = None
     #: trim acknowledged messages older than this many ms (``redis_broker``: its
     #: ``result_ttl``); ``None``: keep every message, as upstream
     _pk_trim_after: int | None = None
@@ -110,15 +108,28 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
         at least once anyway). The id Redis gives the message is kept for the
         kicking task (:data:`KICKED`): :func:`map` checks where it is while it
         waits for its result (``_pk_where``).
+
+        A worker's retry (a message with Taskiq's ``_retries`` label) is appended
+        only if its item's caller has not left (see :meth:`_pk_recall`), in the same
+        atomic step: a retry nobody waits for is not sent (logged at INFO).
         """
         queue_name = message.labels.get("queue_name") or self.queue_name
-        msg_id = await patiently(
-            self._client().xadd,
-            queue_name,
-            {b"data": message.message},
-            maxlen=self.maxlen,
-            approximate=self.approximate,
-        )
+        client, cap, approximate = self._client(), self.maxlen, self.approximate
+        if "_retries" in message.labels:  # a worker's retry (Taskiq's retry middlewares)
+            life = self._pk_trim_after or RETRY_KEY_MS  # (as long as a result)
+            msg_id = await patiently(
+                kick_retry, client, queue_name, message, cap, approximate, life
+            )
+            if msg_id is None:  # sent for nobody: its caller has left (_pk_recall)
+                logger.info(
+                    "%s [%s] not retried: its caller has left", message.task_name, message.task_id
+                )
+                return
+        else:
+            data: Any = {b"data": message.message}
+            msg_id = await patiently(
+                client.xadd, queue_name, data, maxlen=cap, approximate=approximate
+            )
         KICKED.set((message.task_id, queue_name, msg_id))
 
     async def _pk_where(self, stream: str, msg_id: Any) -> str:
@@ -143,22 +154,11 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
         return where.decode() if isinstance(where, bytes) else str(where)
 
     async def _pk_recall(self, stream: str, msg_id: Any = None, task_id: str = "") -> bool:
-        """Delete the message ``msg_id`` from ``stream`` if no consumer group has
-        delivered it yet (no worker will then run it); ``False`` if one has, or it
-        is gone. Without ``msg_id`` (a kick cut short), the newest message carrying
-        ``task_id``. One atomic script (:data:`._stream.RECALL`,
-        :data:`._stream.RECALL_TASK`), one round trip."""
-        client = self._client()
-        if msg_id is None:
-            if self._pk_recall_task_script is None:
-                self._pk_recall_task_script = client.register_script(RECALL_TASK)
-            script, args = self._pk_recall_task_script, [task_id]
-        else:
-            if self._pk_recall_script is None:
-                self._pk_recall_script = client.register_script(RECALL)
-            script, args = self._pk_recall_script, [msg_id]
-        deleted: Any = await script(keys=[stream], args=args, client=client)
-        return bool(deleted)
+        """Take back what is left queued of the item of ``task_id`` (its message
+        ``msg_id``; ``None``: a kick cut short); if a worker took it, mark the item
+        so that no retry of it is sent: see :func:`._stream.recall`."""
+        life = self._pk_trim_after or RETRY_KEY_MS  # (as long as a result)
+        return await recall(self._client(), stream, msg_id, task_id, life)
 
     async def _pk_moved(self, stream: str, msg_id: Any, task_id: str) -> Any | None:
         """The id of the newest message after ``msg_id`` in ``stream`` that carries

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import pickle
-import reprlib
 from collections.abc import AsyncIterable, Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Literal, TypeVar, overload
 
@@ -28,6 +27,7 @@ from ._completions import LABEL_DONE, Completions
 from ._outage import patiently
 from ._rate import SupportsRate, rate_gate
 from ._remote_errors import remote_error as _remote_error  # (tests reach it here)
+from ._remote_errors import shown as _shown
 
 __all__ = ["SupportsRate", "imap", "map"]
 
@@ -46,16 +46,6 @@ _POLL_MAX = 0.05
 _CHECK_EVERY = 1.0
 #: seconds an item that ends without its result tries to take its message back
 _RECALL_WAIT = 1.0
-
-
-#: an item as error messages show it: bounded (an item may be a large dict), and never
-#: failing (a repr that raises, as a detached ORM object's may, is shown by its type)
-_SHORT = reprlib.Repr()
-_SHORT.maxstring = _SHORT.maxother = 160
-
-
-def _shown(item: object) -> str:
-    return _SHORT.repr(item)
 
 
 class _Kick:
@@ -108,12 +98,17 @@ class _Kick:
         self._name: str = task.task_name
         self._returns: Any = task.return_type  # what a result is parsed into (or None)
 
-    def configure(self, rate: object, timeout: object) -> None:
-        """Check and keep ``timeout`` and ``rate`` (in ``pk.map``'s order)."""
-        self._timeout = number_or_none("timeout", timeout)
-        self._gate = rate_gate(rate)
+    def configure(self, rate: object, timeout: object) -> Exception | None:
+        """Check and keep ``timeout`` and ``rate`` (in ``pk.map``'s order); a bad one's
+        error is returned: raised after the checks ``pk.map`` makes before, not ``retry``'s."""
+        try:
+            self._timeout = number_or_none("timeout", timeout)
+            self._gate = rate_gate(rate)
+        except (TypeError, ValueError) as exc:
+            return exc
         if self._timeout is not None:  # the worker stops the attempt too
             self._labels["timeout"] = self._timeout
+        return None
 
     def _parse(self, value: Any) -> Any:
         """``value`` parsed into the task's return type, as Taskiq does; the raw
@@ -353,16 +348,16 @@ async def map(
             that to keep workers busy while results travel back. ``None`` kicks
             every item at once, reading the whole input first.
         rate: most kicks per second: a number (an in-process
-            :class:`~parallelkit.Limiter`), a :class:`SupportsRate` such as a
-            shared :class:`~parallelkit.Limiter`, or a shared limiter such as
-            ``parallelkit.redis.RedisLimiter(..., rate=25)``, entered once per kick,
-            to hold one global rate across all producers.
+            :class:`~parallelkit.Limiter`), a :class:`SupportsRate` such as a shared
+            :class:`~parallelkit.Limiter`, or a shared limiter such as
+            ``parallelkit.redis.RedisLimiter(..., rate=25)``, entered once per kick, to
+            hold one global rate across all producers. A limiter without a
+            rate (``Limiter(concurrency=2)``) is refused, as in ``pk.map``.
         timeout: seconds from kicking an item until its result is back (time
             queued, retries and all; not the wait for ``rate``, before the kick);
-            past it the item fails with
-            :class:`TimeoutError`. The worker is told the same timeout, so it
-            stops an attempt that runs longer; a message no worker has taken by
-            then is taken back.
+            past it the item fails with :class:`TimeoutError`. The worker is told
+            the same timeout, so it stops an attempt that runs longer; a message no
+            worker has taken by then is taken back, and the workers do not retry it.
         retry: a :class:`~parallelkit.Retry` (or a ``tenacity.AsyncRetrying``), as
             in :func:`parallelkit.map`: an item whose result is an error the policy
             retries is kicked again from here, as a new message, ``timeout`` applying
@@ -381,7 +376,8 @@ async def map(
             original type when the producer can import it, the worker's traceback
             as ``__cause__`` (:class:`RemoteTraceback`), an exception group with
             its members; no new item is kicked after it. The messages of the
-            others no worker has taken yet are taken back; taken ones still run.
+            others no worker has taken yet are taken back; taken ones still run,
+            and are not retried by the workers.
         TimeoutError: an item's result did not come back within ``timeout``.
         parallelkit.ParallelkitError: an item's message was acknowledged without
             a result twice (sent again once after the first): no worker registers
@@ -404,8 +400,11 @@ async def map(
         ```
     """
     call = _Kick(task)
-    options = map_options(call, items, limit, None, None, retry, settle, progress)
-    call.configure(rate, timeout)
+    bad = call.configure(rate, timeout)  # pk.map's order: ..., limit, timeout, rate, retry
+    checked = retry if bad is None else None
+    options = map_options(call, items, limit, None, None, checked, settle, progress)
+    if bad is not None:
+        raise bad
     if call.completions is None or size_of(items) == 0:  # (nothing to subscribe for)
         return await run_items(options.call, items, options.workers, settle, progress)
     async with call.completions:
@@ -456,7 +455,8 @@ def imap(
     result at once: an ``async with`` block like :class:`parallelkit.imap`, with
     memory O(``limit``). Results come in completion order, or input order with
     ``ordered=True``. Leaving the block stops kicking and stops waiting; the
-    messages no worker has taken yet are taken back (taken ones still run).
+    messages no worker has taken yet are taken back (taken ones still run, and
+    are not retried by the workers).
 
     Args:
         task: the Taskiq task, as in :func:`map`.
@@ -479,10 +479,13 @@ def imap(
         ```
     """
     call = _Kick(task)
+    bad = call.configure(rate, timeout)  # pk.imap's order, as in map
+    checked = retry if bad is None else None
     stream: _imap[Any] = _imap(
-        call, items, limit=limit, ordered=ordered, retry=retry, settle=settle
+        call, items, limit=limit, ordered=ordered, retry=checked, settle=settle
     )  # type: ignore[call-overload]
-    call.configure(rate, timeout)
+    if bad is not None:
+        raise bad
     if size_of(items) != 0:  # (an empty input subscribes to nothing)
         stream.around = call.completions  # subscribed while the stream is open
     return stream

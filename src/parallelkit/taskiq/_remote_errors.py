@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import reprlib
 import sys
 from types import ModuleType
 from typing import Any
@@ -16,7 +17,17 @@ from taskiq.serialization import create_exception_cls
 
 from ._middlewares import LABEL_ERROR_GROUP, LABEL_ERROR_TYPE, LABEL_TRACEBACK, RemoteTraceback
 
-__all__ = ["remote_error"]
+__all__ = ["remote_error", "shown"]
+
+#: an item as error messages show it: bounded (an item may be a large dict), and never
+#: failing (a repr that raises, as a detached ORM object's may, is shown by its type)
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 160
+
+
+def shown(item: object) -> str:
+    """``item`` as an error message shows it (see :data:`_SHORT`)."""
+    return _SHORT.repr(item)
 
 
 def remote_error(result: TaskiqResult[Any], task_id: str, name: str) -> Exception:

@@ -1,6 +1,6 @@
 """What the producer and the workers ask a Redis stream about its messages.
 
-Two Lua scripts (one round trip each, atomic) and a scan:
+Lua scripts (one round trip each, atomic) and a scan:
 
 * :data:`WHERE`: where a message is for a consumer group: gone, queued, taken
   (pending) or passed (delivered and acknowledged, or skipped by a group created
@@ -9,8 +9,11 @@ Two Lua scripts (one round trip each, atomic) and a scan:
   than the results' TTL; a worker runs it at each pass of its read loop.
 * :data:`RECALL`: take a message back from the stream if no consumer group has
   delivered it yet; an item that ends without its result (its call cancelled or
-  failed, its timeout) runs it once.
-* :data:`RECALL_TASK`: the same, for a kick cut short, found by its task id.
+  failed, its timeout, a kick cut short) runs it once. If a worker has taken it,
+  the item's :func:`retry_key` is marked gone, and a retry already queued is
+  taken back.
+* :data:`KICK_RETRY`: a worker sends a retry only if that key is not marked gone,
+  and keeps the retry's id in it.
 * :func:`moved`: the worker's retry of a message (a later message, same task id).
 """
 
@@ -19,8 +22,14 @@ from __future__ import annotations
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+from taskiq.message import BrokerMessage
 
-__all__ = ["RECALL", "RECALL_TASK", "TRIM", "WHERE", "moved"]
+__all__ = ["KICK_RETRY", "RECALL", "RETRY_KEY_MS", "TRIM", "WHERE", "kick_retry", "moved",
+           "recall", "retry_key"]  # fmt: skip
+
+#: ms a :func:`retry_key` lives, by default (a day: ``redis_broker``'s results)
+RETRY_KEY_MS = 86_400_000
 
 #: where a message is for a consumer group (``_pk_where``); KEYS[1] the stream,
 #: ARGV[1] the group, ARGV[2] the message id. Ids compare as (ms, seq) numbers.
@@ -49,58 +58,78 @@ for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
 end
 return 'queued'
 """
-#: delete the message ARGV[1] from the stream KEYS[1] unless a consumer group has
-#: delivered it (its last delivered id is at or past it): 1 if deleted. Atomic, so
-#: no worker reads it in between; one a worker took is left to finish.
+#: take back what is left queued of an item that ended without its result.
+#: KEYS[1] the stream, KEYS[2] the item's :func:`retry_key`; ARGV[1] the item's
+#: message id ('' when its kick was cut short: not known), ARGV[2] its task id,
+#: ARGV[3] the key's life in ms. A message is queued while its id is past the last
+#: one every consumer group delivered; deleted then, no worker reads it (atomic).
+#: 1: the item's message was deleted (no attempt ran: nothing more to do). Else the
+#: retry key says 'gone' (a worker's retry of the attempt running is not sent:
+#: :data:`KICK_RETRY`), and a queued message of the item is deleted: the retry a
+#: worker sent last (its id in the retry key), or, without ARGV[1], the newest one
+#: carrying the task id among the newest 1000 messages: 2 if one was, 0 if none.
 RECALL = """
-if #redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1], 'COUNT', 1) == 0 then
-  return 0
-end
-local function parse(id)
-  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-  return tonumber(ms), tonumber(seq)
-end
-local ms, seq = parse(ARGV[1])
-for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  local fields = {}
-  for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
-  local last_ms, last_seq = parse(fields['last-delivered-id'])
-  if last_ms > ms or (last_ms == ms and last_seq >= seq) then
-    return 0
-  end
-end
-return redis.call('XDEL', KEYS[1], ARGV[1])
-"""
-#: delete the message carrying the task id ARGV[1] from the stream KEYS[1] unless a
-#: consumer group has delivered it: 1 if deleted. For a kick cut short (its message id
-#: never came back): it is among the newest messages, so only the newest 1000 are
-#: looked at, back to the first one a group delivered.
-RECALL_TASK = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local function parse(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(seq)
 end
 local floor_ms, floor_seq = -1, -1
-for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-  local fields = {}
-  for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
-  local ms, seq = parse(fields['last-delivered-id'])
-  if ms > floor_ms or (ms == floor_ms and seq > floor_seq) then
-    floor_ms, floor_seq = ms, seq
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local fields = {}
+    for i = 1, #group, 2 do fields[group[i]] = group[i + 1] end
+    local ms, seq = parse(fields['last-delivered-id'])
+    if ms > floor_ms or (ms == floor_ms and seq > floor_seq) then
+      floor_ms, floor_seq = ms, seq
+    end
   end
 end
+local function queued(id)
+  local ms, seq = parse(id)
+  if ms == nil or not (ms > floor_ms or (ms == floor_ms and seq > floor_seq)) then
+    return false
+  end
+  return #redis.call('XRANGE', KEYS[1], id, id, 'COUNT', 1) > 0
+end
+if ARGV[1] ~= '' and queued(ARGV[1]) then
+  return redis.call('XDEL', KEYS[1], ARGV[1])
+end
+local retry = redis.call('GET', KEYS[2])
+redis.call('SET', KEYS[2], 'gone', 'PX', ARGV[3])
+if retry and queued(retry) then
+  redis.call('XDEL', KEYS[1], retry)
+  return 2
+end
+if ARGV[1] ~= '' then return 0 end
 for _, entry in ipairs(redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1000)) do
   local ms, seq = parse(entry[1])
   if ms < floor_ms or (ms == floor_ms and seq <= floor_seq) then return 0 end
   local fields = entry[2]
   for i = 1, #fields, 2 do
-    if fields[i] == 'data' and string.find(fields[i + 1], ARGV[1], 1, true) then
-      return redis.call('XDEL', KEYS[1], entry[1])
+    if fields[i] == 'data' and string.find(fields[i + 1], ARGV[2], 1, true) then
+      redis.call('XDEL', KEYS[1], entry[1])
+      return 2
     end
   end
 end
 return 0
+"""
+#: append a worker's retry to its stream unless its item's caller has left. KEYS[1]
+#: the stream, KEYS[2] the item's :func:`retry_key`; ARGV[1] the message, ARGV[2]
+#: the stream's MAXLEN ('' for none), ARGV[3] '~' (approximate) or '=', ARGV[4] the
+#: key's life in ms. The new message's id, kept in the retry key (:data:`RECALL`
+#: takes it back while it is queued); nil if the key says 'gone' (not sent). Atomic
+#: with :data:`RECALL`: a retry is sent before the caller leaves, or not at all.
+KICK_RETRY = """
+if redis.call('GET', KEYS[2]) == 'gone' then return false end
+local id
+if ARGV[2] == '' then
+  id = redis.call('XADD', KEYS[1], '*', 'data', ARGV[1])
+else
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[3], ARGV[2], '*', 'data', ARGV[1])
+end
+redis.call('SET', KEYS[2], id, 'PX', ARGV[4])
+return id
 """
 #: trim from a stream what every consumer group has acknowledged and is older than
 #: ARGV[1] ms (by the server's clock, as message ids are): ``XTRIM MINID`` to the
@@ -157,3 +186,46 @@ async def moved(client: Redis, stream: str, msg_id: Any, task_id: str) -> Any | 
             return None
         last = batch[-1][0]
         high = f"({last.decode() if isinstance(last, bytes) else last}"
+
+
+def retry_key(stream: str, task_id: str) -> str:
+    """The key of an item's retries: the id of the last retry a worker sent of
+    ``task_id`` on ``stream`` (:data:`KICK_RETRY`), or ``'gone'`` once the item
+    ended without its result (:data:`RECALL`): its retries are not sent then. It
+    lives as long as a result (``redis_broker``'s ``result_ttl``)."""
+    return f"{stream}:retry:{task_id}"
+
+
+async def recall(client: Redis, stream: str, msg_id: Any, task_id: str, life: int) -> bool:
+    """Take back what is left queued of the item of ``task_id`` (:data:`RECALL`):
+    its message ``msg_id`` (``None``: not known) if no worker has taken it; else
+    mark its :func:`retry_key` gone for ``life`` ms and take back the retry a
+    worker sent, if still queued. ``True`` if a message was deleted. One round
+    trip (a rare path: the script is not kept)."""
+    script: Any = client.register_script(RECALL)
+    args = [b"" if msg_id is None else msg_id, task_id, life]
+    deleted: Any = await script(keys=[stream, retry_key(stream, task_id)], args=args, client=client)
+    return bool(deleted)
+
+
+async def kick_retry(
+    client: Redis,
+    stream: str,
+    message: BrokerMessage,
+    maxlen: int | None,
+    approximate: bool,
+    life: int,
+) -> Any | None:
+    """Append a worker's retry ``message`` to ``stream`` (capped at ``maxlen``, as
+    ``XADD`` does) unless its item's :func:`retry_key` says its caller has left
+    (:data:`KICK_RETRY`): the new message's id (kept in that key for ``life`` ms),
+    or ``None`` (not sent). Where Redis refuses scripts (an ACL, a proxy), the
+    retry is appended unchecked, as before."""
+    script: Any = client.register_script(KICK_RETRY)
+    cap = [b"", b""] if maxlen is None else [maxlen, "~" if approximate else "="]
+    keys = [stream, retry_key(stream, message.task_id)]
+    try:
+        return await script(keys=keys, args=[message.message, *cap, life], client=client)
+    except ResponseError:
+        data: Any = {b"data": message.message}
+        return await client.xadd(stream, data, maxlen=maxlen, approximate=approximate)
