@@ -180,7 +180,7 @@ async def test_process_validation_and_env(tmp_path: Path) -> None:
         orch.process("a", "true", restart="sometimes")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_restarts"):
         orch.process("a", "true", max_restarts=-1)
-    with pytest.raises(TypeError, match="cmd"):
+    with pytest.raises(ValueError, match="cmd"):  # a bad value (was TypeError)
         orch.process("a", [])
     with pytest.raises(ValueError, match="cmd"):
         orch.process("a", " ")

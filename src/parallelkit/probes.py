@@ -26,16 +26,16 @@ Any callable passed as ``ready=`` is wrapped with :func:`call` for you.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import ipaddress
 import math
-import operator
+import re
 import ssl
 import sys
 from collections.abc import Awaitable, Callable, Collection
+from functools import partial
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import anyio
 import anyio.abc
@@ -48,7 +48,8 @@ if sys.version_info < (3, 11):  # pragma: no cover
 from ._core.check import (
     async_callable,
     callable_,
-    count,
+    count_at_most,
+    counts,
     host_name,
     not_a_call,
     number,
@@ -63,6 +64,11 @@ CheckFn = Callable[[Any], Awaitable["str | None"]]
 
 #: what the request target keeps as it is: printable ASCII (others are %-encoded)
 _TARGET_SAFE = "".join(map(chr, range(0x21, 0x7F)))
+_HEAD_END = re.compile(rb"\n\r?\n")  # the empty line that ends a response's head
+_MAX_HEAD = 65536  # bytes of interim responses read, at most, before the final one
+_CLOSED = "the server closed the connection {}"
+#: an HTTP status code: an int (not bool) in 100..599, as a plain int
+_status = partial(count_at_most, "status", maximum=599, minimum=100, what="an HTTP status code")
 
 
 @final
@@ -207,11 +213,7 @@ def tcp(
         ```
     """
     host_name("host", host)
-    checked = count("port", port)  # a plain int: getaddrinfo refuses a NumPy one
-    if checked > 65535:
-        msg = f"port must be <= 65535, got {port!r}"
-        raise ValueError(msg)
-    port = checked
+    port = count_at_most("port", port, 65535)  # a plain int: getaddrinfo refuses a NumPy one
     limit = number("connect_timeout", connect_timeout)
 
     async def check(_value: Any) -> str | None:
@@ -242,10 +244,14 @@ def http(
     is ``"status 307"`` unless ``status`` lists it (FastAPI redirects
     ``/health/`` to ``/health``: probe the path the route has). A server that
     accepts and closes without answering is ``"the server closed the connection
-    without a response"``.
+    without a response"``. Interim responses (``100 Continue``, ``103 Early Hints``)
+    are skipped: the status is the final response's.
 
     Args:
-        url: an ``http://`` or ``https://`` URL.
+        url: an ``http://`` or ``https://`` URL. An IPv6 address with a zone is
+            written as RFC 6874 has it, ``%25`` for its ``%``:
+            ``http://[fe80::1%25eth0]:8080/`` connects to ``fe80::1%eth0``; the
+            zone is not sent in the ``Host`` header.
         status: the status code that means ready, or a collection of them
             (``range(200, 400)``).
         request_timeout: how long one request may take.
@@ -262,9 +268,7 @@ def http(
         async def api(): ...
         ```
     """
-    if not isinstance(url, str):
-        msg = f"url must be a str, got {url!r}"  # type: ignore[unreachable]
-        raise TypeError(msg)
+    text("url", url)
     try:
         parts = urlsplit(url)
         if "[" in parts.netloc:  # Python < 3.11.4 takes any text in brackets
@@ -275,13 +279,18 @@ def http(
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         msg = f"url must be an http:// or https:// URL with a host, got {url!r}"
         raise ValueError(msg)
-    host = parts.hostname
+    host, host_header = parts.hostname, parts.netloc.rpartition("@")[2]
+    if host_header.startswith("[") and "%" in host_header:  # an IPv6 zone (RFC 6874)
+        inside, _, after = host_header[1:].partition("]")
+        address, _, zone = inside.partition("%")  # "%25" is how a URL writes its "%"
+        host = f"{address}%{unquote(zone[2:]) if zone.startswith('25') else zone}"
+        host_header = f"[{address}]{after}"  # local to this machine: not sent (RFC 6874)
     try:  # "http://db x/": every check would fail to resolve it
         host_name("url's host", host)
     except ValueError:
         msg = f"url must have a valid host name, got {url!r}"
         raise ValueError(msg) from None
-    accepted = _statuses(status)
+    accepted = counts("status", status, _status)
     limit = number("request_timeout", request_timeout)
     tls = parts.scheme == "https"
     try:
@@ -296,7 +305,6 @@ def http(
     # a path or query with spaces or non-ASCII text is sent %-encoded (UTF-8), as
     # browsers and HTTP clients do; a non-ASCII host name in its IDNA form
     target = quote((parts.path or "/") + (f"?{parts.query}" if parts.query else ""), _TARGET_SAFE)
-    host_header = parts.netloc.rpartition("@")[2]
     if not host_header.isascii():
         try:
             host_header = host.encode("idna").decode("ascii")
@@ -327,19 +335,12 @@ def http(
                     stream = await anyio.connect_tcp(host, port)
                 async with stream:
                     await stream.send(request)
-                    head = await _read_status_line(stream)
+                    code = await _final_status(stream)
         except (OSError, TimeoutError, anyio.BrokenResourceError, ssl.SSLError) as exc:
             return _describe(exc, f"no answer within request_timeout={limit:g}s")
-        if not head:  # accepted, then closed: nothing to call "not HTTP"
-            return "the server closed the connection without a response"
-        line = head.split(b"\n", 1)[0].removesuffix(b"\r").decode("latin-1")
-        fields = line.split(" ", 2)
-        if len(fields) < 2 or not fields[0].startswith("HTTP/") or not _is_status(fields[1]):
-            return f"not an HTTP response: {line[:80]!r}"
-        code = int(fields[1])
-        if code in accepted:
-            return None
-        return f"status {code}"
+        if isinstance(code, str):  # no final status: why
+            return code
+        return None if code in accepted else f"status {code}"
 
     return Probe(f"http {url}", check, initial=initial, max_interval=max_interval)
 
@@ -399,27 +400,49 @@ def call(
     return Probe(f"call {label}", check, initial=initial, max_interval=max_interval)
 
 
-def _status(name: str, code: object) -> int:
-    """An HTTP status code: an int (not bool) in 100..599."""
-    value = count(name, code, minimum=100)
-    if value > 599:
-        msg = f"{name} must be an HTTP status code (100..599), got {code!r}"
-        raise ValueError(msg)
-    return value
-
-
 def _is_status(code: str) -> bool:
     """Three ASCII digits, as HTTP has it (``str.isdigit`` takes a superscript two too)."""
     return len(code) == 3 and code.isascii() and code.isdigit()
 
 
-async def _read_status_line(stream: anyio.abc.ByteReceiveStream) -> bytes:
-    """Bytes up to the end of the status line (CRLF, or a bare LF as HTTP allows)."""
-    head = b""
-    with contextlib.suppress(anyio.EndOfStream):
-        while b"\n" not in head and len(head) < 8192:
-            head += await stream.receive()
-    return head
+async def _final_status(stream: anyio.abc.ByteReceiveStream) -> int | str:
+    """The final response's status code, past any interim (1xx) ones; else why none came.
+
+    An interim response (``100 Continue``, ``103 Early Hints``) is a status line and
+    header lines up to an empty line, and the response follows it on the connection
+    (RFC 9110 15.2); ``101 Switching Protocols`` is final. A line ends with CRLF or a
+    bare LF, as HTTP allows; what comes before the final status line is bounded.
+    """
+    data, at, interim = b"", 0, 0  # at: where the response being read begins
+    while True:
+        eol = data.find(b"\n", at)
+        if eol < 0 and len(data) - at < 8192 and (chunk := await _receive(stream)):
+            data += chunk
+            continue
+        if eol < 0 and at == len(data):  # closed, nothing (more) said
+            return _CLOSED.format(f"after an interim response (status {interim})" if interim
+                                  else "without a response")  # fmt: skip
+        line = data[at : len(data) if eol < 0 else eol].removesuffix(b"\r").decode("latin-1")
+        fields = line.split(" ", 2)
+        if len(fields) < 2 or not fields[0].startswith("HTTP/") or not _is_status(fields[1]):
+            return f"not an HTTP response: {line[:80]!r}"
+        if not 100 <= (interim := int(fields[1])) < 200 or interim == 101:
+            return interim
+        # its headers, to the empty line; a server that only ever says "100 Continue": bounded
+        while (end := _HEAD_END.search(data, max(eol, at))) is None and len(data) <= _MAX_HEAD:
+            if not (chunk := await _receive(stream)):
+                return _CLOSED.format(f"after an interim response (status {interim})")
+            data += chunk
+        if end is None or (at := end.end()) > _MAX_HEAD:
+            return f"no final response within {_MAX_HEAD} bytes of interim responses"
+
+
+async def _receive(stream: anyio.abc.ByteReceiveStream) -> bytes:
+    """The next bytes from ``stream``; ``b""`` once it ended."""
+    try:
+        return await stream.receive()
+    except anyio.EndOfStream:
+        return b""
 
 
 def _describe(exc: BaseException, silent: str) -> str:
@@ -440,25 +463,6 @@ def _explain(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(_explain(error) for error in exc.exceptions)
     return f"{type(exc).__name__}: {exc}"
-
-
-def _statuses(status: object) -> Collection[int]:
-    """The accepted status codes: an int (a NumPy one too) or a non-empty collection."""
-    if not isinstance(status, (bool, str, bytes)):
-        try:  # an int, a NumPy int, a 0-d array of one
-            operator.index(status)  # type: ignore[arg-type]
-        except TypeError:
-            pass
-        else:  # named as the user wrote it in an error
-            return (_status("status", status),)
-        if isinstance(status, Collection):
-            codes = list(status)  # len(), never truth: a NumPy array has no truth value
-            if codes:
-                return frozenset(_status("status", code) for code in codes)  # plain ints
-            msg = "status must be an int or a non-empty collection of ints, got an empty one"
-            raise ValueError(msg)
-    msg = f"status must be an int or a non-empty collection of ints, got {status!r}"
-    raise TypeError(msg)
 
 
 def _takes_one_argument(fn: Callable[..., Any]) -> bool:

@@ -38,8 +38,11 @@ __all__ = [
     "callable_",
     "callable_with",
     "choice",
+    "clock_reading",
     "count",
+    "count_at_most",
     "count_or_none",
+    "counts",
     "flag",
     "fraction",
     "host_name",
@@ -121,6 +124,29 @@ def fraction(name: str, value: object) -> float:
     return real
 
 
+def clock_reading(name: str, value: object) -> None:
+    """Refuse a clock's reading unless it is a real, finite number of seconds.
+
+    For a clock the user passed (``clock=``): it cannot be called when the object is
+    built (``anyio.current_time`` needs a running loop), so its first reading is
+    checked where it is taken, with this. ``name`` is the clock as the user wrote it.
+
+    Example:
+        ``clock_reading("clock", None)`` raises ``TypeError: clock must return seconds
+        as a number (int or float), but it returned NoneType None``.
+    """
+    real = real_or_none(value)
+    if real is None:
+        msg = (
+            f"{name} must return seconds as a number (int or float), but it returned "
+            f"{type(value).__name__} {value!r}"
+        )
+        raise TypeError(msg)
+    if not math.isfinite(real):
+        msg = f"{name} must return a finite number of seconds, but it returned {value!r}"
+        raise ValueError(msg)
+
+
 # ------------------------------------------------------------------------------- counts
 def count(name: str, value: object, *, minimum: int = 1, extra: str = "") -> int:
     """Return ``value`` as a plain ``int`` if it is an integer (not ``bool``) ``>= minimum``.
@@ -141,6 +167,49 @@ def count(name: str, value: object, *, minimum: int = 1, extra: str = "") -> int
         msg = f"{name} must be >= {minimum}, got {value!r}"
         raise ValueError(msg)
     return checked
+
+
+def count_at_most(
+    name: str, value: object, maximum: int, *, minimum: int = 1, what: str = ""
+) -> int:
+    """Like :func:`count`, and at most ``maximum`` (a port, an HTTP status code).
+
+    ``what`` names the range in the message (``"an HTTP status code"``: ``status must
+    be an HTTP status code (100..599), got 600``); without it the message gives the
+    bound: ``count_at_most("port", 70000, 65535)`` raises
+    ``ValueError: port must be <= 65535, got 70000``.
+    """
+    checked = count(name, value, minimum=minimum)
+    if checked > maximum:
+        bound = f"{what} ({minimum}..{maximum})" if what else f"<= {maximum}"
+        msg = f"{name} must be {bound}, got {value!r}"
+        raise ValueError(msg)
+    return checked
+
+
+def counts(name: str, value: object, each: Callable[[object], int]) -> frozenset[int]:
+    """Return ``value`` as a set of plain ints: one integer or a non-empty collection
+    of them, each checked by ``each`` (``status=200``, ``status=range(200, 400)``).
+
+    An integer is anything with ``__index__`` (a NumPy one, a 0-d array of one), not
+    ``bool``; a ``str`` or ``bytes`` is not a collection of them. Only the length of a
+    collection is asked, never its truth (a NumPy array has none).
+    """
+    if not isinstance(value, (bool, str, bytes)):
+        try:
+            operator.index(cast("SupportsIndex", value))
+        except TypeError:
+            pass
+        else:  # checked (and named in an error) as the user wrote it
+            return frozenset((each(value),))
+        if isinstance(value, Collection):
+            items = list(value)
+            if items:
+                return frozenset(each(item) for item in items)
+            msg = f"{name} must be an int or a non-empty collection of ints, got an empty one"
+            raise ValueError(msg)
+    msg = f"{name} must be an int or a non-empty collection of ints, got {value!r}"
+    raise TypeError(msg)
 
 
 def _integer(name: str, value: object, extra: str) -> int:

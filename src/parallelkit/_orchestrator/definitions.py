@@ -96,11 +96,16 @@ def process_command(cmd: object) -> str | list[str]:
             raise ValueError(msg)
         _no_nul("cmd", cmd)
         return cmd
-    if not (
-        isinstance(cmd, Sequence) and cmd and all(isinstance(a, (str, os.PathLike)) for a in cmd)
-    ):
+    if not isinstance(cmd, Sequence) or isinstance(cmd, (bytes, bytearray)):
         msg = f"cmd must be a shell string or a non-empty list of str, got {cmd!r}"
         raise TypeError(msg)
+    if not cmd:  # the type is right, the value is not: nothing to run
+        msg = f"cmd must not be empty: give the program to run, got {cmd!r}"
+        raise ValueError(msg)
+    for index, arg in enumerate(cmd):
+        if not isinstance(arg, (str, os.PathLike)):
+            msg = f"cmd[{index}] must be a str or os.PathLike, got {arg!r}"
+            raise TypeError(msg)
     args = [os.fspath(a) for a in cmd]
     if not args[0].strip():
         msg = f"cmd[0] (the program) must not be empty, got {args[0]!r}"
@@ -160,7 +165,11 @@ def process_cwd(cwd: object) -> None:
         msg = f"cwd must be a path (str or os.PathLike) or None, got {cwd!r}"
         raise TypeError(msg)
     if cwd is not None:
-        _no_nul("cwd", os.fspath(cwd))
+        path = os.fspath(cwd)
+        if not path:  # the spawn would fail: FileNotFoundError: ''
+            msg = f"cwd must not be empty (None: this process's directory), got {cwd!r}"
+            raise ValueError(msg)
+        _no_nul("cwd", path)
 
 
 def check_dependencies(graph: Graph, specs: Mapping[str, ServiceSpec]) -> None:

@@ -206,7 +206,7 @@ class Orchestrator:
     def process(
         self,
         name: str,
-        cmd: str | Sequence[str],
+        cmd: str | Sequence[str | os.PathLike[str]],
         /,
         *,
         ready: Probe | Callable[..., Any] | None = None,
@@ -232,7 +232,7 @@ class Orchestrator:
 
         Args:
             name: the service name.
-            cmd: a shell command string, or an argument list (no shell).
+            cmd: a shell command string, or an argument list of str or paths (no shell).
             ready: a probe polled until the process is ready (e.g.
                 ``probes.tcp("127.0.0.1", 3000)``); without one it is ready once
                 spawned.
@@ -264,8 +264,9 @@ class Orchestrator:
             DefinitionError: ``name`` is not an identifier, or is taken.
             TypeError: an argument of the wrong type (``name``, ``cmd``, ``env``, ``cwd``,
                 ``depends_on``, ``critical``, ...).
-            ValueError: an option out of range (``restart`` not one of the
-                policies, ``max_restarts`` < 1, a timeout <= 0, ...).
+            ValueError: an option out of range (an empty ``cmd`` or ``cwd``,
+                ``restart`` not one of the policies, ``max_restarts`` < 1, a timeout
+                <= 0, ...).
         """
         process_name(name)
         command = process_command(cmd)

@@ -95,6 +95,7 @@ class ServiceHost:
         "stopped",
         "teardown_error",
         "teardown_interrupt",
+        "teardown_times",
         "timed_out",
         "torn_down",
         "value",
@@ -128,6 +129,7 @@ class ServiceHost:
         self.timed_out = False
         self.forced = False
         self.torn_down = False  # a tear-down (the code after its yield) ran: a "stop" span
+        self.teardown_times: tuple[float, float] | None = None  # its last one's start, end
         self.setup_done_at = math.nan
         self._stop = anyio.Event()
         self.stopped = anyio.Event()
@@ -397,6 +399,7 @@ class ServiceHost:
         self._scope = scope
         self._closing = True
         self.torn_down = True
+        began = anyio.current_time()
         if self._force:  # the stop was forced before this tear-down began: at once
             # (a process is not signalled from here: its own stop sends SIGKILL, once it
             # knows it is stopping, so that the exit is not taken for a crash)
@@ -417,6 +420,7 @@ class ServiceHost:
             error.__cause__ = raised
         finally:
             self._closing = False
+            self.teardown_times = (began, anyio.current_time())
             self.timed_out = scope.cancelled_caught and not self.forced
             if self.forced:
                 logger.warning(

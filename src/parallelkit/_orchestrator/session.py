@@ -15,6 +15,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any, NoReturn, TypeVar
 
 import anyio
@@ -421,6 +422,7 @@ class Session:
         graph = Graph(kind="service")
         for name in reversed(stopping):  # every "dependency" (a dependent) added first
             graph.add(Node(name, tuple(Param(d) for d in dependents[name])))
+        recorded = len(self.timeline._done)
         with anyio.CancelScope(shield=True):
             hook = instrument.current
             if hook is None:
@@ -429,12 +431,25 @@ class Session:
                 trace = hook.graph("shutdown", self.timeline, None)
                 with trace:
                     await self._stop_run(graph, trace.run_node(self._stop_node))
+        self._early_stop_times(recorded)
         errors: list[tuple[str, BaseException]] = []
         for name in started:  # (an unready one's error is its start's: failed_teardowns)
             error = self.hosts[name].teardown_error
             if error is not None:
                 errors.append((name, error))
         return errors
+
+    def _early_stop_times(self, recorded: int) -> None:
+        """The "stop" spans (from index ``recorded`` on) of tear-downs that began before
+        the shutdown reached them (a crash, a start that failed after its ``yield``) get
+        the times of those tear-downs, not the moment the shutdown came to them."""
+        spans = self.timeline._done
+        for index in range(recorded, len(spans)):
+            span = spans[index]
+            host = self.hosts.get(span.name) if span.kind == "stop" else None
+            times = host.teardown_times if host is not None else None
+            if times is not None and times[0] < span.start:
+                spans[index] = replace(span, queued=times[0], start=times[0], end=times[1])
 
     async def _stop_run(self, graph: Graph, stop_node: RunNode) -> None:
         run = Run(graph.plan(), {}, run_node=stop_node, timeline=self.timeline, kind="stop")
