@@ -135,3 +135,46 @@ def test_calls_are_counted_per_request_and_by_library(capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert "read: calls per request" in out
     assert "total" in out
+
+
+@pytest.mark.slow
+def test_cpu_per_request_is_measured_in_one_process_and_paired_per_round(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Every variant served in this process (SQLite): a CPU figure per round and app,
+    parallelkit's ratios computed round by round from those figures, the A/A twin's too."""
+    from benchmarks import service_cpu
+
+    result = anyio.run(
+        functools.partial(
+            service_cpu.measure,
+            "read",
+            variants=("expert", "parallelkit"),
+            clients=2,
+            requests=10,
+            rounds=2,
+        )
+    )
+    cpu = result["cpu"]
+    assert list(cpu) == ["expert", "parallelkit", service_cpu.TWIN]
+    assert all(len(xs) == 2 and all(x > 0 for x in xs) for xs in cpu.values())
+    expected = {
+        "parallelkit / expert": [
+            a / b for a, b in zip(cpu["parallelkit"], cpu["expert"], strict=True)
+        ],
+        "A/A (twin / parallelkit)": [
+            a / b for a, b in zip(cpu[service_cpu.TWIN], cpu["parallelkit"], strict=True)
+        ],
+    }
+    assert result["ratios"] == expected
+    with pytest.raises(ValueError, match="rounds must be at least 1"):
+        anyio.run(functools.partial(service_cpu.measure, "read", rounds=0))
+    with pytest.raises(ValueError, match="endpoint must be one of"):
+        anyio.run(functools.partial(service_cpu.measure, "nope"))
+    assert service_cpu.main(
+        ["--endpoint", "read", "--requests", "5", "--clients", "2", "--rounds", "1",
+         "--variants", "expert"]
+    ) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "read: CPU per request in one process" in out
+    assert "paired per round" not in out  # no parallelkit app: no ratio to show
