@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 from ._core.public import export
@@ -46,6 +47,10 @@ T = TypeVar("T")
 #: Where the lifespan state keeps the Running (a key no service name can take).
 STATE_KEY = "parallelkit.running"
 
+#: The apps whose parallelkit lifespan runs in this context: FastAPI runs an included
+#: router's ``lifespan=`` inside the app's, in the same task, with the same app.
+_APPS: ContextVar[tuple[Any, ...]] = ContextVar("parallelkit_lifespan_apps", default=())
+
 
 def lifespan(orch: Orchestrator, /) -> Callable[[Any], AbstractAsyncContextManager[dict[str, Any]]]:
     """Make a ``lifespan=`` for Starlette / FastAPI that runs ``orch``.
@@ -57,8 +62,15 @@ def lifespan(orch: Orchestrator, /) -> Callable[[Any], AbstractAsyncContextManag
         ``lifespan(app)``: an async context manager factory yielding the lifespan
         state (``{service name: value, ..., "running": Running}``).
 
+    One app runs one parallelkit lifespan: FastAPI runs an included router's
+    ``lifespan=`` inside the app's and merges their states, so a second
+    orchestrator there would start while requests saw only the first one's
+    services. Its start is refused (a ``RuntimeError``; what had started stops):
+    give all the services to one :class:`~parallelkit.Orchestrator`.
+
     Raises:
-        TypeError: ``orch`` is not an :class:`~parallelkit.Orchestrator`.
+        TypeError: ``orch`` is not an :class:`~parallelkit.Orchestrator` (also
+            ``lifespan=lifespan``, uncalled: the server then passes the app).
 
     Example:
         ```python
@@ -67,18 +79,35 @@ def lifespan(orch: Orchestrator, /) -> Callable[[Any], AbstractAsyncContextManag
     """
     if not isinstance(orch, Orchestrator):
         msg = f"lifespan() takes a parallelkit.Orchestrator, got {orch!r}"  # type: ignore[unreachable]
+        if hasattr(orch, "router"):  # the app (Starlette, FastAPI): lifespan=lifespan
+            msg += ": write lifespan=lifespan(orch), not lifespan=lifespan"
         raise TypeError(msg)
 
     @asynccontextmanager
     async def _lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:
-        # a start-up failure propagates as it is: the server reports it (once)
-        async with orch.start() as running:
-            # what requests see: a service torn down (a crash) is not served
-            served = running._served()
-            state: dict[str, Any] = dict(running.items())
-            state.setdefault("running", served)
-            state[STATE_KEY] = served
-            yield state
+        entered = _APPS.get()
+        if any(other is app for other in entered):
+            msg = (
+                f"{app!r} already runs a parallelkit lifespan (entered twice, or an "
+                "included FastAPI router has a lifespan= of its own, which FastAPI runs "
+                "inside the app's: its requests would see only one orchestrator's "
+                "services): give all the services to one Orchestrator, with one "
+                "lifespan=lifespan(orch) on the app"
+            )
+            raise RuntimeError(msg)
+        if app is not None:  # lifespan(orch)(None): no app to tell apart
+            _APPS.set((*entered, app))
+        try:
+            # a start-up failure propagates as it is: the server reports it (once)
+            async with orch.start() as running:
+                # what requests see: a service torn down (a crash) is not served
+                served = running._served()
+                state: dict[str, Any] = dict(running.items())
+                state.setdefault("running", served)
+                state[STATE_KEY] = served
+                yield state
+        finally:  # by identity (a token would fail if closed from another context)
+            _APPS.set(tuple(other for other in _APPS.get() if other is not app))
 
     return _lifespan
 
