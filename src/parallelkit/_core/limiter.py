@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import Protocol, runtime_checkable
 
 import anyio
-from anyio.lowlevel import EventLoopToken, current_token
+from anyio.lowlevel import EventLoopToken, checkpoint_if_cancelled, current_token
 from typing_extensions import Self, final
 
 from . import instrument
@@ -264,13 +264,18 @@ class Limiter:
         self._tat = tat + self._interval
         return start - now
 
-    async def wait_rate(self) -> None:
+    async def wait_rate(self, *, unless_cancelled: bool = False) -> None:
         """Wait until this caller may start under the rate limit.
 
         Callers take their turns first come, first served. A caller that leaves while
         it waits (cancelled, timed out) gives its turn to the next one in line: a
         start that never happened neither delays the callers after it nor is lost to
         them.
+
+        ``unless_cancelled``: the caller does not start once it is cancelled (a
+        fan-out's attempt), even when its turn came without a wait or as the
+        cancellation did (handed a slot as a sibling failed): it gives the turn back
+        and raises the cancellation here, instead of leaving with a turn it never used.
         """
         began = -1.0
         if not self._head:
@@ -282,13 +287,16 @@ class Limiter:
             self._line.clear()
         before = self._tat
         delay = self.reserve()
-        if delay > 0:
-            if began < 0:
+        if delay > 0 or unless_cancelled:
+            if began < 0 < delay:
                 began = anyio.current_time()
             after = self._tat
             loop = self._loop = current_token()
             try:
-                await anyio.sleep(delay)
+                if delay > 0:
+                    await anyio.sleep(delay)
+                if unless_cancelled:
+                    await checkpoint_if_cancelled()
             except BaseException:
                 if _running(loop):  # (not finalized after its loop closed)
                     self._give_back(before, after)

@@ -11,7 +11,8 @@ per-item call, for ``gather``/``map``/``imap`` and for ``Flow.step``.
   around all of it. When an attempt may wait before it starts (a slot, its turn
   under the rate, a retry's backoff), it does not start if the run was cancelled
   meanwhile: a wait that ends in the same tick as a fail-fast failure (the failing
-  item hands its slot on as it leaves the limiter) must not start an item.
+  item hands its slot on as it leaves the limiter) must not start an item, nor use up
+  a turn of a shared :class:`Limiter`'s rate (it is given back).
 * :class:`Options` checks the fan-out options at the door and holds the result.
 """
 
@@ -82,7 +83,9 @@ def build_call(
     else:
         if rate is not None:
             call = _with_rate(call, Limiter(rate=rate))
-        if limiter is not None:
+        if isinstance(limiter, Limiter):
+            call = _with_shared(call, limiter)
+        elif limiter is not None:
             call = _with_limiter(call, limiter)
     if retry is not None:
         call = retrying_call(to_retrying(retry), call)
@@ -122,6 +125,33 @@ def _with_limiter(fn: Call, limiter: SupportsLimit) -> Call:
     return call
 
 
+def _with_shared(fn: Call, limiter: Limiter) -> Call:
+    """:func:`_with_limiter` for a :class:`Limiter`: a turn under its rate taken as the
+    run was cancelled (handed a slot by the item that failed, with no wait for the
+    turn) is given back, not used up by an attempt that never starts."""
+    if limiter.rate is None:
+
+        async def call(arg: Any) -> Any:
+            await limiter.acquire_slot()
+            try:
+                await _cancelled()
+                return await fn(arg)
+            finally:
+                limiter.release()
+
+        return call
+
+    async def rated(arg: Any) -> Any:
+        await limiter.acquire_slot()
+        try:
+            await limiter.wait_rate(unless_cancelled=True)
+            return await fn(arg)
+        finally:
+            limiter.release()
+
+    return rated
+
+
 def _with_two_rates(fn: Call, shared: Limiter, interval: float) -> Call:
     """The call's own rate (``interval`` apart) and a shared limiter's rate: both must
     hold for the actual starts. Taking the shared limiter's turn first and then waiting
@@ -139,9 +169,8 @@ def _with_two_rates(fn: Call, shared: Limiter, interval: float) -> Call:
                 delay = next_start - anyio.current_time()
                 if delay > 0:
                     await anyio.sleep(delay)
-                await shared.wait_rate()
+                await shared.wait_rate(unless_cancelled=True)
                 next_start = anyio.current_time() + interval
-            await _cancelled()
             return await fn(arg)
         finally:
             shared.release()

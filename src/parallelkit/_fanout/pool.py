@@ -215,7 +215,9 @@ class Pool:
         else:
             try:
                 pulled = list(itertools.islice(self._units, limit))
-            except Exception as exc:  # the input iterable itself failed
+            except BaseException as exc:  # the input iterable itself failed: raised as
+                if not is_failure(exc):  # itself, a KeyboardInterrupt too (not in a group)
+                    raise
                 self.fail(exc)
                 return
             self._units = itertools.chain(pulled, self._units)
