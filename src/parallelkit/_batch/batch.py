@@ -36,7 +36,8 @@ RUNNING: contextvars.ContextVar[tuple[Batch, ...]] = contextvars.ContextVar(
 )
 """The batches whose ``load_many`` call this task/context is inside (set per batch by
 :meth:`BatchDispatch._run`, inherited by the tasks ``load_many`` starts): a load that
-would wait for one of them waits for itself (see :meth:`Batch.own`)."""
+would wait for one of them waits for itself, and the waits of these calls are noted to
+see two batches waiting on each other (see :meth:`Batch.awaited`)."""
 
 
 def asyncio_loop() -> asyncio.AbstractEventLoop | None:
@@ -181,6 +182,7 @@ class Batch:
         "tracebacks",
         "values",
         "waiters",
+        "waits_for",
     )
 
     def __init__(
@@ -203,6 +205,8 @@ class Batch:
         self.scope: anyio.CancelScope | None = None  # the dispatch wait, cancelled when full
         self.full = False
         self.running = False  # inside its load_many call (see RUNNING)
+        # while running: the unfinished batches its load_many call waits for (see awaited)
+        self.waits_for: set[Batch] | None = None
         self.finished = False
         self.values: Mapping[Any, Any] = {}
         self.error: BaseException | None = None  # the whole call failed
@@ -241,18 +245,61 @@ class Batch:
             raise _not_raised(key, value)
         return value
 
-    def own(self, key: Any) -> None:
-        """Raise a :class:`RuntimeError` if the current task/context runs this batch's
-        ``load_many`` (``key`` is one of its keys, joined through the memo): waiting
-        for it would wait for itself forever. Call it only while :attr:`running`."""
-        if self in RUNNING.get():
-            msg = (
-                f"BatchLoader: load_many is waiting on its own batch: key {key!r} is in "
-                f"the batch this load_many call is loading (cache=True joins a key to its "
-                f"batch in flight), so it would wait for itself forever; load that key "
-                f"without the loader (or with another loader)"
-            )
-            raise RuntimeError(msg)
+    def awaited(self, key: Any, running: tuple[Batch, ...]) -> None:
+        """A load of ``key`` is about to wait for this unfinished batch, in a task/context
+        that runs the ``load_many`` calls of the batches ``running`` (:data:`RUNNING`,
+        not empty: a load outside any ``load_many`` cannot close a cycle, and pays
+        nothing here).
+
+        Raise a :class:`RuntimeError` if that wait would never end: this batch is one of
+        ``running`` (its own batch), or its ``load_many`` waits, directly or through
+        other batches, for one of them (two batches waiting on each other). Else note
+        that the innermost of ``running`` waits for this batch, so that a later load
+        closing a cycle through it is seen. Only a batch that is running can close a
+        cycle (a wait is noted only from a ``load_many`` call in progress), so the
+        search runs only then; a batch forgets what it waited for when it finishes.
+        """
+        if self.running:
+            if self in running:
+                msg = (
+                    f"BatchLoader: load_many is waiting on its own batch: key {key!r} is "
+                    f"in the batch this load_many call is loading (cache=True joins a key "
+                    f"to its batch in flight), so it would wait for itself forever; load "
+                    f"that key without the loader (or with another loader)"
+                )
+                raise RuntimeError(msg)
+            if self._waits_for_any(running):
+                msg = (
+                    f"BatchLoader: load_many calls are waiting on each other: key {key!r} "
+                    f"is in a batch whose load_many waits (directly or through other "
+                    f"batches) for a key of the batch this load_many call is loading, so "
+                    f"both would wait forever (cache=True joins a key to its batch in "
+                    f"flight); load one of them without the loader (or with another loader)"
+                )
+                raise RuntimeError(msg)
+        waiter = running[-1]
+        if waiter.finished:  # a task its load_many started, outliving it: waits for nothing
+            return
+        waits = waiter.waits_for
+        if waits is None:
+            waiter.waits_for = {self}
+        else:
+            waits.add(self)
+
+    def _waits_for_any(self, batches: tuple[Batch, ...]) -> bool:
+        """Whether this batch's ``load_many`` waits, directly or through the batches
+        their ``load_many`` calls wait for, for one of ``batches``."""
+        seen: set[Batch] = {self}
+        stack = [self]
+        while stack:
+            for other in stack.pop().waits_for or ():
+                if other.finished or other in seen:
+                    continue
+                if other in batches:
+                    return True
+                seen.add(other)
+                stack.append(other)
+        return False
 
     def leave(self) -> None:
         """One caller stopped waiting: the last one to leave before the batch finished
@@ -283,6 +330,7 @@ class Batch:
     def finish(self, default: Any) -> None:
         """Mark the batch finished and wake every caller."""
         self.finished = True
+        self.waits_for = None
         if self.done is not None:
             self.done.set()
         keys = self.keys

@@ -195,7 +195,8 @@ class BatchDispatch(Generic[K, V]):
             hook.batch(len(keys))
         given = keys.copy()  # load_many's own: sorting it cannot misalign the values
         # a load that load_many makes through this loader, of a key of this batch (the
-        # memo), would wait for itself: it raises instead (Batch.own)
+        # memo), would wait for itself, and one of a batch whose load_many waits for
+        # this one would wait for ever too: they raise instead (Batch.awaited)
         running = RUNNING.set((*RUNNING.get(), batch))
         batch.running = True
         try:

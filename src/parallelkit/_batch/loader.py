@@ -31,7 +31,7 @@ from typing_extensions import Self, final
 
 from .._core.check import async_callable, count, flag, number, returns_coroutine
 from .._core.owned import OwnedTaskGroup
-from .batch import MISSING, Batch, KeyFuture, asyncio_loop
+from .batch import MISSING, RUNNING, Batch, KeyFuture, asyncio_loop
 from .dispatch import BatchDispatch, K, LoadMany, V
 
 __all__ = ["BatchLoader", "BatchStats"]
@@ -81,7 +81,10 @@ class BatchLoader(BatchDispatch[K, V]):
     * ``cache=False`` (default) loads a key again in each new batch;
       ``cache=True`` memoizes successful values for the loader's lifetime (keys
       in flight are shared across batches too), unbounded: one entry per distinct
-      key loaded. Use it on a loader per request, or :meth:`clear` it.
+      key loaded. Use it on a loader per request, or :meth:`clear` it. A
+      ``load_many`` that loads through a loader a key whose batch is its own, or
+      one whose ``load_many`` waits (directly or through other batches) for its
+      own, raises a :class:`RuntimeError` saying so instead of waiting for ever.
     * ``n`` distinct keys at once start ``ceil(n / max_batch)`` calls at once; to
       bound how many run, enter a shared :class:`~parallelkit.Limiter` in
       ``load_many`` (``async with limiter: ...``).
@@ -211,9 +214,9 @@ class BatchLoader(BatchDispatch[K, V]):
             known = self._memo.get(key)
             if known is not None:
                 if future is not None:
-                    if known.running:  # load_many loading a key of its own batch?
-                        try:
-                            known.own(key)
+                    if not known.finished and (running := RUNNING.get()):
+                        try:  # a load_many waiting on its own batch, or a cycle?
+                            known.awaited(key, running)
                         except RuntimeError as exc:
                             future.set_exception(exc)
                             future.exception()  # retrieved: no "never retrieved" log
@@ -234,6 +237,8 @@ class BatchLoader(BatchDispatch[K, V]):
                     sent.extra.append((key, future))
                     future.batch = sent
                     sent.waiters += 1
+                    if running := RUNNING.get():  # (not running yet: noted, never raises)
+                        sent.awaited(key, running)
                 return sent
         batch = self._batch
         if batch is None:
@@ -248,6 +253,8 @@ class BatchLoader(BatchDispatch[K, V]):
         else:
             future.batch = batch
             batch.waiters += 1
+            if running := RUNNING.get():  # (an open batch: noted, never raises)
+                batch.awaited(key, running)
         keys = batch.keys
         if key not in keys:
             keys[key] = future
@@ -287,7 +294,8 @@ class BatchLoader(BatchDispatch[K, V]):
                 ``__cause__``; it goes on up from the task that ran the batch), or
                 gave a ``StopIteration``; or (``cache=True``) this load runs inside
                 the ``load_many`` call of the batch ``key`` is in, and would wait
-                for itself.
+                for itself, or of a batch that ``key``'s batch waits for (directly
+                or through other batches), and they would wait on each other.
         """
         batch = self._batch
         if batch is None or batch.loop is None:
@@ -347,8 +355,8 @@ class BatchLoader(BatchDispatch[K, V]):
                     self._flush(batch)
             batch.plain = False  # this waiter reads batch.values (see _enqueue)
         if not batch.finished:
-            if batch.running:  # load_many loading a key of its own batch?
-                batch.own(key)
+            if running := RUNNING.get():  # inside a load_many: its own batch, or a cycle?
+                batch.awaited(key, running)
             batch.waiters += 1
             await self._wait((batch,))
         if batch.error is None:
@@ -366,7 +374,10 @@ class BatchLoader(BatchDispatch[K, V]):
             Exception: the first failing key's error, in the order of ``keys``
                 (the errors :meth:`load` raises).
             RuntimeError: (``cache=True``) called inside the ``load_many`` call of
-                a batch one of ``keys`` is in: it would wait for itself.
+                a batch one of ``keys`` is in: it would wait for itself; or of a
+                batch that a batch of one of ``keys`` waits for (its ``load_many``
+                loads a key of it, directly or through other batches): they would
+                wait on each other.
         """
         given: object = keys
         if not isinstance(given, Iterable):
@@ -396,14 +407,14 @@ class BatchLoader(BatchDispatch[K, V]):
         if waiting:
             for batch in waiting:
                 batch.waiters += 1
-            for batch in waiting:
-                if batch.running:  # load_many loading a key of its own batch?
-                    try:
-                        batch.own(next(k for k in keys if batches[k] is batch))
-                    except RuntimeError:
-                        for joined in waiting:  # this caller leaves them all
-                            joined.leave()
-                        raise
+            if running := RUNNING.get():  # inside a load_many: its own batch, or a cycle?
+                try:
+                    for batch in waiting:
+                        batch.awaited(next(k for k in keys if batches[k] is batch), running)
+                except RuntimeError:
+                    for joined in waiting:  # this caller leaves them all
+                        joined.leave()
+                    raise
             await self._wait(waiting)
         default = self._default
         return [cast("V", batches[key].result(key, default)) for key in keys]

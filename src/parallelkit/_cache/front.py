@@ -23,15 +23,17 @@ is the cache's ``slow`` path.
 from __future__ import annotations
 
 import reprlib
+import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 from typing_extensions import final
 
+from .._core.check import clock_reading
 from .names import Names
 from .store import CacheEntry
 
-__all__ = ["Front", "Thunk", "check_key", "no_local_answer", "short_repr"]
+__all__ = ["FirstReading", "Front", "Thunk", "check_key", "no_local_answer", "short_repr"]
 
 Thunk = Callable[[], Awaitable[Any]]
 """A load with its arguments bound: ``await thunk()`` loads the value of one key."""
@@ -78,6 +80,34 @@ def check_key(key: object, what: str = "key must be hashable", hint: str = "") -
 
 
 @final
+class FirstReading:
+    """A clock the cache has not read yet: its first reading is checked.
+
+    A clock given by the user (``SWRCache(clock=...)``, or a store's ``clock``) cannot
+    be called when the cache is built (``anyio.current_time`` needs a running loop),
+    so :class:`Front` holds this in its place until the first reading. A reading that
+    is no number (``None``, a ``str``, a ``datetime``) raises a ``TypeError`` naming
+    the clock, there, instead of failing deep in the cache after a load; a good one
+    puts the clock itself in :attr:`Front.clock`, so a hit never pays for the check.
+    """
+
+    __slots__ = ("clock", "front", "name")
+
+    def __init__(self, front: Front, clock: Callable[[], float], name: str) -> None:
+        self.front, self.clock, self.name = front, clock, name
+
+    def __call__(self) -> float:
+        now = self.clock()
+        clock_reading(self.name, now)
+        if self.front.clock is self:
+            self.front.clock = self.clock
+        return now
+
+    def __repr__(self) -> str:
+        return f"<FirstReading of {self.name}={self.clock!r}>"
+
+
+@final
 class Front:
     """The state a cache's hit paths read (internal; see the module docs).
 
@@ -104,10 +134,23 @@ class Front:
         invalidate: Callable[[Hashable], Awaitable[None]],
     ) -> None:
         self.peek: Callable[[Hashable], CacheEntry[Any] | None] = no_local_answer
-        self.clock = clock
+        self.clock: Callable[[], float] = clock
+        self.use_clock(clock, "clock")
         self.invalidate = invalidate
         self.hits = 0
         self.names = Names()
+
+    def use_clock(self, clock: Callable[[], float], name: str) -> None:
+        """Read ``clock`` from now on, its first reading checked (see :class:`FirstReading`);
+        ``name`` is how the user gave it (``"clock"``, ``"store.clock"``)."""
+        self.clock = clock if clock is time.monotonic else FirstReading(self, clock, name)
+
+    def check_clock(self) -> None:
+        """Take the clock's first reading now if it was not taken yet (the slow paths
+        call this before any load or write, so that a bad clock fails the call, not a
+        load after the loader ran)."""
+        if type(self.clock) is FirstReading:
+            self.clock()
 
     def __repr__(self) -> str:
         return f"<Front hits={self.hits} peek={self.peek!r}>"

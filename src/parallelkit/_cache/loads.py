@@ -183,7 +183,7 @@ class Loads:
         self._load_lock = store.load_lock if isinstance(store, SupportsLoadLock) else None
         self._conditional = store if isinstance(store, SupportsConditionalSet) else None
         if not self._clock_given:
-            self._front.clock = getattr(store, "clock", None) or time.monotonic
+            self._front.use_clock(getattr(store, "clock", None) or time.monotonic, "store.clock")
         self._failed.clear()  # its times are in the old clock
 
     @property
@@ -205,6 +205,7 @@ class Loads:
         """``cache.set``: supersede the loads of ``key``, then store ``value``."""
         if inspect.iscoroutine(value):
             raise _coroutine_value("cache.set was given", value)
+        self._front.check_clock()
         self._supersede(key)
         await self.writes.acquire(key)
         try:
@@ -242,6 +243,7 @@ class Loads:
     async def slow(self, key: Hashable, thunk: Thunk) -> Any:
         """Everything but a fresh local hit: ask the store, serve stale, or load."""
         front = self._front
+        front.check_clock()  # its first reading, before any load (FirstReading)
         entry = front.peek(key)  # (the hit path named an unhashable key it peeked)
         if entry is None and not self._whole:
             check_key(key)  # a store without peek saw no key yet: name an unhashable one
@@ -354,37 +356,42 @@ class Loads:
         conditional = self._conditional
         if conditional is not None and token is _ASK:
             token = await conditional.load_token(key)
-        pending = thunk()
-        if not inspect.isawaitable(pending):  # a sync loader: fail this flight, clearly
-            raise _not_awaitable(thunk, pending)
-        value = await pending
-        if inspect.iscoroutine(value):  # `return fetch(key)`: an `await` forgotten
-            value.close()  # awaitable once: never a value to cache (nor a warning later)
-            raise _coroutine_value("loader returned", value)
-        if value is None and not self._cache_none:
-            if flight.refresh:  # the stale value is gone at the source: stop serving it
-                await self._forget(key, flight)
-            return value
-        await self.writes.acquire(key)
         try:
-            if flight.valid:  # not superseded while loading, nor while waiting for the turn
-                entry, ttl = self.entry(value)
-                counted = store_counter(self.store, "errors")
-                try:
-                    if conditional is None:
-                        await self.store.set(key, entry, ttl=ttl)
-                    else:
-                        await conditional.set_if_unchanged(key, entry, ttl=ttl, token=token)
-                except (TypeError, ValueError):
-                    # the value itself cannot be stored (a serializer's SerializationError):
-                    # a bug in the caller's data, the same on every call, not an outage of
-                    # the store: raised to its callers, as a load error
-                    raise
-                except Exception as exc:  # the load succeeded: its callers get the value
-                    self._write_failed(key, flight, exc, counted)
+            pending = thunk()
+            if not inspect.isawaitable(pending):  # a sync loader: fail this flight, clearly
+                raise _not_awaitable(thunk, pending)
+            value = await pending
+            if inspect.iscoroutine(value):  # `return fetch(key)`: an `await` forgotten
+                value.close()  # awaitable once: never a value to cache (nor a warning later)
+                raise _coroutine_value("loader returned", value)
+            if value is None and not self._cache_none:
+                if flight.refresh:  # the stale value is gone at the source: stop serving it
+                    await self._forget(key, flight)
+                return value
+            await self.writes.acquire(key)
+            try:
+                if flight.valid:  # not superseded while loading, nor while waiting for the turn
+                    entry, ttl = self.entry(value)
+                    counted = store_counter(self.store, "errors")
+                    try:
+                        if conditional is None:
+                            await self.store.set(key, entry, ttl=ttl)
+                        else:
+                            await conditional.set_if_unchanged(key, entry, ttl=ttl, token=token)
+                    except (TypeError, ValueError):
+                        # the value itself cannot be stored (a serializer's SerializationError):
+                        # a bug in the caller's data, the same on every call, not an outage of
+                        # the store: raised to its callers, as a load error
+                        raise
+                    except Exception as exc:  # the load succeeded: its callers get the value
+                        self._write_failed(key, flight, exc, counted)
+            finally:
+                self.writes.release(key)
+            return value
         finally:
-            self.writes.release(key)
-        return value
+            # a traceback keeping this frame (a shared error) must not keep the token,
+            # which may hold store state while it lives (MemoryStore watches its key)
+            token = None
 
     async def _forget(self, key: Hashable, flight: Flight) -> None:
         """A refresh found nothing (``None``, not cached): delete the entry it refreshed,

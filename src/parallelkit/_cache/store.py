@@ -66,6 +66,7 @@ is called):
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Hashable
 from contextlib import AbstractAsyncContextManager
@@ -202,6 +203,32 @@ class SupportsConditionalSet(Protocol):
 
 
 @final
+class _Watch:
+    """What a :class:`MemoryStore` knows about one key hash while loads of it are in
+    flight: how recent the last write of it is (see :meth:`MemoryStore.set_if_unchanged`).
+    The load tokens of the hash hold it; it goes with the last of them."""
+
+    __slots__ = ("__weakref__", "last")
+
+    def __init__(self) -> None:
+        self.last = 0
+
+
+@final
+class _Token:
+    """A :class:`MemoryStore` load token: the store's write count when the load
+    started, and the watch of its key's hash (kept alive while the load holds this)."""
+
+    __slots__ = ("hash", "watch", "writes")
+
+    def __init__(self, writes: int, key_hash: int, watch: _Watch) -> None:
+        self.writes, self.hash, self.watch = writes, key_hash, watch
+
+    def __repr__(self) -> str:
+        return f"<MemoryStore load token writes={self.writes}>"
+
+
+@final
 class MemoryStore:
     """An in-process :class:`Store` bounded to ``maxsize`` entries (LRU).
 
@@ -213,10 +240,12 @@ class MemoryStore:
     It has the conditional set (:class:`SupportsConditionalSet`), so caches
     sharing one ``MemoryStore`` keep "an invalidation always wins" between them: a
     load one cache started before another cache's ``invalidate``, ``set`` or
-    ``clear`` of the key does not store its value after it. It remembers when the
-    last ``maxsize`` keys were written (by hash: no key is kept alive); a load
-    that outlasts that many writes of other keys is not stored (the next call
-    loads again), never stored over a newer write.
+    ``clear`` of the key does not store its value after it. Of two loads of one
+    key (by two caches) the one that started later wins, whichever ends first: its
+    value was read later. Writes of *other* keys never keep a load's value out,
+    however many: each load in flight has its key watched (by hash: no key is kept
+    alive) until it ends, so what the store remembers besides its entries is
+    bounded by the loads in flight.
 
     Args:
         maxsize: the most entries kept (>= 1).
@@ -227,27 +256,26 @@ class MemoryStore:
         MemoryStore(size=0, maxsize=2, evictions=0)
     """
 
-    __slots__ = ("_data", "_evictions", "_floor", "_maxsize", "_writes", "_written")
+    __slots__ = ("_cleared", "_data", "_evictions", "_maxsize", "_watching", "_writes")
 
     def __init__(self, maxsize: int = 10_000) -> None:
         self._maxsize = count("maxsize", maxsize)
         self._data: OrderedDict[Hashable, CacheEntry[Any]] = OrderedDict()
         self._evictions = 0
-        # the conditional set: writes so far, the last write of each recent key's hash
-        # (a collision only makes a load's write less likely to be kept: never unsafe),
-        # and the last write of any key forgotten from there (or the last clear)
+        # the conditional set: writes (set, delete, clear) and load starts so far, the
+        # count of the last clear, and the watches of the key hashes being loaded (a collision
+        # only makes a load's write less likely to be kept: never unsafe)
         self._writes = 0
-        self._written: OrderedDict[int, int] = OrderedDict()
-        self._floor = 0
+        self._cleared = 0
+        self._watching: weakref.WeakValueDictionary[int, _Watch] = weakref.WeakValueDictionary()
 
     def _wrote(self, key: Hashable) -> None:
         """Note a write of ``key`` (for :meth:`set_if_unchanged`)."""
         self._writes += 1
-        written, h = self._written, hash(key)
-        written[h] = self._writes
-        written.move_to_end(h)
-        if len(written) > self._maxsize:
-            self._floor = written.popitem(last=False)[1]
+        if self._watching:
+            watch = self._watching.get(hash(key))
+            if watch is not None:
+                watch.last = self._writes
 
     @property
     def maxsize(self) -> int:
@@ -278,13 +306,13 @@ class MemoryStore:
 
     async def set(self, key: Hashable, entry: CacheEntry[Any], *, ttl: float) -> None:
         """Store ``entry`` (``ttl`` is not needed: the cache checks the entry's times)."""
-        self._set(key, entry)
+        self._put(key, entry)
+        self._wrote(key)
 
-    def _set(self, key: Hashable, entry: CacheEntry[Any]) -> None:
+    def _put(self, key: Hashable, entry: CacheEntry[Any]) -> None:
         data = self._data
         data[key] = entry
         data.move_to_end(key)
-        self._wrote(key)
         if len(data) > self._maxsize:
             data.popitem(last=False)
             self._evictions += 1
@@ -298,21 +326,39 @@ class MemoryStore:
         """Forget every key (the eviction count is kept)."""
         self._data.clear()
         self._writes += 1
-        self._written.clear()
-        self._floor = self._writes
+        self._cleared = self._writes
 
     async def load_token(self, key: Hashable) -> object:
-        """A token for a load of ``key`` starting now (see :meth:`set_if_unchanged`)."""
-        return self._writes
+        """A token for a load of ``key`` starting now (see :meth:`set_if_unchanged`).
+
+        Holding it keeps ``key`` watched: drop it when the load ends (the cache does).
+        """
+        key_hash = hash(key)
+        watching = self._watching
+        watch = watching.get(key_hash)
+        if watch is None:
+            watch = watching[key_hash] = _Watch()
+        self._writes += 1  # one sequence for writes and load starts: they are ordered
+        return _Token(self._writes, key_hash, watch)
 
     async def set_if_unchanged(
         self, key: Hashable, entry: CacheEntry[Any], *, ttl: float, token: object
     ) -> bool:
         """Store ``entry`` unless ``key`` was set, deleted or cleared since ``token``
-        (from :meth:`load_token`), by any cache sharing this store."""
-        if not isinstance(token, int) or self._written.get(hash(key), self._floor) > token:
+        (from :meth:`load_token`) by any cache sharing this store, or a load of
+        ``key`` that started later has stored its value already."""
+        if (
+            not isinstance(token, _Token)
+            or token.hash != hash(key)
+            or self._watching.get(token.hash) is not token.watch  # another store's
+            or token.watch.last > token.writes
+            or self._cleared > token.writes
+        ):
             return False
-        self._set(key, entry)
+        self._put(key, entry)
+        # a write as recent as the load's start: a load that started before this one
+        # (or a write) is not stored over it; one that started after it is
+        token.watch.last = token.writes
         return True
 
     def __repr__(self) -> str:
