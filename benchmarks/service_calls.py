@@ -146,24 +146,26 @@ async def _drive(
     """Serve ``warm`` then, counted by ``profile``, ``measured``; the statuses of those."""
     async with app.router.lifespan_context(app) as started:
         state = dict(started or {})
-
-        async def drive(batch: list[Request]) -> list[int]:
-            pending = iter(batch)
-            statuses: list[int] = []
-
-            async def client() -> None:
-                for request in pending:
-                    statuses.append(await _call(app, state, request))
-
-            await asyncio.gather(*(client() for _ in range(clients)))
-            return statuses
-
-        await drive(warm)  # caches filled, statements prepared, the pool open
+        await serve(app, state, warm, clients)  # caches filled, statements prepared, the pool open
         sys.setprofile(profile)
         try:
-            return await drive(measured)
+            return await serve(app, state, measured, clients)
         finally:
             sys.setprofile(None)
+
+
+async def serve(app: Any, state: dict[str, Any], batch: list[Request], clients: int) -> list[int]:
+    """Serve ``batch`` to ``app`` (its lifespan ``state`` entered) from ``clients``
+    concurrent clients; the statuses, in no order."""
+    pending = iter(batch)
+    statuses: list[int] = []
+
+    async def client() -> None:
+        for request in pending:
+            statuses.append(await _call(app, state, request))
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return statuses
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,8 +46,8 @@ from examples.service.app import create_app
 from examples.service.shared import VARIANTS, Settings
 
 from ._util import table
-from .service_calls import _call, _production_sessions
-from .service_load import ENDPOINTS, Request, requests_for
+from .service_calls import _production_sessions, serve
+from .service_load import ENDPOINTS, requests_for
 
 #: The A/A row: a second parallelkit app, identical to the first.
 TWIN = "parallelkit (A/A twin)"
@@ -89,13 +89,13 @@ async def measure(
             served[label] = (app, dict(started or {}))
         for label in labels:  # caches filled, statements prepared, every pool open
             warm = requests_for(endpoint, requests, tag=f"{tag}-w{label}")
-            await _batch(*served[label], warm, clients)
+            await serve(*served[label], warm, clients)
         for r in range(rounds):
             for label in labels[r % len(labels) :] + labels[: r % len(labels)]:
                 batch = requests_for(endpoint, requests, tag=f"{tag}-{r}-{label}")
                 gc.collect()
                 start = time.process_time()
-                statuses = await _batch(*served[label], batch, clients)
+                statuses = await serve(*served[label], batch, clients)
                 cpu[label].append((time.process_time() - start) / requests)
                 bad = [s for s in statuses if s != 200]
                 if bad or len(statuses) != requests:
@@ -122,19 +122,6 @@ async def measure(
 def _paired(mine: list[float], theirs: list[float]) -> list[float]:
     """Round by round: this round's batch against the other's batch of the same round."""
     return [a / b for a, b in zip(mine, theirs, strict=True)]
-
-
-async def _batch(app: Any, state: dict[str, Any], batch: list[Request], clients: int) -> list[int]:
-    """Serve ``batch`` from ``clients`` concurrent clients; the statuses, in no order."""
-    pending = iter(batch)
-    statuses: list[int] = []
-
-    async def client() -> None:
-        for request in pending:
-            statuses.append(await _call(app, state, request))
-
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return statuses
 
 
 def report(result: dict[str, Any]) -> str:

@@ -16,12 +16,13 @@ import pytest
 
 import parallelkit as pk
 
+from .batch_helpers import entered_or_not, owned
+
 pytestmark = pytest.mark.anyio
 
 asyncio_only = pytest.mark.parametrize(
     "anyio_backend", [pytest.param(("asyncio", {}), id="asyncio")]
 )
-entered_or_not = pytest.mark.parametrize("entered", [True, False], ids=["entered", "not-entered"])
 
 
 async def wait_until(cond: Any) -> None:
@@ -33,10 +34,6 @@ async def wait_until(cond: Any) -> None:
 async def let_others_run(times: int = 20) -> None:
     for _ in range(times):
         await anyio.lowlevel.checkpoint()
-
-
-def owned(loader: pk.BatchLoader[Any, Any], entered: bool) -> Any:
-    return loader if entered else contextlib.nullcontext(loader)
 
 
 class Gated:

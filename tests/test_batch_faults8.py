@@ -3,29 +3,14 @@ batches waiting on each other."""
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
-
 import anyio
 import pytest
 
 import parallelkit as pk
 
+from .batch_helpers import entered_or_not, get, load_or_many, owned
+
 pytestmark = pytest.mark.anyio
-
-entered_or_not = pytest.mark.parametrize("entered", [True, False], ids=["entered", "not-entered"])
-load_or_many = pytest.mark.parametrize("how", ["load", "load_many"])
-
-
-def owned(loader: pk.BatchLoader[Any, Any], entered: bool) -> Any:
-    return loader if entered else contextlib.nullcontext(loader)
-
-
-async def get(loader: pk.BatchLoader[Any, Any], how: str, key: Any) -> Any:
-    if how == "load":
-        return await loader.load(key)
-    (value,) = await loader.load_many([key])
-    return value
 
 
 class AllRunning:

@@ -37,6 +37,7 @@ from parallelkit.taskiq._middlewares import TracebackMiddleware
 from parallelkit.taskiq._remote_errors import remote_error
 
 from .taskiq_helpers.errors import CompanyNotFound
+from .taskiq_helpers.failures import afailure, failure
 from .taskiq_helpers.processes import Workers, drop_keys, new_queue
 from .taskiq_helpers.tasks import Tasks, build
 from .taskiq_helpers.tasks6 import Tasks6, group_of
@@ -59,23 +60,6 @@ def anyio_backend() -> str:
 
 async def local(x: int) -> int:
     return x
-
-
-def failure(make: Any) -> tuple[type[BaseException], str]:
-    """The type and message of what ``make()`` raises (``pytest.fail`` if nothing)."""
-    try:
-        make()
-    except Exception as exc:  # (compared, whatever it is)
-        return type(exc), str(exc)
-    pytest.fail("no error")
-
-
-async def afailure(make: Any) -> tuple[type[BaseException], str]:
-    try:
-        await make()
-    except Exception as exc:  # (compared, whatever it is)
-        return type(exc), str(exc)
-    pytest.fail("no error")
 
 
 # ------------------------------------------------------------------ bad arguments

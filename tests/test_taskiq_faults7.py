@@ -34,6 +34,7 @@ import parallelkit as pk
 import parallelkit.taskiq as pkt
 from parallelkit.redis import RedisLimiter
 
+from .taskiq_helpers.failures import afailure, failure
 from .taskiq_helpers.processes import Workers, drop_keys, new_queue
 from .taskiq_helpers.tasks import build
 from .taskiq_helpers.tasks7 import Tasks7, attempts_key, go_key
@@ -50,23 +51,6 @@ def anyio_backend() -> str:
 
 async def local(x: int) -> int:
     return x
-
-
-def failure(make: Any) -> tuple[type[BaseException], str]:
-    """The type and message of what ``make()`` raises (``pytest.fail`` if nothing)."""
-    try:
-        make()
-    except Exception as exc:  # (compared, whatever it is)
-        return type(exc), str(exc)
-    pytest.fail("no error")
-
-
-async def afailure(make: Any) -> tuple[type[BaseException], str]:
-    try:
-        await make()
-    except Exception as exc:  # (compared, whatever it is)
-        return type(exc), str(exc)
-    pytest.fail("no error")
 
 
 # ------------------------------------------------------------------ a limiter without a rate
