@@ -427,11 +427,13 @@ class Session:
             hook = instrument.current
             if hook is None:
                 await self._stop_run(graph, self._stop_node)
+                self._early_stop_times(recorded)
             else:
                 trace = hook.graph("shutdown", self.timeline, None)
                 with trace:
                     await self._stop_run(graph, trace.run_node(self._stop_node))
-        self._early_stop_times(recorded)
+                    # before the trace ends: its stop spans are made with these times
+                    self._early_stop_times(recorded)
         errors: list[tuple[str, BaseException]] = []
         for name in started:  # (an unready one's error is its start's: failed_teardowns)
             error = self.hosts[name].teardown_error

@@ -8,7 +8,12 @@ it. Graph node spans are made current around each node by the engine's
 ``run_node`` hook, and end when the engine records the node's
 :class:`~parallelkit.Span` on the run's :class:`~parallelkit.Timeline`: their
 times and waits are the ones the engine measured (converted from anyio's clock
-to the wall clock once per run).
+to the wall clock once per run). A shutdown's ``stop <service>`` spans are made
+when the shutdown's span ends, from the timeline as it is then: the orchestrator
+gives a tear-down that ran before the shutdown reached it (a crash, a service that
+never became ready) its own times, and the span carries them (a span's start
+cannot be moved once it is made). Nothing nests under a stop span: the tear-down
+runs in the task that hosts the service.
 
 No failure of the tracing itself (a broken provider, a span processor that
 raises) reaches user code: it is logged on ``parallelkit.otel`` and the work
@@ -49,7 +54,14 @@ _GRAPH_NAMES: dict[str, tuple[str, str, str]] = {
     "shutdown": ("shutdown", "stop", "parallelkit.service"),
 }
 _NODE_KIND = {"flow": "step", "startup": "start", "shutdown": "stop"}
+#: the OpenTelemetry context key under which a start-up's span finds itself again: a
+#: shutdown made while that span is the current one is the start-up's rollback
+_STARTUP = otel_context.create_key("parallelkit.startup")
 
+
+#: the largest integer an attribute can carry: OpenTelemetry's are signed 64-bit, and an
+#: OTLP exporter fails the whole batch (every span in it) on one that does not fit
+_INT64_MAX = 2**63 - 1
 
 #: tracing failures by exception type since the last ``instrument()``: the first of
 #: each type is logged with its traceback, the rest only counted (a processor that
@@ -82,11 +94,11 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
-def record(span: trace.Span, exc: BaseException) -> None:
+def record(span: trace.Span, exc: BaseException, timestamp: int | None = None) -> None:
     """``span.record_exception``; if recording fails (a tracer that raises, an exception
     whose ``__str__`` raises), that is logged and ``exc`` goes on unchanged."""
     try:
-        span.record_exception(exc)
+        span.record_exception(exc, timestamp=timestamp)
     except Exception as error:
         report(error)
 
@@ -210,7 +222,7 @@ class FanoutTrace:
     def __enter__(self) -> FanoutTrace:
         attributes: dict[str, Any] = {"parallelkit.settle": self._settle}
         if self._limit is not None:
-            attributes["parallelkit.limit"] = self._limit
+            attributes["parallelkit.limit"] = min(self._limit, _INT64_MAX)  # (never reached)
         self._span = span = start(self._tracer, f"pk.{self._kind}", None, attributes)
         self._ctx, self._token = _attach(span)
         return self
@@ -240,9 +252,9 @@ class FanoutTrace:
 class GraphTrace:
     """One run of the graph engine: a span for the run, one per node (see module docs)."""
 
-    __slots__ = ("_clock0", "_ctx", "_kind", "_limit", "_live", "_previous", "_span",
-                 "_timeline", "_token", "_tracer", "_wall0", "failures", "nodes",
-                 "skipped")  # fmt: skip
+    __slots__ = ("_clock0", "_ctx", "_errors", "_kind", "_limit", "_live", "_previous",
+                 "_span", "_stops", "_timeline", "_token", "_tracer", "_wall0", "failures",
+                 "nodes", "skipped")  # fmt: skip
 
     def __init__(
         self, tracer: trace.Tracer, kind: GraphKind, timeline: Timeline, limit: int | None
@@ -252,6 +264,8 @@ class GraphTrace:
         self._timeline = timeline
         self._limit = limit
         self._live: dict[str, trace.Span] = {}
+        self._stops: list[tuple[int, TimelineSpan]] = []  # a shutdown's, made at its end
+        self._errors: dict[str, BaseException] = {}  # what ended each of those
         self._span: trace.Span = INVALID_SPAN
         self._ctx: otel_context.Context | None = None
         self._token: Token[otel_context.Context] | None = None
@@ -274,10 +288,19 @@ class GraphTrace:
         if title:
             attributes["parallelkit.name"] = title
         if self._limit is not None:
-            attributes["parallelkit.limit"] = self._limit
+            attributes["parallelkit.limit"] = min(self._limit, _INT64_MAX)  # (never reached)
         name = f"{run_name} {title}" if title else run_name
+        if self._kind == "shutdown":  # made while its start-up's span is current: its rollback
+            startup = otel_context.get_value(_STARTUP)
+            attributes["parallelkit.rollback"] = (
+                startup is not None and startup is trace.get_current_span()
+            )
         self._span = span = start(self._tracer, name, None, attributes, self._wall0)
-        self._ctx, self._token = _attach(span)
+        if self._kind == "startup":
+            self._ctx = trace.set_span_in_context(span, otel_context.set_value(_STARTUP, span))
+            self._token = otel_context.attach(self._ctx)
+        else:
+            self._ctx, self._token = _attach(span)
         self._previous = self._timeline._on_add
         self._timeline._on_add = self._record
         return self
@@ -295,6 +318,7 @@ class GraphTrace:
         try:
             for node in self._live.values():  # pragma: no cover - the engine records each
                 end(node)
+            self._end_stops()
             path = self._timeline.critical_path(kind=_NODE_KIND[self._kind])
             span.set_attributes(
                 {
@@ -317,6 +341,8 @@ class GraphTrace:
         """The engine's ``run_node``: each node runs with its span current."""
         _, prefix, attribute = _GRAPH_NAMES[self._kind]
         tracer, live = self._tracer, self._live
+        if self._kind == "shutdown":
+            return self._stop_node(inner)
 
         async def traced(node: Any, kwargs: dict[str, Any]) -> Any:
             name: str = node.name
@@ -341,11 +367,48 @@ class GraphTrace:
 
         return traced
 
+    def _stop_node(self, inner: NodeCall | None) -> NodeCall:
+        """A shutdown's ``run_node``: no span yet (see :meth:`_end_stops`); what ended
+        each stop (its tear-down's error, a crash) is kept for it."""
+        errors = self._errors
+
+        async def stop(node: Any, kwargs: dict[str, Any]) -> Any:
+            try:
+                if inner is None:  # pragma: no cover - the orchestrator passes its stop
+                    return await node.call(**kwargs)
+                return await inner(node, kwargs)
+            except NodeEnded as ended:
+                if ended.error is not None:
+                    errors[node.name] = ended.error
+                raise
+            except BaseException as exc:
+                if is_failure(exc):
+                    errors[node.name] = exc
+                raise
+
+        return stop
+
+    def _end_stops(self) -> None:
+        """Make and end the shutdown's stop spans, with the times the timeline has now."""
+        spans = self._timeline._done
+        for index, recorded in self._stops:
+            final = spans[index] if index < len(spans) else recorded
+            if (final.name, final.kind) != (recorded.name, recorded.kind):  # pragma: no cover
+                final = recorded  # (the orchestrator replaces a span in place, or not at all)
+            span = start(self._tracer, f"stop {final.name}", self._ctx,
+                         {"parallelkit.service": final.name}, self._ns(final.start))  # fmt: skip
+            self._close(span, final, self._errors.pop(final.name, None))
+        self._stops.clear()
+
     def _record(self, recorded: TimelineSpan) -> None:
         """The engine recorded a node's span: end ours with its times and waits."""
         try:
             if recorded.kind == "ready":
                 self._ready(recorded)
+                return
+            if self._kind == "shutdown":
+                self._count(recorded)
+                self._stops.append((len(self._timeline._done) - 1, recorded))
                 return
             _, prefix, attribute = _GRAPH_NAMES[self._kind]
             span = self._live.pop(recorded.name, None)
@@ -355,25 +418,38 @@ class GraphTrace:
         except Exception as exc:  # pragma: no cover - start() and _ready() never raise
             report(exc)
             return
+        self._count(recorded)
+        self._close(span, recorded)
+
+    def _count(self, recorded: TimelineSpan) -> None:
         self.nodes += 1
         if recorded.status == "error":
             self.failures += 1
         elif recorded.status == "skipped":
             self.skipped += 1
+
+    def _close(
+        self, span: trace.Span, recorded: TimelineSpan, error: BaseException | None = None
+    ) -> None:
+        """Give a node's span its status and waits (and ``error``), and end it."""
+        end_time = self._ns(recorded.end)
         try:
             span.set_attributes(
                 {
                     "parallelkit.status": recorded.status,
                     "parallelkit.waited_for": list(recorded.waited_for),
-                    "parallelkit.wait.dependencies": recorded.queued - self._clock0,
+                    # (a tear-down that ran before the shutdown began waited for nothing)
+                    "parallelkit.wait.dependencies": max(0.0, recorded.queued - self._clock0),
                     "parallelkit.wait.limit": recorded.wait,
                 }
             )
+            if error is not None:
+                record(span, error, end_time)
             if recorded.status == "error":
                 span.set_status(Status(StatusCode.ERROR))
         except Exception as exc:
             report(exc)
-        end(span, self._ns(recorded.end))  # always, exactly once
+        end(span, end_time)  # always, exactly once
 
     def _ready(self, recorded: TimelineSpan) -> None:
         """A service's readiness wait (set-up done until its probe passed, or failed).
