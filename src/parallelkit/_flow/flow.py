@@ -10,21 +10,21 @@ finished, so independent steps overlap and dependent ones wait: the data race in
 from __future__ import annotations
 
 import contextlib
-import inspect
 import keyword
+import unicodedata
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal, TypeVar, cast, overload
 
 from typing_extensions import ParamSpec, final
 
 from .._core import backend, instrument
-from .._core.check import flag, is_async_callable, number_or_none, text_or_none
+from .._core.check import flag, number_or_none, text_or_none
 from .._core.errors import DefinitionError
 from .._core.limiter import Limiter, SupportsLimit
 from .._core.outcome import Outcome
 from .._core.retry import RetryLike, validate_retry
 from .._fanout.options import build_call, split_limit
-from .._graph.graph import Graph, Node, params_of, suggest
+from .._graph.graph import Graph, Node, not_async, params_of, suggest
 from .._graph.scheduler import Run
 from .._graph.timeline import Timeline
 
@@ -36,6 +36,7 @@ D = TypeVar("D")
 
 RESERVED = ("limit", "settle", "targets")
 _AMBIGUOUS = "\x00ambiguous"
+_BYTES = (bytes, bytearray, memoryview)  # iterable, but of ints: never a list of targets
 
 StepFn = Callable[..., Awaitable[Any]]
 
@@ -187,23 +188,21 @@ class Flow:
         if not callable(fn):
             msg = f"a step must be an async function, got {type(fn).__name__} {fn!r}"
             raise NotAsyncError(msg)
-        if inspect.isasyncgenfunction(fn):
-            msg = (
-                f"step {step_name!r} is an async generator function; a step returns one "
-                "value (for set-up / tear-down, use an Orchestrator service)"
-            )
-            raise NotAsyncError(msg)
-        if not is_async_callable(fn):
-            msg = (
-                f"step {step_name!r} must be an async function (async def), got "
-                f"{fn!r}; wrap blocking work with anyio.to_thread.run_sync"
-            )
-            raise NotAsyncError(msg)
+        refused = not_async(fn, kind="step", node=step_name)
+        if refused is not None:
+            raise NotAsyncError(refused)
         if not isinstance(step_name, str) or not step_name.isidentifier():
             msg = f"step name must be a Python identifier (pass name=...), got {step_name!r}"
             raise DefinitionError(msg)
         if keyword.iskeyword(step_name):
             msg = f"step name {step_name!r} is a Python keyword; pass another name=..."
+            raise DefinitionError(msg)
+        normal = unicodedata.normalize("NFKC", step_name)
+        if normal != step_name:  # a parameter written so is named ``normal`` by Python
+            msg = (
+                f"step name {step_name!r} is read by Python as {normal!r} in a parameter "
+                f"list (NFKC), so no step could depend on it; pass name={normal!r}"
+            )
             raise DefinitionError(msg)
         step = cast(StepFn, fn)
         params = params_of(step, kind="step", node=step_name)
@@ -324,7 +323,7 @@ class Flow:
     def _target_names(self, targets: object) -> list[str]:
         if isinstance(targets, str) or callable(targets):
             targets = [targets]
-        if not isinstance(targets, Iterable):
+        if not isinstance(targets, Iterable) or isinstance(targets, _BYTES):
             msg = f"targets must be step names or step functions, got {targets!r}"
             raise TypeError(msg)
         names = []
@@ -389,8 +388,11 @@ class _Result(Mapping[str, Any]):
         except KeyError:
             names = list(self._values)
             msg = f"no step {name!r} in this result; steps run: {names}"
-            if isinstance(name, str):
-                msg += suggest(name, names)
+            key: object = name  # any key can be passed (``result[step_fn]``)
+            if isinstance(key, str):
+                msg += suggest(key, names)
+            else:
+                msg += _by_function_hint(self._by_fn, key)
             raise KeyError(msg) from None
 
     def __iter__(self) -> Iterator[str]:
@@ -410,6 +412,20 @@ class _Result(Mapping[str, Any]):
         except (KeyError, TypeError):
             pass
         return self[_step_name(self._by_fn, step, self._values)]  # the error, with its message
+
+
+def _by_function_hint(by_fn: Mapping[object, str], step: object) -> str:
+    """``result[step_fn]``: where the value of a step function is found."""
+    try:
+        name = by_fn.get(step)
+    except TypeError:  # unhashable
+        return ""
+    if name is None:
+        return ""
+    fn = getattr(step, "__name__", "step_fn")
+    if name == _AMBIGUOUS:
+        return f"; result[...] takes a step name ({fn} is registered under several)"
+    return f"; result[...] takes a step name: result.get({fn}) (typed) or result[{name!r}]"
 
 
 @final

@@ -83,7 +83,9 @@ Three objects, used in this order::
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import inspect
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
@@ -92,9 +94,10 @@ from typing import Any
 
 from typing_extensions import final
 
+from .._core.check import is_async_callable
 from .._core.errors import CycleError, DefinitionError
 
-__all__ = ["Graph", "Node", "Param", "Plan", "RunNode", "params_of", "suggest"]
+__all__ = ["Graph", "Node", "Param", "Plan", "RunNode", "not_async", "params_of", "suggest"]
 
 _MAX_PLANS = 256  # plans kept per graph (one per set of input names and of targets)
 
@@ -139,6 +142,35 @@ def params_of(fn: Callable[..., Any], *, kind: str = "step", node: str = "") -> 
             raise DefinitionError(msg)
         params.append(Param(p.name, p.default is not p.empty))
     return tuple(params)
+
+
+def not_async(fn: object, *, kind: str = "step", node: object = "") -> str | None:
+    """Why ``fn`` cannot be a node's async function, or ``None`` when it can: an async
+    generator function (or a partial or an object whose ``__call__`` is one), a
+    blocking function, or a plain wrapper of an async one (a decorator's)."""
+    inner = fn
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    call = getattr(type(inner), "__call__", None)  # noqa: B004 - the class's
+    if inspect.isasyncgenfunction(inner) or inspect.isasyncgenfunction(call):
+        return (
+            f"{kind} {node!r} is an async generator function; a {kind} returns one "
+            "value (for set-up / tear-down, use an Orchestrator service)"
+        )
+    if is_async_callable(fn):
+        return None
+    with contextlib.suppress(ValueError):  # a __wrapped__ cycle
+        inner = inspect.unwrap(fn)  # type: ignore[arg-type]
+    if inner is not fn and is_async_callable(inner):
+        return (
+            f"{kind} {node!r} is a plain function that wraps an async one ({fn!r} has "
+            "__wrapped__, as a decorator's wrapper does): write the wrapper as "
+            "'async def wrapper(...): return await fn(...)'"
+        )
+    return (
+        f"{kind} {node!r} must be an async function (async def), got {fn!r}; wrap "
+        "blocking work with anyio.to_thread.run_sync"
+    )
 
 
 @final
@@ -248,27 +280,38 @@ class Graph:
         self._last = None
 
     def _find_cycle(self, new: Node) -> list[str] | None:
-        """A path new -> ... -> new through existing nodes, if adding ``new`` closes one."""
-        nodes = self._nodes
-        parent: dict[str, str] = {}
-        stack = [new.name]
-        while stack:
-            current = stack.pop()
-            node = new if current == new.name else nodes[current]
-            for param in node.params:
-                dep = param.name
-                if dep == new.name:
-                    path = [new.name]
-                    at = current
-                    while at != new.name:
-                        path.append(at)
-                        at = parent[at]
-                    path.append(new.name)
-                    return [path[0], *reversed(path[1:-1]), path[-1]]
-                if dep in nodes and dep not in parent:
-                    parent[dep] = current
-                    stack.append(dep)
-        return None
+        """A path new -> ... -> new through existing nodes, if adding ``new`` closes one.
+
+        What ``new`` needs (up its parameters) and what needs it (down
+        ``_referenced_by``) are walked a node at a time, in turn, until a node is on
+        both sides (a cycle) or either side is done: the cost is the smaller side's."""
+        nodes, referenced_by, name = self._nodes, self._referenced_by, new.name
+        up = {p.name: name for p in new.params if p.name in nodes}  # node: reached from
+        down = dict.fromkeys(referenced_by.get(name, ()), name)
+        up_stack, down_stack = list(up), list(down)
+        meet = next((n for n in up if n in down), None)
+        while meet is None and up_stack and down_stack:
+            at = up_stack.pop()
+            for dep in [p.name for p in nodes[at].params]:
+                if dep in nodes and dep not in up:
+                    up[dep] = at
+                    up_stack.append(dep)
+                    meet = dep if dep in down else meet
+            at = down_stack.pop()
+            for user in referenced_by.get(at, ()):
+                if user not in down:
+                    down[user] = at
+                    down_stack.append(user)
+                    meet = user if user in up else meet
+        if meet is None:
+            return None
+        path = [meet]  # new -> ... -> meet, by the links of the walk up; then to new
+        while path[-1] != name:
+            path.append(up[path[-1]])
+        path.reverse()
+        while path[-1] != name:
+            path.append(down[path[-1]])
+        return path
 
     def plan(self, inputs: Collection[str] = (), targets: Iterable[str] | None = None) -> Plan:
         """Resolve the graph for a run with these input names (cached).

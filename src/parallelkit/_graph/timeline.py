@@ -244,7 +244,7 @@ class Timeline:
         """
         width = count("width", width, minimum=10)
         origin, total = self.origin, self.total
-        title = f"{self.name} " if self.name else ""
+        title = f"{_printable(self.name)} " if self.name else ""
         lines = [f"{title}total {total * 1000:.1f} ms, {len(self._done)} spans"]
         if not self._done:
             return lines[0]
@@ -274,7 +274,7 @@ class Timeline:
 
         Spans on the critical path are tagged ``crit``; failed ones ``active``.
         Paste it into a Markdown page that renders Mermaid. A name that Mermaid
-        would read as a keyword (a step named ``title`` or ``call``) starts with
+        would read as a keyword (a step named ``title``, ``section`` or ``call``) starts with
         an entity code (``#116;itle``), which Mermaid shows as the name.
         """
         origin = self.origin
@@ -338,7 +338,16 @@ def _ended_last(spans: list[Span]) -> Span:
 
 
 def _label(span: Span) -> str:
-    return span.name if span.kind == "step" else f"{span.name} ({span.kind})"
+    label = span.name if span.kind == "step" else f"{span.name} ({span.kind})"
+    return _printable(label)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # a line break, a tab, an escape code
+
+
+def _printable(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``): one row per span."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def _columns(text: str) -> int:
@@ -353,9 +362,10 @@ def _columns(text: str) -> int:
 
 
 def _mermaid_text(text: str) -> str:
-    for bad in (":", ";", "#", "\n"):
+    # ``%`` starts a comment (``%%x``, or ``a%b``: a character then ``%``)
+    for bad in (":", ";", "#", "%"):
         text = text.replace(bad, "_")
-    return text
+    return _CONTROL.sub("_", text)
 
 
 # A task line that Mermaid's gantt lexer (case-insensitive; the first rule that
@@ -363,7 +373,7 @@ def _mermaid_text(text: str) -> str:
 _MERMAID_STATEMENT = re.compile(
     r"(?:acctitle|accdescr)\s*:|(?:call|click)\s|(?:gantt|topaxis|inclusiveenddates)\b"
     r"|(?:dateformat|axisformat|tickinterval|includes|excludes|todaymarker|weekday|title"
-    r"|accdescription)\s",
+    r"|accdescription|section|weekend)\s|\d{4}-\d\d-\d\d\b",
     re.IGNORECASE,
 )
 
