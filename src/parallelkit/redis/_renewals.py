@@ -60,16 +60,18 @@ class Renewals:
     by the next, with two thirds of its ttl to spare. A lease Redis says is gone
     or someone else's, or that could not be renewed for a whole ``ttl`` (an
     outage, or errors Redis answered with: logged and counted in :attr:`errors`),
-    is marked lost (:meth:`Lease.lost`) and no longer renewed.
+    is marked lost (:meth:`Lease.lost`) and no longer renewed. Its owner's exit
+    waits for the leases still held (:meth:`drain`) before it stops the task.
     """
 
-    __slots__ = ("_guard", "_held", "_script", "_ttl", "active", "errors")
+    __slots__ = ("_guard", "_held", "_idle", "_script", "_ttl", "active", "errors")
 
     def __init__(self, redis: Redis, guard: Guard, ttl: float) -> None:
         self._script = redis.register_script(_RENEW_MANY)
         self._guard = guard
         self._ttl = ttl
         self._held: dict[Lease, float] = {}  # lease -> valid until (anyio's clock)
+        self._idle: anyio.Event | None = None  # set when nothing is held (drain)
         self.active = False
         """Whether :meth:`run` runs (else a lease renews itself, in a task of its own)."""
         self.errors = 0
@@ -81,6 +83,27 @@ class Renewals:
 
     def discard(self, lease: Lease) -> None:
         self._held.pop(lease, None)
+        if not self._held and self._idle is not None:
+            self._idle.set()
+
+    async def drain(self) -> None:
+        """Wait until every lease held is given back (or lost), still renewing them
+        (:meth:`run` goes on); leases taken meanwhile renew themselves (``active``
+        is off). From the owner's exit, before it stops :meth:`run`: a load that
+        outlives its store's ``async with`` keeps its lease until it ends, instead
+        of losing it ``ttl`` later to another process that loads the key again.
+
+        Cancelling the wait (a timeout around the owner's exit) stops it: the
+        leases still held are then no longer renewed and expire after ``ttl``.
+        """
+        self.active = False
+        if not self._held:
+            return
+        self._idle = idle = anyio.Event()
+        try:
+            await idle.wait()
+        finally:
+            self._idle = None
 
     async def run(self) -> None:
         """The one renewal task; background work: nothing it meets is raised."""

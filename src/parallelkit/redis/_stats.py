@@ -21,9 +21,11 @@ class RedisStoreStatistics:
         degraded: operations served by local memory because Redis was down.
         recoveries: times Redis answered again after an outage.
         lease_waits: loads that had to wait for another process's lease.
-        hits: reads that found an entry (in Redis, or local memory when degraded).
+        hits: reads (``get``) that found an entry (in Redis, or local memory
+            when degraded). The read a load makes with its lease is not counted
+            again: one cache miss or stale hit counts once.
         near_hits: reads served from the near cache, with no round trip.
-        misses: reads that found no entry.
+        misses: reads (``get``) that found no entry, one per cache miss.
         timeouts: Redis commands that did not answer within ``command_timeout``.
         near_size: entries in the near cache now.
         near_invalidations: invalidation messages received.

@@ -249,11 +249,22 @@ class RedisStore:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        """Stop the subscription and empty the near cache."""
+        """Wait for the loads whose leases the store renews, then stop the
+        subscription and empty the near cache.
+
+        A load still running (in a task that outlives the store's ``async with``)
+        keeps its lease renewed until it ends; loads that start meanwhile renew
+        their own. Cancelling the exit stops the wait: those leases expire after
+        ``lease`` seconds.
+        """
         try:
-            return await self._owner.exit(exc_type, exc, tb, cancel=True)
+            await self._renewals.drain()
         finally:
-            self._near.reset(listening=False)
+            try:
+                left = await self._owner.exit(exc_type, exc, tb, cancel=True)
+            finally:
+                self._near.reset(listening=False)
+        return left
 
     # -- introspection ------------------------------------------------------------
     @property
@@ -346,7 +357,15 @@ class RedisStore:
         Reads Redis (never the near cache) and keeps what it read in the near
         cache. Concurrent reads of one key share one ``GET``, unless a write or an
         invalidation came in since it was sent. Redis down: local memory.
+        Counted in :meth:`statistics` as a hit or a miss.
         """
+        entry = await self._read(key)
+        self._count_read(entry)
+        return entry
+
+    async def _read(self, key: Hashable) -> CacheEntry[Any] | None:
+        """:meth:`get` without counting it (a load's own read: its cache counted the
+        miss, or the stale hit, that started the load)."""
         read = self._reads.get(key)
         if read is not None and self._near.current(read.name, read.ticket):
             if read.done is None:
@@ -355,7 +374,6 @@ class RedisStore:
             entry = read.entry if read.ok else await shared_get(self, key)
         else:
             entry = await shared_get(self, key)
-        self._count_read(entry)
         return entry
 
     def _count_read(self, entry: CacheEntry[Any] | None) -> None:

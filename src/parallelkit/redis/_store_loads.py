@@ -126,8 +126,8 @@ class LoadLock:
         finally:
             near.end(name)
         # Redis refuses writes: no lease (single flight per process), a plain GET, and
-        # the load's value is not stored (its token says so)
-        return LoadStart(await store.get(key), Token(None, epoch, refused=True))
+        # the load's value is not stored (its token says so); not counted (see _started)
+        return LoadStart(await store._read(key), Token(None, epoch, refused=True))
 
     async def _started(self, ticket: Ticket, epoch: int) -> LoadStart:
         """The lease is taken: what ``LOAD_START`` read with it."""
@@ -141,7 +141,8 @@ class LoadLock:
                 entry = decode(store, key, lease.raw)
                 if entry is not None:
                     near.put(key, name, entry, ticket, lease.raw)
-            store._count_read(entry)
+            # not counted in hits / misses: the read that started this load (the
+            # cache's miss or stale hit, by get or peek) was counted already
             return LoadStart(entry, Token(lease.head, epoch, lease))
         except BaseException:
             await self.__aexit__(*sys.exc_info())

@@ -3,7 +3,9 @@
 ``async with store:`` opens the store's own task group and starts in it:
 
 * the renewal of its loads' leases, all of them from one task with one command
-  per round (:class:`._renewals.Renewals`), so a load starts no task;
+  per round (:class:`._renewals.Renewals`), so a load starts no task; the
+  store's exit waits for the loads still holding one (``Renewals.drain``), so
+  none runs on past its lease unguarded;
 * with a near cache, the subscription to the invalidation channel
   (:meth:`._near.NearCache.listen_forever`); ``__aenter__`` returns once it is
   up, or has failed;
