@@ -30,6 +30,15 @@ these private names, all here:
   that a statement loading a relationship of an object carries the options of
   the query that loaded the object (``eager``'s raise guard among them).
 
+Two more, read-only, for :func:`~parallelkit.sqlalchemy.parallel`'s deadlock check (a
+task fanning out sessions while it holds every connection its pool can give):
+``QueuePool._max_overflow`` (:func:`pool_capacity`), and SQLAlchemy's registry of live
+sessions ``sqlalchemy.orm.session._sessions`` with each root transaction's
+``_connections`` and each connection's ``_dbapi_connection._pool``
+(:func:`connections_held`). Both are only read on that rare path (a
+task holding a slot of the engine's limiter, the pool out of connections); if they
+move, the check finds nothing and the fan-out waits for the pool as before.
+
 Nothing happens at import: the strategy is registered with SQLAlchemy the first
 time :func:`raise_rest` is called (the first ``eager(..., raise_others=True)``),
 and the registration is inert: it only applies to statements that carry the
@@ -44,7 +53,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncSession, async_session
 from sqlalchemy.orm import Load, RelationshipProperty
+from sqlalchemy.orm import session as orm_session
+from sqlalchemy.pool import Pool, QueuePool
 
 __all__ = [
     "KEEP_OPT",
@@ -54,8 +67,10 @@ __all__ = [
     "available",
     "carried",
     "carry",
+    "connections_held",
     "ends_on",
     "path_keys",
+    "pool_capacity",
     "raise_attr",
     "raise_rest",
 ]
@@ -264,3 +279,40 @@ def path_keys(path: Any) -> tuple[type[Any] | None, list[str]]:
         return None, []
     root = getattr(elements[0], "class_", None)
     return root, [e.key for e in elements if isinstance(e, RelationshipProperty)]
+
+
+def pool_capacity(pool: Pool) -> int | None:
+    """Most connections ``pool`` ever has checked out at once: ``pool_size +
+    max_overflow`` of a ``QueuePool``; ``None`` when there is no such bound (unlimited
+    overflow, ``NullPool``) or it is one shared connection (``StaticPool``)."""
+    if not isinstance(pool, QueuePool):
+        return None
+    overflow = getattr(pool, "_max_overflow", -1)
+    if not isinstance(overflow, int) or overflow < 0:
+        return None
+    return pool.size() + overflow
+
+
+def connections_held(pool: Pool, owns: Callable[[AsyncSession], bool]) -> int:
+    """How many of ``pool``'s connections are checked out by the live ``AsyncSession``
+    objects that ``owns`` accepts (in their transaction). A scan of every live session:
+    for rare paths only."""
+    registry = getattr(orm_session, "_sessions", None)
+    if registry is None:
+        return 0
+    held: set[int] = set()
+    for sync in list(registry.values()):
+        proxy = async_session(sync)
+        if proxy is None or not owns(proxy):
+            continue
+        transaction = sync.get_transaction()
+        connections = getattr(transaction, "_connections", None)
+        if not isinstance(connections, dict):
+            continue
+        for entry in list(connections.values()):
+            conn = entry[0] if isinstance(entry, tuple) and entry else None
+            # the pool the connection came from (after engine.dispose(), not engine.pool)
+            fairy = getattr(conn, "_dbapi_connection", None)
+            if isinstance(conn, Connection) and getattr(fairy, "_pool", None) is pool:
+                held.add(id(conn))
+    return len(held)

@@ -96,7 +96,7 @@ async def eager_get(
         # not in the session: session.get applies the options (its cached by-key
         # statement, joined collections made unique)
         return await real.get(model, key, options=options)
-    if isinstance(cached, model) and _loaded(cached, tree):
+    if isinstance(cached, model) and _loaded(cached, tree, mapper):
         return cached
     where = and_(*(column == value for column, value in zip(mapper.primary_key, key, strict=True)))
     result = await real.execute(select(model).where(where).options(*options))
@@ -142,11 +142,27 @@ def _plan(model: type[Any], paths: tuple[str, ...], raise_others: bool) -> _Plan
     return _make_plan(model, paths, raise_others, None)
 
 
-def _loaded(obj: object, tree: _Tree) -> bool:
+def _loaded(obj: object, tree: _Tree, loading: Mapper[Any]) -> bool:
     """Whether every path of ``tree`` is loaded on ``obj`` and on every object it reaches,
-    leaves included (no attribute expired, no relationship unloaded)."""
+    leaves included (no attribute expired, no relationship unloaded).
+
+    ``loading`` is the mapper the statement loads ``obj`` as (``model``, or the target
+    of the relationship that reaches it): an attribute of a subclass of it (a joined
+    inheritance subclass's own columns, which SQLAlchemy leaves expired when it loads
+    the object through its base) is not one the statement would load (unless the
+    mappers load subclasses with their base: ``with_polymorphic``,
+    ``polymorphic_load``), so it does not count, or every call would send a statement
+    that changes nothing.
+    """
     state = sa_inspect(obj)
-    if state.expired or state.expired_attributes:
+    if state.expired:
+        return False
+    expired = state.expired_attributes
+    if expired and (
+        state.mapper is loading
+        or _polymorphic(loading, state.mapper)
+        or any(key in loading.attrs for key in expired)
+    ):
         return False
     unloaded = state.unloaded
     relationships = state.mapper.relationships
@@ -162,6 +178,13 @@ def _loaded(obj: object, tree: _Tree) -> bool:
             children = (value,)
         # a leaf object too: an expired one (session.expire, a server-side default after a
         # flush) would refresh on first read, a MissingGreenlet in async code
-        if not all(_loaded(child, sub) for child in children):
+        target = relationships[key].mapper
+        if not all(_loaded(child, sub, target) for child in children):
             return False
     return True
+
+
+def _polymorphic(loading: Mapper[Any], mapper: Mapper[Any]) -> bool:
+    """Whether a statement loading ``loading`` also loads ``mapper``'s own columns
+    (``with_polymorphic`` on the base, ``polymorphic_load`` on the subclass)."""
+    return loading.with_polymorphic is not None or mapper.polymorphic_load is not None

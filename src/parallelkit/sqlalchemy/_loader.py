@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
+from decimal import Decimal
 from enum import Enum
 from typing import Any, TypeVar
 
-from sqlalchemy import BigInteger, Integer, SmallInteger, select, tuple_
+from sqlalchemy import BigInteger, Integer, Numeric, SmallInteger, select, tuple_
+from sqlalchemy import Enum as SAEnum
 from sqlalchemy.ext.asyncio import AsyncSession, async_scoped_session
 from sqlalchemy.orm.interfaces import ORMOption
 
@@ -90,6 +92,7 @@ def loader_by_id(
     opts = _options(options)
     bad_key = _key_check(model.__name__, [(str(c.key), _python_type(c)) for c in columns])
     kinds = [c.type for c in columns]
+    canon = _canonical(kinds, composite)
 
     async def load_many(keys: list[Any]) -> dict[Any, M | TypeError | None]:
         found: dict[Any, M | TypeError | None] = {}
@@ -112,6 +115,8 @@ def loader_by_id(
                     sent.append(tuple(values) if composite else values[0])
             if not sent:
                 return found
+            if canon is not None:  # keys a row may answer under another spelling
+                asked = [(key, canon(key)) for key in good if key not in found]
             # a max_batch past the database's cap on bound parameters: several statements
             size = keys_per_statement(_dialect(session), len(columns), len(sent))
             rows: list[M] = []
@@ -124,6 +129,12 @@ def loader_by_id(
                 rows.extend(result.unique().all())
         for row in rows:
             found[tuple(key_of(row)) if composite else key_of(row)[0]] = row
+        if canon is not None:
+            # an Enum member's name, a float for a Numeric key: the row comes back
+            # under the key SQLAlchemy gives it (the member, a Decimal)
+            for key, same in asked:
+                if key not in found and same in found:
+                    found[key] = found[same]
         return found
 
     loader: BatchLoader[Any, M | None] = BatchLoader(
@@ -163,6 +174,42 @@ def _sendable(value: Any, kind: Any, bits: int) -> object:
     if not bits:  # PostgreSQL: int2, int4 or int8 by the column's type
         bits = 16 if isinstance(kind, SmallInteger) else 64 if isinstance(kind, BigInteger) else 32
     return number if -(2 ** (bits - 1)) <= number < 2 ** (bits - 1) else _NO_ROW
+
+
+def _canonical(kinds: list[Any], composite: bool) -> Callable[[Any], Any] | None:
+    """The key as the row gives it back, for key columns that take other spellings:
+    a name for an ``Enum`` column (what SQLAlchemy binds; the row has the member), a
+    float for a ``Numeric`` one (the row has a ``Decimal``). ``None``: no such column."""
+    parts: list[Callable[[Any], Any] | None] = [_spelling(kind) for kind in kinds]
+    if not any(parts):
+        return None
+
+    def canon(key: Any) -> Any:
+        values = key if composite else (key,)
+        out = tuple(f(v) if f else v for f, v in zip(parts, values, strict=True))
+        return out if composite else out[0]
+
+    return canon
+
+
+def _spelling(kind: Any) -> Callable[[Any], Any] | None:
+    if isinstance(kind, SAEnum):
+        members = kind.enum_class
+        if members is None or kind.values_callable is not None:
+            return None  # plain strings, or values stored: the row gives back what was sent
+        names = members.__members__
+
+        def member(value: Any) -> Any:
+            return names.get(value, value) if isinstance(value, str) else value
+
+        return member
+    if isinstance(kind, Numeric) and not isinstance(kind, Integer) and kind.asdecimal:
+
+        def decimal(value: Any) -> Any:
+            return Decimal(repr(value)) if isinstance(value, float) else value
+
+        return decimal
+    return None
 
 
 def _python_type(column: Any) -> type[Any] | None:

@@ -13,10 +13,12 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ._methods import RELEASING, wrap_methods
 from ._pool import pool_limiter
+from ._pool_deadlock import refused_checkout
 from ._pool_slots import PoolLimiter
 
 __all__ = ["LimitedAsyncSession"]
@@ -47,7 +49,11 @@ class LimitedAsyncSession(AsyncSession):
     it is garbage-collected (even after its event loop closed), as SQLAlchemy
     does with its connection. A second session of a task in a transaction
     (re-entrant) and a lent slot take a connection beyond the slots: from the
-    pool's overflow.
+    pool's overflow. When the tasks waiting for a fan-out already hold every
+    connection the pool can give (``max_overflow=0``), the fan-out cannot run:
+    :func:`~parallelkit.sqlalchemy.parallel` raises ``sqlalchemy.exc.TimeoutError``
+    at the call, and a session of a worker on a lent slot at its first statement,
+    instead of after the pool's ``pool_timeout``.
     """
 
     # no __slots__: it composes with GuardedAsyncSession (two slotted bases cannot)
@@ -157,10 +163,37 @@ def _limited(
             except RuntimeError:  # called outside a running loop, to be awaited on one
                 return _taking(self, name, call, args, kwargs)
             if holder is not None:  # the task holds a slot (``async with slots``)
+                if slots._borrowed and holder in slots._borrowed:  # a lent one
+                    error = _refused(self, name, slots, holder)
+                    if error is not None:
+                        slots.release(holder)
+                        return _raise(error)
                 # given back at commit, rollback or close
                 self._pk_holder, self._pk_loop = holder, asyncio.get_running_loop()
                 return call(*args, **kwargs)
     return _taking(self, name, call, args, kwargs)
+
+
+# the calls that surely take a connection (``get``: unless the identity map has the row)
+_CHECKOUT = frozenset(("connection", "execute", "refresh", "scalar", "scalars", "stream"))
+_CHECKOUT |= {"stream_scalars", "get", "get_one"}
+
+
+def _refused(
+    self: LimitedAsyncSession, name: str, slots: PoolLimiter, holder: int
+) -> sa_exc.TimeoutError | None:
+    """The error for this session's first statement in a fan-out's worker (on a lent
+    slot) when the connection it needs can never come (:mod:`._pool_deadlock`)."""
+    bind = self.bind
+    if name not in _CHECKOUT or not isinstance(bind, AsyncEngine):  # maybe no checkout
+        return None
+    if name.startswith("get") and len(self.identity_map):
+        return None  # the object may be there: no statement
+    return refused_checkout(bind.sync_engine, slots, holder)
+
+
+async def _raise(error: BaseException) -> Any:
+    raise error
 
 
 async def _taking(

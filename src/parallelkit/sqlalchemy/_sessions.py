@@ -44,6 +44,7 @@ from .._core.outcome import Outcome
 from .._fanout.fanout import gather
 from ._methods import wrap_methods
 from ._pool import engine_of, pool_limiter
+from ._pool_deadlock import refuse_fanout
 from ._surface import note
 
 __all__ = [
@@ -363,6 +364,15 @@ async def parallel(
             an ``AsyncSession``, or a function returned something that cannot be
             awaited (the message names it: ``fns[i]``).
         ValueError: a bad ``limit``.
+        sqlalchemy.exc.TimeoutError: at the call, before any function runs, when
+            the fan-out can only deadlock: the calling task's
+            :class:`LimitedAsyncSession` transactions (with those of the callers
+            waiting for it) hold every connection the pool can give (``pool_size +
+            max_overflow``; what the functions' sessions would wait ``pool_timeout``
+            for, then fail with this error), or the caller holds the engine's only
+            slot and a ``limit`` that does not lend it makes each function's
+            ``LimitedAsyncSession`` wait for a slot of its own (forever). The
+            message names the fix: commit first, or give the pool overflow.
 
     Note:
         SQLAlchemy's asyncio extension runs on asyncio only (not trio).
@@ -385,8 +395,12 @@ async def parallel(
     for index, fn in enumerate(fns):
         callable_(f"fns[{index}]", fn, what="an async function of the session")
     flag("settle", settle)
-    if limit is None and engine_of(session_factory) is not None:
-        limit = pool_limiter(session_factory)
+    engine = engine_of(session_factory)
+    if engine is not None:
+        slots = pool_limiter(engine)
+        refuse_fanout(engine, slots, session_factory, limit)
+        if limit is None:
+            limit = slots
 
     async def run(index: int, fn: Callable[[S], Awaitable[T]]) -> T:
         made: object = session_factory()
