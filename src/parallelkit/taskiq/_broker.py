@@ -31,7 +31,7 @@ from .._core.retry import Retry
 from ._completions import LABEL_DONE
 from ._middlewares import TracebackMiddleware, retry_middleware
 from ._outage import Outage, patiently
-from ._stream import RETRY_KEY_MS, TRIM, WHERE, kick_retry, moved, recall
+from ._stream import RETRY_KEY_MS, TRIM, WHERE, abandoned, kick_retry, moved, recall, sift
 
 logger = logging.getLogger("parallelkit.taskiq")
 
@@ -165,6 +165,10 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
         ``task_id`` (a worker's retry), or ``None``: see :func:`._stream.moved`."""
         return await moved(self._client(), stream, msg_id, task_id)
 
+    async def _pk_left(self, task_id: str, stream: str | None = None) -> bool:
+        """Has the caller of ``task_id`` (on ``stream``, default the broker's) left?"""
+        return (await abandoned(self._client(), stream or self.queue_name, [task_id]))[0]
+
     async def _pk_trim(self, conn: Redis, stream: str) -> None:
         """Trim from ``stream`` the messages every consumer group has acknowledged
         that are older than :attr:`_pk_trim_after` (see :data:`._stream.TRIM`).
@@ -292,6 +296,7 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
         worker's messages were never found. ``XCLAIM`` with the same idle time then
         takes each only if no other worker took it meanwhile. Runs only while the
         worker asks for messages (a generator): it never takes more than it runs.
+        One whose caller has left (:meth:`_pk_recall`) is acknowledged unrun.
         """
         group, batch = self.consumer_group_name, self.unacknowledged_batch_size
         while True:
@@ -304,9 +309,8 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
             reply: Any = await conn.xclaim(
                 stream, group, self.consumer_name, min_idle_time=self.idle_timeout, message_ids=ids
             )
-            for msg_id, fields in reply:
-                if fields:  # (Redis drops a message trimmed away from the stream)
-                    yield msg_id, fields
+            for msg_id, fields in await sift(conn, stream, group, reply, self.formatter):
+                yield msg_id, fields
             # every id asked for left the idle ones: taken (here or by another worker,
             # which reset its idle time) or dropped, so the next XPENDING moves on
 

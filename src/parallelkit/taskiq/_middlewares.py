@@ -6,12 +6,14 @@ traceback kept in a failed task's result, and retries driven by a
 from __future__ import annotations
 
 import json
+import logging
 import random
 import sys
 import traceback
 from typing import Any
 
 import anyio
+from redis.exceptions import RedisError
 from taskiq import TaskiqMiddleware
 from taskiq.kicker import AsyncKicker
 from taskiq.message import TaskiqMessage
@@ -33,6 +35,8 @@ __all__ = [
     "TracebackMiddleware",
     "retry_middleware",
 ]
+
+logger = logging.getLogger("parallelkit.taskiq")
 
 LABEL_TRACEBACK = "pk_traceback"
 LABEL_ERROR_TYPE = "pk_error_type"
@@ -159,9 +163,27 @@ class _RetryMiddleware(SmartRetryMiddleware):
     ) -> None:
         # Redis streams have no delayed delivery: wait here, in the worker, with the
         # failed message still unacknowledged (a crash during the wait redelivers it).
+        # Not for an item whose caller has left: its retry would not be sent anyway.
         if delay > 0:
+            if await _left(kicker, message):
+                logger.info(
+                    "%s [%s] not retried: its caller has left", message.task_name, message.task_id
+                )
+                return
             await anyio.sleep(delay)
         await kicker.kiq(*message.args, **message.kwargs)
+
+
+async def _left(kicker: AsyncKicker[Any, Any], message: TaskiqMessage) -> bool:
+    """Has the caller of ``message``'s item left (its broker's ``_pk_left``)? Not
+    known (another broker, Redis failing: the retry's kick waits for it) is no."""
+    left = getattr(kicker.broker, "_pk_left", None)  # (a RedeliveringStreamBroker's)
+    if left is None:
+        return False
+    try:
+        return bool(await left(message.task_id, message.labels.get("queue_name") or None))
+    except RedisError:
+        return False
 
 
 def retry_middleware(retry: Retry) -> TaskiqMiddleware:

@@ -14,19 +14,26 @@ Lua scripts (one round trip each, atomic) and a scan:
   taken back.
 * :data:`KICK_RETRY`: a worker sends a retry only if that key is not marked gone,
   and keeps the retry's id in it.
-* :func:`moved`: the worker's retry of a message (a later message, same task id).
+* :func:`moved`: the worker's retry of a message (a later message, same task id):
+  the id :data:`KICK_RETRY` kept (:data:`MOVED`), else a scan.
+* :func:`abandoned`: which items' callers have left (a worker taking over a dead
+  worker's messages acknowledges those without running them).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
+from taskiq.abc.formatter import TaskiqFormatter
 from taskiq.message import BrokerMessage
 
-__all__ = ["KICK_RETRY", "RECALL", "RETRY_KEY_MS", "TRIM", "WHERE", "kick_retry", "moved",
-           "recall", "retry_key"]  # fmt: skip
+__all__ = ["KICK_RETRY", "MOVED", "RECALL", "RETRY_KEY_MS", "TRIM", "WHERE", "abandoned",
+           "kick_retry", "moved", "recall", "retry_key", "sift"]  # fmt: skip
+
+logger = logging.getLogger("parallelkit.taskiq")
 
 #: ms a :func:`retry_key` lives, by default (a day: ``redis_broker``'s results)
 RETRY_KEY_MS = 86_400_000
@@ -131,6 +138,21 @@ end
 redis.call('SET', KEYS[2], id, 'PX', ARGV[4])
 return id
 """
+#: the worker's retry of a message, from its item's :func:`retry_key`. KEYS[1] the
+#: stream, KEYS[2] that key; ARGV[1] the message's id. The id the key keeps if it
+#: is after ARGV[1] and still in the stream (the newest retry: each one sent
+#: replaces it), else nil: no retry was sent through :data:`KICK_RETRY` after it.
+MOVED = """
+local id = redis.call('GET', KEYS[2])
+if not id then return false end
+local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+local low_ms, low_seq = string.match(ARGV[1], '^(%d+)-(%d+)$')
+if ms == nil or low_ms == nil then return false end
+ms, seq, low_ms, low_seq = tonumber(ms), tonumber(seq), tonumber(low_ms), tonumber(low_seq)
+if ms < low_ms or (ms == low_ms and seq <= low_seq) then return false end
+if #redis.call('XRANGE', KEYS[1], id, id, 'COUNT', 1) == 0 then return false end
+return id
+"""
 #: trim from a stream what every consumer group has acknowledged and is older than
 #: ARGV[1] ms (by the server's clock, as message ids are): ``XTRIM MINID`` to the
 #: lowest of that age, the id after each group's last delivered one and each
@@ -170,12 +192,23 @@ async def moved(client: Redis, stream: str, msg_id: Any, task_id: str) -> Any | 
 
     A worker's retry is a new message under the same task id, kicked before the
     failed one is acknowledged: an item whose message the group passed without a
-    result follows it. Read from the end of the stream (a retry is recent), 100
-    messages at a time, and only for such an item. The task id (32 hex digits) is
-    looked for in the message's bytes, whatever the broker's formatter.
+    result follows it. The id :data:`KICK_RETRY` kept in the item's
+    :func:`retry_key` answers in one step (:data:`MOVED`). Without it (a retry
+    appended unchecked: scripts refused, a worker of an older version; the key
+    expired), the stream is read from its end (a retry is recent), 100 messages
+    at a time; the task id (32 hex digits) is looked for in the message's bytes,
+    whatever the broker's formatter. Only for an item passed without a result.
     """
+    low_id = msg_id.decode() if isinstance(msg_id, bytes) else str(msg_id)
+    script: Any = client.register_script(MOVED)
+    try:
+        kept: Any = await script(keys=[stream, retry_key(stream, task_id)], args=[low_id])
+    except ResponseError:  # scripts refused (an ACL, a proxy): read the stream
+        kept = None
+    if kept is not None:
+        return kept
     needle = task_id.encode()
-    low = f"({msg_id.decode() if isinstance(msg_id, bytes) else msg_id}"
+    low = f"({low_id}"
     high: Any = "+"
     while True:
         batch: Any = await client.xrevrange(stream, max=high, min=low, count=100)
@@ -229,3 +262,43 @@ async def kick_retry(
     except ResponseError:
         data: Any = {b"data": message.message}
         return await client.xadd(stream, data, maxlen=maxlen, approximate=approximate)
+
+
+async def abandoned(client: Redis, stream: str, task_ids: list[str | None]) -> list[bool]:
+    """For each of ``task_ids`` (``None``: not known), whether its item's caller
+    has left: its :func:`retry_key` says ``'gone'`` (:data:`RECALL`). One ``MGET``."""
+    keys = [retry_key(stream, task_id) for task_id in task_ids if task_id]
+    if not keys:
+        return [False] * len(task_ids)
+    values: Any = iter(await client.mget(keys))
+    return [bool(task_id) and next(values) in (b"gone", "gone") for task_id in task_ids]
+
+
+async def sift(
+    client: Redis, stream: str, group: str, claimed: Any, formatter: TaskiqFormatter
+) -> list[tuple[Any, Any]]:
+    """The messages of ``claimed`` (``XCLAIM``'s reply: ``(id, fields)``) to run:
+    a message Redis dropped (trimmed: no fields) is left out, and one whose item's
+    caller has left (:func:`abandoned`) is acknowledged (logged at INFO) instead.
+    Costs a parse of each message and one ``MGET``: only for messages taken over."""
+    kept = [(msg_id, fields) for msg_id, fields in claimed if fields]
+    task_ids = [_task_id(formatter, fields.get(b"data")) for _, fields in kept]
+    runs = []
+    for entry, task_id, left in zip(
+        kept, task_ids, await abandoned(client, stream, task_ids), strict=True
+    ):
+        if not left:
+            runs.append(entry)
+            continue
+        await client.xack(stream, group, entry[0])
+        logger.info("task [%s] taken over from %r, not run: its caller has left", task_id, stream)
+    return runs
+
+
+def _task_id(formatter: TaskiqFormatter, data: Any) -> str | None:
+    """The task id in a message's ``data`` (``None``: unreadable; the worker will
+    say so when it reads the message)."""
+    try:
+        return formatter.loads(data).task_id
+    except Exception:
+        return None
