@@ -152,9 +152,9 @@ class Lease:
         retry_give_back: bool = False,
     ) -> None:
         self._scripts = scripts
-        # an acquire that timed out: give it back once Redis answers (within the ttl),
-        # not only once, with a tombstone if it has not run yet (its script is
-        # ``_try``'s: a store's load has its own, and degrades at once instead)
+        # an acquire that timed out: give it back once Redis answers, within the ttl
+        # (a lock); else within one ``command_timeout`` (a store's load, which then
+        # degrades: it does not wait longer for Redis); see ``_attempt``
         self._retry_give_back = retry_give_back
         self._guard = guard
         self._name = name
@@ -257,31 +257,38 @@ class Lease:
         A cancellation (or a ``command_timeout``) while the script's reply is on its
         way does not undo the script: Redis may hold the lease with ``token``, and
         nobody would release it before ``ttl`` (every other holder, this process
-        included, would wait that long). Released by token; with ``_try``'s own
-        script, by ``VOID``, which also leaves a tombstone: if the script has not
-        run yet (its bytes held on the way while the release got through on
-        another connection), it takes nothing when it runs. After a
-        ``command_timeout`` (a Redis that stalled may run the script when it
-        answers again) a release that cannot reach Redis is tried again until one
-        does, within the ttl (:func:`give_back_once_answered`; ``sent``: when the
-        script was sent).
+        included, would wait that long). Released by token, by ``VOID``, which also
+        leaves a tombstone: if the script has not run yet (its bytes held on the
+        way while the release got through on another connection), it takes
+        nothing when it runs (every ``_try`` honours it: ``LOAD_START`` too).
+        After a ``command_timeout`` (a Redis that stalled may run the script when
+        it answers again; the circuit is open then, and the release is sent
+        anyway) a release that cannot reach Redis is tried again until one does
+        (:func:`give_back_once_answered`; ``sent``: when the script was sent):
+        within the ttl for a lock (``retry_give_back``), within one
+        ``command_timeout`` (without one, ``ttl / 3``) for a store's load, which
+        then runs degraded.
         """
         try:
             return await self._try(token, ttl_ms)
         except BaseException as exc:
-            void = self._retry_give_back
             if isinstance(exc, Down) and not exc.sent:
                 raise  # never sent (an open circuit): nothing to give back
             with contextlib.suppress(Exception):  # what is raised is the attempt's error
-                if void and timed_out(exc):
+                if timed_out(exc):
+                    until = sent + self._ttl
+                    if not self._retry_give_back:
+                        limit = self._guard.timeout
+                        limit = self._ttl / 3 if limit is None else limit
+                        until = min(until, anyio.current_time() + limit)
                     await give_back_once_answered(
                         self._guard,
                         lambda: self._void(token, ttl_ms),
-                        until=sent + self._ttl,
+                        until=until,
                         pause=self._poll,
                     )
                 else:
-                    await self._give_back(token, log=False, void=void)
+                    await self._give_back(token, log=False, void=True)
             raise
 
     async def _try(self, token: str, ttl_ms: int) -> int:

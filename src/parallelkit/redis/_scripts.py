@@ -56,12 +56,17 @@ return 1
 # TOKEN) in the same step; WRITE_IF_RELEASE stores the loaded value (as WRITE_IF)
 # and gives the lease back (as the lease's release: only with its token).
 #
-# KEYS[1] the lease, KEYS[2] the entry; ARGV[1] the lease's token, ARGV[2] its ttl
-# (ms), ARGV[3] a fresh placeholder, ARGV[4] its ttl (ms). Returns {1, value or '',
-# version + generation} when taken, else {minus the holder's remaining ttl (ms)}.
-# Held with this very token already, the lease is taken (redis-py sent the script
-# again after a reset, and Redis had run the first): not a wait for its own lease.
+# KEYS[1] the lease, KEYS[2] the entry, KEYS[3] the token's tombstone (``void_key``);
+# ARGV[1] the lease's token, ARGV[2] its ttl (ms), ARGV[3] a fresh placeholder,
+# ARGV[4] its ttl (ms). Returns {1, value or '', version + generation} when taken,
+# else {minus the holder's remaining ttl (ms)}: the tombstone's when the lease's
+# give-back (``VOID``: its caller gave up waiting for this reply) came first, and
+# it takes nothing. Held with this very token already, the lease is taken
+# (redis-py sent the script again after a reset, and Redis had run the first): not
+# a wait for its own lease.
 LOAD_START = """
+local void = redis.call('PTTL', KEYS[3])
+if void > 0 then return {-void} end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
   and not (redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('PEXPIRE', KEYS[1], ARGV[2]) == 1)
 then

@@ -29,6 +29,7 @@ from redis.exceptions import ResponseError
 from typing_extensions import final
 
 from .._cache.store import CacheEntry, LoadStart
+from ._give_back import void_key
 from ._lease import Lease
 from ._near import Ticket, invalidation
 from ._outage import Down, refuses_writes
@@ -45,7 +46,8 @@ __all__ = ["LoadLease", "LoadLock", "load_token", "set_if_unchanged"]
 
 class LoadLease(Lease):
     """The lease of one load, taken by ``LOAD_START``: the same script reads the
-    entry (``raw``) and its version + generation (``head``)."""
+    entry (``raw``) and its version + generation (``head``), and honours the
+    tombstone of a give-back that overtook it (see ``Lease._attempt``)."""
 
     __slots__ = ("_start", "_value_key", "head", "raw")
 
@@ -59,7 +61,8 @@ class LoadLease(Lease):
     async def _try(self, token: str, ttl_ms: int) -> int:
         fresh = placeholder(uuid.uuid4().bytes)
         args: list[Arg] = [token, ttl_ms, fresh, TOKEN_TTL_MS]
-        command = self._start(keys=[self.key, self._value_key], args=args)
+        keys = [self.key, self._value_key, void_key(self.key, token)]
+        command = self._start(keys=keys, args=args)
         reply = await self._guard.call("acquire", command)
         taken = int(reply[0])
         if taken > 0:
