@@ -75,8 +75,32 @@ def run_program(
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
+        _kill_started_from(script.parent)  # a worker in a session of its own holds the pipes
+        try:
+            out, err = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            out, err = "", "(its output pipes are still held by a process it started)"
         pytest.fail(f"{script.name} still running after {timeout} s\n{err[-3000:]}\n{out[-1000:]}")
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)  # leftovers of the program, if any
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # leftovers of the program, if any
+        _kill_started_from(script.parent)
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def _kill_started_from(directory: Path) -> None:
+    """Kill every process whose command line names ``directory``: the worker processes a
+    distributed block starts (``taskiq worker example:broker --app-dir <directory>``) in
+    sessions of their own, which outlive a block killed at its timeout and would take
+    the next run's messages from the same stream."""
+    mark, procs = str(directory).encode(), Path("/proc")
+    if not procs.is_dir():  # (not Linux: nothing to look in)
+        return
+    for proc in procs.iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if mark in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
