@@ -24,6 +24,8 @@ import trio.testing
 import parallelkit as pk
 from tests.virtual_time import VirtualLoop, run_virtual
 
+from .orch_helpers import crashing
+
 BACKENDS = ["asyncio", "trio"]
 
 
@@ -84,25 +86,7 @@ def test_a_crashed_service_stop_span_has_the_times_of_its_tear_down(backend: str
     crash = anyio.Event()
     seen: dict[str, Any] = {}
 
-    @orch.service(stop_timeout=30)
-    async def db() -> AsyncIterator[str]:
-        try:
-            async with anyio.create_task_group() as tg:
-
-                async def die() -> None:
-                    await crash.wait()
-                    raise ConnectionError("db connection lost")
-
-                tg.start_soon(die)
-                yield "db"
-        finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.sleep(3)
-
-    @orch.service(stop_timeout=30)
-    async def api(db: str) -> AsyncIterator[str]:
-        yield "api"
-        await anyio.sleep(10)
+    crashing(orch, crash)
 
     async def main() -> None:
         with pytest.raises(ConnectionError):

@@ -41,7 +41,7 @@ from parallelkit._core import instrument
 from parallelkit.otel import ParallelkitInstrumentor
 from tests.virtual_time import run_virtual
 
-from .orch_helpers import exception_types, finished
+from .orch_helpers import crashing, exception_types, finished
 
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import ExceptionGroup  # type: ignore[import-not-found,unused-ignore]
@@ -53,30 +53,6 @@ NS = 1e9
 
 
 # -- 1. the stop spans of tear-downs that ran before the shutdown reached them ---------------
-def crashing(orch: pk.Orchestrator, crash: anyio.Event) -> None:
-    """db crashes on ``crash``, its tear-down takes 3 s; api (on db) takes 10 s."""
-
-    @orch.service(stop_timeout=30)
-    async def db() -> AsyncIterator[str]:
-        try:
-            async with anyio.create_task_group() as tg:
-
-                async def die() -> None:
-                    await crash.wait()
-                    raise ConnectionError("db connection lost")
-
-                tg.start_soon(die)
-                yield "db"
-        finally:
-            with anyio.CancelScope(shield=True):
-                await anyio.sleep(3)
-
-    @orch.service(stop_timeout=30)
-    async def api(db: str) -> AsyncIterator[str]:
-        yield "api"
-        await anyio.sleep(10)
-
-
 def crash_and_stop(backend: str) -> dict[str, pk.Span]:
     """Run ``crashing``: db crashes, everything stops. The "stop" spans of the timeline."""
     orch, crash = pk.Orchestrator(), anyio.Event()
