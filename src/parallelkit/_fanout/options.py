@@ -83,7 +83,7 @@ def build_call(
     else:
         if rate is not None:
             call = _with_rate(call, Limiter(rate=rate))
-        if isinstance(limiter, Limiter):
+        if isinstance(limiter, Limiter) and limiter.rate is not None:
             call = _with_shared(call, limiter)
         elif limiter is not None:
             call = _with_limiter(call, limiter)
@@ -126,20 +126,9 @@ def _with_limiter(fn: Call, limiter: SupportsLimit) -> Call:
 
 
 def _with_shared(fn: Call, limiter: Limiter) -> Call:
-    """:func:`_with_limiter` for a :class:`Limiter`: a turn under its rate taken as the
-    run was cancelled (handed a slot by the item that failed, with no wait for the
-    turn) is given back, not used up by an attempt that never starts."""
-    if limiter.rate is None:
-
-        async def call(arg: Any) -> Any:
-            await limiter.acquire_slot()
-            try:
-                await _cancelled()
-                return await fn(arg)
-            finally:
-                limiter.release()
-
-        return call
+    """:func:`_with_limiter` for a :class:`Limiter` with a rate: a turn under its rate
+    taken as the run was cancelled (handed a slot by the item that failed, with no wait
+    for the turn) is given back, not used up by an attempt that never starts."""
 
     async def rated(arg: Any) -> Any:
         await limiter.acquire_slot()
