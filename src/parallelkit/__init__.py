@@ -44,6 +44,7 @@ from ._graph.timeline import Timeline as Timeline
 from ._orchestrator.orchestrator import Orchestrator as Orchestrator
 from ._orchestrator.process import ManagedProcess as ManagedProcess
 from ._orchestrator.running import Health as Health
+from ._orchestrator.running import NotServed as NotServed
 from ._orchestrator.running import Running as Running
 from ._orchestrator.running import ServiceHealth as ServiceHealth
 
@@ -64,6 +65,7 @@ __all__ = [
     "LimiterStatistics",
     "ManagedProcess",
     "MemoryStore",
+    "NotServed",
     "Orchestrator",
     "Outcome",
     "ParallelkitError",

@@ -19,7 +19,7 @@ import anyio.abc
 from typing_extensions import final
 
 from .._core.check import number
-from .._core.errors import DependencyFailed
+from .._core.errors import DependencyFailed, ParallelkitError
 from .._graph.timeline import Timeline
 from ..probes import Probe
 from .lifetime import ServiceState, only_failure
@@ -57,12 +57,17 @@ def _down(host: ServiceHost) -> bool:
     return not (value._finished and host.spec.ready is not None)
 
 
-class NotServed(LookupError):
+class NotServed(ParallelkitError, LookupError):
     """A request asked for a service that has stopped, is stopping or crashed.
 
     Raised by the per-request lookup of :mod:`parallelkit.asgi` (``service(...)``),
-    which answers it with a 503: the value of a torn-down service (a disposed
-    engine, a closed client) must not reach a handler.
+    which answers it with a 503, and by ``running_from(request)[name]`` / ``.get``:
+    the value of a torn-down service (a disposed engine, a closed client) must not
+    reach a handler. A :class:`LookupError` too, so ``except LookupError`` catches it.
+
+    Attributes:
+        name: the service asked for.
+        state: its state then (``"stopping"``, ``"stopped"``, ``"crashed"``).
     """
 
     def __init__(self, name: str, state: str, crash: BaseException | None) -> None:
