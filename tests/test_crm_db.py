@@ -11,6 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from examples.crm import bulk, cache, payment, webhook
 from examples.crm.clients import StripeClient, WebhookClient, WebhookDelivery
@@ -143,12 +144,12 @@ async def test_payment_flow_waits_for_the_charge_and_overlaps_the_rest(db: Datab
             "p-flow", 1999, stripe=stripe, webhooks=hooks, sessions=db.sessions
         )
     assert counter.count == 1  # the INSERT (its RETURNING included)
-    charge = result["charge"]
-    assert result["record"].stripe_charge_id == charge.id
+    charge = result.get(payment.charge).unwrap()
+    assert result.get(payment.record).unwrap().stripe_charge_id == charge.id
     stored = await _payment_row(db, "p-flow")
     assert stored is not None
     assert stored.stripe_charge_id == charge.id
-    assert result["notify"].payload["charge_id"] == charge.id
+    assert result.get(payment.notify).unwrap().payload["charge_id"] == charge.id
     assert hooks.charges_known == [1]  # announced once the charge existed
     tl = result.timeline
     assert tl["record"].start >= tl["charge"].end
@@ -165,7 +166,8 @@ async def test_payment_flow_retries_the_charge_and_records_nothing_on_failure(
     result = await payment.process_payment(
         "p-retry", 500, stripe=stripe, webhooks=hooks, sessions=db.sessions
     )
-    assert result["record"].stripe_charge_id == result["charge"].id
+    row, charged = result.get(payment.record).unwrap(), result.get(payment.charge).unwrap()
+    assert row.stripe_charge_id == charged.id
     stripe.fail_next = 3  # every attempt fails: nothing recorded, nothing announced
     with pytest.raises(ConnectionError):
         await payment.process_payment(
@@ -173,6 +175,42 @@ async def test_payment_flow_retries_the_charge_and_records_nothing_on_failure(
         )
     assert await _payment_row(db, "p-down") is None
     assert not any(d.payload["payment_id"] == "p-down" for d in hooks.deliveries)
+
+
+async def test_payment_flow_keeps_the_row_when_the_webhook_fails_at_once(db: Database) -> None:
+    """The card is charged; the webhook fails while the INSERT is under way. Fail-fast,
+    the failure cancelled the INSERT: a charged card with no row (the payment recipe
+    calls this the mistake; the example ran it so). Settled, the row is stored and
+    the webhook's error is raised, as itself."""
+    reached = anyio.Event()
+
+    class FailingHooks(WebhookClient):
+        async def post(self, url: str, payload: dict[str, Any]) -> WebhookDelivery:
+            await reached.wait()  # the INSERT has begun
+            raise ConnectionError("webhook receiver down")
+
+    def sessions() -> Any:
+        session = db.sessions()
+
+        class Entered:
+            async def __aenter__(self) -> Any:
+                reached.set()
+                await anyio.lowlevel.checkpoint()  # the webhook fails here, the INSERT to come
+                return await session.__aenter__()
+
+            async def __aexit__(self, *exc: object) -> Any:
+                return await session.__aexit__(*exc)
+
+        return Entered()
+
+    with pytest.raises(ConnectionError, match="webhook receiver down"):
+        await payment.process_payment(
+            "p-hook-down", 1999, stripe=StripeClient(latency=0), webhooks=FailingHooks(),
+            sessions=sessions,
+        )  # fmt: skip
+    stored = await _payment_row(db, "p-hook-down")
+    assert stored is not None
+    assert stored.stripe_charge_id is not None
 
 
 # -- 5 bulk -----------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ async def demo_payment(db: Any, scale: float) -> None:
     result = await payment.process_payment(
         "pay_flow", 1999, stripe=stripe, webhooks=hooks, sessions=db.sessions
     )
-    print(f"Flow recorded {result['record']!r}")
+    print(f"Flow recorded {result.get(payment.record).unwrap()!r}")
     tl = result.timeline
     waited = tl["record"].start >= tl["charge"].end and tl["notify"].start >= tl["charge"].end
     print(f"record and notify started after the charge ended: {waited}")

@@ -13,12 +13,15 @@ With :class:`parallelkit.Flow` each step names what it needs: ``record`` and
 ``notify`` take ``charge``, so they start the moment it exists and overlap each
 other. The makespan is ``charge + max(insert, webhook)`` (700 ms with the
 playbook's 500/100/200 ms), the correct ideal, not the playbook's claimed 500 ms.
+The flow runs settled: a webhook that fails at once does not cancel the ``INSERT``
+of a charged card (:func:`process_payment`).
 
 Example:
     ```python
     result = await process_payment("pay_1", 1999, stripe=stripe, webhooks=hooks,
                                     sessions=db.sessions)
-    result["record"].stripe_charge_id == result["charge"].id   # True
+    row, charged = result.get(record).unwrap(), result.get(charge).unwrap()
+    row.stripe_charge_id == charged.id   # True
     print(result.timeline.to_text())
     ```
 """
@@ -154,8 +157,25 @@ async def process_payment(
     stripe: StripeClient,
     webhooks: WebhookClient,
     sessions: Sessions,
-) -> pk.FlowResult:
-    """Run :data:`payment_flow`: charge → (record ∥ notify). ``result.timeline`` shows it."""
-    return await payment_flow.run(
-        payment_id=payment_id, amount=amount, stripe=stripe, webhooks=webhooks, sessions=sessions
+) -> pk.FlowOutcomes:
+    """Run :data:`payment_flow`: charge → (record ∥ notify). ``result.timeline`` shows it.
+
+    Settled (``settle=True``), as the payment recipe teaches: once the card is
+    charged, a webhook that fails does not cancel the ``INSERT`` still running (a
+    charged card with no row). Every step runs to its end, then the first error is
+    raised as itself, in the order that matters: the charge's (nothing else ran),
+    then the row's, then the webhook's. Returns the outcomes:
+    ``result.get(record).unwrap()`` is the stored :class:`Payment`.
+    """
+    outcomes = await payment_flow.run(
+        payment_id=payment_id,
+        amount=amount,
+        stripe=stripe,
+        webhooks=webhooks,
+        sessions=sessions,
+        settle=True,
     )
+    outcomes["charge"].unwrap()  # declined: nothing else ran
+    outcomes["record"].unwrap()
+    outcomes["notify"].unwrap()
+    return outcomes
