@@ -31,7 +31,7 @@ from .._core.retry import Retry
 from ._completions import LABEL_DONE
 from ._middlewares import TracebackMiddleware, retry_middleware
 from ._outage import Outage, patiently
-from ._stream import RETRY_KEY_MS, TRIM, WHERE, abandoned, kick_retry, moved, recall, sift
+from ._stream import RETRY_KEY_MS, TRIM, WHERE, abandoned, kick_retry, moved, recall, take_over
 
 logger = logging.getLogger("parallelkit.taskiq")
 
@@ -295,22 +295,23 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
         call, so behind that many messages live workers are still running, a dead
         worker's messages were never found. ``XCLAIM`` with the same idle time then
         takes each only if no other worker took it meanwhile. Runs only while the
-        worker asks for messages (a generator): it never takes more than it runs.
-        One whose caller has left (:meth:`_pk_recall`) is acknowledged unrun.
+        worker asks for messages (a generator): each is claimed when the worker
+        asks for it, so it never takes more than it runs. One whose caller has left
+        (:meth:`_pk_recall`) is acknowledged unrun, checked in the claim's atomic
+        step (:func:`._stream.take_over`).
         """
-        group, batch = self.consumer_group_name, self.unacknowledged_batch_size
+        group, idle = self.consumer_group_name, self.idle_timeout
         while True:
             pending: Any = await conn.xpending_range(
-                stream, group, min="-", max="+", count=batch, idle=self.idle_timeout
+                stream, group, min="-", max="+", count=self.unacknowledged_batch_size, idle=idle
             )
             if not pending:
                 return
             ids = [entry["message_id"] for entry in pending]
-            reply: Any = await conn.xclaim(
-                stream, group, self.consumer_name, min_idle_time=self.idle_timeout, message_ids=ids
-            )
-            for msg_id, fields in await sift(conn, stream, group, reply, self.formatter):
-                yield msg_id, fields
+            claims = take_over(conn, stream, group, self.consumer_name, idle, ids, self.formatter)
+            async with contextlib.aclosing(claims):
+                async for msg_id, fields in claims:
+                    yield msg_id, fields
             # every id asked for left the idle ones: taken (here or by another worker,
             # which reset its idle time) or dropped, so the next XPENDING moves on
 
@@ -426,7 +427,8 @@ def redis_broker(
             (including its retry waits), or a slow but live worker's message is
             run a second time; it is also how long a dead worker's items wait.
         poll: seconds a worker blocks reading the stream; idle pending messages
-            are reclaimed at least this often.
+            are reclaimed at least this often, and a retry's backoff checks this
+            often whether its item's caller has left (then it ends).
         prefetch: messages a worker reads at once. Read messages count as taken
             (their idle clock runs) even before they start, so keep it small.
         result_ttl: seconds a result is kept in Redis; the workers also trim

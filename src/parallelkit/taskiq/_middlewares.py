@@ -13,6 +13,7 @@ import traceback
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 from redis.exceptions import RedisError
 from taskiq import TaskiqMiddleware
 from taskiq.kicker import AsyncKicker
@@ -164,14 +165,43 @@ class _RetryMiddleware(SmartRetryMiddleware):
         # Redis streams have no delayed delivery: wait here, in the worker, with the
         # failed message still unacknowledged (a crash during the wait redelivers it).
         # Not for an item whose caller has left: its retry would not be sent anyway.
-        if delay > 0:
-            if await _left(kicker, message):
-                logger.info(
-                    "%s [%s] not retried: its caller has left", message.task_name, message.task_id
-                )
-                return
-            await anyio.sleep(delay)
+        if delay > 0 and not await _backoff(kicker, message, delay):
+            logger.info(
+                "%s [%s] not retried: its caller has left", message.task_name, message.task_id
+            )
+            return
         await kicker.kiq(*message.args, **message.kwargs)
+
+
+async def _backoff(kicker: AsyncKicker[Any, Any], message: TaskiqMessage, delay: float) -> bool:
+    """Wait ``delay`` seconds before a retry of ``message``: ``True``; ``False`` (at
+    once) when its item's caller has left (:func:`_left`), checked before the wait
+    and, on a :class:`~parallelkit.taskiq.RedeliveringStreamBroker`, every ``poll``
+    during it: the wait holds one of the worker's ``--max-async-tasks`` slots."""
+    if await _left(kicker, message):
+        return False
+    broker = kicker.broker
+    block = getattr(broker, "block", None)  # the broker's poll, in ms
+    if getattr(broker, "_pk_left", None) is None or not isinstance(block, int) or block <= 0:
+        await anyio.sleep(delay)
+        return True
+    left = False
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            nonlocal left
+            await anyio.lowlevel.checkpoint_if_cancelled()  # (the wait may be over already)
+            while True:
+                await anyio.sleep(block / 1000)
+                if await _left(kicker, message):
+                    left = True
+                    tg.cancel_scope.cancel()  # the wait ends now
+                    return
+
+        tg.start_soon(watch, name="parallelkit.taskiq retry backoff")
+        await anyio.sleep(delay)
+        tg.cancel_scope.cancel()
+    return not left
 
 
 async def _left(kicker: AsyncKicker[Any, Any], message: TaskiqMessage) -> bool:
@@ -196,7 +226,9 @@ def retry_middleware(retry: Retry) -> TaskiqMiddleware:
     * ``attempts`` → total attempts, first one included (Taskiq's ``max_retries``);
     * ``backoff``, ``max_backoff``, ``jitter`` → the wait before each retry,
       ``backoff * 2 ** (n - 1)`` capped at ``max_backoff``, plus up to ``jitter``
-      random seconds; the worker waits before kicking the retry;
+      random seconds; the worker waits before kicking the retry (with
+      :func:`~parallelkit.taskiq.redis_broker`, it stops waiting, and sends
+      nothing, within ``poll`` seconds of the item's caller leaving);
     * ``on`` → which exceptions are retried (types or a predicate).
 
     Every task of the broker is retried; a task opts out with the label

@@ -16,13 +16,17 @@ Lua scripts (one round trip each, atomic) and a scan:
   and keeps the retry's id in it.
 * :func:`moved`: the worker's retry of a message (a later message, same task id):
   the id :data:`KICK_RETRY` kept (:data:`MOVED`), else a scan.
-* :func:`abandoned`: which items' callers have left (a worker taking over a dead
-  worker's messages acknowledges those without running them).
+* :func:`abandoned`: which items' callers have left (a worker's retry backoff
+  checks it while it waits).
+* :data:`CLAIM`: a worker takes over a dead worker's message unless its item's
+  caller has left (then acknowledges it unrun), in one atomic step with
+  :data:`RECALL`: :func:`take_over`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from redis.asyncio import Redis
@@ -30,8 +34,8 @@ from redis.exceptions import ResponseError
 from taskiq.abc.formatter import TaskiqFormatter
 from taskiq.message import BrokerMessage
 
-__all__ = ["KICK_RETRY", "MOVED", "RECALL", "RETRY_KEY_MS", "TRIM", "WHERE", "abandoned",
-           "kick_retry", "moved", "recall", "retry_key", "sift"]  # fmt: skip
+__all__ = ["CLAIM", "KICK_RETRY", "MOVED", "RECALL", "RETRY_KEY_MS", "TRIM", "WHERE", "abandoned",
+           "kick_retry", "moved", "recall", "retry_key", "take_over"]  # fmt: skip
 
 logger = logging.getLogger("parallelkit.taskiq")
 
@@ -152,6 +156,22 @@ ms, seq, low_ms, low_seq = tonumber(ms), tonumber(seq), tonumber(low_ms), tonumb
 if ms < low_ms or (ms == low_ms and seq <= low_seq) then return false end
 if #redis.call('XRANGE', KEYS[1], id, id, 'COUNT', 1) == 0 then return false end
 return id
+"""
+#: take over a dead worker's message unless its item's caller has left. KEYS[1] the
+#: stream, KEYS[2] the item's :func:`retry_key`; ARGV[1] the group, ARGV[2] the
+#: consumer, ARGV[3] the least idle time (ms), ARGV[4] the message id. The message's
+#: fields (a flat list) once claimed; 'left' if the key says gone: acknowledged, not
+#: run; nil if not claimed (another worker took it meanwhile, or it was trimmed).
+#: Atomic with :data:`RECALL`: a caller leaves before the take-over (not run) or
+#: after it (it runs, as a message a worker took does).
+CLAIM = """
+local entry = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])[1]
+if type(entry) ~= 'table' or type(entry[2]) ~= 'table' then return false end
+if redis.call('GET', KEYS[2]) == 'gone' then
+  redis.call('XACK', KEYS[1], ARGV[1], ARGV[4])
+  return 'left'
+end
+return entry[2]
 """
 #: trim from a stream what every consumer group has acknowledged and is older than
 #: ARGV[1] ms (by the server's clock, as message ids are): ``XTRIM MINID`` to the
@@ -274,25 +294,65 @@ async def abandoned(client: Redis, stream: str, task_ids: list[str | None]) -> l
     return [bool(task_id) and next(values) in (b"gone", "gone") for task_id in task_ids]
 
 
-async def sift(
-    client: Redis, stream: str, group: str, claimed: Any, formatter: TaskiqFormatter
-) -> list[tuple[Any, Any]]:
-    """The messages of ``claimed`` (``XCLAIM``'s reply: ``(id, fields)``) to run:
-    a message Redis dropped (trimmed: no fields) is left out, and one whose item's
-    caller has left (:func:`abandoned`) is acknowledged (logged at INFO) instead.
-    Costs a parse of each message and one ``MGET``: only for messages taken over."""
-    kept = [(msg_id, fields) for msg_id, fields in claimed if fields]
-    task_ids = [_task_id(formatter, fields.get(b"data")) for _, fields in kept]
-    runs = []
-    for entry, task_id, left in zip(
-        kept, task_ids, await abandoned(client, stream, task_ids), strict=True
-    ):
-        if not left:
-            runs.append(entry)
-            continue
-        await client.xack(stream, group, entry[0])
-        logger.info("task [%s] taken over from %r, not run: its caller has left", task_id, stream)
-    return runs
+async def take_over(
+    client: Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    idle: int,
+    msg_ids: list[Any],
+    formatter: TaskiqFormatter,
+) -> AsyncGenerator[tuple[Any, Any], None]:
+    """Take over the messages ``msg_ids`` of a dead worker (idle for ``idle`` ms)
+    for ``consumer``, one at a time as the worker asks for the next: ``(id,
+    fields)`` of each to run. One whose item's caller has left is acknowledged
+    unrun (logged at INFO), checked in the claim's atomic step (:data:`CLAIM`),
+    when the worker asks for it; one another worker took meanwhile, or trimmed,
+    is left out. Costs a pipelined read of the task ids, then a script each:
+    only for messages taken over."""
+    async with client.pipeline(transaction=False) as pipe:
+        for msg_id in msg_ids:
+            pipe.xrange(stream, msg_id, msg_id, count=1)
+        found: Any = await pipe.execute()
+    for msg_id, entries in zip(msg_ids, found, strict=True):
+        task_id = _task_id(formatter, entries[0][1].get(b"data")) if entries else None
+        fields = await _claim(client, stream, group, consumer, idle, msg_id, task_id)
+        if fields is not None:
+            yield msg_id, fields
+
+
+_NOT_RUN = "task [%s] taken over from %r, not run: its caller has left"
+
+
+async def _claim(
+    client: Redis, stream: str, group: str, consumer: str, idle: int, msg_id: Any, task: str | None
+) -> Any | None:
+    """Claim ``msg_id`` unless its item's caller has left (:data:`CLAIM`): its
+    fields, or ``None``. A message whose task id is not known (unreadable: the
+    receiver reports it) is claimed unchecked; where Redis refuses scripts (an ACL,
+    a proxy), it is claimed, then checked: the caller may leave in between."""
+    if task is not None:
+        script: Any = client.register_script(CLAIM)
+        keys, args = [stream, retry_key(stream, task)], [group, consumer, idle, msg_id]
+        try:
+            got: Any = await script(keys=keys, args=args, client=client)
+        except ResponseError:  # scripts refused (or no group: the XCLAIM below says so)
+            pass
+        else:
+            if isinstance(got, list):
+                return dict(zip(got[::2], got[1::2], strict=True))
+            if got is not None:
+                logger.info(_NOT_RUN, task, stream)
+            return None
+    reply: Any = await client.xclaim(stream, group, consumer, idle, [msg_id])
+    fields = reply[0][1] if reply and reply[0] else None
+    if not fields:  # taken by another worker meanwhile, or trimmed
+        return None
+    if task is not None and (await abandoned(client, stream, [task]))[0]:
+        await client.xack(stream, group, msg_id)
+        logger.info(_NOT_RUN, task, stream)
+        return None
+    return fields
 
 
 def _task_id(formatter: TaskiqFormatter, data: Any) -> str | None:
