@@ -177,11 +177,6 @@ def test_an_interrupt_raised_by_a_generator_input_comes_out_as_itself(
     assert type(raised) is SystemExit, repr(raised)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="is_failure takes every GeneratorExit for a coroutine being closed",
-)
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 @pytest.mark.parametrize("settle", [False, True])
 def test_a_generator_exit_raised_by_an_item_comes_out_as_itself(backend: str, settle: bool) -> None:

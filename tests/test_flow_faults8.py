@@ -138,11 +138,6 @@ async def test_a_result_indexed_by_a_step_function_says_how_to_look_it_up() -> N
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs _fanout/pool.py (Pool._work) or _core/backend.is_failure: a unit's "
-    "GeneratorExit is raised from a helper task and wrapped by the task group",
-)
 async def test_a_step_raising_generator_exit_comes_out_as_itself_in_a_fork() -> None:
     # raised as itself by a step run in the caller's task (one ready step); two ready
     # steps put the second in a helper task, whose GeneratorExit came out of the task

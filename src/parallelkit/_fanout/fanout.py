@@ -64,8 +64,9 @@ async def run_items(
             try:
                 await source.aclose()
             except Exception as lost:  # the input's clean-up failed too
-                if not is_failure(exc):  # the caller's cancellation: raised in its place
-                    raise  # (as imap does, and as an item's failed clean-up is)
+                if not is_failure(exc) and exc is not pool.error:  # the caller's
+                    raise  # cancellation: raised in its place (as imap does, and as an
+                    # item's failed clean-up is); not an item's GeneratorExit (Pool._work)
                 chain(exc, lost)  # shown with the failure that is raised
             raise
         await source.aclose()

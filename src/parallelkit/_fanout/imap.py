@@ -215,7 +215,9 @@ class imap(Generic[T]):  # noqa: N801 - used like a function: `async with pk.ima
         except Exception as exc:  # fail-fast: handed to the consumer
             results.error = exc
         except BaseException as exc:  # KeyboardInterrupt, a stray CancelledError too: to
-            if not is_failure(exc):  # the consumer, unchanged (not wrapped by the owner)
+            # the consumer, unchanged (not wrapped by the owner); so is a GeneratorExit
+            # an item raised (the pool's failure: Pool._work)
+            if not is_failure(exc) and exc is not pool.error:
                 raise
             results.error = exc
         finally:

@@ -47,7 +47,10 @@ failure like any other (settle: its ``Outcome``), not a cancellation: let throug
 the task group would take it for one and end the pool quietly, results missing. So
 is, in a worker task the pool started, a ``task.cancel()`` that no cancel scope made
 (a driver cancelling ``asyncio.current_task()``: :func:`is_foreign_cancellation`);
-in the caller's own task (:meth:`Pool.run_here`) a cancellation is always one.
+in the caller's own task (:meth:`Pool.run_here`) a cancellation is always one. And so
+is, in a worker task, a ``GeneratorExit`` that the unit's code raised, told from the
+worker's coroutine being closed (which goes on out of it, never swallowed) by whether
+the worker's own task is the one running (:func:`_raised_by_unit`).
 
 **Failures while the pool is stopped.** A unit whose clean-up fails as the
 cancellation reaches it (a ``finally`` whose rollback raises) is never lost. Stopped
@@ -66,8 +69,10 @@ import asyncio
 import inspect
 import itertools
 import math
+import sys
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
+from types import FrameType
 from typing import Any
 
 import anyio
@@ -319,10 +324,60 @@ class Pool:
             self.fail(exc)
         except BaseException as exc:  # KeyboardInterrupt, a stray CancelledError: raised
             # as is by run(), not wrapped by the task group; so is a worker's foreign
-            # cancellation (a task.cancel() no scope made: the task group would end quietly)
-            if not is_failure(exc) and (leave is not None or not is_foreign_cancellation(exc)):
+            # cancellation (a task.cancel() no scope made: the task group would end
+            # quietly), and a GeneratorExit its unit raised (not its coroutine closed)
+            if not is_failure(exc) and (
+                leave is not None
+                or not (is_foreign_cancellation(exc) or _raised_by_unit(exc, _frame()))
+            ):
                 raise
             self.fail(exc)
+
+
+def _raised_by_unit(exc: BaseException, worker: FrameType | None) -> bool:
+    """Whether ``exc`` is a ``GeneratorExit`` that the code of a unit raised in the
+    worker whose frame is ``worker``: that unit's failure, raised as itself like a
+    ``KeyboardInterrupt`` (module docs). Not one thrown into the worker because its
+    coroutine is being closed (its task dropped with a closed event loop, a
+    ``coro.close()`` by other code): that one goes on out of the worker, or the
+    ``close()`` would find it swallowed.
+
+    A task-identity check, made only on the failure path (the success path pays
+    nothing): the worker was resumed by its own task, that is, the running task's
+    coroutine is the worker's, or anyio's that awaits it (anyio 4.16+ runs each task's
+    function in a coroutine of its own: the worker's caller is then that coroutine, of
+    an ``anyio`` module). A closed coroutine runs in no task, or in the closer's, and
+    is called by the closer's frame (its ``f_back``). Public APIs only: the running
+    task's coroutine, and frames.
+    """
+    if not isinstance(exc, GeneratorExit) or worker is None:
+        return False
+    root: FrameType | None = getattr(_current_coroutine(), "cr_frame", None)
+    if root is None:
+        return False
+    if root is worker:
+        return True
+    return worker.f_back is root and str(root.f_globals.get("__name__")).startswith("anyio.")
+
+
+_frame = inspect.currentframe
+
+
+def _current_coroutine() -> object:
+    """The coroutine of the running task (asyncio or trio), or ``None``."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no asyncio loop running
+        task = None
+    if task is not None:
+        return task.get_coro()
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            return trio.lowlevel.current_task().coro
+        except RuntimeError:  # not in a trio run either
+            pass
+    return None
 
 
 def _cancelled() -> bool:
