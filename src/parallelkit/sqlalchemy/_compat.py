@@ -30,14 +30,19 @@ these private names, all here:
   that a statement loading a relationship of an object carries the options of
   the query that loaded the object (``eager``'s raise guard among them).
 
-Two more, read-only, for :func:`~parallelkit.sqlalchemy.parallel`'s deadlock check (a
-task fanning out sessions while it holds every connection its pool can give):
-``QueuePool._max_overflow`` (:func:`pool_capacity`), and SQLAlchemy's registry of live
-sessions ``sqlalchemy.orm.session._sessions`` with each root transaction's
-``_connections`` and each connection's ``_dbapi_connection._pool``
-(:func:`connections_held`). Both are only read on that rare path (a
-task holding a slot of the engine's limiter, the pool out of connections); if they
-move, the check finds nothing and the fan-out waits for the pool as before.
+One more, read-only, for the pool deadlock check of
+:func:`~parallelkit.sqlalchemy.parallel` and the fan-outs on a lent slot
+(:mod:`parallelkit.sqlalchemy._pool_deadlock`): ``QueuePool._max_overflow``
+(:func:`pool_capacity`). The check needs the most connections the pool can ever give
+(``pool_size + max_overflow``), and SQLAlchemy has no public reading of
+``max_overflow``: ``Pool.size()``, ``checkedout()``, ``checkedin()``, ``overflow()``
+(the overflow connections open *now*) and ``status()`` do not give it, and the
+``create_engine()`` arguments are not kept. Who holds which connection, the other
+half of the check, comes from the pool's public ``checkout`` / ``checkin`` /
+``detach`` events (:mod:`parallelkit.sqlalchemy._pool_checkouts`). It is only read on
+a rare path (a task holding a slot of the engine's limiter, the pool out of
+connections); if it moves, :func:`pool_capacity` answers ``None``, the check refuses
+nothing and the fan-out waits for the pool as before.
 
 Nothing happens at import: the strategy is registered with SQLAlchemy the first
 time :func:`raise_rest` is called (the first ``eager(..., raise_others=True)``),
@@ -53,10 +58,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncSession, async_session
 from sqlalchemy.orm import Load, RelationshipProperty
-from sqlalchemy.orm import session as orm_session
 from sqlalchemy.pool import Pool, QueuePool
 
 __all__ = [
@@ -67,7 +69,6 @@ __all__ = [
     "available",
     "carried",
     "carry",
-    "connections_held",
     "ends_on",
     "path_keys",
     "pool_capacity",
@@ -291,28 +292,3 @@ def pool_capacity(pool: Pool) -> int | None:
     if not isinstance(overflow, int) or overflow < 0:
         return None
     return pool.size() + overflow
-
-
-def connections_held(pool: Pool, owns: Callable[[AsyncSession], bool]) -> int:
-    """How many of ``pool``'s connections are checked out by the live ``AsyncSession``
-    objects that ``owns`` accepts (in their transaction). A scan of every live session:
-    for rare paths only."""
-    registry = getattr(orm_session, "_sessions", None)
-    if registry is None:
-        return 0
-    held: set[int] = set()
-    for sync in list(registry.values()):
-        proxy = async_session(sync)
-        if proxy is None or not owns(proxy):
-            continue
-        transaction = sync.get_transaction()
-        connections = getattr(transaction, "_connections", None)
-        if not isinstance(connections, dict):
-            continue
-        for entry in list(connections.values()):
-            conn = entry[0] if isinstance(entry, tuple) and entry else None
-            # the pool the connection came from (after engine.dispose(), not engine.pool)
-            fairy = getattr(conn, "_dbapi_connection", None)
-            if isinstance(conn, Connection) and getattr(fairy, "_pool", None) is pool:
-                held.add(id(conn))
-    return len(held)

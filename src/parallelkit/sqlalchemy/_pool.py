@@ -35,6 +35,8 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 from sqlalchemy.pool import NullPool, QueuePool
 
+from ._compat import pool_capacity
+from ._pool_checkouts import Checkouts
 from ._pool_slots import LentSlot as LentSlot
 from ._pool_slots import PoolLimiter as PoolLimiter
 
@@ -106,7 +108,12 @@ def pool_limiter(target: object, /) -> PoolLimiter:
         raise TypeError(msg)
     limiter = _limiters.get(engine)
     if limiter is None:
-        limiter = _limiters.setdefault(engine, _sharing(engine) or PoolLimiter(_size(engine)))
+        limiter = _sharing(engine)
+        if limiter is None:
+            limiter = PoolLimiter(_size(engine))
+            if pool_capacity(engine.pool) is not None:  # what the deadlock check reads
+                limiter._checkouts = Checkouts.watch(engine)
+        limiter = _limiters.setdefault(engine, limiter)
     return limiter
 
 

@@ -9,8 +9,14 @@ after ``pool_timeout`` (30 s by default), in every request of that shape.
 
 Who waits for whom is known for a task's chain of lent slots
 (:class:`~parallelkit.sqlalchemy._pool_slots.LentSlot`): a worker runs on its
-caller's slot while the caller waits for it. So the checks count the connections of
-the current task and of the callers it runs for, and raise the same
+caller's slot while the caller waits for it. And who waits for a connection is known
+for the workers this check let through to the pool's queue
+(:attr:`Checkouts.connecting <parallelkit.sqlalchemy._pool_checkouts.Checkouts>`):
+each, with the callers waiting for it, can only wait. So the checks count the
+connections held by the current task and the callers it runs for, and by every
+such waiting worker and its callers (several requests, each waiting for its own
+fan-out: a deadlock none of them sees alone). When they hold every connection the
+pool can give, nobody holding one can give it back: the check raises the same
 ``sqlalchemy.exc.TimeoutError`` the wait would end in, at once, with the fix in its
 message:
 
@@ -19,19 +25,27 @@ message:
   slot starts its first statement (``pk.gather`` / ``pk.map`` / ``Flow.run`` with
   ``limit=pool_limiter(engine)``).
 
+The one refused is the one whose wait would close the circle (the last to ask),
+like a database's deadlock detector: its request's transaction ends with the
+error, its connection goes to a worker already waiting, and the other requests go
+on. A connection held by a task that does not wait for one (a statement running,
+an API call inside a transaction) can come back: no refusal then.
+
 Both cost a dict lookup when the task holds no slot (or runs on no lent slot); the
-connection count (a scan of the live sessions, :func:`connections_held`) runs only
-when the pool has no connection left.
+connection count (:meth:`~parallelkit.sqlalchemy._pool_checkouts.Checkouts.held_by`,
+over the pool's checked-out connections) runs only when the pool has no connection
+left.
 """
 
 from __future__ import annotations
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from .._core.backend import task_id
-from ._compat import connections_held, pool_capacity
+from ._compat import pool_capacity
+from ._pool_checkouts import Checkouts
 from ._pool_slots import PoolLimiter
 
 __all__ = ["refuse_fanout", "refused_checkout"]
@@ -42,39 +56,49 @@ _FIX = (
 )
 
 
-def _waiting(slots: PoolLimiter, task: int) -> set[int]:
-    """``task`` and the callers waiting for it: the lenders of the slots it runs on."""
-    blocked = {task}
+def _waiting(slots: PoolLimiter, task: int, blocked: set[int]) -> None:
+    """Add ``task`` and the callers waiting for it (the lenders of the slots it runs on)."""
+    blocked.add(task)
     on = slots._borrowed.get(task)
     while on is not None and on._lender not in blocked:
         blocked.add(on._lender)
         on = slots._borrowed.get(on._lender)
-    return blocked
 
 
-def _stuck(engine: Engine, slots: PoolLimiter, task: int) -> str | None:
-    """Why a new connection for ``task`` can never come, or ``None`` if it may."""
-    pool = engine.pool
+def _stuck(engine: Engine, slots: PoolLimiter, task: int) -> tuple[bool, str | None]:
+    """Whether the pool has no connection left for ``task``, and why none can ever come
+    (``None``: a holder may still give one back)."""
+    pool, checkouts = engine.pool, slots._checkouts
     capacity = pool_capacity(pool)
-    if capacity is None or pool.checkedout() < capacity:  # type: ignore[attr-defined]
-        return None
-    blocked = _waiting(slots, task)
-
-    def waiting(session: AsyncSession) -> bool:
-        return getattr(session, "_pk_holder", None) in blocked
-
-    held = connections_held(pool, waiting)
+    if capacity is None or checkouts is None:
+        return False, None
+    if pool.checkedout() < capacity:  # type: ignore[attr-defined]
+        return False, None
+    own: set[int] = set()
+    _waiting(slots, task, own)
+    blocked = set(own)
+    for other in tuple(checkouts.connecting):
+        if other not in blocked:
+            _waiting(slots, other, blocked)
+    held = checkouts.held_by(pool, blocked)
     if held < capacity:
-        return None
-    whose = (
-        "this task's sessions hold"
-        if len(blocked) == 1
-        else "the sessions of this task and of the callers waiting for it hold"
-    )
-    return (
-        f"{whose} {held} connection(s), all the pool can give (pool_size + max_overflow "
-        f"= {capacity}), and they are given back only once the new session is done with "
-        "one more (the pool's TimeoutError after pool_timeout). "
+        return True, None
+    whose = "this task holds" if len(own) == 1 else "this task and the callers waiting for it hold"
+    mine = checkouts.held_by(pool, own)
+    if mine == held:
+        return True, (
+            f"{whose} {held} connection(s), all the pool can give (pool_size + "
+            f"max_overflow = {capacity}), and they are given back only once the new "
+            "session is done with one more (the pool's TimeoutError after pool_timeout). "
+        )
+    waiters = len(checkouts.connecting - own)
+    return True, (
+        f"{whose} {mine} connection(s), and {waiters} other task(s) already waiting "
+        "for a connection (the fan-out workers of other requests) and the callers waiting "
+        f"for them hold the other {held - mine}: all the pool can give (pool_size + "
+        f"max_overflow = {capacity}). Each holder waits for a connection that only "
+        "another one can give back (the pool's TimeoutError after pool_timeout, for "
+        "each); this one is refused, so that the others go on once its transaction ends. "
     )
 
 
@@ -84,9 +108,10 @@ def refuse_fanout(
     """Raise ``sqlalchemy.exc.TimeoutError`` if ``parallel(session_factory, ...,
     limit=limit)`` from the current task can only deadlock:
 
-    * the connections of this task's :class:`LimitedAsyncSession` transactions (and of
-      the callers waiting for it: a function of an outer ``parallel``) are every
-      connection the pool can give: a function's session would wait ``pool_timeout``;
+    * the connections this task holds (and the callers waiting for it: a function of an
+      outer ``parallel``), with those of the workers already waiting for a connection
+      (other requests' fan-outs) and their callers, are every connection the pool can
+      give: a function's session would wait ``pool_timeout``;
     * it holds the limiter's only slot and the functions' ``LimitedAsyncSession``
       objects take slots of their own (a ``limit`` that does not lend): forever.
 
@@ -98,7 +123,7 @@ def refuse_fanout(
     task = task_id()
     if task not in held:
         return
-    why = _stuck(engine, slots, task)
+    _, why = _stuck(engine, slots, task)
     if why is not None:
         msg = f"parallel() would deadlock: {why}{_FIX}"
         raise sa_exc.TimeoutError(msg)
@@ -122,11 +147,17 @@ def refuse_fanout(
         raise sa_exc.TimeoutError(msg)
 
 
-def refused_checkout(engine: Engine, slots: PoolLimiter, task: int) -> sa_exc.TimeoutError | None:
-    """The error for a session of ``task``, a worker on a lent slot, about to take a
-    connection that can never come (``None``: it may come)."""
-    why = _stuck(engine, slots, task)
-    if why is None:
-        return None
-    msg = f"A session of a fan-out's worker would deadlock waiting for a connection: {why}{_FIX}"
-    return sa_exc.TimeoutError(msg)
+def refused_checkout(
+    engine: Engine, slots: PoolLimiter, task: int
+) -> sa_exc.TimeoutError | Checkouts | None:
+    """For a session of ``task``, a worker on a lent slot, about to take a connection:
+    the error if it can never come; else the pool's :class:`Checkouts` if it has to wait
+    for one (the session awaits its statement through :meth:`Checkouts.waiting`: others
+    then count it as waiting); ``None`` if one is free."""
+    exhausted, why = _stuck(engine, slots, task)
+    if why is not None:
+        msg = (
+            f"A session of a fan-out's worker would deadlock waiting for a connection: {why}{_FIX}"
+        )
+        return sa_exc.TimeoutError(msg)
+    return slots._checkouts if exhausted else None

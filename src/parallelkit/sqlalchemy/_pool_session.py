@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ._methods import RELEASING, wrap_methods
 from ._pool import pool_limiter
+from ._pool_checkouts import Checkouts
 from ._pool_deadlock import refused_checkout
 from ._pool_slots import PoolLimiter
 
@@ -53,7 +54,10 @@ class LimitedAsyncSession(AsyncSession):
     connection the pool can give (``max_overflow=0``), the fan-out cannot run:
     :func:`~parallelkit.sqlalchemy.parallel` raises ``sqlalchemy.exc.TimeoutError``
     at the call, and a session of a worker on a lent slot at its first statement,
-    instead of after the pool's ``pool_timeout``.
+    instead of after the pool's ``pool_timeout``. So does the fan-out that would
+    close the circle when several requests, each holding connections, wait for
+    their own fan-outs' connections: that one request fails, the others go on
+    once its transaction ends.
     """
 
     # no __slots__: it composes with GuardedAsyncSession (two slotted bases cannot)
@@ -164,10 +168,13 @@ def _limited(
                 return _taking(self, name, call, args, kwargs)
             if holder is not None:  # the task holds a slot (``async with slots``)
                 if slots._borrowed and holder in slots._borrowed:  # a lent one
-                    error = _refused(self, name, slots, holder)
-                    if error is not None:
+                    verdict = _refused(self, name, slots, holder)
+                    if isinstance(verdict, BaseException):
                         slots.release(holder)
-                        return _raise(error)
+                        return _raise(verdict)
+                    if verdict is not None:  # it waits for a connection: others count it
+                        self._pk_holder, self._pk_loop = holder, asyncio.get_running_loop()
+                        return verdict.waiting(holder, call(*args, **kwargs))
                 # given back at commit, rollback or close
                 self._pk_holder, self._pk_loop = holder, asyncio.get_running_loop()
                 return call(*args, **kwargs)
@@ -181,9 +188,11 @@ _CHECKOUT |= {"stream_scalars", "get", "get_one"}
 
 def _refused(
     self: LimitedAsyncSession, name: str, slots: PoolLimiter, holder: int
-) -> sa_exc.TimeoutError | None:
-    """The error for this session's first statement in a fan-out's worker (on a lent
-    slot) when the connection it needs can never come (:mod:`._pool_deadlock`)."""
+) -> sa_exc.TimeoutError | Checkouts | None:
+    """For this session's first statement in a fan-out's worker (on a lent slot): the
+    error when the connection it needs can never come, the pool's :class:`Checkouts` to
+    wait through when it must wait for one, ``None`` when one is free
+    (:func:`._pool_deadlock.refused_checkout`)."""
     bind = self.bind
     if name not in _CHECKOUT or not isinstance(bind, AsyncEngine):  # maybe no checkout
         return None

@@ -31,6 +31,7 @@ from typing_extensions import final
 from .._core.backend import task_id
 from .._core.limiter import Limiter, LimiterStatistics
 from .._core.waits import BLOCKED, WAKE, WORKERS
+from ._pool_checkouts import Checkouts
 
 __all__ = ["LentSlot", "PoolLimiter"]
 
@@ -52,10 +53,12 @@ class PoolLimiter:
     yourself gets no slot lent: it takes one of its own.
     """
 
-    __slots__ = ("_borrowed", "_generators", "_held", "_lending", "_limiter")
+    __slots__ = ("_borrowed", "_checkouts", "_generators", "_held", "_lending", "_limiter")
 
     def __init__(self, concurrency: int | None) -> None:
         self._limiter = Limiter(concurrency=concurrency)
+        # who holds the pool's connections (pool_limiter() sets it for a bounded QueuePool)
+        self._checkouts: Checkouts | None = None
         self._held: dict[int, int] = {}  # task id -> depth
         # task id -> the slot it runs on (lent by a fan-out's caller, or a blocked task's)
         self._borrowed: dict[int, LentSlot | _OnLender] = {}
