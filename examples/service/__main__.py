@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from urllib.parse import urlsplit
 
@@ -34,6 +35,24 @@ def _pool_size(value: str) -> int:
         msg = f"expected a whole number >= 1, got {value!r}"
         raise argparse.ArgumentTypeError(msg)
     return int(value)
+
+
+#: Seconds a SIGTERM waits for the requests in flight (``--graceful-timeout``). uvicorn
+#: waits for ever by default: a client that sent half a request and went quiet, or a
+#: provider that never answers, kept the server running (its services up) after SIGTERM.
+GRACEFUL_TIMEOUT = 10.0
+
+
+def _seconds(value: str) -> float:
+    """``--graceful-timeout``: a finite number of seconds > 0."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        msg = f"expected a number of seconds > 0, got {value!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return seconds
 
 
 def _database(value: str) -> str:
@@ -76,6 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--store", choices=("memory", "redis"), default="memory")
     parser.add_argument("--pool-size", type=_pool_size, default=10)
+    parser.add_argument(
+        "--graceful-timeout",
+        type=_seconds,
+        default=GRACEFUL_TIMEOUT,
+        help="seconds a SIGTERM waits for the requests in flight before it cancels them "
+        f"and stops the services (default: {GRACEFUL_TIMEOUT:g})",
+    )
     args = parser.parse_args(argv)
     if args.store == "redis" and not args.redis:
         parser.error("--store redis needs a Redis URL (--redis URL)")
@@ -97,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port,
         log_level="warning",
         access_log=False,
+        # uvicorn types it int, and takes any number of seconds (asyncio.timeout)
+        timeout_graceful_shutdown=args.graceful_timeout,  # type: ignore[arg-type]
     )
 
 

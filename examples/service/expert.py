@@ -25,6 +25,7 @@ from sqlalchemy.orm import joinedload
 
 from examples.crm.models import Company, Contact, Conversation
 
+from .errors import refuse_bad_input
 from .shared import (
     NO_CADENCE,
     Clients,
@@ -83,6 +84,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="CRM service (expert)", lifespan=lifespan)
     add_debug_routes(app, counter, "expert")
+    refuse_bad_input(app)  # a 422 naming the field whatever it held, a 413 for a huge body
 
     @app.post("/webhooks/batch")
     async def webhook_batch(batch: WebhookBatch, request: Request) -> dict[str, Any]:
@@ -165,7 +167,14 @@ def create_app(settings: Settings) -> FastAPI:
             async with s.db_slots, s.db.sessions() as session:
                 await record_payment(session, payment, charge_id)
 
-        await asyncio.gather(record(), s.clients.notify(payment.payment_id, charge_id))
+        # both run to their end (the card is charged: a failed webhook must not lose the
+        # row), then the first error in step order: the row's 409 before the webhook's error
+        outcomes = await asyncio.gather(
+            record(), s.clients.notify(payment.payment_id, charge_id), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         return payment_response(payment, charge_id)
 
     return app

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from examples.crm.models import AutomationRule, Cadence, Company, Contact, Conversation
 
+from .errors import refuse_bad_input
 from .shared import (
     NO_CADENCE,
     Clients,
@@ -76,6 +77,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="CRM service (ordinary)", lifespan=lifespan)
     add_debug_routes(app, counter, "ordinary")
+    refuse_bad_input(app)  # a 422 naming the field whatever it held, a 413 for a huge body
 
     @app.post("/webhooks/batch")
     async def webhook_batch(batch: WebhookBatch, session: Session) -> dict[str, Any]:

@@ -49,6 +49,8 @@ from examples.crm.models import (
 from examples.crm.payment import Payment
 from examples.crm.seed import EPOCH, SeedSizes
 
+from .errors import JsonInt
+
 __all__ = [
     "MAX_INT",
     "NO_CADENCE",
@@ -317,7 +319,7 @@ class Clients:
 
 # -- requests --------------------------------------------------------------------------------------
 class WebhookEvent(BaseModel):
-    conversation_id: int = Field(ge=1, le=MAX_INT)
+    conversation_id: JsonInt = Field(ge=1, le=MAX_INT)
     event: str = "message.received"
 
 
@@ -326,13 +328,13 @@ class WebhookBatch(BaseModel):
 
 
 class EnrollmentIn(BaseModel):
-    inactive_days: int = Field(default=21, ge=0, le=3650)
+    inactive_days: JsonInt = Field(default=21, ge=0, le=3650)
 
 
 class PaymentIn(BaseModel):
     # no control characters: PostgreSQL refuses a NUL in text (a 500 after the charge)
     payment_id: str = Field(min_length=1, max_length=60, pattern=r"^[^\x00-\x1f\x7f]+$")
-    amount: int = Field(gt=0, le=MAX_INT)
+    amount: JsonInt = Field(gt=0, le=MAX_INT)
 
 
 # -- answers: the same bytes from every variant ----------------------------------------------------

@@ -59,6 +59,7 @@ from parallelkit.sqlalchemy import (
     pool_limiter,
 )
 
+from .errors import refuse_bad_input
 from .shared import (
     NO_CADENCE,
     Clients,
@@ -208,6 +209,7 @@ def create_app(settings: Settings) -> FastAPI:
         title="CRM service (parallelkit)", lifespan=lifespan(build_orchestrator(settings, counter))
     )
     add_debug_routes(app, counter, "parallelkit")
+    refuse_bad_input(app)  # a 422 naming the field whatever it held, a 413 for a huge body
     app.add_middleware(RequestGuard)  # the real error first (no engine: nothing counted)
 
     @app.post("/webhooks/batch")
