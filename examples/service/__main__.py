@@ -6,6 +6,12 @@ Example::
     python -m examples.service --variant parallelkit \\
         --database postgresql://postgres@127.0.0.1/test \\
         --redis redis://127.0.0.1:6379/0 --store redis
+
+Replicas of one service (run the same command on each host or port)::
+
+    python -m examples.service --name crm --shared \
+        --database postgresql://postgres@127.0.0.1/test \
+        --redis redis://127.0.0.1:6379/0 --store redis --port 8001
 """
 
 from __future__ import annotations
@@ -94,6 +100,13 @@ def main(argv: list[str] | None = None) -> None:
         "--redis", type=_redis, default=None, help="a Redis URL (for --store redis)"
     )
     parser.add_argument("--store", choices=("memory", "redis"), default="memory")
+    parser.add_argument(
+        "--shared",
+        action="store_true",
+        help="a replica: join the --name service's schema and Redis namespace (created and "
+        "seeded by the first replica to start, never dropped or cleared by any); "
+        "needs a PostgreSQL --database",
+    )
     parser.add_argument("--pool-size", type=_pool_size, default=10)
     parser.add_argument(
         "--graceful-timeout",
@@ -105,6 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.store == "redis" and not args.redis:
         parser.error("--store redis needs a Redis URL (--redis URL)")
+    if args.shared and not args.database:
+        parser.error("--shared needs a PostgreSQL database (--database URL)")
     try:
         settings = Settings(
             variant=args.variant,
@@ -113,9 +128,11 @@ def main(argv: list[str] | None = None) -> None:
             redis=args.redis,
             store=args.store,
             pool_size=args.pool_size,
+            shared=args.shared,
         )
-    except ValueError as exc:  # --name (a schema name): Settings says what it accepts
-        parser.error(f"--name: {exc}")
+    except ValueError as exc:  # --name (a schema name), --shared: Settings says what it accepts
+        option = "--shared" if args.shared and "shared" in str(exc) else "--name"
+        parser.error(f"{option}: {exc}")
     COLLECTOR.start()  # GET /debug/stats reports the time spent collecting garbage
     uvicorn.run(
         create_app(settings),

@@ -29,6 +29,7 @@ from .errors import refuse_bad_input
 from .shared import (
     NO_CADENCE,
     Clients,
+    ConversationIn,
     EnrollmentIn,
     PaymentIn,
     RowId,
@@ -46,6 +47,7 @@ from .shared import (
     payment_response,
     record_enrollments,
     record_payment,
+    update_conversation,
     webhook_results,
 )
 
@@ -130,6 +132,18 @@ def create_app(settings: Settings) -> FastAPI:
         if view is None:
             raise HTTPException(404, "conversation not found")
         return view
+
+    @app.patch("/conversations/{conversation_id}")
+    async def change_conversation(
+        conversation_id: RowId, change: ConversationIn, request: Request
+    ) -> dict[str, Any]:
+        s: State = request.app.state.s
+        async with s.db_slots, s.db.sessions() as session:
+            found = await update_conversation(session, conversation_id, change)
+        if not found:
+            raise HTTPException(404, "conversation not found")
+        s.cache.pop(conversation_id, None)  # this process's copy; other replicas keep theirs
+        return await read_conversation(conversation_id, request)
 
     @app.post("/companies/{company_id}/enrollments")
     async def enroll_inactive(

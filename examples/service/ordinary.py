@@ -30,6 +30,7 @@ from .errors import refuse_bad_input
 from .shared import (
     NO_CADENCE,
     Clients,
+    ConversationIn,
     EnrollmentIn,
     PaymentIn,
     RowId,
@@ -47,6 +48,7 @@ from .shared import (
     payment_response,
     record_enrollments,
     record_payment,
+    update_conversation,
     webhook_result,
 )
 
@@ -114,6 +116,15 @@ def create_app(settings: Settings) -> FastAPI:
         view = conversation_view(conversation, contact, company)
         cache[conversation_id] = (time.monotonic() + settings.fresh, view)
         return view
+
+    @app.patch("/conversations/{conversation_id}")
+    async def change_conversation(
+        conversation_id: RowId, change: ConversationIn, session: Session
+    ) -> dict[str, Any]:
+        if not await update_conversation(session, conversation_id, change):
+            raise HTTPException(404, "conversation not found")
+        cache.pop(conversation_id, None)  # this process's copy; other replicas keep theirs
+        return await read_conversation(conversation_id, session)
 
     @app.post("/companies/{company_id}/enrollments")
     async def enroll_inactive(

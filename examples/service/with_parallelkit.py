@@ -63,6 +63,7 @@ from .errors import refuse_bad_input
 from .shared import (
     NO_CADENCE,
     Clients,
+    ConversationIn,
     EnrollmentIn,
     PaymentIn,
     RowId,
@@ -80,6 +81,7 @@ from .shared import (
     payment_response,
     record_enrollments,
     record_payment,
+    update_conversation,
     webhook_results,
 )
 
@@ -148,7 +150,7 @@ def build_orchestrator(settings: Settings, counter: StatementCounter) -> pk.Orch
             )
             slots = pool_limiter(database.engine)  # what those sessions share
             counter.limiter = slots  # GET /debug/stats: its slots, 0 at rest
-            yield Database(database.engine, sessions, database.pool_size, slots)
+            yield Database(database.engine, sessions, database.pool_size, database.created, slots)
 
     @orch.service
     async def redis() -> AsyncIterator[Any]:
@@ -172,10 +174,11 @@ def build_orchestrator(settings: Settings, counter: StatementCounter) -> pk.Orch
             from parallelkit.redis import RedisStore
 
             # entered (below), it keeps a near cache: a hot key's hit costs no round trip
-            store = RedisStore(redis, namespace=f"svc-{settings.server}", near_maxsize=CACHE_SIZE)
+            store = RedisStore(redis, namespace=settings.namespace, near_maxsize=CACHE_SIZE)
             near = store
             counter.store = store  # GET /debug/stats: its errors, timeouts, near hits
-            await store.clear()
+            if db.created:  # a replica joining a shared namespace keeps its entries
+                await store.clear()
         # jitter: the 2,000 conversations loaded together are refreshed apart, not in one burst
         cache = pk.SWRCache(fresh=settings.fresh, stale=settings.stale, store=store, jitter=0.1)
 
@@ -232,6 +235,25 @@ def create_app(settings: Settings) -> FastAPI:
         conversations: ConversationLookup = running_from(request).get("conversations")
         view = await conversations(conversation_id)
         if view is None:
+            raise HTTPException(404, "conversation not found")
+        return view
+
+    @app.patch("/conversations/{conversation_id}")
+    async def change_conversation(
+        conversation_id: RowId, change: ConversationIn, request: Request
+    ) -> dict[str, Any]:
+        services = running_from(request)
+        db: Database = services.get("db", Database)
+        conversations: ConversationLookup = services.get("conversations")
+        async with db.slots, db.sessions() as session:
+            found = await update_conversation(session, conversation_id, change)
+        if not found:
+            raise HTTPException(404, "conversation not found")
+        # committed, then invalidated: in every replica sharing the RedisStore (pub/sub),
+        # and a load that started before it never stores the old row after it
+        await conversations.invalidate(conversation_id)
+        view = await conversations(conversation_id)
+        if view is None:  # deleted meanwhile
             raise HTTPException(404, "conversation not found")
         return view
 
