@@ -31,10 +31,11 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -226,7 +227,8 @@ async def open_database(
 
     The latency is switched on only after seeding, so seeding stays fast. A
     temporary SQLite directory is deleted on exit; a PostgreSQL ``schema`` is
-    dropped.
+    dropped. That clean-up runs to its end even if the task is cancelled meanwhile
+    (a Ctrl-C as the demo closes): the cancellation is raised once it is done.
     """
     directory = None if database_url(url) else tempfile.mkdtemp(prefix="parallelkit-crm-")
     engine = make_engine(url, pool_size=pool_size, schema=schema, directory=directory)
@@ -239,10 +241,42 @@ async def open_database(
         handle = add_latency(engine, latency)
         yield Database(engine, session_factory(engine), summary, str(engine.url), handle)
     finally:
-        try:
-            if schema:
-                await drop_schema(engine, schema=schema)
-        finally:
-            await engine.dispose()
-            if directory:
-                shutil.rmtree(directory, ignore_errors=True)
+        await _to_the_end(_close(engine, schema=schema, directory=directory))
+
+
+async def _close(engine: AsyncEngine, *, schema: str | None, directory: str | None) -> None:
+    """:func:`open_database`'s clean-up: the schema dropped, every connection closed,
+    the temporary SQLite directory removed."""
+    try:
+        if schema:
+            await drop_schema(engine, schema=schema)
+    finally:
+        await engine.dispose()
+        if directory:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+async def _to_the_end(cleanup: Coroutine[Any, Any, None]) -> None:
+    """Await ``cleanup`` to its end even if this task is cancelled meanwhile; then let
+    the cancellation go on.
+
+    The demo's Ctrl-C is one ``Task.cancel()`` (``python -m examples.crm``), and it
+    can land anywhere, in this clean-up too: inside ``engine.dispose()``, it cut short
+    the close of a pooled aiosqlite connection (SQLAlchemy logged "Exception closing
+    connection" with a traceback) and the rest was skipped (the temporary directory
+    was left behind). A shielded anyio scope does not stop a native ``Task.cancel()``,
+    so the clean-up runs in a task of its own, which this one waits for (and owns);
+    a cancellation received meanwhile is raised once it has finished. The shielded
+    scope keeps an enclosing cancelled anyio scope from interrupting the wait.
+    """
+    task = asyncio.ensure_future(cleanup)
+    cancelled: asyncio.CancelledError | None = None
+    with anyio.CancelScope(shield=True):
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError as exc:  # noqa: PERF203 - the clean-up goes on
+                cancelled = exc
+    task.result()  # the clean-up's own error, if any
+    if cancelled is not None:
+        raise cancelled
