@@ -111,8 +111,9 @@ def pool_limiter(target: object, /) -> PoolLimiter:
         limiter = _sharing(engine)
         if limiter is None:
             limiter = PoolLimiter(_size(engine))
-            if pool_capacity(engine.pool) is not None:  # what the deadlock check reads
-                limiter._checkouts = Checkouts.watch(engine)
+            capacity = pool_capacity(engine.pool)
+            if capacity is not None:  # what the deadlock check reads
+                limiter._checkouts = Checkouts.watch(engine, capacity)
         limiter = _limiters.setdefault(engine, limiter)
     return limiter
 

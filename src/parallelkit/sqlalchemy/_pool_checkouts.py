@@ -12,6 +12,12 @@ watched pool when the engine's :func:`~parallelkit.sqlalchemy.pool_limiter` is m
   pool's connections say nothing about the new one's);
 * ``checkin`` and ``detach`` forget it.
 
+How many it knows of (``len(checkouts._held) >= checkouts.capacity``, read inline)
+is what a session's first statement looks at to skip the check while the pool
+surely has a connection free: ``False`` is sure; ``True`` is to be checked
+(connections of a pool before a ``dispose()`` count too; one checked out before the
+watch, or in a thread, does not, and the check then misses what it never knew of).
+
 It also keeps the tasks the deadlock check let through to wait for a connection of
 the pool (:meth:`Checkouts.waiting`): until their checkout, or the end of their call.
 
@@ -43,18 +49,22 @@ T = TypeVar("T")
 class Checkouts:
     """The connections checked out of an engine's pool, by task; see the module docs."""
 
-    __slots__ = ("_engine", "_held", "connecting")
+    __slots__ = ("_engine", "_held", "capacity", "connecting")
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, capacity: int) -> None:
         self._engine = weakref.ref(engine)
+        #: the most connections the pool can give (``pool_size + max_overflow``; the
+        #: pool ``dispose()`` makes has the same)
+        self.capacity = capacity
         self._held: dict[ConnectionPoolEntry, tuple[weakref.ref[asyncio.Task[Any]], Pool]] = {}
         #: the tasks let through to wait for a connection of the pool (ids, as task_id())
         self.connecting: set[int] = set()
 
     @classmethod
-    def watch(cls, engine: Engine) -> Checkouts:
-        """Start watching ``engine``'s pool (and the pools ``dispose()`` makes after it)."""
-        checkouts = cls(engine)
+    def watch(cls, engine: Engine, capacity: int) -> Checkouts:
+        """Start watching ``engine``'s pool (and the pools ``dispose()`` makes after it),
+        which can give ``capacity`` connections at most."""
+        checkouts = cls(engine, capacity)
         event.listen(engine, "checkout", checkouts._out)
         event.listen(engine, "checkin", checkouts._in)
         event.listen(engine, "detach", checkouts._in)

@@ -23,7 +23,9 @@ message:
 * :func:`refuse_fanout`, when :func:`~parallelkit.sqlalchemy.parallel` is called;
 * :func:`refused_checkout`, when a session of a fan-out's worker running on a lent
   slot starts its first statement (``pk.gather`` / ``pk.map`` / ``Flow.run`` with
-  ``limit=pool_limiter(engine)``).
+  ``limit=pool_limiter(engine)``), and when a second session of a task that holds a
+  connection already (its first session in a transaction) starts its first: that
+  task waits for it, so its connections count as held by a task that can only wait.
 
 The one refused is the one whose wait would close the circle (the last to ask),
 like a database's deadlock detector: its request's transaction ends with the
@@ -31,10 +33,11 @@ error, its connection goes to a worker already waiting, and the other requests g
 on. A connection held by a task that does not wait for one (a statement running,
 an API call inside a transaction) can come back: no refusal then.
 
-Both cost a dict lookup when the task holds no slot (or runs on no lent slot); the
-connection count (:meth:`~parallelkit.sqlalchemy._pool_checkouts.Checkouts.held_by`,
-over the pool's checked-out connections) runs only when the pool has no connection
-left.
+Both cost a dict lookup when the task holds no slot (or runs on no lent slot; for
+a second session, a ``len`` while the pool surely has a connection left, see
+:mod:`parallelkit.sqlalchemy._pool_checkouts`); the connection count
+(:meth:`~parallelkit.sqlalchemy._pool_checkouts.Checkouts.held_by`, over the pool's
+checked-out connections) runs only when the pool has no connection left.
 """
 
 from __future__ import annotations
@@ -53,6 +56,13 @@ __all__ = ["refuse_fanout", "refused_checkout"]
 _FIX = (
     "Commit (or roll back) before fanning out, or give the pool overflow: max_overflow "
     ">= 1 per request that fans out from inside a transaction (per level of nesting)."
+)
+
+
+_FIX_SECOND = (
+    "Run it in the task's first session (or commit that one before opening another), "
+    "or give the pool overflow: max_overflow >= 1 per task that opens a second session "
+    "inside a transaction."
 )
 
 
@@ -148,16 +158,34 @@ def refuse_fanout(
 
 
 def refused_checkout(
-    engine: Engine, slots: PoolLimiter, task: int
+    engine: Engine, slots: PoolLimiter, task: int, *, lent: bool
 ) -> sa_exc.TimeoutError | Checkouts | None:
-    """For a session of ``task``, a worker on a lent slot, about to take a connection:
-    the error if it can never come; else the pool's :class:`Checkouts` if it has to wait
-    for one (the session awaits its statement through :meth:`Checkouts.waiting`: others
-    then count it as waiting); ``None`` if one is free."""
+    """For a session of ``task`` about to take a connection, when ``task`` runs on a lent
+    slot (``lent``: a fan-out's worker) or holds a connection already (a second session:
+    looked at only when the pool has none left): the error if it can never come; else
+    the pool's :class:`Checkouts` if it has to wait for one (the session awaits its
+    statement through :meth:`Checkouts.waiting`: others then count it as waiting);
+    ``None`` if one is free, or if ``task`` neither runs on a lent slot nor holds one."""
+    if not lent:
+        pool, checkouts = engine.pool, slots._checkouts
+        capacity = pool_capacity(pool)
+        if capacity is None or checkouts is None:
+            return None
+        if pool.checkedout() < capacity:  # type: ignore[attr-defined]
+            return None
+        if not checkouts.held_by(pool, {task}):  # its wait depends on no one's: no check
+            return None
     exhausted, why = _stuck(engine, slots, task)
     if why is not None:
-        msg = (
-            f"A session of a fan-out's worker would deadlock waiting for a connection: {why}{_FIX}"
-        )
+        if lent:
+            msg = (
+                "A session of a fan-out's worker would deadlock waiting for a connection: "
+                f"{why}{_FIX}"
+            )
+        else:
+            msg = (
+                "A second session of a task holding a connection would deadlock waiting "
+                f"for one: {why}{_FIX_SECOND}"
+            )
         return sa_exc.TimeoutError(msg)
     return slots._checkouts if exhausted else None

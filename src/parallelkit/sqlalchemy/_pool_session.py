@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from .._core.backend import task_id
 from ._methods import RELEASING, wrap_methods
 from ._pool import pool_limiter
 from ._pool_checkouts import Checkouts
@@ -54,10 +55,12 @@ class LimitedAsyncSession(AsyncSession):
     connection the pool can give (``max_overflow=0``), the fan-out cannot run:
     :func:`~parallelkit.sqlalchemy.parallel` raises ``sqlalchemy.exc.TimeoutError``
     at the call, and a session of a worker on a lent slot at its first statement,
-    instead of after the pool's ``pool_timeout``. So does the fan-out that would
-    close the circle when several requests, each holding connections, wait for
-    their own fan-outs' connections: that one request fails, the others go on
-    once its transaction ends.
+    instead of after the pool's ``pool_timeout``. So does a second session of a task
+    that holds a connection (its first session, or a connection it took itself) at
+    its first statement, when that task and the tasks that can only wait hold every
+    connection. So does the fan-out (or second session) that would close the circle
+    when several requests, each holding connections, wait for connections: that one
+    request fails, the others go on once its transaction ends.
     """
 
     # no __slots__: it composes with GuardedAsyncSession (two slotted bases cannot)
@@ -167,8 +170,12 @@ def _limited(
             except RuntimeError:  # called outside a running loop, to be awaited on one
                 return _taking(self, name, call, args, kwargs)
             if holder is not None:  # the task holds a slot (``async with slots``)
-                if slots._borrowed and holder in slots._borrowed:  # a lent one
-                    verdict = _refused(self, name, slots, holder)
+                lent = holder in slots._borrowed if slots._borrowed else False
+                checkouts = slots._checkouts
+                # a lent one, or the pool may be out of connections (a second session
+                # of a task holding one would wait for itself)
+                if lent or (checkouts is not None and len(checkouts._held) >= checkouts.capacity):
+                    verdict = _refused(self, name, slots, holder, lent=lent)
                     if isinstance(verdict, BaseException):
                         slots.release(holder)
                         return _raise(verdict)
@@ -187,9 +194,10 @@ _CHECKOUT |= {"stream_scalars", "get", "get_one"}
 
 
 def _refused(
-    self: LimitedAsyncSession, name: str, slots: PoolLimiter, holder: int
+    self: LimitedAsyncSession, name: str, slots: PoolLimiter, holder: int, *, lent: bool
 ) -> sa_exc.TimeoutError | Checkouts | None:
-    """For this session's first statement in a fan-out's worker (on a lent slot): the
+    """For this session's first statement in a fan-out's worker (on a lent slot), or in a
+    task holding a connection already (a second session: ``holder`` waits for it): the
     error when the connection it needs can never come, the pool's :class:`Checkouts` to
     wait through when it must wait for one, ``None`` when one is free
     (:func:`._pool_deadlock.refused_checkout`)."""
@@ -198,7 +206,7 @@ def _refused(
         return None
     if name.startswith("get") and len(self.identity_map):
         return None  # the object may be there: no statement
-    return refused_checkout(bind.sync_engine, slots, holder)
+    return refused_checkout(bind.sync_engine, slots, holder, lent=lent)
 
 
 async def _raise(error: BaseException) -> Any:
@@ -218,8 +226,25 @@ async def _taking(
             return await call(*args, **kwargs)
         finally:
             self._pk_give(always=True)
+    first = self._pk_holder is None  # this call takes the session's slot
     await self._pk_take()
     try:
+        slots = self._pk_slots
+        checkouts = None if slots is None else slots._checkouts
+        if (
+            first
+            and slots is not None
+            and checkouts is not None
+            and len(checkouts._held) >= checkouts.capacity  # the pool may be out of them
+        ):
+            # the task may hold a connection taken without a slot (a plain session or
+            # connection of its own): this one would wait for it
+            task = task_id()
+            verdict = _refused(self, name, slots, task, lent=False)
+            if isinstance(verdict, BaseException):
+                raise verdict
+            if verdict is not None:  # it waits for a connection: others count it
+                return await verdict.waiting(task, call(*args, **kwargs))
         return await call(*args, **kwargs)
     finally:
         self._pk_give()
