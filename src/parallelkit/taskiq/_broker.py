@@ -219,8 +219,10 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
                 outage.over()
                 for stream, messages in fetched or ():
                     for msg_id, fields in messages:
+                        # an entry without "data" (another program's XADD): b"", which
+                        # Taskiq's receiver acknowledges unrun, logged (it cannot parse it)
                         yield AckableMessage(
-                            data=fields[b"data"], ack=self._ack_generator(msg_id, stream)
+                            data=fields.get(b"data", b""), ack=self._ack_generator(msg_id, stream)
                         )
                 if time.monotonic() - last_claim < interval:
                     continue
@@ -236,7 +238,8 @@ class RedeliveringStreamBroker(_OneClient, _TaskiqRedisStreamBroker):
                                 await self._recover(conn, exc, outage)
                                 break
                             yield AckableMessage(
-                                data=fields[b"data"], ack=self._ack_generator(msg_id, stream)
+                                data=fields.get(b"data", b""),  # (as above)
+                                ack=self._ack_generator(msg_id, stream),
                             )
                     if self._pk_trim_after is not None:
                         await self._trim_quietly(conn, stream, outage)
