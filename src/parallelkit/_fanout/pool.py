@@ -50,7 +50,11 @@ is, in a worker task the pool started, a ``task.cancel()`` that no cancel scope 
 in the caller's own task (:meth:`Pool.run_here`) a cancellation is always one. And so
 is, in a worker task, a ``GeneratorExit`` that the unit's code raised, told from the
 worker's coroutine being closed (which goes on out of it, never swallowed) by whether
-the worker's own task is the one running (:func:`_raised_by_unit`).
+the worker's own task is the one running (:func:`_raised_by_unit`). In the caller's
+own task every ``GeneratorExit`` is (its unit's, or the caller's coroutine closed:
+either way :meth:`Pool.run_here` raises that object, once the helpers have stopped,
+where its task group would wrap it), and so is one raised by the input as
+:meth:`Pool.fill` pulls it (a synchronous pull: nothing can close it).
 
 **Failures while the pool is stopped.** A unit whose clean-up fails as the
 cancellation reaches it (a ``finally`` whose rollback raises) is never lost. Stopped
@@ -221,7 +225,9 @@ class Pool:
             try:
                 pulled = list(itertools.islice(self._units, limit))
             except BaseException as exc:  # the input iterable itself failed: raised as
-                if not is_failure(exc):  # itself, a KeyboardInterrupt too (not in a group)
+                # itself, a KeyboardInterrupt too (not in a group), and a GeneratorExit
+                # (its own: nothing can close this synchronous pull)
+                if not is_failure(exc) and not isinstance(exc, GeneratorExit):
                     raise
                 self.fail(exc)
                 return
@@ -325,10 +331,14 @@ class Pool:
         except BaseException as exc:  # KeyboardInterrupt, a stray CancelledError: raised
             # as is by run(), not wrapped by the task group; so is a worker's foreign
             # cancellation (a task.cancel() no scope made: the task group would end
-            # quietly), and a GeneratorExit its unit raised (not its coroutine closed)
-            if not is_failure(exc) and (
-                leave is not None
-                or not (is_foreign_cancellation(exc) or _raised_by_unit(exc, _frame()))
+            # quietly), and a GeneratorExit its unit raised (not its coroutine closed).
+            # In the caller's task (run_here) every GeneratorExit: its unit's, or the
+            # caller's coroutine closed, whose close run_here's task group would turn
+            # into a group; either way run_here() raises it, once the helpers stop
+            if not is_failure(exc) and not (
+                isinstance(exc, GeneratorExit)
+                if leave is not None
+                else is_foreign_cancellation(exc) or _raised_by_unit(exc, _frame())
             ):
                 raise
             self.fail(exc)
