@@ -18,12 +18,23 @@ from examples.crm.seed import seed
 from .settings import Settings
 from .stats import StatementCounter
 
-__all__ = ["SEEDED", "ServiceDatabase", "open_database"]
+__all__ = ["PRIVATE", "SEEDED", "SchemaInUse", "ServiceDatabase", "open_database"]
 
 
-#: The comment a schema gets once it is seeded: a replica joins a schema that has it, and
-#: makes again one that has not (its creator died while seeding).
+#: The comment a shared schema gets once it is seeded: a replica joins a schema that has
+#: it, and makes again one that has none (its creator died while seeding).
 SEEDED = "parallelkit example service: seeded"
+#: The comment of a private server's schema (no ``--shared``): a replica never joins nor
+#: drops it (its server may be running), and a private server never drops a ``SEEDED`` one.
+PRIVATE = "parallelkit example service: private"
+#: The lock both take, in the transaction that reads the comment and acts on it.
+_LOCK = "SELECT pg_advisory_xact_lock(hashtext(:s))"
+_MARK = "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = :s"
+
+
+class SchemaInUse(RuntimeError):
+    """The schema ``svc_<name>`` belongs to servers of the other kind (``--shared`` or
+    not): this server refuses to start rather than drop it under them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +68,10 @@ async def open_database(
     that died), joined as it is otherwise, and never dropped. Replicas starting at the
     same time take a PostgreSQL advisory lock in turn, so one seeds and the others
     wait and join.
+
+    Neither kind drops a schema of the other (:class:`SchemaInUse`): a private server
+    finding the replicas' seeded schema, or a replica finding a private server's, refuses
+    to start, naming the schema.
     """
     if settings.shared:
         async with _join(settings, counter) as joined:
@@ -67,11 +82,7 @@ async def open_database(
         # an explicit SQLite URL: None would follow $DATABASE_URL
         url = settings.database or f"sqlite+aiosqlite:///{os.path.join(directory, 'crm.db')}"
         if schema:  # a server killed earlier may have left its schema behind
-            leftover = make_engine(url, schema=schema)
-            try:
-                await drop_schema(leftover, schema=schema)
-            finally:
-                await leftover.dispose()
+            await _claim_private(url, schema)
         sizes, pool = settings.seed_sizes, settings.pool_size
         async with open_crm_database(url, seed_sizes=sizes, pool_size=pool, schema=schema) as db:
             if counter is not None:
@@ -108,16 +119,17 @@ async def _create_if_absent(engine: AsyncEngine, settings: Settings) -> bool:
     guard = make_engine(settings.database, pool_size=1)
     try:
         async with guard.begin() as lock:
-            await lock.execute(text("SELECT pg_advisory_xact_lock(hashtext(:s))"), {"s": schema})
-            marked = await lock.scalar(
-                text(
-                    "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace"
-                    " WHERE nspname = :s"
-                ),
-                {"s": schema},
-            )
+            await lock.execute(text(_LOCK), {"s": schema})
+            marked = await lock.scalar(text(_MARK), {"s": schema})
             if marked == SEEDED:
                 return False
+            if marked == PRIVATE:
+                msg = (
+                    f"schema {schema!r} is a server's started without --shared under the name"
+                    f" {settings.server!r} (running, or killed and left it): stop it, or drop"
+                    f" the schema (DROP SCHEMA {schema} CASCADE), or use another --name"
+                )
+                raise SchemaInUse(msg)
             await drop_schema(engine, schema=schema)  # half-made: its creator died seeding
             await create_schema(engine, schema=schema)
             async with session_factory(engine)() as session:
@@ -125,5 +137,35 @@ async def _create_if_absent(engine: AsyncEngine, settings: Settings) -> bool:
             async with engine.begin() as conn:
                 await conn.execute(text(f"COMMENT ON SCHEMA \"{schema}\" IS '{SEEDED}'"))
             return True
+    finally:
+        await guard.dispose()
+
+
+async def _claim_private(url: str, schema: str) -> None:
+    """Drop a leftover private ``schema`` and make it anew, marked :data:`PRIVATE`.
+
+    Under the replicas' advisory lock, in one transaction: a replica seeding meanwhile
+    is waited for, and one starting afterwards sees the mark and leaves the schema alone.
+
+    Raises:
+        SchemaInUse: ``schema`` is the replicas' (``SEEDED``).
+    """
+    guard = make_engine(url, pool_size=1, schema=schema)
+    try:
+        if guard.dialect.name != "postgresql":  # SQLite: a file of this server's, no schema
+            await drop_schema(guard, schema=schema)
+            return
+        async with guard.begin() as conn:
+            await conn.execute(text(_LOCK), {"s": schema})
+            if await conn.scalar(text(_MARK), {"s": schema}) == SEEDED:
+                msg = (
+                    f"schema {schema!r} is shared by the replicas of this --name (started with"
+                    " --shared): start this server with --shared to join them, or use another"
+                    " --name"
+                )
+                raise SchemaInUse(msg)
+            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+            await conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+            await conn.execute(text(f"COMMENT ON SCHEMA \"{schema}\" IS '{PRIVATE}'"))
     finally:
         await guard.dispose()

@@ -72,6 +72,9 @@ class State:
         self.db_slots = asyncio.Semaphore(db.pool_size)  # process-wide, = the pool
         self.cache: TTLCache[int, dict[str, Any] | None] = TTLCache(10_000, settings.fresh)
         self.loading: dict[int, asyncio.Lock] = {}
+        # updates committed so far: a load that saw one commit meanwhile may hold the old
+        # row, so it is answered but not cached (else it outlives the update's invalidation)
+        self.updates = 0
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -125,7 +128,10 @@ def create_app(settings: Settings) -> FastAPI:
                     try:
                         view = s.cache[conversation_id]
                     except KeyError:
-                        view = s.cache[conversation_id] = await load_view(s, conversation_id)
+                        updates = s.updates
+                        view = await load_view(s, conversation_id)
+                        if s.updates == updates:
+                            s.cache[conversation_id] = view
             finally:
                 if not lock.locked() and s.loading.get(conversation_id) is lock:
                     del s.loading[conversation_id]
@@ -142,6 +148,7 @@ def create_app(settings: Settings) -> FastAPI:
             found = await update_conversation(session, conversation_id, change)
         if not found:
             raise HTTPException(404, "conversation not found")
+        s.updates += 1  # a load running now is not cached (it may hold the old row)
         s.cache.pop(conversation_id, None)  # this process's copy; other replicas keep theirs
         return await read_conversation(conversation_id, request)
 

@@ -69,6 +69,7 @@ def create_app(settings: Settings) -> FastAPI:
     """The ordinary variant's app (``settings.variant`` is not looked at)."""
     counter = StatementCounter()
     cache: dict[int, tuple[float, dict[str, Any]]] = {}  # a naive cache: no bound, no dedupe
+    updates = [0]  # updates committed: a read that overlapped one does not cache its row
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -106,6 +107,7 @@ def create_app(settings: Settings) -> FastAPI:
         hit = cache.get(conversation_id)
         if hit is not None and hit[0] > time.monotonic():
             return hit[1]
+        seen = updates[0]
         conversation = await session.get(Conversation, conversation_id)
         if conversation is None:
             raise HTTPException(404, "conversation not found")
@@ -114,7 +116,8 @@ def create_app(settings: Settings) -> FastAPI:
         assert contact is not None
         assert company is not None
         view = conversation_view(conversation, contact, company)
-        cache[conversation_id] = (time.monotonic() + settings.fresh, view)
+        if updates[0] == seen:  # else it may be the row from before the update: not kept
+            cache[conversation_id] = (time.monotonic() + settings.fresh, view)
         return view
 
     @app.patch("/conversations/{conversation_id}")
@@ -123,6 +126,7 @@ def create_app(settings: Settings) -> FastAPI:
     ) -> dict[str, Any]:
         if not await update_conversation(session, conversation_id, change):
             raise HTTPException(404, "conversation not found")
+        updates[0] += 1
         cache.pop(conversation_id, None)  # this process's copy; other replicas keep theirs
         return await read_conversation(conversation_id, session)
 

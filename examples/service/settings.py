@@ -17,6 +17,8 @@ __all__ = ["SEED_SIZES", "VARIANTS", "Settings"]
 SEED_SIZES = SeedSizes(companies=20, contacts_per_company=20, conversations_per_contact=5)
 VARIANTS = ("ordinary", "expert", "parallelkit")
 _NAME = re.compile(r"[a-z0-9_-]*")
+#: The longest PostgreSQL identifier (NAMEDATALEN - 1): the schema ``svc_<name>`` must fit.
+_LONGEST = 63
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +37,9 @@ class Settings:
             ``shared`` server of that name (the first to start creates and seeds
             them, under a PostgreSQL advisory lock) and never drops or clears them,
             so stopping one replica leaves the others their data. Needs a
-            PostgreSQL ``database``.
+            PostgreSQL ``database``. Neither kind drops the other's schema: a server
+            finding one of the other kind under its name refuses to start
+            (``database.SchemaInUse``).
         database: a SQLAlchemy URL; ``None``: a SQLite file in a new temporary
             directory (aiosqlite).
         redis: a Redis URL; used by the parallelkit variant when ``store="redis"``.
@@ -71,6 +75,14 @@ class Settings:
             # it names a PostgreSQL schema, set unquoted in search_path: "svc_repA" would
             # be created but searched as svc_repa ("no schema has been selected to create in")
             msg = f"name must be lowercase letters, digits, '_' or '-', got {self.name!r}"
+            raise ValueError(msg)
+        if len(self.schema) > _LONGEST:
+            # PostgreSQL's identifiers: a longer schema name fails in the driver at start
+            msg = (
+                f"name must be at most {_LONGEST - len('svc_')} characters (its schema"
+                f" svc_<name> is a PostgreSQL identifier: {_LONGEST} bytes at most),"
+                f" got {len(self.name)}"
+            )
             raise ValueError(msg)
         if self.store not in ("memory", "redis"):
             msg = f"store must be 'memory' or 'redis', got {self.store!r}"
