@@ -10,20 +10,34 @@
   (asyncpg), parametrized; the PostgreSQL one lives in a fresh schema per test
   (``search_path``), seeded the same way and dropped afterwards, so parallel runs
   never collide.
+* ``make_engine``: makes engines on SQLite (a file: a real pool) and on PostgreSQL,
+  parametrized, ``pool_timeout=POOL_TIMEOUT`` unless told, for the pool-deadlock tests;
+  with them the ``asyncio_backend`` fixture (import it as ``anyio_backend``),
+  :func:`pool_of`, :func:`hold`, :func:`hold_then`, :func:`never` and
+  :func:`assert_given_back`.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
+import anyio
 import pytest
 from examples.crm import Base, SeedSizes, seed, seed_sync
-from sqlalchemy import Engine, create_engine
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
+
+from parallelkit.sqlalchemy import LimitedAsyncSession, PoolLimiter, pool_limiter
 
 SIZES = SeedSizes(companies=10, contacts_per_company=10, conversations_per_contact=5)
 
@@ -136,3 +150,83 @@ async def small_pool(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
     finally:
         await engine.dispose()
         await drop_pg_schema(pg_url, schema)
+
+
+# -- the pool-deadlock tests ----------------------------------------------------------------------
+#: what a deadlocked caller used to wait before the pool's own ``TimeoutError`` ("QueuePool
+#: limit of size N overflow 0 reached", no "would deadlock"): never waited by a passing test
+POOL_TIMEOUT = 10
+
+T = TypeVar("T")
+Make = Callable[..., AsyncEngine]
+Sessions = async_sessionmaker[LimitedAsyncSession]
+
+
+@pytest.fixture
+def asyncio_backend() -> str:
+    """A module of asyncio-only tests (SQLAlchemy's asyncio extension) imports this as its
+    ``anyio_backend``: a plugin's own would lose to the root conftest's."""
+    return "asyncio"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def make_engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Make]:
+    """Engines on SQLite (a file: a real pool) and on PostgreSQL, disposed afterwards.
+    (Only ``SELECT``s: nothing to clean up on PostgreSQL.)"""
+    made: list[AsyncEngine] = []
+    url = (
+        f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite3'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("pg_url")
+    )
+
+    def make(**kwargs: Any) -> AsyncEngine:
+        kwargs.setdefault("pool_timeout", POOL_TIMEOUT)
+        made.append(create_async_engine(url, **kwargs))
+        return made[-1]
+
+    yield make
+    for engine in made:
+        await engine.dispose()
+
+
+def pool_of(make_engine: Make, size: int) -> tuple[AsyncEngine, Sessions]:
+    """An engine whose pool gives ``size`` connections and no more (``max_overflow=0``),
+    and its ``LimitedAsyncSession`` maker."""
+    engine = make_engine(pool_size=size, max_overflow=0)
+    return engine, async_sessionmaker(engine, class_=LimitedAsyncSession)
+
+
+async def hold(session: LimitedAsyncSession | AsyncSession) -> None:
+    """The session's transaction takes a connection (and a slot of the engine's limiter)."""
+    assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+
+
+async def hold_then(
+    sessions: Sessions, mine: anyio.Event, other: anyio.Event, then: Callable[[], Awaitable[T]]
+) -> T:
+    """A request: its session holds a connection (``mine`` set), waits for ``other``, then
+    ``then()`` in its transaction, then commits."""
+    async with sessions() as session:
+        await hold(session)
+        mine.set()
+        await other.wait()
+        result = await then()
+        await session.commit()
+        return result
+
+
+async def never(session: LimitedAsyncSession) -> int:
+    msg = "a function ran: the fan-out should have been refused at the call"
+    raise AssertionError(msg)
+
+
+def assert_given_back(engine: AsyncEngine) -> PoolLimiter:
+    """Every slot of the engine's limiter and every connection of its pool given back."""
+    slots = pool_limiter(engine)
+    stats = slots.statistics()
+    assert (stats.running, stats.waiting) == (0, 0), slots
+    assert not slots._held, slots._held
+    assert not slots._borrowed, slots._borrowed
+    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    return slots

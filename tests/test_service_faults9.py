@@ -10,10 +10,8 @@ subprocess, as ``python -m examples.service`` does, and talk to it over HTTP.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,9 +29,9 @@ from examples.service.shared import Clients, PaymentIn
 from examples.service.testing import client
 from fastapi import FastAPI
 
-pytestmark = pytest.mark.anyio
+from tests.service_helpers import ServiceProcess, module_command
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
@@ -219,13 +217,6 @@ async def test_a_retried_payment_is_a_409_also_while_the_webhook_is_down(
 
 
 # -- served for real ---------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 SERVE = """
 import json, sys
 import uvicorn
@@ -236,41 +227,17 @@ uvicorn.run(create_app(settings), host="127.0.0.1", port=int(sys.argv[1]),
 """
 
 
-class Server:
+class Server(ServiceProcess):
     """A variant served by uvicorn in a subprocess (its output in ``log``): the app of
     ``Settings(**settings)``, or ``python -m examples.service`` given ``cli`` options."""
 
     def __init__(self, log: Path, cli: list[str] | None = None, **settings: Any) -> None:
-        self.port = free_port()
-        self.log = log
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        env.pop("DATABASE_URL", None)
-        args = [sys.executable, "-c", SERVE, str(self.port), json.dumps(settings)]
-        if cli is not None:
-            args = [sys.executable, "-m", "examples.service", "--port", str(self.port), *cli]
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=out)
+        def command(port: int) -> list[str]:
+            if cli is not None:
+                return module_command(port, cli)
+            return [sys.executable, "-c", SERVE, str(port), json.dumps(settings)]
 
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    async def started(self) -> None:
-        with anyio.fail_after(60):  # hang guard: seeding 2,000 conversations
-            while True:
-                assert self.process.poll() is None, self.output()
-                try:
-                    async with httpx.AsyncClient() as http:
-                        if (await http.get(f"{self.url}/health")).status_code == 200:
-                            return
-                except httpx.TransportError:
-                    pass
-                await anyio.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(30)
+        super().__init__(log, command)
 
 
 @pytest.fixture
@@ -284,7 +251,7 @@ def serve(tmp_path: Path) -> Iterator[Any]:
 
     yield start
     for server in servers:
-        server.stop()
+        server.kill()
 
 
 @pytest.mark.slow

@@ -10,11 +10,7 @@ endpoint in-process.
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
-import socket
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,16 +24,19 @@ pytest.importorskip("uvicorn")
 
 import anyio
 import httpx
-from examples.crm.models import Conversation
 from examples.crm.seed import SeedSizes
 from examples.service import VARIANTS, Settings, create_app
-from examples.service.shared import ServiceDatabase, open_database
+from examples.service.shared import open_database
 from examples.service.testing import client
-from sqlalchemy import func, select
+
+from tests.service_helpers import (
+    ServiceProcess,
+    conversation_count,
+    drop,
+    module_command,
+)
 
 pytestmark = pytest.mark.anyio
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -111,22 +110,6 @@ async def test_every_variant_updates_a_conversation_and_reads_it_back_the_same()
 SMALL = SeedSizes(companies=2, contacts_per_company=2, conversations_per_contact=2)
 
 
-async def drop(settings: Settings) -> None:
-    from examples.crm.db import drop_schema, make_engine
-
-    assert settings.database is not None
-    engine = make_engine(settings.database, schema=settings.schema)
-    try:
-        await drop_schema(engine, schema=settings.schema)
-    finally:
-        await engine.dispose()
-
-
-async def conversation_count(db: ServiceDatabase) -> int:
-    async with db.sessions() as session:
-        return int(await session.scalar(select(func.count()).select_from(Conversation)) or 0)
-
-
 @pytest.mark.postgres
 async def test_replicas_starting_together_seed_once_and_stopping_drops_nothing(
     pg_url: str,
@@ -179,52 +162,13 @@ async def test_a_schema_left_half_made_is_made_again(pg_url: str) -> None:
 
 
 # -- two replicas under uvicorn ------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Replica:
+class Replica(ServiceProcess):
     """``python -m examples.service --shared ...`` in a subprocess (its output in ``log``)."""
 
+    start_guard = 90
+
     def __init__(self, log: Path, args: list[str]) -> None:
-        self.port = free_port()
-        self.log = log
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        env.pop("DATABASE_URL", None)
-        command = [sys.executable, "-m", "examples.service", "--port", str(self.port), *args]
-        with log.open("wb") as out:
-            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=out)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    async def started(self) -> None:
-        with anyio.fail_after(90):  # hang guard: seeding 2,000 conversations
-            while True:
-                assert self.process.poll() is None, self.output()
-                try:
-                    async with httpx.AsyncClient() as http:
-                        if (await http.get(f"{self.url}/health")).status_code == 200:
-                            return
-                except httpx.TransportError:
-                    pass
-                await anyio.sleep(0.1)
-
-    async def terminate(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        with anyio.fail_after(30):  # hang guard
-            while self.process.poll() is None:
-                await anyio.sleep(0.05)
-        return self.process.returncode
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(30)
+        super().__init__(log, lambda port: module_command(port, args))
 
 
 class Deployment:

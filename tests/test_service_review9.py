@@ -29,12 +29,12 @@ from examples.service import Settings, create_app
 from examples.service.errors import MAX_BODY
 from examples.service.shared import ServiceDatabase, open_database
 from examples.service.testing import client
-from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from tests.service_helpers import ROOT, conversation_count, drop, free_port
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = SeedSizes(companies=2, contacts_per_company=2, conversations_per_contact=2)
 
 
@@ -49,20 +49,20 @@ def settings_of(pg_url: str, name: str, *, shared: bool) -> Settings:
     return dataclasses.replace(settings, seed_sizes=SMALL)
 
 
-async def drop(settings: Settings) -> None:
-    from examples.crm.db import drop_schema, make_engine
-
-    assert settings.database is not None
-    engine = make_engine(settings.database, schema=settings.schema)
-    try:
-        await drop_schema(engine, schema=settings.schema)
-    finally:
-        await engine.dispose()
+def shared_and_private(pg_url: str) -> tuple[Settings, Settings]:
+    """A ``--shared`` and a private server's settings, of one new ``--name``."""
+    name = f"rv9_{uuid.uuid4().hex[:10]}"
+    return settings_of(pg_url, name, shared=True), settings_of(pg_url, name, shared=False)
 
 
-async def conversation_count(db: ServiceDatabase) -> int:
-    async with db.sessions() as session:
-        return int(await session.scalar(select(func.count()).select_from(Conversation)) or 0)
+async def refused_next_to(running: Settings, refused: Settings, *, match: str) -> None:
+    """While ``running``'s database is open, ``refused``'s fails to open (``RuntimeError``
+    matching ``match``), and ``running``'s rows stay."""
+    async with open_database(running) as db:
+        with pytest.raises(RuntimeError, match=match):
+            async with open_database(refused):
+                pass
+        assert await conversation_count(db) == SMALL.companies * 4
 
 
 @pytest.mark.postgres
@@ -70,18 +70,10 @@ async def test_a_private_server_does_not_drop_the_replicas_schema(pg_url: str) -
     """A server started without ``--shared`` under the replicas' ``--name`` used to drop
     their schema as its "leftover" (and drop it again when it stopped): it refuses to
     start instead, saying why, and the replicas' rows stay."""
-    name = f"rv9_{uuid.uuid4().hex[:10]}"
-    shared, private = (
-        settings_of(pg_url, name, shared=True),
-        settings_of(pg_url, name, shared=False),
-    )
+    shared, private = shared_and_private(pg_url)
     try:
         with anyio.fail_after(60):  # hang guard
-            async with open_database(shared) as replica:
-                with pytest.raises(RuntimeError, match=f"{shared.schema}.*--shared"):
-                    async with open_database(private):
-                        pass
-                assert await conversation_count(replica) == SMALL.companies * 4
+            await refused_next_to(shared, private, match=f"{shared.schema}.*--shared")
             async with open_database(shared) as replica:  # still seeded: joined, not made
                 assert replica.created is False
     finally:
@@ -92,18 +84,10 @@ async def test_a_private_server_does_not_drop_the_replicas_schema(pg_url: str) -
 async def test_a_replica_does_not_drop_a_private_servers_schema(pg_url: str) -> None:
     """A private server's schema has no seeded mark: a ``--shared`` replica took it for one
     left half made and dropped it under the running server. It refuses instead."""
-    name = f"rv9_{uuid.uuid4().hex[:10]}"
-    shared, private = (
-        settings_of(pg_url, name, shared=True),
-        settings_of(pg_url, name, shared=False),
-    )
+    shared, private = shared_and_private(pg_url)
     try:
         with anyio.fail_after(60):  # hang guard
-            async with open_database(private) as alone:
-                with pytest.raises(RuntimeError, match=f"{shared.schema}.*without --shared"):
-                    async with open_database(shared):
-                        pass
-                assert await conversation_count(alone) == SMALL.companies * 4
+            await refused_next_to(private, shared, match=f"{shared.schema}.*without --shared")
     finally:
         await drop(shared)
 
@@ -183,20 +167,7 @@ async def test_a_read_racing_an_update_does_not_cache_the_old_row(variant: str) 
         read, go = anyio.Event(), anyio.Event()
         GatedSession.armed.append((read, go))
         GatedSession.committed = committed = anyio.Event()
-        answers: dict[str, Any] = {}
-
-        async def get() -> None:
-            answers["racing"] = (await http.get("/conversations/7")).json()
-
-        with anyio.fail_after(30):  # hang guard
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(get)
-                await read.wait()  # the read has the old row
-                tg.start_soon(lambda: patch(http, answers))
-                await committed.wait()  # the update is in the database
-                await anyio.sleep(0.05)  # and its invalidation done (or waiting for the read)
-                go.set()
-            after = (await http.get("/conversations/7")).json()
+        answers, after = await race(http, read, go, committed)
         assert answers["patched"]["subject"] == "Renamed"
         assert after["subject"] == "Renamed"
         assert answers["racing"]["subject"] != "Renamed"  # it started first: the old row
@@ -207,13 +178,31 @@ async def patch(http: Any, answers: dict[str, Any]) -> None:
     answers["patched"] = response.json()
 
 
+async def race(
+    http: Any, read: anyio.Event, go: anyio.Event, committed: anyio.Event | None = None
+) -> tuple[dict[str, Any], Any]:
+    """A read of conversation 7 holds its loaded row (``read`` set, waiting for ``go``)
+    while a PATCH renames it; ``go`` once the update committed (when ``committed`` is
+    given) and a moment more. The answers (``racing``, ``patched``), and a read after."""
+    answers: dict[str, Any] = {}
+
+    async def get() -> None:
+        answers["racing"] = (await http.get("/conversations/7")).json()
+
+    with anyio.fail_after(30):  # hang guard
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(get)
+            await read.wait()  # the read has the old row
+            tg.start_soon(lambda: patch(http, answers))
+            if committed is not None:
+                await committed.wait()  # the update is in the database
+            await anyio.sleep(0.05)  # and its invalidation done (or waiting for the read)
+            go.set()
+        after = (await http.get("/conversations/7")).json()
+    return answers, after
+
+
 # -- keep-alive after a 413 under uvicorn ----------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def exchange(port: int, data: bytes, responses: int) -> list[int]:
     """Send ``data`` on one connection; the status codes of ``responses`` answers."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
@@ -282,19 +271,7 @@ async def test_the_parallelkit_update_is_not_answered_from_a_load_that_began_bef
 
     monkeypatch.setattr(with_parallelkit, "eager_get", gated)
     async with client(create_app(Settings(variant="parallelkit"))) as http:
-        answers: dict[str, Any] = {}
-
-        async def get() -> None:
-            answers["racing"] = (await http.get("/conversations/7")).json()
-
-        with anyio.fail_after(30):  # hang guard
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(get)
-                await read.wait()
-                tg.start_soon(lambda: patch(http, answers))
-                await anyio.sleep(0.05)
-                go.set()
-            after = (await http.get("/conversations/7")).json()
+        answers, after = await race(http, read, go)
     assert answers["patched"]["subject"] == "Renamed"
     assert after["subject"] == "Renamed"
 

@@ -10,7 +10,7 @@ right before its first statement, which then waits in the pool before anything e
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,59 +24,42 @@ from sqlalchemy.util import greenlet_spawn
 import parallelkit as pk
 from parallelkit.sqlalchemy import LimitedAsyncSession, parallel, pool_limiter
 
+# a plugin too: imported here first, it must be rewritten as pytest_plugins would have it
+pytest.register_assert_rewrite("tests.sqla_fixtures")
+
+from tests.sqla_fixtures import (  # noqa: E402
+    POOL_TIMEOUT,
+    Make,
+    Sessions,
+    assert_given_back,
+    hold,
+    hold_then,
+    never,
+    pool_of,
+)
+from tests.sqla_fixtures import asyncio_backend as anyio_backend  # noqa: E402, F401 (a fixture)
+
+pytest_plugins = ["tests.sqla_fixtures"]  # make_engine
+
 pytestmark = [
     pytest.mark.anyio,
     pytest.mark.filterwarnings("ignore:unclosed database:ResourceWarning"),
 ]
 
-# the old behaviour: each waits this long, then the pool's own TimeoutError ("QueuePool
-# limit of size 2 overflow 0 reached"), without "would deadlock" in it
-POOL_TIMEOUT = 10
-
-Make = Callable[..., AsyncEngine]
-Sessions = async_sessionmaker[LimitedAsyncSession]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # SQLAlchemy's asyncio extension
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def make_engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Make]:
-    """Engines on SQLite (a file: a real pool) and on PostgreSQL, disposed afterwards.
-    (Only ``SELECT``s: nothing to clean up on PostgreSQL.)"""
-    made: list[AsyncEngine] = []
-    url = (
-        f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite3'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
-
-    def make(**kwargs: Any) -> AsyncEngine:
-        made.append(create_async_engine(url, pool_timeout=POOL_TIMEOUT, **kwargs))
-        return made[-1]
-
-    yield make
-    for engine in made:
-        await engine.dispose()
-
 
 def _assert_all_back(engine: AsyncEngine) -> None:
-    slots = pool_limiter(engine)
-    stats = slots.statistics()
-    assert (stats.running, stats.waiting) == (0, 0), slots
-    assert not slots._held, slots._held
-    assert not slots._borrowed, slots._borrowed
-    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    checkouts = getattr(slots, "_checkouts", None)
+    checkouts = getattr(assert_given_back(engine), "_checkouts", None)
     if checkouts is not None:  # nobody left registered as waiting for a connection
         assert not checkouts.connecting, checkouts.connecting
 
 
-async def _never(session: LimitedAsyncSession) -> int:
-    msg = "a function ran: the fan-out should have been refused at the call"
-    raise AssertionError(msg)
+def _sets(event: anyio.Event) -> Callable[[], Awaitable[None]]:
+    """A ``before`` for :func:`_item` that only sets ``event``."""
+
+    async def before() -> None:
+        event.set()
+
+    return before
 
 
 def _item(sessions: Sessions, before: Callable[[], Awaitable[None]]) -> Callable[[int], Any]:
@@ -92,9 +75,11 @@ def _item(sessions: Sessions, before: Callable[[], Awaitable[None]]) -> Callable
     return item
 
 
-async def _hold(session: LimitedAsyncSession) -> None:
-    """The session's transaction takes a connection (and a slot of the engine's limiter)."""
-    assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+async def _parallel_item(
+    sessions: Sessions, before: Callable[[], Awaitable[None]], i: int
+) -> list[int]:
+    """``parallel()`` of one :func:`_item`."""
+    return await parallel(sessions, lambda s: _item(sessions, before)(i))
 
 
 def _assert_refused(outcome: pk.Outcome[Any]) -> None:
@@ -113,32 +98,20 @@ async def test_the_last_request_to_fan_out_is_refused_at_the_call(make_engine: M
     # one of them; B's parallel() would wait for one too: every holder waits. Before: B's
     # function (and A's) waited pool_timeout; now B is refused at the call and, its
     # transaction over, A's item gets B's connection
-    engine = make_engine(pool_size=2, max_overflow=0)
-    sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+    engine, sessions = pool_of(make_engine, 2)
     held_a, held_b, a_waits = anyio.Event(), anyio.Event(), anyio.Event()
+    mark_a = _sets(a_waits)  # its first statement next: into the pool's queue
 
-    async def mark_a() -> None:
-        a_waits.set()  # its first statement next: into the pool's queue
-
-    async def request_a() -> list[int]:
-        async with sessions() as session:
-            await _hold(session)
-            held_a.set()
-            await held_b.wait()
-            result = await parallel(sessions, lambda s: _item(sessions, mark_a)(7))
-            await session.commit()
-            return result
-
-    async def request_b() -> list[int]:
-        async with sessions() as session:
-            await _hold(session)
-            held_b.set()
-            await held_a.wait()
-            await a_waits.wait()
-            return await parallel(sessions, _never)
+    async def fan_out_b() -> list[int]:
+        await a_waits.wait()
+        return await parallel(sessions, never)
 
     with anyio.fail_after(30):
-        a, b = await pk.gather(request_a(), request_b(), settle=True)
+        a, b = await pk.gather(
+            hold_then(sessions, held_a, held_b, lambda: _parallel_item(sessions, mark_a, 7)),
+            hold_then(sessions, held_b, held_a, fan_out_b),
+            settle=True,
+        )
     assert a.unwrap() == [7]
     _assert_refused(b)
     _assert_all_back(engine)
@@ -150,13 +123,9 @@ async def test_the_item_completing_the_cycle_is_refused_at_its_first_statement(
 ) -> None:
     # B fans out first (its item does not talk to the database yet), then A's item waits
     # in the pool; B's item's first statement completes the cycle: refused at once
-    engine = make_engine(pool_size=2, max_overflow=0)
-    sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+    engine, sessions = pool_of(make_engine, 2)
     slots = pool_limiter(engine)
     held_a, held_b, b_fanned, a_waits = (anyio.Event() for _ in range(4))
-
-    async def mark_a() -> None:
-        a_waits.set()
 
     async def mark_b() -> None:
         b_fanned.set()
@@ -169,25 +138,16 @@ async def test_the_item_completing_the_cycle_is_refused_at_its_first_statement(
             return await pk.gather(item(i), limit=slots)
         return await pk.map(item, [i], limit=slots)
 
-    async def request_a() -> list[int]:
-        async with sessions() as session:
-            await _hold(session)
-            held_a.set()
-            await held_b.wait()
-            await b_fanned.wait()
-            result = await fan_out(_item(sessions, mark_a), 1)
-            await session.commit()
-            return result
-
-    async def request_b() -> list[int]:
-        async with sessions() as session:
-            await _hold(session)
-            held_b.set()
-            await held_a.wait()
-            return await fan_out(_item(sessions, mark_b), 2)
+    async def fan_out_a() -> list[int]:
+        await b_fanned.wait()
+        return await fan_out(_item(sessions, _sets(a_waits)), 1)
 
     with anyio.fail_after(30):
-        a, b = await pk.gather(request_a(), request_b(), settle=True)
+        a, b = await pk.gather(
+            hold_then(sessions, held_a, held_b, fan_out_a),
+            hold_then(sessions, held_b, held_a, lambda: fan_out(_item(sessions, mark_b), 2)),
+            settle=True,
+        )
     assert a.unwrap() == [1]
     _assert_refused(b)
     _assert_all_back(engine)
@@ -198,8 +158,7 @@ async def test_three_requests_one_refused_the_others_go_on(make_engine: Make) ->
     # completes the cycle and is refused; C's connection goes to A's item, A's second item
     # then waits behind B's (which took the connection A's first gave back): a waiter
     # that got its connection no longer counts as waiting, so nobody else is refused
-    engine = make_engine(pool_size=3, max_overflow=0)
-    sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+    engine, sessions = pool_of(make_engine, 3)
     holding = [anyio.Event() for _ in range(3)]
     waits = {name: anyio.Event() for name in "ABC"}
 
@@ -213,7 +172,7 @@ async def test_three_requests_one_refused_the_others_go_on(make_engine: Make) ->
 
     async def request(index: int, name: str, after: str | None) -> list[int]:
         async with sessions() as session:
-            await _hold(session)
+            await hold(session)
             holding[index].set()
             for event in holding:
                 await event.wait()
@@ -241,8 +200,7 @@ async def test_no_refusal_while_a_holder_can_still_give_its_connection_back(
     # A's item waits in the pool; B holds a connection but waits for no connection (an
     # API call in its transaction, or in its fan-out's item); C's item asks: B can still
     # give its connection back, so C's item waits (not refused), and all three complete
-    engine = make_engine(pool_size=3, max_overflow=0)
-    sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+    engine, sessions = pool_of(make_engine, 3)
     holding = [anyio.Event() for _ in range(3)]
     a_waits, b_busy, c_waits, api_done = (anyio.Event() for _ in range(4))
 
@@ -251,12 +209,6 @@ async def test_no_refusal_while_a_holder_can_still_give_its_connection_back(
         await api_done.wait()  # no database meanwhile
         return "api"
 
-    async def mark_a() -> None:
-        a_waits.set()
-
-    async def mark_c() -> None:
-        c_waits.set()
-
     async def holder(index: int) -> None:
         holding[index].set()
         for event in holding:
@@ -264,15 +216,15 @@ async def test_no_refusal_while_a_holder_can_still_give_its_connection_back(
 
     async def request_a() -> list[int]:
         async with sessions() as session:
-            await _hold(session)
+            await hold(session)
             await holder(0)
-            result = await parallel(sessions, lambda s: _item(sessions, mark_a)(1))
+            result = await _parallel_item(sessions, _sets(a_waits), 1)
             await session.commit()
             return result
 
     async def request_b() -> list[str]:
         async with sessions() as session:
-            await _hold(session)
+            await hold(session)
             await holder(1)
             await a_waits.wait()
             if busy == "transaction":
@@ -284,10 +236,10 @@ async def test_no_refusal_while_a_holder_can_still_give_its_connection_back(
 
     async def request_c() -> list[int]:
         async with sessions() as session:
-            await _hold(session)
+            await hold(session)
             await holder(2)
             await b_busy.wait()
-            result = await parallel(sessions, lambda s: _item(sessions, mark_c)(3))
+            result = await _parallel_item(sessions, _sets(c_waits), 3)
             await session.commit()
             return result
 
@@ -308,38 +260,25 @@ async def test_settled_items_of_the_refused_request_are_each_refused_at_once(
 ) -> None:
     # settle=True: each item of B that would wait for the cycle's connection is refused at
     # its first statement (its own Outcome); B then commits, and A's item goes on
-    engine = make_engine(pool_size=2, max_overflow=0)
-    sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+    engine, sessions = pool_of(make_engine, 2)
     held_a, held_b, a_waits = anyio.Event(), anyio.Event(), anyio.Event()
-
-    async def mark_a() -> None:
-        a_waits.set()
 
     async def nothing() -> None:
         pass
 
-    async def request_a() -> list[int]:
-        async with sessions() as session:
-            await _hold(session)
-            held_a.set()
-            await held_b.wait()
-            result = await parallel(sessions, lambda s: _item(sessions, mark_a)(1))
-            await session.commit()
-            return result
-
-    async def request_b() -> list[pk.Outcome[int]]:
-        async with sessions() as session:
-            await _hold(session)
-            held_b.set()
-            await held_a.wait()
-            await a_waits.wait()
-            item = _item(sessions, nothing)
-            result = await pk.map(item, [2, 3], limit=pool_limiter(engine), settle=True)
-            await session.commit()
-            return result
+    async def fan_out_b() -> list[pk.Outcome[int]]:
+        await a_waits.wait()
+        item = _item(sessions, nothing)
+        return await pk.map(item, [2, 3], limit=pool_limiter(engine), settle=True)
 
     with anyio.fail_after(30):
-        a, b = await pk.gather(request_a(), request_b(), settle=True)
+        a, b = await pk.gather(
+            hold_then(
+                sessions, held_a, held_b, lambda: _parallel_item(sessions, _sets(a_waits), 1)
+            ),
+            hold_then(sessions, held_b, held_a, fan_out_b),
+            settle=True,
+        )
     assert a.unwrap() == [1]
     outcomes = b.unwrap()
     assert len(outcomes) == 2
@@ -352,15 +291,14 @@ async def test_a_connection_held_outside_a_limited_session_counts(make_engine: M
     # the task's LimitedAsyncSession holds one connection and a plain AsyncConnection the
     # other: its fan-out can only deadlock. Before, only LimitedAsyncSessions' connections
     # were counted: the function waited pool_timeout
-    engine = make_engine(pool_size=2, max_overflow=0)
-    sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+    engine, sessions = pool_of(make_engine, 2)
     with anyio.fail_after(30):
         async with sessions() as session:
-            await _hold(session)
+            await hold(session)
             async with engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
                 with pytest.raises(sa_exc.TimeoutError, match="would deadlock"):
-                    await parallel(sessions, _never)
+                    await parallel(sessions, never)
     _assert_all_back(engine)
 
 
@@ -379,23 +317,20 @@ async def test_connections_of_a_disposed_pool_are_not_counted(tmp_path: Path) ->
     old_pool = engine.sync_engine.pool
     a_new, b_holds, a_waits = anyio.Event(), anyio.Event(), anyio.Event()
 
-    async def mark_a() -> None:
-        a_waits.set()
-
     async def request_a() -> list[int]:
         async with sessions() as old:
-            await _hold(old)
+            await hold(old)
             await engine.dispose()
             async with sessions() as new:  # the same task's slot, a new pool's connection
-                await _hold(new)
+                await hold(new)
                 a_new.set()
                 await b_holds.wait()
-                return await parallel(sessions, lambda s: _item(sessions, mark_a)(5))
+                return await _parallel_item(sessions, _sets(a_waits), 5)
 
     async def request_b() -> str:
         await a_new.wait()
         async with sessions() as session:
-            await _hold(session)
+            await hold(session)
             b_holds.set()
             await a_waits.wait()  # A's item waits in the pool: not refused
             await session.commit()
@@ -416,38 +351,26 @@ async def test_the_refused_request_fanning_out_again_is_refused_again_at_once(
 ) -> None:
     # the refused request catches the error and fans out again in the same transaction:
     # nothing has changed, refused again at once; once it commits, the other goes on
-    engine = make_engine(pool_size=2, max_overflow=0)
-    sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+    engine, sessions = pool_of(make_engine, 2)
     held_a, held_b, a_waits = anyio.Event(), anyio.Event(), anyio.Event()
 
-    async def mark_a() -> None:
-        a_waits.set()
-
-    async def request_a() -> list[int]:
-        async with sessions() as session:
-            await _hold(session)
-            held_a.set()
-            await held_b.wait()
-            result = await parallel(sessions, lambda s: _item(sessions, mark_a)(4))
-            await session.commit()
-            return result
-
-    async def request_b() -> int:
-        async with sessions() as session:
-            await _hold(session)
-            held_b.set()
-            await held_a.wait()
-            await a_waits.wait()
-            refusals = 0
-            for _ in range(3):
-                with pytest.raises(sa_exc.TimeoutError, match="would deadlock"):
-                    await parallel(sessions, _never)
-                refusals += 1
-            await session.commit()
-            return refusals
+    async def fan_out_b() -> int:
+        await a_waits.wait()
+        refusals = 0
+        for _ in range(3):
+            with pytest.raises(sa_exc.TimeoutError, match="would deadlock"):
+                await parallel(sessions, never)
+            refusals += 1
+        return refusals
 
     with anyio.fail_after(30):
-        a, b = await pk.gather(request_a(), request_b(), settle=True)
+        a, b = await pk.gather(
+            hold_then(
+                sessions, held_a, held_b, lambda: _parallel_item(sessions, _sets(a_waits), 4)
+            ),
+            hold_then(sessions, held_b, held_a, fan_out_b),
+            settle=True,
+        )
     assert (a.unwrap(), b.unwrap()) == ([4], 3)
     _assert_all_back(engine)
 
@@ -457,8 +380,7 @@ async def test_a_waiting_item_cancelled_in_the_pools_queue_no_longer_counts(
 ) -> None:
     # A's item waits in the pool (counted as waiting); it is cancelled there: counted no
     # more, and nothing is left behind
-    engine = make_engine(pool_size=2, max_overflow=0)
-    sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+    engine, sessions = pool_of(make_engine, 2)
     slots = pool_limiter(engine)
     held_a, held_b, a_waits, api_done = (anyio.Event() for _ in range(4))
     scopes: list[anyio.CancelScope] = []
@@ -471,22 +393,8 @@ async def test_a_waiting_item_cancelled_in_the_pools_queue_no_longer_counts(
             return "ran"
         return "cancelled"
 
-    async def request_a() -> list[str]:
-        async with sessions() as session:
-            await _hold(session)
-            held_a.set()
-            await held_b.wait()
-            result = await parallel(sessions, item)
-            await session.commit()
-            return result
-
-    async def request_b() -> str:
-        async with sessions() as session:
-            await _hold(session)
-            held_b.set()
-            await api_done.wait()
-            await session.commit()
-            return "b"
+    async def api_call() -> str:
+        return "b"
 
     async def cancel_the_waiting_item() -> None:
         await a_waits.wait()
@@ -497,6 +405,11 @@ async def test_a_waiting_item_cancelled_in_the_pools_queue_no_longer_counts(
         api_done.set()
 
     with anyio.fail_after(30):
-        a, b, _ = await pk.gather(request_a(), request_b(), cancel_the_waiting_item(), settle=True)
+        a, b, _ = await pk.gather(
+            hold_then(sessions, held_a, held_b, lambda: parallel(sessions, item)),
+            hold_then(sessions, held_b, api_done, api_call),  # B: an API call in its transaction
+            cancel_the_waiting_item(),
+            settle=True,
+        )
     assert (a.unwrap(), b.unwrap()) == (["cancelled"], "b")
     _assert_all_back(engine)

@@ -12,80 +12,59 @@ before anything else runs.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
-from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import (
-    AsyncEngine,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 import parallelkit as pk
 from parallelkit.sqlalchemy import LimitedAsyncSession, parallel, pool_limiter
+
+# a plugin too: imported here first, it must be rewritten as pytest_plugins would have it
+pytest.register_assert_rewrite("tests.sqla_fixtures")
+
+from tests.sqla_fixtures import (  # noqa: E402
+    Make,
+    Sessions,
+    assert_given_back,
+    hold,
+    hold_then,
+    never,
+    pool_of,
+)
+from tests.sqla_fixtures import asyncio_backend as anyio_backend  # noqa: E402, F401 (a fixture)
+
+pytest_plugins = ["tests.sqla_fixtures"]  # make_engine
 
 pytestmark = [
     pytest.mark.anyio,
     pytest.mark.filterwarnings("ignore:unclosed database:ResourceWarning"),
 ]
 
-# the old behaviour: the second session waits this long, then the pool's own
-# TimeoutError ("QueuePool limit of size 1 overflow 0 reached"), no "would deadlock"
-POOL_TIMEOUT = 10
-
-Make = Callable[..., AsyncEngine]
-Sessions = async_sessionmaker[LimitedAsyncSession]
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # SQLAlchemy's asyncio extension
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def make_engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Make]:
-    """Engines on SQLite (a file: a real pool) and on PostgreSQL, disposed afterwards.
-    (Only ``SELECT``s: nothing to clean up on PostgreSQL.)"""
-    made: list[AsyncEngine] = []
-    url = (
-        f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite3'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("pg_url")
-    )
-
-    def make(**kwargs: Any) -> AsyncEngine:
-        kwargs.setdefault("pool_timeout", POOL_TIMEOUT)
-        made.append(create_async_engine(url, **kwargs))
-        return made[-1]
-
-    yield make
-    for engine in made:
-        await engine.dispose()
-
 
 def _assert_all_back(engine: AsyncEngine) -> None:
-    slots = pool_limiter(engine)
-    stats = slots.statistics()
-    assert (stats.running, stats.waiting) == (0, 0), slots
-    assert not slots._held, slots._held
-    assert not slots._borrowed, slots._borrowed
-    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
-    checkouts = slots._checkouts
+    checkouts = assert_given_back(engine)._checkouts
     assert checkouts is not None
     assert not checkouts.connecting, checkouts.connecting
     assert not checkouts._held, checkouts._held  # every checkout seen checked in
 
 
-async def _hold(session: LimitedAsyncSession | AsyncSession) -> None:
-    """The session's transaction takes a connection (and a slot of the engine's limiter)."""
-    assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+async def _second_session(sessions: Sessions, waits: anyio.Event, i: int) -> int:
+    """A second session of the task: ``waits`` set right before its first statement."""
+    async with sessions() as second:
+        waits.set()  # its first statement next: into the pool's queue
+        return int((await second.execute(text(f"SELECT {i}"))).scalar_one())
+
+
+async def _second_statement(sessions: Sessions, waits: anyio.Event, i: int) -> Any:
+    """Once ``waits`` is set, a second session of the task runs ``SELECT i``."""
+    await waits.wait()
+    async with sessions() as second:
+        return await second.execute(text(f"SELECT {i}"))
 
 
 def _assert_second_refused(error: BaseException | None, *, others: bool = False) -> None:
@@ -117,15 +96,14 @@ async def test_a_second_session_is_refused_when_the_task_holds_every_connection(
     # the task's first session(s) hold all `size` connections; one more session of the
     # task can only wait for them: before, pool_timeout then the pool's TimeoutError;
     # now refused at its first statement, and the first sessions go on
-    engine = make_engine(pool_size=size, max_overflow=0)
-    sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+    engine, sessions = pool_of(make_engine, size)
     with anyio.fail_after(30):
         async with AsyncExitStack() as stack:
             if slot == "async with slots":
                 await stack.enter_async_context(pool_limiter(engine))
             firsts = [await stack.enter_async_context(sessions()) for _ in range(size)]
             for first in firsts:
-                await _hold(first)  # with size=2, the second one is let through: one free
+                await hold(first)  # with size=2, the second one is let through: one free
             async with sessions() as extra:
                 with pytest.raises(sa_exc.TimeoutError) as info:
                     await _first_statement(extra, how)
@@ -141,8 +119,7 @@ async def test_the_first_connection_may_come_from_a_plain_connection(
 ) -> None:
     # the connection is held by the task whatever took it (engine.connect()); the
     # LimitedAsyncSession then takes a free slot of its own and would wait in the pool
-    engine = make_engine(pool_size=1, max_overflow=0)
-    sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+    engine, sessions = pool_of(make_engine, 1)
     pool_limiter(engine)  # the checkouts are watched from here on
     with anyio.fail_after(30):
         async with engine.connect() as connection:
@@ -161,37 +138,24 @@ async def test_no_refusal_while_another_task_can_give_its_connection_back(
     # A holds one connection and opens a second session; B holds the other, in an API
     # call inside its transaction (it waits for no connection): A's second session waits
     # in the pool (counted as waiting), B commits, A's second session gets its connection
-    engine = make_engine(pool_size=2, max_overflow=0)
-    sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+    engine, sessions = pool_of(make_engine, 2)
     slots = pool_limiter(engine)
     held_a, held_b, a_waits = anyio.Event(), anyio.Event(), anyio.Event()
     waiting: list[bool] = []
 
-    async def request_a() -> int:
-        async with sessions() as first:
-            await _hold(first)
-            held_a.set()
-            await held_b.wait()
-            async with sessions() as second:
-                a_waits.set()  # its first statement next: into the pool's queue
-                value = int((await second.execute(text("SELECT 5"))).scalar_one())
-            await first.commit()
-            return value
-
-    async def request_b() -> str:
-        async with sessions() as session:
-            await _hold(session)
-            held_b.set()
-            await held_a.wait()
-            await a_waits.wait()  # the API call ends once A's second session waits
-            checkouts = slots._checkouts
-            assert checkouts is not None
-            waiting.append(bool(checkouts.connecting))
-            await session.commit()
-            return "api"
+    async def api_call() -> str:
+        await a_waits.wait()  # the API call ends once A's second session waits
+        checkouts = slots._checkouts
+        assert checkouts is not None
+        waiting.append(bool(checkouts.connecting))
+        return "api"
 
     with anyio.fail_after(30):
-        a, b = await pk.gather(request_a(), request_b(), settle=True)
+        a, b = await pk.gather(
+            hold_then(sessions, held_a, held_b, lambda: _second_session(sessions, a_waits, 5)),
+            hold_then(sessions, held_b, held_a, api_call),
+            settle=True,
+        )
     assert (a.unwrap(), b.unwrap()) == (5, "api")
     assert waiting == [True]  # A's second session was registered as waiting
     _assert_all_back(engine)
@@ -204,38 +168,21 @@ async def test_a_waiting_second_session_counts_for_the_other_requests(
     # A and B each hold one of the two connections; A's second session waits in the pool
     # for B's; B then asks for one more (a second session, or a fan-out): every holder
     # waits, B closes the circle and is refused; its transaction ends, A goes on
-    engine = make_engine(pool_size=2, max_overflow=0)
-    sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+    engine, sessions = pool_of(make_engine, 2)
     held_a, held_b, a_waits = anyio.Event(), anyio.Event(), anyio.Event()
 
-    async def request_a() -> int:
-        async with sessions() as first:
-            await _hold(first)
-            held_a.set()
-            await held_b.wait()
-            async with sessions() as second:
-                a_waits.set()
-                value = int((await second.execute(text("SELECT 7"))).scalar_one())
-            await first.commit()
-            return value
-
-    async def never(session: LimitedAsyncSession) -> int:
-        msg = "a function ran: the fan-out should have been refused at the call"
-        raise AssertionError(msg)
-
-    async def request_b() -> Any:
-        async with sessions() as first:
-            await _hold(first)
-            held_b.set()
-            await held_a.wait()
+    async def b_asks_for_one_more() -> Any:
+        if b_asks == "parallel":
             await a_waits.wait()
-            if b_asks == "parallel":
-                return await parallel(sessions, never)
-            async with sessions() as second:
-                return await second.execute(text("SELECT 8"))
+            return await parallel(sessions, never)
+        return await _second_statement(sessions, a_waits, 8)
 
     with anyio.fail_after(30):
-        a, b = await pk.gather(request_a(), request_b(), settle=True)
+        a, b = await pk.gather(
+            hold_then(sessions, held_a, held_b, lambda: _second_session(sessions, a_waits, 7)),
+            hold_then(sessions, held_b, held_a, b_asks_for_one_more),
+            settle=True,
+        )
     assert a.unwrap() == 7
     assert isinstance(b.error, sa_exc.TimeoutError), repr(b.error)
     if b_asks == "parallel":
@@ -251,34 +198,19 @@ async def test_a_second_session_closing_the_circle_of_a_fan_out_is_refused(
 ) -> None:
     # A holds a connection and fans out; its item waits in the pool. B holds the other
     # connection and opens a second session: it closes the circle, refused; A goes on
-    engine = make_engine(pool_size=2, max_overflow=0)
-    sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+    engine, sessions = pool_of(make_engine, 2)
     held_a, held_b, a_waits = anyio.Event(), anyio.Event(), anyio.Event()
 
     async def item(session: LimitedAsyncSession) -> int:
         a_waits.set()
         return int((await session.execute(text("SELECT 9"))).scalar_one())
 
-    async def request_a() -> list[int]:
-        async with sessions() as first:
-            await _hold(first)
-            held_a.set()
-            await held_b.wait()
-            result = await parallel(sessions, item)
-            await first.commit()
-            return result
-
-    async def request_b() -> Any:
-        async with sessions() as first:
-            await _hold(first)
-            held_b.set()
-            await held_a.wait()
-            await a_waits.wait()
-            async with sessions() as second:
-                return await second.execute(text("SELECT 10"))
-
     with anyio.fail_after(30):
-        a, b = await pk.gather(request_a(), request_b(), settle=True)
+        a, b = await pk.gather(
+            hold_then(sessions, held_a, held_b, lambda: parallel(sessions, item)),
+            hold_then(sessions, held_b, held_a, lambda: _second_statement(sessions, a_waits, 10)),
+            settle=True,
+        )
     assert a.unwrap() == [9]
     _assert_second_refused(b.error, others=True)
     _assert_all_back(engine)
@@ -292,7 +224,7 @@ async def test_a_plain_second_session_is_left_to_the_pools_timeout(make_engine: 
     plain = async_sessionmaker(engine)
     with anyio.fail_after(30):
         async with sessions() as first:
-            await _hold(first)
+            await hold(first)
             async with plain() as second:
                 with pytest.raises(sa_exc.TimeoutError) as info:
                     await second.execute(text("SELECT 2"))
@@ -308,8 +240,7 @@ async def test_a_task_holding_no_connection_waits_for_a_full_pool_as_before(
     # the pool is full (B holds its only connection, in an API call): A's session is
     # looked at (the pool may be out of connections) but A holds none: it waits, is not
     # refused, and gets B's connection once B commits
-    engine = make_engine(pool_size=1, max_overflow=0)
-    sessions = async_sessionmaker(engine, class_=LimitedAsyncSession)
+    engine, sessions = pool_of(make_engine, 1)
     slots = pool_limiter(engine)
     held_b, a_waits = anyio.Event(), anyio.Event()
 
@@ -326,7 +257,7 @@ async def test_a_task_holding_no_connection_waits_for_a_full_pool_as_before(
         # a plain session: A's LimitedAsyncSession then takes the free slot and reaches
         # the pool (B holding a slot would keep A in the limiter's queue instead)
         async with async_sessionmaker(engine)() as session:
-            await _hold(session)
+            await hold(session)
             held_b.set()
             await a_waits.wait()
             await session.commit()

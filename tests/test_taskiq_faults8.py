@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,30 +32,17 @@ import parallelkit as pk
 import parallelkit.taskiq as pkt
 from parallelkit.taskiq import _stream
 
-from .taskiq_helpers.processes import Workers, drop_keys, new_queue
-from .taskiq_helpers.tasks import Tasks, build
+from .taskiq_helpers.processes import (
+    Workers,
+    own_queue_tasks,  # noqa: F401 (the fixture `tasks`)
+)
+from .taskiq_helpers.processes import asyncio_backend as anyio_backend  # noqa: F401 (a fixture)
+from .taskiq_helpers.processes import task_id_of as _task_id
+from .taskiq_helpers.tasks import Tasks
 
 pytestmark = [pytest.mark.redis]
 
 GUARD = 60  # seconds: stops a hang, never reached by a passing test
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # Taskiq's client and redis-py are asyncio libraries
-
-
-@pytest.fixture
-async def tasks(redis_url: str) -> AsyncIterator[Tasks]:
-    """Producer-side handles on a queue of their own, the consumer group created."""
-    queue = new_queue()
-    handles = build(redis_url, queue)
-    await handles.broker.startup()
-    try:
-        yield handles
-    finally:
-        await handles.broker.shutdown()
-        drop_keys(redis_url, queue)
 
 
 def _retry(task_id: str, retries: int) -> BrokerMessage:
@@ -65,10 +51,6 @@ def _retry(task_id: str, retries: int) -> BrokerMessage:
     return BrokerMessage(
         task_id=task_id, task_name="pk_tests.square", message=data, labels={"_retries": retries}
     )
-
-
-def _task_id(data: bytes) -> str:
-    return str(json.loads(data)["task_id"])
 
 
 # ------------------------------------------------------------------ taken over, caller gone

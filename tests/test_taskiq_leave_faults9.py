@@ -20,7 +20,6 @@ every worker process killed in teardown.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -34,36 +33,21 @@ import parallelkit as pk
 import parallelkit.taskiq as pkt
 from parallelkit.taskiq import _stream
 
-from .taskiq_helpers.processes import Workers, drop_keys, new_queue
-from .taskiq_helpers.tasks import Tasks, build
+from .taskiq_helpers.processes import (
+    Workers,
+    drop_keys,
+    new_queue,
+    own_queue_tasks,  # noqa: F401 (the fixture `tasks`)
+)
+from .taskiq_helpers.processes import asyncio_backend as anyio_backend  # noqa: F401 (a fixture)
+from .taskiq_helpers.processes import task_id_of as _task_id
+from .taskiq_helpers.tasks import Tasks
 from .taskiq_helpers.tasks9 import Tasks9, attempts_key, checked_key
 from .taskiq_helpers.tasks9 import build as build9
 
 pytestmark = [pytest.mark.redis]
 
 GUARD = 30  # seconds: stops a hang, never reached by a passing test
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # Taskiq's client and redis-py are asyncio libraries
-
-
-@pytest.fixture
-async def tasks(redis_url: str) -> AsyncIterator[Tasks]:
-    """Producer-side handles on a queue of their own, the consumer group created."""
-    queue = new_queue()
-    handles = build(redis_url, queue)
-    await handles.broker.startup()
-    try:
-        yield handles
-    finally:
-        await handles.broker.shutdown()
-        drop_keys(redis_url, queue)
-
-
-def _task_id(data: bytes) -> str:
-    return str(json.loads(data)["task_id"])
 
 
 # ------------------------------------------------------------------ a backoff, caller gone in it

@@ -14,41 +14,19 @@ whose keys are deleted afterwards.
 from __future__ import annotations
 
 import contextlib
-import json
-from collections.abc import AsyncIterator
 
 import anyio
 import pytest
 from taskiq.receiver import Receiver
 
-from .taskiq_helpers.processes import drop_keys, new_queue
-from .taskiq_helpers.tasks import Tasks, build
+from .taskiq_helpers.processes import asyncio_backend as anyio_backend  # noqa: F401 (a fixture)
+from .taskiq_helpers.processes import own_queue_tasks  # noqa: F401 (the fixture `tasks`)
+from .taskiq_helpers.processes import task_id_of as _task_id
+from .taskiq_helpers.tasks import Tasks
 
 pytestmark = [pytest.mark.redis]
 
 GUARD = 30  # seconds: stops a hang, never reached by a passing test
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"  # Taskiq's client and redis-py are asyncio libraries
-
-
-@pytest.fixture
-async def tasks(redis_url: str) -> AsyncIterator[Tasks]:
-    """Producer-side handles on a queue of their own, the consumer group created."""
-    queue = new_queue()
-    handles = build(redis_url, queue)
-    await handles.broker.startup()
-    try:
-        yield handles
-    finally:
-        await handles.broker.shutdown()
-        drop_keys(redis_url, queue)
-
-
-def _task_id(data: bytes) -> str:
-    return str(json.loads(data)["task_id"])
 
 
 @pytest.mark.anyio

@@ -8,16 +8,21 @@ is what "a worker dies" means here (``SIGKILL``: no cleanup, no acknowledgement)
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import IO
 
+import pytest
 import redis as redis_sync
+
+from .tasks import Tasks, build
 
 ROOT = Path(__file__).resolve().parent.parent.parent  # the repository: `tests` is a package
 
@@ -142,3 +147,30 @@ def drop_keys(url: str, prefix: str) -> None:
             client.delete(*keys)
     finally:
         client.close()
+
+
+@pytest.fixture
+def asyncio_backend() -> str:
+    """A Taskiq test module imports this as its ``anyio_backend`` (Taskiq's client and
+    redis-py are asyncio libraries)."""
+    return "asyncio"
+
+
+@pytest.fixture(name="tasks")
+async def own_queue_tasks(redis_url: str) -> AsyncIterator[Tasks]:
+    """``tasks``: producer-side handles on a queue of their own, the consumer group
+    created, the queue's keys deleted afterwards; no worker (a module that imports this
+    fixture reads the stream itself)."""
+    queue = new_queue()
+    handles = build(redis_url, queue)
+    await handles.broker.startup()
+    try:
+        yield handles
+    finally:
+        await handles.broker.shutdown()
+        drop_keys(redis_url, queue)
+
+
+def task_id_of(data: bytes) -> str:
+    """The task id in a Taskiq message's data."""
+    return str(json.loads(data)["task_id"])
