@@ -42,7 +42,10 @@ half of the check, comes from the pool's public ``checkout`` / ``checkin`` /
 ``detach`` events (:mod:`parallelkit.sqlalchemy._pool_checkouts`). It is only read on
 a rare path (a task holding a slot of the engine's limiter, the pool out of
 connections); if it moves, :func:`pool_capacity` answers ``None``, the check refuses
-nothing and the fan-out waits for the pool as before.
+nothing and the fan-out waits for the pool as before. And the pool's ``dispatch.checkout``
+listeners (:func:`checkout_listeners`), read when a limiter is made, so that engines
+made again over one pool (passing ``execution_options`` copies) share one watch
+instead of adding listeners for good; if it moves, each adds its own, as before.
 
 Nothing happens at import: the strategy is registered with SQLAlchemy the first
 time :func:`raise_rest` is called (the first ``eager(..., raise_others=True)``),
@@ -69,6 +72,7 @@ __all__ = [
     "available",
     "carried",
     "carry",
+    "checkout_listeners",
     "ends_on",
     "path_keys",
     "pool_capacity",
@@ -292,3 +296,13 @@ def pool_capacity(pool: Pool) -> int | None:
     if not isinstance(overflow, int) or overflow < 0:
         return None
     return pool.size() + overflow
+
+
+def checkout_listeners(pool: Pool) -> list[Any]:
+    """The functions listening to ``pool``'s ``checkout`` event (``pool.dispatch``, not
+    public): how one watch per pool is kept (``_pool_checkouts``). Empty if it moves:
+    then a new watch is added, as before."""
+    try:
+        return list(pool.dispatch.checkout)
+    except (AttributeError, TypeError):  # pragma: no cover - a SQLAlchemy that moved it
+        return []

@@ -40,6 +40,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import ConnectionPoolEntry, Pool
 from typing_extensions import final
 
+from ._compat import checkout_listeners
+
 __all__ = ["Checkouts"]
 
 T = TypeVar("T")
@@ -63,7 +65,20 @@ class Checkouts:
     @classmethod
     def watch(cls, engine: Engine, capacity: int) -> Checkouts:
         """Start watching ``engine``'s pool (and the pools ``dispose()`` makes after it),
-        which can give ``capacity`` connections at most."""
+        which can give ``capacity`` connections at most.
+
+        One watch per pool: an engine made again over a watched pool (a passing
+        ``engine.execution_options(...)``, collected with its limiter, then another one)
+        takes over the watch already there instead of adding listeners for good."""
+        for listener in checkout_listeners(engine.pool):
+            watching = getattr(listener, "__self__", None)
+            if (
+                isinstance(watching, cls)
+                and watching.capacity == capacity
+                and watching._engine() is None  # the engine it was made for is gone
+            ):
+                watching._engine = weakref.ref(engine)
+                return watching
         checkouts = cls(engine, capacity)
         event.listen(engine, "checkout", checkouts._out)
         event.listen(engine, "checkin", checkouts._in)

@@ -172,18 +172,12 @@ def _limited(
             if holder is not None:  # the task holds a slot (``async with slots``)
                 lent = holder in slots._borrowed if slots._borrowed else False
                 checkouts = slots._checkouts
+                # given back at commit, rollback or close
+                self._pk_holder, self._pk_loop = holder, asyncio.get_running_loop()
                 # a lent one, or the pool may be out of connections (a second session
                 # of a task holding one would wait for itself)
                 if lent or (checkouts is not None and len(checkouts._held) >= checkouts.capacity):
-                    verdict = _refused(self, name, slots, holder, lent=lent)
-                    if isinstance(verdict, BaseException):
-                        slots.release(holder)
-                        return _raise(verdict)
-                    if verdict is not None:  # it waits for a connection: others count it
-                        self._pk_holder, self._pk_loop = holder, asyncio.get_running_loop()
-                        return verdict.waiting(holder, call(*args, **kwargs))
-                # given back at commit, rollback or close
-                self._pk_holder, self._pk_loop = holder, asyncio.get_running_loop()
+                    return _checked(self, name, slots, holder, lent, call, args, kwargs)
                 return call(*args, **kwargs)
     return _taking(self, name, call, args, kwargs)
 
@@ -209,8 +203,31 @@ def _refused(
     return refused_checkout(bind.sync_engine, slots, holder, lent=lent)
 
 
-async def _raise(error: BaseException) -> Any:
-    raise error
+async def _checked(
+    self: LimitedAsyncSession,
+    name: str,
+    slots: PoolLimiter,
+    holder: int,
+    lent: bool,
+    call: Callable[..., Awaitable[Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """The first statement of a session on ``holder``'s slot, checked (:func:`_refused`)
+    when awaited, and only when awaited by ``holder`` itself: then ``holder`` surely
+    waits for it. Awaited in another task (``asyncio.gather`` wraps each coroutine in a
+    task; so does ``asyncio.wait_for`` before Python 3.12), ``holder`` may meanwhile give
+    its connections back (a sibling commits its first session): it waits as usual."""
+    if task_id() == holder:
+        verdict = _refused(self, name, slots, holder, lent=lent)
+        if isinstance(verdict, BaseException):
+            if self._pk_holder == holder:  # not given back meanwhile (a close)
+                self._pk_holder = None
+                slots.release(holder)
+            raise verdict
+        if verdict is not None:  # it waits for a connection: others count it
+            return await verdict.waiting(holder, call(*args, **kwargs))
+    return await call(*args, **kwargs)
 
 
 async def _taking(
