@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         log_level="warning",
         access_log=False,
         # uvicorn types it int, and takes any number of seconds (asyncio.timeout)
-        timeout_graceful_shutdown=args.graceful_timeout,  # type: ignore[arg-type]
+        timeout_graceful_shutdown=args.graceful_timeout,
     )
 
 

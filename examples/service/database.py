@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from examples.crm.db import create_schema, drop_schema, make_engine, session_factory
 from examples.crm.db import open_database as open_crm_database
@@ -48,7 +48,8 @@ class ServiceDatabase:
     """
 
     engine: AsyncEngine
-    sessions: async_sessionmaker[AsyncSession]
+    #: a session per call (a variant may give a subclass: ``LimitedAsyncSession``)
+    sessions: Callable[[], AsyncSession]
     pool_size: int
     created: bool
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fastapi import HTTPException
-from sqlalchemy import Row, func, or_, select, update
+from sqlalchemy import Executable, Row, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,7 +29,7 @@ __all__ = [
 
 async def find_inactive(
     session: AsyncSession, company_id: int, inactive_days: int
-) -> tuple[int | None, Sequence[Row[tuple[int, str]]]]:
+) -> tuple[int | None, Sequence[Row[int, str]]]:
     """The company's first cadence and its inactive contacts ``(id, email)``: 2 statements."""
     cutoff = inactive_cutoff(inactive_days)
     cadence_id = await session.scalar(
@@ -63,18 +65,23 @@ async def record_enrollments(
     """
     if not contact_ids:
         return
-    if session.bind.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
     rows = [{"cadence_id": cadence_id, "contact_id": c, "enrolled_at": EPOCH} for c in contact_ids]
-    stmt = insert(Enrollment).values(rows)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[Enrollment.contact_id, Enrollment.cadence_id],
-        set_={"enrolled_at": stmt.excluded.enrolled_at},
-    )
-    await session.execute(stmt)
+    await session.execute(_upsert(session.get_bind().dialect.name, rows))
     await session.commit()
+
+
+def _upsert(dialect: str, rows: list[dict[str, object]]) -> Executable:
+    """``INSERT .. ON CONFLICT (contact, cadence) DO UPDATE`` in the dialect's own form."""
+    key = [Enrollment.contact_id, Enrollment.cadence_id]
+    if dialect == "postgresql":
+        pg = postgresql_insert(Enrollment).values(rows)
+        return pg.on_conflict_do_update(
+            index_elements=key, set_={"enrolled_at": pg.excluded.enrolled_at}
+        )
+    lite = sqlite_insert(Enrollment).values(rows)
+    return lite.on_conflict_do_update(
+        index_elements=key, set_={"enrolled_at": lite.excluded.enrolled_at}
+    )
 
 
 async def record_payment(session: AsyncSession, payment: PaymentIn, charge_id: str) -> None:

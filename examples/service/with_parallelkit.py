@@ -154,12 +154,13 @@ def build_orchestrator(settings: Settings, counter: StatementCounter) -> pk.Orch
 
     @orch.service
     async def redis() -> AsyncIterator[Any]:
-        if settings.store != "redis":
+        url = settings.redis  # set whenever store="redis" (Settings checks)
+        if settings.store != "redis" or url is None:
             yield None
             return
         from redis.asyncio import Redis
 
-        client = Redis.from_url(settings.redis)
+        client = Redis.from_url(url)
         try:
             await client.ping()
             yield client
@@ -274,7 +275,7 @@ def create_app(settings: Settings) -> FastAPI:
 
         # the pool is bounded by the sessions (pool_limiter); `limit` bounds this call's tasks
         outcomes = await pk.map(enroll, inactive, limit=db.pool_size, settle=True)
-        enrolled = [o.value for o in outcomes if o.ok]
+        enrolled = [o.unwrap() for o in outcomes if o.ok]
         errors = [(c.id, o.error) for c, o in zip(inactive, outcomes, strict=True) if o.error]
         failed = [i for i, _ in errors]
         log_failed_items(company_id, len(inactive), errors)
