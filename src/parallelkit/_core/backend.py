@@ -54,12 +54,23 @@ def task_id() -> int:
 
 
 def is_stray_cancellation(exc: BaseException) -> bool:
-    """Whether ``exc`` is an asyncio ``CancelledError`` that no cancellation of the
-    current task caused (the task awaited a future someone else cancelled): an
-    error of the unit, not a cancellation. Always ``False`` on trio, and on Python
-    3.10 (no ``Task.cancelling()`` to tell)."""
+    """Whether ``exc`` is a cancellation exception that no cancellation of the
+    current task caused: an error of the unit, not a cancellation.
+
+    asyncio: a ``CancelledError`` while the task is not being cancelled (it awaited a
+    future someone else cancelled); never on Python 3.10 (no ``Task.cancelling()``
+    to tell). trio: a ``Cancelled`` raised while no cancelled scope encloses the
+    task (trio delivers one only inside such a scope: this one was kept and raised
+    again after its scope ended, say).
+    """
     if not isinstance(exc, asyncio.CancelledError):
-        return False
+        trio = sys.modules.get("trio")
+        if trio is None or not isinstance(exc, trio.Cancelled):
+            return False
+        try:
+            return bool(trio.current_effective_deadline() != -math.inf)
+        except RuntimeError:  # not in trio
+            return False
     try:
         task = asyncio.current_task()
     except RuntimeError:  # no running asyncio loop

@@ -86,7 +86,7 @@ from typing_extensions import final
 from .._core.backend import is_failure, is_foreign_cancellation, is_stray_cancellation
 from .._core.outcome import Outcome
 
-__all__ = ["AsyncUnits", "Pool", "Unit", "chain"]
+__all__ = ["AsyncUnits", "Pool", "Unit", "chain", "fails"]
 
 Unit = tuple[Any, Any]  # (key, arg)
 
@@ -328,40 +328,48 @@ class Pool:
                     return
         except Exception as exc:
             self.fail(exc)
-        except BaseException as exc:  # KeyboardInterrupt, a stray CancelledError: raised
-            # as is by run(), not wrapped by the task group; so is a worker's foreign
-            # cancellation (a task.cancel() no scope made: the task group would end
-            # quietly), and a GeneratorExit its unit raised (not its coroutine closed).
-            # In the caller's task (run_here) every GeneratorExit: its unit's, or the
-            # caller's coroutine closed, whose close run_here's task group would turn
-            # into a group; either way run_here() raises it, once the helpers stop
-            if not is_failure(exc) and not (
-                isinstance(exc, GeneratorExit)
-                if leave is not None
-                else is_foreign_cancellation(exc) or _raised_by_unit(exc, _frame())
-            ):
+        except BaseException as exc:  # KeyboardInterrupt, a stray CancelledError, a
+            # worker's foreign cancellation, a unit's own GeneratorExit (in the caller's
+            # task: every one): raised as itself by run(), not wrapped by the task group
+            if not fails(exc, _frame(), caller=leave is not None):
                 raise
             self.fail(exc)
 
 
+def fails(exc: BaseException, worker: FrameType | None, *, caller: bool = False) -> bool:
+    """Whether ``exc``, out of a unit, is a failure the pool raises as itself (module
+    docs), not a cancellation. Decided here only: :meth:`Pool._work` asks, and so does a
+    unit that records how it ended before the pool sees ``exc`` (timeline, spans).
+
+    ``worker``: the frame of the :meth:`Pool._work` running the unit; a unit passes its
+    own frame's ``f_back``, which is that worker only while the worker's task resumes
+    it (a ``GeneratorExit`` thrown in from outside, a close, reaches the unit's frame
+    first, called by the closer's: no failure). ``caller``: the unit runs in the
+    caller's own task (:meth:`Pool.run_here`, or no pool): every ``GeneratorExit`` is.
+    """
+    if is_failure(exc):
+        return True
+    if caller:
+        return isinstance(exc, GeneratorExit)
+    return is_foreign_cancellation(exc) or _raised_by_unit(exc, worker)
+
+
 def _raised_by_unit(exc: BaseException, worker: FrameType | None) -> bool:
     """Whether ``exc`` is a ``GeneratorExit`` that the code of a unit raised in the
-    worker whose frame is ``worker``: that unit's failure, raised as itself like a
-    ``KeyboardInterrupt`` (module docs). Not one thrown into the worker because its
-    coroutine is being closed (its task dropped with a closed event loop, a
-    ``coro.close()`` by other code): that one goes on out of the worker, or the
+    worker whose frame is ``worker`` (:func:`fails`), not one thrown into the worker
+    because its coroutine is being closed (its task dropped with a closed event loop,
+    a ``coro.close()`` by other code): that one goes on out of the worker, or the
     ``close()`` would find it swallowed.
 
-    A task-identity check, made only on the failure path (the success path pays
-    nothing): the worker was resumed by its own task, that is, the running task's
-    coroutine is the worker's, or anyio's that awaits it (anyio 4.16+ runs each task's
-    function in a coroutine of its own: the worker's caller is then that coroutine, of
-    an ``anyio`` module). A closed coroutine runs in no task, or in the closer's, and
-    is called by the closer's frame (its ``f_back``). Public APIs only: the running
-    task's coroutine, and frames.
+    A task-identity check: the worker was resumed by its own task, that is, the
+    running task's coroutine is the worker's, or anyio's that awaits it (anyio 4.16+
+    runs each task's function in a coroutine of its own: the worker's caller is then
+    that coroutine, of an ``anyio`` module). A closed coroutine runs in no task, or in
+    the closer's, and is called by the closer's frame (its ``f_back``). Public APIs
+    only: the running task's coroutine, and frames.
     """
-    if not isinstance(exc, GeneratorExit) or worker is None:
-        return False
+    if not isinstance(exc, GeneratorExit) or worker is None or worker.f_code is not _WORK:
+        return False  # (not resumed by its worker: thrown in from outside)
     root: FrameType | None = getattr(_current_coroutine(), "cr_frame", None)
     if root is None:
         return False
@@ -371,6 +379,7 @@ def _raised_by_unit(exc: BaseException, worker: FrameType | None) -> bool:
 
 
 _frame = inspect.currentframe
+_WORK = Pool._work.__code__
 
 
 def _current_coroutine() -> object:

@@ -6,20 +6,22 @@ See :mod:`parallelkit._graph.graph` for the engine's API (definition: ``Graph``,
 
 from __future__ import annotations
 
+import inspect
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
+from types import FrameType
 from typing import Any, Literal
 
 import anyio
 from typing_extensions import final
 
 from .._core import backend
-from .._core.backend import is_failure, is_foreign_cancellation, is_stray_cancellation
+from .._core.backend import is_foreign_cancellation, is_stray_cancellation
 from .._core.errors import DependencyFailed
 from .._core.limiter import SupportsLimit
 from .._core.outcome import Outcome
 from .._fanout.options import for_fanout, split_limit
-from .._fanout.pool import Pool, Unit, _cancelled, _uncancel
+from .._fanout.pool import Pool, Unit, _cancelled, _uncancel, fails
 from .graph import Plan, RunNode
 from .timeline import SpanStatus, Timeline
 
@@ -28,6 +30,7 @@ __all__ = ["NodeEnded", "Run"]
 # A node's entry in ``Run._pending``: >= 0 while it has not finished (how many of its
 # dependencies have not), then one of these.
 _DONE, _SKIPPED = -1, -2
+_frame = inspect.currentframe
 
 
 @final
@@ -265,14 +268,17 @@ class Run(Iterator[Unit]):
                 or is_stray_cancellation(exc)
                 or self._foreign_in_worker(exc)
             )
+            # fails the run (never settled): a KeyboardInterrupt-like error, a
+            # GeneratorExit the step raised itself; as the pool decides it
+            stops = failed or self._stops(exc, _frame())
             if timeline is not None:
-                status: SpanStatus = "error" if failed or is_failure(exc) else "cancelled"
+                status: SpanStatus = "error" if stops else "cancelled"
                 began = end if start is None else start
                 timeline._record(
                     node.name, queued, began, end, status, plan.waited_for[item], self._kind
                 )
             if not failed or not self._settle or self._raised_while_cancelled(exc):
-                if failed or is_failure(exc):
+                if stops:
                     self._remaining -= 1
                     pool = self._pool
                     # the first (inline: the only); a later one (a clean-up that failed
@@ -333,6 +339,15 @@ class Run(Iterator[Unit]):
         is no outcome anyone will see (a cancelled run returns none): a failure, raised,
         as in the pool; unless the run was built to keep such errors as outcomes."""
         return isinstance(exc, Exception) and not self._keep_cancelled_errors and _cancelled()
+
+    def _stops(self, exc: BaseException, frame: FrameType | None) -> bool:
+        """Whether ``exc`` (no error the run could settle) fails the run: the pool's
+        decision (:func:`~parallelkit._fanout.pool.fails`), asked here because the
+        node's span is recorded before the pool sees ``exc``. ``frame``: :meth:`_node`'s
+        own, whose caller is the pool's worker loop (in a worker task the pool started)."""
+        caller = self._pool is None or backend.task_id() == self._caller
+        worker = None if caller or frame is None else frame.f_back
+        return fails(exc, worker, caller=caller)
 
     def _foreign_in_worker(self, exc: BaseException) -> bool:
         """asyncio: whether ``exc`` is a ``task.cancel()`` that no cancel scope made, in

@@ -22,12 +22,13 @@ goes on.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
 import time
 from collections.abc import Callable
 from contextvars import Token
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any
 
 import anyio
@@ -39,6 +40,7 @@ from typing_extensions import final
 
 from .._core.backend import is_failure
 from .._core.instrument import Call, GraphKind, NodeCall
+from .._fanout.pool import fails
 from .._graph.scheduler import NodeEnded
 from .._graph.timeline import Span as TimelineSpan
 from .._graph.timeline import Timeline
@@ -167,8 +169,8 @@ def _attach(span: trace.Span) -> tuple[otel_context.Context, Token[otel_context.
 class FanoutTrace:
     """One ``gather`` / ``map`` / ``imap`` call: a span, items and failures counted."""
 
-    __slots__ = ("_ctx", "_item_spans", "_kind", "_limit", "_settle", "_span", "_token",
-                 "_tracer", "failures", "items")  # fmt: skip
+    __slots__ = ("_ctx", "_error", "_item_spans", "_kind", "_limit", "_settle", "_span",
+                 "_token", "_tracer", "failures", "items")  # fmt: skip
 
     def __init__(
         self, tracer: trace.Tracer, kind: str, limit: int | None, settle: bool, item_spans: bool
@@ -181,6 +183,7 @@ class FanoutTrace:
         self._span: trace.Span | None = None
         self._ctx: otel_context.Context | None = None
         self._token: Token[otel_context.Context] | None = None
+        self._error: BaseException | None = None  # the last item failure counted
         self.items = 0
         self.failures = 0
 
@@ -194,8 +197,7 @@ class FanoutTrace:
             try:
                 return await call(arg)
             except BaseException as exc:
-                if is_failure(exc):
-                    self.failures += 1
+                self._failed(exc, inspect.currentframe())
                 raise
 
         return counted
@@ -210,14 +212,25 @@ class FanoutTrace:
             try:
                 return await call(arg)
             except BaseException as exc:
-                if ended_by(span, exc):
-                    self.failures += 1
+                if self._failed(exc, inspect.currentframe()):
+                    fail(span, exc)
+                else:
+                    cancelled(span)
                 raise
             finally:
                 otel_context.detach(token)
                 end(span)
 
         return traced
+
+    def _failed(self, exc: BaseException, frame: FrameType | None) -> bool:
+        """An item ended with ``exc`` (``frame``: the item call's, called by the pool's
+        worker): whether it failed, as the pool decides it (:func:`fails`); counted."""
+        if not fails(exc, None if frame is None else frame.f_back):
+            return False
+        self.failures += 1
+        self._error = exc
+        return True
 
     def __enter__(self) -> FanoutTrace:
         attributes: dict[str, Any] = {"parallelkit.settle": self._settle}
@@ -241,7 +254,9 @@ class FanoutTrace:
         try:
             span.set_attribute("parallelkit.items", self.items)
             span.set_attribute("parallelkit.failures", self.failures)
-            if exc is not None:
+            if exc is not None and exc is self._error:  # an item's failure (GeneratorExit too)
+                fail(span, exc)
+            elif exc is not None:
                 ended_by(span, exc)
         except Exception as error:
             report(error)
@@ -252,9 +267,9 @@ class FanoutTrace:
 class GraphTrace:
     """One run of the graph engine: a span for the run, one per node (see module docs)."""
 
-    __slots__ = ("_clock0", "_ctx", "_errors", "_kind", "_limit", "_live", "_previous",
-                 "_span", "_stops", "_timeline", "_token", "_tracer", "_wall0", "failures",
-                 "nodes", "skipped")  # fmt: skip
+    __slots__ = ("_clock0", "_ctx", "_error", "_errors", "_kind", "_limit", "_live",
+                 "_previous", "_span", "_stops", "_timeline", "_token", "_tracer", "_wall0",
+                 "failures", "nodes", "skipped")  # fmt: skip
 
     def __init__(
         self, tracer: trace.Tracer, kind: GraphKind, timeline: Timeline, limit: int | None
@@ -265,7 +280,8 @@ class GraphTrace:
         self._limit = limit
         self._live: dict[str, trace.Span] = {}
         self._stops: list[tuple[int, TimelineSpan]] = []  # a shutdown's, made at its end
-        self._errors: dict[str, BaseException] = {}  # what ended each of those
+        self._errors: dict[str, BaseException] = {}  # what ended each node, until recorded
+        self._error: BaseException | None = None  # the first node failure recorded
         self._span: trace.Span = INVALID_SPAN
         self._ctx: otel_context.Context | None = None
         self._token: Token[otel_context.Context] | None = None
@@ -328,7 +344,9 @@ class GraphTrace:
                     "parallelkit.critical_path": [s.name for s in path],
                 }
             )
-            if exc is not None:
+            if exc is not None and exc is self._error:  # a node's failure (GeneratorExit too)
+                fail(span, exc)
+            elif exc is not None:
                 ended_by(span, exc)
             end_time = self._ns(anyio.current_time())
         except Exception as error:
@@ -340,7 +358,7 @@ class GraphTrace:
     def run_node(self, inner: NodeCall | None) -> NodeCall:
         """The engine's ``run_node``: each node runs with its span current."""
         _, prefix, attribute = _GRAPH_NAMES[self._kind]
-        tracer, live = self._tracer, self._live
+        tracer, live, errors = self._tracer, self._live, self._errors
         if self._kind == "shutdown":
             return self._stop_node(inner)
 
@@ -359,8 +377,9 @@ class GraphTrace:
                     record(span, ended.error)
                 raise
             except BaseException as exc:
-                if is_failure(exc):  # the engine records it as the node's error
-                    record(span, exc)
+                # recorded on the span if the engine records the node as failed (its
+                # GeneratorExit too, as the pool decides it), when it records it (_record)
+                errors[name] = exc
                 raise
             finally:
                 otel_context.detach(token)
@@ -411,6 +430,11 @@ class GraphTrace:
                 self._stops.append((len(self._timeline._done) - 1, recorded))
                 return
             _, prefix, attribute = _GRAPH_NAMES[self._kind]
+            error = self._errors.pop(recorded.name, None)
+            if recorded.status != "error":
+                error = None  # a cancellation (or a coroutine closed): nothing to record
+            elif error is not None and self._error is None:
+                self._error = error
             span = self._live.pop(recorded.name, None)
             if span is None:  # never ran (skipped: a dependency failed)
                 span = start(self._tracer, f"{prefix} {recorded.name}", self._ctx,
@@ -419,7 +443,7 @@ class GraphTrace:
             report(exc)
             return
         self._count(recorded)
-        self._close(span, recorded)
+        self._close(span, recorded, error)
 
     def _count(self, recorded: TimelineSpan) -> None:
         self.nodes += 1
