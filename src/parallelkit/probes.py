@@ -13,15 +13,11 @@ A probe is polled after the service's setup until it passes or the service's
 (50 ms by default), so a service that becomes ready quickly is detected within a
 few milliseconds, and a slow one is not hammered.
 
-Three probes cover almost everything:
-
-- :func:`tcp` — a TCP connection to ``host:port`` is accepted;
-- :func:`http` — ``GET url`` answers with the expected status (plain sockets, no
-  HTTP client dependency; ``https`` works too);
-- :func:`call` — your own (sync or async) function returns a truthy value; it may
-  take the service's value as its one argument.
-
-Any callable passed as ``ready=`` is wrapped with :func:`call` for you.
+Three probes cover almost everything: :func:`tcp` (a TCP connection to
+``host:port`` is accepted), :func:`http` (``GET url`` answers with the expected
+status; plain sockets, ``https`` too) and :func:`call` (your own sync or async
+function, given the service's value if it takes one argument, returns a truthy
+value). Any callable passed as ``ready=`` is wrapped with :func:`call` for you.
 """
 
 from __future__ import annotations
@@ -45,6 +41,7 @@ from typing_extensions import final
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup  # type: ignore[import-not-found,unused-ignore]
 
+from ._core.backend import is_stray_cancellation
 from ._core.check import (
     async_callable,
     callable_,
@@ -62,11 +59,11 @@ __all__ = ["Probe", "call", "http", "tcp"]
 
 CheckFn = Callable[[Any], Awaitable["str | None"]]
 
-#: what the request target keeps as it is: printable ASCII (others are %-encoded)
-_TARGET_SAFE = "".join(map(chr, range(0x21, 0x7F)))
+_TARGET_SAFE = "".join(map(chr, range(0x21, 0x7F)))  # kept as is in a target: printable ASCII
 _HEAD_END = re.compile(rb"\n\r?\n")  # the empty line that ends a response's head
 _MAX_HEAD = 65536  # bytes of interim responses read, at most, before the final one
 _CLOSED = "the server closed the connection {}"
+_STRAY = "CancelledError, but nothing cancelled the check (it awaited a cancelled future?)"
 #: an HTTP status code: an int (not bool) in 100..599, as a plain int
 _status = partial(count_at_most, "status", maximum=599, minimum=100, what="an HTTP status code")
 
@@ -122,14 +119,19 @@ class Probe:
         """Run the check once: ``None`` when ready, else why it is not.
 
         Ordinary exceptions raised by the check count as "not ready"
-        (``"Type: message"`` is the reason); cancellation and a
-        ``KeyboardInterrupt``-like ``BaseException`` propagate. A check that
-        answers neither ``None`` nor a ``str`` (``True``) is a ``TypeError``.
+        (``"Type: message"`` is the reason), as does (asyncio) a ``CancelledError``
+        that nothing cancelled (it awaited a future cancelled elsewhere);
+        cancellation and a ``KeyboardInterrupt``-like ``BaseException`` propagate. A
+        check answering neither ``None`` nor a ``str`` (``True``) is a ``TypeError``.
         """
         try:
             answer = await self._check(value)
         except Exception as exc:  # a failing check is "not ready", never a crash
             return _explain(exc)
+        except BaseException as exc:  # let through, a stray one would end its task quietly
+            if is_stray_cancellation(exc):  # (asked before any other await)
+                return _STRAY
+            raise
         if answer is not None and not isinstance(answer, str):  # True: "ready"? a bug
             msg = (  # type: ignore[unreachable]
                 f"the check of {self.name} returned {answer!r}: a Probe check returns "
@@ -169,8 +171,7 @@ class Probe:
                 why = answer
             if scope.cancelled_caught and why is None:  # not one check answered in time
                 why = f"the check did not answer within {timeout:g}s"
-            # A check cut short at the deadline keeps the last reason a check gave:
-            # "ConnectionRefused" says more than "the last attempt was interrupted".
+            # a check cut short at the deadline keeps the last reason (ConnectionRefused)
             now = anyio.current_time()
             if now < deadline:
                 await anyio.sleep(min(interval, deadline - now))

@@ -1,4 +1,4 @@
-"""Service definitions checked at the door: names, functions, process options, the graph.
+"""Service definitions checked at the door: names, functions, process options, signals, the graph.
 
 Each check raises what the design's argument rules say (``TypeError`` for a type,
 ``ValueError`` for a value, :class:`~parallelkit.DefinitionError` for a name or a
@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+import signal
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "process_needs",
     "service_function",
     "service_name_option",
+    "signal_number",
 ]
 
 
@@ -133,7 +135,7 @@ def process_needs(depends_on: object) -> tuple[str, ...]:
     if needs is None or not all(isinstance(d, str) for d in needs):
         msg = f"depends_on must be a sequence of service names, got {depends_on!r}"
         raise TypeError(msg)
-    return needs
+    return tuple(dict.fromkeys(needs))  # a name given twice is one dependency (one edge)
 
 
 def process_env(env: object) -> dict[str, str] | None:
@@ -196,3 +198,24 @@ def check_dependencies(graph: Graph, specs: Mapping[str, ServiceSpec]) -> None:
                     f"{hint}"
                 )
             raise DefinitionError(msg)
+
+
+_UNCATCHABLE = frozenset(
+    getattr(signal, name) for name in ("SIGKILL", "SIGSTOP") if hasattr(signal, name)
+)
+
+
+def signal_number(name: str, value: object, *, caught: bool = True) -> signal.Signals:
+    """``value`` as a signal (a bool is not one); ``caught``: one a handler can catch."""
+    what = "hold signal numbers" if name == "signals" else "be a signal number"
+    msg = f"{name} must {what} (signal.SIGTERM, ...), got {value!r}"
+    if isinstance(value, bool):  # an int to Python (True is SIGHUP), never meant as one
+        raise TypeError(msg)
+    try:
+        signum = signal.Signals(value)  # type: ignore[arg-type]
+    except (ValueError, TypeError):
+        raise (TypeError if not isinstance(value, int) else ValueError)(msg) from None
+    if caught and signum in _UNCATCHABLE:  # else a RuntimeError (asyncio) or OSError (trio)
+        msg = f"{name}: {signum.name} cannot be caught, so it cannot stop serve(); got {value!r}"
+        raise ValueError(msg)
+    return signum

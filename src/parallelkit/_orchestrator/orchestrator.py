@@ -18,6 +18,7 @@ graph engine runs both) and gets, from that one declaration:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -105,7 +106,7 @@ class Orchestrator:
         self._sink = OutputSink(output)
         self._graph = Graph(kind="service")
         self._specs: dict[str, ServiceSpec] = {}
-        self._names: dict[Callable[..., Any], str] = {}
+        self._names: dict[Callable[..., Any], tuple[str, ...]] = {}
         self._started = False  # a start() (or serve()) is open: one at a time
 
     def __repr__(self) -> str:
@@ -196,7 +197,7 @@ class Orchestrator:
                 critical=critical,
             )
             self._add(spec, params)
-            self._names[func] = service_name
+            self._remember(func, service_name)
             return func
 
         if fn is not None:
@@ -305,6 +306,16 @@ class Orchestrator:
             extra={"cmd": command, "restart": restart, "max_restarts": max_restarts},
         )
         self._add(spec, tuple(Param(d) for d in needs))
+
+    def _remember(self, func: Callable[..., Any], name: str) -> None:
+        """Note the service(s) ``func`` registers, for ``running.get(func)``.
+
+        An unhashable callable (a dataclass instance with an async ``__call__``) cannot
+        be a key: it is looked up by name, and its registration does not fail half
+        done. A function registered under several names is told apart by name only.
+        """
+        with contextlib.suppress(TypeError):  # unhashable: `running.get(func)` refuses it
+            self._names[func] = (*self._names.get(func, ()), name)
 
     def _add(self, spec: ServiceSpec, params: tuple[Param, ...]) -> None:
         if self._graph.frozen:

@@ -29,15 +29,17 @@ import anyio
 import anyio.abc
 from typing_extensions import final
 
-from .._core.check import callable_, choice
+from .._core.check import callable_with, choice
 from .._core.errors import ProcessError
 from ..probes import Probe
+from .definitions import signal_number
 
 __all__ = ["ManagedProcess", "OutputSink", "RestartPolicy", "process_lifetime", "process_ready"]
 
 RestartPolicy = Literal["no", "on-failure", "always"]
 RESTART_POLICIES: tuple[RestartPolicy, ...] = ("no", "on-failure", "always")
 TAIL_LINES = 20  # lines of output a ProcessError shows
+TAIL_WIDTH = 1000  # characters of each of them kept (a 64 KiB piece of binary output is not)
 MAX_LINE = 65536  # bytes: a longer line (a progress bar redrawn with \r) is emitted in pieces
 Output = Literal["stdout", "logging"] | Callable[[str, str, str], object]
 
@@ -62,8 +64,8 @@ class OutputSink:
     def __init__(self, output: Output = "stdout", *, width: int = 0) -> None:
         if not callable(output):
             choice("output", output, ("stdout", "logging"))
-        else:
-            callable_("output", output)
+        else:  # (an async one would lose every line: called, never awaited)
+            callable_with("output", output, 3, what="a function (name, stream, line)")
         self.output = output
         self.width = width
         self._colour: dict[str, str] = {}
@@ -109,7 +111,8 @@ class ManagedProcess:
         pid: the current process id (also its process-group id), or ``None``.
         returncode: the exit code of the last run that ended, or ``None``.
         restarts: how many times it was restarted.
-        tail: its last lines of output (``[stderr]`` marks the error stream).
+        tail: its last lines of output (``[stderr]`` marks the error stream), each
+            cut to 1,000 characters.
     """
 
     __slots__ = (
@@ -162,7 +165,13 @@ class ManagedProcess:
         return self._process is not None and self._process.returncode is None
 
     def send_signal(self, signum: int) -> None:
-        """Send ``signum`` to the process's whole group (no-op once all of it has exited)."""
+        """Send ``signum`` to the process's whole group (no-op once all of it has exited).
+
+        Raises:
+            TypeError: ``signum`` is not a signal number (a ``bool`` neither).
+            ValueError: no signal has that number.
+        """
+        signum = signal_number("signum", signum, caught=False)
         if self.pid is None:
             return
         if self.running or (not self._group_gone and _group_alive(self.pid)):
@@ -186,7 +195,7 @@ async def _pump(
 
     def emit(raw: bytes) -> None:
         line = raw.decode("utf-8", "replace")
-        tail.append(marker + line)
+        tail.append(marker + _tail_line(line))
         sink.write(name, kind, line)
 
     def emit_long(raw: bytes) -> bytes:
@@ -213,6 +222,18 @@ async def _pump(
         if buffer:
             emit(buffer)
         done.set()
+
+
+def _tail_line(line: str) -> str:
+    """``line`` as the tail keeps it: cut to TAIL_WIDTH characters, saying so.
+
+    The tail is the message of a ProcessError (and of the StartupError it causes):
+    a process that dies after printing a progress bar, or binary, must not make it
+    megabytes long. The output itself is passed on whole.
+    """
+    if len(line) <= TAIL_WIDTH:
+        return line
+    return f"{line[:TAIL_WIDTH]}... [{len(line) - TAIL_WIDTH} more characters]"
 
 
 def _utf8_boundary(data: bytes, limit: int) -> int:
@@ -450,6 +471,9 @@ async def process_ready(probe: Probe, process: ManagedProcess, deadline: float) 
     after the whole ``timeout`` (or never, without one).
     """
     left = deadline - anyio.current_time()
+    if left <= 0:  # the time ran out since the caller looked (a real clock moves on)
+        msg = f"{probe.name} not ready: the timeout ran out before its first check"
+        raise TimeoutError(msg)
     with anyio.CancelScope() as waiting:
         process._probing = waiting
         try:

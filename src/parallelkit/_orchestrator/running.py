@@ -166,7 +166,9 @@ class Running:
         "timeline",
     )
 
-    def __init__(self, session: Session, names: Mapping[Callable[..., Any], str]) -> None:
+    def __init__(
+        self, session: Session, names: Mapping[Callable[..., Any], tuple[str, ...]]
+    ) -> None:
         self._session = session
         self._names = names
         self._live = False
@@ -211,7 +213,9 @@ class Running:
 
     def __contains__(self, name: object) -> bool:
         host = self._session.hosts.get(name) if isinstance(name, str) else None
-        return host is not None and host.state not in ("pending", "starting", "failed")
+        if host is None or host.state in ("pending", "starting", "failed"):
+            return False
+        return not (self._live and host.state in _GONE)  # a view: what it can serve
 
     def __iter__(self) -> Iterator[str]:
         return iter([n for n in self._session.ready_order if n in self])
@@ -264,6 +268,9 @@ class Running:
     def _lookup(
         self, service: Callable[..., Any] | str, expected: type[Any] | None, *, live: bool = False
     ) -> Any:
+        if expected is not None and not isinstance(expected, type):  # before any lookup
+            msg = f"expected must be a class, got {expected!r}"  # type: ignore[unreachable]
+            raise TypeError(msg)
         if isinstance(service, str):
             name = service
         elif not callable(service):
@@ -271,25 +278,25 @@ class Running:
             raise TypeError(msg)
         else:
             try:
-                found = self._names.get(service)
-            except TypeError:  # an unhashable callable: no service is one
-                found = None
-            if found is None:
+                found = self._names.get(service, ())
+            except TypeError:  # an unhashable callable: looked up by its name only
+                found = ()
+            if not found:
                 msg = f"{service!r} is not a service of this orchestrator; services: {list(self)}"
                 raise KeyError(msg)
-            name = found
+            if len(found) > 1:  # which one? a wrong value would be worse than an error
+                names = ", ".join(map(repr, found))
+                msg = f"{service!r} is registered as services {names}: look one up by name"
+                raise KeyError(msg)
+            name = found[0]
         if live and not self._live:  # for a request (a view checks in ``self[name]``)
             host = self._session.hosts.get(name)
             if host is not None and host.state in _GONE:
                 raise NotServed(name, host.state, host.crash)
         value = self[name]
-        if expected is not None:
-            if not isinstance(expected, type):
-                msg = f"expected must be a class, got {expected!r}"  # type: ignore[unreachable]
-                raise TypeError(msg)
-            if not isinstance(value, expected):
-                msg = f"service {name!r} is {type(value).__name__}, not {expected.__name__}"
-                raise TypeError(msg)
+        if expected is not None and not isinstance(value, expected):
+            msg = f"service {name!r} is {type(value).__name__}, not {expected.__name__}"
+            raise TypeError(msg)
         return value
 
     def state(self, name: str) -> ServiceState:

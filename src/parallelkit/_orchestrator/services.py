@@ -413,7 +413,7 @@ class ServiceHost:
         except Exception as raised:
             error = unwrap(raised)
         except BaseException as raised:
-            if crash is not None or not is_stray_cancellation(raised):
+            if raised is crash or not is_stray_cancellation(raised):
                 raise
             # the tear-down's error, not a cancellation (which nobody would see)
             error = stray_error(spec.name, "tear-down", raised)

@@ -19,6 +19,7 @@ from typing import Any
 
 import anyio
 
+from .definitions import signal_number
 from .running import Running
 from .session import Session
 
@@ -154,23 +155,3 @@ def _restoring_handlers(wanted: list[signal.Signals]) -> Iterator[None]:
                 and signal.getsignal(signum) is not handler
             ):
                 signal.signal(signum, handler)
-
-
-_UNCATCHABLE = frozenset(
-    getattr(signal, name) for name in ("SIGKILL", "SIGSTOP") if hasattr(signal, name)
-)
-
-
-def signal_number(name: str, value: object) -> signal.Signals:
-    if isinstance(value, bool):  # an int to Python (True is SIGHUP), never meant as one
-        msg = f"{name} must hold signal numbers (signal.SIGTERM, ...), got {value!r}"
-        raise TypeError(msg)
-    try:
-        signum = signal.Signals(value)  # type: ignore[arg-type]
-    except (ValueError, TypeError):
-        msg = f"{name} must hold signal numbers (signal.SIGTERM, ...), got {value!r}"
-        raise (TypeError if not isinstance(value, int) else ValueError)(msg) from None
-    if signum in _UNCATCHABLE:  # else a RuntimeError (asyncio) or OSError (trio), unnamed
-        msg = f"{name}: {signum.name} cannot be caught, so it cannot stop serve(); got {value!r}"
-        raise ValueError(msg)
-    return signum

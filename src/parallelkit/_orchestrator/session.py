@@ -134,7 +134,7 @@ class Session:
         self,
         plan: Plan,
         specs: Mapping[str, ServiceSpec],
-        names: Mapping[Callable[..., Any], str],
+        names: Mapping[Callable[..., Any], tuple[str, ...]],
         name: str | None,
     ) -> None:
         self.plan = plan

@@ -16,6 +16,8 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
+from .._core.backend import is_foreign_cancellation
+
 __all__ = ["start_soon_and_wait"]
 
 logger = logging.getLogger("parallelkit.orchestrator")
@@ -80,6 +82,13 @@ async def start_soon_and_wait(
             with scope:
                 await run(task_status=status)
         except BaseException as exc:
+            if not status.is_started and is_foreign_cancellation(exc):
+                # asyncio: a Task.cancel() of this task alone (a watchdog, a driver), no
+                # cancel scope's: raised, it would cancel the whole task group without a
+                # word (anyio does so for a task that ends cancelled), the start ending
+                # with no error. The starter says the service ended before it was ready;
+                # if everything is being cancelled (asyncio.run at exit), so is the starter
+                return
             if status.is_started or isinstance(
                 exc, (anyio.get_cancelled_exc_class(), GeneratorExit)
             ):
@@ -115,6 +124,9 @@ async def start_soon_and_wait(
         # it ended by a cancellation from outside: when that reaches this start too
         # (its wait was shielded, so it has not yet), it goes on
         await anyio.lowlevel.checkpoint()
-        msg = f"{name} ended before it was ready"
+        msg = (
+            f"{name} ended before it was ready: its task was cancelled, but not by a "
+            "cancel scope (asyncio: a Task.cancel() of it, by a watchdog or a driver?)"
+        )
         raise RuntimeError(msg)
     return status.value
