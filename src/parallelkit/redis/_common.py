@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import uuid
 
+import redis as sync_redis
 from redis.asyncio import Redis
 
 from .._core.check import number_at_least
@@ -118,10 +119,37 @@ def lease_seconds(name: str, value: object) -> float:
     return seconds
 
 
+#: redis-py's synchronous clients: they have the asyncio client's methods, but each
+#: call blocks the event loop and returns a reply, not something to await
+_SYNC_CLIENTS: tuple[type, ...] = tuple(
+    t
+    for t in [getattr(sync_redis, "Redis", None), getattr(sync_redis, "RedisCluster", None)]
+    if isinstance(t, type)
+)
+
+
 def validate_client(redis: object) -> None:
-    """Raise ``TypeError`` unless ``redis`` looks like a redis-py asyncio client."""
+    """Raise ``TypeError`` unless ``redis`` looks like a redis-py asyncio client.
+
+    Refused by name: the class instead of a client (``redis.asyncio.Redis``), and a
+    synchronous client (``redis.Redis``), whose calls would block the event loop
+    and fail only at the first ``await`` of a reply.
+    """
     if isinstance(redis, Redis):
         return
+    if isinstance(redis, type):
+        msg = (
+            f"redis must be a redis.asyncio.Redis client, got the class "
+            f"{redis.__qualname__}: pass an instance (Redis.from_url(...))"
+        )
+        raise TypeError(msg)
+    if isinstance(redis, _SYNC_CLIENTS):
+        msg = (
+            f"redis must be a redis.asyncio.Redis client, got the synchronous "
+            f"{type(redis).__module__}.{type(redis).__qualname__} {redis!r}: its calls block "
+            "the event loop; use redis.asyncio.Redis (from redis.asyncio import Redis)"
+        )
+        raise TypeError(msg)
     if callable(getattr(redis, "register_script", None)) and callable(
         getattr(redis, "evalsha", None)
     ):

@@ -29,7 +29,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ._common import jittered
 from ._outage import Down, Guard, refuses_writes
 
-__all__ = ["give_back_once_answered", "left_to_expire", "timed_out", "void_key"]
+__all__ = [
+    "give_back_once_answered",
+    "left_to_expire",
+    "timed_out",
+    "timed_out_error",
+    "void_key",
+]
 
 logger = logging.getLogger("parallelkit.redis")
 
@@ -67,11 +73,12 @@ def left_to_expire(what: str | None) -> Iterator[None]:
 def timed_out(exc: BaseException) -> bool:
     """Whether ``exc`` is a command Redis did not answer in time: it was sent, so a
     Redis that stalled may still run it when it answers again."""
-    return (
-        isinstance(exc, Down)
-        and exc.sent
-        and isinstance(exc.cause, TimeoutError | RedisTimeoutError)
-    )
+    return isinstance(exc, Down) and exc.sent and timed_out_error(exc.cause)
+
+
+def timed_out_error(error: BaseException | None) -> bool:
+    """Whether ``error`` (an outage's cause) is a command that did not answer in time."""
+    return isinstance(error, TimeoutError | RedisTimeoutError)
 
 
 async def give_back_once_answered(

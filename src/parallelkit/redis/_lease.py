@@ -24,7 +24,13 @@ from typing_extensions import Self
 
 from .._core.owned import OwnedTaskGroup
 from ._common import LockLost, LockNotAcquired, jittered, new_token
-from ._give_back import give_back_once_answered, left_to_expire, timed_out, void_key
+from ._give_back import (
+    give_back_once_answered,
+    left_to_expire,
+    timed_out,
+    timed_out_error,
+    void_key,
+)
 from ._lease_scripts import LeaseScripts
 from ._outage import Down, Guard
 from ._renewals import Renewals, renewal_failed
@@ -109,7 +115,7 @@ class Lease:
 
     ``async with`` acquires it (raising :class:`Down` if Redis cannot be reached),
     renews it in a task group it owns while the body runs, and gives it back on
-    exit (unless Redis is presumed down: then it expires on its own).
+    exit (unless Redis is presumed hung, or refuses: then it expires on its own).
     """
 
     __slots__ = (
@@ -344,20 +350,28 @@ class Lease:
         ``void``: and leave a tombstone, see :meth:`_attempt`).
 
         Shielded: a cancelled holder still gives the lease back at once; when Redis
-        is presumed down (or does not answer within ``command_timeout`` or ``ttl``,
-        a free connection included) or refuses the write, the lease expires on its
-        own (:func:`left_to_expire`; ``log``: log a refusal, not when the caller
-        raises an error of its own).
+        does not answer within ``command_timeout`` or ``ttl`` (a free connection
+        included) or refuses the write, the lease expires on its own
+        (:func:`left_to_expire`; ``log``: log a refusal, not when the caller raises
+        an error of its own).
+
+        Sent even while the guard's circuit is open, unless what opened it was a
+        command that did not answer in time (Redis presumed hung: this one would
+        wait as long, and the write that timed out gives the lease back itself if
+        Redis runs it): after a reset or a refused connection (one blip, this
+        caller's or another's) the lease would else be held by nobody for up to
+        ``ttl``, and every other process would wait that long for the key.
         """
         limit = self._ttl if self._guard.timeout is None else min(self._ttl, self._guard.timeout)
         # not logged either for a store's load: the store logs refusals itself
         what = self._owner_name if log and self._cancel_on_loss else None
+        force = not timed_out_error(self._guard.last_error)
         with anyio.move_on_after(limit, shield=True), left_to_expire(what):
             if void:
                 command = self._void(token, round(self._ttl * 1000))
             else:
                 command = self._scripts.release(keys=[self._key], args=[token])
-            await self._guard.call("release", command, timeout=self._ttl)
+            await self._guard.call("release", command, force=force, timeout=self._ttl)
 
     async def __aenter__(self) -> Self:
         if self._owner.entered or self._shared:

@@ -13,8 +13,9 @@ from typing_extensions import Self, final
 
 from .._core.backend import task_id
 from .._core.check import (
-    callable_,
+    callable_with,
     choice,
+    clock_reading,
     count,
     count_or_none,
     number,
@@ -196,7 +197,8 @@ class RedisLimiter:
             retry_after=number("retry_after", retry_after),
             redis=redis,
         )
-        self._clock = None if clock is None else callable_("clock", clock)
+        # a plain function of no arguments: an async one's coroutine is no time
+        self._clock = None if clock is None else callable_with("clock", clock, 0, what="a callable")
         # fail="local": every hold takes one of this process's ``concurrency`` slots
         # first, so the fallback's bound counts the holders whose slot came from Redis
         # too; the fallback's own limiter is the rate only
@@ -284,7 +286,11 @@ class RedisLimiter:
     # -- Redis paths -----------------------------------------------------------------
     def _now(self) -> str:
         """The scripts' last argument: our clock in ms, or "" for Redis TIME."""
-        return "" if self._clock is None else repr(self._clock() * 1000)
+        if self._clock is None:
+            return ""
+        now = self._clock()
+        clock_reading("clock", now)  # a clock that returns no finite number is named
+        return repr(float(now) * 1000)
 
     async def _take_slot(self) -> tuple[str, float]:
         """A slot's token, and when the script that took it was sent (anyio's clock)."""

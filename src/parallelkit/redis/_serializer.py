@@ -207,7 +207,12 @@ class JSONSerializer:
         not_init: dict[type, frozenset[str]] = {}
         by_field: dict[type, dict[str, bool]] = {}
         tuples: dict[type, frozenset[str]] = {}
-        for kind in types:
+        listed: object = types
+        if isinstance(listed, (str, bytes, type)) or not isinstance(listed, Iterable):
+            msg = "types must be an iterable of dataclasses or pydantic model classes "
+            msg += f"(types=[Invoice]), got {listed!r}"
+            raise TypeError(msg)
+        for kind in listed:
             if not isinstance(kind, type) or not (
                 dataclasses.is_dataclass(kind) or callable(getattr(kind, "model_validate", None))
             ):
@@ -370,6 +375,10 @@ def serializer_from(value: object) -> Serializer:
             msg = f"serializer must be one of {listed} or an object with dumps/loads, got {value!r}"
             raise ValueError(msg)
         return JSONSerializer() if value == "json" else PickleSerializer()
+    if isinstance(value, type):  # the class has dumps/loads too, unbound: refused by name
+        msg = "serializer must be 'json', 'pickle' or an object with dumps/loads, got the class "
+        msg += f"{value.__qualname__}: pass an instance ({value.__qualname__}())"
+        raise TypeError(msg)
     if isinstance(value, Serializer):
         return value
     msg = (

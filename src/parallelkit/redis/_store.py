@@ -24,6 +24,7 @@ import anyio
 from redis.asyncio import Redis
 from typing_extensions import Self, final
 
+from .._cache.front import check_key
 from .._cache.store import CacheEntry, MemoryStore
 from .._core.check import count, count_or_none, flag, number, number_or_none, text
 from .._core.owned import OwnedTaskGroup
@@ -394,7 +395,12 @@ class RedisStore:
         range). A ``ttl`` that is not a number is a ``TypeError``; a negative or
         NaN one a ``ValueError``, both raised before anything is written.
         """
-        writes.ttl_ms(ttl)  # a bad ttl raises before anything is written
+        check_key(key)  # an unhashable key, an entry that is none, a bad ttl: refused
+        given: object = entry
+        if not isinstance(given, CacheEntry):  # before anything is written
+            msg = f"entry must be a CacheEntry, got {type(given).__name__} {given!r}"
+            raise TypeError(msg)
+        writes.ttl_ms(ttl)
         data = encode(self, key, entry, uuid.uuid4().bytes)
         await writes.write(self, key, entry, data, ttl)
 
