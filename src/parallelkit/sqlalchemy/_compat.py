@@ -20,6 +20,18 @@ these private names, all here:
 * the lazy loader's ``create_row_processor(context, ..., populators)`` and its
   ``populators["new"]`` entries ``(key, fn(state, dict_, row))``: the raise callable
   is not installed over a value the same row already loaded along another path;
+  and, where every object an entity's rows reach is new to the session (the
+  ``QueryContext``'s ``populate_existing``, ``refresh_state``, ``yield_per``,
+  ``load_options._is_user_refresh``, ``runid``, ``partials`` and
+  ``session.identity_map``), one entry per entity puts every raise callable (the
+  lazy loader's own ``_LoadLazyAttribute``) into ``InstanceState.callables`` at
+  once, instead of one entry per relationship: one call per row, not one per row
+  and relationship (with a ``populators["eager"]`` entry for an object the session
+  got while the rows were read). If these move, each relationship installs its
+  own, as before;
+* ``Load.context`` / ``path`` / ``additional_source_entities`` / ``_generate()``,
+  for :func:`merge`: ``eager``'s options as one ``Load`` (each loader element
+  once), which SQLAlchemy applies exactly as the separate ones;
 * the ``path`` of the loader option SQLAlchemy hands to ``_load_for_state``
   (``Conversation -> contact -> Contact -> *``), for the message: it is the
   path of the query that applied the option, also for an object that an earlier
@@ -74,6 +86,7 @@ __all__ = [
     "carry",
     "checkout_listeners",
     "ends_on",
+    "merge",
     "path_keys",
     "pool_capacity",
     "raise_attr",
@@ -116,6 +129,11 @@ def _register() -> bool:
         return False
     if not callable(getattr(Load, "_set_relationship_strategy", None)):
         return False
+    # the per-object callable SQLAlchemy's own lazy loader installs (``None``: a release
+    # that moved it; then every relationship installs its own, as SQLAlchemy does)
+    lazy_attribute: Any = getattr(strategies, "_LoadLazyAttribute", None) or getattr(
+        strategies, "LoadLazyAttribute", None
+    )  # 2.1, 2.0
 
     class _RaiseLoader(base):  # type: ignore[misc]
         def __init__(self, parent: Any, strategy_key: Any) -> None:
@@ -147,16 +165,24 @@ def _register() -> bool:
             populators: Any,
         ) -> None:
             # the lazy loader's row processor installs the raise callable on each new
-            # object, popping the attribute's value; when one row reaches the same object
-            # along two paths (``org.people`` back to the root person), a requested path
-            # may have loaded that value already: keep it. Only for the graphs where that
-            # can happen (KEEP_OPT: a class met twice): elsewhere no call per row is added
+            # object: one call per object *and* relationship. Where every object this
+            # entity's rows reach is new (see _one_call), one call per object installs
+            # them all instead
+            local = getattr(loadopt, "local_opts", None) or {}
             new = populators["new"]
+            if lazy_attribute is not None and not local.get(KEEP_OPT):
+                installer = _install_all(populators, self.key, context, mapper)
+                if installer is not None:
+                    installer.callables[self.key] = lazy_attribute(self.key, self, loadopt, None)
+                    return
             start = len(new)
             super().create_row_processor(
                 context, query_entity, path, loadopt, mapper, result, adapter, populators
             )
-            local = getattr(loadopt, "local_opts", None) or {}
+            # when one row reaches the same object along two paths (``org.people`` back
+            # to the root person), a requested path may have loaded that value already:
+            # keep it. Only for the graphs where that can happen (KEEP_OPT: a class met
+            # twice): elsewhere no call per row is added
             if not local.get(KEEP_OPT) or getattr(context, "populate_existing", False):
                 return  # (a refresh resets what it does not load, as SQLAlchemy does)
             for index in range(start, len(new)):
@@ -166,6 +192,88 @@ def _register() -> bool:
 
     RelationshipProperty.strategy_for(lazy=RAISE_KEY)(_RaiseLoader)
     return True
+
+
+def _one_call(context: Any, mapper: Any) -> bool:
+    """Whether one call per object can install every raise callable of an entity's rows.
+
+    SQLAlchemy calls a ``populators["new"]`` entry for every object this statement
+    creates, but for an object the session already held (partly loaded) only if the
+    entry's key is not loaded. So only when rows can reach such an object only through
+    a query run while they are read (a ``load`` event handler's, which SQLAlchemy warns
+    against; :class:`_InstallAll` covers it): the session holds no object yet (its first
+    statement, as in a request's fresh session), the whole result is read before any
+    other statement runs (no ``yield_per``), and nothing is refreshed
+    (``populate_existing``, a refresh) or met twice in one row (:data:`KEEP_OPT`, checked
+    by the caller). Anything else installs one callable per relationship, as
+    SQLAlchemy does.
+    """
+    try:
+        return not (
+            context.populate_existing
+            or mapper.always_refresh
+            or context.refresh_state is not None
+            or context.yield_per
+            or context.load_options._is_user_refresh
+            or len(context.session.identity_map)
+        )
+    except (AttributeError, TypeError):  # pragma: no cover - a SQLAlchemy that moved them
+        return False
+
+
+class _InstallAll:
+    """The ``populators`` entries that install all of an entity's raise callables at once.
+
+    ``populate``, in ``populators["new"]``, puts them on each object the statement
+    creates: one call per row. An object the session held already (only where a query
+    ran while this statement's rows were read, e.g. from a ``load`` event handler: see
+    :func:`_one_call`) gets, as from SQLAlchemy's own entries, a callable for each
+    relationship it has not loaded: SQLAlchemy calls ``populate`` for it only if the
+    entry's key is not loaded, and ``held`` (in ``populators["eager"]``, called only
+    for such objects) only if it is.
+    """
+
+    __slots__ = ("callables", "held", "populate")
+
+    def __init__(self, context: Any) -> None:
+        callables: dict[str, Any] = {}
+        runid = context.runid
+
+        def held(state: Any, dict_: Any, row: Any) -> None:
+            unloaded = context.partials.get(state, ())  # what it had not loaded
+            for key, fn in callables.items():
+                if key in unloaded and key not in dict_:
+                    if "callables" not in state.__dict__:
+                        state.callables = {}
+                    state.callables[key] = fn
+
+        def populate(state: Any, dict_: Any, row: Any) -> None:
+            if state.runid != runid:  # an object held before
+                held(state, dict_, row)
+            elif "callables" in state.__dict__:
+                state.callables.update(callables)
+            else:
+                state.callables = callables.copy()
+
+        self.callables = callables
+        self.held = held
+        self.populate = populate
+
+
+def _install_all(populators: Any, key: str, context: Any, mapper: Any) -> _InstallAll | None:
+    """The entity's :class:`_InstallAll`, whose entries its first relationship added
+    (under that one's key); ``None`` when :func:`_one_call` says no."""
+    for _, populate in reversed(populators["new"]):
+        installer = getattr(populate, "parallelkit_install_all", None)
+        if installer is not None:
+            return installer  # type: ignore[no-any-return]
+    if not _one_call(context, mapper):
+        return None
+    installer = _InstallAll(context)
+    installer.populate.parallelkit_install_all = installer  # type: ignore[attr-defined]
+    populators["new"].append((key, installer.populate))
+    populators["eager"].append((key, installer.held))
+    return installer
 
 
 def _keep_loaded(key: str, populate: Any) -> Any:
@@ -200,6 +308,50 @@ def _opts(root: str | None, keep_loaded: bool) -> dict[str, Any] | None:
     return opts or None
 
 
+def _other_root(load: Load, root: str | None) -> str | None:
+    """``root`` unless ``load``'s path starts at that class (the message then reads it from
+    the path): an option without local options adds less to each statement's cache key."""
+    start, _ = path_keys(getattr(load, "path", None))
+    return None if start is not None and start.__name__ == root else root
+
+
+def merge(options: list[Any]) -> list[Any]:
+    """``options`` with each run of :class:`~sqlalchemy.orm.Load` objects that start at one
+    entity made one ``Load`` holding each of their loader elements once, in order.
+
+    ``eager`` builds one ``Load`` per branch and level of its tree, each repeating the
+    elements of the levels above it (``contact``, then ``contact`` + ``company``, ...).
+    SQLAlchemy applies the elements in turn either way (the same element twice is a
+    no-op), so one ``Load`` is the same statement, whose cache key, computed at every
+    execution (and for each ``selectin`` statement), covers each element once. The
+    options are returned unchanged where a ``Load`` does not look as expected.
+    """
+    out: list[Any] = []
+    lead: Any = None
+    elements: dict[int, Any] = {}
+    try:
+        for option in options:
+            if type(option) is not Load or option.additional_source_entities:
+                out.append(option)
+                lead = None
+                continue
+            if lead is None or option.path[0] is not lead:
+                lead, elements = option.path[0], {}
+                out.append(option._generate())
+            merged = out[-1]
+            for element in option.context:
+                elements.setdefault(id(element), element)
+            merged.context = tuple(elements.values())
+            merged.propagate_to_loaders = merged.propagate_to_loaders or option.propagate_to_loaders
+    except (
+        AttributeError,
+        TypeError,
+        IndexError,
+    ):  # pragma: no cover - a SQLAlchemy that moved them
+        return list(options)
+    return out
+
+
 def raise_rest(
     load: Load, on_raise: OnRaise, root: str | None = None, *, keep_loaded: bool = False
 ) -> Load:
@@ -207,7 +359,7 @@ def raise_rest(
     exists; ``root`` (the name of ``eager``'s root class) travels with the option, and
     ``keep_loaded`` (see :data:`KEEP_OPT`)."""
     if available(on_raise):
-        opts = _opts(root, keep_loaded)
+        opts = _opts(_other_root(load, root), keep_loaded)
         return load._set_relationship_strategy("*", {"lazy": RAISE_KEY}, opts=opts)
     return load.raiseload("*")  # pragma: no cover - see available()
 
@@ -228,7 +380,7 @@ def raise_attr(
         option: Load = load._set_relationship_strategy(
             attr,
             {"lazy": RAISE_KEY},
-            opts=_opts(root, keep_loaded),
+            opts=_opts(_other_root(load, root), keep_loaded),
             _reconcile_to_other=True,
         )
     except TypeError:  # pragma: no cover - a future SQLAlchemy without the argument

@@ -21,7 +21,7 @@ from typing_extensions import final
 
 from .._core.check import choice, flag
 from .._core.errors import ParallelkitError
-from ._compat import ends_on, path_keys, raise_attr, raise_rest
+from ._compat import ends_on, merge, path_keys, raise_attr, raise_rest
 from ._surface import note
 
 __all__ = ["EagerPath", "NotLoadedError", "Strategy", "eager"]
@@ -336,7 +336,7 @@ def eager(
     walk = _Walk(mapper.class_.__name__, chosen, raise_others, one)
     walk.repeats = _repeats(mapper, tree, walk.root)
     walk.run(Load(model), model, mapper, tree, "")
-    return tuple(walk.options)
+    return tuple(merge(walk.options))
 
 
 def _repeats(mapper: Mapper[Any], tree: _Tree, root: str) -> bool:
