@@ -420,7 +420,13 @@ class BatchLoader(BatchDispatch[K, V]):
         return [cast("V", batches[key].result(key, default)) for key in keys]
 
     def clear(self, *keys: K) -> None:
-        """Forget memoized values (``cache=True``): the given keys, or all."""
+        """Forget memoized values (``cache=True``): the given keys, or all.
+
+        Raises:
+            TypeError: a key is unhashable (checked before any is forgotten).
+        """
+        for key in keys:
+            _check_hashable(key)
         if not keys:
             self._memo.clear()
         for key in keys:

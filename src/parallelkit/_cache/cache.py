@@ -354,6 +354,8 @@ class SWRCache:
                 load fails with this error, and every waiter of it receives it.
             Exception: whatever the loader raised, on a miss (each waiter of the
                 flight gets the same exception object).
+            RuntimeError: the loader of ``key`` (or a load it waits for) asks the
+                cache for ``key`` again: it would wait for its own load forever.
         """
         front = self._front  # the hit path, as in every @cached function (see front.py)
         try:

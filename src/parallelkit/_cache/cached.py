@@ -22,6 +22,8 @@ Keys are ``(name, *positional values)`` for functions whose parameters are all
 positional (``*args`` included), else ``(name, (positional...), ((kw, value),
 ...))``: one shape per function, so two calls cannot collide across shapes.
 With ``key=``, the user's function builds the key from the arguments as given.
+A bound method (``cache.cached(obj.method)``) has its instance first in the
+key, as a method decorated in its class body has ``self`` (unless ignored).
 
 A function defined in a class body (a method) is wrapped in a descriptor, so
 ``obj.method.invalidate(...)`` knows ``obj``; any other function is returned as
@@ -97,7 +99,7 @@ class CachedFunction(Protocol[P, R]):
 
 # ------------------------------------------------------------------ code generation
 _TEMPLATE = """\
-def {p}make({p}name, {p}front, {p}fn, {p}key_fn, {p}sorted, {p}partial, {p}check, {p}what):
+def {p}make({p}name, {p}front, {p}fn, {p}key_fn, {p}sorted, {p}partial, {p}check, {p}what, {p}self):
     async def {p}call({params}):
         {p}key = {key}
         try:
@@ -135,11 +137,18 @@ class _Plan(NamedTuple):
     kwdefaults: dict[str, Any] | None
 
 
-def _plan(params: list[inspect.Parameter], ignore: frozenset[str], p: str) -> _Plan:
-    """Spell ``params`` as a ``def``, a call, and a key (``p`` prefixes generated names)."""
+def _plan(
+    params: list[inspect.Parameter], ignore: frozenset[str], p: str, bound: str | None = None
+) -> _Plan:
+    """Spell ``params`` as a ``def``, a call, and a key (``p`` prefixes generated names).
+
+    ``bound``: ``fn`` is a bound method and this is its ``__func__``'s first parameter
+    (``self``): the instance (``{p}self``) leads the key unless ignored, as for a method
+    decorated in its class body, so two instances never share entries.
+    """
     names: list[str] = []
     forward: list[str] = []
-    pos: list[str] = []
+    pos: list[str] = [f"{p}self"] if bound is not None and bound not in ignore else []
     kw: list[str] = []
     defaults: list[Any] = []
     kwdefaults: dict[str, Any] = {}
@@ -183,7 +192,9 @@ def _compile(
     """Write, compile and return ``(call, key)`` for ``fn`` (see the module docs)."""
     sig = inspect.signature(fn)
     params = list(sig.parameters.values())
-    unknown = ignore - set(sig.parameters)
+    # a bound method (``cache.cached(obj.method)``): its instance is part of the key
+    instance, first = _bound_self(fn) if user_key is None else (None, None)
+    unknown = ignore - set(sig.parameters) - {first}
     if unknown:
         msg = f"ignore names parameters {sorted(unknown)} that {name} does not have"
         raise ValueError(msg)
@@ -191,7 +202,7 @@ def _compile(
     while any(param.name.startswith(p) for param in params):
         p = "_" + p
     if user_key is None:
-        plan = _plan(params, ignore, p)
+        plan = _plan(params, ignore, p, first)
     else:  # the user's key sees the arguments as given
         given = f"*{p}args, **{p}kwargs"
         plan = _Plan(given, given, f"{p}key_fn({given})", None, None)
@@ -207,13 +218,26 @@ def _compile(
     else:
         what = (f"key must be hashable (the key= of {short} returned it)", "")
     call, make_key = namespace[f"{p}make"](
-        name, front, fn, user_key, sorted, functools.partial, check_key, what
+        name, front, fn, user_key, sorted, functools.partial, check_key, what, instance
     )
     for generated in (call, make_key):
         generated.__defaults__ = plan.defaults
         generated.__kwdefaults__ = plan.kwdefaults
     call.__code__ = call.__code__.replace(co_name=short)  # tracebacks show the function
     return call, make_key
+
+
+def _bound_self(fn: object) -> tuple[object, str | None]:
+    """A bound method's instance and its function's first parameter (``self``), else
+    ``(None, None)``: the instance belongs in the key, as for a method decorated in its
+    class body (``cache.cached(a.method)`` and ``cache.cached(b.method)`` share a name
+    and code, but not their values)."""
+    if not inspect.ismethod(fn):
+        return None, None
+    params = list(inspect.signature(fn.__func__).parameters.values())
+    if not params or params[0].kind not in _POSITIONAL_KINDS[:2]:
+        return None, None  # (self taken by *args: it is in the key already)
+    return fn.__self__, params[0].name
 
 
 # ------------------------------------------------------------------------ wrappers
@@ -356,7 +380,7 @@ def decorate(
     # with the user's key, the name is in no key: only the default key needs it alone
     name = _name(fn) if key is not None else front.names.claim(_name(fn), fn)
     call, make_key = _compile(fn, name, front, user_key=key, ignore=ignore)
-    if on_class or _in_class_body(fn):
+    if on_class or (_in_class_body(fn) and not inspect.ismethod(fn)):
         first = next(iter(inspect.signature(fn).parameters), None)
         lost = "cls" if first == "cls" and not on_class else None
         method = _CachedMethod(call, make_key, front, lost)

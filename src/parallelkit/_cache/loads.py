@@ -92,6 +92,16 @@ def _coroutine_value(what: str, value: object) -> TypeError:
     return TypeError(msg)
 
 
+def _waits_for_itself(key: Hashable) -> RuntimeError:
+    """The error for a load of ``key`` that would wait for its own load of ``key``."""
+    msg = (
+        f"SWRCache: the load of key {short_repr(key)} asks the cache for that key again "
+        "(its loader, or a load it waits for, calls the cache with it), so it would wait "
+        "for itself forever; inside the loader, read the source directly"
+    )
+    return RuntimeError(msg)
+
+
 def log_refresh_error(key: Hashable, exc: Exception) -> None:
     """The default ``on_error``: log the failure with the key."""
     logger.warning(
@@ -311,6 +321,8 @@ class Loads:
                 else:
                     await flight.lead(work, done)
             else:
+                if flight.runs_here():  # its loader asks for its own key: no wait ends
+                    raise _waits_for_itself(key)
                 await flight.wait()
             if flight.ok:
                 return flight.value

@@ -6,7 +6,8 @@ A :class:`Flight` is the shared state of one load. Its work runs either
   callers only wait, and cancelling one of them never touches the load for the
   others. When the *last* waiter of an abandonable flight (a miss load) leaves,
   the load is cancelled: nobody wants it any more. A background refresh has no
-  waiters and is never abandoned; or
+  waiters and is never abandoned, unless misses joined it (its stale window ran
+  out): then the last of them to leave cancels it too; or
 * in the first caller, the *leader* (:meth:`Flight.lead`), when no such task
   group exists. The leader's load runs in a cancel scope that is **shielded
   exactly while other callers wait on it**: a cancelled leader with followers
@@ -31,6 +32,7 @@ cancellation and cancel the cache's ``async with`` body.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
@@ -44,6 +46,13 @@ from .._core.backend import is_failure, is_stray_cancellation, task_id
 from .._core.waits import BLOCKED, WAKE, WORKERS
 
 __all__ = ["Flight"]
+
+_RUNNING: contextvars.ContextVar[tuple[Flight, ...]] = contextvars.ContextVar(
+    "parallelkit_flights_running", default=()
+)
+"""The flights whose load this task/context runs (inherited by the tasks it starts, a
+load it starts in the cache's task group included): a wait for one of them would
+wait for itself (see :meth:`Flight.runs_here`)."""
 
 
 @final
@@ -65,6 +74,7 @@ class Flight:
         "valid",
         "value",
         "waiters",
+        "waits_for",
         "worker",
     )
 
@@ -86,6 +96,8 @@ class Flight:
         self.interrupted: BaseException | None = None
         self.worker: int | None = None  # the task running the load, once it runs
         self._blocked: list[int] = []  # the tasks waiting for it (see _core/waits.py)
+        # while it runs: the flights its load waits for, once per wait (see runs_here)
+        self.waits_for: list[Flight] = []
 
     @property
     def cancelled(self) -> bool:
@@ -102,6 +114,7 @@ class Flight:
     async def run(self, work: Callable[[], Awaitable[Any]], on_done: Callable[[], None]) -> None:
         """Run ``work`` and record its outcome; ``on_done`` always runs (cleanup)."""
         worker = self.worker = task_id()
+        running = _RUNNING.set((*_RUNNING.get(), self))
         # a load run inside another load of the same task (a leader's loader missing
         # another key): the outer one's registration is put back when this one ends
         outer = worker in WORKERS, BLOCKED.get(worker)
@@ -122,6 +135,7 @@ class Flight:
             self.error = exc
             self.traceback = exc.__traceback__
         finally:
+            _RUNNING.reset(running)
             was_worker, outer_blocked = outer
             if not was_worker:
                 WORKERS.discard(worker)
@@ -147,11 +161,15 @@ class Flight:
     async def _run_owned(
         self, work: Callable[[], Awaitable[Any]], on_done: Callable[[], None], abandonable: bool
     ) -> None:
+        if not abandonable:  # a background refresh: no load here waits for it
+            _RUNNING.set(())  # (this task's own context)
         with anyio.CancelScope() as scope:
-            if abandonable:
-                if self.waiters == 0:  # every caller left before the task started
-                    scope.cancel()
-                self._owned = scope
+            if abandonable and self.waiters == 0:  # every caller left before it started
+                scope.cancel()
+            # a refresh too: misses that joined it (its stale window ran out) cancel it
+            # when the last of them leaves, as a miss load's, so a hung refresh does not
+            # hold its key for ever; a refresh nobody waits for is never cancelled
+            self._owned = scope
             try:
                 await self.run(work, on_done)
             finally:
@@ -163,13 +181,42 @@ class Flight:
         A leader cancelled while the shield was up finished the load for its
         followers; its own cancellation is delivered here, right after.
         """
+        running = _RUNNING.get()
+        waiter = running[-1] if running else None  # a load leading this one waits for it
+        if waiter is not None:
+            waiter.waits_for.append(self)
         with anyio.CancelScope(shield=self.waiters > 0) as scope:
             self._scope = scope
             try:
                 await self.run(work, on_done)
             finally:
                 self._scope = None
+                if waiter is not None:
+                    waiter.waits_for.remove(self)
         await anyio.lowlevel.checkpoint_if_cancelled()
+
+    def runs_here(self) -> bool:
+        """Whether waiting for this flight here would wait for itself, for ever
+        (shielded, when a leader runs it): its load runs in the current task/context,
+        or started (directly or through other loads) the one running here, or waits,
+        directly or through the flights their loads wait for, for one running here
+        (two keys whose loaders read each other). Only a wait from inside a load can
+        close such a loop, so a caller outside any load pays one lookup."""
+        running = _RUNNING.get()
+        if not running:
+            return False
+        if self in running:
+            return True
+        seen, stack = {id(self)}, [self]
+        while stack:
+            for other in stack.pop().waits_for:
+                if other.finished or id(other) in seen:
+                    continue
+                if other in running:
+                    return True
+                seen.add(id(other))
+                stack.append(other)
+        return False
 
     async def wait(self) -> None:
         """Wait for the flight as a follower; keeps a leader's load shielded meanwhile."""
@@ -185,9 +232,16 @@ class Flight:
             wake = WAKE.get(worker)
             if wake is not None:  # the load waits for a slot: it may run on this task's
                 wake()
+        # noted on the load this wait is made from, for runs_here
+        running = _RUNNING.get()
+        waiter = running[-1] if running else None
+        if waiter is not None:
+            waiter.waits_for.append(self)
         try:
             await self._done.wait()
         finally:
+            if waiter is not None:
+                waiter.waits_for.remove(self)
             blocked.remove(me)
             if not blocked and worker is not None and BLOCKED.get(worker) is blocked:
                 del BLOCKED[worker]
