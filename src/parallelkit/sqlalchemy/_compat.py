@@ -27,7 +27,8 @@ these private names, all here:
   lazy loader's own ``_LoadLazyAttribute``) into ``InstanceState.callables`` at
   once, instead of one entry per relationship: one call per row, not one per row
   and relationship (with a ``populators["eager"]`` entry for an object the session
-  got while the rows were read). If these move, each relationship installs its
+  got before the rows were read; not for a class with ``refresh`` listeners, which
+  that entry would call). If these move, each relationship installs its
   own, as before;
 * ``Load.context`` / ``path`` / ``additional_source_entities`` / ``_generate()``,
   for :func:`merge`: ``eager``'s options as one ``Load`` (each loader element
@@ -199,14 +200,16 @@ def _one_call(context: Any, mapper: Any) -> bool:
 
     SQLAlchemy calls a ``populators["new"]`` entry for every object this statement
     creates, but for an object the session already held (partly loaded) only if the
-    entry's key is not loaded. So only when rows can reach such an object only through
-    a query run while they are read (a ``load`` event handler's, which SQLAlchemy warns
-    against; :class:`_InstallAll` covers it): the session holds no object yet (its first
-    statement, as in a request's fresh session), the whole result is read before any
-    other statement runs (no ``yield_per``), and nothing is refreshed
-    (``populate_existing``, a refresh) or met twice in one row (:data:`KEEP_OPT`, checked
-    by the caller). Anything else installs one callable per relationship, as
-    SQLAlchemy does.
+    entry's key is not loaded. So only when the session holds no object yet (its first
+    statement, as in a request's fresh session), no ``yield_per``, and nothing is
+    refreshed (``populate_existing``, a refresh) or met twice in one row (:data:`KEEP_OPT`,
+    checked by the caller). Objects can still reach the session before the rows are
+    read (the result read after another statement, a server-side cursor read in
+    partitions, a ``subqueryload`` or a ``load`` handler's query): :class:`_InstallAll`
+    covers them, with a ``populators["eager"]`` entry that makes SQLAlchemy partly
+    populate even a fully loaded one, which fires its ``refresh`` event (with no
+    attributes): so not for a class with ``refresh`` listeners. Anything else installs
+    one callable per relationship, as SQLAlchemy does.
     """
     try:
         return not (
@@ -215,6 +218,7 @@ def _one_call(context: Any, mapper: Any) -> bool:
             or context.refresh_state is not None
             or context.yield_per
             or context.load_options._is_user_refresh
+            or mapper.class_manager.dispatch.refresh
             or len(context.session.identity_map)
         )
     except (AttributeError, TypeError):  # pragma: no cover - a SQLAlchemy that moved them
@@ -225,12 +229,11 @@ class _InstallAll:
     """The ``populators`` entries that install all of an entity's raise callables at once.
 
     ``populate``, in ``populators["new"]``, puts them on each object the statement
-    creates: one call per row. An object the session held already (only where a query
-    ran while this statement's rows were read, e.g. from a ``load`` event handler: see
-    :func:`_one_call`) gets, as from SQLAlchemy's own entries, a callable for each
-    relationship it has not loaded: SQLAlchemy calls ``populate`` for it only if the
-    entry's key is not loaded, and ``held`` (in ``populators["eager"]``, called only
-    for such objects) only if it is.
+    creates: one call per row. An object the session got before the rows were read
+    (another statement run first, a ``load`` event handler's: see :func:`_one_call`)
+    gets, as from SQLAlchemy's own entries, a callable for each relationship it has not
+    loaded: SQLAlchemy calls ``populate`` for it only if the entry's key is not loaded,
+    and ``held`` (in ``populators["eager"]``, called only for such objects) only if it is.
     """
 
     __slots__ = ("callables", "held", "populate")
