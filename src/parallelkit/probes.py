@@ -63,7 +63,7 @@ _TARGET_SAFE = "".join(map(chr, range(0x21, 0x7F)))  # kept as is in a target: p
 _HEAD_END = re.compile(rb"\n\r?\n")  # the empty line that ends a response's head
 _MAX_HEAD = 65536  # bytes of interim responses read, at most, before the final one
 _CLOSED = "the server closed the connection {}"
-_STRAY = "CancelledError, but nothing cancelled the check (it awaited a cancelled future?)"
+_STRAY = "{}, but nothing cancelled the check (a future cancelled elsewhere? one kept?)"
 #: an HTTP status code: an int (not bool) in 100..599, as a plain int
 _status = partial(count_at_most, "status", maximum=599, minimum=100, what="an HTTP status code")
 
@@ -119,8 +119,8 @@ class Probe:
         """Run the check once: ``None`` when ready, else why it is not.
 
         Ordinary exceptions raised by the check count as "not ready"
-        (``"Type: message"`` is the reason), as does (asyncio) a ``CancelledError``
-        that nothing cancelled (it awaited a future cancelled elsewhere);
+        (``"Type: message"`` is the reason), as does a cancellation nothing caused
+        (asyncio: a future cancelled elsewhere; trio: a ``Cancelled`` kept, raised again);
         cancellation and a ``KeyboardInterrupt``-like ``BaseException`` propagate. A
         check answering neither ``None`` nor a ``str`` (``True``) is a ``TypeError``.
         """
@@ -130,7 +130,7 @@ class Probe:
             return _explain(exc)
         except BaseException as exc:  # let through, a stray one would end its task quietly
             if is_stray_cancellation(exc):  # (asked before any other await)
-                return _STRAY
+                return _STRAY.format(type(exc).__name__)  # CancelledError, Cancelled
             raise
         if answer is not None and not isinstance(answer, str):  # True: "ready"? a bug
             msg = (  # type: ignore[unreachable]

@@ -18,6 +18,7 @@ import asyncio
 import math
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 
@@ -61,22 +62,49 @@ def is_stray_cancellation(exc: BaseException) -> bool:
     future someone else cancelled); never on Python 3.10 (no ``Task.cancelling()``
     to tell). trio: a ``Cancelled`` raised while no cancelled scope encloses the
     task (trio delivers one only inside such a scope: this one was kept and raised
-    again after its scope ended, say).
+    again after its scope ended, say), shielded or not (:func:`_trio_cancelled`):
+    behind a shield, with a cancelled scope outside it, even a kept one counts as a
+    cancellation (the task is being cancelled anyway).
     """
     if not isinstance(exc, asyncio.CancelledError):
         trio = sys.modules.get("trio")
         if trio is None or not isinstance(exc, trio.Cancelled):
             return False
-        try:
-            return bool(trio.current_effective_deadline() != -math.inf)
-        except RuntimeError:  # not in trio
-            return False
+        cancelled = _trio_cancelled(trio)
+        return cancelled is not None and not cancelled
     try:
         task = asyncio.current_task()
     except RuntimeError:  # no running asyncio loop
         return False
     cancelling = getattr(task, "cancelling", None)
     return cancelling is not None and not cancelling()
+
+
+def _trio_cancelled(trio: Any) -> bool | None:
+    """Whether a cancelled scope encloses the current trio task, *shielded or not*
+    (``None``: not in trio).
+
+    Not ``current_effective_deadline() == -inf``: a shield hides the cancelled scopes
+    outside it, and a real ``Cancelled`` is often looked at behind one. A follower
+    that joins a cancelled leader's load shields it while the leader's clean-up runs
+    (``SWRCache``), or the ``Cancelled`` is looked at in a shielded clean-up: the
+    effective deadline is then ``+inf``, the cancellation real. So the task's cancel
+    statuses are walked up to the root (trio's private ``Task._cancel_status``, each
+    status's ``_scope`` and ``_parent``), each scope asked for ``cancel_called``;
+    should trio rename them, the effective deadline is read instead.
+    """
+    try:
+        task = trio.lowlevel.current_task()
+    except RuntimeError:  # not in trio
+        return None
+    status = getattr(task, "_cancel_status", None)
+    if not (hasattr(status, "_parent") and hasattr(status, "_scope")):  # pragma: no cover
+        return bool(trio.current_effective_deadline() == -math.inf)
+    while status is not None:
+        if status._scope.cancel_called:
+            return True
+        status = status._parent
+    return False
 
 
 def is_foreign_cancellation(exc: BaseException) -> bool:

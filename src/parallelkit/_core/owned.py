@@ -89,10 +89,13 @@ async def leave(
     ``KeyboardInterrupt``-like ones (not ``Exception``s): one such comes out as
     itself too, not in the backend's ``BaseExceptionGroup`` (several stay a group).
     """
+    # asked before the cancel: on trio a kept Cancelled the body raised would look like
+    # the task group's own cancellation once its scope is cancelled
+    failure = exc is None or is_failure(exc)
     if cancel or exc is not None:
         tg.cancel_scope.cancel()
     try:
-        if exc is None or is_failure(exc):
+        if failure:
             await tg.__aexit__(None, None, None)
             return None
         return await tg.__aexit__(exc_type, exc, tb)

@@ -31,6 +31,7 @@ __all__ = [
     "service_function",
     "service_name_option",
     "signal_number",
+    "signal_to_send",
 ]
 
 
@@ -219,3 +220,11 @@ def signal_number(name: str, value: object, *, caught: bool = True) -> signal.Si
         msg = f"{name}: {signum.name} cannot be caught, so it cannot stop serve(); got {value!r}"
         raise ValueError(msg)
     return signum
+
+
+def signal_to_send(name: str, value: object) -> int:
+    """``value`` as a signal to send: any the system has, ``SIGRTMIN + 1`` too (which
+    ``signal.Signals`` does not list), SIGKILL too; a bool is not one."""
+    if not isinstance(value, bool) and isinstance(value, int) and value in signal.valid_signals():
+        return int(value)
+    return signal_number(name, value, caught=False)

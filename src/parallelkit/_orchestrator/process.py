@@ -32,7 +32,7 @@ from typing_extensions import final
 from .._core.check import callable_with, choice
 from .._core.errors import ProcessError
 from ..probes import Probe
-from .definitions import signal_number
+from .definitions import signal_to_send
 
 __all__ = ["ManagedProcess", "OutputSink", "RestartPolicy", "process_lifetime", "process_ready"]
 
@@ -171,7 +171,7 @@ class ManagedProcess:
             TypeError: ``signum`` is not a signal number (a ``bool`` neither).
             ValueError: no signal has that number.
         """
-        signum = signal_number("signum", signum, caught=False)
+        signum = signal_to_send("signum", signum)
         if self.pid is None:
             return
         if self.running or (not self._group_gone and _group_alive(self.pid)):

@@ -24,13 +24,17 @@ logger = logging.getLogger("parallelkit.orchestrator")
 
 
 def stray_error(name: str, where: str, exc: BaseException) -> RuntimeError:
-    """A ``CancelledError`` that no cancellation caused (asyncio: the service awaited a
-    future that something else cancelled) is the service's error: let through, it would
-    be taken for a cancellation, and lost or mistaken for the end of the start."""
-    msg = (
-        f"service {name!r}: its {where} raised {type(exc).__name__}, but nothing cancelled "
-        "it (it awaited a future or task that was cancelled elsewhere?)"
+    """A cancellation exception that no cancellation caused (asyncio: the service awaited
+    a future that something else cancelled; trio: a ``Cancelled`` kept and raised again)
+    is the service's error: let through, it would be taken for a cancellation, and lost
+    or mistaken for the end of the start."""
+    how = (
+        "it awaited a future or task that was cancelled elsewhere?"
+        if type(exc).__name__ == "CancelledError"
+        else "it raised again one it had kept, after its scope ended?"
     )
+    kind = type(exc).__name__
+    msg = f"service {name!r}: its {where} raised {kind}, but nothing cancelled it ({how})"
     return RuntimeError(msg)
 
 

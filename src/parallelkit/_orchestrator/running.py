@@ -257,7 +257,8 @@ class Running:
             ```
 
         Raises:
-            KeyError: the service is unknown, failed or was skipped.
+            KeyError: the service is unknown, failed or was skipped; or the
+                function is registered under several names (look one up by name).
             TypeError: ``service`` is neither a name nor a function, or the value
                 is not an instance of ``expected``.
             NotServed: (a ``LookupError``) from ``running_from(request)`` of

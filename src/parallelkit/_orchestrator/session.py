@@ -23,6 +23,7 @@ import anyio.abc
 import anyio.lowlevel
 
 from .._core import instrument
+from .._core.backend import is_stray_cancellation
 from .._core.errors import DependencyFailed, StartupError
 from .._graph.graph import Graph, Node, Param, Plan, RunNode
 from .._graph.scheduler import NodeEnded, Run
@@ -53,7 +54,7 @@ async def run_session(session: Session) -> AsyncIterator[Running]:
     come out as themselves, never wrapped in an ExceptionGroup.
     """
     startup_error: Exception | None = None
-    body_error: Exception | None = None
+    body_error: BaseException | None = None  # an Exception, or a stray cancellation
     errors: list[tuple[str, BaseException]] = []
     handled = True  # False: a BaseException (a cancellation) left the body
     only: BaseException | None = None
@@ -70,7 +71,11 @@ async def run_session(session: Session) -> AsyncIterator[Running]:
                     with anyio.CancelScope() as session.body_scope:
                         yield running
                     handled = True
-                except Exception as exc:
+                except BaseException as exc:
+                    # a cancellation nothing caused (kept, raised again; a future cancelled
+                    # elsewhere) is the body's error: the task group would swallow it
+                    if not isinstance(exc, Exception) and not is_stray_cancellation(exc):
+                        raise
                     body_error = exc
                     handled = True
                 finally:
