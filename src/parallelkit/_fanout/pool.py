@@ -85,6 +85,7 @@ from typing_extensions import final
 
 from .._core.backend import is_failure, is_foreign_cancellation, is_stray_cancellation
 from .._core.outcome import Outcome
+from .lost import chain as chain
 
 __all__ = ["AsyncUnits", "Pool", "Unit", "chain", "fails"]
 
@@ -235,9 +236,9 @@ class Pool:
             count = len(pulled)
         self.workers += count
         self._coming += count
-        start = self._tg.start_soon
-        for _ in range(count):
-            start(self._work)
+        create, work = self._tg.create_task, self._work
+        for _ in range(count):  # as start_soon(self._work) names it, without its lookups
+            create(work(), name=_WORKER)
 
     def kick(self, waiting: int = 1) -> None:
         """``waiting`` units may be waiting: have as many workers on their way (those
@@ -255,7 +256,7 @@ class Pool:
         while need and (limit is None or self.workers < limit):
             self.workers += 1
             self._coming += 1
-            tg.start_soon(self._work)
+            tg.create_task(self._work(), name=_WORKER)
             need -= 1
 
     async def park(self) -> None:
@@ -380,6 +381,7 @@ def _raised_by_unit(exc: BaseException, worker: FrameType | None) -> bool:
 
 _frame = inspect.currentframe
 _WORK = Pool._work.__code__
+_WORKER = f"{__name__}.{Pool._work.__qualname__}"  # a worker task's name (start_soon's)
 
 
 def _current_coroutine() -> object:
@@ -471,29 +473,3 @@ class AsyncUnits:
         if not self._done and inspect.isasyncgen(iterator):
             self._done = True
             await iterator.aclose()
-
-
-def chain(exc: BaseException, lost: BaseException) -> None:
-    """Attach ``lost`` (an item's failure an ``imap`` body never got, an input's failed
-    clean-up) at the end of ``exc``'s context chain, so the traceback of the error that
-    escapes shows it too."""
-    seen = {id(exc)}
-    last = exc
-    while last.__context__ is not None and id(last.__context__) not in seen:
-        if last.__context__ is lost:
-            return
-        last = last.__context__
-        seen.add(id(last))
-    if last is lost:
-        return
-    # ``lost`` raised while handling ``exc`` (or an error of its chain): its own chain
-    # leads back into ``exc``'s. That link is cut (the error it led to shows already),
-    # so that attaching ``lost`` makes no cycle.
-    link = lost
-    while link.__context__ is not None:
-        if id(link.__context__) in seen:
-            link.__context__ = None
-            break
-        link = link.__context__
-        seen.add(id(link))
-    last.__context__ = lost

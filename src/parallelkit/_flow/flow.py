@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import keyword
 import unicodedata
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, Literal, TypeVar, cast, overload
 
 from typing_extensions import ParamSpec, final
@@ -21,21 +21,21 @@ from .._core import backend, instrument
 from .._core.check import flag, number_or_none, text_or_none
 from .._core.errors import DefinitionError
 from .._core.limiter import Limiter, SupportsLimit
-from .._core.outcome import Outcome
 from .._core.retry import RetryLike, validate_retry
 from .._fanout.options import build_call, split_limit
-from .._graph.graph import Graph, Node, not_async, params_of, suggest
+from .._graph.graph import Graph, Node, Plan, not_async, params_of
 from .._graph.scheduler import Run
 from .._graph.timeline import Timeline
+from .result import _AMBIGUOUS, _step_name
+from .result import FlowOutcomes as FlowOutcomes
+from .result import FlowResult as FlowResult
 
 __all__ = ["Flow", "FlowOutcomes", "FlowResult", "NotAsyncError"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
-D = TypeVar("D")
 
 RESERVED = ("limit", "settle", "targets")
-_AMBIGUOUS = "\x00ambiguous"
 _BYTES = (bytes, bytearray, memoryview)  # iterable, but of ints: never a list of targets
 
 StepFn = Callable[..., Awaitable[Any]]
@@ -87,7 +87,7 @@ class Flow:
         ```
     """
 
-    __slots__ = ("_by_fn", "_graph", "_limiters", "name")
+    __slots__ = ("_by_fn", "_graph", "_last", "_limiters", "name")
 
     def __init__(self, name: str | None = None) -> None:
         text_or_none("name", name)
@@ -95,6 +95,9 @@ class Flow:
         self._graph = Graph(kind="step", reserved=RESERVED)
         self._by_fn: dict[object, str] = {}
         self._limiters: dict[str, SupportsLimit] = {}  # a step's limit=, by step name
+        # the last plan run without targets, by its input names, once the graph is
+        # frozen (it cannot change): a run per request finds it with no call
+        self._last: tuple[frozenset[str], Plan] | None = None
 
     def __repr__(self) -> str:
         title = f"{self.name!r} " if self.name else ""
@@ -279,16 +282,24 @@ class Flow:
                 the caller cancelled the run, it is raised itself (as a task group
                 would), in place of the cancellation.
         """
-        flag("settle", settle)
-        target_names = None if targets is None else self._target_names(targets)
-        plan = self._graph.plan(inputs.keys(), target_names)
+        checked: object = settle  # typed, but a user's call is checked (no call for a bool)
+        if checked is not True and checked is not False:
+            flag("settle", checked)
+        last = self._last
+        if targets is None and last is not None and inputs.keys() == last[0]:
+            plan, frozen = last[1], True
+        else:
+            target_names = None if targets is None else self._target_names(targets)
+            plan, frozen = self._graph.plan(inputs.keys(), target_names), False
         if self._limiters and limit is not None and not isinstance(limit, int):
             self._check_run_limiter(limit, plan.names)
-        timeline = Timeline(origin=backend.clock()(), name=self.name)
+        clock = backend.clock()
+        timeline = Timeline(origin=clock(), name=self.name)
         hook = instrument.current
         if hook is None:
-            run = Run(plan, inputs, limit=limit, settle=settle, timeline=timeline)
-            self._graph.freeze()
+            run = Run(plan, inputs, limit=limit, settle=settle, timeline=timeline, clock=clock)
+            if not frozen:
+                self._freeze(plan, targets, inputs)
             await run.execute()
         else:
             workers = split_limit(limit)[0]
@@ -300,13 +311,21 @@ class Flow:
                 limit=limit,
                 settle=settle,
                 timeline=timeline,
+                clock=clock,
             )
-            self._graph.freeze()
+            if not frozen:
+                self._freeze(plan, targets, inputs)
             with trace:
                 await run.execute()
         if settle:
             return FlowOutcomes(run.results(), timeline, self._by_fn)
         return FlowResult(run.results(), timeline, self._by_fn)
+
+    def _freeze(self, plan: Plan, targets: object, inputs: Mapping[str, Any]) -> None:
+        """The flow runs: no more steps; a plan without targets is kept for the next run."""
+        self._graph.freeze()
+        if targets is None:
+            self._last = (frozenset(inputs), plan)
 
     def _check_run_limiter(self, limit: object, names: Iterable[str]) -> None:
         """Refuse a run ``limit=`` that is also a running step's ``limit=`` (a hang)."""
@@ -357,135 +376,3 @@ def _build_call(
         return await inner(kwargs)
 
     return call
-
-
-def _step_name(by_fn: Mapping[object, str], step: object, steps: Iterable[str]) -> str:
-    try:
-        name = by_fn[step]
-    except (KeyError, TypeError):
-        msg = f"{step!r} is not a step of this flow; steps: {list(steps)}"
-        raise KeyError(msg) from None
-    if name == _AMBIGUOUS:
-        msg = f"{step!r} is registered under several names; look it up by name: {list(steps)}"
-        raise KeyError(msg)
-    return name
-
-
-class _Result(Mapping[str, Any]):
-    __slots__ = ("_by_fn", "_values", "timeline")
-
-    def __init__(
-        self, values: dict[str, Any], timeline: Timeline, by_fn: Mapping[object, str]
-    ) -> None:
-        self._values = values
-        self._by_fn = by_fn
-        self.timeline = timeline
-        """The run's :class:`~parallelkit.Timeline`: one span per step."""
-
-    def __getitem__(self, name: str) -> Any:
-        try:
-            return self._values[name]
-        except KeyError:
-            names = list(self._values)
-            msg = f"no step {name!r} in this result; steps run: {names}"
-            key: object = name  # any key can be passed (``result[step_fn]``)
-            if isinstance(key, str):
-                msg += suggest(key, names)
-            else:
-                msg += _by_function_hint(self._by_fn, key)
-            raise KeyError(msg) from None
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._values)
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self._values!r})"
-
-    def _lookup(self, step: object) -> Any:
-        try:  # the usual case in one step (a handler reads each step it needs)
-            name = self._by_fn[step]
-            if name != _AMBIGUOUS:
-                return self._values[name]
-        except (KeyError, TypeError):
-            pass
-        return self[_step_name(self._by_fn, step, self._values)]  # the error, with its message
-
-
-def _by_function_hint(by_fn: Mapping[object, str], step: object) -> str:
-    """``result[step_fn]``: where the value of a step function is found."""
-    try:
-        name = by_fn.get(step)
-    except TypeError:  # unhashable
-        return ""
-    if name is None:
-        return ""
-    fn = getattr(step, "__name__", "step_fn")
-    if name == _AMBIGUOUS:
-        return f"; result[...] takes a step name ({fn} is registered under several)"
-    return f"; result[...] takes a step name: result.get({fn}) (typed) or result[{name!r}]"
-
-
-@final
-class FlowResult(_Result):
-    """The values of a :meth:`Flow.run`, by step name, with the run's ``timeline``.
-
-    ``result["record"]`` is untyped; ``result.get(record)`` (the step function)
-    is typed with the step's return type.
-    """
-
-    __slots__ = ()
-
-    @overload
-    def get(self, key: Callable[..., Awaitable[T]], /) -> T: ...
-    @overload
-    def get(self, key: str, /) -> Any | None: ...
-    @overload
-    def get(self, key: str, /, default: D) -> Any | D: ...
-    def get(self, key: Any, /, default: Any = None) -> Any:
-        """The result of a step: ``get(step_fn)`` (typed) or ``get("name", default)``.
-
-        Raises:
-            KeyError: ``get(step_fn)`` for a step that did not run (``targets``) or
-                is not part of this flow.
-        """
-        if isinstance(key, str):
-            return self._values.get(key, default)
-        return self._lookup(key)
-
-
-@final
-class FlowOutcomes(_Result):
-    """The outcomes of a ``Flow.run(settle=True)``: an :class:`~parallelkit.Outcome`
-    per step (skipped steps fail with :class:`~parallelkit.DependencyFailed`).
-    """
-
-    __slots__ = ()
-
-    def __getitem__(self, name: str) -> Outcome[Any]:
-        value: Outcome[Any] = super().__getitem__(name)
-        return value
-
-    @overload
-    def get(self, key: Callable[..., Awaitable[T]], /) -> Outcome[T]: ...
-    @overload
-    def get(self, key: str, /) -> Outcome[Any] | None: ...
-    @overload
-    def get(self, key: str, /, default: D) -> Outcome[Any] | D: ...
-    def get(self, key: Any, /, default: Any = None) -> Any:
-        """The outcome of a step: ``get(step_fn)`` (typed) or ``get("name", default)``."""
-        if isinstance(key, str):
-            return self._values.get(key, default)
-        return self._lookup(key)
-
-    @property
-    def ok(self) -> bool:
-        """``True`` when every step succeeded."""
-        return all(outcome.ok for outcome in self._values.values())
-
-    @property
-    def errors(self) -> dict[str, BaseException]:
-        """The failed (and skipped) steps' errors, by step name."""
-        return {name: o.error for name, o in self._values.items() if o.error is not None}

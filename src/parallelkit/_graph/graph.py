@@ -79,6 +79,8 @@ Three objects, used in this order::
       Nodes cancelled by fail-fast or by the caller get ``status="cancelled"``. A
       run without ``limit`` has no slot to wait for: its spans have ``queued ==
       start``. Spans are recorded in the order the nodes finished.
+    - ``clock=None``: the running backend's clock (:func:`parallelkit._core.backend.clock`),
+      when the caller has looked it up already (default: looked up by ``execute``).
 """
 
 from __future__ import annotations
@@ -357,6 +359,7 @@ class Plan:
         "names",
         "nodes",
         "pending",
+        "roots",
         "waited_for",
     )
 
@@ -428,6 +431,7 @@ class Plan:
         self.nodes: tuple[Node, ...] = tuple(all_nodes[n] for n in order)
         self.waited_for: tuple[tuple[str, ...], ...] = tuple(tuple(deps_of[n]) for n in order)
         self.pending: tuple[int, ...] = tuple(len(deps_of[n]) for n in order)
+        self.roots: tuple[int, ...] = tuple(i for i, n in enumerate(order) if not deps_of[n])
         self.dependents: tuple[tuple[int, ...], ...] = tuple(
             tuple(index[u] for u in users[n]) for n in order
         )

@@ -125,6 +125,7 @@ class Run(Iterator[Unit]):
         timeline: Timeline | None = None,
         kind: str | None = None,
         keep_cancelled_errors: bool = False,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._plan = plan
         # settle mode: an error raised while the run is being cancelled is a failure,
@@ -136,10 +137,14 @@ class Run(Iterator[Unit]):
         self._settle = settle
         self._timeline = timeline
         self._kind = kind if kind is not None else plan.kind
-        workers, limiter = split_limit(limit)
-        self._limiter = for_fanout(limiter)
         count = len(plan.names)
-        self._max_workers = count if workers is None else min(workers, count)
+        if limit is None:  # the usual case: no bound, no limiter
+            self._limiter: SupportsLimit | None = None
+            self._max_workers = count
+        else:
+            workers, limiter = split_limit(limit)
+            self._limiter = for_fanout(limiter)
+            self._max_workers = count if workers is None else min(workers, count)
         self._values: list[Any] = [None] * count
         self._pending = list(plan.pending)
         # when each node became ready: only a limited run has a wait for a slot to show
@@ -147,11 +152,12 @@ class Run(Iterator[Unit]):
         self._remaining = count
         self._waiting = count  # neither started nor skipped: work that may still come
         self._ready: deque[int] = deque()
-        # settle mode only: the failed and skipped nodes
-        self._errors: dict[int, BaseException] = {} if settle else _NO_ERRORS
+        # settle mode only: the failed and skipped nodes (none: no dict built)
+        self._errors: dict[int, BaseException] = _NO_ERRORS  # a dict of its own once written
         self._pool: Pool | None = None
         self._caller = 0  # the calling task's id, once the pool opens
-        self._clock: Callable[[], float] = anyio.current_time
+        # the readings of anyio.current_time; none given: the backend's, looked up once
+        self._clock: Callable[[], float] = anyio.current_time if clock is None else clock
         self.failed: str | None = None
 
     def __repr__(self) -> str:
@@ -163,14 +169,15 @@ class Run(Iterator[Unit]):
         plan = self._plan
         if not plan.names:
             return
-        self._clock = clock = backend.clock()
-        now, queued = clock(), self._queued
-        for index, pending in enumerate(plan.pending):
-            if not pending:
-                if queued is not None:
-                    queued[index] = now
-                self._ready.append(index)
-        ready = self._ready
+        clock = self._clock
+        if clock is anyio.current_time:
+            self._clock = clock = backend.clock()
+        ready, queued = self._ready, self._queued
+        ready.extend(plan.roots)
+        if queued is not None:
+            now = clock()
+            for index in plan.roots:
+                queued[index] = now
         # While one node at a time is ready (a chain, or the head of a graph), run it
         # here, in the caller's task, as a hand-written ``await`` would: no task group,
         # no task. Fail-fast: its exception propagates from here, unchanged.
@@ -181,7 +188,8 @@ class Run(Iterator[Unit]):
             return
         # Two or more ready: the pool, with the caller as its first worker.
         self._caller = backend.task_id()
-        pool = Pool(self._node, self, _DISCARD, max_workers=self._max_workers,
+        # the sink: each node stores its value itself, and returns it (stored again)
+        pool = Pool(self._node, self, self._values, max_workers=self._max_workers,
                     refill=self._refill)  # fmt: skip
         self._pool = pool
         try:
@@ -196,11 +204,17 @@ class Run(Iterator[Unit]):
         names, values = self._plan.names, self._values
         if self._settle:
             errors = self._errors
-            return {
-                name: Outcome(None, errors[i]) if i in errors else Outcome(values[i], None)
-                for i, name in enumerate(names)
-            }
+            outcomes: dict[str, Any] = {}
+            for i, name in enumerate(names):
+                if i in errors:
+                    outcomes[name] = Outcome(None, errors[i])
+                else:
+                    value = values[i]  # a step that returns None: one shared (frozen) outcome
+                    outcomes[name] = _NONE if value is None else Outcome(value, None)
+            return outcomes
         pending = self._pending
+        if pending.count(_DONE) == len(names):  # every node done: no test per node
+            return dict(zip(names, values, strict=True))
         return {names[i]: values[i] for i in range(len(names)) if pending[i] == _DONE}
 
     # -- the pool's source and unit --------------------------------------------------
@@ -209,27 +223,35 @@ class Run(Iterator[Unit]):
         the others). A node still runs somewhere unless none is left to start: then the
         idle workers are let go."""
         if not self._waiting:
-            assert self._pool is not None
-            self._pool.release()
+            pool = self._pool
+            assert pool is not None
+            if pool._idle:  # (no call when none is idle: the usual case)
+                pool.release()
 
     async def _refill(self) -> bool:
         """The ready queue is empty: wait for a kick, or leave when no node is left to
         start (the last ones may still be running: nothing can become ready after them)."""
-        assert self._pool is not None
+        pool = self._pool
+        assert pool is not None
         if not self._waiting:
-            self._pool.release()  # let every idle worker go
+            if pool._idle:
+                pool.release()  # let every idle worker go
             return False
-        await self._pool.park()
+        await pool.park()
         return True
 
-    async def _node(self, item: int) -> None:
-        """Run one node: call it, record its span, release its dependents."""
+    async def _node(self, item: int) -> Any:
+        """Run one node: call it, record its span, release its dependents. Returns what
+        its dependents get (stored here already; the pool's sink stores it again)."""
         plan = self._plan
         node = plan.nodes[item]
         values, timeline, clock, limiter = self._values, self._timeline, self._clock, self._limiter
-        kwargs = {param: values[dep] for param, dep in plan.dep_args[item]}
+        kwargs: dict[str, Any] = {}  # loops, not a comprehension: no call (Python 3.11)
+        for param, dep in plan.dep_args[item]:
+            kwargs[param] = values[dep]
+        inputs = self._inputs
         for param in plan.input_args[item]:
-            kwargs[param] = self._inputs[param]
+            kwargs[param] = inputs[param]
         run_node, queued_at = self._run_node, self._queued
         queued = 0.0 if queued_at is None else queued_at[item]
         start = None
@@ -257,7 +279,7 @@ class Run(Iterator[Unit]):
             if type(exc) is NodeEnded:  # not a failure: the node says how it ended
                 began = end if start is None else start
                 self._ended(item, queued, began, end, exc)
-                return
+                return exc.value
             # an Exception, or a CancelledError the step raised by itself (asyncio: it
             # awaited a future cancelled elsewhere, or code it called cancelled the
             # worker task it runs in) is the step's failure; a
@@ -288,17 +310,23 @@ class Run(Iterator[Unit]):
                 raise
             self._remaining -= 1
             self._pending[item] = _DONE
-            self._errors[item] = exc
+            errors = self._errors
+            if errors is _NO_ERRORS:  # the first failure of a settled run
+                self._errors = errors = {}
+            errors[item] = exc
             self._skip_downstream(item, end)
+            return None
         else:
             end = clock()
             pending, ready = self._pending, self._ready
             pending[item] = _DONE
             values[item] = value
             if timeline is not None:
-                timeline._record(
-                    node.name, queued, start, end, "ok", plan.waited_for[item], self._kind
-                )
+                waited, kind = plan.waited_for[item], self._kind
+                if timeline._on_add is None:  # Timeline._record, inline (the hot path)
+                    timeline._raw += (node.name, queued, start, end, "ok", waited, kind)
+                else:
+                    timeline._record(node.name, queued, start, end, "ok", waited, kind)
             self._remaining -= 1
             for dep in plan.dependents[item]:  # release the dependents
                 left = pending[dep] - 1
@@ -309,6 +337,7 @@ class Run(Iterator[Unit]):
                     if queued_at is not None:
                         queued_at[dep] = end
                     ready.append(dep)
+            return value
 
     def _ended(self, item: int, queued: float, start: float, end: float, ended: NodeEnded) -> None:
         """A node raised :class:`NodeEnded`: its span gets that status, and the run goes
@@ -403,14 +432,5 @@ class Run(Iterator[Unit]):
         return item, item
 
 
-class _Discard:
-    """The pool's sink for a run: each node stores its own value."""
-
-    __slots__ = ()
-
-    def __setitem__(self, key: object, value: object) -> None:
-        pass
-
-
-_DISCARD = _Discard()
-_NO_ERRORS: dict[int, BaseException] = {}  # fail-fast runs record no errors (never written)
+_NONE: Outcome[Any] = Outcome(None, None)  # a step's outcome when it returned None
+_NO_ERRORS: dict[int, BaseException] = {}  # no failure recorded yet (never written)

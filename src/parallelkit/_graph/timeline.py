@@ -130,7 +130,8 @@ class Timeline:
         kind: str,
     ) -> None:
         """Record a span; the :class:`Span` is built when the timeline is read (a
-        flow run per request whose timeline nobody reads builds none)."""
+        flow run per request whose timeline nobody reads builds none). The graph
+        engine's success path (``Run._node``) writes ``_raw`` the same way itself."""
         if self._on_add is None:
             self._raw += (name, queued, start, end, status, waited_for, kind)
         else:
